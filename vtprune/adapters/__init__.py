@@ -1,0 +1,28 @@
+"""Adapter registry: adding a model family is one file plus one line here."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter, ImageSpan
+from .llava import LlavaAdapter
+from .qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter)
+
+
+def supported_models() -> list[str]:
+    return [name for adapter in ADAPTERS for name in adapter.model_classes]
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    name = type(model).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.model_classes:
+            found = adapter(model)
+            found.check_supported()
+            return found
+    raise ValueError(f"vtprune does not support {name}; supported model classes: {', '.join(supported_models())}")
+
+
+__all__ = ["ADAPTERS", "Adapter", "ImageSpan", "adapter_for", "supported_models"]

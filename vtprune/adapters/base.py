@@ -1,0 +1,94 @@
+"""The one vocabulary in which the engine and the methods ask questions about a model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..methods.primitives import apply_rope, last_query_attention
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """One image's placeholder tokens in one sample: positions start..start+length-1, laid out as grid in raster order."""
+
+    start: int
+    length: int
+    grid: tuple[int, int]
+
+
+class Adapter(ABC):
+    """Answers model questions for one model family; one subclass (one file) per family."""
+
+    model_classes: ClassVar[tuple[str, ...]]  # class names, so nothing here imports a model class
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def multimodal_model(self) -> nn.Module:
+        """The module whose forward receives input_ids and the vision inputs."""
+        return self.model.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder stack (embeddings excluded from its forward: it receives inputs_embeds)."""
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.language_model.config._attn_implementation
+
+    def check_supported(self) -> None:
+        """Raise ValueError for configurations of this family that the engine cannot prune correctly."""
+        if getattr(self.language_model, "has_sliding_layers", False):
+            raise ValueError("sliding-window decoder layers are not supported by vtprune")
+
+    @abstractmethod
+    def image_spans(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[ImageSpan]]:
+        """Each sample's image spans, in sequence order, from input_ids and the multimodal forward's kwargs."""
+
+    def last_query_attention(
+        self,
+        layer_index: int,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        query_index: torch.Tensor,
+        key_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Head-averaged attention of each sample's query_index token over all tokens, at decoder layer layer_index.
+
+        Recomputed from the layer's own norm, q/k projections and RoPE, so it needs
+        neither eager attention nor output_attentions. hidden [B, n, D] is the layer's
+        input; returns [B, n].
+        """
+        layer = self.decoder_layers[layer_index]
+        attn = layer.self_attn
+        head_dim = attn.head_dim
+        batch, n, _ = hidden.shape
+        normed = layer.input_layernorm(hidden)
+        rows = torch.arange(batch, device=hidden.device)
+        cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+
+        query = attn.q_proj(normed[rows, query_index]).view(batch, -1, 1, head_dim)
+        query = apply_rope(query, cos[rows, query_index][:, None], sin[rows, query_index][:, None])[:, :, 0]
+        keys = attn.k_proj(normed).view(batch, n, -1, head_dim).transpose(1, 2)
+        keys = apply_rope(keys, cos, sin).repeat_interleave(attn.num_key_value_groups, dim=1)
+        return last_query_attention(query, keys, key_mask, attn.scaling)
+
+
+def split_runs(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, length) of each run of consecutive integers in a sorted 1-D tensor."""
+    if positions.numel() == 0:
+        return []
+    breaks = torch.nonzero(positions[1:] - positions[:-1] != 1).flatten() + 1
+    bounds = [0, *breaks.tolist(), positions.numel()]
+    return [(int(positions[a]), b - a) for a, b in zip(bounds[:-1], bounds[1:])]

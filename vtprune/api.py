@@ -1,0 +1,52 @@
+"""The public entry points: apply a method to a model, and list the methods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .adapters import adapter_for
+from .engine import Pruner, check_budget
+from .engine.pruner import SUPPORTED_ATTENTION
+from .methods import REGISTRY, get_method
+
+
+def apply(model, method: str, budget: int | float, **options: Any) -> Pruner:
+    """Prune `model`'s visual tokens with `method`, keeping `budget` per image.
+
+    budget: an int, the visual tokens kept per image (a budget at or above an image's
+    token count keeps it whole, a documented no-op), or a float in (0, 1], the fraction
+    kept. options: the method's own (see `vtprune.methods()`). Returns a handle whose
+    `remove()` (or leaving its `with` block) restores the model exactly.
+    """
+    method_cls = get_method(method)
+    budget = check_budget(budget)
+    adapter = adapter_for(model)
+    if getattr(model, "_vtprune_pruner", None) is not None:
+        raise RuntimeError(
+            f"this model already carries a pruner ({model._vtprune_pruner!r}); call its remove() before applying another"
+        )
+    implementation = adapter.attn_implementation
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not supported; load the model with "
+            f"attn_implementation one of {', '.join(SUPPORTED_ATTENTION)}"
+        )
+    instance = method_cls(method_cls.parse_options(options))
+    instance.check_model(len(adapter.decoder_layers))
+    pruner = Pruner(model, adapter, instance, budget)
+    model._vtprune_pruner = pruner
+    return pruner
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    where: str
+    summary: str
+    defaults: dict[str, Any]
+
+
+def methods() -> list[MethodInfo]:
+    """The registered methods, where each acts, and its default options."""
+    return [MethodInfo(cls.name, cls.where, cls.summary, cls.defaults()) for _, cls in sorted(REGISTRY.items())]

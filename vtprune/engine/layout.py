@@ -1,0 +1,89 @@
+"""Which tokens a stretch of decoder layers holds, and the attention masks that follow from it.
+
+Pure tensor code: the hooks in pruner.py call it, nothing here touches a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FILL = -1  # position of a fill slot: samples that keep fewer tokens are left-filled up to the batch's longest
+
+
+@dataclass
+class Layout:
+    """The original sequence positions held by some decoder layers, per sample, in original order."""
+
+    positions: torch.Tensor  # [B, n] long, FILL for fill slots (which always come first)
+    valid: torch.Tensor  # [B, n] bool: a real token that may be attended (not fill, not padding)
+
+    @classmethod
+    def full(cls, prompt_mask: torch.Tensor) -> "Layout":
+        batch, length = prompt_mask.shape
+        positions = torch.arange(length, device=prompt_mask.device).expand(batch, length)
+        return cls(positions, prompt_mask.bool())
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
+
+    def narrowed(self, visual: torch.Tensor, kept_visual: list[torch.Tensor], prompt_mask: torch.Tensor) -> "Layout":
+        """This layout with only kept_visual[b] (original positions) left of sample b's visual tokens."""
+        rows = []
+        for b, kept in enumerate(kept_visual):
+            held = self.positions[b][self.positions[b] != FILL]
+            text = held[~visual[b, held]]
+            rows.append(torch.cat([text, kept.to(held.device)]).sort().values)
+        length = max(row.numel() for row in rows)
+        positions = torch.stack(
+            [torch.cat([row.new_full((length - row.numel(),), FILL), row]) for row in rows]
+        )
+        valid = (positions != FILL) & prompt_mask.bool().gather(1, positions.clamp(min=0))
+        return Layout(positions, valid)
+
+    def index_in(self, other: "Layout") -> torch.Tensor:
+        """For each slot of self, the slot of other holding the same position (fill slots map to slot 0)."""
+        index = torch.searchsorted(other.positions.contiguous(), self.positions.contiguous())
+        return index.clamp(max=other.length - 1)
+
+    def count(self, selected: torch.Tensor) -> torch.Tensor:
+        """How many real slots per sample hold a position where selected [B, L] is True."""
+        held = self.positions != FILL
+        return (held & selected.gather(1, self.positions.clamp(min=0))).sum(dim=1)
+
+
+def take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor [B or 1, L, ...] taken per sample along dim 1 at index [B, n]."""
+    tensor = tensor.expand(index.shape[0], *tensor.shape[1:])
+    trailing = tensor.shape[2:]
+    return tensor.gather(1, index.view(*index.shape, *[1] * len(trailing)).expand(*index.shape, *trailing))
+
+
+def take_positions(position_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Position ids [B or 1, L] or M-RoPE's [k, B, L] taken per sample at index [B, n]."""
+    if position_ids.dim() == 2:
+        return take(position_ids, index)
+    return take(position_ids.permute(1, 2, 0), index).permute(2, 0, 1)
+
+
+def decoder_mask(kv_valid: torch.Tensor, query_length: int, implementation: str, dtype: torch.dtype):
+    """The 4-D mask a decoder layer needs for keys kv_valid [B, kv] of which the last query_length are the queries.
+
+    Returns None where sdpa's own causal handling is already exact (no invalid key,
+    and either a full square or a single query), as transformers does.
+    """
+    kv_length = kv_valid.shape[1]
+    if implementation == "sdpa" and bool(kv_valid.all()) and query_length in (1, kv_length):
+        return None
+    device = kv_valid.device
+    query_pos = torch.arange(kv_length - query_length, kv_length, device=device)[:, None]
+    key_pos = torch.arange(kv_length, device=device)[None, :]
+    allowed = (key_pos <= query_pos)[None, None] & kv_valid[:, None, None, :]
+    # A query that may see nothing (padding, fill) sees itself, so that no softmax row is
+    # empty: sdpa would give NaN there, and NaN values poison even zero-weight sums.
+    allowed = allowed | (key_pos == query_pos)[None, None]
+    if implementation == "eager":
+        return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed

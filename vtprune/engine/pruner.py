@@ -1,0 +1,400 @@
+"""The only code that touches a running model: hooks that apply a method's decisions.
+
+Three kinds of forward pre-hook, all removable:
+- on the multimodal model: reads input_ids (and the vision kwargs) to find each
+  sample's image spans;
+- on the language model: starts a run at prefill; a method acting at the LLM input
+  (stage layer 0) shrinks inputs_embeds, the 2-D mask and the position ids here, so
+  every decoder layer and the KV cache see the short sequence; a forward post-hook
+  scatters the output back to the prompt's length so logits stay aligned with input_ids;
+- on each decoder layer: an in-LLM stage at layer K drops tokens from the hidden
+  states there, and every layer from K on gets position embeddings, position ids and
+  a 4-D mask for its own, shorter layout. Layers before K keep their full KV cache.
+
+Prefill decides; decode reuses the decision (the run is tied to the cache object),
+so the cache and the masks always agree. Kept tokens keep their original positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ..adapters import Adapter, ImageSpan
+from ..methods import LLM_INPUT, ImageView, Method, Stage
+from .layout import FILL, Layout, decoder_mask, take, take_positions
+from .stats import PruneStats, counts_per_layer
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+def tokens_for_budget(budget: int | float, num_tokens: int) -> int:
+    """Visual tokens one image of num_tokens keeps at a nominal budget (an int count or a fraction)."""
+    if isinstance(budget, float):
+        return min(num_tokens, max(1, round(budget * num_tokens)))
+    return min(budget, num_tokens)
+
+
+@dataclass
+class Decision:
+    """The visual tokens kept at each stage: kept[stage][sample] holds original positions."""
+
+    stage_layers: list[int]
+    kept: list[list[torch.Tensor]]
+
+
+@dataclass
+class _Run:
+    """One prefill and the decode steps that reuse its decision."""
+
+    cache: Any
+    prompt_mask: torch.Tensor  # [B, L]
+    visual: torch.Tensor  # [B, L] bool
+    image_of: torch.Tensor  # [B, L] long: the image's rank in its sample, -1 for text
+    coords: torch.Tensor  # [B, L, 2] (row, col) on the image's grid
+    spans: list[list[ImageSpan]]
+    plans: list[list[list[Stage]]]  # [sample][image] -> stages
+    stage_layers: list[int]
+    lm_layout: Layout  # what the language model itself runs on
+    layer_layouts: dict[int, Layout] = field(default_factory=dict)  # in-LLM stage layer -> layout from there on
+    kept: list[list[torch.Tensor]] = field(default_factory=list)
+    attention: torch.Tensor | None = None  # last-query attention for the next stage, over the current layout
+    prefill: bool = True
+    generated: int = 0  # tokens fed after the prompt
+    tail_valid: torch.Tensor | None = None  # [B, generated] during decode
+    step_masks: dict[int, Any] = field(default_factory=dict)  # per-forward cache of built masks / positions
+
+    @property
+    def input_pruned(self) -> bool:
+        return bool(self.stage_layers) and self.stage_layers[0] == LLM_INPUT
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt_mask.shape[1]
+
+    def layout_at(self, layer: int) -> Layout | None:
+        """The in-LLM layout in force at a decoder layer, or None where the language model's own applies."""
+        current = None
+        for start, layout in self.layer_layouts.items():
+            if start <= layer and layout is not None:
+                current = layout
+        return current
+
+
+class Pruner:
+    """The handle `vtprune.apply` returns: hooks on one model, removable, with the last prefill's stats."""
+
+    def __init__(self, model, adapter: Adapter, method: Method, budget: int | float):
+        self.model = model
+        self.adapter = adapter
+        self.method = method
+        self.budget = budget
+        self.last_stats: PruneStats | None = None
+        self.last_decision: Decision | None = None
+        self._replay: Decision | None = None
+        self._spans: list[list[ImageSpan]] | None = None
+        self._run: _Run | None = None
+        self._num_layers = len(adapter.decoder_layers)
+        self._handles = [
+            adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal_forward, with_kwargs=True),
+            adapter.language_model.register_forward_pre_hook(self._on_language_model_forward, with_kwargs=True),
+            adapter.language_model.register_forward_hook(self._after_language_model_forward, with_kwargs=True),
+        ]
+        for index, layer in enumerate(adapter.decoder_layers):
+            self._handles.append(layer.register_forward_pre_hook(self._decoder_layer_hook(index), with_kwargs=True))
+
+    # ----------------------------------------------------------------- public
+    def remove(self) -> None:
+        """Take every hook off the model; it then computes exactly as before apply()."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._run = None
+        if getattr(self.model, "_vtprune_pruner", None) is self:
+            del self.model._vtprune_pruner
+
+    def __enter__(self) -> "Pruner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @contextlib.contextmanager
+    def replaying(self, decision: Decision):
+        """Prefills inside this block keep exactly decision's tokens instead of asking the method
+        (to recompute a pruned generation without its cache, say)."""
+        self._replay = decision
+        try:
+            yield self
+        finally:
+            self._replay = None
+
+    def __repr__(self) -> str:
+        return f"Pruner(method={self.method.name!r}, budget={self.budget!r}, options={self.method.options})"
+
+    # ------------------------------------------------------------------ hooks
+    def _on_multimodal_forward(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        # Placeholder ids without images to go with them (a decode step that happened to
+        # generate one) are plain text to the model, and so to the pruner.
+        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
+            self._spans = None
+        elif input_ids is None:
+            raise ValueError("vtprune finds the visual tokens from input_ids; pass input_ids (not inputs_embeds) with images")
+        else:
+            self._spans = self.adapter.image_spans(input_ids, kwargs)
+        return None
+
+    def _on_language_model_forward(self, module, args, kwargs):
+        spans, self._spans = self._spans, None
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        has_images = spans is not None and any(spans)
+        if past == 0:
+            self._run = None
+            if has_images:
+                return self._start_run(module, args, kwargs, spans)
+            batch = kwargs["inputs_embeds"].shape[0]
+            self.last_stats = PruneStats([[0] * self._num_layers] * batch, [0] * batch, [0] * batch, self.budget)
+            self.last_decision = None
+            return None
+        if has_images:
+            raise NotImplementedError("vtprune cannot prune images added to a prompt that already has a KV cache")
+        run = self._run
+        if run is None or run.cache is not cache:  # a cache this pruner did not fill: leave it alone
+            self._run = None
+            return None
+        return self._continue_run(run, args, kwargs)
+
+    def _after_language_model_forward(self, module, args, kwargs, output):
+        run = self._run
+        if run is None or not run.prefill:
+            return output
+        final = run.layout_at(self._num_layers) or run.lm_layout
+        self._record_stats(run)
+        run.prefill = False
+        run.step_masks = {}
+        hidden = output.last_hidden_state
+        batch, length = run.prompt_mask.shape
+        # Scatter back to the prompt's length (pruned positions hold zeros); fill slots
+        # go to a spare column that is then cut off.
+        full = hidden.new_zeros(batch, length + 1, hidden.shape[-1])
+        target = torch.where(final.positions == FILL, length, final.positions)
+        full.scatter_(1, target[..., None].expand(-1, -1, hidden.shape[-1]), hidden)
+        output.last_hidden_state = full[:, :length]
+        return output
+
+    def _decoder_layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            run = self._run
+            if run is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if run.prefill and index in run.layer_layouts:
+                hidden = self._prune_in_llm(run, index, hidden)
+            layout = run.layout_at(index)
+            if layout is not None:
+                self._substitute_layer_inputs(run, layout, kwargs, hidden)
+            if run.prefill and self.method.needs_attention and index + 1 in run.stage_layers:
+                run.attention = self._last_query_attention(run, index, hidden, kwargs, layout or run.lm_layout)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    # --------------------------------------------------------------- prefill
+    def _start_run(self, language_model, args, kwargs, spans: list[list[ImageSpan]]):
+        embeds = kwargs["inputs_embeds"]
+        batch, length, _ = embeds.shape
+        attention_mask = kwargs.get("attention_mask")
+        if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
+            raise NotImplementedError("vtprune needs a 2-D attention mask (static/compiled caches are not supported)")
+        prompt_mask = attention_mask if attention_mask is not None else embeds.new_ones(batch, length, dtype=torch.long)
+
+        device = embeds.device
+        visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        image_of = torch.full((batch, length), -1, dtype=torch.long, device=device)
+        coords = torch.zeros(batch, length, 2, dtype=torch.long, device=device)
+        plans = []
+        for b, sample in enumerate(spans):
+            plan = []
+            for i, span in enumerate(sample):
+                where = slice(span.start, span.start + span.length)
+                visual[b, where] = True
+                image_of[b, where] = i
+                offsets = torch.arange(span.length, device=device)
+                coords[b, where] = torch.stack([offsets // span.grid[1], offsets % span.grid[1]], dim=-1)
+                plan.append(self.method.stages(self._num_layers, tokens_for_budget(self.budget, span.length), span.length))
+            plans.append(plan)
+        stage_layers = sorted({stage.layer for plan in plans for stages in plan for stage in stages})
+        lm_layout = Layout.full(prompt_mask)
+        run = _Run(None, prompt_mask, visual, image_of, coords, spans, plans, stage_layers, lm_layout)
+        if self._replay is not None:
+            run.stage_layers = self._replay.stage_layers
+        elif not any(
+            stage.keep < span.length
+            for plan, sample in zip(plans, spans)
+            for stages, span in zip(plan, sample)
+            for stage in stages
+        ):  # the budget keeps every token: leave the model's computation untouched
+            self._record_stats(run)
+            return None
+
+        if kwargs.get("use_cache", language_model.config.use_cache) and kwargs.get("past_key_values") is None:
+            # Made here rather than inside the language model, so that decode steps can be told
+            # apart from a new prompt by the cache object they carry.
+            kwargs["past_key_values"] = DynamicCache(config=language_model.config)
+        run.cache = kwargs.get("past_key_values")
+
+        if run.input_pruned:
+            layout = self._narrow(run, 0, run.lm_layout, embeds, attention=None)
+            index = layout.index_in(run.lm_layout)
+            kwargs["inputs_embeds"] = take(embeds, index)
+            kwargs["attention_mask"] = layout.valid.long()
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:  # what the language model would have made itself
+                position_ids = torch.arange(length, device=device)[None].expand(batch, length)
+            kwargs["position_ids"] = take_positions(position_ids, index)
+            run.lm_layout = layout
+        run.layer_layouts = {layer: None for layer in run.stage_layers if layer != LLM_INPUT}
+        self._run = run
+        return args, kwargs
+
+    def _prune_in_llm(self, run: _Run, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        previous = run.layout_at(layer - 1) or run.lm_layout
+        layout = self._narrow(run, run.stage_layers.index(layer), previous, hidden, run.attention)
+        run.layer_layouts[layer] = layout
+        run.attention = None
+        return take(hidden, layout.index_in(previous))
+
+    def _narrow(self, run: _Run, stage: int, layout: Layout, hidden: torch.Tensor, attention) -> Layout:
+        """Ask the method (or the replayed decision) which visual tokens of `layout` survive `stage`."""
+        layer = run.stage_layers[stage]
+        kept = []
+        for b, sample in enumerate(run.spans):
+            slots = torch.nonzero(layout.positions[b] != FILL).flatten()
+            positions = layout.positions[b, slots]
+            if self._replay is not None:
+                kept.append(self._replay.kept[stage][b].to(positions.device))
+                continue
+            images = run.image_of[b, positions]
+            chosen = []
+            for i, stages in enumerate(run.plans[b]):
+                mine = slots[images == i]
+                keep = next((s.keep for s in stages if s.layer == layer), mine.numel())
+                if keep >= mine.numel():
+                    chosen.append(layout.positions[b, mine])
+                    continue
+                view = ImageView(
+                    hidden=hidden[b, mine],
+                    coords=run.coords[b, layout.positions[b, mine]],
+                    grid=run.spans[b][i].grid,
+                    keep=keep,
+                    layer=layer,
+                    image_index=i,
+                    attention=None if attention is None else attention[b, mine],
+                )
+                picked = self._checked_selection(view)
+                chosen.append(layout.positions[b, mine[picked]])
+            kept.append(torch.cat(chosen) if chosen else positions[:0])
+        run.kept.append(kept)
+        return layout.narrowed(run.visual, kept, run.prompt_mask)
+
+    def _checked_selection(self, view: ImageView) -> torch.Tensor:
+        picked = self.method.select(view).flatten().long()
+        n = view.hidden.shape[0]
+        if picked.numel() != view.keep or picked.unique().numel() != view.keep or bool((picked < 0).any() | (picked >= n).any()):
+            raise RuntimeError(
+                f"method {self.method.name!r} returned {picked.numel()} indices for a keep of {view.keep} "
+                f"of {n} tokens (they must be distinct and in range)"
+            )
+        return picked.to(view.hidden.device)
+
+    def _last_query_attention(self, run: _Run, layer: int, hidden, kwargs, layout: Layout) -> torch.Tensor:
+        slots = torch.arange(layout.length, device=hidden.device)
+        query_index = torch.where(layout.valid, slots, -1).amax(dim=1)
+        key_mask = layout.valid & (slots[None] <= query_index[:, None])
+        return self.adapter.last_query_attention(layer, hidden, kwargs["position_embeddings"], query_index, key_mask)
+
+    def _record_stats(self, run: _Run) -> None:
+        counts = []
+        for layer in range(self._num_layers):
+            counts.append((run.layout_at(layer) or run.lm_layout).count(run.visual))
+        self.last_stats = PruneStats(
+            visual_tokens_per_layer=counts_per_layer(counts),
+            images_per_sample=[len(sample) for sample in run.spans],
+            visual_tokens_per_sample=run.visual.sum(dim=1).tolist(),
+            nominal_budget=self.budget,
+        )
+        self.last_decision = Decision(run.stage_layers, run.kept)
+
+    # ------------------------------------------------------------ both phases
+    def _substitute_layer_inputs(self, run: _Run, layout: Layout, kwargs, hidden) -> None:
+        """Give a decoder layer the mask (and, at prefill, the positions) of its layout."""
+        key = id(layout)
+        if key not in run.step_masks:
+            query_length = hidden.shape[1]
+            tail = run.tail_valid if not run.prefill else layout.valid[:, :0]
+            mask = decoder_mask(torch.cat([layout.valid, tail], dim=1), query_length, self.adapter.attn_implementation, hidden.dtype)
+            positions = None
+            if run.prefill:
+                index = layout.index_in(run.lm_layout)
+                cos, sin = kwargs["position_embeddings"]
+                ids = kwargs.get("position_ids")
+                positions = ((take(cos, index), take(sin, index)), None if ids is None else take_positions(ids, index))
+            run.step_masks[key] = (mask, positions)
+        mask, positions = run.step_masks[key]
+        kwargs["attention_mask"] = mask
+        if positions is not None:
+            kwargs["position_embeddings"], kwargs["position_ids"] = positions
+
+    # ---------------------------------------------------------------- decode
+    def _continue_run(self, run: _Run, args, kwargs):
+        embeds = kwargs["inputs_embeds"]
+        batch, query_length, _ = embeds.shape
+        attention_mask = kwargs.get("attention_mask")
+        expected = run.prompt_length + run.generated + query_length
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, expected, dtype=torch.long, device=embeds.device)
+        elif isinstance(attention_mask, dict) or attention_mask.dim() != 2 or attention_mask.shape[1] != expected:
+            raise ValueError(
+                f"decode step with an attention mask of shape {tuple(getattr(attention_mask, 'shape', ()))}; vtprune "
+                f"expects a 2-D mask over the prompt and every token since ({expected} columns)"
+            )
+        run.generated += query_length
+        run.tail_valid = attention_mask[:, run.prompt_length :].bool()
+        run.step_masks = {}
+        if not run.input_pruned:
+            return None
+        # The language model runs on a shortened prompt: give it that prompt's mask, and the
+        # positions it would have computed on the unpruned sequence.
+        prompt_part = run.lm_layout.valid.long()
+        kwargs["attention_mask"] = torch.cat([prompt_part, attention_mask[:, run.prompt_length :]], dim=1)
+        if kwargs.get("position_ids") is None:
+            start = expected - query_length
+            kwargs["position_ids"] = torch.arange(start, expected, device=embeds.device)[None].expand(batch, -1)
+        return args, kwargs
+
+
+def check_budget(budget: Any) -> int | float:
+    """The budget as apply() accepts it, or a ValueError that says what is allowed."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be an int (visual tokens kept per image) or a float in (0, 1]; got {budget!r}")
+    if isinstance(budget, float):
+        if math.isnan(budget) or not 0.0 < budget <= 1.0:
+            raise ValueError(
+                f"a float budget is the fraction of visual tokens kept and must lie in (0, 1]; got {budget!r} "
+                "(pass an int to keep a number of tokens)"
+            )
+        return budget
+    if budget < 1:
+        raise ValueError(f"budget must keep at least 1 visual token per image; got {budget}")
+    return int(budget)

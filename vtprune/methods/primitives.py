@@ -1,0 +1,66 @@
+"""Selection primitives shared by the methods: plain tensor functions, no model code."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def topk_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, returned in ascending (original) order."""
+    k = min(k, scores.shape[-1])
+    return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
+
+
+def evenly_spaced(n: int, k: int, device=None) -> torch.Tensor:
+    """k distinct indices spread evenly over range(n), first and last included when k > 1."""
+    k = min(k, n)
+    if k == n:
+        return torch.arange(n, device=device)
+    # Centres of k equal bins: distinct for k <= n and symmetric about the middle.
+    return ((torch.arange(k, device=device, dtype=torch.float64) + 0.5) * n / k).floor().long()
+
+
+def grid_lattice(height: int, width: int, k: int, device=None) -> torch.Tensor:
+    """Raster indices of k cells of a height x width grid laid out as an even 2-D lattice.
+
+    A rows x cols lattice with rows/cols close to the grid's aspect ratio and
+    rows * cols >= k is placed at bin centres; when it has more points than k,
+    k of them are taken evenly in raster order.
+    """
+    n = height * width
+    k = min(k, n)
+    if k == n:
+        return torch.arange(n, device=device)
+    rows = max(1, min(height, round(math.sqrt(k * height / width))))
+    cols = min(width, math.ceil(k / rows))
+    while rows * cols < k:  # only when clamping to the grid's width cut cols short
+        rows += 1
+    r = evenly_spaced(height, rows, device)
+    c = evenly_spaced(width, cols, device)
+    lattice = (r[:, None] * width + c[None, :]).flatten()
+    return lattice[evenly_spaced(lattice.numel(), k, device)]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in the half-split convention of Llama/Qwen (x: [B, H, n, d], cos/sin: [B, n, d])."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def last_query_attention(
+    query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Head-averaged softmax attention of one query per sample over its keys.
+
+    query [B, H, d], keys [B, H, n, d], key_mask [B, n] (True = may be attended).
+    Returns [B, n]; masked keys get exactly zero.
+    """
+    logits = torch.einsum("bhd,bhnd->bhn", query.float(), keys.float()) * scaling
+    logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)

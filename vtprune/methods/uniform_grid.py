@@ -1,0 +1,27 @@
+"""uniform: tokens evenly spaced on each image's token grid, before the LLM (a reference floor)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import LLM_INPUT, ImageView, Method, Stage
+from .primitives import evenly_spaced, grid_lattice
+
+
+class UniformGrid(Method):
+    name = "uniform"
+    summary = "an even 2-D lattice of each image's token grid"
+    where = "LLM input"
+
+    def stages(self, num_layers: int, budget: int, num_tokens: int) -> list[Stage]:
+        return [Stage(LLM_INPUT, budget)]
+
+    def select(self, view: ImageView) -> torch.Tensor:
+        rows, cols = view.grid
+        n = view.hidden.shape[0]
+        device = view.hidden.device
+        if n != rows * cols:  # not the whole grid: spread evenly over what is left
+            return evenly_spaced(n, view.keep, device)
+        raster = view.coords[:, 0] * cols + view.coords[:, 1]
+        wanted = grid_lattice(rows, cols, view.keep, device)
+        return torch.nonzero(torch.isin(raster, wanted)).flatten()

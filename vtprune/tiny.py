@@ -1,0 +1,119 @@
+"""Tiny random models of each supported family and prompts for them: tests, the demo and CPU benchmarks.
+
+Built from configs in milliseconds; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+VOCAB = 128
+IMAGE_TOKEN = 100  # LLaVA's placeholder in the tiny vocabulary
+QWEN_IMAGE_TOKEN, QWEN_VISION_START, QWEN_VISION_END = 101, 102, 103
+PAD = 0
+TEXT_TOKENS = range(3, 96)  # ids a tiny prompt is drawn from
+
+
+def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, layers: int = 4) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5 in miniature: a CLIP tower on 56 px with patch 7 (an 8x8 grid, 64 tokens per image)."""
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=56, patch_size=7, projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD,
+        ),
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        attn_implementation=attn_implementation,
+    )
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def tiny_qwen2_vl(attn_implementation: str = "sdpa", seed: int = 0, layers: int = 4) -> Qwen2VLForConditionalGeneration:
+    """Qwen2-VL in miniature: patch 14, 2x2 merge; an image of (h, w) patches gives (h/2)(w/2) tokens."""
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(
+        vision_config={
+            "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "mlp_ratio": 2,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
+        },
+        text_config={
+            "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "pad_token_id": PAD,
+        },
+        image_token_id=QWEN_IMAGE_TOKEN,
+        vision_start_token_id=QWEN_VISION_START,
+        vision_end_token_id=QWEN_VISION_END,
+        attn_implementation=attn_implementation,
+    )
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+@dataclass
+class SampleLayout:
+    """One sample of a tiny prompt: text lengths around each image, in order."""
+
+    images: int = 1
+    text_before: int = 3
+    text_between: int = 2
+    text_after: int = 4
+    qwen_grid: tuple[int, int] = (8, 12)  # patches (h, w) of each Qwen image
+
+
+def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", seed: int = 0) -> dict:
+    """input_ids, attention_mask and vision inputs for a batch of tiny prompts (samples may differ in length)."""
+    generator = torch.Generator().manual_seed(seed)
+    is_qwen = isinstance(model, Qwen2VLForConditionalGeneration)
+
+    def text(n):
+        return torch.randint(TEXT_TOKENS.start, TEXT_TOKENS.stop, (n,), generator=generator).tolist()
+
+    rows, pixel_values, grids = [], [], []
+    for layout in samples:
+        ids = text(layout.text_before)
+        for i in range(layout.images):
+            if i:
+                ids += text(layout.text_between)
+            if is_qwen:
+                h, w = layout.qwen_grid
+                ids += [QWEN_VISION_START] + [QWEN_IMAGE_TOKEN] * (h * w // 4) + [QWEN_VISION_END]
+                pixel_values.append(torch.randn(h * w, 3 * 2 * 14 * 14, generator=generator))
+                grids.append([1, h, w])
+            else:
+                ids += [IMAGE_TOKEN] * 64
+                pixel_values.append(torch.randn(3, 56, 56, generator=generator))
+        ids += text(layout.text_after)
+        rows.append(ids)
+
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, ids in enumerate(rows):
+        where = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
+        input_ids[b, where] = torch.tensor(ids)
+        attention_mask[b, where] = 1
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if pixel_values and is_qwen:
+        inputs["pixel_values"] = torch.cat(pixel_values)
+        inputs["image_grid_thw"] = torch.tensor(grids)
+        inputs["mm_token_type_ids"] = (input_ids == QWEN_IMAGE_TOKEN).long()
+    elif pixel_values:
+        inputs["pixel_values"] = torch.stack(pixel_values)
+    return inputs
