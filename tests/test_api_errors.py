@@ -1,0 +1,98 @@
+"""Bad input gets an error that names the problem and the fix."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import vtprune
+from vtprune.tiny import tiny_llava, tiny_qwen2_vl
+
+
+@pytest.fixture
+def model():
+    return tiny_llava()
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [
+        (0, "at least 1"),
+        (-5, "at least 1"),
+        (math.nan, r"\(0, 1\]"),
+        (1.5, r"\(0, 1\]"),
+        (0.0, r"\(0, 1\]"),
+        (True, "int"),
+        ("64", "int"),
+        (None, "int"),
+    ],
+)
+def test_bad_budgets(model, budget, message):
+    with pytest.raises(ValueError, match=message):
+        vtprune.apply(model, "fastv", budget)
+
+
+def test_unknown_method_lists_the_registered_ones(model):
+    with pytest.raises(ValueError, match="unknown method 'fastvv'.*fastv, random, uniform"):
+        vtprune.apply(model, "fastvv", 64)
+
+
+def test_unknown_option_lists_the_method_options(model):
+    with pytest.raises(TypeError, match="no option 'k'.*layer"):
+        vtprune.apply(model, "fastv", 64, k=3)
+
+
+@pytest.mark.parametrize("layer", [0, 4, 99])
+def test_fastv_layer_out_of_range(model, layer):
+    with pytest.raises(ValueError, match="layer"):
+        vtprune.apply(model, "fastv", 64, layer=layer)
+
+
+def test_unsupported_model_lists_the_supported_ones():
+    text_only = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*LlavaForConditionalGeneration.*Qwen2VLForConditionalGeneration"):
+        vtprune.apply(text_only, "random", 8)
+
+
+def test_applying_twice_is_an_error_until_removed(model):
+    first = vtprune.apply(model, "random", 8)
+    with pytest.raises(RuntimeError, match="already carries a pruner.*remove"):
+        vtprune.apply(model, "fastv", 8)
+    first.remove()
+    vtprune.apply(model, "fastv", 8).remove()
+
+
+def test_unsupported_attention_implementation():
+    model = tiny_llava("eager")
+    model.model.language_model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="flex_attention.*eager, sdpa"):
+        vtprune.apply(model, "random", 8)
+
+
+def test_two_models_carry_different_methods_at_once():
+    from vtprune.tiny import SampleLayout, tiny_inputs
+
+    llava, qwen = tiny_llava(), tiny_qwen2_vl()
+    with torch.no_grad(), vtprune.apply(llava, "fastv", 5) as a, vtprune.apply(qwen, "uniform", 7) as b:
+        llava(**tiny_inputs(llava, [SampleLayout()]))
+        qwen(**tiny_inputs(qwen, [SampleLayout()]))
+        assert a.last_stats.kept_per_sample == [5] and b.last_stats.kept_per_sample == [7]
+
+
+def test_methods_lists_each_with_where_and_defaults():
+    listed = {info.name: info for info in vtprune.methods()}
+    assert set(listed) == {"fastv", "random", "uniform"}
+    assert listed["fastv"].defaults == {"layer": 2}
+    assert listed["random"].defaults == {"seed": 0}
+    assert "LLM" in listed["uniform"].where
+
+
+def test_images_without_input_ids_are_refused(model):
+    from vtprune.tiny import SampleLayout, tiny_inputs
+
+    inputs = tiny_inputs(model, [SampleLayout()])
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with vtprune.apply(model, "random", 8), pytest.raises(ValueError, match="input_ids"):
+        model(inputs_embeds=embeds, **inputs)

@@ -1,0 +1,188 @@
+"""The engine's correctness invariants, on tiny LLaVA-1.5 and Qwen2-VL models, eager and sdpa."""
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.tiny import SampleLayout, tiny_inputs
+
+from .conftest import FAMILIES, greedy
+
+METHODS = ["fastv", "random", "uniform"]
+PLACEHOLDERS = torch.tensor([100, 101])  # LLaVA's and Qwen2-VL's image token in the tiny vocabulary
+
+
+def visual_tokens(inputs):
+    return torch.isin(inputs["input_ids"], PLACEHOLDERS).sum(dim=1).tolist()
+MIXED = [SampleLayout(images=2), SampleLayout(images=1, text_before=7, text_after=2), SampleLayout(images=0, text_after=9)]
+
+
+def sample_alone(inputs, b):
+    """Sample b of a batch built by tiny_inputs, without its padding."""
+    keep = inputs["attention_mask"][b].bool()
+    alone = {"input_ids": inputs["input_ids"][b : b + 1, keep], "attention_mask": inputs["attention_mask"][b : b + 1, keep]}
+    if "mm_token_type_ids" in inputs:
+        alone["mm_token_type_ids"] = inputs["mm_token_type_ids"][b : b + 1, keep]
+    return alone
+
+
+def split_vision(model, inputs, layouts):
+    """Per sample, its share of the batch's pixel_values (and image_grid_thw)."""
+    shares, start = [], 0
+    for layout in layouts:
+        count = layout.images
+        if "image_grid_thw" in inputs:
+            grids = inputs["image_grid_thw"][start : start + count]
+            patches = int(grids.prod(dim=1).sum())
+            offset = int(inputs["image_grid_thw"][:start].prod(dim=1).sum())
+            share = {"pixel_values": inputs["pixel_values"][offset : offset + patches], "image_grid_thw": grids} if count else {}
+        else:
+            share = {"pixel_values": inputs["pixel_values"][start : start + count]} if count else {}
+        shares.append(share)
+        start += count
+    return shares
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("budget", [10_000, 1.0])
+def test_keeping_every_token_changes_nothing(model, method, budget):
+    inputs = tiny_inputs(model, MIXED[:2])
+    reference_logits = model(**inputs).logits
+    reference = greedy(model, inputs)
+    with vtprune.apply(model, method, budget) as pruner:
+        assert torch.equal(model(**inputs).logits, reference_logits)
+        pruned = greedy(model, inputs)
+        assert pruner.last_stats.kept_per_sample == visual_tokens(inputs)
+    assert torch.equal(pruned.sequences, reference.sequences)
+    for a, b in zip(pruned.logits, reference.logits):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cached_generation_equals_recomputing_the_kept_set(model, method):
+    inputs = tiny_inputs(model, MIXED[:2])
+    with vtprune.apply(model, method, 10) as pruner:
+        out = greedy(model, inputs, steps=4)
+        decision = pruner.last_decision
+        prompt = inputs["input_ids"].shape[1]
+        for step, step_logits in enumerate(out.logits):
+            ids = out.sequences[:, : prompt + step]
+            grown = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
+            grown["attention_mask"][:, :prompt] = inputs["attention_mask"]
+            if "mm_token_type_ids" in inputs:
+                grown["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step))
+            with pruner.replaying(decision):
+                recomputed = model(**grown, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(recomputed, step_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_a_batch_equals_its_samples_run_alone(model, method, padding_side):
+    inputs = tiny_inputs(model, MIXED, padding_side=padding_side)
+    shares = split_vision(model, inputs, MIXED)
+    with vtprune.apply(model, method, 12) as pruner:
+        batch_logits = model(**inputs).logits
+        batch_stats = pruner.last_stats
+        for b in range(len(MIXED)):
+            alone = dict(sample_alone(inputs, b), **shares[b])
+            alone_logits = model(**alone).logits[0]
+            real = inputs["attention_mask"][b].bool()
+            # Positions that survive pruning must agree; pruned ones are zero in both.
+            torch.testing.assert_close(batch_logits[b, real][-1], alone_logits[-1], atol=1e-5, rtol=0)
+            text = ~torch.isin(inputs["input_ids"][b, real], PLACEHOLDERS)
+            torch.testing.assert_close(batch_logits[b, real][text], alone_logits[text], atol=1e-5, rtol=0)
+            assert pruner.last_stats.visual_tokens_per_layer[0] == batch_stats.visual_tokens_per_layer[b]
+        if padding_side == "left":
+            batch_out = greedy(model, inputs).sequences[:, inputs["input_ids"].shape[1] :]
+            for b in range(len(MIXED)):
+                alone = dict(sample_alone(inputs, b), **shares[b])
+                alone_out = greedy(model, alone).sequences[:, alone["input_ids"].shape[1] :]
+                assert torch.equal(batch_out[b], alone_out[0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_remove_restores_the_model_exactly(model, method):
+    inputs = tiny_inputs(model, MIXED[:2])
+    before = model(**inputs).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()]
+    pruner = vtprune.apply(model, method, 8)
+    assert not torch.equal(model(**inputs).logits, before)
+    pruner.remove()
+    assert torch.equal(model(**inputs).logits, before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert hooks == [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()]
+    assert not hasattr(model, "_vtprune_pruner")
+    vtprune.apply(model, method, 8).remove()  # and it can carry a pruner again
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_eager_and_sdpa_keep_the_same_tokens(family, method):
+    inputs = tiny_inputs(FAMILIES[family]("eager"), MIXED)
+    decisions = []
+    for attn in ("eager", "sdpa"):
+        model = FAMILIES[family](attn)
+        with vtprune.apply(model, method, 9) as pruner:
+            model(**inputs)
+            decisions.append(pruner.last_decision)
+    assert decisions[0].stage_layers == decisions[1].stage_layers
+    for eager_stage, sdpa_stage in zip(decisions[0].kept, decisions[1].kept):
+        for a, b in zip(eager_stage, sdpa_stage):
+            assert torch.equal(a.sort().values, b.sort().values)
+
+
+def test_stats_add_up(model):
+    inputs = tiny_inputs(model, MIXED)
+    per_image = visual_tokens(inputs)[1]
+    layers = len(model.model.language_model.layers)
+    with vtprune.apply(model, "fastv", 10, layer=2) as pruner:
+        model(**inputs)
+        stats = pruner.last_stats
+    assert stats.images_per_sample == [2, 1, 0]
+    assert stats.visual_tokens_per_sample == [2 * per_image, per_image, 0]
+    for images, counts in zip(stats.images_per_sample, stats.visual_tokens_per_layer):
+        assert counts == [images * per_image] * 2 + [images * 10] * (layers - 2)
+    assert stats.kept_per_sample == [20, 10, 0]
+    assert stats.equivalent_budget == pytest.approx((2 * per_image + (layers - 2) * 10) / layers)
+    with vtprune.apply(model, "random", 0.25) as pruner:
+        model(**inputs)
+        assert pruner.last_stats.kept_per_sample == [2 * round(per_image / 4), round(per_image / 4), 0]
+        assert pruner.last_stats.equivalent_budget == pytest.approx(round(per_image / 4))
+
+
+def test_text_only_batches_pass_untouched(model):
+    inputs = tiny_inputs(model, [SampleLayout(images=0), SampleLayout(images=0, text_before=6)])
+    reference = model(**inputs).logits
+    with vtprune.apply(model, "fastv", 4) as pruner:
+        assert torch.equal(model(**inputs).logits, reference)
+        assert pruner.last_stats.kept_per_sample == [0, 0]
+
+
+def test_kept_tokens_keep_their_original_positions(model):
+    """The position embeddings a layer past K receives are the unpruned ones at the kept positions."""
+    inputs = tiny_inputs(model, MIXED[:2])
+    layers = model.model.language_model.layers
+    seen = {}
+
+    def record(name):
+        def hook(module, args, kwargs):
+            seen[name] = (kwargs["position_embeddings"], args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    handle = layers[3].register_forward_pre_hook(record("full"), with_kwargs=True)
+    model(**inputs)
+    handle.remove()
+    with vtprune.apply(model, "fastv", 6, layer=2) as pruner:
+        handle = layers[3].register_forward_pre_hook(record("pruned"), with_kwargs=True)  # runs after the pruner's
+        model(**inputs)
+        handle.remove()
+        kept = pruner.last_decision.kept[0]
+    (cos, sin), _ = seen["full"]
+    (pruned_cos, pruned_sin), hidden = seen["pruned"]
+    visual = torch.isin(inputs["input_ids"], PLACEHOLDERS)
+    for b in range(2):
+        held = torch.cat([torch.nonzero(~visual[b]).flatten(), kept[b]]).sort().values
+        tail = slice(hidden.shape[1] - held.numel(), None)  # fill slots come first
+        assert torch.equal(pruned_cos[b, tail], cos.expand(2, -1, -1)[b, held])
+        assert torch.equal(pruned_sin[b, tail], sin.expand(2, -1, -1)[b, held])

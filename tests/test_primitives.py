@@ -1,0 +1,70 @@
+"""Selection primitives and the recomputed last-query attention."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vtprune.adapters import adapter_for
+from vtprune.methods.primitives import evenly_spaced, grid_lattice, topk_in_order
+from vtprune.tiny import SampleLayout, tiny_inputs
+
+from .conftest import FAMILIES
+
+
+@given(st.integers(1, 200), st.integers(1, 200))
+def test_evenly_spaced_gives_k_distinct_sorted_indices(n, k):
+    picked = evenly_spaced(n, k)
+    assert picked.numel() == min(n, k)
+    assert picked.unique().numel() == picked.numel()
+    assert torch.equal(picked, picked.sort().values)
+    assert 0 <= int(picked.min()) and int(picked.max()) < n
+
+
+@settings(max_examples=60)
+@given(st.integers(1, 30), st.integers(1, 30), st.integers(1, 900))
+def test_grid_lattice_gives_k_distinct_cells(rows, cols, k):
+    picked = grid_lattice(rows, cols, k)
+    assert picked.numel() == min(k, rows * cols)
+    assert picked.unique().numel() == picked.numel()
+    assert int(picked.max()) < rows * cols
+
+
+def test_grid_lattice_spreads_over_the_grid():
+    picked = grid_lattice(24, 24, 64)
+    rows, cols = picked // 24, picked % 24
+    assert rows.unique().numel() == 8 and cols.unique().numel() == 8  # an 8x8 lattice
+    assert int(rows.min()) <= 2 and int(rows.max()) >= 21
+
+
+def test_topk_in_order():
+    scores = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2])
+    assert topk_in_order(scores, 2).tolist() == [1, 3]
+    assert topk_in_order(scores, 9).tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_recomputed_last_query_attention_matches_eager_weights(family, padding_side):
+    """The q/k recomputation equals the head-averaged attention row eager attention returns."""
+    model = FAMILIES[family]("eager")
+    adapter = adapter_for(model)
+    inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(text_before=9)], padding_side=padding_side)
+    layer = 1
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["pe"] = kwargs["position_embeddings"]
+
+    handle = adapter.decoder_layers[layer].register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    handle.remove()
+    mask = inputs["attention_mask"].bool()
+    slots = torch.arange(mask.shape[1])
+    query = torch.where(mask, slots, -1).amax(dim=1)
+    with torch.no_grad():
+        ours = adapter.last_query_attention(layer, captured["hidden"], captured["pe"], query, mask & (slots <= query[:, None]))
+    eager = out.attentions[layer].mean(dim=1)[torch.arange(2), query]
+    torch.testing.assert_close(ours, eager * mask, atol=1e-6, rtol=0)
