@@ -51,6 +51,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train_reference(args) -> int:
+    from pathlib import Path
+
+    from vtprune.synth.train import train
+
+    accuracy = train(Path(args.out), steps=args.steps, batch_size=args.batch, lr=args.lr,
+                     eval_every=args.eval_every, eval_samples=args.eval_samples)
+    console.print(accuracy)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for multimodal LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="pruned generation on a tiny random model, with stats")
     demo.add_argument("--budget", type=int, default=16, help="visual tokens kept per image")
     demo.set_defaults(run=cmd_demo)
+    trainer = commands.add_parser("train-reference", help="train the reference model on generated samples (resumes)")
+    trainer.add_argument("--out", required=True, help="folder for the checkpoint, its processor and train_log.jsonl")
+    trainer.add_argument("--steps", type=int, default=2400)
+    trainer.add_argument("--batch", type=int, default=32)
+    trainer.add_argument("--lr", type=float, default=2e-3)
+    trainer.add_argument("--eval-every", type=int, default=200)
+    trainer.add_argument("--eval-samples", type=int, default=240)
+    trainer.set_defaults(run=cmd_train_reference)
     return parser
 
 

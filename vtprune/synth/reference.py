@@ -1,0 +1,106 @@
+"""The reference model: LLaVA-1.5's architecture in miniature, trained by `train.py` on the synthetic benchmark.
+
+A CLIP vision tower at 336 px with patch 14 (576 visual tokens per image, as
+LLaVA-1.5), a 2-layer MLP projector, a Llama LM, a word-level tokenizer and a
+LlavaProcessor, all saved in HF format: `LlavaForConditionalGeneration.from_pretrained`
+loads it like any LLaVA checkpoint on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from .generator import SIZE, vocabulary
+
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference_model"
+PATCH = 14
+GRID = SIZE // PATCH  # 24: 576 visual tokens
+IMAGE_TOKEN = "<image>"
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
+TEMPLATE_WORDS = ["user", ":", "assistant"]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Seeds of the synthetic data: each use has its own, so that no evaluation sees a training image.
+TRAIN_SEED, VALIDATION_SEED, EVAL_SEED, TEST_SEED = 0, 1, 2, 3
+
+
+def prompt(question: str) -> str:
+    """LLaVA-1.5's conversation format; the answer is the next word."""
+    return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    words = SPECIAL + TEMPLATE_WORDS + [w for w in vocabulary() if w not in TEMPLATE_WORDS]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
+    )
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForConditionalGeneration:
+    """A fresh, randomly initialised reference model (about 1.7M parameters, 7 MB in float32)."""
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=3,
+            image_size=SIZE, patch_size=PATCH, projection_dim=96,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        # A tower trained from scratch has no reason to leave its last layer unused, so the
+        # projector reads it (LLaVA-1.5 reads the penultimate layer of a pretrained CLIP).
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        attn_implementation="sdpa",
+    )
+    return LlavaForConditionalGeneration(config)
+
+
+def pixel_values(images) -> torch.Tensor:
+    """What the processor makes of 336x336 RGB images (resize and crop are no-ops), without its per-call overhead."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 255.0
+    array = (array - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def load_reference(path: str | Path = REFERENCE_DIR, attn_implementation: str = "sdpa"):
+    """The shipped (or any saved) reference model and its processor, through the standard HF loaders."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no reference model at {path}; train one with `vtprune train-reference --out {path}`")
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32)
+    return model.eval(), LlavaProcessor.from_pretrained(path)
