@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 132)  # logs get whole tables
 
 
 def cmd_methods(args) -> int:
@@ -62,6 +62,78 @@ def cmd_train_reference(args) -> int:
     return 0
 
 
+def _budget(text: str) -> int | float:
+    return float(text) if "." in text else int(text)
+
+
+def cmd_eval(args) -> int:
+    """Accuracy vs budget on the synthetic benchmark: unpruned and every method at every budget."""
+    from pathlib import Path
+
+    import vtprune
+    from vtprune.eval import Config, evaluate
+    from vtprune.eval.report import rich_table, summarize, write_reports
+    from vtprune.methods import get_method
+    from vtprune.synth import generate
+    from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt
+
+    methods = args.methods.split(",") if args.methods else [m.name for m in vtprune.methods()]
+    for method in methods:
+        get_method(method)  # an unknown name fails before the model loads
+    budgets = [_budget(b) for b in args.budgets.split(",")]
+    for budget in budgets:
+        vtprune.engine.check_budget(budget)
+    model_path = Path(args.model or REFERENCE_DIR)
+    model, processor = load_reference(model_path)
+    samples = generate(args.seed, args.samples)
+    configs = [Config("unpruned")] + [Config(m, b) for m in methods for b in budgets]
+    settings = {"task": "synthetic", "model": str(model_path.resolve()), "seed": args.seed, "samples": args.samples}
+    records = evaluate(model, processor, samples, configs, Path(args.out), prompt, settings, batch_size=args.batch)
+    wanted = {c.name for c in configs}
+    rows = summarize([r for r in records if r["config"] in wanted])
+    title = f"reference model, synthetic VQA (seed {args.seed}, {args.samples} samples)"
+    console.print(rich_table(rows, title))
+    write_reports(rows, Path(args.out), title, settings)
+    console.print(f"wrote {args.out}/results.json, results.md, accuracy_vs_budget.png (per sample: results.jsonl)")
+    return 0
+
+
+def cmd_show(args) -> int:
+    """Answer one question about one image under a method, and save the kept-token picture."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import vtprune
+    from vtprune.eval.runner import predict
+    from vtprune.synth.reference import GRID, REFERENCE_DIR, load_reference, prompt
+    from vtprune.viz import kept_token_map
+
+    model, processor = load_reference(Path(args.model or REFERENCE_DIR))
+    image = Image.open(args.image).convert("RGB")
+
+    class Question:  # what predict() reads of a sample
+        pass
+
+    sample = Question()
+    sample.image, sample.question = image, args.question
+    with torch.no_grad():
+        unpruned = predict(model, processor, [sample], prompt)[0]
+        with vtprune.apply(model, args.method, _budget(args.budget)) as pruner:
+            answer = predict(model, processor, [sample], prompt)[0]
+            decision = pruner.last_decision
+    ids = processor(images=[image], text=[prompt(args.question)], return_tensors="pt")["input_ids"][0]
+    start = int(torch.nonzero(ids == model.config.image_token_id)[0])
+    kept = [np.asarray(stage[0].sort().values.cpu()) - start for stage in decision.kept] if decision else []
+    out = Path(args.out)
+    title = f"{args.method} @ {args.budget}: \"{args.question}\" -> {answer} (unpruned: {unpruned})"
+    kept_token_map(image, (GRID, GRID), kept, out, title, decision.stage_layers if decision else None)
+    console.print(f"answer: [bold]{answer}[/bold] (unpruned: {unpruned}); kept tokens drawn in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for multimodal LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="pruned generation on a tiny random model, with stats")
     demo.add_argument("--budget", type=int, default=16, help="visual tokens kept per image")
     demo.set_defaults(run=cmd_demo)
+    evaluation = commands.add_parser("eval", help="accuracy vs budget: reference model on the synthetic benchmark")
+    evaluation.add_argument("--samples", type=int, default=300, help="samples per config (spread over the 6 classes)")
+    evaluation.add_argument("--methods", help="comma-separated (default: every registered method)")
+    evaluation.add_argument("--budgets", default="192,128,64", help="comma-separated: ints are tokens, x.y fractions")
+    evaluation.add_argument("--seed", type=int, default=2, help="data seed (the reference model trained on seed 0)")
+    evaluation.add_argument("--out", default="out/eval", help="results folder; an interrupted run resumes there")
+    evaluation.add_argument("--model", help="a LLaVA checkpoint folder (default: the shipped reference model)")
+    evaluation.add_argument("--batch", type=int, default=16)
+    evaluation.set_defaults(run=cmd_eval)
+    show = commands.add_parser("show", help="answer a question under a method and draw the kept tokens")
+    show.add_argument("image")
+    show.add_argument("question")
+    show.add_argument("--method", required=True)
+    show.add_argument("--budget", default="64")
+    show.add_argument("--out", default="kept_tokens.png")
+    show.add_argument("--model", help="a LLaVA checkpoint folder (default: the shipped reference model)")
+    show.set_defaults(run=cmd_show)
     trainer = commands.add_parser("train-reference", help="train the reference model on generated samples (resumes)")
     trainer.add_argument("--out", required=True, help="folder for the checkpoint, its processor and train_log.jsonl")
     trainer.add_argument("--steps", type=int, default=2400)

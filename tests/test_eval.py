@@ -1,0 +1,105 @@
+"""The evaluation harness: resumable per-sample records, clear errors, consistent summaries."""
+
+import json
+
+import pytest
+import torch
+
+from vtprune.eval import Config, ResultsFile, evaluate, summarize
+from vtprune.eval import runner
+from vtprune.eval.records import MalformedResults
+from vtprune.eval.report import markdown_table, write_reports
+from vtprune.synth import generate
+from vtprune.synth.reference import build_model, build_processor, build_tokenizer, load_reference, prompt
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory):
+    """A randomly initialised reference model saved and loaded the way a user's checkpoint is."""
+    path = tmp_path_factory.mktemp("reference")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer).save_pretrained(path)
+    build_processor(tokenizer).save_pretrained(path)
+    return load_reference(path)
+
+
+CONFIGS = [Config("unpruned"), Config("random", 64), Config("fastv", 32)]
+SETTINGS = {"task": "synthetic", "seed": 5, "samples": 10}
+
+
+def test_an_interrupted_eval_resumes_without_redoing_or_losing_samples(tiny_reference, tmp_path, monkeypatch):
+    model, processor = tiny_reference
+    samples = generate(5, 10)
+    calls = []
+    real_predict = runner.predict
+
+    def flaky_predict(model, processor, chunk, prompt):
+        calls.append(len(chunk))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_predict(model, processor, chunk, prompt)
+
+    monkeypatch.setattr(runner, "predict", flaky_predict)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, processor, samples, CONFIGS, tmp_path, prompt, SETTINGS, batch_size=4)
+    done_before = ResultsFile(tmp_path / "results.jsonl").read()
+    assert len(done_before) == 4 + 4 + 2  # three batches of the first config finished
+    assert not hasattr(model, "_vtprune_pruner")  # the interrupted method's pruner was removed
+
+    calls.clear()
+    monkeypatch.setattr(runner, "predict", real_predict)
+    records = evaluate(model, processor, samples, CONFIGS, tmp_path, prompt, SETTINGS, batch_size=4)
+    keys = [(r["config"], r["index"]) for r in ResultsFile(tmp_path / "results.jsonl").read()]
+    assert sorted(keys) == sorted((c.name, i) for c in CONFIGS for i in range(10))  # each exactly once
+    assert records[:10] == done_before
+
+
+def test_resuming_the_same_run_is_deterministic(tiny_reference, tmp_path):
+    model, processor = tiny_reference
+    first = evaluate(model, processor, generate(5, 6), CONFIGS, tmp_path / "a", prompt, SETTINGS)
+    second = evaluate(model, processor, generate(5, 6), CONFIGS, tmp_path / "b", prompt, SETTINGS)
+    assert first == second
+
+
+def test_a_half_written_last_line_is_redone(tmp_path):
+    path = tmp_path / "results.jsonl"
+    whole = {"config": "unpruned", "index": 0, "qclass": "ocr", "answer": "cat", "prediction": "dog", "correct": False}
+    path.write_text(json.dumps(whole) + "\n" + json.dumps(whole)[:20])
+    results = ResultsFile(path)
+    results.repair_tail()
+    assert results.read() == [whole]
+
+
+@pytest.mark.parametrize("line, message", [("{not json\n", "not valid JSON"), ('{"config": "x"}\n', "needs index")])
+def test_a_malformed_results_file_names_the_line(tmp_path, line, message):
+    path = tmp_path / "results.jsonl"
+    whole = {"config": "unpruned", "index": 0, "qclass": "ocr", "answer": "cat", "prediction": "cat", "correct": True}
+    path.write_text(json.dumps(whole) + "\n" + line)
+    with pytest.raises(MalformedResults, match=rf"results.jsonl:2: .*{message}"):
+        ResultsFile(path).read()
+
+
+def test_other_settings_in_the_same_folder_are_refused(tiny_reference, tmp_path):
+    model, processor = tiny_reference
+    evaluate(model, processor, generate(5, 2), CONFIGS[:1], tmp_path, prompt, SETTINGS)
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        evaluate(model, processor, generate(6, 2), CONFIGS[:1], tmp_path, prompt, dict(SETTINGS, seed=6))
+
+
+def test_summary_normalizes_per_class_to_the_unpruned_model(tmp_path):
+    def record(config, method, budget, qclass, correct):
+        return {"config": config, "method": method, "budget": budget, "index": 0, "qclass": qclass,
+                "answer": "a", "prediction": "a" if correct else "b", "correct": correct, "equivalent_budget": None}
+
+    records = [record("unpruned", "unpruned", None, "ocr", True), record("unpruned", "unpruned", None, "ocr", True),
+               record("unpruned", "unpruned", None, "count", True), record("unpruned", "unpruned", None, "count", False),
+               record("fastv@64", "fastv", 64, "ocr", True), record("fastv@64", "fastv", 64, "ocr", False),
+               record("fastv@64", "fastv", 64, "count", True), record("fastv@64", "fastv", 64, "count", True)]
+    rows = {row["config"]: row for row in summarize(records)}
+    assert rows["unpruned"]["normalized"] == pytest.approx(100.0)
+    assert rows["fastv@64"]["overall"] == pytest.approx(0.75)
+    assert rows["fastv@64"]["normalized"] == pytest.approx(100 * (0.5 / 1.0 + 1.0 / 0.5) / 2)
+    assert "fastv@64" in markdown_table(list(rows.values()))
+    write_reports(list(rows.values()), tmp_path, "t", {})
+    assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["config"] == "unpruned"

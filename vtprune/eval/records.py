@@ -1,0 +1,62 @@
+"""Per-sample results, appended to a JSONL file as they come, so an interrupted run resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REQUIRED = ("config", "index", "qclass", "answer", "prediction", "correct")
+
+
+class MalformedResults(ValueError):
+    pass
+
+
+class ResultsFile:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def read(self) -> list[dict]:
+        """Every record so far; a line that is not a complete record is an error naming its line."""
+        if not self.path.exists():
+            return []
+        records = []
+        with self.path.open() as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise MalformedResults(
+                        f"{self.path}:{number}: not valid JSON ({error.msg}); fix or delete that line, "
+                        "or start a new run with another --out"
+                    ) from None
+                missing = [key for key in REQUIRED if key not in record] if isinstance(record, dict) else list(REQUIRED)
+                if missing:
+                    raise MalformedResults(
+                        f"{self.path}:{number}: a result record needs {', '.join(missing)}; fix or delete that line, "
+                        "or start a new run with another --out"
+                    )
+                records.append(record)
+        return records
+
+    def repair_tail(self) -> None:
+        """Mend the last line an interruption may have cut short: end it if it is whole, drop it if not."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+            self.path.write_bytes(data + b"\n")
+        except json.JSONDecodeError:
+            self.path.write_bytes(data[:cut])
+
+    def append(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write("".join(json.dumps(record) + "\n" for record in records))
+            handle.flush()

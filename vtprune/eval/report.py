@@ -1,0 +1,99 @@
+"""From per-sample records to the tables and the picture people compare."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from rich.table import Table
+
+from .runner import UNPRUNED
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per config: accuracy per class and overall, and normalized to the unpruned model.
+
+    normalized = mean over classes of (class accuracy / unpruned class accuracy), in percent:
+    the papers' "normalized average", with the question classes standing for benchmarks.
+    """
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        grouped[record["config"]].append(record)
+    rows = []
+    for name, group in grouped.items():
+        classes = defaultdict(list)
+        for record in group:
+            classes[record["qclass"]].append(record["correct"])
+        equivalent = [r["equivalent_budget"] for r in group if r.get("equivalent_budget") is not None]
+        rows.append({
+            "config": name, "method": group[0]["method"], "budget": group[0]["budget"], "samples": len(group),
+            "classes": {c: sum(v) / len(v) for c, v in sorted(classes.items())},
+            "overall": sum(r["correct"] for r in group) / len(group),
+            "equivalent_budget": sum(equivalent) / len(equivalent) if equivalent else None,
+        })
+    base = next((row for row in rows if row["method"] == UNPRUNED), None)
+    for row in rows:
+        ratios = [row["classes"][c] / base["classes"][c] for c in row["classes"] if base and base["classes"].get(c)]
+        row["normalized"] = 100 * sum(ratios) / len(ratios) if ratios else None
+    return sorted(rows, key=lambda r: (r["method"] != UNPRUNED, r["method"], -(r["budget"] or 0)))
+
+
+def _cells(row: dict, classes: list[str]) -> list[str]:
+    equivalent = "-" if row["equivalent_budget"] is None else f"{row['equivalent_budget']:.0f}"
+    normalized = "-" if row["normalized"] is None else f"{row['normalized']:.1f}"
+    return [row["config"], equivalent, *(f"{100 * row['classes'].get(c, 0):.1f}" for c in classes),
+            f"{100 * row['overall']:.1f}", normalized]
+
+
+def _header(rows: list[dict]) -> tuple[list[str], list[str]]:
+    classes = sorted({c for row in rows for c in row["classes"]})
+    return classes, ["config", "eq. budget", *classes, "overall", "normalized"]
+
+
+def rich_table(rows: list[dict], title: str) -> Table:
+    classes, header = _header(rows)
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column, justify="left" if column == "config" else "right")
+    for row in rows:
+        table.add_row(*_cells(row, classes))
+    return table
+
+
+def markdown_table(rows: list[dict]) -> str:
+    classes, header = _header(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cells(row, classes)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    base = next((row for row in rows if row["method"] == UNPRUNED), None)
+    if base:
+        axis.axhline(100 * base["overall"], color="black", linestyle="--", label="unpruned")
+    methods = sorted({row["method"] for row in rows} - {UNPRUNED})
+    for method in methods:
+        points = sorted((row["budget"], 100 * row["overall"]) for row in rows if row["method"] == method)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    axis.set_xlabel("visual tokens kept per image (nominal budget)")
+    axis.set_ylabel("accuracy (%)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_reports(rows: list[dict], out: Path, title: str, settings: dict) -> None:
+    out = Path(out)
+    (out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    (out / "results.md").write_text(f"# {title}\n\n" + markdown_table(rows))
+    plot_accuracy_vs_budget(rows, out / "accuracy_vs_budget.png", title)

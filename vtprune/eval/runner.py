@@ -1,0 +1,86 @@
+"""Runs a model over samples, unpruned and under each (method, budget), one JSONL record per sample."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import vtprune
+
+from .records import ResultsFile
+
+UNPRUNED = "unpruned"
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str  # UNPRUNED for the model as it is
+    budget: int | float | None = None
+    options: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.method if self.method == UNPRUNED else f"{self.method}@{self.budget}"
+
+
+def predict(model, processor, samples, prompt) -> list[str]:
+    """Greedy one-word answers: the first generated token, through the processor as a user would."""
+    inputs = processor(images=[s.image for s in samples], text=[prompt(s.question) for s in samples],
+                       return_tensors="pt", padding=True)
+    logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+    return processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+
+
+def evaluate(model, processor, samples, configs: list[Config], out: Path, prompt, settings: dict,
+             batch_size: int = 16) -> list[dict]:
+    """Evaluate every config on every sample, skipping what out/results.jsonl already holds."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings_path = out / "run.json"
+    if settings_path.exists():
+        previous = json.loads(settings_path.read_text())
+        if previous != settings:
+            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            raise ValueError(
+                f"{out} holds a run with other settings ({', '.join(changed)}); resume it with the same "
+                "arguments, or pass another --out"
+            )
+    else:
+        settings_path.write_text(json.dumps(settings, indent=2))
+    results = ResultsFile(out / "results.jsonl")
+    results.repair_tail()
+    records = results.read()
+    done = {(r["config"], r["index"]) for r in records}
+    todo = [(c, i) for c in configs for i in range(len(samples)) if (c.name, i) not in done]
+    progress = tqdm(total=len(configs) * len(samples), initial=len(configs) * len(samples) - len(todo), desc="eval")
+    for config in configs:
+        indices = [i for c, i in todo if c == config]
+        pruner = None if config.method == UNPRUNED else vtprune.apply(model, config.method, config.budget, **config.options)
+        try:
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                with torch.no_grad():
+                    predictions = predict(model, processor, [samples[i] for i in chunk], prompt)
+                stats = pruner.last_stats if pruner else None
+                batch = []
+                for b, (i, prediction) in enumerate(zip(chunk, predictions)):
+                    sample = samples[i]
+                    batch.append({
+                        "config": config.name, "method": config.method, "budget": config.budget, "index": i,
+                        "qclass": sample.qclass, "answer": sample.answer, "prediction": prediction,
+                        "correct": prediction == sample.answer,
+                        "equivalent_budget": None if stats is None else
+                        sum(stats.visual_tokens_per_layer[b]) / len(stats.visual_tokens_per_layer[b]),
+                    })
+                results.append(batch)
+                records += batch
+                progress.update(len(chunk))
+        finally:
+            if pruner is not None:
+                pruner.remove()
+    progress.close()
+    return records

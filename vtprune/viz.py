@@ -1,0 +1,62 @@
+"""Pictures of what a method kept: each patch of the image shaded by the stage at which it was dropped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def dropped_at_stage(grid: tuple[int, int], kept_per_stage: list[np.ndarray]) -> np.ndarray:
+    """[rows, cols] int map: 0 for tokens kept to the end, s for tokens dropped at stage s (1-based).
+
+    kept_per_stage[s] holds the raster indices of the image's tokens that survive stage s.
+    """
+    rows, cols = grid
+    dropped = np.zeros(rows * cols, dtype=np.int64)
+    alive = np.ones(rows * cols, dtype=bool)
+    for stage, kept in enumerate(kept_per_stage, start=1):
+        survivors = np.zeros(rows * cols, dtype=bool)
+        survivors[np.asarray(kept, dtype=np.int64)] = True
+        dropped[alive & ~survivors] = stage
+        alive &= survivors
+    return dropped.reshape(rows, cols)
+
+
+def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray], path: str | Path, title: str,
+                   stage_layers: list[int] | None = None) -> np.ndarray:
+    """Save the image beside a copy whose dropped patches are shaded by stage; returns the stage map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    stages = dropped_at_stage(grid, kept_per_stage)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    height, width = pixels.shape[:2]
+    shade = np.zeros(stages.shape, dtype=np.float32)
+    count = len(kept_per_stage)
+    for stage in range(1, count + 1):  # earlier drops darker: they were gone for more layers
+        shade[stages == stage] = 0.85 - 0.45 * (stage - 1) / max(count - 1, 1)
+    shade_px = np.kron(shade, np.ones((height // grid[0], width // grid[1]), dtype=np.float32))
+    shaded = pixels * (1 - shade_px[..., None])
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 5.4))
+    axes[0].imshow(pixels)
+    axes[0].set_title("image")
+    axes[1].imshow(shaded)
+    kept = int((stages == 0).sum())
+    axes[1].set_title(f"kept {kept} of {stages.size} tokens")
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    if count > 1 or stage_layers:
+        labels = [f"dropped before layer {layer}" for layer in (stage_layers or range(1, count + 1))]
+        handles = [Patch(color=str(1 - (0.85 - 0.45 * s / max(count - 1, 1))), label=label) for s, label in enumerate(labels)]
+        axes[1].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.16), ncol=count, fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return stages
