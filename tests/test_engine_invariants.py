@@ -8,7 +8,7 @@ from vtprune.tiny import SampleLayout, tiny_inputs
 
 from .conftest import FAMILIES, greedy
 
-METHODS = ["fastv", "random", "uniform"]
+METHODS = ["clse", "clse_m", "fastv", "random", "uniform"]
 PLACEHOLDERS = torch.tensor([100, 101])  # LLaVA's and Qwen2-VL's image token in the tiny vocabulary
 
 

@@ -26,7 +26,7 @@ budgets = st.one_of(st.integers(1, 80), st.floats(0.01, 1.0))
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     family=st.sampled_from(sorted(MODELS)),
-    method=st.sampled_from(["fastv", "random", "uniform"]),
+    method=st.sampled_from(["clse", "clse_m", "fastv", "random", "uniform"]),
     samples=st.lists(layouts, min_size=1, max_size=3),
     budget=budgets,
     padding_side=st.sampled_from(["left", "right"]),

@@ -33,7 +33,7 @@ def apply(model, method: str, budget: int | float, **options: Any) -> Pruner:
             f"attn_implementation one of {', '.join(SUPPORTED_ATTENTION)}"
         )
     instance = method_cls(method_cls.parse_options(options))
-    instance.check_model(len(adapter.decoder_layers))
+    instance.check_model(adapter.model_info)
     pruner = Pruner(model, adapter, instance, budget)
     model._vtprune_pruner = pruner
     return pruner

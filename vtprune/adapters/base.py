@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..methods.base import ModelInfo
 from ..methods.primitives import apply_rope, last_query_attention
 
 
@@ -24,6 +25,7 @@ class ImageSpan:
 class Adapter(ABC):
     """Answers model questions for one model family; one subclass (one file) per family."""
 
+    family: ClassVar[str]  # a short name methods may key per-family defaults on
     model_classes: ClassVar[tuple[str, ...]]  # class names, so nothing here imports a model class
 
     def __init__(self, model: nn.Module):
@@ -42,6 +44,10 @@ class Adapter(ABC):
     @property
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model.layers
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(self.family, len(self.decoder_layers))
 
     @property
     def attn_implementation(self) -> str:

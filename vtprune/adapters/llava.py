@@ -10,6 +10,7 @@ from .base import Adapter, ImageSpan, split_runs
 
 
 class LlavaAdapter(Adapter):
+    family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
 
     def __init__(self, model):

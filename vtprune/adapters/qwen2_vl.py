@@ -10,6 +10,7 @@ from .base import Adapter, ImageSpan, split_runs
 
 
 class Qwen2VLAdapter(Adapter):
+    family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration",)
 
     def __init__(self, model):

@@ -48,6 +48,10 @@ class Layout:
         index = torch.searchsorted(other.positions.contiguous(), self.positions.contiguous())
         return index.clamp(max=other.length - 1)
 
+    def slots_of(self, sample: int, positions: torch.Tensor) -> torch.Tensor:
+        """The slots of sample's row that hold the given original positions (which it must hold)."""
+        return torch.searchsorted(self.positions[sample].contiguous(), positions.contiguous())
+
     def count(self, selected: torch.Tensor) -> torch.Tensor:
         """How many real slots per sample hold a position where selected [B, L] is True."""
         held = self.positions != FILL
@@ -68,19 +72,30 @@ def take_positions(position_ids: torch.Tensor, index: torch.Tensor) -> torch.Ten
     return take(position_ids.permute(1, 2, 0), index).permute(2, 0, 1)
 
 
-def decoder_mask(kv_valid: torch.Tensor, query_length: int, implementation: str, dtype: torch.dtype):
+def decoder_mask(
+    kv_valid: torch.Tensor,
+    query_length: int,
+    implementation: str,
+    dtype: torch.dtype,
+    late_rows: torch.Tensor | None = None,
+    late_visible: torch.Tensor | None = None,
+):
     """The 4-D mask a decoder layer needs for keys kv_valid [B, kv] of which the last query_length are the queries.
 
-    Returns None where sdpa's own causal handling is already exact (no invalid key,
-    and either a full square or a single query), as transformers does.
+    late_rows [B, q] and late_visible [B, kv] narrow what some queries see: a late row
+    attends only to late-visible keys (a recompute of tokens that, when decoded with a
+    pruned KV cache, saw only the kept tokens). Returns None where sdpa's own causal
+    handling is already exact (no invalid key; a full square or a single query).
     """
     kv_length = kv_valid.shape[1]
-    if implementation == "sdpa" and bool(kv_valid.all()) and query_length in (1, kv_length):
+    if implementation == "sdpa" and late_rows is None and bool(kv_valid.all()) and query_length in (1, kv_length):
         return None
     device = kv_valid.device
     query_pos = torch.arange(kv_length - query_length, kv_length, device=device)[:, None]
     key_pos = torch.arange(kv_length, device=device)[None, :]
     allowed = (key_pos <= query_pos)[None, None] & kv_valid[:, None, None, :]
+    if late_rows is not None:
+        allowed = allowed & ~(late_rows[:, None, :, None] & ~late_visible[:, None, None, :])
     # A query that may see nothing (padding, fill) sees itself, so that no softmax row is
     # empty: sdpa would give NaN there, and NaN values poison even zero-weight sums.
     allowed = allowed | (key_pos == query_pos)[None, None]

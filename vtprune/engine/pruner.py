@@ -7,12 +7,14 @@ Three kinds of forward pre-hook, all removable:
   (stage layer 0) shrinks inputs_embeds, the 2-D mask and the position ids here, so
   every decoder layer and the KV cache see the short sequence; a forward post-hook
   scatters the output back to the prompt's length so logits stay aligned with input_ids;
-- on each decoder layer: an in-LLM stage at layer K drops tokens from the hidden
-  states there, and every layer from K on gets position embeddings, position ids and
-  a 4-D mask for its own, shorter layout. Layers before K keep their full KV cache.
+- on each decoder layer: an in-LLM stage at layer K drops (or merges) tokens from the
+  hidden states there, and every layer from K on gets position embeddings, position
+  ids and a 4-D mask for its own, shorter layout. Layers before K keep their full KV
+  cache unless the method slices it to the kept tokens.
 
 Prefill decides; decode reuses the decision (the run is tied to the cache object),
-so the cache and the masks always agree. Kept tokens keep their original positions.
+with each layer's mask built from the layout of that layer's cache. Kept tokens keep
+their original positions.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from ..adapters import Adapter, ImageSpan
-from ..methods import LLM_INPUT, ImageView, Method, Stage
+from ..methods import LLM_INPUT, ImageView, Method, Selection, Stage
 from .layout import FILL, Layout, decoder_mask, take, take_positions
 from .stats import PruneStats, counts_per_layer
 
@@ -42,10 +44,13 @@ def tokens_for_budget(budget: int | float, num_tokens: int) -> int:
 
 @dataclass
 class Decision:
-    """The visual tokens kept at each stage: kept[stage][sample] holds original positions."""
+    """The visual tokens kept at each stage (kept[stage][sample]: original positions) of a prompt."""
 
     stage_layers: list[int]
     kept: list[list[torch.Tensor]]
+    prompt_length: int
+    # merged[stage][sample]: (positions, hidden states) that a merging method wrote over kept tokens
+    merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
 
 
 @dataclass
@@ -57,13 +62,20 @@ class _Run:
     visual: torch.Tensor  # [B, L] bool
     image_of: torch.Tensor  # [B, L] long: the image's rank in its sample, -1 for text
     coords: torch.Tensor  # [B, L, 2] (row, col) on the image's grid
+    sizes: torch.Tensor  # [B, L] tokens each position stands for (merging grows them)
     spans: list[list[ImageSpan]]
     plans: list[list[list[Stage]]]  # [sample][image] -> stages
     stage_layers: list[int]
+    full: Layout  # the prompt as given
     lm_layout: Layout  # what the language model itself runs on
-    layer_layouts: dict[int, Layout] = field(default_factory=dict)  # in-LLM stage layer -> layout from there on
+    kv_layouts: list[Layout | None]  # per decoder layer: the tokens its KV cache holds
+    layer_layouts: dict[int, Layout | None] = field(default_factory=dict)  # in-LLM stage layer -> layout from there
     kept: list[list[torch.Tensor]] = field(default_factory=list)
+    merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
     attention: torch.Tensor | None = None  # last-query attention for the next stage, over the current layout
+    reference: torch.Tensor | None = None  # layer-0 input, for methods that compare against it
+    late_from: int | None = None  # replay of a longer sequence with a sliced cache: positions from here are "decoded"
+    late_visible: torch.Tensor | None = None  # [B, L] what those positions may see
     prefill: bool = True
     generated: int = 0  # tokens fed after the prompt
     tail_valid: torch.Tensor | None = None  # [B, generated] during decode
@@ -77,9 +89,9 @@ class _Run:
     def prompt_length(self) -> int:
         return self.prompt_mask.shape[1]
 
-    def layout_at(self, layer: int) -> Layout | None:
-        """The in-LLM layout in force at a decoder layer, or None where the language model's own applies."""
-        current = None
+    def layout_at(self, layer: int) -> Layout:
+        """The layout decoder layer `layer` runs on during prefill."""
+        current = self.lm_layout
         for start, layout in self.layer_layouts.items():
             if start <= layer and layout is not None:
                 current = layout
@@ -99,7 +111,8 @@ class Pruner:
         self._replay: Decision | None = None
         self._spans: list[list[ImageSpan]] | None = None
         self._run: _Run | None = None
-        self._num_layers = len(adapter.decoder_layers)
+        self._info = adapter.model_info
+        self._num_layers = self._info.num_layers
         self._handles = [
             adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal_forward, with_kwargs=True),
             adapter.language_model.register_forward_pre_hook(self._on_language_model_forward, with_kwargs=True),
@@ -126,8 +139,12 @@ class Pruner:
 
     @contextlib.contextmanager
     def replaying(self, decision: Decision):
-        """Prefills inside this block keep exactly decision's tokens instead of asking the method
-        (to recompute a pruned generation without its cache, say)."""
+        """Prefills inside this block keep exactly decision's tokens instead of asking the method.
+
+        A prefill longer than the decision's prompt treats the extra tokens as decoded
+        ones: with a sliced KV cache they see only the kept prompt tokens, as they did
+        when decoded. So a cached generation can be checked against recomputation.
+        """
         self._replay = decision
         try:
             yield self
@@ -176,10 +193,11 @@ class Pruner:
         run = self._run
         if run is None or not run.prefill:
             return output
-        final = run.layout_at(self._num_layers) or run.lm_layout
+        final = run.layout_at(self._num_layers)
         self._record_stats(run)
         run.prefill = False
         run.step_masks = {}
+        run.reference = run.attention = None
         hidden = output.last_hidden_state
         batch, length = run.prompt_mask.shape
         # Scatter back to the prompt's length (pruned positions hold zeros); fill slots
@@ -196,13 +214,10 @@ class Pruner:
             if run is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            if run.prefill and index in run.layer_layouts:
-                hidden = self._prune_in_llm(run, index, hidden)
-            layout = run.layout_at(index)
-            if layout is not None:
-                self._substitute_layer_inputs(run, layout, kwargs, hidden)
-            if run.prefill and self.method.needs_attention and index + 1 in run.stage_layers:
-                run.attention = self._last_query_attention(run, index, hidden, kwargs, layout or run.lm_layout)
+            if run.prefill:
+                hidden = self._prefill_layer(run, index, hidden, kwargs)
+            elif run.kv_layouts[index] is not run.kv_layouts[0]:
+                self._substitute_mask(run, run.kv_layouts[index], kwargs, hidden.shape[1], hidden.dtype)
             if args:
                 return (hidden, *args[1:]), kwargs
             kwargs["hidden_states"] = hidden
@@ -232,13 +247,20 @@ class Pruner:
                 image_of[b, where] = i
                 offsets = torch.arange(span.length, device=device)
                 coords[b, where] = torch.stack([offsets // span.grid[1], offsets % span.grid[1]], dim=-1)
-                plan.append(self.method.stages(self._num_layers, tokens_for_budget(self.budget, span.length), span.length))
+                budget = tokens_for_budget(self.budget, span.length)
+                # A budget that keeps the whole image is a no-op, even for schedules (like CLSE's)
+                # whose early stages keep more than the budget and later ones less.
+                plan.append(self.method.stages(self._info, budget, span.length) if budget < span.length else [])
             plans.append(plan)
         stage_layers = sorted({stage.layer for plan in plans for stages in plan for stage in stages})
-        lm_layout = Layout.full(prompt_mask)
-        run = _Run(None, prompt_mask, visual, image_of, coords, spans, plans, stage_layers, lm_layout)
+        full = Layout.full(prompt_mask)
+        run = _Run(
+            cache=None, prompt_mask=prompt_mask, visual=visual, image_of=image_of, coords=coords,
+            sizes=torch.ones(batch, length, device=device), spans=spans, plans=plans, stage_layers=stage_layers,
+            full=full, lm_layout=full, kv_layouts=[None] * self._num_layers,
+        )
         if self._replay is not None:
-            run.stage_layers = self._replay.stage_layers
+            self._prepare_replay(run)
         elif not any(
             stage.keep < span.length
             for plan, sample in zip(plans, spans)
@@ -255,9 +277,9 @@ class Pruner:
         run.cache = kwargs.get("past_key_values")
 
         if run.input_pruned:
-            layout = self._narrow(run, 0, run.lm_layout, embeds, attention=None)
-            index = layout.index_in(run.lm_layout)
-            kwargs["inputs_embeds"] = take(embeds, index)
+            layout, hidden = self._narrow(run, 0, run.full, embeds, attention=None)
+            index = layout.index_in(run.full)
+            kwargs["inputs_embeds"] = hidden
             kwargs["attention_mask"] = layout.valid.long()
             position_ids = kwargs.get("position_ids")
             if position_ids is None:  # what the language model would have made itself
@@ -268,93 +290,150 @@ class Pruner:
         self._run = run
         return args, kwargs
 
+    def _prepare_replay(self, run: _Run) -> None:
+        decision = self._replay
+        run.stage_layers = decision.stage_layers
+        if self.method.slices_kv_cache and run.prompt_length > decision.prompt_length:
+            kept = torch.zeros_like(run.visual)
+            for b, positions in enumerate(decision.kept[-1]):
+                kept[b, positions.to(kept.device)] = True
+            run.late_from = decision.prompt_length
+            run.late_visible = ~run.visual | kept
+
+    def _prefill_layer(self, run: _Run, index: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+        if index == 0 and self.method.needs_reference:
+            run.reference = hidden
+        if index in run.layer_layouts:
+            hidden = self._prune_in_llm(run, index, hidden)
+        layout = run.layout_at(index)
+        run.kv_layouts[index] = layout
+        if layout is not run.lm_layout or run.late_from is not None:
+            self._substitute_layer_inputs(run, layout, kwargs, hidden)
+        if self.method.needs_attention and index + 1 in run.stage_layers:
+            run.attention = self._last_query_attention(run, index, hidden, kwargs, layout)
+        return hidden
+
     def _prune_in_llm(self, run: _Run, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        previous = run.layout_at(layer - 1) or run.lm_layout
-        layout = self._narrow(run, run.stage_layers.index(layer), previous, hidden, run.attention)
+        previous = run.layout_at(layer - 1)
+        layout, hidden = self._narrow(run, run.stage_layers.index(layer), previous, hidden, run.attention)
         run.layer_layouts[layer] = layout
         run.attention = None
-        return take(hidden, layout.index_in(previous))
+        if self.method.slices_kv_cache and run.cache is not None:
+            for earlier in range(layer):
+                self._slice_cache_layer(run, earlier, layout)
+        return hidden
 
-    def _narrow(self, run: _Run, stage: int, layout: Layout, hidden: torch.Tensor, attention) -> Layout:
-        """Ask the method (or the replayed decision) which visual tokens of `layout` survive `stage`."""
+    def _slice_cache_layer(self, run: _Run, layer: int, layout: Layout) -> None:
+        cache_layer = run.cache.layers[layer]
+        index = layout.index_in(run.kv_layouts[layer])
+        expand = index[:, None, :, None].expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[-1])
+        cache_layer.keys = cache_layer.keys.gather(2, expand)
+        cache_layer.values = cache_layer.values.gather(2, expand)
+        run.kv_layouts[layer] = layout
+
+    def _narrow(self, run: _Run, stage: int, layout: Layout, hidden: torch.Tensor, attention):
+        """Ask the method (or the replayed decision) which visual tokens of `layout` survive `stage`.
+
+        Returns the new layout and the hidden states taken into it (merged where the method merges).
+        """
         layer = run.stage_layers[stage]
-        kept = []
-        for b, sample in enumerate(run.spans):
+        kept, merged = [], []
+        for b in range(len(run.spans)):
             slots = torch.nonzero(layout.positions[b] != FILL).flatten()
-            positions = layout.positions[b, slots]
             if self._replay is not None:
-                kept.append(self._replay.kept[stage][b].to(positions.device))
+                kept.append(self._replay.kept[stage][b].to(slots.device))
+                merged.append(self._replay.merged[stage][b])
                 continue
-            images = run.image_of[b, positions]
-            chosen = []
+            images = run.image_of[b, layout.positions[b, slots]]
+            chosen, values = [], []
             for i, stages in enumerate(run.plans[b]):
                 mine = slots[images == i]
+                positions = layout.positions[b, mine]
                 keep = next((s.keep for s in stages if s.layer == layer), mine.numel())
                 if keep >= mine.numel():
-                    chosen.append(layout.positions[b, mine])
+                    chosen.append(positions)
                     continue
                 view = ImageView(
-                    hidden=hidden[b, mine],
-                    coords=run.coords[b, layout.positions[b, mine]],
-                    grid=run.spans[b][i].grid,
-                    keep=keep,
-                    layer=layer,
-                    image_index=i,
+                    hidden=hidden[b, mine], coords=run.coords[b, positions], grid=run.spans[b][i].grid, keep=keep,
+                    layer=layer, stage=stage, image_index=i, sizes=run.sizes[b, positions],
                     attention=None if attention is None else attention[b, mine],
+                    reference=None if run.reference is None else run.reference[b, run.lm_layout.slots_of(b, positions)],
                 )
                 picked = self._checked_selection(view)
-                chosen.append(layout.positions[b, mine[picked]])
-            kept.append(torch.cat(chosen) if chosen else positions[:0])
+                if isinstance(picked, Selection):
+                    run.sizes[b, positions[picked.keep]] = picked.sizes.to(run.sizes.dtype)
+                    values.append((positions[picked.keep], picked.hidden))
+                    picked = picked.keep
+                chosen.append(positions[picked])
+            kept.append(torch.cat(chosen) if chosen else layout.positions[b, :0])
+            merged.append(values)
         run.kept.append(kept)
-        return layout.narrowed(run.visual, kept, run.prompt_mask)
+        run.merged.append(merged)
+        narrowed = layout.narrowed(run.visual, kept, run.prompt_mask)
+        taken = take(hidden, narrowed.index_in(layout))
+        for b, values in enumerate(merged):
+            for positions, value in values:
+                taken[b, narrowed.slots_of(b, positions)] = value.to(taken.dtype)
+        return narrowed, taken
 
-    def _checked_selection(self, view: ImageView) -> torch.Tensor:
-        picked = self.method.select(view).flatten().long()
+    def _checked_selection(self, view: ImageView) -> torch.Tensor | Selection:
+        picked = self.method.select(view)
+        indices = (picked.keep if isinstance(picked, Selection) else picked).flatten().long()
         n = view.hidden.shape[0]
-        if picked.numel() != view.keep or picked.unique().numel() != view.keep or bool((picked < 0).any() | (picked >= n).any()):
+        if indices.numel() != view.keep or indices.unique().numel() != view.keep or bool((indices < 0).any() | (indices >= n).any()):
             raise RuntimeError(
-                f"method {self.method.name!r} returned {picked.numel()} indices for a keep of {view.keep} "
+                f"method {self.method.name!r} returned {indices.numel()} indices for a keep of {view.keep} "
                 f"of {n} tokens (they must be distinct and in range)"
             )
-        return picked.to(view.hidden.device)
+        indices = indices.to(view.hidden.device)
+        if isinstance(picked, Selection):
+            return Selection(indices, picked.hidden, picked.sizes)
+        return indices
 
     def _last_query_attention(self, run: _Run, layer: int, hidden, kwargs, layout: Layout) -> torch.Tensor:
         slots = torch.arange(layout.length, device=hidden.device)
-        query_index = torch.where(layout.valid, slots, -1).amax(dim=1)
-        key_mask = layout.valid & (slots[None] <= query_index[:, None])
+        valid = layout.valid
+        if run.late_from is not None:  # score from the prompt's own last token, as the prefill did
+            valid = valid & (layout.positions < run.late_from)
+        query_index = torch.where(valid, slots, -1).amax(dim=1)
+        key_mask = valid & (slots[None] <= query_index[:, None])
         return self.adapter.last_query_attention(layer, hidden, kwargs["position_embeddings"], query_index, key_mask)
 
     def _record_stats(self, run: _Run) -> None:
-        counts = []
-        for layer in range(self._num_layers):
-            counts.append((run.layout_at(layer) or run.lm_layout).count(run.visual))
+        counts = [run.layout_at(layer).count(run.visual) for layer in range(self._num_layers)]
         self.last_stats = PruneStats(
             visual_tokens_per_layer=counts_per_layer(counts),
             images_per_sample=[len(sample) for sample in run.spans],
             visual_tokens_per_sample=run.visual.sum(dim=1).tolist(),
             nominal_budget=self.budget,
         )
-        self.last_decision = Decision(run.stage_layers, run.kept)
+        self.last_decision = Decision(run.stage_layers, run.kept, run.prompt_length, run.merged)
 
     # ------------------------------------------------------------ both phases
     def _substitute_layer_inputs(self, run: _Run, layout: Layout, kwargs, hidden) -> None:
-        """Give a decoder layer the mask (and, at prefill, the positions) of its layout."""
+        """Give a decoder layer the mask and positions of its layout at prefill."""
         key = id(layout)
         if key not in run.step_masks:
-            query_length = hidden.shape[1]
-            tail = run.tail_valid if not run.prefill else layout.valid[:, :0]
-            mask = decoder_mask(torch.cat([layout.valid, tail], dim=1), query_length, self.adapter.attn_implementation, hidden.dtype)
-            positions = None
-            if run.prefill:
-                index = layout.index_in(run.lm_layout)
-                cos, sin = kwargs["position_embeddings"]
-                ids = kwargs.get("position_ids")
-                positions = ((take(cos, index), take(sin, index)), None if ids is None else take_positions(ids, index))
+            late_rows = late_visible = None
+            if run.late_from is not None:
+                late_rows = layout.positions >= run.late_from
+                late_visible = layout.valid & run.late_visible.gather(1, layout.positions.clamp(min=0))
+            mask = decoder_mask(layout.valid, hidden.shape[1], self.adapter.attn_implementation, hidden.dtype,
+                                late_rows, late_visible)
+            index = layout.index_in(run.lm_layout)
+            cos, sin = kwargs["position_embeddings"]
+            ids = kwargs.get("position_ids")
+            positions = ((take(cos, index), take(sin, index)), None if ids is None else take_positions(ids, index))
             run.step_masks[key] = (mask, positions)
-        mask, positions = run.step_masks[key]
-        kwargs["attention_mask"] = mask
-        if positions is not None:
-            kwargs["position_embeddings"], kwargs["position_ids"] = positions
+        kwargs["attention_mask"], (kwargs["position_embeddings"], kwargs["position_ids"]) = run.step_masks[key]
+
+    def _substitute_mask(self, run: _Run, layout: Layout, kwargs, query_length: int, dtype) -> None:
+        """Give a decoder layer, at decode, the mask of the tokens its cache holds plus those since the prompt."""
+        key = id(layout)
+        if key not in run.step_masks:
+            kv_valid = torch.cat([layout.valid, run.tail_valid], dim=1)
+            run.step_masks[key] = decoder_mask(kv_valid, query_length, self.adapter.attn_implementation, dtype)
+        kwargs["attention_mask"] = run.step_masks[key]
 
     # ---------------------------------------------------------------- decode
     def _continue_run(self, run: _Run, args, kwargs):
@@ -372,12 +451,12 @@ class Pruner:
         run.generated += query_length
         run.tail_valid = attention_mask[:, run.prompt_length :].bool()
         run.step_masks = {}
-        if not run.input_pruned:
+        first = run.kv_layouts[0]
+        if first is run.full:
             return None
-        # The language model runs on a shortened prompt: give it that prompt's mask, and the
-        # positions it would have computed on the unpruned sequence.
-        prompt_part = run.lm_layout.valid.long()
-        kwargs["attention_mask"] = torch.cat([prompt_part, attention_mask[:, run.prompt_length :]], dim=1)
+        # The first layers' cache holds a shortened prompt: give the language model that
+        # prompt's mask, and the positions it would have computed on the unpruned sequence.
+        kwargs["attention_mask"] = torch.cat([first.valid.long(), attention_mask[:, run.prompt_length :]], dim=1)
         if kwargs.get("position_ids") is None:
             start = expected - query_length
             kwargs["position_ids"] = torch.arange(start, expected, device=embeds.device)[None].expand(batch, -1)

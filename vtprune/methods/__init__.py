@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from .base import LLM_INPUT, ImageView, Method, Stage
+from .base import LLM_INPUT, ImageView, Method, ModelInfo, Selection, Stage
+from .clse import CLSE
+from .clse_merge import CLSEMerge
 from .fastv import FastV
 from .random_subset import RandomSubset
 from .uniform_grid import UniformGrid
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (FastV, RandomSubset, UniformGrid)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (CLSE, CLSEMerge, FastV, RandomSubset, UniformGrid)}
 
 
 def get_method(name: str) -> type[Method]:
@@ -17,4 +19,4 @@ def get_method(name: str) -> type[Method]:
         raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["LLM_INPUT", "REGISTRY", "ImageView", "Method", "Stage", "get_method"]
+__all__ = ["LLM_INPUT", "REGISTRY", "ImageView", "Method", "ModelInfo", "Selection", "Stage", "get_method"]

@@ -19,6 +19,14 @@ LLM_INPUT = 0  # stage layer meaning "before decoder layer 0"
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """What a method may know of the model it prunes."""
+
+    family: str  # the adapter's family name, e.g. "llava", "qwen2_vl"
+    num_layers: int  # decoder layers
+
+
+@dataclass(frozen=True)
 class Stage:
     layer: int  # the tokens are dropped before this decoder layer runs
     keep: int  # visual tokens of one image that survive this stage
@@ -33,8 +41,24 @@ class ImageView:
     grid: tuple[int, int]  # (rows, cols) of that grid
     keep: int  # how many to return
     layer: int
+    stage: int  # 0 for the method's first stage
     image_index: int  # the image's rank within its sample
+    sizes: torch.Tensor  # [N] how many original tokens each token stands for (merging methods grow them)
     attention: torch.Tensor | None = None  # [N] last-query attention at the layer before, when the method asks
+    reference: torch.Tensor | None = None  # [N, D] the same tokens at the LLM input, when the method asks
+
+    @property
+    def whole_grid(self) -> bool:
+        return self.hidden.shape[0] == self.grid[0] * self.grid[1]
+
+
+@dataclass
+class Selection:
+    """A merging method's answer: the kept tokens, and the hidden states and sizes they carry on with."""
+
+    keep: torch.Tensor  # [k] indices into the view's tokens
+    hidden: torch.Tensor  # [k, D]
+    sizes: torch.Tensor  # [k]
 
 
 class Method(ABC):
@@ -44,6 +68,8 @@ class Method(ABC):
     summary: ClassVar[str]
     where: ClassVar[str]  # a person's description of where it acts, for `vtprune methods`
     needs_attention: ClassVar[bool] = False
+    needs_reference: ClassVar[bool] = False
+    slices_kv_cache: bool = False  # drop pruned tokens from the KV cache of the layers before each stage too
 
     @dataclass(frozen=True)
     class Options:
@@ -71,19 +97,22 @@ class Method(ABC):
     def defaults(cls) -> dict[str, Any]:
         return dataclasses.asdict(cls.Options())
 
-    def check_model(self, num_layers: int) -> None:
-        """Raise ValueError when the options do not fit a decoder of num_layers layers."""
-        for stage in self.stages(num_layers, budget=1, num_tokens=2):
-            if not 0 <= stage.layer < num_layers:
+    def check_model(self, model: ModelInfo) -> None:
+        """Raise ValueError when the options do not fit the model."""
+        layers = [stage.layer for stage in self.stages(model, budget=1, num_tokens=2)]
+        for layer in layers:
+            if not 0 <= layer < model.num_layers:
                 raise ValueError(
-                    f"method {self.name!r} would act before decoder layer {stage.layer}, "
-                    f"but the model has {num_layers} layers (0..{num_layers - 1})"
+                    f"method {self.name!r} would act before decoder layer {layer}, "
+                    f"but the model has {model.num_layers} layers (0..{model.num_layers - 1})"
                 )
+        if layers != sorted(set(layers)):
+            raise ValueError(f"method {self.name!r} needs increasing stage layers; got {layers}")
 
     @abstractmethod
-    def stages(self, num_layers: int, budget: int, num_tokens: int) -> list[Stage]:
+    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
         """The stages for one image of num_tokens tokens at a nominal budget (tokens kept per image)."""
 
     @abstractmethod
-    def select(self, view: ImageView) -> torch.Tensor:
-        """Indices into view's tokens of the view.keep tokens to keep (any order)."""
+    def select(self, view: ImageView) -> torch.Tensor | Selection:
+        """Indices into view's tokens of the view.keep tokens to keep (any order), or a merging Selection."""

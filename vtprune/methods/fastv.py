@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageView, Method, Stage
+from .base import ModelInfo, ImageView, Method, Stage
 from .primitives import topk_in_order
 
 
@@ -25,7 +25,7 @@ class FastV(Method):
         if options.layer < 1:
             raise ValueError(f"fastv needs layer >= 1 (it scores with the attention of layer K-1); got {options.layer}")
 
-    def stages(self, num_layers: int, budget: int, num_tokens: int) -> list[Stage]:
+    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
         return [Stage(self.options.layer, budget)]
 
     def select(self, view: ImageView) -> torch.Tensor:

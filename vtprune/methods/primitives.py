@@ -64,3 +64,23 @@ def last_query_attention(
     logits = torch.einsum("bhd,bhnd->bhn", query.float(), keys.float()) * scaling
     logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)
+
+
+def merge_into_nearest(hidden: torch.Tensor, sizes: torch.Tensor, keep: torch.Tensor):
+    """Merge every token not in keep into the kept token most cosine-similar to it, size-weighted.
+
+    hidden [N, D], sizes [N], keep [k] indices. Returns (hidden [k, D], sizes [k]) of the kept
+    tokens: each the size-weighted mean of itself and the tokens merged into it.
+    """
+    n = hidden.shape[0]
+    dropped = torch.ones(n, dtype=torch.bool, device=hidden.device)
+    dropped[keep] = False
+    source = torch.nonzero(dropped).flatten()
+    unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    target = (unit[source] @ unit[keep].T).argmax(dim=-1)  # [n_dropped] -> slot in keep
+    weights = sizes.float()
+    total = torch.zeros(keep.numel(), hidden.shape[1], device=hidden.device).index_add_(
+        0, target, hidden[source].float() * weights[source, None]
+    ) + hidden[keep].float() * weights[keep, None]
+    new_sizes = weights[keep].index_add(0, target, weights[source])
+    return (total / new_sizes[:, None]).to(hidden.dtype), new_sizes

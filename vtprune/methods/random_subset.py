@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LLM_INPUT, ImageView, Method, Stage
+from .base import ModelInfo, LLM_INPUT, ImageView, Method, Stage
 
 
 class RandomSubset(Method):
@@ -18,7 +18,7 @@ class RandomSubset(Method):
     class Options:
         seed: int = 0
 
-    def stages(self, num_layers: int, budget: int, num_tokens: int) -> list[Stage]:
+    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
         return [Stage(LLM_INPUT, budget)]
 
     def select(self, view: ImageView) -> torch.Tensor:

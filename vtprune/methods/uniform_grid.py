@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import LLM_INPUT, ImageView, Method, Stage
+from .base import ModelInfo, LLM_INPUT, ImageView, Method, Stage
 from .primitives import evenly_spaced, grid_lattice
 
 
@@ -13,7 +13,7 @@ class UniformGrid(Method):
     summary = "an even 2-D lattice of each image's token grid"
     where = "LLM input"
 
-    def stages(self, num_layers: int, budget: int, num_tokens: int) -> list[Stage]:
+    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
         return [Stage(LLM_INPUT, budget)]
 
     def select(self, view: ImageView) -> torch.Tensor:

@@ -1,0 +1,113 @@
+"""CLSE's score and schedule pinned on hand-made inputs, and CLSE-M's merge."""
+
+import numpy as np
+import pytest
+import torch
+
+import vtprune
+from vtprune.methods import ModelInfo
+from vtprune.methods.clse import CLSE, evolution_gate, high_frequency_magnitude, scaled_layers
+from vtprune.methods.primitives import merge_into_nearest
+
+LLAVA_7B, QWEN_7B = ModelInfo("llava", 32), ModelInfo("qwen2_vl", 28)
+
+
+def numpy_high_frequency(tokens: np.ndarray, rows: int, cols: int, cutoff: float) -> np.ndarray:
+    """An independent reading of the authors' score: per channel, Gaussian high-pass of the shifted 2-D spectrum."""
+    out = np.zeros(rows * cols)
+    sigma = min(rows // 2, cols // 2) * cutoff
+    mask = np.array([[1 - np.exp(-((u - rows // 2) ** 2 + (v - cols // 2) ** 2) / (2 * sigma**2)) for v in range(cols)]
+                     for u in range(rows)])
+    for channel in tokens.T:
+        spectrum = np.fft.fftshift(np.fft.fft2(channel.reshape(rows, cols)))
+        out += np.abs(np.fft.ifft2(np.fft.ifftshift(spectrum * mask))).flatten()
+    return out / tokens.shape[1]
+
+
+@pytest.mark.parametrize("grid", [(24, 24), (6, 10), (7, 5)])
+def test_high_frequency_magnitude_matches_an_independent_implementation(grid):
+    tokens = torch.randn(grid[0] * grid[1], 16, dtype=torch.float64)
+    ours = high_frequency_magnitude(tokens, grid, 0.1)
+    reference = numpy_high_frequency(tokens.numpy(), *grid, 0.1)
+    np.testing.assert_allclose(ours.numpy(), reference, rtol=1e-4, atol=1e-5)
+
+
+def smooth_grid(rows=12, cols=12, channels=8):
+    y, x = torch.meshgrid(torch.linspace(0, 1, rows), torch.linspace(0, 1, cols), indexing="ij")
+    planes = torch.stack([torch.sin(2 * torch.pi * (x + c / channels)) + y for c in range(channels)])
+    return planes.flatten(1).T  # [N, C]
+
+
+def test_an_isolated_spike_scores_above_smooth_tokens():
+    reference = smooth_grid()
+    current = reference.clone()
+    spike = 5 * 12 + 7
+    current[spike] += 3.0  # one token gains high-frequency detail across layers
+    magnitude = high_frequency_magnitude(current, (12, 12), 0.1)
+    assert int(magnitude.argmax()) == spike
+    gate = evolution_gate(high_frequency_magnitude(reference, (12, 12), 0.1), magnitude, tau=0.1)
+    assert int(gate.argmax()) == spike
+    assert float(gate[spike]) > 0.99 and float(gate.median()) < 0.5
+
+
+def test_a_constant_grid_gives_a_flat_gate():
+    constant = torch.full((64, 4), 2.5)
+    magnitude = high_frequency_magnitude(constant, (8, 8), 0.1)
+    assert torch.allclose(magnitude, torch.zeros(64), atol=1e-5)
+    gate = evolution_gate(magnitude, high_frequency_magnitude(constant * 3, (8, 8), 0.1), tau=0.1)
+    assert torch.allclose(gate, torch.full((64,), 0.5))
+
+
+def test_the_authors_schedule():
+    clse = CLSE(CLSE.Options())
+    assert [(s.layer, s.keep) for s in clse.stages(LLAVA_7B, 192, 576)] == [(1, 330), (11, 210), (21, 62)]
+    assert [(s.layer, s.keep) for s in clse.stages(LLAVA_7B, 128, 576)] == [(1, 220), (11, 140), (21, 41)]
+    assert [(s.layer, s.keep) for s in clse.stages(LLAVA_7B, 64, 576)] == [(1, 110), (11, 70), (21, 20)]
+    assert [s.keep for s in clse.stages(LLAVA_7B, 100, 576)] == [172, 109, 32]
+    # Qwen2-VL: ratio r of the visual tokens -> r x (1.71, 1.08, 0.294) of them, floored, at 1/10/19 of 28.
+    budget = round(0.334 * 1024)
+    assert [(s.layer, s.keep) for s in clse.stages(QWEN_7B, budget, 1024)] == [
+        (1, int(budget * 1.71)), (10, int(budget * 1.08)), (19, int(budget * 0.294))]
+    assert scaled_layers(ModelInfo("llava", 16)) == (1, 6, 10)
+    assert scaled_layers(ModelInfo("llava", 4)) == (1, 2, 3)
+    custom = CLSE(CLSE.Options(layers=(2, 3), keep=(40, 10)))
+    assert [(s.layer, s.keep) for s in custom.stages(LLAVA_7B, 64, 576)] == [(2, 40), (3, 10)]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"score": "fft"}, "score must be one of"),
+    ({"layers": (1, 2), "keep": (10,)}, "one keep count per stage"),
+    ({"keep": (10, 20, 5)}, "must not grow"),
+    ({"layers": (3, 2, 1)}, "increasing"),
+])
+def test_bad_clse_options(options, message):
+    from vtprune.tiny import tiny_llava
+
+    with pytest.raises(ValueError, match=message):
+        vtprune.apply(tiny_llava(), "clse", 16, **options)
+
+
+def test_score_variants_use_what_they_say():
+    n = 64
+    view_args = dict(hidden=smooth_grid(8, 8), coords=torch.zeros(n, 2, dtype=torch.long), grid=(8, 8), keep=8,
+                     layer=1, stage=0, image_index=0, sizes=torch.ones(n), attention=torch.rand(n),
+                     reference=smooth_grid(8, 8) * 0.5)
+    from vtprune.methods import ImageView
+
+    view = ImageView(**view_args)
+    attn_only = CLSE(CLSE.Options(score="attn")).score(view)
+    assert torch.equal(attn_only, view.attention)
+    gate = CLSE(CLSE.Options(score="clse")).score(view)
+    both = CLSE(CLSE.Options()).score(view)
+    torch.testing.assert_close(both, gate * view.attention)
+    later = ImageView(**dict(view_args, stage=1))
+    assert torch.equal(CLSE(CLSE.Options()).score(later), view.attention)  # no whole grid after stage 1
+
+
+def test_merge_into_nearest_is_a_size_weighted_mean():
+    hidden = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.0, 2.0]])
+    sizes = torch.tensor([1.0, 3.0, 1.0, 1.0, 2.0])
+    merged, new_sizes = merge_into_nearest(hidden, sizes, torch.tensor([0, 2]))
+    assert new_sizes.tolist() == [4.0, 4.0]
+    torch.testing.assert_close(merged[0], (hidden[0] * 1 + hidden[1] * 3) / 4)
+    torch.testing.assert_close(merged[1], (hidden[2] * 1 + hidden[3] * 1 + hidden[4] * 2) / 4)

@@ -1,0 +1,118 @@
+"""CLSE (ECCV 2026): cross-layer spectral evolution, as the authors' released code computes it.
+
+At the first stage, each visual token's high-frequency magnitude (a Gaussian
+high-pass of the 2-D FFT of the image's token grid, per channel, then the complex
+magnitude averaged over channels) is measured at the LLM input (Z_L) and entering the
+stage layer (Z_K). Tokens whose magnitude changed most, relative to the reference,
+get a sigmoid gate near 1; the score is gate x last-query attention at layer K-1.
+Later stages have no whole grid and use the attention alone. Three stages at decoder
+layers 1/11/21 of 32 (1/10/19 of 28 for Qwen2-VL), with the authors' keep counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import ImageView, Method, ModelInfo, Stage
+from .primitives import topk_in_order
+
+SCORES = ("clse_attn", "clse", "attn")
+# The authors' keep counts per stage for LLaVA-1.5's budgets, and their multipliers otherwise.
+LLAVA_COUNTS = {192: (330, 210, 62), 128: (220, 140, 41), 64: (110, 70, 20)}
+LLAVA_MULTIPLIERS = (1.72, 1.09, 0.32)
+QWEN_MULTIPLIERS = (1.71, 1.08, 0.294)  # of budget = ratio x visual tokens; floored, as the authors do
+LLAVA_LAYERS, QWEN_LAYERS = ((1, 11, 21), 32), ((1, 10, 19), 28)
+
+
+def high_frequency_magnitude(tokens: torch.Tensor, grid: tuple[int, int], cutoff: float) -> torch.Tensor:
+    """[N] per-token magnitude of the Gaussian high-passed token grid (tokens [N, C] in raster order)."""
+    rows, cols = grid
+    planes = tokens.float().T.reshape(-1, rows, cols)  # [C, H, W]
+    spectrum = torch.fft.fftshift(torch.fft.fft2(planes), dim=(-2, -1))
+    sigma = min(rows // 2, cols // 2) * cutoff
+    u = torch.arange(rows, device=tokens.device, dtype=torch.float32)[:, None] - rows // 2
+    v = torch.arange(cols, device=tokens.device, dtype=torch.float32)[None, :] - cols // 2
+    high_pass = 1 - torch.exp(-(u**2 + v**2) / (2 * sigma**2)) if sigma > 0 else torch.ones(rows, cols, device=tokens.device)
+    filtered = torch.fft.ifft2(torch.fft.ifftshift(spectrum * high_pass, dim=(-2, -1)))
+    return filtered.abs().mean(dim=0).flatten()
+
+
+def evolution_gate(reference: torch.Tensor, current: torch.Tensor, tau: float) -> torch.Tensor:
+    """sigmoid(z / tau) of the z-scored relative change of high-frequency magnitude, per token."""
+    change = ((current - reference).abs() / (reference.mean() + reference + 1e-6)).clamp(max=1.0)
+    z = (change - change.mean()) / (change.std() + 1e-6)  # unbiased std, epsilon outside, as the authors
+    return torch.sigmoid(z / tau)
+
+
+def scaled_layers(model: ModelInfo) -> tuple[int, ...]:
+    """The authors' stage layers, rescaled to this decoder's depth (kept distinct, increasing, >= 1)."""
+    layers, depth = QWEN_LAYERS if model.family == "qwen2_vl" else LLAVA_LAYERS
+    if model.num_layers == depth:
+        return layers
+    scaled, previous = [], 0
+    for layer in layers:
+        previous = max(previous + 1, round(layer * model.num_layers / depth))
+        scaled.append(previous)
+    return tuple(scaled)
+
+
+class CLSE(Method):
+    name = "clse"
+    summary = "spectral-evolution gate x last-query attention, 3 stages, authors' keep counts"
+    where = "inside the LLM, layers 1/11/21 of 32"
+    needs_attention = True
+    needs_reference = True
+
+    @dataclass(frozen=True)
+    class Options:
+        score: str = "clse_attn"  # or "clse" (gate only) or "attn" (attention only)
+        layers: tuple[int, ...] | None = None  # stage layers; default: the authors', scaled to the depth
+        keep: tuple[int, ...] | None = None  # tokens per image after each stage; default: the authors' counts
+        cutoff: float = 0.1
+        tau: float = 0.1
+        slice_kv: bool = True  # drop pruned tokens from the KV cache of earlier layers too, as the authors do
+
+    @classmethod
+    def validate(cls, options: "CLSE.Options") -> None:
+        if options.score not in SCORES:
+            raise ValueError(f"clse score must be one of {', '.join(SCORES)}; got {options.score!r}")
+        if options.layers is not None and options.keep is not None and len(options.layers) != len(options.keep):
+            raise ValueError(f"clse needs one keep count per stage layer; got layers={options.layers} keep={options.keep}")
+        if options.keep is not None and list(options.keep) != sorted(options.keep, reverse=True):
+            raise ValueError(f"clse keep counts must not grow from stage to stage; got {options.keep}")
+        if options.tau <= 0 or options.cutoff < 0:
+            raise ValueError("clse needs tau > 0 and cutoff >= 0")
+
+    @property
+    def slices_kv_cache(self) -> bool:
+        return self.options.slice_kv
+
+    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
+        layers = self.options.layers or scaled_layers(model)
+        counts = self.options.keep or self.keep_counts(model, budget, len(layers))
+        return [Stage(layer, min(count, num_tokens)) for layer, count in zip(layers, counts)]
+
+    @staticmethod
+    def keep_counts(model: ModelInfo, budget: int, stages: int) -> tuple[int, ...]:
+        if model.family == "qwen2_vl":
+            counts = tuple(max(1, int(budget * m)) for m in QWEN_MULTIPLIERS)
+        else:
+            counts = LLAVA_COUNTS.get(budget) or tuple(max(1, round(budget * m)) for m in LLAVA_MULTIPLIERS)
+        if stages != len(counts):
+            raise ValueError(f"clse's default keep counts are for 3 stages; pass keep=... for {stages} stage layers")
+        return counts
+
+    def score(self, view: ImageView) -> torch.Tensor:
+        if self.options.score == "attn" or view.stage > 0 or not view.whole_grid:
+            return view.attention
+        gate = evolution_gate(
+            high_frequency_magnitude(view.reference, view.grid, self.options.cutoff),
+            high_frequency_magnitude(view.hidden, view.grid, self.options.cutoff),
+            self.options.tau,
+        )
+        return gate if self.options.score == "clse" else gate * view.attention.float()
+
+    def select(self, view: ImageView) -> torch.Tensor:
+        return topk_in_order(self.score(view), view.keep)

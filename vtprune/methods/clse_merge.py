@@ -1,0 +1,22 @@
+"""CLSE-M: CLSE's selection, with every dropped token merged into its most similar kept token.
+
+Named in the CLSE README but in no released code: the merge is this project's design
+(cosine similarity on the stage layer's hidden states, size-weighted averages, sizes
+carried across stages).
+"""
+
+from __future__ import annotations
+
+from .base import ImageView, Selection
+from .clse import CLSE
+from .primitives import merge_into_nearest
+
+
+class CLSEMerge(CLSE):
+    name = "clse_m"
+    summary = "CLSE's selection; dropped tokens merged into their most similar kept token (our design)"
+
+    def select(self, view: ImageView) -> Selection:
+        keep = super().select(view)
+        hidden, sizes = merge_into_nearest(view.hidden, view.sizes, keep)
+        return Selection(keep, hidden, sizes)
