@@ -83,10 +83,11 @@ def test_two_models_carry_different_methods_at_once():
 
 def test_methods_lists_each_with_where_and_defaults():
     listed = {info.name: info for info in vtprune.methods()}
-    assert set(listed) == {"fastv", "random", "uniform"}
+    assert set(listed) == {"clasp", "clse", "clse_m", "fastv", "random", "uniform"}
     assert listed["fastv"].defaults == {"layer": 2}
     assert listed["random"].defaults == {"seed": 0}
     assert "LLM" in listed["uniform"].where
+    assert listed["clse"].defaults["score"] == "clse_attn" and listed["clse"].defaults["slice_kv"] is True
 
 
 def test_images_without_input_ids_are_refused(model):

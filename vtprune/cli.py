@@ -66,6 +66,37 @@ def _budget(text: str) -> int | float:
     return float(text) if "." in text else int(text)
 
 
+def method_options(model_path, processor) -> dict[str, dict]:
+    """Options a method needs on a checkpoint: CLASP routes with its tokenizer and uses the table beside it."""
+    from pathlib import Path
+
+    table = Path(model_path) / "clasp_calibration.json"
+    clasp = {"tokenizer": processor.tokenizer}
+    if table.exists():
+        clasp["calibration"] = str(table)
+    return {"clasp": clasp}
+
+
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    from vtprune.eval.calibrate import calibrate_clasp, write_table
+    from vtprune.synth import generate
+    from vtprune.synth.reference import CALIBRATION_SEED, REFERENCE_DIR, load_reference, prompt
+
+    if args.method != "clasp":
+        raise SystemExit(f"vtprune calibrate: only clasp has calibrated settings; got {args.method!r}")
+    model_path = Path(args.model or REFERENCE_DIR)
+    model, processor = load_reference(model_path)
+    samples = generate(args.seed, args.samples)
+    table = calibrate_clasp(model, processor, samples, prompt, args.budget,
+                            {"model": model_path.name, "seed": args.seed, "samples": args.samples})
+    write_table(table, Path(args.out))
+    console.print(table)
+    console.print(f"wrote {args.out}; use it with vtprune.apply(model, 'clasp', budget, calibration='{args.out}')")
+    return 0
+
+
 def cmd_eval(args) -> int:
     """Accuracy vs budget on the synthetic benchmark: unpruned and every method at every budget."""
     from pathlib import Path
@@ -86,7 +117,8 @@ def cmd_eval(args) -> int:
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_reference(model_path)
     samples = generate(args.seed, args.samples)
-    configs = [Config("unpruned")] + [Config(m, b) for m in methods for b in budgets]
+    options = method_options(model_path, processor)
+    configs = [Config("unpruned")] + [Config(m, b, options.get(m, {})) for m in methods for b in budgets]
     settings = {"task": "synthetic", "model": str(model_path.resolve()), "seed": args.seed, "samples": args.samples}
     records = evaluate(model, processor, samples, configs, Path(args.out), prompt, settings, batch_size=args.batch)
     wanted = {c.name for c in configs}
@@ -158,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", default="kept_tokens.png")
     show.add_argument("--model", help="a LLaVA checkpoint folder (default: the shipped reference model)")
     show.set_defaults(run=cmd_show)
+    calibrate = commands.add_parser("calibrate", help="fit a method's per-class settings on a calibration split")
+    calibrate.add_argument("--method", required=True)
+    calibrate.add_argument("--budget", type=int, default=64, help="tokens per image at which to fit")
+    calibrate.add_argument("--samples", type=int, default=240, help="calibration samples (spread over the classes)")
+    calibrate.add_argument("--seed", type=int, default=4, help="calibration data seed (never an evaluation seed)")
+    calibrate.add_argument("--model", help="a LLaVA checkpoint folder (default: the shipped reference model)")
+    calibrate.add_argument("--out", default="out/clasp_calibration.json")
+    calibrate.set_defaults(run=cmd_calibrate)
     trainer = commands.add_parser("train-reference", help="train the reference model on generated samples (resumes)")
     trainer.add_argument("--out", required=True, help="folder for the checkpoint, its processor and train_log.jsonl")
     trainer.add_argument("--steps", type=int, default=2400)

@@ -62,6 +62,9 @@ class Adapter(ABC):
     def image_spans(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[ImageSpan]]:
         """Each sample's image spans, in sequence order, from input_ids and the multimodal forward's kwargs."""
 
+    def vision_state_hooks(self, store: dict) -> list:
+        raise ValueError(f"vision-layer fusion is not implemented for {type(self.model).__name__}; pass fusion=False")
+
     def last_query_attention(
         self,
         layer_index: int,

@@ -46,3 +46,49 @@ class LlavaAdapter(Adapter):
                 ]
             spans.append(sample)
         return spans
+
+    # -------------------------------------------------------- vision-layer fusion
+    def vision_state_hooks(self, store: dict) -> list:
+        """Hooks that keep every vision hidden state of the last encoded images in store["states"]
+        (index 0 the encoder's input, i the output of encoder layer i-1, as `hidden_states`)."""
+        encoder = self.model.model.vision_tower.encoder
+
+        def start(module, args, kwargs):
+            store["states"] = [args[0] if args else kwargs["inputs_embeds"]]
+
+        def layer_done(module, args, output):
+            store["states"].append(output[0] if isinstance(output, tuple) else output)
+
+        handles = [encoder.register_forward_pre_hook(start, with_kwargs=True)]
+        handles += [layer.register_forward_hook(layer_done) for layer in encoder.layers]
+        return handles
+
+    def mixed_features(self, states: list[torch.Tensor], weights: list[dict[int, float] | None]) -> torch.Tensor:
+        """Per image, the weighted sum of vision hidden states (CLS dropped) the projector should get."""
+        own = self.model.config.vision_feature_layer
+        images = []
+        for i, mix in enumerate(weights):
+            mix = mix or {own: 1.0}
+            images.append(sum(weight * states[layer][i, 1:] for layer, weight in mix.items()))
+        return torch.stack(images)
+
+    def projector_fusion_hook(self, store: dict, current_weights):
+        """A pre-hook on the projector replacing its input with the per-image mixes current_weights() names."""
+
+        def hook(module, args):
+            weights = current_weights()
+            if not weights or not any(weights):
+                return None
+            if len(weights) != args[0].shape[0]:
+                raise RuntimeError(f"{len(weights)} fusion weights for {args[0].shape[0]} images")
+            return (self.mixed_features(store["states"], weights).to(args[0].dtype),)
+
+        return self.model.model.multi_modal_projector.register_forward_pre_hook(hook)
+
+    def refuse_encoded_images(self, kwargs: dict, store: dict, weights: list[dict[int, float] | None]) -> None:
+        """generate() may encode the images before the first forward: project them again with the mixes."""
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is None or not any(weights):
+            return
+        projected = self.model.model.multi_modal_projector(self.mixed_features(store["states"], weights))
+        encoded.pooler_output = list(projected.to(encoded.pooler_output[0].dtype))

@@ -74,6 +74,7 @@ class _Run:
     merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
     attention: torch.Tensor | None = None  # last-query attention for the next stage, over the current layout
     reference: torch.Tensor | None = None  # layer-0 input, for methods that compare against it
+    text: list[torch.Tensor] = field(default_factory=list)  # per sample: prompt tokens neither visual nor padding
     late_from: int | None = None  # replay of a longer sequence with a sliced cache: positions from here are "decoded"
     late_visible: torch.Tensor | None = None  # [B, L] what those positions may see
     prefill: bool = True
@@ -110,10 +111,17 @@ class Pruner:
         self.last_decision: Decision | None = None
         self._replay: Decision | None = None
         self._spans: list[list[ImageSpan]] | None = None
+        self._input_ids: torch.Tensor | None = None
+        self._fusion: list[dict[int, float] | None] | None = None  # per image of the forward being run
+        self._vision_states: dict = {}
         self._run: _Run | None = None
         self._info = adapter.model_info
         self._num_layers = self._info.num_layers
-        self._handles = [
+        # Fusion first: a model that cannot fuse refuses before any other hook is in place.
+        self._handles = adapter.vision_state_hooks(self._vision_states) if method.fuses_vision_layers else []
+        if method.fuses_vision_layers:
+            self._handles.append(adapter.projector_fusion_hook(self._vision_states, lambda: self._fusion))
+        self._handles += [
             adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal_forward, with_kwargs=True),
             adapter.language_model.register_forward_pre_hook(self._on_language_model_forward, with_kwargs=True),
             adapter.language_model.register_forward_hook(self._after_language_model_forward, with_kwargs=True),
@@ -166,10 +174,18 @@ class Pruner:
             raise ValueError("vtprune finds the visual tokens from input_ids; pass input_ids (not inputs_embeds) with images")
         else:
             self._spans = self.adapter.image_spans(input_ids, kwargs)
+            self._input_ids = input_ids
+            if self.method.fuses_vision_layers:
+                self._fusion = [
+                    self.method.vision_fusion(text_tokens(input_ids[b], sample, kwargs.get("attention_mask"), b))
+                    for b, sample in enumerate(self._spans) for _ in sample
+                ]
+                self.adapter.refuse_encoded_images(kwargs, self._vision_states, self._fusion)
         return None
 
     def _on_language_model_forward(self, module, args, kwargs):
         spans, self._spans = self._spans, None
+        self._fusion = None  # the images of this forward are encoded by now
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
         has_images = spans is not None and any(spans)
@@ -259,6 +275,7 @@ class Pruner:
             sizes=torch.ones(batch, length, device=device), spans=spans, plans=plans, stage_layers=stage_layers,
             full=full, lm_layout=full, kv_layouts=[None] * self._num_layers,
         )
+        run.text = [text_tokens(self._input_ids[b], sample, prompt_mask, b) for b, sample in enumerate(spans)]
         if self._replay is not None:
             self._prepare_replay(run)
         elif not any(
@@ -358,6 +375,7 @@ class Pruner:
                     layer=layer, stage=stage, image_index=i, sizes=run.sizes[b, positions],
                     attention=None if attention is None else attention[b, mine],
                     reference=None if run.reference is None else run.reference[b, run.lm_layout.slots_of(b, positions)],
+                    text=run.text[b],
                 )
                 picked = self._checked_selection(view)
                 if isinstance(picked, Selection):
@@ -461,6 +479,16 @@ class Pruner:
             start = expected - query_length
             kwargs["position_ids"] = torch.arange(start, expected, device=embeds.device)[None].expand(batch, -1)
         return args, kwargs
+
+
+def text_tokens(input_ids: torch.Tensor, spans: list[ImageSpan], attention_mask, sample: int) -> torch.Tensor:
+    """A sample's prompt tokens without its image placeholders and padding (what a router reads)."""
+    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    for span in spans:
+        keep[span.start : span.start + span.length] = False
+    if attention_mask is not None and attention_mask.dim() == 2:
+        keep &= attention_mask[sample].bool()
+    return input_ids[keep]
 
 
 def check_budget(budget: Any) -> int | float:

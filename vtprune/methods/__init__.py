@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from .base import LLM_INPUT, ImageView, Method, ModelInfo, Selection, Stage
+from .clasp import CLASP
 from .clse import CLSE
 from .clse_merge import CLSEMerge
 from .fastv import FastV
 from .random_subset import RandomSubset
 from .uniform_grid import UniformGrid
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (CLSE, CLSEMerge, FastV, RandomSubset, UniformGrid)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (CLASP, CLSE, CLSEMerge, FastV, RandomSubset, UniformGrid)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -26,6 +26,17 @@ class ModelInfo:
     num_layers: int  # decoder layers
 
 
+def scale_layers(layers: tuple[int, ...], authors_depth: int, depth: int) -> tuple[int, ...]:
+    """Stage layers given for a decoder of authors_depth layers, rescaled to depth (distinct, increasing, >= 1)."""
+    if depth == authors_depth:
+        return tuple(layers)
+    scaled, previous = [], 0
+    for layer in layers:
+        previous = max(previous + 1, round(layer * depth / authors_depth))
+        scaled.append(previous)
+    return tuple(scaled)
+
+
 @dataclass(frozen=True)
 class Stage:
     layer: int  # the tokens are dropped before this decoder layer runs
@@ -46,6 +57,7 @@ class ImageView:
     sizes: torch.Tensor  # [N] how many original tokens each token stands for (merging methods grow them)
     attention: torch.Tensor | None = None  # [N] last-query attention at the layer before, when the method asks
     reference: torch.Tensor | None = None  # [N, D] the same tokens at the LLM input, when the method asks
+    text: torch.Tensor | None = None  # the sample's prompt tokens that are neither visual nor padding
 
     @property
     def whole_grid(self) -> bool:
@@ -70,6 +82,11 @@ class Method(ABC):
     needs_attention: ClassVar[bool] = False
     needs_reference: ClassVar[bool] = False
     slices_kv_cache: bool = False  # drop pruned tokens from the KV cache of the layers before each stage too
+    fuses_vision_layers: bool = False  # the projector gets a per-sample mix of vision layers (vision_fusion)
+
+    def vision_fusion(self, text_ids: torch.Tensor) -> dict[int, float] | None:
+        """Weights per vision hidden-state index for a sample's images; None keeps the model's own layer."""
+        return None
 
     @dataclass(frozen=True)
     class Options:

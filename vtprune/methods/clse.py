@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageView, Method, ModelInfo, Stage
+from .base import ImageView, Method, ModelInfo, Stage, scale_layers
 from .primitives import topk_in_order
 
 SCORES = ("clse_attn", "clse", "attn")
@@ -47,15 +47,9 @@ def evolution_gate(reference: torch.Tensor, current: torch.Tensor, tau: float) -
 
 
 def scaled_layers(model: ModelInfo) -> tuple[int, ...]:
-    """The authors' stage layers, rescaled to this decoder's depth (kept distinct, increasing, >= 1)."""
+    """The authors' stage layers, rescaled to this decoder's depth."""
     layers, depth = QWEN_LAYERS if model.family == "qwen2_vl" else LLAVA_LAYERS
-    if model.num_layers == depth:
-        return layers
-    scaled, previous = [], 0
-    for layer in layers:
-        previous = max(previous + 1, round(layer * model.num_layers / depth))
-        scaled.append(previous)
-    return tuple(scaled)
+    return scale_layers(layers, depth, model.num_layers)
 
 
 class CLSE(Method):

@@ -84,3 +84,29 @@ def merge_into_nearest(hidden: torch.Tensor, sizes: torch.Tensor, keep: torch.Te
     ) + hidden[keep].float() * weights[keep, None]
     new_sizes = weights[keep].index_add(0, target, weights[source])
     return (total / new_sizes[:, None]).to(hidden.dtype), new_sizes
+
+
+def farthest_point(features: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min coverage: k more indices, each the token farthest (cosine distance) from all chosen so far.
+
+    features [N, D]; chosen [m] indices already taken (may be empty: the first pick is
+    then the token farthest from the mean). Returns the k new indices in pick order.
+    """
+    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    n = unit.shape[0]
+    k = min(k, n - chosen.numel())
+    if k <= 0:
+        return chosen.new_zeros(0)
+    if chosen.numel():
+        nearest = (1 - unit @ unit[chosen].T).min(dim=1).values
+    else:
+        nearest = 1 - unit @ torch.nn.functional.normalize(unit.mean(dim=0), dim=0)
+    taken = torch.zeros(n, dtype=torch.bool, device=unit.device)
+    taken[chosen] = True
+    picks = []
+    for _ in range(k):
+        pick = int(nearest.masked_fill(taken, float("-inf")).argmax())
+        picks.append(pick)
+        taken[pick] = True
+        nearest = torch.minimum(nearest, 1 - unit @ unit[pick])
+    return torch.tensor(picks, dtype=torch.long, device=unit.device)
