@@ -166,6 +166,35 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Efficiency at real model shapes (random weights): prefill, decode, throughput, memory, KV cache, FLOPs."""
+    import shlex
+    from pathlib import Path
+
+    import torch
+
+    from vtprune.bench.run import bench_table, device_name, run_bench, save
+    from vtprune.methods import get_method
+
+    methods = args.methods.split(",")
+    for method in methods:
+        get_method(method)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+    dtype = getattr(torch, args.dtype)
+    results = run_bench(args.arch, methods, budgets, batches, device=args.device, dtype=dtype, repeats=args.repeats,
+                        warmup=args.warmup, new_tokens=args.new_tokens,
+                        options={"clasp": {"question_class": "general"}})
+    name = device_name(args.device)
+    console.print(bench_table(results, f"{args.arch} on {name} ({args.dtype}, random weights)"))
+    settings = {"arch": args.arch, "device_name": name, "dtype": args.dtype, "repeats": args.repeats,
+                "warmup": args.warmup, "new_tokens": args.new_tokens,
+                "command": "vtprune bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])}
+    path = save(results, Path(args.out) / name, settings)
+    console.print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for multimodal LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", help="a LLaVA checkpoint folder (default: the shipped reference model)")
     calibrate.add_argument("--out", default="out/clasp_calibration.json")
     calibrate.set_defaults(run=cmd_calibrate)
+    bench = commands.add_parser("bench", help="what pruning saves at real model shapes (random weights)")
+    bench.add_argument("--arch", default="llava-cpu-small", help="a preset: llava-1.5-7b, llava-1.5-13b, qwen2-vl-7b, "
+                       "llava-cpu-small, qwen2-vl-cpu-small")
+    bench.add_argument("--methods", default="fastv,clse,clasp,random")
+    bench.add_argument("--budgets", default="192,128,64")
+    bench.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32", help="bfloat16 on a GPU")
+    bench.add_argument("--repeats", type=int, default=20)
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--new-tokens", type=int, default=16)
+    bench.add_argument("--out", default="benchmarks/results")
+    bench.set_defaults(run=cmd_bench)
     trainer = commands.add_parser("train-reference", help="train the reference model on generated samples (resumes)")
     trainer.add_argument("--out", required=True, help="folder for the checkpoint, its processor and train_log.jsonl")
     trainer.add_argument("--steps", type=int, default=2400)

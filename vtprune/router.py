@@ -1,10 +1,16 @@
 """Instruction -> question class, for CLASP: rule-based keywords in English and Chinese, deterministic.
 
-The class says what visual evidence a question needs: text (ocr), how many (count),
+The class says what visual evidence the ANSWER needs: text (ocr), how many (count),
 a property (attribute), a relation (spatial), whether something is there (existence),
-or the scene (general). Rules are tried in a fixed order; the first that matches wins,
-so questions that mention two things ("how many red cars are left of the bus?") go to
-the more specific need (count before spatial, spatial before attribute).
+or the whole scene (general). Rules are tried in a fixed order; the first that matches
+wins. A mixed question goes to what its answer is about, so:
+
+- "how many cars are left of the bus?" -> count; "are there two dogs?" -> count
+- "what color is the car left of the man?" -> attribute (the relation only picks the object)
+- "is there a fence behind the horse?" -> spatial; "is there a red car?" -> existence
+- "is the cat white?" -> attribute (checked after existence, so "is there a red car" stays existence)
+- "what color are most of the objects?", "where was this photo taken?", artwork and
+  "best describes the scene" questions -> general (checked before attribute and spatial).
 """
 
 from __future__ import annotations
@@ -14,31 +20,62 @@ from typing import Callable
 
 CLASSES = ("ocr", "count", "attribute", "spatial", "existence", "general")
 
+_NUMBER = r"(?:one|two|three|four|five|six|seven|eight|nine|ten|\d+)"
+_ADJECTIVE = (  # a property word that ends a yes/no question: "is the bus red?", "big or small?"
+    r"(?:red|orange|yellow|green|blue|purple|pink|brown|black|white|gr[ae]y|silver|gold(?:en)?|beige|"
+    r"wooden|wood|metal(?:lic)?|plastic|glass|leather|stone|brick|ceramic|paper|"
+    r"big|large|small|tiny|huge|tall|short|long|round|square|rectangular|striped|plaid|dotted|shiny|matte)"
+)
+
+_EXISTS_OPENER = r"\s*(?:(?:is|are) there|(?:do|can) you see|does (?:the|this) (?:image|picture|photo))\b"
+
 _RULES: list[tuple[str, list[str]]] = [
     ("ocr", [
-        r"\b(read|written|writing|text|word|words|letters?|say|says|spell|title|label|sign|brand|logo|caption|"
-        r"number (?:on|of the) (?:jersey|bus|plate|shirt)|license plate|phone number|price|date|time (?:shown|on))\b",
-        r"\bwhat (?:does|do) (?:the|this|that) \w+ (?:say|read)\b",
-        r"(文字|写着|写的|写了|读|标题|标签|招牌|单词|字母|品牌|车牌|价格|日期|上面写)",
+        r"\b(read|written|writing|printed|text|words?|letters?|says?|spell(?:ed)?|title|brand|logo|website|"
+        r"url|web address|e-?mail|license plate|phone number|price|date|time (?:shown|on))\b",
+        r"\bwhat (?:number|numbers|digits?) (?:is|are) (?:on|written|printed|shown|displayed)\b",
+        r"\bnumber (?:on|of) the (?:jersey|bus|train|plate|shirt|door|building)\b",
+        r"\bname of (?:the|this) (?:store|shop|restaurant|cafe|bar|hotel|company|business|street|team|"
+        r"airline|book|magazine|newspaper|band|movie|film|product)\b",
+        r"(文字|写着|写的|写了|读出|标题|标签上|单词|字母|品牌|车牌|价格|日期|网址|电话号码)",
     ]),
     ("count", [
         r"\bhow many\b", r"\bnumber of\b", r"\bcount\b", r"\bhow much (?:people|objects)\b",
-        r"(多少|几个|几只|几辆|几人|几位|数量|数一数|有几)",
+        rf"^\s*(?:is|are) there (?:only |exactly |just |at least |at most |more than |fewer than )?{_NUMBER}\b",
+        r"\b(?:is|are) there (?:more|fewer|less)\b",
+        r"(多少|几个|几只|几辆|几人|几位|几张|几条|几本|数量|数一数|有几)",
+        r"有(?:且只有)?[两三四五六七八九十\d]+\s*[个只辆位张条头本块台把件棵朵座]",
+    ]),
+    ("general", [  # whole-image questions whose wording would otherwise look attribute/spatial/existence
+        r"\bmost (?:of )?(?:the )?(?:objects|shapes|items|things)\b",
+        r"\bwhich (?:half|side|part|quadrant|region) of the (?:image|picture|photo) (?:has|have|contains?) "
+        r"(?:the )?(?:most|more|fewest|fewer|least)\b",
+        r"\b(?:where|when) (?:was|is|were) (?:this|the) (?:photo|picture|image|shot|video)\b",
+        r"\b(?:photo|picture|image|shot) (?:was |is )?taken\b",
+        r"\bartwork\b", r"\b(?:created|painted|drawn|directed) by\b",
+        r"\bbest describes?\b(?! the (?:colou?r|shape|material|size|text|position|location|number))",
+        r"\b(?:weather|season|mood|atmosphere|emotion)\b",
+        r"(场景|天气|季节|心情|情绪|氛围|作者|画家|风格)",
+    ]),
+    ("attribute", [  # asking for a property, even of an object picked out by a relation
+        r"\b(colou?rs?|shape|shaped|material|made (?:of|from)|texture|pattern|size)\b",
+        rf"^(?!{_EXISTS_OPENER}).*\b(?:wearing|wears|wear|dressed in)\b",  # not "is there a man wearing a hat?"
+        r"(颜色|什么色|形状|材质|材料|图案|大小|穿着什么|穿的什么|穿了什么|穿着.*衣服)",
     ]),
     ("spatial", [
-        r"\b(left|right|above|below|under|underneath|beneath|behind|in front of|next to|beside|between|near|nearest|"
-        r"closest|farthest|top|bottom|corner|relative to|position|located|where)\b",
+        r"\b(left|right|above|below|under|underneath|beneath|behind|in front of|next to|beside|between|near|"
+        r"nearest|closest|farthest|top|bottom|corner|relative to|position|located|location|where|which side)\b",
         r"(左边|右边|左侧|右侧|上方|下方|上面|下面|后面|前面|旁边|之间|附近|位置|哪里|在哪|角落)",
     ]),
-    ("attribute", [
-        r"\b(colou?r|shape|material|made of|size|shiny|texture|pattern|wearing|kind of|type of|style)\b",
-        r"\bwhat (?:is|are) the \w+ made\b",
-        r"(颜色|什么色|形状|材质|材料|大小|穿着|什么样|图案)",
-    ]),
     ("existence", [
-        r"^\s*(is|are) there\b", r"\b(is there|are there|does (?:the|this) (?:image|picture|photo) (?:contain|show|have))\b",
-        r"\b(exist|exists|present|visible|any)\b",
+        r"^\s*(?:is|are) there\b", r"\b(?:is|are) there (?:a|an|any|some)\b",
+        r"\b(?:does|do) (?:the|this) (?:image|picture|photo) (?:contain|show|have|include)\b",
+        r"\b(?:do|can) you see\b", r"\b(?:exists?|present|visible)\b",
         r"(有没有|是否有|是否存在|存在|有.*吗)",
+    ]),
+    ("attribute", [  # yes/no about a property: "is the cat white?", "which is larger?"
+        rf"^\s*(?:is|are|was|were|does|do)\b.*\b{_ADJECTIVE}\s*(?:\?|$)",
+        r"\b(?:bigger|smaller|larger|taller|shorter|longer|wider|heavier|older|younger)\b",
     ]),
 ]
 _COMPILED = [(name, [re.compile(p, re.IGNORECASE) for p in patterns]) for name, patterns in _RULES]

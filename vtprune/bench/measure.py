@@ -1,0 +1,176 @@
+"""Prefill latency, decode speed, throughput, memory, KV-cache bytes and FLOPs of one model under one method.
+
+Timings use CUDA events on a GPU and perf_counter on the CPU, around the whole
+prefill (vision tower + method + LM); the median of `repeats` runs after `warmup`
+runs is reported with its 10th-90th percentile spread. The oracle is the same model
+fed only the kept number of visual tokens with no scoring at all, so that
+method - oracle prices what the method itself costs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import vtprune
+
+from .flops import prefill_flops
+from .presets import Preset, preset_inputs
+
+
+@dataclass
+class Measurement:
+    config: str  # "unpruned", "fastv@64", "oracle@64"
+    method: str
+    budget: int | None
+    batch: int
+    prefill_ms: float  # median
+    prefill_ms_p10: float
+    prefill_ms_p90: float
+    decode_tokens_per_s: float
+    throughput_samples_per_s: float  # prefill + new_tokens of decode, at this batch
+    kv_cache_bytes: int
+    peak_memory_bytes: int | None
+    prefill_tflops: float  # analytical, whole batch
+    equivalent_budget: float
+    visual_tokens_per_layer: list[int]  # first sample
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(run, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    began = time.perf_counter()
+    run()
+    return 1000 * (time.perf_counter() - began)
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by a DynamicCache, read off its tensors."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if getattr(layer, "keys", None) is not None)
+
+
+@contextlib.contextmanager
+def oracle_truncation(model, preset: Preset, keep: int):
+    """The model sees only the first `keep` visual tokens of each image, chosen with no scoring at all.
+
+    LLaVA: the projector's output is cut to `keep` tokens (the prompt carries `keep`
+    placeholders). Qwen2-VL's M-RoPE ties its tokens to an image grid, so its oracle
+    is a smaller image with that many tokens (see oracle_inputs).
+    """
+    if preset.family != "llava":
+        yield
+        return
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda module, args, output: output[:, :keep])
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def oracle_grid(keep: int) -> tuple[int, int]:
+    """Qwen2-VL patches (h, w) whose merged grid holds exactly `keep` tokens, as square as possible."""
+    rows = max(r for r in range(1, int(keep**0.5) + 1) if keep % r == 0)
+    return 2 * rows, 2 * (keep // rows)
+
+
+def oracle_inputs(model, preset: Preset, batch: int, keep: int, device, dtype):
+    if preset.family == "llava":
+        inputs = preset_inputs(model, preset, batch, device=device, dtype=dtype)
+        image_id = model.config.image_token_id
+        rows = []
+        for row in inputs["input_ids"]:
+            visual = torch.nonzero(row == image_id).flatten()
+            rows.append(torch.cat([row[: visual[0] + keep], row[visual[-1] + 1 :]]))
+        input_ids = torch.stack(rows)
+        return dict(inputs, input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    smaller = Preset(preset.family, preset.vision, preset.text, image_patches=oracle_grid(keep))
+    return preset_inputs(model, smaller, batch, device=device, dtype=dtype)
+
+
+def measure(model, preset: Preset, method: str, budget: int | None, batch: int, *, repeats: int = 20, warmup: int = 3,
+            new_tokens: int = 16, device="cpu", dtype=torch.float32, options: dict | None = None) -> Measurement:
+    """One configuration: method "unpruned", "oracle" or a registered method."""
+    device = torch.device(device)
+    inputs = preset_inputs(model, preset, batch, device=device, dtype=dtype)
+    pruner, scope = None, contextlib.nullcontext()
+    if method == "oracle":
+        inputs = oracle_inputs(model, preset, batch, budget, device, dtype)
+        scope = oracle_truncation(model, preset, budget)
+    elif method != "unpruned":
+        pruner = vtprune.apply(model, method, budget, **(options or {}))
+    try:
+        with torch.no_grad(), scope:
+            def prefill():
+                return model(**inputs, use_cache=True, logits_to_keep=1)
+
+            for _ in range(warmup):
+                prefill()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = sorted(_time_ms(prefill, device) for _ in range(repeats))
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            output = prefill()
+            kv = kv_cache_bytes(output.past_key_values)
+            stats = pruner.last_stats if pruner else None
+
+            def generate():
+                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0)
+
+            generate_ms = statistics.median(_time_ms(generate, device) for _ in range(max(1, repeats // 5)))
+    finally:
+        if pruner is not None:
+            pruner.remove()
+
+    prefill_ms = statistics.median(times)
+    sequence = inputs["input_ids"].shape[1]
+    visual = _visual_counts(model, inputs, stats)
+    text = sequence - (visual[0] if stats is None else stats.visual_tokens_per_sample[0])
+    tokens_per_layer = [text + v for v in visual]
+    flops = prefill_flops(model, tokens_per_layer, _vision_tokens(model, preset, inputs)) if visual else None
+    decode_ms = max(generate_ms - prefill_ms, 1e-6)
+    return Measurement(
+        config=method if budget is None else f"{method}@{budget}",
+        method=method, budget=budget, batch=batch,
+        prefill_ms=prefill_ms, prefill_ms_p10=times[len(times) // 10], prefill_ms_p90=times[(9 * len(times)) // 10],
+        decode_tokens_per_s=batch * (new_tokens - 1) / (decode_ms / 1000),
+        throughput_samples_per_s=batch / (generate_ms / 1000),
+        kv_cache_bytes=kv, peak_memory_bytes=peak,
+        prefill_tflops=batch * flops["total"] / 1e12,
+        equivalent_budget=sum(visual) / len(visual),
+        visual_tokens_per_layer=visual,
+    )
+
+
+def _visual_counts(model, inputs, stats) -> list[int]:
+    """Visual tokens entering each decoder layer, first sample."""
+    if stats is not None:
+        return stats.visual_tokens_per_layer[0]
+    count = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    return [count] * model.config.text_config.num_hidden_layers
+
+
+def _vision_tokens(model, preset: Preset, inputs) -> list[int]:
+    """Tokens the vision tower processes for the first sample's image."""
+    if preset.family == "llava":
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        return [side * side + 1]
+    _, h, w = inputs["image_grid_thw"][0].tolist()
+    return [h * w]
