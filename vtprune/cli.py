@@ -108,8 +108,11 @@ def cmd_eval(args) -> int:
     from vtprune.synth import generate
     from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt
 
-    methods = args.methods.split(",") if args.methods else [m.name for m in vtprune.methods()]
-    for method in methods:
+    from vtprune.eval.runner import parse_method_spec
+
+    specs = args.methods.split(",") if args.methods else [m.name for m in vtprune.methods()]
+    parsed = [parse_method_spec(spec) for spec in specs]
+    for method, _ in parsed:
         get_method(method)  # an unknown name fails before the model loads
     budgets = [_budget(b) for b in args.budgets.split(",")]
     for budget in budgets:
@@ -117,8 +120,13 @@ def cmd_eval(args) -> int:
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_reference(model_path)
     samples = generate(args.seed, args.samples)
-    options = method_options(model_path, processor)
-    configs = [Config("unpruned")] + [Config(m, b, options.get(m, {})) for m in methods for b in budgets]
+    needed = method_options(model_path, processor)
+    configs = [Config("unpruned")] + [
+        Config(method, b, {**needed.get(method, {}), **given}, spec) for spec, (method, given) in zip(specs, parsed)
+        for b in budgets
+    ]
+    for config in configs[1:]:
+        get_method(config.method).parse_options(config.options)  # bad options fail before the first sample
     settings = {"task": "synthetic", "model": str(model_path.resolve()), "seed": args.seed, "samples": args.samples}
     records = evaluate(model, processor, samples, configs, Path(args.out), prompt, settings, batch_size=args.batch)
     wanted = {c.name for c in configs}
@@ -204,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
     evaluation = commands.add_parser("eval", help="accuracy vs budget: reference model on the synthetic benchmark")
     evaluation.add_argument("--samples", type=int, default=300, help="samples per config (spread over the 6 classes)")
-    evaluation.add_argument("--methods", help="comma-separated (default: every registered method)")
+    evaluation.add_argument("--methods", help="comma-separated, each NAME or NAME:key=value:... "
+                            "(e.g. clse:score=attn); default: every registered method")
     evaluation.add_argument("--budgets", default="192,128,64", help="comma-separated: ints are tokens, x.y fractions")
     evaluation.add_argument("--seed", type=int, default=2, help="data seed (the reference model trained on seed 0)")
     evaluation.add_argument("--out", default="out/eval", help="results folder; an interrupted run resumes there")

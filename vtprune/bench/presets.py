@@ -75,7 +75,7 @@ def build_preset(name: str, device: str = "cpu", dtype: torch.dtype = torch.floa
 
 
 def preset_inputs(model, preset: Preset, batch: int, text_tokens: int = 40, device: str = "cpu", dtype=torch.float32):
-    """A batch of prompts with one 336-pixel image each, as the model's processor would lay them out."""
+    """A batch of prompts with one image each, as the model's processor would lay them out."""
     vocab = model.config.text_config.vocab_size
     generator = torch.Generator().manual_seed(0)
     text = torch.randint(1, vocab - 8, (batch, text_tokens), generator=generator)
@@ -84,7 +84,8 @@ def preset_inputs(model, preset: Preset, batch: int, text_tokens: int = 40, devi
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
         visual = torch.full((batch, side * side), image_id)
         input_ids = torch.cat([text[:, :5], visual, text[:, 5:]], dim=1)
-        pixel_values = torch.randn(batch, 3, 336, 336, generator=generator)
+        size = model.config.vision_config.image_size
+        pixel_values = torch.randn(batch, 3, size, size, generator=generator)
         inputs = {"input_ids": input_ids, "pixel_values": pixel_values.to(dtype)}
     else:
         h, w = preset.image_patches

@@ -18,13 +18,40 @@ UNPRUNED = "unpruned"
 
 @dataclass(frozen=True)
 class Config:
-    method: str  # UNPRUNED for the model as it is
+    method: str  # a registered method, or UNPRUNED for the model as it is
     budget: int | float | None = None
     options: dict = field(default_factory=dict, hash=False, compare=False)
+    label: str = ""  # how reports name it: the method, with any options given on the command line
 
     @property
     def name(self) -> str:
-        return self.method if self.method == UNPRUNED else f"{self.method}@{self.budget}"
+        return self.method if self.method == UNPRUNED else f"{self.label or self.method}@{self.budget}"
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """'clse:score=attn:slice_kv=false' -> ('clse', {'score': 'attn', 'slice_kv': False})."""
+    name, *pairs = spec.split(":")
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ValueError(f"method option {pair!r} in {spec!r} needs the form key=value")
+        options[key] = _option_value(text)
+    return name, options
+
+
+def _option_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def predict(model, processor, samples, prompt) -> list[str]:
@@ -70,7 +97,7 @@ def evaluate(model, processor, samples, configs: list[Config], out: Path, prompt
                 for b, (i, prediction) in enumerate(zip(chunk, predictions)):
                     sample = samples[i]
                     batch.append({
-                        "config": config.name, "method": config.method, "budget": config.budget, "index": i,
+                        "config": config.name, "method": config.label or config.method, "budget": config.budget, "index": i,
                         "qclass": sample.qclass, "answer": sample.answer, "prediction": prediction,
                         "correct": prediction == sample.answer,
                         "equivalent_budget": None if stats is None else

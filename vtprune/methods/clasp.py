@@ -114,8 +114,10 @@ class CLASP(Method):
         return [Stage(layer, min(num_tokens, max(1, round(budget * m)))) for layer, m in zip(layers, self.options.multipliers)]
 
     def select(self, view: ImageView) -> torch.Tensor:
-        pivots_share = self.settings(view.text).split
-        pivots = topk_in_order(view.attention, round(pivots_share * view.keep))
+        share = self.settings(view.text).split
+        # At least one pivot unless the split says none: coverage grown from nothing starts at
+        # the mean, where two tokens are exactly tied and float noise would pick.
+        pivots = topk_in_order(view.attention, max(round(share * view.keep), 1 if share > 0 else 0))
         completion = farthest_point(view.hidden, pivots, view.keep - pivots.numel())
         return torch.cat([pivots, completion])
 

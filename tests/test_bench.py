@@ -1,0 +1,67 @@
+"""The efficiency benchmark runs on the CPU and its numbers are consistent (not that they are fast)."""
+
+import pytest
+import torch
+
+from vtprune.bench.flops import decoder_layer_flops
+from vtprune.bench.measure import measure, oracle_grid
+from vtprune.bench.presets import Preset
+
+TINY = Preset(
+    "llava",
+    dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=7,
+         projection_dim=32),
+    dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+         num_key_value_heads=2, max_position_embeddings=512),
+)
+
+
+@pytest.fixture(scope="module")
+def results():
+    torch.manual_seed(0)
+    model = TINY.build().eval()
+    runs = [("unpruned", None), ("oracle", 16), ("random", 16), ("random", 32), ("fastv", 16), ("clse", 16)]
+    return model, {f"{m}@{b}": measure(model, TINY, m, b, batch=2, repeats=2, warmup=1, new_tokens=3) for m, b in runs}
+
+
+def kv_bytes(model, batch, tokens_per_layer):
+    text = model.config.text_config
+    per_token = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4  # keys + values, fp32
+    return batch * per_token * sum(tokens_per_layer)
+
+
+def test_flops_fall_with_the_budget(results):
+    _, r = results
+    assert r["unpruned@None"].prefill_tflops > r["random@32"].prefill_tflops > r["random@16"].prefill_tflops
+    assert r["unpruned@None"].prefill_tflops > r["fastv@16"].prefill_tflops > r["random@16"].prefill_tflops
+    assert r["oracle@16"].prefill_tflops == pytest.approx(r["random@16"].prefill_tflops)
+
+
+def test_kv_cache_bytes_match_the_kept_tokens(results):
+    model, r = results
+    text = 40  # preset_inputs' text tokens
+    for name, run in r.items():
+        if name.startswith("clse"):
+            continue
+        assert run.kv_cache_bytes == kv_bytes(model, 2, [text + v for v in run.visual_tokens_per_layer]), name
+    assert r["random@16"].visual_tokens_per_layer == [16] * 6
+    assert r["fastv@16"].visual_tokens_per_layer == [64, 64] + [16] * 4
+    # clse slices the early layers' cache to its final tokens: all layers end with the same count
+    assert r["clse@16"].kv_cache_bytes == kv_bytes(model, 2, [text + r["clse@16"].visual_tokens_per_layer[-1]] * 6)
+
+
+def test_timings_and_rates_are_positive_and_ordered(results):
+    _, r = results
+    for run in r.values():
+        assert 0 < run.prefill_ms_p10 <= run.prefill_ms <= run.prefill_ms_p90
+        assert run.decode_tokens_per_s > 0 and run.throughput_samples_per_s > 0
+
+
+def test_flops_formula():
+    assert decoder_layer_flops(10, 4, 8) == 4 * 10 * 16 + 2 * 100 * 4 + 3 * 10 * 4 * 8
+
+
+@pytest.mark.parametrize("keep", [64, 128, 192, 100])
+def test_qwen_oracle_grid_holds_exactly_the_kept_tokens(keep):
+    h, w = oracle_grid(keep)
+    assert (h // 2) * (w // 2) == keep and h % 2 == 0 and w % 2 == 0
