@@ -19,4 +19,4 @@ demo: setup
 	$(VENV)/bin/vtprune demo
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -q

@@ -35,7 +35,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Seeds of the synthetic data: each use has its own, so that no evaluation sees a training image.
-TRAIN_SEED, VALIDATION_SEED, EVAL_SEED, TEST_SEED, CALIBRATION_SEED = 0, 1, 2, 3, 4
+TRAIN_SEED, VALIDATION_SEED, EVAL_SEED, TEST_SEED, CALIBRATION_SEED, RESULTS_SEED = 0, 1, 2, 3, 4, 5
 CLASP_TABLE = REFERENCE_DIR / "clasp_calibration.json"
 
 

@@ -1,10 +1,14 @@
 """`vtprune train-reference`: train the reference model from scratch on generated samples.
 
-Two losses: cross-entropy on the one-word answer, and an auxiliary dense loss that
-asks every visual token (the vision tower's output that the projector reads) for the
-colour, shape and word under its patch, from the generator's object boxes. The dense
-loss is what lets a tower trained from scratch on two CPU cores learn localized
-features in tens of thousands of samples; its head is not part of the saved model.
+Three losses: cross-entropy on the one-word answer; a caption after the answer
+(every object's colour and shape, and each plate's word, in reading order), the
+analogue of LLaVA's caption pre-training, which teaches the LM to read its visual
+tokens; and an auxiliary dense loss that asks every visual token (the vision tower's
+output that the projector reads) for the colour, shape and word under its patch,
+from the generator's object boxes. The two auxiliary losses are what let a model
+trained from scratch on two CPU cores learn in tens of thousands of samples; the
+dense head is not part of the saved model. Evaluation prompts end at "ASSISTANT:",
+so the answer is the first word generated.
 """
 
 from __future__ import annotations
@@ -52,19 +56,47 @@ def patch_labels(meta: dict) -> np.ndarray:
     return labels
 
 
-def encode(tokenizer, questions: list[str], answers: list[str] | None = None):
-    """Left-padded prompts (as the processor expands them), with the answer word appended for training."""
+def caption(meta: dict) -> str:
+    """Every object and plate in reading order (four bands top to bottom, left to right in each)."""
+    items = meta["objects"] + meta["plates"]
+    items = sorted(items, key=lambda it: ((it["box"][1] + it["box"][3]) // 168, it["box"][0] + it["box"][2]))
+    return " ".join(f"{it['color']} plate {it['word']}" if "word" in it else f"{it['color']} {it['shape']}" for it in items)
+
+
+def encode(tokenizer, questions: list[str], answers: list[str] | None = None, captions: list[str] | None = None):
+    """Left-padded prompts (as the processor expands them); for training, the answer word and a caption follow.
+
+    Returns input_ids, attention_mask and, with answers, the targets of the answer
+    position and of the caption positions ([B, L], -100 elsewhere, aligned with input_ids).
+    """
     expanded = [prompt(q).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID) for q in questions]
     rows = [tokenizer(text)["input_ids"] for text in expanded]
+    prompt_lengths = [len(row) for row in rows]
     if answers is not None:
         rows = [row + tokenizer(answer)["input_ids"] for row, answer in zip(rows, answers)]
+    if captions is not None:
+        rows = [row + tokenizer(text)["input_ids"] for row, text in zip(rows, captions)]
     length = max(map(len, rows))
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
+    answer_targets = torch.full_like(input_ids, -100)
+    caption_targets = torch.full_like(input_ids, -100)
     for b, row in enumerate(rows):
-        input_ids[b, length - len(row) :] = torch.tensor(row)
-        mask[b, length - len(row) :] = 1
-    return input_ids, mask
+        start = length - len(row)
+        input_ids[b, start:] = torch.tensor(row)
+        mask[b, start:] = 1
+        if answers is not None:
+            answer_at = start + prompt_lengths[b]
+            answer_targets[b, answer_at] = input_ids[b, answer_at]
+            caption_targets[b, answer_at + 1 :] = input_ids[b, answer_at + 1 :]
+    if answers is None:
+        return input_ids, mask
+    return input_ids, mask, answer_targets, caption_targets
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of position t's logits against targets[t + 1]."""
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
 
 
 class DenseHead(nn.Module):
@@ -107,6 +139,7 @@ def train(
     lr: float = 2e-3,
     warmup: int = 100,
     dense_weight: float = 0.5,
+    caption_weight: float = 0.5,
     eval_every: int = 200,
     eval_samples: int = 240,
     seed: int = 0,
@@ -146,23 +179,25 @@ def train(
     progress = tqdm(range(start, steps), initial=start, total=steps, desc="train-reference")
     for step in progress:
         samples = [make_sample(TRAIN_SEED, step * batch_size + i) for i in range(batch_size)]
-        input_ids, mask = encode(tokenizer, [s.question for s in samples], [s.answer for s in samples])
-        labels = torch.full_like(input_ids, -100)
-        labels[:, -1] = input_ids[:, -1]
+        input_ids, mask, answer_targets, caption_targets = encode(
+            tokenizer, [s.question for s in samples], [s.answer for s in samples], [caption(s.meta) for s in samples])
         dense = torch.from_numpy(np.stack([patch_labels(s.meta) for s in samples]))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            answer_loss = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values([s.image for s in samples]),
-                                labels=labels).loss
+            logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values([s.image for s in samples])).logits
+            answer_loss = next_token_loss(logits, answer_targets)
+            caption_loss = next_token_loss(logits, caption_targets)
             dense_loss = head.loss(features["last"][:, 1:].float(), dense)
-        loss = answer_loss + dense_weight * dense_loss
+        loss = answer_loss + caption_weight * caption_loss + dense_weight * dense_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        record = {"step": step + 1, "answer_loss": answer_loss.item(), "dense_loss": dense_loss.item(),
+        record = {"step": step + 1, "answer_loss": answer_loss.item(), "caption_loss": caption_loss.item(),
+                  "dense_loss": dense_loss.item(),
                   "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - began, 1)}
-        progress.set_postfix(answer=f"{record['answer_loss']:.3f}", dense=f"{record['dense_loss']:.3f}")
+        progress.set_postfix(answer=f"{record['answer_loss']:.3f}", caption=f"{record['caption_loss']:.3f}",
+                             dense=f"{record['dense_loss']:.3f}")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             accuracy = answer_accuracy(model, tokenizer, validation)
             record["validation"] = accuracy
