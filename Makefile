@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/vtprune demo
+	$(VENV)/bin/vtprune eval
 
 test: setup
 	$(PY) -m pytest -q

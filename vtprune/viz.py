@@ -30,7 +30,7 @@ def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch, Rectangle
 
     stages = dropped_at_stage(grid, kept_per_stage)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
@@ -46,6 +46,10 @@ def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray
     axes[0].imshow(pixels)
     axes[0].set_title("image")
     axes[1].imshow(shaded)
+    cell_h, cell_w = height / grid[0], width / grid[1]
+    for row, col in zip(*np.nonzero(stages == 0)):  # outline what survives every stage
+        axes[1].add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h, fill=False,
+                                    edgecolor="#ff2a6d", linewidth=1.2))
     kept = int((stages == 0).sum())
     axes[1].set_title(f"kept {kept} of {stages.size} tokens")
     for axis in axes:
@@ -54,9 +58,10 @@ def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray
     if count > 1 or stage_layers:
         labels = [f"dropped before layer {layer}" for layer in (stage_layers or range(1, count + 1))]
         handles = [Patch(color=str(1 - (0.85 - 0.45 * s / max(count - 1, 1))), label=label) for s, label in enumerate(labels)]
-        axes[1].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.16), ncol=count, fontsize=8)
+        handles.append(Patch(facecolor="none", edgecolor="#ff2a6d", label="kept to the end"))
+        axes[1].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.16), ncol=count + 1, fontsize=8)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return stages

@@ -1,0 +1,54 @@
+"""The shipped reference model: loads like any LLaVA checkpoint, is accurate, and answers from its visual tokens."""
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+import vtprune
+from vtprune.eval.runner import predict
+from vtprune.synth import generate
+from vtprune.synth.generator import ANSWERS
+from vtprune.synth.reference import REFERENCE_DIR, TEST_SEED, load_reference, prompt
+
+pytestmark = pytest.mark.skipif(not (REFERENCE_DIR / "config.json").exists(), reason="no reference model shipped")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_reference()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return generate(TEST_SEED, 180)  # 30 per class, a seed no evaluation or calibration uses
+
+
+def accuracy_by_class(model, processor, samples) -> dict[str, float]:
+    hits: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for start in range(0, len(samples), 30):
+            chunk = samples[start : start + 30]
+            for sample, answer in zip(chunk, predict(model, processor, chunk, prompt)):
+                hits.setdefault(sample.qclass, []).append(answer == sample.answer)
+    return {c: sum(v) / len(v) for c, v in hits.items()} | {"overall": sum(sum(v) for v in hits.values()) / len(samples)}
+
+
+def test_it_is_a_small_standard_llava_checkpoint():
+    model = LlavaForConditionalGeneration.from_pretrained(REFERENCE_DIR)
+    assert model.config.vision_config.image_size == 336 and model.config.vision_config.patch_size == 14
+    assert sum(f.stat().st_size for f in REFERENCE_DIR.iterdir()) <= 16 * 2**20
+
+
+def test_it_reaches_the_accuracy_target(reference, samples):
+    accuracy = accuracy_by_class(*reference, samples)
+    assert accuracy["overall"] >= 0.90, accuracy
+    assert min(v for k, v in accuracy.items() if k != "overall") >= 0.80, accuracy
+
+
+def test_it_answers_from_its_visual_tokens(reference, samples):
+    """Keeping 4 random visual tokens of 576 leaves the text and little else: accuracy falls near chance."""
+    model, processor = reference
+    with vtprune.apply(model, "random", 4):
+        accuracy = accuracy_by_class(model, processor, samples)
+    chance = sum(1 / len(ANSWERS[c]) for c in ANSWERS) / len(ANSWERS)
+    assert accuracy["overall"] < chance + 0.25, accuracy
