@@ -135,7 +135,8 @@ class Pruner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._run = None
+        self._run = self._input_ids = None
+        self._vision_states.clear()
         if getattr(self.model, "_vtprune_pruner", None) is self:
             del self.model._vtprune_pruner
 
