@@ -111,3 +111,23 @@ def test_merge_into_nearest_is_a_size_weighted_mean():
     assert new_sizes.tolist() == [4.0, 4.0]
     torch.testing.assert_close(merged[0], (hidden[0] * 1 + hidden[1] * 3) / 4)
     torch.testing.assert_close(merged[1], (hidden[2] * 1 + hidden[3] * 1 + hidden[4] * 2) / 4)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_plain_forward_slices_the_cache_it_returns(family):
+    """Qwen2-VL passes use_cache=None to its LM: the pruner must still own (and slice) the cache."""
+    from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_qwen2_vl
+
+    model = (tiny_llava if family == "llava" else tiny_qwen2_vl)()
+    inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(text_before=6)])
+    with torch.no_grad(), vtprune.apply(model, "clse", 10):
+        cache = model(**inputs).past_key_values
+    lengths = {layer.keys.shape[2] for layer in cache.layers}
+    assert len(lengths) == 1 and lengths.pop() < inputs["input_ids"].shape[1]
+
+
+def test_a_stage_at_the_llm_input_is_refused_for_attention_scores():
+    from vtprune.tiny import tiny_llava
+
+    with pytest.raises(ValueError, match="must be >= 1"):
+        vtprune.apply(tiny_llava(), "clse", 16, layers=(0, 2, 3))

@@ -103,3 +103,9 @@ def test_summary_normalizes_per_class_to_the_unpruned_model(tmp_path):
     write_reports(list(rows.values()), tmp_path, "t", {})
     assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["config"] == "unpruned"
+
+
+def test_a_config_named_twice_is_refused(tiny_reference, tmp_path):
+    model, processor = tiny_reference
+    with pytest.raises(ValueError, match="named twice: fastv@32"):
+        evaluate(model, processor, generate(5, 2), [Config("fastv", 32), Config("fastv", 32)], tmp_path, prompt, SETTINGS)

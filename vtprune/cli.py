@@ -35,6 +35,13 @@ def cmd_train_reference(args) -> int:
     return 0
 
 
+def _digest(path) -> str | None:
+    """A short hash of a file, so a resumed run notices when it changed."""
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+
+
 def _budget(text: str) -> int | float:
     return float(text) if "." in text else int(text)
 
@@ -100,7 +107,8 @@ def cmd_eval(args) -> int:
     ]
     for config in configs[1:]:
         get_method(config.method).parse_options(config.options)  # bad options fail before the first sample
-    settings = {"task": "synthetic", "model": str(model_path.resolve()), "seed": args.seed, "samples": args.samples}
+    settings = {"task": "synthetic", "model": str(model_path.resolve()), "seed": args.seed, "samples": args.samples,
+                "clasp_calibration": _digest(model_path / "clasp_calibration.json")}
     records = evaluate(model, processor, samples, configs, Path(args.out), prompt, settings, batch_size=args.batch)
     wanted = {c.name for c in configs}
     rows = summarize([r for r in records if r["config"] in wanted])
@@ -124,7 +132,8 @@ def cmd_show(args) -> int:
     from vtprune.synth.reference import GRID, REFERENCE_DIR, load_reference, prompt
     from vtprune.viz import kept_token_map
 
-    model, processor = load_reference(Path(args.model or REFERENCE_DIR))
+    model_path = Path(args.model or REFERENCE_DIR)
+    model, processor = load_reference(model_path)
     image = Image.open(args.image).convert("RGB")
 
     class Question:  # what predict() reads of a sample
@@ -134,7 +143,8 @@ def cmd_show(args) -> int:
     sample.image, sample.question = image, args.question
     with torch.no_grad():
         unpruned = predict(model, processor, [sample], prompt)[0]
-        with vtprune.apply(model, args.method, _budget(args.budget)) as pruner:
+        options = method_options(model_path, processor).get(args.method, {})
+        with vtprune.apply(model, args.method, _budget(args.budget), **options) as pruner:
             answer = predict(model, processor, [sample], prompt)[0]
             decision = pruner.last_decision
     ids = processor(images=[image], text=[prompt(args.question)], return_tensors="pt")["input_ids"][0]

@@ -77,10 +77,13 @@ class LlavaAdapter(Adapter):
 
         def hook(module, args):
             weights = current_weights()
-            if not weights or not any(weights):
+            if not weights or not any(weights) or store.get("mixed"):
                 return None
             if len(weights) != args[0].shape[0]:
-                raise RuntimeError(f"{len(weights)} fusion weights for {args[0].shape[0]} images")
+                raise NotImplementedError(
+                    f"clasp's vision-layer fusion got {len(weights)} weights for {args[0].shape[0]} images "
+                    "(generate() with num_beams or num_return_sequences > 1?); pass fusion=False"
+                )
             return (self.mixed_features(store["states"], weights).to(args[0].dtype),)
 
         return self.model.model.multi_modal_projector.register_forward_pre_hook(hook)
@@ -90,5 +93,14 @@ class LlavaAdapter(Adapter):
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         if encoded is None or not any(weights):
             return
-        projected = self.model.model.multi_modal_projector(self.mixed_features(store["states"], weights))
+        if len(weights) != store["states"][0].shape[0]:
+            raise NotImplementedError(
+                "clasp's vision-layer fusion does not support generate() expanding the images "
+                "(num_beams or num_return_sequences > 1); pass fusion=False"
+            )
+        store["mixed"] = True  # the projector's own fusion hook must not mix a second time
+        try:
+            projected = self.model.model.multi_modal_projector(self.mixed_features(store["states"], weights))
+        finally:
+            store["mixed"] = False
         encoded.pooler_output = list(projected.to(encoded.pooler_output[0].dtype))

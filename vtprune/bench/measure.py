@@ -71,8 +71,10 @@ def oracle_truncation(model, preset: Preset, keep: int):
     """The model sees only the first `keep` visual tokens of each image, chosen with no scoring at all.
 
     LLaVA: the projector's output is cut to `keep` tokens (the prompt carries `keep`
-    placeholders). Qwen2-VL's M-RoPE ties its tokens to an image grid, so its oracle
-    is a smaller image with that many tokens (see oracle_inputs).
+    placeholders), so the vision tower's cost is the same as the method's. Qwen2-VL's
+    M-RoPE ties its tokens to an image grid, so its oracle is a smaller image with that
+    many tokens (see oracle_inputs): its vision tower also does less, and method - oracle
+    then includes that saving too.
     """
     if preset.family != "llava":
         yield
@@ -144,7 +146,7 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
     visual = _visual_counts(model, inputs, stats)
     text = sequence - (visual[0] if stats is None else stats.visual_tokens_per_sample[0])
     tokens_per_layer = [text + v for v in visual]
-    flops = prefill_flops(model, tokens_per_layer, _vision_tokens(model, preset, inputs)) if visual else None
+    flops = prefill_flops(model, tokens_per_layer, _vision_tokens(model, preset, inputs))
     decode_ms = max(generate_ms - prefill_ms, 1e-6)
     return Measurement(
         config=method if budget is None else f"{method}@{budget}",

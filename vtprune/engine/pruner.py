@@ -111,7 +111,7 @@ class Pruner:
         self.last_decision: Decision | None = None
         self._replay: Decision | None = None
         self._spans: list[list[ImageSpan]] | None = None
-        self._input_ids: torch.Tensor | None = None
+        self._text: list[torch.Tensor] | None = None  # per sample of the forward being run: its prompt's text ids
         self._fusion: list[dict[int, float] | None] | None = None  # per image of the forward being run
         self._vision_states: dict = {}
         self._run: _Run | None = None
@@ -135,7 +135,7 @@ class Pruner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._run = self._input_ids = None
+        self._run = self._text = self._fusion = None
         self._vision_states.clear()
         if getattr(self.model, "_vtprune_pruner", None) is self:
             del self.model._vtprune_pruner
@@ -167,6 +167,7 @@ class Pruner:
     def _on_multimodal_forward(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         encoded = kwargs.get("mm_encoder_outputs") or {}
+        self._fusion = self._text = None
         # Placeholder ids without images to go with them (a decode step that happened to
         # generate one) are plain text to the model, and so to the pruner.
         if kwargs.get("pixel_values") is None and encoded.get("image") is None:
@@ -175,12 +176,11 @@ class Pruner:
             raise ValueError("vtprune finds the visual tokens from input_ids; pass input_ids (not inputs_embeds) with images")
         else:
             self._spans = self.adapter.image_spans(input_ids, kwargs)
-            self._input_ids = input_ids
+            mask = kwargs.get("attention_mask")
+            self._text = [text_tokens(input_ids[b], sample, mask, b) for b, sample in enumerate(self._spans)]
             if self.method.fuses_vision_layers:
-                self._fusion = [
-                    self.method.vision_fusion(text_tokens(input_ids[b], sample, kwargs.get("attention_mask"), b))
-                    for b, sample in enumerate(self._spans) for _ in sample
-                ]
+                self._fusion = [self.method.vision_fusion(text) for text, sample in zip(self._text, self._spans)
+                                for _ in sample]
                 self.adapter.refuse_encoded_images(kwargs, self._vision_states, self._fusion)
         return None
 
@@ -276,7 +276,7 @@ class Pruner:
             sizes=torch.ones(batch, length, device=device), spans=spans, plans=plans, stage_layers=stage_layers,
             full=full, lm_layout=full, kv_layouts=[None] * self._num_layers,
         )
-        run.text = [text_tokens(self._input_ids[b], sample, prompt_mask, b) for b, sample in enumerate(spans)]
+        run.text = self._text
         if self._replay is not None:
             self._prepare_replay(run)
         elif not any(
@@ -288,7 +288,10 @@ class Pruner:
             self._record_stats(run)
             return None
 
-        if kwargs.get("use_cache", language_model.config.use_cache) and kwargs.get("past_key_values") is None:
+        use_cache = kwargs.get("use_cache")  # Qwen2-VL passes None explicitly: the config decides then
+        if use_cache is None:
+            use_cache = language_model.config.use_cache
+        if use_cache and kwargs.get("past_key_values") is None:
             # Made here rather than inside the language model, so that decode steps can be told
             # apart from a new prompt by the cache object they carry.
             kwargs["past_key_values"] = DynamicCache(config=language_model.config)
@@ -327,7 +330,7 @@ class Pruner:
         run.kv_layouts[index] = layout
         if layout is not run.lm_layout or run.late_from is not None:
             self._substitute_layer_inputs(run, layout, kwargs, hidden)
-        if self.method.needs_attention and index + 1 in run.stage_layers:
+        if self.method.needs_attention and self._replay is None and index + 1 in run.stage_layers:
             run.attention = self._last_query_attention(run, index, hidden, kwargs, layout)
         return hidden
 

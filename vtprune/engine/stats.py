@@ -14,16 +14,18 @@ class PruneStats:
     visual_tokens_per_sample: list[int]  # before pruning
     nominal_budget: int | float  # as given to apply(): tokens kept per image, or the fraction kept
 
+    def sample_equivalent_budget(self, sample: int) -> float | None:
+        """One sample's visual tokens per image, averaged over decoder layers (None without images)."""
+        layers, images = self.visual_tokens_per_layer[sample], self.images_per_sample[sample]
+        return sum(layers) / len(layers) / images if images else None
+
     @property
     def equivalent_budget(self) -> float:
-        """Visual tokens per image averaged over decoder layers and images: what a single-stage
+        """Visual tokens per image averaged over decoder layers and samples: what a single-stage
         method that prunes before the LLM would have to keep to cost the same."""
-        per_image = [
-            sum(layers) / len(layers) / images
-            for layers, images in zip(self.visual_tokens_per_layer, self.images_per_sample)
-            if images
-        ]
-        return sum(per_image) / len(per_image) if per_image else 0.0
+        per_sample = [self.sample_equivalent_budget(b) for b in range(len(self.images_per_sample))]
+        per_sample = [value for value in per_sample if value is not None]
+        return sum(per_sample) / len(per_sample) if per_sample else 0.0
 
     @property
     def kept_per_sample(self) -> list[int]:

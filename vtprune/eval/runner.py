@@ -65,6 +65,10 @@ def predict(model, processor, samples, prompt) -> list[str]:
 def evaluate(model, processor, samples, configs: list[Config], out: Path, prompt, settings: dict,
              batch_size: int = 16) -> list[dict]:
     """Evaluate every config on every sample, skipping what out/results.jsonl already holds."""
+    names = [config.name for config in configs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"configs named twice: {', '.join(repeated)}; give each method and budget once")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings_path = out / "run.json"
@@ -82,10 +86,10 @@ def evaluate(model, processor, samples, configs: list[Config], out: Path, prompt
     results.repair_tail()
     records = results.read()
     done = {(r["config"], r["index"]) for r in records}
-    todo = [(c, i) for c in configs for i in range(len(samples)) if (c.name, i) not in done]
-    progress = tqdm(total=len(configs) * len(samples), initial=len(configs) * len(samples) - len(todo), desc="eval")
+    remaining = sum((c.name, i) not in done for c in configs for i in range(len(samples)))
+    progress = tqdm(total=len(configs) * len(samples), initial=len(configs) * len(samples) - remaining, desc="eval")
     for config in configs:
-        indices = [i for c, i in todo if c == config]
+        indices = [i for i in range(len(samples)) if (config.name, i) not in done]
         pruner = None if config.method == UNPRUNED else vtprune.apply(model, config.method, config.budget, **config.options)
         try:
             for start in range(0, len(indices), batch_size):
@@ -100,8 +104,7 @@ def evaluate(model, processor, samples, configs: list[Config], out: Path, prompt
                         "config": config.name, "method": config.label or config.method, "budget": config.budget, "index": i,
                         "qclass": sample.qclass, "answer": sample.answer, "prediction": prediction,
                         "correct": prediction == sample.answer,
-                        "equivalent_budget": None if stats is None else
-                        sum(stats.visual_tokens_per_layer[b]) / len(stats.visual_tokens_per_layer[b]),
+                        "equivalent_budget": None if stats is None else stats.sample_equivalent_budget(b),
                     })
                 results.append(batch)
                 records += batch

@@ -125,6 +125,8 @@ class Method(ABC):
                 )
         if layers != sorted(set(layers)):
             raise ValueError(f"method {self.name!r} needs increasing stage layers; got {layers}")
+        if (self.needs_attention or self.needs_reference) and LLM_INPUT in layers:
+            raise ValueError(f"method {self.name!r} scores with an earlier layer's attention: its stage layers must be >= 1")
 
     @abstractmethod
     def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:

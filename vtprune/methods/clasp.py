@@ -111,6 +111,9 @@ class CLASP(Method):
 
     def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
         layers = self.options.layers or scale_layers(AUTHORS_LAYERS, AUTHORS_DEPTH, model.num_layers)
+        if len(layers) != len(self.options.multipliers):
+            raise ValueError(f"clasp needs one multiplier per stage layer; got layers={layers} "
+                             f"multipliers={self.options.multipliers}")
         return [Stage(layer, min(num_tokens, max(1, round(budget * m)))) for layer, m in zip(layers, self.options.multipliers)]
 
     def select(self, view: ImageView) -> torch.Tensor:

@@ -86,6 +86,8 @@ class CLSE(Method):
     def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
         layers = self.options.layers or scaled_layers(model)
         counts = self.options.keep or self.keep_counts(model, budget, len(layers))
+        if len(counts) != len(layers):
+            raise ValueError(f"clse needs one keep count per stage layer; got layers={layers} keep={counts}")
         return [Stage(layer, min(count, num_tokens)) for layer, count in zip(layers, counts)]
 
     @staticmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import ModelInfo, LLM_INPUT, ImageView, Method, Stage
-from .primitives import evenly_spaced, grid_lattice
+from .primitives import grid_lattice
 
 
 class UniformGrid(Method):
@@ -18,10 +18,7 @@ class UniformGrid(Method):
 
     def select(self, view: ImageView) -> torch.Tensor:
         rows, cols = view.grid
-        n = view.hidden.shape[0]
         device = view.hidden.device
-        if n != rows * cols:  # not the whole grid: spread evenly over what is left
-            return evenly_spaced(n, view.keep, device)
         raster = view.coords[:, 0] * cols + view.coords[:, 1]
         wanted = grid_lattice(rows, cols, view.keep, device)
         return torch.nonzero(torch.isin(raster, wanted)).flatten()
