@@ -101,7 +101,7 @@ def test_summary_normalizes_per_class_to_the_unpruned_model(tmp_path):
     assert rows["fastv@64"]["normalized"] == pytest.approx(100 * (0.5 / 1.0 + 1.0 / 0.5) / 2)
     assert "fastv@64" in markdown_table(list(rows.values()))
     write_reports(list(rows.values()), tmp_path, "t", {})
-    assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 0
+    assert (tmp_path / "results_accuracy_vs_budget.png").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["config"] == "unpruned"
 
 

@@ -79,6 +79,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_eval(args) -> int:
     """Accuracy vs budget on the synthetic benchmark: unpruned and every method at every budget."""
+    import shlex
     from pathlib import Path
 
     import vtprune
@@ -114,8 +115,9 @@ def cmd_eval(args) -> int:
     rows = summarize([r for r in records if r["config"] in wanted])
     title = f"reference model, synthetic VQA (seed {args.seed}, {args.samples} samples)"
     console.print(rich_table(rows, title))
-    write_reports(rows, Path(args.out), title, settings)
-    console.print(f"wrote {args.out}/results.json, results.md, accuracy_vs_budget.png (per sample: results.jsonl)")
+    command = "vtprune eval " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    paths = write_reports(rows, Path(args.out), title, dict(settings, command=command), args.report)
+    console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {args.out}/results.jsonl)")
     return 0
 
 
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", default="out/eval", help="results folder; an interrupted run resumes there")
     evaluation.add_argument("--model", help="a LLaVA checkpoint folder (default: the shipped reference model)")
     evaluation.add_argument("--batch", type=int, default=16)
+    evaluation.add_argument("--report", default="results", help="file name of the table, JSON and plot in --out")
     evaluation.set_defaults(run=cmd_eval)
     show = commands.add_parser("show", help="answer a question under a method and draw the kept tokens")
     show.add_argument("image")

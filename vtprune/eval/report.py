@@ -92,8 +92,10 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def write_reports(rows: list[dict], out: Path, title: str, settings: dict) -> None:
+def write_reports(rows: list[dict], out: Path, title: str, settings: dict, name: str = "results") -> list[Path]:
     out = Path(out)
-    (out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
-    (out / "results.md").write_text(f"# {title}\n\n" + markdown_table(rows))
-    plot_accuracy_vs_budget(rows, out / "accuracy_vs_budget.png", title)
+    paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}_accuracy_vs_budget.png"]
+    paths[0].write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    paths[1].write_text(f"# {title}\n\n" + markdown_table(rows))
+    plot_accuracy_vs_budget(rows, paths[2], title)
+    return paths

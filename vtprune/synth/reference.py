@@ -92,7 +92,12 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForCo
         vision_feature_select_strategy="default",
         attn_implementation="sdpa",
     )
-    return LlavaForConditionalGeneration(config)
+    model = LlavaForConditionalGeneration(config)
+    # Word embeddings start at unit scale, as large as the visual features the projector learns
+    # to emit: at Llama's default 0.02 the question was ~1% of a visual token's residual stream,
+    # and the LM learned to ignore the image.
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
+    return model
 
 
 def pixel_values(images) -> torch.Tensor:

@@ -108,6 +108,8 @@ class DenseHead(nn.Module):
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.flatten(2)  # [B, 3, 576]
+        # Normalized first, so that this loss cannot grow the scale of the features the projector reads.
+        features = nn.functional.layer_norm(features, features.shape[-1:])
         return sum(
             nn.functional.cross_entropy(head(features).transpose(1, 2), labels[:, i])
             for i, head in enumerate((self.color, self.shape, self.word))
