@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/vtprune eval
+	$(VENV)/bin/vtprune demo
 
 test: setup
 	$(PY) -m pytest -q
