@@ -1,0 +1,37 @@
+"""The loss and validation-accuracy curves of `vtprune train-reference` runs, from their train_log.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_training_logs(logs: dict[str, Path], path: Path) -> None:
+    """One figure: losses per step (left) and validation accuracy per class (right), for each named run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, log in logs.items():
+        records = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+        steps = [r["step"] for r in records]
+        for key, style in (("answer_loss", "-"), ("caption_loss", "--"), ("dense_loss", ":")):
+            points = [(s, r[key]) for s, r in zip(steps, records) if key in r]
+            if points:
+                losses.plot(*zip(*points), style, label=f"{name}: {key}", linewidth=0.8)
+        evaluated = [r for r in records if "validation" in r]
+        accuracy.plot([r["step"] for r in evaluated], [r["validation"]["overall"] for r in evaluated], marker="o",
+                      label=f"{name}: overall")
+    accuracy.axhline(0.9, color="black", linestyle="--", linewidth=0.8, label="target 0.90")
+    losses.set_xlabel("step (32 samples)")
+    losses.set_ylabel("loss")
+    losses.legend(fontsize=7)
+    accuracy.set_xlabel("step")
+    accuracy.set_ylabel("validation accuracy (seed 1)")
+    accuracy.set_ylim(0, 1)
+    accuracy.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
