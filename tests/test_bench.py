@@ -21,7 +21,7 @@ def results():
     torch.manual_seed(0)
     model = TINY.build().eval()
     runs = [("unpruned", None), ("oracle", 16), ("random", 16), ("random", 32), ("fastv", 16), ("clse", 16)]
-    return model, {f"{m}@{b}": measure(model, TINY, m, b, batch=2, repeats=2, warmup=1, new_tokens=3) for m, b in runs}
+    return model, {f"{m}@{b}": measure(model, TINY, m, b, batch=2, repeats=2, warmup=1, new_tokens=6) for m, b in runs}
 
 
 def kv_bytes(model, batch, tokens_per_layer):

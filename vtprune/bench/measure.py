@@ -31,7 +31,7 @@ class Measurement:
     prefill_ms: float  # median
     prefill_ms_p10: float
     prefill_ms_p90: float
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float  # batch x (N - 1) tokens over generate(N) - generate(1); NaN if noise swamps it
     throughput_samples_per_s: float  # prefill + new_tokens of decode, at this batch
     kv_cache_bytes: int
     peak_memory_bytes: int | None
@@ -132,11 +132,14 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
             kv = kv_cache_bytes(output.past_key_values)
             stats = pruner.last_stats if pruner else None
 
-            def generate():
-                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=0)
+            def generate(tokens: int):
+                return lambda: model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                              pad_token_id=0)
 
-            generate_ms = statistics.median(_time_ms(generate, device) for _ in range(max(1, repeats // 5)))
+            # Decode is priced as generate(N) - generate(1): both pay the same prefill.
+            runs = max(3, repeats // 4)
+            generate_ms = statistics.median(_time_ms(generate(new_tokens), device) for _ in range(runs))
+            first_token_ms = statistics.median(_time_ms(generate(1), device) for _ in range(runs))
     finally:
         if pruner is not None:
             pruner.remove()
@@ -147,12 +150,12 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
     text = sequence - (visual[0] if stats is None else stats.visual_tokens_per_sample[0])
     tokens_per_layer = [text + v for v in visual]
     flops = prefill_flops(model, tokens_per_layer, _vision_tokens(model, preset, inputs))
-    decode_ms = max(generate_ms - prefill_ms, 1e-6)
+    decode_ms = generate_ms - first_token_ms
     return Measurement(
         config=method if budget is None else f"{method}@{budget}",
         method=method, budget=budget, batch=batch,
         prefill_ms=prefill_ms, prefill_ms_p10=times[len(times) // 10], prefill_ms_p90=times[(9 * len(times)) // 10],
-        decode_tokens_per_s=batch * (new_tokens - 1) / (decode_ms / 1000),
+        decode_tokens_per_s=batch * (new_tokens - 1) / (decode_ms / 1000) if decode_ms > 0 else float("nan"),
         throughput_samples_per_s=batch / (generate_ms / 1000),
         kv_cache_bytes=kv, peak_memory_bytes=peak,
         prefill_tflops=batch * flops["total"] / 1e12,
