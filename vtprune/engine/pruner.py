@@ -20,7 +20,6 @@ their original positions.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,17 +28,11 @@ from transformers import DynamicCache
 
 from ..adapters import Adapter, ImageSpan
 from ..methods import LLM_INPUT, ImageView, Method, Selection, Stage
+from .budget import tokens_for_budget
 from .layout import FILL, Layout, decoder_mask, take, take_positions
 from .stats import PruneStats, counts_per_layer
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
-
-
-def tokens_for_budget(budget: int | float, num_tokens: int) -> int:
-    """Visual tokens one image of num_tokens keeps at a nominal budget (an int count or a fraction)."""
-    if isinstance(budget, float):
-        return min(num_tokens, max(1, round(budget * num_tokens)))
-    return min(budget, num_tokens)
 
 
 @dataclass
@@ -493,19 +486,3 @@ def text_tokens(input_ids: torch.Tensor, spans: list[ImageSpan], attention_mask,
     if attention_mask is not None and attention_mask.dim() == 2:
         keep &= attention_mask[sample].bool()
     return input_ids[keep]
-
-
-def check_budget(budget: Any) -> int | float:
-    """The budget as apply() accepts it, or a ValueError that says what is allowed."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"budget must be an int (visual tokens kept per image) or a float in (0, 1]; got {budget!r}")
-    if isinstance(budget, float):
-        if math.isnan(budget) or not 0.0 < budget <= 1.0:
-            raise ValueError(
-                f"a float budget is the fraction of visual tokens kept and must lie in (0, 1]; got {budget!r} "
-                "(pass an int to keep a number of tokens)"
-            )
-        return budget
-    if budget < 1:
-        raise ValueError(f"budget must keep at least 1 visual token per image; got {budget}")
-    return int(budget)

@@ -1,0 +1,29 @@
+"""What a nominal budget means for one image, and which budgets apply() accepts."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def tokens_for_budget(budget: int | float, num_tokens: int) -> int:
+    """Visual tokens one image of num_tokens keeps at a nominal budget (an int count or a fraction)."""
+    if isinstance(budget, float):
+        return min(num_tokens, max(1, round(budget * num_tokens)))
+    return min(budget, num_tokens)
+
+
+def check_budget(budget: Any) -> int | float:
+    """The budget as apply() accepts it, or a ValueError that says what is allowed."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be an int (visual tokens kept per image) or a float in (0, 1]; got {budget!r}")
+    if isinstance(budget, float):
+        if math.isnan(budget) or not 0.0 < budget <= 1.0:
+            raise ValueError(
+                f"a float budget is the fraction of visual tokens kept and must lie in (0, 1]; got {budget!r} "
+                "(pass an int to keep a number of tokens)"
+            )
+        return budget
+    if budget < 1:
+        raise ValueError(f"budget must keep at least 1 visual token per image; got {budget}")
+    return int(budget)
