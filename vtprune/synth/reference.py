@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -62,7 +62,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(  # the PIL backend: no torchvision here
         size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
     )
