@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", type=int, default=16, help="visual tokens kept per image")
     demo.set_defaults(run=cmd_demo)
     evaluation = commands.add_parser("eval", help="accuracy vs budget: reference model on the synthetic benchmark")
-    evaluation.add_argument("--samples", type=int, default=300, help="samples per config (spread over the 6 classes)")
+    evaluation.add_argument("--samples", type=int, default=240, help="samples per config (spread over the 6 classes)")
     evaluation.add_argument("--methods", help="comma-separated, each NAME or NAME:key=value:... "
                             "(e.g. clse:score=attn); default: every registered method")
     evaluation.add_argument("--budgets", default="192,128,64", help="comma-separated: ints are tokens, x.y fractions")
