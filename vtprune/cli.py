@@ -153,6 +153,8 @@ def cmd_show(args) -> int:
     """Answer one question about one image under a method, and save the kept-token picture."""
     from pathlib import Path
 
+    from types import SimpleNamespace
+
     import numpy as np
     import torch
     from PIL import Image
@@ -166,11 +168,7 @@ def cmd_show(args) -> int:
     model, processor = load_reference(model_path)
     image = Image.open(args.image).convert("RGB")
 
-    class Question:  # what predict() reads of a sample
-        pass
-
-    sample = Question()
-    sample.image, sample.question = image, args.question
+    sample = SimpleNamespace(image=image, question=args.question)  # what predict() reads of a sample
     with torch.no_grad():
         unpruned = predict(model, processor, [sample], prompt)[0]
         options = method_options(model_path, processor).get(args.method, {})
