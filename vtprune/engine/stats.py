@@ -32,16 +32,6 @@ class PruneStats:
         """Visual tokens entering the last decoder layer, per sample."""
         return [layers[-1] if layers else 0 for layers in self.visual_tokens_per_layer]
 
-    def as_dict(self) -> dict:
-        return {
-            "nominal_budget": self.nominal_budget,
-            "equivalent_budget": self.equivalent_budget,
-            "images_per_sample": self.images_per_sample,
-            "visual_tokens_per_sample": self.visual_tokens_per_sample,
-            "kept_per_sample": self.kept_per_sample,
-            "visual_tokens_per_layer": self.visual_tokens_per_layer,
-        }
-
 
 def counts_per_layer(layer_counts: list[torch.Tensor]) -> list[list[int]]:
     """[layer] of [B] counts -> [sample][layer] lists of ints."""
