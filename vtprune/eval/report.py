@@ -84,6 +84,7 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str) -> None:
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
     axis.set_xlabel("visual tokens kept per image (nominal budget)")
     axis.set_ylabel("accuracy (%)")
+    axis.set_ylim(0, 100)  # on a fixed scale, flat and steep curves read as what they are
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
