@@ -57,8 +57,8 @@ def cmd_train_reference(args) -> int:
 
     from vtprune.synth.train import train
 
-    accuracy = train(Path(args.out), steps=args.steps, batch_size=args.batch, lr=args.lr,
-                     eval_every=args.eval_every, eval_samples=args.eval_samples)
+    accuracy = train(Path(args.out), steps=args.steps, batch_size=args.batch, questions_per_image=args.questions,
+                     lr=args.lr, eval_every=args.eval_every, eval_samples=args.eval_samples)
     console.print(accuracy)
     return 0
 
@@ -263,10 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=cmd_bench)
     trainer = commands.add_parser("train-reference", help="train the reference model on generated samples (resumes)")
     trainer.add_argument("--out", required=True, help="folder for the checkpoint, its processor and train_log.jsonl")
-    trainer.add_argument("--steps", type=int, default=2400)
-    trainer.add_argument("--batch", type=int, default=32)
-    trainer.add_argument("--lr", type=float, default=2e-3)
-    trainer.add_argument("--eval-every", type=int, default=200)
+    trainer.add_argument("--steps", type=int, default=3000)
+    trainer.add_argument("--batch", type=int, default=16, help="images per step")
+    trainer.add_argument("--questions", type=int, default=8, help="questions asked about each image per step")
+    trainer.add_argument("--lr", type=float, default=1e-3)
+    trainer.add_argument("--eval-every", type=int, default=250)
     trainer.add_argument("--eval-samples", type=int, default=240)
     trainer.set_defaults(run=cmd_train_reference)
     return parser

@@ -40,12 +40,8 @@ CLASP_TABLE = REFERENCE_DIR / "clasp_calibration.json"
 
 
 def prompt(question: str) -> str:
-    """LLaVA-1.5's conversation format with the question before the image; the answer is the next word.
-
-    Question first, so that each visual token can already see what is asked (causal
-    attention): a small LM trained from scratch learns to answer far sooner that way.
-    """
-    return f"USER: {question}\n{IMAGE_TOKEN} ASSISTANT:"
+    """LLaVA-1.5's conversation format, image then question; the answer is the next word."""
+    return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -81,7 +77,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForCo
             image_size=SIZE, patch_size=PATCH, projection_dim=96,
         ),
         text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=352, num_hidden_layers=6,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         ),

@@ -1,14 +1,16 @@
 """`vtprune train-reference`: train the reference model from scratch on generated samples.
 
-Three losses: cross-entropy on the one-word answer; a caption after the answer
-(every object's colour and shape, and each plate's word, in reading order), the
-analogue of LLaVA's caption pre-training, which teaches the LM to read its visual
-tokens; and an auxiliary dense loss that asks every visual token (the vision tower's
-output that the projector reads) for the colour, shape and word under its patch,
-from the generator's object boxes. The two auxiliary losses are what let a model
-trained from scratch on two CPU cores learn in tens of thousands of samples; the
-dense head is not part of the saved model. Evaluation prompts end at "ASSISTANT:",
-so the answer is the first word generated.
+Each step encodes a batch of generated images and asks several questions about each:
+the scene's own question and others its metadata answers (`questions.py`), packed
+after one copy of the image prompt (`pack_questions`), so the LM pays for the 576
+visual tokens once per image rather than once per question. Three losses: cross-entropy
+on each one-word answer; a caption after the scene's own answer (every object's colour
+and shape, and each plate's word, in reading order), the analogue of LLaVA's caption
+pre-training, which teaches the LM to read its visual tokens; and an auxiliary dense
+loss that asks every visual token (the vision tower's output that the projector reads)
+for the colour, shape and word under its patch, whether an object's centre is there,
+and the patch's row and column. The dense head is not part of the saved model.
+Evaluation prompts end at "ASSISTANT:", so the answer is the first word generated.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .generator import COLOR_NAMES, OCR_WORDS, SHAPES, make_sample
+from .questions import derived_questions
 from .reference import (
     GRID,
     IMAGE_TOKEN,
@@ -41,8 +44,9 @@ PLATE_SHAPE = len(SHAPES) + 1  # plates are a "shape" of their own in the dense 
 
 
 def patch_labels(meta: dict) -> np.ndarray:
-    """[3, 24, 24] labels per patch: colour, shape, word (0 = none), from the boxes covering each patch centre."""
-    labels = np.zeros((3, GRID, GRID), dtype=np.int64)
+    """[4, 24, 24] labels per patch: colour, shape, word (0 = none), from the boxes covering each patch
+    centre, and 1 on the patch under each object's centre (one mark per object, for counting)."""
+    labels = np.zeros((4, GRID, GRID), dtype=np.int64)
     centres = np.arange(GRID) * PATCH + PATCH / 2
     for item in meta["objects"] + meta["plates"]:
         x0, y0, x1, y1 = item["box"]
@@ -53,6 +57,7 @@ def patch_labels(meta: dict) -> np.ndarray:
         labels[1][cover] = SHAPES.index(item["shape"]) + 1 if "shape" in item else PLATE_SHAPE
         if "word" in item:
             labels[2][cover] = OCR_WORDS.index(item["word"]) + 1
+        labels[3][min(int((y0 + y1) / 2 // PATCH), GRID - 1), min(int((x0 + x1) / 2 // PATCH), GRID - 1)] = 1
     return labels
 
 
@@ -63,35 +68,71 @@ def caption(meta: dict) -> str:
     return " ".join(f"{it['color']} plate {it['word']}" if "word" in it else f"{it['color']} {it['shape']}" for it in items)
 
 
-def encode(tokenizer, questions: list[str], answers: list[str] | None = None, captions: list[str] | None = None):
-    """Left-padded prompts (as the processor expands them); for training, the answer word and a caption follow.
-
-    Returns input_ids, attention_mask and, with answers, the targets of the answer
-    position and of the caption positions ([B, L], -100 elsewhere, aligned with input_ids).
-    """
-    expanded = [prompt(q).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID) for q in questions]
-    rows = [tokenizer(text)["input_ids"] for text in expanded]
-    prompt_lengths = [len(row) for row in rows]
-    if answers is not None:
-        rows = [row + tokenizer(answer)["input_ids"] for row, answer in zip(rows, answers)]
-    if captions is not None:
-        rows = [row + tokenizer(text)["input_ids"] for row, text in zip(rows, captions)]
+def encode(tokenizer, questions: list[str]):
+    """Left-padded prompts, expanded as the processor expands them: input_ids and attention_mask."""
+    rows = [tokenizer(prompt(q).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID))["input_ids"] for q in questions]
     length = max(map(len, rows))
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
-    answer_targets = torch.full_like(input_ids, -100)
-    caption_targets = torch.full_like(input_ids, -100)
     for b, row in enumerate(rows):
-        start = length - len(row)
-        input_ids[b, start:] = torch.tensor(row)
-        mask[b, start:] = 1
-        if answers is not None:
-            answer_at = start + prompt_lengths[b]
-            answer_targets[b, answer_at] = input_ids[b, answer_at]
-            caption_targets[b, answer_at + 1 :] = input_ids[b, answer_at + 1 :]
-    if answers is None:
-        return input_ids, mask
-    return input_ids, mask, answer_targets, caption_targets
+        input_ids[b, length - len(row):] = torch.tensor(row)
+        mask[b, length - len(row):] = 1
+    return input_ids, mask
+
+
+def split_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """A prompt's ids cut after its last visual token: the part every question about an image shares, and the rest."""
+    ids = tokenizer(prompt(question).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID))["input_ids"]
+    cut = len(ids) - ids[::-1].index(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    return ids[:cut], ids[cut:]
+
+
+def pack_questions(tokenizer, asked: list[list[tuple[str, str, str | None]]]) -> dict[str, torch.Tensor]:
+    """One row per image: its prompt prefix once, then every question asked about it, packed.
+
+    asked[b] lists (question, answer, caption or None) for image b. Each question (with its
+    answer and caption) sees the image prefix and itself only, at the positions it would have
+    alone: a 4-D mask and explicit position ids make each question's logits those of its own
+    prompt (tests/test_reference_training.py), while the LM encodes the 576 visual tokens once
+    per image instead of once per question. Returns input_ids, attention_mask (4-D, True =
+    attend), position_ids and the answer / caption targets (-100 elsewhere, aligned with
+    input_ids: the logits one position earlier predict them).
+    """
+    prefix = split_prompt(tokenizer, "")[0]
+    rows = []
+    for questions in asked:
+        ids, starts, answers, captions = list(prefix), [], [], []
+        for question, answer, text in questions:
+            starts.append(len(ids))
+            ids += split_prompt(tokenizer, question)[1]
+            answers.append(len(ids))
+            ids += tokenizer(answer)["input_ids"]
+            caption_ids = tokenizer(text)["input_ids"] if text else []
+            captions.append((len(ids), len(ids) + len(caption_ids)))
+            ids += caption_ids
+        rows.append((ids, starts, answers, captions))
+    length = max(len(ids) for ids, *_ in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), 1, length, length, dtype=torch.bool),
+        "position_ids": torch.zeros(len(rows), length, dtype=torch.long),
+        "answer_targets": torch.full((len(rows), length), -100, dtype=torch.long),
+        "caption_targets": torch.full((len(rows), length), -100, dtype=torch.long),
+    }
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    for b, (ids, starts, answers, captions) in enumerate(rows):
+        batch["input_ids"][b, : len(ids)] = torch.tensor(ids)
+        mask = batch["attention_mask"][b, 0]
+        mask[:, : len(prefix)] = causal[:, : len(prefix)]
+        mask[len(ids):, 0] = True  # padding rows attend somewhere, so no softmax row is empty
+        ends = starts[1:] + [len(ids)]
+        batch["position_ids"][b, : len(prefix)] = torch.arange(len(prefix))
+        for lo, hi, answer_at, (caption_lo, caption_hi) in zip(starts, ends, answers, captions):
+            mask[lo:hi, lo:hi] = causal[: hi - lo, : hi - lo]
+            batch["position_ids"][b, lo:hi] = torch.arange(len(prefix), len(prefix) + hi - lo)
+            batch["answer_targets"][b, answer_at] = ids[answer_at]
+            batch["caption_targets"][b, caption_lo:caption_hi] = torch.tensor(ids[caption_lo:caption_hi])
+    return batch
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -100,20 +141,25 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 class DenseHead(nn.Module):
+    """Linear probes on each visual token: what is under its patch, and where the patch is.
+
+    The position probes keep each token's row and column readable after the tower, which
+    the spatial and half-of-the-image questions need.
+    """
+
     def __init__(self, width: int):
         super().__init__()
-        self.color = nn.Linear(width, len(COLOR_NAMES) + 1)
-        self.shape = nn.Linear(width, PLATE_SHAPE + 1)
-        self.word = nn.Linear(width, len(OCR_WORDS) + 1)
+        self.probes = nn.ModuleList([nn.Linear(width, len(COLOR_NAMES) + 1), nn.Linear(width, PLATE_SHAPE + 1),
+                                     nn.Linear(width, len(OCR_WORDS) + 1), nn.Linear(width, 2),
+                                     nn.Linear(width, GRID), nn.Linear(width, GRID)])
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        labels = labels.flatten(2)  # [B, 3, 576]
+        rows = torch.arange(GRID).repeat_interleave(GRID).expand(len(labels), 1, -1)
+        labels = torch.cat([labels.flatten(2), rows, torch.arange(GRID).repeat(GRID).expand(len(labels), 1, -1)], 1)
         # Normalized first, so that this loss cannot grow the scale of the features the projector reads.
         features = nn.functional.layer_norm(features, features.shape[-1:])
-        return sum(
-            nn.functional.cross_entropy(head(features).transpose(1, 2), labels[:, i])
-            for i, head in enumerate((self.color, self.shape, self.word))
-        )
+        return sum(nn.functional.cross_entropy(probe(features).transpose(1, 2), labels[:, i])
+                   for i, probe in enumerate(self.probes))
 
 
 @torch.no_grad()
@@ -136,17 +182,23 @@ def answer_accuracy(model, tokenizer, samples, batch_size: int = 32) -> dict[str
 
 def train(
     out: Path,
-    steps: int = 2400,
-    batch_size: int = 32,
-    lr: float = 2e-3,
-    warmup: int = 100,
+    steps: int = 3000,
+    batch_size: int = 16,
+    questions_per_image: int = 8,
+    lr: float = 1e-3,
+    warmup: int = 200,
     dense_weight: float = 0.5,
     caption_weight: float = 0.5,
-    eval_every: int = 200,
+    eval_every: int = 250,
     eval_samples: int = 240,
     seed: int = 0,
 ) -> dict:
-    """Train (resuming from out/ if a checkpoint is there); returns the last validation accuracy."""
+    """Train (resuming from out/ if a checkpoint is there); returns the last validation accuracy.
+
+    Each step encodes `batch_size` generated images and asks `questions_per_image` questions
+    about each: the scene's own question (with the caption after its answer) and questions
+    derived from its metadata (`questions.py`).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -180,15 +232,21 @@ def train(
     accuracy = {}
     progress = tqdm(range(start, steps), initial=start, total=steps, desc="train-reference")
     for step in progress:
-        samples = [make_sample(TRAIN_SEED, step * batch_size + i) for i in range(batch_size)]
-        input_ids, mask, answer_targets, caption_targets = encode(
-            tokenizer, [s.question for s in samples], [s.answer for s in samples], [caption(s.meta) for s in samples])
+        indices = [step * batch_size + i for i in range(batch_size)]
+        samples = [make_sample(TRAIN_SEED, i) for i in indices]
+        asked = []
+        for index, sample in zip(indices, samples):
+            rng = np.random.default_rng([TRAIN_SEED, index, 1])
+            extra = [(q, a, None) for q, a, _ in derived_questions(sample.meta, rng, questions_per_image)
+                     if q != sample.question]
+            asked.append(([(sample.question, sample.answer, caption(sample.meta))] + extra)[:questions_per_image])
+        batch = pack_questions(tokenizer, asked)
         dense = torch.from_numpy(np.stack([patch_labels(s.meta) for s in samples]))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values([s.image for s in samples])).logits
-            answer_loss = next_token_loss(logits, answer_targets)
-            caption_loss = next_token_loss(logits, caption_targets)
-            dense_loss = head.loss(features["last"][:, 1:].float(), dense)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], pixel_values=pixel_values([s.image for s in samples])).logits
+        answer_loss = next_token_loss(logits, batch["answer_targets"])
+        caption_loss = next_token_loss(logits, batch["caption_targets"])
+        dense_loss = head.loss(features["last"][:, 1:], dense)
         loss = answer_loss + caption_weight * caption_loss + dense_weight * dense_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -196,7 +254,7 @@ def train(
         optimizer.step()
         schedule.step()
         record = {"step": step + 1, "answer_loss": answer_loss.item(), "caption_loss": caption_loss.item(),
-                  "dense_loss": dense_loss.item(),
+                  "dense_loss": dense_loss.item(), "questions": sum(map(len, asked)),
                   "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - began, 1)}
         progress.set_postfix(answer=f"{record['answer_loss']:.3f}", caption=f"{record['caption_loss']:.3f}",
                              dense=f"{record['dense_loss']:.3f}")
