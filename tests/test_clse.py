@@ -107,10 +107,11 @@ def test_score_variants_use_what_they_say():
 def test_merge_into_nearest_is_a_size_weighted_mean():
     hidden = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.0, 2.0]])
     sizes = torch.tensor([1.0, 3.0, 1.0, 1.0, 2.0])
-    merged, new_sizes = merge_into_nearest(hidden, sizes, torch.tensor([0, 2]))
+    merged, new_sizes, destination = merge_into_nearest(hidden, sizes, torch.tensor([0, 2]))
     assert new_sizes.tolist() == [4.0, 4.0]
     torch.testing.assert_close(merged[0], (hidden[0] * 1 + hidden[1] * 3) / 4)
     torch.testing.assert_close(merged[1], (hidden[2] * 1 + hidden[3] * 1 + hidden[4] * 2) / 4)
+    assert destination.tolist() == [0, 0, 1, 1, 1]
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

@@ -162,7 +162,7 @@ def cmd_show(args) -> int:
     import vtprune
     from vtprune.eval.runner import predict
     from vtprune.synth.reference import GRID, REFERENCE_DIR, load_reference, prompt
-    from vtprune.viz import kept_token_map
+    from vtprune.viz import kept_token_map, merge_groups
 
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_reference(model_path)
@@ -178,9 +178,11 @@ def cmd_show(args) -> int:
     ids = processor(images=[image], text=[prompt(args.question)], return_tensors="pt")["input_ids"][0]
     start = int(torch.nonzero(ids == model.config.image_token_id)[0])
     kept = [np.asarray(stage[0].sort().values.cpu()) - start for stage in decision.kept] if decision else []
+    moved = [(np.asarray(s[0][0].cpu()) - start, np.asarray(s[0][1].cpu()) - start) for s in decision.moved] if decision else []
+    groups = merge_groups(GRID * GRID, moved) if any(len(sources) for sources, _ in moved) else None
     out = Path(args.out)
     title = f"{args.method} @ {args.budget}: \"{args.question}\" -> {answer} (unpruned: {unpruned})"
-    kept_token_map(image, (GRID, GRID), kept, out, title, decision.stage_layers if decision else None)
+    kept_token_map(image, (GRID, GRID), kept, out, title, decision.stage_layers if decision else None, groups)
     console.print(f"answer: [bold]{answer}[/bold] (unpruned: {unpruned}); kept tokens drawn in {out}")
     return 0
 

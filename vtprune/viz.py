@@ -23,9 +23,27 @@ def dropped_at_stage(grid: tuple[int, int], kept_per_stage: list[np.ndarray]) ->
     return dropped.reshape(rows, cols)
 
 
+def merge_groups(count: int, moved_per_stage: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """[count] raster index of the token each token's content ended up in, following merges stage by stage.
+
+    moved_per_stage[s] = (tokens, the tokens they went to) at stage s; a token a merging
+    method kept maps to itself there, so chains (a into b, later b into c) end at c.
+    """
+    group = np.arange(count)
+    for sources, targets in moved_per_stage:
+        step = np.arange(count)
+        step[np.asarray(sources, dtype=np.int64)] = np.asarray(targets, dtype=np.int64)
+        group = step[group]
+    return group
+
+
 def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray], path: str | Path, title: str,
-                   stage_layers: list[int] | None = None) -> np.ndarray:
-    """Save the image beside a copy whose dropped patches are shaded by stage; returns the stage map."""
+                   stage_layers: list[int] | None = None, groups: np.ndarray | None = None) -> np.ndarray:
+    """Save the image beside a copy whose dropped patches are shaded by stage; returns the stage map.
+
+    With `groups` (from `merge_groups`), a third panel colours every patch by the kept token
+    it was merged into: which tokens went where.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,7 +60,8 @@ def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray
     shade_px = np.kron(shade, np.ones((height // grid[0], width // grid[1]), dtype=np.float32))
     shaded = pixels * (1 - shade_px[..., None])
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 5.4))
+    panels = 2 if groups is None else 3
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 5.4))
     axes[0].imshow(pixels)
     axes[0].set_title("image")
     axes[1].imshow(shaded)
@@ -52,6 +71,16 @@ def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray
                                     edgecolor="#ff2a6d", linewidth=1.2))
     kept = int((stages == 0).sum())
     axes[1].set_title(f"kept {kept} of {stages.size} tokens")
+    if groups is not None:
+        # Each kept token a random hue; every patch painted with the hue of the token it went into.
+        hues = np.random.default_rng(0).random((stages.size, 3)) * 0.8 + 0.2
+        colours = hues[np.asarray(groups)].reshape(*grid, 3)
+        colours_px = np.kron(colours, np.ones((height // grid[0], width // grid[1], 1), dtype=np.float32))
+        axes[2].imshow(0.35 * pixels + 0.65 * colours_px)
+        for row, col in zip(*np.nonzero(stages == 0)):
+            axes[2].add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h, fill=False,
+                                        edgecolor="white", linewidth=1.0))
+        axes[2].set_title("where tokens were merged (colour = the kept token)")
     for axis in axes:
         axis.set_xticks([])
         axis.set_yticks([])

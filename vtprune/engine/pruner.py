@@ -44,6 +44,8 @@ class Decision:
     prompt_length: int
     # merged[stage][sample]: (positions, hidden states) that a merging method wrote over kept tokens
     merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
+    # moved[stage][sample]: (positions, positions they were merged into), for pictures of a merge
+    moved: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class _Run:
     layer_layouts: dict[int, Layout | None] = field(default_factory=dict)  # in-LLM stage layer -> layout from there
     kept: list[list[torch.Tensor]] = field(default_factory=list)
     merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
+    moved: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     attention: torch.Tensor | None = None  # last-query attention for the next stage, over the current layout
     reference: torch.Tensor | None = None  # layer-0 input, for methods that compare against it
     text: list[torch.Tensor] = field(default_factory=list)  # per sample: prompt tokens neither visual nor padding
@@ -351,15 +354,16 @@ class Pruner:
         Returns the new layout and the hidden states taken into it (merged where the method merges).
         """
         layer = run.stage_layers[stage]
-        kept, merged = [], []
+        kept, merged, moved = [], [], []
         for b in range(len(run.spans)):
             slots = torch.nonzero(layout.positions[b] != FILL).flatten()
             if self._replay is not None:
                 kept.append(self._replay.kept[stage][b].to(slots.device))
                 merged.append(self._replay.merged[stage][b])
+                moved.append(self._replay.moved[stage][b])
                 continue
             images = run.image_of[b, layout.positions[b, slots]]
-            chosen, values = [], []
+            chosen, values, sources, targets = [], [], [], []
             for i, stages in enumerate(run.plans[b]):
                 mine = slots[images == i]
                 positions = layout.positions[b, mine]
@@ -378,12 +382,17 @@ class Pruner:
                 if isinstance(picked, Selection):
                     run.sizes[b, positions[picked.keep]] = picked.sizes.to(run.sizes.dtype)
                     values.append((positions[picked.keep], picked.hidden))
+                    sources.append(positions)
+                    targets.append(positions[picked.keep][picked.destination])
                     picked = picked.keep
                 chosen.append(positions[picked])
             kept.append(torch.cat(chosen) if chosen else layout.positions[b, :0])
             merged.append(values)
+            empty = layout.positions[b, :0]
+            moved.append((torch.cat(sources) if sources else empty, torch.cat(targets) if targets else empty))
         run.kept.append(kept)
         run.merged.append(merged)
+        run.moved.append(moved)
         narrowed = layout.narrowed(run.visual, kept, run.prompt_mask)
         taken = take(hidden, narrowed.index_in(layout))
         for b, values in enumerate(merged):
@@ -402,7 +411,7 @@ class Pruner:
             )
         indices = indices.to(view.hidden.device)
         if isinstance(picked, Selection):
-            return Selection(indices, picked.hidden, picked.sizes)
+            return Selection(indices, picked.hidden, picked.sizes, picked.destination.to(view.hidden.device))
         return indices
 
     def _last_query_attention(self, run: _Run, layer: int, hidden, kwargs, layout: Layout) -> torch.Tensor:
@@ -422,7 +431,7 @@ class Pruner:
             visual_tokens_per_sample=run.visual.sum(dim=1).tolist(),
             nominal_budget=self.budget,
         )
-        self.last_decision = Decision(run.stage_layers, run.kept, run.prompt_length, run.merged)
+        self.last_decision = Decision(run.stage_layers, run.kept, run.prompt_length, run.merged, run.moved)
 
     # ------------------------------------------------------------ both phases
     def _substitute_layer_inputs(self, run: _Run, layout: Layout, kwargs, hidden) -> None:

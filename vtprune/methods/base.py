@@ -71,6 +71,7 @@ class Selection:
     keep: torch.Tensor  # [k] indices into the view's tokens
     hidden: torch.Tensor  # [k, D]
     sizes: torch.Tensor  # [k]
+    destination: torch.Tensor  # [N] the slot in keep each of the view's tokens went to
 
 
 class Method(ABC):

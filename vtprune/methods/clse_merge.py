@@ -18,5 +18,4 @@ class CLSEMerge(CLSE):
 
     def select(self, view: ImageView) -> Selection:
         keep = super().select(view)
-        hidden, sizes = merge_into_nearest(view.hidden, view.sizes, keep)
-        return Selection(keep, hidden, sizes)
+        return Selection(keep, *merge_into_nearest(view.hidden, view.sizes, keep))

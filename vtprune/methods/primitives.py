@@ -69,8 +69,9 @@ def last_query_attention(
 def merge_into_nearest(hidden: torch.Tensor, sizes: torch.Tensor, keep: torch.Tensor):
     """Merge every token not in keep into the kept token most cosine-similar to it, size-weighted.
 
-    hidden [N, D], sizes [N], keep [k] indices. Returns (hidden [k, D], sizes [k]) of the kept
-    tokens: each the size-weighted mean of itself and the tokens merged into it.
+    hidden [N, D], sizes [N], keep [k] indices. Returns (hidden [k, D], sizes [k], destination [N]):
+    each kept token becomes the size-weighted mean of itself and the tokens merged into it;
+    destination[i] is the slot in keep that token i went to (its own slot for a kept token).
     """
     n = hidden.shape[0]
     dropped = torch.ones(n, dtype=torch.bool, device=hidden.device)
@@ -83,7 +84,10 @@ def merge_into_nearest(hidden: torch.Tensor, sizes: torch.Tensor, keep: torch.Te
         0, target, hidden[source].float() * weights[source, None]
     ) + hidden[keep].float() * weights[keep, None]
     new_sizes = weights[keep].index_add(0, target, weights[source])
-    return (total / new_sizes[:, None]).to(hidden.dtype), new_sizes
+    destination = torch.empty(n, dtype=torch.long, device=hidden.device)
+    destination[keep] = torch.arange(keep.numel(), device=hidden.device)
+    destination[source] = target
+    return (total / new_sizes[:, None]).to(hidden.dtype), new_sizes, destination
 
 
 def farthest_point(features: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
