@@ -16,7 +16,7 @@ import numpy as np
 
 from .generator import COLOR_NAMES, PLURAL, SHAPES, SIZE, TEMPLATES
 
-Question = tuple[str, str, str]  # question, answer, class
+Question = tuple[str, str, str, tuple]  # question, answer, class, the boxes that answer it
 
 
 def _centre(box) -> tuple[float, float]:
@@ -33,23 +33,27 @@ def _existence(objects, rng) -> list[Question]:
     for pool, answer in ((sorted(present), "yes"), (absent, "no")):
         if pool:
             shape, color = pool[int(rng.integers(len(pool)))]
-            out.append((TEMPLATES["existence"].format(color=color, shape=shape), answer, "existence"))
+            # as the generator: the object for a yes, the near-misses for a no
+            boxes = tuple(o["box"] for o in objects if (o["shape"], o["color"]) == (shape, color) if answer == "yes")
+            boxes = boxes or tuple(o["box"] for o in objects if o["shape"] == shape or o["color"] == color)
+            out.append((TEMPLATES["existence"].format(color=color, shape=shape), answer, "existence", boxes))
     return out
 
 
 def _attribute(objects, plates) -> list[Question]:
     shapes = Counter(o["shape"] for o in objects)
     colors = Counter(o["color"] for o in objects) + Counter(p["color"] for p in plates)
-    out = [(TEMPLATES["attr_color"].format(shape=o["shape"]), o["color"], "attribute")
+    out = [(TEMPLATES["attr_color"].format(shape=o["shape"]), o["color"], "attribute", (o["box"],))
            for o in objects if shapes[o["shape"]] == 1]
-    out += [(TEMPLATES["attr_shape"].format(color=o["color"]), o["shape"], "attribute")
+    out += [(TEMPLATES["attr_shape"].format(color=o["color"]), o["shape"], "attribute", (o["box"],))
             for o in objects if colors[o["color"]] == 1]
     return out
 
 
 def _count(objects) -> list[Question]:
     combos = Counter((o["shape"], o["color"]) for o in objects)
-    return [(TEMPLATES["count"].format(color=color, shapes=PLURAL[shape]), str(n), "count")
+    return [(TEMPLATES["count"].format(color=color, shapes=PLURAL[shape]), str(n), "count",
+             tuple(o["box"] for o in objects if (o["shape"], o["color"]) == (shape, color)))
             for (shape, color), n in combos.items() if 1 <= n <= 5]
 
 
@@ -68,7 +72,7 @@ def _spatial(objects) -> list[Question]:
         else:
             continue
         out.append((TEMPLATES["spatial"].format(shape=a["shape"], color=a["color"], shape2=b["shape"],
-                                                color2=b["color"]), answer, "spatial"))
+                                                color2=b["color"]), answer, "spatial", (a["box"], b["box"])))
     return out
 
 
@@ -76,9 +80,10 @@ def _general(objects, plates) -> list[Question]:
     if plates:
         return []
     out = []
+    everything = tuple(o["box"] for o in objects)
     colors = Counter(o["color"] for o in objects).most_common()
     if colors and colors[0][1] >= 3 and all(n <= colors[0][1] - 2 for _, n in colors[1:]):
-        out.append((TEMPLATES["gen_color"], colors[0][0], "general"))
+        out.append((TEMPLATES["gen_color"], colors[0][0], "general", everything))
     half, gap = SIZE / 2, 12  # every object clearly inside one quadrant, as the generator places them
     clear = all((b[2] <= half - gap or b[0] >= half + gap) and (b[3] <= half - gap or b[1] >= half + gap)
                 for b in (o["box"] for o in objects))
@@ -87,7 +92,7 @@ def _general(objects, plates) -> list[Question]:
               "top": sum(y < half for _, y in centres), "bottom": sum(y >= half for _, y in centres)}
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])
     if clear and ranked[0][1] >= 4 and ranked[0][1] >= ranked[1][1] + 2:
-        out.append((TEMPLATES["gen_side"], ranked[0][0], "general"))
+        out.append((TEMPLATES["gen_side"], ranked[0][0], "general", everything))
     return out
 
 
@@ -99,7 +104,7 @@ def derived_questions(meta: dict, rng: np.random.Generator, limit: int) -> list[
     objects, plates = meta["objects"], meta["plates"]
     pool = (_existence(objects, rng) + _attribute(objects, plates) + _count(objects) + _spatial(objects)
             + _general(objects, plates)
-            + [(TEMPLATES["ocr"].format(color=p["color"]), p["word"], "ocr") for p in plates])
+            + [(TEMPLATES["ocr"].format(color=p["color"]), p["word"], "ocr", (p["box"],)) for p in plates])
     by_class: dict[str, list[Question]] = {}
     for item in dict.fromkeys(pool):
         by_class.setdefault(item[2], []).append(item)

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .generator import COLOR_NAMES, OCR_WORDS, SHAPES, make_sample
+from ..methods.primitives import apply_rope
 from .questions import derived_questions
 from .reference import (
     GRID,
@@ -43,16 +44,20 @@ from .reference import (
 PLATE_SHAPE = len(SHAPES) + 1  # plates are a "shape" of their own in the dense labels
 
 
+def covered_patches(box) -> np.ndarray:
+    """[24, 24] bool: the patches whose centre lies in the box."""
+    x0, y0, x1, y1 = box
+    centres = np.arange(GRID) * PATCH + PATCH / 2
+    return ((centres >= y0) & (centres <= y1))[:, None] & ((centres >= x0) & (centres <= x1))[None, :]
+
+
 def patch_labels(meta: dict) -> np.ndarray:
     """[4, 24, 24] labels per patch: colour, shape, word (0 = none), from the boxes covering each patch
     centre, and 1 on the patch under each object's centre (one mark per object, for counting)."""
     labels = np.zeros((4, GRID, GRID), dtype=np.int64)
-    centres = np.arange(GRID) * PATCH + PATCH / 2
     for item in meta["objects"] + meta["plates"]:
         x0, y0, x1, y1 = item["box"]
-        rows = (centres >= y0) & (centres <= y1)
-        cols = (centres >= x0) & (centres <= x1)
-        cover = rows[:, None] & cols[None, :]
+        cover = covered_patches(item["box"])
         labels[0][cover] = COLOR_NAMES.index(item["color"]) + 1
         labels[1][cover] = SHAPES.index(item["shape"]) + 1 if "shape" in item else PLATE_SHAPE
         if "word" in item:
@@ -87,22 +92,25 @@ def split_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
     return ids[:cut], ids[cut:]
 
 
-def pack_questions(tokenizer, asked: list[list[tuple[str, str, str | None]]]) -> dict[str, torch.Tensor]:
+def pack_questions(tokenizer, asked: list[list[tuple[str, str, str | None, tuple]]]) -> dict[str, torch.Tensor]:
     """One row per image: its prompt prefix once, then every question asked about it, packed.
 
-    asked[b] lists (question, answer, caption or None) for image b. Each question (with its
+    asked[b] lists (question, answer, caption or None, boxes that answer it) for image b. Each question (with its
     answer and caption) sees the image prefix and itself only, at the positions it would have
     alone: a 4-D mask and explicit position ids make each question's logits those of its own
     prompt (tests/test_reference_training.py), while the LM encodes the 576 visual tokens once
     per image instead of once per question. Returns input_ids, attention_mask (4-D, True =
-    attend), position_ids and the answer / caption targets (-100 elsewhere, aligned with
-    input_ids: the logits one position earlier predict them).
+    attend), position_ids, the answer / caption targets (-100 elsewhere, aligned with
+    input_ids: the logits one position earlier predict them), and for the grounding loss
+    each question's row, the position that predicts its answer and its relevant
+    positions ([N, length] bool: the visual tokens under its boxes).
     """
     prefix = split_prompt(tokenizer, "")[0]
+    image_at = prefix.index(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     rows = []
     for questions in asked:
         ids, starts, answers, captions = list(prefix), [], [], []
-        for question, answer, text in questions:
+        for question, answer, text, _ in questions:
             starts.append(len(ids))
             ids += split_prompt(tokenizer, question)[1]
             answers.append(len(ids))
@@ -119,6 +127,13 @@ def pack_questions(tokenizer, asked: list[list[tuple[str, str, str | None]]]) ->
         "answer_targets": torch.full((len(rows), length), -100, dtype=torch.long),
         "caption_targets": torch.full((len(rows), length), -100, dtype=torch.long),
     }
+    relevant = torch.zeros(sum(map(len, asked)), length, dtype=torch.bool)
+    for n, (_, _, _, boxes) in enumerate(q for questions in asked for q in questions):
+        for box in boxes:
+            relevant[n, image_at : image_at + GRID * GRID] |= torch.from_numpy(covered_patches(box).flatten())
+    batch["relevant"] = relevant
+    batch["query_rows"] = torch.tensor([b for b, questions in enumerate(asked) for _ in questions])
+    batch["query_positions"] = torch.tensor([at - 1 for _, _, answers, _ in rows for at in answers])
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     for b, (ids, starts, answers, captions) in enumerate(rows):
         batch["input_ids"][b, : len(ids)] = torch.tensor(ids)
@@ -133,6 +148,28 @@ def pack_questions(tokenizer, asked: list[list[tuple[str, str, str | None]]]) ->
             batch["answer_targets"][b, answer_at] = ids[answer_at]
             batch["caption_targets"][b, caption_lo:caption_hi] = torch.tensor(ids[caption_lo:caption_hi])
     return batch
+
+
+def grounding_loss(layer, hidden: torch.Tensor, position_embeddings, batch: dict) -> torch.Tensor:
+    """-log of the attention mass that one head of `layer` puts on each question's relevant visual tokens.
+
+    Measured from the position that predicts the answer, recomputed from the layer's
+    input (hidden [B, T, D]) with its own norm, projections and RoPE. Teaching one head
+    where to look is what gets a small LM trained from scratch past the plateau where
+    it answers from the question's wording alone; the other heads and layers are free.
+    """
+    attn = layer.self_attn
+    rows, queries, relevant = batch["query_rows"], batch["query_positions"], batch["relevant"]
+    cos, sin = position_embeddings
+    normed = layer.input_layernorm(hidden)
+    query = attn.q_proj(normed[rows, queries]).view(len(rows), -1, attn.head_dim)[:, None, :1]  # head 0
+    query = apply_rope(query, cos[rows, queries][:, None], sin[rows, queries][:, None])[:, 0, 0]
+    keys = attn.k_proj(normed).view(*hidden.shape[:2], -1, attn.head_dim)[:, :, :1].transpose(1, 2)
+    keys = apply_rope(keys, cos, sin)[:, 0]
+    logits = torch.einsum("nd,ntd->nt", query, keys[rows]) * attn.scaling
+    log_attention = logits.masked_fill(~batch["attention_mask"][rows, 0, queries], -torch.inf).log_softmax(-1)
+    has = relevant.any(dim=1)
+    return -torch.logsumexp(log_attention.masked_fill(~relevant, -torch.inf), dim=1)[has].mean()
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -189,6 +226,8 @@ def train(
     warmup: int = 200,
     dense_weight: float = 0.5,
     caption_weight: float = 0.5,
+    grounding_weight: float = 0.5,
+    grounding_layer: int = -1,
     eval_every: int = 250,
     eval_samples: int = 240,
     seed: int = 0,
@@ -225,6 +264,12 @@ def train(
     model.model.vision_tower.encoder.register_forward_hook(
         lambda module, args, output: features.__setitem__("last", output.last_hidden_state)
     )
+    grounded = model.model.language_model.layers[grounding_layer]
+    grounded.register_forward_pre_hook(
+        lambda module, args, kwargs: features.__setitem__(
+            "grounded", (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])),
+        with_kwargs=True,
+    )
     validation = [make_sample(VALIDATION_SEED, i) for i in range(eval_samples)]
     log = (out / "train_log.jsonl").open("a")
     model.train()
@@ -237,9 +282,10 @@ def train(
         asked = []
         for index, sample in zip(indices, samples):
             rng = np.random.default_rng([TRAIN_SEED, index, 1])
-            extra = [(q, a, None) for q, a, _ in derived_questions(sample.meta, rng, questions_per_image)
+            extra = [(q, a, None, boxes) for q, a, _, boxes in derived_questions(sample.meta, rng, questions_per_image)
                      if q != sample.question]
-            asked.append(([(sample.question, sample.answer, caption(sample.meta))] + extra)[:questions_per_image])
+            own = (sample.question, sample.answer, caption(sample.meta), tuple(sample.meta["relevant"]))
+            asked.append(([own] + extra)[:questions_per_image])
         batch = pack_questions(tokenizer, asked)
         dense = torch.from_numpy(np.stack([patch_labels(s.meta) for s in samples]))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -247,17 +293,18 @@ def train(
         answer_loss = next_token_loss(logits, batch["answer_targets"])
         caption_loss = next_token_loss(logits, batch["caption_targets"])
         dense_loss = head.loss(features["last"][:, 1:], dense)
-        loss = answer_loss + caption_weight * caption_loss + dense_weight * dense_loss
+        ground_loss = grounding_loss(grounded, *features["grounded"], batch)
+        loss = answer_loss + caption_weight * caption_loss + dense_weight * dense_loss + grounding_weight * ground_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         record = {"step": step + 1, "answer_loss": answer_loss.item(), "caption_loss": caption_loss.item(),
-                  "dense_loss": dense_loss.item(), "questions": sum(map(len, asked)),
+                  "dense_loss": dense_loss.item(), "grounding_loss": ground_loss.item(), "questions": sum(map(len, asked)),
                   "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - began, 1)}
         progress.set_postfix(answer=f"{record['answer_loss']:.3f}", caption=f"{record['caption_loss']:.3f}",
-                             dense=f"{record['dense_loss']:.3f}")
+                             dense=f"{record['dense_loss']:.3f}", ground=f"{record['grounding_loss']:.3f}")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             accuracy = answer_accuracy(model, tokenizer, validation)
             record["validation"] = accuracy
