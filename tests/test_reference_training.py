@@ -1,4 +1,4 @@
-"""The training recipe of the reference model: packed questions equal their own prompts; derived questions are right."""
+"""The training recipe of the reference model: rows match evaluation prompts, derived questions and auxiliary losses are right."""
 
 import numpy as np
 import torch
@@ -8,32 +8,40 @@ from vtprune.synth import vocabulary as synth_vocabulary
 from vtprune.synth.generator import ANSWERS, words
 from vtprune.synth.questions import derived_questions
 from vtprune.synth.reference import build_model, build_tokenizer, pixel_values
-from vtprune.synth.train import caption, encode, grounding_loss, pack_questions, patch_labels
+from vtprune.synth.train import caption, covered_patches, encode, encode_training, grounding_loss, patch_labels
 
 
-def test_packed_questions_get_the_logits_of_their_own_prompts():
+def training_items(samples, extra=2):
+    """Each sample's own question (with its caption) and a few derived ones, with their boxes."""
+    items, images = [], []
+    for i, s in enumerate(samples):
+        asked = [(s.question, s.answer, caption(s.meta), tuple(s.meta["relevant"]))]
+        asked += [(q, a, None, boxes) for q, a, _, boxes in derived_questions(s.meta, np.random.default_rng(i), extra)]
+        items += asked
+        images += [s.image] * len(asked)
+    return items, images
+
+
+def test_training_rows_are_evaluation_prompts_followed_by_their_targets():
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer).eval()
-    torch.nn.init.normal_(model.model.multi_modal_projector.linear_2.weight)  # images matter to the logits
     samples = [make_sample(0, i) for i in range(2)]
-    asked = [[(s.question, s.answer, caption(s.meta), tuple(s.meta["relevant"]))]
-             + [(q, a, None, boxes) for q, a, _, boxes in derived_questions(s.meta, np.random.default_rng(i), 3)]
-             for i, s in enumerate(samples)]
-    packed = pack_questions(tokenizer, asked)
-    with torch.no_grad():
-        logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                       position_ids=packed["position_ids"], pixel_values=pixel_values([s.image for s in samples])).logits
-        for b, questions in enumerate(asked):
-            input_ids, mask = encode(tokenizer, [q for q, *_ in questions])
-            alone = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1,
-                          pixel_values=pixel_values([samples[b].image] * len(questions))).logits[:, -1]
-            answer_at = (packed["answer_targets"][b] != -100).nonzero()[:, 0]
-            assert len(answer_at) == len(questions)
-            torch.testing.assert_close(logits[b, answer_at - 1], alone, rtol=1e-4, atol=1e-5)
-            targets = packed["answer_targets"][b, answer_at].tolist()
-            assert tokenizer.convert_ids_to_tokens(targets) == [a for _, a, *_ in questions]
-    # the caption follows the scene's own answer only
-    assert (packed["caption_targets"] != -100).sum() == sum(len(caption(s.meta).split()) for s in samples)
+    items, _ = training_items(samples)
+    batch = encode_training(tokenizer, items)
+    prompts, _ = encode(tokenizer, [q for q, *_ in items])
+    for r, (question, answer, text, boxes) in enumerate(items):
+        ids = batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()
+        prompt_ids = prompts[r][prompts[r] != tokenizer.pad_token_id].tolist()
+        assert ids[: len(prompt_ids)] == prompt_ids  # what the model is asked at evaluation
+        query = int(batch["query_positions"][r])
+        assert tokenizer.convert_ids_to_tokens(int(batch["answer_targets"][r, query + 1])) == answer
+        assert (batch["answer_targets"][r] != -100).sum() == 1
+        caption_words = tokenizer.convert_ids_to_tokens(batch["caption_targets"][r][batch["caption_targets"][r] != -100])
+        assert caption_words == (text.split() if text else [])
+        # relevant tokens are visual tokens, as many as the boxes cover
+        assert not (batch["relevant"][r] & ~batch["visual"][r]).any()
+        assert int(batch["relevant"][r].sum()) == int(np.any([covered_patches(b) for b in boxes], axis=0).sum()
+                                                        if boxes else 0)
+        assert batch["key_mask"][r].sum() == len(prompt_ids)  # the answer's predictor sees the whole prompt only
 
 
 def test_derived_questions_agree_with_the_generator():
@@ -81,26 +89,20 @@ def test_patch_labels_mark_one_centre_per_object():
 def test_grounding_loss_is_the_attention_mass_of_one_head_on_the_relevant_tokens():
     tokenizer = build_tokenizer()
     model = build_model(tokenizer).eval()
-    samples = [make_sample(0, i) for i in range(2)]
-    asked = [[(s.question, s.answer, None, tuple(s.meta["relevant"]))]
-             + [(q, a, None, boxes) for q, a, _, boxes in derived_questions(s.meta, np.random.default_rng(i), 3)]
-             for i, s in enumerate(samples)]
-    packed = pack_questions(tokenizer, asked)
+    items, images = training_items([make_sample(0, i) for i in range(2)])
+    batch = encode_training(tokenizer, items)
     layer = model.model.language_model.layers[-1]
     captured = {}
     layer.register_forward_pre_hook(lambda m, args, kwargs: captured.update(
         hidden=args[0] if args else kwargs["hidden_states"], rope=kwargs["position_embeddings"]), with_kwargs=True)
-    inputs = dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                  pixel_values=pixel_values([s.image for s in samples]))
     with torch.no_grad():
-        model(attention_mask=packed["attention_mask"], **inputs)
-        ours = grounding_loss(layer, captured["hidden"], captured["rope"], packed)
-        # eager attention wants the mask additive
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixel_values(images))
+        ours = grounding_loss(layer, captured["hidden"], captured["rope"], batch)
         model.set_attn_implementation("eager")
-        additive = torch.zeros(packed["attention_mask"].shape).masked_fill(~packed["attention_mask"], -1e30)
-        weights = model(attention_mask=additive, output_attentions=True, **inputs).attentions[-1]
-    head0 = weights[packed["query_rows"], 0, packed["query_positions"]]
-    mass = (head0 * packed["relevant"]).sum(dim=1)
-    has = packed["relevant"].any(dim=1)
-    assert has.sum() >= 6
+        weights = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        pixel_values=pixel_values(images), output_attentions=True).attentions[-1]
+    head0 = weights[torch.arange(len(items)), 0, batch["query_positions"]]
+    mass = (head0 * batch["relevant"]).sum(dim=1)
+    has = batch["relevant"].any(dim=1)
+    assert has.sum() >= 4
     torch.testing.assert_close(ours, -mass[has].log().mean(), rtol=1e-4, atol=1e-5)

@@ -58,7 +58,8 @@ def cmd_train_reference(args) -> int:
     from vtprune.synth.train import train
 
     accuracy = train(Path(args.out), steps=args.steps, batch_size=args.batch, questions_per_image=args.questions,
-                     lr=args.lr, eval_every=args.eval_every, eval_samples=args.eval_samples)
+                     lr=args.lr, eval_every=args.eval_every, eval_samples=args.eval_samples,
+                     init=Path(args.init) if args.init else None)
     console.print(accuracy)
     return 0
 
@@ -265,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=cmd_bench)
     trainer = commands.add_parser("train-reference", help="train the reference model on generated samples (resumes)")
     trainer.add_argument("--out", required=True, help="folder for the checkpoint, its processor and train_log.jsonl")
-    trainer.add_argument("--steps", type=int, default=3000)
-    trainer.add_argument("--batch", type=int, default=16, help="images per step")
-    trainer.add_argument("--questions", type=int, default=8, help="questions asked about each image per step")
+    trainer.add_argument("--steps", type=int, default=2000)
+    trainer.add_argument("--batch", type=int, default=12, help="images per step")
+    trainer.add_argument("--questions", type=int, default=2, help="questions asked about each image per step")
+    trainer.add_argument("--init", help="start from the weights of another run's folder (fresh optimizer)")
     trainer.add_argument("--lr", type=float, default=1e-3)
     trainer.add_argument("--eval-every", type=int, default=250)
     trainer.add_argument("--eval-samples", type=int, default=240)

@@ -40,8 +40,14 @@ CLASP_TABLE = REFERENCE_DIR / "clasp_calibration.json"
 
 
 def prompt(question: str) -> str:
-    """LLaVA-1.5's conversation format, image then question; the answer is the next word."""
-    return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+    """LLaVA-1.5's conversation format with the question before the image; the answer is the next word.
+
+    Question first, so that each visual token can already see what is asked (causal
+    attention) and work out locally whether it matters: a small LM trained from scratch
+    learns that far sooner than a question-to-image lookup (an image-first run sat at the
+    text-only prior for 750 steps; benchmarks/reference_training/README.md).
+    """
+    return f"USER: {question}\n{IMAGE_TOKEN} ASSISTANT:"
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -1,16 +1,21 @@
 """`vtprune train-reference`: train the reference model from scratch on generated samples.
 
-Each step encodes a batch of generated images and asks several questions about each:
-the scene's own question and others its metadata answers (`questions.py`), packed
-after one copy of the image prompt (`pack_questions`), so the LM pays for the 576
-visual tokens once per image rather than once per question. Three losses: cross-entropy
-on each one-word answer; a caption after the scene's own answer (every object's colour
-and shape, and each plate's word, in reading order), the analogue of LLaVA's caption
-pre-training, which teaches the LM to read its visual tokens; and an auxiliary dense
-loss that asks every visual token (the vision tower's output that the projector reads)
-for the colour, shape and word under its patch, whether an object's centre is there,
-and the patch's row and column. The dense head is not part of the saved model.
-Evaluation prompts end at "ASSISTANT:", so the answer is the first word generated.
+Each step takes a batch of generated images and asks a few questions about each: the
+scene's own question and others its metadata answers (`questions.py`). Five losses:
+- cross-entropy on each one-word answer (evaluation prompts end at "ASSISTANT:", so the
+  answer is the first word generated);
+- a caption after the scene's own answer (every object's colour and shape, and each
+  plate's word, in reading order), LLaVA's caption pre-training in miniature;
+- a dense loss that asks every visual token of the vision tower's output for the colour,
+  shape and word under its patch, whether an object's centre is there, and the patch's
+  row and column;
+- a relevance probe on the LM's visual tokens one layer before the last: is this token
+  under one of the boxes that answer the question (which the question-first prompt lets
+  it know);
+- a grounding loss: one head of the last layer, at the position that predicts the
+  answer, should put its attention on those tokens.
+The auxiliary heads are not part of the saved model. Without the last two, runs sat at
+the text-only prior (benchmarks/reference_training/README.md).
 """
 
 from __future__ import annotations
@@ -85,68 +90,42 @@ def encode(tokenizer, questions: list[str]):
     return input_ids, mask
 
 
-def split_prompt(tokenizer, question: str) -> tuple[list[int], list[int]]:
-    """A prompt's ids cut after its last visual token: the part every question about an image shares, and the rest."""
-    ids = tokenizer(prompt(question).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID))["input_ids"]
-    cut = len(ids) - ids[::-1].index(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    return ids[:cut], ids[cut:]
+def encode_training(tokenizer, items: list[tuple[str, str, str | None, tuple]]) -> dict[str, torch.Tensor]:
+    """Left-padded training rows: prompt, answer and, if given, a caption; plus what the auxiliary losses need.
 
-
-def pack_questions(tokenizer, asked: list[list[tuple[str, str, str | None, tuple]]]) -> dict[str, torch.Tensor]:
-    """One row per image: its prompt prefix once, then every question asked about it, packed.
-
-    asked[b] lists (question, answer, caption or None, boxes that answer it) for image b. Each question (with its
-    answer and caption) sees the image prefix and itself only, at the positions it would have
-    alone: a 4-D mask and explicit position ids make each question's logits those of its own
-    prompt (tests/test_reference_training.py), while the LM encodes the 576 visual tokens once
-    per image instead of once per question. Returns input_ids, attention_mask (4-D, True =
-    attend), position_ids, the answer / caption targets (-100 elsewhere, aligned with
-    input_ids: the logits one position earlier predict them), and for the grounding loss
-    each question's row, the position that predicts its answer and its relevant
-    positions ([N, length] bool: the visual tokens under its boxes).
+    items: (question, answer, caption or None, boxes that answer it), one row each. Returns
+    input_ids, attention_mask, the answer / caption targets (-100 elsewhere, aligned with
+    input_ids: the logits one position earlier predict them), the position that predicts
+    each answer, the keys it may attend to, and each row's relevant positions ([N, length]
+    bool: the visual tokens under its boxes).
     """
-    prefix = split_prompt(tokenizer, "")[0]
-    image_at = prefix.index(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     rows = []
-    for questions in asked:
-        ids, starts, answers, captions = list(prefix), [], [], []
-        for question, answer, text, _ in questions:
-            starts.append(len(ids))
-            ids += split_prompt(tokenizer, question)[1]
-            answers.append(len(ids))
-            ids += tokenizer(answer)["input_ids"]
-            caption_ids = tokenizer(text)["input_ids"] if text else []
-            captions.append((len(ids), len(ids) + len(caption_ids)))
-            ids += caption_ids
-        rows.append((ids, starts, answers, captions))
-    length = max(len(ids) for ids, *_ in rows)
-    batch = {
-        "input_ids": torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros(len(rows), 1, length, length, dtype=torch.bool),
-        "position_ids": torch.zeros(len(rows), length, dtype=torch.long),
-        "answer_targets": torch.full((len(rows), length), -100, dtype=torch.long),
-        "caption_targets": torch.full((len(rows), length), -100, dtype=torch.long),
-    }
-    relevant = torch.zeros(sum(map(len, asked)), length, dtype=torch.bool)
-    for n, (_, _, _, boxes) in enumerate(q for questions in asked for q in questions):
+    for question, answer, text, boxes in items:
+        ids = tokenizer(prompt(question).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID))["input_ids"]
+        answer_at = len(ids)
+        ids = ids + tokenizer(answer)["input_ids"] + (tokenizer(text)["input_ids"] if text else [])
+        rows.append((ids, answer_at, boxes))
+    length = max(len(ids) for ids, _, _ in rows)
+    n = len(rows)
+    batch = {key: torch.full((n, length), -100, dtype=torch.long) for key in ("answer_targets", "caption_targets")}
+    batch["input_ids"] = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)
+    batch["attention_mask"] = torch.zeros(n, length, dtype=torch.long)
+    batch["relevant"] = torch.zeros(n, length, dtype=torch.bool)
+    batch["query_positions"] = torch.zeros(n, dtype=torch.long)
+    for r, (ids, answer_at, boxes) in enumerate(rows):
+        start = length - len(ids)
+        batch["input_ids"][r, start:] = torch.tensor(ids)
+        batch["attention_mask"][r, start:] = 1
+        batch["answer_targets"][r, start + answer_at] = ids[answer_at]
+        batch["caption_targets"][r, start + answer_at + 1:] = torch.tensor(ids[answer_at + 1:], dtype=torch.long)
+        batch["query_positions"][r] = start + answer_at - 1
+        image_at = start + ids.index(image_token)
         for box in boxes:
-            relevant[n, image_at : image_at + GRID * GRID] |= torch.from_numpy(covered_patches(box).flatten())
-    batch["relevant"] = relevant
-    batch["query_rows"] = torch.tensor([b for b, questions in enumerate(asked) for _ in questions])
-    batch["query_positions"] = torch.tensor([at - 1 for _, _, answers, _ in rows for at in answers])
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    for b, (ids, starts, answers, captions) in enumerate(rows):
-        batch["input_ids"][b, : len(ids)] = torch.tensor(ids)
-        mask = batch["attention_mask"][b, 0]
-        mask[:, : len(prefix)] = causal[:, : len(prefix)]
-        mask[len(ids):, 0] = True  # padding rows attend somewhere, so no softmax row is empty
-        ends = starts[1:] + [len(ids)]
-        batch["position_ids"][b, : len(prefix)] = torch.arange(len(prefix))
-        for lo, hi, answer_at, (caption_lo, caption_hi) in zip(starts, ends, answers, captions):
-            mask[lo:hi, lo:hi] = causal[: hi - lo, : hi - lo]
-            batch["position_ids"][b, lo:hi] = torch.arange(len(prefix), len(prefix) + hi - lo)
-            batch["answer_targets"][b, answer_at] = ids[answer_at]
-            batch["caption_targets"][b, caption_lo:caption_hi] = torch.tensor(ids[caption_lo:caption_hi])
+            batch["relevant"][r, image_at : image_at + GRID * GRID] |= torch.from_numpy(covered_patches(box).flatten())
+    positions = torch.arange(length)
+    batch["key_mask"] = batch["attention_mask"].bool() & (positions[None] <= batch["query_positions"][:, None])
+    batch["visual"] = batch["input_ids"] == image_token
     return batch
 
 
@@ -159,15 +138,16 @@ def grounding_loss(layer, hidden: torch.Tensor, position_embeddings, batch: dict
     it answers from the question's wording alone; the other heads and layers are free.
     """
     attn = layer.self_attn
-    rows, queries, relevant = batch["query_rows"], batch["query_positions"], batch["relevant"]
-    cos, sin = position_embeddings
+    queries, relevant = batch["query_positions"], batch["relevant"]
+    rows = torch.arange(len(queries))
+    cos, sin = (t.expand(len(hidden), -1, -1) for t in position_embeddings)  # [1, T, d] when rows share positions
     normed = layer.input_layernorm(hidden)
     query = attn.q_proj(normed[rows, queries]).view(len(rows), -1, attn.head_dim)[:, None, :1]  # head 0
     query = apply_rope(query, cos[rows, queries][:, None], sin[rows, queries][:, None])[:, 0, 0]
     keys = attn.k_proj(normed).view(*hidden.shape[:2], -1, attn.head_dim)[:, :, :1].transpose(1, 2)
     keys = apply_rope(keys, cos, sin)[:, 0]
-    logits = torch.einsum("nd,ntd->nt", query, keys[rows]) * attn.scaling
-    log_attention = logits.masked_fill(~batch["attention_mask"][rows, 0, queries], -torch.inf).log_softmax(-1)
+    logits = torch.einsum("nd,ntd->nt", query, keys) * attn.scaling
+    log_attention = logits.masked_fill(~batch["key_mask"], -torch.inf).log_softmax(-1)
     has = relevant.any(dim=1)
     return -torch.logsumexp(log_attention.masked_fill(~relevant, -torch.inf), dim=1)[has].mean()
 
@@ -219,24 +199,26 @@ def answer_accuracy(model, tokenizer, samples, batch_size: int = 32) -> dict[str
 
 def train(
     out: Path,
-    steps: int = 3000,
-    batch_size: int = 16,
-    questions_per_image: int = 8,
+    steps: int = 2000,
+    batch_size: int = 12,
+    questions_per_image: int = 2,
     lr: float = 1e-3,
-    warmup: int = 200,
+    warmup: int = 100,
     dense_weight: float = 0.5,
     caption_weight: float = 0.5,
     grounding_weight: float = 0.5,
-    grounding_layer: int = -1,
+    relevance_weight: float = 0.5,
     eval_every: int = 250,
     eval_samples: int = 240,
+    init: Path | None = None,
     seed: int = 0,
 ) -> dict:
     """Train (resuming from out/ if a checkpoint is there); returns the last validation accuracy.
 
-    Each step encodes `batch_size` generated images and asks `questions_per_image` questions
-    about each: the scene's own question (with the caption after its answer) and questions
-    derived from its metadata (`questions.py`).
+    Each step takes `batch_size` generated images and `questions_per_image` questions about
+    each: the scene's own question (with the caption after its answer) and questions derived
+    from its metadata (`questions.py`). `init` starts from another run's weights (its
+    training_state.pt) with a fresh optimizer.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +227,12 @@ def train(
     processor = build_processor(tokenizer)
     model = build_model(tokenizer, seed=seed)
     head = DenseHead(model.config.vision_config.hidden_size)
-    params = list(model.parameters()) + list(head.parameters())
+    relevance = nn.Linear(model.config.text_config.hidden_size, 1)
+    if init is not None:
+        state = torch.load(Path(init) / "training_state.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        head.load_state_dict(state["head"])
+    params = list(model.parameters()) + list(head.parameters()) + list(relevance.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -256,6 +243,7 @@ def train(
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
+        relevance.load_state_dict(state["relevance"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start = state["step"]
@@ -264,10 +252,14 @@ def train(
     model.model.vision_tower.encoder.register_forward_hook(
         lambda module, args, output: features.__setitem__("last", output.last_hidden_state)
     )
-    grounded = model.model.language_model.layers[grounding_layer]
-    grounded.register_forward_pre_hook(
+    layers = model.model.language_model.layers
+    layers[-1].register_forward_pre_hook(
         lambda module, args, kwargs: features.__setitem__(
             "grounded", (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])),
+        with_kwargs=True,
+    )
+    layers[-2].register_forward_pre_hook(
+        lambda module, args, kwargs: features.__setitem__("probed", args[0] if args else kwargs["hidden_states"]),
         with_kwargs=True,
     )
     validation = [make_sample(VALIDATION_SEED, i) for i in range(eval_samples)]
@@ -279,40 +271,48 @@ def train(
     for step in progress:
         indices = [step * batch_size + i for i in range(batch_size)]
         samples = [make_sample(TRAIN_SEED, i) for i in indices]
-        asked = []
+        items, images, firsts = [], [], []
         for index, sample in zip(indices, samples):
             rng = np.random.default_rng([TRAIN_SEED, index, 1])
             extra = [(q, a, None, boxes) for q, a, _, boxes in derived_questions(sample.meta, rng, questions_per_image)
                      if q != sample.question]
             own = (sample.question, sample.answer, caption(sample.meta), tuple(sample.meta["relevant"]))
-            asked.append(([own] + extra)[:questions_per_image])
-        batch = pack_questions(tokenizer, asked)
+            asked = ([own] + extra)[:questions_per_image]
+            firsts.append(len(items))  # the row of each image's first copy, for the dense loss
+            items += asked
+            images += [sample.image] * len(asked)
+        batch = encode_training(tokenizer, items)
         dense = torch.from_numpy(np.stack([patch_labels(s.meta) for s in samples]))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], pixel_values=pixel_values([s.image for s in samples])).logits
+                       pixel_values=pixel_values(images)).logits
         answer_loss = next_token_loss(logits, batch["answer_targets"])
         caption_loss = next_token_loss(logits, batch["caption_targets"])
-        dense_loss = head.loss(features["last"][:, 1:], dense)
-        ground_loss = grounding_loss(grounded, *features["grounded"], batch)
-        loss = answer_loss + caption_weight * caption_loss + dense_weight * dense_loss + grounding_weight * ground_loss
+        dense_loss = head.loss(features["last"][firsts, 1:], dense)
+        ground_loss = grounding_loss(layers[-1], *features["grounded"], batch)
+        probed = relevance(features["probed"][batch["visual"]]).squeeze(-1)
+        relevance_loss = nn.functional.binary_cross_entropy_with_logits(probed, batch["relevant"][batch["visual"]].float())
+        loss = (answer_loss + caption_weight * caption_loss + dense_weight * dense_loss
+                + grounding_weight * ground_loss + relevance_weight * relevance_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         record = {"step": step + 1, "answer_loss": answer_loss.item(), "caption_loss": caption_loss.item(),
-                  "dense_loss": dense_loss.item(), "grounding_loss": ground_loss.item(), "questions": sum(map(len, asked)),
-                  "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - began, 1)}
+                  "dense_loss": dense_loss.item(), "grounding_loss": ground_loss.item(),
+                  "relevance_loss": relevance_loss.item(), "lr": schedule.get_last_lr()[0],
+                  "elapsed_s": round(time.time() - began, 1)}
         progress.set_postfix(answer=f"{record['answer_loss']:.3f}", caption=f"{record['caption_loss']:.3f}",
-                             dense=f"{record['dense_loss']:.3f}", ground=f"{record['grounding_loss']:.3f}")
+                             ground=f"{record['grounding_loss']:.3f}", relevant=f"{record['relevance_loss']:.3f}")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             accuracy = answer_accuracy(model, tokenizer, validation)
             record["validation"] = accuracy
             tqdm.write(f"step {step + 1}: validation {json.dumps(accuracy)}")
             model.save_pretrained(out)
             processor.save_pretrained(out)
-            torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": step + 1}, state_path)
+            torch.save({"model": model.state_dict(), "head": head.state_dict(), "relevance": relevance.state_dict(),
+                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step + 1},
+                       state_path)
         log.write(json.dumps(record) + "\n")
         log.flush()
     return accuracy
