@@ -8,7 +8,15 @@ from vtprune.synth import vocabulary as synth_vocabulary
 from vtprune.synth.generator import ANSWERS, words
 from vtprune.synth.questions import derived_questions
 from vtprune.synth.reference import build_model, build_tokenizer, pixel_values
-from vtprune.synth.train import caption, covered_patches, encode, encode_training, grounding_loss, patch_labels
+from vtprune.synth.train import (
+    caption,
+    covered_patches,
+    encode,
+    encode_training,
+    grounding_loss,
+    patch_labels,
+    reading_loss,
+)
 
 
 def training_items(samples, extra=2):
@@ -42,6 +50,7 @@ def test_training_rows_are_evaluation_prompts_followed_by_their_targets():
         assert int(batch["relevant"][r].sum()) == int(np.any([covered_patches(b) for b in boxes], axis=0).sum()
                                                         if boxes else 0)
         assert batch["key_mask"][r].sum() == len(prompt_ids)  # the answer's predictor sees the whole prompt only
+        assert tokenizer.convert_ids_to_tokens(batch["input_ids"][r][batch["question"][r]]) == question.split()
 
 
 def test_derived_questions_agree_with_the_generator():
@@ -86,23 +95,31 @@ def test_patch_labels_mark_one_centre_per_object():
     assert labels[3].sum() == len(sample.meta["objects"]) + len(sample.meta["plates"])
 
 
-def test_grounding_loss_is_the_attention_mass_of_one_head_on_the_relevant_tokens():
+def test_attention_losses_are_the_attention_mass_of_one_head_on_what_it_should_see():
+    """Grounding (answer position -> the question's boxes, last layer) and reading (visual tokens -> the
+    question's words, first layer), against the weights eager attention reports."""
     tokenizer = build_tokenizer()
     model = build_model(tokenizer).eval()
     items, images = training_items([make_sample(0, i) for i in range(2)])
     batch = encode_training(tokenizer, items)
-    layer = model.model.language_model.layers[-1]
+    layers = model.model.language_model.layers
     captured = {}
-    layer.register_forward_pre_hook(lambda m, args, kwargs: captured.update(
-        hidden=args[0] if args else kwargs["hidden_states"], rope=kwargs["position_embeddings"]), with_kwargs=True)
+    for name, layer in (("first", layers[0]), ("last", layers[-1])):
+        layer.register_forward_pre_hook(lambda m, args, kwargs, name=name: captured.__setitem__(
+            name, (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])), with_kwargs=True)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixel_values(images))
     with torch.no_grad():
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixel_values(images))
-        ours = grounding_loss(layer, captured["hidden"], captured["rope"], batch)
+        model(**inputs)
+        grounding = grounding_loss(layers[-1], *captured["last"], batch)
+        reading = reading_loss(layers[0], *captured["first"], batch)
         model.set_attn_implementation("eager")
-        weights = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        pixel_values=pixel_values(images), output_attentions=True).attentions[-1]
-    head0 = weights[torch.arange(len(items)), 0, batch["query_positions"]]
-    mass = (head0 * batch["relevant"]).sum(dim=1)
+        weights = model(output_attentions=True, **inputs).attentions
+    rows = torch.arange(len(items))
+    at_answer = weights[-1][rows, 0, batch["query_positions"]]
+    mass = (at_answer * batch["relevant"]).sum(dim=1)
     has = batch["relevant"].any(dim=1)
     assert has.sum() >= 4
-    torch.testing.assert_close(ours, -mass[has].log().mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grounding, -mass[has].log().mean(), rtol=1e-4, atol=1e-5)
+    at_visual = weights[0][:, 0][batch["visual"]].view(len(items), -1, batch["visual"].shape[1])  # [N, 576, T]
+    mass = (at_visual * batch["question"][:, None, :]).sum(dim=-1)
+    torch.testing.assert_close(reading, -mass.log().mean(), rtol=1e-4, atol=1e-5)

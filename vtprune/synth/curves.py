@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def plot_training_logs(logs: dict[str, Path], path: Path) -> None:
-    """One figure: losses per step (left) and validation accuracy per class (right), for each named run."""
+    """One figure: losses per step (left) and validation accuracy (right) of each named run, per class for the last."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,15 +17,20 @@ def plot_training_logs(logs: dict[str, Path], path: Path) -> None:
     for name, log in logs.items():
         records = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
         steps = [r["step"] for r in records]
-        for key, style in (("answer_loss", "-"), ("caption_loss", "--"), ("dense_loss", ":")):
+        for key, style in (("answer_loss", "-"), ("caption_loss", "--"), ("dense_loss", ":"),
+                           ("grounding_loss", "-."), ("relevance_loss", (0, (1, 3)))):
             points = [(s, r[key]) for s, r in zip(steps, records) if key in r]
             if points:
-                losses.plot(*zip(*points), style, label=f"{name}: {key}", linewidth=0.8)
+                losses.plot(*zip(*points), linestyle=style, label=f"{name}: {key}", linewidth=0.8)
         evaluated = [r for r in records if "validation" in r]
         accuracy.plot([r["step"] for r in evaluated], [r["validation"]["overall"] for r in evaluated], marker="o",
                       label=f"{name}: overall")
+    for qclass in sorted(evaluated[-1]["validation"]) if evaluated else []:
+        if qclass != "overall":
+            accuracy.plot([r["step"] for r in evaluated], [r["validation"][qclass] for r in evaluated],
+                          linewidth=0.7, alpha=0.7, label=f"{name}: {qclass}")
     accuracy.axhline(0.9, color="black", linestyle="--", linewidth=0.8, label="target 0.90")
-    losses.set_xlabel("step (32 samples)")
+    losses.set_xlabel("step")
     losses.set_ylabel("loss")
     losses.legend(fontsize=7)
     accuracy.set_xlabel("step")

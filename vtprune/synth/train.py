@@ -1,7 +1,7 @@
 """`vtprune train-reference`: train the reference model from scratch on generated samples.
 
 Each step takes a batch of generated images and asks a few questions about each: the
-scene's own question and others its metadata answers (`questions.py`). Five losses:
+scene's own question and others its metadata answers (`questions.py`). Six losses:
 - cross-entropy on each one-word answer (evaluation prompts end at "ASSISTANT:", so the
   answer is the first word generated);
 - a caption after the scene's own answer (every object's colour and shape, and each
@@ -9,13 +9,16 @@ scene's own question and others its metadata answers (`questions.py`). Five loss
 - a dense loss that asks every visual token of the vision tower's output for the colour,
   shape and word under its patch, whether an object's centre is there, and the patch's
   row and column;
+- a reading loss: one head of the first layer, at every visual token, should look at the
+  question's words (the question-first prompt puts them before the image);
 - a relevance probe on the LM's visual tokens one layer before the last: is this token
   under one of the boxes that answer the question (which the question-first prompt lets
   it know);
 - a grounding loss: one head of the last layer, at the position that predicts the
   answer, should put its attention on those tokens.
-The auxiliary heads are not part of the saved model. Without the last two, runs sat at
-the text-only prior (benchmarks/reference_training/README.md).
+The auxiliary heads are not part of the saved model. Without the last three, runs sat at
+the text-only prior (benchmarks/reference_training/README.md): the LM never learned to
+make a visual token's state depend on the question.
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def encode_training(tokenizer, items: list[tuple[str, str, str | None, tuple]]) 
     input_ids, attention_mask, the answer / caption targets (-100 elsewhere, aligned with
     input_ids: the logits one position earlier predict them), the position that predicts
     each answer, the keys it may attend to, and each row's relevant positions ([N, length]
-    bool: the visual tokens under its boxes).
+    bool: the visual tokens under its boxes) and question positions ([N, length] bool).
     """
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     rows = []
@@ -105,15 +108,17 @@ def encode_training(tokenizer, items: list[tuple[str, str, str | None, tuple]]) 
         ids = tokenizer(prompt(question).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID))["input_ids"]
         answer_at = len(ids)
         ids = ids + tokenizer(answer)["input_ids"] + (tokenizer(text)["input_ids"] if text else [])
-        rows.append((ids, answer_at, boxes))
-    length = max(len(ids) for ids, _, _ in rows)
+        before = len(tokenizer(prompt(question).split(question)[0])["input_ids"])
+        rows.append((ids, answer_at, boxes, range(before, before + len(tokenizer(question)["input_ids"]))))
+    length = max(len(ids) for ids, *_ in rows)
     n = len(rows)
     batch = {key: torch.full((n, length), -100, dtype=torch.long) for key in ("answer_targets", "caption_targets")}
     batch["input_ids"] = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)
     batch["attention_mask"] = torch.zeros(n, length, dtype=torch.long)
     batch["relevant"] = torch.zeros(n, length, dtype=torch.bool)
+    batch["question"] = torch.zeros(n, length, dtype=torch.bool)
     batch["query_positions"] = torch.zeros(n, dtype=torch.long)
-    for r, (ids, answer_at, boxes) in enumerate(rows):
+    for r, (ids, answer_at, boxes, words) in enumerate(rows):
         start = length - len(ids)
         batch["input_ids"][r, start:] = torch.tensor(ids)
         batch["attention_mask"][r, start:] = 1
@@ -121,6 +126,7 @@ def encode_training(tokenizer, items: list[tuple[str, str, str | None, tuple]]) 
         batch["caption_targets"][r, start + answer_at + 1:] = torch.tensor(ids[answer_at + 1:], dtype=torch.long)
         batch["query_positions"][r] = start + answer_at - 1
         image_at = start + ids.index(image_token)
+        batch["question"][r, start + words.start : start + words.stop] = True
         for box in boxes:
             batch["relevant"][r, image_at : image_at + GRID * GRID] |= torch.from_numpy(covered_patches(box).flatten())
     positions = torch.arange(length)
@@ -129,27 +135,43 @@ def encode_training(tokenizer, items: list[tuple[str, str, str | None, tuple]]) 
     return batch
 
 
-def grounding_loss(layer, hidden: torch.Tensor, position_embeddings, batch: dict) -> torch.Tensor:
-    """-log of the attention mass that one head of `layer` puts on each question's relevant visual tokens.
+def attention_mass_loss(layer, hidden: torch.Tensor, position_embeddings, queries: torch.Tensor,
+                        keys_allowed: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """-log of the attention mass that head 0 of `layer` puts on the wanted keys, averaged over queries.
 
-    Measured from the position that predicts the answer, recomputed from the layer's
-    input (hidden [B, T, D]) with its own norm, projections and RoPE. Teaching one head
-    where to look is what gets a small LM trained from scratch past the plateau where
-    it answers from the question's wording alone; the other heads and layers are free.
+    Recomputed from the layer's input (hidden [N, T, D]) with its own norm, projections and
+    RoPE. queries [N, M] positions; keys_allowed [N, M, T] what each may attend to (causal
+    and padding); wanted [N, M, T] the keys it should attend to (queries without any are skipped).
     """
     attn = layer.self_attn
-    queries, relevant = batch["query_positions"], batch["relevant"]
-    rows = torch.arange(len(queries))
+    rows = torch.arange(len(hidden))[:, None]
     cos, sin = (t.expand(len(hidden), -1, -1) for t in position_embeddings)  # [1, T, d] when rows share positions
     normed = layer.input_layernorm(hidden)
-    query = attn.q_proj(normed[rows, queries]).view(len(rows), -1, attn.head_dim)[:, None, :1]  # head 0
-    query = apply_rope(query, cos[rows, queries][:, None], sin[rows, queries][:, None])[:, 0, 0]
+    query = attn.q_proj(normed[rows, queries]).view(*queries.shape, -1, attn.head_dim)[:, :, :1].transpose(1, 2)
+    query = apply_rope(query, cos[rows, queries], sin[rows, queries])[:, 0]  # [N, M, d]
     keys = attn.k_proj(normed).view(*hidden.shape[:2], -1, attn.head_dim)[:, :, :1].transpose(1, 2)
-    keys = apply_rope(keys, cos, sin)[:, 0]
-    logits = torch.einsum("nd,ntd->nt", query, keys) * attn.scaling
-    log_attention = logits.masked_fill(~batch["key_mask"], -torch.inf).log_softmax(-1)
-    has = relevant.any(dim=1)
-    return -torch.logsumexp(log_attention.masked_fill(~relevant, -torch.inf), dim=1)[has].mean()
+    keys = apply_rope(keys, cos, sin)[:, 0]  # [N, T, d]
+    logits = torch.einsum("nmd,ntd->nmt", query, keys) * attn.scaling
+    log_attention = logits.masked_fill(~keys_allowed, -torch.inf).log_softmax(-1)
+    has = wanted.any(dim=-1)
+    return -torch.logsumexp(log_attention.masked_fill(~wanted, -torch.inf), dim=-1)[has].mean()
+
+
+def grounding_loss(layer, hidden: torch.Tensor, position_embeddings, batch: dict) -> torch.Tensor:
+    """Head 0 of `layer`, at the position that predicts the answer, should look at the question's boxes."""
+    queries = batch["query_positions"][:, None]
+    return attention_mass_loss(layer, hidden, position_embeddings, queries, batch["key_mask"][:, None],
+                               batch["relevant"][:, None])
+
+
+def reading_loss(layer, hidden: torch.Tensor, position_embeddings, batch: dict) -> torch.Tensor:
+    """Head 0 of `layer`, at every visual token, should look at the question's words (before the image)."""
+    visual = batch["visual"]
+    queries = torch.stack([torch.nonzero(row).flatten() for row in visual])  # [N, 576]
+    positions = torch.arange(visual.shape[1])
+    keys_allowed = batch["attention_mask"].bool()[:, None, :] & (positions[None, None, :] <= queries[..., None])
+    wanted = (batch["question"][:, None, :] & keys_allowed)
+    return attention_mass_loss(layer, hidden, position_embeddings, queries, keys_allowed, wanted)
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -208,6 +230,7 @@ def train(
     caption_weight: float = 0.5,
     grounding_weight: float = 0.5,
     relevance_weight: float = 0.5,
+    reading_weight: float = 0.5,
     eval_every: int = 250,
     eval_samples: int = 240,
     init: Path | None = None,
@@ -258,6 +281,11 @@ def train(
             "grounded", (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])),
         with_kwargs=True,
     )
+    layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: features.__setitem__(
+            "reading", (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])),
+        with_kwargs=True,
+    )
     layers[-2].register_forward_pre_hook(
         lambda module, args, kwargs: features.__setitem__("probed", args[0] if args else kwargs["hidden_states"]),
         with_kwargs=True,
@@ -289,10 +317,11 @@ def train(
         caption_loss = next_token_loss(logits, batch["caption_targets"])
         dense_loss = head.loss(features["last"][firsts, 1:], dense)
         ground_loss = grounding_loss(layers[-1], *features["grounded"], batch)
+        read_loss = reading_loss(layers[0], *features["reading"], batch)
         probed = relevance(features["probed"][batch["visual"]]).squeeze(-1)
         relevance_loss = nn.functional.binary_cross_entropy_with_logits(probed, batch["relevant"][batch["visual"]].float())
         loss = (answer_loss + caption_weight * caption_loss + dense_weight * dense_loss
-                + grounding_weight * ground_loss + relevance_weight * relevance_loss)
+                + grounding_weight * ground_loss + relevance_weight * relevance_loss + reading_weight * read_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -300,10 +329,11 @@ def train(
         schedule.step()
         record = {"step": step + 1, "answer_loss": answer_loss.item(), "caption_loss": caption_loss.item(),
                   "dense_loss": dense_loss.item(), "grounding_loss": ground_loss.item(),
-                  "relevance_loss": relevance_loss.item(), "lr": schedule.get_last_lr()[0],
+                  "relevance_loss": relevance_loss.item(), "reading_loss": read_loss.item(), "lr": schedule.get_last_lr()[0],
                   "elapsed_s": round(time.time() - began, 1)}
         progress.set_postfix(answer=f"{record['answer_loss']:.3f}", caption=f"{record['caption_loss']:.3f}",
-                             ground=f"{record['grounding_loss']:.3f}", relevant=f"{record['relevance_loss']:.3f}")
+                             ground=f"{record['grounding_loss']:.3f}", relevant=f"{record['relevance_loss']:.3f}",
+                             read=f"{record['reading_loss']:.3f}")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             accuracy = answer_accuracy(model, tokenizer, validation)
             record["validation"] = accuracy
