@@ -201,6 +201,28 @@ class DenseHead(nn.Module):
                    for i, probe in enumerate(self.probes))
 
 
+def word_alignment_loss(visual: torch.Tensor, labels: torch.Tensor, model, tokenizer) -> torch.Tensor:
+    """Each visual token (the projector's output) should point the way the word for its colour, shape and
+    plate word does in the LM's embedding table (cosine logits over those words plus "nothing").
+
+    Then a question word and a matching visual token share a direction, and matching
+    them is a dot product the LM finds at once instead of a relation it must discover.
+    """
+    embeddings = model.get_input_embeddings().weight
+    total = 0.0
+    for i, names in enumerate((COLOR_NAMES, SHAPES, OCR_WORDS)):
+        words = embeddings[tokenizer.convert_tokens_to_ids(list(names))]
+        target = labels[:, i].flatten(1)
+        known = target > 0
+        if names is SHAPES:
+            known &= target <= len(SHAPES)  # plates have no shape word
+        if not known.any():  # e.g. no plate in the batch
+            continue
+        cosine = nn.functional.normalize(visual[known], dim=-1) @ nn.functional.normalize(words, dim=-1).T
+        total = total + nn.functional.cross_entropy(10 * cosine, target[known] - 1)
+    return total
+
+
 @torch.no_grad()
 def answer_accuracy(model, tokenizer, samples, batch_size: int = 32) -> dict[str, float]:
     """Greedy one-word answers against the truth, per class and overall."""
@@ -231,6 +253,7 @@ def train(
     grounding_weight: float = 0.5,
     relevance_weight: float = 0.5,
     reading_weight: float = 0.5,
+    alignment_weight: float = 0.5,
     eval_every: int = 250,
     eval_samples: int = 240,
     init: Path | None = None,
@@ -275,6 +298,8 @@ def train(
     model.model.vision_tower.encoder.register_forward_hook(
         lambda module, args, output: features.__setitem__("last", output.last_hidden_state)
     )
+    model.model.multi_modal_projector.register_forward_hook(
+        lambda module, args, output: features.__setitem__("projected", output))
     layers = model.model.language_model.layers
     layers[-1].register_forward_pre_hook(
         lambda module, args, kwargs: features.__setitem__(
@@ -318,10 +343,12 @@ def train(
         dense_loss = head.loss(features["last"][firsts, 1:], dense)
         ground_loss = grounding_loss(layers[-1], *features["grounded"], batch)
         read_loss = reading_loss(layers[0], *features["reading"], batch)
+        align_loss = word_alignment_loss(features["projected"][firsts], dense, model, tokenizer)
         probed = relevance(features["probed"][batch["visual"]]).squeeze(-1)
         relevance_loss = nn.functional.binary_cross_entropy_with_logits(probed, batch["relevant"][batch["visual"]].float())
         loss = (answer_loss + caption_weight * caption_loss + dense_weight * dense_loss
-                + grounding_weight * ground_loss + relevance_weight * relevance_loss + reading_weight * read_loss)
+                + grounding_weight * ground_loss + relevance_weight * relevance_loss + reading_weight * read_loss
+                + alignment_weight * align_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -329,11 +356,12 @@ def train(
         schedule.step()
         record = {"step": step + 1, "answer_loss": answer_loss.item(), "caption_loss": caption_loss.item(),
                   "dense_loss": dense_loss.item(), "grounding_loss": ground_loss.item(),
-                  "relevance_loss": relevance_loss.item(), "reading_loss": read_loss.item(), "lr": schedule.get_last_lr()[0],
+                  "relevance_loss": relevance_loss.item(), "reading_loss": read_loss.item(),
+                  "alignment_loss": align_loss.item(), "lr": schedule.get_last_lr()[0],
                   "elapsed_s": round(time.time() - began, 1)}
         progress.set_postfix(answer=f"{record['answer_loss']:.3f}", caption=f"{record['caption_loss']:.3f}",
                              ground=f"{record['grounding_loss']:.3f}", relevant=f"{record['relevance_loss']:.3f}",
-                             read=f"{record['reading_loss']:.3f}")
+                             read=f"{record['reading_loss']:.3f}", align=f"{record['alignment_loss']:.3f}")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             accuracy = answer_accuracy(model, tokenizer, validation)
             record["validation"] = accuracy
