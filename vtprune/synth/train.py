@@ -11,9 +11,9 @@ scene's own question and others its metadata answers (`questions.py`). Six losse
   row and column;
 - a reading loss: one head of the first layer, at every visual token, should look at the
   question's words (the question-first prompt puts them before the image);
-- a relevance probe on the LM's visual tokens one layer before the last: is this token
-  under one of the boxes that answer the question (which the question-first prompt lets
-  it know);
+- a relevance probe on the LM's visual tokens one layer before the last: is this object
+  token under one of the boxes that answer the question (which the question-first prompt
+  lets it know);
 - a grounding loss: one head of the last layer, at the position that predicts the
   answer, should put its attention on those tokens.
 The auxiliary heads are not part of the saved model. Without the last three, runs sat at
@@ -251,7 +251,7 @@ def train(
     dense_weight: float = 0.5,
     caption_weight: float = 0.5,
     grounding_weight: float = 0.5,
-    relevance_weight: float = 0.5,
+    relevance_weight: float = 1.0,
     reading_weight: float = 0.5,
     alignment_weight: float = 0.5,
     eval_every: int = 250,
@@ -324,7 +324,7 @@ def train(
     for step in progress:
         indices = [step * batch_size + i for i in range(batch_size)]
         samples = [make_sample(TRAIN_SEED, i) for i in indices]
-        items, images, firsts = [], [], []
+        items, images, firsts, owners = [], [], [], []
         for index, sample in zip(indices, samples):
             rng = np.random.default_rng([TRAIN_SEED, index, 1])
             extra = [(q, a, None, boxes) for q, a, _, boxes in derived_questions(sample.meta, rng, questions_per_image)
@@ -332,6 +332,7 @@ def train(
             own = (sample.question, sample.answer, caption(sample.meta), tuple(sample.meta["relevant"]))
             asked = ([own] + extra)[:questions_per_image]
             firsts.append(len(items))  # the row of each image's first copy, for the dense loss
+            owners += [len(firsts) - 1] * len(asked)
             items += asked
             images += [sample.image] * len(asked)
         batch = encode_training(tokenizer, items)
@@ -344,8 +345,12 @@ def train(
         ground_loss = grounding_loss(layers[-1], *features["grounded"], batch)
         read_loss = reading_loss(layers[0], *features["reading"], batch)
         align_loss = word_alignment_loss(features["projected"][firsts], dense, model, tokenizer)
-        probed = relevance(features["probed"][batch["visual"]]).squeeze(-1)
-        relevance_loss = nn.functional.binary_cross_entropy_with_logits(probed, batch["relevant"][batch["visual"]].float())
+        # Over the tokens of objects and plates only: telling background from objects is easy and
+        # would drown out the question-dependent part, which object is the one asked about.
+        on_object = (dense[:, 0] > 0).flatten(1)[owners]  # [rows, 576]
+        probed = relevance(features["probed"][batch["visual"]].view(len(items), -1, features["probed"].shape[-1]))
+        relevance_loss = nn.functional.binary_cross_entropy_with_logits(
+            probed.squeeze(-1)[on_object], batch["relevant"][batch["visual"]].view(len(items), -1)[on_object].float())
         loss = (answer_loss + caption_weight * caption_loss + dense_weight * dense_loss
                 + grounding_weight * ground_loss + relevance_weight * relevance_loss + reading_weight * read_loss
                 + alignment_weight * align_loss)
