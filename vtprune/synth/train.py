@@ -263,8 +263,8 @@ def train(
 
     Each step takes `batch_size` generated images and `questions_per_image` questions about
     each: the scene's own question (with the caption after its answer) and questions derived
-    from its metadata (`questions.py`). `init` starts from another run's weights (its
-    training_state.pt) with a fresh optimizer.
+    from its metadata (`questions.py`). `init` starts from another run's folder (its
+    model.safetensors and auxiliary_heads.pt) with a fresh optimizer and schedule.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,9 +275,10 @@ def train(
     head = DenseHead(model.config.vision_config.hidden_size)
     relevance = nn.Linear(model.config.text_config.hidden_size, 1)
     if init is not None:
-        state = torch.load(Path(init) / "training_state.pt", weights_only=False)
-        model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
+        model.load_state_dict(type(model).from_pretrained(init, dtype=torch.float32).state_dict())
+        heads = torch.load(Path(init) / "auxiliary_heads.pt")
+        head.load_state_dict(heads["head"])
+        relevance.load_state_dict(heads["relevance"])
     params = list(model.parameters()) + list(head.parameters()) + list(relevance.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -373,6 +374,7 @@ def train(
             tqdm.write(f"step {step + 1}: validation {json.dumps(accuracy)}")
             model.save_pretrained(out)
             processor.save_pretrained(out)
+            torch.save({"head": head.state_dict(), "relevance": relevance.state_dict()}, out / "auxiliary_heads.pt")
             torch.save({"model": model.state_dict(), "head": head.state_dict(), "relevance": relevance.state_dict(),
                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step + 1},
                        state_path)
