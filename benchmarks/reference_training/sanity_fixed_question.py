@@ -7,7 +7,7 @@ chance 0.125), 240 steps of 32, and prints held-out accuracy every 40 steps.
 import sys, time, torch, numpy as np
 from vtprune.synth.generator import make_sample
 from vtprune.synth.reference import build_model, build_tokenizer, pixel_values
-from vtprune.synth.train import encode, next_token_loss, patch_labels, DenseHead
+from vtprune.synth.train import encode, encode_training, next_token_loss, patch_labels, DenseHead
 torch.manual_seed(0)
 use_bf16 = sys.argv[1] == "bf16"; lr = float(sys.argv[2])
 tok = build_tokenizer(); model = build_model(tok)
@@ -26,7 +26,8 @@ val, _ = samples(9, 0, 64)
 cursor = 0; began = time.time()
 for step in range(1, 241):
     batch, cursor = samples(0, cursor, 32)
-    ids, mask, at, ct = encode(tok, [s.question for s in batch], [s.answer for s in batch])
+    rows = encode_training(tok, [(s.question, s.answer, None, ()) for s in batch])
+    ids, mask, at = rows["input_ids"], rows["attention_mask"], rows["answer_targets"]
     dense = torch.from_numpy(np.stack([patch_labels(s.meta) for s in batch]))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values([s.image for s in batch])).logits
