@@ -32,6 +32,7 @@ def plot_training_logs(logs: dict[str, Path], path: Path) -> None:
     accuracy.axhline(0.9, color="black", linestyle="--", linewidth=0.8, label="target 0.90")
     losses.set_xlabel("step")
     losses.set_ylabel("loss")
+    losses.set_ylim(0, 5)  # the first steps' dense losses (10+) would flatten the rest
     losses.legend(fontsize=7)
     accuracy.set_xlabel("step")
     accuracy.set_ylabel("validation accuracy (seed 1)")
