@@ -80,7 +80,7 @@ def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray
         for row, col in zip(*np.nonzero(stages == 0)):
             axes[2].add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h, fill=False,
                                         edgecolor="white", linewidth=1.0))
-        axes[2].set_title("where tokens were merged (colour = the kept token)")
+        axes[2].set_title("merged into (colour = kept token)")
     for axis in axes:
         axis.set_xticks([])
         axis.set_yticks([])
