@@ -9,6 +9,7 @@ from vtprune.synth.generator import ANSWERS, words
 from vtprune.synth.questions import derived_questions
 from vtprune.synth.reference import build_model, build_tokenizer, pixel_values
 from vtprune.synth.train import (
+    capture_layer_input,
     caption,
     covered_patches,
     encode,
@@ -104,9 +105,8 @@ def test_attention_losses_are_the_attention_mass_of_one_head_on_what_it_should_s
     batch = encode_training(tokenizer, items)
     layers = model.model.language_model.layers
     captured = {}
-    for name, layer in (("first", layers[0]), ("last", layers[-1])):
-        layer.register_forward_pre_hook(lambda m, args, kwargs, name=name: captured.__setitem__(
-            name, (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])), with_kwargs=True)
+    capture_layer_input(layers[0], captured, "first")
+    capture_layer_input(layers[-1], captured, "last")
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixel_values(images))
     with torch.no_grad():
         model(**inputs)

@@ -81,9 +81,14 @@ def caption(meta: dict) -> str:
     return " ".join(f"{it['color']} plate {it['word']}" if "word" in it else f"{it['color']} {it['shape']}" for it in items)
 
 
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """The evaluation prompt's ids, its image token expanded to the 576 visual tokens as the processor does."""
+    return tokenizer(prompt(question).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID))["input_ids"]
+
+
 def encode(tokenizer, questions: list[str]):
     """Left-padded prompts, expanded as the processor expands them: input_ids and attention_mask."""
-    rows = [tokenizer(prompt(q).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID))["input_ids"] for q in questions]
+    rows = [prompt_ids(tokenizer, q) for q in questions]
     length = max(map(len, rows))
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
@@ -105,7 +110,7 @@ def encode_training(tokenizer, items: list[tuple[str, str, str | None, tuple]]) 
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     rows = []
     for question, answer, text, boxes in items:
-        ids = tokenizer(prompt(question).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID))["input_ids"]
+        ids = prompt_ids(tokenizer, question)
         answer_at = len(ids)
         ids = ids + tokenizer(answer)["input_ids"] + (tokenizer(text)["input_ids"] if text else [])
         before = len(tokenizer(prompt(question).split(question)[0])["input_ids"])
@@ -172,6 +177,15 @@ def reading_loss(layer, hidden: torch.Tensor, position_embeddings, batch: dict) 
     keys_allowed = batch["attention_mask"].bool()[:, None, :] & (positions[None, None, :] <= queries[..., None])
     wanted = (batch["question"][:, None, :] & keys_allowed)
     return attention_mass_loss(layer, hidden, position_embeddings, queries, keys_allowed, wanted)
+
+
+def capture_layer_input(layer, store: dict, name: str) -> None:
+    """Keep each forward's input to a decoder layer in store[name]: (hidden states, RoPE cos/sin)."""
+    layer.register_forward_pre_hook(
+        lambda module, args, kwargs: store.__setitem__(
+            name, (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])),
+        with_kwargs=True,
+    )
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -302,20 +316,8 @@ def train(
     model.model.multi_modal_projector.register_forward_hook(
         lambda module, args, output: features.__setitem__("projected", output))
     layers = model.model.language_model.layers
-    layers[-1].register_forward_pre_hook(
-        lambda module, args, kwargs: features.__setitem__(
-            "grounded", (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])),
-        with_kwargs=True,
-    )
-    layers[0].register_forward_pre_hook(
-        lambda module, args, kwargs: features.__setitem__(
-            "reading", (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])),
-        with_kwargs=True,
-    )
-    layers[-2].register_forward_pre_hook(
-        lambda module, args, kwargs: features.__setitem__("probed", args[0] if args else kwargs["hidden_states"]),
-        with_kwargs=True,
-    )
+    for name, layer in (("grounded", layers[-1]), ("reading", layers[0]), ("probed", layers[-2])):
+        capture_layer_input(layer, features, name)
     validation = [make_sample(VALIDATION_SEED, i) for i in range(eval_samples)]
     log = (out / "train_log.jsonl").open("a")
     model.train()
@@ -349,7 +351,7 @@ def train(
         # Over the tokens of objects and plates only: telling background from objects is easy and
         # would drown out the question-dependent part, which object is the one asked about.
         on_object = (dense[:, 0] > 0).flatten(1)[owners]  # [rows, 576]
-        probed = relevance(features["probed"][batch["visual"]].view(len(items), -1, features["probed"].shape[-1]))
+        probed = relevance(features["probed"][0][batch["visual"]].view(len(items), -1, features["probed"][0].shape[-1]))
         relevance_loss = nn.functional.binary_cross_entropy_with_logits(
             probed.squeeze(-1)[on_object], batch["relevant"][batch["visual"]].view(len(items), -1)[on_object].float())
         loss = (answer_loss + caption_weight * caption_loss + dense_weight * dense_loss
