@@ -59,7 +59,8 @@ def cmd_train_reference(args) -> int:
 
     accuracy = train(Path(args.out), steps=args.steps, batch_size=args.batch, questions_per_image=args.questions,
                      lr=args.lr, eval_every=args.eval_every, eval_samples=args.eval_samples,
-                     init=Path(args.init) if args.init else None)
+                     init=Path(args.init) if args.init else None, device=args.device, workers=args.workers,
+                     minutes=args.minutes)
     console.print(accuracy)
     return 0
 
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--lr", type=float, default=1e-3)
     trainer.add_argument("--eval-every", type=int, default=250)
     trainer.add_argument("--eval-samples", type=int, default=240)
+    trainer.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
+    trainer.add_argument("--workers", type=int, help="processes that build batches (default: one per spare core)")
+    trainer.add_argument("--minutes", type=float, help="stop, validated and saved, after this much wall time")
     trainer.set_defaults(run=cmd_train_reference)
     return parser
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def attention_mass_loss(layer, hidden: torch.Tensor, position_embeddings, querie
     and padding); wanted [N, M, T] the keys it should attend to (queries without any are skipped).
     """
     attn = layer.self_attn
-    rows = torch.arange(len(hidden))[:, None]
+    rows = torch.arange(len(hidden), device=hidden.device)[:, None]
     cos, sin = (t.expand(len(hidden), -1, -1) for t in position_embeddings)  # [1, T, d] when rows share positions
     normed = layer.input_layernorm(hidden)
     query = attn.q_proj(normed[rows, queries]).view(*queries.shape, -1, attn.head_dim)[:, :, :1].transpose(1, 2)
@@ -173,7 +174,7 @@ def reading_loss(layer, hidden: torch.Tensor, position_embeddings, batch: dict) 
     """Head 0 of `layer`, at every visual token, should look at the question's words (before the image)."""
     visual = batch["visual"]
     queries = torch.stack([torch.nonzero(row).flatten() for row in visual])  # [N, 576]
-    positions = torch.arange(visual.shape[1])
+    positions = torch.arange(visual.shape[1], device=visual.device)
     keys_allowed = batch["attention_mask"].bool()[:, None, :] & (positions[None, None, :] <= queries[..., None])
     wanted = (batch["question"][:, None, :] & keys_allowed)
     return attention_mass_loss(layer, hidden, position_embeddings, queries, keys_allowed, wanted)
@@ -207,8 +208,9 @@ class DenseHead(nn.Module):
                                      nn.Linear(width, GRID), nn.Linear(width, GRID)])
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(GRID).repeat_interleave(GRID).expand(len(labels), 1, -1)
-        labels = torch.cat([labels.flatten(2), rows, torch.arange(GRID).repeat(GRID).expand(len(labels), 1, -1)], 1)
+        grid = torch.arange(GRID, device=labels.device)
+        rows = grid.repeat_interleave(GRID).expand(len(labels), 1, -1)
+        labels = torch.cat([labels.flatten(2), rows, grid.repeat(GRID).expand(len(labels), 1, -1)], 1)
         # Normalized first, so that this loss cannot grow the scale of the features the projector reads.
         features = nn.functional.layer_norm(features, features.shape[-1:])
         return sum(nn.functional.cross_entropy(probe(features).transpose(1, 2), labels[:, i])
@@ -237,6 +239,38 @@ def word_alignment_loss(visual: torch.Tensor, labels: torch.Tensor, model, token
     return total
 
 
+class TrainingBatches(torch.utils.data.Dataset):
+    """Step i's batch: images i*B .. (i+1)*B - 1 of the training seed, each asked its own question
+    (with the caption after the answer) and questions derived from its metadata.
+
+    Built from the step number alone, so a resumed run, or any number of loader workers,
+    sees the same batches. Besides `encode_training`'s rows: pixel_values and the dense
+    patch labels per image, `firsts` (each image's first row) and `owners` (each row's image).
+    """
+
+    def __init__(self, tokenizer, batch_size: int, questions_per_image: int):
+        self.tokenizer, self.batch_size, self.questions_per_image = tokenizer, batch_size, questions_per_image
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        indices = [step * self.batch_size + i for i in range(self.batch_size)]
+        samples = [make_sample(TRAIN_SEED, i) for i in indices]
+        items, firsts, owners = [], [], []
+        for index, sample in zip(indices, samples):
+            rng = np.random.default_rng([TRAIN_SEED, index, 1])
+            extra = [(q, a, None, boxes) for q, a, _, boxes in derived_questions(sample.meta, rng, self.questions_per_image)
+                     if q != sample.question]
+            own = (sample.question, sample.answer, caption(sample.meta), tuple(sample.meta["relevant"]))
+            asked = ([own] + extra)[:self.questions_per_image]
+            firsts.append(len(items))
+            owners += [len(firsts) - 1] * len(asked)
+            items += asked
+        batch = encode_training(self.tokenizer, items)
+        batch["pixel_values"] = pixel_values([samples[o].image for o in owners])
+        batch["dense"] = torch.from_numpy(np.stack([patch_labels(s.meta) for s in samples]))
+        batch["firsts"], batch["owners"] = torch.tensor(firsts), torch.tensor(owners)
+        return batch
+
+
 @torch.no_grad()
 def answer_accuracy(model, tokenizer, samples, batch_size: int = 32) -> dict[str, float]:
     """Greedy one-word answers against the truth, per class and overall."""
@@ -245,8 +279,8 @@ def answer_accuracy(model, tokenizer, samples, batch_size: int = 32) -> dict[str
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         input_ids, mask = encode(tokenizer, [s.question for s in chunk])
-        logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values([s.image for s in chunk]),
-                       logits_to_keep=1).logits[:, -1]
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+                       pixel_values=pixel_values([s.image for s in chunk]).to(model.device), logits_to_keep=1).logits[:, -1]
         for sample, token in zip(chunk, logits.argmax(-1).tolist()):
             hits.setdefault(sample.qclass, []).append(tokenizer.convert_ids_to_tokens(token) == sample.answer)
     model.train()
@@ -272,6 +306,9 @@ def train(
     eval_samples: int = 240,
     init: Path | None = None,
     seed: int = 0,
+    device: str | None = None,
+    workers: int | None = None,
+    minutes: float | None = None,
 ) -> dict:
     """Train (resuming from out/ if a checkpoint is there); returns the last validation accuracy.
 
@@ -279,9 +316,14 @@ def train(
     each: the scene's own question (with the caption after its answer) and questions derived
     from its metadata (`questions.py`). `init` starts from another run's folder (its
     model.safetensors and auxiliary_heads.pt) with a fresh optimizer and schedule.
+    `minutes` stops early, validated and saved so that running again resumes, after that
+    much wall time.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if workers is None:  # batches are built on the CPU (images, processor) while the model steps
+        workers = min(15, (os.cpu_count() or 1) - 1)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
@@ -293,6 +335,7 @@ def train(
         heads = torch.load(Path(init) / "auxiliary_heads.pt")
         head.load_state_dict(heads["head"])
         relevance.load_state_dict(heads["relevance"])
+    model.to(device), head.to(device), relevance.to(device)
     params = list(model.parameters()) + list(head.parameters()) + list(relevance.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -301,7 +344,7 @@ def train(
     state_path = out / "training_state.pt"
     start = 0
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
         relevance.load_state_dict(state["relevance"])
@@ -323,25 +366,15 @@ def train(
     model.train()
     began = time.time()
     accuracy = {}
-    progress = tqdm(range(start, steps), initial=start, total=steps, desc="train-reference")
-    for step in progress:
-        indices = [step * batch_size + i for i in range(batch_size)]
-        samples = [make_sample(TRAIN_SEED, i) for i in indices]
-        items, images, firsts, owners = [], [], [], []
-        for index, sample in zip(indices, samples):
-            rng = np.random.default_rng([TRAIN_SEED, index, 1])
-            extra = [(q, a, None, boxes) for q, a, _, boxes in derived_questions(sample.meta, rng, questions_per_image)
-                     if q != sample.question]
-            own = (sample.question, sample.answer, caption(sample.meta), tuple(sample.meta["relevant"]))
-            asked = ([own] + extra)[:questions_per_image]
-            firsts.append(len(items))  # the row of each image's first copy, for the dense loss
-            owners += [len(firsts) - 1] * len(asked)
-            items += asked
-            images += [sample.image] * len(asked)
-        batch = encode_training(tokenizer, items)
-        dense = torch.from_numpy(np.stack([patch_labels(s.meta) for s in samples]))
+    batches = torch.utils.data.DataLoader(
+        TrainingBatches(tokenizer, batch_size, questions_per_image), batch_size=None, sampler=range(start, steps),
+        num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    progress = tqdm(batches, initial=start, total=steps, desc="train-reference")
+    for step, batch in enumerate(progress, start):
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        items, firsts, owners, dense = len(batch["input_ids"]), batch["firsts"], batch["owners"], batch["dense"]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values=pixel_values(images)).logits
+                       pixel_values=batch["pixel_values"]).logits
         answer_loss = next_token_loss(logits, batch["answer_targets"])
         caption_loss = next_token_loss(logits, batch["caption_targets"])
         dense_loss = head.loss(features["last"][firsts, 1:], dense)
@@ -351,9 +384,9 @@ def train(
         # Over the tokens of objects and plates only: telling background from objects is easy and
         # would drown out the question-dependent part, which object is the one asked about.
         on_object = (dense[:, 0] > 0).flatten(1)[owners]  # [rows, 576]
-        probed = relevance(features["probed"][0][batch["visual"]].view(len(items), -1, features["probed"][0].shape[-1]))
+        probed = relevance(features["probed"][0][batch["visual"]].view(items, -1, features["probed"][0].shape[-1]))
         relevance_loss = nn.functional.binary_cross_entropy_with_logits(
-            probed.squeeze(-1)[on_object], batch["relevant"][batch["visual"]].view(len(items), -1)[on_object].float())
+            probed.squeeze(-1)[on_object], batch["relevant"][batch["visual"]].view(items, -1)[on_object].float())
         loss = (answer_loss + caption_weight * caption_loss + dense_weight * dense_loss
                 + grounding_weight * ground_loss + relevance_weight * relevance_loss + reading_weight * read_loss
                 + alignment_weight * align_loss)
@@ -370,7 +403,8 @@ def train(
         progress.set_postfix(answer=f"{record['answer_loss']:.3f}", caption=f"{record['caption_loss']:.3f}",
                              ground=f"{record['grounding_loss']:.3f}", relevant=f"{record['relevance_loss']:.3f}",
                              read=f"{record['reading_loss']:.3f}", align=f"{record['alignment_loss']:.3f}")
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
+        out_of_time = minutes is not None and time.time() - began > 60 * minutes
+        if (step + 1) % eval_every == 0 or step + 1 == steps or out_of_time:
             accuracy = answer_accuracy(model, tokenizer, validation)
             record["validation"] = accuracy
             tqdm.write(f"step {step + 1}: validation {json.dumps(accuracy)}")
@@ -382,4 +416,6 @@ def train(
                        state_path)
         log.write(json.dumps(record) + "\n")
         log.flush()
+        if out_of_time:
+            break
     return accuracy

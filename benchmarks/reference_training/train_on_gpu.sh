@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# How the reference model is trained on a lent GPU (the device tool): in the background, so that
+# one run spans several device calls of at most 10 minutes each.
+#   train_on_gpu.sh start MINUTES   measure the step rate, then train for about MINUTES (from the warm start)
+#   train_on_gpu.sh collect DEST    pack the last saved checkpoint into DEST/ref.tgz.* (15 MB parts)
+#   train_on_gpu.sh wait SECONDS    follow the run's validation lines until it ends or SECONDS pass
+# Resume elsewhere: cat ref.tgz.* | tar -xz, then `vtprune train-reference --out ref --steps N` with the
+# same N (train_log.jsonl's first line records nothing of N; the log of the start command prints it).
+set -euo pipefail
+run=/tmp/ref
+batch=(--batch 64 --questions 3)
+case "$1" in
+start)
+  # The step rate decides the step count, so that the cosine schedule ends when the time does.
+  python3 -m vtprune.cli train-reference --out /tmp/probe --steps 40 "${batch[@]}" --eval-every 1000 \
+    --eval-samples 8 >/tmp/probe.log 2>&1
+  steps=$(python3 -c "
+import json, sys
+log = [json.loads(line) for line in open('/tmp/probe/train_log.jsonl')]
+rate = 30 / (log[38]['elapsed_s'] - log[8]['elapsed_s'])
+print(int(rate * 60 * float(sys.argv[1]) * 0.95))" "$2")
+  echo "steps: $steps"
+  setsid nohup python3 -m vtprune.cli train-reference --out $run --init benchmarks/reference_training/warm_start \
+    --steps "$steps" "${batch[@]}" --eval-every 500 --minutes "$2" >/tmp/train.log 2>&1 &
+  ;;
+wait)
+  end=$((SECONDS + $2))
+  while [ $SECONDS -lt $end ] && pgrep -f "out $run" >/dev/null; do sleep 10; done
+  tr '\r' '\n' </tmp/train.log | grep -E "validation|Error|error" || true
+  tr '\r' '\n' </tmp/train.log | tail -n 2
+  ;;
+collect)
+  tar -C /tmp -cz --exclude train.log ref | split -b 15M - "$2/ref.tgz."
+  ls -la "$2"
+  ;;
+esac
