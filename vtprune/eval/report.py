@@ -27,7 +27,8 @@ def summarize(records: list[dict]) -> list[dict]:
             classes[record["qclass"]].append(record["correct"])
         equivalent = [r["equivalent_budget"] for r in group if r.get("equivalent_budget") is not None]
         rows.append({
-            "config": name, "method": group[0]["method"], "budget": group[0]["budget"], "samples": len(group),
+            "config": name, "label": name.rsplit("@", 1)[0],  # the method with its options: one curve each
+            "method": group[0]["method"], "budget": group[0]["budget"], "samples": len(group),
             "classes": {c: sum(v) / len(v) for c, v in sorted(classes.items())},
             "overall": sum(r["correct"] for r in group) / len(group),
             "equivalent_budget": sum(equivalent) / len(equivalent) if equivalent else None,
@@ -69,25 +70,31 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy against the nominal budget (left) and the equivalent budget (right), one curve per
+    method and options: multi-stage methods keep more than their nominal budget in early layers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     base = next((row for row in rows if row["method"] == UNPRUNED), None)
-    if base:
-        axis.axhline(100 * base["overall"], color="black", linestyle="--", label="unpruned")
-    methods = sorted({row["method"] for row in rows} - {UNPRUNED})
-    for method in methods:
-        points = sorted((row["budget"], 100 * row["overall"]) for row in rows if row["method"] == method)
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-    axis.set_xlabel("visual tokens kept per image (nominal budget)")
-    axis.set_ylabel("accuracy (%)")
-    axis.set_ylim(0, 100)  # on a fixed scale, flat and steep curves read as what they are
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    labels = sorted({row["label"] for row in rows if row["method"] != UNPRUNED})
+    for axis, key, name in zip(axes, ("budget", "equivalent_budget"),
+                               ("nominal budget: visual tokens kept per image",
+                                "equivalent budget: visual tokens per image, mean over decoder layers")):
+        if base:
+            axis.axhline(100 * base["overall"], color="black", linestyle="--", label="unpruned")
+        for label in labels:
+            points = sorted((row[key], 100 * row["overall"]) for row in rows
+                            if row["label"] == label and row[key] is not None)
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        axis.set_xlabel(name)
+        axis.set_ylim(0, 100)  # on a fixed scale, flat and steep curves read as what they are
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=8)
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
