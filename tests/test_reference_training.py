@@ -17,6 +17,7 @@ from vtprune.synth.train import (
     grounding_loss,
     patch_labels,
     reading_loss,
+    TrainingBatches,
 )
 
 
@@ -123,3 +124,17 @@ def test_attention_losses_are_the_attention_mass_of_one_head_on_what_it_should_s
     at_visual = weights[0][:, 0][batch["visual"]].view(len(items), -1, batch["visual"].shape[1])  # [N, 576, T]
     mass = (at_visual * batch["question"][:, None, :]).sum(dim=-1)
     torch.testing.assert_close(reading, -mass.log().mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_steps_batch_is_the_same_whichever_worker_builds_it():
+    """Batches come from the step number alone: a loader worker, the main process and a resumed run agree."""
+    batches = TrainingBatches(build_tokenizer(), batch_size=2, questions_per_image=2)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=[3, 7], num_workers=1)
+    for step, loaded in zip([3, 7], loader):
+        direct = batches[step]
+        assert loaded.keys() == direct.keys()
+        assert all(torch.equal(loaded[key], direct[key]) for key in direct)
+    assert not torch.equal(batches[3]["pixel_values"], batches[7]["pixel_values"])
+    first = batches[3]
+    assert first["owners"].tolist() == [0, 0, 1, 1] and first["firsts"].tolist() == [0, 2]
+    assert first["dense"].shape == (2, 4, 24, 24) and len(first["pixel_values"]) == len(first["input_ids"]) == 4
