@@ -4,8 +4,8 @@
 #   train_on_gpu.sh start MINUTES   measure the step rate, then train for about MINUTES (from the warm start)
 #   train_on_gpu.sh collect DEST    pack the last saved checkpoint into DEST/ref.tgz.* (15 MB parts)
 #   train_on_gpu.sh wait SECONDS    follow the run's validation lines until it ends or SECONDS pass
-# Resume elsewhere: cat ref.tgz.* | tar -xz, then `vtprune train-reference --out ref --steps N` with the
-# same N (train_log.jsonl's first line records nothing of N; the log of the start command prints it).
+# To resume elsewhere: cat ref.tgz.* | tar -xz, then `vtprune train-reference --out ref --steps N` with
+# the N that `start` printed (the schedule depends on it).
 set -euo pipefail
 run=/tmp/ref
 batch=(--batch 64 --questions 3)
