@@ -72,6 +72,13 @@ def _digest(path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
 
 
+def _model_id(path) -> str:
+    """The checkpoint's folder name and a hash of its weights (or of its shard index), so that a resumed
+    run notices another model, and the same model resumes wherever its folder lives."""
+    weights = [path / name for name in ("model.safetensors", "model.safetensors.index.json") if (path / name).exists()]
+    return f"{path.name} {_digest(weights[0])}" if weights else str(path.resolve())
+
+
 def _budget(text: str) -> int | float:
     return float(text) if "." in text else int(text)
 
@@ -138,7 +145,7 @@ def cmd_eval(args) -> int:
     ]
     for config in configs[1:]:
         get_method(config.method).parse_options(config.options)  # bad options fail before the first sample
-    settings = {"task": "synthetic", "model": str(model_path.resolve()), "seed": args.seed, "samples": args.samples,
+    settings = {"task": "synthetic", "model": _model_id(model_path), "seed": args.seed, "samples": args.samples,
                 "clasp_calibration": _digest(model_path / "clasp_calibration.json")}
     records = evaluate(model, processor, samples, configs, Path(args.out), prompt, settings, batch_size=args.batch)
     wanted = {c.name for c in configs}

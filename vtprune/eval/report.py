@@ -27,8 +27,7 @@ def summarize(records: list[dict]) -> list[dict]:
             classes[record["qclass"]].append(record["correct"])
         equivalent = [r["equivalent_budget"] for r in group if r.get("equivalent_budget") is not None]
         rows.append({
-            "config": name, "label": name.rsplit("@", 1)[0],  # the method with its options: one curve each
-            "method": group[0]["method"], "budget": group[0]["budget"], "samples": len(group),
+            "config": name, "method": group[0]["method"], "budget": group[0]["budget"], "samples": len(group),
             "classes": {c: sum(v) / len(v) for c, v in sorted(classes.items())},
             "overall": sum(r["correct"] for r in group) / len(group),
             "equivalent_budget": sum(equivalent) / len(equivalent) if equivalent else None,
@@ -79,16 +78,16 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     base = next((row for row in rows if row["method"] == UNPRUNED), None)
-    labels = sorted({row["label"] for row in rows if row["method"] != UNPRUNED})
+    methods = sorted({row["method"] for row in rows} - {UNPRUNED})  # "clse:score=attn" is a curve of its own
     for axis, key, name in zip(axes, ("budget", "equivalent_budget"),
                                ("nominal budget: visual tokens kept per image",
                                 "equivalent budget: visual tokens per image, mean over decoder layers")):
         if base:
             axis.axhline(100 * base["overall"], color="black", linestyle="--", label="unpruned")
-        for label in labels:
+        for method in methods:
             points = sorted((row[key], 100 * row["overall"]) for row in rows
-                            if row["label"] == label and row[key] is not None)
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+                            if row["method"] == method and row[key] is not None)
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
         axis.set_xlabel(name)
         axis.set_ylim(0, 100)  # on a fixed scale, flat and steep curves read as what they are
         axis.grid(alpha=0.3)
