@@ -7,12 +7,11 @@ from vtprune.synth import make_sample, make_text
 from vtprune.synth import vocabulary as synth_vocabulary
 from vtprune.synth.generator import ANSWERS, words
 from vtprune.synth.questions import derived_questions
-from vtprune.synth.reference import build_model, build_tokenizer, pixel_values
+from vtprune.synth.reference import build_model, build_processor, build_tokenizer, pixel_values, prompt
 from vtprune.synth.train import (
     capture_layer_input,
     caption,
     covered_patches,
-    encode,
     encode_training,
     grounding_loss,
     patch_labels,
@@ -37,7 +36,8 @@ def test_training_rows_are_evaluation_prompts_followed_by_their_targets():
     samples = [make_sample(0, i) for i in range(2)]
     items, _ = training_items(samples)
     batch = encode_training(tokenizer, items)
-    prompts, _ = encode(tokenizer, [q for q, *_ in items])
+    prompts = build_processor(tokenizer)(images=[samples[0].image] * len(items), text=[prompt(q) for q, *_ in items],
+                                         return_tensors="pt", padding=True)["input_ids"]
     for r, (question, answer, text, boxes) in enumerate(items):
         ids = batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()
         prompt_ids = prompts[r][prompts[r] != tokenizer.pad_token_id].tolist()

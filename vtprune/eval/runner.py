@@ -57,7 +57,7 @@ def _option_value(text: str):
 def predict(model, processor, samples, prompt) -> list[str]:
     """Greedy one-word answers: the first generated token, through the processor as a user would."""
     inputs = processor(images=[s.image for s in samples], text=[prompt(s.question) for s in samples],
-                       return_tensors="pt", padding=True)
+                       return_tensors="pt", padding=True).to(model.device)
     logits = model(**inputs, logits_to_keep=1).logits[:, -1]
     return processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
 

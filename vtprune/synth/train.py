@@ -34,8 +34,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .generator import COLOR_NAMES, OCR_WORDS, SHAPES, make_sample
+from ..eval.runner import predict
 from ..methods.primitives import apply_rope
+from .generator import COLOR_NAMES, OCR_WORDS, SHAPES, make_sample
 from .questions import derived_questions
 from .reference import (
     GRID,
@@ -85,18 +86,6 @@ def caption(meta: dict) -> str:
 def prompt_ids(tokenizer, question: str) -> list[int]:
     """The evaluation prompt's ids, its image token expanded to the 576 visual tokens as the processor does."""
     return tokenizer(prompt(question).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID))["input_ids"]
-
-
-def encode(tokenizer, questions: list[str]):
-    """Left-padded prompts, expanded as the processor expands them: input_ids and attention_mask."""
-    rows = [prompt_ids(tokenizer, q) for q in questions]
-    length = max(map(len, rows))
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for b, row in enumerate(rows):
-        input_ids[b, length - len(row):] = torch.tensor(row)
-        mask[b, length - len(row):] = 1
-    return input_ids, mask
 
 
 def encode_training(tokenizer, items: list[tuple[str, str, str | None, tuple]]) -> dict[str, torch.Tensor]:
@@ -272,17 +261,14 @@ class TrainingBatches(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def answer_accuracy(model, tokenizer, samples, batch_size: int = 32) -> dict[str, float]:
-    """Greedy one-word answers against the truth, per class and overall."""
+def answer_accuracy(model, processor, samples, batch_size: int = 32) -> dict[str, float]:
+    """Greedy one-word answers against the truth, per class and overall, as `vtprune eval` asks them."""
     model.eval()
     hits: dict[str, list[bool]] = {}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        input_ids, mask = encode(tokenizer, [s.question for s in chunk])
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                       pixel_values=pixel_values([s.image for s in chunk]).to(model.device), logits_to_keep=1).logits[:, -1]
-        for sample, token in zip(chunk, logits.argmax(-1).tolist()):
-            hits.setdefault(sample.qclass, []).append(tokenizer.convert_ids_to_tokens(token) == sample.answer)
+        for sample, answer in zip(chunk, predict(model, processor, chunk, prompt)):
+            hits.setdefault(sample.qclass, []).append(answer == sample.answer)
     model.train()
     result = {c: float(np.mean(v)) for c, v in sorted(hits.items())}
     result["overall"] = float(np.mean([h for v in hits.values() for h in v]))
@@ -315,7 +301,7 @@ def train(
     Each step takes `batch_size` generated images and `questions_per_image` questions about
     each: the scene's own question (with the caption after its answer) and questions derived
     from its metadata (`questions.py`). `init` starts from another run's folder (its
-    model.safetensors and auxiliary_heads.pt) with a fresh optimizer and schedule.
+    model.safetensors and, if there, auxiliary_heads.pt) with a fresh optimizer and schedule.
     `minutes` stops early, validated and saved so that running again resumes, after that
     much wall time.
     """
@@ -332,9 +318,10 @@ def train(
     relevance = nn.Linear(model.config.text_config.hidden_size, 1)
     if init is not None:
         model.load_state_dict(type(model).from_pretrained(init, dtype=torch.float32).state_dict())
-        heads = torch.load(Path(init) / "auxiliary_heads.pt")
-        head.load_state_dict(heads["head"])
-        relevance.load_state_dict(heads["relevance"])
+        if (Path(init) / "auxiliary_heads.pt").exists():  # a shipped model has none: they start afresh
+            heads = torch.load(Path(init) / "auxiliary_heads.pt")
+            head.load_state_dict(heads["head"])
+            relevance.load_state_dict(heads["relevance"])
     model.to(device), head.to(device), relevance.to(device)
     params = list(model.parameters()) + list(head.parameters()) + list(relevance.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -405,7 +392,7 @@ def train(
                              read=f"{record['reading_loss']:.3f}", align=f"{record['alignment_loss']:.3f}")
         out_of_time = minutes is not None and time.time() - began > 60 * minutes
         if (step + 1) % eval_every == 0 or step + 1 == steps or out_of_time:
-            accuracy = answer_accuracy(model, tokenizer, validation)
+            accuracy = answer_accuracy(model, processor, validation)
             record["validation"] = accuracy
             tqdm.write(f"step {step + 1}: validation {json.dumps(accuracy)}")
             model.save_pretrained(out)
