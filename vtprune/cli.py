@@ -69,12 +69,16 @@ def _digest(path) -> str | None:
     """A short hash of a file, so a resumed run notices when it changed."""
     import hashlib
 
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+    if not path.exists():
+        return None
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()[:16]
 
 
 def _model_id(path) -> str:
-    """The checkpoint's folder name and a hash of its weights (or of its shard index), so that a resumed
-    run notices another model, and the same model resumes wherever its folder lives."""
+    """The checkpoint's folder name and a hash of its weights, so that a resumed run notices another model
+    and the same model resumes wherever its folder lives. A sharded checkpoint is known by its shard
+    index (names and sizes), which a retrained model of the same shapes shares: use another --out."""
     weights = [path / name for name in ("model.safetensors", "model.safetensors.index.json") if (path / name).exists()]
     return f"{path.name} {_digest(weights[0])}" if weights else str(path.resolve())
 

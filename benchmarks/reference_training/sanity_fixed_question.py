@@ -6,11 +6,11 @@ chance 0.125), 240 steps of 32, and prints held-out accuracy every 40 steps.
 """
 import sys, time, torch, numpy as np
 from vtprune.synth.generator import make_sample
-from vtprune.synth.reference import build_model, build_tokenizer, pixel_values
-from vtprune.synth.train import encode, encode_training, next_token_loss, patch_labels, DenseHead
+from vtprune.synth.reference import build_model, build_processor, build_tokenizer, pixel_values
+from vtprune.synth.train import answer_accuracy, encode_training, next_token_loss, patch_labels, DenseHead
 torch.manual_seed(0)
 use_bf16 = sys.argv[1] == "bf16"; lr = float(sys.argv[2])
-tok = build_tokenizer(); model = build_model(tok)
+tok = build_tokenizer(); processor = build_processor(tok); model = build_model(tok)
 head = DenseHead(96)
 feats = {}
 model.model.vision_tower.encoder.register_forward_hook(lambda m, a, o: feats.__setitem__("x", o.last_hidden_state))
@@ -34,10 +34,5 @@ for step in range(1, 241):
         loss = next_token_loss(logits, at) + 0.5 * head.loss(feats["x"][:, 1:].float(), dense)
     opt.zero_grad(); loss.backward(); opt.step()
     if step % 40 == 0:
-        model.eval()
-        with torch.no_grad():
-            ids, mask = encode(tok, [s.question for s in val])
-            pred = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values([s.image for s in val])).logits[:, -1].argmax(-1)
-        acc = np.mean([tok.convert_ids_to_tokens(int(p)) == s.answer for p, s in zip(pred, val)])
-        model.train()
+        acc = answer_accuracy(model, processor, val)["overall"]
         print(step, round(loss.item(), 3), "val acc", acc, round(time.time() - began), flush=True)

@@ -2,16 +2,18 @@
 # How the reference model is trained on a lent GPU (the device tool): in the background, so that
 # one run spans several device calls of at most 10 minutes each.
 #   train_on_gpu.sh start MINUTES   measure the step rate, then train for about MINUTES (from the warm start)
-#   train_on_gpu.sh collect DEST    pack the last saved checkpoint into DEST/ref.tgz.* (15 MB parts)
 #   train_on_gpu.sh wait SECONDS    follow the run's validation lines until it ends or SECONDS pass
-# To resume elsewhere: cat ref.tgz.* | tar -xz, then `vtprune train-reference --out ref --steps N` with
-# the N that `start` printed (the schedule depends on it).
+#   train_on_gpu.sh collect DEST    pack the last saved checkpoint into DEST/ref.tgz.* (15 MB parts);
+#                                   tar warns "file changed" if a save was under way: collect again
+# To resume elsewhere: cat ref.tgz.* | tar -xz, then `vtprune train-reference --out ref --steps N
+# --batch 64 --questions 3` with the N that `start` printed (the batches and schedule depend on them).
 set -euo pipefail
 run=/tmp/ref
 batch=(--batch 64 --questions 3)
-case "$1" in
+case "${1:-}" in
 start)
-  # The step rate decides the step count, so that the cosine schedule ends when the time does.
+  # The step rate decides the step count, so that the cosine schedule ends about when the time does.
+  rm -rf /tmp/probe
   python3 -m vtprune.cli train-reference --out /tmp/probe --steps 40 "${batch[@]}" --eval-every 1000 \
     --eval-samples 8 >/tmp/probe.log 2>&1
   steps=$(python3 -c "
@@ -30,7 +32,11 @@ wait)
   tr '\r' '\n' </tmp/train.log | tail -n 2
   ;;
 collect)
-  tar -C /tmp -cz --exclude train.log ref | split -b 15M - "$2/ref.tgz."
+  tar -C /tmp -cz ref | split -b 15M - "$2/ref.tgz."
   ls -la "$2"
+  ;;
+*)
+  sed -n 2,9p "$0"
+  exit 2
   ;;
 esac

@@ -84,10 +84,12 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str) -> None:
                                 "equivalent budget: visual tokens per image, mean over decoder layers")):
         if base:
             axis.axhline(100 * base["overall"], color="black", linestyle="--", label="unpruned")
-        for method in methods:
+        for i, method in enumerate(methods):
             points = sorted((row[key], 100 * row["overall"]) for row in rows
                             if row["method"] == method and row[key] is not None)
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            # styles and markers differ too, so that two configs with the same results both show
+            axis.plot([p[0] for p in points], [p[1] for p in points], label=method,
+                      linestyle=("-", "--", "-.", ":")[i % 4], marker="os^Dv<>"[i % 7], markersize=5)
         axis.set_xlabel(name)
         axis.set_ylim(0, 100)  # on a fixed scale, flat and steep curves read as what they are
         axis.grid(alpha=0.3)
