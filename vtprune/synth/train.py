@@ -254,7 +254,7 @@ class TrainingBatches(torch.utils.data.Dataset):
             owners += [len(firsts) - 1] * len(asked)
             items += asked
         batch = encode_training(self.tokenizer, items)
-        batch["pixel_values"] = pixel_values([samples[o].image for o in owners])
+        batch["pixel_values"] = pixel_values([s.image for s in samples])[owners]  # each image processed once
         batch["dense"] = torch.from_numpy(np.stack([patch_labels(s.meta) for s in samples]))
         batch["firsts"], batch["owners"] = torch.tensor(firsts), torch.tensor(owners)
         return batch
@@ -359,7 +359,7 @@ def train(
     progress = tqdm(batches, initial=start, total=steps, desc="train-reference")
     for step, batch in enumerate(progress, start):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-        items, firsts, owners, dense = len(batch["input_ids"]), batch["firsts"], batch["owners"], batch["dense"]
+        rows, firsts, owners, dense = len(batch["input_ids"]), batch["firsts"], batch["owners"], batch["dense"]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        pixel_values=batch["pixel_values"]).logits
         answer_loss = next_token_loss(logits, batch["answer_targets"])
@@ -371,9 +371,9 @@ def train(
         # Over the tokens of objects and plates only: telling background from objects is easy and
         # would drown out the question-dependent part, which object is the one asked about.
         on_object = (dense[:, 0] > 0).flatten(1)[owners]  # [rows, 576]
-        probed = relevance(features["probed"][0][batch["visual"]].view(items, -1, features["probed"][0].shape[-1]))
+        probed = relevance(features["probed"][0][batch["visual"]].view(rows, -1, features["probed"][0].shape[-1]))
         relevance_loss = nn.functional.binary_cross_entropy_with_logits(
-            probed.squeeze(-1)[on_object], batch["relevant"][batch["visual"]].view(items, -1)[on_object].float())
+            probed.squeeze(-1)[on_object], batch["relevant"][batch["visual"]].view(rows, -1)[on_object].float())
         loss = (answer_loss + caption_weight * caption_loss + dense_weight * dense_loss
                 + grounding_weight * ground_loss + relevance_weight * relevance_loss + reading_weight * read_loss
                 + alignment_weight * align_loss)
