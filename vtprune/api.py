@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .adapters import adapter_for
-from .engine import Pruner, check_budget
-from .engine.pruner import SUPPORTED_ATTENTION
+from .engine import SUPPORTED_ATTENTION, Pruner, check_budget
 from .methods import REGISTRY, get_method
 
 

@@ -1,5 +1,10 @@
 from .budget import check_budget, tokens_for_budget
-from .pruner import Decision, Pruner
+from .compat import TESTED_TRANSFORMERS, EngineError
+from .hooks import SUPPORTED_ATTENTION, Pruner
+from .run import Decision
 from .stats import PruneStats
 
-__all__ = ["Decision", "PruneStats", "Pruner", "check_budget", "tokens_for_budget"]
+__all__ = [
+    "SUPPORTED_ATTENTION", "TESTED_TRANSFORMERS", "Decision", "EngineError", "PruneStats", "Pruner",
+    "check_budget", "tokens_for_budget",
+]

@@ -1,0 +1,85 @@
+"""Finding the KV cache a forward carries, and the one change the engine makes inside it.
+
+The cache is found by what it is (a `Cache` instance), and injected under the keyword
+the language model's forward declares (transformers 5.24 renamed `past_key_values` to
+`cache`). Dropping pruned tokens from a layer's cache has no public `Cache` method, so
+`slice_layer` touches a layer's `keys`/`values` and checks first that they are what it
+expects.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any
+
+import torch
+from transformers import Cache, DynamicCache
+
+from .compat import EngineError
+
+
+def _is_cache_annotation(annotation) -> bool:
+    if isinstance(annotation, str):
+        return "Cache" in annotation
+    options = (annotation, *typing.get_args(annotation))
+    return any(isinstance(option, type) and issubclass(option, Cache) for option in options)
+
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The keyword under which module's forward takes its KV cache, read off its signature."""
+    names = [
+        name for name, parameter in inspect.signature(module.forward).parameters.items()
+        if _is_cache_annotation(parameter.annotation)
+    ]
+    if len(names) != 1:
+        raise EngineError(
+            f"cannot tell which argument of {type(module).__name__}.forward is the KV cache (candidates: {names or 'none'})"
+        )
+    return names[0]
+
+
+def find_cache(mapping: dict[str, Any]) -> tuple[str | None, Cache | None]:
+    """The (keyword, cache) among mapping's values that is a Cache, or (None, None); two caches are an error."""
+    found = [(name, value) for name, value in mapping.items() if isinstance(value, Cache)]
+    if len(found) > 1:
+        raise EngineError(f"a forward carries two KV caches ({', '.join(name for name, _ in found)})")
+    return found[0] if found else (None, None)
+
+
+def output_cache(output) -> Cache | None:
+    """The KV cache a model output holds, whatever its field is called (`cache`, `past_key_values`)."""
+    return find_cache(dict(output.items()))[1]
+
+
+def new_cache(config) -> DynamicCache:
+    return DynamicCache(config=config)
+
+
+def slice_layer(cache: Cache, layer: int, index: torch.Tensor, expected_length: int) -> None:
+    """Keep, in decoder layer `layer`'s cache, the slots index [B, n] (of expected_length slots), per sample."""
+    held = cache.layers[layer] if layer < len(getattr(cache, "layers", ())) else None
+    keys, values = getattr(held, "keys", None), getattr(held, "values", None)
+    if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
+        raise EngineError(
+            f"cannot slice the KV cache of decoder layer {layer}: {type(cache).__name__} holds no keys/values "
+            "tensors there (vtprune slices a DynamicCache's layers)"
+        )
+    expected = (index.shape[0], expected_length)
+    if keys.dim() != 4 or (keys.shape[0], keys.shape[2]) != expected or values.shape[:3] != keys.shape[:3]:
+        raise EngineError(
+            f"the KV cache of decoder layer {layer} has keys of shape {tuple(keys.shape)}; vtprune expected "
+            f"[batch {expected[0]}, heads, {expected[1]} tokens, head_dim]"
+        )
+    gather = index[:, None, :, None].to(keys.device)
+    held.keys = keys.gather(2, gather.expand(-1, keys.shape[1], -1, keys.shape[3]))
+    held.values = values.gather(2, gather.expand(-1, values.shape[1], -1, values.shape[3]))
+
+
+def check_lengths(cache: Cache, expected: list[int], when: str) -> None:
+    """Each decoder layer's cache holds as many tokens as the engine's layout says."""
+    actual = [cache.get_seq_length(layer) for layer in range(len(expected))]
+    if actual != expected:
+        raise EngineError(
+            f"{when}, the KV cache holds {actual} tokens per decoder layer where vtprune's layouts say {expected}"
+        )

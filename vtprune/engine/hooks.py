@@ -1,0 +1,240 @@
+"""The handle `vtprune.apply` returns: removable hooks on one model, and the dispatch between them.
+
+Three kinds of forward pre-hook:
+- on the multimodal model: reads input_ids (and the vision kwargs) to find each
+  sample's image spans;
+- on the language model: a prompt (an empty or absent KV cache) starts a run
+  (prefill.py); a forward on the run's own cache is a decode step (decode.py); a forward
+  post-hook ends the prefill, checks it and records its stats;
+- on each decoder layer: gives the layer the hidden states, mask and positions of the
+  tokens it runs on (prefill) or its cache holds (decode).
+
+Prefill decides; decode reuses the decision (the run is tied to the cache object).
+Wherever what transformers did disagrees with what the engine tracks, it raises an
+EngineError instead of running unpruned or wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..adapters import Adapter, ImageSpan
+from ..methods import Method
+from . import cache as kv
+from . import decode, prefill
+from .compat import EngineError
+from .run import Decision, Run
+from .stats import PruneStats, counts_per_layer
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+class Pruner:
+    """Hooks on one model, removable, with the last prefill's stats and decision."""
+
+    def __init__(self, model, adapter: Adapter, method: Method, budget: int | float):
+        self.model = model
+        self.adapter = adapter
+        self.method = method
+        self.budget = budget
+        self.last_stats: PruneStats | None = None
+        self.last_decision: Decision | None = None
+        self._replay: Decision | None = None
+        self._spans: list[list[ImageSpan]] | None = None
+        self._text: list[torch.Tensor] | None = None  # per sample of the forward being run: its prompt's text ids
+        self._fusion: list[dict[int, float] | None] | None = None  # per image of the forward being run
+        self._vision_states: dict = {}
+        self._run: Run | None = None
+        self._num_layers = adapter.model_info.num_layers
+        self._cache_keyword = kv.cache_keyword(adapter.language_model)
+        # Fusion first: a model that cannot fuse refuses before any other hook is in place.
+        self._handles = adapter.vision_state_hooks(self._vision_states) if method.fuses_vision_layers else []
+        if method.fuses_vision_layers:
+            self._handles.append(adapter.projector_fusion_hook(self._vision_states, lambda: self._fusion))
+        self._handles += [
+            adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal_forward, with_kwargs=True),
+            adapter.language_model.register_forward_pre_hook(self._on_language_model_forward, with_kwargs=True),
+            adapter.language_model.register_forward_hook(self._after_language_model_forward, with_kwargs=True),
+        ]
+        for index, layer in enumerate(adapter.decoder_layers):
+            self._handles.append(layer.register_forward_pre_hook(self._decoder_layer_hook(index), with_kwargs=True))
+
+    # ----------------------------------------------------------------- public
+    def remove(self) -> None:
+        """Take every hook off the model; it then computes exactly as before apply()."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._run = self._text = self._fusion = None
+        self._vision_states.clear()
+        if getattr(self.model, "_vtprune_pruner", None) is self:
+            del self.model._vtprune_pruner
+
+    def __enter__(self) -> "Pruner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @contextlib.contextmanager
+    def replaying(self, decision: Decision):
+        """Prefills inside this block keep exactly decision's tokens instead of asking the method.
+
+        A prefill longer than the decision's prompt treats the extra tokens as decoded
+        ones: with a sliced KV cache they see only the kept prompt tokens, as they did
+        when decoded. So a cached generation can be checked against recomputation.
+        """
+        self._replay = decision
+        try:
+            yield self
+        finally:
+            self._replay = None
+
+    def __repr__(self) -> str:
+        return f"Pruner(method={self.method.name!r}, budget={self.budget!r}, options={self.method.options})"
+
+    # ------------------------------------------------------------------ hooks
+    def _on_multimodal_forward(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        self._fusion = self._text = None
+        # Placeholder ids without images to go with them (a decode step that happened to
+        # generate one) are plain text to the model, and so to the pruner.
+        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
+            self._spans = None
+            return None
+        if input_ids is None:
+            raise ValueError("vtprune finds the visual tokens from input_ids; pass input_ids (not inputs_embeds) with images")
+        self._spans = self.adapter.image_spans(input_ids, kwargs)
+        if not any(self._spans):
+            raise EngineError(
+                f"images were passed to {type(self.model).__name__}, but vtprune found none of their placeholder "
+                "tokens in input_ids"
+            )
+        mask = kwargs.get("attention_mask")
+        self._text = [text_tokens(input_ids[b], sample, mask, b) for b, sample in enumerate(self._spans)]
+        if self.method.fuses_vision_layers:
+            self._fusion = [self.method.vision_fusion(text) for text, sample in zip(self._text, self._spans)
+                            for _ in sample]
+            self.adapter.refuse_encoded_images(kwargs, self._vision_states, self._fusion)
+        return None
+
+    def _on_language_model_forward(self, module, args, kwargs):
+        spans, self._spans = self._spans, None
+        self._fusion = None  # the images of this forward are encoded by now
+        keyword, cache = kv.find_cache(kwargs)
+        if keyword not in (None, self._cache_keyword) and self._cache_keyword in kwargs:
+            raise EngineError(
+                f"the language model got its KV cache as {keyword!r} beside a {self._cache_keyword!r} argument, "
+                f"which its forward would take instead"
+            )
+        past = cache.get_seq_length() if cache is not None else 0
+        has_images = spans is not None and any(spans)
+        if past == 0:
+            self._run = None
+            if has_images:
+                return self._start_run(module, args, kwargs, spans)
+            batch = kwargs["inputs_embeds"].shape[0]
+            self.last_stats = PruneStats([[0] * self._num_layers] * batch, [0] * batch, [0] * batch, self.budget)
+            self.last_decision = None
+            return None
+        if has_images:
+            raise NotImplementedError("vtprune cannot prune images added to a prompt that already has a KV cache")
+        run = self._run
+        if run is None:  # a cache filled without pruning: nothing to apply
+            return None
+        if run.cache is not cache:
+            raise EngineError(
+                f"a forward continues a KV cache ({type(cache).__name__} of {past} tokens) that the last pruned "
+                "prompt did not fill; continue that prompt's own cache, or start a new prompt with an empty cache"
+            )
+        kv.check_lengths(cache, [layout.length + run.generated for layout in run.kv_layouts], "before a decode step")
+        return (args, kwargs) if decode.continue_run(run, kwargs) else None
+
+    def _after_language_model_forward(self, module, args, kwargs, output):
+        run = self._run
+        if run is None or not run.prefill:
+            return output
+        self._record_stats(run)
+        self._check_prefill(run, output)
+        run.prefill = False
+        run.step_masks = {}
+        run.reference = run.attention = None
+        output.last_hidden_state = prefill.finish(run, output.last_hidden_state)
+        return output
+
+    def _decoder_layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            run = self._run
+            if run is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if run.prefill:
+                hidden = prefill.at_layer(run, index, hidden, kwargs)
+            else:
+                decode.at_layer(run, index, kwargs, hidden.shape[1], hidden.dtype)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    # --------------------------------------------------------------- prefill
+    def _start_run(self, language_model, args, kwargs, spans: list[list[ImageSpan]]):
+        embeds = kwargs["inputs_embeds"]
+        attention_mask = kwargs.get("attention_mask")
+        if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
+            raise NotImplementedError("vtprune needs a 2-D attention mask (static/compiled caches are not supported)")
+        prompt_mask = attention_mask if attention_mask is not None else \
+            embeds.new_ones(embeds.shape[:2], dtype=torch.long)
+        run = prefill.plan_run(self.adapter, self.method, self.budget, self._replay, spans, self._text, prompt_mask,
+                               self._num_layers)
+        if not prefill.prunes(run):  # the budget keeps every token: leave the model's computation untouched
+            self._record_stats(run)
+            return None
+        prefill.begin(run, language_model, kwargs, self._cache_keyword)
+        self._run = run
+        return args, kwargs
+
+    def _record_stats(self, run: Run) -> None:
+        counts = [run.layout_at(layer).count(run.visual) for layer in range(self._num_layers)]
+        self.last_stats = PruneStats(
+            visual_tokens_per_layer=counts_per_layer(counts),
+            images_per_sample=[len(sample) for sample in run.spans],
+            visual_tokens_per_sample=run.visual.sum(dim=1).tolist(),
+            nominal_budget=self.budget,
+        )
+        self.last_decision = run.decision()
+
+    def _check_prefill(self, run: Run, output) -> None:
+        """The pruned prefill did what was planned, on the cache the engine tracks."""
+        skipped = [index for index, layout in enumerate(run.kv_layouts) if layout is None]
+        if skipped:
+            raise EngineError(f"decoder layers {skipped} ran without passing through vtprune's hooks")
+        expected, kept = prefill.expected_kept(run), self.last_stats.kept_per_sample
+        if kept != expected:
+            raise EngineError(
+                f"the prefill should have left {expected} visual tokens per sample for the last decoder layer, "
+                f"but {kept} reached it"
+            )
+        returned = kv.output_cache(output)
+        if returned is not run.cache:
+            raise EngineError(
+                "the language model filled a different KV cache from the one vtprune tracks "
+                f"({type(returned).__name__} returned, {type(run.cache).__name__} tracked)"
+            )
+        if run.cache is not None:
+            kv.check_lengths(run.cache, [layout.length for layout in run.kv_layouts], "after the prefill")
+
+
+def text_tokens(input_ids: torch.Tensor, spans: list[ImageSpan], attention_mask, sample: int) -> torch.Tensor:
+    """A sample's prompt tokens without its image placeholders and padding (what a router reads)."""
+    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    for span in spans:
+        keep[span.start : span.start + span.length] = False
+    if attention_mask is not None and attention_mask.dim() == 2:
+        keep &= attention_mask[sample].bool()
+    return input_ids[keep]

@@ -1,0 +1,241 @@
+"""Applying a method's decision while a prompt is prefilled.
+
+A run starts at the language model's input (where an LLM-input stage shrinks the
+sequence), narrows the hidden states at each in-LLM stage layer, gives every decoder
+layer the mask and positions of the layout it runs on, and ends by scattering the
+last hidden states back to the prompt's length so logits stay aligned with input_ids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import Adapter, ImageSpan
+from ..methods import LLM_INPUT, ImageView, Method, Selection
+from . import cache as kv
+from .budget import tokens_for_budget
+from .layout import FILL, Layout, decoder_mask, take, take_positions
+from .run import Decision, Run
+
+
+def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, spans: list[list[ImageSpan]],
+             text: list[torch.Tensor], prompt_mask: torch.Tensor, num_layers: int) -> Run:
+    """A run's per-token bookkeeping and each image's stages, before anything is pruned."""
+    batch, length = prompt_mask.shape
+    device = prompt_mask.device
+    visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    image_of = torch.full((batch, length), -1, dtype=torch.long, device=device)
+    coords = torch.zeros(batch, length, 2, dtype=torch.long, device=device)
+    plans = []
+    for b, sample in enumerate(spans):
+        plan = []
+        for i, span in enumerate(sample):
+            where = slice(span.start, span.start + span.length)
+            visual[b, where] = True
+            image_of[b, where] = i
+            offsets = torch.arange(span.length, device=device)
+            coords[b, where] = torch.stack([offsets // span.grid[1], offsets % span.grid[1]], dim=-1)
+            keep = tokens_for_budget(budget, span.length)
+            # A budget that keeps the whole image is a no-op, even for schedules (like CLSE's)
+            # whose early stages keep more than the budget and later ones less.
+            plan.append(method.stages(adapter.model_info, keep, span.length) if keep < span.length else [])
+        plans.append(plan)
+    full = Layout.full(prompt_mask)
+    run = Run(
+        adapter=adapter, method=method, replay=replay, cache=None, prompt_mask=prompt_mask, visual=visual,
+        image_of=image_of, coords=coords, sizes=torch.ones(batch, length, device=device), spans=spans, plans=plans,
+        stage_layers=sorted({stage.layer for plan in plans for stages in plan for stage in stages}),
+        full=full, lm_layout=full, kv_layouts=[None] * num_layers, text=text,
+    )
+    if replay is not None:
+        run.stage_layers = replay.stage_layers
+        if method.slices_kv_cache and run.prompt_length > replay.prompt_length:
+            kept = torch.zeros_like(visual)
+            for b, positions in enumerate(replay.kept[-1]):
+                kept[b, positions.to(device)] = True
+            run.late_from = replay.prompt_length
+            run.late_visible = ~visual | kept
+    return run
+
+
+def prunes(run: Run) -> bool:
+    """Whether any stage of any image keeps fewer tokens than the image has (or a decision is replayed)."""
+    return run.replay is not None or any(
+        stage.keep < span.length
+        for plan, sample in zip(run.plans, run.spans)
+        for stages, span in zip(plan, sample)
+        for stage in stages
+    )
+
+
+def expected_kept(run: Run) -> list[int]:
+    """Per sample, the visual tokens its images' stages leave for the last decoder layer."""
+    if run.replay is not None and run.replay.kept:
+        return [int(positions.numel()) for positions in run.replay.kept[-1]]
+    return [
+        sum(min([span.length, *(stage.keep for stage in stages)]) for stages, span in zip(plan, sample))
+        for plan, sample in zip(run.plans, run.spans)
+    ]
+
+
+def begin(run: Run, language_model, kwargs: dict, cache_keyword: str) -> None:
+    """Start a run at the language model's input: own the KV cache, and apply an LLM-input stage."""
+    embeds = kwargs["inputs_embeds"]
+    batch, length, _ = embeds.shape
+    use_cache = kwargs.get("use_cache")  # Qwen2-VL passes None explicitly: the config decides then
+    if use_cache is None:
+        use_cache = language_model.config.use_cache
+    _, run.cache = kv.find_cache(kwargs)
+    if use_cache and run.cache is None:
+        # Made here rather than inside the language model, so that decode steps can be told
+        # apart from a new prompt by the cache object they carry.
+        run.cache = kwargs[cache_keyword] = kv.new_cache(language_model.config)
+
+    if run.input_pruned:
+        layout, hidden = narrow(run, 0, run.full, embeds, attention=None)
+        index = layout.index_in(run.full)
+        kwargs["inputs_embeds"] = hidden
+        kwargs["attention_mask"] = layout.valid.long()
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # what the language model would have made itself
+            position_ids = torch.arange(length, device=embeds.device)[None].expand(batch, length)
+        kwargs["position_ids"] = take_positions(position_ids, index)
+        run.lm_layout = layout
+    run.layer_layouts = {layer: None for layer in run.stage_layers if layer != LLM_INPUT}
+
+
+def at_layer(run: Run, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Decoder layer `index` is about to run at prefill: prune there if it is a stage, and give it its layout."""
+    method = run.method
+    if index == 0 and method.needs_reference:
+        run.reference = hidden
+    if index in run.layer_layouts:
+        hidden = _prune_in_llm(run, index, hidden)
+    layout = run.layout_at(index)
+    run.kv_layouts[index] = layout
+    if layout is not run.lm_layout or run.late_from is not None:
+        _substitute_layer_inputs(run, layout, kwargs, hidden)
+    if method.needs_attention and run.replay is None and index + 1 in run.stage_layers:
+        run.attention = _last_query_attention(run, index, hidden, kwargs, layout)
+    return hidden
+
+
+def finish(run: Run, hidden: torch.Tensor) -> torch.Tensor:
+    """The last hidden states scattered back to the prompt's length (pruned positions hold zeros)."""
+    final = run.layout_at(run.num_layers)
+    batch, length = run.prompt_mask.shape
+    # Fill slots go to a spare column that is then cut off.
+    full = hidden.new_zeros(batch, length + 1, hidden.shape[-1])
+    target = torch.where(final.positions == FILL, length, final.positions)
+    full.scatter_(1, target[..., None].expand(-1, -1, hidden.shape[-1]), hidden)
+    return full[:, :length]
+
+
+def _prune_in_llm(run: Run, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    previous = run.layout_at(layer - 1)
+    layout, hidden = narrow(run, run.stage_layers.index(layer), previous, hidden, run.attention)
+    run.layer_layouts[layer] = layout
+    run.attention = None
+    if run.method.slices_kv_cache and run.cache is not None:
+        for earlier in range(layer):
+            held = run.kv_layouts[earlier]
+            kv.slice_layer(run.cache, earlier, layout.index_in(held), held.length)
+            run.kv_layouts[earlier] = layout
+    return hidden
+
+
+def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention):
+    """Ask the method (or the replayed decision) which visual tokens of `layout` survive `stage`.
+
+    Returns the new layout and the hidden states taken into it (merged where the method merges).
+    """
+    layer = run.stage_layers[stage]
+    replay = run.replay
+    kept, merged, moved = [], [], []
+    for b in range(len(run.spans)):
+        slots = torch.nonzero(layout.positions[b] != FILL).flatten()
+        if replay is not None:
+            kept.append(replay.kept[stage][b].to(slots.device))
+            merged.append(replay.merged[stage][b])
+            moved.append(replay.moved[stage][b])
+            continue
+        images = run.image_of[b, layout.positions[b, slots]]
+        chosen, values, sources, targets = [], [], [], []
+        for i, stages in enumerate(run.plans[b]):
+            mine = slots[images == i]
+            positions = layout.positions[b, mine]
+            keep = next((s.keep for s in stages if s.layer == layer), mine.numel())
+            if keep >= mine.numel():
+                chosen.append(positions)
+                continue
+            view = ImageView(
+                hidden=hidden[b, mine], coords=run.coords[b, positions], grid=run.spans[b][i].grid, keep=keep,
+                layer=layer, stage=stage, image_index=i, sizes=run.sizes[b, positions],
+                attention=None if attention is None else attention[b, mine],
+                reference=None if run.reference is None else run.reference[b, run.lm_layout.slots_of(b, positions)],
+                text=run.text[b],
+            )
+            picked = _checked_selection(run.method, view)
+            if isinstance(picked, Selection):
+                run.sizes[b, positions[picked.keep]] = picked.sizes.to(run.sizes.dtype)
+                values.append((positions[picked.keep], picked.hidden))
+                sources.append(positions)
+                targets.append(positions[picked.keep][picked.destination])
+                picked = picked.keep
+            chosen.append(positions[picked])
+        kept.append(torch.cat(chosen) if chosen else layout.positions[b, :0])
+        merged.append(values)
+        empty = layout.positions[b, :0]
+        moved.append((torch.cat(sources) if sources else empty, torch.cat(targets) if targets else empty))
+    run.kept.append(kept)
+    run.merged.append(merged)
+    run.moved.append(moved)
+    narrowed = layout.narrowed(run.visual, kept, run.prompt_mask)
+    taken = take(hidden, narrowed.index_in(layout))
+    for b, values in enumerate(merged):
+        for positions, value in values:
+            taken[b, narrowed.slots_of(b, positions)] = value.to(taken.dtype)
+    return narrowed, taken
+
+
+def _checked_selection(method: Method, view: ImageView) -> torch.Tensor | Selection:
+    picked = method.select(view)
+    indices = (picked.keep if isinstance(picked, Selection) else picked).flatten().long()
+    n = view.hidden.shape[0]
+    if indices.numel() != view.keep or indices.unique().numel() != view.keep or bool((indices < 0).any() | (indices >= n).any()):
+        raise RuntimeError(
+            f"method {method.name!r} returned {indices.numel()} indices for a keep of {view.keep} "
+            f"of {n} tokens (they must be distinct and in range)"
+        )
+    indices = indices.to(view.hidden.device)
+    if isinstance(picked, Selection):
+        return Selection(indices, picked.hidden, picked.sizes, picked.destination.to(view.hidden.device))
+    return indices
+
+
+def _last_query_attention(run: Run, layer: int, hidden, kwargs, layout: Layout) -> torch.Tensor:
+    slots = torch.arange(layout.length, device=hidden.device)
+    valid = layout.valid
+    if run.late_from is not None:  # score from the prompt's own last token, as the prefill did
+        valid = valid & (layout.positions < run.late_from)
+    query_index = torch.where(valid, slots, -1).amax(dim=1)
+    key_mask = valid & (slots[None] <= query_index[:, None])
+    return run.adapter.last_query_attention(layer, hidden, kwargs["position_embeddings"], query_index, key_mask)
+
+
+def _substitute_layer_inputs(run: Run, layout: Layout, kwargs, hidden) -> None:
+    """Give a decoder layer the mask and positions of its layout at prefill."""
+    key = id(layout)
+    if key not in run.step_masks:
+        late_rows = late_visible = None
+        if run.late_from is not None:
+            late_rows = layout.positions >= run.late_from
+            late_visible = layout.valid & run.late_visible.gather(1, layout.positions.clamp(min=0))
+        mask = decoder_mask(layout.valid, hidden.shape[1], run.adapter.attn_implementation, hidden.dtype,
+                            late_rows, late_visible)
+        index = layout.index_in(run.lm_layout)
+        cos, sin = kwargs["position_embeddings"]
+        ids = kwargs.get("position_ids")
+        positions = ((take(cos, index), take(sin, index)), None if ids is None else take_positions(ids, index))
+        run.step_masks[key] = (mask, positions)
+    kwargs["attention_mask"], (kwargs["position_embeddings"], kwargs["position_ids"]) = run.step_masks[key]

@@ -1,0 +1,82 @@
+"""The state of one pruned prompt: what prefill decided, and what decode steps reuse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..adapters import Adapter, ImageSpan
+from ..methods import LLM_INPUT, Method, Stage
+from .layout import Layout
+
+
+@dataclass
+class Decision:
+    """The visual tokens kept at each stage (kept[stage][sample]: original positions) of a prompt."""
+
+    stage_layers: list[int]
+    kept: list[list[torch.Tensor]]
+    prompt_length: int
+    # merged[stage][sample]: (positions, hidden states) that a merging method wrote over kept tokens
+    merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
+    # moved[stage][sample]: (positions, positions they were merged into), for pictures of a merge
+    moved: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """One prefill and the decode steps that reuse its decision."""
+
+    adapter: Adapter
+    method: Method
+    replay: Decision | None  # a decision to apply instead of asking the method
+    cache: Any
+    prompt_mask: torch.Tensor  # [B, L]
+    visual: torch.Tensor  # [B, L] bool
+    image_of: torch.Tensor  # [B, L] long: the image's rank in its sample, -1 for text
+    coords: torch.Tensor  # [B, L, 2] (row, col) on the image's grid
+    sizes: torch.Tensor  # [B, L] tokens each position stands for (merging grows them)
+    spans: list[list[ImageSpan]]
+    plans: list[list[list[Stage]]]  # [sample][image] -> stages
+    stage_layers: list[int]
+    full: Layout  # the prompt as given
+    lm_layout: Layout  # what the language model itself runs on
+    kv_layouts: list[Layout | None]  # per decoder layer: the tokens its KV cache holds
+    layer_layouts: dict[int, Layout | None] = field(default_factory=dict)  # in-LLM stage layer -> layout from there
+    kept: list[list[torch.Tensor]] = field(default_factory=list)
+    merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
+    moved: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    attention: torch.Tensor | None = None  # last-query attention for the next stage, over the current layout
+    reference: torch.Tensor | None = None  # layer-0 input, for methods that compare against it
+    text: list[torch.Tensor] = field(default_factory=list)  # per sample: prompt tokens neither visual nor padding
+    late_from: int | None = None  # replay of a longer sequence with a sliced cache: positions from here are "decoded"
+    late_visible: torch.Tensor | None = None  # [B, L] what those positions may see
+    prefill: bool = True
+    generated: int = 0  # tokens fed after the prompt
+    tail_valid: torch.Tensor | None = None  # [B, generated] during decode
+    step_masks: dict[int, Any] = field(default_factory=dict)  # per-forward cache of built masks / positions
+
+    @property
+    def input_pruned(self) -> bool:
+        return bool(self.stage_layers) and self.stage_layers[0] == LLM_INPUT
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt_mask.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kv_layouts)
+
+    def layout_at(self, layer: int) -> Layout:
+        """The layout decoder layer `layer` runs on during prefill."""
+        current = self.lm_layout
+        for start, layout in self.layer_layouts.items():
+            if start <= layer and layout is not None:
+                current = layout
+        return current
+
+    def decision(self) -> Decision:
+        return Decision(self.stage_layers, self.kept, self.prompt_length, self.merged, self.moved)
