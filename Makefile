@@ -1,16 +1,20 @@
 # torch==2.13.0 is installed first: it is the CPU wheel on these machines, while an
-# unpinned torch would pull a multi-GB CUDA build.
+# unpinned torch would pull a multi-GB CUDA build. Every install is constrained by
+# constraints.txt (the lock), so CI and a fresh machine get the same versions.
 VENV := .venv
 PY := $(VENV)/bin/python
+FLOOR := .venv-floor
+FLOOR_TRANSFORMERS := 5.17.0
+COMPAT := .venv-compat
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup eval demo test
+.PHONY: setup eval demo test test-floor compat
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -23,3 +27,27 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The oldest supported transformers, every other package as locked.
+$(FLOOR)/.installed: pyproject.toml constraints.txt
+	test -x $(FLOOR)/bin/python || python3 -m venv $(FLOOR)
+	sed 's/^transformers==.*/transformers==$(FLOOR_TRANSFORMERS)/' constraints.txt > $(FLOOR)/constraints.txt
+	$(FLOOR)/bin/python -m pip install -q -c $(FLOOR)/constraints.txt torch==2.13.0
+	$(FLOOR)/bin/python -m pip install -q -c $(FLOOR)/constraints.txt -e '.[dev]'
+	touch $@
+
+test-floor: $(FLOOR)/.installed
+	$(FLOOR)/bin/python -m pytest -q
+
+# The newest transformers on PyPI, whatever the cap says, in a scratch environment:
+# prints what breaks. Not part of CI; run it before starting a change, and raise the
+# cap (pyproject.toml, engine/compat.py, constraints.txt) when it passes.
+compat:
+	rm -rf $(COMPAT) && python3 -m venv $(COMPAT)
+	grep -v '^transformers==' constraints.txt > $(COMPAT)/constraints.txt
+	$(COMPAT)/bin/python -m pip install -q -c $(COMPAT)/constraints.txt torch==2.13.0
+	$(COMPAT)/bin/python -m pip install -q -c $(COMPAT)/constraints.txt -e '.[dev]'
+	@# pip then warns that vtprune's cap excludes this release: that is the point
+	-$(COMPAT)/bin/python -m pip install -q --upgrade transformers 2>&1 | grep -v "^WARNING: Location"
+	@echo "== vtprune's suite on transformers $$($(COMPAT)/bin/python -c 'import transformers; print(transformers.__version__)') (the newest on PyPI)"
+	$(COMPAT)/bin/python -m pytest -q -rfE -p no:cacheprovider

@@ -117,12 +117,13 @@ def test_merge_into_nearest_is_a_size_weighted_mean():
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_a_plain_forward_slices_the_cache_it_returns(family):
     """Qwen2-VL passes use_cache=None to its LM: the pruner must still own (and slice) the cache."""
+    from vtprune.engine.cache import output_cache
     from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_qwen2_vl
 
     model = (tiny_llava if family == "llava" else tiny_qwen2_vl)()
     inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(text_before=6)])
     with torch.no_grad(), vtprune.apply(model, "clse", 10):
-        cache = model(**inputs).past_key_values
+        cache = output_cache(model(**inputs))
     lengths = {layer.keys.shape[2] for layer in cache.layers}
     assert len(lengths) == 1 and lengths.pop() < inputs["input_ids"].shape[1]
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import vtprune
+from vtprune.engine.cache import output_cache
 
 from .flops import prefill_flops
 from .presets import Preset, preset_inputs
@@ -62,7 +63,7 @@ def _time_ms(run, device: torch.device) -> float:
 
 
 def kv_cache_bytes(cache) -> int:
-    """Bytes held by a DynamicCache, read off its tensors."""
+    """Bytes held by a DynamicCache, read off its layers' key and value tensors."""
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if getattr(layer, "keys", None) is not None)
 
 
@@ -129,7 +130,7 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
             times = sorted(_time_ms(prefill, device) for _ in range(repeats))
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             output = prefill()
-            kv = kv_cache_bytes(output.past_key_values)
+            kv = kv_cache_bytes(output_cache(output))
             stats = pruner.last_stats if pruner else None
 
             def generate(tokens: int):

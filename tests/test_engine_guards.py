@@ -1,0 +1,139 @@
+"""The engine raises instead of running unpruned or wrong when transformers does something it does not track.
+
+Each test provokes one guard the way a transformers release could: a renamed cache
+keyword, a cache the model makes for itself, decoder layers that bypass their hooks,
+a placeholder id the adapter does not know.
+"""
+
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import vtprune
+from vtprune.engine import EngineError, TESTED_TRANSFORMERS
+from vtprune.engine.cache import cache_keyword, output_cache
+from vtprune.tiny import SampleLayout, tiny_inputs
+
+from .conftest import greedy
+
+LAYOUTS = [SampleLayout(images=2), SampleLayout(images=1, text_before=6)]
+
+
+def test_the_cache_keyword_is_read_off_the_forward_signature(model):
+    import inspect
+
+    keyword = cache_keyword(model.model.language_model)
+    assert keyword in inspect.signature(model.model.language_model.forward).parameters
+    assert keyword in ("cache", "past_key_values")
+
+
+def test_a_cache_under_a_keyword_the_forward_does_not_take_is_caught(model):
+    """What transformers 5.24 did to the engine: its cache went in under the old name and was dropped."""
+    inputs = tiny_inputs(model, LAYOUTS)
+    pruner = vtprune.apply(model, "fastv", 10)
+    pruner._cache_keyword = "past_key_values" if pruner._cache_keyword == "cache" else "cache"
+    with pytest.raises(EngineError, match="different KV cache") as error, pruner, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # 5.24's deprecation notice, which users often silence
+        model(**inputs, use_cache=True)
+    assert "transformers" in str(error.value) and TESTED_TRANSFORMERS in str(error.value)
+
+
+def test_a_cache_swapped_inside_the_model_is_caught(model):
+    inputs = tiny_inputs(model, LAYOUTS)
+    language_model = model.model.language_model
+    keyword = cache_keyword(language_model)
+
+    def swap(module, args, kwargs):
+        kwargs[keyword] = DynamicCache(config=module.config)
+        return args, kwargs
+
+    with vtprune.apply(model, "random", 10):
+        handle = language_model.register_forward_pre_hook(swap, with_kwargs=True)  # runs after the pruner's
+        try:
+            with pytest.raises(EngineError, match="different KV cache"):
+                model(**inputs, use_cache=True)
+        finally:
+            handle.remove()
+
+
+def test_images_whose_placeholders_the_adapter_cannot_find_are_caught(model):
+    inputs = tiny_inputs(model, LAYOUTS)
+    with vtprune.apply(model, "random", 10) as pruner:
+        pruner.adapter.image_token_id = 127  # as if a release moved the placeholder id
+        with pytest.raises(EngineError, match="found none of their placeholder tokens"):
+            model(**inputs)
+
+
+def test_decoder_layers_that_bypass_their_hooks_are_caught(model):
+    inputs = tiny_inputs(model, LAYOUTS)
+    pruner = vtprune.apply(model, "fastv", 10)
+    layers = len(model.model.language_model.layers)
+    for handle in pruner._handles[-layers:]:  # the decoder-layer hooks are installed last
+        handle.remove()
+    with pytest.raises(EngineError, match="without passing through vtprune's hooks"), pruner:
+        model(**inputs)
+
+
+def test_a_prefill_that_prunes_nothing_is_caught(model, monkeypatch):
+    from vtprune.engine import prefill
+
+    inputs = tiny_inputs(model, LAYOUTS)
+    monkeypatch.setattr(prefill.Layout, "narrowed", lambda self, *args: self)  # a stage that drops nothing
+    with vtprune.apply(model, "fastv", 10), pytest.raises(EngineError, match=r"should have left \[20, 10\] visual"):
+        model(**inputs)
+
+
+def test_a_cache_shortened_behind_the_engines_back_is_caught(model):
+    inputs = tiny_inputs(model, LAYOUTS)
+    with vtprune.apply(model, "clse", 10):
+        out = model(**inputs, use_cache=True)
+        cache = output_cache(out)
+        cache.crop(-1)  # drop the last token of every layer
+        step = _next_step(inputs, cache_keyword(model.model.language_model), cache)
+        with pytest.raises(EngineError, match="before a decode step"):
+            model(**step)
+
+
+def test_a_decode_step_on_a_cache_the_engine_did_not_fill_is_caught(model):
+    inputs = tiny_inputs(model, LAYOUTS)
+    foreign = output_cache(model(**inputs, use_cache=True))  # filled without the pruner
+    with vtprune.apply(model, "fastv", 10):
+        model(**inputs, use_cache=True)
+        step = _next_step(inputs, cache_keyword(model.model.language_model), foreign)
+        with pytest.raises(EngineError, match="did not fill"):
+            model(**step)
+
+
+def test_stats_after_generate_are_the_prefills(model):
+    """Decode steps must not look like new prompts: after generate, last_stats still describes the prefill."""
+    inputs = tiny_inputs(model, LAYOUTS)
+    with vtprune.apply(model, "fastv", 10) as pruner:
+        model(**inputs)
+        expected = pruner.last_stats
+        greedy(model, inputs, steps=3)
+        assert pruner.last_stats == expected
+        assert pruner.last_stats.kept_per_sample == [20, 10]
+
+
+def _next_step(inputs, keyword, cache):
+    """One decode step's inputs after the prompt, on cache."""
+    batch = inputs["input_ids"].shape[0]
+    step = {
+        "input_ids": torch.full((batch, 1), 5),
+        "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(batch, 1, dtype=torch.long)], dim=1),
+        keyword: cache,
+    }
+    if "mm_token_type_ids" in inputs:
+        step["mm_token_type_ids"] = torch.zeros(batch, 1, dtype=torch.long)
+    return step
+
+
+def test_the_tested_range_is_the_packages_requirement():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    requirement = next(r for r in project["dependencies"] if r.startswith("transformers"))
+    assert requirement == "transformers" + TESTED_TRANSFORMERS
