@@ -48,6 +48,6 @@ compat:
 	$(COMPAT)/bin/python -m pip install -q -c $(COMPAT)/constraints.txt torch==2.13.0
 	$(COMPAT)/bin/python -m pip install -q -c $(COMPAT)/constraints.txt -e '.[dev]'
 	@# pip then warns that vtprune's cap excludes this release: that is the point
-	-$(COMPAT)/bin/python -m pip install -q --upgrade transformers 2>&1 | grep -v "^WARNING: Location"
+	$(COMPAT)/bin/python -m pip install -q --upgrade transformers
 	@echo "== vtprune's suite on transformers $$($(COMPAT)/bin/python -c 'import transformers; print(transformers.__version__)') (the newest on PyPI)"
 	$(COMPAT)/bin/python -m pytest -q -rfE -p no:cacheprovider
