@@ -4,7 +4,6 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 FLOOR := .venv-floor
-FLOOR_TRANSFORMERS := 5.17.0
 COMPAT := .venv-compat
 export HF_HUB_OFFLINE := 1
 
@@ -28,12 +27,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The oldest supported transformers, every other package as locked.
-$(FLOOR)/.installed: pyproject.toml constraints.txt
+# The oldest supported transformers (5.17.0), locked in constraints-floor.txt.
+$(FLOOR)/.installed: pyproject.toml constraints-floor.txt
 	test -x $(FLOOR)/bin/python || python3 -m venv $(FLOOR)
-	sed 's/^transformers==.*/transformers==$(FLOOR_TRANSFORMERS)/' constraints.txt > $(FLOOR)/constraints.txt
-	$(FLOOR)/bin/python -m pip install -q -c $(FLOOR)/constraints.txt torch==2.13.0
-	$(FLOOR)/bin/python -m pip install -q -c $(FLOOR)/constraints.txt -e '.[dev]'
+	$(FLOOR)/bin/python -m pip install -q -c constraints-floor.txt torch==2.13.0
+	$(FLOOR)/bin/python -m pip install -q -c constraints-floor.txt -e '.[dev]'
 	touch $@
 
 test-floor: $(FLOOR)/.installed

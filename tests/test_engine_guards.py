@@ -137,3 +137,10 @@ def test_the_tested_range_is_the_packages_requirement():
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     requirement = next(r for r in project["dependencies"] if r.startswith("transformers"))
     assert requirement == "transformers" + TESTED_TRANSFORMERS
+    floor = TESTED_TRANSFORMERS.split(",")[0].removeprefix(">=")
+    locks = {name: (Path(__file__).parents[1] / name).read_text().splitlines() for name in ("constraints.txt", "constraints-floor.txt")}
+    assert f"transformers=={floor}.0" in locks["constraints-floor.txt"]  # CI's floor run tests the floor itself
+    from packaging.specifiers import SpecifierSet
+
+    locked = next(line.split("==")[1] for line in locks["constraints.txt"] if line.startswith("transformers=="))
+    assert locked in SpecifierSet(TESTED_TRANSFORMERS)
