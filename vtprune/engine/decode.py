@@ -14,23 +14,45 @@ from .run import Run
 
 
 def continue_run(run: Run, kwargs: dict) -> bool:
-    """Adjust the language model's kwargs for one decode step; False when nothing needs changing."""
+    """Adjust the language model's kwargs for a forward on the run's cache; False when nothing needs changing.
+
+    A later turn of a conversation comes here too. transformers feeds the tokens past
+    what the cache reports holding, and a pruned cache holds fewer than the sequence:
+    the forward then starts with tokens the cache already has (pruned or not). Those
+    are dropped here (and given zero outputs by `pad_repeated`), so the new tokens
+    see exactly the kept tokens of the prompt, at their own positions.
+    """
     embeds = kwargs["inputs_embeds"]
-    batch, query_length, _ = embeds.shape
+    batch, fed, _ = embeds.shape
     attention_mask = kwargs.get("attention_mask")
-    expected = run.prompt_length + run.generated + query_length
+    consumed = run.prompt_length + run.generated
     if attention_mask is None:
-        attention_mask = torch.ones(batch, expected, dtype=torch.long, device=embeds.device)
-    elif isinstance(attention_mask, dict) or attention_mask.dim() != 2 or attention_mask.shape[1] != expected:
+        attention_mask = torch.ones(batch, consumed + fed, dtype=torch.long, device=embeds.device)
+    elif isinstance(attention_mask, dict) or attention_mask.dim() != 2:
         raise ValueError(
-            f"decode step with an attention mask of shape {tuple(getattr(attention_mask, 'shape', ()))}; vtprune "
-            f"expects a 2-D mask over the prompt and every token since ({expected} columns)"
+            f"a forward on a pruned prompt's cache got an attention mask of shape "
+            f"{tuple(getattr(attention_mask, 'shape', ()))}; vtprune needs a 2-D mask over the whole conversation"
         )
+    start = attention_mask.shape[1] - fed  # the first fed token's place in the conversation
+    repeated = consumed - start
+    if not 0 <= repeated < fed:
+        raise ValueError(
+            f"a forward on a pruned prompt's cache feeds the conversation's tokens {start}..{start + fed - 1} "
+            f"(by its attention mask of {attention_mask.shape[1]} columns), but the cache holds its first {consumed}: "
+            f"feed the tokens from {consumed} on, with an attention mask over the whole conversation"
+        )
+    if repeated:
+        kwargs["inputs_embeds"] = embeds[:, repeated:]
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"][..., repeated:]
+    run.repeated = repeated
+    query_length = fed - repeated
+    expected = consumed + query_length
     run.generated += query_length
     run.tail_valid = attention_mask[:, run.prompt_length :].bool()
     run.step_masks = {}
     first = run.kv_layouts[0]
-    if first is run.full:
+    if first is run.full and not repeated:
         return False
     # The first layers' cache holds a shortened prompt: give the language model that
     # prompt's mask, and the positions it would have computed on the unpruned sequence.
@@ -39,6 +61,13 @@ def continue_run(run: Run, kwargs: dict) -> bool:
         start = expected - query_length
         kwargs["position_ids"] = torch.arange(start, expected, device=embeds.device)[None].expand(batch, -1)
     return True
+
+
+def pad_repeated(run: Run, hidden: torch.Tensor) -> torch.Tensor:
+    """The forward's output, with zero rows in front for the repeated tokens, so it aligns with what was fed."""
+    if not run.repeated:
+        return hidden
+    return torch.cat([hidden.new_zeros(hidden.shape[0], run.repeated, hidden.shape[2]), hidden], dim=1)
 
 
 def at_layer(run: Run, index: int, kwargs: dict, query_length: int, dtype: torch.dtype) -> None:

@@ -25,7 +25,7 @@ from ..methods import Method
 from . import cache as kv
 from . import decode, prefill
 from .compat import EngineError
-from .run import Decision, Run
+from .run import Decision, Prompt, Run
 from .stats import PruneStats, counts_per_layer
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -47,6 +47,8 @@ class Pruner:
         self._fusion: list[dict[int, float] | None] | None = None  # per image of the forward being run
         self._vision_states: dict = {}
         self._run: Run | None = None
+        self._prompt: Prompt | None = None  # the forward being run, as the multimodal model received it
+        self._uncached: Prompt | None = None  # the last prompt decided without a cache, which a longer forward continues
         self._num_layers = adapter.model_info.num_layers
         self._cache_keyword = kv.cache_keyword(adapter.language_model)
         # Fusion first: a model that cannot fuse refuses before any other hook is in place.
@@ -67,7 +69,7 @@ class Pruner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._run = self._text = self._fusion = None
+        self._run = self._text = self._fusion = self._prompt = self._uncached = None
         self._vision_states.clear()
         if getattr(self.model, "_vtprune_pruner", None) is self:
             del self.model._vtprune_pruner
@@ -99,7 +101,7 @@ class Pruner:
     def _on_multimodal_forward(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         encoded = kwargs.get("mm_encoder_outputs") or {}
-        self._fusion = self._text = None
+        self._fusion = self._text = self._prompt = None
         # Placeholder ids without images to go with them (a decode step that happened to
         # generate one) are plain text to the model, and so to the pruner.
         if kwargs.get("pixel_values") is None and encoded.get("image") is None:
@@ -107,6 +109,12 @@ class Pruner:
             return None
         if input_ids is None:
             raise ValueError("vtprune finds the visual tokens from input_ids; pass input_ids (not inputs_embeds) with images")
+        _, cache = kv.find_cache(kwargs)
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError(
+                "vtprune cannot prune images added to a prompt that already has a KV cache; pass a follow-up "
+                "turn without pixel_values (the first turn's images are in the cache)"
+            )
         self._spans = self.adapter.image_spans(input_ids, kwargs)
         if not any(self._spans):
             raise EngineError(
@@ -115,11 +123,26 @@ class Pruner:
             )
         mask = kwargs.get("attention_mask")
         self._text = [text_tokens(input_ids[b], sample, mask, b) for b, sample in enumerate(self._spans)]
+        images = kwargs.get("pixel_values") if kwargs.get("pixel_values") is not None else encoded.get("image")
+        self._prompt = Prompt(input_ids, images)
+        continued = self._continued_prompt(kwargs)
+        if continued is not None:
+            self._prompt = continued
+        elif self.method.fuses_vision_layers:
+            self._prompt.fusion = [self.method.vision_fusion(text) for text, sample in zip(self._text, self._spans)
+                                   for _ in sample]
         if self.method.fuses_vision_layers:
-            self._fusion = [self.method.vision_fusion(text) for text, sample in zip(self._text, self._spans)
-                            for _ in sample]
+            self._fusion = self._prompt.fusion
             self.adapter.refuse_encoded_images(kwargs, self._vision_states, self._fusion)
         return None
+
+    def _continued_prompt(self, kwargs) -> Prompt | None:
+        """The prompt decided without a cache that this forward, also without one, extends (generate with
+        use_cache=False feeds the whole sequence at every step): its decision is reused, not made again."""
+        last = self._uncached
+        if last is None or kv.find_cache(kwargs)[1] is not None or prefill.wants_cache(self.adapter.language_model, kwargs):
+            return None
+        return last if last.continued_by(self._prompt) else None
 
     def _on_language_model_forward(self, module, args, kwargs):
         spans, self._spans = self._spans, None
@@ -138,10 +161,8 @@ class Pruner:
                 return self._start_run(module, args, kwargs, spans)
             batch = kwargs["inputs_embeds"].shape[0]
             self.last_stats = PruneStats([[0] * self._num_layers] * batch, [0] * batch, [0] * batch, self.budget)
-            self.last_decision = None
+            self.last_decision = self._uncached = None
             return None
-        if has_images:
-            raise NotImplementedError("vtprune cannot prune images added to a prompt that already has a KV cache")
         run = self._run
         if run is None:  # a cache filled without pruning: nothing to apply
             return None
@@ -155,10 +176,16 @@ class Pruner:
 
     def _after_language_model_forward(self, module, args, kwargs, output):
         run = self._run
-        if run is None or not run.prefill:
+        if run is None:
+            return output
+        if not run.prefill:
+            output.last_hidden_state = decode.pad_repeated(run, output.last_hidden_state)
             return output
         self._record_stats(run)
         self._check_prefill(run, output)
+        if run.replay is None and self._prompt is not None:
+            self._prompt.decision = self.last_decision
+            self._uncached = self._prompt if run.cache is None else None
         run.prefill = False
         run.step_masks = {}
         run.reference = run.attention = None
@@ -190,7 +217,10 @@ class Pruner:
             raise NotImplementedError("vtprune needs a 2-D attention mask (static/compiled caches are not supported)")
         prompt_mask = attention_mask if attention_mask is not None else \
             embeds.new_ones(embeds.shape[:2], dtype=torch.long)
-        run = prefill.plan_run(self.adapter, self.method, self.budget, self._replay, spans, self._text, prompt_mask,
+        replay = self._replay
+        if replay is None and self._prompt is not None and self._prompt.decision is not None:
+            replay = self._prompt.decision  # a continuation of a prompt decided without a cache
+        run = prefill.plan_run(self.adapter, self.method, self.budget, replay, spans, self._text, prompt_mask,
                                self._num_layers)
         if not prefill.prunes(run):  # the budget keeps every token: leave the model's computation untouched
             self._record_stats(run)
@@ -207,7 +237,7 @@ class Pruner:
             visual_tokens_per_sample=run.visual.sum(dim=1).tolist(),
             nominal_budget=self.budget,
         )
-        self.last_decision = run.decision()
+        self.last_decision = run.replay if run.replay is not None else run.decision()
 
     def _check_prefill(self, run: Run, output) -> None:
         """The pruned prefill did what was planned, on the cache the engine tracks."""

@@ -78,15 +78,18 @@ def expected_kept(run: Run) -> list[int]:
     ]
 
 
+def wants_cache(language_model, kwargs: dict) -> bool:
+    """Whether a forward with these kwargs keeps a KV cache."""
+    use_cache = kwargs.get("use_cache")  # Qwen2-VL passes None explicitly: the config decides then
+    return language_model.config.use_cache if use_cache is None else bool(use_cache)
+
+
 def begin(run: Run, language_model, kwargs: dict, cache_keyword: str) -> None:
     """Start a run at the language model's input: own the KV cache, and apply an LLM-input stage."""
     embeds = kwargs["inputs_embeds"]
     batch, length, _ = embeds.shape
-    use_cache = kwargs.get("use_cache")  # Qwen2-VL passes None explicitly: the config decides then
-    if use_cache is None:
-        use_cache = language_model.config.use_cache
     _, run.cache = kv.find_cache(kwargs)
-    if use_cache and run.cache is None:
+    if wants_cache(language_model, kwargs) and run.cache is None:
         # Made here rather than inside the language model, so that decode steps can be told
         # apart from a new prompt by the cache object they carry.
         run.cache = kwargs[cache_keyword] = kv.new_cache(language_model.config)

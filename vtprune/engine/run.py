@@ -26,6 +26,28 @@ class Decision:
 
 
 @dataclass
+class Prompt:
+    """What a prefill's multimodal forward received, and what was decided for it."""
+
+    input_ids: torch.Tensor
+    images: Any  # pixel_values, or the pre-encoded image features generate() passes instead
+    fusion: list | None = None  # per image: the vision-layer mix the method chose
+    decision: Decision | None = None
+
+    def continued_by(self, other: "Prompt") -> bool:
+        """other feeds this prompt followed by more tokens, with the same images."""
+        ids, longer = self.input_ids, other.input_ids
+        same_images = other.images is self.images or (
+            isinstance(self.images, torch.Tensor) and isinstance(other.images, torch.Tensor)
+            and self.images.shape == other.images.shape and torch.equal(self.images, other.images)
+        )
+        return (
+            same_images and longer.shape[0] == ids.shape[0] and longer.shape[1] > ids.shape[1]
+            and torch.equal(longer[:, : ids.shape[1]], ids)
+        )
+
+
+@dataclass
 class Run:
     """One prefill and the decode steps that reuse its decision."""
 
@@ -55,6 +77,7 @@ class Run:
     late_visible: torch.Tensor | None = None  # [B, L] what those positions may see
     prefill: bool = True
     generated: int = 0  # tokens fed after the prompt
+    repeated: int = 0  # tokens the current forward fed again that the cache already held
     tail_valid: torch.Tensor | None = None  # [B, generated] during decode
     step_masks: dict[int, Any] = field(default_factory=dict)  # per-forward cache of built masks / positions
 

@@ -1,0 +1,87 @@
+"""Later turns of a pruned conversation, and generate without a cache, reuse the prompt's decision."""
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.engine.cache import cache_keyword, output_cache
+from vtprune.tiny import SampleLayout, tiny_inputs
+
+from .conftest import greedy
+from .test_engine_invariants import METHODS, OPTIONS
+
+LAYOUTS = [SampleLayout(images=2), SampleLayout(images=1, text_before=6)]
+
+
+def grown(inputs, ids):
+    """inputs for a longer sequence ids whose first tokens are inputs' prompt (every added token valid)."""
+    added = ids.shape[1] - inputs["input_ids"].shape[1]
+    out = dict(inputs, input_ids=ids)
+    out["attention_mask"] = torch.nn.functional.pad(inputs["attention_mask"], (0, added), value=1)
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, added))
+    return out
+
+
+def recomputed_logits(model, pruner, decision, inputs, ids):
+    with pruner.replaying(decision):
+        return model(**grown(inputs, ids), use_cache=False).logits[:, -1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_follow_up_turn_equals_recomputing_the_conversation(model, method):
+    inputs = tiny_inputs(model, LAYOUTS)
+    with vtprune.apply(model, method, 10, **OPTIONS.get(method, {})) as pruner:
+        first = greedy(model, inputs, steps=3)
+        decision, stats = pruner.last_decision, pruner.last_stats
+        follow_up = torch.randint(3, 96, (2, 4), generator=torch.Generator().manual_seed(1))
+        conversation = grown(inputs, torch.cat([first.sequences, follow_up], dim=1))
+        del conversation["pixel_values"]  # the images are in the cache
+        conversation[cache_keyword(model.model.language_model)] = output_cache(first)
+        second = greedy(model, conversation, steps=3)
+        assert pruner.last_stats == stats  # the second turn is a continuation, not a new prompt
+        start = conversation["input_ids"].shape[1]
+        for step, logits in enumerate(second.logits):
+            expected = recomputed_logits(model, pruner, decision, inputs, second.sequences[:, : start + step])
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_follow_up_with_images_again_is_refused(model):
+    inputs = tiny_inputs(model, LAYOUTS)
+    with vtprune.apply(model, "random", 10):
+        first = greedy(model, inputs, steps=2)
+        conversation = grown(inputs, torch.cat([first.sequences, torch.full((2, 3), 7)], dim=1))
+        conversation[cache_keyword(model.model.language_model)] = output_cache(first)
+        with pytest.raises(NotImplementedError, match="without pixel_values"):
+            greedy(model, conversation, steps=1)
+
+
+def test_a_forward_that_skips_tokens_of_the_conversation_is_refused(model):
+    inputs = tiny_inputs(model, LAYOUTS)
+    with vtprune.apply(model, "random", 10):
+        cache = output_cache(model(**inputs, use_cache=True))
+        batch, length = inputs["input_ids"].shape
+        step = {
+            "input_ids": torch.full((batch, 1), 7),
+            "attention_mask": torch.ones(batch, length + 3, dtype=torch.long),  # two tokens never fed
+            cache_keyword(model.model.language_model): cache,
+        }
+        if "mm_token_type_ids" in inputs:
+            step["mm_token_type_ids"] = torch.zeros(batch, 1, dtype=torch.long)
+        with pytest.raises(ValueError, match="the cache holds its first"):
+            model(**step)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_without_a_cache_keeps_the_prompts_decision(model, method):
+    """use_cache=False re-feeds the whole sequence each step: the method decides once, at the prompt."""
+    inputs = tiny_inputs(model, LAYOUTS)
+    with vtprune.apply(model, method, 10, **OPTIONS.get(method, {})) as pruner:
+        cached = greedy(model, inputs, steps=4)
+        decision, stats = pruner.last_decision, pruner.last_stats
+        uncached = greedy(model, inputs, steps=4, use_cache=False)
+        assert pruner.last_stats == stats
+        assert [k.tolist() for k in pruner.last_decision.kept[-1]] == [k.tolist() for k in decision.kept[-1]]
+    assert torch.equal(uncached.sequences, cached.sequences)
+    for a, b in zip(uncached.logits, cached.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
