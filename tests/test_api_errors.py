@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -97,3 +99,26 @@ def test_images_without_input_ids_are_refused(model):
     embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
     with vtprune.apply(model, "random", 8), pytest.raises(ValueError, match="input_ids"):
         model(inputs_embeds=embeds, **inputs)
+
+
+@pytest.mark.parametrize(
+    "budget, expected",
+    [(np.int64(8), 8), (np.int32(8), 8), (torch.tensor(8), 8), (np.float64(0.25), 0.25), (torch.tensor(0.25), 0.25)],
+)
+def test_integral_and_real_budgets_of_any_type(model, budget, expected):
+    from vtprune.tiny import SampleLayout, tiny_inputs
+
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    with vtprune.apply(model, "random", budget) as pruner:
+        assert pruner.budget == expected and type(pruner.budget) is type(expected)
+        model(**inputs)
+        kept = pruner.last_stats.kept_per_sample
+    with vtprune.apply(model, "random", expected) as pruner:
+        model(**inputs)
+        assert pruner.last_stats.kept_per_sample == kept
+
+
+@pytest.mark.parametrize("budget", [torch.tensor(True), np.bool_(True), torch.tensor([8]), np.array([8])])
+def test_budgets_that_are_not_one_number(model, budget):
+    with pytest.raises(ValueError, match="budget must be"):
+        vtprune.apply(model, "fastv", budget)

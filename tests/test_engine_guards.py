@@ -144,3 +144,33 @@ def test_the_tested_range_is_the_packages_requirement():
 
     locked = next(line.split("==")[1] for line in locks["constraints.txt"] if line.startswith("transformers=="))
     assert locked in SpecifierSet(TESTED_TRANSFORMERS)
+
+
+@pytest.mark.parametrize("padding", [True, False])
+def test_static_caches_are_refused_at_the_first_forward(model, padding):
+    from transformers import StaticCache
+
+    layouts = LAYOUTS if padding else LAYOUTS[:1]
+    inputs = tiny_inputs(model, layouts)
+    if not padding:
+        del inputs["attention_mask"]
+    with vtprune.apply(model, "fastv", 10):
+        with pytest.raises(NotImplementedError, match="StaticCache"):
+            model.generate(**inputs, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+        cache = StaticCache(config=model.config.get_text_config(), max_cache_len=256)
+        with pytest.raises(NotImplementedError, match="StaticCache"):
+            model(**inputs, **{cache_keyword(model.model.language_model): cache})
+
+
+def test_qwen2_vl_images_without_mm_token_type_ids_say_to_pass_them():
+    """Releases that need mm_token_type_ids to place images fail with a sentence that names it."""
+    from vtprune.tiny import tiny_qwen2_vl
+
+    model = tiny_qwen2_vl()
+    inputs = tiny_inputs(model, LAYOUTS)
+    del inputs["mm_token_type_ids"]
+    with vtprune.apply(model, "random", 10):
+        try:
+            model.generate(**inputs, max_new_tokens=2, pad_token_id=0)
+        except ValueError as error:
+            assert "mm_token_type_ids" in str(error)

@@ -187,3 +187,22 @@ def test_kept_tokens_keep_their_original_positions(model):
         tail = slice(hidden.shape[1] - held.numel(), None)  # fill slots come first
         assert torch.equal(pruned_cos[b, tail], cos.expand(2, -1, -1)[b, held])
         assert torch.equal(pruned_sin[b, tail], sin.expand(2, -1, -1)[b, held])
+
+
+def test_per_layer_outputs_map_back_to_prompt_positions(family):
+    """output_attentions under pruning has each layer's pruned length; the decision names its rows."""
+    model = FAMILIES[family]("eager")
+    inputs = tiny_inputs(model, MIXED[:2])
+    with vtprune.apply(model, "fastv", 6, layer=2) as pruner:
+        out = model(**inputs, output_attentions=True, output_hidden_states=True)
+        decision = pruner.last_decision
+    visual = torch.isin(inputs["input_ids"], PLACEHOLDERS)
+    for layer, attention in enumerate(out.attentions):
+        positions = decision.positions_at(layer)
+        assert attention.shape[-1] == attention.shape[-2] == positions.shape[1]
+        assert out.hidden_states[layer + 1].shape[1] == positions.shape[1] or layer == len(out.attentions) - 1
+        for b in range(2):
+            held = positions[b][positions[b] >= 0]
+            expected = torch.arange(visual.shape[1]) if layer < 2 else \
+                torch.cat([torch.nonzero(~visual[b]).flatten(), decision.kept[0][b]]).sort().values
+            assert torch.equal(held, expected)

@@ -63,7 +63,10 @@ class Qwen2VLAdapter(Adapter):
                 planes = rows_cols[:, b, start : start + length]
                 extent = (planes.amax(dim=1) - planes.amin(dim=1) + 1).tolist()
                 if extent[0] * extent[1] != length:
-                    raise ValueError(f"the image tokens at position {start} do not form one image grid")
+                    raise ValueError(
+                        f"the image tokens at position {start} do not form one image grid in their M-RoPE positions; "
+                        "pass the processor's mm_token_type_ids to forward/generate, which Qwen2-VL needs to place images"
+                    )
                 sample.append(ImageSpan(start, length, (extent[0], extent[1])))
             spans.append(sample)
         return spans

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
+
+import numpy as np
+import torch
 
 
 def tokens_for_budget(budget: int | float, num_tokens: int) -> int:
@@ -14,10 +18,14 @@ def tokens_for_budget(budget: int | float, num_tokens: int) -> int:
 
 
 def check_budget(budget: Any) -> int | float:
-    """The budget as apply() accepts it, or a ValueError that says what is allowed."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+    """The budget as apply() accepts it (any integral or real number, numpy and 0-d tensors
+    included), or a ValueError that says what is allowed."""
+    if isinstance(budget, torch.Tensor) and budget.dim() == 0 and budget.dtype != torch.bool:
+        budget = budget.item()
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (numbers.Integral, numbers.Real)):
         raise ValueError(f"budget must be an int (visual tokens kept per image) or a float in (0, 1]; got {budget!r}")
-    if isinstance(budget, float):
+    if not isinstance(budget, numbers.Integral):
+        budget = float(budget)
         if math.isnan(budget) or not 0.0 < budget <= 1.0:
             raise ValueError(
                 f"a float budget is the fraction of visual tokens kept and must lie in (0, 1]; got {budget!r} "

@@ -52,6 +52,15 @@ def output_cache(output) -> Cache | None:
     return find_cache(dict(output.items()))[1]
 
 
+def check_prunable(cache: Cache | None) -> None:
+    """A pruned prompt's layers hold different numbers of tokens: only a DynamicCache can."""
+    if cache is not None and (not isinstance(cache, DynamicCache) or cache.is_compileable):
+        raise NotImplementedError(
+            f"vtprune cannot prune into a {type(cache).__name__}: static and compiled caches hold the same length in "
+            "every layer. Use the default DynamicCache (no cache_implementation, no StaticCache)"
+        )
+
+
 def new_cache(config) -> DynamicCache:
     return DynamicCache(config=config)
 

@@ -110,6 +110,7 @@ class Pruner:
         if input_ids is None:
             raise ValueError("vtprune finds the visual tokens from input_ids; pass input_ids (not inputs_embeds) with images")
         _, cache = kv.find_cache(kwargs)
+        kv.check_prunable(cache)
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError(
                 "vtprune cannot prune images added to a prompt that already has a KV cache; pass a follow-up "
@@ -212,6 +213,7 @@ class Pruner:
     # --------------------------------------------------------------- prefill
     def _start_run(self, language_model, args, kwargs, spans: list[list[ImageSpan]]):
         embeds = kwargs["inputs_embeds"]
+        kv.check_prunable(kv.find_cache(kwargs)[1])
         attention_mask = kwargs.get("attention_mask")
         if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
             raise NotImplementedError("vtprune needs a 2-D attention mask (static/compiled caches are not supported)")
@@ -265,6 +267,6 @@ def text_tokens(input_ids: torch.Tensor, spans: list[ImageSpan], attention_mask,
     keep = torch.ones_like(input_ids, dtype=torch.bool)
     for span in spans:
         keep[span.start : span.start + span.length] = False
-    if attention_mask is not None and attention_mask.dim() == 2:
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         keep &= attention_mask[sample].bool()
     return input_ids[keep]

@@ -23,6 +23,17 @@ class Decision:
     merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
     # moved[stage][sample]: (positions, positions they were merged into), for pictures of a merge
     moved: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    layer_positions: list[torch.Tensor] = field(default_factory=list)  # see positions_at
+
+    def positions_at(self, layer: int) -> torch.Tensor:
+        """[B, n]: the prompt position each row of decoder layer `layer` holds at prefill (-1: a fill slot).
+
+        Under pruning, `output_attentions` / `output_hidden_states` return per-layer tensors
+        of the pruned lengths: attentions[layer] is [B, heads, n, n] over these rows, and
+        hidden_states[layer + 1] (that layer's output) has these rows. The last hidden
+        state and the logits are scattered back to the prompt's length.
+        """
+        return self.layer_positions[layer]
 
 
 @dataclass
@@ -102,4 +113,5 @@ class Run:
         return current
 
     def decision(self) -> Decision:
-        return Decision(self.stage_layers, self.kept, self.prompt_length, self.merged, self.moved)
+        positions = [self.layout_at(layer).positions for layer in range(self.num_layers)]
+        return Decision(self.stage_layers, self.kept, self.prompt_length, self.merged, self.moved, positions)
