@@ -1,11 +1,43 @@
-"""Kept-token pictures: the stage map and, for merging methods, where each token went."""
+"""Kept-token pictures: the stage map, where merged tokens went, and the grid over the image the model saw."""
 
+from pathlib import Path
+
+import matplotlib
 import numpy as np
+import pytest
 import torch
+from PIL import Image
+from transformers import Qwen2VLImageProcessorPil
 
 import vtprune
-from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
-from vtprune.viz import dropped_at_stage, kept_token_map, merge_groups
+import vtprune.viz
+from vtprune.cli import main
+from vtprune.synth.reference import REFERENCE_DIR, load_reference
+from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_qwen2_vl
+from vtprune.viz import cell_index, dropped_at_stage, kept_token_map, merge_groups, seen_image, shade_dropped
+
+# (width, height): wide, tall, small square, and sides a multiple of 24 that still get cropped
+SIZES = [(517, 300), (301, 777), (100, 100), (480, 360)]
+needs_reference = pytest.mark.skipif(not (REFERENCE_DIR / "config.json").exists(), reason="no reference model shipped")
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """A real photo (it ships with matplotlib), stretched to the size wanted."""
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    return Image.open(path).convert("RGB").resize((width, height), Image.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_reference()
+
+
+def assert_grid_fits(seen, patch_px: int):
+    """Every token's cell is exactly patch_px square and the cells tile the image."""
+    rows, cols = seen.grid
+    assert seen.image.size == (cols * patch_px, rows * patch_px)
+    assert np.array_equal(cell_index(seen.image.height, rows), np.repeat(np.arange(rows), patch_px))
+    assert np.array_equal(cell_index(seen.image.width, cols), np.repeat(np.arange(cols), patch_px))
 
 
 def test_stage_map_marks_when_each_token_was_dropped():
@@ -41,3 +73,96 @@ def test_a_merging_method_records_where_every_dropped_token_went(tmp_path):
     path = tmp_path / "kept.png"
     stages = kept_token_map(Image.fromarray(image), (8, 8), kept, path, "clse_m", decision.stage_layers, groups)
     assert path.stat().st_size > 0 and int((stages == 0).sum()) == len(kept[-1])
+
+
+def test_shading_fills_exactly_the_cells_of_dropped_tokens():
+    grid, patch = (3, 5), 14
+    kept = [np.arange(0, 15, 2)]  # every other token survives
+    stages = dropped_at_stage(grid, kept)
+    white = np.ones((grid[0] * patch, grid[1] * patch, 3), dtype=np.float32)
+    shaded = shade_dropped(white, stages, 1)
+    blocks = shaded[..., 0].reshape(grid[0], patch, grid[1], patch)
+    assert np.ptp(blocks, axis=(1, 3)).max() == 0  # one shade per cell: cell edges on patch edges
+    assert np.array_equal(blocks[:, 0, :, 0] == 1, stages == 0)
+
+
+def test_drawing_any_size_against_any_grid_does_not_crash(tmp_path):
+    for width, height in SIZES:
+        stages = kept_token_map(photo(width, height), (24, 24), [np.arange(0, 576, 9)], tmp_path / "k.png", "t")
+        assert int((stages == 0).sum()) == 64
+
+
+def test_indices_outside_the_grid_are_refused():
+    with pytest.raises(ValueError, match="outside the 2x2"):
+        dropped_at_stage((2, 2), [np.array([-1, 0])])
+
+
+@needs_reference
+@pytest.mark.parametrize("width,height", SIZES)
+def test_llava_sees_the_resized_centre_crop(reference, width, height):
+    _, processor = reference
+    inputs = processor(images=[photo(width, height)], text=["<image>"], return_tensors="pt")
+    seen = seen_image(processor, inputs)
+    assert seen.grid == (24, 24)
+    assert_grid_fits(seen, 14)
+    # The rebuilt picture is the model's input: processing it again changes nothing.
+    again = processor.image_processor(images=[seen.image], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(again, inputs["pixel_values"], atol=2 / 255 / 0.26)
+    # Centre crop of the shortest-side resize, not the whole (squashed) photo.
+    short = min(width, height)
+    resized = photo(width, height).resize((round(width * 336 / short), round(height * 336 / short)), Image.BICUBIC)
+    left, top = (resized.width - 336) // 2, (resized.height - 336) // 2
+    crop = np.asarray(resized.crop((left, top, left + 336, top + 336)), np.float32)
+    assert np.abs(np.asarray(seen.image, np.float32) - crop).mean() < 1  # a 1 px shift gives 4 or more
+
+
+@pytest.mark.parametrize("width,height", SIZES)
+def test_qwen2_vl_sees_the_image_resized_to_its_patch_grid(width, height):
+    processor = Qwen2VLImageProcessorPil()  # defaults: patch 14, merge 2; nothing downloaded
+    images = [photo(width, height), photo(width, height).transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    inputs = processor(images=images, return_tensors="pt")
+    for index, image in enumerate(images):  # the second checks the offset into the concatenated patches
+        _, rows, cols = inputs["image_grid_thw"][index].tolist()
+        seen = seen_image(processor, inputs, index)
+        assert seen.grid == (rows // 2, cols // 2)  # tokens after the 2x2 merge
+        assert_grid_fits(seen, 28)
+        expected = np.asarray(image.resize((cols * 14, rows * 14), Image.BICUBIC), np.int16)
+        assert np.abs(np.asarray(seen.image, np.int16) - expected).max() <= 1
+
+
+def test_a_qwen2_vl_picture_lines_up_with_its_kept_tokens(tmp_path):
+    processor = Qwen2VLImageProcessorPil()
+    features = processor(images=[photo(517, 300)], return_tensors="pt")
+    _, rows, cols = features["image_grid_thw"][0].tolist()
+    model = tiny_qwen2_vl()
+    inputs = tiny_inputs(model, [SampleLayout(qwen_grid=(rows, cols))])
+    inputs["pixel_values"] = features["pixel_values"]  # the tiny tower takes real patches of the same shape
+    start = int(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id)[0])
+    with torch.no_grad(), vtprune.apply(model, "clse_m", 24) as pruner:
+        model(**inputs)
+    kept = [stage[0].numpy() - start for stage in pruner.last_decision.kept]
+    seen = seen_image(processor, features)
+    stages = kept_token_map(seen.image, seen.grid, kept, tmp_path / "kept.png", "qwen")
+    assert stages.shape == seen.grid == (rows // 2, cols // 2)
+    assert int((stages == 0).sum()) == len(kept[-1])
+
+
+@needs_reference
+@pytest.mark.parametrize("width,height", SIZES)
+def test_show_answers_then_draws_on_what_the_model_saw(tmp_path, monkeypatch, capsys, width, height):
+    photo(width, height).save(tmp_path / "photo.png")
+    drawn = []
+    draw = vtprune.viz.kept_token_map
+
+    def spy(image, grid, *args):
+        drawn.append((image.size, grid, capsys.readouterr().out))
+        return draw(image, grid, *args)
+
+    monkeypatch.setattr(vtprune.viz, "kept_token_map", spy)
+    out = tmp_path / "kept.png"
+    assert main(["show", str(tmp_path / "photo.png"), "what colour is the tie ?", "--method", "clse_m",
+                 "--budget", "64", "--out", str(out)]) == 0
+    [(size, grid, printed_before)] = drawn
+    assert size == (336, 336) and grid == (24, 24)
+    assert "answer:" in printed_before  # an answer is out even if drawing fails
+    assert out.stat().st_size > 0

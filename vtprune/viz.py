@@ -1,10 +1,94 @@
-"""Pictures of what a method kept: each patch of the image shaded by the stage at which it was dropped."""
+"""Pictures of what a method kept: each patch of the image shaded by the stage at which it was dropped.
+
+The patches are those of the image the model saw (resized, cropped), rebuilt from the
+processor's output by `seen_image`; the file on disk seldom has that size or framing.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class SeenImage:
+    """The picture a model's vision tower was fed, and the grid of its visual tokens over it.
+
+    grid is (rows, cols) in the raster order the tokens take in the prompt; each cell covers
+    image.height / rows by image.width / cols pixels.
+    """
+
+    image: Image.Image
+    grid: tuple[int, int]
+
+
+def seen_image(processor, inputs, index: int = 0) -> SeenImage:
+    """What image `index` of a processor call looked like to the model, rebuilt from its pixel_values.
+
+    processor: a LlavaProcessor, or a Qwen2-VL processor or image processor; inputs: what it
+    returned. Reading the pixels back (rather than redoing the resize and crop) gives exactly
+    the model's view whatever the processor's settings and backend.
+    """
+    image_processor = getattr(processor, "image_processor", processor)
+    if "image_grid_thw" in inputs:
+        return _seen_by_qwen2_vl(image_processor, inputs["pixel_values"], inputs["image_grid_thw"], index)
+    patch = getattr(processor, "patch_size", None)
+    if patch is None:
+        raise ValueError("the processor does not say its patch size (LlavaProcessor.patch_size); "
+                         "cannot lay the token grid over the image")
+    channels_first = _numpy(inputs["pixel_values"][index])
+    height, width = channels_first.shape[-2:]
+    return SeenImage(_denormalise(channels_first, image_processor), (height // patch, width // patch))
+
+
+def _seen_by_qwen2_vl(image_processor, pixel_values, image_grid_thw, index: int) -> SeenImage:
+    """Undo Qwen2-VL's patch flattening: rows of merge x merge blocks of patches, each repeated over time."""
+    grids = _numpy(image_grid_thw).astype(np.int64)
+    frames, rows, cols = (int(n) for n in grids[index])
+    first = int(grids[:index].prod(axis=1).sum())  # images are concatenated patch-wise
+    patch, merge = image_processor.patch_size, image_processor.merge_size
+    temporal = image_processor.temporal_patch_size
+    patches = _numpy(pixel_values[first:first + frames * rows * cols])
+    blocks = patches.reshape(frames, rows // merge, cols // merge, merge, merge, -1, temporal, patch, patch)
+    # The first frame is the image itself (a still image is repeated over the temporal patch).
+    still = blocks[0, :, :, :, :, :, 0]  # (block row, block col, row in block, col in block, channel, y, x)
+    channels_first = still.transpose(4, 0, 2, 5, 1, 3, 6).reshape(-1, rows * patch, cols * patch)
+    return SeenImage(_denormalise(channels_first, image_processor), (rows // merge, cols // merge))
+
+
+def _numpy(values) -> np.ndarray:
+    """float32 numpy from a tensor of any dtype and device, or from a list."""
+    return values.detach().float().cpu().numpy() if hasattr(values, "detach") else np.asarray(values, np.float32)
+
+
+def _denormalise(channels_first: np.ndarray, image_processor) -> Image.Image:
+    """Invert the processor's rescale and normalize steps back to 8-bit RGB."""
+    values = channels_first.astype(np.float32)
+    if getattr(image_processor, "do_normalize", False):
+        mean = np.asarray(image_processor.image_mean, np.float32).reshape(-1, 1, 1)
+        std = np.asarray(image_processor.image_std, np.float32).reshape(-1, 1, 1)
+        values = values * std + mean
+    if getattr(image_processor, "do_rescale", False):
+        values = values / image_processor.rescale_factor
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8).transpose(1, 2, 0))
+
+
+def cell_index(length: int, cells: int) -> np.ndarray:
+    """For each pixel along a side of `length` pixels, the cell of `cells` it lies in.
+
+    Exact when cells divides length (the model's own view); any other size still gives
+    every pixel the cell covering it in proportion, instead of failing.
+    """
+    return np.arange(length) * cells // length
+
+
+def cells_to_pixels(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Blow a [rows, cols, ...] per-cell array up to [height, width, ...] pixels."""
+    rows, cols = values.shape[:2]
+    return values[cell_index(height, rows)][:, cell_index(width, cols)]
 
 
 def dropped_at_stage(grid: tuple[int, int], kept_per_stage: list[np.ndarray]) -> np.ndarray:
@@ -16,8 +100,13 @@ def dropped_at_stage(grid: tuple[int, int], kept_per_stage: list[np.ndarray]) ->
     dropped = np.zeros(rows * cols, dtype=np.int64)
     alive = np.ones(rows * cols, dtype=bool)
     for stage, kept in enumerate(kept_per_stage, start=1):
+        kept = np.asarray(kept, dtype=np.int64)
+        if kept.size and (kept.min() < 0 or kept.max() >= rows * cols):
+            # Negative indices would silently wrap: a grid that disagrees with the prompt's tokens.
+            raise ValueError(f"kept token indices span {kept.min()}..{kept.max()}, "
+                             f"outside the {rows}x{cols} token grid")
         survivors = np.zeros(rows * cols, dtype=bool)
-        survivors[np.asarray(kept, dtype=np.int64)] = True
+        survivors[kept] = True
         dropped[alive & ~survivors] = stage
         alive &= survivors
     return dropped.reshape(rows, cols)
@@ -37,6 +126,14 @@ def merge_groups(count: int, moved_per_stage: list[tuple[np.ndarray, np.ndarray]
     return group
 
 
+def shade_dropped(pixels: np.ndarray, stages: np.ndarray, count: int) -> np.ndarray:
+    """Darken each dropped token's cell of [height, width, 3] pixels in 0..1; earlier drops darker."""
+    shade = np.zeros(stages.shape, dtype=np.float32)
+    for stage in range(1, count + 1):  # earlier drops darker: they were gone for more layers
+        shade[stages == stage] = 0.85 - 0.45 * (stage - 1) / max(count - 1, 1)
+    return pixels * (1 - cells_to_pixels(shade, *pixels.shape[:2])[..., None])
+
+
 def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray], path: str | Path, title: str,
                    stage_layers: list[int] | None = None, groups: np.ndarray | None = None) -> np.ndarray:
     """Save the image beside a copy whose dropped patches are shaded by stage; returns the stage map.
@@ -53,17 +150,13 @@ def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray
     stages = dropped_at_stage(grid, kept_per_stage)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     height, width = pixels.shape[:2]
-    shade = np.zeros(stages.shape, dtype=np.float32)
     count = len(kept_per_stage)
-    for stage in range(1, count + 1):  # earlier drops darker: they were gone for more layers
-        shade[stages == stage] = 0.85 - 0.45 * (stage - 1) / max(count - 1, 1)
-    shade_px = np.kron(shade, np.ones((height // grid[0], width // grid[1]), dtype=np.float32))
-    shaded = pixels * (1 - shade_px[..., None])
+    shaded = shade_dropped(pixels, stages, count)
 
     panels = 2 if groups is None else 3
     figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 5.4))
     axes[0].imshow(pixels)
-    axes[0].set_title("image")
+    axes[0].set_title(f"image as the model saw it ({width}x{height})")
     axes[1].imshow(shaded)
     cell_h, cell_w = height / grid[0], width / grid[1]
     for row, col in zip(*np.nonzero(stages == 0)):  # outline what survives every stage
@@ -75,8 +168,7 @@ def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray
         # Each kept token a random hue; every patch painted with the hue of the token it went into.
         hues = np.random.default_rng(0).random((stages.size, 3)) * 0.8 + 0.2
         colours = hues[np.asarray(groups)].reshape(*grid, 3)
-        colours_px = np.kron(colours, np.ones((height // grid[0], width // grid[1], 1), dtype=np.float32))
-        axes[2].imshow(0.35 * pixels + 0.65 * colours_px)
+        axes[2].imshow(0.35 * pixels + 0.65 * cells_to_pixels(colours, height, width))
         for row, col in zip(*np.nonzero(stages == 0)):
             axes[2].add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h, fill=False,
                                         edgecolor="white", linewidth=1.0))
