@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
 from rich.table import Table
 
 from .runner import UNPRUNED
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy: unlike mean +- 1.96 sd it stays inside [0, 1]
+    and is honest at 0% and 100%, where this benchmark's classes often sit."""
+    if total == 0:
+        return (0.0, 1.0)
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -30,6 +42,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "config": name, "method": group[0]["method"], "budget": group[0]["budget"], "samples": len(group),
             "classes": {c: sum(v) / len(v) for c, v in sorted(classes.items())},
             "overall": sum(r["correct"] for r in group) / len(group),
+            "overall_ci95": wilson_interval(sum(bool(r["correct"]) for r in group), len(group)),
             "equivalent_budget": sum(equivalent) / len(equivalent) if equivalent else None,
         })
     base = next((row for row in rows if row["method"] == UNPRUNED), None)
@@ -42,13 +55,14 @@ def summarize(records: list[dict]) -> list[dict]:
 def _cells(row: dict, classes: list[str]) -> list[str]:
     equivalent = "-" if row["equivalent_budget"] is None else f"{row['equivalent_budget']:.0f}"
     normalized = "-" if row["normalized"] is None else f"{row['normalized']:.1f}"
+    low, high = row["overall_ci95"]
     return [row["config"], equivalent, *(f"{100 * row['classes'].get(c, 0):.1f}" for c in classes),
-            f"{100 * row['overall']:.1f}", normalized]
+            f"{100 * row['overall']:.1f}", f"{100 * low:.1f}-{100 * high:.1f}", normalized]
 
 
 def _header(rows: list[dict]) -> tuple[list[str], list[str]]:
     classes = sorted({c for row in rows for c in row["classes"]})
-    return classes, ["config", "eq. budget", *classes, "overall", "normalized"]
+    return classes, ["config", "eq. budget", *classes, "overall", "95% CI", "normalized"]
 
 
 def rich_table(rows: list[dict], title: str) -> Table:
@@ -85,15 +99,16 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str) -> None:
         if base:
             axis.axhline(100 * base["overall"], color="black", linestyle="--", label="unpruned")
         for i, method in enumerate(methods):
-            points = sorted((row[key], 100 * row["overall"]) for row in rows
+            points = sorted((row[key], 100 * row["overall"], *(100 * b for b in row["overall_ci95"])) for row in rows
                             if row["method"] == method and row[key] is not None)
             # styles and markers differ too, so that two configs with the same results both show
-            axis.plot([p[0] for p in points], [p[1] for p in points], label=method,
-                      linestyle=("-", "--", "-.", ":")[i % 4], marker="os^Dv<>"[i % 7], markersize=5)
+            axis.errorbar([p[0] for p in points], [p[1] for p in points],
+                          yerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]], label=method,
+                          linestyle=("-", "--", "-.", ":")[i % 4], marker="os^Dv<>"[i % 7], markersize=5, capsize=3)
         axis.set_xlabel(name)
         axis.set_ylim(0, 100)  # on a fixed scale, flat and steep curves read as what they are
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylabel("accuracy (%), bars: 95% interval")
     axes[1].legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()

@@ -1,0 +1,33 @@
+"""The accuracy tables carry a 95% interval, so a reader can tell a difference from noise."""
+
+import math
+
+import pytest
+
+from vtprune.eval.report import markdown_table, summarize, wilson_interval
+
+
+@pytest.mark.parametrize("correct, total", [(0, 10), (10, 10), (7, 10), (120, 240), (239, 240)])
+def test_wilson_interval_holds_the_rate_and_matches_its_formula(correct, total):
+    low, high = wilson_interval(correct, total)
+    p = correct / total
+    assert 0.0 <= low <= p <= high <= 1.0
+    # the interval's bounds are the two roots of (p - q)^2 = z^2 q (1 - q) / n
+    for q in (low, high):
+        if 0.0 < q < 1.0:
+            assert math.isclose((p - q) ** 2, 1.96**2 * q * (1 - q) / total, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_more_samples_give_a_narrower_interval():
+    widths = [wilson_interval(n // 2, n)[1] - wilson_interval(n // 2, n)[0] for n in (40, 240, 1200)]
+    assert widths[0] > widths[1] > widths[2]
+    assert 0.12 < widths[1] < 0.13  # about +-6 points at 240 samples and 50%
+
+
+def test_the_table_prints_the_interval_of_each_config():
+    records = [{"config": "random@64", "method": "random", "budget": 64, "qclass": "count", "correct": i < 30,
+                "equivalent_budget": 64.0} for i in range(40)]
+    row = summarize(records)[0]
+    assert row["overall_ci95"] == wilson_interval(30, 40)
+    low, high = row["overall_ci95"]
+    assert f"| 75.0 | {100 * low:.1f}-{100 * high:.1f} |" in markdown_table([row])
