@@ -41,3 +41,32 @@ def greedy(model, inputs, steps=4, **kwargs):
         **inputs, max_new_tokens=steps, do_sample=False, suppress_tokens=SUPPRESS,
         output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs,
     )
+
+
+@pytest.fixture
+def held_elsewhere():
+    """A context manager: another process holds a results folder's lock until the block ends, then dies."""
+    import contextlib
+    import subprocess
+    import sys
+
+    holder = (
+        "import sys\n"
+        "from vtprune.eval.lock import hold\n"
+        "with hold(sys.argv[1]):\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+
+    @contextlib.contextmanager
+    def hold_in_another_process(folder):
+        process = subprocess.Popen([sys.executable, "-c", holder, str(folder)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        try:
+            assert process.stdout.readline().strip() == "held"
+            yield process
+        finally:
+            process.kill()
+            process.wait()
+
+    return hold_in_another_process

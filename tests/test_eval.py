@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vtprune.eval import Config, ResultsFile, evaluate, summarize
-from vtprune.eval import runner
+from vtprune.eval import FolderBusy, runner
+from vtprune.eval.lock import LOCK_NAME, hold
 from vtprune.eval.records import MalformedResults
 from vtprune.eval.report import markdown_table, write_reports
 from vtprune.synth import generate
@@ -109,3 +110,32 @@ def test_a_config_named_twice_is_refused(tiny_reference, tmp_path):
     model, processor = tiny_reference
     with pytest.raises(ValueError, match="named twice: fastv@32"):
         evaluate(model, processor, generate(5, 2), [Config("fastv", 32), Config("fastv", 32)], tmp_path, prompt, SETTINGS)
+
+
+def test_a_folder_another_run_is_evaluating_into_is_refused(tiny_reference, tmp_path, held_elsewhere):
+    model, processor = tiny_reference
+    with held_elsewhere(tmp_path), pytest.raises(FolderBusy, match=rf"{tmp_path}.* in use by another run"):
+        evaluate(model, processor, generate(5, 2), CONFIGS[:1], tmp_path, prompt, SETTINGS)
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_the_lock_of_a_run_that_died_does_not_block(tmp_path, held_elsewhere):
+    with held_elsewhere(tmp_path) as other:
+        pass  # leaving the block kills the holder without releasing anything itself
+    assert other.returncode != 0 and (tmp_path / LOCK_NAME).exists()
+    with hold(tmp_path):
+        with hold(tmp_path):  # nested holds in one process share the lock
+            pass
+
+
+def test_repeated_records_count_once_and_the_first_wins(tmp_path):
+    def record(index, correct):
+        return {"config": "fastv@64", "method": "fastv", "budget": 64, "index": index, "qclass": "ocr", "answer": "a",
+                "prediction": "a" if correct else "b", "correct": correct}
+
+    path = tmp_path / "results.jsonl"
+    lines = [record(0, True), record(1, False), record(0, False), record(1, False), record(2, True)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    records = ResultsFile(path).read()
+    assert records == [record(0, True), record(1, False), record(2, True)]
+    assert summarize(records)[0]["overall"] == pytest.approx(2 / 3)

@@ -8,6 +8,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from . import cli_args
+
 console = Console(width=None if sys.stdout.isatty() else 132)  # logs get whole tables
 
 
@@ -83,10 +85,6 @@ def _model_id(path) -> str:
     return f"{path.name} {_digest(weights[0])}" if weights else str(path.resolve())
 
 
-def _budget(text: str) -> int | float:
-    return float(text) if "." in text else int(text)
-
-
 def method_options(model_path, processor) -> dict[str, dict]:
     """Options a method needs on a checkpoint: CLASP routes with its tokenizer and uses the table beside it."""
     from pathlib import Path
@@ -105,8 +103,6 @@ def cmd_calibrate(args) -> int:
     from vtprune.synth import generate
     from vtprune.synth.reference import CALIBRATION_SEED, REFERENCE_DIR, load_reference, prompt
 
-    if args.method != "clasp":
-        raise SystemExit(f"vtprune calibrate: only clasp has calibrated settings; got {args.method!r}")
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_reference(model_path)
     samples = generate(args.seed, args.samples)
@@ -125,40 +121,35 @@ def cmd_eval(args) -> int:
 
     import vtprune
     from vtprune.eval import Config, evaluate
+    from vtprune.eval.lock import hold
     from vtprune.eval.report import rich_table, summarize, write_reports
     from vtprune.methods import get_method
     from vtprune.synth import generate
     from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt
 
-    from vtprune.eval.runner import parse_method_spec
-
-    specs = args.methods.split(",") if args.methods else [m.name for m in vtprune.methods()]
-    parsed = [parse_method_spec(spec) for spec in specs]
-    for method, _ in parsed:
-        get_method(method)  # an unknown name fails before the model loads
-    budgets = [_budget(b) for b in args.budgets.split(",")]
-    for budget in budgets:
-        vtprune.engine.check_budget(budget)
-    model_path = Path(args.model or REFERENCE_DIR)
-    model, processor = load_reference(model_path)
-    samples = generate(args.seed, args.samples)
-    needed = method_options(model_path, processor)
-    configs = [Config("unpruned")] + [
-        Config(method, b, {**needed.get(method, {}), **given}, spec) for spec, (method, given) in zip(specs, parsed)
-        for b in budgets
-    ]
-    for config in configs[1:]:
-        get_method(config.method).parse_options(config.options)  # bad options fail before the first sample
-    settings = {"task": "synthetic", "model": _model_id(model_path), "seed": args.seed, "samples": args.samples,
-                "clasp_calibration": _digest(model_path / "clasp_calibration.json")}
-    records = evaluate(model, processor, samples, configs, Path(args.out), prompt, settings, batch_size=args.batch)
-    wanted = {c.name for c in configs}
-    rows = summarize([r for r in records if r["config"] in wanted])
-    title = f"reference model, synthetic VQA (seed {args.seed}, {args.samples} samples)"
-    console.print(rich_table(rows, title))
-    command = "vtprune eval " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    paths = write_reports(rows, Path(args.out), title, dict(settings, command=command), args.report)
-    console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {args.out}/results.jsonl)")
+    specs = args.methods or [cli_args.MethodSpec(m.name, m.name) for m in vtprune.methods()]
+    out = Path(args.out)
+    with hold(out):  # before the model loads, so that a second run on this folder stops at once
+        model_path = Path(args.model or REFERENCE_DIR)
+        model, processor = load_reference(model_path)
+        samples = generate(args.seed, args.samples)
+        needed = method_options(model_path, processor)
+        configs = [Config("unpruned")] + [
+            Config(spec.method, b, {**needed.get(spec.method, {}), **spec.options}, spec.label)
+            for spec in specs for b in args.budgets
+        ]
+        for config in configs[1:]:
+            get_method(config.method).parse_options(config.options)  # bad options fail before the first sample
+        settings = {"task": "synthetic", "model": _model_id(model_path), "seed": args.seed, "samples": args.samples,
+                    "clasp_calibration": _digest(model_path / "clasp_calibration.json")}
+        records = evaluate(model, processor, samples, configs, out, prompt, settings, batch_size=args.batch)
+        wanted = {c.name for c in configs}
+        rows = summarize([r for r in records if r["config"] in wanted])
+        title = f"reference model, synthetic VQA (seed {args.seed}, {args.samples} samples)"
+        console.print(rich_table(rows, title))
+        command = "vtprune eval " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
+        paths = write_reports(rows, out, title, dict(settings, command=command), args.report)
+    console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {out}/results.jsonl)")
     return 0
 
 
@@ -174,8 +165,8 @@ def cmd_show(args) -> int:
 
     import vtprune
     from vtprune.eval.runner import predict
-    from vtprune.synth.reference import GRID, REFERENCE_DIR, load_reference, prompt
-    from vtprune.viz import kept_token_map, merge_groups
+    from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt
+    from vtprune.viz import kept_token_map, merge_groups, seen_image
 
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_reference(model_path)
@@ -185,18 +176,21 @@ def cmd_show(args) -> int:
     with torch.no_grad():
         unpruned = predict(model, processor, [sample], prompt)[0]
         options = method_options(model_path, processor).get(args.method, {})
-        with vtprune.apply(model, args.method, _budget(args.budget), **options) as pruner:
+        with vtprune.apply(model, args.method, args.budget, **options) as pruner:
             answer = predict(model, processor, [sample], prompt)[0]
             decision = pruner.last_decision
-    ids = processor(images=[image], text=[prompt(args.question)], return_tensors="pt")["input_ids"][0]
+    console.print(f"answer: [bold]{answer}[/bold] (unpruned: {unpruned})")
+    inputs = processor(images=[image], text=[prompt(args.question)], return_tensors="pt")
+    seen = seen_image(processor, inputs)  # resized and cropped: the grid fits this, not the file
+    ids = inputs["input_ids"][0]
     start = int(torch.nonzero(ids == model.config.image_token_id)[0])
     kept = [np.asarray(stage[0].sort().values.cpu()) - start for stage in decision.kept] if decision else []
     moved = [(np.asarray(s[0][0].cpu()) - start, np.asarray(s[0][1].cpu()) - start) for s in decision.moved] if decision else []
-    groups = merge_groups(GRID * GRID, moved) if any(len(sources) for sources, _ in moved) else None
+    groups = merge_groups(seen.grid[0] * seen.grid[1], moved) if any(len(sources) for sources, _ in moved) else None
     out = Path(args.out)
     title = f"{args.method} @ {args.budget}: \"{args.question}\" -> {answer} (unpruned: {unpruned})"
-    kept_token_map(image, (GRID, GRID), kept, out, title, decision.stage_layers if decision else None, groups)
-    console.print(f"answer: [bold]{answer}[/bold] (unpruned: {unpruned}); kept tokens drawn in {out}")
+    kept_token_map(seen.image, seen.grid, kept, out, title, decision.stage_layers if decision else None, groups)
+    console.print(f"kept tokens drawn in {out}, over the {seen.image.width}x{seen.image.height} image the model saw")
     return 0
 
 
@@ -208,15 +202,10 @@ def cmd_bench(args) -> int:
     import torch
 
     from vtprune.bench.run import bench_table, device_name, run_bench, save
-    from vtprune.methods import get_method
 
-    methods = args.methods.split(",")
-    for method in methods:
-        get_method(method)
-    budgets = [int(b) for b in args.budgets.split(",")]
-    batches = [int(b) for b in args.batch.split(",")]
     dtype = getattr(torch, args.dtype)
-    results = run_bench(args.arch, methods, budgets, batches, device=args.device, dtype=dtype, repeats=args.repeats,
+    results = run_bench(args.arch, args.methods, args.budgets, args.batch, device=args.device, dtype=dtype,
+                        repeats=args.repeats,
                         warmup=args.warmup, new_tokens=args.new_tokens,
                         options={"clasp": {"question_class": "general"}})
     name = device_name(args.device)
@@ -234,67 +223,103 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("methods", help="list the registered methods").set_defaults(run=cmd_methods)
     demo = commands.add_parser("demo", help="pruned generation with every method on a tiny random model")
-    demo.add_argument("--budget", type=int, default=16, help="visual tokens kept per image")
+    demo.add_argument("--budget", type=cli_args.positive_int, default=16, help="visual tokens kept per image")
     demo.set_defaults(run=cmd_demo)
+    model_help = "a LLaVA checkpoint folder (default: the shipped reference model)"
     evaluation = commands.add_parser("eval", help="accuracy vs budget: reference model on the synthetic benchmark")
-    evaluation.add_argument("--samples", type=int, default=240, help="samples per config (spread over the 6 classes)")
-    evaluation.add_argument("--methods", help="comma-separated, each NAME or NAME:key=value:... "
-                            "(e.g. clse:score=attn); default: every registered method")
-    evaluation.add_argument("--budgets", default="192,128,64", help="comma-separated: ints are tokens, x.y fractions")
-    evaluation.add_argument("--seed", type=int, default=2, help="data seed (the reference model trained on seed 0)")
-    evaluation.add_argument("--out", default="out/eval", help="results folder; an interrupted run resumes there")
-    evaluation.add_argument("--model", help="a LLaVA checkpoint folder (default: the shipped reference model)")
-    evaluation.add_argument("--batch", type=int, default=16)
-    evaluation.add_argument("--report", default="results", help="file name of the table, JSON and plot in --out")
+    evaluation.add_argument("--samples", type=cli_args.positive_int, default=240,
+                            help="samples per config (spread over the 6 classes)")
+    evaluation.add_argument("--methods", type=cli_args.comma_list(cli_args.method_spec),
+                            help="comma-separated, each NAME or NAME:key=value:... (e.g. clse:score=attn, "
+                            "clse:layers=1/3/5:keep=300/200/60); default: every registered method")
+    evaluation.add_argument("--budgets", type=cli_args.comma_list(cli_args.budget), default="192,128,64",
+                            help="comma-separated: ints are tokens, x.y fractions")
+    evaluation.add_argument("--seed", type=cli_args.non_negative_int, default=2,
+                            help="data seed (the reference model trained on seed 0)")
+    evaluation.add_argument("--out", type=cli_args.writable_folder, default="out/eval",
+                            help="results folder; an interrupted run resumes there")
+    evaluation.add_argument("--model", type=cli_args.checkpoint, help=model_help)
+    evaluation.add_argument("--batch", type=cli_args.positive_int, default=16)
+    evaluation.add_argument("--report", type=cli_args.file_name, default="results",
+                            help="file name of the table, JSON and plot in --out")
     evaluation.set_defaults(run=cmd_eval)
     show = commands.add_parser("show", help="answer a question under a method and draw the kept tokens")
-    show.add_argument("image")
+    show.add_argument("image", type=cli_args.existing_file)
     show.add_argument("question")
-    show.add_argument("--method", required=True)
-    show.add_argument("--budget", default="64")
-    show.add_argument("--out", default="kept_tokens.png")
-    show.add_argument("--model", help="a LLaVA checkpoint folder (default: the shipped reference model)")
+    show.add_argument("--method", type=cli_args.method_name, required=True)
+    show.add_argument("--budget", type=cli_args.budget, default="64")
+    show.add_argument("--out", type=cli_args.writable_file, default="kept_tokens.png")
+    show.add_argument("--model", type=cli_args.checkpoint, help=model_help)
     show.set_defaults(run=cmd_show)
     calibrate = commands.add_parser("calibrate", help="fit a method's per-class settings on a calibration split")
-    calibrate.add_argument("--method", required=True)
-    calibrate.add_argument("--budget", type=int, default=64, help="tokens per image at which to fit")
-    calibrate.add_argument("--samples", type=int, default=240, help="calibration samples (spread over the classes)")
-    calibrate.add_argument("--seed", type=int, default=4, help="calibration data seed (never an evaluation seed)")
-    calibrate.add_argument("--model", help="a LLaVA checkpoint folder (default: the shipped reference model)")
-    calibrate.add_argument("--out", default="out/clasp_calibration.json")
+    calibrate.add_argument("--method", required=True, choices=["clasp"], help="only clasp has calibrated settings")
+    calibrate.add_argument("--budget", type=cli_args.positive_int, default=64, help="tokens per image at which to fit")
+    calibrate.add_argument("--samples", type=cli_args.positive_int, default=240,
+                           help="calibration samples (spread over the classes)")
+    calibrate.add_argument("--seed", type=cli_args.non_negative_int, default=4,
+                           help="calibration data seed (never an evaluation seed)")
+    calibrate.add_argument("--model", type=cli_args.checkpoint, help=model_help)
+    calibrate.add_argument("--out", type=cli_args.writable_file, default="out/clasp_calibration.json")
     calibrate.set_defaults(run=cmd_calibrate)
     bench = commands.add_parser("bench", help="what pruning saves at real model shapes (random weights)")
-    bench.add_argument("--arch", default="llava-cpu-small", help="a preset: llava-1.5-7b, llava-1.5-13b, qwen2-vl-7b, "
-                       "llava-cpu-small, qwen2-vl-cpu-small")
-    bench.add_argument("--methods", default="fastv,clse,clasp,random")
-    bench.add_argument("--budgets", default="192,128,64")
-    bench.add_argument("--batch", default="1", help="comma-separated batch sizes")
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", default="float32", help="bfloat16 on a GPU")
-    bench.add_argument("--repeats", type=int, default=20)
-    bench.add_argument("--warmup", type=int, default=3)
-    bench.add_argument("--new-tokens", type=int, default=16)
-    bench.add_argument("--out", default="benchmarks/results")
+    bench.add_argument("--arch", type=cli_args.arch, default="llava-cpu-small", help="a preset: llava-1.5-7b, "
+                       "llava-1.5-13b, qwen2-vl-7b, llava-cpu-small, qwen2-vl-cpu-small")
+    bench.add_argument("--methods", type=cli_args.comma_list(cli_args.method_name), default="fastv,clse,clasp,random")
+    bench.add_argument("--budgets", type=cli_args.comma_list(cli_args.token_budget), default="192,128,64",
+                       help="comma-separated visual tokens per image")
+    bench.add_argument("--batch", type=cli_args.comma_list(cli_args.positive_int), default="1",
+                       help="comma-separated batch sizes")
+    bench.add_argument("--device", type=cli_args.device, default="cpu")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="bfloat16 on a GPU")
+    bench.add_argument("--repeats", type=cli_args.positive_int, default=20)
+    bench.add_argument("--warmup", type=cli_args.non_negative_int, default=3)
+    bench.add_argument("--new-tokens", type=cli_args.at_least(2), default=16,
+                       help="decode speed is timed over this many new tokens")
+    bench.add_argument("--out", type=cli_args.writable_folder, default="out/bench",
+                       help="results go to OUT/DEVICE/bench-ARCH.json")
+    bench.add_argument("--replace-committed", action="store_true",
+                       help="let --out overwrite a results file committed to git")
     bench.set_defaults(run=cmd_bench)
     trainer = commands.add_parser("train-reference", help="train the reference model on generated samples (resumes)")
-    trainer.add_argument("--out", required=True, help="folder for the checkpoint, its processor and train_log.jsonl")
-    trainer.add_argument("--steps", type=int, default=2000)
-    trainer.add_argument("--batch", type=int, default=12, help="images per step")
-    trainer.add_argument("--questions", type=int, default=2, help="questions asked about each image per step")
-    trainer.add_argument("--init", help="start from the weights of another run's folder (fresh optimizer)")
-    trainer.add_argument("--lr", type=float, default=1e-3)
-    trainer.add_argument("--eval-every", type=int, default=250)
-    trainer.add_argument("--eval-samples", type=int, default=240)
-    trainer.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
-    trainer.add_argument("--workers", type=int, help="processes that build batches (default: one per spare core)")
-    trainer.add_argument("--minutes", type=float, help="stop, validated and saved, after this much wall time")
+    trainer.add_argument("--out", type=cli_args.writable_folder, required=True,
+                         help="folder for the checkpoint, its processor and train_log.jsonl")
+    trainer.add_argument("--steps", type=cli_args.positive_int, default=2000)
+    trainer.add_argument("--batch", type=cli_args.positive_int, default=12, help="images per step")
+    trainer.add_argument("--questions", type=cli_args.positive_int, default=2,
+                         help="questions asked about each image per step")
+    trainer.add_argument("--init", type=cli_args.checkpoint,
+                         help="start from the weights of another run's folder (fresh optimizer)")
+    trainer.add_argument("--lr", type=cli_args.positive_float, default=1e-3)
+    trainer.add_argument("--eval-every", type=cli_args.positive_int, default=250)
+    trainer.add_argument("--eval-samples", type=cli_args.positive_int, default=240)
+    trainer.add_argument("--device", type=cli_args.device, help="cpu or cuda (default: cuda when there is one)")
+    trainer.add_argument("--workers", type=cli_args.non_negative_int,
+                         help="processes that build batches (default: one per spare core)")
+    trainer.add_argument("--minutes", type=cli_args.positive_float,
+                         help="stop, validated and saved, after this much wall time")
     trainer.set_defaults(run=cmd_train_reference)
+    for command in commands.choices.values():  # check_args' usage errors name the command, as argparse's own do
+        command.set_defaults(command_parser=command)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, every value checked; a bad one exits with a usage line and status 2. Loads no model."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    cli_args.check_args(args.command_parser, args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vtprune.eval.lock import FolderBusy
+    from vtprune.synth.reference import CheckpointError
+
+    args = parse(argv)
+    try:
+        return args.run(args)
+    except (FolderBusy, CheckpointError) as error:  # the user's to fix: one line, not a traceback
+        raise SystemExit(f"vtprune {args.command}: error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -36,31 +37,53 @@ def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[i
     return results
 
 
+SPREAD_LIMIT = 1.5  # p90 / p10 of the prefill times above which a median is not worth comparing
+
+
+def untrustworthy(r: Measurement) -> bool:
+    """Timings too noisy to compare: a wide prefill spread, or a decode rate lost in the noise (NaN)."""
+    return r.prefill_ms_p90 > SPREAD_LIMIT * r.prefill_ms_p10 or math.isnan(r.decode_tokens_per_s)
+
+
 def bench_table(results: list[Measurement], title: str) -> Table:
+    """The results side by side; a noisy measurement, and every ratio it enters, is marked with `!`."""
     unpruned = {r.batch: r for r in results if r.method == "unpruned"}
     oracle = {(r.batch, r.budget): r for r in results if r.method == "oracle"}
     table = Table(title=title)
-    for column in ("config", "batch", "eq. budget", "prefill ms (p10-p90)", "speedup", "vs oracle", "decode tok/s",
+    for column in ("config", "batch", "!", "eq. budget", "prefill ms (p10-p90)", "speedup", "vs oracle", "decode tok/s",
                    "samples/s", "KV MiB", "TFLOPs", "peak GiB"):
         table.add_column(column, justify="left" if column == "config" else "right")
+
+    def ratio(value: float, *parts: Measurement) -> str:
+        return f"{value:.2f}x" + ("!" if any(untrustworthy(p) for p in parts) else "")
+
     for r in results:
         base, floor = unpruned.get(r.batch), oracle.get((r.batch, r.budget))
         table.add_row(
-            r.config, str(r.batch), f"{r.equivalent_budget:.0f}",
+            r.config, str(r.batch), "!" if untrustworthy(r) else "", f"{r.equivalent_budget:.0f}",
             f"{r.prefill_ms:.1f} ({r.prefill_ms_p10:.1f}-{r.prefill_ms_p90:.1f})",
-            f"{base.prefill_ms / r.prefill_ms:.2f}x" if base else "-",
-            f"{r.prefill_ms / floor.prefill_ms:.2f}x" if floor and r.method not in ("oracle", "unpruned") else "-",
+            ratio(base.prefill_ms / r.prefill_ms, base, r) if base else "-",
+            ratio(r.prefill_ms / floor.prefill_ms, floor, r) if floor and r.method not in ("oracle", "unpruned") else "-",
             f"{r.decode_tokens_per_s:.1f}", f"{r.throughput_samples_per_s:.2f}",
             f"{r.kv_cache_bytes / 2**20:.1f}", f"{r.prefill_tflops:.3f}",
             "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**30:.2f}",
         )
+    if any(untrustworthy(r) for r in results):
+        table.caption = (f"! too noisy to trust: prefill p90/p10 above {SPREAD_LIMIT}, or a decode rate lost in the "
+                         "noise (nan); a ratio marked ! involves such a measurement. Rerun on a quieter machine, "
+                         "or with more --repeats.")
     return table
+
+
+def result_file(folder: Path, arch: str) -> Path:
+    """Where save() writes an arch's results in a device's folder."""
+    return folder / f"bench-{arch}.json"
 
 
 def save(results: list[Measurement], out: Path, settings: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-{settings['arch']}.json"
+    path = result_file(out, settings["arch"])
     environment = {"torch": torch.__version__, "transformers": transformers.__version__, "device": settings["device_name"]}
-    path.write_text(json.dumps({"settings": settings, "environment": environment,
-                                "results": [r.as_dict() for r in results]}, indent=2))
+    rows = [dict(r.as_dict(), untrustworthy=untrustworthy(r)) for r in results]
+    path.write_text(json.dumps({"settings": settings, "environment": environment, "results": rows}, indent=2))
     return path

@@ -17,10 +17,15 @@ class ResultsFile:
         self.path = Path(path)
 
     def read(self) -> list[dict]:
-        """Every record so far; a line that is not a complete record is an error naming its line."""
+        """Every record so far, one per (config, index); a line that is not a complete record is an error naming it.
+
+        Of records repeating a (config, index), the first in the file wins and the later ones are
+        dropped: a run skips what the file already holds, so the first is the one every resume has
+        counted. (Repeats come from runs that shared a folder before folders were locked.)
+        """
         if not self.path.exists():
             return []
-        records = []
+        records, seen = [], set()
         with self.path.open() as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -38,7 +43,10 @@ class ResultsFile:
                         f"{self.path}:{number}: a result record needs {', '.join(missing)}; fix or delete that line, "
                         "or start a new run with another --out"
                     )
-                records.append(record)
+                key = json.dumps([record["config"], record["index"]])  # hashable whatever the JSON holds
+                if key not in seen:
+                    seen.add(key)
+                    records.append(record)
         return records
 
     def repair_tail(self) -> None:

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 import vtprune
 
+from .lock import hold
 from .records import ResultsFile
 
 UNPRUNED = "unpruned"
@@ -28,32 +29,6 @@ class Config:
         return self.method if self.method == UNPRUNED else f"{self.label or self.method}@{self.budget}"
 
 
-def parse_method_spec(spec: str) -> tuple[str, dict]:
-    """'clse:score=attn:slice_kv=false' -> ('clse', {'score': 'attn', 'slice_kv': False})."""
-    name, *pairs = spec.split(":")
-    options = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep:
-            raise ValueError(f"method option {pair!r} in {spec!r} needs the form key=value")
-        options[key] = _option_value(text)
-    return name, options
-
-
-def _option_value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def predict(model, processor, samples, prompt) -> list[str]:
     """Greedy one-word answers: the first generated token, through the processor as a user would."""
     inputs = processor(images=[s.image for s in samples], text=[prompt(s.question) for s in samples],
@@ -64,13 +39,20 @@ def predict(model, processor, samples, prompt) -> list[str]:
 
 def evaluate(model, processor, samples, configs: list[Config], out: Path, prompt, settings: dict,
              batch_size: int = 16) -> list[dict]:
-    """Evaluate every config on every sample, skipping what out/results.jsonl already holds."""
+    """Evaluate every config on every sample, skipping what out/results.jsonl already holds.
+
+    Another process evaluating into `out` at the same time is refused with FolderBusy.
+    """
     names = [config.name for config in configs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"configs named twice: {', '.join(repeated)}; give each method and budget once")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with hold(out):
+        return _evaluate(model, processor, samples, configs, Path(out), prompt, settings, batch_size)
+
+
+def _evaluate(model, processor, samples, configs: list[Config], out: Path, prompt, settings: dict,
+              batch_size: int) -> list[dict]:
     settings_path = out / "run.json"
     if settings_path.exists():
         previous = json.loads(settings_path.read_text())

@@ -8,6 +8,7 @@ loads it like any LLaVA checkpoint on disk.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +110,63 @@ def pixel_values(images) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
+class CheckpointError(ValueError):
+    """Not a LLaVA checkpoint whose config.json describes its weights: loading it would leave parts of it random."""
+
+
+def _preview(keys, shown: int = 3) -> str:
+    keys = sorted(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def read_config(path: Path) -> dict:
+    """A LLaVA checkpoint's config.json, or CheckpointError saying why the folder holds none."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"no config.json in {path}: not a checkpoint folder")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{file} is not valid JSON ({error})") from None
+    declared = config.get("model_type") if isinstance(config, dict) else None
+    if declared != LlavaConfig.model_type:
+        raise CheckpointError(f"{file} declares model_type {declared!r}; "
+                              f"vtprune loads LLaVA checkpoints (model_type {LlavaConfig.model_type!r})")
+    return config
+
+
+def load_llava(path: str | Path, **kwargs) -> LlavaForConditionalGeneration:
+    """LlavaForConditionalGeneration.from_pretrained, refusing a checkpoint that does not load whole.
+
+    transformers only logs weights it found no place for (or places it found no weights for)
+    and fills the gaps with random values; here any such key is an error that names them.
+    """
+    path = Path(path)
+    read_config(path)
+    # Mismatched shapes are reported with the other problems below instead of raised without their names.
+    model, info = LlavaForConditionalGeneration.from_pretrained(path, output_loading_info=True,
+                                                                ignore_mismatched_sizes=True, **kwargs)
+    problems = []
+    if info["missing_keys"]:
+        problems.append(f"{len(info['missing_keys'])} weights the config declares are missing: "
+                        f"{_preview(info['missing_keys'])}")
+    if info["unexpected_keys"]:
+        problems.append(f"{len(info['unexpected_keys'])} stored weights the config has no place for: "
+                        f"{_preview(info['unexpected_keys'])}")
+    if info["mismatched_keys"]:
+        shapes = [f"{key} {tuple(stored)} vs {tuple(declared)}" for key, stored, declared in info["mismatched_keys"]]
+        problems.append(f"{len(shapes)} weights of another shape than the config's (stored vs declared): "
+                        f"{_preview(shapes)}")
+    if problems:
+        raise CheckpointError(f"{path} does not match its config.json: {'; '.join(problems)}")
+    return model
+
+
 def load_reference(path: str | Path = REFERENCE_DIR, attn_implementation: str = "sdpa"):
     """The shipped (or any saved) reference model and its processor, through the standard HF loaders."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no reference model at {path}; train one with `vtprune train-reference --out {path}`")
-    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32)
+    model = load_llava(path, attn_implementation=attn_implementation, dtype=torch.float32)
     return model.eval(), LlavaProcessor.from_pretrained(path)

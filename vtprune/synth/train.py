@@ -47,6 +47,7 @@ from .reference import (
     build_model,
     build_processor,
     build_tokenizer,
+    load_llava,
     pixel_values,
     prompt,
 )
@@ -317,7 +318,7 @@ def train(
     head = DenseHead(model.config.vision_config.hidden_size)
     relevance = nn.Linear(model.config.text_config.hidden_size, 1)
     if init is not None:
-        model.load_state_dict(type(model).from_pretrained(init, dtype=torch.float32).state_dict())
+        model.load_state_dict(load_llava(init, dtype=torch.float32).state_dict())
         if (Path(init) / "auxiliary_heads.pt").exists():  # a shipped model has none: they start afresh
             heads = torch.load(Path(init) / "auxiliary_heads.pt")
             head.load_state_dict(heads["head"])

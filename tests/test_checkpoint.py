@@ -1,0 +1,66 @@
+"""A checkpoint whose config does not describe its weights is refused by name, never evaluated half-random."""
+
+import json
+
+import pytest
+
+from vtprune import cli
+from vtprune.eval import runner
+from vtprune.synth.reference import CheckpointError, load_llava, load_reference
+from vtprune.tiny import tiny_llava
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A saved 6-layer tiny LLaVA, and a function that rewrites its config.json."""
+    path = tmp_path / "model"
+    tiny_llava(layers=6).save_pretrained(path)
+
+    def edit(change):
+        config = json.loads((path / "config.json").read_text())
+        change(config)
+        (path / "config.json").write_text(json.dumps(config))
+        return path
+
+    return path, edit
+
+
+def layers(n):
+    return lambda config: config["text_config"].update(num_hidden_layers=n)
+
+
+def test_a_matching_checkpoint_loads(checkpoint):
+    path, _ = checkpoint
+    assert load_llava(path).config.text_config.num_hidden_layers == 6
+
+
+@pytest.mark.parametrize("change, message", [
+    (layers(4), r"18 stored weights the config has no place for: model\.language_model\.layers\.4\..*\(18 in all\)"),
+    (layers(8), r"18 weights the config declares are missing: model\.language_model\.layers\.6\..*\(18 in all\)"),
+    (lambda config: config["text_config"].update(intermediate_size=96),
+     r"weights of another shape .*mlp.*\(128, 64\) vs \(96, 64\)"),
+    (lambda config: config.update(model_type="llama"), r"declares model_type 'llama'.*LLaVA"),
+])
+def test_a_config_that_does_not_describe_the_weights_is_refused(checkpoint, change, message):
+    _, edit = checkpoint
+    with pytest.raises(CheckpointError, match=message):
+        load_reference(edit(change))
+
+
+def test_eval_refuses_such_a_checkpoint_in_one_line_without_evaluating(checkpoint, tmp_path, monkeypatch):
+    _, edit = checkpoint
+    monkeypatch.setattr(runner, "_evaluate", lambda *args: pytest.fail("evaluated a half-loaded checkpoint"))
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["eval", "--model", str(edit(layers(4))), "--out", str(tmp_path / "out"), "--samples", "1"])
+    message = str(exit.value.code)
+    assert message.startswith("vtprune eval: error: ") and "does not match its config.json" in message
+    assert "\n" not in message
+
+
+def test_eval_refuses_a_checkpoint_of_another_model_type_before_loading(checkpoint, tmp_path, capsys):
+    _, edit = checkpoint
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["eval", "--model", str(edit(lambda config: config.update(model_type="qwen2_vl"))),
+                  "--out", str(tmp_path / "out")])
+    assert exit.value.code == 2
+    assert "argument --model:" in capsys.readouterr().err

@@ -1,0 +1,148 @@
+"""The command checks every value before it loads a model: a bad one is one usage line and exit status 2."""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vtprune import cli
+from vtprune.synth import reference
+
+
+@pytest.fixture(autouse=True)
+def _no_model_loads(monkeypatch):
+    monkeypatch.setattr(reference, "load_reference", lambda *a, **k: pytest.fail("a model loaded"))
+
+
+def usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit:
+        cli.parse(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--samples", "0"], "--samples: 0 is too small; give a whole number >= 1"),
+    (["eval", "--samples=-5"], "--samples: -5 is too small"),
+    (["eval", "--batch", "0"], "--batch: 0 is too small"),
+    (["eval", "--seed=-1"], "--seed: -1 is too small; give a whole number >= 0"),
+    (["eval", "--budgets", "abc"], "--budgets: 'abc' is not a budget; give an int >= 1"),
+    (["eval", "--budgets", "64,"], "--budgets: '64,' has an empty item"),
+    (["eval", "--budgets", "64,64"], "--budgets: 64 given twice"),
+    (["eval", "--budgets", "1.5"], r"--budgets: .*\(0, 1\].*1\.5"),
+    (["bench", "--budgets", "0.25"], "--budgets: '0.25': bench budgets are visual tokens per image, ints >= 1"),
+    (["bench", "--batch", "1,0"], "--batch: 0 is too small"),
+    (["eval", "--methods", "clse:layers=1"], "--methods: clse:layers=1: clse's default keep counts are for 3 stages"),
+    (["eval", "--methods", "clse:layers=a/b"], "--methods: clse:layers=a/b: layers takes ints separated by /"),
+    (["eval", "--methods", "random:seed=abc"], "--methods: random:seed=abc: seed takes an int; got 'abc'"),
+    (["eval", "--methods", "clse:slice_kv=maybe"], "slice_kv takes true or false; got 'maybe'"),
+    (["eval", "--methods", "clse:tau=nan"], "tau takes a finite number; got 'nan'"),
+    (["eval", "--methods", "fastv:layer=6"], "fastv:layer=6: method 'fastv' would act before decoder layer 6"),
+    (["eval", "--methods", "fastv:k=3"], "fastv has no option 'k'; its options are: layer"),
+    (["eval", "--methods", "clasp:tokenizer=x"], "tokenizer cannot be given on the command line"),
+    (["eval", "--methods", "random,random"], "--methods: random given twice"),
+    (["eval", "--methods", "bogus"], "--methods: unknown method 'bogus'; registered methods: clasp"),
+    (["eval", "--report", "sub/results"], "--report: 'sub/results' must be a plain file name"),
+    (["eval", "--model", "/nonexistent"], "--model: no config.json in /nonexistent"),
+    (["show", __file__, "what?", "--method", "bogus"], "--method: unknown method 'bogus'"),
+    (["show", "no-such.png", "what?", "--method", "random"], "image: no file 'no-such.png'"),
+    (["calibrate", "--method", "fastv"], "--method: invalid choice: 'fastv'"),
+    (["bench", "--new-tokens", "1"], "--new-tokens: 1 is too small; give a whole number >= 2"),
+])
+def test_a_bad_value_is_a_usage_line_naming_it(argv, message, capsys):
+    line = usage_error(argv, capsys)
+    assert line.startswith(f"vtprune {argv[0]}: error: argument ")
+    assert re.search(message, line), line
+
+
+def test_an_out_that_cannot_be_written_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert "--out: cannot write" in usage_error(["eval", "--out", str(tmp_path / "file" / "run")], capsys)
+    assert "--out: " in usage_error(["bench", "--out", str(tmp_path / "file")], capsys)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert "no write permission" in usage_error(["eval", "--out", str(locked / "run")], capsys)
+
+
+def test_spaces_around_list_items_are_accepted():
+    args = cli.parse(["eval", "--methods", "random, fastv", "--budgets", " 64, 0.25"])
+    assert [spec.method for spec in args.methods] == ["random", "fastv"]
+    assert args.budgets == [64, 0.25]
+
+
+def test_method_options_get_the_types_their_method_declares():
+    args = cli.parse(["eval", "--methods", "clse:layers=1/3/5:keep=300/200/60:slice_kv=false,random:seed=3,"
+                      "clasp:question_class=ocr:split=0.5:multipliers=1.5/1/0.5"])
+    clse, random, clasp = args.methods
+    assert clse.label == "clse:layers=1/3/5:keep=300/200/60:slice_kv=false"
+    assert clse.options == {"layers": (1, 3, 5), "keep": (300, 200, 60), "slice_kv": False}
+    assert random.options == {"seed": 3}
+    assert clasp.options == {"question_class": "ocr", "split": 0.5, "multipliers": (1.5, 1.0, 0.5)}
+
+
+FLAGS = {
+    "eval": ["--samples", "--batch", "--seed", "--budgets", "--methods", "--report", "--out", "--model"],
+    "bench": ["--budgets", "--batch", "--methods", "--arch", "--repeats", "--warmup", "--new-tokens", "--out"],
+    "show": ["--method", "--budget", "--out"],
+}
+# Text near the grammar of the values (digits, separators, option names), so that parses succeed too.
+VALUES = st.one_of(
+    st.text(),
+    st.text(alphabet="0123456789.,:=/- eE", max_size=12),
+    st.lists(st.sampled_from(["clse", "random", "fastv", "clasp", "layers=", "keep=", "seed=", "score=attn", "1/3",
+                              "2", "0.5", ":", ",", "none", "true", "out", "64"]), max_size=6).map("".join),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(sorted(FLAGS)), data=st.data(), value=VALUES)
+def test_any_text_for_a_flag_is_a_usage_error_or_a_valid_parse(command, data, value, capsys):
+    flag = data.draw(st.sampled_from(FLAGS[command]))
+    argv = [command] + ([__file__, "what?", "--method", "random"] if command == "show" else []) + [f"{flag}={value}"]
+    try:
+        cli.parse(argv)
+    except SystemExit as exit:
+        assert exit.code == 2
+        assert "Traceback" not in capsys.readouterr().err
+
+
+def test_bench_writes_outside_the_committed_results_by_default():
+    out = Path(cli.parse(["bench"]).out)
+    assert not out.is_absolute() and out.parts[0] == "out"  # /out/ is in .gitignore
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_bench_will_not_overwrite_a_committed_result_unless_told(tmp_path, capsys):
+    from vtprune.bench.run import device_name
+
+    committed = tmp_path / device_name("cpu") / "bench-llava-cpu-small.json"
+    committed.parent.mkdir()
+    committed.write_text("{}")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert cli.parse(["bench", "--out", str(tmp_path)])  # an untracked result is the user's to replace
+
+    subprocess.run(["git", "-C", str(tmp_path), "add", str(committed.relative_to(tmp_path))], check=True)
+    line = usage_error(["bench", "--out", str(tmp_path)], capsys)
+    assert f"--out: {committed} is committed to git" in line and "--replace-committed" in line
+    assert cli.parse(["bench", "--out", str(tmp_path), "--replace-committed"]).replace_committed
+    assert cli.parse(["bench", "--out", str(tmp_path), "--arch", "qwen2-vl-cpu-small"])  # no file there yet
+
+
+def test_a_second_eval_on_the_same_out_stops_before_loading(tmp_path, held_elsewhere):
+    with held_elsewhere(tmp_path), pytest.raises(SystemExit) as exit:
+        cli.main(["eval", "--out", str(tmp_path), "--samples", "1"])
+    message = str(exit.value.code)
+    assert message.startswith("vtprune eval: error: ") and "\n" not in message
+    assert str(tmp_path) in message and "in use by another run" in message
+
+
+def test_spaces_inside_a_method_spec_do_not_make_another_config():
+    assert cli.parse(["eval", "--methods", "clse : score = attn"]).methods[0].label == "clse:score=attn"

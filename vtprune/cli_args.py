@@ -1,0 +1,335 @@
+"""The `vtprune` command's argument checks: every value is checked before any model loads.
+
+A type function raises argparse.ArgumentTypeError, which argparse turns into one usage
+line naming the flag, and exit status 2; `check_args` does the checks that need more
+than one flag (method options against the checkpoint's depth, a committed file in --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import subprocess
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Invalid = argparse.ArgumentTypeError
+
+
+def at_least(low: int):
+    """A type for an int >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise Invalid(f"{text!r} is not an int; give a whole number >= {low}") from None
+        if value < low:
+            raise Invalid(f"{value} is too small; give a whole number >= {low}")
+        return value
+
+    parse.__name__ = f"int >= {low}"  # how argparse names the type in its own messages
+    return parse
+
+
+positive_int = at_least(1)
+non_negative_int = at_least(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise Invalid(f"{text!r} is not a number; give a number > 0") from None
+    if not (math.isfinite(value) and value > 0):
+        raise Invalid(f"{text!r} is not allowed; give a finite number > 0")
+    return value
+
+
+def budget(text: str) -> int | float:
+    """Visual tokens kept per image (an int >= 1) or the fraction kept (a number in (0, 1]), as apply() takes."""
+    from vtprune.engine import check_budget
+
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise Invalid(f"{text!r} is not a budget; give an int >= 1 (tokens per image) "
+                          "or a fraction in (0, 1] such as 0.25") from None
+    try:
+        return check_budget(value)
+    except ValueError as error:
+        raise Invalid(str(error)) from None
+
+
+def token_budget(text: str) -> int:
+    """A budget in tokens: the bench's oracle feeds exactly that many visual tokens, so fractions have no meaning."""
+    value = budget(text)
+    if isinstance(value, float):
+        raise Invalid(f"{text!r}: bench budgets are visual tokens per image, ints >= 1 (fractions are for eval)")
+    return value
+
+
+def comma_list(item):
+    """A type for a comma-separated list of `item`s, spaces around them dropped; empty and repeated items refused."""
+
+    def parse(text: str) -> list:
+        parts = [part.strip() for part in text.split(",")]
+        if "" in parts:
+            raise Invalid(f"{text!r} has an empty item; separate items with single commas")
+        values = [item(part) for part in parts]
+        keys = [str(getattr(value, "label", value)) for value in values]  # as reports name them: 64 and 64.0 differ
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise Invalid(f"{', '.join(repeated)} given twice in {text!r}; give each once")
+        return values
+
+    parse.__name__ = f"list of {item.__name__}"  # how argparse names the type in its own messages
+    return parse
+
+
+def path_type(check):
+    """A type from a check of a path, which also refuses text that is no path at all (a NUL byte, a name too long)."""
+
+    @functools.wraps(check)
+    def parse(text: str) -> str:
+        try:
+            return check(text)
+        except (OSError, ValueError) as error:
+            raise Invalid(f"{text!r} is not a usable path ({error})") from None
+
+    return parse
+
+
+def file_name(text: str) -> str:
+    """A bare file name: the file goes into --out."""
+    separators = {os.sep, os.altsep or os.sep}
+    if not text or text in (".", "..") or any(s in text for s in separators):
+        raise Invalid(f"{text!r} must be a plain file name (no folders); it is written inside --out")
+    return text
+
+
+@path_type
+def writable_folder(text: str) -> str:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise Invalid(f"{text!r} is a file, not a folder")
+    _check_writable(path, text)
+    return text
+
+
+@path_type
+def writable_file(text: str) -> str:
+    path = Path(text)
+    if path.is_dir():
+        raise Invalid(f"{text!r} is a folder; give a file path")
+    _check_writable(path.parent, text)
+    return text
+
+
+def _check_writable(folder: Path, text: str) -> None:
+    """The folder can be written, or created inside its nearest existing ancestor."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise Invalid(f"cannot write {text!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise Invalid(f"cannot write {text!r}: no write permission in {existing}")
+
+
+@path_type
+def existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise Invalid(f"no file {text!r}")
+    return text
+
+
+@path_type
+def checkpoint(text: str) -> str:
+    """A LLaVA checkpoint folder (its config only: the weights are checked as they load)."""
+    from vtprune.synth.reference import CheckpointError, read_config
+
+    try:
+        read_config(Path(text))
+    except CheckpointError as error:
+        raise Invalid(str(error)) from None
+    return text
+
+
+def method_name(text: str) -> str:
+    from vtprune.methods import get_method
+
+    try:
+        get_method(text)
+    except ValueError as error:
+        raise Invalid(str(error)) from None
+    return text
+
+
+def arch(text: str) -> str:
+    from vtprune.bench.presets import PRESETS
+
+    if text not in PRESETS:
+        raise Invalid(f"unknown arch {text!r}; presets: {', '.join(sorted(PRESETS))}")
+    return text
+
+
+def device(text: str) -> str:
+    import torch
+
+    try:
+        kind = torch.device(text).type
+    except (RuntimeError, ValueError):
+        raise Invalid(f"{text!r} is not a device; give cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise Invalid(f"{text!r}: this machine has no CUDA device")
+    if kind not in ("cpu", "cuda"):
+        raise Invalid(f"{text!r}: vtprune runs on cpu or cuda")
+    return text
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One --methods item: `clse:score=attn` is method clse with options {'score': 'attn'}, reported as its label."""
+
+    label: str
+    method: str
+    options: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+# Options the command fills in itself (see cli.method_options); here they only need to be present.
+SUPPLIED = {"clasp": {"tokenizer": object()}}
+
+
+def method_spec(text: str) -> MethodSpec:
+    """NAME or NAME:key=value:..., each value converted to the type the method's Options declare."""
+    from vtprune.methods import get_method
+
+    name, *pairs = (part.strip() for part in text.split(":"))
+    method = get_method(method_name(name))
+    hints = typing.get_type_hints(method.Options)
+    options, spelled = {}, [name]
+    for pair in pairs:
+        key, sep, value = (part.strip() for part in pair.partition("="))
+        spelled.append(f"{key}={value}")
+        if not sep or not key:
+            raise Invalid(f"{text}: option {pair!r} needs the form key=value")
+        if key not in hints:
+            raise Invalid(f"{text}: {name} has no option {key!r}; its options are: {', '.join(hints) or 'none'}")
+        if key in options:
+            raise Invalid(f"{text}: option {key!r} given twice")
+        try:
+            options[key] = coerce(value, hints[key])
+        except ValueError as error:
+            raise Invalid(f"{text}: {key} {error}") from None
+    try:
+        method.parse_options({**SUPPLIED.get(name, {}), **options})  # the method's own checks of its options
+    except (TypeError, ValueError) as error:
+        raise Invalid(f"{text}: {error}") from None
+    return MethodSpec(":".join(spelled), name, options)  # spaces dropped: "clse: score=attn" resumes "clse:score=attn"
+
+
+def coerce(text: str, hint):
+    """`text` as a value of the type `hint`, or ValueError saying what the type takes."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if type(None) in members and text.lower() == "none":
+        return None
+    for member in members:
+        if member is not type(None):
+            try:
+                return _coerce_one(text, member)
+            except ValueError:
+                pass
+    spelled = [_describe(m) for m in members if _describe(m)]
+    if not spelled:
+        raise ValueError("cannot be given on the command line")
+    raise ValueError(f"takes {' or '.join(spelled)}; got {text!r}")
+
+
+def _coerce_one(text: str, hint):
+    if hint is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError
+        return text.lower() == "true"
+    if hint is int:
+        return int(text)
+    if hint is float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError
+        return value
+    if hint in (str, Path):
+        return hint(text)
+    if typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
+        return tuple(_coerce_one(part, typing.get_args(hint)[0]) for part in text.split("/"))
+    raise ValueError  # a tokenizer, a callable, a dict: nothing the command line can spell
+
+
+def _describe(hint) -> str:
+    names = {bool: "true or false", int: "an int", float: "a finite number", str: "text", Path: "a path",
+             type(None): "none"}
+    if hint in names:
+        return names[hint]
+    if typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
+        item = _describe(typing.get_args(hint)[0]).removeprefix("an ").removeprefix("a ")
+        return f"{item}s separated by / (e.g. 2/6/15)"
+    return ""  # a tokenizer, a callable, a dict
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks that need more than one flag, as usage errors (exit status 2)."""
+    if args.command in ("eval", "show", "calibrate") and args.model is None:
+        from vtprune.synth.reference import REFERENCE_DIR, CheckpointError, read_config
+
+        try:
+            read_config(REFERENCE_DIR)
+        except CheckpointError as error:
+            parser.error(f"the shipped reference model is missing or broken ({error}); "
+                         "reinstall vtprune or pass --model")
+    if args.command == "eval":
+        _check_methods_fit(parser, args)
+    if args.command == "bench":
+        _check_bench_out(parser, args)
+
+
+def _check_methods_fit(parser, args) -> None:
+    """Stage layers that the checkpoint's depth cannot hold (clse:layers=9 on 6 layers) fail here, not after loading."""
+    from vtprune.methods import ModelInfo, get_method
+    from vtprune.synth.reference import REFERENCE_DIR, read_config
+
+    text_config = read_config(Path(args.model or REFERENCE_DIR)).get("text_config")
+    depth = text_config.get("num_hidden_layers") if isinstance(text_config, dict) else None
+    if not isinstance(depth, int):
+        return  # the config leaves the depth to transformers' defaults; apply() checks it after loading
+    for spec in args.methods or []:
+        method = get_method(spec.method)
+        try:
+            method(method.parse_options({**SUPPLIED.get(spec.method, {}), **spec.options})).check_model(
+                ModelInfo("llava", depth))
+        except ValueError as error:
+            parser.error(f"argument --methods: {spec.label}: {error}")
+
+
+def _check_bench_out(parser, args) -> None:
+    from vtprune.bench.run import device_name, result_file
+
+    path = result_file(Path(args.out) / device_name(args.device), args.arch)
+    if path.exists() and not args.replace_committed and tracked_by_git(path):
+        parser.error(f"argument --out: {path} is committed to git; pass --replace-committed to overwrite it, "
+                     "or give another --out")
+
+
+def tracked_by_git(path: Path) -> bool:
+    try:
+        found = subprocess.run(["git", "-C", str(path.parent), "ls-files", "--error-unmatch", "--", path.name],
+                               capture_output=True)
+    except OSError:  # no git here: nothing can be tracked
+        return False
+    return found.returncode == 0

@@ -1,0 +1,59 @@
+"""One run at a time per results folder.
+
+Two runs appending to the same results.jsonl would each evaluate every sample the other
+had not yet written, so both finish with every sample twice. The lock is an flock on a
+file in the folder: the OS releases it when its process ends, however it ends, so a
+crashed run never leaves the folder blocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+LOCK_NAME = ".vtprune.lock"
+
+
+class FolderBusy(RuntimeError):
+    pass
+
+
+_held: set[Path] = set()  # folders this process holds
+
+
+@contextlib.contextmanager
+def hold(folder: str | Path) -> Iterator[None]:
+    """Hold `folder` (created if need be) for this process, or raise FolderBusy naming it.
+
+    Nested holds of one folder in one process share the lock: the command holds it across
+    the evaluation and its reports, and evaluate() holds it again for library callers.
+    """
+    folder = Path(folder).resolve()
+    if folder in _held:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = (folder / LOCK_NAME).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise FolderBusy(
+            f"{folder} is in use by another run{f' (pid {holder})' if holder else ''}; "
+            "wait for it to finish, or pass another --out"
+        ) from None
+    # The file stays when released: deleting it would let a third run lock a new file while a second holds the old one.
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held.add(folder)
+    try:
+        yield
+    finally:
+        _held.discard(folder)
+        handle.close()
