@@ -122,3 +122,27 @@ def test_integral_and_real_budgets_of_any_type(model, budget, expected):
 def test_budgets_that_are_not_one_number(model, budget):
     with pytest.raises(ValueError, match="budget must be"):
         vtprune.apply(model, "fastv", budget)
+
+
+@pytest.mark.parametrize(
+    "method, options, message",
+    [
+        ("random", {"seed": "abc"}, "'seed' must be an int"),
+        ("random", {"seed": 1.5}, "'seed' must be an int"),
+        ("random", {"seed": True}, "'seed' must be an int"),
+        ("random", {"seed": 2**70}, r"\[0, 2\*\*32\)"),
+        ("random", {"seed": -1}, r"\[0, 2\*\*32\)"),
+        ("clse", {"layers": 1}, "'layers' must be a tuple of an int or None"),
+        ("clse", {"layers": (1, "x")}, "'layers' must be a tuple of an int"),
+        ("clse", {"slice_kv": "false"}, "'slice_kv' must be True or False"),
+        ("fastv", {"layer": 2.0}, "'layer' must be an int"),
+    ],
+)
+def test_method_options_of_the_wrong_type_are_refused_at_apply(model, method, options, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        vtprune.apply(model, method, 8, **options)
+
+
+def test_method_options_of_numpy_types_are_accepted(model):
+    vtprune.apply(model, "random", 8, seed=np.int64(3)).remove()
+    vtprune.apply(model, "clse", 8, layers=(1, 2, 3), tau=np.float32(0.2)).remove()

@@ -9,6 +9,9 @@ It never touches the model.
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -103,6 +106,10 @@ class Method(ABC):
         if unknown:
             hint = ", ".join(sorted(known)) or "none"
             raise TypeError(f"method {cls.name!r} has no option {', '.join(map(repr, unknown))}; its options are: {hint}")
+        hints = typing.get_type_hints(cls.Options)
+        for key, value in given.items():
+            if not _has_type(value, hints[key]):
+                raise TypeError(f"method {cls.name!r} option {key!r} must be {_spell(hints[key])}; got {value!r}")
         options = cls.Options(**given)
         cls.validate(options)
         return options
@@ -136,3 +143,33 @@ class Method(ABC):
     @abstractmethod
     def select(self, view: ImageView) -> torch.Tensor | Selection:
         """Indices into view's tokens of the view.keep tokens to keep (any order), or a merging Selection."""
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether value fits an Options annotation (int, float, bool, str, tuple[X, ...], unions); other
+    annotations (a tokenizer, a callable, a table) are the method's to check."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, member) for member in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
+        return isinstance(value, tuple) and all(_has_type(item, typing.get_args(hint)[0]) for item in value)
+    return True
+
+
+def _spell(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_spell(member) for member in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a tuple of {_spell(typing.get_args(hint)[0])}"
+    return {type(None): "None", bool: "True or False", int: "an int", float: "a number", str: "a str"}.get(
+        hint, getattr(hint, "__name__", str(hint)))

@@ -18,6 +18,11 @@ class RandomSubset(Method):
     class Options:
         seed: int = 0
 
+    @classmethod
+    def validate(cls, options: "RandomSubset.Options") -> None:
+        if not 0 <= options.seed < 2**32:  # seed * 1_000_003 + rank must fit torch's 64-bit seed
+            raise ValueError(f"random's seed must lie in [0, 2**32); got {options.seed}")
+
     def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
         return [Stage(LLM_INPUT, budget)]
 
