@@ -82,8 +82,8 @@ def test_a_batch_with_mixed_classes_equals_its_samples_alone(table):
 
 def view(attention, hidden, keep, text=torch.tensor([5])):
     n = attention.numel()
-    return ImageView(hidden=hidden, coords=torch.zeros(n, 2, dtype=torch.long), grid=(1, n), keep=keep, layer=2,
-                     stage=0, image_index=0, sizes=torch.ones(n), attention=attention, text=text)
+    return ImageView.of_grid(hidden, 1, n, keep=keep, layer=2, stage=0, image_index=0, sizes=torch.ones(n),
+                             attention=attention, text=text)
 
 
 def test_pivots_follow_attention_and_completion_covers_the_rest():

@@ -89,18 +89,17 @@ def test_bad_clse_options(options, message):
 
 def test_score_variants_use_what_they_say():
     n = 64
-    view_args = dict(hidden=smooth_grid(8, 8), coords=torch.zeros(n, 2, dtype=torch.long), grid=(8, 8), keep=8,
-                     layer=1, stage=0, image_index=0, sizes=torch.ones(n), attention=torch.rand(n),
+    view_args = dict(keep=8, layer=1, stage=0, image_index=0, sizes=torch.ones(n), attention=torch.rand(n),
                      reference=smooth_grid(8, 8) * 0.5)
     from vtprune.methods import ImageView
 
-    view = ImageView(**view_args)
+    view = ImageView.of_grid(smooth_grid(8, 8), 8, 8, **view_args)
     attn_only = CLSE(CLSE.Options(score="attn")).score(view)
     assert torch.equal(attn_only, view.attention)
     gate = CLSE(CLSE.Options(score="clse")).score(view)
     both = CLSE(CLSE.Options()).score(view)
     torch.testing.assert_close(both, gate * view.attention)
-    later = ImageView(**dict(view_args, stage=1))
+    later = ImageView.of_grid(smooth_grid(8, 8), 8, 8, **dict(view_args, stage=1))
     assert torch.equal(CLSE(CLSE.Options()).score(later), view.attention)  # no whole grid after stage 1
 
 

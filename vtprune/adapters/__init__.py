@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, ImageSpan
+from .base import Adapter, VisualItem
 from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
@@ -25,4 +25,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     raise ValueError(f"vtprune does not support {name}; supported model classes: {', '.join(supported_models())}")
 
 
-__all__ = ["ADAPTERS", "Adapter", "ImageSpan", "adapter_for", "supported_models"]
+__all__ = ["ADAPTERS", "Adapter", "VisualItem", "adapter_for", "supported_models"]

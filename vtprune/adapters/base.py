@@ -9,17 +9,46 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..methods.base import ModelInfo
+from ..methods.base import Grid, ModelInfo
 from ..methods.primitives import apply_rope, last_query_attention
 
 
 @dataclass(frozen=True)
-class ImageSpan:
-    """One image's placeholder tokens in one sample: positions start..start+length-1, laid out as grid in raster order."""
+class VisualItem:
+    """One image or video of one sample: the positions of its prunable tokens, and the grids they fill.
 
-    start: int
-    length: int
-    grid: tuple[int, int]
+    runs are (start, length) stretches of positions, in order; the tokens fill `parts`
+    one after another, each in (frame, row, col) raster order. Placeholder positions in
+    no run (LLaVA-NeXT's row-closing newline tokens) are never pruned nor counted.
+    """
+
+    runs: tuple[tuple[int, int], ...]
+    parts: tuple[Grid, ...]
+
+    def __post_init__(self):
+        if sum(length for _, length in self.runs) != sum(grid.size for grid in self.parts):
+            raise ValueError(f"a visual item's runs {self.runs} do not hold its grids {self.parts}")
+
+    @classmethod
+    def grid(cls, start: int, rows: int, cols: int, frames: int = 1) -> "VisualItem":
+        """A single grid whose tokens are consecutive from start."""
+        return cls(((start, frames * rows * cols),), (Grid(rows, cols, frames),))
+
+    @property
+    def length(self) -> int:
+        return sum(length for _, length in self.runs)
+
+    def positions(self, device=None) -> torch.Tensor:
+        return torch.cat([torch.arange(start, start + length, device=device) for start, length in self.runs])
+
+    def token_layout(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[length] part index and [length, 3] (frame, row, col) of each token, in item order."""
+        parts, coords = [], []
+        for index, grid in enumerate(self.parts):
+            n = torch.arange(grid.size, device=device)
+            parts.append(torch.full_like(n, index))
+            coords.append(torch.stack([n // (grid.rows * grid.cols), n // grid.cols % grid.rows, n % grid.cols], dim=-1))
+        return torch.cat(parts), torch.cat(coords)
 
 
 class Adapter(ABC):
@@ -58,9 +87,14 @@ class Adapter(ABC):
         if getattr(self.language_model, "has_sliding_layers", False):
             raise ValueError("sliding-window decoder layers are not supported by vtprune")
 
+    @property
     @abstractmethod
-    def image_spans(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[ImageSpan]]:
-        """Each sample's image spans, in sequence order, from input_ids and the multimodal forward's kwargs."""
+    def placeholder_ids(self) -> tuple[int, ...]:
+        """The token ids that stand for visual features in input_ids (what a router must not read as text)."""
+
+    @abstractmethod
+    def visual_items(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[VisualItem]]:
+        """Each sample's visual items, in sequence order, from input_ids and the multimodal forward's kwargs."""
 
     def vision_state_hooks(self, store: dict) -> list:
         raise ValueError(f"vision-layer fusion is not implemented for {type(self.model).__name__}; pass fusion=False")

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import Adapter, ImageSpan, split_runs
+from .base import Adapter, VisualItem, split_runs
 
 
 class LlavaAdapter(Adapter):
@@ -30,7 +30,11 @@ class LlavaAdapter(Adapter):
                 "'default' (the CLS token dropped, a square patch grid per image), as LLaVA-1.5 uses"
             )
 
-    def image_spans(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[ImageSpan]]:
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id,)
+
+    def visual_items(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[VisualItem]]:
         spans = []
         for row in input_ids:
             sample = []
@@ -41,7 +45,7 @@ class LlavaAdapter(Adapter):
                         f"({self.tokens_per_image} tokens each)"
                     )
                 sample += [
-                    ImageSpan(start + offset, self.tokens_per_image, self.grid)
+                    VisualItem.grid(start + offset, *self.grid)
                     for offset in range(0, length, self.tokens_per_image)
                 ]
             spans.append(sample)

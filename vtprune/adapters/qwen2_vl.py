@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import Adapter, ImageSpan, split_runs
+from .base import Adapter, VisualItem, split_runs
 
 
 class Qwen2VLAdapter(Adapter):
@@ -18,7 +18,11 @@ class Qwen2VLAdapter(Adapter):
         self.image_token_id = model.config.image_token_id
         self.merge = model.config.vision_config.spatial_merge_size
 
-    def image_spans(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[ImageSpan]]:
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id,)
+
+    def visual_items(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[VisualItem]]:
         runs = [split_runs(torch.nonzero(row == self.image_token_id).flatten()) for row in input_ids]
         if not any(runs):
             return [[] for _ in runs]
@@ -32,7 +36,7 @@ class Qwen2VLAdapter(Adapter):
             return self._spans_from_positions(runs, position_ids)
         raise ValueError("Qwen2-VL image tokens came without image_grid_thw or 3-D position_ids to place them on a grid")
 
-    def _spans_from_grid_thw(self, runs, grid_thw: torch.Tensor) -> list[list[ImageSpan]]:
+    def _spans_from_grid_thw(self, runs, grid_thw: torch.Tensor) -> list[list[VisualItem]]:
         images = iter([(int(h) // self.merge, int(w) // self.merge) for _, h, w in grid_thw.tolist()])
         spans = []
         for sample_runs in runs:
@@ -46,7 +50,7 @@ class Qwen2VLAdapter(Adapter):
                     size = grid[0] * grid[1]
                     if start + size > end:
                         raise ValueError(f"image tokens at position {start} do not match image_grid_thw")
-                    sample.append(ImageSpan(start, size, grid))
+                    sample.append(VisualItem.grid(start, *grid))
                     start += size
             spans.append(sample)
         if next(images, None) is not None:
@@ -54,7 +58,7 @@ class Qwen2VLAdapter(Adapter):
         return spans
 
     @staticmethod
-    def _spans_from_positions(runs, position_ids: torch.Tensor) -> list[list[ImageSpan]]:
+    def _spans_from_positions(runs, position_ids: torch.Tensor) -> list[list[VisualItem]]:
         rows_cols = position_ids[-2:]  # (row, col) planes; a 4-plane tensor leads with text positions
         spans = []
         for b, sample_runs in enumerate(runs):
@@ -67,6 +71,6 @@ class Qwen2VLAdapter(Adapter):
                         f"the image tokens at position {start} do not form one image grid in their M-RoPE positions; "
                         "pass the processor's mm_token_type_ids to forward/generate, which Qwen2-VL needs to place images"
                     )
-                sample.append(ImageSpan(start, length, (extent[0], extent[1])))
+                sample.append(VisualItem.grid(start, extent[0], extent[1]))
             spans.append(sample)
         return spans

@@ -2,7 +2,7 @@
 
 Three kinds of forward pre-hook:
 - on the multimodal model: reads input_ids (and the vision kwargs) to find each
-  sample's image spans;
+  sample's visual items (images, videos);
 - on the language model: a prompt (an empty or absent KV cache) starts a run
   (prefill.py); a forward on the run's own cache is a decode step (decode.py); a forward
   post-hook ends the prefill, checks it and records its stats;
@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 
-from ..adapters import Adapter, ImageSpan
+from ..adapters import Adapter, VisualItem
 from ..methods import Method
 from . import cache as kv
 from . import decode, prefill
@@ -42,7 +42,7 @@ class Pruner:
         self.last_stats: PruneStats | None = None
         self.last_decision: Decision | None = None
         self._replay: Decision | None = None
-        self._spans: list[list[ImageSpan]] | None = None
+        self._items: list[list[VisualItem]] | None = None
         self._text: list[torch.Tensor] | None = None  # per sample of the forward being run: its prompt's text ids
         self._fusion: list[dict[int, float] | None] | None = None  # per image of the forward being run
         self._vision_states: dict = {}
@@ -105,7 +105,7 @@ class Pruner:
         # Placeholder ids without images to go with them (a decode step that happened to
         # generate one) are plain text to the model, and so to the pruner.
         if kwargs.get("pixel_values") is None and encoded.get("image") is None:
-            self._spans = None
+            self._items = None
             return None
         if input_ids is None:
             raise ValueError("vtprune finds the visual tokens from input_ids; pass input_ids (not inputs_embeds) with images")
@@ -116,21 +116,21 @@ class Pruner:
                 "vtprune cannot prune images added to a prompt that already has a KV cache; pass a follow-up "
                 "turn without pixel_values (the first turn's images are in the cache)"
             )
-        self._spans = self.adapter.image_spans(input_ids, kwargs)
-        if not any(self._spans):
+        self._items = self.adapter.visual_items(input_ids, kwargs)
+        if not any(self._items):
             raise EngineError(
                 f"images were passed to {type(self.model).__name__}, but vtprune found none of their placeholder "
                 "tokens in input_ids"
             )
         mask = kwargs.get("attention_mask")
-        self._text = [text_tokens(input_ids[b], sample, mask, b) for b, sample in enumerate(self._spans)]
+        self._text = [text_tokens(input_ids[b], self.adapter.placeholder_ids, mask, b) for b in range(len(input_ids))]
         images = kwargs.get("pixel_values") if kwargs.get("pixel_values") is not None else encoded.get("image")
         self._prompt = Prompt(input_ids, images)
         continued = self._continued_prompt(kwargs)
         if continued is not None:
             self._prompt = continued
         elif self.method.fuses_vision_layers:
-            self._prompt.fusion = [self.method.vision_fusion(text) for text, sample in zip(self._text, self._spans)
+            self._prompt.fusion = [self.method.vision_fusion(text) for text, sample in zip(self._text, self._items)
                                    for _ in sample]
         if self.method.fuses_vision_layers:
             self._fusion = self._prompt.fusion
@@ -146,7 +146,7 @@ class Pruner:
         return last if last.continued_by(self._prompt) else None
 
     def _on_language_model_forward(self, module, args, kwargs):
-        spans, self._spans = self._spans, None
+        items, self._items = self._items, None
         self._fusion = None  # the images of this forward are encoded by now
         keyword, cache = kv.find_cache(kwargs)
         if keyword not in (None, self._cache_keyword) and self._cache_keyword in kwargs:
@@ -155,11 +155,11 @@ class Pruner:
                 f"which its forward would take instead"
             )
         past = cache.get_seq_length() if cache is not None else 0
-        has_images = spans is not None and any(spans)
+        has_images = items is not None and any(items)
         if past == 0:
             self._run = None
             if has_images:
-                return self._start_run(module, args, kwargs, spans)
+                return self._start_run(module, args, kwargs, items)
             batch = kwargs["inputs_embeds"].shape[0]
             self.last_stats = PruneStats([[0] * self._num_layers] * batch, [0] * batch, [0] * batch, self.budget)
             self.last_decision = self._uncached = None
@@ -211,7 +211,7 @@ class Pruner:
         return hook
 
     # --------------------------------------------------------------- prefill
-    def _start_run(self, language_model, args, kwargs, spans: list[list[ImageSpan]]):
+    def _start_run(self, language_model, args, kwargs, items: list[list[VisualItem]]):
         embeds = kwargs["inputs_embeds"]
         kv.check_prunable(kv.find_cache(kwargs)[1])
         attention_mask = kwargs.get("attention_mask")
@@ -222,7 +222,7 @@ class Pruner:
         replay = self._replay
         if replay is None and self._prompt is not None and self._prompt.decision is not None:
             replay = self._prompt.decision  # a continuation of a prompt decided without a cache
-        run = prefill.plan_run(self.adapter, self.method, self.budget, replay, spans, self._text, prompt_mask,
+        run = prefill.plan_run(self.adapter, self.method, self.budget, replay, items, self._text, prompt_mask,
                                self._num_layers)
         if not prefill.prunes(run):  # the budget keeps every token: leave the model's computation untouched
             self._record_stats(run)
@@ -235,7 +235,7 @@ class Pruner:
         counts = [run.layout_at(layer).count(run.visual) for layer in range(self._num_layers)]
         self.last_stats = PruneStats(
             visual_tokens_per_layer=counts_per_layer(counts),
-            images_per_sample=[len(sample) for sample in run.spans],
+            images_per_sample=[len(sample) for sample in run.items],
             visual_tokens_per_sample=run.visual.sum(dim=1).tolist(),
             nominal_budget=self.budget,
         )
@@ -262,11 +262,9 @@ class Pruner:
             kv.check_lengths(run.cache, [layout.length for layout in run.kv_layouts], "after the prefill")
 
 
-def text_tokens(input_ids: torch.Tensor, spans: list[ImageSpan], attention_mask, sample: int) -> torch.Tensor:
-    """A sample's prompt tokens without its image placeholders and padding (what a router reads)."""
-    keep = torch.ones_like(input_ids, dtype=torch.bool)
-    for span in spans:
-        keep[span.start : span.start + span.length] = False
+def text_tokens(input_ids: torch.Tensor, placeholders: tuple[int, ...], attention_mask, sample: int) -> torch.Tensor:
+    """A sample's prompt tokens without its visual placeholders and padding (what a router reads)."""
+    keep = ~torch.isin(input_ids, torch.tensor(placeholders, device=input_ids.device))
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         keep &= attention_mask[sample].bool()
     return input_ids[keep]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import Adapter, ImageSpan
+from ..adapters import Adapter, VisualItem
 from ..methods import LLM_INPUT, ImageView, Method, Selection
 from . import cache as kv
 from .budget import tokens_for_budget
@@ -18,32 +18,33 @@ from .layout import FILL, Layout, decoder_mask, take, take_positions
 from .run import Decision, Run
 
 
-def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, spans: list[list[ImageSpan]],
+def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, items: list[list[VisualItem]],
              text: list[torch.Tensor], prompt_mask: torch.Tensor, num_layers: int) -> Run:
-    """A run's per-token bookkeeping and each image's stages, before anything is pruned."""
+    """A run's per-token bookkeeping and each visual item's stages, before anything is pruned."""
     batch, length = prompt_mask.shape
     device = prompt_mask.device
     visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
     image_of = torch.full((batch, length), -1, dtype=torch.long, device=device)
-    coords = torch.zeros(batch, length, 2, dtype=torch.long, device=device)
+    part = torch.zeros(batch, length, dtype=torch.long, device=device)
+    coords = torch.zeros(batch, length, 3, dtype=torch.long, device=device)
     plans = []
-    for b, sample in enumerate(spans):
+    for b, sample in enumerate(items):
         plan = []
-        for i, span in enumerate(sample):
-            where = slice(span.start, span.start + span.length)
+        for i, item in enumerate(sample):
+            where = item.positions(device)
             visual[b, where] = True
             image_of[b, where] = i
-            offsets = torch.arange(span.length, device=device)
-            coords[b, where] = torch.stack([offsets // span.grid[1], offsets % span.grid[1]], dim=-1)
-            keep = tokens_for_budget(budget, span.length)
-            # A budget that keeps the whole image is a no-op, even for schedules (like CLSE's)
+            part[b, where], coords[b, where] = item.token_layout(device)
+            keep = tokens_for_budget(budget, item.length)
+            # A budget that keeps the whole item is a no-op, even for schedules (like CLSE's)
             # whose early stages keep more than the budget and later ones less.
-            plan.append(method.stages(adapter.model_info, keep, span.length) if keep < span.length else [])
+            plan.append(method.stages(adapter.model_info, keep, item.length) if keep < item.length else [])
         plans.append(plan)
     full = Layout.full(prompt_mask)
     run = Run(
         adapter=adapter, method=method, replay=replay, cache=None, prompt_mask=prompt_mask, visual=visual,
-        image_of=image_of, coords=coords, sizes=torch.ones(batch, length, device=device), spans=spans, plans=plans,
+        image_of=image_of, part=part, coords=coords, sizes=torch.ones(batch, length, device=device), items=items,
+        plans=plans,
         stage_layers=sorted({stage.layer for plan in plans for stages in plan for stage in stages}),
         full=full, lm_layout=full, kv_layouts=[None] * num_layers, text=text,
     )
@@ -61,9 +62,9 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
 def prunes(run: Run) -> bool:
     """Whether any stage of any image keeps fewer tokens than the image has (or a decision is replayed)."""
     return run.replay is not None or any(
-        stage.keep < span.length
-        for plan, sample in zip(run.plans, run.spans)
-        for stages, span in zip(plan, sample)
+        stage.keep < item.length
+        for plan, sample in zip(run.plans, run.items)
+        for stages, item in zip(plan, sample)
         for stage in stages
     )
 
@@ -73,8 +74,8 @@ def expected_kept(run: Run) -> list[int]:
     if run.replay is not None and run.replay.kept:
         return [int(positions.numel()) for positions in run.replay.kept[-1]]
     return [
-        sum(min([span.length, *(stage.keep for stage in stages)]) for stages, span in zip(plan, sample))
-        for plan, sample in zip(run.plans, run.spans)
+        sum(min([item.length, *(stage.keep for stage in stages)]) for stages, item in zip(plan, sample))
+        for plan, sample in zip(run.plans, run.items)
     ]
 
 
@@ -155,7 +156,7 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
     layer = run.stage_layers[stage]
     replay = run.replay
     kept, merged, moved = [], [], []
-    for b in range(len(run.spans)):
+    for b in range(len(run.items)):
         slots = torch.nonzero(layout.positions[b] != FILL).flatten()
         if replay is not None:
             kept.append(replay.kept[stage][b].to(slots.device))
@@ -172,7 +173,8 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
                 chosen.append(positions)
                 continue
             view = ImageView(
-                hidden=hidden[b, mine], coords=run.coords[b, positions], grid=run.spans[b][i].grid, keep=keep,
+                hidden=hidden[b, mine], coords=run.coords[b, positions], part=run.part[b, positions],
+                parts=run.items[b][i].parts, keep=keep,
                 layer=layer, stage=stage, image_index=i, sizes=run.sizes[b, positions],
                 attention=None if attention is None else attention[b, mine],
                 reference=None if run.reference is None else run.reference[b, run.lm_layout.slots_of(b, positions)],

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import Adapter, ImageSpan
+from ..adapters import Adapter, VisualItem
 from ..methods import LLM_INPUT, Method, Stage
 from .layout import Layout
 
@@ -68,11 +68,12 @@ class Run:
     cache: Any
     prompt_mask: torch.Tensor  # [B, L]
     visual: torch.Tensor  # [B, L] bool
-    image_of: torch.Tensor  # [B, L] long: the image's rank in its sample, -1 for text
-    coords: torch.Tensor  # [B, L, 2] (row, col) on the image's grid
+    image_of: torch.Tensor  # [B, L] long: the visual item's rank in its sample, -1 for text
+    part: torch.Tensor  # [B, L] long: which of its item's grids a token is on
+    coords: torch.Tensor  # [B, L, 3] (frame, row, col) on that grid
     sizes: torch.Tensor  # [B, L] tokens each position stands for (merging grows them)
-    spans: list[list[ImageSpan]]
-    plans: list[list[list[Stage]]]  # [sample][image] -> stages
+    items: list[list[VisualItem]]
+    plans: list[list[list[Stage]]]  # [sample][item] -> stages
     stage_layers: list[int]
     full: Layout  # the prompt as given
     lm_layout: Layout  # what the language model itself runs on

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import LLM_INPUT, ImageView, Method, ModelInfo, Selection, Stage
+from .base import LLM_INPUT, Grid, ImageView, Method, ModelInfo, Selection, Stage
 from .clasp import CLASP
 from .clse import CLSE
 from .clse_merge import CLSEMerge
@@ -20,4 +20,4 @@ def get_method(name: str) -> type[Method]:
         raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["LLM_INPUT", "REGISTRY", "ImageView", "Method", "ModelInfo", "Selection", "Stage", "get_method"]
+__all__ = ["LLM_INPUT", "REGISTRY", "Grid", "ImageView", "Method", "ModelInfo", "Selection", "Stage", "get_method"]

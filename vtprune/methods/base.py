@@ -46,25 +46,60 @@ class Stage:
     keep: int  # visual tokens of one image that survive this stage
 
 
+@dataclass(frozen=True)
+class Grid:
+    """One part of a visual item: its tokens in (frame, row, col) raster order."""
+
+    rows: int
+    cols: int
+    frames: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.frames * self.rows * self.cols
+
+
 @dataclass
 class ImageView:
-    """One image's surviving visual tokens at one stage."""
+    """One visual item's (an image's or a video's) surviving tokens at one stage.
+
+    An item is one or more parts, each a grid: an image is one (rows, cols) grid; an
+    anyres image (LLaVA-NeXT) a base grid and the high-resolution grid (its newline
+    tokens are not the item's); a video a (frames, rows, cols) grid.
+    """
 
     hidden: torch.Tensor  # [N, D] hidden states entering the stage layer (projected features at the LLM input)
-    coords: torch.Tensor  # [N, 2] (row, col) of each token on the image's token grid
-    grid: tuple[int, int]  # (rows, cols) of that grid
+    coords: torch.Tensor  # [N, 3] (frame, row, col) of each token in its part's grid
+    part: torch.Tensor  # [N] which of `parts` each token belongs to
+    parts: tuple[Grid, ...]
     keep: int  # how many to return
     layer: int
     stage: int  # 0 for the method's first stage
-    image_index: int  # the image's rank within its sample
+    image_index: int  # the item's rank within its sample
     sizes: torch.Tensor  # [N] how many original tokens each token stands for (merging methods grow them)
     attention: torch.Tensor | None = None  # [N] last-query attention at the layer before, when the method asks
     reference: torch.Tensor | None = None  # [N, D] the same tokens at the LLM input, when the method asks
     text: torch.Tensor | None = None  # the sample's prompt tokens that are neither visual nor padding
 
+    @classmethod
+    def of_grid(cls, hidden: torch.Tensor, rows: int, cols: int, **fields) -> "ImageView":
+        """A whole single-grid image: every token of a rows x cols grid, in raster order."""
+        n = torch.arange(rows * cols, device=hidden.device)
+        coords = torch.stack([torch.zeros_like(n), n // cols, n % cols], dim=-1)
+        return cls(hidden=hidden, coords=coords, part=torch.zeros_like(n), parts=(Grid(rows, cols),), **fields)
+
     @property
-    def whole_grid(self) -> bool:
-        return self.hidden.shape[0] == self.grid[0] * self.grid[1]
+    def whole(self) -> bool:
+        """Every token of every part is here, in item order (parts one after another, each in raster order)."""
+        return self.hidden.shape[0] == sum(grid.size for grid in self.parts)
+
+    def part_ranges(self) -> list[tuple[int, Grid]]:
+        """(first token index, grid) of each part, for a whole view."""
+        ranges, start = [], 0
+        for grid in self.parts:
+            ranges.append((start, grid))
+            start += grid.size
+        return ranges
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageView, Method, ModelInfo, Stage, scale_layers
+from .base import Grid, ImageView, Method, ModelInfo, Stage, scale_layers
 from .primitives import topk_in_order
 
 SCORES = ("clse_attn", "clse", "attn")
@@ -26,17 +26,28 @@ QWEN_MULTIPLIERS = (1.71, 1.08, 0.294)  # of budget = ratio x visual tokens; flo
 LLAVA_LAYERS, QWEN_LAYERS = ((1, 11, 21), 32), ((1, 10, 19), 28)
 
 
-def high_frequency_magnitude(tokens: torch.Tensor, grid: tuple[int, int], cutoff: float) -> torch.Tensor:
-    """[N] per-token magnitude of the Gaussian high-passed token grid (tokens [N, C] in raster order)."""
-    rows, cols = grid
-    planes = tokens.float().T.reshape(-1, rows, cols)  # [C, H, W]
-    spectrum = torch.fft.fftshift(torch.fft.fft2(planes), dim=(-2, -1))
+def high_frequency_magnitude(tokens: torch.Tensor, grid: Grid | tuple[int, int], cutoff: float) -> torch.Tensor:
+    """[N] per-token magnitude of the Gaussian high-passed token grid (tokens [N, C] in raster order).
+
+    A grid of several frames (a video) is filtered frame by frame, as the authors' video
+    branch does (frames as the FFT's batch).
+    """
+    grid = grid if isinstance(grid, Grid) else Grid(*grid)
+    rows, cols = grid.rows, grid.cols
+    planes = tokens.float().reshape(grid.frames, rows * cols, -1).transpose(1, 2).reshape(grid.frames, -1, rows, cols)
+    spectrum = torch.fft.fftshift(torch.fft.fft2(planes), dim=(-2, -1))  # [F, C, H, W]
     sigma = min(rows // 2, cols // 2) * cutoff
     u = torch.arange(rows, device=tokens.device, dtype=torch.float32)[:, None] - rows // 2
     v = torch.arange(cols, device=tokens.device, dtype=torch.float32)[None, :] - cols // 2
     high_pass = 1 - torch.exp(-(u**2 + v**2) / (2 * sigma**2)) if sigma > 0 else torch.ones(rows, cols, device=tokens.device)
     filtered = torch.fft.ifft2(torch.fft.ifftshift(spectrum * high_pass, dim=(-2, -1)))
-    return filtered.abs().mean(dim=0).flatten()
+    return filtered.abs().mean(dim=1).flatten()
+
+
+def item_magnitude(tokens: torch.Tensor, view: ImageView, cutoff: float) -> torch.Tensor:
+    """high_frequency_magnitude of each part of a whole item (an anyres image's base and high-res grids apart)."""
+    return torch.cat([high_frequency_magnitude(tokens[start : start + grid.size], grid, cutoff)
+                      for start, grid in view.part_ranges()])
 
 
 def evolution_gate(reference: torch.Tensor, current: torch.Tensor, tau: float) -> torch.Tensor:
@@ -101,11 +112,11 @@ class CLSE(Method):
         return counts
 
     def score(self, view: ImageView) -> torch.Tensor:
-        if self.options.score == "attn" or view.stage > 0 or not view.whole_grid:
+        if self.options.score == "attn" or view.stage > 0 or not view.whole:
             return view.attention
         gate = evolution_gate(
-            high_frequency_magnitude(view.reference, view.grid, self.options.cutoff),
-            high_frequency_magnitude(view.hidden, view.grid, self.options.cutoff),
+            item_magnitude(view.reference, view, self.options.cutoff),
+            item_magnitude(view.hidden, view, self.options.cutoff),
             self.options.tau,
         )
         return gate if self.options.score == "clse" else gate * view.attention.float()

@@ -43,6 +43,38 @@ def grid_lattice(height: int, width: int, k: int, device=None) -> torch.Tensor:
     return lattice[evenly_spaced(lattice.numel(), k, device)]
 
 
+def volume_lattice(frames: int, height: int, width: int, k: int, device=None) -> torch.Tensor:
+    """Raster indices (frame-major) of k cells of a frames x height x width grid laid out as an even 3-D lattice.
+
+    The lattice keeps the grid's proportions: about (k / cells)^(1/3) of each axis's
+    extent, frames evenly spaced, an even 2-D lattice in each; k of its points are then
+    taken evenly in raster order. A single frame is grid_lattice.
+    """
+    cells = frames * height * width
+    k = min(k, cells)
+    if frames == 1 or k == cells:
+        return grid_lattice(height, width, k, device) if frames == 1 else torch.arange(cells, device=device)
+    chosen = max(1, min(frames, round(frames * (k / cells) ** (1 / 3))))
+    per_frame = min(height * width, math.ceil(k / chosen))
+    while chosen * per_frame < k:  # only when a frame's cells cut per_frame short
+        chosen += 1
+        per_frame = min(height * width, math.ceil(k / chosen))
+    lattice = (evenly_spaced(frames, chosen, device)[:, None] * height * width
+               + grid_lattice(height, width, per_frame, device)[None, :]).flatten()
+    return lattice[evenly_spaced(lattice.numel(), k, device)]
+
+
+def split_budget(sizes: list[int], k: int) -> list[int]:
+    """k split over parts of the given sizes in proportion to size (largest remainders), none above its size."""
+    total = sum(sizes)
+    k = min(k, total)
+    shares = [k * size / total for size in sizes]
+    counts = [math.floor(share) for share in shares]
+    for index in sorted(range(len(sizes)), key=lambda i: counts[i] - shares[i])[: k - sum(counts)]:
+        counts[index] += 1
+    return counts
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
