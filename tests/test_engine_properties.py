@@ -6,11 +6,11 @@ from hypothesis import strategies as st
 
 import vtprune
 from vtprune.engine import tokens_for_budget
-from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_qwen2_vl
+from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl
 
 from .test_engine_invariants import OPTIONS, sample_alone, split_vision, visual_tokens
 
-MODELS = {"llava": tiny_llava("sdpa"), "qwen2_vl": tiny_qwen2_vl("eager")}
+MODELS = {"llava": tiny_llava("sdpa"), "qwen2_vl": tiny_qwen2_vl("eager"), "qwen2_5_vl": tiny_qwen2_5_vl("sdpa")}
 
 layouts = st.builds(
     SampleLayout,

@@ -13,6 +13,8 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
@@ -44,6 +46,19 @@ def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, layers: int = 4
     return LlavaForConditionalGeneration(config).eval()
 
 
+def _qwen_text_config(layers: int) -> dict:
+    return {
+        "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        "pad_token_id": PAD,
+    }
+
+
+QWEN_TOKENS = dict(image_token_id=QWEN_IMAGE_TOKEN, vision_start_token_id=QWEN_VISION_START,
+                   vision_end_token_id=QWEN_VISION_END)
+
+
 def tiny_qwen2_vl(attn_implementation: str = "sdpa", seed: int = 0, layers: int = 4) -> Qwen2VLForConditionalGeneration:
     """Qwen2-VL in miniature: patch 14, 2x2 merge; an image of (h, w) patches gives (h/2)(w/2) tokens."""
     torch.manual_seed(seed)
@@ -52,18 +67,23 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", seed: int = 0, layers: int 
             "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "mlp_ratio": 2,
             "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
         },
-        text_config={
-            "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            "pad_token_id": PAD,
-        },
-        image_token_id=QWEN_IMAGE_TOKEN,
-        vision_start_token_id=QWEN_VISION_START,
-        vision_end_token_id=QWEN_VISION_END,
-        attn_implementation=attn_implementation,
+        text_config=_qwen_text_config(layers), attn_implementation=attn_implementation, **QWEN_TOKENS,
     )
     return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0, layers: int = 4) -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL in miniature: Qwen2-VL's geometry, with window attention in the vision tower (one full block)."""
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "window_size": 56, "fullatt_block_indexes": [1], "patch_size": 14, "spatial_merge_size": 2,
+            "temporal_patch_size": 2, "in_channels": 3,
+        },
+        text_config=_qwen_text_config(layers), attn_implementation=attn_implementation, **QWEN_TOKENS,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
 @dataclass
@@ -80,7 +100,7 @@ class SampleLayout:
 def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", seed: int = 0) -> dict:
     """input_ids, attention_mask and vision inputs for a batch of tiny prompts (samples may differ in length)."""
     generator = torch.Generator().manual_seed(seed)
-    is_qwen = isinstance(model, Qwen2VLForConditionalGeneration)
+    is_qwen = isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration))
 
     def text(n):
         return torch.randint(TEXT_TOKENS.start, TEXT_TOKENS.stop, (n,), generator=generator).tolist()

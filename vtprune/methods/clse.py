@@ -24,6 +24,8 @@ LLAVA_COUNTS = {192: (330, 210, 62), 128: (220, 140, 41), 64: (110, 70, 20)}
 LLAVA_MULTIPLIERS = (1.72, 1.09, 0.32)
 QWEN_MULTIPLIERS = (1.71, 1.08, 0.294)  # of budget = ratio x visual tokens; floored, as the authors do
 LLAVA_LAYERS, QWEN_LAYERS = ((1, 11, 21), 32), ((1, 10, 19), 28)
+# The authors released Qwen2-VL settings; Qwen2.5-VL (same 28-layer LM at 7B) takes them too (our reading).
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
 def high_frequency_magnitude(tokens: torch.Tensor, grid: Grid | tuple[int, int], cutoff: float) -> torch.Tensor:
@@ -59,7 +61,7 @@ def evolution_gate(reference: torch.Tensor, current: torch.Tensor, tau: float) -
 
 def scaled_layers(model: ModelInfo) -> tuple[int, ...]:
     """The authors' stage layers, rescaled to this decoder's depth."""
-    layers, depth = QWEN_LAYERS if model.family == "qwen2_vl" else LLAVA_LAYERS
+    layers, depth = QWEN_LAYERS if model.family in QWEN_FAMILIES else LLAVA_LAYERS
     return scale_layers(layers, depth, model.num_layers)
 
 
@@ -103,7 +105,7 @@ class CLSE(Method):
 
     @staticmethod
     def keep_counts(model: ModelInfo, budget: int, stages: int) -> tuple[int, ...]:
-        if model.family == "qwen2_vl":
+        if model.family in QWEN_FAMILIES:
             counts = tuple(max(1, int(budget * m)) for m in QWEN_MULTIPLIERS)
         else:
             counts = LLAVA_COUNTS.get(budget) or tuple(max(1, round(budget * m)) for m in LLAVA_MULTIPLIERS)
