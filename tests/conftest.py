@@ -6,11 +6,13 @@ import pytest
 import torch
 from transformers.utils import logging
 
-from vtprune.tiny import tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl
+from vtprune.tiny import tiny_llava, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl
 
 logging.set_verbosity_error()  # the tiny Qwen config's token ids are out of its tiny vocabulary on purpose
 
-FAMILIES = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+FAMILIES = {
+    "llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl,
+}
 # Placeholder ids must never be generated, or a recompute would see a phantom image.
 SUPPRESS = [100, 101, 102, 103]
 

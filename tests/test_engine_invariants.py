@@ -13,8 +13,50 @@ OPTIONS = {"clasp": {"question_class": "general"}}  # clasp routes on text; the 
 PLACEHOLDERS = torch.tensor([100, 101])  # LLaVA's and Qwen2-VL's image token in the tiny vocabulary
 
 
-def visual_tokens(inputs):
-    return torch.isin(inputs["input_ids"], PLACEHOLDERS).sum(dim=1).tolist()
+def image_counts(model, inputs) -> list[list[int]]:
+    """Per sample, each image's visual tokens, from what the model itself encodes (LLaVA-NeXT's
+    row-closing newlines are image placeholders but not visual tokens)."""
+    if "pixel_values" not in inputs:
+        return [[] for _ in inputs["input_ids"]]
+    if "image_grid_thw" in inputs:
+        placeholders = visual = [int(h * w) // 4 for _, h, w in inputs["image_grid_thw"].tolist()]
+    else:
+        encoded = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], **({"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}))
+        features = list(getattr(encoded, "pooler_output", encoded))
+        placeholders = [len(f) for f in features]
+        newline = getattr(model.model, "image_newline", None)
+        visual = [len(f) - (0 if newline is None else int((f == newline).all(dim=-1).sum())) for f in features]
+    held = torch.isin(inputs["input_ids"], PLACEHOLDERS).sum(dim=1).tolist()
+    counts, image = [], 0
+    for total in held:
+        mine = []
+        while total > 0:
+            mine.append(visual[image])
+            total -= placeholders[image]
+            image += 1
+        counts.append(mine)
+    return counts
+
+
+def visual_mask(model, inputs) -> torch.Tensor:
+    """[B, L] the placeholders that are visual tokens: LLaVA-NeXT's newline placeholders excluded, found
+    where the features the model packs equal its newline vector."""
+    placeholders = torch.isin(inputs["input_ids"], PLACEHOLDERS)
+    newline = getattr(model.model, "image_newline", None)
+    if newline is None or "pixel_values" not in inputs:
+        return placeholders
+    encoded = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    rows = torch.cat(list(getattr(encoded, "pooler_output", encoded)))
+    mask = placeholders.clone()
+    mask[placeholders] = ~(rows == newline).all(dim=-1)  # placeholders in batch order take the features in order
+    return mask
+
+
+def visual_tokens(model, inputs):
+    return [sum(counts) for counts in image_counts(model, inputs)]
+
+
 MIXED = [SampleLayout(images=2), SampleLayout(images=1, text_before=7, text_after=2), SampleLayout(images=0, text_after=9)]
 
 
@@ -39,6 +81,8 @@ def split_vision(model, inputs, layouts):
             share = {"pixel_values": inputs["pixel_values"][offset : offset + patches], "image_grid_thw": grids} if count else {}
         else:
             share = {"pixel_values": inputs["pixel_values"][start : start + count]} if count else {}
+            if count and "image_sizes" in inputs:
+                share["image_sizes"] = inputs["image_sizes"][start : start + count]
         shares.append(share)
         start += count
     return shares
@@ -53,7 +97,7 @@ def test_keeping_every_token_changes_nothing(model, method, budget):
     with vtprune.apply(model, method, budget, **OPTIONS.get(method, {})) as pruner:
         assert torch.equal(model(**inputs).logits, reference_logits)
         pruned = greedy(model, inputs)
-        assert pruner.last_stats.kept_per_sample == visual_tokens(inputs)
+        assert pruner.last_stats.kept_per_sample == visual_tokens(model, inputs)
     assert torch.equal(pruned.sequences, reference.sequences)
     for a, b in zip(pruned.logits, reference.logits):
         assert torch.equal(a, b)
@@ -135,21 +179,24 @@ def test_eager_and_sdpa_keep_the_same_tokens(family, method):
 
 def test_stats_add_up(model):
     inputs = tiny_inputs(model, MIXED)
-    per_image = visual_tokens(inputs)[1]
+    counts = image_counts(model, inputs)
     layers = len(model.model.language_model.layers)
     with vtprune.apply(model, "fastv", 10, layer=2) as pruner:
         model(**inputs)
         stats = pruner.last_stats
-    assert stats.images_per_sample == [2, 1, 0]
-    assert stats.visual_tokens_per_sample == [2 * per_image, per_image, 0]
-    for images, counts in zip(stats.images_per_sample, stats.visual_tokens_per_layer):
-        assert counts == [images * per_image] * 2 + [images * 10] * (layers - 2)
+    assert stats.images_per_sample == [len(c) for c in counts] == [2, 1, 0]
+    assert stats.visual_tokens_per_sample == [sum(c) for c in counts]
+    for images, per_layer in zip(counts, stats.visual_tokens_per_layer):
+        assert per_layer == [sum(images)] * 2 + [len(images) * 10] * (layers - 2)
     assert stats.kept_per_sample == [20, 10, 0]
-    assert stats.equivalent_budget == pytest.approx((2 * per_image + (layers - 2) * 10) / layers)
+    per_image = [(2 * sum(c) + (layers - 2) * 10 * len(c)) / layers / len(c) for c in counts if c]
+    assert stats.equivalent_budget == pytest.approx(sum(per_image) / len(per_image))
     with vtprune.apply(model, "random", 0.25) as pruner:
         model(**inputs)
-        assert pruner.last_stats.kept_per_sample == [2 * round(per_image / 4), round(per_image / 4), 0]
-        assert pruner.last_stats.equivalent_budget == pytest.approx(round(per_image / 4))
+        kept = [[round(n / 4) for n in c] for c in counts]
+        assert pruner.last_stats.kept_per_sample == [sum(k) for k in kept]
+        per_image = [sum(k) / len(k) for k in kept if k]
+        assert pruner.last_stats.equivalent_budget == pytest.approx(sum(per_image) / len(per_image))
 
 
 def test_text_only_batches_pass_untouched(model):
@@ -181,7 +228,7 @@ def test_kept_tokens_keep_their_original_positions(model):
         kept = pruner.last_decision.kept[0]
     (cos, sin), _ = seen["full"]
     (pruned_cos, pruned_sin), hidden = seen["pruned"]
-    visual = torch.isin(inputs["input_ids"], PLACEHOLDERS)
+    visual = visual_mask(model, inputs)
     for b in range(2):
         held = torch.cat([torch.nonzero(~visual[b]).flatten(), kept[b]]).sort().values
         tail = slice(hidden.shape[1] - held.numel(), None)  # fill slots come first
@@ -196,7 +243,7 @@ def test_per_layer_outputs_map_back_to_prompt_positions(family):
     with vtprune.apply(model, "fastv", 6, layer=2) as pruner:
         out = model(**inputs, output_attentions=True, output_hidden_states=True)
         decision = pruner.last_decision
-    visual = torch.isin(inputs["input_ids"], PLACEHOLDERS)
+    visual = visual_mask(model, inputs)
     for layer, attention in enumerate(out.attentions):
         positions = decision.positions_at(layer)
         assert attention.shape[-1] == attention.shape[-2] == positions.shape[1]
@@ -206,3 +253,18 @@ def test_per_layer_outputs_map_back_to_prompt_positions(family):
             expected = torch.arange(visual.shape[1]) if layer < 2 else \
                 torch.cat([torch.nonzero(~visual[b]).flatten(), decision.kept[0][b]]).sort().values
             assert torch.equal(held, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_anyres_newline_tokens_are_never_dropped(method):
+    model = FAMILIES["llava_next"]("sdpa")
+    inputs = tiny_inputs(model, MIXED)
+    newlines = torch.isin(inputs["input_ids"], PLACEHOLDERS) & ~visual_mask(model, inputs)
+    assert newlines.any()
+    with vtprune.apply(model, method, 6, **OPTIONS.get(method, {})) as pruner:
+        model(**inputs)
+        decision = pruner.last_decision
+    for layer in range(len(model.model.language_model.layers)):
+        held = decision.positions_at(layer)
+        for b in range(len(MIXED)):
+            assert set(torch.nonzero(newlines[b]).flatten().tolist()) <= set(held[b].tolist())

@@ -34,7 +34,7 @@ budgets = st.one_of(st.integers(1, 80), st.floats(0.01, 1.0))
 def test_batch_equals_singles_and_counts_add_up(family, method, samples, budget, padding_side):
     model = MODELS[family]
     inputs = tiny_inputs(model, samples, padding_side=padding_side)
-    per_sample_tokens = visual_tokens(inputs)
+    per_sample_tokens = visual_tokens(model, inputs)
     with torch.no_grad(), vtprune.apply(model, method, budget, **OPTIONS.get(method, {})) as pruner:
         batch_logits = model(**inputs).logits
         stats = pruner.last_stats

@@ -13,6 +13,8 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -44,6 +46,27 @@ def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, layers: int = 4
         attn_implementation=attn_implementation,
     )
     return LlavaForConditionalGeneration(config).eval()
+
+
+def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, layers: int = 4) -> LlavaNextForConditionalGeneration:
+    """LLaVA-NeXT in miniature: 56 px tiles with patch 14 (a 4x4 base grid), anyres up to 2x2 tiles."""
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=56, patch_size=14, projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD,
+        ),
+        image_token_id=IMAGE_TOKEN,
+        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        attn_implementation=attn_implementation,
+    )
+    return LlavaNextForConditionalGeneration(config).eval()
 
 
 def _qwen_text_config(layers: int) -> dict:
@@ -95,17 +118,19 @@ class SampleLayout:
     text_between: int = 2
     text_after: int = 4
     qwen_grid: tuple[int, int] = (8, 12)  # patches (h, w) of each Qwen image
+    next_sizes: tuple[tuple[int, int], ...] = ((60, 120), (100, 100))  # (h, w) in pixels of LLaVA-NeXT images, in turn
 
 
 def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", seed: int = 0) -> dict:
     """input_ids, attention_mask and vision inputs for a batch of tiny prompts (samples may differ in length)."""
     generator = torch.Generator().manual_seed(seed)
     is_qwen = isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration))
+    is_next = isinstance(model, LlavaNextForConditionalGeneration)
 
     def text(n):
         return torch.randint(TEXT_TOKENS.start, TEXT_TOKENS.stop, (n,), generator=generator).tolist()
 
-    rows, pixel_values, grids = [], [], []
+    rows, pixel_values, grids, sizes = [], [], [], []
     for layout in samples:
         ids = text(layout.text_before)
         for i in range(layout.images):
@@ -116,6 +141,12 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
                 ids += [QWEN_VISION_START] + [QWEN_IMAGE_TOKEN] * (h * w // 4) + [QWEN_VISION_END]
                 pixel_values.append(torch.randn(h * w, 3 * 2 * 14 * 14, generator=generator))
                 grids.append([1, h, w])
+            elif is_next:
+                size = layout.next_sizes[i % len(layout.next_sizes)]
+                patches = torch.randn(5, 3, 56, 56, generator=generator)  # base + up to 2x2 tiles (unused ones ignored)
+                ids += [IMAGE_TOKEN] * _anyres_token_count(model, patches, size)
+                pixel_values.append(patches)
+                sizes.append(list(size))
             else:
                 ids += [IMAGE_TOKEN] * 64
                 pixel_values.append(torch.randn(3, 56, 56, generator=generator))
@@ -136,4 +167,13 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
         inputs["mm_token_type_ids"] = (input_ids == QWEN_IMAGE_TOKEN).long()
     elif pixel_values:
         inputs["pixel_values"] = torch.stack(pixel_values)
+        if is_next:
+            inputs["image_sizes"] = torch.tensor(sizes)
     return inputs
+
+
+def _anyres_token_count(model, patches: torch.Tensor, size: tuple[int, int]) -> int:
+    """Placeholders one LLaVA-NeXT image needs: the length of the features the model itself packs for it."""
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=patches[None], image_sizes=torch.tensor([size]))
+    return len(getattr(features, "pooler_output", features)[0])

@@ -1,0 +1,118 @@
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`): anyres images, a base grid plus a high-resolution grid.
+
+Each image's placeholders hold, in order, the base image's grid (the tower's
+side x side) and the high-resolution tiles stitched into one grid, unpadded to the
+image's aspect ratio, with an `image_newline` token closing each of its rows. The
+image is one visual item of two grids; the newline tokens are in neither, so they are
+never pruned nor counted. The grids' shapes come from transformers' own anyres
+helpers, given each image's `image_sizes`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from ..methods.base import Grid
+from .base import Adapter, VisualItem, split_runs
+
+
+class LlavaNextAdapter(Adapter):
+    family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+
+    def __init__(self, model):
+        super().__init__(model)
+        config = model.config
+        self.image_token_id = config.image_token_id
+        self.tile = config.vision_config.image_size
+        self.side = config.vision_config.image_size // config.vision_config.patch_size
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id,)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        strategy = self.model.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(
+                f"LLaVA-NeXT with vision_feature_select_strategy={strategy!r} is not supported: vtprune expects "
+                "'default' (the CLS token dropped, square tiles), as LLaVA-NeXT uses"
+            )
+
+    def high_resolution_grid(self, image_size) -> tuple[int, int]:
+        """(rows, cols) of an image's stitched, unpadded high-resolution grid, as the model packs it."""
+        tiles_high, tiles_wide = get_anyres_image_grid_shape(
+            [int(v) for v in image_size], self.model.config.image_grid_pinpoints, self.tile
+        )
+        canvas = torch.empty(1, tiles_high * self.side, tiles_wide * self.side)
+        rows, cols = unpad_image(canvas, torch.as_tensor(image_size)).shape[1:]
+        return int(rows), int(cols)
+
+    def image_item(self, start: int, image_size, anyres: bool) -> VisualItem:
+        """The item of one image whose placeholders begin at start."""
+        base = self.side * self.side
+        if not anyres:  # 4-D pixel_values: the base image alone, and one newline after it
+            return VisualItem(((start, base),), (Grid(self.side, self.side),))
+        rows, cols = self.high_resolution_grid(image_size)
+        runs = [(start, base)] + [(start + base + row * (cols + 1), cols) for row in range(rows)]
+        return VisualItem(tuple(runs), (Grid(self.side, self.side), Grid(rows, cols)))
+
+    def encoded_item(self, start: int, features: torch.Tensor) -> VisualItem:
+        """The item of one image from the features generate() packed ahead (it drops image_sizes then):
+        the model's own newline vector marks where each high-resolution row ends."""
+        newline = self.model.model.image_newline.to(features.device, features.dtype)
+        ends = torch.nonzero((features == newline).all(dim=-1)).flatten().tolist()
+        base, rows = self.side * self.side, len(ends)
+        cols = (features.shape[0] - base) // max(rows, 1) - 1
+        if rows == 1 and ends == [base]:
+            return VisualItem(((start, base),), (Grid(self.side, self.side),))
+        if not rows or ends != [base + (row + 1) * (cols + 1) - 1 for row in range(rows)]:
+            raise ValueError(f"cannot lay out the anyres grid of the {features.shape[0]} image features at position {start}")
+        runs = [(start, base)] + [(start + base + row * (cols + 1), cols) for row in range(rows)]
+        return VisualItem(tuple(runs), (Grid(self.side, self.side), Grid(rows, cols)))
+
+    def visual_items(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[VisualItem]]:
+        runs = [split_runs(torch.nonzero(row == self.image_token_id).flatten()) for row in input_ids]
+        if not any(runs):
+            return [[] for _ in runs]
+        sizes = model_kwargs.get("image_sizes")
+        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if sizes is not None:
+            pixel_values = model_kwargs.get("pixel_values")
+            anyres = pixel_values is None or pixel_values.dim() == 5  # 4-D: one patch per image, no tiles
+            layouts = [lambda start, size=size: self.image_item(start, size, anyres) for size in sizes.tolist()]
+        elif encoded is not None:
+            layouts = [lambda start, f=features: self.encoded_item(start, f) for features in encoded.pooler_output]
+        else:
+            raise ValueError("LLaVA-NeXT image tokens came without image_sizes to lay out their anyres grids")
+        images = iter(layouts)
+        items = []
+        for sample_runs in runs:
+            sample = []
+            for start, length in sample_runs:
+                end = start + length
+                while start < end:
+                    layout = next(images, None)
+                    if layout is None:
+                        raise ValueError("input_ids hold more image tokens than the images passed")
+                    item = layout(start)
+                    span = _span(item)
+                    if start + span > end:
+                        raise ValueError(f"the image tokens at position {start} do not match their image's anyres grid")
+                    sample.append(item)
+                    start += span
+            items.append(sample)
+        if next(images, None) is not None:
+            raise ValueError("more images were passed than input_ids hold image tokens for")
+        return items
+
+
+def _span(item: VisualItem) -> int:
+    """Placeholder positions an image takes: its grids' tokens and a newline after each high-resolution row
+    (or after the base image when it has no tiles)."""
+    newlines = item.parts[1].rows if len(item.parts) > 1 else 1
+    return item.length + newlines
