@@ -66,10 +66,15 @@ def test_an_out_that_cannot_be_written_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert "--out: cannot write" in usage_error(["eval", "--out", str(tmp_path / "file" / "run")], capsys)
     assert "--out: " in usage_error(["bench", "--out", str(tmp_path / "file")], capsys)
-    if os.geteuid() != 0:  # root writes anywhere
+    image = tmp_path / "image.png"
+    image.write_bytes(b"")
+    for command in (["eval", "--out", "/proc/vtprune-run"], ["bench", "--out", "/proc/vtprune-run"],
+                    ["show", str(image), "what ?", "--out", "/proc/vtprune/kept.png"]):
+        assert "does not take new files" in usage_error(command, capsys)  # even for root, who passes os.access
+    if os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        assert "no write permission" in usage_error(["eval", "--out", str(locked / "run")], capsys)
+        assert "does not take new files" in usage_error(["eval", "--out", str(locked / "run")], capsys)
 
 
 def test_spaces_around_list_items_are_accepted():

@@ -85,3 +85,39 @@ def test_generate_without_a_cache_keeps_the_prompts_decision(model, method):
     assert torch.equal(uncached.sequences, cached.sequences)
     for a, b in zip(uncached.logits, cached.logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_follow_up_turn_without_attention_masks(model, method):
+    """One unpadded sample and no masks: transformers re-feeds the tokens past the pruned cache's length,
+    which the engine recognises by their ids."""
+    inputs = tiny_inputs(model, LAYOUTS[:1])
+    del inputs["attention_mask"]
+    with vtprune.apply(model, method, 10, **OPTIONS.get(method, {})) as pruner:
+        first = greedy(model, inputs, steps=3)
+        decision = pruner.last_decision
+        follow_up = torch.randint(3, 96, (1, 4), generator=torch.Generator().manual_seed(2))
+        ids = torch.cat([first.sequences, follow_up], dim=1)
+        conversation = {"input_ids": ids, cache_keyword(model.model.language_model): output_cache(first)}
+        if "mm_token_type_ids" in inputs:
+            conversation["mm_token_type_ids"] = grown(dict(inputs, attention_mask=torch.ones_like(inputs["input_ids"])),
+                                                      ids)["mm_token_type_ids"]
+            conversation["image_grid_thw"] = inputs["image_grid_thw"]
+        second = greedy(model, conversation, steps=3)
+        masked = dict(inputs, attention_mask=torch.ones_like(inputs["input_ids"]))
+        for step, logits in enumerate(second.logits):
+            expected = recomputed_logits(model, pruner, decision, masked, second.sequences[:, : ids.shape[1] + step])
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_re_fed_stretch_that_is_not_the_conversation_is_refused(model):
+    inputs = tiny_inputs(model, LAYOUTS)
+    with vtprune.apply(model, "random", 10):
+        first = greedy(model, inputs, steps=2)
+        edited = first.sequences.clone()
+        edited[:, -3] = 5 if int(edited[0, -3]) != 5 else 6  # a prompt token the cache holds, changed
+        conversation = grown(inputs, torch.cat([edited, torch.full((2, 2), 7)], dim=1))
+        del conversation["pixel_values"]
+        conversation[cache_keyword(model.model.language_model)] = output_cache(first)
+        with pytest.raises(ValueError, match="differ from the conversation"):
+            greedy(model, conversation, steps=1)

@@ -11,6 +11,7 @@ import argparse
 import functools
 import math
 import os
+import tempfile
 import subprocess
 import types
 import typing
@@ -140,8 +141,12 @@ def _check_writable(folder: Path, text: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise Invalid(f"cannot write {text!r}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise Invalid(f"cannot write {text!r}: no write permission in {existing}")
+    # Trying is the only honest test: root passes os.access everywhere, /proc included.
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise Invalid(f"cannot write {text!r}: {existing} does not take new files ({error.strerror})") from None
 
 
 @path_type

@@ -13,21 +13,26 @@ from .layout import Layout, decoder_mask
 from .run import Run
 
 
-def continue_run(run: Run, kwargs: dict) -> bool:
+def continue_run(run: Run, kwargs: dict, fed_ids: torch.Tensor | None) -> bool:
     """Adjust the language model's kwargs for a forward on the run's cache; False when nothing needs changing.
 
     A later turn of a conversation comes here too. transformers feeds the tokens past
     what the cache reports holding, and a pruned cache holds fewer than the sequence:
     the forward then starts with tokens the cache already has (pruned or not). Those
     are dropped here (and given zero outputs by `pad_repeated`), so the new tokens
-    see exactly the kept tokens of the prompt, at their own positions.
+    see exactly the kept tokens of the prompt, at their own positions. Where they
+    start is read off the attention mask (it spans the whole conversation); without
+    one, a forward that begins with the tokens after the cache's reported length is
+    such a re-feed. Re-fed tokens must be the conversation's own (fed_ids: this
+    forward's input_ids, when it had some).
     """
     embeds = kwargs["inputs_embeds"]
     batch, fed, _ = embeds.shape
     attention_mask = kwargs.get("attention_mask")
     consumed = run.prompt_length + run.generated
     if attention_mask is None:
-        attention_mask = torch.ones(batch, consumed + fed, dtype=torch.long, device=embeds.device)
+        start = _start_without_mask(run, fed_ids, consumed)
+        attention_mask = torch.ones(batch, start + fed, dtype=torch.long, device=embeds.device)
     elif isinstance(attention_mask, dict) or attention_mask.dim() != 2:
         raise ValueError(
             f"a forward on a pruned prompt's cache got an attention mask of shape "
@@ -41,6 +46,13 @@ def continue_run(run: Run, kwargs: dict) -> bool:
             f"(by its attention mask of {attention_mask.shape[1]} columns), but the cache holds its first {consumed}: "
             f"feed the tokens from {consumed} on, with an attention mask over the whole conversation"
         )
+    if fed_ids is not None and run.ids is not None:
+        if repeated and not torch.equal(fed_ids[:, :repeated], run.ids[:, start:consumed]):
+            raise ValueError(
+                f"a forward on a pruned prompt's cache feeds again its tokens {start}..{consumed - 1}, but they differ "
+                "from the conversation that cache holds; continue that conversation, or start a new prompt"
+            )
+        run.ids = torch.cat([run.ids, fed_ids[:, repeated:].to(run.ids.device)], dim=1)
     if repeated:
         kwargs["inputs_embeds"] = embeds[:, repeated:]
         if kwargs.get("position_ids") is not None:
@@ -61,6 +73,16 @@ def continue_run(run: Run, kwargs: dict) -> bool:
         start = expected - query_length
         kwargs["position_ids"] = torch.arange(start, expected, device=embeds.device)[None].expand(batch, -1)
     return True
+
+
+def _start_without_mask(run: Run, fed_ids: torch.Tensor | None, consumed: int) -> int:
+    """Where a mask-less forward's tokens begin: after the cache's reported length when they begin with the
+    conversation's tokens from there (transformers re-feeding a pruned cache), else after all it holds."""
+    reported = run.kv_layouts[0].length + run.generated
+    again = consumed - reported
+    if fed_ids is None or run.ids is None or not 0 < again < fed_ids.shape[1]:
+        return consumed
+    return reported if torch.equal(fed_ids[:, :again], run.ids[:, reported:consumed]) else consumed
 
 
 def pad_repeated(run: Run, hidden: torch.Tensor) -> torch.Tensor:

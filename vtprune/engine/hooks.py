@@ -48,6 +48,7 @@ class Pruner:
         self._vision_states: dict = {}
         self._run: Run | None = None
         self._prompt: Prompt | None = None  # the forward being run, as the multimodal model received it
+        self._input_ids: torch.Tensor | None = None  # of the forward being run
         self._uncached: Prompt | None = None  # the last prompt decided without a cache, which a longer forward continues
         self._num_layers = adapter.model_info.num_layers
         self._cache_keyword = kv.cache_keyword(adapter.language_model)
@@ -69,7 +70,7 @@ class Pruner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._run = self._text = self._fusion = self._prompt = self._uncached = None
+        self._run = self._text = self._fusion = self._prompt = self._uncached = self._input_ids = None
         self._vision_states.clear()
         if getattr(self.model, "_vtprune_pruner", None) is self:
             del self.model._vtprune_pruner
@@ -100,6 +101,7 @@ class Pruner:
     # ------------------------------------------------------------------ hooks
     def _on_multimodal_forward(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._input_ids = input_ids
         encoded = kwargs.get("mm_encoder_outputs") or {}
         self._fusion = self._text = self._prompt = None
         # Placeholder ids without images to go with them (a decode step that happened to
@@ -173,7 +175,8 @@ class Pruner:
                 "prompt did not fill; continue that prompt's own cache, or start a new prompt with an empty cache"
             )
         kv.check_lengths(cache, [layout.length + run.generated for layout in run.kv_layouts], "before a decode step")
-        return (args, kwargs) if decode.continue_run(run, kwargs) else None
+        fed_ids, self._input_ids = self._input_ids, None
+        return (args, kwargs) if decode.continue_run(run, kwargs, fed_ids) else None
 
     def _after_language_model_forward(self, module, args, kwargs, output):
         run = self._run
@@ -228,6 +231,7 @@ class Pruner:
             self._record_stats(run)
             return None
         prefill.begin(run, language_model, kwargs, self._cache_keyword)
+        run.ids, self._input_ids = self._input_ids, None
         self._run = run
         return args, kwargs
 

@@ -50,7 +50,7 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
     )
     if replay is not None:
         run.stage_layers = replay.stage_layers
-        if method.slices_kv_cache and run.prompt_length > replay.prompt_length:
+        if method.slices_kv_cache and run.prompt_length > replay.prompt_length and replay.kept:
             kept = torch.zeros_like(visual)
             for b, positions in enumerate(replay.kept[-1]):
                 kept[b, positions.to(device)] = True

@@ -90,6 +90,7 @@ class Run:
     prefill: bool = True
     generated: int = 0  # tokens fed after the prompt
     repeated: int = 0  # tokens the current forward fed again that the cache already held
+    ids: torch.Tensor | None = None  # [B, prompt + generated] the conversation's token ids, where known
     tail_valid: torch.Tensor | None = None  # [B, generated] during decode
     step_masks: dict[int, Any] = field(default_factory=dict)  # per-forward cache of built masks / positions
 
