@@ -132,3 +132,13 @@ def test_a_stage_at_the_llm_input_is_refused_for_attention_scores():
 
     with pytest.raises(ValueError, match="must be >= 1"):
         vtprune.apply(tiny_llava(), "clse", 16, layers=(0, 2, 3))
+
+
+def test_a_videos_spectral_score_is_each_frames_own():
+    """Frames are the FFT's batch (the authors' video branch): a frame scores as it would alone."""
+    from vtprune.methods import Grid
+
+    frames = [torch.randn(4 * 6, 8, generator=torch.Generator().manual_seed(f)) for f in range(3)]
+    video = high_frequency_magnitude(torch.cat(frames), Grid(4, 6, frames=3), 0.1)
+    alone = torch.cat([high_frequency_magnitude(frame, (4, 6), 0.1) for frame in frames])
+    torch.testing.assert_close(video, alone)

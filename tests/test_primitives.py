@@ -68,3 +68,33 @@ def test_recomputed_last_query_attention_matches_eager_weights(family, padding_s
         ours = adapter.last_query_attention(layer, captured["hidden"], captured["pe"], query, mask & (slots <= query[:, None]))
     eager = out.attentions[layer].mean(dim=1)[torch.arange(2), query]
     torch.testing.assert_close(ours, eager * mask, atol=1e-6, rtol=0)
+
+
+def test_split_budget_is_proportional_and_exact():
+    from vtprune.methods.primitives import split_budget
+
+    assert split_budget([576, 2304], 64) == [13, 51]  # an anyres image: base and high-resolution grids
+    assert split_budget([10, 10, 10], 10) == [4, 3, 3]  # ties go to the first parts
+    assert split_budget([5, 1000], 2000) == [5, 1000]
+    for sizes, k in (([7, 3, 11], 9), ([1, 1], 1), ([100], 37)):
+        counts = split_budget(sizes, k)
+        assert sum(counts) == k and all(0 <= c <= s for c, s in zip(counts, sizes))
+
+
+def test_volume_lattice_of_one_frame_is_the_grid_lattice():
+    from vtprune.methods.primitives import grid_lattice, volume_lattice
+
+    for rows, cols, k in ((24, 24, 64), (5, 9, 7), (4, 4, 16)):
+        assert torch.equal(volume_lattice(1, rows, cols, k), grid_lattice(rows, cols, k))
+
+
+def test_volume_lattice_is_k_distinct_cells_spread_over_frames():
+    from vtprune.methods.primitives import volume_lattice
+
+    for frames, rows, cols, k in ((8, 16, 16, 194), (8, 4, 4, 16), (3, 2, 3, 5), (16, 2, 2, 64)):
+        cells = volume_lattice(frames, rows, cols, k)
+        assert cells.numel() == k == cells.unique().numel()
+        assert int(cells.min()) >= 0 and int(cells.max()) < frames * rows * cols
+        per_frame = torch.bincount(cells // (rows * cols), minlength=frames)
+        used = per_frame[per_frame > 0]
+        assert int(used.max() - used.min()) <= max(1, int(used.max()) // 2)  # frames used about equally

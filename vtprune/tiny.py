@@ -23,7 +23,7 @@ from transformers import (
 
 VOCAB = 128
 IMAGE_TOKEN = 100  # LLaVA's placeholder in the tiny vocabulary
-QWEN_IMAGE_TOKEN, QWEN_VISION_START, QWEN_VISION_END = 101, 102, 103
+QWEN_IMAGE_TOKEN, QWEN_VISION_START, QWEN_VISION_END, QWEN_VIDEO_TOKEN = 101, 102, 103, 104
 PAD = 0
 TEXT_TOKENS = range(3, 96)  # ids a tiny prompt is drawn from
 
@@ -79,7 +79,7 @@ def _qwen_text_config(layers: int) -> dict:
 
 
 QWEN_TOKENS = dict(image_token_id=QWEN_IMAGE_TOKEN, vision_start_token_id=QWEN_VISION_START,
-                   vision_end_token_id=QWEN_VISION_END)
+                   vision_end_token_id=QWEN_VISION_END, video_token_id=QWEN_VIDEO_TOKEN)
 
 
 def tiny_qwen2_vl(attn_implementation: str = "sdpa", seed: int = 0, layers: int = 4) -> Qwen2VLForConditionalGeneration:
@@ -119,6 +119,8 @@ class SampleLayout:
     text_after: int = 4
     qwen_grid: tuple[int, int] = (8, 12)  # patches (h, w) of each Qwen image
     next_sizes: tuple[tuple[int, int], ...] = ((60, 120), (100, 100))  # (h, w) in pixels of LLaVA-NeXT images, in turn
+    videos: int = 0  # after the images (Qwen families)
+    qwen_video: tuple[int, int, int] = (3, 4, 6)  # temporal patches, patches (h, w) of each Qwen video
 
 
 def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", seed: int = 0) -> dict:
@@ -130,7 +132,7 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
     def text(n):
         return torch.randint(TEXT_TOKENS.start, TEXT_TOKENS.stop, (n,), generator=generator).tolist()
 
-    rows, pixel_values, grids, sizes = [], [], [], []
+    rows, pixel_values, grids, sizes, videos, video_grids = [], [], [], [], [], []
     for layout in samples:
         ids = text(layout.text_before)
         for i in range(layout.images):
@@ -150,6 +152,14 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
             else:
                 ids += [IMAGE_TOKEN] * 64
                 pixel_values.append(torch.randn(3, 56, 56, generator=generator))
+        for _ in range(layout.videos):
+            if not is_qwen:
+                raise ValueError(f"tiny_inputs builds videos for the Qwen families only, not {type(model).__name__}")
+            ids += text(layout.text_between)
+            t, h, w = layout.qwen_video
+            ids += [QWEN_VISION_START] + [QWEN_VIDEO_TOKEN] * (t * h * w // 4) + [QWEN_VISION_END]
+            videos.append(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=generator))
+            video_grids.append([t, h, w])
         ids += text(layout.text_after)
         rows.append(ids)
 
@@ -161,10 +171,15 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
         input_ids[b, where] = torch.tensor(ids)
         attention_mask[b, where] = 1
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if pixel_values and is_qwen:
-        inputs["pixel_values"] = torch.cat(pixel_values)
-        inputs["image_grid_thw"] = torch.tensor(grids)
-        inputs["mm_token_type_ids"] = (input_ids == QWEN_IMAGE_TOKEN).long()
+    if is_qwen:
+        if pixel_values:
+            inputs["pixel_values"] = torch.cat(pixel_values)
+            inputs["image_grid_thw"] = torch.tensor(grids)
+        if videos:
+            inputs["pixel_values_videos"] = torch.cat(videos)
+            inputs["video_grid_thw"] = torch.tensor(video_grids)
+        if pixel_values or videos:  # text 0, image 1, video 2
+            inputs["mm_token_type_ids"] = (input_ids == QWEN_IMAGE_TOKEN).long() + 2 * (input_ids == QWEN_VIDEO_TOKEN).long()
     elif pixel_values:
         inputs["pixel_values"] = torch.stack(pixel_values)
         if is_next:

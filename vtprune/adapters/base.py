@@ -24,15 +24,16 @@ class VisualItem:
 
     runs: tuple[tuple[int, int], ...]
     parts: tuple[Grid, ...]
+    kind: str = "image"  # or "video"
 
     def __post_init__(self):
         if sum(length for _, length in self.runs) != sum(grid.size for grid in self.parts):
             raise ValueError(f"a visual item's runs {self.runs} do not hold its grids {self.parts}")
 
     @classmethod
-    def grid(cls, start: int, rows: int, cols: int, frames: int = 1) -> "VisualItem":
+    def grid(cls, start: int, rows: int, cols: int, frames: int = 1, kind: str = "image") -> "VisualItem":
         """A single grid whose tokens are consecutive from start."""
-        return cls(((start, frames * rows * cols),), (Grid(rows, cols, frames),))
+        return cls(((start, frames * rows * cols),), (Grid(rows, cols, frames),), kind)
 
     @property
     def length(self) -> int:

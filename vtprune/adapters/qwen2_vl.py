@@ -1,4 +1,9 @@
-"""Qwen2-VL (`Qwen2VLForConditionalGeneration`): per-image grids after the 2x2 merger."""
+"""Qwen2-VL (`Qwen2VLForConditionalGeneration`): per-image grids after the 2x2 merger, and videos.
+
+An image is its (h/2, w/2) grid; a video its (t, h/2, w/2) grid, t its temporal
+patches (`video_grid_thw`). Tokens keep their 3-D M-RoPE positions, frames their
+temporal one.
+"""
 
 from __future__ import annotations
 
@@ -15,62 +20,73 @@ class Qwen2VLAdapter(Adapter):
 
     def __init__(self, model):
         super().__init__(model)
-        self.image_token_id = model.config.image_token_id
-        self.merge = model.config.vision_config.spatial_merge_size
+        config = model.config
+        self.merge = config.vision_config.spatial_merge_size
+        # (kind, placeholder id, the kwarg holding each item's (t, h, w) in patches)
+        self.modalities = [("image", config.image_token_id, "image_grid_thw")]
+        if getattr(config, "video_token_id", None) is not None:
+            self.modalities.append(("video", config.video_token_id, "video_grid_thw"))
 
     @property
     def placeholder_ids(self) -> tuple[int, ...]:
-        return (self.image_token_id,)
+        return tuple(token for _, token, _ in self.modalities)
 
     def visual_items(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[VisualItem]]:
-        runs = [split_runs(torch.nonzero(row == self.image_token_id).flatten()) for row in input_ids]
-        if not any(runs):
-            return [[] for _ in runs]
-        grid_thw = model_kwargs.get("image_grid_thw")
-        if grid_thw is not None:
-            return self._spans_from_grid_thw(runs, grid_thw)
-        position_ids = model_kwargs.get("position_ids")
-        if position_ids is not None and position_ids.dim() == 3:
-            # generate() may encode the images ahead and drop image_grid_thw; the M-RoPE
-            # positions it passes instead hold each image token's (row, col).
-            return self._spans_from_positions(runs, position_ids)
-        raise ValueError("Qwen2-VL image tokens came without image_grid_thw or 3-D position_ids to place them on a grid")
+        items = [[] for _ in input_ids]
+        for kind, token, grid_key in self.modalities:
+            runs = [split_runs(torch.nonzero(row == token).flatten()) for row in input_ids]
+            if not any(runs):
+                continue
+            grid_thw = model_kwargs.get(grid_key)
+            position_ids = model_kwargs.get("position_ids")
+            if grid_thw is not None:
+                found = self._items_from_grid_thw(runs, grid_thw, kind)
+            elif position_ids is not None and position_ids.dim() == 3:
+                # generate() may encode the images ahead and drop the grids; the M-RoPE
+                # positions it passes instead hold each token's (t, row, col).
+                found = self._items_from_positions(runs, position_ids, kind)
+            else:
+                raise ValueError(f"Qwen2-VL {kind} tokens came without {grid_key} or 3-D position_ids to lay them out")
+            for sample, more in zip(items, found):
+                sample.extend(more)
+        return [sorted(sample, key=lambda item: item.runs[0][0]) for sample in items]
 
-    def _spans_from_grid_thw(self, runs, grid_thw: torch.Tensor) -> list[list[VisualItem]]:
-        images = iter([(int(h) // self.merge, int(w) // self.merge) for _, h, w in grid_thw.tolist()])
-        spans = []
+    def _items_from_grid_thw(self, runs, grid_thw: torch.Tensor, kind: str) -> list[list[VisualItem]]:
+        grids = iter([(int(t), int(h) // self.merge, int(w) // self.merge) for t, h, w in grid_thw.tolist()])
+        items = []
         for sample_runs in runs:
             sample = []
             for start, length in sample_runs:
                 end = start + length
                 while start < end:
-                    grid = next(images, None)
+                    grid = next(grids, None)
                     if grid is None:
-                        raise ValueError("input_ids hold more image tokens than image_grid_thw describes")
-                    size = grid[0] * grid[1]
-                    if start + size > end:
-                        raise ValueError(f"image tokens at position {start} do not match image_grid_thw")
-                    sample.append(VisualItem.grid(start, *grid))
-                    start += size
-            spans.append(sample)
-        if next(images, None) is not None:
-            raise ValueError("image_grid_thw describes more images than input_ids hold image tokens")
-        return spans
+                        raise ValueError(f"input_ids hold more {kind} tokens than {kind}_grid_thw describes")
+                    frames, rows, cols = grid
+                    if start + frames * rows * cols > end:
+                        raise ValueError(f"{kind} tokens at position {start} do not match {kind}_grid_thw")
+                    sample.append(VisualItem.grid(start, rows, cols, frames, kind))
+                    start += frames * rows * cols
+            items.append(sample)
+        if next(grids, None) is not None:
+            raise ValueError(f"{kind}_grid_thw describes more {kind}s than input_ids hold {kind} tokens")
+        return items
 
     @staticmethod
-    def _spans_from_positions(runs, position_ids: torch.Tensor) -> list[list[VisualItem]]:
-        rows_cols = position_ids[-2:]  # (row, col) planes; a 4-plane tensor leads with text positions
-        spans = []
+    def _items_from_positions(runs, position_ids: torch.Tensor, kind: str) -> list[list[VisualItem]]:
+        planes = position_ids[-3:]  # (t, row, col) planes; a 4-plane tensor leads with text positions
+        items = []
         for b, sample_runs in enumerate(runs):
             sample = []
             for start, length in sample_runs:
-                planes = rows_cols[:, b, start : start + length]
-                extent = (planes.amax(dim=1) - planes.amin(dim=1) + 1).tolist()
-                if extent[0] * extent[1] != length:
+                t, row, col = planes[:, b, start : start + length]
+                frames = int(t.unique().numel())
+                rows, cols = (int(p.amax() - p.amin()) + 1 for p in (row, col))
+                if frames * rows * cols != length:
                     raise ValueError(
-                        f"the image tokens at position {start} do not form one image grid in their M-RoPE positions; "
-                        "pass the processor's mm_token_type_ids to forward/generate, which Qwen2-VL needs to place images"
+                        f"the {kind} tokens at position {start} do not form one grid in their M-RoPE positions; "
+                        "pass the processor's mm_token_type_ids to forward/generate, which Qwen2-VL needs to place them"
                     )
-                sample.append(VisualItem.grid(start, extent[0], extent[1]))
-            spans.append(sample)
-        return spans
+                sample.append(VisualItem.grid(start, rows, cols, frames, kind))
+            items.append(sample)
+        return items

@@ -10,6 +10,8 @@ method - oracle prices what the method itself costs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +22,7 @@ import vtprune
 from vtprune.engine.cache import output_cache
 
 from .flops import prefill_flops
-from .presets import Preset, preset_inputs
+from .presets import AnyresLayout, Preset, anyres_layout, preset_inputs
 
 
 @dataclass
@@ -72,19 +74,51 @@ def oracle_truncation(model, preset: Preset, keep: int):
     """The model sees only the first `keep` visual tokens of each image, chosen with no scoring at all.
 
     LLaVA: the projector's output is cut to `keep` tokens (the prompt carries `keep`
-    placeholders), so the vision tower's cost is the same as the method's. Qwen2-VL's
-    M-RoPE ties its tokens to an image grid, so its oracle is a smaller image with that
-    many tokens (see oracle_inputs): its vision tower also does less, and method - oracle
-    then includes that saving too.
+    placeholders), so the vision tower's cost is the same as the method's. LLaVA-NeXT:
+    each image's packed features (base grid, then the unpadded high-resolution grid with a
+    newline after each row) are cut to their first `keep` visual tokens in that order (the
+    base grid first) and all their newline tokens, in place: the newlines are no visual
+    tokens, a method neither prunes nor counts them, so the oracle's LM runs on exactly as
+    many tokens as a method's at the LLM input (text + newlines + `keep`); the tower still
+    encodes every tile. Qwen2-VL's and Qwen2.5-VL's M-RoPE ties tokens to an image grid,
+    so their oracle is a smaller image with that many tokens (see oracle_inputs): their
+    vision tower also does less, and method - oracle then includes that saving too.
     """
-    if preset.family != "llava":
+    if preset.family == "llava":
+        handle = model.model.multi_modal_projector.register_forward_hook(lambda module, args, output: output[:, :keep])
+        try:
+            yield
+        finally:
+            handle.remove()
+        return
+    if preset.family != "llava_next":
         yield
         return
-    handle = model.model.multi_modal_projector.register_forward_hook(lambda module, args, output: output[:, :keep])
+    base = model.model
+    original = base.get_image_features  # generate() encodes through base_model.get_image_features too
+    kept = oracle_kept_features(anyres_layout(model.config, preset.image_size), keep)
+
+    @functools.wraps(original)  # keeps the signature, which generate() reads
+    def first_visual_tokens(*args, **kwargs):
+        output = original(*args, **kwargs)
+        if any(len(features) != len(kept) for features in output.pooler_output):
+            raise ValueError(f"the oracle expects {len(kept)} packed features per image: images of {preset.image_size}")
+        output.pooler_output = [features[kept.to(features.device)] for features in output.pooler_output]
+        return output
+
+    base.get_image_features = first_visual_tokens
     try:
         yield
     finally:
-        handle.remove()
+        del base.get_image_features
+
+
+def oracle_kept_features(layout: AnyresLayout, keep: int) -> torch.Tensor:
+    """Which of a LLaVA-NeXT image's packed features the oracle keeps: every newline (the last of each
+    high-resolution row) and the first `keep` visual tokens, in packing order."""
+    position = torch.arange(layout.placeholders)
+    newline = (position >= layout.base) & ((position - layout.base) % (layout.cols + 1) == layout.cols)
+    return newline | (~newline & (torch.cumsum(~newline, 0) <= keep))
 
 
 def oracle_grid(keep: int) -> tuple[int, int]:
@@ -94,16 +128,20 @@ def oracle_grid(keep: int) -> tuple[int, int]:
 
 
 def oracle_inputs(model, preset: Preset, batch: int, keep: int, device, dtype):
-    if preset.family == "llava":
+    if preset.family in ("llava", "llava_next"):
         inputs = preset_inputs(model, preset, batch, device=device, dtype=dtype)
         image_id = model.config.image_token_id
+        if preset.family == "llava_next":  # the kept visual tokens and every newline
+            placeholders = int(oracle_kept_features(anyres_layout(model.config, preset.image_size), keep).sum())
+        else:
+            placeholders = keep
         rows = []
         for row in inputs["input_ids"]:
             visual = torch.nonzero(row == image_id).flatten()
-            rows.append(torch.cat([row[: visual[0] + keep], row[visual[-1] + 1 :]]))
+            rows.append(torch.cat([row[: visual[0] + min(placeholders, len(visual))], row[visual[-1] + 1 :]]))
         input_ids = torch.stack(rows)
         return dict(inputs, input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-    smaller = Preset(preset.family, preset.vision, preset.text, image_patches=oracle_grid(keep))
+    smaller = dataclasses.replace(preset, image_patches=oracle_grid(keep))
     return preset_inputs(model, smaller, batch, device=device, dtype=dtype)
 
 
@@ -147,10 +185,10 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
 
     prefill_ms = statistics.median(times)
     sequence = inputs["input_ids"].shape[1]
-    visual = _visual_counts(model, inputs, stats)
-    text = sequence - (visual[0] if stats is None else stats.visual_tokens_per_sample[0])
+    visual = _visual_counts(model, preset, inputs, stats)
+    text = sequence - (visual[0] if stats is None else stats.visual_tokens_per_sample[0])  # LLaVA-NeXT's newlines too
     tokens_per_layer = [text + v for v in visual]
-    flops = prefill_flops(model, tokens_per_layer, _vision_tokens(model, preset, inputs))
+    flops = prefill_flops(model, tokens_per_layer, *_vision_sequences(model, preset, inputs))
     decode_ms = generate_ms - first_token_ms
     return Measurement(
         config=method if budget is None else f"{method}@{budget}",
@@ -165,18 +203,22 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
     )
 
 
-def _visual_counts(model, inputs, stats) -> list[int]:
-    """Visual tokens entering each decoder layer, first sample."""
+def _visual_counts(model, preset: Preset, inputs, stats) -> list[int]:
+    """Visual tokens entering each decoder layer, first sample (LLaVA-NeXT's newline placeholders are text-like)."""
     if stats is not None:
         return stats.visual_tokens_per_layer[0]
     count = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    if preset.family == "llava_next":
+        count -= anyres_layout(model.config, preset.image_size).newlines
     return [count] * model.config.text_config.num_hidden_layers
 
 
-def _vision_tokens(model, preset: Preset, inputs) -> list[int]:
-    """Tokens the vision tower processes for the first sample's image."""
-    if preset.family == "llava":
+def _vision_sequences(model, preset: Preset, inputs) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Tokens of each sequence the vision tower runs for the first sample's image (one per LLaVA-NeXT tile),
+    and the image's (h, w) patches on Qwen (Qwen2.5-VL's windows need them)."""
+    if preset.family in ("llava", "llava_next"):
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-        return [side * side + 1]
+        tiles = anyres_layout(model.config, preset.image_size).tiles if preset.family == "llava_next" else 1
+        return [side * side + 1] * tiles, None
     _, h, w = inputs["image_grid_thw"][0].tolist()
-    return [h * w]
+    return [h * w], [(h, w)]

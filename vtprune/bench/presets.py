@@ -10,30 +10,82 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
+
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
 @dataclass(frozen=True)
 class Preset:
-    family: str  # "llava" or "qwen2_vl"
+    family: str  # "llava", "llava_next", "qwen2_vl" or "qwen2_5_vl" (the adapters' family names)
     vision: dict
     text: dict
-    image_patches: tuple[int, int] = (24, 24)  # Qwen2-VL: patches per image before the 2x2 merge
+    image_patches: tuple[int, int] = (24, 24)  # Qwen2-VL / Qwen2.5-VL: patches per image before the 2x2 merge
+    image_size: tuple[int, int] = (672, 672)  # LLaVA-NeXT: the input image's (height, width) in pixels
+    grid_pinpoints: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
     def build(self, attn_implementation: str = "sdpa"):
-        if self.family == "llava":
-            config = LlavaConfig(
-                vision_config=CLIPVisionConfig(**self.vision), text_config=LlamaConfig(**self.text),
-                image_token_id=self.text["vocab_size"] - 1, vision_feature_layer=-2,
-                vision_feature_select_strategy="default", attn_implementation=attn_implementation,
-            )
-            return LlavaForConditionalGeneration(config)
-        config = Qwen2VLConfig(vision_config=self.vision, text_config=self.text, image_token_id=self.text["vocab_size"] - 1,
-                               vision_start_token_id=self.text["vocab_size"] - 2,
-                               vision_end_token_id=self.text["vocab_size"] - 3, attn_implementation=attn_implementation)
-        return Qwen2VLForConditionalGeneration(config)
+        ids = dict(image_token_id=self.text["vocab_size"] - 1)
+        if self.family in ("llava", "llava_next"):
+            common = dict(vision_config=CLIPVisionConfig(**self.vision), text_config=LlamaConfig(**self.text), **ids,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          attn_implementation=attn_implementation)
+            if self.family == "llava":
+                return LlavaForConditionalGeneration(LlavaConfig(**common))
+            pinpoints = [list(p) for p in self.grid_pinpoints]
+            return LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=pinpoints))
+        ids.update(vision_start_token_id=self.text["vocab_size"] - 2, vision_end_token_id=self.text["vocab_size"] - 3)
+        config_class, model_class = {
+            "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+            "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+        }[self.family]
+        config = config_class(vision_config=self.vision, text_config=self.text, **ids,
+                              attn_implementation=attn_implementation)
+        return model_class(config)
+
+
+@dataclass(frozen=True)
+class AnyresLayout:
+    """One LLaVA-NeXT image as the model packs it: the base grid, then the unpadded high-resolution grid
+    with a newline token after each of its rows."""
+
+    base: int  # tokens of the base image (side x side)
+    rows: int  # high-resolution grid, unpadded to the image's aspect ratio
+    cols: int
+    tiles: int  # sequences the vision tower runs: the base image + the high-resolution tiles
+
+    @property
+    def visual(self) -> int:
+        return self.base + self.rows * self.cols
+
+    @property
+    def newlines(self) -> int:
+        return self.rows
+
+    @property
+    def placeholders(self) -> int:
+        return self.visual + self.newlines
+
+
+def anyres_layout(config, image_size: tuple[int, int]) -> AnyresLayout:
+    """The packing of one image of image_size (height, width), from transformers' own anyres helpers."""
+    tile, patch = config.vision_config.image_size, config.vision_config.patch_size
+    side = tile // patch
+    tiles_high, tiles_wide = get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints, tile)
+    rows, cols = unpad_image(torch.empty(1, tiles_high * side, tiles_wide * side), list(image_size)).shape[1:]
+    tiles = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, tile)
+    return AnyresLayout(side * side, int(rows), int(cols), tiles)
 
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -47,22 +99,37 @@ QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16,
 QWEN2_VL_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+# Qwen2.5-VL's tower: a SwiGLU MLP, attention in 112 px windows (8x8 patches) except in the full-attention blocks.
+QWEN2_5_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                         window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", patch_size=14,
+                         spatial_merge_size=2, temporal_patch_size=2, in_channels=3, tokens_per_second=2)
+QWEN2_5_VL_7B = dict(QWEN2_VL_7B, max_position_embeddings=128000)
+# The narrow widths of the CPU presets: the tokens' geometry and the LM's depth of the real model.
+CPU_LLAMA = dict(LLAMA_7B, vocab_size=1024, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+                 num_key_value_heads=4)
+CPU_CLIP = dict(CLIP_L_336, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                projection_dim=128)
+CPU_QWEN = dict(QWEN2_VL_7B, vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=28,
+                num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,  # 7B's ids: off vocab
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
 
 PRESETS: dict[str, Preset] = {
     "llava-1.5-7b": Preset("llava", CLIP_L_336, LLAMA_7B),
     "llava-1.5-13b": Preset("llava", CLIP_L_336, LLAMA_13B),
+    # A 672x672 image on LLaVA-NeXT: 5 CLIP tiles (base + 2x2), 576 + 48x48 = 2880 visual tokens and 48 newlines.
+    "llava-next-7b": Preset("llava_next", CLIP_L_336, LLAMA_7B),
     # 336x336 on Qwen2-VL: 24x24 patches, 144 visual tokens after the merge; (48, 48) gives LLaVA's 576.
     "qwen2-vl-7b": Preset("qwen2_vl", QWEN2_VL_VISION, QWEN2_VL_7B, image_patches=(48, 48)),
-    # CPU shapes: LLaVA-1.5's 576 visual tokens and 32 layers, narrow widths.
-    "llava-cpu-small": Preset("llava", dict(CLIP_L_336, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                            num_attention_heads=4, projection_dim=128),
-                              dict(LLAMA_7B, vocab_size=1024, hidden_size=256, intermediate_size=688, num_attention_heads=4,
-                                   num_key_value_heads=4)),
+    "qwen2.5-vl-7b": Preset("qwen2_5_vl", QWEN2_5_VL_VISION, QWEN2_5_VL_7B, image_patches=(48, 48)),
+    # CPU shapes: each family's visual tokens (576; 2880 for LLaVA-NeXT) and LM depth, narrow widths.
+    "llava-cpu-small": Preset("llava", CPU_CLIP, CPU_LLAMA),
+    "llava-next-cpu-small": Preset("llava_next", CPU_CLIP, CPU_LLAMA),
     "qwen2-vl-cpu-small": Preset("qwen2_vl", dict(QWEN2_VL_VISION, depth=2, embed_dim=64, hidden_size=256, num_heads=4),
-                                 dict(QWEN2_VL_7B, vocab_size=1024, hidden_size=256, intermediate_size=688,
-                                      num_hidden_layers=28, num_attention_heads=4, num_key_value_heads=2,
-                                      rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}),
-                                 image_patches=(48, 48)),
+                                 CPU_QWEN, image_patches=(48, 48)),
+    # 4 tower blocks: three windowed, the last one full, as each group of 8 is on the 7B.
+    "qwen2.5-vl-cpu-small": Preset("qwen2_5_vl", dict(QWEN2_5_VL_VISION, depth=4, hidden_size=64, intermediate_size=128,
+                                                      num_heads=4, out_hidden_size=256, fullatt_block_indexes=[3]),
+                                   CPU_QWEN, image_patches=(48, 48)),
 }
 
 
@@ -87,6 +154,14 @@ def preset_inputs(model, preset: Preset, batch: int, text_tokens: int = 40, devi
         size = model.config.vision_config.image_size
         pixel_values = torch.randn(batch, 3, size, size, generator=generator)
         inputs = {"input_ids": input_ids, "pixel_values": pixel_values.to(dtype)}
+    elif preset.family == "llava_next":
+        layout = anyres_layout(model.config, preset.image_size)
+        visual = torch.full((batch, layout.placeholders), image_id)
+        input_ids = torch.cat([text[:, :5], visual, text[:, 5:]], dim=1)
+        size = model.config.vision_config.image_size
+        pixel_values = torch.randn(batch, layout.tiles, 3, size, size, generator=generator)
+        inputs = {"input_ids": input_ids, "pixel_values": pixel_values.to(dtype),
+                  "image_sizes": torch.tensor([list(preset.image_size)] * batch)}
     else:
         h, w = preset.image_patches
         start, end = model.config.vision_start_token_id, model.config.vision_end_token_id

@@ -29,6 +29,7 @@ from .run import Decision, Prompt, Run
 from .stats import PruneStats, counts_per_layer
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
+VISUAL_INPUTS = ("pixel_values", "pixel_values_videos")  # the multimodal forward's raw visual inputs
 
 
 class Pruner:
@@ -104,9 +105,9 @@ class Pruner:
         self._input_ids = input_ids
         encoded = kwargs.get("mm_encoder_outputs") or {}
         self._fusion = self._text = self._prompt = None
-        # Placeholder ids without images to go with them (a decode step that happened to
-        # generate one) are plain text to the model, and so to the pruner.
-        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
+        # Placeholder ids without images or videos to go with them (a decode step that happened
+        # to generate one) are plain text to the model, and so to the pruner.
+        if all(kwargs.get(key) is None for key in VISUAL_INPUTS) and all(v is None for v in encoded.values()):
             self._items = None
             return None
         if input_ids is None:
@@ -126,7 +127,7 @@ class Pruner:
             )
         mask = kwargs.get("attention_mask")
         self._text = [text_tokens(input_ids[b], self.adapter.placeholder_ids, mask, b) for b in range(len(input_ids))]
-        images = kwargs.get("pixel_values") if kwargs.get("pixel_values") is not None else encoded.get("image")
+        images = [kwargs.get(key) for key in VISUAL_INPUTS] + [encoded.get(kind) for kind in ("image", "video")]
         self._prompt = Prompt(input_ids, images)
         continued = self._continued_prompt(kwargs)
         if continued is not None:

@@ -41,21 +41,24 @@ class Prompt:
     """What a prefill's multimodal forward received, and what was decided for it."""
 
     input_ids: torch.Tensor
-    images: Any  # pixel_values, or the pre-encoded image features generate() passes instead
+    images: list  # the forward's raw visual inputs and pre-encoded features, None where absent
     fusion: list | None = None  # per image: the vision-layer mix the method chose
     decision: Decision | None = None
 
     def continued_by(self, other: "Prompt") -> bool:
         """other feeds this prompt followed by more tokens, with the same images."""
         ids, longer = self.input_ids, other.input_ids
-        same_images = other.images is self.images or (
-            isinstance(self.images, torch.Tensor) and isinstance(other.images, torch.Tensor)
-            and self.images.shape == other.images.shape and torch.equal(self.images, other.images)
-        )
+        same_images = all(_same(a, b) for a, b in zip(self.images, other.images))
         return (
             same_images and longer.shape[0] == ids.shape[0] and longer.shape[1] > ids.shape[1]
             and torch.equal(longer[:, : ids.shape[1]], ids)
         )
+
+
+def _same(a, b) -> bool:
+    return a is b or (
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    )
 
 
 @dataclass

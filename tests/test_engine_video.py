@@ -1,0 +1,119 @@
+"""Videos (Qwen2-VL, Qwen2.5-VL): the engine's invariants on batches that mix images, videos and text."""
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.tiny import QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, SampleLayout, tiny_inputs
+
+from .conftest import FAMILIES, greedy
+from .test_engine_invariants import METHODS, OPTIONS, sample_alone
+
+VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+MIXED = [SampleLayout(images=1, videos=1), SampleLayout(images=0, videos=1, text_before=6), SampleLayout(images=0)]
+
+
+@pytest.fixture(params=VIDEO_FAMILIES)
+def video_family(request):
+    return request.param
+
+
+def shares(inputs, layouts):
+    """Per sample, its share of the batch's images and videos (pixel rows and grids)."""
+    out, taken = [], {"image": 0, "video": 0}
+    for layout in layouts:
+        share = {}
+        for kind, count, pixels in (("image", layout.images, "pixel_values"), ("video", layout.videos, "pixel_values_videos")):
+            if not count:
+                continue
+            grids = inputs[f"{kind}_grid_thw"]
+            first = taken[kind]
+            rows = [int(g.prod()) for g in grids]
+            start = sum(rows[:first])
+            share[pixels] = inputs[pixels][start : start + sum(rows[first : first + count])]
+            share[f"{kind}_grid_thw"] = grids[first : first + count]
+            taken[kind] += count
+        out.append(share)
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keeping_every_video_token_changes_nothing(video_family, method):
+    model = FAMILIES[video_family]("sdpa")
+    inputs = tiny_inputs(model, MIXED)
+    reference = greedy(model, inputs)
+    with vtprune.apply(model, method, 10_000, **OPTIONS.get(method, {})):
+        pruned = greedy(model, inputs)
+    assert torch.equal(pruned.sequences, reference.sequences)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_video_batch_generation_equals_recompute_and_samples_alone(video_family, method):
+    model = FAMILIES[video_family]("sdpa")
+    inputs = tiny_inputs(model, MIXED)
+    with vtprune.apply(model, method, 9, **OPTIONS.get(method, {})) as pruner:
+        out = greedy(model, inputs, steps=3)
+        decision, stats = pruner.last_decision, pruner.last_stats
+        assert stats.images_per_sample == [2, 1, 0]  # visual items: an image and a video, a video, none
+        prompt = inputs["input_ids"].shape[1]
+        for step, logits in enumerate(out.logits):
+            ids = out.sequences[:, : prompt + step]
+            grown = dict(inputs, input_ids=ids,
+                         attention_mask=torch.nn.functional.pad(inputs["attention_mask"], (0, step), value=1),
+                         mm_token_type_ids=torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step)))
+            with pruner.replaying(decision):
+                recomputed = model(**grown, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(recomputed, logits, atol=1e-5, rtol=0)
+        for b, share in enumerate(shares(inputs, MIXED)):
+            alone = dict(sample_alone(inputs, b), **share)
+            alone_out = greedy(model, alone, steps=3).sequences[:, alone["input_ids"].shape[1] :]
+            assert torch.equal(out.sequences[b, prompt:], alone_out[0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_eager_and_sdpa_keep_the_same_video_tokens(video_family, method):
+    inputs = tiny_inputs(FAMILIES[video_family]("eager"), MIXED)
+    kept = []
+    for attn in ("eager", "sdpa"):
+        model = FAMILIES[video_family](attn)
+        with vtprune.apply(model, method, 9, **OPTIONS.get(method, {})) as pruner:
+            model(**inputs)
+            kept.append([[k.sort().values.tolist() for k in stage] for stage in pruner.last_decision.kept])
+    assert kept[0] == kept[1]
+
+
+def test_video_tokens_keep_their_frames_positions(video_family):
+    """The M-RoPE position (t, row, col) a kept video token gets past the stage is its unpruned one."""
+    model = FAMILIES[video_family]("eager")
+    inputs = tiny_inputs(model, MIXED[:2])
+    seen = {}
+    layer = model.model.language_model.layers[3]
+    record = lambda name: lambda module, args, kwargs: seen.__setitem__(name, kwargs["position_embeddings"])  # noqa: E731
+    handle = layer.register_forward_pre_hook(record("full"), with_kwargs=True)
+    model(**inputs)
+    handle.remove()
+    with vtprune.apply(model, "fastv", 6, layer=2) as pruner:
+        handle = layer.register_forward_pre_hook(record("pruned"), with_kwargs=True)
+        model(**inputs)
+        handle.remove()
+        positions = pruner.last_decision.positions_at(3)
+    full_cos, pruned_cos = seen["full"][0].expand(2, -1, -1), seen["pruned"][0]
+    for b in range(2):
+        real = positions[b] >= 0
+        assert torch.equal(pruned_cos[b, real], full_cos[b, positions[b, real]])
+
+
+def test_uniform_keeps_an_even_3d_lattice_of_a_video(video_family):
+    """8 frames of a 4x4 grid at 16 tokens: half the extent on each axis, so every other frame, and in
+    each a 2x2 lattice at the bins' centres."""
+    model = FAMILIES[video_family]("sdpa")
+    inputs = tiny_inputs(model, [SampleLayout(images=0, videos=1, qwen_video=(8, 8, 8))])
+    with vtprune.apply(model, "uniform", 16) as pruner:
+        model(**inputs)
+        kept = pruner.last_decision.kept[0][0]
+    video = torch.nonzero(inputs["input_ids"][0] == QWEN_VIDEO_TOKEN).flatten()
+    assert video.numel() == 128
+    frame, cell = (kept - video[0]) // 16, (kept - video[0]) % 16
+    assert torch.bincount(frame, minlength=8).tolist() == [0, 4, 0, 4, 0, 4, 0, 4]
+    assert sorted({(int(c) // 4, int(c) % 4) for c in cell}) == [(1, 1), (1, 3), (3, 1), (3, 3)]
+    assert QWEN_IMAGE_TOKEN not in inputs["input_ids"][0, kept].tolist()
