@@ -142,3 +142,47 @@ def test_a_videos_spectral_score_is_each_frames_own():
     video = high_frequency_magnitude(torch.cat(frames), Grid(4, 6, frames=3), 0.1)
     alone = torch.cat([high_frequency_magnitude(frame, (4, 6), 0.1) for frame in frames])
     torch.testing.assert_close(video, alone)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_video_follows_the_authors_video_branch(family):
+    """One stage: reference at the input of layer L, prune before layer L+1 (2 and 3 of 32, scaled), frames as the
+    FFT's batch, gate x last-query attention of layer L, `budget` tokens for the whole video, early cache kept."""
+    from tests.conftest import FAMILIES
+    from vtprune.engine.cache import output_cache
+    from vtprune.methods.clse import video_layers
+    from vtprune.tiny import QWEN_VIDEO_TOKEN, SampleLayout, tiny_inputs
+
+    model = FAMILIES[family]("eager")
+    inputs = tiny_inputs(model, [SampleLayout(images=0, videos=1, qwen_video=(4, 8, 8))])  # 4 frames of 4x4
+    layers = model.model.language_model.layers
+    reference_layer, stage_layer = video_layers(ModelInfo(family, len(layers)))
+    captured = {}
+    hooks = [layers[i].register_forward_pre_hook(
+        lambda module, args, kwargs, i=i: captured.__setitem__(i, kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True) for i in (reference_layer, stage_layer)]
+    out = model(**inputs, output_attentions=True, use_cache=False)  # unpruned: what the method sees up to the stage
+    for hook in hooks:
+        hook.remove()
+    video = torch.nonzero(inputs["input_ids"][0] == QWEN_VIDEO_TOKEN).flatten()
+    attention = out.attentions[reference_layer][0].mean(dim=0)[-1, video].double().numpy()
+    before, after = (captured[i][0, video].double().numpy() for i in (reference_layer, stage_layer))
+
+    def per_frame(tokens):
+        return np.concatenate([numpy_high_frequency(frame, 4, 4, 0.1) for frame in tokens.reshape(4, 16, -1)])
+
+    s_reference, s_current = per_frame(before), per_frame(after)
+    change = np.minimum(np.abs(s_current - s_reference) / (s_reference.mean() + s_reference + 1e-6), 1.0)
+    z = (change - change.mean()) / (change.std(ddof=1) + 1e-6)
+    score = attention / (1 + np.exp(-z / 0.1))
+    expected = np.sort(np.argsort(-score, kind="stable")[:12])
+
+    with vtprune.apply(model, "clse", 12) as pruner:
+        cache = output_cache(model(**inputs, use_cache=True))
+        stats, decision = pruner.last_stats, pruner.last_decision
+    assert decision.stage_layers == [stage_layer]
+    assert stats.visual_tokens_per_layer[0] == [64] * stage_layer + [12] * (len(layers) - stage_layer)
+    assert sorted((decision.kept[0][0] - video[0]).tolist()) == expected.tolist()
+    prompt = inputs["input_ids"].shape[1]  # the video branch leaves the early layers' cache whole
+    assert [cache.get_seq_length(i) for i in range(len(layers))] == \
+        [prompt] * stage_layer + [prompt - 52] * (len(layers) - stage_layer)

@@ -193,7 +193,7 @@ class Pruner:
             self._uncached = self._prompt if run.cache is None else None
         run.prefill = False
         run.step_masks = {}
-        run.reference = run.attention = None
+        run.references, run.attention = {}, None
         output.last_hidden_state = prefill.finish(run, output.last_hidden_state)
         return output
 

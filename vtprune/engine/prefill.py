@@ -27,6 +27,8 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
     image_of = torch.full((batch, length), -1, dtype=torch.long, device=device)
     part = torch.zeros(batch, length, dtype=torch.long, device=device)
     coords = torch.zeros(batch, length, 3, dtype=torch.long, device=device)
+    unsliced = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    info = adapter.model_info
     plans = []
     for b, sample in enumerate(items):
         plan = []
@@ -35,10 +37,11 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
             visual[b, where] = True
             image_of[b, where] = i
             part[b, where], coords[b, where] = item.token_layout(device)
+            unsliced[b, where] = not method.slices_kv_cache_of(item.kind)
             keep = tokens_for_budget(budget, item.length)
             # A budget that keeps the whole item is a no-op, even for schedules (like CLSE's)
             # whose early stages keep more than the budget and later ones less.
-            plan.append(method.stages(adapter.model_info, keep, item.length) if keep < item.length else [])
+            plan.append(method.item_stages(info, keep, item.length, item.kind) if keep < item.length else [])
         plans.append(plan)
     full = Layout.full(prompt_mask)
     run = Run(
@@ -46,7 +49,9 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
         image_of=image_of, part=part, coords=coords, sizes=torch.ones(batch, length, device=device), items=items,
         plans=plans,
         stage_layers=sorted({stage.layer for plan in plans for stages in plan for stage in stages}),
-        full=full, lm_layout=full, kv_layouts=[None] * num_layers, text=text,
+        full=full, lm_layout=full, kv_layouts=[None] * num_layers, text=text, unsliced=unsliced,
+        reference_layers={method.reference_layer(info, item.kind) for sample in items for item in sample}
+        if method.needs_reference else set(),
     )
     if replay is not None:
         run.stage_layers = replay.stage_layers
@@ -55,7 +60,7 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
             for b, positions in enumerate(replay.kept[-1]):
                 kept[b, positions.to(device)] = True
             run.late_from = replay.prompt_length
-            run.late_visible = ~visual | kept
+            run.late_visible = ~visual | kept | unsliced
     return run
 
 
@@ -111,8 +116,8 @@ def begin(run: Run, language_model, kwargs: dict, cache_keyword: str) -> None:
 def at_layer(run: Run, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Decoder layer `index` is about to run at prefill: prune there if it is a stage, and give it its layout."""
     method = run.method
-    if index == 0 and method.needs_reference:
-        run.reference = hidden
+    if index in run.reference_layers:
+        run.references[index] = (hidden, run.layout_at(index - 1))  # before this layer's own stage, if any
     if index in run.layer_layouts:
         hidden = _prune_in_llm(run, index, hidden)
     layout = run.layout_at(index)
@@ -141,11 +146,30 @@ def _prune_in_llm(run: Run, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     run.layer_layouts[layer] = layout
     run.attention = None
     if run.method.slices_kv_cache and run.cache is not None:
+        sliced = {}  # layouts the earlier layers' caches share are sliced once
         for earlier in range(layer):
             held = run.kv_layouts[earlier]
-            kv.slice_layer(run.cache, earlier, layout.index_in(held), held.length)
-            run.kv_layouts[earlier] = layout
+            if id(held) not in sliced:
+                sliced[id(held)] = _cached_after(run, held, layout)
+            cached = sliced[id(held)]
+            if cached is not held:
+                kv.slice_layer(run.cache, earlier, cached.index_in(held), held.length)
+                run.kv_layouts[earlier] = cached
     return hidden
+
+
+def _cached_after(run: Run, held: Layout, layout: Layout) -> Layout:
+    """What an early layer's KV cache (holding `held`) keeps after a stage: the stage's layout, plus the
+    tokens of items whose method keeps their early cache whole (CLSE's videos)."""
+    if not bool(run.unsliced.any()):
+        return layout
+    kept = []
+    for b in range(len(run.items)):
+        mine = held.positions[b][held.positions[b] != FILL]
+        keep = run.visual[b, mine] & (run.unsliced[b, mine] | torch.isin(mine, layout.positions[b]))
+        kept.append(mine[keep])
+    return held.narrowed(run.visual, kept, run.prompt_mask)
+
 
 
 def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention):
@@ -168,17 +192,17 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
         for i, stages in enumerate(run.plans[b]):
             mine = slots[images == i]
             positions = layout.positions[b, mine]
-            keep = next((s.keep for s in stages if s.layer == layer), mine.numel())
+            own = [s.layer for s in stages]  # the item's own schedule: a video's may differ from an image's
+            keep = stages[own.index(layer)].keep if layer in own else mine.numel()
             if keep >= mine.numel():
                 chosen.append(positions)
                 continue
+            item = run.items[b][i]
             view = ImageView(
                 hidden=hidden[b, mine], coords=run.coords[b, positions], part=run.part[b, positions],
-                parts=run.items[b][i].parts, keep=keep,
-                layer=layer, stage=stage, image_index=i, sizes=run.sizes[b, positions],
-                attention=None if attention is None else attention[b, mine],
-                reference=None if run.reference is None else run.reference[b, run.lm_layout.slots_of(b, positions)],
-                text=run.text[b],
+                parts=item.parts, keep=keep, layer=layer, stage=own.index(layer), image_index=i,
+                sizes=run.sizes[b, positions], attention=None if attention is None else attention[b, mine],
+                reference=_reference(run, b, positions, item.kind), text=run.text[b],
             )
             picked = _checked_selection(run.method, view)
             if isinstance(picked, Selection):
@@ -201,6 +225,14 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
         for positions, value in values:
             taken[b, narrowed.slots_of(b, positions)] = value.to(taken.dtype)
     return narrowed, taken
+
+
+def _reference(run: Run, sample: int, positions: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """The item's tokens as they entered its method's reference layer."""
+    if not run.references:
+        return None
+    hidden, layout = run.references[run.method.reference_layer(run.adapter.model_info, kind)]
+    return hidden[sample, layout.slots_of(sample, positions)]
 
 
 def _checked_selection(method: Method, view: ImageView) -> torch.Tensor | Selection:

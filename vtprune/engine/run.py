@@ -86,7 +86,10 @@ class Run:
     merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
     moved: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     attention: torch.Tensor | None = None  # last-query attention for the next stage, over the current layout
-    reference: torch.Tensor | None = None  # layer-0 input, for methods that compare against it
+    # decoder layer -> (its input, the layout that input is on), for methods that compare against it
+    references: dict[int, tuple[torch.Tensor, Layout]] = field(default_factory=dict)
+    reference_layers: set[int] = field(default_factory=set)
+    unsliced: torch.Tensor | None = None  # [B, L] visual tokens whose item keeps the early layers' cache whole
     text: list[torch.Tensor] = field(default_factory=list)  # per sample: prompt tokens neither visual nor padding
     late_from: int | None = None  # replay of a longer sequence with a sliced cache: positions from here are "decoded"
     late_visible: torch.Tensor | None = None  # [B, L] what those positions may see

@@ -78,7 +78,7 @@ class ImageView:
     image_index: int  # the item's rank within its sample
     sizes: torch.Tensor  # [N] how many original tokens each token stands for (merging methods grow them)
     attention: torch.Tensor | None = None  # [N] last-query attention at the layer before, when the method asks
-    reference: torch.Tensor | None = None  # [N, D] the same tokens at the LLM input, when the method asks
+    reference: torch.Tensor | None = None  # [N, D] the same tokens entering the method's reference_layer, when it asks
     text: torch.Tensor | None = None  # the sample's prompt tokens that are neither visual nor padding
 
     @classmethod
@@ -159,21 +159,37 @@ class Method(ABC):
 
     def check_model(self, model: ModelInfo) -> None:
         """Raise ValueError when the options do not fit the model."""
-        layers = [stage.layer for stage in self.stages(model, budget=1, num_tokens=2)]
-        for layer in layers:
-            if not 0 <= layer < model.num_layers:
+        for kind in ("image", "video"):
+            layers = [stage.layer for stage in self.item_stages(model, budget=1, num_tokens=2, kind=kind)]
+            for layer in layers:
+                if not 0 <= layer < model.num_layers:
+                    raise ValueError(
+                        f"method {self.name!r} would act before decoder layer {layer} (on a {kind}), "
+                        f"but the model has {model.num_layers} layers (0..{model.num_layers - 1})"
+                    )
+            if layers != sorted(set(layers)):
+                raise ValueError(f"method {self.name!r} needs increasing stage layers; got {layers}")
+            if (self.needs_attention or self.needs_reference) and LLM_INPUT in layers:
                 raise ValueError(
-                    f"method {self.name!r} would act before decoder layer {layer}, "
-                    f"but the model has {model.num_layers} layers (0..{model.num_layers - 1})"
-                )
-        if layers != sorted(set(layers)):
-            raise ValueError(f"method {self.name!r} needs increasing stage layers; got {layers}")
-        if (self.needs_attention or self.needs_reference) and LLM_INPUT in layers:
-            raise ValueError(f"method {self.name!r} scores with an earlier layer's attention: its stage layers must be >= 1")
+                    f"method {self.name!r} scores with an earlier layer's attention: its stage layers must be >= 1")
+            if self.needs_reference and any(self.reference_layer(model, kind) >= layer for layer in layers):
+                raise ValueError(f"method {self.name!r} needs its reference layer before its stage layers")
 
     @abstractmethod
     def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
         """The stages for one image of num_tokens tokens at a nominal budget (tokens kept per image)."""
+
+    def item_stages(self, model: ModelInfo, budget: int, num_tokens: int, kind: str) -> list[Stage]:
+        """The stages for one visual item of a kind ("image", "video"); videos may have a schedule of their own."""
+        return self.stages(model, budget, num_tokens)
+
+    def reference_layer(self, model: ModelInfo, kind: str) -> int:
+        """The decoder layer whose input is an item's `ImageView.reference` (for methods that need one)."""
+        return LLM_INPUT
+
+    def slices_kv_cache_of(self, kind: str) -> bool:
+        """Whether an item of this kind's pruned tokens leave the KV cache of the layers before each stage too."""
+        return self.slices_kv_cache
 
     @abstractmethod
     def select(self, view: ImageView) -> torch.Tensor | Selection:

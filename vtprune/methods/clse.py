@@ -24,6 +24,8 @@ LLAVA_COUNTS = {192: (330, 210, 62), 128: (220, 140, 41), 64: (110, 70, 20)}
 LLAVA_MULTIPLIERS = (1.72, 1.09, 0.32)
 QWEN_MULTIPLIERS = (1.71, 1.08, 0.294)  # of budget = ratio x visual tokens; floored, as the authors do
 LLAVA_LAYERS, QWEN_LAYERS = ((1, 11, 21), 32), ((1, 10, 19), 28)
+# The authors' video branch (Video-LLaVA, 32 layers): reference at the input of layer 2, one stage before layer 3.
+VIDEO_LAYERS = ((2, 3), 32)
 # The authors released Qwen2-VL settings; Qwen2.5-VL (same 28-layer LM at 7B) takes them too (our reading).
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -57,6 +59,11 @@ def evolution_gate(reference: torch.Tensor, current: torch.Tensor, tau: float) -
     change = ((current - reference).abs() / (reference.mean() + reference + 1e-6)).clamp(max=1.0)
     z = (change - change.mean()) / (change.std() + 1e-6)  # unbiased std, epsilon outside, as the authors
     return torch.sigmoid(z / tau)
+
+
+def video_layers(model: ModelInfo) -> tuple[int, int]:
+    """(reference layer, stage layer) of the authors' video branch, rescaled to this decoder's depth."""
+    return scale_layers(*VIDEO_LAYERS, model.num_layers)
 
 
 def scaled_layers(model: ModelInfo) -> tuple[int, ...]:
@@ -95,6 +102,17 @@ class CLSE(Method):
     @property
     def slices_kv_cache(self) -> bool:
         return self.options.slice_kv
+
+    def item_stages(self, model: ModelInfo, budget: int, num_tokens: int, kind: str) -> list[Stage]:
+        if kind != "video":
+            return self.stages(model, budget, num_tokens)
+        return [Stage(video_layers(model)[1], min(budget, num_tokens))]  # the budget counts the whole video
+
+    def reference_layer(self, model: ModelInfo, kind: str) -> int:
+        return video_layers(model)[0] if kind == "video" else 0
+
+    def slices_kv_cache_of(self, kind: str) -> bool:
+        return self.slices_kv_cache and kind != "video"  # the video branch keeps the early layers' cache whole
 
     def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
         layers = self.options.layers or scaled_layers(model)
