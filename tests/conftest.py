@@ -6,16 +6,18 @@ import pytest
 import torch
 from transformers.utils import logging
 
-from vtprune.tiny import tiny_llava, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl
+from vtprune.tiny import tiny_llava, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_video_llava
 
 logging.set_verbosity_error()  # the tiny Qwen config's token ids are out of its tiny vocabulary on purpose
 
 FAMILIES = {
     "llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl,
+    "video_llava": tiny_video_llava,
 }
 # Placeholder ids must never be generated, or a recompute would see a phantom image; nor the pad id,
-# which generate reads as padding when it infers a mask from the ids.
-SUPPRESS = [0, 100, 101, 102, 103, 104]
+# which generate reads as padding when it infers a mask from the ids; nor the tiny Llama's eos (2), which
+# would end one sample's generation early alone but not in its batch.
+SUPPRESS = [0, 2, 100, 101, 102, 103, 104]
 
 
 @pytest.fixture(params=sorted(FAMILIES))

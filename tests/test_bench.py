@@ -8,10 +8,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from vtprune.bench.flops import decoder_layer_flops
-from vtprune.bench.measure import Measurement, measure, oracle_grid
+from transformers.vision_utils import get_vision_window_index
+
+from vtprune.bench.flops import decoder_layer_flops, prefill_flops, vision_layer_flops, window_spans
+from vtprune.bench.measure import Measurement, measure, oracle_grid, oracle_kept_features
 from vtprune.bench.run import bench_table, save
-from vtprune.bench.presets import Preset
+from vtprune.bench.presets import PRESETS, AnyresLayout, Preset, anyres_layout, build_preset, preset_inputs
 
 TINY = Preset(
     "llava",
@@ -114,3 +116,143 @@ def test_saved_results_say_which_are_too_noisy(tmp_path):
     path = save([measurement("unpruned"), measurement("fastv@64", p10=5.0, p90=8.0)], tmp_path,
                 {"arch": "tiny", "device_name": "cpu"})
     assert [row["untrustworthy"] for row in json.loads(path.read_text())["results"]] == [False, True]
+
+
+# LLaVA-NeXT and Qwen2.5-VL: tiny shapes for measure(), the CPU presets for the token counts.
+TINY_TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512)
+# 56 px tiles of patch 14 (a 4x4 base grid); an 80x120 image picks the 112x112 pinpoint, 8x8 unpadded to 6x8.
+TINY_NEXT = Preset("llava_next", TINY.vision | dict(patch_size=14), TINY_TEXT, image_size=(80, 120),
+                   grid_pinpoints=((56, 112), (112, 56), (112, 112)))
+TINY_QWEN2_5 = Preset(
+    "qwen2_5_vl",
+    dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, window_size=112,
+         fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+    TINY_TEXT | dict(bos_token_id=None, eos_token_id=None,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
+    image_patches=(8, 16),  # 32 tokens, two 8x8-patch windows
+)
+TEXT = 40  # preset_inputs' text tokens
+
+
+def packed_features(model, preset):
+    """The model's own packing of preset_inputs' first image: its features and which of them are newlines."""
+    inputs = preset_inputs(model, preset, 1)
+    with torch.no_grad():
+        if preset.family == "llava_next":
+            output = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        else:
+            output = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                    image_grid_thw=inputs["image_grid_thw"])
+    features = output.pooler_output[0]
+    placeholders = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    newline = (features == model.model.image_newline).all(-1) if preset.family == "llava_next" else None
+    return features, newline, placeholders
+
+
+def test_the_7b_presets_token_geometry():
+    layout = anyres_layout(PRESETS["llava-next-7b"].config(), (672, 672))
+    assert layout == AnyresLayout(base=576, rows=48, cols=48, tiles=5) and layout.visual == 2880
+    config = PRESETS["qwen2.5-vl-7b"].config()
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size) == (3584, 28, 28, 4, 18944)
+    assert (vision.depth, vision.hidden_size, vision.out_hidden_size, vision.window_size,
+            list(vision.fullatt_block_indexes)) == (32, 1280, 3584, 112, [7, 15, 23, 31])
+
+
+@pytest.mark.parametrize("name, visual, layers", [("llava-next-cpu-small", 2880, 32), ("qwen2.5-vl-cpu-small", 576, 28)])
+def test_the_cpu_presets_pack_their_tokens_and_run(name, visual, layers):
+    """The model's own packing gives the visual tokens the preset promises; random and fastv run on it."""
+    model, preset = build_preset(name), PRESETS[name]
+    features, newline, placeholders = packed_features(model, preset)
+    assert len(features) == placeholders
+    if preset.family == "llava_next":  # 2880 visual tokens and a newline after each 48-token high-resolution row
+        assert placeholders == 2928 and int(newline.sum()) == 48
+        assert not newline[:576].any() and newline[576 + 48 :: 49].all()
+        assert anyres_layout(model.config, preset.image_size) == anyres_layout(PRESETS["llava-next-7b"].config(), (672, 672))
+    else:
+        assert placeholders == visual
+    r = {m: measure(model, preset, m, 64, batch=1, repeats=1, warmup=0, new_tokens=2) for m in ("random", "fastv")}
+    assert r["random"].visual_tokens_per_layer == [64] * layers
+    assert r["fastv"].visual_tokens_per_layer == [visual, visual] + [64] * (layers - 2)
+    assert r["fastv"].prefill_tflops > r["random"].prefill_tflops > 0
+
+
+def test_the_tiny_presets_pack_as_the_models_do():
+    model = TINY_NEXT.build().eval()
+    layout = anyres_layout(model.config, TINY_NEXT.image_size)
+    assert layout == AnyresLayout(base=16, rows=6, cols=8, tiles=5)
+    features, newline, placeholders = packed_features(model, TINY_NEXT)
+    assert len(features) == placeholders == layout.placeholders
+    assert torch.equal(newline, oracle_kept_features(layout, 0))  # keeping 0 visual tokens keeps the newlines alone
+
+
+def test_the_oracle_keeps_the_first_visual_tokens_and_every_newline():
+    layout = anyres_layout(PRESETS["llava-next-7b"].config(), (672, 672))
+    kept = oracle_kept_features(layout, 64)
+    assert int(kept.sum()) == 64 + 48 and kept[:64].all() and not kept[64:576].any()
+    kept = oracle_kept_features(layout, 600)  # the base grid, then the first high-resolution row's first 24
+    assert int(kept.sum()) == 600 + 48 and kept[:600].all() and not kept[600:624].any() and kept[624]
+    assert bool(oracle_kept_features(layout, 2880).all())
+
+
+@pytest.mark.parametrize("grid", [(48, 48), (22, 34), (8, 16), (2, 2)])
+def test_qwen2_5_vl_windows_match_the_tower(grid):
+    vision = PRESETS["qwen2.5-vl-7b"].config().vision_config
+    _, bounds = get_vision_window_index(torch.tensor([[1, *grid]]), vision.spatial_merge_size, vision.window_size,
+                                        vision.patch_size)
+    assert window_spans(vision, *grid) == bounds.diff().tolist()
+
+
+def family_runs(preset, budget):
+    torch.manual_seed(0)
+    model = preset.build().eval()
+    runs = [("unpruned", None), ("oracle", budget), ("random", budget), ("fastv", budget)]
+    return model, {f"{m}@{b}": measure(model, preset, m, b, batch=2, repeats=2, warmup=0, new_tokens=3) for m, b in runs}
+
+
+@pytest.fixture(scope="module")
+def next_results():
+    return family_runs(TINY_NEXT, 16)
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_results():
+    return family_runs(TINY_QWEN2_5, 8)
+
+
+def test_llava_next_counts_kv_bytes_and_flops(next_results):
+    model, r = next_results
+    layout = anyres_layout(model.config, TINY_NEXT.image_size)
+    assert r["unpruned@None"].visual_tokens_per_layer == [64] * 6
+    assert r["oracle@16"].visual_tokens_per_layer == r["random@16"].visual_tokens_per_layer == [16] * 6
+    assert r["fastv@16"].visual_tokens_per_layer == [64, 64] + [16] * 4
+    # the newlines are text-like tokens: kept by the methods and by the oracle alike
+    assert r["unpruned@None"].kv_cache_bytes == kv_bytes(model, 2, [TEXT + layout.placeholders] * 6)
+    for name in ("oracle@16", "random@16", "fastv@16"):
+        tokens = [TEXT + layout.newlines + v for v in r[name].visual_tokens_per_layer]
+        assert r[name].kv_cache_bytes == kv_bytes(model, 2, tokens), name
+    # the vision tower runs on the 5 tiles of 16 patches + CLS, whatever the method keeps
+    vision = 5 * 2 * vision_layer_flops(17, 32, 64)
+    language = 6 * decoder_layer_flops(TEXT + layout.placeholders, 64, 128)
+    assert r["unpruned@None"].prefill_tflops * 1e12 == pytest.approx(2 * (vision + language))
+    assert r["oracle@16"].prefill_tflops == pytest.approx(r["random@16"].prefill_tflops)
+    assert r["unpruned@None"].prefill_tflops > r["fastv@16"].prefill_tflops > r["random@16"].prefill_tflops
+    assert "get_image_features" not in vars(model.model)  # the oracle's wrapper is gone
+
+
+def test_qwen2_5_vl_counts_kv_bytes_and_flops(qwen2_5_results):
+    model, r = qwen2_5_results
+    assert r["unpruned@None"].visual_tokens_per_layer == [32] * 6
+    assert r["oracle@8"].visual_tokens_per_layer == r["random@8"].visual_tokens_per_layer == [8] * 6
+    assert r["fastv@8"].visual_tokens_per_layer == [32, 32] + [8] * 4
+    assert r["oracle@8"].kv_cache_bytes == r["random@8"].kv_cache_bytes == kv_bytes(model, 2, [TEXT + 2 + 8] * 6)
+    # unpruned: windowed block 0 (two 64-patch windows), full block 1 (128 patches), SwiGLU MLPs
+    vision = vision_layer_flops(128, 32, 64, 3, [64, 64]) + vision_layer_flops(128, 32, 64, 3)
+    expected = prefill_flops(model, [TEXT + 2 + 32] * 6, [128], [(8, 16)])
+    assert expected["vision"] == vision
+    assert r["unpruned@None"].prefill_tflops * 1e12 == pytest.approx(2 * expected["total"])
+    # the oracle's smaller image (4x8 patches) also spares the tower: cheaper than random at the same LM tokens
+    assert r["unpruned@None"].prefill_tflops > r["fastv@8"].prefill_tflops > r["random@8"].prefill_tflops
+    assert r["random@8"].prefill_tflops > r["oracle@8"].prefill_tflops

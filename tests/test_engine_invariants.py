@@ -16,13 +16,14 @@ PLACEHOLDERS = torch.tensor([100, 101])  # LLaVA's and Qwen2-VL's image token in
 def image_counts(model, inputs) -> list[list[int]]:
     """Per sample, each image's visual tokens, from what the model itself encodes (LLaVA-NeXT's
     row-closing newlines are image placeholders but not visual tokens)."""
-    if "pixel_values" not in inputs:
+    key = next((key for key in ("pixel_values", "pixel_values_images") if key in inputs), None)
+    if key is None:
         return [[] for _ in inputs["input_ids"]]
     if "image_grid_thw" in inputs:
         placeholders = visual = [int(h * w) // 4 for _, h, w in inputs["image_grid_thw"].tolist()]
     else:
         encoded = model.model.get_image_features(
-            pixel_values=inputs["pixel_values"], **({"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}))
+            inputs[key], **({"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}))
         features = list(getattr(encoded, "pooler_output", encoded))
         placeholders = [len(f) for f in features]
         newline = getattr(model.model, "image_newline", None)
@@ -80,7 +81,8 @@ def split_vision(model, inputs, layouts):
             offset = int(inputs["image_grid_thw"][:start].prod(dim=1).sum())
             share = {"pixel_values": inputs["pixel_values"][offset : offset + patches], "image_grid_thw": grids} if count else {}
         else:
-            share = {"pixel_values": inputs["pixel_values"][start : start + count]} if count else {}
+            key = next(key for key in ("pixel_values", "pixel_values_images") if key in inputs) if count else None
+            share = {key: inputs[key][start : start + count]} if count else {}
             if count and "image_sizes" in inputs:
                 share["image_sizes"] = inputs["image_sizes"][start : start + count]
         shares.append(share)

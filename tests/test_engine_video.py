@@ -9,7 +9,7 @@ from vtprune.tiny import QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, SampleLayout, tiny_
 from .conftest import FAMILIES, greedy
 from .test_engine_invariants import METHODS, OPTIONS, sample_alone
 
-VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "video_llava"]
 MIXED = [SampleLayout(images=1, videos=1), SampleLayout(images=0, videos=1, text_before=6), SampleLayout(images=0)]
 
 
@@ -21,10 +21,15 @@ def video_family(request):
 def shares(inputs, layouts):
     """Per sample, its share of the batch's images and videos (pixel rows and grids)."""
     out, taken = [], {"image": 0, "video": 0}
+    image_key = next(key for key in ("pixel_values", "pixel_values_images", "pixel_values_videos") if key in inputs)
     for layout in layouts:
         share = {}
-        for kind, count, pixels in (("image", layout.images, "pixel_values"), ("video", layout.videos, "pixel_values_videos")):
+        for kind, count, pixels in (("image", layout.images, image_key), ("video", layout.videos, "pixel_values_videos")):
             if not count:
+                continue
+            if f"{kind}_grid_thw" not in inputs:  # one entry per image or video
+                share[pixels] = inputs[pixels][taken[kind] : taken[kind] + count]
+                taken[kind] += count
                 continue
             grids = inputs[f"{kind}_grid_thw"]
             first = taken[kind]
@@ -59,8 +64,9 @@ def test_video_batch_generation_equals_recompute_and_samples_alone(video_family,
         for step, logits in enumerate(out.logits):
             ids = out.sequences[:, : prompt + step]
             grown = dict(inputs, input_ids=ids,
-                         attention_mask=torch.nn.functional.pad(inputs["attention_mask"], (0, step), value=1),
-                         mm_token_type_ids=torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step)))
+                         attention_mask=torch.nn.functional.pad(inputs["attention_mask"], (0, step), value=1))
+            if "mm_token_type_ids" in inputs:
+                grown["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step))
             with pruner.replaying(decision):
                 recomputed = model(**grown, use_cache=False).logits[:, -1]
             torch.testing.assert_close(recomputed, logits, atol=1e-5, rtol=0)
@@ -103,6 +109,7 @@ def test_video_tokens_keep_their_frames_positions(video_family):
         assert torch.equal(pruned_cos[b, real], full_cos[b, positions[b, real]])
 
 
+@pytest.mark.parametrize("video_family", ["qwen2_vl", "qwen2_5_vl"])
 def test_uniform_keeps_an_even_3d_lattice_of_a_video(video_family):
     """8 frames of a 4x4 grid at 16 tokens: half the extent on each axis, so every other frame, and in
     each a 2x2 lattice at the bins' centres."""
@@ -117,3 +124,18 @@ def test_uniform_keeps_an_even_3d_lattice_of_a_video(video_family):
     assert torch.bincount(frame, minlength=8).tolist() == [0, 4, 0, 4, 0, 4, 0, 4]
     assert sorted({(int(c) // 4, int(c) % 4) for c in cell}) == [(1, 1), (1, 3), (3, 1), (3, 3)]
     assert QWEN_IMAGE_TOKEN not in inputs["input_ids"][0, kept].tolist()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_video_llava_frame_cls_tokens_are_never_dropped_nor_counted(method):
+    model = FAMILIES["video_llava"]("sdpa")
+    inputs = tiny_inputs(model, MIXED)
+    with vtprune.apply(model, method, 6, **OPTIONS.get(method, {})) as pruner:
+        model(**inputs)
+        decision, stats = pruner.last_decision, pruner.last_stats
+    assert stats.visual_tokens_per_sample == [16 + 4 * 16, 4 * 16, 0]  # 4x4 patches; the 4 frames' CLS excluded
+    for b in range(2):
+        video = torch.nonzero(inputs["input_ids"][b] == 104).flatten()
+        cls = video[::17].tolist()  # each frame starts with its CLS token
+        for layer in range(len(model.model.language_model.layers)):
+            assert set(cls) <= set(decision.positions_at(layer)[b].tolist())

@@ -5,6 +5,7 @@ Built from configs in milliseconds; nothing is downloaded.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +20,14 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
 )
 
 VOCAB = 128
 IMAGE_TOKEN = 100  # LLaVA's placeholder in the tiny vocabulary
 QWEN_IMAGE_TOKEN, QWEN_VISION_START, QWEN_VISION_END, QWEN_VIDEO_TOKEN = 101, 102, 103, 104
+VIDEO_TOKEN = 104  # Video-LLaVA's video placeholder in the tiny vocabulary
 PAD = 0
 TEXT_TOKENS = range(3, 96)  # ids a tiny prompt is drawn from
 
@@ -67,6 +71,27 @@ def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, layers: in
         attn_implementation=attn_implementation,
     )
     return LlavaNextForConditionalGeneration(config).eval()
+
+
+def tiny_video_llava(attn_implementation: str = "sdpa", seed: int = 0, layers: int = 4) -> VideoLlavaForConditionalGeneration:
+    """Video-LLaVA in miniature: 56 px CLIP towers with patch 14 (a 4x4 grid); a video frame adds its CLS token."""
+    torch.manual_seed(seed)
+    config = VideoLlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=56, patch_size=14, projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD,
+        ),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        attn_implementation=attn_implementation,
+    )
+    return VideoLlavaForConditionalGeneration(config).eval()
 
 
 def _qwen_text_config(layers: int) -> dict:
@@ -119,8 +144,9 @@ class SampleLayout:
     text_after: int = 4
     qwen_grid: tuple[int, int] = (8, 12)  # patches (h, w) of each Qwen image
     next_sizes: tuple[tuple[int, int], ...] = ((60, 120), (100, 100))  # (h, w) in pixels of LLaVA-NeXT images, in turn
-    videos: int = 0  # after the images (Qwen families)
+    videos: int = 0  # after the images (Qwen families, Video-LLaVA)
     qwen_video: tuple[int, int, int] = (3, 4, 6)  # temporal patches, patches (h, w) of each Qwen video
+    frames: int = 4  # of each Video-LLaVA video
 
 
 def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", seed: int = 0) -> dict:
@@ -128,6 +154,7 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
     generator = torch.Generator().manual_seed(seed)
     is_qwen = isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration))
     is_next = isinstance(model, LlavaNextForConditionalGeneration)
+    is_video_llava = isinstance(model, VideoLlavaForConditionalGeneration)
 
     def text(n):
         return torch.randint(TEXT_TOKENS.start, TEXT_TOKENS.stop, (n,), generator=generator).tolist()
@@ -150,12 +177,16 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
                 pixel_values.append(patches)
                 sizes.append(list(size))
             else:
-                ids += [IMAGE_TOKEN] * 64
+                ids += [IMAGE_TOKEN] * (16 if is_video_llava else 64)
                 pixel_values.append(torch.randn(3, 56, 56, generator=generator))
         for _ in range(layout.videos):
-            if not is_qwen:
-                raise ValueError(f"tiny_inputs builds videos for the Qwen families only, not {type(model).__name__}")
             ids += text(layout.text_between)
+            if is_video_llava:
+                ids += [VIDEO_TOKEN] * (layout.frames * 17)  # each frame: its CLS token and 4x4 patches
+                videos.append(torch.randn(layout.frames, 3, 56, 56, generator=generator))
+                continue
+            if not is_qwen:
+                raise ValueError(f"tiny_inputs builds videos for Qwen and Video-LLaVA only, not {type(model).__name__}")
             t, h, w = layout.qwen_video
             ids += [QWEN_VISION_START] + [QWEN_VIDEO_TOKEN] * (t * h * w // 4) + [QWEN_VISION_END]
             videos.append(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=generator))
@@ -181,10 +212,17 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
         if pixel_values or videos:  # text 0, image 1, video 2
             inputs["mm_token_type_ids"] = (input_ids == QWEN_IMAGE_TOKEN).long() + 2 * (input_ids == QWEN_VIDEO_TOKEN).long()
     elif pixel_values:
-        inputs["pixel_values"] = torch.stack(pixel_values)
+        inputs[_image_keyword(model)] = torch.stack(pixel_values)
         if is_next:
             inputs["image_sizes"] = torch.tensor(sizes)
+    if videos and is_video_llava:
+        inputs["pixel_values_videos"] = torch.stack(videos)
     return inputs
+
+
+def _image_keyword(model) -> str:
+    """Video-LLaVA took `pixel_values_images` before transformers 5.23, `pixel_values` since."""
+    return "pixel_values" if "pixel_values" in inspect.signature(model.forward).parameters else "pixel_values_images"
 
 
 def _anyres_token_count(model, patches: torch.Tensor, size: tuple[int, int]) -> int:

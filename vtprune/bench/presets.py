@@ -23,8 +23,6 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-
 
 @dataclass(frozen=True)
 class Preset:
@@ -33,26 +31,29 @@ class Preset:
     text: dict
     image_patches: tuple[int, int] = (24, 24)  # Qwen2-VL / Qwen2.5-VL: patches per image before the 2x2 merge
     image_size: tuple[int, int] = (672, 672)  # LLaVA-NeXT: the input image's (height, width) in pixels
+    # LLaVA-NeXT's anyres resolutions (height, width), as its config lists them
     grid_pinpoints: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
-    def build(self, attn_implementation: str = "sdpa"):
+    def config(self, attn_implementation: str = "sdpa"):
+        """The model's config, without building the model (a 7B one takes a while)."""
         ids = dict(image_token_id=self.text["vocab_size"] - 1)
         if self.family in ("llava", "llava_next"):
             common = dict(vision_config=CLIPVisionConfig(**self.vision), text_config=LlamaConfig(**self.text), **ids,
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           attn_implementation=attn_implementation)
             if self.family == "llava":
-                return LlavaForConditionalGeneration(LlavaConfig(**common))
-            pinpoints = [list(p) for p in self.grid_pinpoints]
-            return LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=pinpoints))
+                return LlavaConfig(**common)
+            return LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in self.grid_pinpoints])
         ids.update(vision_start_token_id=self.text["vocab_size"] - 2, vision_end_token_id=self.text["vocab_size"] - 3)
-        config_class, model_class = {
-            "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-            "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-        }[self.family]
-        config = config_class(vision_config=self.vision, text_config=self.text, **ids,
-                              attn_implementation=attn_implementation)
-        return model_class(config)
+        config_class = Qwen2VLConfig if self.family == "qwen2_vl" else Qwen2_5_VLConfig
+        return config_class(vision_config=self.vision, text_config=self.text, **ids,
+                            attn_implementation=attn_implementation)
+
+    def build(self, attn_implementation: str = "sdpa"):
+        model_class = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+                       "qwen2_vl": Qwen2VLForConditionalGeneration,
+                       "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[self.family]
+        return model_class(self.config(attn_implementation))
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,9 @@ CPU_LLAMA = dict(LLAMA_7B, vocab_size=1024, hidden_size=256, intermediate_size=6
                  num_key_value_heads=4)
 CPU_CLIP = dict(CLIP_L_336, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                 projection_dim=128)
+# (bos/eos: the 7B's ids lie outside the small vocabulary; generation runs a fixed number of tokens anyway)
 CPU_QWEN = dict(QWEN2_VL_7B, vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=28,
-                num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,  # 7B's ids: off vocab
+                num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
 
 PRESETS: dict[str, Preset] = {

@@ -29,7 +29,8 @@ from .run import Decision, Prompt, Run
 from .stats import PruneStats, counts_per_layer
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
-VISUAL_INPUTS = ("pixel_values", "pixel_values_videos")  # the multimodal forward's raw visual inputs
+# the multimodal forward's raw visual inputs (Video-LLaVA before transformers 5.23: pixel_values_images)
+VISUAL_INPUTS = ("pixel_values", "pixel_values_images", "pixel_values_videos")
 
 
 class Pruner:

@@ -1,0 +1,64 @@
+"""Video-LLaVA (`VideoLlavaForConditionalGeneration`): images as LLaVA-1.5's grids, and videos of frames.
+
+An image is its side x side grid (its CLS token dropped). A video's placeholders hold,
+frame after frame, the frame's CLS token and its side x side patches: the video is one
+(frames, side, side) grid of its patches; the per-frame CLS tokens are in no grid, so
+they are never pruned nor counted (a deviation: the CLSE authors' video code slides a
+fixed 8 x 256 window over 8 x 257 tokens, one token off per frame).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..methods.base import Grid
+from .base import Adapter, VisualItem, split_runs
+
+
+class VideoLlavaAdapter(Adapter):
+    family = "video_llava"
+    model_classes = ("VideoLlavaForConditionalGeneration",)
+
+    def __init__(self, model):
+        super().__init__(model)
+        config = model.config
+        self.image_token_id, self.video_token_id = config.image_token_id, config.video_token_id
+        self.side = config.vision_config.image_size // config.vision_config.patch_size
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.video_token_id)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        strategy = self.model.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(
+                f"Video-LLaVA with vision_feature_select_strategy={strategy!r} is not supported: vtprune expects "
+                "'default' (each image's CLS token dropped), as Video-LLaVA uses"
+            )
+
+    def visual_items(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[VisualItem]]:
+        per_image, per_frame = self.side * self.side, self.side * self.side + 1
+        videos = model_kwargs.get("pixel_values_videos")
+        frames = videos.shape[1] if videos is not None else None
+        items = []
+        for row in input_ids:
+            sample = []
+            for start, length in split_runs(torch.nonzero(row == self.image_token_id).flatten()):
+                if length % per_image:
+                    raise ValueError(f"a run of {length} image tokens at position {start} is not a whole number "
+                                     f"of images ({per_image} tokens each)")
+                sample += [VisualItem.grid(start + offset, self.side, self.side) for offset in range(0, length, per_image)]
+            for start, length in split_runs(torch.nonzero(row == self.video_token_id).flatten()):
+                count = frames or length // per_frame  # without the pixels, a run is one video
+                if length % (count * per_frame):
+                    raise ValueError(f"a run of {length} video tokens at position {start} is not a whole number of "
+                                     f"{count}-frame videos ({per_frame} tokens a frame, its CLS token first)")
+                for video in range(start, start + length, count * per_frame):
+                    runs = tuple((video + frame * per_frame + 1, per_image) for frame in range(count))
+                    sample.append(VisualItem(runs, (Grid(self.side, self.side, count),), "video"))
+            items.append(sorted(sample, key=lambda item: item.runs[0][0]))
+        return items
