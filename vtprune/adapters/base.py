@@ -83,10 +83,20 @@ class Adapter(ABC):
     def attn_implementation(self) -> str:
         return self.language_model.config._attn_implementation
 
+    # The vision_feature_select_strategy the family's grids assume (LLaVA's "default": CLS dropped), if any.
+    feature_strategy: ClassVar[str | None] = None
+
     def check_supported(self) -> None:
         """Raise ValueError for configurations of this family that the engine cannot prune correctly."""
         if getattr(self.language_model, "has_sliding_layers", False):
             raise ValueError("sliding-window decoder layers are not supported by vtprune")
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", None)
+        if self.feature_strategy is not None and strategy != self.feature_strategy:
+            raise ValueError(
+                f"{type(self.model).__name__} with vision_feature_select_strategy={strategy!r} is not supported: "
+                f"vtprune expects {self.feature_strategy!r} (each image's CLS token dropped), as the family's "
+                "checkpoints use"
+            )
 
     @property
     @abstractmethod
@@ -127,6 +137,30 @@ class Adapter(ABC):
         keys = attn.k_proj(normed).view(batch, n, -1, head_dim).transpose(1, 2)
         keys = apply_rope(keys, cos, sin).repeat_interleave(attn.num_key_value_groups, dim=1)
         return last_query_attention(query, keys, key_mask, attn.scaling)
+
+
+def place_in_runs(runs: list[list[tuple[int, int]]], layouts, kind: str) -> list[list[VisualItem]]:
+    """Items laid out, in order, over each sample's placeholder runs. layouts yields, per item passed,
+    a function start -> (the item placed there, the placeholder positions it takes)."""
+    layouts = iter(layouts)
+    items = []
+    for sample_runs in runs:
+        sample = []
+        for start, length in sample_runs:
+            end = start + length
+            while start < end:
+                layout = next(layouts, None)
+                if layout is None:
+                    raise ValueError(f"input_ids hold more {kind} tokens than the {kind}s passed")
+                item, span = layout(start)
+                if start + span > end:
+                    raise ValueError(f"the {kind} tokens at position {start} do not match their {kind}'s layout")
+                sample.append(item)
+                start += span
+        items.append(sample)
+    if next(layouts, None) is not None:
+        raise ValueError(f"more {kind}s were passed than input_ids hold {kind} tokens for")
+    return items
 
 
 def split_runs(positions: torch.Tensor) -> list[tuple[int, int]]:

@@ -11,6 +11,7 @@ from .base import Adapter, VisualItem, split_runs
 
 class LlavaAdapter(Adapter):
     family = "llava"
+    feature_strategy = "default"
     model_classes = ("LlavaForConditionalGeneration",)
 
     def __init__(self, model):
@@ -20,15 +21,6 @@ class LlavaAdapter(Adapter):
         self.grid = (side, side)
         self.tokens_per_image = side * side
         self.image_token_id = config.image_token_id
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        strategy = self.model.config.vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(
-                f"LLaVA with vision_feature_select_strategy={strategy!r} is not supported: vtprune expects "
-                "'default' (the CLS token dropped, a square patch grid per image), as LLaVA-1.5 uses"
-            )
 
     @property
     def placeholder_ids(self) -> tuple[int, ...]:

@@ -16,11 +16,12 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from ..methods.base import Grid
-from .base import Adapter, VisualItem, split_runs
+from .base import Adapter, VisualItem, place_in_runs, split_runs
 
 
 class LlavaNextAdapter(Adapter):
     family = "llava_next"
+    feature_strategy = "default"
     model_classes = ("LlavaNextForConditionalGeneration",)
 
     def __init__(self, model):
@@ -34,15 +35,6 @@ class LlavaNextAdapter(Adapter):
     def placeholder_ids(self) -> tuple[int, ...]:
         return (self.image_token_id,)
 
-    def check_supported(self) -> None:
-        super().check_supported()
-        strategy = self.model.config.vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(
-                f"LLaVA-NeXT with vision_feature_select_strategy={strategy!r} is not supported: vtprune expects "
-                "'default' (the CLS token dropped, square tiles), as LLaVA-NeXT uses"
-            )
-
     def high_resolution_grid(self, image_size) -> tuple[int, int]:
         """(rows, cols) of an image's stitched, unpadded high-resolution grid, as the model packs it."""
         tiles_high, tiles_wide = get_anyres_image_grid_shape(
@@ -54,12 +46,9 @@ class LlavaNextAdapter(Adapter):
 
     def image_item(self, start: int, image_size, anyres: bool) -> VisualItem:
         """The item of one image whose placeholders begin at start."""
-        base = self.side * self.side
         if not anyres:  # 4-D pixel_values: the base image alone, and one newline after it
-            return VisualItem(((start, base),), (Grid(self.side, self.side),))
-        rows, cols = self.high_resolution_grid(image_size)
-        runs = [(start, base)] + [(start + base + row * (cols + 1), cols) for row in range(rows)]
-        return VisualItem(tuple(runs), (Grid(self.side, self.side), Grid(rows, cols)))
+            return self._item(start, None)
+        return self._item(start, self.high_resolution_grid(image_size))
 
     def encoded_item(self, start: int, features: torch.Tensor) -> VisualItem:
         """The item of one image from the features generate() packed ahead (it drops image_sizes then):
@@ -69,9 +58,16 @@ class LlavaNextAdapter(Adapter):
         base, rows = self.side * self.side, len(ends)
         cols = (features.shape[0] - base) // max(rows, 1) - 1
         if rows == 1 and ends == [base]:
-            return VisualItem(((start, base),), (Grid(self.side, self.side),))
+            return self._item(start, None)
         if not rows or ends != [base + (row + 1) * (cols + 1) - 1 for row in range(rows)]:
             raise ValueError(f"cannot lay out the anyres grid of the {features.shape[0]} image features at position {start}")
+        return self._item(start, (rows, cols))
+
+    def _item(self, start: int, high_resolution: tuple[int, int] | None) -> VisualItem:
+        base = self.side * self.side
+        if high_resolution is None:
+            return VisualItem(((start, base),), (Grid(self.side, self.side),))
+        rows, cols = high_resolution
         runs = [(start, base)] + [(start + base + row * (cols + 1), cols) for row in range(rows)]
         return VisualItem(tuple(runs), (Grid(self.side, self.side), Grid(rows, cols)))
 
@@ -84,31 +80,17 @@ class LlavaNextAdapter(Adapter):
         if sizes is not None:
             pixel_values = model_kwargs.get("pixel_values")
             anyres = pixel_values is None or pixel_values.dim() == 5  # 4-D: one patch per image, no tiles
-            layouts = [lambda start, size=size: self.image_item(start, size, anyres) for size in sizes.tolist()]
+            place, sources = (lambda start, size: self.image_item(start, size, anyres)), sizes.tolist()
         elif encoded is not None:
-            layouts = [lambda start, f=features: self.encoded_item(start, f) for features in encoded.pooler_output]
+            place, sources = self.encoded_item, encoded.pooler_output
         else:
             raise ValueError("LLaVA-NeXT image tokens came without image_sizes to lay out their anyres grids")
-        images = iter(layouts)
-        items = []
-        for sample_runs in runs:
-            sample = []
-            for start, length in sample_runs:
-                end = start + length
-                while start < end:
-                    layout = next(images, None)
-                    if layout is None:
-                        raise ValueError("input_ids hold more image tokens than the images passed")
-                    item = layout(start)
-                    span = _span(item)
-                    if start + span > end:
-                        raise ValueError(f"the image tokens at position {start} do not match their image's anyres grid")
-                    sample.append(item)
-                    start += span
-            items.append(sample)
-        if next(images, None) is not None:
-            raise ValueError("more images were passed than input_ids hold image tokens for")
-        return items
+        layouts = [lambda start, source=source: _with_span(place(start, source)) for source in sources]
+        return place_in_runs(runs, layouts, "image")
+
+
+def _with_span(item: VisualItem) -> tuple[VisualItem, int]:
+    return item, _span(item)
 
 
 def _span(item: VisualItem) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .base import Adapter, VisualItem, split_runs
+from .base import Adapter, VisualItem, place_in_runs, split_runs
 
 
 class Qwen2VLAdapter(Adapter):
@@ -52,25 +52,10 @@ class Qwen2VLAdapter(Adapter):
         return [sorted(sample, key=lambda item: item.runs[0][0]) for sample in items]
 
     def _items_from_grid_thw(self, runs, grid_thw: torch.Tensor, kind: str) -> list[list[VisualItem]]:
-        grids = iter([(int(t), int(h) // self.merge, int(w) // self.merge) for t, h, w in grid_thw.tolist()])
-        items = []
-        for sample_runs in runs:
-            sample = []
-            for start, length in sample_runs:
-                end = start + length
-                while start < end:
-                    grid = next(grids, None)
-                    if grid is None:
-                        raise ValueError(f"input_ids hold more {kind} tokens than {kind}_grid_thw describes")
-                    frames, rows, cols = grid
-                    if start + frames * rows * cols > end:
-                        raise ValueError(f"{kind} tokens at position {start} do not match {kind}_grid_thw")
-                    sample.append(VisualItem.grid(start, rows, cols, frames, kind))
-                    start += frames * rows * cols
-            items.append(sample)
-        if next(grids, None) is not None:
-            raise ValueError(f"{kind}_grid_thw describes more {kind}s than input_ids hold {kind} tokens")
-        return items
+        grids = [(int(t), int(h) // self.merge, int(w) // self.merge) for t, h, w in grid_thw.tolist()]
+        layouts = [lambda start, g=grid: (VisualItem.grid(start, g[1], g[2], g[0], kind), g[0] * g[1] * g[2])
+                   for grid in grids]
+        return place_in_runs(runs, layouts, kind)
 
     @staticmethod
     def _items_from_positions(runs, position_ids: torch.Tensor, kind: str) -> list[list[VisualItem]]:

@@ -19,6 +19,7 @@ from .base import Adapter, VisualItem, split_runs
 
 class VideoLlavaAdapter(Adapter):
     family = "video_llava"
+    feature_strategy = "default"
     model_classes = ("VideoLlavaForConditionalGeneration",)
 
     def __init__(self, model):
@@ -30,15 +31,6 @@ class VideoLlavaAdapter(Adapter):
     @property
     def placeholder_ids(self) -> tuple[int, ...]:
         return (self.image_token_id, self.video_token_id)
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        strategy = self.model.config.vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(
-                f"Video-LLaVA with vision_feature_select_strategy={strategy!r} is not supported: vtprune expects "
-                "'default' (each image's CLS token dropped), as Video-LLaVA uses"
-            )
 
     def visual_items(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[VisualItem]]:
         per_image, per_frame = self.side * self.side, self.side * self.side + 1
