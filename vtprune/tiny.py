@@ -32,18 +32,21 @@ PAD = 0
 TEXT_TOKENS = range(3, 96)  # ids a tiny prompt is drawn from
 
 
+def _clip_tower(patch_size: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=56, patch_size=patch_size, projection_dim=32)
+
+
+def _llama(layers: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD)
+
+
 def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, layers: int = 4) -> LlavaForConditionalGeneration:
     """LLaVA-1.5 in miniature: a CLIP tower on 56 px with patch 7 (an 8x8 grid, 64 tokens per image)."""
     torch.manual_seed(seed)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            image_size=56, patch_size=7, projection_dim=32,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD,
-        ),
+        vision_config=_clip_tower(patch_size=7), text_config=_llama(layers),
         image_token_id=IMAGE_TOKEN,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -56,14 +59,7 @@ def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, layers: in
     """LLaVA-NeXT in miniature: 56 px tiles with patch 14 (a 4x4 base grid), anyres up to 2x2 tiles."""
     torch.manual_seed(seed)
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            image_size=56, patch_size=14, projection_dim=32,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD,
-        ),
+        vision_config=_clip_tower(patch_size=14), text_config=_llama(layers),
         image_token_id=IMAGE_TOKEN,
         image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
         vision_feature_layer=-2,
@@ -77,14 +73,7 @@ def tiny_video_llava(attn_implementation: str = "sdpa", seed: int = 0, layers: i
     """Video-LLaVA in miniature: 56 px CLIP towers with patch 14 (a 4x4 grid); a video frame adds its CLS token."""
     torch.manual_seed(seed)
     config = VideoLlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            image_size=56, patch_size=14, projection_dim=32,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD,
-        ),
+        vision_config=_clip_tower(patch_size=14), text_config=_llama(layers),
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,
         vision_feature_layer=-2,
