@@ -6,13 +6,15 @@ import pytest
 import torch
 from transformers.utils import logging
 
-from vtprune.tiny import tiny_llava, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_video_llava
+from vtprune.tiny import (
+    tiny_llava, tiny_llava_next, tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_video_llava,
+)
 
 logging.set_verbosity_error()  # the tiny Qwen config's token ids are out of its tiny vocabulary on purpose
 
 FAMILIES = {
     "llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl,
-    "video_llava": tiny_video_llava,
+    "video_llava": tiny_video_llava, "llava_onevision": tiny_llava_onevision,
 }
 # Placeholder ids must never be generated, or a recompute would see a phantom image; nor the pad id,
 # which generate reads as padding when it infers a mask from the ids; nor the tiny Llama's eos (2), which

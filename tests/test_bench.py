@@ -3,6 +3,7 @@
 import io
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from rich.console import Console
 from transformers.vision_utils import get_vision_window_index
 
 from vtprune.bench.flops import decoder_layer_flops, prefill_flops, vision_layer_flops, window_spans
-from vtprune.bench.measure import Measurement, measure, oracle_grid, oracle_kept_features
+from vtprune.bench.measure import Measurement, measure, oracle_grid, oracle_kept_features, video_oracle_kept
 from vtprune.bench.run import bench_table, save
 from vtprune.bench.presets import PRESETS, AnyresLayout, Preset, anyres_layout, build_preset, preset_inputs
 
@@ -132,6 +133,8 @@ TINY_QWEN2_5 = Preset(
                      rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
     image_patches=(8, 16),  # 32 tokens, two 8x8-patch windows
 )
+# 56 px frames of patch 14: 8 frames of a CLS token and 4x4 patches, 136 placeholders, 128 visual tokens.
+TINY_VIDEO = Preset("video_llava", TINY.vision | dict(patch_size=14), TINY_TEXT)
 TEXT = 40  # preset_inputs' text tokens
 
 
@@ -139,6 +142,11 @@ def packed_features(model, preset):
     """The model's own packing of preset_inputs' first image: its features and which of them are newlines."""
     inputs = preset_inputs(model, preset, 1)
     with torch.no_grad():
+        if preset.family == "video_llava":  # (frames, CLS + patches, hidden), as the model scatters it
+            output = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"],
+                                                    vision_feature_layer=model.config.vision_feature_layer)
+            features = output.pooler_output.flatten(0, 1)
+            return features, None, int((inputs["input_ids"][0] == model.config.video_token_id).sum())
         if preset.family == "llava_next":
             output = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
         else:
@@ -161,7 +169,8 @@ def test_the_7b_presets_token_geometry():
             list(vision.fullatt_block_indexes)) == (32, 1280, 3584, 112, [7, 15, 23, 31])
 
 
-@pytest.mark.parametrize("name, visual, layers", [("llava-next-cpu-small", 2880, 32), ("qwen2.5-vl-cpu-small", 576, 28)])
+@pytest.mark.parametrize("name, visual, layers", [("llava-next-cpu-small", 2880, 32), ("qwen2.5-vl-cpu-small", 576, 28),
+                                                  ("video-llava-cpu-small", 2048, 32)])
 def test_the_cpu_presets_pack_their_tokens_and_run(name, visual, layers):
     """The model's own packing gives the visual tokens the preset promises; random and fastv run on it."""
     model, preset = build_preset(name), PRESETS[name]
@@ -171,6 +180,8 @@ def test_the_cpu_presets_pack_their_tokens_and_run(name, visual, layers):
         assert placeholders == 2928 and int(newline.sum()) == 48
         assert not newline[:576].any() and newline[576 + 48 :: 49].all()
         assert anyres_layout(model.config, preset.image_size) == anyres_layout(PRESETS["llava-next-7b"].config(), (672, 672))
+    elif preset.family == "video_llava":  # 8 frames of a CLS token and 16x16 patches; the CLS tokens are not visual
+        assert features.shape[0] == placeholders == 8 * 257 and visual == 8 * 256
     else:
         assert placeholders == visual
     r = {m: measure(model, preset, m, 64, batch=1, repeats=1, warmup=0, new_tokens=2) for m in ("random", "fastv")}
@@ -256,3 +267,53 @@ def test_qwen2_5_vl_counts_kv_bytes_and_flops(qwen2_5_results):
     # the oracle's smaller image (4x8 patches) also spares the tower: cheaper than random at the same LM tokens
     assert r["unpruned@None"].prefill_tflops > r["fastv@8"].prefill_tflops > r["random@8"].prefill_tflops
     assert r["random@8"].prefill_tflops > r["oracle@8"].prefill_tflops
+
+
+def test_the_video_llava_7b_preset():
+    """Video-LLaVA-7B's shapes, its 8 x 257 placeholders and its FLOPs, read off the config (no 7B model built)."""
+    config = PRESETS["video-llava-7b"].config()
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
+            text.intermediate_size) == (4096, 32, 32, 11008)
+    assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers,
+            vision.num_attention_heads, vision.intermediate_size) == (224, 14, 1024, 24, 16, 4096)
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-2, "default")
+    stand_in = SimpleNamespace(config=config)
+    inputs = preset_inputs(stand_in, PRESETS["video-llava-7b"], 1)
+    assert int((inputs["input_ids"][0] == config.video_token_id).sum()) == 8 * 257
+    assert inputs["pixel_values_videos"].shape == (1, 8, 3, 224, 224)
+    flops = prefill_flops(stand_in, [TEXT + 8 + 64] * 32, [257] * 8)
+    assert flops["vision"] == 8 * 24 * vision_layer_flops(257, 1024, 4096)
+
+
+def test_the_video_oracle_keeps_the_first_patches_and_every_cls_token():
+    kept = video_oracle_kept(8, 16, 64)
+    assert int(kept.sum()) == 8 + 64 and kept[:65].all() and not kept[65:257].any() and kept[257::257].all()
+    kept = video_oracle_kept(8, 16, 300)  # the first frame, then the second frame's CLS and first 44 patches
+    assert int(kept.sum()) == 8 + 300 and kept[:257 + 45].all() and not kept[257 + 45 : 514].any()
+    assert bool(video_oracle_kept(8, 16, 2048).all())
+
+
+@pytest.fixture(scope="module")
+def video_results():
+    return family_runs(TINY_VIDEO, 16)
+
+
+def test_video_llava_counts_kv_bytes_and_flops(video_results):
+    model, r = video_results
+    assert r["unpruned@None"].visual_tokens_per_layer == [128] * 6
+    assert r["oracle@16"].visual_tokens_per_layer == r["random@16"].visual_tokens_per_layer == [16] * 6
+    assert r["fastv@16"].visual_tokens_per_layer == [128, 128] + [16] * 4
+    # each frame's CLS token is a text-like token: kept by the methods and by the oracle alike
+    assert r["unpruned@None"].kv_cache_bytes == kv_bytes(model, 2, [TEXT + 8 * 17] * 6)
+    for name in ("oracle@16", "random@16", "fastv@16"):
+        tokens = [TEXT + 8 + v for v in r[name].visual_tokens_per_layer]
+        assert r[name].kv_cache_bytes == kv_bytes(model, 2, tokens), name
+    assert r["oracle@16"].kv_cache_bytes == r["random@16"].kv_cache_bytes
+    # the video tower runs 8 frames of 16 patches + CLS, whatever the method keeps
+    vision = 8 * 2 * vision_layer_flops(17, 32, 64)
+    language = 6 * decoder_layer_flops(TEXT + 8 * 17, 64, 128)
+    assert r["unpruned@None"].prefill_tflops * 1e12 == pytest.approx(2 * (vision + language))
+    assert r["oracle@16"].prefill_tflops == pytest.approx(r["random@16"].prefill_tflops)
+    assert r["unpruned@None"].prefill_tflops > r["fastv@16"].prefill_tflops > r["random@16"].prefill_tflops
+    assert "get_video_features" not in vars(model.model)  # the oracle's wrapper is gone

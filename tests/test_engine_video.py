@@ -9,7 +9,7 @@ from vtprune.tiny import QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, SampleLayout, tiny_
 from .conftest import FAMILIES, greedy
 from .test_engine_invariants import METHODS, OPTIONS, sample_alone
 
-VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "video_llava"]
+VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "video_llava", "llava_onevision"]
 MIXED = [SampleLayout(images=1, videos=1), SampleLayout(images=0, videos=1, text_before=6), SampleLayout(images=0)]
 
 
@@ -29,6 +29,8 @@ def shares(inputs, layouts):
                 continue
             if f"{kind}_grid_thw" not in inputs:  # one entry per image or video
                 share[pixels] = inputs[pixels][taken[kind] : taken[kind] + count]
+                if kind == "image" and "image_sizes" in inputs:
+                    share["image_sizes"] = inputs["image_sizes"][taken[kind] : taken[kind] + count]
                 taken[kind] += count
                 continue
             grids = inputs[f"{kind}_grid_thw"]

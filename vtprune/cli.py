@@ -262,9 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", type=cli_args.writable_file, default="out/clasp_calibration.json")
     calibrate.set_defaults(run=cmd_calibrate)
     bench = commands.add_parser("bench", help="what pruning saves at real model shapes (random weights)")
-    bench.add_argument("--arch", type=cli_args.arch, default="llava-cpu-small", help="a preset: llava-1.5-7b, "
-                       "llava-1.5-13b, llava-next-7b, qwen2-vl-7b, qwen2.5-vl-7b, llava-cpu-small, "
-                       "llava-next-cpu-small, qwen2-vl-cpu-small, qwen2.5-vl-cpu-small")
+    bench.add_argument("--arch", type=cli_args.arch, default="llava-cpu-small",
+                       help="a preset of real shapes with random weights (an unknown name lists them all)")
     bench.add_argument("--methods", type=cli_args.comma_list(cli_args.method_name), default="fastv,clse,clasp,random")
     bench.add_argument("--budgets", type=cli_args.comma_list(cli_args.token_budget), default="192,128,64",
                        help="comma-separated visual tokens per image")

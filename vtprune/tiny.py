@@ -16,10 +16,14 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
     VideoLlavaConfig,
     VideoLlavaForConditionalGeneration,
 )
@@ -83,6 +87,25 @@ def tiny_video_llava(attn_implementation: str = "sdpa", seed: int = 0, layers: i
     return VideoLlavaForConditionalGeneration(config).eval()
 
 
+def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0,
+                         layers: int = 4) -> LlavaOnevisionForConditionalGeneration:
+    """LLaVA-OneVision in miniature: a 56 px SigLIP tower with patch 14 (4x4 grids), anyres up to 3x3 tiles,
+    video frames pooled to 2x2."""
+    torch.manual_seed(seed)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=56, patch_size=14),
+        text_config=Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                pad_token_id=PAD, bos_token_id=None, eos_token_id=None),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=[[56 * i, 56 * j] for i in range(1, 4) for j in range(1, 4)],
+        attn_implementation=attn_implementation,
+    )
+    return LlavaOnevisionForConditionalGeneration(config).eval()
+
+
 def _qwen_text_config(layers: int) -> dict:
     return {
         "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
@@ -144,6 +167,7 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
     is_qwen = isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration))
     is_next = isinstance(model, LlavaNextForConditionalGeneration)
     is_video_llava = isinstance(model, VideoLlavaForConditionalGeneration)
+    is_onevision = isinstance(model, LlavaOnevisionForConditionalGeneration)
 
     def text(n):
         return torch.randint(TEXT_TOKENS.start, TEXT_TOKENS.stop, (n,), generator=generator).tolist()
@@ -159,9 +183,10 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
                 ids += [QWEN_VISION_START] + [QWEN_IMAGE_TOKEN] * (h * w // 4) + [QWEN_VISION_END]
                 pixel_values.append(torch.randn(h * w, 3 * 2 * 14 * 14, generator=generator))
                 grids.append([1, h, w])
-            elif is_next:
+            elif is_next or is_onevision:
                 size = layout.next_sizes[i % len(layout.next_sizes)]
-                patches = torch.randn(5, 3, 56, 56, generator=generator)  # base + up to 2x2 tiles (unused ones ignored)
+                # base + up to 2x2 (NeXT) or 3x3 (OneVision) tiles; unused ones are ignored
+                patches = torch.randn(10 if is_onevision else 5, 3, 56, 56, generator=generator)
                 ids += [IMAGE_TOKEN] * _anyres_token_count(model, patches, size)
                 pixel_values.append(patches)
                 sizes.append(list(size))
@@ -170,12 +195,13 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
                 pixel_values.append(torch.randn(3, 56, 56, generator=generator))
         for _ in range(layout.videos):
             ids += text(layout.text_between)
-            if is_video_llava:
-                ids += [VIDEO_TOKEN] * (layout.frames * 17)  # each frame: its CLS token and 4x4 patches
+            if is_video_llava or is_onevision:
+                # Video-LLaVA: each frame's CLS token and 4x4 patches; OneVision: 2x2 pooled frames, then a newline
+                ids += [VIDEO_TOKEN] * (layout.frames * 17 if is_video_llava else layout.frames * 4 + 1)
                 videos.append(torch.randn(layout.frames, 3, 56, 56, generator=generator))
                 continue
             if not is_qwen:
-                raise ValueError(f"tiny_inputs builds videos for Qwen and Video-LLaVA only, not {type(model).__name__}")
+                raise ValueError(f"tiny_inputs builds no videos for {type(model).__name__}")
             t, h, w = layout.qwen_video
             ids += [QWEN_VISION_START] + [QWEN_VIDEO_TOKEN] * (t * h * w // 4) + [QWEN_VISION_END]
             videos.append(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=generator))
@@ -202,9 +228,9 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
             inputs["mm_token_type_ids"] = (input_ids == QWEN_IMAGE_TOKEN).long() + 2 * (input_ids == QWEN_VIDEO_TOKEN).long()
     elif pixel_values:
         inputs[_image_keyword(model)] = torch.stack(pixel_values)
-        if is_next:
+        if is_next or is_onevision:
             inputs["image_sizes"] = torch.tensor(sizes)
-    if videos and is_video_llava:
+    if videos and (is_video_llava or is_onevision):
         inputs["pixel_values_videos"] = torch.stack(videos)
     return inputs
 

@@ -7,12 +7,13 @@ from torch import nn
 from .base import Adapter, VisualItem
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .video_llava import VideoLlavaAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
-    LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, VideoLlavaAdapter,
+    LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, VideoLlavaAdapter,
 )
 
 

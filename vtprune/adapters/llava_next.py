@@ -54,22 +54,10 @@ class LlavaNextAdapter(Adapter):
         """The item of one image from the features generate() packed ahead (it drops image_sizes then):
         the model's own newline vector marks where each high-resolution row ends."""
         newline = self.model.model.image_newline.to(features.device, features.dtype)
-        ends = torch.nonzero((features == newline).all(dim=-1)).flatten().tolist()
-        base, rows = self.side * self.side, len(ends)
-        cols = (features.shape[0] - base) // max(rows, 1) - 1
-        if rows == 1 and ends == [base]:
-            return self._item(start, None)
-        if not rows or ends != [base + (row + 1) * (cols + 1) - 1 for row in range(rows)]:
-            raise ValueError(f"cannot lay out the anyres grid of the {features.shape[0]} image features at position {start}")
-        return self._item(start, (rows, cols))
+        return packed_item(start, (features == newline).all(dim=-1), self.side)
 
     def _item(self, start: int, high_resolution: tuple[int, int] | None) -> VisualItem:
-        base = self.side * self.side
-        if high_resolution is None:
-            return VisualItem(((start, base),), (Grid(self.side, self.side),))
-        rows, cols = high_resolution
-        runs = [(start, base)] + [(start + base + row * (cols + 1), cols) for row in range(rows)]
-        return VisualItem(tuple(runs), (Grid(self.side, self.side), Grid(rows, cols)))
+        return anyres_item(start, self.side, high_resolution)
 
     def visual_items(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[VisualItem]]:
         runs = [split_runs(torch.nonzero(row == self.image_token_id).flatten()) for row in input_ids]
@@ -85,11 +73,34 @@ class LlavaNextAdapter(Adapter):
             place, sources = self.encoded_item, encoded.pooler_output
         else:
             raise ValueError("LLaVA-NeXT image tokens came without image_sizes to lay out their anyres grids")
-        layouts = [lambda start, source=source: _with_span(place(start, source)) for source in sources]
+        layouts = [lambda start, source=source: with_span(place(start, source)) for source in sources]
         return place_in_runs(runs, layouts, "image")
 
 
-def _with_span(item: VisualItem) -> tuple[VisualItem, int]:
+def anyres_item(start: int, side: int, high_resolution: tuple[int, int] | None) -> VisualItem:
+    """An anyres image from start: the side x side base grid, then (rows, cols) of high resolution with a
+    newline after each row (None: the base alone, one newline after it)."""
+    base = side * side
+    if high_resolution is None:
+        return VisualItem(((start, base),), (Grid(side, side),))
+    rows, cols = high_resolution
+    runs = [(start, base)] + [(start + base + row * (cols + 1), cols) for row in range(rows)]
+    return VisualItem(tuple(runs), (Grid(side, side), Grid(rows, cols)))
+
+
+def packed_item(start: int, newlines: torch.Tensor, side: int) -> VisualItem:
+    """The anyres item whose packed features have newline rows where `newlines` [n] is True."""
+    ends = torch.nonzero(newlines).flatten().tolist()
+    base, rows = side * side, len(ends)
+    cols = (newlines.shape[0] - base) // max(rows, 1) - 1
+    if rows == 1 and ends == [base]:
+        return anyres_item(start, side, None)
+    if not rows or ends != [base + (row + 1) * (cols + 1) - 1 for row in range(rows)]:
+        raise ValueError(f"cannot lay out the anyres grid of the {newlines.shape[0]} image features at position {start}")
+    return anyres_item(start, side, (rows, cols))
+
+
+def with_span(item: VisualItem) -> tuple[VisualItem, int]:
     return item, _span(item)
 
 

@@ -80,7 +80,11 @@ def oracle_truncation(model, preset: Preset, keep: int):
     base grid first) and all their newline tokens, in place: the newlines are no visual
     tokens, a method neither prunes nor counts them, so the oracle's LM runs on exactly as
     many tokens as a method's at the LLM input (text + newlines + `keep`); the tower still
-    encodes every tile. Qwen2-VL's and Qwen2.5-VL's M-RoPE ties tokens to an image grid,
+    encodes every tile. Video-LLaVA: likewise, the video's projected features (each frame's
+    CLS token, then its patches, frame after frame) are cut to the first `keep` patches in
+    that order (the first frame's first) and all the frames' CLS tokens, which no method
+    prunes nor counts, so the LM sees text + frames + `keep` tokens as a method's does; the
+    video tower still encodes every frame. Qwen2-VL's and Qwen2.5-VL's M-RoPE ties tokens to an image grid,
     so their oracle is a smaller image with that many tokens (see oracle_inputs): their
     vision tower also does less, and method - oracle then includes that saving too.
     """
@@ -90,6 +94,10 @@ def oracle_truncation(model, preset: Preset, keep: int):
             yield
         finally:
             handle.remove()
+        return
+    if preset.family == "video_llava":
+        with _video_truncation(model, preset, keep):
+            yield
         return
     if preset.family != "llava_next":
         yield
@@ -113,6 +121,41 @@ def oracle_truncation(model, preset: Preset, keep: int):
         del base.get_image_features
 
 
+@contextlib.contextmanager
+def _video_truncation(model, preset: Preset, keep: int):
+    base = model.model
+    original = base.get_video_features
+    kept = video_oracle_kept(preset.frames, _side(model), keep)
+
+    @functools.wraps(original)  # keeps the signature
+    def first_visual_tokens(*args, **kwargs):
+        output = original(*args, **kwargs)
+        features = output.pooler_output  # (videos x frames, CLS + patches, hidden)
+        if features.shape[0] % preset.frames or preset.frames * features.shape[1] != len(kept):
+            raise ValueError(f"the oracle expects videos of {preset.frames} frames of {len(kept) // preset.frames} "
+                             f"tokens: got {tuple(features.shape[:2])}")
+        per_video = features.reshape(-1, len(kept), features.shape[-1])
+        output.pooler_output = per_video[:, kept.to(features.device)]
+        return output
+
+    base.get_video_features = first_visual_tokens
+    try:
+        yield
+    finally:
+        del base.get_video_features
+
+
+def video_oracle_kept(frames: int, side: int, keep: int) -> torch.Tensor:
+    """Which of a Video-LLaVA video's features (frame after frame: its CLS token, then its side x side patches)
+    the oracle keeps: every frame's CLS token and the first `keep` patches, in that order."""
+    cls = torch.arange(frames * (side * side + 1)) % (side * side + 1) == 0
+    return cls | (~cls & (torch.cumsum(~cls, 0) <= keep))
+
+
+def _side(model) -> int:
+    return model.config.vision_config.image_size // model.config.vision_config.patch_size
+
+
 def oracle_kept_features(layout: AnyresLayout, keep: int) -> torch.Tensor:
     """Which of a LLaVA-NeXT image's packed features the oracle keeps: every newline (the last of each
     high-resolution row) and the first `keep` visual tokens, in packing order."""
@@ -128,11 +171,14 @@ def oracle_grid(keep: int) -> tuple[int, int]:
 
 
 def oracle_inputs(model, preset: Preset, batch: int, keep: int, device, dtype):
-    if preset.family in ("llava", "llava_next"):
+    if preset.family in ("llava", "llava_next", "video_llava"):
         inputs = preset_inputs(model, preset, batch, device=device, dtype=dtype)
         image_id = model.config.image_token_id
         if preset.family == "llava_next":  # the kept visual tokens and every newline
             placeholders = int(oracle_kept_features(anyres_layout(model.config, preset.image_size), keep).sum())
+        elif preset.family == "video_llava":  # the kept visual tokens and every frame's CLS token
+            image_id = model.config.video_token_id
+            placeholders = int(video_oracle_kept(preset.frames, _side(model), keep).sum())
         else:
             placeholders = keep
         rows = []
@@ -186,7 +232,8 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
     prefill_ms = statistics.median(times)
     sequence = inputs["input_ids"].shape[1]
     visual = _visual_counts(model, preset, inputs, stats)
-    text = sequence - (visual[0] if stats is None else stats.visual_tokens_per_sample[0])  # LLaVA-NeXT's newlines too
+    # LLaVA-NeXT's newlines and Video-LLaVA's frame CLS tokens count as text
+    text = sequence - (visual[0] if stats is None else stats.visual_tokens_per_sample[0])
     tokens_per_layer = [text + v for v in visual]
     flops = prefill_flops(model, tokens_per_layer, *_vision_sequences(model, preset, inputs))
     decode_ms = generate_ms - first_token_ms
@@ -204,18 +251,24 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
 
 
 def _visual_counts(model, preset: Preset, inputs, stats) -> list[int]:
-    """Visual tokens entering each decoder layer, first sample (LLaVA-NeXT's newline placeholders are text-like)."""
+    """Visual tokens entering each decoder layer, first sample (LLaVA-NeXT's newline placeholders and Video-LLaVA's
+    frame CLS tokens are text-like)."""
     if stats is not None:
         return stats.visual_tokens_per_layer[0]
-    count = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    if preset.family == "video_llava":
+        count = int((inputs["input_ids"][0] == model.config.video_token_id).sum()) - preset.frames
+    else:
+        count = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     if preset.family == "llava_next":
         count -= anyres_layout(model.config, preset.image_size).newlines
     return [count] * model.config.text_config.num_hidden_layers
 
 
 def _vision_sequences(model, preset: Preset, inputs) -> tuple[list[int], list[tuple[int, int]] | None]:
-    """Tokens of each sequence the vision tower runs for the first sample's image (one per LLaVA-NeXT tile),
-    and the image's (h, w) patches on Qwen (Qwen2.5-VL's windows need them)."""
+    """Tokens of each sequence the vision tower runs for the first sample's image (one per LLaVA-NeXT tile, one per
+    Video-LLaVA frame), and the image's (h, w) patches on Qwen (Qwen2.5-VL's windows need them)."""
+    if preset.family == "video_llava":  # the video tower: each frame's patches + CLS
+        return [_side(model) ** 2 + 1] * inputs["pixel_values_videos"].shape[1], None
     if preset.family in ("llava", "llava_next"):
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
         tiles = anyres_layout(model.config, preset.image_size).tiles if preset.family == "llava_next" else 1

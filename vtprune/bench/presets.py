@@ -16,6 +16,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
 )
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
@@ -26,17 +28,22 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 @dataclass(frozen=True)
 class Preset:
-    family: str  # "llava", "llava_next", "qwen2_vl" or "qwen2_5_vl" (the adapters' family names)
+    family: str  # "llava", "llava_next", "video_llava", "qwen2_vl" or "qwen2_5_vl" (the adapters' family names)
     vision: dict
     text: dict
     image_patches: tuple[int, int] = (24, 24)  # Qwen2-VL / Qwen2.5-VL: patches per image before the 2x2 merge
     image_size: tuple[int, int] = (672, 672)  # LLaVA-NeXT: the input image's (height, width) in pixels
     # LLaVA-NeXT's anyres resolutions (height, width), as its config lists them
     grid_pinpoints: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    frames: int = 8  # Video-LLaVA: the frames of the one video each prompt carries
 
     def config(self, attn_implementation: str = "sdpa"):
         """The model's config, without building the model (a 7B one takes a while)."""
         ids = dict(image_token_id=self.text["vocab_size"] - 1)
+        if self.family == "video_llava":
+            return VideoLlavaConfig(vision_config=CLIPVisionConfig(**self.vision), text_config=LlamaConfig(**self.text),
+                                    **ids, video_token_id=self.text["vocab_size"] - 2, vision_feature_layer=-2,
+                                    vision_feature_select_strategy="default", attn_implementation=attn_implementation)
         if self.family in ("llava", "llava_next"):
             common = dict(vision_config=CLIPVisionConfig(**self.vision), text_config=LlamaConfig(**self.text), **ids,
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -51,6 +58,7 @@ class Preset:
 
     def build(self, attn_implementation: str = "sdpa"):
         model_class = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+                       "video_llava": VideoLlavaForConditionalGeneration,
                        "qwen2_vl": Qwen2VLForConditionalGeneration,
                        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[self.family]
         return model_class(self.config(attn_implementation))
@@ -91,6 +99,8 @@ def anyres_layout(config, image_size: tuple[int, int]) -> AnyresLayout:
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14, projection_dim=768)
+# Video-LLaVA's LanguageBind towers (image and video) are CLIP-L/14 at 224 px: 16x16 patches + CLS a frame.
+CLIP_L_224 = dict(CLIP_L_336, image_size=224)
 LLAMA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
 LLAMA_13B = dict(LLAMA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
@@ -120,12 +130,17 @@ PRESETS: dict[str, Preset] = {
     "llava-1.5-13b": Preset("llava", CLIP_L_336, LLAMA_13B),
     # A 672x672 image on LLaVA-NeXT: 5 CLIP tiles (base + 2x2), 576 + 48x48 = 2880 visual tokens and 48 newlines.
     "llava-next-7b": Preset("llava_next", CLIP_L_336, LLAMA_7B),
+    # One 8-frame video on Video-LLaVA: 8 x 257 placeholders (each frame's CLS token, then its 16x16 patches);
+    # 8 x 256 = 2048 visual tokens (the CLS tokens are never pruned nor counted).
+    "video-llava-7b": Preset("video_llava", CLIP_L_224, LLAMA_7B),
     # 336x336 on Qwen2-VL: 24x24 patches, 144 visual tokens after the merge; (48, 48) gives LLaVA's 576.
     "qwen2-vl-7b": Preset("qwen2_vl", QWEN2_VL_VISION, QWEN2_VL_7B, image_patches=(48, 48)),
     "qwen2.5-vl-7b": Preset("qwen2_5_vl", QWEN2_5_VL_VISION, QWEN2_5_VL_7B, image_patches=(48, 48)),
-    # CPU shapes: each family's visual tokens (576; 2880 for LLaVA-NeXT) and LM depth, narrow widths.
+    # CPU shapes: each family's visual tokens (576; 2880 for LLaVA-NeXT; 2048 in 8 frames for Video-LLaVA) and LM
+    # depth, narrow widths.
     "llava-cpu-small": Preset("llava", CPU_CLIP, CPU_LLAMA),
     "llava-next-cpu-small": Preset("llava_next", CPU_CLIP, CPU_LLAMA),
+    "video-llava-cpu-small": Preset("video_llava", dict(CPU_CLIP, image_size=224), CPU_LLAMA),
     "qwen2-vl-cpu-small": Preset("qwen2_vl", dict(QWEN2_VL_VISION, depth=2, embed_dim=64, hidden_size=256, num_heads=4),
                                  CPU_QWEN, image_patches=(48, 48)),
     # 4 tower blocks: three windowed, the last one full, as each group of 8 is on the 7B.
@@ -144,7 +159,7 @@ def build_preset(name: str, device: str = "cpu", dtype: torch.dtype = torch.floa
 
 
 def preset_inputs(model, preset: Preset, batch: int, text_tokens: int = 40, device: str = "cpu", dtype=torch.float32):
-    """A batch of prompts with one image each, as the model's processor would lay them out."""
+    """A batch of prompts with one image each (Video-LLaVA: one video), as the model's processor would lay them out."""
     vocab = model.config.text_config.vocab_size
     generator = torch.Generator().manual_seed(0)
     text = torch.randint(1, vocab - 8, (batch, text_tokens), generator=generator)
@@ -156,6 +171,13 @@ def preset_inputs(model, preset: Preset, batch: int, text_tokens: int = 40, devi
         size = model.config.vision_config.image_size
         pixel_values = torch.randn(batch, 3, size, size, generator=generator)
         inputs = {"input_ids": input_ids, "pixel_values": pixel_values.to(dtype)}
+    elif preset.family == "video_llava":  # each frame: its CLS token, then its side x side patches
+        size = model.config.vision_config.image_size
+        side = size // model.config.vision_config.patch_size
+        visual = torch.full((batch, preset.frames * (side * side + 1)), model.config.video_token_id)
+        input_ids = torch.cat([text[:, :5], visual, text[:, 5:]], dim=1)
+        pixel_values_videos = torch.randn(batch, preset.frames, 3, size, size, generator=generator)
+        inputs = {"input_ids": input_ids, "pixel_values_videos": pixel_values_videos.to(dtype)}
     elif preset.family == "llava_next":
         layout = anyres_layout(model.config, preset.image_size)
         visual = torch.full((batch, layout.placeholders), image_id)
