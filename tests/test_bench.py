@@ -133,6 +133,15 @@ TINY_QWEN2_5 = Preset(
                      rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
     image_patches=(8, 16),  # 32 tokens, two 8x8-patch windows
 )
+# LLaVA-OneVision: 56 px SigLIP tiles of patch 14 (4x4, no CLS), anyres up to 3x3 tiles; a 112x168 image picks
+# 2x3 tiles, an 8x12 grid, over 1.1^2 x anyres_max_4's 4 tiles' worth: shrunk to 6x9 (16 + 54 = 70 visual tokens).
+TINY_ONEVISION = Preset(
+    "llava_onevision",
+    dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14,
+         vision_use_head=False),
+    TINY_TEXT | dict(bos_token_id=None, eos_token_id=None), image_size=(112, 168),
+    grid_pinpoints=tuple((56 * i, 56 * j) for i in range(1, 4) for j in range(1, 4)), aspect_ratio="anyres_max_4",
+)
 # 56 px frames of patch 14: 8 frames of a CLS token and 4x4 patches, 136 placeholders, 128 visual tokens.
 TINY_VIDEO = Preset("video_llava", TINY.vision | dict(patch_size=14), TINY_TEXT)
 TEXT = 40  # preset_inputs' text tokens
@@ -147,14 +156,15 @@ def packed_features(model, preset):
                                                     vision_feature_layer=model.config.vision_feature_layer)
             features = output.pooler_output.flatten(0, 1)
             return features, None, int((inputs["input_ids"][0] == model.config.video_token_id).sum())
-        if preset.family == "llava_next":
+        if preset.family in ("llava_next", "llava_onevision"):
             output = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
         else:
             output = model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                                     image_grid_thw=inputs["image_grid_thw"])
     features = output.pooler_output[0]
     placeholders = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-    newline = (features == model.model.image_newline).all(-1) if preset.family == "llava_next" else None
+    anyres = preset.family in ("llava_next", "llava_onevision")
+    newline = (features == model.model.image_newline).all(-1) if anyres else None
     return features, newline, placeholders
 
 
@@ -170,7 +180,8 @@ def test_the_7b_presets_token_geometry():
 
 
 @pytest.mark.parametrize("name, visual, layers", [("llava-next-cpu-small", 2880, 32), ("qwen2.5-vl-cpu-small", 576, 28),
-                                                  ("video-llava-cpu-small", 2048, 32)])
+                                                  ("video-llava-cpu-small", 2048, 32),
+                                                  ("llava-onevision-cpu-small", 3645, 28)])
 def test_the_cpu_presets_pack_their_tokens_and_run(name, visual, layers):
     """The model's own packing gives the visual tokens the preset promises; random and fastv run on it."""
     model, preset = build_preset(name), PRESETS[name]
@@ -180,6 +191,12 @@ def test_the_cpu_presets_pack_their_tokens_and_run(name, visual, layers):
         assert placeholders == 2928 and int(newline.sum()) == 48
         assert not newline[:576].any() and newline[576 + 48 :: 49].all()
         assert anyres_layout(model.config, preset.image_size) == anyres_layout(PRESETS["llava-next-7b"].config(), (672, 672))
+    elif preset.family == "llava_onevision":  # 729 base + 54x54 high-resolution tokens, a newline after each row
+        assert placeholders == 3645 + 54 and int(newline.sum()) == 54 and visual == placeholders - int(newline.sum())
+        assert not newline[:729].any() and newline[729 + 54 :: 55].all()
+        layout = anyres_layout(PRESETS["llava-onevision-7b"].config(), (768, 768))
+        assert anyres_layout(model.config, preset.image_size) == layout
+        assert torch.equal(newline, oracle_kept_features(layout, 0))
     elif preset.family == "video_llava":  # 8 frames of a CLS token and 16x16 patches; the CLS tokens are not visual
         assert features.shape[0] == placeholders == 8 * 257 and visual == 8 * 256
     else:
@@ -317,3 +334,62 @@ def test_video_llava_counts_kv_bytes_and_flops(video_results):
     assert r["oracle@16"].prefill_tflops == pytest.approx(r["random@16"].prefill_tflops)
     assert r["unpruned@None"].prefill_tflops > r["fastv@16"].prefill_tflops > r["random@16"].prefill_tflops
     assert "get_video_features" not in vars(model.model)  # the oracle's wrapper is gone
+
+
+def test_the_llava_onevision_7b_preset():
+    """LLaVA-OneVision-7B's shapes, its 768x768 image's 3645 visual tokens and its FLOPs, read off the config."""
+    preset = PRESETS["llava-onevision-7b"]
+    config = preset.config()
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size) == (3584, 28, 28, 4, 18944)
+    assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers,
+            vision.num_attention_heads, vision.intermediate_size) == (384, 14, 1152, 26, 16, 4304)
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy,
+            config.vision_aspect_ratio) == (-1, "full", "anyres_max_9")
+    assert config.image_grid_pinpoints == [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+    layout = anyres_layout(config, (768, 768))
+    assert layout == AnyresLayout(base=729, rows=54, cols=54, tiles=5) and layout.visual == 3645
+    stand_in = SimpleNamespace(config=config)
+    inputs = preset_inputs(stand_in, preset, 1)
+    assert int((inputs["input_ids"][0] == config.image_token_id).sum()) == 3645 + 54
+    assert inputs["pixel_values"].shape == (1, 5, 3, 384, 384)
+    flops = prefill_flops(stand_in, [TEXT + 54 + 64] * 28, [729] * 5)  # the tower: per tile of 729 patches
+    assert flops["vision"] == 5 * 26 * vision_layer_flops(729, 1152, 4304)
+    kept = oracle_kept_features(layout, 64)
+    assert int(kept.sum()) == 64 + 54 and kept[:64].all() and not kept[64:729].any()
+
+
+def test_a_shrunk_onevision_grid_packs_as_the_model_does():
+    model = TINY_ONEVISION.build().eval()
+    layout = anyres_layout(model.config, TINY_ONEVISION.image_size)
+    assert layout == AnyresLayout(base=16, rows=6, cols=9, tiles=7)
+    features, newline, placeholders = packed_features(model, TINY_ONEVISION)
+    assert len(features) == placeholders == layout.placeholders
+    assert torch.equal(newline, oracle_kept_features(layout, 0))
+
+
+@pytest.fixture(scope="module")
+def onevision_results():
+    return family_runs(TINY_ONEVISION, 16)
+
+
+def test_llava_onevision_counts_kv_bytes_and_flops(onevision_results):
+    model, r = onevision_results
+    layout = anyres_layout(model.config, TINY_ONEVISION.image_size)
+    assert r["unpruned@None"].visual_tokens_per_layer == [70] * 6
+    assert r["oracle@16"].visual_tokens_per_layer == r["random@16"].visual_tokens_per_layer == [16] * 6
+    assert r["fastv@16"].visual_tokens_per_layer == [70, 70] + [16] * 4
+    # the newlines are text-like tokens: kept by the methods and by the oracle alike
+    assert r["unpruned@None"].kv_cache_bytes == kv_bytes(model, 2, [TEXT + layout.placeholders] * 6)
+    for name in ("oracle@16", "random@16", "fastv@16"):
+        tokens = [TEXT + layout.newlines + v for v in r[name].visual_tokens_per_layer]
+        assert r[name].kv_cache_bytes == kv_bytes(model, 2, tokens), name
+    assert r["oracle@16"].kv_cache_bytes == r["random@16"].kv_cache_bytes
+    # the SigLIP tower runs on the 7 tiles of 16 patches (no CLS), whatever the method keeps
+    vision = 7 * 2 * vision_layer_flops(16, 32, 64)
+    language = 6 * decoder_layer_flops(TEXT + layout.placeholders, 64, 128)
+    assert r["unpruned@None"].prefill_tflops * 1e12 == pytest.approx(2 * (vision + language))
+    assert r["oracle@16"].prefill_tflops == pytest.approx(r["random@16"].prefill_tflops)
+    assert r["unpruned@None"].prefill_tflops > r["fastv@16"].prefill_tflops > r["random@16"].prefill_tflops
+    assert "get_image_features" not in vars(model.model)  # the oracle's wrapper is gone

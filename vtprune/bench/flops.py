@@ -36,13 +36,13 @@ def prefill_flops(model, tokens_per_layer: list[int], vision_tokens_per_image: l
                   vision_grids: list[tuple[int, int]] | None = None) -> dict[str, int]:
     """One sample's prefill: the LM's layers at the token counts each saw, plus the vision tower per sequence it runs
     (vision_tokens_per_image: CLIP's patches + CLS per image, or per tile on LLaVA-NeXT, where an image is several
-    tiles, or per frame on Video-LLaVA's video tower; Qwen2-VL's patches before the 2x2 merge). Qwen2.5-VL's
-    windowed blocks need each image's (h, w) patches in vision_grids; its full-attention blocks are counted as
-    Qwen2-VL's."""
+    tiles (OneVision: SigLIP's patches per tile, no CLS), or per frame on Video-LLaVA's video tower; Qwen2-VL's
+    patches before the 2x2 merge). Qwen2.5-VL's windowed blocks need each image's (h, w) patches in vision_grids;
+    its full-attention blocks are counted as Qwen2-VL's."""
     text = model.config.text_config
     language = sum(decoder_layer_flops(n, text.hidden_size, text.intermediate_size) for n in tokens_per_layer)
     vision_config = model.config.vision_config
-    if hasattr(vision_config, "image_size"):  # CLIP
+    if hasattr(vision_config, "image_size"):  # CLIP, or OneVision's SigLIP (a two-matrix MLP as well)
         d, m, layers = vision_config.hidden_size, vision_config.intermediate_size, vision_config.num_hidden_layers
         vision = sum(layers * vision_layer_flops(n, d, m) for n in vision_tokens_per_image)
     elif hasattr(vision_config, "fullatt_block_indexes"):  # Qwen2.5-VL's tower: windowed blocks, a few full ones

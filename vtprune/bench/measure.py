@@ -80,7 +80,8 @@ def oracle_truncation(model, preset: Preset, keep: int):
     base grid first) and all their newline tokens, in place: the newlines are no visual
     tokens, a method neither prunes nor counts them, so the oracle's LM runs on exactly as
     many tokens as a method's at the LLM input (text + newlines + `keep`); the tower still
-    encodes every tile. Video-LLaVA: likewise, the video's projected features (each frame's
+    encodes every tile. LLaVA-OneVision: as LLaVA-NeXT (its packing is the same, the high-resolution
+    grid possibly shrunk first). Video-LLaVA: likewise, the video's projected features (each frame's
     CLS token, then its patches, frame after frame) are cut to the first `keep` patches in
     that order (the first frame's first) and all the frames' CLS tokens, which no method
     prunes nor counts, so the LM sees text + frames + `keep` tokens as a method's does; the
@@ -99,7 +100,7 @@ def oracle_truncation(model, preset: Preset, keep: int):
         with _video_truncation(model, preset, keep):
             yield
         return
-    if preset.family != "llava_next":
+    if preset.family not in ("llava_next", "llava_onevision"):
         yield
         return
     base = model.model
@@ -157,7 +158,7 @@ def _side(model) -> int:
 
 
 def oracle_kept_features(layout: AnyresLayout, keep: int) -> torch.Tensor:
-    """Which of a LLaVA-NeXT image's packed features the oracle keeps: every newline (the last of each
+    """Which of a LLaVA-NeXT (or OneVision) image's packed features the oracle keeps: every newline (the last of each
     high-resolution row) and the first `keep` visual tokens, in packing order."""
     position = torch.arange(layout.placeholders)
     newline = (position >= layout.base) & ((position - layout.base) % (layout.cols + 1) == layout.cols)
@@ -171,10 +172,10 @@ def oracle_grid(keep: int) -> tuple[int, int]:
 
 
 def oracle_inputs(model, preset: Preset, batch: int, keep: int, device, dtype):
-    if preset.family in ("llava", "llava_next", "video_llava"):
+    if preset.family in ("llava", "llava_next", "llava_onevision", "video_llava"):
         inputs = preset_inputs(model, preset, batch, device=device, dtype=dtype)
         image_id = model.config.image_token_id
-        if preset.family == "llava_next":  # the kept visual tokens and every newline
+        if preset.family in ("llava_next", "llava_onevision"):  # the kept visual tokens and every newline
             placeholders = int(oracle_kept_features(anyres_layout(model.config, preset.image_size), keep).sum())
         elif preset.family == "video_llava":  # the kept visual tokens and every frame's CLS token
             image_id = model.config.video_token_id
@@ -232,7 +233,7 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
     prefill_ms = statistics.median(times)
     sequence = inputs["input_ids"].shape[1]
     visual = _visual_counts(model, preset, inputs, stats)
-    # LLaVA-NeXT's newlines and Video-LLaVA's frame CLS tokens count as text
+    # LLaVA-NeXT's and OneVision's newlines and Video-LLaVA's frame CLS tokens count as text
     text = sequence - (visual[0] if stats is None else stats.visual_tokens_per_sample[0])
     tokens_per_layer = [text + v for v in visual]
     flops = prefill_flops(model, tokens_per_layer, *_vision_sequences(model, preset, inputs))
@@ -251,27 +252,28 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
 
 
 def _visual_counts(model, preset: Preset, inputs, stats) -> list[int]:
-    """Visual tokens entering each decoder layer, first sample (LLaVA-NeXT's newline placeholders and Video-LLaVA's
-    frame CLS tokens are text-like)."""
+    """Visual tokens entering each decoder layer, first sample (LLaVA-NeXT's and OneVision's newline placeholders
+    and Video-LLaVA's frame CLS tokens are text-like)."""
     if stats is not None:
         return stats.visual_tokens_per_layer[0]
     if preset.family == "video_llava":
         count = int((inputs["input_ids"][0] == model.config.video_token_id).sum()) - preset.frames
     else:
         count = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-    if preset.family == "llava_next":
+    if preset.family in ("llava_next", "llava_onevision"):
         count -= anyres_layout(model.config, preset.image_size).newlines
     return [count] * model.config.text_config.num_hidden_layers
 
 
 def _vision_sequences(model, preset: Preset, inputs) -> tuple[list[int], list[tuple[int, int]] | None]:
-    """Tokens of each sequence the vision tower runs for the first sample's image (one per LLaVA-NeXT tile, one per
-    Video-LLaVA frame), and the image's (h, w) patches on Qwen (Qwen2.5-VL's windows need them)."""
+    """Tokens of each sequence the vision tower runs for the first sample's image (one per LLaVA-NeXT or OneVision
+    tile, one per Video-LLaVA frame), and the image's (h, w) patches on Qwen (Qwen2.5-VL's windows need them)."""
     if preset.family == "video_llava":  # the video tower: each frame's patches + CLS
         return [_side(model) ** 2 + 1] * inputs["pixel_values_videos"].shape[1], None
-    if preset.family in ("llava", "llava_next"):
+    if preset.family in ("llava", "llava_next", "llava_onevision"):
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-        tiles = anyres_layout(model.config, preset.image_size).tiles if preset.family == "llava_next" else 1
-        return [side * side + 1] * tiles, None
+        tiles = anyres_layout(model.config, preset.image_size).tiles if preset.family != "llava" else 1
+        cls = 0 if preset.family == "llava_onevision" else 1  # SigLIP has no CLS token
+        return [side * side + cls] * tiles, None
     _, h, w = inputs["image_grid_thw"][0].tolist()
     return [h * w], [(h, w)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,10 +13,14 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
     VideoLlavaConfig,
     VideoLlavaForConditionalGeneration,
 )
@@ -28,14 +33,16 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 @dataclass(frozen=True)
 class Preset:
-    family: str  # "llava", "llava_next", "video_llava", "qwen2_vl" or "qwen2_5_vl" (the adapters' family names)
+    # "llava", "llava_next", "llava_onevision", "video_llava", "qwen2_vl" or "qwen2_5_vl" (the adapters' family names)
+    family: str
     vision: dict
     text: dict
     image_patches: tuple[int, int] = (24, 24)  # Qwen2-VL / Qwen2.5-VL: patches per image before the 2x2 merge
-    image_size: tuple[int, int] = (672, 672)  # LLaVA-NeXT: the input image's (height, width) in pixels
-    # LLaVA-NeXT's anyres resolutions (height, width), as its config lists them
+    image_size: tuple[int, int] = (672, 672)  # LLaVA-NeXT / OneVision: the input image's (height, width) in pixels
+    # LLaVA-NeXT's (and OneVision's) anyres resolutions (height, width), as its config lists them
     grid_pinpoints: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
     frames: int = 8  # Video-LLaVA: the frames of the one video each prompt carries
+    aspect_ratio: str = "anyres_max_9"  # LLaVA-OneVision: its high-resolution grid holds at most N tiles' worth
 
     def config(self, attn_implementation: str = "sdpa"):
         """The model's config, without building the model (a 7B one takes a while)."""
@@ -51,6 +58,12 @@ class Preset:
             if self.family == "llava":
                 return LlavaConfig(**common)
             return LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in self.grid_pinpoints])
+        if self.family == "llava_onevision":  # SigLIP (no CLS token: every patch is a feature) and Qwen2
+            return LlavaOnevisionConfig(
+                vision_config=SiglipVisionConfig(**self.vision), text_config=Qwen2Config(**self.text), **ids,
+                video_token_id=self.text["vocab_size"] - 2, vision_feature_layer=-1,
+                vision_feature_select_strategy="full", vision_aspect_ratio=self.aspect_ratio,
+                image_grid_pinpoints=[list(p) for p in self.grid_pinpoints], attn_implementation=attn_implementation)
         ids.update(vision_start_token_id=self.text["vocab_size"] - 2, vision_end_token_id=self.text["vocab_size"] - 3)
         config_class = Qwen2VLConfig if self.family == "qwen2_vl" else Qwen2_5_VLConfig
         return config_class(vision_config=self.vision, text_config=self.text, **ids,
@@ -58,6 +71,7 @@ class Preset:
 
     def build(self, attn_implementation: str = "sdpa"):
         model_class = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+                       "llava_onevision": LlavaOnevisionForConditionalGeneration,
                        "video_llava": VideoLlavaForConditionalGeneration,
                        "qwen2_vl": Qwen2VLForConditionalGeneration,
                        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[self.family]
@@ -66,8 +80,9 @@ class Preset:
 
 @dataclass(frozen=True)
 class AnyresLayout:
-    """One LLaVA-NeXT image as the model packs it: the base grid, then the unpadded high-resolution grid
-    with a newline token after each of its rows."""
+    """One LLaVA-NeXT (or LLaVA-OneVision) image as the model packs it: the base grid, then the unpadded
+    high-resolution grid (on OneVision, shrunk to at most anyres_max_N tiles' worth) with a newline token after
+    each of its rows."""
 
     base: int  # tokens of the base image (side x side)
     rows: int  # high-resolution grid, unpadded to the image's aspect ratio
@@ -93,6 +108,11 @@ def anyres_layout(config, image_size: tuple[int, int]) -> AnyresLayout:
     side = tile // patch
     tiles_high, tiles_wide = get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints, tile)
     rows, cols = unpad_image(torch.empty(1, tiles_high * side, tiles_wide * side), list(image_size)).shape[1:]
+    aspect_ratio = getattr(config, "vision_aspect_ratio", None)
+    if aspect_ratio is not None:  # OneVision's pack_image_features: shrink a grid of over 1.1^2 x N tiles' worth
+        ratio = math.sqrt(rows * cols / (int(aspect_ratio.strip("anyres_max_")) * side * side))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
     tiles = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, tile)
     return AnyresLayout(side * side, int(rows), int(cols), tiles)
 
@@ -115,6 +135,14 @@ QWEN2_5_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num
                          window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", patch_size=14,
                          spatial_merge_size=2, temporal_patch_size=2, in_channels=3, tokens_per_second=2)
 QWEN2_5_VL_7B = dict(QWEN2_VL_7B, max_position_embeddings=128000)
+# LLaVA-OneVision-7B: SigLIP-so400m/14 at 384 px (27x27 = 729 patches a tile, no CLS; its pooling head unused)
+# and Qwen2-7B; anyres over 1x1 to 6x6 tiles of 384 px, at most 9 tiles' worth of high-resolution tokens.
+SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                         image_size=384, patch_size=14, vision_use_head=False)
+QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+ONEVISION_PINPOINTS = tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7))
 # The narrow widths of the CPU presets: the tokens' geometry and the LM's depth of the real model.
 CPU_LLAMA = dict(LLAMA_7B, vocab_size=1024, hidden_size=256, intermediate_size=688, num_attention_heads=4,
                  num_key_value_heads=4)
@@ -124,22 +152,31 @@ CPU_CLIP = dict(CLIP_L_336, hidden_size=128, intermediate_size=512, num_hidden_l
 CPU_QWEN = dict(QWEN2_VL_7B, vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=28,
                 num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
+CPU_SIGLIP = dict(SIGLIP_SO400M_384, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
+CPU_QWEN2 = dict(QWEN2_7B, vocab_size=1024, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+                 num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
 
 PRESETS: dict[str, Preset] = {
     "llava-1.5-7b": Preset("llava", CLIP_L_336, LLAMA_7B),
     "llava-1.5-13b": Preset("llava", CLIP_L_336, LLAMA_13B),
     # A 672x672 image on LLaVA-NeXT: 5 CLIP tiles (base + 2x2), 576 + 48x48 = 2880 visual tokens and 48 newlines.
     "llava-next-7b": Preset("llava_next", CLIP_L_336, LLAMA_7B),
+    # A 768x768 image on LLaVA-OneVision: 5 SigLIP tiles of 729 patches (base + 2x2; 4 tiles' worth is under
+    # anyres_max_9, so no shrinking), 729 + 54x54 = 3645 visual tokens and 54 newlines.
+    "llava-onevision-7b": Preset("llava_onevision", SIGLIP_SO400M_384, QWEN2_7B, image_size=(768, 768),
+                                 grid_pinpoints=ONEVISION_PINPOINTS),
     # One 8-frame video on Video-LLaVA: 8 x 257 placeholders (each frame's CLS token, then its 16x16 patches);
     # 8 x 256 = 2048 visual tokens (the CLS tokens are never pruned nor counted).
     "video-llava-7b": Preset("video_llava", CLIP_L_224, LLAMA_7B),
     # 336x336 on Qwen2-VL: 24x24 patches, 144 visual tokens after the merge; (48, 48) gives LLaVA's 576.
     "qwen2-vl-7b": Preset("qwen2_vl", QWEN2_VL_VISION, QWEN2_VL_7B, image_patches=(48, 48)),
     "qwen2.5-vl-7b": Preset("qwen2_5_vl", QWEN2_5_VL_VISION, QWEN2_5_VL_7B, image_patches=(48, 48)),
-    # CPU shapes: each family's visual tokens (576; 2880 for LLaVA-NeXT; 2048 in 8 frames for Video-LLaVA) and LM
-    # depth, narrow widths.
+    # CPU shapes: each family's visual tokens (576; 2880 for LLaVA-NeXT; 3645 for OneVision; 2048 in 8 frames for
+    # Video-LLaVA) and LM depth, narrow widths.
     "llava-cpu-small": Preset("llava", CPU_CLIP, CPU_LLAMA),
     "llava-next-cpu-small": Preset("llava_next", CPU_CLIP, CPU_LLAMA),
+    "llava-onevision-cpu-small": Preset("llava_onevision", CPU_SIGLIP, CPU_QWEN2, image_size=(768, 768),
+                                        grid_pinpoints=ONEVISION_PINPOINTS),
     "video-llava-cpu-small": Preset("video_llava", dict(CPU_CLIP, image_size=224), CPU_LLAMA),
     "qwen2-vl-cpu-small": Preset("qwen2_vl", dict(QWEN2_VL_VISION, depth=2, embed_dim=64, hidden_size=256, num_heads=4),
                                  CPU_QWEN, image_patches=(48, 48)),
@@ -178,7 +215,7 @@ def preset_inputs(model, preset: Preset, batch: int, text_tokens: int = 40, devi
         input_ids = torch.cat([text[:, :5], visual, text[:, 5:]], dim=1)
         pixel_values_videos = torch.randn(batch, preset.frames, 3, size, size, generator=generator)
         inputs = {"input_ids": input_ids, "pixel_values_videos": pixel_values_videos.to(dtype)}
-    elif preset.family == "llava_next":
+    elif preset.family in ("llava_next", "llava_onevision"):
         layout = anyres_layout(model.config, preset.image_size)
         visual = torch.full((batch, layout.placeholders), image_id)
         input_ids = torch.cat([text[:, :5], visual, text[:, 5:]], dim=1)
