@@ -250,26 +250,6 @@ def qwen2_5_results():
     return family_runs(TINY_QWEN2_5, 8)
 
 
-def test_llava_next_counts_kv_bytes_and_flops(next_results):
-    model, r = next_results
-    layout = anyres_layout(model.config, TINY_NEXT.image_size)
-    assert r["unpruned@None"].visual_tokens_per_layer == [64] * 6
-    assert r["oracle@16"].visual_tokens_per_layer == r["random@16"].visual_tokens_per_layer == [16] * 6
-    assert r["fastv@16"].visual_tokens_per_layer == [64, 64] + [16] * 4
-    # the newlines are text-like tokens: kept by the methods and by the oracle alike
-    assert r["unpruned@None"].kv_cache_bytes == kv_bytes(model, 2, [TEXT + layout.placeholders] * 6)
-    for name in ("oracle@16", "random@16", "fastv@16"):
-        tokens = [TEXT + layout.newlines + v for v in r[name].visual_tokens_per_layer]
-        assert r[name].kv_cache_bytes == kv_bytes(model, 2, tokens), name
-    # the vision tower runs on the 5 tiles of 16 patches + CLS, whatever the method keeps
-    vision = 5 * 2 * vision_layer_flops(17, 32, 64)
-    language = 6 * decoder_layer_flops(TEXT + layout.placeholders, 64, 128)
-    assert r["unpruned@None"].prefill_tflops * 1e12 == pytest.approx(2 * (vision + language))
-    assert r["oracle@16"].prefill_tflops == pytest.approx(r["random@16"].prefill_tflops)
-    assert r["unpruned@None"].prefill_tflops > r["fastv@16"].prefill_tflops > r["random@16"].prefill_tflops
-    assert "get_image_features" not in vars(model.model)  # the oracle's wrapper is gone
-
-
 def test_qwen2_5_vl_counts_kv_bytes_and_flops(qwen2_5_results):
     model, r = qwen2_5_results
     assert r["unpruned@None"].visual_tokens_per_layer == [32] * 6
@@ -374,20 +354,24 @@ def onevision_results():
     return family_runs(TINY_ONEVISION, 16)
 
 
-def test_llava_onevision_counts_kv_bytes_and_flops(onevision_results):
-    model, r = onevision_results
-    layout = anyres_layout(model.config, TINY_ONEVISION.image_size)
-    assert r["unpruned@None"].visual_tokens_per_layer == [70] * 6
+@pytest.mark.parametrize("results, preset, visual, vision", [
+    # LLaVA-NeXT's CLIP tower runs on 5 tiles of 16 patches + CLS, OneVision's SigLIP on 7 of 16 (no CLS)
+    ("next_results", TINY_NEXT, 64, 5 * 2 * vision_layer_flops(17, 32, 64)),
+    ("onevision_results", TINY_ONEVISION, 70, 7 * 2 * vision_layer_flops(16, 32, 64)),
+])
+def test_anyres_families_count_kv_bytes_and_flops(request, results, preset, visual, vision):
+    model, r = request.getfixturevalue(results)
+    layout = anyres_layout(model.config, preset.image_size)
+    assert r["unpruned@None"].visual_tokens_per_layer == [visual] * 6
     assert r["oracle@16"].visual_tokens_per_layer == r["random@16"].visual_tokens_per_layer == [16] * 6
-    assert r["fastv@16"].visual_tokens_per_layer == [70, 70] + [16] * 4
+    assert r["fastv@16"].visual_tokens_per_layer == [visual, visual] + [16] * 4
     # the newlines are text-like tokens: kept by the methods and by the oracle alike
     assert r["unpruned@None"].kv_cache_bytes == kv_bytes(model, 2, [TEXT + layout.placeholders] * 6)
     for name in ("oracle@16", "random@16", "fastv@16"):
         tokens = [TEXT + layout.newlines + v for v in r[name].visual_tokens_per_layer]
         assert r[name].kv_cache_bytes == kv_bytes(model, 2, tokens), name
     assert r["oracle@16"].kv_cache_bytes == r["random@16"].kv_cache_bytes
-    # the SigLIP tower runs on the 7 tiles of 16 patches (no CLS), whatever the method keeps
-    vision = 7 * 2 * vision_layer_flops(16, 32, 64)
+    # the vision tower runs on every tile, whatever the method keeps
     language = 6 * decoder_layer_flops(TEXT + layout.placeholders, 64, 128)
     assert r["unpruned@None"].prefill_tflops * 1e12 == pytest.approx(2 * (vision + language))
     assert r["oracle@16"].prefill_tflops == pytest.approx(r["random@16"].prefill_tflops)
