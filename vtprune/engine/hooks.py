@@ -130,7 +130,7 @@ class Pruner:
         self._text = [text_tokens(input_ids[b], self.adapter.placeholder_ids, mask, b) for b in range(len(input_ids))]
         images = [kwargs.get(key) for key in VISUAL_INPUTS] + [encoded.get(kind) for kind in ("image", "video")]
         self._prompt = Prompt(input_ids, images)
-        continued = self._continued_prompt(kwargs)
+        continued = self._continued_prompt(cache, kwargs)
         if continued is not None:
             self._prompt = continued
         elif self.method.fuses_vision_layers:
@@ -141,11 +141,11 @@ class Pruner:
             self.adapter.refuse_encoded_images(kwargs, self._vision_states, self._fusion)
         return None
 
-    def _continued_prompt(self, kwargs) -> Prompt | None:
+    def _continued_prompt(self, cache, kwargs) -> Prompt | None:
         """The prompt decided without a cache that this forward, also without one, extends (generate with
         use_cache=False feeds the whole sequence at every step): its decision is reused, not made again."""
         last = self._uncached
-        if last is None or kv.find_cache(kwargs)[1] is not None or prefill.wants_cache(self.adapter.language_model, kwargs):
+        if last is None or cache is not None or prefill.wants_cache(self.adapter.language_model, kwargs):
             return None
         return last if last.continued_by(self._prompt) else None
 
