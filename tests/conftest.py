@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers.utils import logging
 
+from vtprune.methods import REGISTRY
+
 from vtprune.tiny import (
     tiny_llava, tiny_llava_next, tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_video_llava,
 )
@@ -20,6 +22,22 @@ FAMILIES = {
 # which generate reads as padding when it infers a mask from the ids; nor the tiny Llama's eos (2), which
 # would end one sample's generation early alone but not in its batch.
 SUPPRESS = [0, 2, 100, 101, 102, 103, 104]
+
+
+# The families whose adapters have the vision-encoder stage; methods acting there refuse the others.
+VISION_STAGE_FAMILIES = {"llava", "llava_next", "video_llava"}
+
+
+@pytest.fixture(autouse=True)
+def _only_supported_pairs(request):
+    """A (family, method) pair the README's table marks unsupported is skipped, not run: its refusal is tested
+    on its own (test_vision_stage)."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    family = params.get("family", params.get("video_family"))
+    method = params.get("method")
+    if family and isinstance(method, str) and method in REGISTRY and REGISTRY[method].acts_in_vision \
+            and family not in VISION_STAGE_FAMILIES:
+        pytest.skip(f"{method} acts in the vision encoder, which vtprune does not support on {family}")
 
 
 @pytest.fixture(params=sorted(FAMILIES))

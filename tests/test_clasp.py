@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.methods import ImageView
-from vtprune.methods.clasp import CLASP
+from vtprune.methods import ImageView, ModelInfo, Stage
+from vtprune.methods.clasp import CLASP, fusion_candidates
 from vtprune.methods.primitives import farthest_point
 from vtprune.router import CLASSES
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
@@ -119,3 +119,40 @@ def test_fusion_on_a_model_without_it_is_refused(table):
         vtprune.apply(model, "clasp", 16, question_class="ocr", calibration=str(table))
     assert not any(m._forward_pre_hooks for m in model.model.language_model.layers)
     vtprune.apply(model, "clasp", 16, question_class="ocr", calibration=str(table), fusion=False).remove()
+
+
+@pytest.mark.parametrize("depth", [4, 32])
+def test_default_is_one_step_keeping_the_budget_and_progressive_is_an_option(depth):
+    model = ModelInfo("llava", depth)
+    one_step = CLASP(CLASP.parse_options({"question_class": "ocr"}))
+    assert one_step.stages(model, 192, 576) == [Stage(2, 192)]
+    progressive = CLASP(CLASP.parse_options({"question_class": "ocr", "progressive": True}))
+    expected_layers = [2, 6, 15] if depth == 32 else [1, 2, 3]
+    assert [s.layer for s in progressive.stages(model, 64, 576)] == expected_layers
+    assert [s.keep for s in progressive.stages(model, 64, 576)] == [128, 96, 64]
+
+
+def test_one_step_keeps_pivots_then_coverage_of_exactly_the_budget():
+    torch.manual_seed(0)
+    hidden, attention = torch.randn(40, 16), torch.rand(40)
+    view = ImageView.of_grid(hidden, 5, 8, keep=10, layer=2, stage=0, image_index=0, sizes=torch.ones(40),
+                             attention=attention, text=torch.tensor([5]))
+    method = CLASP(CLASP.parse_options({"question_class": "ocr", "split": 0.3}))
+    picked = method.select(view)
+    pivots = torch.topk(attention, 3).indices.sort().values
+    assert picked.numel() == 10 and torch.equal(picked[:3], pivots)
+    assert torch.equal(picked[3:], farthest_point(hidden, pivots, 7))
+
+
+@pytest.mark.parametrize("tower_layers, own", [(24, -2), (2, -2), (26, -1)])
+def test_fusion_candidates_sweep_shallow_to_deep(tower_layers, own):
+    num_states = tower_layers + 1
+    candidates = fusion_candidates(own, num_states)
+    assert candidates[0] is None and len(candidates) == 6  # the model's own layer, then strategies A-E
+    deep = own % num_states
+    for mix in candidates[1:]:
+        assert abs(sum(mix.values()) - 1) < 1e-9 and max(mix) == deep and all(1 <= layer <= deep for layer in mix)
+    on_deep = [mix[deep] for mix in candidates[1:]]
+    assert on_deep == sorted(on_deep) and on_deep[0] < on_deep[-1]  # A is shallow-weighted, E deep-weighted
+    if tower_layers == 24:
+        assert sorted(candidates[1]) == [6, 12, 23]  # a quarter, half the depth, and the feature layer

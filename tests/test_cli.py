@@ -42,7 +42,7 @@ def usage_error(argv, capsys) -> str:
     (["eval", "--methods", "clse:layers=1"], "--methods: clse:layers=1: clse's default keep counts are for 3 stages"),
     (["eval", "--methods", "clse:layers=a/b"], "--methods: clse:layers=a/b: layers takes ints separated by /"),
     (["eval", "--methods", "random:seed=abc"], "--methods: random:seed=abc: seed takes an int; got 'abc'"),
-    (["eval", "--methods", "clse:slice_kv=maybe"], "slice_kv takes true or false; got 'maybe'"),
+    (["eval", "--methods", "clse:slice_kv=maybe"], "slice_kv takes true or false or none; got 'maybe'"),
     (["eval", "--methods", "clse:tau=nan"], "tau takes a finite number; got 'nan'"),
     (["eval", "--methods", "fastv:layer=6"], "fastv:layer=6: method 'fastv' would act before decoder layer 6"),
     (["eval", "--methods", "fastv:k=3"], "fastv has no option 'k'; its options are: layer"),
@@ -85,12 +85,12 @@ def test_spaces_around_list_items_are_accepted():
 
 def test_method_options_get_the_types_their_method_declares():
     args = cli.parse(["eval", "--methods", "clse:layers=1/3/5:keep=300/200/60:slice_kv=false,random:seed=3,"
-                      "clasp:question_class=ocr:split=0.5:multipliers=1.5/1/0.5"])
+                      "clasp:question_class=ocr:split=0.5:progressive=true:multipliers=1.5/1/0.5"])
     clse, random, clasp = args.methods
     assert clse.label == "clse:layers=1/3/5:keep=300/200/60:slice_kv=false"
     assert clse.options == {"layers": (1, 3, 5), "keep": (300, 200, 60), "slice_kv": False}
     assert random.options == {"seed": 3}
-    assert clasp.options == {"question_class": "ocr", "split": 0.5, "multipliers": (1.5, 1.0, 0.5)}
+    assert clasp.options == {"question_class": "ocr", "split": 0.5, "progressive": True, "multipliers": (1.5, 1.0, 0.5)}
 
 
 FLAGS = {

@@ -64,14 +64,57 @@ def test_the_authors_schedule():
     assert [(s.layer, s.keep) for s in clse.stages(LLAVA_7B, 128, 576)] == [(1, 220), (11, 140), (21, 41)]
     assert [(s.layer, s.keep) for s in clse.stages(LLAVA_7B, 64, 576)] == [(1, 110), (11, 70), (21, 20)]
     assert [s.keep for s in clse.stages(LLAVA_7B, 100, 576)] == [172, 109, 32]
-    # Qwen2-VL: ratio r of the visual tokens -> r x (1.71, 1.08, 0.294) of them, floored, at 1/10/19 of 28.
-    budget = round(0.334 * 1024)
-    assert [(s.layer, s.keep) for s in clse.stages(QWEN_7B, budget, 1024)] == [
-        (1, int(budget * 1.71)), (10, int(budget * 1.08)), (19, int(budget * 0.294))]
+    assert [s.layer for s in clse.stages(QWEN_7B, 342, 1024)] == [1, 10, 19]
     assert scaled_layers(ModelInfo("llava", 16)) == (1, 6, 10)
     assert scaled_layers(ModelInfo("llava", 4)) == (1, 2, 3)
     custom = CLSE(CLSE.Options(layers=(2, 3), keep=(40, 10)))
     assert [(s.layer, s.keep) for s in custom.stages(LLAVA_7B, 64, 576)] == [(2, 40), (3, 10)]
+
+
+# The authors' Qwen2-VL keep ratios per stage, of the item's original visual length, for the three retain ratios
+# they report (zjubinchen/CLSE, Qwen2VL/clse_qwen2vl_model.py: keep_ratio_list_334/_223/_112 in ratio_dict);
+# each stage keeps max(1, int(N x ratio)). Any other retain ratio r keeps r x (1.71, 1.08, 0.294) of N.
+AUTHORS_QWEN_TABLE = {0.334: (0.57, 0.36, 0.098), 0.223: (0.38, 0.24, 0.066), 0.112: (0.19, 0.12, 0.034)}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("num_tokens", [1024, 391, 100, 64])
+@pytest.mark.parametrize("retain", sorted(AUTHORS_QWEN_TABLE))
+def test_qwen_keep_counts_follow_the_authors_table(family, num_tokens, retain):
+    from vtprune.engine.budget import tokens_for_budget
+
+    clse = CLSE(CLSE.Options())
+    model = ModelInfo(family, 28)
+    expected = [max(1, int(num_tokens * ratio)) for ratio in AUTHORS_QWEN_TABLE[retain]]
+    for budget in (retain, round(retain * num_tokens)):  # a fraction, or the same count of tokens
+        keep = tokens_for_budget(budget, num_tokens)
+        assert [(s.layer, s.keep) for s in clse.stages(model, keep, num_tokens)] == list(zip((1, 10, 19), expected))
+
+
+def test_qwen_keep_counts_hand_checked():
+    clse = CLSE(CLSE.Options())
+    counts = lambda budget, n: [s.keep for s in clse.stages(QWEN_7B, budget, n)]  # noqa: E731
+    assert counts(342, 1024) == [583, 368, 100]  # 0.334: 1024 x 0.57 = 583.68 ...
+    assert counts(228, 1024) == [389, 245, 67]  # 0.223
+    assert counts(115, 1024) == [194, 122, 34]  # 0.112
+    assert counts(33, 100) == [56, 36, 9]  # 100 * 0.57 is 56.99999999999999 in floats: the authors' int() gives 56
+    # Elsewhere: r = budget / N, each stage int(N x (r x multiplier)).
+    assert counts(500, 1000) == [855, 540, 147]
+    assert counts(250, 1000) == [int(1000 * (0.25 * 1.71)), int(1000 * (0.25 * 1.08)), int(1000 * (0.25 * 0.294))]
+    assert counts(250, 1000) == [427, 270, 73]
+    assert counts(900, 1000) == [1000, 972, 264]  # a stage never keeps more than the item has
+
+
+@pytest.mark.parametrize("family, slices", [
+    ("llava", True), ("llava_next", True), ("llava_onevision", True), ("video_llava", True),
+    ("qwen2_vl", False), ("qwen2_5_vl", False)])
+def test_kv_slicing_follows_the_authors_per_family(family, slices):
+    """The authors slice the early layers' cache on LLaVA; their Qwen2-VL code has it commented out."""
+    assert CLSE(CLSE.Options()).slices_kv_cache_of("image", family) is slices
+    assert CLSE(CLSE.Options(slice_kv=True)).slices_kv_cache_of("image", family) is True
+    assert CLSE(CLSE.Options(slice_kv=False)).slices_kv_cache_of("image", family) is False
+    for slice_kv in (None, True, False):
+        assert CLSE(CLSE.Options(slice_kv=slice_kv)).slices_kv_cache_of("video", family) is False
 
 
 @pytest.mark.parametrize("options, message", [
@@ -113,18 +156,35 @@ def test_merge_into_nearest_is_a_size_weighted_mean():
     assert destination.tolist() == [0, 0, 1, 1, 1]
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_a_plain_forward_slices_the_cache_it_returns(family):
+@pytest.mark.parametrize("family, slice_kv", [("llava", None), ("llava", True), ("qwen2_vl", True)])
+def test_a_plain_forward_slices_the_cache_it_returns(family, slice_kv):
     """Qwen2-VL passes use_cache=None to its LM: the pruner must still own (and slice) the cache."""
     from vtprune.engine.cache import output_cache
     from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_qwen2_vl
 
     model = (tiny_llava if family == "llava" else tiny_qwen2_vl)()
     inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(text_before=6)])
-    with torch.no_grad(), vtprune.apply(model, "clse", 10):
+    with torch.no_grad(), vtprune.apply(model, "clse", 10, slice_kv=slice_kv):
         cache = output_cache(model(**inputs))
     lengths = {layer.keys.shape[2] for layer in cache.layers}
     assert len(lengths) == 1 and lengths.pop() < inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("family, slice_kv", [("qwen2_vl", None), ("qwen2_5_vl", None), ("llava", False)])
+def test_without_slicing_each_layer_caches_what_it_ran_on(family, slice_kv):
+    """Qwen2-VL's default (the authors'), or slice_kv=False: layers before a stage keep their tokens cached."""
+    from tests.conftest import FAMILIES
+    from vtprune.engine.cache import output_cache
+    from vtprune.tiny import SampleLayout, tiny_inputs
+
+    model = FAMILIES[family]("sdpa")
+    inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(text_before=6)])
+    with torch.no_grad(), vtprune.apply(model, "clse", 10, slice_kv=slice_kv) as pruner:
+        cache = output_cache(model(**inputs))
+        decision = pruner.last_decision
+    layers = len(model.model.language_model.layers)
+    assert [cache.get_seq_length(i) for i in range(layers)] == [decision.positions_at(i).shape[1] for i in range(layers)]
+    assert cache.get_seq_length(0) == inputs["input_ids"].shape[1] > cache.get_seq_length(layers - 1)
 
 
 def test_a_stage_at_the_llm_input_is_refused_for_attention_scores():

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 import vtprune
+from vtprune.methods import REGISTRY
 from vtprune.tiny import SampleLayout, tiny_inputs
 
 from .conftest import FAMILIES, greedy
 
-METHODS = ["clasp", "clse", "clse_m", "fastv", "random", "uniform"]
+METHODS = sorted(REGISTRY)  # every registered method, on every family that supports it (conftest)
 OPTIONS = {"clasp": {"question_class": "general"}}  # clasp routes on text; the tiny models have no tokenizer
 PLACEHOLDERS = torch.tensor([100, 101])  # LLaVA's and Qwen2-VL's image token in the tiny vocabulary
 

@@ -52,6 +52,27 @@ class VisualItem:
         return torch.cat(parts), torch.cat(coords)
 
 
+@dataclass(frozen=True)
+class EncodedPlace:
+    """Where an item's tokens are in the vision tower's rows (images, anyres tiles, frames), from its first row."""
+
+    count: int  # rows the item takes
+    rows: torch.Tensor  # [N] each token's row
+    columns: torch.Tensor  # [N] its column among the tower's tokens of that row ([CLS], when any, is 0)
+    feature_columns: torch.Tensor  # [N] its column in the projector's input (which may lack [CLS])
+
+
+def single_row_place(projected: torch.Tensor, received: torch.Tensor, cls: bool, keeps_cls: bool = False):
+    """The place of an item that is the whole of one row (a LLaVA image), if the row's projection is what the
+    LLM received; keeps_cls: the projector's input still has the [CLS] column."""
+    n = received.shape[0]
+    columns = torch.arange(n, device=received.device) + int(cls)
+    features = columns if keeps_cls else columns - int(cls)
+    if projected.shape[0] < 1 or not torch.equal(projected[0, features], received):
+        return None
+    return EncodedPlace(1, torch.zeros_like(columns), columns, features)
+
+
 class Adapter(ABC):
     """Answers model questions for one model family; one subclass (one file) per family."""
 
@@ -77,7 +98,15 @@ class Adapter(ABC):
 
     @property
     def model_info(self) -> ModelInfo:
-        return ModelInfo(self.family, len(self.decoder_layers))
+        return ModelInfo(self.family, len(self.decoder_layers), self._vision_feature_layer())
+
+    def _vision_feature_layer(self) -> int | None:
+        """config.vision_feature_layer (an index into the tower's hidden_states) as an encoder-layer index from the end."""
+        index = getattr(self.model.config, "vision_feature_layer", None)
+        vision = getattr(self.model.config, "vision_config", None)
+        if not isinstance(index, int) or vision is None:
+            return None
+        return index if index < 0 else index - 1 - vision.num_hidden_layers
 
     @property
     def attn_implementation(self) -> str:
@@ -110,6 +139,25 @@ class Adapter(ABC):
     def vision_state_hooks(self, store: dict) -> list:
         raise ValueError(f"vision-layer fusion is not implemented for {type(self.model).__name__}; pass fusion=False")
 
+    # ------------------------------------------------- the vision-encoder stage
+    vision_cls: ClassVar[bool] = True  # the tower's rows start with a [CLS] token
+
+    def vision_encoders(self) -> list[tuple[str, nn.ModuleList]]:
+        """(the kind it encodes, its encoder layers) of each vision tower, for methods acting in the encoder."""
+        raise ValueError(
+            f"methods acting in the vision encoder are not supported on {type(self.model).__name__} "
+            "(see the README's table of methods and families)"
+        )
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def encoded_place(self, item: VisualItem, projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
+        """Where item's tokens are in the rows `projected` [R, T', D] (the projector's output from the item's first
+        row on), found by matching them with the features the LLM received for it, [N, D]; None if they differ."""
+        raise NotImplementedError
+
     def last_query_attention(
         self,
         layer_index: int,
@@ -124,19 +172,42 @@ class Adapter(ABC):
         neither eager attention nor output_attentions. hidden [B, n, D] is the layer's
         input; returns [B, n].
         """
+        attn = self.decoder_layers[layer_index].self_attn
+        query, keys = self.queries_and_keys(layer_index, hidden, position_embeddings, query_index)
+        return last_query_attention(query[:, :, 0], keys, key_mask, attn.scaling)
+
+    def relative_rope(self, hidden: torch.Tensor, position_ids: torch.Tensor | None, valid: torch.Tensor):
+        """(cos, sin) at each sample's positions counted from its first real token, for a 1-D RoPE language model
+        given [B, n] position_ids; None where the given ones already are (Qwen's M-RoPE counts from each sample's
+        first token) or are unknown."""
+        if position_ids is None or position_ids.dim() != 2:
+            return None
+        ids = position_ids.expand(hidden.shape[0], -1)
+        first = torch.where(valid, ids, torch.iinfo(ids.dtype).max).amin(dim=1, keepdim=True)
+        return self.language_model.rotary_emb(hidden, ids - first)
+
+    def queries_and_keys(self, layer_index: int, hidden: torch.Tensor,
+                         position_embeddings: tuple[torch.Tensor, torch.Tensor], query_index: torch.Tensor | None = None):
+        """Decoder layer layer_index's queries and keys for its input hidden [B, n, D], RoPE applied, keys repeated
+        to the query heads: [B, H, n or 1, d] (only each sample's query_index token's query, when given) and
+        [B, H, n, d]."""
         layer = self.decoder_layers[layer_index]
         attn = layer.self_attn
         head_dim = attn.head_dim
         batch, n, _ = hidden.shape
         normed = layer.input_layernorm(hidden)
-        rows = torch.arange(batch, device=hidden.device)
         cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
-
-        query = attn.q_proj(normed[rows, query_index]).view(batch, -1, 1, head_dim)
-        query = apply_rope(query, cos[rows, query_index][:, None], sin[rows, query_index][:, None])[:, :, 0]
+        if query_index is not None:
+            rows = torch.arange(batch, device=hidden.device)
+            normed_queries, cos_q, sin_q = normed[rows, query_index][:, None], cos[rows, query_index][:, None], \
+                sin[rows, query_index][:, None]
+        else:
+            normed_queries, cos_q, sin_q = normed, cos, sin
+        query = attn.q_proj(normed_queries).view(batch, normed_queries.shape[1], -1, head_dim).transpose(1, 2)
+        query = apply_rope(query, cos_q, sin_q)
         keys = attn.k_proj(normed).view(batch, n, -1, head_dim).transpose(1, 2)
         keys = apply_rope(keys, cos, sin).repeat_interleave(attn.num_key_value_groups, dim=1)
-        return last_query_attention(query, keys, key_mask, attn.scaling)
+        return query, keys
 
 
 def place_in_runs(runs: list[list[tuple[int, int]]], layouts, kind: str) -> list[list[VisualItem]]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import Adapter, VisualItem, split_runs
+from .base import Adapter, EncodedPlace, VisualItem, single_row_place, split_runs
 
 
 class LlavaAdapter(Adapter):
@@ -42,6 +42,12 @@ class LlavaAdapter(Adapter):
                 ]
             spans.append(sample)
         return spans
+
+    def vision_encoders(self):
+        return [("image", self.model.model.vision_tower.encoder.layers)]
+
+    def encoded_place(self, item: VisualItem, projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
+        return single_row_place(projected, received, cls=True)
 
     # -------------------------------------------------------- vision-layer fusion
     def vision_state_hooks(self, store: dict) -> list:

@@ -16,7 +16,7 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from ..methods.base import Grid
-from .base import Adapter, VisualItem, place_in_runs, split_runs
+from .base import Adapter, EncodedPlace, VisualItem, place_in_runs, single_row_place, split_runs
 
 
 class LlavaNextAdapter(Adapter):
@@ -58,6 +58,32 @@ class LlavaNextAdapter(Adapter):
 
     def _item(self, start: int, high_resolution: tuple[int, int] | None) -> VisualItem:
         return anyres_item(start, self.side, high_resolution)
+
+    def vision_encoders(self):
+        return [("image", self.model.model.vision_tower.encoder.layers)]
+
+    def encoded_place(self, item: VisualItem, projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
+        """The base image is the item's first row, its tiles the next ones. Which tile grid the image was cut
+        into (image_sizes may be gone: generate() drops them once it has encoded the images) is the one of
+        the pinpoints whose tiles, stitched and unpadded as the model does, give the features received."""
+        base = self.side * self.side
+        found = single_row_place(projected, received[:base], cls=True)
+        if found is None or len(item.parts) == 1:
+            return found
+        rows, cols = item.parts[1].rows, item.parts[1].cols
+        shapes = {(high // self.tile, wide // self.tile) for high, wide in self.model.config.image_grid_pinpoints}
+        for tiles_high, tiles_wide in sorted(shapes):
+            top, left = tiles_high * self.side - rows, tiles_wide * self.side - cols
+            if top < 0 or left < 0 or projected.shape[0] < 1 + tiles_high * tiles_wide:
+                continue
+            y = torch.arange(rows, device=received.device)[:, None] + top // 2  # unpadding crops evenly
+            x = torch.arange(cols, device=received.device)[None, :] + left // 2
+            tile = 1 + (y // self.side * tiles_wide + x // self.side).flatten()
+            within = (y % self.side * self.side + x % self.side).flatten()
+            if torch.equal(projected[tile, within], received[base:]):
+                return EncodedPlace(1 + tiles_high * tiles_wide, torch.cat([found.rows, tile]),
+                                    torch.cat([found.columns, within + 1]), torch.cat([found.feature_columns, within]))
+        return None
 
     def visual_items(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[VisualItem]]:
         runs = [split_runs(torch.nonzero(row == self.image_token_id).flatten()) for row in input_ids]

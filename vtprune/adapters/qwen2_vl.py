@@ -51,6 +51,9 @@ class Qwen2VLAdapter(Adapter):
                 sample.extend(more)
         return [sorted(sample, key=lambda item: item.runs[0][0]) for sample in items]
 
+    def relative_rope(self, hidden, position_ids, valid):
+        return None  # M-RoPE positions already count from each sample's first token
+
     def _items_from_grid_thw(self, runs, grid_thw: torch.Tensor, kind: str) -> list[list[VisualItem]]:
         grids = [(int(t), int(h) // self.merge, int(w) // self.merge) for t, h, w in grid_thw.tolist()]
         layouts = [lambda start, g=grid: (VisualItem.grid(start, g[1], g[2], g[0], kind), g[0] * g[1] * g[2])
@@ -65,9 +68,12 @@ class Qwen2VLAdapter(Adapter):
             sample = []
             for start, length in sample_runs:
                 t, row, col = planes[:, b, start : start + length]
-                frames = int(t.unique().numel())
                 rows, cols = (int(p.amax() - p.amin()) + 1 for p in (row, col))
-                if frames * rows * cols != length:
+                # Frames are whole rows x cols rasters; at a low frame rate several share a temporal position.
+                frames = length // (rows * cols)
+                raster = torch.arange(rows * cols, device=row.device).repeat(max(frames, 1))
+                if frames * rows * cols != length or not torch.equal(row - row.amin(), raster // cols) \
+                        or not torch.equal(col - col.amin(), raster % cols) or bool((t.diff() < 0).any()):
                     raise ValueError(
                         f"the {kind} tokens at position {start} do not form one grid in their M-RoPE positions; "
                         "pass the processor's mm_token_type_ids to forward/generate, which Qwen2-VL needs to place them"

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..methods.base import Grid
-from .base import Adapter, VisualItem, split_runs
+from .base import Adapter, EncodedPlace, VisualItem, single_row_place, split_runs
 
 
 class VideoLlavaAdapter(Adapter):
@@ -54,3 +54,18 @@ class VideoLlavaAdapter(Adapter):
                     sample.append(VisualItem(runs, (Grid(self.side, self.side, count),), "video"))
             items.append(sorted(sample, key=lambda item: item.runs[0][0]))
         return items
+
+    def vision_encoders(self):
+        return [("image", self.model.model.image_tower.encoder.layers),
+                ("video", self.model.model.video_tower.encoder.layers)]
+
+    def encoded_place(self, item: VisualItem, projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
+        if item.kind == "image":
+            return single_row_place(projected, received, cls=True)
+        # A video is one row per frame, each its [CLS] token (kept by the projector, not in the item) and patches.
+        grid = item.parts[0]
+        n = torch.arange(grid.size, device=received.device)
+        rows, columns = n // (grid.rows * grid.cols), n % (grid.rows * grid.cols) + 1
+        if projected.shape[0] < grid.frames or not torch.equal(projected[rows, columns], received):
+            return None
+        return EncodedPlace(grid.frames, rows, columns, columns)

@@ -27,6 +27,7 @@ from . import decode, prefill
 from .compat import EngineError
 from .run import Decision, Prompt, Run
 from .stats import PruneStats, counts_per_layer
+from .vision import VisionRecorder
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 # the multimodal forward's raw visual inputs (Video-LLaVA before transformers 5.23: pixel_values_images)
@@ -58,6 +59,7 @@ class Pruner:
         self._handles = adapter.vision_state_hooks(self._vision_states) if method.fuses_vision_layers else []
         if method.fuses_vision_layers:
             self._handles.append(adapter.projector_fusion_hook(self._vision_states, lambda: self._fusion))
+        self._recorder = VisionRecorder(adapter, method) if method.acts_in_vision else None
         self._handles += [
             adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal_forward, with_kwargs=True),
             adapter.language_model.register_forward_pre_hook(self._on_language_model_forward, with_kwargs=True),
@@ -72,6 +74,8 @@ class Pruner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._recorder is not None:
+            self._recorder.remove()
         self._run = self._text = self._fusion = self._prompt = self._uncached = self._input_ids = None
         self._vision_states.clear()
         if getattr(self.model, "_vtprune_pruner", None) is self:
@@ -194,7 +198,7 @@ class Pruner:
             self._uncached = self._prompt if run.cache is None else None
         run.prefill = False
         run.step_masks = {}
-        run.references, run.attention = {}, None
+        run.references, run.attention, run.probe = {}, None, None
         output.last_hidden_state = prefill.finish(run, output.last_hidden_state)
         return output
 
@@ -230,9 +234,11 @@ class Pruner:
         run = prefill.plan_run(self.adapter, self.method, self.budget, replay, items, self._text, prompt_mask,
                                self._num_layers)
         if not prefill.prunes(run):  # the budget keeps every token: leave the model's computation untouched
+            if self._recorder is not None:
+                self._recorder.take()
             self._record_stats(run)
             return None
-        prefill.begin(run, language_model, kwargs, self._cache_keyword)
+        prefill.begin(run, language_model, kwargs, self._cache_keyword, self._recorder.take() if self._recorder else [])
         run.ids, self._input_ids = self._input_ids, None
         self._run = run
         return args, kwargs

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from ..adapters import Adapter, VisualItem
-from ..methods import LLM_INPUT, ImageView, Method, Selection
+from ..methods import LLM_INPUT, ImageView, LayerProbe, Method, Selection
 from . import cache as kv
+from . import vision
 from .budget import tokens_for_budget
 from .layout import FILL, Layout, decoder_mask, take, take_positions
 from .run import Decision, Run
@@ -37,7 +38,7 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
             visual[b, where] = True
             image_of[b, where] = i
             part[b, where], coords[b, where] = item.token_layout(device)
-            unsliced[b, where] = not method.slices_kv_cache_of(item.kind)
+            unsliced[b, where] = not method.slices_kv_cache_of(item.kind, info.family)
             keep = tokens_for_budget(budget, item.length)
             # A budget that keeps the whole item is a no-op, even for schedules (like CLSE's)
             # whose early stages keep more than the budget and later ones less.
@@ -55,7 +56,8 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
     )
     if replay is not None:
         run.stage_layers = replay.stage_layers
-        if method.slices_kv_cache and run.prompt_length > replay.prompt_length and replay.kept:
+        if method.slices_kv_cache and bool((visual & ~unsliced).any()) and run.prompt_length > replay.prompt_length \
+                and replay.kept:
             kept = torch.zeros_like(visual)
             for b, positions in enumerate(replay.kept[-1]):
                 kept[b, positions.to(device)] = True
@@ -90,9 +92,12 @@ def wants_cache(language_model, kwargs: dict) -> bool:
     return language_model.config.use_cache if use_cache is None else bool(use_cache)
 
 
-def begin(run: Run, language_model, kwargs: dict, cache_keyword: str) -> None:
-    """Start a run at the language model's input: own the KV cache, and apply an LLM-input stage."""
+def begin(run: Run, language_model, kwargs: dict, cache_keyword: str, encoded_calls: list) -> None:
+    """Start a run at the language model's input: own the KV cache, and apply an LLM-input stage
+    (where a method acting in the vision encoder picks from encoded_calls, the tower runs it saw)."""
     embeds = kwargs["inputs_embeds"]
+    if run.method.acts_in_vision and run.replay is None:
+        run.encoded = vision.place_items(run.adapter, encoded_calls, run.items, embeds)
     batch, length, _ = embeds.shape
     _, run.cache = kv.find_cache(kwargs)
     if wants_cache(language_model, kwargs) and run.cache is None:
@@ -119,13 +124,25 @@ def at_layer(run: Run, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.
     if index in run.reference_layers:
         run.references[index] = (hidden, run.layout_at(index - 1))  # before this layer's own stage, if any
     if index in run.layer_layouts:
+        if run.replay is None and method.probe_layer == "stage":  # the stage layer's own q/k, before it prunes
+            previous = run.layout_at(index - 1)
+            cos, sin = kwargs["position_embeddings"]
+            moved = previous.index_in(run.lm_layout)
+            ids = kwargs.get("position_ids")
+            run.probe = _probe(run, index, hidden, (take(cos, moved), take(sin, moved)),
+                               None if ids is None else take_positions(ids, moved), previous)
+        if run.replay is None and method.probe_normed and run.probe is not None:
+            run.probe["normed"] = run.adapter.language_model.norm(hidden)  # what the decoder's final norm makes of it
         hidden = _prune_in_llm(run, index, hidden)
     layout = run.layout_at(index)
     run.kv_layouts[index] = layout
     if layout is not run.lm_layout or run.late_from is not None:
         _substitute_layer_inputs(run, layout, kwargs, hidden)
-    if method.needs_attention and run.replay is None and index + 1 in run.stage_layers:
-        run.attention = _last_query_attention(run, index, hidden, kwargs, layout)
+    if run.replay is None and index + 1 in run.stage_layers:
+        if method.needs_attention:
+            run.attention = _last_query_attention(run, index, hidden, kwargs, layout)
+        if method.probe_layer == "previous":
+            run.probe = _probe(run, index, hidden, kwargs["position_embeddings"], kwargs.get("position_ids"), layout)
     return hidden
 
 
@@ -144,8 +161,8 @@ def _prune_in_llm(run: Run, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     previous = run.layout_at(layer - 1)
     layout, hidden = narrow(run, run.stage_layers.index(layer), previous, hidden, run.attention)
     run.layer_layouts[layer] = layout
-    run.attention = None
-    if run.method.slices_kv_cache and run.cache is not None:
+    run.attention = run.probe = None
+    if run.method.slices_kv_cache and bool((run.visual & ~run.unsliced).any()) and run.cache is not None:
         sliced = {}  # layouts the earlier layers' caches share are sliced once
         for earlier in range(layer):
             held = run.kv_layouts[earlier]
@@ -198,18 +215,30 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
                 chosen.append(positions)
                 continue
             item = run.items[b][i]
-            view = ImageView(
-                hidden=hidden[b, mine], coords=run.coords[b, positions], part=run.part[b, positions],
-                parts=item.parts, keep=keep, layer=layer, stage=own.index(layer), image_index=i,
-                sizes=run.sizes[b, positions], attention=None if attention is None else attention[b, mine],
-                reference=_reference(run, b, positions, item.kind), text=run.text[b],
-            )
+            if run.encoded is not None:
+                view = run.encoded[b][i].view(item, run.coords[b, positions], run.part[b, positions], keep, i,
+                                              run.text[b])
+            else:
+                view = ImageView(
+                    hidden=hidden[b, mine], coords=run.coords[b, positions], part=run.part[b, positions],
+                    parts=item.parts, keep=keep, layer=layer, stage=own.index(layer), image_index=i,
+                    sizes=run.sizes[b, positions], attention=None if attention is None else attention[b, mine],
+                    reference=_reference(run, b, positions, item.kind), text=run.text[b],
+                    probe=_layer_probe(run, b, mine),
+                )
+                if run.references:
+                    view.item_reference = _reference(run, b, item.positions(hidden.device), item.kind)
+                    view.text_reference = _reference(run, b, _text_positions(run, b), item.kind)
             picked = _checked_selection(run.method, view)
+            if isinstance(picked, Selection) and run.encoded is not None:  # merged projector inputs: project them
+                projected = run.adapter.projector(picked.hidden[None].to(view.features.dtype))[0]
+                picked = Selection(picked.keep, projected, picked.sizes, picked.destination)
             if isinstance(picked, Selection):
                 run.sizes[b, positions[picked.keep]] = picked.sizes.to(run.sizes.dtype)
                 values.append((positions[picked.keep], picked.hidden))
-                sources.append(positions)
-                targets.append(positions[picked.keep][picked.destination])
+                merged_in = picked.destination >= 0  # -1: dropped without being merged anywhere
+                sources.append(positions[merged_in])
+                targets.append(positions[picked.keep][picked.destination[merged_in]])
                 picked = picked.keep
             chosen.append(positions[picked])
         kept.append(torch.cat(chosen) if chosen else layout.positions[b, :0])
@@ -235,6 +264,13 @@ def _reference(run: Run, sample: int, positions: torch.Tensor, kind: str) -> tor
     return hidden[sample, layout.slots_of(sample, positions)]
 
 
+def _text_positions(run: Run, sample: int) -> torch.Tensor:
+    """The sample's prompt positions that hold text: neither padding nor a visual placeholder."""
+    placeholders = torch.tensor(run.adapter.placeholder_ids, device=run.prompt_mask.device)
+    ids = run.ids[sample, : run.prompt_length]
+    return torch.nonzero(run.prompt_mask[sample].bool() & ~torch.isin(ids, placeholders)).flatten()
+
+
 def _checked_selection(method: Method, view: ImageView) -> torch.Tensor | Selection:
     picked = method.select(view)
     indices = (picked.keep if isinstance(picked, Selection) else picked).flatten().long()
@@ -258,6 +294,33 @@ def _last_query_attention(run: Run, layer: int, hidden, kwargs, layout: Layout) 
     query_index = torch.where(valid, slots, -1).amax(dim=1)
     key_mask = valid & (slots[None] <= query_index[:, None])
     return run.adapter.last_query_attention(layer, hidden, kwargs["position_embeddings"], query_index, key_mask)
+
+
+def _probe(run: Run, layer: int, hidden: torch.Tensor, position_embeddings, position_ids, layout: Layout) -> dict:
+    """Decoder layer `layer`'s queries and keys over every sample, on `layout`, for LayerProbes. RoPE is applied at
+    sample-relative positions (the first real token at 0) where the model's are 1-D: a plain forward of a left-padded
+    batch numbers positions by slot, and key norms (unlike attention) are not invariant to that shift."""
+    relative = run.adapter.relative_rope(hidden, position_ids, layout.valid)
+    query, key = run.adapter.queries_and_keys(layer, hidden, relative or position_embeddings)
+    return {"query": query, "key": key, "hidden": hidden, "layout": layout,
+            "scaling": run.adapter.decoder_layers[layer].self_attn.scaling}
+
+
+def _layer_probe(run: Run, sample: int, mine: torch.Tensor) -> LayerProbe | None:
+    """Sample `sample`'s LayerProbe over its tokens present in the probed layout, for the item at slots `mine`."""
+    if run.probe is None:
+        return None
+    probe = run.probe
+    present = torch.nonzero(probe["layout"].valid[sample]).flatten()  # neither padding nor fill
+    positions = probe["layout"].positions[sample, present]
+    placeholder = torch.isin(run.ids[sample, positions], torch.tensor(run.adapter.placeholder_ids, device=present.device))
+    normed = probe.get("normed")
+    return LayerProbe(
+        query=probe["query"][sample][:, present], key=probe["key"][sample][:, present],
+        hidden=probe["hidden"][sample, present], scaling=probe["scaling"], visual=torch.searchsorted(present, mine),
+        text=torch.nonzero(~placeholder).flatten(), last=present.numel() - 1,
+        normed=None if normed is None else normed[sample, present],
+    )
 
 
 def _substitute_layer_inputs(run: Run, layout: Layout, kwargs, hidden) -> None:

@@ -86,6 +86,7 @@ class Run:
     merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
     moved: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     attention: torch.Tensor | None = None  # last-query attention for the next stage, over the current layout
+    probe: dict | None = None  # queries, keys, hidden, scaling, layout (and normed) of the layer a method probes
     # decoder layer -> (its input, the layout that input is on), for methods that compare against it
     references: dict[int, tuple[torch.Tensor, Layout]] = field(default_factory=dict)
     reference_layers: set[int] = field(default_factory=set)
@@ -99,6 +100,7 @@ class Run:
     ids: torch.Tensor | None = None  # [B, prompt + generated] the conversation's token ids, where known
     tail_valid: torch.Tensor | None = None  # [B, generated] during decode
     step_masks: dict[int, Any] = field(default_factory=dict)  # per-forward cache of built masks / positions
+    encoded: list[list[Any]] | None = None  # [sample][item] where a vision-stage method finds it (EncodedItem)
 
     @property
     def input_pruned(self) -> bool:

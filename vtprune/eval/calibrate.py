@@ -15,23 +15,12 @@ import torch
 from tqdm import tqdm
 
 import vtprune
+from vtprune.methods.clasp import fusion_candidates
 from vtprune.router import CLASSES
 
 from .runner import predict
 
 SPLITS = (0.5, 0.25, 0.75, 1.0)  # the default first: it wins ties
-
-
-def fusion_candidates(own_layer: int, num_states: int) -> list[dict[int, float] | None]:
-    """The model's own layer first, then each of the last three layers alone and mixes of the last two and three."""
-    last = [num_states - 1 - i for i in range(3) if num_states - 1 - i >= 1]
-    own = own_layer % num_states
-    candidates: list[dict[int, float] | None] = [None]
-    candidates += [{layer: 1.0} for layer in last if layer != own]
-    for count in (2, 3):
-        if len(last) >= count:
-            candidates.append({layer: 1.0 / count for layer in last[:count]})
-    return candidates
 
 
 def accuracy(model, processor, samples, prompt, budget, options) -> float:

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-from .base import LLM_INPUT, Grid, ImageView, Method, ModelInfo, Selection, Stage
+from .base import (LLM_INPUT, Grid, ImageView, LayerProbe, Method, ModelInfo, Selection, Stage, VisionLayer,
+                   VisionView)
 from .clasp import CLASP
 from .clse import CLSE
 from .clse_merge import CLSEMerge
+from .dart import DART
+from .divprune import DivPrune
 from .fastv import FastV
+from .hired import HiRED
+from .pdrop import PDrop
+from .pool import Pool
+from .prumerge_plus import PruMergePlus
 from .random_subset import RandomSubset
+from .sparsevlm import SparseVLM
 from .uniform_grid import UniformGrid
+from .visionzip import VisionZip
+from .vispruner import VisPruner
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (CLASP, CLSE, CLSEMerge, FastV, RandomSubset, UniformGrid)}
+REGISTRY: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (CLASP, CLSE, CLSEMerge, DART, DivPrune, FastV, HiRED, PDrop, Pool, PruMergePlus, RandomSubset, SparseVLM,
+                UniformGrid, VisionZip, VisPruner)
+}
 
 
 def get_method(name: str) -> type[Method]:
@@ -20,4 +34,5 @@ def get_method(name: str) -> type[Method]:
         raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["LLM_INPUT", "REGISTRY", "Grid", "ImageView", "Method", "ModelInfo", "Selection", "Stage", "get_method"]
+__all__ = ["LLM_INPUT", "REGISTRY", "Grid", "ImageView", "LayerProbe", "Method", "ModelInfo", "Selection", "Stage", "VisionLayer",
+           "VisionView", "get_method"]

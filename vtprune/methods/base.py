@@ -27,6 +27,8 @@ class ModelInfo:
 
     family: str  # the adapter's family name, e.g. "llava", "qwen2_vl"
     num_layers: int  # decoder layers
+    # the vision-encoder layer (negative index) whose output the projector receives, where there is one
+    vision_feature_layer: int | None = None
 
 
 def scale_layers(layers: tuple[int, ...], authors_depth: int, depth: int) -> tuple[int, ...]:
@@ -60,6 +62,22 @@ class Grid:
 
 
 @dataclass
+class LayerProbe:
+    """One decoder layer's queries and keys over a whole sample at prefill, for methods that score with
+    text tokens (raters, pivots) or with a stage layer's own attention. Computed from the layer's norm
+    and q/k projections with RoPE, so eager and sdpa give the same."""
+
+    query: torch.Tensor  # [H, L, d] the sample's tokens present at that layer (padding excluded), RoPE applied
+    key: torch.Tensor  # [H, L, d] keys, RoPE applied, repeated to the query heads
+    hidden: torch.Tensor  # [L, D] the layer's input hidden states (before its input norm)
+    scaling: float  # softmax(query @ key^T * scaling) with a causal mask is the layer's attention
+    visual: torch.Tensor  # [N] rows (in L) of the view's tokens, in view order
+    text: torch.Tensor  # [T] rows of the prompt's text tokens (neither visual nor padding), in order
+    last: int  # row of the prompt's last token
+    normed: torch.Tensor | None = None  # [L, D] the decoder's final norm of the stage layer's input (probe_normed)
+
+
+@dataclass
 class ImageView:
     """One visual item's (an image's or a video's) surviving tokens at one stage.
 
@@ -80,6 +98,11 @@ class ImageView:
     attention: torch.Tensor | None = None  # [N] last-query attention at the layer before, when the method asks
     reference: torch.Tensor | None = None  # [N, D] the same tokens entering the method's reference_layer, when it asks
     text: torch.Tensor | None = None  # the sample's prompt tokens that are neither visual nor padding
+    probe: LayerProbe | None = None  # when the method has a probe_layer
+    # when the method needs_reference: every original token of the item, and the sample's text tokens (in the
+    # order of probe.text), as they entered the reference layer, whatever earlier stages kept
+    item_reference: torch.Tensor | None = None  # [N0, D]
+    text_reference: torch.Tensor | None = None  # [T, D]
 
     @classmethod
     def of_grid(cls, hidden: torch.Tensor, rows: int, cols: int, **fields) -> "ImageView":
@@ -103,13 +126,59 @@ class ImageView:
 
 
 @dataclass
+class VisionLayer:
+    """What one vision-encoder layer computed its attention from, for the rows an item was encoded in.
+
+    A row is one image, anyres tile or video frame of the tower's batch; token 0 of each
+    row is the tower's [CLS] token when `cls` is True. Attention is never requested from
+    the model: methods compute what they need from these (see primitives.cls_attention).
+    """
+
+    query: torch.Tensor  # [R, H, T, d] the layer's queries (bias included, no RoPE in ViTs)
+    key: torch.Tensor  # [R, H, T, d]
+    scaling: float  # softmax(query @ key^T * scaling) is the layer's attention
+    cls: bool
+
+
+@dataclass
+class VisionView:
+    """One visual item's tokens as the vision encoder produced them, for a method acting before the projector.
+
+    Tokens are the item's (in item order, as in ImageView); `rows` / `columns` say where
+    each one sits in the tower's rows, so per-row quantities ([CLS] attention, keys) can be
+    gathered for them. Padding tokens of anyres tiles that never reach the LLM are in the
+    rows but not among the item's tokens.
+    """
+
+    features: torch.Tensor  # [N, D] what the projector receives for each token (merges are made here)
+    coords: torch.Tensor  # [N, 3] (frame, row, col) of each token in its part's grid
+    part: torch.Tensor  # [N] which of `parts` each token belongs to
+    parts: tuple[Grid, ...]
+    rows: torch.Tensor  # [N] the tower row (image, tile, frame) each token was encoded in
+    columns: torch.Tensor  # [N] its index among its row's T tokens (the [CLS] token, when any, is 0)
+    layers: dict[int, VisionLayer]  # keyed as the method's vision_layers names them (e.g. -2)
+    keep: int
+    image_index: int
+    kind: str = "image"
+    text: torch.Tensor | None = None  # the sample's prompt tokens that are neither visual nor padding
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.features
+
+
+@dataclass
 class Selection:
-    """A merging method's answer: the kept tokens, and the hidden states and sizes they carry on with."""
+    """A merging method's answer: the kept tokens, and the hidden states and sizes they carry on with.
+
+    For a method acting in the vision encoder, `hidden` is in the projector's input space
+    (VisionView.features); the engine projects it.
+    """
 
     keep: torch.Tensor  # [k] indices into the view's tokens
     hidden: torch.Tensor  # [k, D]
     sizes: torch.Tensor  # [k]
-    destination: torch.Tensor  # [N] the slot in keep each of the view's tokens went to
+    destination: torch.Tensor  # [N] the slot in keep each of the view's tokens went to (-1: dropped, merged nowhere)
 
 
 class Method(ABC):
@@ -120,8 +189,21 @@ class Method(ABC):
     where: ClassVar[str]  # a person's description of where it acts, for `vtprune methods`
     needs_attention: ClassVar[bool] = False
     needs_reference: ClassVar[bool] = False
+    # "stage": the view carries a LayerProbe of each stage layer itself (PDrop, SparseVLM score with the layer
+    # they prune at); "previous": of the layer before it (DART's keys at layer K-1).
+    probe_layer: ClassVar[str | None] = None
+    probe_normed: ClassVar[bool] = False  # the probe also carries LayerProbe.normed (DART's similarity states)
     slices_kv_cache: bool = False  # drop pruned tokens from the KV cache of the layers before each stage too
+    # (the default of slices_kv_cache_of, which the engine asks per item)
     fuses_vision_layers: bool = False  # the projector gets a per-sample mix of vision layers (vision_fusion)
+    # Picks before the projector (its one stage is at the LLM input, where the rest are dropped): select gets a
+    # VisionView, and a merging Selection's hidden states are projector inputs.
+    acts_in_vision: ClassVar[bool] = False
+
+    def vision_layers(self, model: "ModelInfo") -> tuple[int, ...]:
+        """For a method that acts_in_vision: the vision-encoder layers (indices into the tower's layers;
+        negative counts from the end) whose queries and keys its VisionView carries."""
+        return ()
 
     def vision_fusion(self, text_ids: torch.Tensor) -> dict[int, float] | None:
         """Weights per vision hidden-state index for a sample's images; None keeps the model's own layer."""
@@ -169,7 +251,7 @@ class Method(ABC):
                     )
             if layers != sorted(set(layers)):
                 raise ValueError(f"method {self.name!r} needs increasing stage layers; got {layers}")
-            if (self.needs_attention or self.needs_reference) and LLM_INPUT in layers:
+            if (self.needs_attention or self.needs_reference or self.probe_layer) and LLM_INPUT in layers:
                 raise ValueError(
                     f"method {self.name!r} scores with an earlier layer's attention: its stage layers must be >= 1")
             if self.needs_reference and any(self.reference_layer(model, kind) >= layer for layer in layers):
@@ -187,8 +269,9 @@ class Method(ABC):
         """The decoder layer whose input is an item's `ImageView.reference` (for methods that need one)."""
         return LLM_INPUT
 
-    def slices_kv_cache_of(self, kind: str) -> bool:
-        """Whether an item of this kind's pruned tokens leave the KV cache of the layers before each stage too."""
+    def slices_kv_cache_of(self, kind: str, family: str) -> bool:
+        """Whether an item of this kind's pruned tokens leave the KV cache of the layers before each stage too,
+        on a model of this family (ModelInfo.family)."""
         return self.slices_kv_cache
 
     @abstractmethod

@@ -1,15 +1,26 @@
 """CLASP (2026): class-adaptive layer fusion and dual-stage pivot/completion pruning.
 
-The instruction's class (vtprune.router) picks (a) the mix of vision-encoder layers
-the projector receives and (b) how each stage's budget splits between pivot tokens
-(relevance: last-query attention) and completion tokens (coverage: greedy max-min
-cosine distance to everything chosen so far). Stages at decoder layers 2/6/15 of 32.
+From the paper (arXiv 2604.12767: abstract, introduction, Figure 1, project page): a
+router maps the instruction to a question class; the class sets (a) how vision-encoder
+layers are fused into the features the projector receives and (b) how the token budget
+R splits between attention-salient *pivot* tokens (relevance) and redundancy-aware
+*completion* tokens (coverage); R tokens are kept ("192 retained tokens, 66.7% reduction").
+Figure 1 sweeps five fusion strategies from shallow- to deep-weighted.
 
-The paper's code is not released. Where it is silent these are the project's
-decisions: the six classes and a rule-based router; fusion over the vision layers
-with per-class weights and splits fitted by `vtprune calibrate` (identity fusion and
-an even split without a table); stage keep counts 2R / 1.5R / R for a nominal budget
-R, so the last stage keeps exactly the budget.
+The paper's code is not released and does not say where pruning happens, which attention
+gives salience, what completion is, the class set or the router. The project's reading:
+- one pruning step before decoder layer K=2 (as FastV and DART, which CLASP reports
+  beating) keeps R tokens: pivots are the top of the last-query attention at layer K-1,
+  completion tokens are added by greedy max-min cosine coverage (farthest point) against
+  everything chosen so far; the class's split is the pivots' share of R;
+- fusion candidates (`fusion_candidates`, searched by `vtprune calibrate`): the model's own
+  feature layer, and five mixes A-E of a shallow, a middle and the deep (feature) layer,
+  from shallow- to deep-weighted; per-class weights and splits come from the calibration
+  table (identity fusion and an even split without one);
+- six classes and a rule-based English/Chinese router (vtprune.router), overridable.
+`progressive=True` runs the earlier schedule instead: stages at layers 2/6/15 of 32 (scaled
+to depth) keeping 2R / 1.5R / R, a schedule that spends far more compute (its equivalent
+budget is well above R) and is never the default.
 """
 
 from __future__ import annotations
@@ -25,9 +36,26 @@ from ..router import CLASSES, checked, route
 from .base import ImageView, Method, ModelInfo, Stage, scale_layers
 from .primitives import farthest_point, topk_in_order
 
-AUTHORS_LAYERS, AUTHORS_DEPTH = (2, 6, 15), 32
-DEFAULT_MULTIPLIERS = (2.0, 1.5, 1.0)
+STEP_LAYER = 2  # K: one step, before decoder layer 2 (layers 0..1 see every visual token)
+PROGRESSIVE_LAYERS, PROGRESSIVE_DEPTH = (2, 6, 15), 32
+PROGRESSIVE_MULTIPLIERS = (2.0, 1.5, 1.0)
 DEFAULT_SPLIT = 0.5
+# Strategies A-E: weights of a shallow, a middle and the deep (the model's feature) layer, shallow- to deep-weighted.
+FUSION_STRATEGIES = ((0.6, 0.3, 0.1), (0.4, 0.4, 0.2), (1 / 3, 1 / 3, 1 / 3), (0.2, 0.4, 0.4), (0.1, 0.3, 0.6))
+
+
+def fusion_candidates(own_layer: int, num_states: int) -> list[dict[int, float] | None]:
+    """The fusions calibration tries: None (the model's own feature layer), then strategies A-E over the hidden
+    states at a quarter and half of the tower's depth and the feature layer (indices as in `hidden_states`)."""
+    deep = own_layer % num_states
+    shallow, middle = max(1, round(deep / 4)), max(1, round(deep / 2))
+    candidates: list[dict[int, float] | None] = [None]
+    for weights in FUSION_STRATEGIES:
+        mix: dict[int, float] = {}
+        for layer, weight in zip((shallow, middle, deep), weights):
+            mix[layer] = mix.get(layer, 0.0) + weight  # a shallow tower may give two of them the same layer
+        candidates.append(mix)
+    return candidates
 
 
 @dataclass(frozen=True)
@@ -53,7 +81,7 @@ def load_calibration(source: str | Path | dict) -> dict[str, ClassSettings]:
 class CLASP(Method):
     name = "clasp"
     summary = "class-adaptive vision-layer fusion; per stage, pivots by attention + completion by max-min coverage"
-    where = "vision features + inside the LLM, layers 2/6/15 of 32"
+    where = "vision features + inside the LLM, before layer K=2"
     needs_attention = True
 
     @dataclass(frozen=True)
@@ -65,8 +93,9 @@ class CLASP(Method):
         fusion: bool = True  # False: the projector gets the model's own feature layer (ablation)
         completion: bool = True  # False: pivots only (ablation)
         split: float | None = None  # one pivot share for every class, overriding the table (ablation)
-        layers: tuple[int, ...] | None = None  # stage layers; default 2/6/15 scaled to the depth
-        multipliers: tuple[float, ...] = DEFAULT_MULTIPLIERS  # keep per stage, in budgets
+        progressive: bool = False  # the 3-stage schedule (2/6/15 of 32, keeping 2R/1.5R/R) instead of one step
+        layers: tuple[int, ...] | None = None  # stage layers instead (default: (2,), or 2/6/15 scaled to depth)
+        multipliers: tuple[float, ...] | None = None  # keep per stage, in budgets (default: (1,), or 2/1.5/1)
 
     @classmethod
     def validate(cls, options: "CLASP.Options") -> None:
@@ -79,7 +108,8 @@ class CLASP(Method):
             raise ValueError(f"question_class must be one of {', '.join(CLASSES)}; got {options.question_class!r}")
         if options.split is not None and not 0.0 <= options.split <= 1.0:
             raise ValueError(f"split is the pivots' share of a stage and must lie in [0, 1]; got {options.split}")
-        if options.layers is not None and len(options.layers) != len(options.multipliers):
+        if options.layers is not None and options.multipliers is not None and \
+                len(options.layers) != len(options.multipliers):
             raise ValueError("clasp needs one multiplier per stage layer")
 
     def __init__(self, options: "CLASP.Options"):
@@ -110,11 +140,13 @@ class CLASP(Method):
         return self.settings(text_ids).fusion
 
     def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
-        layers = self.options.layers or scale_layers(AUTHORS_LAYERS, AUTHORS_DEPTH, model.num_layers)
-        if len(layers) != len(self.options.multipliers):
-            raise ValueError(f"clasp needs one multiplier per stage layer; got layers={layers} "
-                             f"multipliers={self.options.multipliers}")
-        return [Stage(layer, min(num_tokens, max(1, round(budget * m)))) for layer, m in zip(layers, self.options.multipliers)]
+        progressive = self.options.progressive
+        layers = self.options.layers or (scale_layers(PROGRESSIVE_LAYERS, PROGRESSIVE_DEPTH, model.num_layers)
+                                         if progressive else (STEP_LAYER,))
+        multipliers = self.options.multipliers or (PROGRESSIVE_MULTIPLIERS if progressive else (1.0,))
+        if len(layers) != len(multipliers):
+            raise ValueError(f"clasp needs one multiplier per stage layer; got layers={layers} multipliers={multipliers}")
+        return [Stage(layer, min(num_tokens, max(1, round(budget * m)))) for layer, m in zip(layers, multipliers)]
 
     def select(self, view: ImageView) -> torch.Tensor:
         share = self.settings(view.text).split

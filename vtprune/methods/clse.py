@@ -7,6 +7,13 @@ stage layer (Z_K). Tokens whose magnitude changed most, relative to the referenc
 get a sigmoid gate near 1; the score is gate x last-query attention at layer K-1.
 Later stages have no whole grid and use the attention alone. Three stages at decoder
 layers 1/11/21 of 32 (1/10/19 of 28 for Qwen2-VL), with the authors' keep counts.
+
+Per family, as the authors' code: on LLaVA the KV cache of the layers before each stage
+is sliced to the kept tokens too; their Qwen2-VL code has that slicing commented out
+(`Qwen2VL/clse_qwen2vl_model.py`), so on Qwen2-VL and Qwen2.5-VL the early layers'
+cache stays whole by default (`slice_kv` overrides both). Qwen2-VL's keep counts are
+ratios of the item's visual tokens: a table for the three reported retain ratios, the
+multipliers 1.71/1.08/0.294 of the retain ratio otherwise (see qwen_keep_counts).
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ SCORES = ("clse_attn", "clse", "attn")
 # The authors' keep counts per stage for LLaVA-1.5's budgets, and their multipliers otherwise.
 LLAVA_COUNTS = {192: (330, 210, 62), 128: (220, 140, 41), 64: (110, 70, 20)}
 LLAVA_MULTIPLIERS = (1.72, 1.09, 0.32)
-QWEN_MULTIPLIERS = (1.71, 1.08, 0.294)  # of budget = ratio x visual tokens; floored, as the authors do
+# Qwen2-VL (Qwen2VL/clse_qwen2vl_model.py): per retain ratio r, each stage keeps int(N x ratio) of the item's N
+# visual tokens (at least 1): a table for the three reported ratios, r x the multipliers otherwise.
+QWEN_RATIOS = {0.334: (0.57, 0.36, 0.098), 0.223: (0.38, 0.24, 0.066), 0.112: (0.19, 0.12, 0.034)}
+QWEN_MULTIPLIERS = (1.71, 1.08, 0.294)
 LLAVA_LAYERS, QWEN_LAYERS = ((1, 11, 21), 32), ((1, 10, 19), 28)
 # The authors' video branch (Video-LLaVA, 32 layers): reference at the input of layer 2, one stage before layer 3.
 VIDEO_LAYERS = ((2, 3), 32)
@@ -61,6 +71,25 @@ def evolution_gate(reference: torch.Tensor, current: torch.Tensor, tau: float) -
     return torch.sigmoid(z / tau)
 
 
+def qwen_keep_counts(budget: int, num_tokens: int) -> tuple[int, ...]:
+    """Per stage, the tokens one Qwen2-VL item of num_tokens keeps at a budget, as the authors' code.
+
+    The authors take a retain ratio r (an environment variable) and keep int(N x ratio) at
+    each stage: the table's ratios when r is one of 0.334/0.223/0.112, else r x the
+    multipliers. vtprune's budget reaches the method as a token count (a fraction budget
+    is rounded by the engine): it is read as a table's r when that r rounds to it on this
+    item (round(r x N) == budget, so budget=0.334 and budget=round(0.334 x N) agree; on
+    items too small to tell the table's ratios apart, the one nearest budget / N), else as
+    r = budget / N.
+    """
+    ratio = budget / num_tokens
+    matches = [r for r in QWEN_RATIOS if max(1, round(r * num_tokens)) == budget]
+    if matches:
+        table = QWEN_RATIOS[min(matches, key=lambda r: abs(r - ratio))]
+        return tuple(max(1, int(num_tokens * share)) for share in table)
+    return tuple(max(1, int(num_tokens * (ratio * m))) for m in QWEN_MULTIPLIERS)
+
+
 def video_layers(model: ModelInfo) -> tuple[int, int]:
     """(reference layer, stage layer) of the authors' video branch, rescaled to this decoder's depth."""
     return scale_layers(*VIDEO_LAYERS, model.num_layers)
@@ -86,7 +115,9 @@ class CLSE(Method):
         keep: tuple[int, ...] | None = None  # tokens per image after each stage; default: the authors' counts
         cutoff: float = 0.1
         tau: float = 0.1
-        slice_kv: bool = True  # drop pruned tokens from the KV cache of earlier layers too, as the authors do
+        # Drop pruned tokens from the KV cache of earlier layers too. None: as the authors per family (LLaVA
+        # families slice; Qwen2-VL and Qwen2.5-VL, whose released code has the slicing commented out, do not).
+        slice_kv: bool | None = None
 
     @classmethod
     def validate(cls, options: "CLSE.Options") -> None:
@@ -101,7 +132,7 @@ class CLSE(Method):
 
     @property
     def slices_kv_cache(self) -> bool:
-        return self.options.slice_kv
+        return self.options.slice_kv is not False  # on some family; slices_kv_cache_of says per item
 
     def item_stages(self, model: ModelInfo, budget: int, num_tokens: int, kind: str) -> list[Stage]:
         if kind != "video":
@@ -111,20 +142,24 @@ class CLSE(Method):
     def reference_layer(self, model: ModelInfo, kind: str) -> int:
         return video_layers(model)[0] if kind == "video" else 0
 
-    def slices_kv_cache_of(self, kind: str) -> bool:
-        return self.slices_kv_cache and kind != "video"  # the video branch keeps the early layers' cache whole
+    def slices_kv_cache_of(self, kind: str, family: str) -> bool:
+        if kind == "video":
+            return False  # the video branch keeps the early layers' cache whole
+        if self.options.slice_kv is None:
+            return family not in QWEN_FAMILIES  # the authors' Qwen2-VL code leaves the cache whole
+        return self.options.slice_kv
 
     def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
         layers = self.options.layers or scaled_layers(model)
-        counts = self.options.keep or self.keep_counts(model, budget, len(layers))
+        counts = self.options.keep or self.keep_counts(model, budget, len(layers), num_tokens)
         if len(counts) != len(layers):
             raise ValueError(f"clse needs one keep count per stage layer; got layers={layers} keep={counts}")
         return [Stage(layer, min(count, num_tokens)) for layer, count in zip(layers, counts)]
 
     @staticmethod
-    def keep_counts(model: ModelInfo, budget: int, stages: int) -> tuple[int, ...]:
+    def keep_counts(model: ModelInfo, budget: int, stages: int, num_tokens: int) -> tuple[int, ...]:
         if model.family in QWEN_FAMILIES:
-            counts = tuple(max(1, int(budget * m)) for m in QWEN_MULTIPLIERS)
+            counts = qwen_keep_counts(budget, num_tokens)
         else:
             counts = LLAVA_COUNTS.get(budget) or tuple(max(1, round(budget * m)) for m in LLAVA_MULTIPLIERS)
         if stages != len(counts):

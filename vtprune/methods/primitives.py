@@ -146,3 +146,48 @@ def farthest_point(features: torch.Tensor, chosen: torch.Tensor, k: int) -> torc
         taken[pick] = True
         nearest = torch.minimum(nearest, 1 - unit @ unit[pick])
     return torch.tensor(picks, dtype=torch.long, device=unit.device)
+
+
+def _row_attention(layer, rows: torch.Tensor) -> torch.Tensor:
+    """[R', H, T, T] softmax attention of the given tower rows (layer: a VisionLayer)."""
+    query, key = layer.query[rows].float(), layer.key[rows].float()
+    return (query @ key.transpose(-1, -2) * layer.scaling).softmax(dim=-1)
+
+
+def cls_attention(layer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """[H, N]: per head, the attention the [CLS] query of each token's row pays to the token.
+
+    The softmax runs over the whole row ([CLS] and every patch, padding tiles' included), as in the tower.
+    """
+    if not layer.cls:
+        raise ValueError("this vision tower has no [CLS] token")
+    logits = torch.einsum("rhd,rhtd->rht", layer.query[:, :, 0].float(), layer.key.float()) * layer.scaling
+    attention = logits.softmax(dim=-1)  # [R, H, T]
+    return attention[rows, :, columns].T
+
+
+def received_attention(layer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """[N]: the attention each token receives, averaged over its row's queries and the heads
+    (the substitute for [CLS] attention on towers without one)."""
+    used = torch.unique(rows)
+    attention = _row_attention(layer, used).mean(dim=(1, 2))  # [R', T]
+    return attention[torch.searchsorted(used, rows), columns]
+
+
+def mean_keys(layer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """[N, d]: each token's key averaged over heads (the similarity metric of VisionZip and ToMe)."""
+    return layer.key[rows, :, columns].float().mean(dim=1)
+
+
+def row_groups(rows: torch.Tensor, columns: torch.Tensor, keep: int) -> list[tuple[torch.Tensor, int]]:
+    """An item's tokens grouped by the tower row they were encoded in, with keep split over the rows.
+
+    Returns, per row in ascending row order, (the indices of its tokens in ascending column
+    order, how many of them to keep): keep is split in proportion to the rows' token counts
+    (split_budget: largest remainders, earlier rows first on ties). For the methods that
+    select per encoded image / anyres tile / video frame, as their authors do per tower row.
+    """
+    order = torch.argsort(rows * (int(columns.max()) + 1 if columns.numel() else 1) + columns)
+    _, counts = torch.unique_consecutive(rows[order], return_counts=True)
+    budgets = split_budget(counts.tolist(), keep)
+    return list(zip(torch.split(order, counts.tolist()), budgets))

@@ -1,0 +1,273 @@
+"""VisionZip against an independent numpy reading of the authors' CLIPVisionTower_VisionZip.forward; behaviour."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from vtprune.methods import Grid, ModelInfo, Selection, Stage, VisionLayer, VisionView
+from vtprune.methods.visionzip import VisionZip, split_counts
+
+HEADS, HEAD_DIM, DIM = 4, 8, 16
+
+
+def make_view(placements, rows_total, width, parts, keep, seed, cls=True, kind="image"):
+    """A VisionView of random q/k/features; placements: (tower row, column) of each item token, in item order."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(rows_total, HEADS, width, HEAD_DIM, generator=g)
+    key = torch.randn(rows_total, HEADS, width, HEAD_DIM, generator=g)
+    n = len(placements)
+    rows = torch.tensor([r for r, _ in placements])
+    columns = torch.tensor([c for _, c in placements])
+    coords = torch.zeros(n, 3, dtype=torch.long)
+    return VisionView(
+        features=torch.randn(n, DIM, generator=g), coords=coords, part=torch.zeros(n, dtype=torch.long), parts=parts,
+        rows=rows, columns=columns, layers={-2: VisionLayer(query, key, HEAD_DIM**-0.5, cls)}, keep=keep,
+        image_index=0, kind=kind,
+    )
+
+
+def single(keep, seed=0, side=8, cls=True):
+    first = 1 if cls else 0
+    return make_view([(0, first + i) for i in range(side * side)], 1, first + side * side, (Grid(side, side),), keep,
+                     seed, cls)
+
+
+def anyres(keep, seed=1, cls=True):
+    """A LLaVA-NeXT-like item: an 8x8 base row, then an 8x12 high-res grid over two 8x8 tiles (the second
+    tile's last 4 columns are padding, never the item's): the grid's raster order interleaves the tiles."""
+    first = 1 if cls else 0
+    base = [(0, first + i) for i in range(64)]
+    high = [(1 + c // 8, first + r * 8 + c % 8) for r in range(8) for c in range(12)]
+    return make_view(base + high, 3, first + 64, (Grid(8, 8), Grid(8, 12)), keep, seed, cls)
+
+
+def video(keep, seed=2):
+    placements = [(f, 1 + i) for f in range(4) for i in range(16)]
+    return make_view(placements, 4, 17, (Grid(4, 4, frames=4),), keep, seed, kind="video")
+
+
+# ----------------------------------------------------------------------------- the independent reading
+
+
+def softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def proportional(counts, keep):
+    """Largest remainders, earlier rows first on ties (the documented per-item split)."""
+    total = sum(counts)
+    shares = [Fraction(keep * c, total) for c in counts]
+    base = [int(s) for s in shares]
+    order = sorted(range(len(counts)), key=lambda i: (-(shares[i] - base[i]), i))
+    for i in order[: keep - sum(base)]:
+        base[i] += 1
+    return base
+
+
+def reference(view, share=10 / 64):
+    """Returns {token: (feature, size)} of the kept tokens and, per token, the kept token it went to (-1: dropped)."""
+    layer = view.layers[-2]
+    q, k = layer.query.double().numpy(), layer.key.double().numpy()
+    feats = view.features.double().numpy()
+    rows, columns = view.rows.numpy(), view.columns.numpy()
+    n = feats.shape[0]
+    kept, went = {}, np.full(n, -1)
+    row_ids = sorted(set(rows.tolist()))
+    budgets = proportional([int((rows == r).sum()) for r in row_ids], view.keep)
+    for r, budget in zip(row_ids, budgets):
+        idx = np.nonzero(rows == r)[0]
+        idx = idx[np.argsort(columns[idx])]
+        attn = softmax(q[r] @ k[r].transpose(0, 2, 1) * layer.scaling)  # [H, T, T]
+        if layer.cls:
+            score = attn[:, 0, :].sum(axis=0)  # [CLS] row, summed over heads
+        else:
+            score = attn.mean(axis=(0, 1))  # received attention
+        score = score[columns[idx]]
+        contextual = int(np.floor(budget * share + 0.5))
+        dominant = budget - contextual
+        top = np.argsort(-score, kind="stable")[:dominant]
+        mask = np.ones(len(idx), dtype=bool)  # True: not dominant (the authors' mask)
+        mask[top] = False
+        for t in idx[~mask]:
+            kept[int(t)] = (feats[t], 1.0)
+            went[t] = t
+        if contextual == 0:
+            continue
+        metric = k[r].mean(axis=0)[columns[idx]][mask]
+        hidden_filtered = feats[idx[mask]]
+        metric = metric / np.linalg.norm(metric, axis=-1, keepdims=True)
+        m = metric.shape[0]
+        step = max(1, m // contextual)
+        target = np.arange(0, m, step)[:contextual]
+        merging = ~np.isin(np.arange(m), target)
+        similarity = metric[merging] @ metric[target].T
+        one_hot = np.zeros((merging.sum(), contextual))
+        one_hot[np.arange(merging.sum()), similarity.argmax(axis=1)] = 1
+        counts = one_hot.sum(axis=0)
+        aggregated = one_hot.T @ hidden_filtered[merging] / np.maximum(counts, 1)[:, None]
+        contextual_tokens = hidden_filtered[target] + aggregated
+        filtered_ids = idx[mask]
+        for j, t in enumerate(filtered_ids[target]):
+            kept[int(t)] = (contextual_tokens[j], 1.0 + counts[j])
+            went[t] = t
+        for i, t in enumerate(filtered_ids[merging]):
+            went[t] = filtered_ids[target][similarity[i].argmax()]
+    return kept, went
+
+
+def check(view, share=10 / 64):
+    method = VisionZip(VisionZip.Options(contextual_share=share))
+    picked = method.select(view)
+    kept, went = reference(view, share)
+    keep = picked.keep if isinstance(picked, Selection) else picked
+    assert keep.numel() == view.keep == len(kept)
+    assert sorted(keep.tolist()) == sorted(kept) and keep.tolist() == sorted(keep.tolist())
+    if not isinstance(picked, Selection):
+        assert all(size == 1 for _, size in kept.values())
+        assert ((went == -1) | (went == np.arange(len(went)))).all()
+        return
+    for slot, token in enumerate(keep.tolist()):
+        feature, size = kept[token]
+        np.testing.assert_allclose(picked.hidden[slot].double().numpy(), feature, rtol=1e-5, atol=1e-5)
+        assert float(picked.sizes[slot]) == size
+    destination = picked.destination.numpy()
+    assert ((destination == -1) == (went == -1)).all()
+    assert (keep.numpy()[destination[went != -1]] == went[went != -1]).all()
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3, 4, 7, 10, 16, 33, 50, 63])
+def test_single_image_matches_the_reference(keep):
+    check(single(keep))
+
+
+@pytest.mark.parametrize("keep", [1, 5, 12, 18, 64, 100, 159])
+def test_anyres_matches_the_reference(keep):
+    check(anyres(keep))
+
+
+@pytest.mark.parametrize("keep", [1, 4, 9, 20, 40, 63])
+def test_video_frames_match_the_reference(keep):
+    check(video(keep))
+
+
+@pytest.mark.parametrize("keep", [1, 6, 20, 63])
+def test_a_tower_without_cls_uses_received_attention(keep):
+    check(single(keep, seed=3, cls=False))
+    check(anyres(keep, seed=4, cls=False))
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_other_shares_match_the_reference(share):
+    for keep in (1, 8, 30, 63):
+        check(single(keep, seed=5), share)
+
+
+def test_the_whole_item_is_kept_at_its_size():
+    view = anyres(160)
+    assert torch.equal(VisionZip(VisionZip.Options()).select(view), torch.arange(160))
+
+
+# ----------------------------------------------------------------------------- behaviour
+
+
+def test_the_authors_counts():
+    assert [split_counts(k, 10 / 64) for k in (64, 128, 192)] == [(54, 10), (108, 20), (162, 30)]
+    assert split_counts(1, 10 / 64) == (1, 0) and split_counts(4, 10 / 64) == (3, 1)
+
+
+def test_llava_budget_64_keeps_the_54_top_cls_patches_and_10_strided_anchors():
+    view = single(64, seed=6, side=24)
+    picked = VisionZip(VisionZip.Options()).select(view)
+    layer = view.layers[-2]
+    logits = torch.einsum("hd,htd->ht", layer.query[0, :, 0].double(), layer.key[0].double()) * layer.scaling
+    cls = logits.softmax(-1).sum(0)[1:]
+    dominant = set(torch.topk(cls, 54).indices.tolist())
+    assert dominant <= set(picked.keep.tolist())
+    rest = [t for t in range(576) if t not in dominant]  # 522 candidates: step 52, anchors 0, 52, ..., 468
+    anchors = {rest[i] for i in range(0, 522, 52)[:10]}
+    assert set(picked.keep.tolist()) == dominant | anchors
+    assert float(picked.sizes.sum()) == 576
+    for slot, token in enumerate(picked.keep.tolist()):
+        if token in dominant:
+            assert float(picked.sizes[slot]) == 1 and torch.equal(picked.hidden[slot], view.features[token])
+
+
+def hand_view(keys, features, keep):
+    """One row: [CLS] then len(keys) patches; every head's [CLS] query is e1, every head sees the same keys."""
+    width = keys.shape[0] + 1
+    key = torch.zeros(1, HEADS, width, keys.shape[1])
+    key[0, :, 1:] = keys
+    query = torch.zeros(1, HEADS, width, keys.shape[1])
+    query[0, :, 0, 0] = 1.0
+    n = keys.shape[0]
+    return VisionView(
+        features=features, coords=torch.zeros(n, 3, dtype=torch.long), part=torch.zeros(n, dtype=torch.long),
+        parts=(Grid(1, n),), rows=torch.zeros(n, dtype=torch.long), columns=torch.arange(1, n + 1),
+        layers={-2: VisionLayer(query, key, 1.0, True)}, keep=keep, image_index=0)
+
+
+def test_the_merge_is_the_anchor_plus_the_mean_of_its_tokens():
+    e = torch.eye(4)
+    # 0, 1 dominant (keys along the [CLS] query); candidates 2..7: step 3, anchors 2 and 5;
+    # 3 and 4 resemble 2, 6 resembles 5; 7 resembles 2 too, so 5 gets one token only.
+    keys = torch.stack([8 * e[0], 7 * e[0], e[1], e[1] + 0.1 * e[2], e[1] - 0.1 * e[3], e[2], e[2] + 0.2 * e[3],
+                        e[1] + 0.1 * e[3]])
+    features = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3)
+    picked = VisionZip(VisionZip.Options(contextual_share=0.5)).select(hand_view(keys, features, 4))
+    assert picked.keep.tolist() == [0, 1, 2, 5]
+    torch.testing.assert_close(picked.hidden[0], features[0])
+    torch.testing.assert_close(picked.hidden[2], features[2] + (features[3] + features[4] + features[7]) / 3)
+    torch.testing.assert_close(picked.hidden[3], features[5] + features[6])
+    assert picked.sizes.tolist() == [1, 1, 4, 2]
+    assert picked.destination.tolist() == [0, 1, 2, 2, 2, 3, 3, 2]
+
+
+def test_an_anchor_nothing_joins_keeps_its_feature_and_small_rows_drop_their_rest():
+    e = torch.eye(4)
+    keys = torch.stack([8 * e[0], e[1], e[1], e[2], e[1], e[1]])
+    features = torch.randn(6, 3, dtype=torch.float64)
+    # candidates 1..5, 2 anchors, step 2: anchors 1 and 3 (key e2, alone)
+    picked = VisionZip(VisionZip.Options(contextual_share=0.5)).select(hand_view(keys, features, 3))
+    assert picked.keep.tolist() == [0, 1, 3] and picked.hidden.dtype == torch.float64
+    torch.testing.assert_close(picked.hidden[2], features[3])
+    assert picked.sizes.tolist() == [1, 4, 1]
+    # Budget 3 at the default share: no contextual token; only the [CLS]-attention top 3 survive.
+    plain = VisionZip(VisionZip.Options()).select(hand_view(keys * torch.tensor([1.0, 0, 0, 0]) + e[0] * torch.arange(
+        6.0)[:, None], features, 3))
+    assert isinstance(plain, torch.Tensor) and plain.tolist() == [0, 4, 5]
+
+
+def test_mixed_rows_mark_dropped_tokens_with_minus_one():
+    view = anyres(12)  # rows get 5, 5, 2: one contextual token in the first two rows, none in the third
+    picked = VisionZip(VisionZip.Options()).select(view)
+    third = (view.rows == 2).numpy()
+    dropped = picked.destination.numpy() == -1
+    assert dropped.sum() == third.sum() - 2 and not dropped[~third].any()
+    assert float(picked.sizes.sum()) == 160 - dropped.sum()
+    kept = picked.keep.numpy()
+    assert (picked.destination.numpy()[kept] == np.arange(12)).all()
+
+
+def test_half_precision_features_come_back_in_their_dtype():
+    view = single(16, seed=7)
+    view.features = view.features.half()
+    picked = VisionZip(VisionZip.Options()).select(view)
+    assert picked.hidden.dtype == torch.float16 and picked.keep.numel() == 16
+
+
+def test_interface():
+    method = VisionZip(VisionZip.Options())
+    assert method.vision_layers(ModelInfo("llava", 32)) == (-2,)
+    assert method.vision_layers(ModelInfo("llava_next", 32)) == (-2,)
+    assert method.vision_layers(ModelInfo("llava_onevision", 28)) == (-1,)
+    assert VisionZip(VisionZip.Options(layer=-3)).vision_layers(ModelInfo("llava", 32)) == (-3,)
+    assert method.stages(ModelInfo("llava", 32), 64, 576) == [Stage(0, 64)]
+    assert VisionZip.defaults() == {"contextual_share": 10 / 64, "layer": None}
+    with pytest.raises(ValueError, match="contextual_share"):
+        VisionZip.parse_options({"contextual_share": 1.5})
+    with pytest.raises(TypeError):
+        VisionZip.parse_options({"dominant": 54})

@@ -1,0 +1,192 @@
+"""VisPruner against an independent numpy reading of the authors' encode_images, and its behaviour."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from vtprune.methods import Grid, ModelInfo, Stage, VisionLayer, VisionView
+from vtprune.methods.vispruner import VisPruner, deduplicate
+
+HEADS, HEAD_DIM, DIM = 4, 8, 16
+
+
+def make_view(placements, rows_total, width, parts, keep, seed, cls=True, kind="image", features=None):
+    """A VisionView of random q/k/features; placements: (tower row, column) of each item token, in item order."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(rows_total, HEADS, width, HEAD_DIM, generator=g)
+    key = torch.randn(rows_total, HEADS, width, HEAD_DIM, generator=g)
+    n = len(placements)
+    if features is None:
+        features = torch.randn(n, DIM, generator=g, dtype=torch.float64)  # float64: the loop is chaotic under rounding
+    return VisionView(
+        features=features, coords=torch.zeros(n, 3, dtype=torch.long), part=torch.zeros(n, dtype=torch.long),
+        parts=parts, rows=torch.tensor([r for r, _ in placements]), columns=torch.tensor([c for _, c in placements]),
+        layers={-2: VisionLayer(query, key, HEAD_DIM**-0.5, cls)}, keep=keep, image_index=0, kind=kind,
+    )
+
+
+def single(keep, seed=0, side=8, cls=True, features=None):
+    first = 1 if cls else 0
+    return make_view([(0, first + i) for i in range(side * side)], 1, first + side * side, (Grid(side, side),), keep,
+                     seed, cls, features=features)
+
+
+def anyres(keep, seed=1, cls=True):
+    """An 8x8 base row, then an 8x12 high-res grid over two 8x8 tiles (the second tile's last 4 columns are
+    padding): the grid's raster order interleaves the tiles."""
+    first = 1 if cls else 0
+    base = [(0, first + i) for i in range(64)]
+    high = [(1 + c // 8, first + r * 8 + c % 8) for r in range(8) for c in range(12)]
+    return make_view(base + high, 3, first + 64, (Grid(8, 8), Grid(8, 12)), keep, seed, cls)
+
+
+def video(keep, seed=2):
+    return make_view([(f, 1 + i) for f in range(4) for i in range(16)], 4, 17, (Grid(4, 4, frames=4),), keep, seed,
+                     kind="video")
+
+
+# ----------------------------------------------------------------------------- the independent reading
+
+
+def softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def proportional(counts, keep):
+    total = sum(counts)
+    shares = [Fraction(keep * c, total) for c in counts]
+    base = [int(s) for s in shares]
+    for i in sorted(range(len(counts)), key=lambda i: (-(shares[i] - base[i]), i))[: keep - sum(base)]:
+        base[i] += 1
+    return base
+
+
+def reference(view, ratio=0.5, per_round=8):
+    """The kept token indices: per row, important by head-averaged [CLS] attention, then the matching-and-pruning
+    loop on the normalised features (with the documented fix for odd residuals)."""
+    layer = view.layers[-2]
+    q, k = layer.query.double().numpy(), layer.key.double().numpy()
+    features = view.features.double().numpy()
+    normalized = features / np.linalg.norm(features, axis=-1, keepdims=True)
+    rows, columns = view.rows.numpy(), view.columns.numpy()
+    if view.keep >= len(rows):
+        return list(range(len(rows)))
+    selected = []
+    row_ids = sorted(set(rows.tolist()))
+    for r, budget in zip(row_ids, proportional([int((rows == r).sum()) for r in row_ids], view.keep)):
+        idx = np.nonzero(rows == r)[0]
+        idx = idx[np.argsort(columns[idx])]
+        attention = softmax(q[r] @ k[r].transpose(0, 2, 1) * layer.scaling)
+        attention = attention[:, 0, :].mean(axis=0) if layer.cls else attention.mean(axis=(0, 1))
+        important_num = int(budget * ratio)
+        diverse_num = budget - important_num
+        token_indices = idx[np.argsort(-attention[columns[idx]], kind="stable")]
+        important, residual = token_indices[:important_num], token_indices[important_num:]
+        while diverse_num > 0:
+            size = len(residual)
+            r_ = min(per_round, size - diverse_num)
+            if r_ <= 0:
+                break
+            a, b = residual[::2], residual[1::2]
+            scores = (normalized[a] @ normalized[b].T).max(axis=-1)
+            distinct = np.argsort(-scores, kind="stable")[min(r_, len(a)):]
+            residual = np.concatenate([a[distinct], b])
+        selected += important.tolist() + (residual.tolist() if diverse_num > 0 else [])
+    return sorted(selected)
+
+
+def check(view, ratio=0.5, per_round=8):
+    picked = VisPruner(VisPruner.Options(important_ratio=ratio, per_round=per_round)).select(view)
+    assert picked.tolist() == reference(view, ratio, per_round)
+    assert picked.numel() == min(view.keep, view.features.shape[0]) == picked.unique().numel()
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3, 10, 16, 32, 50, 63, 64])
+def test_single_image_matches_the_reference(keep):
+    check(single(keep))
+
+
+@pytest.mark.parametrize("keep", [1, 5, 12, 33, 64, 100, 159])
+def test_anyres_matches_the_reference(keep):
+    check(anyres(keep))
+
+
+@pytest.mark.parametrize("keep", [1, 4, 9, 20, 40, 63])
+def test_video_frames_match_the_reference(keep):
+    check(video(keep))
+
+
+@pytest.mark.parametrize("keep", [1, 7, 20, 63])
+def test_a_tower_without_cls_uses_received_attention(keep):
+    check(single(keep, seed=3, cls=False))
+    check(anyres(keep, seed=4, cls=False))
+
+
+@pytest.mark.parametrize("ratio, per_round", [(0.0, 8), (0.25, 8), (0.75, 8), (1.0, 8), (0.5, 1), (0.5, 3)])
+def test_other_settings_match_the_reference(ratio, per_round):
+    for keep in (1, 9, 30, 63):
+        check(single(keep, seed=5), ratio, per_round)
+
+
+def test_llava_sizes_match_the_reference():
+    check(single(64, seed=6, side=24))
+    check(single(128, seed=6, side=24), ratio=0.75)
+    check(single(192, seed=6, side=24))
+
+
+# ----------------------------------------------------------------------------- behaviour
+
+
+def cls_ranking(view):
+    layer = view.layers[-2]
+    logits = torch.einsum("hd,htd->ht", layer.query[0, :, 0].double(), layer.key[0].double()) * layer.scaling
+    return logits.softmax(-1).mean(0)[1:]
+
+
+def test_important_tokens_are_the_top_cls_attention_ones():
+    view = single(48, seed=7, side=24)
+    top = set(torch.topk(cls_ranking(view), 48).indices.tolist())
+    assert set(VisPruner(VisPruner.Options(important_ratio=1.0)).select(view).tolist()) == top
+    half = set(VisPruner(VisPruner.Options()).select(view).tolist())
+    assert set(torch.topk(cls_ranking(view), 24).indices.tolist()) <= half and not top <= half
+
+
+def test_a_round_drops_the_even_tokens_most_similar_to_the_odd_ones():
+    e = torch.eye(6, dtype=torch.float64)
+    # residual order 0..5: a = 0, 2, 4 and b = 1, 3, 5; token 4 duplicates 1, token 0 is close to 3
+    unit = torch.stack([e[0] + 0.5 * e[3], e[1], e[2], e[3], e[1], e[5]])
+    unit = torch.nn.functional.normalize(unit, dim=-1)
+    residual = torch.arange(6)
+    assert deduplicate(unit, residual, 5, 8).tolist() == [0, 2, 1, 3, 5]  # 4 dropped; survivors a by score, then b
+    assert deduplicate(unit, residual, 4, 8).tolist() == [2, 1, 3, 5]
+    # two rounds of one: the first leaves [0, 2, 1, 3, 5], so the second splits a = 0, 1, 5 against b = 2, 3
+    assert deduplicate(unit, residual, 4, 1).tolist() == [1, 5, 2, 3]
+
+
+def test_an_odd_residual_and_a_short_one_do_not_break_the_loop():
+    unit = torch.nn.functional.normalize(torch.randn(7, 4, generator=torch.Generator().manual_seed(8)), dim=-1)
+    for count in range(1, 7):
+        out = deduplicate(unit, torch.arange(7), count, 8)
+        assert out.numel() == count and out.unique().numel() == count
+
+
+def test_the_whole_item_is_kept_at_its_size():
+    assert torch.equal(VisPruner(VisPruner.Options()).select(anyres(160)), torch.arange(160))
+
+
+def test_interface():
+    method = VisPruner(VisPruner.Options())
+    assert method.vision_layers(ModelInfo("llava", 32)) == (-2,)
+    assert method.vision_layers(ModelInfo("video_llava", 32)) == (-2,)
+    assert method.vision_layers(ModelInfo("llava_onevision", 28)) == (-1,)
+    assert VisPruner(VisPruner.Options(layer=-4)).vision_layers(ModelInfo("llava", 32)) == (-4,)
+    assert method.stages(ModelInfo("llava", 32), 128, 576) == [Stage(0, 128)]
+    assert VisPruner.defaults() == {"important_ratio": 0.5, "per_round": 8, "layer": None}
+    with pytest.raises(ValueError, match="important_ratio"):
+        VisPruner.parse_options({"important_ratio": -0.1})
+    with pytest.raises(ValueError, match="per_round"):
+        VisPruner.parse_options({"per_round": 0})

@@ -1,0 +1,157 @@
+"""The vision-encoder stage: what a method acting before the projector sees, and how its choice lands.
+
+While the vision encoder runs, hooks keep the queries and keys of the layers the method
+names (computed from each layer's own projections, so eager and sdpa towers give the
+same) and the projector's input. The decision itself is made at the LLM input, where
+every item's placeholder positions are known: each item's tokens are found in the
+encoded rows (an image, an anyres tile, a video frame), the method picks (and may merge,
+in the projector's input space), merged tokens are projected, and the LLM-input stage
+drops the rest. Placeholders, mask and positions thus shrink the same way as for any
+LLM-input method, and every kept token keeps its own position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import Adapter, VisualItem
+from ..adapters.base import EncodedPlace
+from ..methods import Method, VisionLayer, VisionView
+from .compat import EngineError
+
+
+@dataclass
+class EncodedCall:
+    """One run of a vision tower and the projector after it."""
+
+    kind: str  # "image" or "video": what the tower encoded
+    layers: dict[int, VisionLayer] = field(default_factory=dict)  # keyed by the method's layer names
+    features: torch.Tensor | None = None  # [R, T', D] the projector's input
+    projected: torch.Tensor | None = None  # [R, T', D_llm] its output
+
+
+class VisionRecorder:
+    """Hooks that keep, per tower run, the q/k of the method's vision layers and the projector's input and output."""
+
+    def __init__(self, adapter: Adapter, method: Method):
+        self.adapter = adapter
+        self.calls: list[EncodedCall] = []
+        self._pending: EncodedCall | None = None  # a tower run whose projector has not run yet
+        self._projecting: EncodedCall | None = None
+        self.handles = []
+        names = method.vision_layers(adapter.model_info)
+        for kind, layers in adapter.vision_encoders():
+            self.handles.append(layers[0].register_forward_pre_hook(self._start_hook(kind)))
+            for name in names:
+                self.handles.append(layers[name].self_attn.register_forward_pre_hook(self._layer_hook(name), with_kwargs=True))
+        projector = adapter.projector
+        self.handles.append(projector.register_forward_pre_hook(self._before_projector))
+        self.handles.append(projector.register_forward_hook(self._after_projector))
+
+    def _start_hook(self, kind: str):
+        def hook(module, args):
+            self._pending = EncodedCall(kind)
+
+        return hook
+
+    def _layer_hook(self, name: int):
+        def hook(module, args, kwargs):
+            if self._pending is None:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            split = (*hidden.shape[:2], -1, module.head_dim)
+            query = module.q_proj(hidden).view(split).transpose(1, 2)
+            key = module.k_proj(hidden).view(split).transpose(1, 2)
+            scaling = getattr(module, "scaling", None) or module.scale
+            self._pending.layers[name] = VisionLayer(query, key, float(scaling), self.adapter.vision_cls)
+
+        return hook
+
+    def _before_projector(self, module, args):
+        # The engine's own projection of merged tokens comes with no tower run before it: not a call.
+        self._projecting, self._pending = self._pending, None
+        if self._projecting is not None:
+            self._projecting.features = args[0]
+
+    def _after_projector(self, module, args, output):
+        call, self._projecting = self._projecting, None
+        if call is not None:
+            call.projected = output
+            self.calls.append(call)
+
+    def take(self) -> list[EncodedCall]:
+        """The calls recorded since the last take (a prefill's images, encoded by its forward or ahead of it)."""
+        calls, self.calls = self.calls, []
+        return calls
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.calls, self._pending, self._projecting = [], [], None, None
+
+
+def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[VisualItem]],
+                embeds: torch.Tensor) -> list[list["EncodedItem"]]:
+    """Each item's place in the recorded rows of its kind, checked against the features the LLM received."""
+    by_kind: dict[str, list[EncodedCall]] = {}
+    for call in calls:
+        by_kind.setdefault(call.kind, []).append(call)
+    encoded = {kind: _concatenated(group) for kind, group in by_kind.items()}
+    next_row = dict.fromkeys(encoded, 0)
+    placed = []
+    for b, sample in enumerate(items):
+        row = []
+        for item in sample:
+            call = encoded.get(item.kind)
+            if call is None:
+                raise EngineError(f"a {item.kind} reached the language model, but vtprune saw no vision-tower run "
+                                  "encode it (were its features computed before vtprune.apply?)")
+            start = next_row[item.kind]
+            received = embeds[b, item.positions(embeds.device)]
+            place = adapter.encoded_place(item, call.projected[start:].to(received.dtype), received)
+            if place is None:
+                raise EngineError(f"vtprune cannot find the {item.kind} of sample {b} at position {item.runs[0][0]} "
+                                  f"among the vision tower's rows (from row {start}): its features differ from every "
+                                  "candidate's")
+            next_row[item.kind] = start + place.count
+            row.append(EncodedItem(call, start, place))
+        placed.append(row)
+    for kind, call in encoded.items():
+        if next_row[kind] != call.features.shape[0]:
+            raise EngineError(f"the vision tower encoded {call.features.shape[0]} {kind} rows, but the prompt's "
+                              f"{kind}s take {next_row[kind]}")
+    return placed
+
+
+@dataclass
+class EncodedItem:
+    """Where one visual item's tokens are in the rows of its call."""
+
+    call: EncodedCall
+    first_row: int
+    place: "EncodedPlace"
+
+    def view(self, item: VisualItem, coords, part, keep: int, index: int, text) -> VisionView:
+        rows = slice(self.first_row, self.first_row + self.place.count)
+        layers = {name: VisionLayer(layer.query[rows], layer.key[rows], layer.scaling, layer.cls)
+                  for name, layer in self.call.layers.items()}
+        place = self.place
+        return VisionView(
+            features=self.call.features[rows][place.rows, place.feature_columns], coords=coords, part=part,
+            parts=item.parts, rows=place.rows, columns=place.columns, layers=layers, keep=keep, image_index=index,
+            kind=item.kind, text=text,
+        )
+
+
+def _concatenated(calls: list[EncodedCall]) -> EncodedCall:
+    if len(calls) == 1:
+        return calls[0]
+    layers = {
+        name: VisionLayer(torch.cat([c.layers[name].query for c in calls]), torch.cat([c.layers[name].key for c in calls]),
+                          first.scaling, first.cls)
+        for name, first in calls[0].layers.items()
+    }
+    return EncodedCall(calls[0].kind, layers, torch.cat([c.features for c in calls]),
+                       torch.cat([c.projected for c in calls]))

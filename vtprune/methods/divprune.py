@@ -1,0 +1,88 @@
+"""DivPrune (CVPR'25): the most diverse subset of each visual item's tokens, at the LLM input.
+
+Read from the authors' released code (vbdi/divprune, `LLaVA/llava/model/llava_arch.py`,
+`DivPrune`): the tokens are the projected visual features as they enter the language
+model; the distance between two tokens is 1 - their cosine similarity; the selection is
+greedy max-min diversity:
+
+- first pick: the token whose nearest other token is farthest, i.e. the largest
+  second-smallest entry of its column of the distance matrix (the smallest being its
+  own distance, ~0);
+- every next pick: the token whose distance to the nearest token picked so far is
+  largest;
+- ties go to the lowest index (argmax's first maximum);
+- the kept tokens then keep their original order and positions.
+
+Deviation (documented, on purpose): the authors' loop does not exclude tokens already
+picked, so a token can be picked twice; their kept list then holds a repeat and keeps
+fewer distinct tokens than asked. That happens only when no unpicked token is farther
+from the picked set than a picked token is from itself (its self-distance, 0 up to
+rounding): every remaining token is an exact (or, within rounding, a near) duplicate
+of a picked one, or ties with it exactly. vtprune returns distinct tokens (the engine
+checks), so picked tokens are excluded here: in that case this picks the unpicked token
+farthest from the picked set (lowest index on ties) where the authors repeat one. On
+inputs without such ties the picks are the authors'.
+
+Two smaller differences, for numerical robustness: distances are computed in float32 at
+least (the authors compute them in the model's dtype, fp16 in their runs), which can
+change the order of near-ties; and a zero feature vector is taken as a zero unit vector
+(distance 1 to every token) where the authors' division by its norm gives NaN.
+The authors select over the first image of a sample at a hard-coded offset; here every
+visual item (an image, or a whole video) is selected on its own, over all its tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import LLM_INPUT, ImageView, Method, ModelInfo, Stage
+
+_BLOCK = 1 << 24  # distance-matrix entries computed at once (64 MB in float32) for the first pick
+
+
+def nearest_neighbour_distance(unit: torch.Tensor) -> torch.Tensor:
+    """[N] per token, the second-smallest entry of its column of 1 - unit @ unit.T (the smallest is its own
+    distance), in column blocks so that large items (videos) never hold the whole N x N matrix."""
+    n = unit.shape[0]
+    step = max(1, _BLOCK // n)
+    return torch.cat([
+        (1 - unit @ unit[start : start + step].T).topk(2, dim=0, largest=False).values[1]
+        for start in range(0, n, step)
+    ])
+
+
+def max_min_diversity(features: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune's greedy max-min selection on cosine distance: k distinct indices into features [N, D],
+    in pick order (see the module docstring for the first pick, ties, and the one deviation)."""
+    n = features.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=features.device)
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long, device=features.device)
+    unit = torch.nn.functional.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
+    picks = torch.empty(k, dtype=torch.long, device=unit.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=unit.device)
+    score = nearest_neighbour_distance(unit)
+    for i in range(k):
+        if i:
+            score = score.masked_fill(taken, float("-inf"))  # the deviation: the authors do not mask
+        pick = score.argmax().view(1)  # stays on the device: no host sync per pick
+        picks[i : i + 1] = pick
+        taken[pick] = True
+        distance = 1 - unit @ unit.index_select(0, pick)[0]
+        # After the first pick the score is each token's distance to its nearest picked token.
+        score = distance if i == 0 else torch.minimum(score, distance)
+    return picks
+
+
+class DivPrune(Method):
+    name = "divprune"
+    summary = "greedy max-min cosine diversity of the projected visual tokens (authors' first pick and order)"
+    where = "LLM input"
+
+    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
+        return [Stage(LLM_INPUT, budget)]
+
+    def select(self, view: ImageView) -> torch.Tensor:
+        return max_min_diversity(view.hidden, view.keep).sort().values

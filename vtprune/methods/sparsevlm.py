@@ -1,0 +1,287 @@
+"""SparseVLM (ICML'25): text raters score the visual tokens at three sparse layers; part of the dropped tokens
+is recycled into cluster tokens.
+
+Read from the authors' released code at the repository's `v1.5` tag (Gumpest/SparseVLMs, commit b9619e6;
+the ICML'25 method; `main` is SparseVLM+ v2.0, a different method, and the first release `91fb6d9` and the
+`video` branch keep rank(relation) tokens instead of a schedule):
+`llava/model/language_model/modelling_sparse_llama.py` (`LlamaDynamicvitModel.forward`, the sparse-layer
+branch of `LlamaDynamicvitDecoderLayer.forward` and `LlamaDynamicvitFlashAttention2.forward` with
+`return_logits=True`), `score.py` (`attn_postprocess_topk`, the schedule) and `utils.py` (`cluster_and_merge`).
+
+1. Raters, chosen once per prompt from the LLM's input embeddings (decoder layer 0's input): with V the
+   image's visual embeddings [N0, D] and T the embeddings of the text tokens that follow the image [T, D],
+   relevance = softmax over the text tokens of V T^T (raw dot products, no scaling), averaged over the visual
+   tokens -> [T]; the raters are the text tokens whose relevance is above its mean over the text tokens.
+2. At each sparse layer l (2, 6, 15 of 32) the layer runs on every token it has; its own attention
+   (softmax(q k^T / sqrt(d)) with the causal mask, RoPE applied) from the raters' rows to the image's current
+   tokens, averaged over heads and raters, is the score. The top `count` tokens by score are kept
+   (count = the schedule's, at most the current tokens - 1).
+3. Recycling: of the d dropped tokens, the int(0.3 d) + 1 with the highest scores are clustered into
+   int(m / 10) + 1 clusters (m the recycled count) by density-peak clustering (DPC-kNN) on the layer's OUTPUT
+   hidden states: distances ||x_i - x_j|| / sqrt(D); density exp(-mean of the squared distances to the
+   cluster_num nearest, self included); parent distance = distance to the nearest denser token (the largest
+   distance of all when none is denser); centres = the cluster_num tokens with the largest parent distance x
+   density; every token joins its nearest centre (first on ties), each centre its own cluster. Each cluster
+   becomes one token: the plain mean of its members. The other ~70% of the dropped tokens are discarded.
+   The image then has count + clusters tokens, all of which the next sparse layer scores again.
+4. Schedule (`score.py`, `retained_tokens` in 192/128/64): counts 300/200/110, 303/110/36, 66/30/17.
+
+As vtprune runs it:
+- Stages. The authors' sparse layer l runs on all its tokens (its KV cache holds them all), scores with its own
+  attention and prunes its OUTPUT; so in vtprune the stages are before decoder layers l + 1 = 3/7/16 of 32
+  (`scale_layers` to other depths), scored with the probe of the layer before each stage
+  (probe_layer = "previous"), and the KV caches of the layers before a stage are not sliced
+  (slices_kv_cache = False: every layer caches what it ran on, as theirs).
+- Budget. The authors' `retained_tokens` (192/128/64) is their own average of visual tokens over the 32 layers
+  (their comment "2*576 4*300 10*200 16*110"; they count a sparse layer with its pruned count), not a final
+  count. vtprune's budget is read as that nominal label: at 576 tokens budget 192/128/64 runs their counts
+  exactly, and each stage keeps count + clusters tokens: 309/204/113, 312/117/39, 82/32/18. The final kept
+  count (113/39/18) is NOT the budget; the equivalent budget (visual tokens averaged over all 32 decoder
+  layers as vtprune's stats count them: 3 x 576, 4 x K1, 9 x K2, 16 x K3) is 206.5 / 145.4 / 82.25
+  (the authors' own count, one layer earlier each stage: 192.0 / 128.6 / 64.8).
+- Other budgets and item sizes (our rule; the authors' README says to edit score.py): with r = budget / N,
+  each stage's count is N x g(r), g piecewise linear in r through the authors' three points
+  (r = 64/576, 128/576, 192/576 -> count / 576) and proportional to r outside them (through 0 below 64/576,
+  from the 192 point above 192/576), rounded to the nearest, at least 1, at most the tokens present - 1
+  (as the authors' topk). So at the authors' three retain ratios any N gets their schedule scaled by N / 576.
+- A Stage's keep is count + clusters (the tokens the image has after it). `select` recovers the split from
+  (N, keep): the largest count with count + clusters(N - count) == keep (the function is non-decreasing in
+  count with steps of 0 or 1, so one exists whenever keep >= 1 + clusters(N - 1)). At the authors' points the
+  split is theirs (tested). A smaller keep (only a hand-set schedule or a direct call gives one) is plain
+  top-keep selection without recycling.
+- Raters need the LLM-input embeddings of the item's ORIGINAL tokens and of the text tokens: the view's
+  `item_reference` ([N0, D], every token of the item at decoder layer 0's input, in item order) and
+  `text_reference` ([T, D], the rows `probe.text` names, at decoder layer 0's input, in that order). The raters
+  are recomputed from them at every stage (identical each time, so "chosen once" holds without state).
+
+Deviations, on purpose:
+- Positions: the authors pack the kept visual tokens, then the cluster tokens, then the text, and re-number
+  every position contiguously (`position_ids[:, :new_len]`), so their later layers (and later sparse layers'
+  attention) see compacted positions. vtprune keeps every token's original position; a cluster token has none
+  of its own in the authors' code, so it takes the position of its DPC centre (a member of the cluster, chosen
+  deterministically), and its merged value replaces that token's hidden state (Selection: keep = the kept
+  tokens + the centres; destination = the cluster's slot for recycled members, -1 for the discarded ones).
+- Which text rates: the authors' one image is followed by the question and "ASSISTANT:"; they take every token
+  after the image (never the system prompt before it). Here: the prompt's text tokens after the item's last
+  token (per item, so each image of a multi-image prompt chooses its own raters); if no text follows the item,
+  all the prompt's text tokens; if the relevance is flat (no token above its mean, e.g. one candidate), all
+  candidates rate; with no text at all, the prompt's last token. The authors' code is batch-1 (`mask[0]`) with
+  hard-coded spans (35 pre-prompt tokens, 576 visual); here everything comes from the probe's rows per sample.
+- Noise: the authors add unseeded uniform noise x 1e-6 to the densities to break ties; in their fp16 it is
+  lost to rounding for any density above 2^-8 (half of fp16's spacing there exceeds 1e-6), so ties mostly stay
+  ties there. None is added here: a token is denser only when strictly denser. Ties are real: mutual nearest
+  neighbours have exactly equal densities when clusters = 2 (the density uses self + 1 neighbour), so such a
+  pair can both become centres, as in the authors' fp16 runs; every density is 1 when clusters = 1, and the
+  centre is then the recycled token with the highest score (the authors': the noise's pick). Ties in
+  the top-k, in the recycled top-30% and among centres go to the lower index (stable sorts; the recycled tokens
+  are ordered by decreasing score, as the authors' topk orders them).
+- Merge: the authors' weights are all 1 and their 1e-6 in the denominator vanishes in fp16: the plain mean.
+  A cluster token's size is the sum of its members' sizes (bookkeeping only).
+- Precision: everything in float32 (the authors: fp16 embeddings, attention, distances); pairwise distances
+  are exact differences computed in row blocks (not the Gram-matrix shortcut).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import ImageView, Method, ModelInfo, Selection, Stage, scale_layers
+
+# The authors' sparse layers (2, 6, 15 of 32) prune their own output: vtprune's stages are one layer later.
+STAGE_LAYERS = ((3, 7, 16), 32)
+# score.py: top-k counts per sparse layer for `retained_tokens`, on LLaVA-1.5's 576 visual tokens.
+AUTHORS_COUNTS = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}
+AUTHORS_TOKENS = 576
+_BLOCK = 1 << 25  # elements of one block of pairwise differences
+
+
+def recycled_count(dropped: int, ratio: float) -> int:
+    """How many of the dropped tokens are clustered back (the authors' int(d x 0.3) + 1)."""
+    return int(dropped * ratio) + 1
+
+
+def cluster_count(recycled: int, divisor: int) -> int:
+    """How many clusters the recycled tokens form (the authors' int(m / 10) + 1)."""
+    return int(recycled / divisor) + 1
+
+
+def tokens_after(n: int, count: int, ratio: float, divisor: int) -> int:
+    """The tokens an item of n has after a stage keeping the top `count` (count < n) and recycling the rest."""
+    return count + cluster_count(recycled_count(n - count, ratio), divisor)
+
+
+def split_keep(n: int, keep: int, ratio: float, divisor: int) -> tuple[int, int]:
+    """(top-k count, clusters) whose sum is keep for an item of n tokens; (keep, 0) when keep is too small to
+    recycle (keep < 1 + clusters(n - 1)) and (n, 0) when keep >= n."""
+    if keep >= n:
+        return n, 0
+    for count in range(keep, 0, -1):  # the largest count: tokens_after is non-decreasing in count
+        total = tokens_after(n, count, ratio, divisor)
+        if total == keep:
+            return count, keep - count
+        if total < keep:
+            break
+    return keep, 0
+
+
+def schedule_fractions(ratio: float) -> tuple[float, ...]:
+    """Each stage's top-k count as a fraction of the item's tokens, at a retain ratio budget / N: piecewise
+    linear through the authors' three points, proportional beyond them."""
+    knots = sorted(AUTHORS_COUNTS)
+    points = [(b / AUTHORS_TOKENS, [c / AUTHORS_TOKENS for c in AUTHORS_COUNTS[b]]) for b in knots]
+    (r_low, low), (r_high, high) = points[0], points[-1]
+    if ratio <= r_low:
+        return tuple(v * ratio / r_low for v in low)
+    if ratio >= r_high:
+        return tuple(v * ratio / r_high for v in high)
+    for (r0, v0), (r1, v1) in zip(points, points[1:]):
+        if r0 <= ratio <= r1:
+            t = (ratio - r0) / (r1 - r0)
+            return tuple(a + t * (b - a) for a, b in zip(v0, v1))
+    raise AssertionError("unreachable")
+
+
+def default_counts(budget: int, num_tokens: int) -> tuple[int, ...]:
+    """The top-k count of each stage for one item of num_tokens at a nominal budget (before clamping)."""
+    return tuple(max(1, math.floor(num_tokens * f + 0.5)) for f in schedule_fractions(budget / num_tokens))
+
+
+def choose_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """[T] bool: the text tokens whose relevance (softmax over the text of visual . text, averaged over the
+    visual tokens; LLM-input embeddings) is above its mean; all of them when none is."""
+    relevance = (visual.float() @ text.float().T).softmax(dim=1).mean(dim=0)
+    raters = relevance > relevance.mean()
+    return raters if bool(raters.any()) else torch.ones_like(raters)
+
+
+def rater_rows(view: ImageView) -> torch.Tensor:
+    """Rows (in the probe) of the item's raters."""
+    probe = view.probe
+    item_reference = getattr(view, "item_reference", None)
+    text_reference = getattr(view, "text_reference", None)
+    if item_reference is None or text_reference is None:
+        raise ValueError("sparsevlm needs the view's item_reference and text_reference (LLM-input embeddings of the "
+                         "item's original tokens and of the prompt's text tokens)")
+    text = probe.text.to(probe.visual.device)
+    if text.numel() == 0:
+        return torch.tensor([probe.last], device=text.device)
+    after = text > probe.visual.max()
+    candidates = after if bool(after.any()) else torch.ones_like(after)
+    chosen = choose_raters(item_reference, text_reference[candidates.to(text_reference.device)])
+    return text[candidates][chosen.to(text.device)]
+
+
+def rater_attention(probe, rows: torch.Tensor) -> torch.Tensor:
+    """[N] the probed layer's causal attention from the rater rows to the view's tokens, averaged over heads
+    and raters."""
+    query = probe.query[:, rows].float()  # [H, R, d]
+    key = probe.key.float()  # [H, L, d]
+    logits = torch.einsum("hrd,hld->hrl", query, key) * probe.scaling
+    future = torch.arange(key.shape[1], device=key.device)[None, :] > rows.to(key.device)[:, None]
+    attention = logits.masked_fill(future[None], float("-inf")).softmax(dim=-1)
+    return attention[:, :, probe.visual.to(key.device)].mean(dim=(0, 1))
+
+
+def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
+    """[M, M] Euclidean distances as the authors' (x_i - x_j).norm(), in row blocks; exactly symmetric (so the
+    densities of mutual nearest neighbours tie exactly, as in exact arithmetic)."""
+    rows = max(1, _BLOCK // max(1, x.numel()))
+    distance = torch.cat([(x[i:i + rows, None, :] - x[None, :, :]).norm(dim=-1) for i in range(0, x.shape[0], rows)])
+    return torch.minimum(distance, distance.T)
+
+
+def density_peak_clusters(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN as the authors' cluster_and_merge (without its tie-breaking noise): (centres [c] indices into x,
+    in decreasing centre score; assignment [M] of each token to a centre's rank)."""
+    x = x.float()
+    distance = pairwise_distance(x) / x.shape[1] ** 0.5
+    nearest = distance.topk(clusters, dim=-1, largest=False).values
+    density = (-(nearest ** 2).mean(dim=-1)).exp()
+    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
+    parent = torch.where(denser, distance, distance.max()).min(dim=-1).values
+    centres = torch.sort(parent * density, descending=True, stable=True).indices[:clusters]
+    assignment = distance[centres].argmin(dim=0)
+    assignment[centres] = torch.arange(clusters, device=x.device)
+    return centres, assignment
+
+
+class SparseVLM(Method):
+    name = "sparsevlm"
+    summary = "text raters' attention at 3 layers, authors' schedule; top 30% of the dropped recycled as clusters"
+    where = "inside the LLM, after layers 2/6/15 of 32 (stages before 3/7/16)"
+    needs_reference = True  # the LLM-input embeddings the raters are chosen from
+    probe_layer = "previous"
+
+    @dataclass(frozen=True)
+    class Options:
+        layers: tuple[int, ...] | None = None  # stage layers; default 3/7/16 of 32 (after sparse layers 2/6/15)
+        counts: tuple[int, ...] | None = None  # top-k count per stage before recycling; default: the authors'
+        recycle: bool = True  # cluster part of the dropped tokens back in (False: plain top-k)
+        recycle_ratio: float = 0.3  # share of the dropped tokens recycled (int(d x ratio) + 1)
+        cluster_divisor: int = 10  # clusters = int(recycled / divisor) + 1
+
+    @classmethod
+    def validate(cls, options: "SparseVLM.Options") -> None:
+        if options.layers is not None and options.counts is not None and len(options.layers) != len(options.counts):
+            raise ValueError(f"sparsevlm needs one count per stage layer; got layers={options.layers} "
+                             f"counts={options.counts}")
+        if options.counts is not None and any(c < 1 for c in options.counts):
+            raise ValueError(f"sparsevlm counts must be >= 1; got {options.counts}")
+        if not 0 <= options.recycle_ratio < 1 or options.cluster_divisor < 2:
+            # (fewer recycled tokens than dropped ones, fewer clusters than recycled tokens)
+            raise ValueError("sparsevlm needs 0 <= recycle_ratio < 1 and cluster_divisor >= 2")
+
+    def stage_layers(self, model: ModelInfo) -> tuple[int, ...]:
+        return self.options.layers or scale_layers(*STAGE_LAYERS, model.num_layers)
+
+    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
+        layers = self.stage_layers(model)
+        counts = self.options.counts or default_counts(budget, num_tokens)
+        if len(counts) != len(layers):
+            raise ValueError(f"sparsevlm needs one count per stage layer; got layers={layers} counts={counts}")
+        stages, n = [], num_tokens
+        for layer, count in zip(layers, counts):
+            if n > 1:
+                count = min(count, n - 1)  # the authors' topk keeps at most all but one
+                n = tokens_after(n, count, self.options.recycle_ratio, self.options.cluster_divisor) \
+                    if self.options.recycle else count
+            stages.append(Stage(layer, n))
+        return stages
+
+    def score(self, view: ImageView) -> torch.Tensor:
+        """[N] the raters' attention to the view's tokens at the probed layer."""
+        if view.probe is None:
+            raise ValueError("sparsevlm scores with a LayerProbe of the layer before each stage")
+        return rater_attention(view.probe, rater_rows(view))
+
+    def select(self, view: ImageView) -> torch.Tensor | Selection:
+        n = view.hidden.shape[0]
+        if view.keep >= n:
+            return torch.arange(n, device=view.hidden.device)
+        scores = self.score(view).to(view.hidden.device)
+        options = self.options
+        count, clusters = split_keep(n, view.keep, options.recycle_ratio, options.cluster_divisor) \
+            if options.recycle else (view.keep, 0)
+        order = torch.sort(scores, descending=True, stable=True).indices  # ties: the lower index first
+        if clusters == 0:
+            return order[:view.keep].sort().values
+        kept = order[:count]
+        recycled = order[count:count + recycled_count(n - count, options.recycle_ratio)]  # decreasing score
+        centres, assignment = density_peak_clusters(view.hidden[recycled], clusters)
+        membership = torch.nn.functional.one_hot(assignment, clusters).T.float()  # [clusters, recycled]
+        merged = membership @ view.hidden[recycled].float() / membership.sum(dim=1, keepdim=True)
+        keep = torch.cat([kept, recycled[centres]])
+        hidden = torch.cat([view.hidden[kept], merged.to(view.hidden.dtype)])
+        sizes = torch.cat([view.sizes[kept], (membership @ view.sizes[recycled].float()).to(view.sizes.dtype)])
+        destination = torch.full((n,), -1, dtype=torch.long, device=view.hidden.device)
+        destination[kept] = torch.arange(count, device=view.hidden.device)
+        destination[recycled] = count + assignment
+        # Slots in ascending token order.
+        order = torch.argsort(keep)
+        slot = torch.empty_like(order)
+        slot[order] = torch.arange(order.numel(), device=order.device)
+        destination = torch.where(destination >= 0, slot[destination.clamp(min=0)], destination)
+        return Selection(keep[order], hidden[order], sizes[order], destination)

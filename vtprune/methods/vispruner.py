@@ -1,0 +1,127 @@
+"""VisPruner (ICCV'25): important tokens by [CLS] attention, then diverse tokens by iterative deduplication.
+
+Read from the authors' released code (Theia-4869/VisPruner, mirrored as anonymous-4869/VisPruner):
+`llava/model/llava_arch.py`, `LlavaMetaForCausalLM.encode_images` (marked [VisPruner]), with
+`llava/model/multimodal_encoder/clip_encoder.py`, `feature_select` (attention and features of the
+same layer, `mm_vision_select_layer` = -2: the [CLS] row of that layer's attention over the
+patches, and the patch features the projector receives). Per tower row (an image, an anyres
+tile; the authors run LLaVA-NeXT with the same count in each of its five tiles), for a budget T:
+
+1. Important: rank the patches by [CLS] attention averaged over heads (descending); the first
+   T_imp = int(T x important_ratio) are kept (important_ratio 0.5 is the authors' default,
+   `--important_ratio` in `llava/eval/model_vqa_loader.py`; their README also shows 0.75).
+2. Diverse: the rest, in that ranked order, is the residual; T_div = T - T_imp of it are kept.
+   Features are L2-normalised projector inputs. While the residual is longer than T_div, one
+   round: r = min(8, R - T_div); split the residual into a = its even positions and b = its odd
+   positions; score each a token by its largest cosine similarity to any b token; drop the r
+   a tokens with the largest scores; the new residual is the remaining a tokens in descending
+   score order followed by all b tokens in their order (this reordering steers the next
+   round's split, so it is kept exactly).
+3. Keep the important and the remaining residual tokens, in the item's order.
+
+Deviations, on purpose:
+- The released loop breaks when the residual has an odd length: its `expand(-1, R // 2 - r)`
+  has one column fewer than the ceil(R/2) - r surviving a tokens, a shape error unless one side
+  broadcasts (with B = 1 it then runs: right when two a tokens survive, wrongly dropping the
+  last one when one does). It also fails when r exceeds the number of a tokens (a negative
+  expand). Both are reachable at budgets the authors never ran (T_imp odd, e.g. T = 50 at ratio
+  0.5; budgets near the row's size). Here a is always the ceil(R/2) even positions and a round
+  drops min(r, len(a)) of them; wherever the released code runs right, this is the same
+  computation.
+- Budget per item: the engine gives one budget per item, split over the item's tower rows in
+  proportion to the item's tokens in each row (`row_groups`): the authors' equal per-tile
+  count for equal rows. The authors select among all 576 patches of a LLaVA-NeXT tile and
+  only then drop the selected ones that unpadding removes; here the candidates are the item's
+  tokens only (the padding patches are not in the view), so every budgeted token reaches the LLM.
+- Ties: the ranking by attention and each round's ranking by similarity use a stable
+  descending sort (ties: the earlier token first; the authors' argsort is unstable).
+- Towers without [CLS] (SigLIP: LLaVA-OneVision; Qwen's ViT): the importance is the attention
+  each token receives, averaged over the row's queries and the heads, as the authors describe
+  for Qwen2.5-VL (VisPruner issue 1: "the average attention each visual token receives from all
+  other tokens"; issue 9 asks the same). The engine offers the vision stage on
+  LLaVA, LLaVA-NeXT and Video-LLaVA (all CLIP, with [CLS]) today.
+- Numerics: attention in float32, similarities in float32 at least (float64 features stay
+  float64; the authors: the model's dtype, fp16). The loop is chaotic under rounding: one
+  near-tie that flips reorders every later round's a/b split, so runs in different precisions
+  can keep quite different diverse tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import LLM_INPUT, Method, ModelInfo, Stage, VisionLayer, VisionView
+from .primitives import cls_attention, received_attention, row_groups
+from .visionzip import feature_layer
+
+
+def importance(layer: VisionLayer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """[N] [CLS] attention averaged over heads; the received attention on a tower without [CLS]."""
+    if layer.cls:
+        return cls_attention(layer, rows, columns).mean(dim=0)
+    return received_attention(layer, rows, columns)
+
+
+def descending(values: torch.Tensor) -> torch.Tensor:
+    return torch.sort(values, descending=True, stable=True).indices
+
+
+def deduplicate(unit: torch.Tensor, residual: torch.Tensor, count: int, per_round: int) -> torch.Tensor:
+    """The authors' iterative matching and pruning: shrink residual (indices into unit [N, D], unit-norm rows,
+    in ranked order) to count tokens, dropping per round the even-position tokens most similar to the odd ones."""
+    while count > 0:
+        drop = min(per_round, residual.numel() - count)
+        if drop <= 0:
+            break
+        a, b = residual[0::2], residual[1::2]
+        score = (unit[a] @ unit[b].T).max(dim=-1).values
+        drop = min(drop, a.numel())
+        residual = torch.cat([a[descending(score)[drop:]], b])
+    return residual
+
+
+class VisPruner(Method):
+    name = "vispruner"
+    summary = ("important tokens by [CLS] attention at the feature layer, then diverse tokens by iteratively dropping "
+               "near-duplicates among the rest (half and half)")
+    where = "vision encoder (before the projector); tokens dropped at the LLM input"
+    acts_in_vision = True
+
+    @dataclass(frozen=True)
+    class Options:
+        important_ratio: float = 0.5  # T_imp = int(budget x ratio) per row; the rest are diverse tokens
+        per_round: int = 8  # the most tokens one deduplication round drops
+        layer: int | None = None  # vision layer read; None: the one whose output the projector receives
+
+    @classmethod
+    def validate(cls, options: "VisPruner.Options") -> None:
+        if not 0 <= options.important_ratio <= 1:
+            raise ValueError(f"vispruner important_ratio must be in [0, 1]; got {options.important_ratio}")
+        if options.per_round < 1:
+            raise ValueError(f"vispruner per_round must be >= 1; got {options.per_round}")
+
+    def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
+        return (feature_layer(model) if self.options.layer is None else self.options.layer,)
+
+    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
+        return [Stage(LLM_INPUT, budget)]
+
+    def select(self, view: VisionView) -> torch.Tensor:
+        features = view.features
+        n, device = features.shape[0], features.device
+        if view.keep >= n:
+            return torch.arange(n, device=device)
+        (layer,) = view.layers.values()
+        rows, columns = view.rows.to(device), view.columns.to(device)
+        score = importance(layer, rows, columns).to(device)
+        unit = torch.nn.functional.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
+        keep = []
+        for tokens, budget in row_groups(rows, columns, view.keep):
+            important = int(budget * self.options.important_ratio)
+            ranked = tokens[descending(score[tokens])]
+            keep.append(ranked[:important])
+            if budget > important:
+                keep.append(deduplicate(unit, ranked[important:], budget - important, self.options.per_round))
+        return torch.cat(keep).sort().values
