@@ -151,3 +151,13 @@ def test_a_second_eval_on_the_same_out_stops_before_loading(tmp_path, held_elsew
 
 def test_spaces_inside_a_method_spec_do_not_make_another_config():
     assert cli.parse(["eval", "--methods", "clse : score = attn"]).methods[0].label == "clse:score=attn"
+
+
+def test_default_eval_spends_a_bounded_number_of_predictions_however_many_methods():
+    from vtprune.cli import EVAL_PREDICTIONS, default_samples
+
+    assert default_samples(48) == 240  # today's default: every registered method at 3 budgets
+    for configs in (60, 100, 150):
+        samples = default_samples(configs)
+        assert samples % 6 == 0 and samples < 240 and samples * configs <= EVAL_PREDICTIONS
+    assert default_samples(10_000) == 60  # a floor, so that a class still has 10 samples

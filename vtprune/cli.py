@@ -132,25 +132,37 @@ def cmd_eval(args) -> int:
     with hold(out):  # before the model loads, so that a second run on this folder stops at once
         model_path = Path(args.model or REFERENCE_DIR)
         model, processor = load_reference(model_path)
-        samples = generate(args.seed, args.samples)
         needed = method_options(model_path, processor)
         configs = [Config("unpruned")] + [
             Config(spec.method, b, {**needed.get(spec.method, {}), **spec.options}, spec.label)
             for spec in specs for b in args.budgets
         ]
+        count = args.samples or default_samples(len(configs))
+        samples = generate(args.seed, count)
         for config in configs[1:]:
             get_method(config.method).parse_options(config.options)  # bad options fail before the first sample
-        settings = {"task": "synthetic", "model": _model_id(model_path), "seed": args.seed, "samples": args.samples,
+        settings = {"task": "synthetic", "model": _model_id(model_path), "seed": args.seed, "samples": count,
                     "clasp_calibration": _digest(model_path / "clasp_calibration.json")}
         records = evaluate(model, processor, samples, configs, out, prompt, settings, batch_size=args.batch)
         wanted = {c.name for c in configs}
         rows = summarize([r for r in records if r["config"] in wanted])
-        title = f"reference model, synthetic VQA (seed {args.seed}, {args.samples} samples)"
+        title = f"reference model, synthetic VQA (seed {args.seed}, {count} samples)"
         console.print(rich_table(rows, title))
         command = "vtprune eval " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
         paths = write_reports(rows, out, title, dict(settings, command=command), args.report)
     console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {out}/results.jsonl)")
     return 0
+
+
+# What the default eval may spend, in predictions over all configs: about 3.5 minutes on 2 CPU cores, so that
+# `make eval` stays within 5 however many methods are registered (more configs, fewer samples each).
+EVAL_PREDICTIONS = 12_000
+
+
+def default_samples(configs: int) -> int:
+    """Samples per config for a default eval of this many configs: 240, fewer (a multiple of the 6 classes, at
+    least 60) when the configs would need more than EVAL_PREDICTIONS."""
+    return min(240, max(60, EVAL_PREDICTIONS // configs // 6 * 6))
 
 
 def cmd_show(args) -> int:
@@ -227,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
     model_help = "a LLaVA checkpoint folder (default: the shipped reference model)"
     evaluation = commands.add_parser("eval", help="accuracy vs budget: reference model on the synthetic benchmark")
-    evaluation.add_argument("--samples", type=cli_args.positive_int, default=240,
-                            help="samples per config (spread over the 6 classes)")
+    evaluation.add_argument("--samples", type=cli_args.positive_int,
+                            help="samples per config (spread over the 6 classes); default 240, fewer when the "
+                                 "configs would take more than about 3.5 minutes on 2 CPU cores")
     evaluation.add_argument("--methods", type=cli_args.comma_list(cli_args.method_spec),
                             help="comma-separated, each NAME or NAME:key=value:... (e.g. clse:score=attn, "
                             "clse:layers=1/3/5:keep=300/200/60); default: every registered method")
