@@ -7,11 +7,12 @@ import torch
 from transformers.utils import logging
 
 from vtprune.methods import REGISTRY
-
 from vtprune.tiny import (
     tiny_llava, tiny_llava_next, tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_video_llava,
 )
 
+# Tiny models gain nothing from a second intra-op thread, and lose ten times over when other work shares the cores.
+torch.set_num_threads(1)
 logging.set_verbosity_error()  # the tiny Qwen config's token ids are out of its tiny vocabulary on purpose
 
 FAMILIES = {

@@ -24,15 +24,6 @@ STEPS = 2
 FPS = 2  # the frame rate Qwen's videos are said to be sampled at (see the xfail test at the end for none)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and lose ten times over when others share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def image(h, w, seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 

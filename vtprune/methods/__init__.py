@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import (LLM_INPUT, Grid, ImageView, LayerProbe, Method, ModelInfo, Selection, Stage, VisionLayer,
-                   VisionView)
+                   VisionMethod, VisionView)
 from .clasp import CLASP
 from .clse import CLSE
 from .clse_merge import CLSEMerge
@@ -35,4 +35,4 @@ def get_method(name: str) -> type[Method]:
 
 
 __all__ = ["LLM_INPUT", "REGISTRY", "Grid", "ImageView", "LayerProbe", "Method", "ModelInfo", "Selection", "Stage", "VisionLayer",
-           "VisionView", "get_method"]
+           "VisionMethod", "VisionView", "get_method"]

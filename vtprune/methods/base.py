@@ -279,6 +279,15 @@ class Method(ABC):
         """Indices into view's tokens of the view.keep tokens to keep (any order), or a merging Selection."""
 
 
+class VisionMethod(Method):
+    """A method that picks before the projector: its one stage is at the LLM input, where the rest are dropped."""
+
+    acts_in_vision = True
+
+    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
+        return [Stage(LLM_INPUT, budget)]
+
+
 def _has_type(value: Any, hint: Any) -> bool:
     """Whether value fits an Options annotation (int, float, bool, str, tuple[X, ...], unions); other
     annotations (a tokenizer, a callable, a table) are the method's to check."""

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LLM_INPUT, Method, ModelInfo, Stage, VisionView
+from .base import ModelInfo, VisionMethod, VisionView
 from .primitives import cls_attention, topk_in_order
 
 REGIONS = ("released", "spatial")
@@ -88,12 +88,11 @@ def tile_shares(counts: torch.Tensor, total: int, capacity: list[int]) -> list[i
     return given
 
 
-class HiRED(Method):
+class HiRED(VisionMethod):
     name = "hired"
     summary = ("anyres: layer-0 [CLS] attention of the base image shares the budget among tiles (alpha to the base "
                "image), layer -2 [CLS] attention picks the tokens of each; one image: top-k by layer -2")
     where = "vision encoder (before the projector); tokens dropped at the LLM input"
-    acts_in_vision = True
 
     @dataclass(frozen=True)
     class Options:
@@ -112,8 +111,6 @@ class HiRED(Method):
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return tuple(dict.fromkeys((self.options.early_layer, self.options.late_layer)))
 
-    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
-        return [Stage(LLM_INPUT, budget)]
 
     def select(self, view: VisionView) -> torch.Tensor:
         device = view.features.device

@@ -43,7 +43,7 @@ from fractions import Fraction
 
 import torch
 
-from .base import LLM_INPUT, Grid, Method, ModelInfo, Selection, Stage, VisionView
+from .base import Grid, ModelInfo, Selection, VisionMethod, VisionView
 from .primitives import evenly_spaced, split_budget
 
 
@@ -100,17 +100,14 @@ def window_of_cells(grid: Grid, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return index.flatten(), torch.tensor(representative, dtype=torch.long)
 
 
-class Pool(Method):
+class Pool(VisionMethod):
     name = "pool"
     summary = "average pooling of each grid down to the budget (windows' mean projector inputs; per frame on videos)"
     where = "before the projector (pooled projector inputs); tokens dropped at the LLM input"
-    acts_in_vision = True
 
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return ()  # reads no attention: only the projector inputs
 
-    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
-        return [Stage(LLM_INPUT, budget)]
 
     def select(self, view: VisionView) -> torch.Tensor | Selection:
         features = view.features

@@ -72,7 +72,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LLM_INPUT, Method, ModelInfo, Selection, Stage, VisionLayer, VisionView
+from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView
 from .primitives import evenly_spaced, row_groups
 
 LAYER = -1  # encoder.layers[23] of CLIP-L's 24
@@ -125,12 +125,11 @@ def row_selection(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.cat([strongest, spatial_samples(n, taken, outliers, keep - strongest.numel())])
 
 
-class PruMergePlus(Method):
+class PruMergePlus(VisionMethod):
     name = "prumerge+"
     summary = ("IQR outliers of [CLS] attention (last vision layer, heads as one) plus spatial samples; each kept "
                "token adds its 32 key-nearest patches weighted by their [CLS] attention")
     where = "vision encoder (before the projector); tokens dropped at the LLM input"
-    acts_in_vision = True
 
     @dataclass(frozen=True)
     class Options:
@@ -145,8 +144,6 @@ class PruMergePlus(Method):
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return (self.options.layer,)
 
-    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
-        return [Stage(LLM_INPUT, budget)]
 
     def select(self, view: VisionView) -> Selection:
         features = view.features

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LLM_INPUT, Method, ModelInfo, Selection, Stage, VisionLayer, VisionView
+from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView
 from .primitives import cls_attention, mean_keys, received_attention, row_groups
 
 CONTEXTUAL_SHARE = 10 / 64  # 54+10 / 108+20 / 162+30 at 64 / 128 / 192 (README, paper)
@@ -117,12 +117,11 @@ def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int):
     return anchors, merged, assigned.float() + 1, slot
 
 
-class VisionZip(Method):
+class VisionZip(VisionMethod):
     name = "visionzip"
     summary = ("dominant tokens by [CLS] attention at the feature layer, plus evenly strided anchors that absorb the "
                "rest by key similarity (54+10 at 64)")
     where = "vision encoder (before the projector); tokens dropped at the LLM input"
-    acts_in_vision = True
 
     @dataclass(frozen=True)
     class Options:
@@ -137,8 +136,6 @@ class VisionZip(Method):
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return (feature_layer(model) if self.options.layer is None else self.options.layer,)
 
-    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
-        return [Stage(LLM_INPUT, budget)]
 
     def select(self, view: VisionView) -> torch.Tensor | Selection:
         features = view.features

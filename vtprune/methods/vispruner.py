@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LLM_INPUT, Method, ModelInfo, Stage, VisionLayer, VisionView
+from .base import ModelInfo, VisionLayer, VisionMethod, VisionView
 from .primitives import cls_attention, received_attention, row_groups
 from .visionzip import feature_layer
 
@@ -82,12 +82,11 @@ def deduplicate(unit: torch.Tensor, residual: torch.Tensor, count: int, per_roun
     return residual
 
 
-class VisPruner(Method):
+class VisPruner(VisionMethod):
     name = "vispruner"
     summary = ("important tokens by [CLS] attention at the feature layer, then diverse tokens by iteratively dropping "
                "near-duplicates among the rest (half and half)")
     where = "vision encoder (before the projector); tokens dropped at the LLM input"
-    acts_in_vision = True
 
     @dataclass(frozen=True)
     class Options:
@@ -105,8 +104,6 @@ class VisPruner(Method):
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return (feature_layer(model) if self.options.layer is None else self.options.layer,)
 
-    def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
-        return [Stage(LLM_INPUT, budget)]
 
     def select(self, view: VisionView) -> torch.Tensor:
         features = view.features
