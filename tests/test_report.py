@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from vtprune.eval.report import markdown_table, summarize, wilson_interval
+from vtprune.eval.report import by_cost, by_cost_markdown, markdown_table, summarize, wilson_interval
 
 
 @pytest.mark.parametrize("correct, total", [(0, 10), (10, 10), (7, 10), (120, 240), (239, 240)])
@@ -31,3 +31,18 @@ def test_the_table_prints_the_interval_of_each_config():
     assert row["overall_ci95"] == wilson_interval(30, 40)
     low, high = row["overall_ci95"]
     assert f"| 75.0 | {100 * low:.1f}-{100 * high:.1f} |" in markdown_table([row])
+
+
+def test_configs_at_matched_compute_mark_who_wins_at_equal_cost():
+    def config(name, method, budget, equivalent, correct):
+        return [{"config": name, "method": method, "budget": budget, "qclass": "count", "correct": i < correct,
+                 "equivalent_budget": equivalent} for i in range(10)]
+
+    records = (config("unpruned", "unpruned", None, None, 10) + config("fastv@64", "fastv", 64, 235.0, 6)
+               + config("clse@64", "clse", 64, 144.0, 7) + config("random@64", "random", 64, 64.0, 5)
+               + config("random@192", "random", 192, 192.0, 8) + config("uniform@192", "uniform", 192, 192.0, 9))
+    ordered = by_cost(summarize(records))
+    assert [row["config"] for row in ordered] == ["random@64", "clse@64", "uniform@192", "random@192", "fastv@64"]
+    # fastv@64 costs the most and answers worse than cheaper configs: not on the frontier, nor random@192 at a tie
+    assert [row["frontier"] for row in ordered] == [True, True, True, False, False]
+    assert "| 235 | fastv@64 | 60.0 |" in by_cost_markdown(summarize(records))

@@ -122,7 +122,7 @@ def cmd_eval(args) -> int:
     import vtprune
     from vtprune.eval import Config, evaluate
     from vtprune.eval.lock import hold
-    from vtprune.eval.report import rich_table, summarize, write_reports
+    from vtprune.eval.report import frontier_table, rich_table, summarize, write_reports
     from vtprune.methods import get_method
     from vtprune.synth import generate
     from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt
@@ -148,6 +148,7 @@ def cmd_eval(args) -> int:
         rows = summarize([r for r in records if r["config"] in wanted])
         title = f"reference model, synthetic VQA (seed {args.seed}, {count} samples)"
         console.print(rich_table(rows, title))
+        console.print(frontier_table(rows, "best at matched compute (eq. budget): no cheaper config answers as well"))
         command = "vtprune eval " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
         paths = write_reports(rows, out, title, dict(settings, command=command), args.report)
     console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {out}/results.jsonl)")

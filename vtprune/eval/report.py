@@ -82,6 +82,42 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def by_cost(rows: list[dict]) -> list[dict]:
+    """The pruned configs ordered by equivalent budget (compute), each marked `frontier` when it answers better
+    than every config that costs as much or less: at equal cost, the frontier is who wins."""
+    pruned = sorted((row for row in rows if row["equivalent_budget"] is not None),
+                    key=lambda row: (row["equivalent_budget"], -row["overall"]))
+    best = -1.0
+    ordered = []
+    for row in pruned:
+        ordered.append(dict(row, frontier=row["overall"] > best))
+        best = max(best, row["overall"])
+    return ordered
+
+
+def by_cost_markdown(rows: list[dict]) -> str:
+    lines = ["| eq. budget | config | overall | 95% CI | normalized | best at this cost |", "|---|---|---|---|---|---|"]
+    for row in by_cost(rows):
+        low, high = row["overall_ci95"]
+        normalized = "-" if row["normalized"] is None else f"{row['normalized']:.1f}"
+        lines.append(f"| {row['equivalent_budget']:.0f} | {row['config']} | {100 * row['overall']:.1f} | "
+                     f"{100 * low:.1f}-{100 * high:.1f} | {normalized} | {'yes' if row['frontier'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def frontier_table(rows: list[dict], title: str) -> Table:
+    """The configs no cheaper config beats, by equivalent budget."""
+    table = Table(title=title)
+    for column in ("eq. budget", "config", "overall", "95% CI"):
+        table.add_column(column, justify="left" if column == "config" else "right")
+    for row in by_cost(rows):
+        if row["frontier"]:
+            low, high = row["overall_ci95"]
+            table.add_row(f"{row['equivalent_budget']:.0f}", row["config"], f"{100 * row['overall']:.1f}",
+                          f"{100 * low:.1f}-{100 * high:.1f}")
+    return table
+
+
 def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str) -> None:
     """Accuracy against the nominal budget (left) and the equivalent budget (right), one curve per
     method and options: multi-stage methods keep more than their nominal budget in early layers."""
@@ -120,6 +156,8 @@ def write_reports(rows: list[dict], out: Path, title: str, settings: dict, name:
     out = Path(out)
     paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}_accuracy_vs_budget.png"]
     paths[0].write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
-    paths[1].write_text(f"# {title}\n\n" + markdown_table(rows))
+    paths[1].write_text(f"# {title}\n\n" + markdown_table(rows) + "\n## At matched compute\n\nEvery pruned config by "
+                        "equivalent budget (visual tokens per image averaged over the decoder layers); \"best at this "
+                        "cost\": no config that costs as much or less answers as well.\n\n" + by_cost_markdown(rows))
     plot_accuracy_vs_budget(rows, paths[2], title)
     return paths
