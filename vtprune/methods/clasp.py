@@ -80,7 +80,7 @@ def load_calibration(source: str | Path | dict) -> dict[str, ClassSettings]:
 
 class CLASP(Method):
     name = "clasp"
-    summary = "class-adaptive vision-layer fusion; per stage, pivots by attention + completion by max-min coverage"
+    summary = "class-adaptive vision-layer fusion; one step keeps R: pivots by attention + completion by max-min coverage"
     where = "vision features + inside the LLM, before layer K=2"
     needs_attention = True
 
