@@ -42,7 +42,13 @@ class VisionRecorder:
         self._projecting: EncodedCall | None = None
         self.handles = []
         names = method.vision_layers(adapter.model_info)
-        for kind, layers in adapter.vision_encoders():
+        towers = adapter.vision_encoders()
+        for kind, layers in towers:  # all checked before any hook is in place
+            outside = [name for name in names if not -len(layers) <= name < len(layers)]
+            if outside:
+                raise ValueError(f"method {method.name!r} reads vision layers {outside}, but the {kind} tower has "
+                                 f"{len(layers)} layers ({-len(layers)}..{len(layers) - 1})")
+        for kind, layers in towers:
             self.handles.append(layers[0].register_forward_pre_hook(self._start_hook(kind)))
             for name in names:
                 self.handles.append(layers[name].self_attn.register_forward_pre_hook(self._layer_hook(name), with_kwargs=True))
