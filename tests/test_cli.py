@@ -161,3 +161,28 @@ def test_default_eval_spends_a_bounded_number_of_predictions_however_many_method
         samples = default_samples(configs)
         assert samples % 6 == 0 and samples < 240 and samples * configs <= EVAL_PREDICTIONS
     assert default_samples(10_000) == 60  # a floor, so that a class still has 10 samples
+
+
+def test_score_rates_given_answers_by_either_rule_without_a_model(tmp_path, capsys):
+    import json
+
+    rows = [("Yes.", "yes"), ("no", "no"), ("yes", "no"), ("No, there is not.", "no")]
+    path = tmp_path / "pope.jsonl"
+    path.write_text("".join(json.dumps({"prediction": p, "answer": a, "category": "random", "question_id": i}) + "\n"
+                            for i, (p, a) in enumerate(rows)))
+    scores = {}
+    for rule in ("lmms-eval", "llava"):
+        assert cli.main(["score", "--task", "pope", "--predictions", str(path), "--scoring", rule]) == 0
+        scores[rule] = json.loads(capsys.readouterr().out)
+    # lmms-eval reads only a bare yes/no ("Yes." and "No, there is not." are neither); LLaVA's rule reads them
+    assert scores["lmms-eval"]["accuracy"] == 0.25 and scores["llava"]["accuracy"] == 0.75
+
+
+def test_score_names_the_line_of_a_malformed_predictions_file(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prediction": "yes", "answer": "yes", "category": "random"}\n{"answer": "no"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl line 2: no 'prediction' field"):
+        cli.main(["score", "--task", "pope", "--predictions", str(path)])
+    path.write_text('{"prediction": "yes", "answer": "yes", "category": "random"}\n')
+    with pytest.raises(SystemExit, match=r"unknown task 'popee'; valid: .*pope"):
+        cli.main(["score", "--task", "popee", "--predictions", str(path)])

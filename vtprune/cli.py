@@ -166,6 +166,22 @@ def default_samples(configs: int) -> int:
     return min(240, max(60, EVAL_PREDICTIONS // configs // 6 * 6))
 
 
+def cmd_score(args) -> int:
+    """Score a file of given answers with a benchmark's official metric: no model."""
+    import json
+
+    from vtprune.eval.metrics import score
+    from vtprune.eval.predictions import read_predictions
+
+    try:
+        predictions, references = read_predictions(args.predictions)
+        result = score(args.task, predictions, references, scoring=args.scoring)
+    except ValueError as error:
+        raise SystemExit(f"vtprune score: error: {error}") from None
+    console.print_json(json.dumps(result))
+    return 0
+
+
 def cmd_show(args) -> int:
     """Answer one question about one image under a method, and save the kept-token picture."""
     from pathlib import Path
@@ -257,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--report", type=cli_args.file_name, default="results",
                             help="file name of the table, JSON and plot in --out")
     evaluation.set_defaults(run=cmd_eval)
+    scoring = commands.add_parser("score", help="score given answers with a benchmark's official metric (no model)")
+    scoring.add_argument("--task", required=True, help="pope, gqa, mme, textvqa, vizwiz, mmbench_en, mmbench_cn, "
+                                                      "scienceqa_img, ocrbench")
+    scoring.add_argument("--predictions", required=True, type=cli_args.existing_file,
+                         help="JSONL: each line the answer as 'prediction' and the benchmark's reference fields")
+    scoring.add_argument("--scoring", choices=["lmms-eval", "llava"], default="lmms-eval",
+                         help="lmms-eval's rules, or LLaVA's evaluation scripts (most pruning papers)")
+    scoring.set_defaults(run=cmd_score)
     show = commands.add_parser("show", help="answer a question under a method and draw the kept tokens")
     show.add_argument("image", type=cli_args.existing_file)
     show.add_argument("question")

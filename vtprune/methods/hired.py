@@ -50,8 +50,8 @@ Deviations, on purpose:
   gives k per item (a fraction of the item's tokens, padding not counted).
 - Newlines: the released LLaVA-NeXT code packs the kept tokens with `image_newline=None`, so its
   LLM input has no newline tokens at all (pruned or not); here newline tokens are not the
-  item's tokens and stay as the model places them. Kept tokens keep their original positions
-  (the released packing also keeps the original order).
+  item's tokens and stay as the model places them. Kept tokens keep their original position ids
+  (the released packing keeps their order but renumbers the shortened sequence contiguously).
 - alpha = 1 leaves no marked base patch; if the tiles still get a share (k > base patches),
   they share it in proportion to their patch counts (the released code would divide by zero).
 - Videos (not in the authors' code): every frame is a row with its own [CLS]; no base image

@@ -39,8 +39,9 @@ Deviations, on purpose:
   rows in proportion to how many of the item's tokens each row holds (`row_groups`). For a
   single image or equal tiles/frames that is the authors' equal per-row count. On LLaVA-NeXT
   the authors select among all 576 patches of each tile and never unpad the high-resolution
-  grid (`restore_image_features_sorted`); here the candidates are the item's tokens only (the
-  padding patches that never reach the LLM are not in the view) and the budget follows.
+  grid (`restore_image_features_sorted`, which also leaves out the newline tokens); here the
+  candidates are the item's tokens only (the padding patches that never reach the LLM are not in
+  the view), the budget follows, and the model's newline tokens stay (outside the budget).
 - Order and positions: the authors put the contextual tokens after the dominant ones (and on
   LLaVA-NeXT the tiles' [CLS] and contextual tokens at the end of the image, unpositioned);
   here every kept token sits at its own place in the item (a contextual token at its anchor's)

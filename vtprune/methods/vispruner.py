@@ -31,8 +31,10 @@ Deviations, on purpose:
 - Budget per item: the engine gives one budget per item, split over the item's tower rows in
   proportion to the item's tokens in each row (`row_groups`): the authors' equal per-tile
   count for equal rows. The authors select among all 576 patches of a LLaVA-NeXT tile and
-  only then drop the selected ones that unpadding removes; here the candidates are the item's
-  tokens only (the padding patches are not in the view), so every budgeted token reaches the LLM.
+  never unpad (their `encode_images` path strips `_unpad` from the merge type, so their LLM input
+  has padding patches and no newline tokens); here the candidates are the item's tokens only (the
+  padding patches are not in the view), the model's newline tokens stay (outside the budget), and
+  every budgeted token reaches the LLM. Videos (no released path) are pruned frame by frame.
 - Ties: the ranking by attention and each round's ranking by similarity use a stable
   descending sort (ties: the earlier token first; the authors' argsort is unstable).
 - Towers without [CLS] (SigLIP: LLaVA-OneVision; Qwen's ViT): the importance is the attention

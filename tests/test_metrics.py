@@ -1,0 +1,320 @@
+"""Official benchmark metrics (vtprune.eval.metrics): hand-computed scores on small answer lists, both
+scoring rules on the same answers where they differ."""
+
+import math
+
+import pytest
+
+from vtprune.eval.metrics import (
+    METRICS, SCORING_RULES, extract_mcq_answer, extract_mmbench_option, normalize_gqa_answer,
+    normalize_vqa_answer, normalized_average, parse_mme_answer, parse_pope_answer, parse_scienceqa_option,
+    relative_scores, score, vqa_soft_accuracy,
+)
+
+
+def approx(x):
+    return pytest.approx(x, abs=1e-12)
+
+
+# --- VQA normalisation and accuracy ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, norm", [
+    ("The two dogs.", "2 dogs"),           # article dropped, number word -> digit, final period dropped
+    ("A cat", "cat"),
+    ("an apple", "apple"),
+    ("Hello, world!", "hello world"),      # commas deleted up front, "!" next to nothing -> space, squeezed
+    ("3.5", "3.5"),                        # a period before a digit stays
+    ("e.g.", "eg"),
+    ("Dont", "don't"),                     # contraction restored
+    ("dog's", "dog 's"),                   # EvalAI's "'s" split
+    ("t-shirt", "t shirt"),                # "-" not next to a space -> space
+    ("a - b", "b"),                        # "-" next to a space -> deleted; "a" is an article
+    ("none", "0"),
+    ("  Ten\n", "10"),
+    ("x." * 40, "x" * 33 + ".x" * 7 + "."),  # at most 32 periods removed (EvalAI's count=re.UNICODE)
+])
+def test_vqa_normaliser(raw, norm):
+    assert normalize_vqa_answer(raw) == norm
+
+
+def test_vqa_soft_accuracy_ten_choose_nine():
+    others = ["3", "4", "5", "6", "7", "8", "9"]
+    # 3 humans say 2 (as "two", "2", "2."): leave one of them out -> 2 matches -> 2/3, leave another out -> 1
+    assert vqa_soft_accuracy("Two.", ["two", "2", "2."] + others) == approx((3 * 2 / 3 + 7 * 1) / 10)
+    # one human: 0 when that one is left out, 1/3 otherwise
+    assert vqa_soft_accuracy("the 3", ["3"] + ["x"] * 9) == approx(9 * (1 / 3) / 10)
+    assert vqa_soft_accuracy("cat", ["the cat"] * 4 + ["x"] * 6) == 1.0
+    assert vqa_soft_accuracy("dog", ["cat"] * 10) == 0.0
+    assert vqa_soft_accuracy("anything", []) == 0.0
+
+
+def test_textvqa_both_rules_same_number_llava_needs_ten_answers():
+    refs = [{"answers": ["two", "2", "2."] + ["x"] * 7}, {"answers": ["A Cat"] * 10}, {"answers": ["stop"] * 10}]
+    preds = ["2", "cat!", "go"]
+    want = (0.9 + 1.0 + 0.0) / 3
+    for rule in ("lmms-eval", "llava"):
+        r = score("textvqa", preds, refs, scoring=rule)
+        assert r["accuracy"] == approx(want)
+        assert r["score"] == approx(100 * want)
+    nine = [{"answers": ["cat"] * 9}]
+    assert score("textvqa", ["cat"], nine, scoring="lmms-eval")["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="reference 0 has 9 answers"):
+        score("textvqa", ["cat"], nine, scoring="llava")
+
+
+def test_vizwiz_unanswerable_and_answer_dicts():
+    refs = [
+        {"answers": ["unanswerable"] * 10, "answer_type": "unanswerable"},
+        {"answers": [{"answer": "red", "answer_confidence": "yes"}] * 2 + [{"answer": "blue"}] * 8,
+         "answer_type": "other"},
+        {"answers": [], "answer_type": "other"},  # lmms-eval: an empty answer list scores 0
+    ]
+    r = score("vizwiz", ["Unanswerable.", "Red", "red"], refs)
+    red = 2 * (1 / 3) / 10 + 8 * (2 / 3) / 10  # two humans: 1/3 when one of them is out, 2/3 otherwise
+    assert r["accuracy"] == approx((1.0 + red + 0.0) / 3)
+    assert r["unanswerable/accuracy"] == 1.0
+    assert r["other/accuracy"] == approx(red / 2)
+    assert r["unanswerable_ratio"] == approx(1 / 3)
+
+
+# --- GQA ---------------------------------------------------------------------------------------------------
+
+def test_gqa_both_rules_differ_as_documented():
+    preds = ["Yes.", "Yes!", "T-shirt", "The table", " no ", "yes..."]
+    refs = [{"answer": a} for a in ("yes", "yes", "t-shirt", "table", "no", "yes")]
+    assert normalize_gqa_answer("Yes!", "lmms-eval") == "yes"
+    assert normalize_gqa_answer("Yes!", "llava") == "yes!"
+    lm = score("gqa", preds, refs, scoring="lmms-eval")
+    ll = score("gqa", preds, refs, scoring="llava")
+    assert lm["accuracy"] == approx(5 / 6)  # all but "The table"
+    assert ll["accuracy"] == approx(4 / 6)  # also "Yes!" wrong: only trailing periods go
+    assert lm["score"] == approx(100 * 5 / 6)
+
+
+# --- POPE --------------------------------------------------------------------------------------------------
+
+POPE_PREDS = ["Yes", "Yes.", "No, there is not.", "no", "", "There is a cat.", "yes", "Not really", "no", "No"]
+POPE_GOLD = ["yes", "yes", "no", "no", "yes", "yes", "no", "no", "yes", "no"]
+POPE_SPLIT = ["random"] * 8 + ["adversarial"] * 2
+
+
+def pope_refs():
+    return [{"answer": g.capitalize(), "category": s, "question_id": i}
+            for i, (g, s) in enumerate(zip(POPE_GOLD, POPE_SPLIT))]
+
+
+def test_pope_parsers():
+    lm = [parse_pope_answer(p, "lmms-eval") for p in POPE_PREDS]
+    ll = [parse_pope_answer(p, "llava") for p in POPE_PREDS]
+    assert lm == ["yes", "other", "other", "no", "other", "other", "yes", "other", "no", "no"]
+    # llava: "Not" is not one of No/no/not, the empty answer is yes
+    assert ll == ["yes", "yes", "no", "no", "yes", "yes", "yes", "yes", "no", "no"]
+    assert parse_pope_answer("NO", "llava") == "yes"
+    assert parse_pope_answer("Yes, but not clearly.", "llava") == "no"
+    assert parse_pope_answer("Yes, but. No.", "llava") == "yes"  # only the first sentence counts
+
+
+def test_pope_lmms_eval_rule():
+    r = score("pope", POPE_PREDS, pope_refs(), scoring="lmms-eval")
+    # random: parsed yes,other,other,no,other,other,yes,other; TP=1 (row 0), FP=1 (row 6), FN=0
+    assert r["random/accuracy"] == approx(2 / 8)
+    assert r["random/precision"] == approx(0.5)
+    assert r["random/recall"] == approx(1.0)  # "Yes." and "" on gold-yes rows are not false negatives
+    assert r["random/f1"] == approx(2 / 3)
+    assert r["random/yes_ratio"] == approx(2 / 8)
+    assert r["random/gt_yes_ratio"] == approx(4 / 8)  # what lmms-eval prints as pope_yes_ratio
+    assert r["random/other_ratio"] == approx(5 / 8)
+    # adversarial: no (gold yes) and no (gold no): TP=FP=0 -> precision 0, recall 0/(0+1), f1 0
+    assert r["adversarial/accuracy"] == approx(0.5)
+    assert r["adversarial/precision"] == 0.0 and r["adversarial/f1"] == 0.0
+    # headline = pooled over the splits (lmms-eval's `pope` task): TP=1, FP=1, FN=1
+    assert r["accuracy"] == approx(3 / 10) == r["all/accuracy"]
+    assert r["precision"] == approx(0.5) and r["recall"] == approx(0.5) and r["f1"] == approx(0.5)
+    assert r["score"] == approx(50.0)
+
+
+def test_pope_llava_rule_differs_on_same_answers():
+    r = score("pope", POPE_PREDS, pope_refs(), scoring="llava")
+    # random: TP=4 (rows 0,1,4,5), FP=2 (rows 6,7), TN=2, FN=0
+    assert r["random/accuracy"] == approx(6 / 8)
+    assert r["random/precision"] == approx(4 / 6)
+    assert r["random/recall"] == approx(1.0)
+    assert r["random/f1"] == approx(0.8)
+    assert r["random/yes_ratio"] == approx(6 / 8)
+    assert r["random/other_ratio"] == 0.0
+    # adversarial: TP=FP=0 -> eval_pope would divide by zero; 0 here
+    assert r["adversarial/precision"] == 0.0 and r["adversarial/f1"] == 0.0
+    # headline = mean over splits (LLaVA-1.5's POPE number); pooled kept under all/
+    assert r["f1"] == approx(0.4) and r["accuracy"] == approx((0.75 + 0.5) / 2)
+    assert r["score"] == approx(40.0)
+    assert r["all/f1"] == approx(8 / 11)  # TP=4, FP=2, FN=1
+    lm = score("pope", POPE_PREDS, pope_refs(), scoring="lmms-eval")
+    assert lm["random/accuracy"] < r["random/accuracy"]  # "Yes." / "No, there is not." count only under llava
+
+
+def test_pope_label_alias_and_bad_gold():
+    r = score("pope", ["yes", "no"], [{"label": "yes"}, {"label": "no"}], scoring="llava")
+    assert r["accuracy"] == 1.0 and r["all/n"] == 2
+    with pytest.raises(ValueError, match="reference 1 answer is 'maybe'"):
+        score("pope", ["yes", "no"], [{"answer": "yes"}, {"answer": "maybe"}])
+    with pytest.raises(ValueError, match="reference 0 has no field 'answer' or 'label'"):
+        score("pope", ["yes"], [{"category": "random"}])
+
+
+# --- MME ---------------------------------------------------------------------------------------------------
+
+MME_REFS = [
+    {"question_id": "existence/1.png", "category": "existence", "answer": "Yes"},
+    {"question_id": "existence/1.png", "category": "existence", "answer": "No"},
+    {"question_id": "existence/2.png", "category": "existence", "answer": "Yes"},
+    {"question_id": "existence/2.png", "category": "existence", "answer": "No"},
+    {"question_id": "code_reasoning/7.png", "answer": "Yes"},  # category from the question_id
+    {"question_id": "code_reasoning/7.png", "answer": "No"},
+]
+MME_PREDS = ["Yes", "N", "Y", "No.", "Yes, it is.", "yes"]
+
+
+def test_mme_parsers():
+    assert [parse_mme_answer(p, "lmms-eval") for p in ("Y", "N", "n.", "x", "", "Nope", "I don't")] == \
+        ["yes", "no", "no", "other", "other", "no", "other"]
+    assert [parse_mme_answer(p, "llava") for p in ("Y", "N", "n.", "x", "", "Nope", "I don't")] == \
+        ["other", "other", "other", "other", "other", "no", "other"]
+    assert parse_mme_answer("The answer is yes", "lmms-eval") == "other"  # only the first 4 characters
+
+
+def test_mme_acc_plus_and_totals_both_rules():
+    lm = score("mme", MME_PREDS, MME_REFS, scoring="lmms-eval")
+    assert lm["existence/acc"] == approx(100.0) and lm["existence/acc_plus"] == approx(100.0)
+    # code_reasoning: one of the image's two questions wrong -> acc 50, acc+ 0
+    assert lm["code_reasoning/acc"] == approx(50.0) and lm["code_reasoning/acc_plus"] == 0.0
+    assert lm["perception"] == approx(200.0) and lm["cognition"] == approx(50.0)
+    assert lm["score"] == approx(250.0)
+    ll = score("mme", MME_PREDS, MME_REFS, scoring="llava")
+    # "N" and "Y" are other under llava: existence right on 2 of 4 questions, no image fully right
+    assert ll["existence/acc"] == approx(50.0) and ll["existence/acc_plus"] == 0.0
+    assert ll["existence/score"] == approx(50.0)
+    assert ll["code_reasoning/score"] == approx(50.0)
+    assert ll["perception"] == approx(50.0) and ll["score"] == approx(100.0)
+    assert "count/acc" not in ll  # only the subtasks present
+
+
+def test_mme_errors():
+    with pytest.raises(ValueError, match="has 1 questions"):
+        score("mme", ["yes"], MME_REFS[:1])
+    with pytest.raises(ValueError, match="'texture' is not an MME subtask"):
+        score("mme", ["yes", "no"], [{"question_id": "a", "category": "texture", "answer": "Yes"}] * 2)
+
+
+# --- MMBench -----------------------------------------------------------------------------------------------
+
+def mmb_row(index, answer, opts, category="attribute"):
+    row = {"index": index, "answer": answer, "category": category, "L2-category": "perception"}
+    row.update(zip("ABCD", opts))
+    return row
+
+
+def test_mmbench_option_extraction():
+    opts = {"A": "dog", "B": "cat", "C": "bird", "D": None}
+    assert extract_mmbench_option("B", opts) == "B"
+    assert extract_mmbench_option("B. cat", opts) == "B"
+    assert extract_mmbench_option("The answer is (C).", opts) == "C"
+    assert extract_mmbench_option("A cat is on the mat", opts) == "B"  # "A" read as the article; text "cat"
+    assert extract_mmbench_option("a bird", opts) == "C"
+    assert extract_mmbench_option("I don't know", opts) == ""
+    assert extract_mmbench_option("答案是C", {"A": "狗", "B": "猫", "C": "鸟"}) == "C"
+    assert extract_mcq_answer("Option (B) is wrong, so the answer is D", ["A", "B", "C", "D"]) == "D"
+
+
+def test_mmbench_circular_one_rotation_wrong():
+    opts = ["dog", "cat", "bird", "fish"]
+    rot = [opts[k:] + opts[:k] for k in range(4)]  # the 4 circular copies: options shifted by k
+    refs = [mmb_row(1 + k * 1_000_000, "ABCD"[r.index("cat")], r) for k, r in enumerate(rot)]
+    gold = [ref["answer"] for ref in refs]
+    assert gold == ["B", "A", "D", "C"]
+    refs += [mmb_row(2, "A", ["red", "blue"], "color"), mmb_row(1_000_002, "B", ["blue", "red"], "color")]
+    preds = ["B", "A. cat", "(D)", "A",  # question 1: rotation 3 wrong (gold C)
+             "red", "The answer is B."]  # question 2: right in both rotations (option text, then letter)
+    for task in ("mmbench_en", "mmbench_cn"):
+        r = score(task, preds, refs)
+        assert r["accuracy"] == approx(0.5) and r["score"] == approx(50.0)
+        assert r["n_questions"] == 2 and r["n_rows"] == 6
+        assert r["category/attribute"] == 0.0 and r["category/color"] == 1.0
+        assert r["l2_category/perception"] == approx(0.5)
+    fixed = preds[:3] + ["C"] + preds[4:]
+    assert score("mmbench_en", fixed, refs)["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="answer 'E' is not one of its options"):
+        score("mmbench_en", ["A"], [mmb_row(3, "E", ["x", "y"])])
+
+
+# --- ScienceQA-IMG -----------------------------------------------------------------------------------------
+
+def test_scienceqa_both_rules_differ_as_documented():
+    preds = ["A", "b", "B.", "C. dog", "The answer is B.", "(A)", "E"]
+    gold = [0, 1, 1, 2, 1, 0, 0]
+    refs = [{"choices": ["cat", "bird", "dog"], "answer": g} for g in gold]
+    assert [parse_scienceqa_option(p, 3, "lmms-eval") for p in preds] == [0, 1, 1, 2, -1, -1, -1]
+    assert [parse_scienceqa_option(p, 3, "llava") for p in preds] == [0, -1, -1, 2, 1, -1, -1]
+    lm = score("scienceqa_img", preds, refs, scoring="lmms-eval")
+    ll = score("scienceqa_img", preds, refs, scoring="llava")
+    assert lm["accuracy"] == approx(4 / 7) and ll["accuracy"] == approx(3 / 7)
+    assert lm["unparsed_ratio"] == approx(3 / 7) and ll["unparsed_ratio"] == approx(4 / 7)
+    assert score("sqa", ["B"], [{"choices": ["x", "y"], "answer": "B"}])["accuracy"] == 1.0  # letter gold, alias
+
+
+# --- OCRBench ----------------------------------------------------------------------------------------------
+
+def test_ocrbench_case_whitespace_and_categories():
+    refs = [
+        {"question_type": "Regular Text Recognition", "dataset": "IIIT5K", "answer": ["Hello"]},
+        {"question_type": "Handwritten Mathematical Expression Recognition", "dataset": "HME100k",
+         "answer": ["x ^ { 2 }"]},
+        {"question_type": "Handwritten Mathematical Expression Recognition", "dataset": "HME100k", "answer": ["X"]},
+        {"question_type": "Doc-oriented VQA", "dataset": "docVQA", "answer": "ＡＢＣ"},  # fullwidth gold
+        {"question_type": "Key Information Extraction", "dataset": "SROIE", "answer": ["12 Main St", "12 main street"]},
+        {"question_type": "Scene Text-centric VQA", "dataset": "textVQA", "answer": ["stop"]},
+    ]
+    preds = ["  HELLO world\n", "The formula: x^{2}", "x", "abc", "12 Main\nSt", ""]
+    r = score("ocrbench", preds, refs)
+    # matched: 0 (case), 1 (HME spaces removed), 3 (fullwidth folded), 4 (newline -> space); 2 is case-kept HME
+    assert r["final_score"] == 4.0 and r["score"] == 4.0
+    assert r["text_recognition"] == 1.0
+    assert r["Handwritten Mathematical Expression Recognition"] == 1.0
+    assert r["Scene Text-centric VQA"] == 0.0
+    assert r["accuracy"] == approx(4 / 6)
+    with pytest.raises(ValueError, match="question_type 'Poetry' is not an OCRBench category"):
+        score("ocrbench", ["x"], [{"question_type": "Poetry", "dataset": "x", "answer": ["x"]}])
+
+
+# --- registry, errors, normalized average ------------------------------------------------------------------
+
+def test_registry_and_rule_errors():
+    assert set(METRICS) == set(SCORING_RULES) == {
+        "textvqa", "vizwiz", "gqa", "pope", "mme", "mmbench_en", "mmbench_cn", "scienceqa_img", "ocrbench"}
+    with pytest.raises(ValueError, match=r"unknown task 'vqav2'; valid: textvqa, vizwiz, gqa"):
+        score("vqav2", ["x"], [{"answer": "x"}])
+    with pytest.raises(ValueError, match=r"task 'vizwiz' has no scoring rule 'llava'; valid: lmms-eval$"):
+        score("vizwiz", ["x"], [{"answers": ["x"]}], scoring="llava")
+    with pytest.raises(ValueError, match=r"task 'pope' has no scoring rule 'official'; valid: lmms-eval, llava"):
+        score("pope", ["yes"], [{"answer": "yes"}], scoring="official")
+    with pytest.raises(ValueError, match="has no scoring rule 'llava'"):
+        METRICS["ocrbench"](["x"], [{}], "llava")  # direct calls check too
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        score("gqa", ["a", "b"], [{"answer": "a"}])
+    with pytest.raises(ValueError, match="no predictions"):
+        score("gqa", [], [])
+    with pytest.raises(ValueError, match="gqa: reference 1 has no field 'answer'"):
+        score("gqa", ["a", "b"], [{"answer": "a"}, {"gold": "b"}])
+    # None is an empty answer; generators work
+    assert score("gqa", iter([None]), iter([{"answer": "yes"}]))["accuracy"] == 0.0
+
+
+def test_normalized_average():
+    pruned = {"gqa": 60.0, "pope": {"score": 80.0, "f1": 0.8}, "mme": score("mme", MME_PREDS, MME_REFS, "llava")}
+    unpruned = {"gqa": 80.0, "pope": 80.0, "mme": score("mme", MME_PREDS, MME_REFS, "lmms-eval")}
+    assert relative_scores(pruned, unpruned) == {"gqa": approx(0.75), "pope": approx(1.0), "mme": approx(0.4)}
+    assert normalized_average(pruned, unpruned) == approx((0.75 + 1.0 + 0.4) / 3)
+    with pytest.raises(ValueError, match=r"only pruned: \['mme'\], only unpruned: \[\]"):
+        normalized_average(pruned, {"gqa": 1.0, "pope": 1.0})
+    with pytest.raises(ValueError, match="unpruned score for 'gqa' is 0"):
+        normalized_average({"gqa": 1.0}, {"gqa": 0.0})
+    assert not math.isnan(normalized_average({"x": 0.0}, {"x": 2.0}))

@@ -1,0 +1,930 @@
+"""Official benchmark metrics as pure functions: answers (strings) and ground truth in, named scores out.
+
+No model is involved: `score(task, predictions, references, scoring=...)` scores answers a model already
+gave, so every rule can be checked on its own. `predictions` is a sequence of strings (one generated answer
+per sample, ``None`` read as ``""``); `references` is a sequence of mappings holding that benchmark's
+ground-truth fields under the names its lmms-eval / HF-datasets copy uses (aliases from LLaVA's own files
+are accepted where noted).
+
+Two named scoring rules exist where the two evaluation paths people report with differ:
+
+* ``"lmms-eval"``: lmms-eval 0.7.3's task code (``lmms_eval/tasks/<task>/utils.py`` and the shared
+  ``lmms_eval/tasks/_task_utils/*``), checked against the published 0.7.3 wheel.
+* ``"llava"``: the scripts of haotian-liu/LLaVA that most pruning papers report with
+  (``llava/eval/eval_pope.py``, ``llava/eval/m4c_evaluator.py``, ``llava/eval/eval_science_qa.py``,
+  ``scripts/convert_gqa_for_eval.py`` + GQA's ``eval.py``, MME's ``eval_tool/calculation.py``).
+  LLaVA's generation loop (``model_vqa_loader.py``) strips every answer before saving it, so the
+  ``llava`` rules strip too.
+
+Tasks and their rules (``SCORING_RULES``):
+
+=============  =====================  =======================================================
+task           rules                  headline ``score``
+=============  =====================  =======================================================
+textvqa        lmms-eval, llava       VQA accuracy x100 (the two rules compute the same number)
+vizwiz         lmms-eval              VQA accuracy x100 (LLaVA only writes a test-server upload)
+gqa            lmms-eval, llava       exact-match accuracy x100
+pope           lmms-eval, llava       F1 x100 (lmms-eval: pooled; llava: mean over splits)
+mme            lmms-eval, llava       perception + cognition totals (max 2800)
+mmbench_en/cn  lmms-eval              circular accuracy x100 (LLaVA submits to the server)
+scienceqa_img  lmms-eval, llava       option accuracy x100
+ocrbench       lmms-eval              points (one per question, 1000 in the full set)
+=============  =====================  =======================================================
+
+Every result dict has ``score`` (the number papers print, in their unit) next to the named sub-scores;
+fractions (accuracy, precision, recall, F1, ratios) are in [0, 1]. `normalized_average` averages
+pruned/unpruned ``score`` ratios across benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+
+__all__ = [
+    "METRICS", "SCORING_RULES", "TASK_ALIASES", "score", "normalized_average", "relative_scores",
+    "normalize_vqa_answer", "vqa_soft_accuracy", "normalize_gqa_answer",
+    "parse_pope_answer", "parse_mme_answer", "extract_mmbench_option", "extract_mcq_answer",
+    "parse_scienceqa_option", "ocrbench_match",
+    "textvqa_metrics", "vizwiz_metrics", "gqa_metrics", "pope_metrics", "mme_metrics",
+    "mmbench_metrics", "scienceqa_metrics", "ocrbench_metrics",
+    "MME_SUBTASKS", "OCRBENCH_CATEGORIES",
+]
+
+LMMS_EVAL = "lmms-eval"
+LLAVA = "llava"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shared input checks
+
+
+def _check_inputs(predictions, references, task: str) -> tuple[list[str], list[Mapping]]:
+    if isinstance(predictions, str):
+        raise ValueError(f"{task}: predictions must be a sequence of strings, not one string")
+    preds = list(predictions)
+    refs = list(references)
+    if len(preds) != len(refs):
+        raise ValueError(f"{task}: {len(preds)} predictions but {len(refs)} references")
+    if not preds:
+        raise ValueError(f"{task}: no predictions to score")
+    out = []
+    for i, p in enumerate(preds):
+        if p is None:
+            p = ""
+        if not isinstance(p, str):
+            raise ValueError(f"{task}: prediction {i} is {type(p).__name__}, expected a string")
+        out.append(p)
+    for i, r in enumerate(refs):
+        if not isinstance(r, Mapping):
+            raise ValueError(f"{task}: reference {i} is {type(r).__name__}, expected a mapping of fields")
+    return out, refs
+
+
+def _field(ref: Mapping, i: int, task: str, *names: str):
+    """The first of `names` present (and not None) in reference row `i`, or a ValueError naming them."""
+    for n in names:
+        if n in ref and ref[n] is not None:
+            return ref[n]
+    alts = " or ".join(repr(n) for n in names)
+    raise ValueError(f"{task}: reference {i} has no field {alts}")
+
+
+def _check_rule(task: str, scoring: str) -> None:
+    rules = SCORING_RULES[task]
+    if scoring not in rules:
+        raise ValueError(f"task {task!r} has no scoring rule {scoring!r}; valid: {', '.join(rules)}")
+
+
+def _is_missing(v) -> bool:
+    """An absent option cell: None, NaN, or the string 'nan' (how pandas / lmms-eval spell a blank cell)."""
+    if v is None:
+        return True
+    if isinstance(v, float) and math.isnan(v):
+        return True
+    return isinstance(v, str) and v.strip().lower() in ("nan", "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VQA answer normalisation and soft accuracy (TextVQA, VizWiz)
+
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
+    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+_NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+_ARTICLES = frozenset({"a", "an", "the"})
+_VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+              "?", "!")
+# The EvalAI pattern is "(?!<=\d)(\.)(?!\d)": its first group is a (mistyped) lookahead that never fails at a
+# ".", so in effect it drops every period not followed by a digit ("3.5" keeps its point).
+_PERIOD = re.compile(r"\.(?!\d)")
+_DIGIT_COMMA_DIGIT = re.compile(r"(?<=\d),+(?=\d)")
+# EvalAI passes re.UNICODE (== 32) where `count` goes, so at most 32 periods are removed per answer.
+_PERIOD_MAX = int(re.UNICODE)
+
+
+def normalize_vqa_answer(text: str) -> str:
+    """The VQA answer normaliser of EvalAI, as both lmms-eval and LLaVA ship it.
+
+    Follows ``EvalAIAnswerProcessor.__call__`` in lmms-eval's ``_task_utils/vqa_eval_metric.py`` and in
+    LLaVA's ``llava/eval/m4c_evaluator.py`` (the two classes are identical, both taken from mmf):
+
+    1. lowercase; delete every "," and "?"; "'s" becomes " 's"; strip; newlines/tabs become spaces;
+    2. for each punctuation mark in the list ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !``: delete it if the
+       text has it next to a space (or has a digit,digit comma), else replace it with a space; then delete
+       periods not followed by a digit (at most 32 of them: EvalAI's ``count=re.UNICODE`` quirk, kept);
+    3. split on whitespace, number words zero..ten (and "none") become digits, articles a/an/the are
+       dropped, contractions without apostrophe get it back ("dont" -> "don't"), join with single spaces.
+
+    Deliberately the same quirks as EvalAI, e.g. "none" -> "0" and the "'s" split ("dog's" -> "dog 's").
+    """
+    t = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    t = t.replace("\n", " ").replace("\t", " ").strip()
+    original = t
+    digit_comma = _DIGIT_COMMA_DIGIT.search(original) is not None
+    for p in _VQA_PUNCT:
+        if (p + " " in original or " " + p in original) or digit_comma:
+            t = t.replace(p, "")
+        else:
+            t = t.replace(p, " ")
+    t = _PERIOD.sub("", t, count=_PERIOD_MAX)
+    words = []
+    for w in t.lower().split():
+        w = _NUMBER_WORDS.get(w, w)
+        if w not in _ARTICLES:
+            words.append(_CONTRACTIONS.get(w, w))
+    return " ".join(words)
+
+
+def _answer_strings(raw, i: int, task: str) -> list[str]:
+    if isinstance(raw, str):
+        raise ValueError(f"{task}: reference {i} field 'answers' is one string, expected a list of answers")
+    out = []
+    for a in raw:
+        if isinstance(a, Mapping):  # VizWiz / VQA annotation files: {"answer": ..., "answer_confidence": ...}
+            a = a.get("answer")
+        if not isinstance(a, str):
+            raise ValueError(f"{task}: reference {i} field 'answers' holds {type(a).__name__}, expected strings")
+        out.append(a)
+    return out
+
+
+def vqa_soft_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
+    """VQA accuracy of one answer: min(#matching humans / 3, 1), averaged over the leave-one-out subsets.
+
+    For 10 human answers this is the official "10 choose 9" average: for each of the 10 subsets of 9
+    answers, min(matches among those 9 / 3, 1), then the mean. Prediction and human answers are both passed
+    through `normalize_vqa_answer` first. Same computation as lmms-eval's ``textvqa_process_results`` /
+    ``vizwiz_vqa_process_results`` (loop over i, other answers j != i) and LLaVA's
+    ``TextVQAAccuracyEvaluator._compute_answer_scores`` (per unique answer, the same leave-one-out loop).
+    An empty answer list scores 0 (lmms-eval's VizWiz branch).
+    """
+    pred = normalize_vqa_answer(prediction)
+    gts = [normalize_vqa_answer(a) for a in gt_answers]
+    if not gts:
+        return 0.0
+    total = gts.count(pred)
+    accs = [min(1.0, (total - (g == pred)) / 3.0) for g in gts]
+    return sum(accs) / len(accs)
+
+
+def textvqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+    """TextVQA VQA accuracy. Reference fields: ``answers`` (the 10 human answers).
+
+    ``lmms-eval``: ``lmms_eval/tasks/textvqa/utils.py::textvqa_process_results`` (mean aggregation).
+    ``llava``: ``llava/eval/eval_textvqa.py`` -> ``m4c_evaluator.TextVQAAccuracyEvaluator.eval_pred_list``.
+    The two compute the same number: same normaliser, same 10-choose-9 average. The only difference is
+    that m4c asserts exactly 10 human answers per question (so ``llava`` raises ValueError on another
+    count), while lmms-eval averages over however many there are.
+    """
+    _check_rule("textvqa", scoring)
+    preds, references = _check_inputs(predictions, references, "textvqa")
+    accs = []
+    for i, (p, r) in enumerate(zip(preds, references)):
+        gts = _answer_strings(_field(r, i, "textvqa", "answers", "gt_answers"), i, "textvqa")
+        if scoring == LLAVA and len(gts) != 10:
+            raise ValueError(f"textvqa: reference {i} has {len(gts)} answers; the llava rule (m4c) needs 10")
+        if not gts:
+            raise ValueError(f"textvqa: reference {i} has no answers")
+        accs.append(vqa_soft_accuracy(p, gts))
+    acc = sum(accs) / len(accs)
+    return {"accuracy": acc, "score": 100.0 * acc, "n": float(len(accs))}
+
+
+def vizwiz_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+    """VizWiz-VQA (val) VQA accuracy. Reference fields: ``answers`` (10 strings, or VizWiz's
+    ``{"answer": ...}`` dicts); optional ``answer_type`` / ``category`` for a per-type breakdown.
+
+    Follows ``lmms_eval/tasks/vizwiz_vqa/utils.py::vizwiz_vqa_process_results``: the same EvalAI
+    normalisation and 10-choose-9 accuracy as TextVQA, an empty answer list scoring 0. "Unanswerable" gets no
+    special case in the scoring: lmms-eval's prompt asks the model to reply 'Unanswerable' when it cannot
+    tell, the annotators' answers say "unanswerable", and the lowercasing normaliser makes the two match.
+    ``unanswerable_ratio`` (extra) is the share of predictions that normalise to "unanswerable"; with an
+    answer type per row, ``<type>/accuracy`` follows the official VizWiz breakdown (e.g.
+    ``unanswerable/accuracy``). LLaVA has no local VizWiz scorer (``convert_vizwiz_for_submission.py`` only
+    writes the EvalAI test-server upload), so there is no ``llava`` rule.
+    """
+    _check_rule("vizwiz", scoring)
+    preds, references = _check_inputs(predictions, references, "vizwiz")
+    accs, by_type = [], defaultdict(list)
+    unanswerable = 0
+    for i, (p, r) in enumerate(zip(preds, references)):
+        gts = _answer_strings(_field(r, i, "vizwiz", "answers"), i, "vizwiz")
+        a = vqa_soft_accuracy(p, gts)
+        accs.append(a)
+        unanswerable += normalize_vqa_answer(p) == "unanswerable"
+        kind = r.get("answer_type", r.get("category"))
+        if isinstance(kind, str) and kind:
+            by_type[kind].append(a)
+    acc = sum(accs) / len(accs)
+    out = {"accuracy": acc, "score": 100.0 * acc, "n": float(len(accs)),
+           "unanswerable_ratio": unanswerable / len(accs)}
+    for kind, xs in sorted(by_type.items()):
+        out[f"{kind}/accuracy"] = sum(xs) / len(xs)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GQA
+
+_ASCII_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_gqa_answer(text: str, scoring: str = LMMS_EVAL) -> str:
+    """GQA answer normalisation, per rule (applied to the prediction; see `gqa_metrics` for the gold side).
+
+    ``lmms-eval``: ``gqa.yaml`` scores with the registered ``exact_match`` metric (``ignore_case: true``,
+    ``ignore_punctuation: true``) after ``task.py`` strips the generation: strip, lowercase, delete every
+    ASCII punctuation character (``string.punctuation``); inner whitespace is kept.
+    ``llava``: ``scripts/convert_gqa_for_eval.py``: ``text.rstrip('.').lower()`` on the (already stripped)
+    answer; GQA's ``eval.py`` then compares ``predicted == gold`` with no further change.
+    """
+    if scoring == LMMS_EVAL:
+        return text.strip().lower().translate(_ASCII_PUNCT)
+    if scoring == LLAVA:
+        return text.strip().rstrip(".").lower()
+    raise ValueError(f"task 'gqa' has no scoring rule {scoring!r}; valid: {', '.join(SCORING_RULES['gqa'])}")
+
+
+def gqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+    """GQA (testdev-balanced) exact-match accuracy. Reference field: ``answer``.
+
+    ``lmms-eval``: both prediction and gold go through the same strip/lowercase/no-punctuation
+    normalisation, then must be equal ("Yes!" and "t-shirt" vs "tshirt" match).
+    ``llava``: prediction stripped, trailing periods removed, lowercased; the gold is compared as stored
+    (GQA's golds are lowercase, unpunctuated words), so "Yes!" is wrong and "Yes..." is right.
+    """
+    _check_rule("gqa", scoring)
+    preds, references = _check_inputs(predictions, references, "gqa")
+    hits = 0
+    for i, (p, r) in enumerate(zip(preds, references)):
+        gold = _field(r, i, "gqa", "answer")
+        if not isinstance(gold, str):
+            raise ValueError(f"gqa: reference {i} field 'answer' is {type(gold).__name__}, expected a string")
+        # lmms-eval lowercases and de-punctuates the gold too (task.py strips only the generation).
+        gold_n = gold.lower().translate(_ASCII_PUNCT) if scoring == LMMS_EVAL else gold
+        hits += normalize_gqa_answer(p, scoring) == gold_n
+    acc = hits / len(preds)
+    return {"accuracy": acc, "score": 100.0 * acc, "n": float(len(preds))}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# POPE
+
+
+def parse_pope_answer(text: str, scoring: str = LMMS_EVAL) -> str:
+    """Map a POPE answer to "yes", "no" or (lmms-eval only) "other".
+
+    ``lmms-eval`` (``lmms_eval/tasks/pope/utils.py::pope_process_results``): ``text.lower().strip()`` and
+    nothing else; only exactly "yes" / "no" count, so "Yes." and "No, there is not." are "other".
+    ``llava`` (``llava/eval/eval_pope.py::eval_pope``): keep the text before the first "." (if any), delete
+    commas, split on single spaces; "no" if a word equals "No", "no" or "not", otherwise "yes". So "Yes."
+    is yes, "No, there is not" is no, an empty answer and "Nope" are yes, and (case-sensitive) "NO" and
+    "Not really" are yes too.
+    """
+    if scoring == LMMS_EVAL:
+        t = text.lower().strip()
+        return t if t in ("yes", "no") else "other"
+    if scoring == LLAVA:
+        t = text.strip()
+        if "." in t:
+            t = t.split(".")[0]
+        words = t.replace(",", "").split(" ")
+        return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+    raise ValueError(f"task 'pope' has no scoring rule {scoring!r}; valid: {', '.join(SCORING_RULES['pope'])}")
+
+
+def _pope_block(parsed: list[str], gts: list[str]) -> dict[str, float]:
+    n = len(parsed)
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(parsed, gts))
+    fp = sum(p == "yes" and g == "no" for p, g in zip(parsed, gts))
+    tn = sum(p == "no" and g == "no" for p, g in zip(parsed, gts))
+    fn = sum(p == "no" and g == "yes" for p, g in zip(parsed, gts))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": sum(p == g for p, g in zip(parsed, gts)) / n,
+        "precision": precision, "recall": recall, "f1": f1,
+        "yes_ratio": parsed.count("yes") / n,
+        "gt_yes_ratio": gts.count("yes") / n,
+        "other_ratio": parsed.count("other") / n,
+        "n": float(n),
+    }
+
+
+_POPE_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+
+def pope_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+    """POPE accuracy, precision, recall, F1 and yes-ratio, per split and overall.
+
+    Reference fields: ``answer`` (or LLaVA's ``label``) "yes"/"no"; ``category`` (the split: adversarial,
+    popular, random; rows without one go to split "all").
+
+    Keys: ``<split>/<metric>`` for every split present, ``all/<metric>`` pooled over every row, and the
+    headline ``accuracy``/``precision``/``recall``/``f1``/``yes_ratio`` plus ``score`` = 100 x ``f1``:
+
+    * ``lmms-eval`` follows ``pope_aggregate_*``: accuracy counts "other" answers wrong; precision counts only
+      answers that are exactly "yes" (TP: gold yes, FP: gold no) and recall only exact "yes"/"no" on gold-yes
+      rows (TP vs FN), so "other" answers are left out of both; empty denominators give 0. Its ``pope`` task
+      pools the three splits, so the headline is ``all/*``; per-split numbers equal its ``pope_adv`` /
+      ``pope_pop`` / ``pope_random`` tasks.
+    * ``llava`` follows ``eval_pope.py``: every answer is yes or no (see `parse_pope_answer`); metrics per
+      category as it prints them; the headline is the mean over splits (how LLaVA-1.5 reports POPE). Where
+      eval_pope divides by zero (no predicted or no gold "yes"), 0 is returned instead (deviation).
+
+    ``yes_ratio`` is the share of answers read as "yes" (eval_pope's definition) under both rules.
+    lmms-eval's own ``pope_yes_ratio`` counts the *gold* answers instead (its aggregate reads
+    ``ground_truth``), so it is reported separately as ``gt_yes_ratio``; ``other_ratio`` is the share of
+    answers that are neither (always 0 under ``llava``).
+    """
+    _check_rule("pope", scoring)
+    preds, references = _check_inputs(predictions, references, "pope")
+    by_split: dict[str, tuple[list[str], list[str]]] = {}
+    all_p, all_g = [], []
+    for i, (p, r) in enumerate(zip(preds, references)):
+        gold = _field(r, i, "pope", "answer", "label")
+        g = str(gold).lower().strip()
+        if g not in ("yes", "no"):
+            raise ValueError(f"pope: reference {i} answer is {gold!r}, expected 'yes' or 'no'")
+        split = r.get("category") or "all"
+        parsed = parse_pope_answer(p, scoring)
+        sp, sg = by_split.setdefault(str(split), ([], []))
+        sp.append(parsed)
+        sg.append(g)
+        all_p.append(parsed)
+        all_g.append(g)
+    out: dict[str, float] = {}
+    blocks = {s: _pope_block(*v) for s, v in sorted(by_split.items())}
+    for s, b in blocks.items():
+        for k, v in b.items():
+            out[f"{s}/{k}"] = v
+    pooled = _pope_block(all_p, all_g)
+    for k, v in pooled.items():
+        out[f"all/{k}"] = v
+    if scoring == LMMS_EVAL:
+        head = {k: pooled[k] for k in _POPE_KEYS}
+    else:
+        head = {k: sum(b[k] for b in blocks.values()) / len(blocks) for k in _POPE_KEYS}
+    out.update(head)
+    out["score"] = 100.0 * head["f1"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MME
+
+MME_SUBTASKS = {
+    "perception": ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                   "artwork", "OCR"),
+    "cognition": ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"),
+}
+_MME_KIND = {t: kind for kind, ts in MME_SUBTASKS.items() for t in ts}
+
+
+def parse_mme_answer(text: str, scoring: str = LMMS_EVAL) -> str:
+    """Map an MME answer to "yes", "no" or "other".
+
+    ``lmms-eval`` (``lmms_eval/tasks/mme/utils.py::parse_pred_ans``, "brought from Otter"): lowercase, strip,
+    delete every "."; exactly "yes"/"no" as is; a single character: "y" -> yes, "n" -> no, else other;
+    otherwise look at the first 4 characters: "yes" in them -> yes, else "no" in them -> no, else other.
+    ``llava`` (MME's ``eval_tool/calculation.py::calculate_metrics.parse_pred_ans``, run by LLaVA's
+    ``scripts/v1_5/eval/mme.sh``): lowercase only; exactly "yes"/"no", else the same 4-character prefix
+    test. It has no single-letter case, so "Y" and "N" are "other" (wrong) under ``llava`` but yes/no under
+    ``lmms-eval``; it keeps periods, so "n." is other under ``llava``, no under ``lmms-eval``.
+    """
+    if scoring == LMMS_EVAL:
+        t = text.lower().strip().replace(".", "")
+        if t in ("yes", "no"):
+            return t
+        if len(t) == 1:
+            return {"y": "yes", "n": "no"}.get(t, "other")
+    elif scoring == LLAVA:
+        t = text.strip().lower()
+        if t in ("yes", "no"):
+            return t
+    else:
+        raise ValueError(f"task 'mme' has no scoring rule {scoring!r}; valid: {', '.join(SCORING_RULES['mme'])}")
+    head = t[:4]
+    if "yes" in head:
+        return "yes"
+    if "no" in head:
+        return "no"
+    return "other"
+
+
+def mme_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+    """MME per-subtask acc and acc+, and the perception and cognition totals.
+
+    Reference fields: ``answer`` ("Yes"/"No"), ``question_id`` (the image: MME asks two questions per image,
+    e.g. ``"code_reasoning/0020.png"``), ``category`` (the subtask; taken from the question_id's first path
+    part when absent, as LLaVA's ``convert_answer_to_mme.py`` does).
+
+    Per subtask (``<subtask>/acc``, ``<subtask>/acc_plus``, ``<subtask>/score``): acc = share of questions
+    right x100 ("other" answers are wrong), acc+ = share of images with both questions right x100, score =
+    acc + acc+ (max 200). ``perception`` sums the 10 perception subtasks (max 2000), ``cognition`` the 4
+    cognition ones (max 800), over the subtasks present; ``score`` = perception + cognition (the "MME"
+    column of pruning papers; LLaVA-1.5 papers quote ``perception`` alone as "MME-P").
+
+    Both rules aggregate the same way (lmms-eval's ``mme_aggregate_results`` and calculation.py's
+    ``process_result``); they differ only in `parse_mme_answer`. Pairs are formed by (subtask, question_id)
+    as lmms-eval does; calculation.py pairs consecutive lines of LLaVA's answer file, which holds the same
+    pairs. A subtask outside MME's 14, or an image without exactly two questions, is a ValueError (lmms-eval
+    asserts the pair; calculation.py asserts it too).
+    """
+    _check_rule("mme", scoring)
+    preds, references = _check_inputs(predictions, references, "mme")
+    images: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for i, (p, r) in enumerate(zip(preds, references)):
+        qid = str(_field(r, i, "mme", "question_id"))
+        cat = r.get("category") or qid.split("/")[0]
+        if cat not in _MME_KIND:
+            raise ValueError(f"mme: reference {i} category {cat!r} is not an MME subtask; valid: "
+                             f"{', '.join(_MME_KIND)}")
+        gold = _field(r, i, "mme", "answer")
+        g = str(gold).lower().strip().replace(".", "")
+        if g not in ("yes", "no"):
+            raise ValueError(f"mme: reference {i} answer is {gold!r}, expected 'Yes' or 'No'")
+        images[cat][qid].append(float(parse_mme_answer(p, scoring) == g))
+    out: dict[str, float] = {}
+    totals = {"perception": 0.0, "cognition": 0.0}
+    for cat in (c for kind in MME_SUBTASKS.values() for c in kind):
+        if cat not in images:
+            continue
+        per_image = images[cat]
+        for qid, hits in per_image.items():
+            if len(hits) != 2:
+                raise ValueError(f"mme: image {qid!r} ({cat}) has {len(hits)} questions; MME scores pairs")
+        n_q = 2 * len(per_image)
+        acc = 100.0 * sum(sum(h) for h in per_image.values()) / n_q
+        acc_plus = 100.0 * sum(sum(h) == 2 for h in per_image.values()) / len(per_image)
+        out[f"{cat}/acc"] = acc
+        out[f"{cat}/acc_plus"] = acc_plus
+        out[f"{cat}/score"] = acc + acc_plus
+        totals[_MME_KIND[cat]] += acc + acc_plus
+    out.update(totals)
+    out["score"] = totals["perception"] + totals["cognition"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MMBench (EN and CN), circular evaluation
+
+_MMB_OPTIONS = "ABCD"
+_MMB_INFER_TUPS = (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""),
+                   (":", ","), (":", "."), (":", ")"), (":", ")."))
+
+
+def _can_infer_option(answer: str, num_choice: int = 5):
+    """``MMBench_Evaluator.can_infer_option``: a bare option letter (A-E) among the whitespace tokens."""
+    choices = string.ascii_uppercase[:num_choice]
+    if "Failed to obtain answer via API" in answer:
+        return False
+    splits = [x.strip() for x in answer.split()]
+
+    def count(prefix: str = "", suffix: str = "") -> int:
+        return sum(prefix + c + suffix in splits for c in choices)
+
+    if count() == 1:
+        for ch in choices:
+            if "A" in splits and len(splits) > 3:
+                break  # "A" may be the article ("A cat sits ..."): fall through to the marked forms
+            if ch in splits:
+                return ch
+    for pre, suf in _MMB_INFER_TUPS:
+        if count(pre, suf) == 1:
+            for ch in choices:
+                if pre + ch + suf in splits:
+                    return ch
+    return False
+
+
+def _can_infer_text(answer: str, choices: Mapping[str, str]):
+    """``MMBench_Evaluator.can_infer_text``: exactly one option's text is a substring of the answer."""
+    a = answer.lower()
+    cands = [k for k, v in choices.items() if str(v).lower() in a]
+    return cands[0] if len(cands) == 1 else False
+
+
+_MCQ_PHRASES = (
+    "the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
+    "best answer is", "the correct option is", "correct option is", "the best option is", "best option is",
+    "the choice is", "choice is", "the correct choice is", "correct choice is", "i choose", "i select",
+    "i pick", "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは",
+)
+_MCQ_PRIORITY = {"start": 10, "end": 9, "phrase": 7, "parentheses": 6, "period": 5, "colon": 4,
+                 "right_paren": 3, "space": 2, "fallback": 0}
+
+
+def extract_mcq_answer(response: str, choices: Sequence[str] | None = None) -> str:
+    """lmms-eval's static option-letter extractor (``_task_utils/mcq_extract.py::extract_mcq_answer``).
+
+    Candidates in several forms, best first: the answer starts with a standalone letter (10), ends with one
+    (9), a letter after an answer phrase such as "the answer is" / "答案是" (7), "(X)" (6), "X." (5), "X:" (4),
+    "X)" (3), "X " (2); only when none is found, any occurrence of a letter (0). Ties go to the later
+    position. Returns "" when nothing is found.
+    """
+    if not response or not response.strip():
+        return ""
+    letters = list(choices) if choices else list("ABCDEFGH")
+    text = response.strip()
+    for ch in (",", ".", "!", "?", ";", ":", "'", '"'):
+        text = text.strip(ch)
+    text = f" {text} "
+    cands: list[tuple[str, int, str]] = []
+    for fmt, pattern in (("parentheses", "({})"), ("period", "{}."), ("colon", "{}:"), ("right_paren", "{})"),
+                         ("space", "{} ")):
+        for ch in letters:
+            s = pattern.format(ch)
+            if s in text:
+                cands.append((ch, text.rfind(s), fmt))
+    low = text.lower()
+    for phrase in _MCQ_PHRASES:
+        at = low.find(phrase)
+        if at != -1:
+            after = at + len(phrase)
+            for ch in letters:
+                pos = text.find(ch, after)
+                if pos != -1:
+                    cands.append((ch, pos, "phrase"))
+    core = text.strip()
+    for ch in letters:
+        if core.startswith(ch) and (len(core) == 1 or not core[1].isalpha()):
+            cands.append((ch, 0, "start"))
+    for ch in letters:
+        if core.endswith(ch) and (len(core) == 1 or not core[-2].isalpha()):
+            cands.append((ch, len(text) - 1, "end"))
+    if not cands:
+        for ch in letters:
+            if ch in text:
+                cands.append((ch, text.rfind(ch), "fallback"))
+    if not cands:
+        return ""
+    cands.sort(key=lambda c: (_MCQ_PRIORITY[c[2]], c[1]), reverse=True)
+    return cands[0][0]
+
+
+def _mmbench_choices(ref: Mapping) -> dict[str, str]:
+    return {ch: ref[ch] for ch in _MMB_OPTIONS if ch in ref and not _is_missing(ref[ch])}
+
+
+def extract_mmbench_option(prediction: str, options: Mapping[str, str]) -> str:
+    """The option letter lmms-eval's static MMBench path reads from an answer ("" when none).
+
+    ``MMBench_Evaluator.prefetch_answer`` -> ``can_infer``: a bare or marked letter among the answer's
+    tokens ("B", "B.", "(B)", "B)", ":B" ...; a lone "A" in an answer of more than 3 tokens is taken for the
+    article and skipped), else the one option whose text appears in the answer (case-insensitive); if neither
+    decides, ``extract_mcq_answer`` over the options present (the ``mmbench_en_dev_static`` fallback that
+    replaces the GPT matcher). The prefetch may return "E" (letters A-E are looked for), which then is
+    simply a wrong answer.
+    """
+    pred = prediction.strip()
+    choices = {k: v for k, v in options.items() if k in _MMB_OPTIONS and not _is_missing(v)}
+    got = _can_infer_option(pred) or _can_infer_text(pred, choices)
+    if got:
+        return got
+    return extract_mcq_answer(pred, sorted(choices))
+
+
+def mmbench_metrics(predictions, references, scoring: str = LMMS_EVAL, *, task: str = "mmbench_en") -> dict[str, float]:
+    """MMBench circular accuracy (EN and CN alike).
+
+    Reference fields per row (the lmms-eval / official TSV layout): ``index``, ``answer`` (letter), the
+    options ``A``..``D`` (blank ones None/NaN/"nan"), optional ``category`` and ``L2-category``. The circular
+    copies of a question (the same question with its options rotated) are rows with ``index`` = original +
+    k x 1,000,000, as in MMBench's dev/test files; a question is the set of rows sharing ``index % 1e6``.
+
+    Follows ``lmms_eval/tasks/mmbench/mmbench_evals.py::MMBench_Evaluator.eval_result`` with
+    ``eval_method="static"`` (task ``mmbench_en_dev_static``): a question counts right only if every one of
+    its rows is answered with its own gold letter (`extract_mmbench_option`), one wrong or unreadable
+    rotation makes the whole question wrong. ``accuracy`` is over questions; ``category/<c>`` and
+    ``l2_category/<c>`` give the per-category hit rates lmms-eval prints; ``score`` = 100 x accuracy.
+
+    Deliberate deviations: lmms-eval's default MMBench tasks send unreadable answers to a GPT matcher (and
+    pick a random letter when it fails) and its CN tasks have no static path; here both languages use the
+    static extractor, which needs no network and is deterministic. A question whose original (index < 1e6)
+    row is missing is still scored from its rotations (lmms-eval would drop it). LLaVA only writes the
+    upload sheet for the MMBench server, so there is no ``llava`` rule.
+    """
+    _check_rule(task, scoring)
+    preds, references = _check_inputs(predictions, references, task)
+    groups: dict[int, list[bool]] = defaultdict(list)
+    cats: dict[int, tuple[str | None, str | None]] = {}
+    for i, (p, r) in enumerate(zip(preds, references)):
+        raw = _field(r, i, task, "index")
+        try:
+            idx = int(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{task}: reference {i} field 'index' is {raw!r}, expected an integer") from None
+        gold = str(_field(r, i, task, "answer")).strip()
+        choices = _mmbench_choices(r)
+        if gold not in choices:
+            raise ValueError(f"{task}: reference {i} answer {gold!r} is not one of its options "
+                             f"{sorted(choices)}")
+        key = idx % 1_000_000
+        groups[key].append(extract_mmbench_option(p, choices) == gold)
+        if key not in cats or idx < 1_000_000:
+            cats[key] = (r.get("category"), r.get("L2-category", r.get("l2-category")))
+    hits = {k: all(v) for k, v in groups.items()}
+    acc = sum(hits.values()) / len(hits)
+    out = {"accuracy": acc, "score": 100.0 * acc, "n_questions": float(len(hits)), "n_rows": float(len(preds))}
+    for pos, prefix in ((0, "category"), (1, "l2_category")):
+        per: dict[str, list[bool]] = defaultdict(list)
+        for k, h in hits.items():
+            c = cats[k][pos]
+            if isinstance(c, str) and c:
+                per[c].append(h)
+        for c, xs in sorted(per.items()):
+            out[f"{prefix}/{c}"] = sum(xs) / len(xs)
+    return out
+
+
+def _mmbench_cn(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+    return mmbench_metrics(predictions, references, scoring, task="mmbench_cn")
+
+
+def _mmbench_en(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+    return mmbench_metrics(predictions, references, scoring, task="mmbench_en")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ScienceQA-IMG
+
+_SQA_LLAVA_OPTIONS = ("A", "B", "C", "D", "E")
+_SQA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+
+
+def parse_scienceqa_option(prediction: str, n_choices: int, scoring: str = LMMS_EVAL) -> int:
+    """The option index (0-based) a ScienceQA answer names, or -1.
+
+    ``lmms-eval`` (``lmms_eval/tasks/scienceqa/utils.py::sqa_process_results``, "how llava parse it"): strip;
+    the whole answer is the letter in any case ("b" counts), or it starts with an uppercase letter followed
+    by "." ("B. the cat", "B."); nothing else ("(B)", "The answer is B.") is read.
+    ``llava`` (``llava/eval/eval_science_qa.py``): the answer is exactly one of "A".."E" (uppercase), or
+    starts with such a letter followed by ". " (so "B." alone is not read), or contains exactly one match of
+    ``The answer is ([A-Z]).``; the letter then must be among the first ``n_choices`` options
+    (``get_pred_idx``), else -1.
+    """
+    p = prediction.strip()
+    if scoring == LMMS_EVAL:
+        letters = [chr(ord("A") + k) for k in range(n_choices)]
+        if p.upper() in letters and len(p) == 1:
+            return letters.index(p.upper())
+        if len(p) >= 2 and p[0].isupper() and p[1] == ".":
+            return letters.index(p[0]) if p[0] in letters else -1
+        return -1
+    if scoring == LLAVA:
+        if p in _SQA_LLAVA_OPTIONS:
+            letter = p
+        elif len(p) >= 3 and p[0] in _SQA_LLAVA_OPTIONS and p[1:3] == ". ":
+            letter = p[0]
+        else:
+            found = _SQA_ANSWER_IS.findall(p)
+            letter = found[0] if len(found) == 1 else "FAILED"
+        valid = _SQA_LLAVA_OPTIONS[:n_choices]
+        return valid.index(letter) if letter in valid else -1
+    raise ValueError(f"task 'scienceqa_img' has no scoring rule {scoring!r}; valid: "
+                     f"{', '.join(SCORING_RULES['scienceqa_img'])}")
+
+
+def scienceqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+    """ScienceQA-IMG option accuracy. Reference fields: ``choices`` (list of option texts) and ``answer``
+    (the gold option's 0-based index, as in lmms-eval's ScienceQA-IMG and ScienceQA's problems.json; a
+    letter is accepted too).
+
+    Both rules: a prediction is right when `parse_scienceqa_option` reads the gold option from it. The
+    rows given are the rows scored: ScienceQA-IMG is the image subset of the test split (eval_science_qa's
+    "IMG-Accuracy"). ``unparsed_ratio`` is the share of answers from which no valid option was read.
+    """
+    _check_rule("scienceqa_img", scoring)
+    preds, references = _check_inputs(predictions, references, "scienceqa_img")
+    hits, unparsed = 0, 0
+    for i, (p, r) in enumerate(zip(preds, references)):
+        choices = _field(r, i, "scienceqa_img", "choices")
+        if isinstance(choices, str) or not isinstance(choices, Sequence) or not choices:
+            raise ValueError(f"scienceqa_img: reference {i} field 'choices' must be a non-empty list")
+        n = len(choices)
+        gold = _field(r, i, "scienceqa_img", "answer")
+        if isinstance(gold, str) and len(gold.strip()) == 1 and gold.strip().isalpha():
+            gold = ord(gold.strip().upper()) - ord("A")
+        try:
+            gold = int(gold)
+        except (TypeError, ValueError):
+            raise ValueError(f"scienceqa_img: reference {i} answer {gold!r} is not an option index") from None
+        if not 0 <= gold < n:
+            raise ValueError(f"scienceqa_img: reference {i} answer {gold} is outside its {n} choices")
+        got = parse_scienceqa_option(p, n, scoring)
+        hits += got == gold
+        unparsed += got == -1
+    acc = hits / len(preds)
+    return {"accuracy": acc, "score": 100.0 * acc, "n": float(len(preds)), "unparsed_ratio": unparsed / len(preds)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OCRBench
+
+OCRBENCH_CATEGORIES = {
+    "text_recognition": ("Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition",
+                         "Handwriting Recognition", "Digit String Recognition", "Non-Semantic Text Recognition"),
+    "other": ("Scene Text-centric VQA", "Doc-oriented VQA", "Key Information Extraction",
+              "Handwritten Mathematical Expression Recognition"),
+}
+_OCR_ALL = OCRBENCH_CATEGORIES["text_recognition"] + OCRBENCH_CATEGORIES["other"]
+
+
+def _fold_fullwidth(text: str) -> str:
+    return "".join(" " if c == "\u3000" else chr(ord(c) - 0xFEE0) if "\uff01" <= c <= "\uff5e" else c for c in text)
+
+
+def ocrbench_match(prediction: str, answers, dataset: str) -> bool:
+    """One OCRBench question: does any gold answer occur, as a substring, in the prediction?
+
+    ``lmms_eval/tasks/ocrbench/utils.py::ocrbench_process_results`` (0.7.3, the official OCRBench rule):
+    for the HME100k source (handwritten formulas) every space and newline is removed from both sides and
+    case is kept; for every other source both sides have fullwidth ASCII folded to ASCII, are lowercased,
+    stripped, and newlines become spaces. An empty gold answer matches anything (kept as is).
+    """
+    golds = [answers] if isinstance(answers, str) else list(answers)
+    pred = prediction.strip()
+    if dataset == "HME100k":
+        p = pred.replace("\n", " ").replace(" ", "")
+        return any(str(a).strip().replace("\n", " ").replace(" ", "") in p for a in golds)
+    p = _fold_fullwidth(pred).lower().strip().replace("\n", " ")
+    return any(_fold_fullwidth(str(a)).lower().strip().replace("\n", " ") in p for a in golds)
+
+
+def ocrbench_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+    """OCRBench points. Reference fields: ``answer`` (string or list of accepted strings), ``dataset`` (the
+    source, e.g. "HME100k", "IIIT5K"), ``question_type`` (one of the 10 OCRBench categories).
+
+    ``ocrbench_aggregate_accuracy``: one point per matched question (`ocrbench_match`), summed per category;
+    ``text_recognition`` sums the six recognition categories (300 in the full set), ``final_score`` all ten
+    (1000 in the full set) and is the headline ``score``. ``accuracy`` = final_score / number of questions,
+    which on the full set equals lmms-eval's returned ``Final_score / 1000`` (lmms-eval divides by 1000
+    whatever the number of questions; here a subset gets its own share). Unlike lmms-eval's module-level
+    counter, nothing carries over between calls. Only one rule: LLaVA has no OCRBench script.
+    """
+    _check_rule("ocrbench", scoring)
+    preds, references = _check_inputs(predictions, references, "ocrbench")
+    per = {c: 0 for c in _OCR_ALL}
+    for i, (p, r) in enumerate(zip(preds, references)):
+        qtype = _field(r, i, "ocrbench", "question_type")
+        if qtype not in per:
+            raise ValueError(f"ocrbench: reference {i} question_type {qtype!r} is not an OCRBench category; "
+                             f"valid: {', '.join(_OCR_ALL)}")
+        answers = _field(r, i, "ocrbench", "answer", "answers")
+        dataset = str(_field(r, i, "ocrbench", "dataset"))
+        per[qtype] += ocrbench_match(p, answers, dataset)
+    out: dict[str, float] = {c: float(v) for c, v in per.items()}
+    out["text_recognition"] = float(sum(per[c] for c in OCRBENCH_CATEGORIES["text_recognition"]))
+    out["final_score"] = float(sum(per.values()))
+    out["accuracy"] = out["final_score"] / len(preds)
+    out["score"] = out["final_score"]
+    out["n"] = float(len(preds))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# registry
+
+METRICS: dict[str, Callable[..., dict[str, float]]] = {
+    "textvqa": textvqa_metrics,
+    "vizwiz": vizwiz_metrics,
+    "gqa": gqa_metrics,
+    "pope": pope_metrics,
+    "mme": mme_metrics,
+    "mmbench_en": _mmbench_en,
+    "mmbench_cn": _mmbench_cn,
+    "scienceqa_img": scienceqa_metrics,
+    "ocrbench": ocrbench_metrics,
+}
+
+SCORING_RULES: dict[str, tuple[str, ...]] = {
+    "textvqa": (LMMS_EVAL, LLAVA),
+    "vizwiz": (LMMS_EVAL,),
+    "gqa": (LMMS_EVAL, LLAVA),
+    "pope": (LMMS_EVAL, LLAVA),
+    "mme": (LMMS_EVAL, LLAVA),
+    "mmbench_en": (LMMS_EVAL,),
+    "mmbench_cn": (LMMS_EVAL,),
+    "scienceqa_img": (LMMS_EVAL, LLAVA),
+    "ocrbench": (LMMS_EVAL,),
+}
+
+# Other spellings people use (lmms-eval task names among them) for the same benchmarks.
+TASK_ALIASES = {
+    "textvqa_val": "textvqa", "vizwiz_vqa": "vizwiz", "vizwiz_vqa_val": "vizwiz", "mmbench": "mmbench_en",
+    "mmbench_en_dev": "mmbench_en", "mmbench_cn_dev": "mmbench_cn", "scienceqa": "scienceqa_img",
+    "sqa": "scienceqa_img", "sqa_img": "scienceqa_img",
+}
+
+
+def _canonical_task(task: str) -> str:
+    t = TASK_ALIASES.get(task, task)
+    if t not in METRICS:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(METRICS)}")
+    return t
+
+
+def score(task: str, predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+    """Score `predictions` against `references` with `task`'s official metric under rule `scoring`.
+
+    Raises ValueError for an unknown task or a rule the task does not have (both name the valid ones), and
+    for malformed inputs (naming the row and field).
+    """
+    t = _canonical_task(task)
+    _check_rule(t, scoring)
+    return METRICS[t](predictions, references, scoring)
+
+
+def _headline(v, bench: str, side: str) -> float:
+    if isinstance(v, Mapping):
+        if "score" not in v:
+            raise ValueError(f"normalized_average: {side} result for {bench!r} has no 'score'")
+        v = v["score"]
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"normalized_average: {side} score for {bench!r} is {v!r}, not a number") from None
+
+
+def relative_scores(pruned: Mapping, unpruned: Mapping) -> dict[str, float]:
+    """pruned / unpruned per benchmark. Values are numbers or result dicts (their ``score`` is used)."""
+    if set(pruned) != set(unpruned):
+        only_p = sorted(set(pruned) - set(unpruned))
+        only_u = sorted(set(unpruned) - set(pruned))
+        raise ValueError(f"normalized_average: benchmarks differ (only pruned: {only_p}, only unpruned: {only_u})")
+    if not pruned:
+        raise ValueError("normalized_average: no benchmarks")
+    out = {}
+    for b in pruned:
+        base = _headline(unpruned[b], b, "unpruned")
+        if base == 0:
+            raise ValueError(f"normalized_average: unpruned score for {b!r} is 0; the ratio is undefined")
+        out[b] = _headline(pruned[b], b, "pruned") / base
+    return out
+
+
+def normalized_average(pruned: Mapping, unpruned: Mapping) -> float:
+    """Mean over benchmarks of pruned score / unpruned score (1.0 = no loss; papers print it x100 as "%").
+
+    `pruned` and `unpruned` map benchmark name -> headline score, or -> a result dict from `score` (its
+    ``score`` is used). Both must name the same benchmarks.
+    """
+    r = relative_scores(pruned, unpruned)
+    return sum(r.values()) / len(r)

@@ -1,0 +1,31 @@
+"""A predictions file for `vtprune score`: one JSON object a line, its `prediction` beside the reference fields."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_predictions(path: str | Path) -> tuple[list[str], list[dict]]:
+    """(predictions, references) from a JSONL file; a malformed line raises ValueError naming the file and line."""
+    predictions, references = [], []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number}: not a JSON object ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {number}: not a JSON object")
+            if "prediction" not in row:
+                raise ValueError(f"{path} line {number}: no 'prediction' field (the model's answer)")
+            prediction = row.pop("prediction")
+            if prediction is not None and not isinstance(prediction, str):
+                raise ValueError(f"{path} line {number}: field 'prediction' must be a string; got {prediction!r}")
+            predictions.append(prediction)
+            references.append(row)
+    if not predictions:
+        raise ValueError(f"{path}: no predictions")
+    return predictions, references
