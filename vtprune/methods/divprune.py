@@ -11,7 +11,9 @@ greedy max-min diversity:
 - every next pick: the token whose distance to the nearest token picked so far is
   largest;
 - ties go to the lowest index (argmax's first maximum);
-- the kept tokens then keep their original order and positions.
+- the kept tokens then keep their original order and, as for every vtprune method, their original
+  position ids (the authors' LLaVA code passes no position_ids, so their LLM renumbers the shortened
+  sequence contiguously: a deliberate deviation, see the README's "positions").
 
 Deviation (documented, on purpose): the authors' loop does not exclude tokens already
 picked, so a token can be picked twice; their kept list then holds a repeat and keeps
@@ -28,7 +30,9 @@ least (the authors compute them in the model's dtype, fp16 in their runs), which
 change the order of near-ties; and a zero feature vector is taken as a zero unit vector
 (distance 1 to every token) where the authors' division by its norm gives NaN.
 The authors select over the first image of a sample at a hard-coded offset; here every
-visual item (an image, or a whole video) is selected on its own, over all its tokens.
+visual item (an image, or a whole video) is selected on its own, over all its tokens. On
+LLaVA-NeXT their pool (and the count it is a ratio of) includes the image-newline tokens;
+here newlines are not an item's tokens: never candidates, never dropped, never counted.
 """
 
 from __future__ import annotations

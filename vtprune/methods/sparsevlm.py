@@ -47,7 +47,8 @@ As vtprune runs it:
 - A Stage's keep is count + clusters (the tokens the image has after it). `select` recovers the split from
   (N, keep): the largest count with count + clusters(N - count) == keep (the function is non-decreasing in
   count with steps of 0 or 1, so one exists whenever keep >= 1 + clusters(N - 1)). At the authors' points the
-  split is theirs (tested). A smaller keep (only a hand-set schedule or a direct call gives one) is plain
+  split is theirs (tested); elsewhere, where two counts give the same total, the larger one runs (one more
+  top-k token and one cluster fewer than N x g(r) may say; a hand-set `counts` is honoured the same way). A smaller keep (only a hand-set schedule or a direct call gives one) is plain
   top-keep selection without recycling.
 - Raters need the LLM-input embeddings of the item's ORIGINAL tokens and of the text tokens: the view's
   `item_reference` ([N0, D], every token of the item at decoder layer 0's input, in item order) and
