@@ -212,3 +212,12 @@ def test_a_vision_layer_the_tower_lacks_is_refused_before_any_hook():
         vtprune.apply(model, ClsTop.name, budget=4, layer=5)
     assert not hasattr(model, "_vtprune_pruner") and not any(
         m._forward_pre_hooks for m in model.model.vision_tower.encoder.layers)
+
+
+def test_a_tower_run_no_prefill_consumed_does_not_leak_into_the_next_prompt():
+    model = FAMILIES["llava"]("sdpa")
+    inputs = tiny_inputs(model, layouts_for("llava"))
+    with vtprune.apply(model, ClsTop.name, budget=4) as pruner:
+        model.model.get_image_features(inputs["pixel_values"])  # encoded, never prefilled
+        model(**inputs)
+        assert pruner.last_stats.kept_per_sample == [8, 4]

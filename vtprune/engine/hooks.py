@@ -125,6 +125,8 @@ class Pruner:
                 "turn without pixel_values (the first turn's images are in the cache)"
             )
         self._items = self.adapter.visual_items(input_ids, kwargs)
+        if self._recorder is not None and any(kwargs.get(key) is not None for key in VISUAL_INPUTS):
+            self._recorder.take()  # this forward encodes its own images: whatever an earlier run left is stale
         if not any(self._items):
             raise EngineError(
                 f"images were passed to {type(self.model).__name__}, but vtprune found none of their placeholder "

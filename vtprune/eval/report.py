@@ -127,6 +127,7 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colours = plt.get_cmap("tab20")  # twenty distinct colours: a method's curve differs from its neighbours
     base = next((row for row in rows if row["method"] == UNPRUNED), None)
     methods = sorted({row["method"] for row in rows} - {UNPRUNED})  # "clse:score=attn" is a curve of its own
     for axis, key, name in zip(axes, ("budget", "equivalent_budget"),
@@ -140,7 +141,8 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str) -> None:
             # styles and markers differ too, so that two configs with the same results both show
             axis.errorbar([p[0] for p in points], [p[1] for p in points],
                           yerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]], label=method,
-                          linestyle=("-", "--", "-.", ":")[i % 4], marker="os^Dv<>"[i % 7], markersize=5, capsize=3)
+                          color=colours(i % 20), linestyle=("-", "--", "-.", ":")[i % 4], marker="os^Dv<>"[i % 7],
+                          markersize=5, capsize=3)
         axis.set_xlabel(name)
         axis.set_ylim(0, 100)  # on a fixed scale, flat and steep curves read as what they are
         axis.grid(alpha=0.3)
