@@ -8,6 +8,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from . import __version__ as vtprune_version
 from . import cli_args
 
 console = Console(width=None if sys.stdout.isatty() else 132)  # logs get whole tables
@@ -142,6 +143,7 @@ def cmd_eval(args) -> int:
         for config in configs[1:]:
             get_method(config.method).parse_options(config.options)  # bad options fail before the first sample
         settings = {"task": "synthetic", "model": _model_id(model_path), "seed": args.seed, "samples": count,
+                    "versions": _versions(),
                     "clasp_calibration": _digest(model_path / "clasp_calibration.json")}
         records = evaluate(model, processor, samples, configs, out, prompt, settings, batch_size=args.batch)
         wanted = {c.name for c in configs}
@@ -153,6 +155,13 @@ def cmd_eval(args) -> int:
         paths = write_reports(rows, out, title, dict(settings, command=command), args.report)
     console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {out}/results.jsonl)")
     return 0
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"vtprune": vtprune_version, "transformers": transformers.__version__, "torch": torch.__version__}
 
 
 # What the default eval may spend, in predictions over all configs: about 3.5 minutes on 2 CPU cores, so that
