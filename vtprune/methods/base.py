@@ -283,6 +283,7 @@ class VisionMethod(Method):
     """A method that picks before the projector: its one stage is at the LLM input, where the rest are dropped."""
 
     acts_in_vision = True
+    where = "vision encoder (before the projector); tokens dropped at the LLM input"
 
     def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
         return [Stage(LLM_INPUT, budget)]

@@ -92,7 +92,6 @@ class HiRED(VisionMethod):
     name = "hired"
     summary = ("anyres: layer-0 [CLS] attention of the base image shares the budget among tiles (alpha to the base "
                "image), layer -2 [CLS] attention picks the tokens of each; one image: top-k by layer -2")
-    where = "vision encoder (before the projector); tokens dropped at the LLM input"
 
     @dataclass(frozen=True)
     class Options:

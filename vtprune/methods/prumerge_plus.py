@@ -129,7 +129,6 @@ class PruMergePlus(VisionMethod):
     name = "prumerge+"
     summary = ("IQR outliers of [CLS] attention (last vision layer, heads as one) plus spatial samples; each kept "
                "token adds its 32 key-nearest patches weighted by their [CLS] attention")
-    where = "vision encoder (before the projector); tokens dropped at the LLM input"
 
     @dataclass(frozen=True)
     class Options:

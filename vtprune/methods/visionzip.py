@@ -122,7 +122,6 @@ class VisionZip(VisionMethod):
     name = "visionzip"
     summary = ("dominant tokens by [CLS] attention at the feature layer, plus evenly strided anchors that absorb the "
                "rest by key similarity (54+10 at 64)")
-    where = "vision encoder (before the projector); tokens dropped at the LLM input"
 
     @dataclass(frozen=True)
     class Options:

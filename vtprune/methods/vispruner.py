@@ -88,7 +88,6 @@ class VisPruner(VisionMethod):
     name = "vispruner"
     summary = ("important tokens by [CLS] attention at the feature layer, then diverse tokens by iteratively dropping "
                "near-duplicates among the rest (half and half)")
-    where = "vision encoder (before the projector); tokens dropped at the LLM input"
 
     @dataclass(frozen=True)
     class Options:
