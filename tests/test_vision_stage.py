@@ -12,7 +12,7 @@ import torch
 
 import vtprune
 from vtprune.adapters import adapter_for
-from vtprune.methods import LLM_INPUT, REGISTRY, Method, Selection, Stage
+from vtprune.methods import REGISTRY, Selection, VisionMethod
 from vtprune.methods.primitives import cls_attention, merge_into_nearest, topk_in_order
 from vtprune.tiny import SampleLayout, tiny_inputs
 
@@ -22,10 +22,9 @@ from .test_engine_video import sample_alone, shares
 VISION_FAMILIES = sorted(VISION_STAGE_FAMILIES)
 
 
-class ClsTop(Method):
+class ClsTop(VisionMethod):
     name = "test_cls_top"
-    summary = where = "test only"
-    acts_in_vision = True
+    summary = "test only"
 
     @dataclass(frozen=True)
     class Options:
@@ -34,9 +33,6 @@ class ClsTop(Method):
 
     def vision_layers(self, model):
         return (self.options.layer,)
-
-    def stages(self, model, budget, num_tokens):
-        return [Stage(LLM_INPUT, budget)]
 
     def select(self, view):
         keep = topk_in_order(cls_attention(view.layers[self.options.layer], view.rows, view.columns).sum(0), view.keep)

@@ -62,15 +62,13 @@ class EncodedPlace:
     feature_columns: torch.Tensor  # [N] its column in the projector's input (which may lack [CLS])
 
 
-def single_row_place(projected: torch.Tensor, received: torch.Tensor, cls: bool, keeps_cls: bool = False):
-    """The place of an item that is the whole of one row (a LLaVA image), if the row's projection is what the
-    LLM received; keeps_cls: the projector's input still has the [CLS] column."""
-    n = received.shape[0]
-    columns = torch.arange(n, device=received.device) + int(cls)
-    features = columns if keeps_cls else columns - int(cls)
+def single_row_place(projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
+    """The place of an item that is the whole of one row after its [CLS] token, which the projector's input lacks
+    (a LLaVA image), if the row's projection is what the LLM received."""
+    features = torch.arange(received.shape[0], device=received.device)
     if projected.shape[0] < 1 or not torch.equal(projected[0, features], received):
         return None
-    return EncodedPlace(1, torch.zeros_like(columns), columns, features)
+    return EncodedPlace(1, torch.zeros_like(features), features + 1, features)
 
 
 class Adapter(ABC):

@@ -47,7 +47,7 @@ class LlavaAdapter(Adapter):
         return [("image", self.model.model.vision_tower.encoder.layers)]
 
     def encoded_place(self, item: VisualItem, projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
-        return single_row_place(projected, received, cls=True)
+        return single_row_place(projected, received)
 
     # -------------------------------------------------------- vision-layer fusion
     def vision_state_hooks(self, store: dict) -> list:

@@ -67,7 +67,7 @@ class LlavaNextAdapter(Adapter):
         into (image_sizes may be gone: generate() drops them once it has encoded the images) is the one of
         the pinpoints whose tiles, stitched and unpadded as the model does, give the features received."""
         base = self.side * self.side
-        found = single_row_place(projected, received[:base], cls=True)
+        found = single_row_place(projected, received[:base])
         if found is None or len(item.parts) == 1:
             return found
         rows, cols = item.parts[1].rows, item.parts[1].cols

@@ -61,7 +61,7 @@ class VideoLlavaAdapter(Adapter):
 
     def encoded_place(self, item: VisualItem, projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
         if item.kind == "image":
-            return single_row_place(projected, received, cls=True)
+            return single_row_place(projected, received)
         # A video is one row per frame, each its [CLS] token (kept by the projector, not in the item) and patches.
         grid = item.parts[0]
         n = torch.arange(grid.size, device=received.device)

@@ -105,6 +105,7 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
     for call in calls:
         by_kind.setdefault(call.kind, []).append(call)
     encoded = {kind: _concatenated(group) for kind, group in by_kind.items()}
+    projected = {kind: call.projected.to(embeds.dtype) for kind, call in encoded.items()}  # as the LLM received it
     next_row = dict.fromkeys(encoded, 0)
     placed = []
     for b, sample in enumerate(items):
@@ -116,7 +117,7 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
                                   "encode it (were its features computed before vtprune.apply?)")
             start = next_row[item.kind]
             received = embeds[b, item.positions(embeds.device)]
-            place = adapter.encoded_place(item, call.projected[start:].to(received.dtype), received)
+            place = adapter.encoded_place(item, projected[item.kind][start:], received)
             if place is None:
                 raise EngineError(f"vtprune cannot find the {item.kind} of sample {b} at position {item.runs[0][0]} "
                                   f"among the vision tower's rows (from row {start}): its features differ from every "

@@ -110,7 +110,6 @@ class HiRED(VisionMethod):
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return tuple(dict.fromkeys((self.options.early_layer, self.options.late_layer)))
 
-
     def select(self, view: VisionView) -> torch.Tensor:
         device = view.features.device
         late_layer = view.layers[self.options.late_layer]

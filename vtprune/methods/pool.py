@@ -108,7 +108,6 @@ class Pool(VisionMethod):
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return ()  # reads no attention: only the projector inputs
 
-
     def select(self, view: VisionView) -> torch.Tensor | Selection:
         features = view.features
         n, device = features.shape[0], features.device

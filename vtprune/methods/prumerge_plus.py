@@ -143,7 +143,6 @@ class PruMergePlus(VisionMethod):
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return (self.options.layer,)
 
-
     def select(self, view: VisionView) -> Selection:
         features = view.features
         n, device = features.shape[0], features.device

@@ -136,7 +136,6 @@ class VisionZip(VisionMethod):
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return (feature_layer(model) if self.options.layer is None else self.options.layer,)
 
-
     def select(self, view: VisionView) -> torch.Tensor | Selection:
         features = view.features
         n, device = features.shape[0], features.device

@@ -105,7 +105,6 @@ class VisPruner(VisionMethod):
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return (feature_layer(model) if self.options.layer is None else self.options.layer,)
 
-
     def select(self, view: VisionView) -> torch.Tensor:
         features = view.features
         n, device = features.shape[0], features.device
