@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.utils import logging
 
-from vtprune.methods import REGISTRY
+from vtprune.methods import REGISTRY, BlockMergingMethod
 from vtprune.tiny import (
     tiny_llava, tiny_llava_next, tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_video_llava,
 )
@@ -27,6 +27,8 @@ SUPPRESS = [0, 2, 100, 101, 102, 103, 104]
 
 # The families whose adapters have the vision-encoder stage; methods acting there refuse the others.
 VISION_STAGE_FAMILIES = {"llava", "llava_next", "video_llava"}
+# Methods merging inside the tower's blocks need one tower row per image: no anyres tiles, no video frames.
+BLOCK_MERGING_FAMILIES = {"llava", "video_llava"}
 
 
 @pytest.fixture(autouse=True)
@@ -36,9 +38,18 @@ def _only_supported_pairs(request):
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     family = params.get("family", params.get("video_family"))
     method = params.get("method")
-    if family and isinstance(method, str) and method in REGISTRY and REGISTRY[method].acts_in_vision \
-            and family not in VISION_STAGE_FAMILIES:
+    if not (family and isinstance(method, str) and method in REGISTRY):
+        return
+    if REGISTRY[method].acts_in_vision and family not in VISION_STAGE_FAMILIES:
         pytest.skip(f"{method} acts in the vision encoder, which vtprune does not support on {family}")
+    skip_block_merging_on(method, family, videos="video_family" in params)
+
+
+def skip_block_merging_on(method: str, family: str, videos: bool) -> None:
+    """Skip a method merging inside the tower's rows where vtprune refuses it (tiled images, videos; the refusal
+    is tested in test_tome)."""
+    if issubclass(REGISTRY[method], BlockMergingMethod) and (family not in BLOCK_MERGING_FAMILIES or videos):
+        pytest.skip(f"{method} merges inside the vision tower's rows, which vtprune supports on single-row images only")
 
 
 @pytest.fixture(params=sorted(FAMILIES))

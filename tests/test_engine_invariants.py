@@ -7,7 +7,7 @@ import vtprune
 from vtprune.methods import REGISTRY
 from vtprune.tiny import SampleLayout, tiny_inputs
 
-from .conftest import FAMILIES, greedy
+from .conftest import FAMILIES, greedy, skip_block_merging_on
 
 METHODS = sorted(REGISTRY)  # every registered method, on every family that supports it (conftest)
 OPTIONS = {"clasp": {"question_class": "general"}}  # clasp routes on text; the tiny models have no tokenizer
@@ -260,6 +260,7 @@ def test_per_layer_outputs_map_back_to_prompt_positions(family):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_anyres_newline_tokens_are_never_dropped(method):
+    skip_block_merging_on(method, "llava_next", videos=False)
     model = FAMILIES["llava_next"]("sdpa")
     inputs = tiny_inputs(model, MIXED)
     newlines = torch.isin(inputs["input_ids"], PLACEHOLDERS) & ~visual_mask(model, inputs)

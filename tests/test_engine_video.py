@@ -6,7 +6,7 @@ import torch
 import vtprune
 from vtprune.tiny import QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, SampleLayout, tiny_inputs
 
-from .conftest import FAMILIES, greedy
+from .conftest import FAMILIES, greedy, skip_block_merging_on
 from .test_engine_invariants import METHODS, OPTIONS, sample_alone
 
 VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "video_llava", "llava_onevision"]
@@ -130,6 +130,7 @@ def test_uniform_keeps_an_even_3d_lattice_of_a_video(video_family):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_video_llava_frame_cls_tokens_are_never_dropped_nor_counted(method):
+    skip_block_merging_on(method, "video_llava", videos=True)
     model = FAMILIES["video_llava"]("sdpa")
     inputs = tiny_inputs(model, MIXED)
     with vtprune.apply(model, method, 6, **OPTIONS.get(method, {})) as pruner:

@@ -16,7 +16,7 @@ from vtprune.engine import tokens_for_budget
 from vtprune.methods import REGISTRY
 from vtprune.tiny_processors import tiny_processor
 
-from .conftest import FAMILIES, greedy
+from .conftest import FAMILIES, greedy, skip_block_merging_on
 
 METHODS = sorted(REGISTRY)
 BUDGET = 5
@@ -136,6 +136,7 @@ def test_the_processor_speaks_the_tiny_models_ids(family):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_processor_batch_equals_its_samples_alone_and_counts_its_items(family, attn, method):
+    skip_block_merging_on(method, family, videos=family == "video_llava")  # its batches mix in videos
     model = FAMILIES[family](attn)
     processor = tiny_processor(model)
     samples = BATCHES[family]

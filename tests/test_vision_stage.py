@@ -203,9 +203,9 @@ def test_families_without_the_vision_stage_refuse_clearly(family):
 
 
 def test_a_vision_layer_the_tower_lacks_is_refused_before_any_hook():
-    model = FAMILIES["llava"]("sdpa")  # a 2-layer tower
-    with pytest.raises(ValueError, match=r"reads vision layers \[5\], but the image tower has 2 layers"):
-        vtprune.apply(model, ClsTop.name, budget=4, layer=5)
+    model = FAMILIES["llava"]("sdpa")  # a 6-layer tower
+    with pytest.raises(ValueError, match=r"reads vision layers \[7\], but the image tower has 6 layers"):
+        vtprune.apply(model, ClsTop.name, budget=4, layer=7)
     assert not hasattr(model, "_vtprune_pruner") and not any(
         m._forward_pre_hooks for m in model.model.vision_tower.encoder.layers)
 

@@ -142,9 +142,15 @@ def cmd_eval(args) -> int:
         samples = generate(args.seed, count)
         for config in configs[1:]:
             get_method(config.method).parse_options(config.options)  # bad options fail before the first sample
+        refused = refused_configs(model, configs[1:])
+        for name, reason in refused.items():
+            console.print(f"[yellow]not run: {name}: {reason}[/yellow]")
+        configs = [c for c in configs if c.name not in refused]
         settings = {"task": "synthetic", "model": _model_id(model_path), "seed": args.seed, "samples": count,
                     "versions": _versions(),
                     "clasp_calibration": _digest(model_path / "clasp_calibration.json")}
+        if refused:
+            settings["not_run"] = refused
         records = evaluate(model, processor, samples, configs, out, prompt, settings, batch_size=args.batch)
         wanted = {c.name for c in configs}
         rows = summarize([r for r in records if r["config"] in wanted])
@@ -155,6 +161,20 @@ def cmd_eval(args) -> int:
         paths = write_reports(rows, out, title, dict(settings, command=command), args.report)
     console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {out}/results.jsonl)")
     return 0
+
+
+def refused_configs(model, configs) -> dict[str, str]:
+    """The configs whose method refuses this model at that budget (ToMe's blocks cannot reach 64 on a 3-layer
+    tower), with the method's reason: the eval reports them instead of stopping."""
+    import vtprune
+
+    refused = {}
+    for config in configs:
+        try:
+            vtprune.apply(model, config.method, config.budget, **config.options).remove()
+        except ValueError as error:
+            refused[config.name] = str(error)
+    return refused
 
 
 def _versions() -> dict[str, str]:

@@ -37,7 +37,7 @@ TEXT_TOKENS = range(3, 96)  # ids a tiny prompt is drawn from
 
 
 def _clip_tower(patch_size: int) -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
                             image_size=56, patch_size=patch_size, projection_dim=32)
 
 

@@ -139,6 +139,7 @@ class Adapter(ABC):
 
     # ------------------------------------------------- the vision-encoder stage
     vision_cls: ClassVar[bool] = True  # the tower's rows start with a [CLS] token
+    one_row_per_image: ClassVar[bool] = False  # the tower encodes each image whole, in one row (no tiles)
 
     def vision_encoders(self) -> list[tuple[str, nn.ModuleList]]:
         """(the kind it encodes, its encoder layers) of each vision tower, for methods acting in the encoder."""

@@ -13,6 +13,7 @@ class LlavaAdapter(Adapter):
     family = "llava"
     feature_strategy = "default"
     model_classes = ("LlavaForConditionalGeneration",)
+    one_row_per_image = True
 
     def __init__(self, model):
         super().__init__(model)

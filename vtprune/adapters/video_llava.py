@@ -21,6 +21,7 @@ class VideoLlavaAdapter(Adapter):
     family = "video_llava"
     feature_strategy = "default"
     model_classes = ("VideoLlavaForConditionalGeneration",)
+    one_row_per_image = True
 
     def __init__(self, model):
         super().__init__(model)

@@ -59,7 +59,7 @@ class Pruner:
         self._handles = adapter.vision_state_hooks(self._vision_states) if method.fuses_vision_layers else []
         if method.fuses_vision_layers:
             self._handles.append(adapter.projector_fusion_hook(self._vision_states, lambda: self._fusion))
-        self._recorder = VisionRecorder(adapter, method) if method.acts_in_vision else None
+        self._recorder = VisionRecorder(adapter, method, budget) if method.acts_in_vision else None
         self._handles += [
             adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal_forward, with_kwargs=True),
             adapter.language_model.register_forward_pre_hook(self._on_language_model_forward, with_kwargs=True),

@@ -230,12 +230,14 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
                     view.item_reference = _reference(run, b, item.positions(hidden.device), item.kind)
                     view.text_reference = _reference(run, b, _text_positions(run, b), item.kind)
             picked = _checked_selection(run.method, view)
-            if isinstance(picked, Selection) and run.encoded is not None:  # merged projector inputs: project them
+            if isinstance(picked, Selection) and picked.hidden is not None and run.encoded is not None:
+                # merged projector inputs: project them
                 projected = run.adapter.projector(picked.hidden[None].to(view.features.dtype))[0]
                 picked = Selection(picked.keep, projected, picked.sizes, picked.destination)
             if isinstance(picked, Selection):
                 run.sizes[b, positions[picked.keep]] = picked.sizes.to(run.sizes.dtype)
-                values.append((positions[picked.keep], picked.hidden))
+                if picked.hidden is not None:
+                    values.append((positions[picked.keep], picked.hidden))
                 merged_in = picked.destination >= 0  # -1: dropped without being merged anywhere
                 sources.append(positions[merged_in])
                 targets.append(positions[picked.keep][picked.destination[merged_in]])

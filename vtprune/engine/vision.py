@@ -18,7 +18,8 @@ import torch
 
 from ..adapters import Adapter, VisualItem
 from ..adapters.base import EncodedPlace
-from ..methods import Method, VisionLayer, VisionView
+from ..methods import BlockMergingMethod, Method, VisionLayer, VisionView
+from .block_merge import BlockMerging, TowerMerge
 from .compat import EngineError
 
 
@@ -30,12 +31,13 @@ class EncodedCall:
     layers: dict[int, VisionLayer] = field(default_factory=dict)  # keyed by the method's layer names
     features: torch.Tensor | None = None  # [R, T', D] the projector's input
     projected: torch.Tensor | None = None  # [R, T', D_llm] its output
+    merge: TowerMerge | None = None  # a BlockMergingMethod's merges in this run (None: it merged nothing)
 
 
 class VisionRecorder:
     """Hooks that keep, per tower run, the q/k of the method's vision layers and the projector's input and output."""
 
-    def __init__(self, adapter: Adapter, method: Method):
+    def __init__(self, adapter: Adapter, method: Method, budget: int | float):
         self.adapter = adapter
         self.calls: list[EncodedCall] = []
         self._pending: EncodedCall | None = None  # a tower run whose projector has not run yet
@@ -48,10 +50,16 @@ class VisionRecorder:
             if outside:
                 raise ValueError(f"method {method.name!r} reads vision layers {outside}, but the {kind} tower has "
                                  f"{len(layers)} layers ({-len(layers)}..{len(layers) - 1})")
+        if isinstance(method, BlockMergingMethod) and not adapter.one_row_per_image:
+            raise ValueError(f"method {method.name!r} merges inside the vision tower to a count per row, which needs "
+                             f"one tower row per image; {type(adapter.model).__name__} cuts images into tiles "
+                             "(see the README's table of methods and families)")
         for kind, layers in towers:
             self.handles.append(layers[0].register_forward_pre_hook(self._start_hook(kind)))
             for name in names:
                 self.handles.append(layers[name].self_attn.register_forward_pre_hook(self._layer_hook(name), with_kwargs=True))
+        if isinstance(method, BlockMergingMethod):  # after the start hooks: a run's merges live in its call
+            self.handles += BlockMerging(self, towers, method, adapter.model_info, budget, adapter.vision_cls).handles
         projector = adapter.projector
         self.handles.append(projector.register_forward_pre_hook(self._before_projector))
         self.handles.append(projector.register_forward_hook(self._after_projector))
@@ -148,8 +156,18 @@ class EncodedItem:
         return VisionView(
             features=self.call.features[rows][place.rows, place.feature_columns], coords=coords, part=part,
             parts=item.parts, rows=place.rows, columns=place.columns, layers=layers, keep=keep, image_index=index,
-            kind=item.kind, text=text,
+            kind=item.kind, text=text, merged_into=self._merged_into(rows),
         )
+
+    def _merged_into(self, rows: slice) -> torch.Tensor | None:
+        """Per token of the item, the item's token whose column its merges ended in (-1: a column not the item's)."""
+        merge, place = self.call.merge, self.place
+        if merge is None:
+            return None
+        slot = merge.slot[rows].to(place.rows.device)
+        token_at = torch.full(slot.shape, -1, dtype=torch.long, device=slot.device)
+        token_at[place.rows, place.columns] = torch.arange(place.rows.numel(), device=slot.device)
+        return token_at[place.rows, slot[place.rows, place.columns]]
 
 
 def _concatenated(calls: list[EncodedCall]) -> EncodedCall:
@@ -160,5 +178,8 @@ def _concatenated(calls: list[EncodedCall]) -> EncodedCall:
                           first.scaling, first.cls)
         for name, first in calls[0].layers.items()
     }
+    merge = None
+    if any(c.merge is not None for c in calls):  # every run of a kind merges alike: the same rows, the same schedule
+        merge = TowerMerge({}, *(torch.cat([getattr(c.merge, name) for c in calls]) for name in ("alive", "slot", "size")))
     return EncodedCall(calls[0].kind, layers, torch.cat([c.features for c in calls]),
-                       torch.cat([c.projected for c in calls]))
+                       torch.cat([c.projected for c in calls]), merge)

@@ -158,7 +158,8 @@ def write_reports(rows: list[dict], out: Path, title: str, settings: dict, name:
     out = Path(out)
     paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}_accuracy_vs_budget.png"]
     paths[0].write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
-    paths[1].write_text(f"# {title}\n\n" + markdown_table(rows) + "\n## At matched compute\n\nEvery pruned config by "
+    not_run = "".join(f"\nNot run: {name}: {reason}\n" for name, reason in settings.get("not_run", {}).items())
+    paths[1].write_text(f"# {title}\n\n" + markdown_table(rows) + not_run + "\n## At matched compute\n\nEvery pruned config by "
                         "equivalent budget (visual tokens per image averaged over the decoder layers); \"best at this "
                         "cost\": no config that costs as much or less answers as well.\n\n" + by_cost_markdown(rows))
     plot_accuracy_vs_budget(rows, paths[2], title)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import (LLM_INPUT, Grid, ImageView, LayerProbe, Method, ModelInfo, Selection, Stage, VisionLayer,
+from .base import (LLM_INPUT, BlockInput, BlockMerge, BlockMergingMethod, Grid, ImageView, LayerProbe, Method, ModelInfo, Selection, Stage, VisionLayer,
                    VisionMethod, VisionView)
 from .clasp import CLASP
 from .clse import CLSE
@@ -16,6 +16,7 @@ from .pool import Pool
 from .prumerge_plus import PruMergePlus
 from .random_subset import RandomSubset
 from .sparsevlm import SparseVLM
+from .tome import ToMe
 from .uniform_grid import UniformGrid
 from .visionzip import VisionZip
 from .vispruner import VisPruner
@@ -23,7 +24,7 @@ from .vispruner import VisPruner
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (CLASP, CLSE, CLSEMerge, DART, DivPrune, FastV, HiRED, PDrop, Pool, PruMergePlus, RandomSubset, SparseVLM,
-                UniformGrid, VisionZip, VisPruner)
+                ToMe, UniformGrid, VisionZip, VisPruner)
 }
 
 
@@ -34,5 +35,5 @@ def get_method(name: str) -> type[Method]:
         raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["LLM_INPUT", "REGISTRY", "Grid", "ImageView", "LayerProbe", "Method", "ModelInfo", "Selection", "Stage", "VisionLayer",
+__all__ = ["LLM_INPUT", "REGISTRY", "BlockInput", "BlockMerge", "BlockMergingMethod", "Grid", "ImageView", "LayerProbe", "Method", "ModelInfo", "Selection", "Stage", "VisionLayer",
            "VisionMethod", "VisionView", "get_method"]

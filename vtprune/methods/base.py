@@ -161,6 +161,9 @@ class VisionView:
     image_index: int
     kind: str = "image"
     text: torch.Tensor | None = None  # the sample's prompt tokens that are neither visual nor padding
+    # A BlockMergingMethod's merges in the encoder: the token (index into this view) whose slot each token ended in
+    # at the projector's input (itself for a survivor), or -1 where that slot is not one of the item's (a [CLS]).
+    merged_into: torch.Tensor | None = None
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -176,7 +179,7 @@ class Selection:
     """
 
     keep: torch.Tensor  # [k] indices into the view's tokens
-    hidden: torch.Tensor  # [k, D]
+    hidden: torch.Tensor | None  # [k, D]; None: the kept tokens carry on with their own (merged in the encoder)
     sizes: torch.Tensor  # [k]
     destination: torch.Tensor  # [N] the slot in keep each of the view's tokens went to (-1: dropped, merged nowhere)
 
@@ -317,3 +320,62 @@ def _spell(hint: Any) -> str:
         return f"a tuple of {_spell(typing.get_args(hint)[0])}"
     return {type(None): "None", bool: "True or False", int: "an int", float: "a number", str: "a str"}.get(
         hint, getattr(hint, "__name__", str(hint)))
+
+
+@dataclass
+class BlockInput:
+    """One encoder block's surviving tokens, between its attention and its MLP, for a BlockMergingMethod.
+
+    Rows are the tower's (images, tiles, frames); each has n survivors in the method's own order
+    (the [CLS] token first when `cls`). Attention is softmax(query @ key^T * scaling), over the
+    survivors, plus log(size) when the method uses proportional attention.
+    """
+
+    hidden: torch.Tensor  # [R, n, D] the block's residual stream after attention (what the MLP would get)
+    query: torch.Tensor  # [R, H, n, d] the block's attention queries and keys
+    key: torch.Tensor  # [R, H, n, d]
+    scaling: float
+    size: torch.Tensor  # [R, n] tokens each survivor stands for
+    cls: bool
+
+
+@dataclass
+class BlockMerge:
+    """A BlockMergingMethod's answer for one block: which survivors stay, in what order, and what they hold."""
+
+    order: torch.Tensor  # [R, n'] indices into the block's n survivors, in their new order
+    into: torch.Tensor  # [R, n] the new slot (index into order) each old survivor's tokens now belong to
+    hidden: torch.Tensor  # [R, n', D] the new survivors' states
+    size: torch.Tensor  # [R, n']
+
+
+class BlockMergingMethod(VisionMethod):
+    """A method that merges tokens inside the vision encoder's blocks, between attention and MLP (ToMe, FiCoCo-V).
+
+    The engine runs `merge` at each block of `merge_schedule` on every row of the tower's batch,
+    keeps merged-away tokens out of all later attention, and the item's survivors at the
+    projector's input are what reaches the LLM (their own, merged, states).
+    """
+
+    proportional_attention: ClassVar[bool] = False  # later blocks add log(size) to the attention logits (ToMe)
+
+    @abstractmethod
+    def merge_schedule(self, model: ModelInfo, layers: int, patches: int, keep: int) -> dict[int, int]:
+        """Tokens to merge away at each encoder layer (index into a tower of `layers`), so that a row of
+        `patches` patch tokens keeps `keep` of them at the projector's input."""
+
+    @abstractmethod
+    def merge(self, block: BlockInput, r: int) -> BlockMerge:
+        """Merge r of each row's survivors away."""
+
+    def select(self, view: VisionView) -> Selection:
+        into = view.merged_into
+        n = into.numel()
+        own = torch.arange(n, device=into.device)
+        keep = own[into == own]
+        slot = torch.full((n,), -1, dtype=torch.long, device=into.device)
+        slot[keep] = torch.arange(keep.numel(), device=into.device)
+        destination = torch.where(into >= 0, slot[into.clamp(min=0)], into)
+        sizes = torch.zeros(keep.numel(), device=into.device).index_add_(
+            0, destination[destination >= 0], torch.ones(int((destination >= 0).sum()), device=into.device))
+        return Selection(keep, None, sizes, destination)
