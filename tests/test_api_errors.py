@@ -85,7 +85,7 @@ def test_two_models_carry_different_methods_at_once():
 
 def test_methods_lists_each_with_where_and_defaults():
     listed = {info.name: info for info in vtprune.methods()}
-    assert set(listed) == {"clasp", "clse", "clse_m", "dart", "divprune", "fastv", "hired", "pdrop", "pool", "prumerge+", "random",
+    assert set(listed) == {"clasp", "clse", "clse_m", "dart", "divprune", "fastv", "ficoco_v", "hired", "pdrop", "pool", "prumerge+", "random",
                            "sparsevlm", "tome", "uniform", "visionzip", "vispruner"}
     assert listed["fastv"].defaults == {"layer": 2}
     assert listed["random"].defaults == {"seed": 0}

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.adapters import adapter_for
 from vtprune.methods import BlockInput
 from vtprune.methods.tome import ToMe, even_schedule
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_video_llava
+
+from .shortened_tower import assert_pruner_matches
 
 # ----------------------------------------------------------------------------- the independent reading
 
@@ -41,44 +42,6 @@ def tome_merge(x, key_mean, size, r):
     return np.stack(out_x) / out_size[:, None], out_size, groups, order
 
 
-def tome_tower(tower, pixels, keep, feature_layer=-2):
-    """The CLIP tower run as ToMe runs a ViT: merging between each block's attention and MLP, the sequence
-    shortened, log(size) added to attention logits. Returns per row (features [k, D] without the class token,
-    the original column of each, and the column each original patch ended in)."""
-    layers = tower.encoder.layers
-    last = len(layers) + feature_layer
-    h = tower.pre_layrnorm(tower.embeddings(pixels))
-    rows, tokens, _ = h.shape
-    schedule = even_schedule(list(range(last + 1)), tokens, 1, tokens - 1 - keep)
-    out = []
-    for row in range(rows):
-        x = h[row : row + 1]
-        size = np.ones(tokens)
-        columns = np.arange(tokens)
-        members = [[c] for c in range(tokens)]  # original columns each token stands for
-        for index in range(last + 1):
-            layer = layers[index]
-            normed = layer.layer_norm1(x)
-            bias = torch.tensor(np.log(size), dtype=x.dtype)[None, None, None, :]
-            attended = layer.self_attn(normed, attention_mask=bias)[0]
-            key = layer.self_attn.k_proj(normed)[0].reshape(x.shape[1], layer.self_attn.num_heads, -1).mean(1)
-            x = x + attended
-            if schedule[index]:
-                merged, size, groups, order = tome_merge(x[0].double().numpy(), key.double().numpy(), size,
-                                                         schedule[index])
-                x = torch.tensor(merged, dtype=x.dtype)[None]
-                new_members = [[] for _ in order]
-                for old, slot in enumerate(groups):
-                    new_members[slot] += members[old]
-                members, columns = new_members, columns[order]  # a token goes on in the column it continues
-            x = x + layer.mlp(layer.layer_norm2(x))
-        ended_in = np.empty(tokens, dtype=int)
-        for slot, group in enumerate(members):
-            ended_in[group] = columns[slot]
-        out.append((x[0, 1:], columns[1:], ended_in[1:]))
-    return out
-
-
 # ----------------------------------------------------------------------------- the comparison
 
 
@@ -88,7 +51,7 @@ def test_merge_step_equals_tomes_on_random_rows():
     hidden = torch.randn(rows, n, width, generator=g, dtype=torch.float64)
     key = torch.randn(rows, heads, n, 6, generator=g, dtype=torch.float64)
     size = torch.randint(1, 5, (rows, n), generator=g).double()
-    block = BlockInput(hidden, key.clone(), key, 0.5, size, cls=True)
+    block = BlockInput(hidden, key.clone(), key, 0.5, size, cls=True, columns=torch.arange(n).expand(rows, n), grid=(4, 5))
     merge = ToMe(ToMe.Options()).merge(block, r=7)
     for row in range(rows):
         expected_x, expected_size, groups, order = tome_merge(hidden[row].numpy(), key[row].mean(0).numpy(), size[row].numpy(), 7)
@@ -123,36 +86,14 @@ def test_schedule_refuses_a_budget_the_blocks_cannot_reach():
 @pytest.mark.parametrize("keep", [10, 3])
 def test_tower_keeps_and_merges_as_tome_does(make, attn, keep):
     model = make(attn)
-    inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(images=1, text_before=4)])
-    pixels = inputs.get("pixel_values", inputs.get("pixel_values_images"))
-    tower = model.model.image_tower if make is tiny_video_llava else model.model.vision_tower
-    reference = tome_tower(make("eager").model.image_tower if make is tiny_video_llava else make("eager").model.vision_tower,
-                           pixels, keep)
-    seen = {}
-    projector = model.model.multi_modal_projector
-    with torch.no_grad(), vtprune.apply(model, "tome", keep) as pruner:
-        hook = projector.register_forward_pre_hook(lambda module, args: seen.setdefault("features", args[0]))
-        model(**inputs)
-        hook.remove()
-        decision = pruner.last_decision
-    items = [item for sample in adapter_for(model).visual_items(inputs["input_ids"], inputs) for item in sample]
-    samples = [b for b, sample in enumerate(adapter_for(model).visual_items(inputs["input_ids"], inputs)) for _ in sample]
-    offset = 1 if model.config.vision_feature_select_strategy == "default" else 0
-    for row, (item, b) in enumerate(zip(items, samples)):
-        features, columns, ended_in = reference[row]
-        positions = item.positions()
-        kept = decision.kept[0][b][torch.isin(decision.kept[0][b], positions)]
-        # the patch column (1..64) of each kept position
-        kept_columns = torch.searchsorted(positions, kept) + 1
-        assert sorted(kept_columns.tolist()) == sorted(columns.tolist())
-        got = seen["features"][row, torch.tensor(columns) - offset]
-        torch.testing.assert_close(got, features, rtol=1e-4, atol=1e-4)
-        sources, targets = decision.moved[0][b]
-        mine = torch.isin(sources, positions)
-        moved = dict(zip((torch.searchsorted(positions, sources[mine]) + 1).tolist(),
-                         (torch.searchsorted(positions, targets[mine]) + 1).tolist()))
-        for patch, column in enumerate(ended_in, start=1):
-            assert moved.get(patch, patch) == column
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    schedule = even_schedule(list(range(vision.num_hidden_layers - 1)), patches + 1, 1, patches - keep)  # to layer -2
+
+    def merge(x, query, key, scaling, size, columns, r):
+        return tome_merge(x, key.mean(0), size, r)
+
+    assert_pruner_matches(model, make("eager"), "tome", keep, schedule, merge, proportional=True)
 
 
 def test_tome_refuses_tiled_images_and_videos():

@@ -57,7 +57,8 @@ class BlockMerging:
         self.recorder, self.method, self.model_info, self.budget, self.cls = recorder, method, model_info, budget, cls
         self.handles = []
         vision = recorder.adapter.model.config.vision_config
-        patches = (vision.image_size // vision.patch_size) ** 2
+        self.grid = (vision.image_size // vision.patch_size,) * 2
+        patches = self.grid[0] * self.grid[1]
         for kind, layers in towers:
             # A budget the method cannot reach on this tower fails here, at apply(), not at the first image.
             method.merge_schedule(model_info, len(layers), patches, tokens_for_budget(budget, patches))
@@ -137,7 +138,7 @@ class BlockMerging:
             hidden=stream.gather(1, along(alive, width)),
             query=query.gather(2, along(alive[:, None].expand(rows, heads, -1), head_dim)),
             key=key.gather(2, along(alive[:, None].expand(rows, heads, -1), head_dim)),
-            scaling=scaling, size=state.size.gather(1, alive), cls=self.cls,
+            scaling=scaling, size=state.size.gather(1, alive), cls=self.cls, columns=alive, grid=self.grid,
         )
         merge = self.method.merge(block, r)
         survivors = alive.gather(1, merge.order)

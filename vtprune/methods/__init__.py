@@ -10,6 +10,7 @@ from .clse_merge import CLSEMerge
 from .dart import DART
 from .divprune import DivPrune
 from .fastv import FastV
+from .ficoco_v import FiCoCoV
 from .hired import HiRED
 from .pdrop import PDrop
 from .pool import Pool
@@ -23,7 +24,7 @@ from .vispruner import VisPruner
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (CLASP, CLSE, CLSEMerge, DART, DivPrune, FastV, HiRED, PDrop, Pool, PruMergePlus, RandomSubset, SparseVLM,
+    for cls in (CLASP, CLSE, CLSEMerge, DART, DivPrune, FastV, FiCoCoV, HiRED, PDrop, Pool, PruMergePlus, RandomSubset, SparseVLM,
                 ToMe, UniformGrid, VisionZip, VisPruner)
 }
 

@@ -337,6 +337,8 @@ class BlockInput:
     scaling: float
     size: torch.Tensor  # [R, n] tokens each survivor stands for
     cls: bool
+    columns: torch.Tensor  # [R, n] each survivor's column in its row: [CLS] 0, then patches in raster order
+    grid: tuple[int, int]  # the rows x columns of a row's patches
 
 
 @dataclass

@@ -1,0 +1,113 @@
+"""FiCoCo-V against an independent numpy reading of kawhiiiileo/FiCoCo's Filter / Correlate / Compress (with the
+documented repairs of the release: [CLS] kept first, kept tokens as targets, each token's own 2x2 window), on a
+block of random tensors and on a whole tower run that shortens the sequence at each block."""
+
+import numpy as np
+import pytest
+import torch
+
+import vtprune
+from vtprune.methods import BlockInput
+from vtprune.methods.ficoco_v import FiCoCoV, penalise_window_minima
+from vtprune.tiny import tiny_llava, tiny_video_llava
+
+from .shortened_tower import assert_pruner_matches
+
+BETA = 0.35
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def ficoco_block(x, query, key, scaling, size, columns, r, grid):
+    """One row: (x', size', groups, order) as in shortened_tower."""
+    logits = (query @ key.transpose(0, 2, 1) * scaling).mean(0)
+    cls = logits[0, 1:] / np.linalg.norm(logits[0, 1:])
+    similarity = logits[1:, 1:].mean(1)
+    similarity = similarity / np.linalg.norm(similarity)
+    score = BETA * cls - (1 - BETA) * similarity
+    lowest = {}  # 2x2 window -> the patch (index into score) of lowest score, the first on ties
+    for i, column in enumerate(columns[1:]):
+        window = ((column - 1) // grid[1] // 2, (column - 1) % grid[1] // 2)
+        if window not in lowest or score[i] < score[lowest[window]]:
+            lowest[window] = i
+    for i in lowest.values():
+        score[i] = score[i] / 2 if score[i] > 0 else score[i] * 2
+    ranked = np.argsort(score, kind="stable") + 1
+    dropped, kept = ranked[:r], np.sort(np.concatenate([[0], ranked[r:]]))
+    width = max(int((logits[i] > np.quantile(logits[i], 0.998)).sum()) for i in dropped)
+    width = min(max(width, 1), len(kept))
+    attention = softmax(logits)
+    total = {u: x[u].copy() for u in kept}
+    mass = {u: 1.0 for u in kept}
+    groups = np.empty(len(x), dtype=int)
+    slot = {u: j for j, u in enumerate(kept)}
+    for u in kept:
+        groups[u] = slot[u]
+    for i in dropped:
+        towards = attention[i, kept]
+        top = np.argsort(-towards, kind="stable")[:width]
+        weights = towards[top] / towards[top].sum()
+        for t, w in zip(top, weights):
+            total[kept[t]] = total[kept[t]] + w * x[i]
+            mass[kept[t]] += w
+        groups[i] = top[0]
+    merged = np.stack([total[u] / mass[u] for u in kept])
+    new_size = np.zeros(len(kept))
+    np.add.at(new_size, groups, size)
+    return merged, new_size, groups, kept
+
+
+def test_block_equals_the_reading_on_random_rows():
+    g = torch.Generator().manual_seed(3)
+    rows, heads, side, width = 2, 4, 6, 8
+    n = 1 + side * side
+    hidden = torch.randn(rows, n, width, generator=g, dtype=torch.float64)
+    query = torch.randn(rows, heads, n, 5, generator=g, dtype=torch.float64)
+    key = torch.randn(rows, heads, n, 5, generator=g, dtype=torch.float64)
+    columns = torch.arange(n).expand(rows, n)
+    block = BlockInput(hidden, query, key, 0.4, torch.ones(rows, n, dtype=torch.float64), True, columns, (side, side))
+    merge = FiCoCoV(FiCoCoV.Options()).merge(block, r=11)
+    for row in range(rows):
+        merged, size, groups, kept = ficoco_block(hidden[row].numpy(), query[row].numpy(), key[row].numpy(), 0.4,
+                                                  np.ones(n), np.arange(n), 11, (side, side))
+        np.testing.assert_array_equal(merge.order[row].numpy(), kept)
+        np.testing.assert_array_equal(merge.into[row].numpy(), groups)
+        np.testing.assert_allclose(merge.hidden[row].numpy(), merged, rtol=1e-10)
+        np.testing.assert_array_equal(merge.size[row].numpy(), size)
+
+
+def test_local_penalty_pushes_down_each_windows_lowest_live_patch():
+    # a 2x4 grid: windows {1, 2, 5, 6} and {3, 4, 7, 8} by column (1 + raster index); column 6 is merged away
+    columns = torch.tensor([[1, 2, 3, 4, 5, 7, 8]])
+    score = torch.tensor([[0.3, -0.2, 0.5, 0.1, 0.4, 0.05, 0.05]])
+    penalised = penalise_window_minima(score, columns, (2, 4))
+    # -0.2 doubled; of the tied 0.05s the first (column 7) halved
+    assert torch.equal(penalised, torch.tensor([[0.3, -0.4, 0.5, 0.1, 0.4, 0.025, 0.05]]))
+
+
+@pytest.mark.parametrize("make", [tiny_llava, tiny_video_llava])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("keep", [10, 2])
+def test_tower_keeps_and_merges_as_the_reading(make, attn, keep):
+    model = make(attn)
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    layers = vision.num_hidden_layers  # the authors' layers 12..22 of 24 are 3..4 of this 6-layer tower
+    blocks = list(range(round(12 * layers / 24), layers - 1))
+    remove = side * side - keep
+    schedule = {layer: remove // len(blocks) + (i < remove % len(blocks)) for i, layer in enumerate(blocks)}
+
+    def merge(x, query, key, scaling, size, columns, r):
+        return ficoco_block(x, query, key, scaling, size, columns, r, (side, side))
+
+    assert_pruner_matches(model, make("eager"), "ficoco_v", keep, schedule, merge, proportional=False)
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="beta"):
+        vtprune.apply(tiny_llava(), "ficoco_v", 8, beta=1.5)
+    with pytest.raises(ValueError, match="first_layer must lie in 0..4"):
+        vtprune.apply(tiny_llava(), "ficoco_v", 8, first_layer=5)

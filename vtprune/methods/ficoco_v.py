@@ -1,0 +1,125 @@
+"""FiCoCo-V (Filter, Correlate, Compress; AAAI'26): token reduction inside the vision encoder's blocks.
+
+Read from kawhiiiileo/FiCoCo (llava/model/multimodal_encoder/FiCoCo_V.py and clip_encoder.py).
+At each block from the second half of the tower (the authors' layers 12-23 of 24) up to the
+one whose output the projector reads, between the block's attention and its MLP:
+- Filter: A = the block's attention logits (scaled q.k, before softmax) averaged over heads;
+  each patch's redundancy score s = beta * L2n(A[CLS, patches]) - (1 - beta) * L2n(row mean of
+  A over the patch keys), L2-normalised over the tokens, beta = 0.35. Local penalty: in each
+  2x2 window of the patch grid, the live token of lowest score has it pushed further down
+  (halved if positive, doubled if not). The r tokens of lowest score are dropped; [CLS] never.
+- Correlate: P = softmax(A) over the keys; each dropped token's targets are its k most-attended
+  kept tokens, k = the largest count, over the dropped tokens, of logits above their row's
+  0.998 quantile (2 on a 577-token row, 1 on shorter ones); weights are P normalised over the k.
+- Compress: each kept token u becomes (x_u + sum w x_i) / (1 + sum w) over the dropped tokens i
+  that chose it. No sizes are carried, no proportional attention (as released).
+- r per block: the authors remove a constant 42 per block (114 patches left); here the
+  removal is fitted to the budget and spread evenly over the blocks.
+
+The released code runs only at batch 1 and is off by default (merge_visual = False); where it
+is broken, vtprune follows what it evidently means (deviations, also in the README):
+- survivors stay in their original order with [CLS] first (the release sorts them by score
+  and then treats whichever token comes first as [CLS], so the real [CLS] can be merged away
+  and LLaVA's [:, 1:] drops an arbitrary patch);
+- targets are kept tokens (the release picks any token, the dropped one itself included, and
+  then indexes the reordered survivors with pre-reduction indices);
+- the local penalty uses each live token's own 2x2 window at every block (the release keeps a
+  576-entry buffer across layers and images, so after the first block it hits a fixed set of
+  sequence indices);
+- scores per image, quantiles in float32 (the release averages logits over the batch too and
+  calls torch.quantile on fp16, which raises).
+Towers that cut an image into several rows (LLaVA-NeXT's tiles, video frames) are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import BlockInput, BlockMerge, BlockMergingMethod, ModelInfo
+
+
+def redundancy(logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """[R, n - 1] Filter's score of each patch (lower: more redundant) from head-mean logits [R, n, n], [CLS] first."""
+    cls = F.normalize(logits[:, 0, 1:], dim=-1)
+    similar = F.normalize(logits[:, 1:, 1:].mean(dim=-1), dim=-1)
+    return beta * cls - (1 - beta) * similar
+
+
+def penalise_window_minima(score: torch.Tensor, columns: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """score [R, m] with the lowest of each 2x2 window's live patches pushed down (halved if > 0, else doubled);
+    columns [R, m] are the patches' tower columns (1 + raster index)."""
+    cells = columns - 1
+    window = (cells // grid[1] // 2) * ((grid[1] + 1) // 2) + (cells % grid[1]) // 2
+    windows = ((grid[0] + 1) // 2) * ((grid[1] + 1) // 2)
+    lowest = torch.full((score.shape[0], windows), torch.inf, dtype=score.dtype, device=score.device)
+    lowest.scatter_reduce_(1, window, score, reduce="amin")
+    # the first patch holding its window's minimum (ties: the lower column)
+    is_min = score == lowest.gather(1, window)
+    first = torch.full_like(lowest, score.shape[1], dtype=torch.long)
+    index = torch.arange(score.shape[1], device=score.device).expand_as(score)
+    first.scatter_reduce_(1, window, torch.where(is_min, index, score.shape[1]), reduce="amin")
+    penalised = index == first.gather(1, window)
+    return torch.where(penalised, torch.where(score > 0, score / 2, score * 2), score)
+
+
+def correlation_width(logits: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """[R] k: the most logits of a dropped token's row above that row's 0.998 quantile."""
+    rows = logits.gather(1, dropped[..., None].expand(-1, -1, logits.shape[2])).float()
+    threshold = torch.quantile(rows, 0.998, dim=-1, keepdim=True)
+    return (rows > threshold).sum(-1).amax(-1)
+
+
+class FiCoCoV(BlockMergingMethod):
+    name = "ficoco_v"
+    summary = "filter (CLS vs patch-similarity logits, 2x2 local penalty), correlate, compress inside the vision encoder"
+    where = "vision encoder blocks (second half, between attention and MLP); tokens dropped at the LLM input"
+
+    @dataclass(frozen=True)
+    class Options:
+        beta: float = 0.35
+        first_layer: int | None = None  # the first encoder layer that reduces; None: the authors' 12 of 24, scaled
+
+    @classmethod
+    def validate(cls, options) -> None:
+        if not 0.0 <= options.beta <= 1.0:
+            raise ValueError(f"ficoco_v's beta weighs [CLS] attention against patch similarity: in [0, 1]; got {options.beta}")
+
+    def merge_schedule(self, model: ModelInfo, layers: int, patches: int, keep: int) -> dict[int, int]:
+        last = layers + (model.vision_feature_layer if model.vision_feature_layer is not None else -1)
+        first = round(12 * layers / 24) if self.options.first_layer is None else self.options.first_layer
+        if not 0 <= first <= last:
+            raise ValueError(f"ficoco_v's first_layer must lie in 0..{last} (the layer the projector reads); got {first}")
+        blocks = list(range(first, last + 1))
+        remove = patches - keep
+        return {layer: remove // len(blocks) + (i < remove % len(blocks)) for i, layer in enumerate(blocks)}
+
+    def merge(self, block: BlockInput, r: int) -> BlockMerge:
+        rows, n, _ = block.hidden.shape
+        logits = (block.query @ block.key.transpose(-1, -2) * block.scaling).mean(dim=1)  # [R, n, n]
+        score = penalise_window_minima(redundancy(logits, self.options.beta), block.columns[:, 1:], block.grid)
+        ranked = score.argsort(dim=-1, stable=True) + 1  # patches, most redundant first
+        dropped, kept = ranked[:, :r], torch.cat([torch.zeros_like(ranked[:, :1]), ranked[:, r:]], dim=1).sort(-1).values
+        # Correlate: each dropped token's most-attended kept tokens
+        attention = logits.float().softmax(dim=-1)
+        towards_kept = attention.gather(1, dropped[..., None].expand(-1, -1, n)).gather(
+            2, kept[:, None].expand(-1, r, -1))  # [R, r, n - r]
+        k = int(correlation_width(logits, dropped).max().clamp(min=1, max=kept.shape[1]))
+        weight, target = towards_kept.topk(k, dim=-1)
+        weight = (weight / weight.sum(-1, keepdim=True)).to(block.hidden.dtype)
+        # Compress: (x_u + sum w x_i) / (1 + sum w)
+        x = block.hidden
+        width = x.shape[2]
+        total = x.gather(1, kept[..., None].expand(-1, -1, width)).clone()
+        mass = torch.ones(rows, kept.shape[1], dtype=x.dtype, device=x.device)
+        sources = x.gather(1, dropped[..., None].expand(-1, -1, width))  # [R, r, D]
+        total.scatter_add_(1, target.flatten(1)[..., None].expand(-1, -1, width),
+                           (weight[..., None] * sources[:, :, None]).flatten(1, 2))
+        mass.scatter_add_(1, target.flatten(1), weight.flatten(1))
+        into = torch.empty(rows, n, dtype=torch.long, device=x.device)
+        into.scatter_(1, kept, torch.arange(kept.shape[1], device=x.device).expand(rows, -1))
+        into.scatter_(1, dropped, target[..., 0])
+        size = torch.zeros(rows, kept.shape[1], dtype=block.size.dtype, device=x.device).scatter_add_(1, into, block.size)
+        return BlockMerge(kept, into, total / mass[..., None], size)
