@@ -36,7 +36,7 @@ def test_bad_budgets(model, budget, message):
 
 
 def test_unknown_method_lists_the_registered_ones(model):
-    with pytest.raises(ValueError, match="unknown method .fastvv.*fastv, hired, pdrop, pool, prumerge\\+, random,"):
+    with pytest.raises(ValueError, match="unknown method .fastvv.*fastv, ficoco_v, hired, pdrop, pool, prumerge\\+, random,"):
         vtprune.apply(model, "fastvv", 64)
 
 

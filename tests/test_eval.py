@@ -7,6 +7,7 @@ import torch
 
 from vtprune.eval import Config, ResultsFile, evaluate, summarize
 from vtprune.eval import FolderBusy, runner
+from vtprune.eval.runner import synthetic_task
 from vtprune.eval.lock import LOCK_NAME, hold
 from vtprune.eval.records import MalformedResults
 from vtprune.eval.report import markdown_table, write_reports
@@ -42,14 +43,14 @@ def test_an_interrupted_eval_resumes_without_redoing_or_losing_samples(tiny_refe
 
     monkeypatch.setattr(runner, "predict", flaky_predict)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(model, processor, samples, CONFIGS, tmp_path, prompt, SETTINGS, batch_size=4)
+        evaluate(model, synthetic_task(model, processor, samples, prompt), CONFIGS, tmp_path, SETTINGS, batch_size=4)
     done_before = ResultsFile(tmp_path / "results.jsonl").read()
     assert len(done_before) == 4 + 4 + 2  # three batches of the first config finished
     assert not hasattr(model, "_vtprune_pruner")  # the interrupted method's pruner was removed
 
     calls.clear()
     monkeypatch.setattr(runner, "predict", real_predict)
-    records = evaluate(model, processor, samples, CONFIGS, tmp_path, prompt, SETTINGS, batch_size=4)
+    records = evaluate(model, synthetic_task(model, processor, samples, prompt), CONFIGS, tmp_path, SETTINGS, batch_size=4)
     keys = [(r["config"], r["index"]) for r in ResultsFile(tmp_path / "results.jsonl").read()]
     assert sorted(keys) == sorted((c.name, i) for c in CONFIGS for i in range(10))  # each exactly once
     assert records[:10] == done_before
@@ -57,8 +58,8 @@ def test_an_interrupted_eval_resumes_without_redoing_or_losing_samples(tiny_refe
 
 def test_resuming_the_same_run_is_deterministic(tiny_reference, tmp_path):
     model, processor = tiny_reference
-    first = evaluate(model, processor, generate(5, 6), CONFIGS, tmp_path / "a", prompt, SETTINGS)
-    second = evaluate(model, processor, generate(5, 6), CONFIGS, tmp_path / "b", prompt, SETTINGS)
+    first = evaluate(model, synthetic_task(model, processor, generate(5, 6), prompt), CONFIGS, tmp_path / "a", SETTINGS)
+    second = evaluate(model, synthetic_task(model, processor, generate(5, 6), prompt), CONFIGS, tmp_path / "b", SETTINGS)
     assert first == second
 
 
@@ -82,9 +83,9 @@ def test_a_malformed_results_file_names_the_line(tmp_path, line, message):
 
 def test_other_settings_in_the_same_folder_are_refused(tiny_reference, tmp_path):
     model, processor = tiny_reference
-    evaluate(model, processor, generate(5, 2), CONFIGS[:1], tmp_path, prompt, SETTINGS)
+    evaluate(model, synthetic_task(model, processor, generate(5, 2), prompt), CONFIGS[:1], tmp_path, SETTINGS)
     with pytest.raises(ValueError, match="other settings.*seed"):
-        evaluate(model, processor, generate(6, 2), CONFIGS[:1], tmp_path, prompt, dict(SETTINGS, seed=6))
+        evaluate(model, synthetic_task(model, processor, generate(6, 2), prompt), CONFIGS[:1], tmp_path, dict(SETTINGS, seed=6))
 
 
 def test_summary_normalizes_per_class_to_the_unpruned_model(tmp_path):
@@ -109,13 +110,14 @@ def test_summary_normalizes_per_class_to_the_unpruned_model(tmp_path):
 def test_a_config_named_twice_is_refused(tiny_reference, tmp_path):
     model, processor = tiny_reference
     with pytest.raises(ValueError, match="named twice: fastv@32"):
-        evaluate(model, processor, generate(5, 2), [Config("fastv", 32), Config("fastv", 32)], tmp_path, prompt, SETTINGS)
+        evaluate(model, synthetic_task(model, processor, generate(5, 2), prompt), [Config("fastv", 32), Config("fastv", 32)], tmp_path,
+                 SETTINGS)
 
 
 def test_a_folder_another_run_is_evaluating_into_is_refused(tiny_reference, tmp_path, held_elsewhere):
     model, processor = tiny_reference
     with held_elsewhere(tmp_path), pytest.raises(FolderBusy, match=rf"{tmp_path}.* in use by another run"):
-        evaluate(model, processor, generate(5, 2), CONFIGS[:1], tmp_path, prompt, SETTINGS)
+        evaluate(model, synthetic_task(model, processor, generate(5, 2), prompt), CONFIGS[:1], tmp_path, SETTINGS)
     assert not (tmp_path / "results.jsonl").exists()
 
 

@@ -122,17 +122,22 @@ def cmd_eval(args) -> int:
 
     import vtprune
     from vtprune.eval import Config, evaluate
+    from vtprune.eval.runner import synthetic_task
     from vtprune.eval.lock import hold
     from vtprune.eval.report import frontier_table, rich_table, summarize, write_reports
+    from vtprune.eval.shards import current_shard
     from vtprune.methods import get_method
     from vtprune.synth import generate
     from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt
 
     specs = args.methods or [cli_args.MethodSpec(m.name, m.name) for m in vtprune.methods()]
     out = Path(args.out)
-    with hold(out):  # before the model loads, so that a second run on this folder stops at once
+    shard = current_shard()  # one of several processes under `accelerate launch`, else the only one
+    with hold(out, shard.lock_name):  # before the model loads, so that a second run on this folder stops at once
         model_path = Path(args.model or REFERENCE_DIR)
         model, processor = load_reference(model_path)
+        if shard.device is not None:
+            model.to(shard.device)
         needed = method_options(model_path, processor)
         configs = [Config("unpruned")] + [
             Config(spec.method, b, {**needed.get(spec.method, {}), **spec.options}, spec.label)
@@ -143,7 +148,7 @@ def cmd_eval(args) -> int:
         for config in configs[1:]:
             get_method(config.method).parse_options(config.options)  # bad options fail before the first sample
         refused = refused_configs(model, configs[1:])
-        for name, reason in refused.items():
+        for name, reason in refused.items() if shard.main else ():
             console.print(f"[yellow]not run: {name}: {reason}[/yellow]")
         configs = [c for c in configs if c.name not in refused]
         settings = {"task": "synthetic", "model": _model_id(model_path), "seed": args.seed, "samples": count,
@@ -151,7 +156,10 @@ def cmd_eval(args) -> int:
                     "clasp_calibration": _digest(model_path / "clasp_calibration.json")}
         if refused:
             settings["not_run"] = refused
-        records = evaluate(model, processor, samples, configs, out, prompt, settings, batch_size=args.batch)
+        records = evaluate(model, synthetic_task(model, processor, samples, prompt), configs, out, settings,
+                           batch_size=args.batch, shard=shard)
+        if not shard.main:  # the first process reports for all
+            return 0
         wanted = {c.name for c in configs}
         rows = summarize([r for r in records if r["config"] in wanted])
         title = f"reference model, synthetic VQA (seed {args.seed}, {count} samples)"

@@ -25,18 +25,19 @@ _held: set[Path] = set()  # folders this process holds
 
 
 @contextlib.contextmanager
-def hold(folder: str | Path) -> Iterator[None]:
+def hold(folder: str | Path, name: str = LOCK_NAME) -> Iterator[None]:
     """Hold `folder` (created if need be) for this process, or raise FolderBusy naming it.
 
     Nested holds of one folder in one process share the lock: the command holds it across
-    the evaluation and its reports, and evaluate() holds it again for library callers.
+    the evaluation and its reports, and evaluate() holds it again for library callers. The
+    processes of one data-parallel run each hold a lock of their own (`name`).
     """
     folder = Path(folder).resolve()
     if folder in _held:
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
-    handle = (folder / LOCK_NAME).open("a+")
+    handle = (folder / name).open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from tqdm import tqdm
 import vtprune
 
 from .lock import hold
-from .records import ResultsFile
+from .shards import Shard, read_all
 
 UNPRUNED = "unpruned"
 
@@ -37,62 +38,94 @@ def predict(model, processor, samples, prompt) -> list[str]:
     return processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
 
 
-def evaluate(model, processor, samples, configs: list[Config], out: Path, prompt, settings: dict,
-             batch_size: int = 16) -> list[dict]:
-    """Evaluate every config on every sample, skipping what out/results.jsonl already holds.
+@dataclass
+class Task:
+    """What a run evaluates: its samples, how a batch of them is answered, and what each answer's record keeps."""
 
-    Another process evaluating into `out` at the same time is refused with FolderBusy.
+    samples: list
+    answer: Callable[[list], list[str]]  # a batch of samples -> one answer each (the model, maybe pruned, runs here)
+    fields: Callable[[object, str], dict]  # (sample, answer) -> the record's own fields beside config and index
+    batch_of: Callable[[object], object] = lambda sample: None  # samples batched together share this (a benchmark)
+
+
+def synthetic_task(model, processor, samples, prompt) -> Task:
+    """The reference model's synthetic VQA: first-token exact match, per question class."""
+    return Task(
+        samples,
+        answer=lambda chunk: predict(model, processor, chunk, prompt),
+        fields=lambda sample, answer: {"qclass": sample.qclass, "answer": sample.answer, "prediction": answer,
+                                       "correct": answer == sample.answer},
+    )
+
+
+def evaluate(model, task: Task, configs: list[Config], out: Path, settings: dict, batch_size: int = 16,
+             shard: Shard = Shard()) -> list[dict]:
+    """Evaluate every config on every sample of this process's shard, skipping what out's results files already
+    hold; returns every record of the folder once all processes are done.
+
+    Another process evaluating the same shard into `out` at the same time is refused with FolderBusy.
     """
     names = [config.name for config in configs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"configs named twice: {', '.join(repeated)}; give each method and budget once")
-    with hold(out):
-        return _evaluate(model, processor, samples, configs, Path(out), prompt, settings, batch_size)
+    with hold(out, shard.lock_name):
+        _check_settings(Path(out), settings, shard)
+        _evaluate(model, task, configs, Path(out), batch_size, shard)
+        shard.wait_for_everyone()
+        return read_all(Path(out))
 
 
-def _evaluate(model, processor, samples, configs: list[Config], out: Path, prompt, settings: dict,
-              batch_size: int) -> list[dict]:
-    settings_path = out / "run.json"
-    if settings_path.exists():
-        previous = json.loads(settings_path.read_text())
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise ValueError(
-                f"{out} holds a run with other settings ({', '.join(changed)}); resume it with the same "
-                "arguments, or pass another --out"
-            )
-    else:
-        settings_path.write_text(json.dumps(settings, indent=2))
-    results = ResultsFile(out / "results.jsonl")
+def _check_settings(out: Path, settings: dict, shard: Shard) -> None:
+    """The folder's run.json (written by the first process) must equal these settings: a resume continues one run."""
+    path = out / "run.json"
+    if shard.main and not path.exists():
+        path.write_text(json.dumps(settings, indent=2))
+    shard.wait_for_everyone()
+    previous = json.loads(path.read_text())
+    if previous != settings:
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        raise ValueError(
+            f"{out} holds a run with other settings ({', '.join(changed)}); resume it with the same "
+            "arguments, or pass another --out"
+        )
+
+
+def _batches(indices: list[int], task: Task, size: int) -> list[list[int]]:
+    """Consecutive indices, at most `size` a batch, never mixing samples whose batch_of differs."""
+    batches = []
+    for i in indices:
+        if batches and len(batches[-1]) < size and task.batch_of(task.samples[i]) == task.batch_of(task.samples[batches[-1][0]]):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _evaluate(model, task: Task, configs: list[Config], out: Path, batch_size: int, shard: Shard) -> None:
+    results = shard.results(out)
     results.repair_tail()
-    records = results.read()
-    done = {(r["config"], r["index"]) for r in records}
-    remaining = sum((c.name, i) not in done for c in configs for i in range(len(samples)))
-    progress = tqdm(total=len(configs) * len(samples), initial=len(configs) * len(samples) - remaining, desc="eval")
+    done = {(r["config"], r["index"]) for r in read_all(out)}
+    mine = shard.mine(list(range(len(task.samples))))
+    remaining = sum((c.name, i) not in done for c in configs for i in mine)
+    progress = tqdm(total=len(configs) * len(mine), initial=len(configs) * len(mine) - remaining,
+                    desc="eval" if shard.processes == 1 else f"eval {shard.rank + 1}/{shard.processes}")
     for config in configs:
-        indices = [i for i in range(len(samples)) if (config.name, i) not in done]
+        indices = [i for i in mine if (config.name, i) not in done]
         pruner = None if config.method == UNPRUNED else vtprune.apply(model, config.method, config.budget, **config.options)
         try:
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
+            for chunk in _batches(indices, task, batch_size):
                 with torch.no_grad():
-                    predictions = predict(model, processor, [samples[i] for i in chunk], prompt)
+                    answers = task.answer([task.samples[i] for i in chunk])
                 stats = pruner.last_stats if pruner else None
-                batch = []
-                for b, (i, prediction) in enumerate(zip(chunk, predictions)):
-                    sample = samples[i]
-                    batch.append({
-                        "config": config.name, "method": config.label or config.method, "budget": config.budget, "index": i,
-                        "qclass": sample.qclass, "answer": sample.answer, "prediction": prediction,
-                        "correct": prediction == sample.answer,
-                        "equivalent_budget": None if stats is None else stats.sample_equivalent_budget(b),
-                    })
-                results.append(batch)
-                records += batch
+                results.append([
+                    {"config": config.name, "method": config.label or config.method, "budget": config.budget,
+                     "index": i, **task.fields(task.samples[i], answer),
+                     "equivalent_budget": None if stats is None else stats.sample_equivalent_budget(b)}
+                    for b, (i, answer) in enumerate(zip(chunk, answers))
+                ])
                 progress.update(len(chunk))
         finally:
             if pruner is not None:
                 pruner.remove()
     progress.close()
-    return records

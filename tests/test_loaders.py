@@ -1,0 +1,687 @@
+"""Benchmark loaders (vtprune.eval.loaders): tiny fixtures in each on-disk format, the prompts lmms-eval
+0.7.3 builds from them, the images, the references, and the official score on hand-written answers."""
+
+import base64
+import io
+import json
+import re
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from vtprune.eval.loaders import TASKS, BenchmarkSample, load_benchmark
+from vtprune.eval.metrics import score
+
+SHORT = "\nAnswer the question using a single word or phrase."
+LETTER = "\nAnswer with the option's letter from the given choices directly."
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+# --- fixture writers ------------------------------------------------------------------------------------
+
+def png(color=RED, size=(4, 3), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def hf_image(color=RED, size=(4, 3), mode="RGB") -> dict:
+    """An HF Image feature cell as parquet / arrow store it."""
+    return {"bytes": png(color, size, mode), "path": None}
+
+
+def write_parquet(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def save_to_disk(folder, rows, split=None):
+    """What datasets' Dataset.save_to_disk writes: Arrow streaming shards + state.json + dataset_info.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+    (folder / "state.json").write_text(json.dumps(
+        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": split, "_fingerprint": "x"}))
+    (folder / "dataset_info.json").write_text("{}")
+    return folder
+
+
+def color_of(image):
+    return image.convert("RGB").getpixel((0, 0))
+
+
+def check_samples(samples, task):
+    assert all(isinstance(s, BenchmarkSample) and s.task == task for s in samples)
+    assert len({s.id for s in samples}) == len(samples)
+    for s in samples:
+        for im in s.images:
+            assert im.mode == "RGB"
+
+
+# --- (a) lmms-eval / HF parquet copies -------------------------------------------------------------------
+
+def pope_rows():
+    return [
+        {"question_id": "1", "question": "Is there a dog in the image?", "answer": "yes",
+         "category": "adversarial", "image": hf_image(RED), "image_source": "COCO_val2014_1"},
+        {"question_id": "2", "question": "Is there a cat in the image? ", "answer": "no",
+         "category": "adversarial", "image": hf_image(GREEN), "image_source": "COCO_val2014_2"},
+        {"question_id": "1", "question": "Is there a car in the image?", "answer": "yes",
+         "category": "random", "image": hf_image(BLUE), "image_source": "COCO_val2014_3"},
+        {"question_id": "2", "question": "Is there a bus in the image?", "answer": "no",
+         "category": "random", "image": hf_image(RED, (5, 5)), "image_source": "COCO_val2014_4"},
+    ]
+
+
+def test_pope_parquet_snapshot_picks_the_test_split(tmp_path):
+    write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", pope_rows())
+    # the Full config's per-split files sit beside it in a hub snapshot; lmms-eval's `pope` reads test only
+    write_parquet(tmp_path / "Full" / "adversarial-00000-of-00001.parquet", pope_rows()[:1])
+    samples = load_benchmark("pope", tmp_path)
+    check_samples(samples, "pope")
+    assert [s.id for s in samples] == ["adversarial/1", "adversarial/2", "random/1", "random/2"]
+    assert samples[1].question == "Is there a cat in the image?" + SHORT  # stripped, then the post prompt
+    assert [color_of(s.images[0]) for s in samples[:3]] == [RED, GREEN, BLUE]
+    assert samples[3].images[0].size == (5, 5)
+    assert samples[0].reference == {"answer": "yes", "category": "adversarial"}
+    # lmms-eval: pooled TP=1 (row 0), FP=1 (row 1), FN=1 (row 2), TN=1 -> precision = recall = F1 = 0.5
+    result = score("pope", ["yes", "Yes", "no", "no"], [s.reference for s in samples])
+    assert result["score"] == pytest.approx(50.0)
+    assert result["adversarial/accuracy"] == pytest.approx(0.5)
+
+
+def test_parquet_converter_layout_names_the_split_by_folder(tmp_path):
+    write_parquet(tmp_path / "default" / "test" / "0000.parquet", pope_rows()[:2])
+    write_parquet(tmp_path / "Full" / "adversarial" / "0000.parquet", pope_rows())
+    assert [s.id for s in load_benchmark("pope", tmp_path)] == ["adversarial/1", "adversarial/2"]
+
+
+def test_limit_keeps_the_first_samples(tmp_path):
+    write_parquet(tmp_path / "pope.parquet", pope_rows())
+    samples = load_benchmark("pope", tmp_path / "pope.parquet", limit=2)
+    assert [s.question for s in samples] == ["Is there a dog in the image?" + SHORT,
+                                             "Is there a cat in the image?" + SHORT]
+
+
+def gqa_snapshot(root, image_rows=None):
+    questions = [
+        {"id": "q1", "imageId": "img1", "question": "What color is the car?", "answer": "red", "fullAnswer": "x"},
+        {"id": "q2", "imageId": "img2", "question": "Is it sunny?", "answer": "no", "fullAnswer": "x"},
+        {"id": "q3", "imageId": "img1", "question": "Which side is the tree on?", "answer": "left",
+         "fullAnswer": "x"},
+    ]
+    write_parquet(root / "testdev_balanced_instructions" / "testdev-00000-of-00001.parquet", questions)
+    write_parquet(root / "train_balanced_instructions" / "train-00000-of-00001.parquet",
+                  [{**questions[0], "question": "a training question"}])
+    if image_rows is None:
+        image_rows = [{"id": "img1", "image": hf_image(RED)}, {"id": "img2", "image": hf_image(BLUE)},
+                      {"id": "img9", "image": hf_image(GREEN)}]
+    if image_rows:
+        write_parquet(root / "testdev_balanced_images" / "testdev-00000-of-00001.parquet", image_rows)
+
+
+def test_gqa_parquet_joins_questions_to_images(tmp_path):
+    gqa_snapshot(tmp_path)
+    samples = load_benchmark("gqa", tmp_path)
+    check_samples(samples, "gqa")
+    assert [s.id for s in samples] == ["q1", "q2", "q3"]
+    assert samples[0].question == "What color is the car?" + SHORT
+    assert [color_of(s.images[0]) for s in samples] == [RED, BLUE, RED]
+    assert [s.reference for s in samples] == [{"answer": "red"}, {"answer": "no"}, {"answer": "left"}]
+    # lmms-eval exact match after lowercasing and removing punctuation: "Red." right, "yes" wrong, "left" right
+    assert score("gqa", ["Red.", "yes", "left"], [s.reference for s in samples])["score"] == pytest.approx(200 / 3)
+
+
+def mmbench_row(index, question, options, answer, hint=None, image=RED):
+    row = {"index": index, "question": question, "hint": hint, "answer": answer, "category": "cat_a",
+           "L2-category": "l2_a", "source": "src", "split": "dev", "image": hf_image(image), "comment": None}
+    for letter in "ABCD":
+        row[letter] = options.get(letter)
+    return row
+
+
+def test_mmbench_en_and_cn_from_one_snapshot(tmp_path):
+    en = [mmbench_row(0, "What is shown?", {"A": "cat", "B": "dog"}, "A"),
+          mmbench_row(1_000_000, "What is shown?", {"A": "dog", "B": "cat"}, "B"),
+          mmbench_row(1, "Which is larger?", {"A": "sun", "B": "moon", "C": "earth"}, "A", hint="Look closely.")]
+    cn = [mmbench_row(0, "图中是什么？", {"A": "猫", "B": "狗"}, "A", image=GREEN)]
+    write_parquet(tmp_path / "en" / "dev-00000-of-00001.parquet", en)
+    write_parquet(tmp_path / "en" / "test-00000-of-00001.parquet", [{**en[0], "answer": None}])
+    write_parquet(tmp_path / "cn" / "dev-00000-of-00001.parquet", cn)
+    samples = load_benchmark("mmbench_en", tmp_path)
+    check_samples(samples, "mmbench_en")
+    assert len(samples) == 3
+    # en_utils: "{hint} {question} {options}", then "\n" + a post prompt that itself starts with "\n"
+    assert samples[0].question == "What is shown? There are several options:\nA. cat\nB. dog\n" + LETTER
+    assert samples[2].question == ("Look closely. Which is larger? There are several options:\nA. sun\nB. moon\n"
+                                   "C. earth\n" + LETTER)
+    assert samples[2].reference == {"index": 1, "answer": "A", "A": "sun", "B": "moon", "C": "earth", "D": None,
+                                    "category": "cat_a", "L2-category": "l2_a"}
+    # circular: question 0 needs both rotations right (the second is wrong), question 1 is right -> 1 of 2
+    result = score("mmbench_en", ["A", "A", "A"], [s.reference for s in samples])
+    assert result["score"] == pytest.approx(50.0) and result["n_questions"] == 2
+    cn_samples = load_benchmark("mmbench_cn", tmp_path)
+    assert len(cn_samples) == 1 and color_of(cn_samples[0].images[0]) == GREEN
+    assert cn_samples[0].question == "图中是什么？ There are several options:\nA. 猫\nB. 狗\n\n请直接使用所提供的选项字母作为答案回答。"
+    assert score("mmbench_cn", ["B"], [s.reference for s in cn_samples])["score"] == 0.0
+
+
+def mme_rows():
+    return [
+        {"question_id": "code_reasoning/0020.png", "question": "Is the output 3? Please answer yes or no.",
+         "answer": "Yes", "category": "code_reasoning", "image": hf_image(RED)},
+        {"question_id": "code_reasoning/0020.png", "question": "Is the output 4? Please answer yes or no.",
+         "answer": "No", "category": "code_reasoning", "image": hf_image(RED)},
+        {"question_id": "color/0001.jpg", "question": "Is the car red? Please answer yes or no.",
+         "answer": "Yes", "category": "color", "image": hf_image(BLUE)},
+        {"question_id": "color/0001.jpg", "question": "Is the car blue? Please answer yes or no.",
+         "answer": "No", "category": "color", "image": hf_image(BLUE)},
+        {"question_id": "color/0002.jpg", "question": "Is it green? Please answer yes or no.",
+         "answer": "No", "category": "color", "image": hf_image(GREEN)},
+    ]
+
+
+def test_mme_parquet_limit_keeps_question_pairs(tmp_path):
+    write_parquet(tmp_path / "data" / "test-00000-of-00002.parquet", mme_rows()[:2])
+    write_parquet(tmp_path / "data" / "test-00001-of-00002.parquet", mme_rows()[2:])
+    samples = load_benchmark("mme", tmp_path, limit=3)  # 3 would split color/0001.jpg's pair: 4 come back
+    check_samples(samples, "mme")
+    assert [s.id for s in samples] == ["code_reasoning/0020.png#1", "code_reasoning/0020.png#2",
+                                       "color/0001.jpg#1", "color/0001.jpg#2"]
+    # " Please answer yes or no." is replaced by the default post prompt
+    assert samples[0].question == "Is the output 3?" + SHORT
+    assert samples[2].reference == {"question_id": "color/0001.jpg", "category": "color", "answer": "Yes"}
+    # code_reasoning: acc 100 + acc+ 100 (cognition 200); color: acc 50 + acc+ 0 (perception 50)
+    result = score("mme", ["Yes", "No", "Yes", "Yes"], [s.reference for s in samples])
+    assert (result["cognition"], result["perception"], result["score"]) == (200.0, 50.0, 250.0)
+
+
+def sqa_rows():
+    return [
+        {"question": "Which animal is a mammal?", "choices": ["frog", "whale"], "answer": 1, "hint": "",
+         "image": hf_image(RED), "subject": "natural science"},
+        {"question": "What is the capital of France?", "choices": ["Paris", "Rome", "Berlin"], "answer": 0,
+         "hint": "Look at the map.", "image": hf_image(BLUE), "subject": "social science"},
+    ]
+
+
+def test_scienceqa_img_parquet_snapshot(tmp_path):
+    write_parquet(tmp_path / "ScienceQA-IMG" / "test-00000-of-00001.parquet", sqa_rows())
+    write_parquet(tmp_path / "ScienceQA-FULL" / "test-00000-of-00001.parquet", sqa_rows()[:1])
+    samples = load_benchmark("scienceqa_img", tmp_path)
+    check_samples(samples, "scienceqa_img")
+    assert [s.id for s in samples] == ["0", "1"]
+    assert samples[0].question == "Which animal is a mammal?\nA. frog\nB. whale" + LETTER
+    assert samples[1].question == ("Context: Look at the map.\nWhat is the capital of France?\nA. Paris\nB. Rome\n"
+                                   "C. Berlin" + LETTER)
+    assert samples[1].reference == {"choices": ["Paris", "Rome", "Berlin"], "answer": 0}
+    assert score("scienceqa_img", ["B", "C. Berlin"], [s.reference for s in samples])["score"] == 50.0
+
+
+def test_ocrbench_single_parquet_file(tmp_path):
+    rows = [{"dataset": "IIIT5K", "question": "what is written in the image? ", "question_type":
+             "Regular Text Recognition", "answer": ["CENTRE"], "image": hf_image(RED)},
+            {"dataset": "HME100k", "question": "Write the formula.", "question_type":
+             "Handwritten Mathematical Expression Recognition", "answer": ["x^2 + 1"], "image": hf_image(BLUE)}]
+    file = write_parquet(tmp_path / "test-00000-of-00001.parquet", rows)
+    samples = load_benchmark("ocrbench", file)
+    check_samples(samples, "ocrbench")
+    assert samples[0].question == "what is written in the image?"  # stripped, no post prompt
+    assert samples[1].reference == {"answer": ["x^2 + 1"], "dataset": "HME100k",
+                                    "question_type": "Handwritten Mathematical Expression Recognition"}
+    # "centre" is in the lowercased answer; HME100k compares without spaces, and "x^2" lacks "+1"
+    assert score("ocrbench", ["The text is centre.", "x ^ 2"], [s.reference for s in samples])["score"] == 1.0
+
+
+# --- (b) datasets.save_to_disk folders -------------------------------------------------------------------
+
+def test_textvqa_save_to_disk_dataset_dict(tmp_path):
+    val = [{"question_id": 10, "question": "what is the BRAND name?", "image": hf_image(RED),
+            "answers": ["Coca Cola"] * 7 + ["coke"] * 3, "ocr_tokens": ["coca"]},
+           {"question_id": 11, "question": "what does the sign say?", "image": hf_image(GREEN),
+            "answers": ["stop"] * 2 + ["halt"] * 8, "ocr_tokens": []}]
+    save_to_disk(tmp_path / "validation", val)
+    save_to_disk(tmp_path / "train", [{**val[0], "question_id": 99}])
+    (tmp_path / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation"]}))
+    samples = load_benchmark("textvqa", tmp_path)
+    check_samples(samples, "textvqa")
+    assert [s.id for s in samples] == ["10", "11"]
+    assert samples[0].question == "What is the brand name?" + SHORT  # str.capitalize, as lmms-eval
+    assert color_of(samples[1].images[0]) == GREEN
+    # row 1: 7 matches -> 1.0; row 2: "stop" twice among 10 -> (2 * 1/3 + 8 * 2/3) / 10 = 0.6; mean 0.8
+    refs = [s.reference for s in samples]
+    assert score("textvqa", ["coca cola", "Stop"], refs)["score"] == pytest.approx(80.0)
+    assert score("textvqa", ["coca cola", "Stop"], refs, scoring="llava")["score"] == pytest.approx(80.0)
+
+
+def test_vizwiz_save_to_disk_dataset_converts_grayscale(tmp_path):
+    rows = [{"question_id": "VizWiz_val_00000000.jpg", "question": "what is this?", "answers": ["unanswerable"] * 10,
+             "category": "unanswerable", "image": hf_image(mode="L")},
+            {"question_id": "VizWiz_val_00000001.jpg", "question": "what is in the can?",
+             "answers": ["soup"] * 3 + ["can"] * 7, "category": "other", "image": hf_image(BLUE)}]
+    save_to_disk(tmp_path / "vizwiz_val", rows, split="val")
+    samples = load_benchmark("vizwiz", tmp_path / "vizwiz_val")
+    check_samples(samples, "vizwiz")
+    assert samples[0].images[0].getpixel((0, 0)) == (128, 128, 128)  # "L" converted to RGB
+    assert samples[0].question == ("What is this?\nWhen the provided information is insufficient, respond with "
+                                   "'Unanswerable'." + SHORT)
+    assert samples[1].reference == {"answers": ["soup"] * 3 + ["can"] * 7, "category": "other"}
+    # row 1: 1.0; row 2: "soup" 3 times -> (3 * 2/3 + 7 * 1) / 10 = 0.9; mean 0.95
+    result = score("vizwiz", ["Unanswerable", "soup"], [s.reference for s in samples])
+    assert result["score"] == pytest.approx(95.0)
+    assert result["unanswerable/accuracy"] == pytest.approx(1.0)
+
+
+def test_arrow_file_in_random_access_format(tmp_path):
+    table = pa.Table.from_pylist(sqa_rows())
+    with pa.OSFile(str(tmp_path / "sqa.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    samples = load_benchmark("scienceqa_img", tmp_path / "sqa.arrow")
+    assert [s.reference["answer"] for s in samples] == [1, 0] and color_of(samples[1].images[0]) == BLUE
+
+
+def test_datasets_cache_folder(tmp_path):
+    """What lmms-eval leaves behind: ~/.cache/huggingface/datasets/<org>___<name>/<config>/<ver>/<hash>/*.arrow"""
+    folder = tmp_path / "lmms-lab___pope" / "default" / "0.0.0" / "abc123"
+    save_to_disk(folder, pope_rows()[:3])
+    (folder / "state.json").unlink()  # the cache has no state.json; its shards are named <name>-<split>-...
+    (folder / "data-00000-of-00001.arrow").rename(folder / "pope-test-00000-of-00001.arrow")
+    save_to_disk(tmp_path / "other", pope_rows())
+    (tmp_path / "other" / "state.json").unlink()
+    (tmp_path / "other" / "data-00000-of-00001.arrow").rename(tmp_path / "other" / "pope-train-00000-of-00001.arrow")
+    assert [s.id for s in load_benchmark("pope", tmp_path)] == ["adversarial/1", "adversarial/2", "random/1"]
+
+
+def test_gqa_from_two_save_to_disk_folders(tmp_path):
+    save_to_disk(tmp_path / "instructions" / "testdev",
+                 [{"id": "q1", "imageId": "img1", "question": "Is it red?", "answer": "yes"}])
+    (tmp_path / "instructions" / "dataset_dict.json").write_text(json.dumps({"splits": ["testdev"]}))
+    save_to_disk(tmp_path / "images", [{"id": "img1", "image": hf_image(GREEN)}], split="testdev")
+    [sample] = load_benchmark("gqa", tmp_path)
+    assert sample.question == "Is it red?" + SHORT and color_of(sample.images[0]) == GREEN
+
+
+# --- (c) LLaVA's evaluation files ------------------------------------------------------------------------
+
+def write_image(path, color=RED, size=(4, 3)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format="PNG")  # lossless whatever the name, so colours compare exactly
+    return path
+
+
+def pope_llava(root):
+    lines = {"popular": [("Is there a dog in the image?", "yes", RED), ("Is there a cat in the image?", "no", RED)],
+             "random": [("Is there a car in the image?", "yes", BLUE), ("Is there a bus in the image?", "no", BLUE)]}
+    (root / "coco").mkdir(parents=True)
+    for split, qs in lines.items():
+        with open(root / "coco" / f"coco_pope_{split}.json", "w") as f:
+            for qid, (text, label, color) in enumerate(qs, 1):
+                image = f"COCO_val2014_{split}.jpg"
+                write_image(root / "val2014" / image, color)
+                f.write(json.dumps({"question_id": qid, "image": image, "text": text, "label": label}) + "\n")
+
+
+def test_pope_llava_coco_files(tmp_path):
+    pope_llava(tmp_path)
+    samples = load_benchmark("pope", tmp_path)
+    check_samples(samples, "pope")
+    assert [s.id for s in samples] == ["popular/1", "popular/2", "random/1", "random/2"]
+    assert samples[2].question == "Is there a car in the image?" + SHORT
+    assert [color_of(s.images[0]) for s in samples] == [RED, RED, BLUE, BLUE]
+    assert samples[1].reference == {"answer": "no", "category": "popular"}
+    # llava: popular all right (F1 1); random: gold yes read as no, gold no as no (F1 0); mean over splits 0.5
+    preds = ["Yes, there is.", "No.", "There is not.", "no"]
+    assert score("pope", preds, [s.reference for s in samples], scoring="llava")["score"] == pytest.approx(50.0)
+
+
+def test_pope_same_question_in_parquet_and_llava_files(tmp_path):
+    pope_llava(tmp_path / "llava")
+    write_parquet(tmp_path / "hf" / "pope.parquet", pope_rows())
+    assert load_benchmark("pope", tmp_path / "llava")[0].question == load_benchmark("pope", tmp_path / "hf")[0].question
+
+
+def test_gqa_llava_question_file(tmp_path):
+    questions = {"201": {"imageId": "n1", "question": "Is it red?", "answer": "yes", "fullAnswer": "Yes, it is."},
+                 "202": {"imageId": "n2", "question": "What color is it?", "answer": "red", "fullAnswer": "x"}}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "testdev_balanced_questions.json").write_text(json.dumps(questions))
+    write_image(tmp_path / "data" / "images" / "n1.jpg", RED)
+    write_image(tmp_path / "data" / "images" / "n2.jpg", BLUE, (6, 6))
+    samples = load_benchmark("gqa", tmp_path)
+    check_samples(samples, "gqa")
+    assert [s.id for s in samples] == ["201", "202"]
+    assert samples[1].question == "What color is it?" + SHORT and samples[1].images[0].size == (6, 6)
+    # llava rule: trailing periods dropped, lowercased; "blue" is wrong
+    assert score("gqa", ["Yes.", "blue"], [s.reference for s in samples], scoring="llava")["score"] == 50.0
+
+
+def test_textvqa_llava_annotation_file(tmp_path):
+    data = {"dataset_name": "textvqa", "data": [
+        {"question_id": 34602, "image_id": "abc", "question": "what is the brand of this camera?",
+         "answers": ["nous les gosses"] * 4 + ["dakota"] * 6}]}
+    (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps(data))
+    write_image(tmp_path / "train_images" / "abc.jpg", GREEN)
+    [sample] = load_benchmark("textvqa", tmp_path)
+    assert sample.id == "34602" and sample.question == "What is the brand of this camera?" + SHORT
+    assert color_of(sample.images[0]) == GREEN
+    # "dakota" 6 times among 10 -> every leave-one-out subset has >= 5 matches -> 1.0
+    assert score("textvqa", ["Dakota"], [sample.reference], scoring="llava")["score"] == pytest.approx(100.0)
+
+
+def sqa_llava(root):
+    problems = {
+        "1": {"question": "Which animal is a mammal?", "choices": ["frog", "whale"], "answer": 1,
+              "hint": "Whales live in the sea.", "image": "image.png", "split": "test"},
+        "2": {"question": "Which word rhymes?", "choices": ["cat", "dog"], "answer": 0, "hint": "", "image": None,
+              "split": "test"},
+        "3": {"question": "train question", "choices": ["a", "b"], "answer": 0, "hint": "", "image": "image.png",
+              "split": "train"},
+    }
+    (root / "problems.json").write_text(json.dumps(problems))
+    (root / "pid_splits.json").write_text(json.dumps({"test": ["1", "2"], "train": ["3"]}))
+    write_image(root / "images" / "test" / "1" / "image.png", BLUE)
+
+
+def test_scienceqa_llava_problems_keep_test_questions_with_images(tmp_path):
+    sqa_llava(tmp_path)
+    [sample] = load_benchmark("scienceqa_img", tmp_path)
+    assert sample.id == "1"
+    assert sample.question == "Context: Whales live in the sea.\nWhich animal is a mammal?\nA. frog\nB. whale" + LETTER
+    assert color_of(sample.images[0]) == BLUE
+    assert score("scienceqa_img", ["B. whale"], [sample.reference], scoring="llava")["score"] == 100.0
+
+
+def b64(color):
+    return base64.b64encode(png(color)).decode()
+
+
+TSV_HEADER = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source",
+              "l2-category", "comment", "split"]
+
+
+def write_tsv(path, rows):
+    path.write_text("\n".join("\t".join(r) for r in [TSV_HEADER, *rows]) + "\n", encoding="utf-8")
+
+
+def test_mmbench_tsv_with_base64_images(tmp_path):
+    write_tsv(tmp_path / "mmbench_dev_20230712.tsv", [
+        ["0", "What is shown?", "", "cat", "dog", "", "", "A", "c1", b64(RED), "s", "l2", "", "dev"],
+        # VLMEvalKit TSVs store a repeated image once: this rotation refers to row index 0's image
+        ["1000000", "What is shown?", "", "dog", "cat", "", "", "B", "c1", "0", "s", "l2", "", "dev"],
+        ["2", "Which one?", "A hint.", "x", "y", "z", "", "C", "c2", b64(BLUE), "s", "l2b", "", "dev"],
+    ])
+    write_tsv(tmp_path / "mmbench_dev_cn_20231003.tsv", [
+        ["0", "哪个？", "", "甲", "乙", "", "", "B", "c1", b64(GREEN), "s", "l2", "", "dev"]])
+    samples = load_benchmark("mmbench_en", tmp_path)
+    check_samples(samples, "mmbench_en")
+    assert [s.id for s in samples] == ["0", "1000000", "2"]
+    assert [color_of(s.images[0]) for s in samples] == [RED, RED, BLUE]
+    assert samples[0].question == "What is shown? There are several options:\nA. cat\nB. dog\n" + LETTER
+    assert samples[2].question.startswith("A hint. Which one? There are several options:\nA. x\nB. y\nC. z\n")
+    assert samples[2].reference["L2-category"] == "l2b" and samples[0].reference["C"] is None
+    result = score("mmbench_en", ["A", "B", "The answer is C"], [s.reference for s in samples])
+    assert result["score"] == 100.0
+    [cn] = load_benchmark("mmbench_cn", tmp_path)
+    assert cn.question.startswith("哪个？ There are several options:\nA. 甲\nB. 乙") and color_of(cn.images[0]) == GREEN
+
+
+def mme_release(root):
+    release = root / "MME_Benchmark_release_version"
+    write_image(release / "artwork" / "images" / "10002.jpg", RED)
+    (release / "artwork" / "questions_answers_YN").mkdir(parents=True)
+    (release / "artwork" / "questions_answers_YN" / "10002.txt").write_text(
+        "Is this by Monet? Please answer yes or no.\tYes\nIs this by Dali? Please answer yes or no.\tNo\n")
+    write_image(release / "code_reasoning" / "0020.png", BLUE)
+    (release / "code_reasoning" / "0020.txt").write_text(
+        "Is the output 3? Please answer yes or no.\tNo\nIs the output 4? Please answer yes or no.\tYes\n")
+    return release
+
+
+def test_mme_release_folder(tmp_path):
+    mme_release(tmp_path)
+    samples = load_benchmark("mme", tmp_path)
+    check_samples(samples, "mme")
+    assert [s.id for s in samples] == ["artwork/10002.jpg#1", "artwork/10002.jpg#2",
+                                       "code_reasoning/0020.png#1", "code_reasoning/0020.png#2"]
+    assert samples[1].question == "Is this by Dali?" + SHORT
+    assert [color_of(s.images[0]) for s in samples] == [RED, RED, BLUE, BLUE]
+    # artwork: both right (200); code_reasoning: one right (acc 50, acc+ 0); llava rule
+    result = score("mme", ["Yes", "no", "No", "No"], [s.reference for s in samples], scoring="llava")
+    assert (result["perception"], result["cognition"]) == (200.0, 50.0)
+
+
+def test_vizwiz_annotation_file(tmp_path):
+    entries = [{"image": "VizWiz_val_00000000.jpg", "question": "what is this?", "answer_type": "other",
+                "answerable": 1, "answers": [{"answer": "soup", "answer_confidence": "yes"}] * 10}]
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Annotations" / "val.json").write_text(json.dumps(entries))
+    write_image(tmp_path / "val" / "VizWiz_val_00000000.jpg", GREEN)
+    [sample] = load_benchmark("vizwiz", tmp_path)
+    assert sample.id == "VizWiz_val_00000000.jpg" and sample.reference == {"answers": ["soup"] * 10,
+                                                                          "category": "other"}
+    assert score("vizwiz", ["Soup"], [sample.reference])["score"] == pytest.approx(100.0)
+
+
+def test_ocrbench_json_and_image_folder(tmp_path):
+    entries = [{"dataset_name": "IIIT5K", "id": 0, "image_path": "IIIT5K/imgs/1.jpg", "question":
+                "what is written in the image?", "answers": ["CENTRE"], "type": "Regular Text Recognition"}]
+    (tmp_path / "OCRBench").mkdir()
+    (tmp_path / "OCRBench" / "OCRBench.json").write_text(json.dumps(entries))
+    write_image(tmp_path / "OCRBench_Images" / "IIIT5K" / "imgs" / "1.jpg", RED)
+    [sample] = load_benchmark("ocrbench", tmp_path)
+    assert sample.id == "0" and color_of(sample.images[0]) == RED
+    assert sample.reference == {"answer": ["CENTRE"], "dataset": "IIIT5K", "question_type": "Regular Text Recognition"}
+    assert score("ocrbench", ["CENTRE"], [sample.reference])["score"] == 1.0
+
+
+# --- task table ------------------------------------------------------------------------------------------
+
+def test_task_table_has_lmms_eval_generation_lengths():
+    assert set(TASKS) == {"gqa", "mmbench_en", "mmbench_cn", "mme", "pope", "scienceqa_img", "textvqa", "vizwiz",
+                          "ocrbench"}
+    assert {t: s.max_new_tokens for t, s in TASKS.items()} == {
+        "gqa": 16, "mmbench_en": 1024, "mmbench_cn": 256, "mme": 16, "pope": 128, "scienceqa_img": 16,
+        "textvqa": 1024, "vizwiz": 1024, "ocrbench": 128}
+    assert all(s.description and "\n" not in s.description for s in TASKS.values())
+
+
+def test_task_aliases_are_accepted(tmp_path):
+    write_parquet(tmp_path / "x.parquet", sqa_rows())
+    assert load_benchmark("scienceqa", tmp_path)[0].task == "scienceqa_img"
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+
+def raises(match, fn, *args, **kwargs):
+    with pytest.raises(ValueError, match=match) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+def test_unknown_task_lists_known_ones(tmp_path):
+    msg = raises("unknown task 'popee'", load_benchmark, "popee", tmp_path)
+    assert all(t in msg for t in TASKS)
+
+
+def test_missing_path_and_bad_limit(tmp_path):
+    raises("does not exist", load_benchmark, "pope", tmp_path / "nope")
+    raises("limit must be a positive integer", load_benchmark, "pope", tmp_path, limit=0)
+
+
+def test_unrecognised_folder_lists_accepted_formats(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    msg = raises("no pope data in a format", load_benchmark, "pope", tmp_path)
+    assert "parquet" in msg and "save_to_disk" in msg and "coco_pope_" in msg and "lmms-lab/POPE" in msg
+
+
+def test_parquet_row_missing_field_names_file_row_field(tmp_path):
+    rows = pope_rows()
+    rows[2]["answer"] = None
+    write_parquet(tmp_path / "pope.parquet", rows)
+    raises(re.escape("pope.parquet row 2: field 'answer' is missing; expected 'yes' or 'no'"),
+           load_benchmark, "pope", tmp_path)
+
+
+def test_parquet_bad_answer_value(tmp_path):
+    rows = pope_rows()
+    rows[1]["answer"] = "maybe"
+    write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", rows)
+    raises(re.escape("data/test-00000-of-00001.parquet row 1: field 'answer' is 'maybe'; expected 'yes' or 'no'"),
+           load_benchmark, "pope", tmp_path)
+
+
+def test_unreadable_image_bytes(tmp_path):
+    rows = pope_rows()
+    rows[3]["image"] = {"bytes": b"not an image", "path": None}
+    write_parquet(tmp_path / "pope.parquet", rows)
+    raises(re.escape("pope.parquet row 3: field 'image' is not a readable image"), load_benchmark, "pope", tmp_path)
+
+
+def test_missing_image_column(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "image"} for r in pope_rows()]
+    write_parquet(tmp_path / "pope.parquet", rows)
+    raises(re.escape("pope.parquet row 0: field 'image' is missing"), load_benchmark, "pope", tmp_path)
+
+
+def test_several_splits_none_evaluated(tmp_path):
+    write_parquet(tmp_path / "train-00000-of-00001.parquet", pope_rows())
+    write_parquet(tmp_path / "val-00000-of-00001.parquet", pope_rows())
+    raises("holds splits train, val but not 'test'", load_benchmark, "pope", tmp_path)
+
+
+def test_mmbench_cn_folder_is_not_read_as_en(tmp_path):
+    write_parquet(tmp_path / "cn" / "dev-00000-of-00001.parquet", [mmbench_row(0, "Q?", {"A": "x", "B": "y"}, "A")])
+    raises("holds lmms-lab/MMBench's cn config but not 'en'", load_benchmark, "mmbench_en", tmp_path)
+
+
+def test_corrupt_parquet_file(tmp_path):
+    (tmp_path / "pope.parquet").write_bytes(b"PAR1 garbage")
+    raises("pope.parquet: not a readable parquet file", load_benchmark, "pope", tmp_path)
+
+
+def test_save_to_disk_state_lists_missing_shard(tmp_path):
+    save_to_disk(tmp_path, pope_rows(), split="test")
+    state = json.loads((tmp_path / "state.json").read_text())
+    state["_data_files"].append({"filename": "data-00001-of-00002.arrow"})  # a shard lost in the copy
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    raises("state.json: lists data file data-00001-of-00002.arrow, which does not exist", load_benchmark, "pope",
+           tmp_path)
+
+
+def test_gqa_without_image_config(tmp_path):
+    gqa_snapshot(tmp_path, image_rows=[])
+    raises("GQA's questions and images are separate configs", load_benchmark, "gqa", tmp_path)
+
+
+def test_gqa_question_whose_image_is_absent(tmp_path):
+    gqa_snapshot(tmp_path, image_rows=[{"id": "img1", "image": hf_image(RED)}])
+    raises(re.escape("testdev_balanced_instructions/testdev-00000-of-00001.parquet row 1: field 'imageId' is 'img2'"),
+           load_benchmark, "gqa", tmp_path)
+
+
+def test_mmbench_answer_not_an_option(tmp_path):
+    write_parquet(tmp_path / "dev.parquet", [mmbench_row(0, "Q?", {"A": "x", "B": "y"}, "C")])
+    raises(re.escape("dev.parquet row 0: field 'answer' is 'C'; expected one of its option letters A, B"),
+           load_benchmark, "mmbench_en", tmp_path)
+
+
+def test_mmbench_test_split_without_answers(tmp_path):
+    write_parquet(tmp_path / "dev.parquet", [mmbench_row(0, "Q?", {"A": "x", "B": "y"}, None)])
+    raises(re.escape("dev.parquet row 0: field 'answer' is missing; expected the gold option letter"),
+           load_benchmark, "mmbench_en", tmp_path)
+
+
+def test_scienceqa_answer_out_of_range(tmp_path):
+    rows = sqa_rows()
+    rows[1]["answer"] = 5
+    write_parquet(tmp_path / "sqa.parquet", rows)
+    raises(re.escape("sqa.parquet row 1: field 'answer' is 5; expected an index into its 3 choices"),
+           load_benchmark, "scienceqa_img", tmp_path)
+
+
+def test_textvqa_answers_must_be_a_list(tmp_path):
+    (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": [
+        {"question_id": 1, "image_id": "a", "question": "what?", "answers": "one string"}]}))
+    raises(re.escape("TextVQA_0.5.1_val.json data[0]: field 'answers' is 'one string'; expected the list of human"),
+           load_benchmark, "textvqa", tmp_path)
+
+
+def test_ocrbench_unknown_question_type(tmp_path):
+    entries = [{"dataset_name": "IIIT5K", "id": 0, "image_path": "a.jpg", "question": "q", "answers": ["x"],
+                "type": "Poetry"}]
+    (tmp_path / "OCRBench.json").write_text(json.dumps(entries))
+    raises(re.escape("OCRBench.json entry 0: field 'type' is 'Poetry'; expected one of: Regular Text Recognition"),
+           load_benchmark, "ocrbench", tmp_path)
+
+
+def test_llava_field_errors_name_the_file_field(tmp_path):
+    pope_llava(tmp_path)
+    path = tmp_path / "coco" / "coco_pope_random.json"
+    lines = path.read_text().splitlines()
+    lines[1] = json.dumps({k: v for k, v in json.loads(lines[1]).items() if k != "label"})
+    path.write_text("\n".join(lines) + "\n")
+    # the file calls the gold answer "label": the message says so
+    raises(re.escape("coco/coco_pope_random.json line 2: field 'label' is missing; expected 'yes' or 'no'"),
+           load_benchmark, "pope", tmp_path)
+
+
+def test_llava_invalid_json_line(tmp_path):
+    pope_llava(tmp_path)
+    with open(tmp_path / "coco" / "coco_pope_popular.json", "a") as f:
+        f.write("{not json\n")
+    raises(re.escape("coco/coco_pope_popular.json line 3: not valid JSON"), load_benchmark, "pope", tmp_path)
+
+
+def test_llava_missing_image_file(tmp_path):
+    pope_llava(tmp_path)
+    (tmp_path / "val2014" / "COCO_val2014_random.jpg").unlink()
+    msg = raises(re.escape("coco/coco_pope_random.json line 1: field 'image' names image"), load_benchmark,
+                 "pope", tmp_path)
+    assert "which does not exist; put the images in" in msg and "val2014" in msg
+
+
+def test_gqa_json_not_valid(tmp_path):
+    (tmp_path / "testdev_balanced_questions.json").write_text('{"1": {\n"imageId": }')
+    raises(re.escape("testdev_balanced_questions.json line 2: not valid JSON"), load_benchmark, "gqa", tmp_path)
+
+
+def test_scienceqa_without_pid_splits(tmp_path):
+    sqa_llava(tmp_path)
+    (tmp_path / "pid_splits.json").unlink()
+    raises("pid_splits.json is missing next to it", load_benchmark, "scienceqa_img", tmp_path)
+
+
+def test_mme_line_without_answer(tmp_path):
+    release = mme_release(tmp_path)
+    (release / "code_reasoning" / "0020.txt").write_text("Is the output 3?\tNo\nIs the output 4?\n")
+    raises(re.escape("MME_Benchmark_release_version/code_reasoning/0020.txt line 2: field 'answer' is not the"),
+           load_benchmark, "mme", tmp_path)
+
+
+def test_mme_question_file_without_image(tmp_path):
+    release = mme_release(tmp_path)
+    (release / "code_reasoning" / "0020.png").unlink()
+    raises(re.escape("code_reasoning/0020.txt (every line): field 'image' has no file 0020.jpg/.png"),
+           load_benchmark, "mme", tmp_path)
+
+
+def test_mmbench_tsv_errors(tmp_path):
+    tsv = tmp_path / "mmbench_dev_20230712.tsv"
+    write_tsv(tsv, [["5", "Q?", "", "x", "y", "", "", "A", "c", "3", "s", "l", "", "dev"]])
+    raises(re.escape("mmbench_dev_20230712.tsv row 0 (line 2): field 'image' refers to row index 3"),
+           load_benchmark, "mmbench_en", tsv)
+    tsv.write_text("index\tquestion\tanswer\n0\tQ?\tA\n")
+    raises(re.escape("mmbench_dev_20230712.tsv line 1: no 'image' column"), load_benchmark, "mmbench_en", tsv)
+
+
+def test_pyarrow_missing_says_how_to_install(tmp_path, monkeypatch):
+    write_parquet(tmp_path / "pope.parquet", pope_rows())
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(ImportError, match="pip install pyarrow"):
+        load_benchmark("pope", tmp_path)

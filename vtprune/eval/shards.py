@@ -1,0 +1,73 @@
+"""Data-parallel evaluation: which process evaluates which samples, and where it writes them.
+
+Under `accelerate launch --multi_gpu --num_processes N -m vtprune eval ...` (GPUs; on a machine
+without one, N CPU processes, gloo) each process takes the
+sample indices congruent to its rank and appends to its own results file; the reports read
+every results file of the folder. A resumed run skips what any file holds, so a run resumed
+with another number of processes neither loses nor repeats a sample. A plain `vtprune eval`
+is the one shard of one process, writing results.jsonl as before.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .records import ResultsFile
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int = 0
+    processes: int = 1
+    device: str | None = None  # where accelerate puts this process's model (None: where it was loaded)
+
+    def mine(self, indices: list[int]) -> list[int]:
+        return [i for i in indices if i % self.processes == self.rank]
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def results(self, folder: Path) -> ResultsFile:
+        name = "results.jsonl" if self.processes == 1 else f"results.{self.rank}-of-{self.processes}.jsonl"
+        return ResultsFile(Path(folder) / name)
+
+    @property
+    def lock_name(self) -> str:
+        return ".vtprune.lock" if self.processes == 1 else f".vtprune.{self.rank}-of-{self.processes}.lock"
+
+    def wait_for_everyone(self) -> None:
+        if self.processes > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()  # the state current_shard made
+
+
+def current_shard() -> Shard:
+    """This process's shard: from accelerate's state when it launched several processes, else the only one."""
+    try:
+        from accelerate import PartialState
+    except ImportError:  # accelerate is a dependency; a process without it cannot have been launched by it
+        return Shard()
+    import torch
+
+    # On a machine without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) are CPU workers
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes == 1:
+        return Shard()
+    return Shard(state.process_index, state.num_processes, str(state.device))
+
+
+def read_all(folder: Path) -> list[dict]:
+    """Every record of the folder's results files (results.jsonl and each process's), one per (config, index):
+    where files repeat one, the first file in name order wins."""
+    records, seen = [], set()
+    for path in sorted(Path(folder).glob("results*.jsonl")):
+        for record in ResultsFile(path).read():
+            key = json.dumps([record["config"], record.get("task"), record["index"]])
+            if key not in seen:
+                seen.add(key)
+                records.append(record)
+    return records
