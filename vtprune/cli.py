@@ -121,36 +121,27 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     import vtprune
-    from vtprune.eval import Config, evaluate
-    from vtprune.eval.runner import synthetic_task
+    from vtprune.eval import evaluate
     from vtprune.eval.lock import hold
     from vtprune.eval.report import frontier_table, rich_table, summarize, write_reports
+    from vtprune.eval.runner import synthetic_task
     from vtprune.eval.shards import current_shard
-    from vtprune.methods import get_method
     from vtprune.synth import generate
     from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt
 
     specs = args.methods or [cli_args.MethodSpec(m.name, m.name) for m in vtprune.methods()]
     out = Path(args.out)
     shard = current_shard()  # one of several processes under `accelerate launch`, else the only one
+    if args.tasks:
+        return _eval_benchmarks(args, specs, out, shard)
     with hold(out, shard.lock_name):  # before the model loads, so that a second run on this folder stops at once
         model_path = Path(args.model or REFERENCE_DIR)
         model, processor = load_reference(model_path)
         if shard.device is not None:
             model.to(shard.device)
-        needed = method_options(model_path, processor)
-        configs = [Config("unpruned")] + [
-            Config(spec.method, b, {**needed.get(spec.method, {}), **spec.options}, spec.label)
-            for spec in specs for b in args.budgets
-        ]
-        count = args.samples or default_samples(len(configs))
+        count = args.samples or default_samples(1 + len(specs) * len(args.budgets))
         samples = generate(args.seed, count)
-        for config in configs[1:]:
-            get_method(config.method).parse_options(config.options)  # bad options fail before the first sample
-        refused = refused_configs(model, configs[1:])
-        for name, reason in refused.items() if shard.main else ():
-            console.print(f"[yellow]not run: {name}: {reason}[/yellow]")
-        configs = [c for c in configs if c.name not in refused]
+        configs, refused = runnable_configs(model, specs, args.budgets, method_options(model_path, processor), shard)
         settings = {"task": "synthetic", "model": _model_id(model_path), "seed": args.seed, "samples": count,
                     "versions": _versions(),
                     "clasp_calibration": _digest(model_path / "clasp_calibration.json")}
@@ -171,18 +162,71 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def refused_configs(model, configs) -> dict[str, str]:
-    """The configs whose method refuses this model at that budget (ToMe's blocks cannot reach 64 on a 3-layer
-    tower), with the method's reason: the eval reports them instead of stopping."""
-    import vtprune
+def _eval_benchmarks(args, specs, out, shard) -> int:
+    """`vtprune eval --model PATH --tasks ... --data DIR`: the checkpoint on local copies of real benchmarks."""
+    import json
+    import shlex
+    from pathlib import Path
 
+    from vtprune.eval import evaluate
+    from vtprune.eval.benchmark_eval import (benchmark_markdown, benchmark_table, benchmark_task, data_digests,
+                                             load_tasks, summarize_benchmarks)
+    from vtprune.eval.generation import load_checkpoint
+    from vtprune.eval.lock import hold
+    from vtprune.eval.report import plot_accuracy_vs_budget
+
+    with hold(out, shard.lock_name):
+        model_path = Path(args.model)
+        model, processor = load_checkpoint(model_path)
+        if shard.device is not None:
+            model.to(shard.device)
+        samples = load_tasks(args.tasks, Path(args.data), args.limit)
+        configs, refused = runnable_configs(model, specs, args.budgets, method_options(model_path, processor), shard)
+        settings = {"tasks": args.tasks, "model": _model_id(model_path), "data": data_digests(args.tasks, Path(args.data)),
+                    "limit": args.limit, "scoring": args.scoring, "versions": _versions()}
+        if refused:
+            settings["not_run"] = refused
+        records = evaluate(model, benchmark_task(model, processor, samples), configs, out, settings,
+                           batch_size=args.batch, shard=shard)
+        if not shard.main:
+            return 0
+        wanted = {c.name for c in configs}
+        rows = summarize_benchmarks([r for r in records if r["config"] in wanted], samples, args.scoring)
+        title = f"{model_path.name} on {', '.join(args.tasks)} ({args.scoring} scoring)"
+        console.print(benchmark_table(rows, title))
+        command = "vtprune eval " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
+        report = out / f"{args.report}.json"
+        report.write_text(json.dumps({"settings": dict(settings, command=command), "rows": rows}, indent=2))
+        (out / f"{args.report}.md").write_text(f"# {title}\n\n" + benchmark_markdown(rows))
+        plot = out / f"{args.report}_normalized_vs_budget.png"
+        plot_accuracy_vs_budget(rows, plot, title, value=lambda row: row["normalized"], interval=None,
+                                ylabel="normalized average (% of unpruned)")
+    console.print(f"wrote {report}, {out / f'{args.report}.md'}, {plot} (per answer: {out}/results*.jsonl)")
+    return 0
+
+
+def runnable_configs(model, specs, budgets, needed: dict, shard) -> tuple[list, dict[str, str]]:
+    """(unpruned and every method at every budget that this model runs, {config: why not} for the rest).
+
+    Bad options fail here, before the first sample; a config whose method refuses the model at that
+    budget (ToMe's blocks cannot reach 64 on a 3-layer tower) is reported instead of stopping the run.
+    """
+    import vtprune
+    from vtprune.eval import Config
+    from vtprune.methods import get_method
+
+    configs = [Config(spec.method, b, {**needed.get(spec.method, {}), **spec.options}, spec.label)
+               for spec in specs for b in budgets]
     refused = {}
     for config in configs:
+        get_method(config.method).parse_options(config.options)
         try:
             vtprune.apply(model, config.method, config.budget, **config.options).remove()
         except ValueError as error:
             refused[config.name] = str(error)
-    return refused
+    for name, reason in refused.items() if shard.main else ():
+        console.print(f"[yellow]not run: {name}: {reason}[/yellow]")
+    return [Config("unpruned")] + [c for c in configs if c.name not in refused], refused
 
 
 def _versions() -> dict[str, str]:
@@ -309,6 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch", type=cli_args.positive_int, default=16)
     evaluation.add_argument("--report", type=cli_args.file_name, default="results",
                             help="file name of the table, JSON and plot in --out")
+    evaluation.add_argument("--tasks", type=cli_args.comma_list(cli_args.task_name),
+                            help="real benchmarks instead of the synthetic one (with --model and --data): "
+                                 "comma-separated of gqa, mmbench_en, mmbench_cn, mme, pope, scienceqa_img, textvqa, "
+                                 "vizwiz, ocrbench")
+    evaluation.add_argument("--data", type=cli_args.existing_folder,
+                            help="folder holding a copy of each task in DATA/<task> (parquet, save_to_disk, or the "
+                                 "benchmark's own files)")
+    evaluation.add_argument("--scoring", choices=["lmms-eval", "llava"], default="lmms-eval",
+                            help="with --tasks: lmms-eval's rules, or LLaVA's evaluation scripts")
+    evaluation.add_argument("--limit", type=cli_args.positive_int,
+                            help="with --tasks: the first LIMIT samples of each task")
     evaluation.set_defaults(run=cmd_eval)
     scoring = commands.add_parser("score", help="score given answers with a benchmark's official metric (no model)")
     scoring.add_argument("--task", required=True, help="pope, gqa, mme, textvqa, vizwiz, mmbench_en, mmbench_cn, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import os
 import tempfile
@@ -157,15 +158,39 @@ def existing_file(text: str) -> str:
 
 
 @path_type
-def checkpoint(text: str) -> str:
-    """A LLaVA checkpoint folder (its config only: the weights are checked as they load)."""
-    from vtprune.synth.reference import CheckpointError, read_config
-
-    try:
-        read_config(Path(text))
-    except CheckpointError as error:
-        raise Invalid(str(error)) from None
+def existing_folder(text: str) -> str:
+    if not Path(text).is_dir():
+        raise Invalid(f"no folder {text!r}")
     return text
+
+
+@path_type
+def checkpoint(text: str) -> str:
+    """A checkpoint folder of a supported family (its config only: the weights are checked as they load)."""
+    file = Path(text) / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise Invalid(f"no config.json in {text}: not a checkpoint folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as error:
+        raise Invalid(f"{file} is not valid JSON ({error})") from None
+    from vtprune.adapters import supported_models
+
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not set(architectures or ()) & set(supported_models()):
+        raise Invalid(f"{file} declares architectures {architectures!r}; vtprune supports "
+                      f"{', '.join(supported_models())}")
+    return text
+
+
+def task_name(text: str) -> str:
+    from vtprune.eval.loaders import TASKS
+    from vtprune.eval.metrics import TASK_ALIASES
+
+    name = TASK_ALIASES.get(text, text)
+    if name not in TASKS:
+        raise Invalid(f"unknown task {text!r}; tasks: {', '.join(TASKS)}")
+    return name
 
 
 def method_name(text: str) -> str:
@@ -290,6 +315,13 @@ def _describe(hint) -> str:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The checks that need more than one flag, as usage errors (exit status 2)."""
+    if args.command == "eval" and (args.tasks is None) != (args.data is None):
+        parser.error("--tasks and --data go together: the benchmarks to run and the folder holding a copy of each")
+    if args.command == "eval" and args.tasks and args.model is None:
+        parser.error("--tasks needs --model: the checkpoint to evaluate (the reference model knows only the "
+                     "synthetic benchmark's words)")
+    if args.command in ("show", "calibrate") or (args.command == "eval" and not args.tasks):
+        _check_llava(parser, args)
     if args.command in ("eval", "show", "calibrate") and args.model is None:
         from vtprune.synth.reference import REFERENCE_DIR, CheckpointError, read_config
 
@@ -304,12 +336,25 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         _check_bench_out(parser, args)
 
 
+def _check_llava(parser, args) -> None:
+    """The synthetic benchmark's commands run a LLaVA checkpoint like the reference model."""
+    if args.model is None:
+        return
+    from vtprune.synth.reference import CheckpointError, read_config
+
+    try:
+        read_config(Path(args.model))
+    except CheckpointError as error:
+        parser.error(f"{error} (the synthetic benchmark runs LLaVA checkpoints; real benchmarks: --tasks, --data)")
+
+
 def _check_methods_fit(parser, args) -> None:
     """Stage layers that the checkpoint's depth cannot hold (clse:layers=9 on 6 layers) fail here, not after loading."""
     from vtprune.methods import ModelInfo, get_method
-    from vtprune.synth.reference import REFERENCE_DIR, read_config
+    from vtprune.synth.reference import REFERENCE_DIR
 
-    text_config = read_config(Path(args.model or REFERENCE_DIR)).get("text_config")
+    config = json.loads((Path(args.model or REFERENCE_DIR) / "config.json").read_text())
+    text_config = config.get("text_config", config)  # Qwen2-VL's older configs keep the LM's fields at the top
     depth = text_config.get("num_hidden_layers") if isinstance(text_config, dict) else None
     if not isinstance(depth, int):
         return  # the config leaves the depth to transformers' defaults; apply() checks it after loading

@@ -118,9 +118,12 @@ def frontier_table(rows: list[dict], title: str) -> Table:
     return table
 
 
-def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str) -> None:
-    """Accuracy against the nominal budget (left) and the equivalent budget (right), one curve per
-    method and options: multi-stage methods keep more than their nominal budget in early layers."""
+def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str, value=lambda row: 100 * row["overall"],
+                            interval=lambda row: tuple(100 * b for b in row["overall_ci95"]),
+                            ylabel: str = "accuracy (%), bars: 95% interval") -> None:
+    """Accuracy (or `value`, with its `interval` or none) against the nominal budget (left) and the equivalent
+    budget (right), one curve per method and options: multi-stage methods keep more than their nominal budget
+    in early layers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,23 +133,24 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str) -> None:
     colours = plt.get_cmap("tab20")  # twenty distinct colours: a method's curve differs from its neighbours
     base = next((row for row in rows if row["method"] == UNPRUNED), None)
     methods = sorted({row["method"] for row in rows} - {UNPRUNED})  # "clse:score=attn" is a curve of its own
+    top = max([100] + [value(row) + 5 for row in rows if value(row) is not None and value(row) > 100])
     for axis, key, name in zip(axes, ("budget", "equivalent_budget"),
                                ("nominal budget: visual tokens kept per image",
                                 "equivalent budget: visual tokens per image, mean over decoder layers")):
-        if base:
-            axis.axhline(100 * base["overall"], color="black", linestyle="--", label="unpruned")
+        if base and value(base) is not None:
+            axis.axhline(value(base), color="black", linestyle="--", label="unpruned")
         for i, method in enumerate(methods):
-            points = sorted((row[key], 100 * row["overall"], *(100 * b for b in row["overall_ci95"])) for row in rows
-                            if row["method"] == method and row[key] is not None)
+            points = sorted((row[key], value(row), *(interval(row) if interval else (value(row),) * 2)) for row in rows
+                            if row["method"] == method and row[key] is not None and value(row) is not None)
             # styles and markers differ too, so that two configs with the same results both show
             axis.errorbar([p[0] for p in points], [p[1] for p in points],
                           yerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]], label=method,
                           color=colours(i % 20), linestyle=("-", "--", "-.", ":")[i % 4], marker="os^Dv<>"[i % 7],
                           markersize=5, capsize=3)
         axis.set_xlabel(name)
-        axis.set_ylim(0, 100)  # on a fixed scale, flat and steep curves read as what they are
+        axis.set_ylim(0, top)  # on a fixed scale, flat and steep curves read as what they are
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy (%), bars: 95% interval")
+    axes[0].set_ylabel(ylabel)
     axes[1].legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()

@@ -1,0 +1,83 @@
+"""`vtprune eval --model PATH --tasks ... --data DIR`: a saved checkpoint on local benchmark copies, end to end."""
+
+import json
+
+import pytest
+
+from vtprune import cli
+from vtprune.eval.loaders import load_benchmark
+from vtprune.eval.metrics import normalized_average, score
+from vtprune.eval.shards import read_all
+from vtprune.tiny import tiny_llava
+from vtprune.tiny_processors import tiny_processor
+
+from .test_loaders import mme_release, pope_llava
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny LLaVA saved as a user's checkpoint is, with a chat template (its answers are arbitrary text)."""
+    path = tmp_path_factory.mktemp("checkpoint")
+    model = tiny_llava("sdpa")
+    processor = tiny_processor(model)
+    processor.chat_template = (
+        "{% for message in messages %}USER: {% for part in message['content'] %}{% if part['type'] == 'image' %}"
+        "<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    pope_llava(root / "pope")  # LLaVA's coco_pope files
+    mme_release(root / "mme")  # MME's release folder
+    return root
+
+
+def run(checkpoint, data, out, *extra):
+    return cli.main(["eval", "--model", str(checkpoint), "--tasks", "pope,mme", "--data", str(data), "--methods",
+                     "random", "--budgets", "8", "--batch", "3", "--out", str(out), *extra])
+
+
+def test_each_task_is_scored_by_its_official_rule_and_resumes(checkpoint, data, tmp_path):
+    assert run(checkpoint, data, tmp_path, "--scoring", "llava") == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["config"]: row for row in report["rows"]}
+    assert set(rows) == {"unpruned", "random@8"}
+    records = read_all(tmp_path)
+    samples = {task: load_benchmark(task, data / task) for task in ("pope", "mme")}
+    for name, row in rows.items():
+        scores = {}
+        for task, references in samples.items():
+            answers = {r["id"]: r["prediction"] for r in records if r["config"] == name and r["task"] == task}
+            assert sorted(answers) == sorted(s.id for s in references)  # every sample answered once
+            scores[task] = score(task, [answers[s.id] for s in references], [s.reference for s in references],
+                                 scoring="llava")
+        assert row["scores"] == {task: result["score"] for task, result in scores.items()}
+        base = rows["unpruned"]["scores"]
+        if all(base.values()):
+            assert row["normalized"] == pytest.approx(100 * normalized_average(scores, base))
+        else:  # a random tiny model may score 0 unpruned: the ratio is undefined, not a division error
+            assert row["normalized"] is None
+    assert rows["random@8"]["equivalent_budget"] == 8
+    settings = report["settings"]
+    assert settings["tasks"] == ["pope", "mme"] and settings["scoring"] == "llava"
+    assert set(settings["data"]) == {"pope", "mme"} and "transformers" in settings["versions"]
+    assert (tmp_path / "results_normalized_vs_budget.png").exists()
+
+    lines = sum(1 for _ in (tmp_path / "results.jsonl").open())
+    assert run(checkpoint, data, tmp_path, "--scoring", "llava") == 0  # a rerun finds everything done
+    assert sum(1 for _ in (tmp_path / "results.jsonl").open()) == lines
+
+
+def test_a_missing_task_copy_and_the_synthetic_only_flags_are_refused(checkpoint, data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--model", str(checkpoint), "--tasks", "pope", "--out", str(tmp_path)])
+    assert "--tasks and --data go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--model", str(checkpoint), "--tasks", "popee", "--data", str(data)])
+    assert "unknown task 'popee'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no .*gqa: put your local copy of gqa there"):
+        cli.main(["eval", "--model", str(checkpoint), "--tasks", "gqa", "--data", str(data), "--out", str(tmp_path)])

@@ -1,0 +1,115 @@
+"""`vtprune eval --model PATH --tasks pope,gqa --data DIR`: any supported checkpoint on local benchmark copies.
+
+Each task's samples come from DIR/<task> (any format `loaders.load_benchmark` reads); prompts go
+through the processor's chat template, answers are generated greedily up to the task's
+lmms-eval length, batched with left padding (`generation.py`), and scored by the task's
+official rule (`metrics.score`, lmms-eval's or LLaVA's). The run is the synthetic eval's:
+resumable, sharded under `accelerate launch`, one JSON line per answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+
+from rich.table import Table
+
+from .loaders import TASKS, BenchmarkSample, load_benchmark
+from .metrics import normalized_average, score
+from .runner import UNPRUNED, Task
+
+
+def load_tasks(tasks: list[str], data: Path, limit: int | None) -> list[BenchmarkSample]:
+    """Every task's samples, task after task, each from data/<task>."""
+    samples = []
+    for task in tasks:
+        folder = Path(data) / task
+        if not folder.exists():
+            raise ValueError(f"no {folder}: put your local copy of {task} there (a folder or file in any format "
+                             f"`vtprune.eval.loaders` reads), or leave {task} out of --tasks")
+        samples += load_benchmark(task, folder, limit)
+    return samples
+
+
+def data_digests(tasks: list[str], data: Path) -> dict[str, str]:
+    """A SHA-256 per task over the names and bytes of every file of its copy, so a report says which data it scored."""
+    digests = {}
+    for task in tasks:
+        root = Path(data) / task
+        digest = hashlib.sha256()
+        for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
+            digest.update(str(path.relative_to(root if root.is_dir() else root.parent)).encode() + b"\0")
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        digests[task] = digest.hexdigest()[:16]
+    return digests
+
+
+def benchmark_task(model, processor, samples: list[BenchmarkSample]) -> Task:
+    from .generation import generate_answers
+
+    def answer(chunk: list[BenchmarkSample]) -> list[str]:
+        return generate_answers(model, processor, [s.question for s in chunk], [list(s.images) for s in chunk],
+                                max_new_tokens=TASKS[chunk[0].task].max_new_tokens)
+
+    return Task(samples, answer, fields=lambda sample, text: {"task": sample.task, "id": sample.id, "prediction": text},
+                batch_of=lambda sample: sample.task)
+
+
+def summarize_benchmarks(records: list[dict], samples: list[BenchmarkSample], scoring: str) -> list[dict]:
+    """One row per config with every task's official result, its headline score, and the normalized average
+    (mean over tasks of score / unpruned score, x100) when the unpruned model ran every task and scored above 0
+    on each (else the ratio is undefined: None)."""
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        grouped[record["config"]].append(record)
+    tasks = list(dict.fromkeys(s.task for s in samples))
+    rows = []
+    for name, group in grouped.items():
+        by_task = defaultdict(list)
+        for record in sorted(group, key=lambda r: r["index"]):
+            by_task[record["task"]].append(record)
+        results = {task: score(task, [r["prediction"] for r in by_task[task]],
+                               [samples[r["index"]].reference for r in by_task[task]], scoring)
+                   for task in tasks if by_task[task]}
+        equivalent = [r["equivalent_budget"] for r in group if r.get("equivalent_budget") is not None]
+        rows.append({"config": name, "method": group[0]["method"], "budget": group[0]["budget"],
+                     "samples": {task: len(by_task[task]) for task in tasks}, "results": results,
+                     "scores": {task: result["score"] for task, result in results.items()},
+                     "equivalent_budget": sum(equivalent) / len(equivalent) if equivalent else None})
+    base = next((row for row in rows if row["method"] == UNPRUNED), None)
+    for row in rows:
+        complete = base is not None and set(row["scores"]) == set(base["scores"]) == set(tasks) and all(
+            base["scores"].values())
+        row["normalized"] = 100 * normalized_average(row["scores"], base["scores"]) if complete else None
+    return sorted(rows, key=lambda r: (r["method"] != UNPRUNED, r["method"], -(r["budget"] or 0)))
+
+
+def _cells(row: dict, tasks: list[str]) -> list[str]:
+    equivalent = "-" if row["equivalent_budget"] is None else f"{row['equivalent_budget']:.0f}"
+    normalized = "-" if row["normalized"] is None else f"{row['normalized']:.1f}"
+    return [row["config"], equivalent, *(f"{row['scores'][t]:.1f}" if t in row["scores"] else "-" for t in tasks),
+            normalized]
+
+
+def _tasks(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(task for row in rows for task in row["scores"]))
+
+
+def benchmark_markdown(rows: list[dict]) -> str:
+    tasks = _tasks(rows)
+    header = ["config", "eq. budget", *tasks, "normalized"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(_cells(row, tasks)) + " |" for row in rows]) + "\n"
+
+
+def benchmark_table(rows: list[dict], title: str) -> Table:
+    tasks = _tasks(rows)
+    table = Table(title=title)
+    for column in ["config", "eq. budget", *tasks, "normalized"]:
+        table.add_column(column, justify="left" if column == "config" else "right")
+    for row in rows:
+        table.add_row(*_cells(row, tasks))
+    return table

@@ -1,0 +1,114 @@
+"""Answers from any supported checkpoint: prompts from its processor's chat template, greedy batched generation.
+
+`vtprune eval --model PATH --tasks ...` and the lmms-eval plugin both answer through here, so a question
+reaches a model the same way whichever harness asks it:
+
+    model, processor = load_checkpoint(path)
+    with vtprune.apply(model, "clse", 64):
+        answers = generate_answers(model, processor, ["is there a dog ?"], [[photo]], max_new_tokens=8)
+
+A sample is a question and its visuals: a list of images (none, one or several) and, where the family takes
+videos, a list of videos (each an array of frames or a list of frame images). Its prompt is the user turn
+[image..., video..., question] through the processor's chat template, so each checkpoint is asked the way it
+was trained to be asked. A batch is padded on the left (generation appends on the right) and decoded greedily.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+NO_TEMPLATE_FIX = (
+    "give one: pass chat_template=<a Jinja template> here, set processor.chat_template, or save it beside the "
+    "processor's files (chat_template.jinja) as the family's hub checkpoints do"
+)
+
+
+class NoChatTemplate(ValueError):
+    """The processor has no chat template, so there is no way to know how this checkpoint is prompted."""
+
+
+def load_checkpoint(path: str | Path, dtype="auto", attn_implementation: str = "sdpa"):
+    """(model, processor) of a checkpoint folder of any family vtprune supports, in eval mode.
+
+    The model class is the one transformers maps the checkpoint to for image-text-to-text, checked against
+    the families vtprune has adapters for before any weight is read. dtype "auto" keeps the checkpoint's own.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from vtprune.adapters import supported_models
+
+    config = AutoConfig.from_pretrained(path)
+    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
+    if model_class not in supported_models():
+        raise ValueError(f"{path} is a {config.model_type!r} checkpoint ({model_class or 'no image-text-to-text class'});"
+                         f" vtprune supports {', '.join(supported_models())}")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.eval(), AutoProcessor.from_pretrained(path)
+
+
+def conversation(question: str, images: int = 0, videos: int = 0) -> list[dict]:
+    """One user turn: its images, then its videos, then the question (the order LLaVA and Qwen are trained on)."""
+    content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
+
+
+def build_prompt(processor, question: str, images: int = 0, videos: int = 0, chat_template: str | None = None) -> str:
+    """The prompt text for one sample, ending where the assistant's answer begins; `chat_template` overrides the
+    processor's. The processor expands each placeholder the template writes into the item's visual tokens."""
+    if chat_template is None and processor.chat_template is None:
+        raise NoChatTemplate(f"{type(processor).__name__} has no chat template, so vtprune cannot tell how this "
+                             f"checkpoint is prompted; {NO_TEMPLATE_FIX}")
+    return processor.apply_chat_template(conversation(question, images, videos), chat_template=chat_template,
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def batch_inputs(processor, questions: list[str], images: list, videos: list | None = None,
+                 chat_template: str | None = None):
+    """The processor's tensors for a batch, padded on the left. images[i] (and videos[i]) are sample i's: a
+    list, possibly empty, or a single image; a batch may mix samples with and without visuals."""
+    images = [_as_list(sample) for sample in images]
+    videos = [_as_list(sample) for sample in videos] if videos is not None else [[] for _ in questions]
+    if not len(questions) == len(images) == len(videos):
+        raise ValueError(f"{len(questions)} questions but {len(images)} image lists and {len(videos)} video lists")
+    prompts = [build_prompt(processor, q, len(i), len(v), chat_template) for q, i, v in zip(questions, images, videos)]
+    bos = processor.tokenizer.bos_token
+    flat_videos = [video for sample in videos for video in sample]
+    return processor(
+        text=prompts,
+        images=images if any(images) else None,  # per sample: the processor matches them to its placeholders
+        videos=flat_videos or None,  # in prompt order, as each family's processor takes them
+        padding=True, padding_side="left", return_tensors="pt",
+        # a template that writes the BOS itself must not get a second one (transformers' own rule)
+        add_special_tokens=not (bos and prompts[0].startswith(bos)),
+    )
+
+
+def generate_tokens(model, processor, questions: list[str], images: list, max_new_tokens: int,
+                    videos: list | None = None, chat_template: str | None = None, **generate_kwargs) -> list[list[int]]:
+    """Each sample's greedily generated token ids, prompt and padding left out (a sample that stops early keeps
+    the pad ids that filled its row). generate_kwargs go to `model.generate` (e.g. suppress_tokens)."""
+    inputs = batch_inputs(processor, questions, images, videos, chat_template)
+    inputs = inputs.to(model.device, dtype=model.dtype)  # dtype: the floating tensors only (pixels)
+    pad = processor.tokenizer.pad_token_id
+    settings = {"do_sample": False, "pad_token_id": pad if pad is not None else processor.tokenizer.eos_token_id}
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, **{**settings, **generate_kwargs})
+    return out[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+def generate_answers(model, processor, questions: list[str], images: list, max_new_tokens: int,
+                     videos: list | None = None, chat_template: str | None = None, **generate_kwargs) -> list[str]:
+    """Each sample's answer: its generated tokens decoded without special tokens, stripped. A pruner applied to
+    `model` (vtprune.apply) prunes every sample of the batch; its last_stats describe this call."""
+    tokens = generate_tokens(model, processor, questions, images, max_new_tokens, videos, chat_template,
+                             **generate_kwargs)
+    return [text.strip() for text in processor.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def _as_list(visuals) -> list:
+    if visuals is None:
+        return []
+    return list(visuals) if isinstance(visuals, (list, tuple)) else [visuals]
