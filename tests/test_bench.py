@@ -1,5 +1,6 @@
 """The efficiency benchmark runs on the CPU and its numbers are consistent (not that they are fast)."""
 
+import dataclasses
 import io
 import json
 import math
@@ -59,6 +60,15 @@ def test_kv_cache_bytes_match_the_kept_tokens(results):
     assert r["clse@16"].kv_cache_bytes == kv_bytes(model, 2, [text + r["clse@16"].visual_tokens_per_layer[-1]] * 6)
 
 
+def test_methods_are_timed_against_their_schedule_oracle_and_their_selection(results):
+    _, r = results
+    for name in ("random@16", "fastv@16", "clse@16"):
+        assert r[name].schedule_oracle_ms > 0
+    assert set(r["fastv@16"].select_ms) == {"layer 2"} and set(r["random@16"].select_ms) == {"layer 0"}
+    assert set(r["clse@16"].select_ms) == {"layer 1", "layer 2", "layer 4"}  # 1/11/21 of 32, scaled to 6 layers
+    assert r["unpruned@None"].schedule_oracle_ms is None and r["oracle@16"].select_ms is None
+
+
 def test_timings_and_rates_are_positive_and_ordered(results):
     _, r = results
     for run in r.values():
@@ -96,14 +106,15 @@ def rendered(table) -> tuple[dict[str, list[str]], str]:
 
 
 def test_the_table_marks_measurements_too_noisy_to_compare():
+    clse = dataclasses.replace(measurement("clse@64"), schedule_oracle_ms=10.0, select_ms={"layer 2": 1.5, "layer 11": 0.5})
     results = [measurement("unpruned"), measurement("oracle@64"), measurement("fastv@64", p10=5.0, p90=8.0),
-               measurement("random@64", decode=math.nan), measurement("clse@64")]
+               measurement("random@64", decode=math.nan), clse]
     rows, text = rendered(bench_table(results, "t"))
     assert {config: cells[2] for config, cells in rows.items()} == {
         "unpruned": "", "oracle@64": "", "fastv@64": "!", "random@64": "!", "clse@64": ""}
     assert rows["fastv@64"][5:7] == ["1.69x!", "0.59x!"]  # speedup and vs oracle: a ratio with a noisy side
-    assert rows["random@64"][7] == "nan"
-    assert rows["clse@64"][5:7] == ["1.00x", "1.00x"]
+    assert rows["random@64"][9] == "nan"
+    assert rows["clse@64"][5:9] == ["1.00x", "1.00x", "1.10x", "2.0"]  # against its schedule oracle; select ms
     assert "too noisy to trust: prefill p90/p10 above 1.5" in " ".join(text.split())
 
 

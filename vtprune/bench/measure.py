@@ -2,9 +2,15 @@
 
 Timings use CUDA events on a GPU and perf_counter on the CPU, around the whole
 prefill (vision tower + method + LM); the median of `repeats` runs after `warmup`
-runs is reported with its 10th-90th percentile spread. The oracle is the same model
-fed only the kept number of visual tokens with no scoring at all, so that
-method - oracle prices what the method itself costs.
+runs is reported with its 10th-90th percentile spread. Two oracles bound a method:
+- the input oracle ("oracle@B"): the model fed only the kept number of visual tokens, with
+  no scoring and no engine: the limit of that budget, which no method may beat;
+- the schedule oracle (`schedule_oracle_ms` of each method's row): the method's own prefill
+  replaying its recorded decision (`Pruner.replaying`): the same per-layer token counts and
+  kept set, with no scoring. method - schedule oracle is what scoring costs;
+  schedule oracle - input oracle is what the schedule (full-length early layers) and the
+  engine's bookkeeping cost.
+`select_ms` is the time in the method's own selection per stage (each call timed alone).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class Measurement:
     prefill_tflops: float  # analytical, whole batch
     equivalent_budget: float
     visual_tokens_per_layer: list[int]  # first sample
+    schedule_oracle_ms: float | None = None  # median prefill replaying the method's decision (no scoring)
+    select_ms: dict[str, float] | None = None  # per stage ("layer 2", "vision"): the method's select, per prefill
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -217,6 +225,8 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
             output = prefill()
             kv = kv_cache_bytes(output_cache(output))
             stats = pruner.last_stats if pruner else None
+            replayed, select_ms = (None, None) if pruner is None else _oracle_and_scoring(pruner, prefill, device,
+                                                                                           repeats)
 
             def generate(tokens: int):
                 return lambda: model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
@@ -248,7 +258,36 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
         prefill_tflops=batch * flops["total"] / 1e12,
         equivalent_budget=sum(visual) / len(visual),
         visual_tokens_per_layer=visual,
+        schedule_oracle_ms=replayed, select_ms=select_ms,
     )
+
+
+def _oracle_and_scoring(pruner, prefill, device: torch.device, repeats: int) -> tuple[float, dict[str, float]]:
+    """(median prefill replaying the last decision, ms per prefill in the method's select at each stage)."""
+    with pruner.replaying(pruner.last_decision):
+        prefill()  # warm
+        replayed = statistics.median(_time_ms(prefill, device) for _ in range(repeats))
+    spent: dict[str, float] = {}
+    method = pruner.method
+    select = method.select
+
+    def timed(view):
+        stage = f"layer {view.layer}" if hasattr(view, "layer") else "vision"
+        _synchronize(device)
+        began = time.perf_counter()
+        picked = select(view)
+        _synchronize(device)
+        spent[stage] = spent.get(stage, 0.0) + 1000 * (time.perf_counter() - began)
+        return picked
+
+    runs = max(3, repeats // 4)
+    method.select = timed  # on this instance only, for these runs
+    try:
+        for _ in range(runs):
+            prefill()
+    finally:
+        del method.select
+    return replayed, {stage: total / runs for stage, total in spent.items()}
 
 
 def _visual_counts(model, preset: Preset, inputs, stats) -> list[int]:

@@ -1,4 +1,4 @@
-"""`vtprune bench`: every method x budget x batch, side by side with the unpruned model and the oracle."""
+"""`vtprune bench`: every method x budget x batch, side by side with the unpruned model and the two oracles."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def bench_table(results: list[Measurement], title: str) -> Table:
     unpruned = {r.batch: r for r in results if r.method == "unpruned"}
     oracle = {(r.batch, r.budget): r for r in results if r.method == "oracle"}
     table = Table(title=title)
-    for column in ("config", "batch", "!", "eq. budget", "prefill ms (p10-p90)", "speedup", "vs oracle", "decode tok/s",
-                   "samples/s", "KV MiB", "TFLOPs", "peak GiB"):
+    for column in ("config", "batch", "!", "eq. budget", "prefill ms (p10-p90)", "speedup", "vs input oracle",
+                   "vs schedule oracle", "select ms", "decode tok/s", "samples/s", "KV MiB", "TFLOPs", "peak GiB"):
         table.add_column(column, justify="left" if column == "config" else "right")
 
     def ratio(value: float, *parts: Measurement) -> str:
@@ -64,6 +64,8 @@ def bench_table(results: list[Measurement], title: str) -> Table:
             f"{r.prefill_ms:.1f} ({r.prefill_ms_p10:.1f}-{r.prefill_ms_p90:.1f})",
             ratio(base.prefill_ms / r.prefill_ms, base, r) if base else "-",
             ratio(r.prefill_ms / floor.prefill_ms, floor, r) if floor and r.method not in ("oracle", "unpruned") else "-",
+            ratio(r.prefill_ms / r.schedule_oracle_ms, r) if r.schedule_oracle_ms else "-",
+            "-" if r.select_ms is None else f"{sum(r.select_ms.values()):.1f}",
             f"{r.decode_tokens_per_s:.1f}", f"{r.throughput_samples_per_s:.2f}",
             f"{r.kv_cache_bytes / 2**20:.1f}", f"{r.prefill_tflops:.3f}",
             "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**30:.2f}",
