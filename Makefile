@@ -5,9 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FLOOR := .venv-floor
 COMPAT := .venv-compat
+LMMS := .venv-lmms
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup eval demo test test-floor compat
+.PHONY: setup eval demo test test-floor compat lmms
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -49,3 +50,22 @@ compat:
 	$(COMPAT)/bin/python -m pip install -q --upgrade transformers
 	@echo "== vtprune's suite on transformers $$($(COMPAT)/bin/python -c 'import transformers; print(transformers.__version__)') (the newest on PyPI)"
 	$(COMPAT)/bin/python -m pytest -q -rfE -p no:cacheprovider
+
+# The lmms-eval plugin (`lmms-eval --model vtprune`) in its own environment: lmms-eval needs
+# torchvision, which here means torch==2.14.1 (a CUDA build) instead of the core's 2.13.0 CPU
+# wheel, so it stays out of .venv. Runs the tests of the generation the plugin answers with and
+# the plugin's own, end to end included (a tiny LLaVA saved to disk, a local POPE-shaped task,
+# lmms-eval's command line, batch size 2): -s shows lmms-eval's command and results table.
+$(LMMS)/.installed: pyproject.toml constraints.txt
+	test -x $(LMMS)/bin/python || python3 -m venv $(LMMS)
+	@# the lock less three pins lmms-eval 0.7.3 cannot take: torch (next line), filelock (it imports
+	@# filelock._api, gone in 4.x), python-dateutil (its results table's typepy needs < 3; else pip
+	@# falls back to a pytablewriter that prints the table's header as A B C ...)
+	grep -v -e '^torch==' -e '^filelock==' -e '^python-dateutil==' constraints.txt > $(LMMS)/constraints.txt
+	printf 'filelock<4\npython-dateutil<3\n' >> $(LMMS)/constraints.txt
+	$(LMMS)/bin/python -m pip install -q -c $(LMMS)/constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(LMMS)/bin/python -m pip install -q -c $(LMMS)/constraints.txt -e '.[lmms,dev]'
+	touch $@
+
+lmms: $(LMMS)/.installed
+	$(LMMS)/bin/python -m pytest -q -s -p no:cacheprovider tests/test_generation.py tests/test_lmms_plugin.py

@@ -52,3 +52,17 @@ def test_it_answers_from_its_visual_tokens(reference, samples):
         accuracy = accuracy_by_class(model, processor, samples)
     chance = sum(1 / len(ANSWERS[c]) for c in ANSWERS) / len(ANSWERS)
     assert accuracy["overall"] < chance + 0.25, accuracy
+
+
+def test_its_chat_template_asks_as_it_was_trained(reference, samples):
+    """Generic harnesses (vtprune eval --tasks, the lmms-eval plugin) prompt through the chat template; on the
+    reference model that must be the training prompt, so they get its real answers."""
+    from vtprune.eval.generation import build_prompt, generate_answers
+
+    model, processor = reference
+    assert all(build_prompt(processor, s.question, images=1) == prompt(s.question) for s in samples[:12])
+    chunk = samples[:12]
+    with torch.no_grad():
+        first_tokens = predict(model, processor, chunk, prompt)
+    generated = generate_answers(model, processor, [s.question for s in chunk], [[s.image] for s in chunk], 1)
+    assert generated == first_tokens

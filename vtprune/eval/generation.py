@@ -43,8 +43,9 @@ def load_checkpoint(path: str | Path, dtype="auto", attn_implementation: str = "
     config = AutoConfig.from_pretrained(path)
     model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
     if model_class not in supported_models():
-        raise ValueError(f"{path} is a {config.model_type!r} checkpoint ({model_class or 'no image-text-to-text class'});"
-                         f" vtprune supports {', '.join(supported_models())}")
+        found = model_class or "no image-text-to-text class"
+        raise ValueError(f"{path} is a {config.model_type!r} checkpoint ({found}); vtprune supports "
+                         f"{', '.join(supported_models())}")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.eval(), AutoProcessor.from_pretrained(path)
 

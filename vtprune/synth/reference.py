@@ -51,6 +51,16 @@ def prompt(question: str) -> str:
     return f"USER: {question}\n{IMAGE_TOKEN} ASSISTANT:"
 
 
+# `prompt` as a chat template, so that generic harnesses (vtprune eval --tasks, the lmms-eval plugin) ask the
+# reference model as it was trained: the user's text, then the image(s), then the assistant's turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}USER: "
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}{{ '\\n' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}" + IMAGE_TOKEN + "{% endfor %}"
+    "{% endfor %} ASSISTANT:"
+)
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     words = SPECIAL + TEMPLATE_WORDS + [w for w in vocabulary() if w not in TEMPLATE_WORDS]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -72,6 +82,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
+        chat_template=CHAT_TEMPLATE,
     )
 
 

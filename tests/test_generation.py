@@ -1,0 +1,131 @@
+"""vtprune.eval.generation on the tiny model of every family with its stock processor: prompts come from the chat
+template, and a batch (left-padded; images, several images, text alone, videos where the family takes them)
+answers what each of its samples answers alone, pruned and unpruned."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import vtprune
+from vtprune.eval.generation import (
+    NoChatTemplate, build_prompt, generate_answers, generate_tokens, load_checkpoint,
+)
+from vtprune.tiny import tiny_llava
+from vtprune.tiny_processors import tiny_processor
+
+from .conftest import FAMILIES, SUPPRESS
+
+VIDEO_FAMILIES = {"qwen2_vl", "qwen2_5_vl", "video_llava", "llava_onevision"}
+STEPS = 3
+
+
+def image(h, w, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def video(frames, h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (frames, h, w, 3), dtype=np.uint8)
+
+
+def chat_template(processor) -> str:
+    """A LLaVA-style user/assistant template writing each item as the family's placeholder (the tiny processors
+    ship none, as a checkpoint's processor would)."""
+    qwen = "Qwen" in type(processor).__name__
+    image_mark = "<|vision_start|><|image_pad|><|vision_end|>" if qwen else processor.image_token
+    video_mark = "<|vision_start|><|video_pad|><|vision_end|>" if qwen else getattr(processor, "video_token", "")
+    return ("{% for message in messages %}USER :{% for part in message['content'] %}"
+            "{% if part['type'] == 'image' %} " + image_mark + "{% elif part['type'] == 'video' %} " + video_mark +
+            "{% else %} {{ part['text'] }}{% endif %}{% endfor %}{% endfor %}"
+            "{% if add_generation_prompt %} ASSISTANT :{% endif %}")
+
+
+def templated(model):
+    processor = tiny_processor(model)
+    processor.chat_template = chat_template(processor)
+    return processor
+
+
+def samples(family):
+    """(questions, images per sample, videos per sample): one image, two images of other sizes, text alone, and
+    where the family takes videos, a video (Video-LLaVA and OneVision take one frame count per batch)."""
+    questions = ["what colour is the cat ?", "how many shapes are there ?", "is there a dog near the tree"]
+    images = [[image(40, 90, 1)], [image(90, 40, 2), image(56, 56, 3)], []]
+    videos = [[], [], []]
+    if family in VIDEO_FAMILIES:
+        questions.append("what happens first ?")
+        images.append([])
+        videos.append([video(4, 40, 90, 4)])
+    return questions, images, videos
+
+
+@pytest.mark.parametrize("method", [None, "fastv"])
+def test_a_batch_generates_what_each_sample_generates_alone(family, method):
+    model = FAMILIES[family]("sdpa")
+    processor = templated(model)
+    questions, images, videos = samples(family)
+    pruner = vtprune.apply(model, method, 8) if method else None
+    try:
+        batch = generate_tokens(model, processor, questions, images, STEPS, videos=videos, suppress_tokens=SUPPRESS)
+        if pruner:  # the batch was pruned: every item's visual tokens counted, fewer kept
+            stats = pruner.last_stats
+            assert stats.images_per_sample == [len(i) + len(v) for i, v in zip(images, videos)]
+            assert sum(stats.kept_per_sample) < sum(stats.visual_tokens_per_sample)
+        alone = [generate_tokens(model, processor, [q], [i], STEPS, videos=[v], suppress_tokens=SUPPRESS)[0]
+                 for q, i, v in zip(questions, images, videos)]
+        answers = generate_answers(model, processor, questions, images, STEPS, videos=videos, suppress_tokens=SUPPRESS)
+    finally:
+        if pruner:
+            pruner.remove()
+    assert batch == alone
+    assert all(len(tokens) == STEPS for tokens in batch)
+    assert answers == [processor.decode(tokens, skip_special_tokens=True).strip() for tokens in alone]
+
+
+def test_the_prompt_comes_from_the_chat_template(family):
+    processor = templated(FAMILIES[family]("sdpa"))
+    prompt = build_prompt(processor, "what colour is the cat ?", images=2)
+    mark = "<|image_pad|>" if "Qwen" in type(processor).__name__ else processor.image_token
+    assert prompt.count(mark) == 2
+    assert prompt.startswith("USER :") and prompt.endswith("what colour is the cat ? ASSISTANT :")
+    assert prompt.index(mark) < prompt.index("what colour")  # the images come before the question
+
+
+def test_a_given_template_overrides_the_processors():
+    processor = templated(tiny_llava())
+    given = "{{ messages[0]['content'][-1]['text'] }} ->"
+    assert build_prompt(processor, "is there a dog", chat_template=given) == "is there a dog ->"
+
+
+def test_a_processor_without_a_chat_template_fails_naming_the_fix():
+    model = tiny_llava()
+    processor = tiny_processor(model)
+    assert processor.chat_template is None
+    with pytest.raises(NoChatTemplate, match="has no chat template.*chat_template=.*processor.chat_template"):
+        generate_answers(model, processor, ["is there a dog"], [[image(56, 56, 0)]], max_new_tokens=1)
+
+
+def test_mismatched_sample_lists_fail():
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="2 questions but 1 image lists"):
+        generate_answers(model, templated(model), ["a", "b"], [[]], max_new_tokens=1)
+
+
+def test_a_saved_checkpoint_loads_with_its_template_and_answers_the_same(tmp_path):
+    model = tiny_llava()
+    processor = templated(model)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_checkpoint(tmp_path)
+    assert type(loaded) is type(model) and loaded_processor.chat_template == processor.chat_template
+    question, images = ["what colour is the cat ?"], [[image(40, 90, 1)]]
+    assert generate_tokens(loaded, loaded_processor, question, images, STEPS, suppress_tokens=SUPPRESS) == \
+        generate_tokens(model, processor, question, images, STEPS, suppress_tokens=SUPPRESS)
+
+
+def test_a_checkpoint_of_an_unsupported_family_is_refused_before_its_weights_load(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                num_attention_heads=1).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'llama' checkpoint.*vtprune supports"):
+        load_checkpoint(tmp_path)

@@ -1,0 +1,184 @@
+"""`lmms-eval --model vtprune`: any checkpoint vtprune supports, pruned by any method, in lmms-eval's harness.
+
+    lmms-eval --model vtprune --model_args pretrained=PATH,method=clse,budget=64 --tasks pope --batch_size 8
+
+model_args: `pretrained` (a checkpoint folder), `method` and `budget` (leave both out for the unpruned model),
+the method's own options by name (`score=attn`; a tuple as `2/6/15`, as in `vtprune eval --methods`), and
+optionally `max_new_tokens` (default: each task's own), `dtype` (auto, bfloat16, float16, float32),
+`attn_implementation` (sdpa or eager), `chat_template` (a Jinja file, for a checkpoint saved without one) and
+`max_frames` (frames sampled from a task's video files). The method is applied once, when the model loads.
+
+Answers come from `vtprune.eval.generation`, the code `vtprune eval --tasks` answers with: the question under
+the processor's chat template, batches of --batch_size padded on the left, greedy decoding. Only generation
+tasks run: a task scored by log-likelihood stops with NotImplementedError.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from lmms_eval.api.model import lmms
+from lmms_eval.utils import Collator
+from loguru import logger
+from PIL import Image
+from tqdm import tqdm
+
+import vtprune
+from vtprune.eval.generation import generate_answers, load_checkpoint
+
+UNPRUNED = (None, "", "none", "unpruned")
+DEFAULT_MAX_NEW_TOKENS = 128  # for a task whose generation_kwargs set none
+LMMS_IMAGE_TOKEN = "<image>"  # lmms-eval's placeholder, which some tasks write into the question text
+
+
+class Vtprune(lmms):
+    """lmms-eval's model interface over a checkpoint that `vtprune.apply` prunes (see the module's docstring)."""
+
+    is_simple = True  # lmms-eval hands over (question, gen_kwargs, doc_to_visual, doc_id, task, split)
+
+    def __init__(self, pretrained: str, method: str | None = None, budget: int | float | None = None,
+                 batch_size: int | str = 1, max_new_tokens: int | None = None, device: str | None = None,
+                 dtype: str = "auto", attn_implementation: str = "sdpa", chat_template: str | None = None,
+                 max_frames: int = 8, max_batch_size=None, **method_options) -> None:
+        super().__init__()
+        self.batch_size = fixed_batch_size(batch_size)
+        self.max_new_tokens = max_new_tokens
+        self.max_frames = int(max_frames)
+        self.chat_template = Path(chat_template).read_text() if chat_template else None
+        # the evaluator shards requests over accelerate's processes; each process takes its own device
+        self.accelerator = Accelerator()
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        model, self.processor = load_checkpoint(pretrained, dtype=torch_dtype(dtype),
+                                                attn_implementation=attn_implementation)
+        self.model = model.to(device or self.accelerator.device)
+        self.pruner = apply_method(self.model, self.processor, pretrained, method, budget, method_options)
+
+    def generate_until(self, requests) -> list[str]:
+        """Greedy answers, longest prompts first in batches of the same generation settings (as lmms-eval's own
+        models batch), returned in the requests' order."""
+        order = Collator([request.args for request in requests], longest_first, grouping=True)
+        batches = order.get_batched(n=self.batch_size)
+        progress = tqdm(total=-(-len(requests) // self.batch_size), disable=self.rank != 0, desc="vtprune answering")
+        answers = []
+        for batch in batches:
+            answers += self.answer_batch(batch)
+            progress.update(1)
+        progress.close()
+        return order.get_original(answers)
+
+    def answer_batch(self, batch: list[tuple]) -> list[str]:
+        contexts, all_settings, doc_to_visual, doc_ids, tasks, splits = zip(*batch)
+        settings = all_settings[0]  # the Collator's groups share them
+        warn_if_not_greedy(settings)
+        visuals = [self.visuals_of(*request) for request in zip(doc_to_visual, tasks, splits, doc_ids)]
+        answers = generate_answers(
+            self.model, self.processor, [question_text(context) for context in contexts],
+            [images for images, _ in visuals], self.max_new_tokens_for(settings),
+            videos=[videos for _, videos in visuals], chat_template=self.chat_template,
+        )
+        answers = [cut_at_stops(answer, settings.get("until")) for answer in answers]
+        for context, answer in zip(contexts, answers):
+            self.cache_hook.add_partial("generate_until", (context, settings), answer)
+        return answers
+
+    def visuals_of(self, doc_to_visual, task: str, split: str, doc_id) -> tuple[list, list]:
+        """(images, videos) of one document: PIL images as they are, video files as `max_frames` frames."""
+        images, videos = [], []
+        for visual in doc_to_visual(self.task_dict[task][split][doc_id]) or []:
+            if isinstance(visual, Image.Image):
+                images.append(visual.convert("RGB"))
+            elif isinstance(visual, str):
+                from lmms_eval.models.model_utils.load_video import read_video
+
+                videos.append(read_video(visual, num_frm=self.max_frames))
+            else:
+                raise TypeError(f"{task}: vtprune's lmms-eval model takes images and video files; got a "
+                                f"{type(visual).__name__}")
+        return images, videos
+
+    def max_new_tokens_for(self, settings: dict) -> int:
+        if self.max_new_tokens is not None:
+            return int(self.max_new_tokens)
+        return int(settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError(
+            "vtprune's lmms-eval model generates answers (output_type generate_until); tasks scored by "
+            "log-likelihood (loglikelihood, multiple_choice) are not supported: run the task's generation variant")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("vtprune's lmms-eval model answers one turn per request (output_type "
+                                  "generate_until); multi-round tasks are not supported")
+
+
+def apply_method(model, processor, pretrained: str, method: str | None, budget, options: dict):
+    """The pruner of `method` at `budget` on the model (None when unpruned), with the options `vtprune eval`
+    supplies itself (CLASP's tokenizer and the calibration table beside the checkpoint)."""
+    if method in UNPRUNED:
+        if budget is not None or options:
+            raise ValueError(f"budget and method options need a method (got budget={budget}, options={options})")
+        return None
+    if budget is None:
+        raise ValueError(f"method={method} needs a budget: visual tokens kept per image (budget=64) or a "
+                         f"fraction (budget=0.25)")
+    from vtprune.cli import method_options
+
+    supplied = method_options(pretrained, processor).get(method, {})
+    return vtprune.apply(model, method, budget, **{**supplied, **typed_options(method, options)})
+
+
+def typed_options(method: str, options: dict) -> dict:
+    """model_args values (lmms-eval parses numbers and booleans only) as the types the method's Options declare,
+    spelled as on `vtprune eval --methods` (a tuple as 2/6/15)."""
+    from vtprune.cli_args import coerce
+    from vtprune.methods import get_method
+
+    hints = typing.get_type_hints(get_method(method).Options)
+    typed = {}
+    for key, value in options.items():
+        if key not in hints:
+            typed[key] = value  # the method's own check names its options
+            continue
+        try:
+            typed[key] = coerce(str(value), hints[key])
+        except ValueError as error:
+            raise ValueError(f"method {method} option {key} {error}") from None
+    return typed
+
+
+def fixed_batch_size(batch_size) -> int:
+    try:
+        return int(batch_size)
+    except ValueError:
+        raise ValueError(f"vtprune's lmms-eval model takes a fixed --batch_size N; got {batch_size!r}") from None
+
+
+def torch_dtype(name: str):
+    return name if name == "auto" else getattr(torch, name)
+
+
+def longest_first(args: tuple):
+    """Sort key: the longest question first, so a batch's padding stays small and memory runs out at once, if
+    it does (lmms-eval's models sort the same way)."""
+    return -len(args[0]), args[0]
+
+
+def question_text(context: str) -> str:
+    """The task's question less lmms-eval's image placeholders: the chat template places the images."""
+    return context.replace(LMMS_IMAGE_TOKEN, "").strip()
+
+
+def cut_at_stops(answer: str, until) -> str:
+    """The answer up to the first of the task's stop strings (decoding ran on to max_new_tokens or EOS)."""
+    for stop in [until] if isinstance(until, str) else until or []:
+        if stop:
+            answer = answer.split(stop)[0]
+    return answer.strip()
+
+
+def warn_if_not_greedy(settings: dict) -> None:
+    if settings.get("do_sample") or (settings.get("temperature") or 0) > 0 or (settings.get("num_beams") or 1) > 1:
+        logger.warning(f"vtprune decodes greedily; ignoring the task's sampling settings {settings}")
