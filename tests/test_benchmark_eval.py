@@ -81,3 +81,30 @@ def test_a_missing_task_copy_and_the_synthetic_only_flags_are_refused(checkpoint
     assert "unknown task 'popee'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no .*gqa: put your local copy of gqa there"):
         cli.main(["eval", "--model", str(checkpoint), "--tasks", "gqa", "--data", str(data), "--out", str(tmp_path)])
+
+
+def test_the_reference_model_answers_the_synthetic_task_written_as_ocrbench(tmp_path):
+    """The whole path (files, loader, chat template, generation, scoring, report) on a model that answers: its
+    answers equal the synthetic eval's own, unpruned and pruned, and it gets nearly all of them right."""
+    import torch
+
+    import vtprune
+    from vtprune.eval.runner import predict
+    from vtprune.synth import generate
+    from vtprune.synth.export import write_as_ocrbench
+    from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt
+
+    samples = generate(3, 24)
+    write_as_ocrbench(samples, tmp_path / "data" / "ocrbench")
+    assert cli.main(["eval", "--model", str(REFERENCE_DIR), "--tasks", "ocrbench", "--data", str(tmp_path / "data"),
+                     "--methods", "fastv", "--budgets", "64", "--max-new-tokens", "1", "--batch", "8",
+                     "--out", str(tmp_path / "out")]) == 0
+    rows = {row["config"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    assert rows["unpruned"]["scores"]["ocrbench"] >= 22  # points: one per question answered right
+    model, processor = load_reference()
+    records = read_all(tmp_path / "out")
+    for config, method in (("unpruned", None), ("fastv@64", "fastv")):
+        with torch.no_grad(), (vtprune.apply(model, method, 64) if method else torch.no_grad()):
+            expected = predict(model, processor, samples, prompt)
+        got = [r["prediction"] for r in sorted((r for r in records if r["config"] == config), key=lambda r: r["index"])]
+        assert got == expected, config

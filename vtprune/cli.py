@@ -183,11 +183,12 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         samples = load_tasks(args.tasks, Path(args.data), args.limit)
         configs, refused = runnable_configs(model, specs, args.budgets, method_options(model_path, processor), shard)
         settings = {"tasks": args.tasks, "model": _model_id(model_path), "data": data_digests(args.tasks, Path(args.data)),
-                    "limit": args.limit, "scoring": args.scoring, "versions": _versions()}
+                    "limit": args.limit, "max_new_tokens": args.max_new_tokens, "scoring": args.scoring,
+                    "versions": _versions()}
         if refused:
             settings["not_run"] = refused
-        records = evaluate(model, benchmark_task(model, processor, samples), configs, out, settings,
-                           batch_size=args.batch, shard=shard)
+        task = benchmark_task(model, processor, samples, args.max_new_tokens)
+        records = evaluate(model, task, configs, out, settings, batch_size=args.batch, shard=shard)
         if not shard.main:
             return 0
         wanted = {c.name for c in configs}
@@ -364,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="with --tasks: lmms-eval's rules, or LLaVA's evaluation scripts")
     evaluation.add_argument("--limit", type=cli_args.positive_int,
                             help="with --tasks: the first LIMIT samples of each task")
+    evaluation.add_argument("--max-new-tokens", type=cli_args.positive_int,
+                            help="with --tasks: answer length for every task (default: each task's lmms-eval length)")
     evaluation.set_defaults(run=cmd_eval)
     scoring = commands.add_parser("score", help="score given answers with a benchmark's official metric (no model)")
     scoring.add_argument("--task", required=True, help="pope, gqa, mme, textvqa, vizwiz, mmbench_en, mmbench_cn, "

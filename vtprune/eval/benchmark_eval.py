@@ -47,12 +47,13 @@ def data_digests(tasks: list[str], data: Path) -> dict[str, str]:
     return digests
 
 
-def benchmark_task(model, processor, samples: list[BenchmarkSample]) -> Task:
+def benchmark_task(model, processor, samples: list[BenchmarkSample], max_new_tokens: int | None = None) -> Task:
+    """Answers generated up to max_new_tokens, or each task's lmms-eval length when None."""
     from .generation import generate_answers
 
     def answer(chunk: list[BenchmarkSample]) -> list[str]:
         return generate_answers(model, processor, [s.question for s in chunk], [list(s.images) for s in chunk],
-                                max_new_tokens=TASKS[chunk[0].task].max_new_tokens)
+                                max_new_tokens=max_new_tokens or TASKS[chunk[0].task].max_new_tokens)
 
     return Task(samples, answer, fields=lambda sample, text: {"task": sample.task, "id": sample.id, "prediction": text},
                 batch_of=lambda sample: sample.task)
