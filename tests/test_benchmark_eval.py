@@ -80,7 +80,13 @@ def test_a_missing_task_copy_and_the_synthetic_only_flags_are_refused(checkpoint
         cli.main(["eval", "--model", str(checkpoint), "--tasks", "popee", "--data", str(data)])
     assert "unknown task 'popee'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no .*gqa: put your local copy of gqa there"):
-        cli.main(["eval", "--model", str(checkpoint), "--tasks", "gqa", "--data", str(data), "--out", str(tmp_path)])
+        cli.main(["eval", "--model", str(checkpoint), "--tasks", "gqa,pope", "--data", str(data), "--out", str(tmp_path)])
+
+
+def test_a_single_task_may_be_given_its_own_folder(checkpoint, data, tmp_path):
+    assert cli.main(["eval", "--model", str(checkpoint), "--tasks", "pope", "--data", str(data / "pope"), "--methods",
+                     "random", "--budgets", "8", "--out", str(tmp_path)]) == 0
+    assert len(read_all(tmp_path)) == 2 * 4  # unpruned and random@8 on POPE's 4 questions
 
 
 def test_the_reference_model_answers_the_synthetic_task_written_as_ocrbench(tmp_path):

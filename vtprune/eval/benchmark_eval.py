@@ -20,11 +20,17 @@ from .metrics import normalized_average, score
 from .runner import UNPRUNED, Task
 
 
+def task_folder(task: str, tasks: list[str], data: Path) -> Path:
+    """Where a task's copy is: data/<task>; with a single task, data itself when it has no such folder."""
+    folder = Path(data) / task
+    return Path(data) if len(tasks) == 1 and not folder.exists() else folder
+
+
 def load_tasks(tasks: list[str], data: Path, limit: int | None) -> list[BenchmarkSample]:
-    """Every task's samples, task after task, each from data/<task>."""
+    """Every task's samples, task after task, each from its task_folder."""
     samples = []
     for task in tasks:
-        folder = Path(data) / task
+        folder = task_folder(task, tasks, data)
         if not folder.exists():
             raise ValueError(f"no {folder}: put your local copy of {task} there (a folder or file in any format "
                              f"`vtprune.eval.loaders` reads), or leave {task} out of --tasks")
@@ -36,7 +42,7 @@ def data_digests(tasks: list[str], data: Path) -> dict[str, str]:
     """A SHA-256 per task over the names and bytes of every file of its copy, so a report says which data it scored."""
     digests = {}
     for task in tasks:
-        root = Path(data) / task
+        root = task_folder(task, tasks, data)
         digest = hashlib.sha256()
         for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
             digest.update(str(path.relative_to(root if root.is_dir() else root.parent)).encode() + b"\0")
