@@ -63,4 +63,5 @@ def test_eval_refuses_a_checkpoint_of_another_model_type_before_loading(checkpoi
         cli.main(["eval", "--model", str(edit(lambda config: config.update(model_type="qwen2_vl"))),
                   "--out", str(tmp_path / "out")])
     assert exit.value.code == 2
-    assert "argument --model:" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "declares model_type 'qwen2_vl'" in error and "the synthetic benchmark runs LLaVA checkpoints" in error
