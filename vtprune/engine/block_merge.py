@@ -22,6 +22,15 @@ from ..methods import BlockInput, BlockMergingMethod
 from .budget import tokens_for_budget
 
 
+def tower_attention_inputs(attention, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(query [R, H, T, d], key, scaling) of a vision-tower attention module on its input, from its own projections
+    (the same whichever attention implementation the tower runs)."""
+    split = (*hidden.shape[:2], -1, attention.head_dim)
+    query = attention.q_proj(hidden).view(split).transpose(1, 2)
+    key = attention.k_proj(hidden).view(split).transpose(1, 2)
+    return query, key, float(getattr(attention, "scaling", None) or attention.scale)
+
+
 @dataclass
 class TowerMerge:
     """The merges so far of one tower run, over its R rows of T tokens."""
@@ -102,10 +111,7 @@ class BlockMerging:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             if index in state.schedule:
-                split = (*hidden.shape[:2], -1, module.head_dim)
-                query = module.q_proj(hidden).view(split).transpose(1, 2)
-                key = module.k_proj(hidden).view(split).transpose(1, 2)
-                state.attention = (query, key, float(getattr(module, "scaling", None) or module.scale))
+                state.attention = tower_attention_inputs(module, hidden)
             if not state.merged:
                 return None
             bias = state.bias(hidden.dtype, self.method.proportional_attention)

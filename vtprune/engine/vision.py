@@ -19,7 +19,7 @@ import torch
 from ..adapters import Adapter, VisualItem
 from ..adapters.base import EncodedPlace
 from ..methods import BlockMergingMethod, Method, VisionLayer, VisionView
-from .block_merge import BlockMerging, TowerMerge
+from .block_merge import BlockMerging, TowerMerge, tower_attention_inputs
 from .compat import EngineError
 
 
@@ -74,12 +74,8 @@ class VisionRecorder:
         def hook(module, args, kwargs):
             if self._pending is None:
                 return
-            hidden = args[0] if args else kwargs["hidden_states"]
-            split = (*hidden.shape[:2], -1, module.head_dim)
-            query = module.q_proj(hidden).view(split).transpose(1, 2)
-            key = module.k_proj(hidden).view(split).transpose(1, 2)
-            scaling = getattr(module, "scaling", None) or module.scale
-            self._pending.layers[name] = VisionLayer(query, key, float(scaling), self.adapter.vision_cls)
+            query, key, scaling = tower_attention_inputs(module, args[0] if args else kwargs["hidden_states"])
+            self._pending.layers[name] = VisionLayer(query, key, scaling, self.adapter.vision_cls)
 
         return hook
 
