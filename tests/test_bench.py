@@ -388,3 +388,12 @@ def test_anyres_families_count_kv_bytes_and_flops(request, results, preset, visu
     assert r["oracle@16"].prefill_tflops == pytest.approx(r["random@16"].prefill_tflops)
     assert r["unpruned@None"].prefill_tflops > r["fastv@16"].prefill_tflops > r["random@16"].prefill_tflops
     assert "get_image_features" not in vars(model.model)  # the oracle's wrapper is gone
+
+
+def test_a_config_the_method_refuses_is_left_out_with_its_reason(results, capsys):
+    from vtprune.bench.run import refused
+
+    model, _ = results
+    assert refused(model, "tome", 16, None)  # one block before LLaVA's layer -2 merges at most half of 64
+    assert "not run: tome@16: tome cannot merge 64 patches down to 16 in 1 blocks" in capsys.readouterr().out
+    assert not refused(model, "tome", 40, None) and not refused(model, "random", 16, None)

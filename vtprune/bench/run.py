@@ -12,6 +12,8 @@ import transformers
 from rich.table import Table
 from tqdm import tqdm
 
+import vtprune
+
 from .measure import Measurement, measure
 from .presets import PRESETS, build_preset
 
@@ -28,13 +30,25 @@ def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[i
     model = build_preset(arch, device=device, dtype=dtype)
     preset = PRESETS[arch]
     plan = [("unpruned", None, b) for b in batches]
-    plan += [(m, budget, b) for budget in budgets for b in batches for m in ["oracle", *methods]]
+    plan += [(m, budget, b) for budget in budgets for b in batches for m in ["oracle", *methods]
+             if m == "oracle" or not refused(model, m, budget, (options or {}).get(m))]
     results = []
     for method, budget, batch in tqdm(plan, desc=f"bench {arch}"):
         results.append(measure(model, preset, method, budget, batch, repeats=repeats, warmup=warmup,
                                new_tokens=new_tokens, device=device, dtype=dtype,
                                options=(options or {}).get(method)))
     return results
+
+
+def refused(model, method: str, budget: int, options: dict | None) -> bool:
+    """Whether the method refuses this model at this budget (ToMe's blocks cannot reach 64 on a 3-layer tower):
+    such a config is left out with the method's reason printed, not run."""
+    try:
+        vtprune.apply(model, method, budget, **(options or {})).remove()
+    except ValueError as error:
+        tqdm.write(f"not run: {method}@{budget}: {error}")
+        return True
+    return False
 
 
 SPREAD_LIMIT = 1.5  # p90 / p10 of the prefill times above which a median is not worth comparing
