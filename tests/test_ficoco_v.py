@@ -12,13 +12,9 @@ from vtprune.methods.ficoco_v import FiCoCoV, penalise_window_minima
 from vtprune.tiny import tiny_llava, tiny_video_llava
 
 from .shortened_tower import assert_pruner_matches
+from .vision_views import softmax
 
 BETA = 0.35
-
-
-def softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def ficoco_block(x, query, key, scaling, size, columns, r, grid):

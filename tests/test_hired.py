@@ -10,14 +10,13 @@ import torch
 from vtprune.methods import Grid, ModelInfo, VisionLayer, VisionView
 from vtprune.methods.hired import HiRED, tile_shares
 
+from .vision_views import softmax
+
 HEADS, HEAD_DIM, SIDE, DIM = 4, 8, 8, 16
 WIDTH, T, P = HEADS * HEAD_DIM, 1 + SIDE * SIDE, SIDE * SIDE
 
 
 # ------------------------------------------------------------------------------ the reference, in numpy
-def softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def vit_attn(q, k):

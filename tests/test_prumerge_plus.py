@@ -7,6 +7,8 @@ import torch
 from vtprune.methods import Grid, ModelInfo, Selection, VisionLayer, VisionView
 from vtprune.methods.prumerge_plus import PruMergePlus
 
+from .vision_views import softmax
+
 HEADS, HEAD_DIM, SIDE, DIM = 4, 8, 8, 16
 WIDTH = HEADS * HEAD_DIM
 T = 1 + SIDE * SIDE
@@ -42,9 +44,6 @@ def view_of(q, k, features, rows, columns, keep, kind="image", cls=True):
 
 
 # ------------------------------------------------------------------------------ the reference, in numpy
-def softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def authors_attention(q, k, columns):
