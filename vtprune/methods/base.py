@@ -31,6 +31,20 @@ class ModelInfo:
     vision_feature_layer: int | None = None
 
 
+# The vision layer whose output the projector receives, per family, when the model's config does not say.
+FEATURE_LAYER = {"llava_onevision": -1, "qwen2_vl": -1, "qwen2_5_vl": -1}
+
+
+def feature_layer(model: ModelInfo, layer: int | None = None) -> int:
+    """The vision-encoder layer a method reads (an index from the end): `layer` when given, else the one whose
+    output the projector receives."""
+    if layer is not None:
+        return layer
+    if model.vision_feature_layer is not None:
+        return model.vision_feature_layer
+    return FEATURE_LAYER.get(model.family, -2)
+
+
 def scale_layers(layers: tuple[int, ...], authors_depth: int, depth: int) -> tuple[int, ...]:
     """Stage layers given for a decoder of authors_depth layers, rescaled to depth (distinct, increasing, >= 1)."""
     if depth == authors_depth:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import BlockInput, BlockMerge, BlockMergingMethod, ModelInfo
+from .base import BlockInput, BlockMerge, BlockMergingMethod, ModelInfo, feature_layer
 
 
 def redundancy(logits: torch.Tensor, beta: float) -> torch.Tensor:
@@ -88,7 +88,7 @@ class FiCoCoV(BlockMergingMethod):
             raise ValueError(f"ficoco_v's beta weighs [CLS] attention against patch similarity: in [0, 1]; got {options.beta}")
 
     def merge_schedule(self, model: ModelInfo, layers: int, patches: int, keep: int) -> dict[int, int]:
-        last = layers + (model.vision_feature_layer if model.vision_feature_layer is not None else -1)
+        last = layers + feature_layer(model)  # the block whose output the projector reads
         first = round(12 * layers / 24) if self.options.first_layer is None else self.options.first_layer
         if not 0 <= first <= last:
             raise ValueError(f"ficoco_v's first_layer must lie in 0..{last} (the layer the projector reads); got {first}")

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BlockInput, BlockMerge, BlockMergingMethod, ModelInfo
+from .base import BlockInput, BlockMerge, BlockMergingMethod, ModelInfo, feature_layer
 
 
 def even_schedule(layers: list[int], tokens: int, protected: int, remove: int) -> dict[int, int]:
@@ -101,7 +101,7 @@ class ToMe(BlockMergingMethod):
     proportional_attention = True
 
     def merge_schedule(self, model: ModelInfo, layers: int, patches: int, keep: int) -> dict[int, int]:
-        last = layers + (model.vision_feature_layer if model.vision_feature_layer is not None else -1)
+        last = layers + feature_layer(model)  # the block whose output the projector reads
         return even_schedule(list(range(last + 1)), patches + 1, 1, patches - keep)
 
     def merge(self, block: BlockInput, r: int) -> BlockMerge:

@@ -69,18 +69,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView
+from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView, feature_layer
 from .primitives import cls_attention, mean_keys, received_attention, row_groups
 
 CONTEXTUAL_SHARE = 10 / 64  # 54+10 / 108+20 / 162+30 at 64 / 128 / 192 (README, paper)
-# The vision layer whose output the projector receives, per family, when the model does not say.
-FEATURE_LAYER = {"llava_onevision": -1, "qwen2_vl": -1, "qwen2_5_vl": -1}
-
-
-def feature_layer(model: ModelInfo) -> int:
-    if model.vision_feature_layer is not None:
-        return model.vision_feature_layer
-    return FEATURE_LAYER.get(model.family, -2)
 
 
 def split_counts(keep: int, share: float) -> tuple[int, int]:
@@ -134,7 +126,7 @@ class VisionZip(VisionMethod):
             raise ValueError(f"visionzip contextual_share must be in [0, 1]; got {options.contextual_share}")
 
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
-        return (feature_layer(model) if self.options.layer is None else self.options.layer,)
+        return (feature_layer(model, self.options.layer),)
 
     def select(self, view: VisionView) -> torch.Tensor | Selection:
         features = view.features

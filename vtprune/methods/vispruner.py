@@ -54,9 +54,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ModelInfo, VisionLayer, VisionMethod, VisionView
+from .base import ModelInfo, VisionLayer, VisionMethod, VisionView, feature_layer
 from .primitives import cls_attention, received_attention, row_groups
-from .visionzip import feature_layer
 
 
 def importance(layer: VisionLayer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -103,7 +102,7 @@ class VisPruner(VisionMethod):
             raise ValueError(f"vispruner per_round must be >= 1; got {options.per_round}")
 
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
-        return (feature_layer(model) if self.options.layer is None else self.options.layer,)
+        return (feature_layer(model, self.options.layer),)
 
     def select(self, view: VisionView) -> torch.Tensor:
         features = view.features
