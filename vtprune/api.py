@@ -38,6 +38,17 @@ def apply(model, method: str, budget: int | float, **options: Any) -> Pruner:
     return pruner
 
 
+def refusal(model, method: str, budget: int | float, **options: Any) -> str | None:
+    """Why apply() refuses this method at this budget on this model (its ValueError's message), or None; nothing
+    stays on the model. The harnesses list such a config as not run (ToMe@64 on a 3-layer tower) instead of
+    stopping."""
+    try:
+        apply(model, method, budget, **options).remove()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     name: str

@@ -212,19 +212,16 @@ def runnable_configs(model, specs, budgets, needed: dict, shard) -> tuple[list, 
     Bad options fail here, before the first sample; a config whose method refuses the model at that
     budget (ToMe's blocks cannot reach 64 on a 3-layer tower) is reported instead of stopping the run.
     """
-    import vtprune
+    from vtprune.api import refusal
     from vtprune.eval import Config
     from vtprune.methods import get_method
 
     configs = [Config(spec.method, b, {**needed.get(spec.method, {}), **spec.options}, spec.label)
                for spec in specs for b in budgets]
-    refused = {}
     for config in configs:
         get_method(config.method).parse_options(config.options)
-        try:
-            vtprune.apply(model, config.method, config.budget, **config.options).remove()
-        except ValueError as error:
-            refused[config.name] = str(error)
+    refused = {c.name: reason for c in configs
+               if (reason := refusal(model, c.method, c.budget, **c.options)) is not None}
     for name, reason in refused.items() if shard.main else ():
         console.print(f"[yellow]not run: {name}: {reason}[/yellow]")
     return [Config("unpruned")] + [c for c in configs if c.name not in refused], refused

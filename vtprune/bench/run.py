@@ -12,7 +12,7 @@ import transformers
 from rich.table import Table
 from tqdm import tqdm
 
-import vtprune
+from vtprune.api import refusal
 
 from .measure import Measurement, measure
 from .presets import PRESETS, build_preset
@@ -43,12 +43,10 @@ def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[i
 def refused(model, method: str, budget: int, options: dict | None) -> bool:
     """Whether the method refuses this model at this budget (ToMe's blocks cannot reach 64 on a 3-layer tower):
     such a config is left out with the method's reason printed, not run."""
-    try:
-        vtprune.apply(model, method, budget, **(options or {})).remove()
-    except ValueError as error:
-        tqdm.write(f"not run: {method}@{budget}: {error}")
-        return True
-    return False
+    reason = refusal(model, method, budget, **(options or {}))
+    if reason is not None:
+        tqdm.write(f"not run: {method}@{budget}: {reason}")
+    return reason is not None
 
 
 SPREAD_LIMIT = 1.5  # p90 / p10 of the prefill times above which a median is not worth comparing
