@@ -119,3 +119,20 @@ def test_through_the_engine_it_keeps_the_authors_tokens_of_each_image():
             expected += image[authors_divprune(features, 7)].tolist()
         assert sorted(decision.kept[0][b].tolist()) == sorted(expected)
 
+
+
+@pytest.mark.parametrize("block", [None, 2 * 64 * 64, 64 * 64 - 1])
+def test_a_batch_of_items_is_selected_as_each_alone(block, monkeypatch):
+    """select_batch runs the greedy loop once over items of one shape (as many at a time as their distance
+    matrices fit, or pick by pick when one does not); other shapes in groups of their own."""
+    if block is not None:
+        from vtprune.methods import divprune
+
+        monkeypatch.setattr(divprune, "_BLOCK", block)
+    g = torch.Generator().manual_seed(3)
+    shapes = [(64, 16, 20)] * 4 + [(48, 16, 20), (64, 16, 9), (64, 16, 20)]
+    views = [ImageView.of_grid(torch.randn(n, d, generator=g), 1, n, keep=k, layer=LLM_INPUT, stage=0, image_index=0,
+                               sizes=torch.ones(n)) for n, d, k in shapes]
+    method = DivPrune(DivPrune.Options())
+    for view, picked in zip(views, method.select_batch(views), strict=True):
+        assert picked.tolist() == method.select(view).tolist() == sorted(authors_divprune(view.hidden.numpy(), view.keep))

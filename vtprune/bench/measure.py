@@ -10,7 +10,7 @@ runs is reported with its 10th-90th percentile spread. Two oracles bound a metho
   kept set, with no scoring. method - schedule oracle is what scoring costs;
   schedule oracle - input oracle is what the schedule (full-length early layers) and the
   engine's bookkeeping cost.
-`select_ms` is the time in the method's own selection per stage (each call timed alone).
+`select_ms` is the time in the method's own selection per stage (Method.select_batch: the batch's items at once).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 
 import vtprune
 from vtprune.engine.cache import output_cache
+from vtprune.engine.compiled import compile_prefill
 
 from .flops import prefill_flops
 from .presets import AnyresLayout, Preset, anyres_layout, preset_inputs
@@ -201,8 +202,10 @@ def oracle_inputs(model, preset: Preset, batch: int, keep: int, device, dtype):
 
 
 def measure(model, preset: Preset, method: str, budget: int | None, batch: int, *, repeats: int = 20, warmup: int = 3,
-            new_tokens: int = 16, device="cpu", dtype=torch.float32, options: dict | None = None) -> Measurement:
-    """One configuration: method "unpruned", "oracle" or a registered method."""
+            new_tokens: int = 16, device="cpu", dtype=torch.float32, compiled: bool = False,
+            options: dict | None = None) -> Measurement:
+    """One configuration: method "unpruned", "oracle" or a registered method; `compiled`: with the decoder layers
+    compiled for prefill (vtprune.compile_prefill), each prefill shape compiled during the warm-up."""
     device = torch.device(device)
     inputs = preset_inputs(model, preset, batch, device=device, dtype=dtype)
     pruner, scope = None, contextlib.nullcontext()
@@ -212,7 +215,7 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
     elif method != "unpruned":
         pruner = vtprune.apply(model, method, budget, **(options or {}))
     try:
-        with torch.no_grad(), scope:
+        with torch.no_grad(), scope, compile_prefill(model) if compiled else contextlib.nullcontext():
             def prefill():
                 return model(**inputs, use_cache=True, logits_to_keep=1)
 
@@ -269,24 +272,24 @@ def _oracle_and_scoring(pruner, prefill, device: torch.device, repeats: int) -> 
         replayed = statistics.median(_time_ms(prefill, device) for _ in range(repeats))
     spent: dict[str, float] = {}
     method = pruner.method
-    select = method.select
+    select_batch = method.select_batch
 
-    def timed(view):
-        stage = f"layer {view.layer}" if hasattr(view, "layer") else "vision"
+    def timed(views):
+        stage = f"layer {views[0].layer}" if hasattr(views[0], "layer") else "vision"
         _synchronize(device)
         began = time.perf_counter()
-        picked = select(view)
+        picks = select_batch(views)
         _synchronize(device)
         spent[stage] = spent.get(stage, 0.0) + 1000 * (time.perf_counter() - began)
-        return picked
+        return picks
 
     runs = max(3, repeats // 4)
-    method.select = timed  # on this instance only, for these runs
+    method.select_batch = timed  # on this instance only, for these runs
     try:
         for _ in range(runs):
             prefill()
     finally:
-        del method.select
+        del method.select_batch
     return replayed, {stage: total / runs for stage, total in spent.items()}
 
 

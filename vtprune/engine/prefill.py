@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import Adapter, VisualItem
-from ..methods import LLM_INPUT, ImageView, LayerProbe, Method, Selection
+from ..methods import LLM_INPUT, ImageView, LayerProbe, Method, Selection, VisionView
 from . import cache as kv
 from . import vision
 from .budget import tokens_for_budget
@@ -192,61 +192,18 @@ def _cached_after(run: Run, held: Layout, layout: Layout) -> Layout:
 def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention):
     """Ask the method (or the replayed decision) which visual tokens of `layout` survive `stage`.
 
-    Returns the new layout and the hidden states taken into it (merged where the method merges).
+    Every item that prunes at this stage is put in one list of views, so that the method selects for the
+    whole batch at once (Method.select_batch). Returns the new layout and the hidden states taken into it
+    (merged where the method merges).
     """
     layer = run.stage_layers[stage]
     replay = run.replay
-    kept, merged, moved = [], [], []
-    for b in range(len(run.items)):
-        slots = torch.nonzero(layout.positions[b] != FILL).flatten()
-        if replay is not None:
-            kept.append(replay.kept[stage][b].to(slots.device))
-            merged.append(replay.merged[stage][b])
-            moved.append(replay.moved[stage][b])
-            continue
-        images = run.image_of[b, layout.positions[b, slots]]
-        chosen, values, sources, targets = [], [], [], []
-        for i, stages in enumerate(run.plans[b]):
-            mine = slots[images == i]
-            positions = layout.positions[b, mine]
-            own = [s.layer for s in stages]  # the item's own schedule: a video's may differ from an image's
-            keep = stages[own.index(layer)].keep if layer in own else mine.numel()
-            if keep >= mine.numel():
-                chosen.append(positions)
-                continue
-            item = run.items[b][i]
-            if run.encoded is not None:
-                view = run.encoded[b][i].view(item, run.coords[b, positions], run.part[b, positions], keep, i,
-                                              run.text[b])
-            else:
-                view = ImageView(
-                    hidden=hidden[b, mine], coords=run.coords[b, positions], part=run.part[b, positions],
-                    parts=item.parts, keep=keep, layer=layer, stage=own.index(layer), image_index=i,
-                    sizes=run.sizes[b, positions], attention=None if attention is None else attention[b, mine],
-                    reference=_reference(run, b, positions, item.kind), text=run.text[b],
-                    probe=_layer_probe(run, b, mine),
-                )
-                if run.references:
-                    view.item_reference = _reference(run, b, item.positions(hidden.device), item.kind)
-                    view.text_reference = _reference(run, b, _text_positions(run, b), item.kind)
-            picked = _checked_selection(run.method, view)
-            if isinstance(picked, Selection) and picked.hidden is not None and run.encoded is not None:
-                # merged projector inputs: project them
-                projected = run.adapter.projector(picked.hidden[None].to(view.features.dtype))[0]
-                picked = Selection(picked.keep, projected, picked.sizes, picked.destination)
-            if isinstance(picked, Selection):
-                run.sizes[b, positions[picked.keep]] = picked.sizes.to(run.sizes.dtype)
-                if picked.hidden is not None:
-                    values.append((positions[picked.keep], picked.hidden))
-                merged_in = picked.destination >= 0  # -1: dropped without being merged anywhere
-                sources.append(positions[merged_in])
-                targets.append(positions[picked.keep][picked.destination[merged_in]])
-                picked = picked.keep
-            chosen.append(positions[picked])
-        kept.append(torch.cat(chosen) if chosen else layout.positions[b, :0])
-        merged.append(values)
-        empty = layout.positions[b, :0]
-        moved.append((torch.cat(sources) if sources else empty, torch.cat(targets) if targets else empty))
+    batch = len(run.items)
+    if replay is not None:
+        kept = [replay.kept[stage][b].to(layout.positions.device) for b in range(batch)]
+        merged, moved = replay.merged[stage], replay.moved[stage]
+    else:
+        kept, merged, moved = _select(run, stage, layer, layout, hidden, attention)
     run.kept.append(kept)
     run.merged.append(merged)
     run.moved.append(moved)
@@ -256,6 +213,69 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
         for positions, value in values:
             taken[b, narrowed.slots_of(b, positions)] = value.to(taken.dtype)
     return narrowed, taken
+
+
+def _select(run: Run, stage: int, layer: int, layout: Layout, hidden: torch.Tensor, attention):
+    """Per sample: the kept positions, the merged (positions, hidden) pairs and the (sources, targets) of merges."""
+    batch = len(run.items)
+    chosen = [[] for _ in range(batch)]
+    asked = []  # (sample, the item's positions, its view) for each item the method selects in
+    for b in range(batch):
+        slots = torch.nonzero(layout.positions[b] != FILL).flatten()
+        images = run.image_of[b, layout.positions[b, slots]]
+        for i, stages in enumerate(run.plans[b]):
+            mine = slots[images == i]
+            positions = layout.positions[b, mine]
+            own = [s.layer for s in stages]  # the item's own schedule: a video's may differ from an image's
+            keep = stages[own.index(layer)].keep if layer in own else mine.numel()
+            if keep >= mine.numel():
+                chosen[b].append(positions)
+                continue
+            asked.append((b, positions, _view(run, b, i, stage, layer, mine, positions, keep, hidden, attention)))
+    picks = run.method.select_batch([view for _, _, view in asked]) if asked else []
+    if len(picks) != len(asked):
+        raise RuntimeError(f"method {run.method.name!r} answered {len(picks)} selections for {len(asked)} views")
+    merged = [[] for _ in range(batch)]
+    sources, targets = [[] for _ in range(batch)], [[] for _ in range(batch)]
+    for (b, positions, view), picked in zip(asked, picks):
+        picked = _checked_selection(run.method, view, picked)
+        if isinstance(picked, Selection) and picked.hidden is not None and run.encoded is not None:
+            # merged projector inputs: project them
+            projected = run.adapter.projector(picked.hidden[None].to(view.features.dtype))[0]
+            picked = Selection(picked.keep, projected, picked.sizes, picked.destination)
+        if isinstance(picked, Selection):
+            run.sizes[b, positions[picked.keep]] = picked.sizes.to(run.sizes.dtype)
+            if picked.hidden is not None:
+                merged[b].append((positions[picked.keep], picked.hidden))
+            merged_in = picked.destination >= 0  # -1: dropped without being merged anywhere
+            sources[b].append(positions[merged_in])
+            targets[b].append(positions[picked.keep][picked.destination[merged_in]])
+            picked = picked.keep
+        chosen[b].append(positions[picked])
+    empty = layout.positions[0, :0]
+    kept = [torch.cat(row) if row else empty for row in chosen]
+    moved = [(torch.cat(s) if s else empty, torch.cat(t) if t else empty) for s, t in zip(sources, targets)]
+    return kept, merged, moved
+
+
+def _view(run: Run, b: int, i: int, stage: int, layer: int, mine: torch.Tensor, positions: torch.Tensor, keep: int,
+          hidden: torch.Tensor, attention) -> ImageView | VisionView:
+    """What the method sees of sample b's item i (at slots `mine` of the current layout) at this stage."""
+    item = run.items[b][i]
+    if run.encoded is not None:
+        return run.encoded[b][i].view(item, run.coords[b, positions], run.part[b, positions], keep, i, run.text[b])
+    own = [s.layer for s in run.plans[b][i]]
+    view = ImageView(
+        hidden=hidden[b, mine], coords=run.coords[b, positions], part=run.part[b, positions],
+        parts=item.parts, keep=keep, layer=layer, stage=own.index(layer), image_index=i,
+        sizes=run.sizes[b, positions], attention=None if attention is None else attention[b, mine],
+        reference=_reference(run, b, positions, item.kind), text=run.text[b],
+        probe=_layer_probe(run, b, mine),
+    )
+    if run.references:
+        view.item_reference = _reference(run, b, item.positions(hidden.device), item.kind)
+        view.text_reference = _reference(run, b, _text_positions(run, b), item.kind)
+    return view
 
 
 def _reference(run: Run, sample: int, positions: torch.Tensor, kind: str) -> torch.Tensor | None:
@@ -273,8 +293,7 @@ def _text_positions(run: Run, sample: int) -> torch.Tensor:
     return torch.nonzero(run.prompt_mask[sample].bool() & ~torch.isin(ids, placeholders)).flatten()
 
 
-def _checked_selection(method: Method, view: ImageView) -> torch.Tensor | Selection:
-    picked = method.select(view)
+def _checked_selection(method: Method, view, picked) -> torch.Tensor | Selection:
     indices = (picked.keep if isinstance(picked, Selection) else picked).flatten().long()
     n = view.hidden.shape[0]
     if indices.numel() != view.keep or indices.unique().numel() != view.keep or bool((indices < 0).any() | (indices >= n).any()):

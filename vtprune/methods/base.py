@@ -295,6 +295,15 @@ class Method(ABC):
     def select(self, view: ImageView) -> torch.Tensor | Selection:
         """Indices into view's tokens of the view.keep tokens to keep (any order), or a merging Selection."""
 
+    def select_batch(self, views: list) -> list:
+        """select for each of one stage's views (every pruned item of every sample in the batch), in order.
+
+        The engine asks once per stage with the whole batch, so that a method whose selection is a loop (a greedy
+        pick, rounds of matching) can run it once over stacked views of one shape (`same_shape`) instead of once
+        per item. An override must answer what select answers, view by view.
+        """
+        return [self.select(view) for view in views]
+
 
 class VisionMethod(Method):
     """A method that picks before the projector: its one stage is at the LLM input, where the rest are dropped."""

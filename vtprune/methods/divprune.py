@@ -40,41 +40,56 @@ from __future__ import annotations
 import torch
 
 from .base import LLM_INPUT, ImageView, Method, ModelInfo, Stage
+from .primitives import same_shape
 
 _BLOCK = 1 << 24  # distance-matrix entries computed at once (64 MB in float32) for the first pick
 
 
 def nearest_neighbour_distance(unit: torch.Tensor) -> torch.Tensor:
-    """[N] per token, the second-smallest entry of its column of 1 - unit @ unit.T (the smallest is its own
-    distance), in column blocks so that large items (videos) never hold the whole N x N matrix."""
-    n = unit.shape[0]
-    step = max(1, _BLOCK // n)
+    """[G, N] per item and token, the second-smallest entry of its column of 1 - unit @ unit.T (the smallest is
+    its own distance), for unit [G, N, D]; in column blocks so that large items (videos) never hold the whole
+    N x N matrix."""
+    groups, n = unit.shape[:2]
+    step = max(1, _BLOCK // (n * groups))
     return torch.cat([
-        (1 - unit @ unit[start : start + step].T).topk(2, dim=0, largest=False).values[1]
+        (1 - unit @ unit[:, start : start + step].transpose(1, 2)).topk(2, dim=1, largest=False).values[:, 1]
         for start in range(0, n, step)
-    ])
+    ], dim=1)
 
 
 def max_min_diversity(features: torch.Tensor, k: int) -> torch.Tensor:
-    """DivPrune's greedy max-min selection on cosine distance: k distinct indices into features [N, D],
-    in pick order (see the module docstring for the first pick, ties, and the one deviation)."""
-    n = features.shape[0]
-    k = min(k, n)
-    if k <= 0:
-        return torch.zeros(0, dtype=torch.long, device=features.device)
-    if n == 1:
-        return torch.zeros(1, dtype=torch.long, device=features.device)
+    """DivPrune's greedy max-min selection on cosine distance: k distinct indices into features [N, D], in pick
+    order (see the module docstring for the first pick, ties, and the one deviation). Features [G, N, D] are G
+    items selected independently, in one loop: [G, k]."""
+    single = features.dim() == 2
     unit = torch.nn.functional.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
-    picks = torch.empty(k, dtype=torch.long, device=unit.device)
-    taken = torch.zeros(n, dtype=torch.bool, device=unit.device)
-    score = nearest_neighbour_distance(unit)
+    unit = unit[None] if single else unit
+    groups, n = unit.shape[:2]
+    k = max(0, min(k, n))
+    # Items whose distance matrix fits in _BLOCK entries hold it whole (a pick's distances are then one of its
+    # rows), as many at a time as fit; larger ones (videos) compute each pick's distances when it is made.
+    at_once = max(1, _BLOCK // (n * n)) if n * n <= _BLOCK else groups
+    picks = [_greedy(unit[start : start + at_once], k, whole=n * n <= _BLOCK) for start in range(0, groups, at_once)]
+    picks = torch.cat(picks)
+    return picks[0] if single else picks
+
+
+def _greedy(unit: torch.Tensor, k: int, whole: bool) -> torch.Tensor:
+    groups, n = unit.shape[:2]
+    picks = torch.zeros(groups, k, dtype=torch.long, device=unit.device)
+    if n < 2 or k == 0:
+        return picks
+    rows = torch.arange(groups, device=unit.device)
+    taken = torch.zeros(groups, n, dtype=torch.bool, device=unit.device)
+    matrix = 1 - unit @ unit.transpose(1, 2) if whole else None
+    score = matrix.topk(2, dim=1, largest=False).values[:, 1] if whole else nearest_neighbour_distance(unit)
     for i in range(k):
         if i:
             score = score.masked_fill(taken, float("-inf"))  # the deviation: the authors do not mask
-        pick = score.argmax().view(1)  # stays on the device: no host sync per pick
-        picks[i : i + 1] = pick
-        taken[pick] = True
-        distance = 1 - unit @ unit.index_select(0, pick)[0]
+        pick = score.argmax(dim=1)  # stays on the device: no host sync per pick
+        picks[:, i] = pick
+        taken[rows, pick] = True
+        distance = matrix[rows, pick] if whole else 1 - (unit @ unit[rows, pick][:, :, None])[..., 0]
         # After the first pick the score is each token's distance to its nearest picked token.
         score = distance if i == 0 else torch.minimum(score, distance)
     return picks
@@ -89,4 +104,12 @@ class DivPrune(Method):
         return [Stage(LLM_INPUT, budget)]
 
     def select(self, view: ImageView) -> torch.Tensor:
-        return max_min_diversity(view.hidden, view.keep).sort().values
+        return self.select_batch([view])[0]
+
+    def select_batch(self, views: list[ImageView]) -> list[torch.Tensor]:
+        picks = [None] * len(views)
+        for group in same_shape([(view.hidden.shape, view.keep) for view in views]):
+            stacked = torch.stack([views[i].hidden for i in group])
+            for i, row in zip(group, max_min_diversity(stacked, views[group[0]].keep).sort(dim=1).values):
+                picks[i] = row
+        return picks

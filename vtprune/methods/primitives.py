@@ -13,6 +13,15 @@ def topk_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
 
 
+def same_shape(keys: list) -> list[list[int]]:
+    """The indices of equal keys, grouped (groups in order of first appearance, each in order): for a
+    select_batch, which views can be stacked and selected together."""
+    groups: dict = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
 def evenly_spaced(n: int, k: int, device=None) -> torch.Tensor:
     """k distinct indices spread evenly over range(n), first and last included when k > 1."""
     k = min(k, n)

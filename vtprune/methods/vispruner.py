@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, VisionLayer, VisionMethod, VisionView, feature_layer
-from .primitives import cls_attention, received_attention, row_groups
+from .primitives import cls_attention, received_attention, row_groups, same_shape
 
 
 def importance(layer: VisionLayer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -69,18 +69,26 @@ def descending(values: torch.Tensor) -> torch.Tensor:
     return torch.sort(values, descending=True, stable=True).indices
 
 
-def deduplicate(unit: torch.Tensor, residual: torch.Tensor, count: int, per_round: int) -> torch.Tensor:
+def deduplicate(unit: torch.Tensor, residual: torch.Tensor, count: int, per_round: int,
+                owner: torch.Tensor | None = None) -> torch.Tensor:
     """The authors' iterative matching and pruning: shrink residual (indices into unit [N, D], unit-norm rows,
-    in ranked order) to count tokens, dropping per round the even-position tokens most similar to the odd ones."""
+    in ranked order) to count tokens, dropping per round the even-position tokens most similar to the odd ones.
+
+    Batched, in lockstep: residual [J, R] with unit [G, N, D] and owner [J] (the unit each residual indexes)
+    gives [J, count]."""
+    single = residual.dim() == 1
+    if single:
+        unit, residual, owner = unit[None], residual[None], torch.zeros(1, dtype=torch.long, device=unit.device)
+    owner = owner[:, None]
     while count > 0:
-        drop = min(per_round, residual.numel() - count)
+        drop = min(per_round, residual.shape[1] - count)
         if drop <= 0:
             break
-        a, b = residual[0::2], residual[1::2]
-        score = (unit[a] @ unit[b].T).max(dim=-1).values
-        drop = min(drop, a.numel())
-        residual = torch.cat([a[descending(score)[drop:]], b])
-    return residual
+        a, b = residual[:, 0::2], residual[:, 1::2]
+        score = (unit[owner, a] @ unit[owner, b].transpose(1, 2)).max(dim=-1).values
+        drop = min(drop, a.shape[1])
+        residual = torch.cat([a.gather(1, descending(score)[:, drop:]), b], dim=1)
+    return residual[0] if single else residual
 
 
 class VisPruner(VisionMethod):
@@ -105,19 +113,34 @@ class VisPruner(VisionMethod):
         return (feature_layer(model, self.options.layer),)
 
     def select(self, view: VisionView) -> torch.Tensor:
-        features = view.features
-        n, device = features.shape[0], features.device
-        if view.keep >= n:
-            return torch.arange(n, device=device)
-        (layer,) = view.layers.values()
-        rows, columns = view.rows.to(device), view.columns.to(device)
-        score = importance(layer, rows, columns).to(device)
-        unit = torch.nn.functional.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
-        keep = []
-        for tokens, budget in row_groups(rows, columns, view.keep):
-            important = int(budget * self.options.important_ratio)
-            ranked = tokens[descending(score[tokens])]
-            keep.append(ranked[:important])
-            if budget > important:
-                keep.append(deduplicate(unit, ranked[important:], budget - important, self.options.per_round))
-        return torch.cat(keep).sort().values
+        return self.select_batch([view])[0]
+
+    def select_batch(self, views: list[VisionView]) -> list[torch.Tensor]:
+        kept = [[] for _ in views]
+        units, rounds = {}, []  # per view its normalised features; per residual (view, its ranked tokens, count)
+        for v, view in enumerate(views):
+            features = view.features
+            n, device = features.shape[0], features.device
+            if view.keep >= n:
+                kept[v].append(torch.arange(n, device=device))
+                continue
+            units[v] = torch.nn.functional.normalize(features.to(torch.promote_types(features.dtype, torch.float32)),
+                                                     dim=-1)
+            (layer,) = view.layers.values()
+            rows, columns = view.rows.to(device), view.columns.to(device)
+            score = importance(layer, rows, columns).to(device)
+            for tokens, budget in row_groups(rows, columns, view.keep):
+                important = int(budget * self.options.important_ratio)
+                ranked = tokens[descending(score[tokens])]
+                kept[v].append(ranked[:important])
+                if budget > important:
+                    rounds.append((v, ranked[important:], budget - important))
+        # Residuals of one length and count (every image of a LLaVA batch) are deduplicated in one loop.
+        for group in same_shape([(units[v].shape, residual.numel(), count) for v, residual, count in rounds]):
+            owners = sorted({rounds[j][0] for j in group})
+            unit = torch.stack([units[v] for v in owners])
+            owner = torch.tensor([owners.index(rounds[j][0]) for j in group], device=unit.device)
+            residual = torch.stack([rounds[j][1] for j in group])
+            for j, row in zip(group, deduplicate(unit, residual, rounds[group[0]][2], self.options.per_round, owner)):
+                kept[rounds[j][0]].append(row)
+        return [torch.cat(parts).sort().values for parts in kept]
