@@ -2,6 +2,8 @@
 
 from .api import MethodInfo, apply, methods
 from .engine import Decision, EngineError, Pruner, PruneStats
+from .engine.compiled import CompiledPrefill, compile_prefill
 
 __version__ = "0.1.0"
-__all__ = ["Decision", "EngineError", "MethodInfo", "PruneStats", "Pruner", "apply", "methods"]
+__all__ = ["CompiledPrefill", "Decision", "EngineError", "MethodInfo", "PruneStats", "Pruner", "apply", "compile_prefill",
+           "methods"]

@@ -63,7 +63,7 @@ def cmd_train_reference(args) -> int:
     accuracy = train(Path(args.out), steps=args.steps, batch_size=args.batch, questions_per_image=args.questions,
                      lr=args.lr, eval_every=args.eval_every, eval_samples=args.eval_samples,
                      init=Path(args.init) if args.init else None, device=args.device, workers=args.workers,
-                     minutes=args.minutes)
+                     minutes=args.minutes, depth=args.depth)
     console.print(accuracy)
     return 0
 
@@ -102,12 +102,12 @@ def cmd_calibrate(args) -> int:
 
     from vtprune.eval.calibrate import calibrate_clasp, write_table
     from vtprune.synth import generate
-    from vtprune.synth.reference import CALIBRATION_SEED, REFERENCE_DIR, load_reference, prompt
+    from vtprune.synth.reference import CALIBRATION_SEED, REFERENCE_DIR, load_reference, prompt_for
 
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_reference(model_path)
     samples = generate(args.seed, args.samples)
-    table = calibrate_clasp(model, processor, samples, prompt, args.budget,
+    table = calibrate_clasp(model, processor, samples, prompt_for(processor), args.budget,
                             {"model": model_path.name, "seed": args.seed, "samples": args.samples})
     write_table(table, Path(args.out))
     console.print(table)
@@ -127,7 +127,7 @@ def cmd_eval(args) -> int:
     from vtprune.eval.runner import synthetic_task
     from vtprune.eval.shards import current_shard
     from vtprune.synth import generate
-    from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt
+    from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt_for
 
     specs = args.methods or [cli_args.MethodSpec(m.name, m.name) for m in vtprune.methods()]
     out = Path(args.out)
@@ -147,7 +147,7 @@ def cmd_eval(args) -> int:
                     "clasp_calibration": _digest(model_path / "clasp_calibration.json")}
         if refused:
             settings["not_run"] = refused
-        records = evaluate(model, synthetic_task(model, processor, samples, prompt), configs, out, settings,
+        records = evaluate(model, synthetic_task(model, processor, samples, prompt_for(processor)), configs, out, settings,
                            batch_size=args.batch, shard=shard)
         if not shard.main:  # the first process reports for all
             return 0
@@ -273,11 +273,12 @@ def cmd_show(args) -> int:
 
     import vtprune
     from vtprune.eval.runner import predict
-    from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt
+    from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt_for
     from vtprune.viz import kept_token_map, merge_groups, seen_image
 
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_reference(model_path)
+    prompt = prompt_for(processor)
     image = Image.open(args.image).convert("RGB")
 
     sample = SimpleNamespace(image=image, question=args.question)  # what predict() reads of a sample
@@ -314,12 +315,13 @@ def cmd_bench(args) -> int:
     dtype = getattr(torch, args.dtype)
     results = run_bench(args.arch, args.methods, args.budgets, args.batch, device=args.device, dtype=dtype,
                         repeats=args.repeats,
-                        warmup=args.warmup, new_tokens=args.new_tokens,
+                        warmup=args.warmup, new_tokens=args.new_tokens, compiled=args.compile,
                         options={"clasp": {"question_class": "general"}})
     name = device_name(args.device)
-    console.print(bench_table(results, f"{args.arch} on {name} ({args.dtype}, random weights)"))
+    compiled = ", prefill compiled" if args.compile else ""
+    console.print(bench_table(results, f"{args.arch} on {name} ({args.dtype}, random weights{compiled})"))
     settings = {"arch": args.arch, "device_name": name, "dtype": args.dtype, "repeats": args.repeats,
-                "warmup": args.warmup, "new_tokens": args.new_tokens,
+                "warmup": args.warmup, "new_tokens": args.new_tokens, "compiled": args.compile,
                 "command": "vtprune bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])}
     path = save(results, Path(args.out) / name, settings)
     console.print(f"wrote {path}")
@@ -406,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=cli_args.non_negative_int, default=3)
     bench.add_argument("--new-tokens", type=cli_args.at_least(2), default=16,
                        help="decode speed is timed over this many new tokens")
+    bench.add_argument("--compile", action="store_true",
+                       help="every configuration's decoder layers compiled for prefill (vtprune.compile_prefill: "
+                            "CUDA graphs on a GPU), for batch-1 latency")
     bench.add_argument("--out", type=cli_args.writable_folder, default="out/bench",
                        help="results go to OUT/DEVICE/bench-ARCH.json")
     bench.add_argument("--replace-committed", action="store_true",
@@ -418,8 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--batch", type=cli_args.positive_int, default=12, help="images per step")
     trainer.add_argument("--questions", type=cli_args.positive_int, default=2,
                          help="questions asked about each image per step")
+    trainer.add_argument("--depth", choices=["shipped", "deep"], default="shipped",
+                         help="shipped: 6-layer LM, 3-layer tower, question first, auxiliary attention losses; "
+                              "deep: 16-layer LM, 6-layer tower, image first, none (issue 18)")
     trainer.add_argument("--init", type=cli_args.checkpoint,
-                         help="start from the weights of another run's folder (fresh optimizer)")
+                         help="start from the weights of another run's folder (fresh optimizer); a shallower "
+                              "model is depth up-scaled (each layer repeated in place)")
     trainer.add_argument("--lr", type=cli_args.positive_float, default=1e-3)
     trainer.add_argument("--eval-every", type=cli_args.positive_int, default=250)
     trainer.add_argument("--eval-samples", type=cli_args.positive_int, default=240)

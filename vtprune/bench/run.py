@@ -26,7 +26,7 @@ def device_name(device: str) -> str:
 
 def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[int], *, device: str = "cpu",
               dtype: torch.dtype = torch.float32, repeats: int = 20, warmup: int = 3, new_tokens: int = 16,
-              options: dict | None = None) -> list[Measurement]:
+              compiled: bool = False, options: dict | None = None) -> list[Measurement]:
     model = build_preset(arch, device=device, dtype=dtype)
     preset = PRESETS[arch]
     plan = [("unpruned", None, b) for b in batches]
@@ -35,7 +35,7 @@ def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[i
     results = []
     for method, budget, batch in tqdm(plan, desc=f"bench {arch}"):
         results.append(measure(model, preset, method, budget, batch, repeats=repeats, warmup=warmup,
-                               new_tokens=new_tokens, device=device, dtype=dtype,
+                               new_tokens=new_tokens, device=device, dtype=dtype, compiled=compiled,
                                options=(options or {}).get(method)))
     return results
 

@@ -1,0 +1,61 @@
+"""Compiled decoder layers for prefill: fewer tokens become lower latency where kernel launches dominate.
+
+At batch 1 on a GPU a decoder layer's prefill is launch-bound: pruning 576 visual tokens to 64
+shortens every kernel but launches as many. `compile_prefill` puts each decoder layer's forward
+through torch.compile (by default mode="reduce-overhead": CUDA graphs on a GPU) for the calls that
+carry more than one token, i.e. prefills, on whatever layout the pruner gave that layer. Single-token
+decode steps, whose cache grows every step (a new shape each time), stay eager.
+
+The engine's hooks are not compiled: they run around each layer's call as before, decide the kept
+set, and hand the compiled layer its shortened hidden states, mask and positions. Shapes are static
+(one graph per prompt length and kept count), so a serving loop with fixed budgets and bucketed
+prompt lengths reuses its graphs. Instance-scoped: only this model's layers, undone by remove().
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import adapter_for
+
+
+class CompiledPrefill:
+    """Each decoder layer of one model compiled for prefill calls; remove() restores the eager forwards."""
+
+    def __init__(self, model, **compile_options):
+        self.layers = list(adapter_for(model).decoder_layers)
+        if any("forward" in vars(layer) for layer in self.layers):
+            raise ValueError("this model's decoder layers already have a forward of their own (compiled before?); "
+                             "remove() that first")
+        options = {"mode": "reduce-overhead", "dynamic": False, **compile_options}
+        for layer in self.layers:
+            layer.forward = _prefill_compiled(layer.forward, torch.compile(layer.forward, **options))
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            vars(layer).pop("forward", None)
+        self.layers = []
+
+    def __enter__(self) -> "CompiledPrefill":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _prefill_compiled(eager, compiled):
+    def forward(hidden_states, *args, **kwargs):
+        if hidden_states.shape[1] > 1:
+            # A new prefill may overwrite the CUDA-graph memory of the last one's outputs: tell the graphs so.
+            if hidden_states.is_cuda:
+                torch.compiler.cudagraph_mark_step_begin()
+            return compiled(hidden_states, *args, **kwargs)
+        return eager(hidden_states, *args, **kwargs)
+
+    return forward
+
+
+def compile_prefill(model, **compile_options) -> CompiledPrefill:
+    """Compile `model`'s decoder layers for prefill (torch.compile options: default mode="reduce-overhead",
+    dynamic=False); works with or without a vtprune pruner on the model. Returns a handle; .remove() undoes it."""
+    return CompiledPrefill(model, **compile_options)
