@@ -10,12 +10,15 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # a GPU ses
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_prefill_equals_eager_on_the_same_kept_set(device):
+def test_compiled_prefill_equals_eager_on_the_same_kept_set(device, monkeypatch):
     torch._dynamo.reset()
-    model = tiny_llava().to(device).eval()
+    # dynamo guards on each layer's cache slot: a layer past its recompile limit would silently run eager
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    model = tiny_llava(layers=12).to(device).eval()  # 12 layers x 2 lengths: past the default recompile limit
     inputs = {k: v.to(device) for k, v in tiny_inputs(model, [SampleLayout(images=1)]).items()}
     layers = list(model.model.language_model.layers)
     originals = [layer.forward for layer in layers]
+    limit = torch._dynamo.config.recompile_limit
     for method, budget in (("fastv", 8), ("visionzip", 6)):  # in the LLM (two layer shapes), before it (one)
         with torch.no_grad(), vtprune.apply(model, method, budget) as pruner:
             eager = model(**inputs).logits
@@ -24,7 +27,7 @@ def test_compiled_prefill_equals_eager_on_the_same_kept_set(device):
             with vtprune.compile_prefill(model):
                 torch._dynamo.utils.counters.clear()
                 compiled = model(**inputs).logits
-                assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+                assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
                 assert [[k.tolist() for k in stage] for stage in pruner.last_decision.kept] == \
                     [[k.tolist() for k in stage] for stage in eager_kept]
                 torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
@@ -35,6 +38,7 @@ def test_compiled_prefill_equals_eager_on_the_same_kept_set(device):
             assert pruner.last_stats.kept_per_sample == [budget]
     assert all("forward" not in vars(layer) for layer in layers)  # remove() gave the layers their own forward back
     assert [layer.forward for layer in layers] == originals
+    assert torch._dynamo.config.recompile_limit == limit
 
 
 def test_compiling_twice_is_refused():

@@ -7,9 +7,13 @@ carry more than one token, i.e. prefills, on whatever layout the pruner gave tha
 decode steps, whose cache grows every step (a new shape each time), stay eager.
 
 The engine's hooks are not compiled: they run around each layer's call as before, decide the kept
-set, and hand the compiled layer its shortened hidden states, mask and positions. Shapes are static
-(one graph per prompt length and kept count), so a serving loop with fixed budgets and bucketed
-prompt lengths reuses its graphs. Instance-scoped: only this model's layers, undone by remove().
+set, and hand the compiled layer its shortened hidden states, mask and positions. torch.compile's
+default shape handling applies: the first length gets a static graph, a second one a graph with a
+dynamic length that serves every later one (CUDA graphs still record one replay per length, cheaply).
+dynamo guards on each layer's own KV-cache slot, so every layer gets graphs of its own (inductor's
+FX-graph cache makes the repeats cheap); while a handle is open, dynamo's recompile limit is raised to
+allow that many (8 per layer) instead of silently running the later layers eager, and remove() puts it
+back. Instance-scoped otherwise: only this model's layers, undone by remove().
 """
 
 from __future__ import annotations
@@ -27,13 +31,17 @@ class CompiledPrefill:
         if any("forward" in vars(layer) for layer in self.layers):
             raise ValueError("this model's decoder layers already have a forward of their own (compiled before?); "
                              "remove() that first")
-        options = {"mode": "reduce-overhead", "dynamic": False, **compile_options}
+        options = {"mode": "reduce-overhead", **compile_options}
+        self._limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(self._limit, 8 * len(self.layers))
         for layer in self.layers:
             layer.forward = _prefill_compiled(layer.forward, torch.compile(layer.forward, **options))
 
     def remove(self) -> None:
         for layer in self.layers:
             vars(layer).pop("forward", None)
+        if self.layers:
+            torch._dynamo.config.recompile_limit = self._limit
         self.layers = []
 
     def __enter__(self) -> "CompiledPrefill":
@@ -56,6 +64,6 @@ def _prefill_compiled(eager, compiled):
 
 
 def compile_prefill(model, **compile_options) -> CompiledPrefill:
-    """Compile `model`'s decoder layers for prefill (torch.compile options: default mode="reduce-overhead",
-    dynamic=False); works with or without a vtprune pruner on the model. Returns a handle; .remove() undoes it."""
+    """Compile `model`'s decoder layers for prefill (torch.compile's options; default mode="reduce-overhead");
+    works with or without a vtprune pruner on the model. Returns a handle; .remove() undoes it."""
     return CompiledPrefill(model, **compile_options)

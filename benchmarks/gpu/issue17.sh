@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 17 item 5 on a lent GPU (the device tool), prepared on the CPU: one call of under 10 minutes.
+#   run(command="bash benchmarks/gpu/issue17.sh", carry=[".gpu-wheels"], timeout_s=590)
+# The GPU machine has torch 2.11 and transformers 5.17 and no network; what vtprune needs beyond them comes as
+# wheels in .gpu-wheels/ (ignored by git; fill it here with
+#   .venv/bin/pip download --no-deps -d .gpu-wheels rich markdown-it-py mdurl pygments
+# ). Each step writes its own results under $OUT (at most two folders down, as the tool brings them back), so a
+# step cut short by its time limit loses only itself. Steps, most wanted first:
+#   1. compiled prefill == eager on CUDA (CUDA graphs; tests/test_compiled.py);
+#   2. llava-1.5-7b, batch 16, every method at 192/128/64 against both oracles (target: every method within 10% of
+#      its schedule oracle, budget 64 at >= 3.5x the unpruned prefill throughput);
+#   3. llava-1.5-7b, batch 1, prefill compiled (target: >= 1.7x at 192 tokens), the methods named below;
+#   4. qwen2-vl-7b, batch 16, every method (those the Qwen families refuse are listed as not run).
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+python3 -c "import rich" 2>/dev/null || python3 -m pip install -q --no-index --no-deps .gpu-wheels/*.whl
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" | tee -a "$out/gpu.txt"
+
+every=clasp,clse,clse_m,dart,divprune,fastv,ficoco_v,hired,pdrop,pool,prumerge+,random,sparsevlm,tome,uniform,visionzip,vispruner
+bench() {  # bench STEP SECONDS ARGS...: one `vtprune bench` into $out/STEP/<device>/, its log beside
+  local step=$1 seconds=$2
+  shift 2
+  timeout "$seconds" python3 -m vtprune.cli bench --device cuda --dtype bfloat16 --out "$out/$step" "$@" \
+    >"$out/$step.log" 2>&1
+  echo "step $step: exit $? after ${SECONDS}s"
+  tail -n 45 "$out/$step.log"
+}
+
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_compiled.py >"$out/compiled-test.log" 2>&1
+echo "step compiled == eager on CUDA: exit $?"; tail -n 5 "$out/compiled-test.log"
+bench b16 200 --arch llava-1.5-7b --methods "$every" --budgets 192,128,64 --batch 16 --repeats 5 --warmup 2 --new-tokens 4
+bench b1c 150 --arch llava-1.5-7b --methods random,fastv,clse,visionzip,clasp --budgets 192,64 --batch 1 --compile \
+  --repeats 10 --warmup 3 --new-tokens 4
+bench qwen 90 --arch qwen2-vl-7b --methods "$every" --budgets 192,64 \
+  --batch 16 --repeats 5 --warmup 2 --new-tokens 4
