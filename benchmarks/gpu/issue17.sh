@@ -3,7 +3,7 @@
 #   run(command="bash benchmarks/gpu/issue17.sh", carry=[".gpu-wheels"], timeout_s=590)
 # The GPU machine has torch 2.11 and transformers 5.17 and no network; what vtprune needs beyond them comes as
 # wheels in .gpu-wheels/ (ignored by git; fill it here with
-#   .venv/bin/pip download --no-deps -d .gpu-wheels rich markdown-it-py mdurl pygments
+#   .venv/bin/pip download --no-deps -d .gpu-wheels rich markdown-it-py mdurl pygments pytest pluggy iniconfig
 # ). Each step writes its own results under $OUT (at most two folders down, as the tool brings them back), so a
 # step cut short by its time limit loses only itself. Steps, most wanted first:
 #   1. compiled prefill == eager on CUDA (CUDA graphs; tests/test_compiled.py);
@@ -14,7 +14,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-python3 -c "import rich" 2>/dev/null || python3 -m pip install -q --no-index --no-deps .gpu-wheels/*.whl
+python3 -c "import rich, pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps .gpu-wheels/*.whl
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" | tee -a "$out/gpu.txt"
 
