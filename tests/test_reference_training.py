@@ -1,23 +1,44 @@
 """The training recipe of the reference model: rows match evaluation prompts, derived questions and auxiliary losses are right."""
 
+import json
+
 import numpy as np
+import pytest
 import torch
+from transformers import LlavaProcessor
 
 from vtprune.synth import make_sample, make_text
 from vtprune.synth import vocabulary as synth_vocabulary
 from vtprune.synth.generator import ANSWERS, words
 from vtprune.synth.questions import derived_questions
-from vtprune.synth.reference import build_model, build_processor, build_tokenizer, pixel_values, prompt
+from vtprune.synth import handoff
+from vtprune.synth.reference import (
+    DEPTHS,
+    REFERENCE_DIR,
+    CheckpointError,
+    build_model,
+    build_processor,
+    build_tokenizer,
+    load_llava,
+    load_reference,
+    pixel_values,
+    prompt,
+    prompt_for,
+    prompt_image_first,
+)
 from vtprune.synth.train import (
     capture_layer_input,
     caption,
     covered_patches,
     encode_training,
     grounding_loss,
+    learning_rate_factor,
     patch_labels,
     reading_loss,
+    train,
     TrainingBatches,
 )
+from vtprune.synth.upscale import OUTPUT_PROJECTIONS, layer_sources, upscale_into
 
 
 def training_items(samples, extra=2):
@@ -31,13 +52,15 @@ def training_items(samples, extra=2):
     return items, images
 
 
-def test_training_rows_are_evaluation_prompts_followed_by_their_targets():
+@pytest.mark.parametrize("prompt_format", [prompt, prompt_image_first])
+def test_training_rows_are_evaluation_prompts_followed_by_their_targets(prompt_format):
     tokenizer = build_tokenizer()
     samples = [make_sample(0, i) for i in range(2)]
     items, _ = training_items(samples)
-    batch = encode_training(tokenizer, items)
-    prompts = build_processor(tokenizer)(images=[samples[0].image] * len(items), text=[prompt(q) for q, *_ in items],
-                                         return_tensors="pt", padding=True)["input_ids"]
+    batch = encode_training(tokenizer, items, prompt_format)
+    processor = build_processor(tokenizer, image_first=prompt_format is prompt_image_first)
+    prompts = processor(images=[samples[0].image] * len(items), text=[prompt_format(q) for q, *_ in items],
+                        return_tensors="pt", padding=True)["input_ids"]
     for r, (question, answer, text, boxes) in enumerate(items):
         ids = batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()
         prompt_ids = prompts[r][prompts[r] != tokenizer.pad_token_id].tolist()
@@ -53,6 +76,9 @@ def test_training_rows_are_evaluation_prompts_followed_by_their_targets():
                                                         if boxes else 0)
         assert batch["key_mask"][r].sum() == len(prompt_ids)  # the answer's predictor sees the whole prompt only
         assert tokenizer.convert_ids_to_tokens(batch["input_ids"][r][batch["question"][r]]) == question.split()
+        visual_at = torch.nonzero(batch["visual"][r]).flatten()
+        question_at = torch.nonzero(batch["question"][r]).flatten()
+        assert (question_at[0] > visual_at[-1]) == (prompt_format is prompt_image_first)
 
 
 def test_derived_questions_agree_with_the_generator():
@@ -138,3 +164,85 @@ def test_a_steps_batch_is_the_same_whichever_worker_builds_it():
     first = batches[3]
     assert first["owners"].tolist() == [0, 0, 1, 1] and first["firsts"].tolist() == [0, 2]
     assert first["dense"].shape == (2, 4, 24, 24) and len(first["pixel_values"]) == len(first["input_ids"]) == 4
+
+
+def test_image_first_prompt_is_the_saved_chat_template(tmp_path):
+    """The deep model's folder says how to ask it: its chat template renders prompt_image_first, and prompt_for
+    reads it back; the shipped model keeps its question-first prompt."""
+    build_processor(build_tokenizer(), image_first=True).save_pretrained(tmp_path)
+    processor = LlavaProcessor.from_pretrained(tmp_path)
+    message = [{"role": "user", "content": [{"type": "text", "text": "how many stars are there ?"}, {"type": "image"}]}]
+    assert processor.apply_chat_template(message, tokenize=False) == prompt_image_first("how many stars are there ?")
+    assert prompt_image_first("q") == "USER: <image>\nq ASSISTANT:"  # LLaVA-1.5's order
+    assert prompt_for(processor) is prompt_image_first
+    assert prompt_for(LlavaProcessor.from_pretrained(REFERENCE_DIR)) is prompt
+
+
+def test_layer_sources_repeat_each_layer_in_place():
+    assert layer_sources(3, 6) == [0, 0, 1, 1, 2, 2]
+    assert layer_sources(6, 16) == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5]
+    assert layer_sources(6, 6) == list(range(6))
+    with pytest.raises(ValueError):
+        layer_sources(6, 4)
+
+
+def test_upscaled_shipped_model_is_the_deep_model_computing_what_the_shipped_one_does(tmp_path):
+    """Depth up-scaling: 16 LM and 6 tower layers, each copy its source (repeats with zero output projections,
+    so identities), the same logits as the shipped model, and a folder from_pretrained loads whole in 16 MiB."""
+    shipped, processor = load_reference()
+    deep = build_model(build_tokenizer(), depth=DEPTHS["deep"])
+    upscale_into(deep, shipped)
+    assert deep.config.text_config.num_hidden_layers == 16 and deep.config.vision_config.num_hidden_layers == 6
+    for stack, source_stack, sources in ((deep.model.language_model.layers, shipped.model.language_model.layers,
+                                          layer_sources(6, 16)),
+                                         (deep.model.vision_tower.encoder.layers, shipped.model.vision_tower.encoder.layers,
+                                          layer_sources(3, 6))):
+        for index, (layer, origin) in enumerate(zip(stack, sources)):
+            repeat = index > 0 and sources[index - 1] == origin
+            source = dict(source_stack[origin].named_parameters())
+            for name, value in layer.named_parameters():
+                if repeat and name.startswith(OUTPUT_PROJECTIONS):
+                    assert not value.any(), (index, name)
+                else:
+                    assert torch.equal(value, source[name]), (index, name)
+    sample = make_sample(2, 0)
+    inputs = processor(images=[sample.image], text=[prompt(sample.question)], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(deep.eval()(**inputs).logits, shipped(**inputs).logits, rtol=1e-4, atol=1e-4)
+    deep.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").stat().st_size < 16 * 2**20
+    loaded = load_llava(tmp_path)  # raises on any missing, unexpected or misshapen weight
+    assert all(torch.equal(value, deep.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
+def test_a_deep_run_resumes_from_its_hand_off_parts(tmp_path):
+    """The exact run's code path at a toy batch: train, pack into parts (small ones here, to have several),
+    unpack elsewhere, resume with a fresh optimizer whose learning rate ramps up again; other settings refuse."""
+    settings = dict(batch_size=1, questions_per_image=1, eval_samples=2, eval_every=100, workers=0, device="cpu",
+                    depth="deep", warmup=1)
+    first = tmp_path / "first"
+    with torch.enable_grad():  # conftest runs every test under no_grad
+        train(first, steps=3, init=REFERENCE_DIR, minutes=1e-9, **settings)  # out of time after one step: saved there
+    (first / "run_args").write_text("--depth deep\n")
+    parts = handoff.pack(first, tmp_path / "out", part_bytes=3 * 2**20)
+    assert [p.name for p in parts if p.name.startswith("handoff")] == ["handoff.tar.00", "handoff.tar.01", "handoff.tar.02"]
+    assert all(p.stat().st_size <= 3 * 2**20 for p in parts)
+    second = tmp_path / "second"
+    assert sorted(handoff.unpack(tmp_path / "out", second)) == ["handoff.pt", "run_args", "train_log.jsonl"]
+    carried = torch.load(second / "handoff.pt", weights_only=False)
+    state = torch.load(first / "training_state.pt", weights_only=False)
+    assert carried["step"] == 1 and "optimizer" not in carried
+    for key, value in state["model"].items():
+        assert torch.equal(carried["model"][key], value.half())
+    handoff.unpack(tmp_path / "out", tmp_path / "model", name="model.tar")
+    assert prompt_for(load_reference(tmp_path / "model")[1]) is prompt_image_first
+    with pytest.raises(CheckpointError, match="steps 3 \\(now 4\\)"):
+        train(second, steps=4, **settings)
+    with torch.enable_grad():
+        train(second, steps=3, **settings)
+    log = [json.loads(line) for line in (second / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]  # the carried log, continued
+    assert [r["lr"] for r in log[1:]] == pytest.approx([1e-3 * learning_rate_factor(s, 3, 1) * (s - 1 + 1) / 100
+                                                         for s in (1, 2)])
+    resumed = torch.load(second / "training_state.pt", weights_only=False)
+    assert resumed["step"] == 3 and resumed["rewarm_from"] == 1 and resumed["settings"]["depth"] == "deep"

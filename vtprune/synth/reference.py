@@ -9,6 +9,7 @@ loads it like any LLaVA checkpoint on disk.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,50 @@ CHAT_TEMPLATE = (
 )
 
 
+def prompt_image_first(question: str) -> str:
+    """LLaVA-1.5's own conversation format, the image before the question: the deep reference model's prompt.
+
+    Here no visual token can see the question, so the lookup of what is asked happens at the
+    question's and the answer's positions, as in a real LLaVA-1.5.
+    """
+    return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+
+
+# `prompt_image_first` as a chat template: the image(s), then the user's text, then the assistant's turn.
+IMAGE_FIRST_CHAT_TEMPLATE = (
+    "{% for message in messages %}USER: "
+    "{% for part in message['content'] if part['type'] == 'image' %}" + IMAGE_TOKEN + "{% endfor %}{{ '\\n' }}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
+    "{% endfor %} ASSISTANT:"
+)
+
+
+def prompt_for(processor):
+    """The prompt a saved reference model was trained with, known by the chat template saved beside it:
+    image first for the deep model, question first otherwise (the shipped model, or any other checkpoint)."""
+    return prompt_image_first if processor.chat_template == IMAGE_FIRST_CHAT_TEMPLATE else prompt
+
+
+@dataclass(frozen=True)
+class Depth:
+    """A reference architecture: the LM's and the vision tower's layer counts, and the prompt it is trained with."""
+
+    lm_layers: int
+    vision_layers: int
+    image_first: bool
+
+    @property
+    def prompt(self):
+        return prompt_image_first if self.image_first else prompt
+
+
+# "shipped": vtprune/reference_model. "deep" (issue 18): the widths of the shipped model, so that it
+# starts from the shipped model's layers (upscale.py), with as many layers as fit 16 MiB in float32:
+# 4.05M parameters, 16.2 MB; a 17th LM layer would make it 17.0 MB.
+DEPTHS = {"shipped": Depth(lm_layers=6, vision_layers=3, image_first=False),
+          "deep": Depth(lm_layers=16, vision_layers=6, image_first=True)}
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     words = SPECIAL + TEMPLATE_WORDS + [w for w in vocabulary() if w not in TEMPLATE_WORDS]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -74,7 +119,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+def build_processor(tokenizer: PreTrainedTokenizerFast, image_first: bool = False) -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(  # the PIL backend: no torchvision here
         size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
@@ -82,20 +127,21 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=IMAGE_FIRST_CHAT_TEMPLATE if image_first else CHAT_TEMPLATE,
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForConditionalGeneration:
-    """A fresh, randomly initialised reference model (about 1.7M parameters, 7 MB in float32)."""
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, depth: Depth = DEPTHS["shipped"]
+                ) -> LlavaForConditionalGeneration:
+    """A fresh, randomly initialised reference model (shipped depth: about 1.7M parameters, 7 MB in float32)."""
     torch.manual_seed(seed)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=3,
+            hidden_size=96, intermediate_size=384, num_hidden_layers=depth.vision_layers, num_attention_heads=3,
             image_size=SIZE, patch_size=PATCH, projection_dim=96,
         ),
         text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=352, num_hidden_layers=6,
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=352, num_hidden_layers=depth.lm_layers,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         ),

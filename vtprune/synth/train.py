@@ -19,6 +19,10 @@ scene's own question and others its metadata answers (`questions.py`). Six losse
 The auxiliary heads are not part of the saved model. Without the last three, runs sat at
 the text-only prior (benchmarks/reference_training/README.md): the LM never learned to
 make a visual token's state depend on the question.
+
+`--depth deep` (issue 18) trains the deeper model of `reference.DEPTHS` with the image
+before the question, from the shipped model's layers (`upscale.py`), and without the
+last three losses (`ATTENTION_LOSSES`).
 """
 
 from __future__ import annotations
@@ -39,20 +43,33 @@ from ..methods.primitives import apply_rope
 from .generator import COLOR_NAMES, OCR_WORDS, SHAPES, make_sample
 from .questions import derived_questions
 from .reference import (
+    DEPTHS,
     GRID,
     IMAGE_TOKEN,
     PATCH,
     TRAIN_SEED,
     VALIDATION_SEED,
+    CheckpointError,
     build_model,
     build_processor,
     build_tokenizer,
     load_llava,
     pixel_values,
     prompt,
+    read_config,
 )
+from .upscale import upscale_into
 
 PLATE_SHAPE = len(SHAPES) + 1  # plates are a "shape" of their own in the dense labels
+
+# Weights of the losses that shape attention (reading: head 0 of the first layer; grounding: head 0 of
+# the last layer) or that need visual tokens to know the question (relevance), per depth. The deep
+# model has none: methods read attention in every layer, and with the image first no visual token
+# sees the question, so the relevance probe could only learn "object or background".
+ATTENTION_LOSSES = {"shipped": {"reading": 0.5, "grounding": 0.5, "relevance": 1.0},
+                    "deep": {"reading": 0.0, "grounding": 0.0, "relevance": 0.0}}
+HANDOFF = "handoff.pt"  # a run carried from another machine: weights, step and settings, no optimizer (handoff.py)
+REWARM_STEPS = 100  # after a hand-off, the fresh optimizer's learning rate ramps up again over this many steps
 
 
 def covered_patches(box) -> np.ndarray:
@@ -84,12 +101,18 @@ def caption(meta: dict) -> str:
     return " ".join(f"{it['color']} plate {it['word']}" if "word" in it else f"{it['color']} {it['shape']}" for it in items)
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:
+def expanded(text: str) -> str:
+    """A prompt with its image token repeated for the 576 visual tokens, as the processor expands it."""
+    return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID)
+
+
+def prompt_ids(tokenizer, question: str, prompt_format=prompt) -> list[int]:
     """The evaluation prompt's ids, its image token expanded to the 576 visual tokens as the processor does."""
-    return tokenizer(prompt(question).replace(IMAGE_TOKEN, IMAGE_TOKEN * GRID * GRID))["input_ids"]
+    return tokenizer(expanded(prompt_format(question)))["input_ids"]
 
 
-def encode_training(tokenizer, items: list[tuple[str, str, str | None, tuple]]) -> dict[str, torch.Tensor]:
+def encode_training(tokenizer, items: list[tuple[str, str, str | None, tuple]],
+                    prompt_format=prompt) -> dict[str, torch.Tensor]:
     """Left-padded training rows: prompt, answer and, if given, a caption; plus what the auxiliary losses need.
 
     items: (question, answer, caption or None, boxes that answer it), one row each. Returns
@@ -97,14 +120,15 @@ def encode_training(tokenizer, items: list[tuple[str, str, str | None, tuple]]) 
     input_ids: the logits one position earlier predict them), the position that predicts
     each answer, the keys it may attend to, and each row's relevant positions ([N, length]
     bool: the visual tokens under its boxes) and question positions ([N, length] bool).
+    prompt_format: the model's prompt (question or image first).
     """
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     rows = []
     for question, answer, text, boxes in items:
-        ids = prompt_ids(tokenizer, question)
+        ids = prompt_ids(tokenizer, question, prompt_format)
         answer_at = len(ids)
         ids = ids + tokenizer(answer)["input_ids"] + (tokenizer(text)["input_ids"] if text else [])
-        before = len(tokenizer(prompt(question).split(question)[0])["input_ids"])
+        before = len(tokenizer(expanded(prompt_format(question)).split(question)[0])["input_ids"])
         rows.append((ids, answer_at, boxes, range(before, before + len(tokenizer(question)["input_ids"]))))
     length = max(len(ids) for ids, *_ in rows)
     n = len(rows)
@@ -238,8 +262,9 @@ class TrainingBatches(torch.utils.data.Dataset):
     patch labels per image, `firsts` (each image's first row) and `owners` (each row's image).
     """
 
-    def __init__(self, tokenizer, batch_size: int, questions_per_image: int):
+    def __init__(self, tokenizer, batch_size: int, questions_per_image: int, prompt_format=prompt):
         self.tokenizer, self.batch_size, self.questions_per_image = tokenizer, batch_size, questions_per_image
+        self.prompt_format = prompt_format
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         indices = [step * self.batch_size + i for i in range(self.batch_size)]
@@ -254,7 +279,7 @@ class TrainingBatches(torch.utils.data.Dataset):
             firsts.append(len(items))
             owners += [len(firsts) - 1] * len(asked)
             items += asked
-        batch = encode_training(self.tokenizer, items)
+        batch = encode_training(self.tokenizer, items, self.prompt_format)
         batch["pixel_values"] = pixel_values([s.image for s in samples])[owners]  # each image processed once
         batch["dense"] = torch.from_numpy(np.stack([patch_labels(s.meta) for s in samples]))
         batch["firsts"], batch["owners"] = torch.tensor(firsts), torch.tensor(owners)
@@ -262,18 +287,65 @@ class TrainingBatches(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def answer_accuracy(model, processor, samples, batch_size: int = 32) -> dict[str, float]:
+def answer_accuracy(model, processor, samples, batch_size: int = 32, prompt_format=prompt) -> dict[str, float]:
     """Greedy one-word answers against the truth, per class and overall, as `vtprune eval` asks them."""
     model.eval()
     hits: dict[str, list[bool]] = {}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        for sample, answer in zip(chunk, predict(model, processor, chunk, prompt)):
+        for sample, answer in zip(chunk, predict(model, processor, chunk, prompt_format)):
             hits.setdefault(sample.qclass, []).append(answer == sample.answer)
     model.train()
     result = {c: float(np.mean(v)) for c, v in sorted(hits.items())}
     result["overall"] = float(np.mean([h for v in hits.values() for h in v]))
     return result
+
+
+def learning_rate_factor(step: int, steps: int, warmup: int, rewarm_from: int | None = None) -> float:
+    """Step `step`'s learning rate over the base: linear warm-up, then cosine decay to 5% at `steps`; after a
+    hand-off (`rewarm_from`: the step it resumed at) a second warm-up, since the optimizer's moments start afresh."""
+    factor = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    if rewarm_from is not None:
+        factor *= min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
+    return factor
+
+
+def save_atomically(value, path: Path) -> None:
+    """torch.save through a temporary file, so that a copy taken while a save is under way is the last whole one."""
+    partial = path.with_name(path.name + ".partial")
+    torch.save(value, partial)
+    os.replace(partial, path)
+
+
+def check_settings(saved: dict | None, settings: dict, path: Path) -> None:
+    """A run resumes only with the settings it was started with: the batches and the schedule depend on them."""
+    if saved is None:  # a state saved before settings were recorded
+        return
+    differ = {key: (saved.get(key), value) for key, value in settings.items() if saved.get(key) != value}
+    if differ:
+        listed = ", ".join(f"{key} {was!r} (now {now!r})" for key, (was, now) in differ.items())
+        raise CheckpointError(f"{path} was saved by a run with other settings: {listed}; "
+                              "resume with the same ones or use another --out")
+
+
+def warm_start(model, head: nn.Module, relevance: nn.Module, init: Path) -> None:
+    """Start from another run's folder: its weights (up-scaled if its model is shallower, `upscale.py`) and,
+    if there and of the same widths, its auxiliary heads (a shipped model has none: they start afresh)."""
+    config = read_config(init)
+    source_depth = (config["text_config"]["num_hidden_layers"], config["vision_config"]["num_hidden_layers"])
+    target_depth = (model.config.text_config.num_hidden_layers, model.config.vision_config.num_hidden_layers)
+    source = load_llava(init, dtype=torch.float32)
+    if source_depth == target_depth:
+        model.load_state_dict(source.state_dict())
+    else:
+        tqdm.write(f"up-scaling {init} from {source_depth} to {target_depth} (LM, vision) layers")
+        upscale_into(model, source)
+    heads_file = Path(init) / "auxiliary_heads.pt"
+    if heads_file.exists():
+        heads = torch.load(heads_file)
+        if heads["relevance"]["weight"].shape == relevance.weight.shape:
+            head.load_state_dict(heads["head"])
+            relevance.load_state_dict(heads["relevance"])
 
 
 def train(
@@ -285,9 +357,9 @@ def train(
     warmup: int = 100,
     dense_weight: float = 0.5,
     caption_weight: float = 0.5,
-    grounding_weight: float = 0.5,
-    relevance_weight: float = 1.0,
-    reading_weight: float = 0.5,
+    grounding_weight: float | None = None,
+    relevance_weight: float | None = None,
+    reading_weight: float | None = None,
     alignment_weight: float = 0.5,
     eval_every: int = 250,
     eval_samples: int = 240,
@@ -296,49 +368,59 @@ def train(
     device: str | None = None,
     workers: int | None = None,
     minutes: float | None = None,
+    depth: str = "shipped",
 ) -> dict:
-    """Train (resuming from out/ if a checkpoint is there); returns the last validation accuracy.
+    """Train (resuming from out/ if a checkpoint or a hand-off is there); returns the last validation accuracy.
 
     Each step takes `batch_size` generated images and `questions_per_image` questions about
     each: the scene's own question (with the caption after its answer) and questions derived
     from its metadata (`questions.py`). `init` starts from another run's folder (its
-    model.safetensors and, if there, auxiliary_heads.pt) with a fresh optimizer and schedule.
-    `minutes` stops early, validated and saved so that running again resumes, after that
-    much wall time.
+    model.safetensors, up-scaled if shallower, and, if there, auxiliary_heads.pt) with a
+    fresh optimizer and schedule. `minutes` stops early, validated and saved so that running
+    again resumes, after that much wall time. `depth`: a key of `reference.DEPTHS`; the
+    reading, grounding and relevance weights default to `ATTENTION_LOSSES[depth]`.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if workers is None:  # batches are built on the CPU (images, processor) while the model steps
         workers = min(15, (os.cpu_count() or 1) - 1)
+    if device.type == "cuda":  # TensorFloat-32 matrix products: the deep model is ~2.5x the shipped one's compute
+        torch.backends.cuda.matmul.allow_tf32 = True
+    architecture = DEPTHS[depth]
+    weights = dict(ATTENTION_LOSSES[depth])
+    weights.update({name: value for name, value in (("reading", reading_weight), ("grounding", grounding_weight),
+                                                    ("relevance", relevance_weight)) if value is not None})
+    settings = {"depth": depth, "steps": steps, "batch_size": batch_size, "questions_per_image": questions_per_image,
+                "lr": lr, "warmup": warmup, "seed": seed}
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    model = build_model(tokenizer, seed=seed)
+    processor = build_processor(tokenizer, image_first=architecture.image_first)
+    model = build_model(tokenizer, seed=seed, depth=architecture)
     head = DenseHead(model.config.vision_config.hidden_size)
     relevance = nn.Linear(model.config.text_config.hidden_size, 1)
-    if init is not None:
-        model.load_state_dict(load_llava(init, dtype=torch.float32).state_dict())
-        if (Path(init) / "auxiliary_heads.pt").exists():  # a shipped model has none: they start afresh
-            heads = torch.load(Path(init) / "auxiliary_heads.pt")
-            head.load_state_dict(heads["head"])
-            relevance.load_state_dict(heads["relevance"])
+    state_path, handoff_path = out / "training_state.pt", out / HANDOFF
+    resuming = state_path.exists() or handoff_path.exists()
+    if init is not None and not resuming:
+        warm_start(model, head, relevance, Path(init))
     model.to(device), head.to(device), relevance.to(device)
     params = list(model.parameters()) + list(head.parameters()) + list(relevance.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    )
-    state_path = out / "training_state.pt"
-    start = 0
-    if state_path.exists():
+    start, rewarm_from = 0, None
+    if state_path.exists():  # this machine's own last save: everything, the optimizer's moments included
         state = torch.load(state_path, weights_only=False, map_location=device)
-        model.load_state_dict(state["model"])
+        check_settings(state.get("settings"), settings, state_path)
+        optimizer.load_state_dict(state["optimizer"])
+        start, rewarm_from = state["step"], state.get("rewarm_from")
+    elif handoff_path.exists():  # carried from another machine: no optimizer moments (handoff.py says why)
+        state = torch.load(handoff_path, weights_only=False, map_location=device)
+        check_settings(state["settings"], settings, handoff_path)
+        start = rewarm_from = state["step"]
+        tqdm.write(f"resuming a hand-off at step {start}: fresh optimizer, learning rate ramped over {REWARM_STEPS} steps")
+    if resuming:
+        model.load_state_dict({key: value.float() for key, value in state["model"].items()})
         head.load_state_dict(state["head"])
         relevance.load_state_dict(state["relevance"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start = state["step"]
 
     features = {}
     model.model.vision_tower.encoder.register_forward_hook(
@@ -347,61 +429,64 @@ def train(
     model.model.multi_modal_projector.register_forward_hook(
         lambda module, args, output: features.__setitem__("projected", output))
     layers = model.model.language_model.layers
-    for name, layer in (("grounded", layers[-1]), ("reading", layers[0]), ("probed", layers[-2])):
-        capture_layer_input(layer, features, name)
+    for name, layer, loss_name in (("grounded", layers[-1], "grounding"), ("reading", layers[0], "reading"),
+                                   ("probed", layers[-2], "relevance")):
+        if weights[loss_name]:  # only the inputs a loss in use reads
+            capture_layer_input(layer, features, name)
     validation = [make_sample(VALIDATION_SEED, i) for i in range(eval_samples)]
     log = (out / "train_log.jsonl").open("a")
     model.train()
     began = time.time()
     accuracy = {}
     batches = torch.utils.data.DataLoader(
-        TrainingBatches(tokenizer, batch_size, questions_per_image), batch_size=None, sampler=range(start, steps),
-        num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+        TrainingBatches(tokenizer, batch_size, questions_per_image, architecture.prompt), batch_size=None,
+        sampler=range(start, steps), num_workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None)
     progress = tqdm(batches, initial=start, total=steps, desc="train-reference")
     for step, batch in enumerate(progress, start):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         rows, firsts, owners, dense = len(batch["input_ids"]), batch["firsts"], batch["owners"], batch["dense"]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        pixel_values=batch["pixel_values"]).logits
-        answer_loss = next_token_loss(logits, batch["answer_targets"])
-        caption_loss = next_token_loss(logits, batch["caption_targets"])
-        dense_loss = head.loss(features["last"][firsts, 1:], dense)
-        ground_loss = grounding_loss(layers[-1], *features["grounded"], batch)
-        read_loss = reading_loss(layers[0], *features["reading"], batch)
-        align_loss = word_alignment_loss(features["projected"][firsts], dense, model, tokenizer)
-        # Over the tokens of objects and plates only: telling background from objects is easy and
-        # would drown out the question-dependent part, which object is the one asked about.
-        on_object = (dense[:, 0] > 0).flatten(1)[owners]  # [rows, 576]
-        probed = relevance(features["probed"][0][batch["visual"]].view(rows, -1, features["probed"][0].shape[-1]))
-        relevance_loss = nn.functional.binary_cross_entropy_with_logits(
-            probed.squeeze(-1)[on_object], batch["relevant"][batch["visual"]].view(rows, -1)[on_object].float())
-        loss = (answer_loss + caption_weight * caption_loss + dense_weight * dense_loss
-                + grounding_weight * ground_loss + relevance_weight * relevance_loss + reading_weight * read_loss
-                + alignment_weight * align_loss)
+        losses = {"answer": next_token_loss(logits, batch["answer_targets"]),
+                  "caption": next_token_loss(logits, batch["caption_targets"]),
+                  "dense": head.loss(features["last"][firsts, 1:], dense),
+                  "alignment": word_alignment_loss(features["projected"][firsts], dense, model, tokenizer)}
+        if weights["grounding"]:
+            losses["grounding"] = grounding_loss(layers[-1], *features["grounded"], batch)
+        if weights["reading"]:
+            losses["reading"] = reading_loss(layers[0], *features["reading"], batch)
+        if weights["relevance"]:
+            # Over the tokens of objects and plates only: telling background from objects is easy and
+            # would drown out the question-dependent part, which object is the one asked about.
+            on_object = (dense[:, 0] > 0).flatten(1)[owners]  # [rows, 576]
+            probed = relevance(features["probed"][0][batch["visual"]].view(rows, -1, features["probed"][0].shape[-1]))
+            losses["relevance"] = nn.functional.binary_cross_entropy_with_logits(
+                probed.squeeze(-1)[on_object], batch["relevant"][batch["visual"]].view(rows, -1)[on_object].float())
+        loss_weights = {"answer": 1.0, "caption": caption_weight, "dense": dense_weight, "alignment": alignment_weight,
+                        **weights}
+        loss = sum(loss_weights[name] * value for name, value in losses.items())
+        rate = lr * learning_rate_factor(step, steps, warmup, rewarm_from)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        schedule.step()
-        record = {"step": step + 1, "answer_loss": answer_loss.item(), "caption_loss": caption_loss.item(),
-                  "dense_loss": dense_loss.item(), "grounding_loss": ground_loss.item(),
-                  "relevance_loss": relevance_loss.item(), "reading_loss": read_loss.item(),
-                  "alignment_loss": align_loss.item(), "lr": schedule.get_last_lr()[0],
+        record = {"step": step + 1, **{f"{name}_loss": value.item() for name, value in losses.items()}, "lr": rate,
                   "elapsed_s": round(time.time() - began, 1)}
-        progress.set_postfix(answer=f"{record['answer_loss']:.3f}", caption=f"{record['caption_loss']:.3f}",
-                             ground=f"{record['grounding_loss']:.3f}", relevant=f"{record['relevance_loss']:.3f}",
-                             read=f"{record['reading_loss']:.3f}", align=f"{record['alignment_loss']:.3f}")
+        progress.set_postfix({name: f"{value.item():.3f}" for name, value in losses.items()})
         out_of_time = minutes is not None and time.time() - began > 60 * minutes
         if (step + 1) % eval_every == 0 or step + 1 == steps or out_of_time:
-            accuracy = answer_accuracy(model, processor, validation)
+            accuracy = answer_accuracy(model, processor, validation, prompt_format=architecture.prompt)
             record["validation"] = accuracy
             tqdm.write(f"step {step + 1}: validation {json.dumps(accuracy)}")
             model.save_pretrained(out)
             processor.save_pretrained(out)
             torch.save({"head": head.state_dict(), "relevance": relevance.state_dict()}, out / "auxiliary_heads.pt")
-            torch.save({"model": model.state_dict(), "head": head.state_dict(), "relevance": relevance.state_dict(),
-                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step + 1},
-                       state_path)
+            save_atomically({"model": model.state_dict(), "head": head.state_dict(),
+                             "relevance": relevance.state_dict(), "optimizer": optimizer.state_dict(),
+                             "step": step + 1, "settings": settings, "rewarm_from": rewarm_from}, state_path)
         log.write(json.dumps(record) + "\n")
         log.flush()
         if out_of_time:
