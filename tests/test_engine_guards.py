@@ -176,3 +176,25 @@ def test_qwen2_vl_images_without_mm_token_type_ids_say_to_pass_them():
             model.generate(**inputs, max_new_tokens=2, pad_token_id=0)
         except ValueError as error:
             assert "mm_token_type_ids" in str(error)
+
+
+@pytest.mark.parametrize("answer, wrong", [
+    (lambda view: torch.arange(view.keep - 1), "returned 3 indices for a keep of 4"),  # too few
+    (lambda view: torch.zeros(view.keep, dtype=torch.long), "returned 4 indices"),  # one token four times
+    (lambda view: torch.arange(view.keep) + view.hidden.shape[0] - 2, "returned 4 indices"),  # past the end
+])
+def test_a_method_answering_wrong_indices_is_caught(model, monkeypatch, answer, wrong):
+    """Every answer of a batch's selection is checked (in one read of the device) before anything is pruned."""
+    from vtprune.methods import REGISTRY
+    from vtprune.methods.random_subset import RandomSubset
+
+    class Careless(RandomSubset):
+        name = "careless"
+
+        def select_batch(self, views):
+            picks = super().select_batch(views)
+            return picks[:-1] + [answer(views[-1])]  # only the batch's last item is answered wrong
+
+    monkeypatch.setitem(REGISTRY, Careless.name, Careless)
+    with vtprune.apply(model, "careless", 4), pytest.raises(RuntimeError, match=f"'careless' {wrong}.*distinct and in range"):
+        model(**tiny_inputs(model, LAYOUTS))

@@ -31,15 +31,19 @@ class Layout:
 
     def narrowed(self, visual: torch.Tensor, kept_visual: list[torch.Tensor], prompt_mask: torch.Tensor) -> "Layout":
         """This layout with only kept_visual[b] (original positions) left of sample b's visual tokens."""
-        rows = []
-        for b, kept in enumerate(kept_visual):
-            held = self.positions[b][self.positions[b] != FILL]
-            text = held[~visual[b, held]]
-            rows.append(torch.cat([text, kept.to(held.device)]).sort().values)
-        length = max(row.numel() for row in rows)
-        positions = torch.stack(
-            [torch.cat([row.new_full((length - row.numel(),), FILL), row]) for row in rows]
-        )
+        batch, length = visual.shape
+        # Which original positions the new layout holds, over every sample at once (a spare last column takes
+        # fill slots): this layout's text, and the kept visual tokens.
+        held = torch.zeros(batch, length + 1, dtype=torch.bool, device=visual.device)
+        held.scatter_(1, torch.where(self.positions == FILL, length, self.positions), True)
+        held = held[:, :length] & ~visual
+        kept = torch.cat([k.to(visual.device) for k in kept_visual])
+        samples = torch.repeat_interleave(torch.arange(batch, device=visual.device),
+                                          torch.tensor([k.numel() for k in kept_visual], device=visual.device))
+        held[samples, kept] = True
+        # Sorting FILL (-1) below every held position leaves each row's positions last, in order: left-filled.
+        order = torch.where(held, torch.arange(length, device=visual.device), FILL).sort(dim=1).values
+        positions = order[:, length - int(held.sum(dim=1).max()):]
         valid = (positions != FILL) & prompt_mask.bool().gather(1, positions.clamp(min=0))
         return Layout(positions, valid)
 

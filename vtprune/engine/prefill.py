@@ -220,11 +220,10 @@ def _select(run: Run, stage: int, layer: int, layout: Layout, hidden: torch.Tens
     batch = len(run.items)
     chosen = [[] for _ in range(batch)]
     asked = []  # (sample, the item's positions, its view) for each item the method selects in
+    item_slots = _item_slots(run, layout)
     for b in range(batch):
-        slots = torch.nonzero(layout.positions[b] != FILL).flatten()
-        images = run.image_of[b, layout.positions[b, slots]]
         for i, stages in enumerate(run.plans[b]):
-            mine = slots[images == i]
+            mine = item_slots[b][i]
             positions = layout.positions[b, mine]
             own = [s.layer for s in stages]  # the item's own schedule: a video's may differ from an image's
             keep = stages[own.index(layer)].keep if layer in own else mine.numel()
@@ -232,13 +231,11 @@ def _select(run: Run, stage: int, layer: int, layout: Layout, hidden: torch.Tens
                 chosen[b].append(positions)
                 continue
             asked.append((b, positions, _view(run, b, i, stage, layer, mine, positions, keep, hidden, attention)))
-    picks = run.method.select_batch([view for _, _, view in asked]) if asked else []
-    if len(picks) != len(asked):
-        raise RuntimeError(f"method {run.method.name!r} answered {len(picks)} selections for {len(asked)} views")
+    views = [view for _, _, view in asked]
+    picks = _checked_selections(run.method, views, run.method.select_batch(views) if views else [])
     merged = [[] for _ in range(batch)]
     sources, targets = [[] for _ in range(batch)], [[] for _ in range(batch)]
     for (b, positions, view), picked in zip(asked, picks):
-        picked = _checked_selection(run.method, view, picked)
         if isinstance(picked, Selection) and picked.hidden is not None and run.encoded is not None:
             # merged projector inputs: project them
             projected = run.adapter.projector(picked.hidden[None].to(view.features.dtype))[0]
@@ -256,6 +253,18 @@ def _select(run: Run, stage: int, layer: int, layout: Layout, hidden: torch.Tens
     kept = [torch.cat(row) if row else empty for row in chosen]
     moved = [(torch.cat(s) if s else empty, torch.cat(t) if t else empty) for s, t in zip(sources, targets)]
     return kept, merged, moved
+
+
+def _item_slots(run: Run, layout: Layout) -> list[list[torch.Tensor]]:
+    """[sample][item]: the slots of `layout` holding the item's tokens, in order (one host sync for the batch)."""
+    most = max((len(plan) for plan in run.plans), default=0)
+    owner = run.image_of.gather(1, layout.positions.clamp(min=0))
+    sample, slot = torch.nonzero((layout.positions != FILL) & (owner >= 0), as_tuple=True)  # sample-major, in order
+    group = sample * most + owner[sample, slot]
+    order = torch.sort(group, stable=True).indices
+    counts = torch.bincount(group, minlength=len(run.plans) * most).tolist()
+    slots = torch.split(slot[order], counts)
+    return [[slots[b * most + i] for i in range(len(plan))] for b, plan in enumerate(run.plans)]
 
 
 def _view(run: Run, b: int, i: int, stage: int, layer: int, mine: torch.Tensor, positions: torch.Tensor, keep: int,
@@ -293,18 +302,26 @@ def _text_positions(run: Run, sample: int) -> torch.Tensor:
     return torch.nonzero(run.prompt_mask[sample].bool() & ~torch.isin(ids, placeholders)).flatten()
 
 
-def _checked_selection(method: Method, view, picked) -> torch.Tensor | Selection:
-    indices = (picked.keep if isinstance(picked, Selection) else picked).flatten().long()
-    n = view.hidden.shape[0]
-    if indices.numel() != view.keep or indices.unique().numel() != view.keep or bool((indices < 0).any() | (indices >= n).any()):
+def _checked_selections(method: Method, views: list, picks: list) -> list[torch.Tensor | Selection]:
+    """The method's answers, each keep as long indices on its view's device; a wrong answer (too few or too
+    many, repeated, out of range) raises. Checked for the whole batch with one read of the device."""
+    if len(picks) != len(views):
+        raise RuntimeError(f"method {method.name!r} answered {len(picks)} selections for {len(views)} views")
+    indices = [(p.keep if isinstance(p, Selection) else p).flatten().long().to(v.hidden.device)
+               for p, v in zip(picks, views)]
+    wrong = [i for i, (index, view) in enumerate(zip(indices, views)) if index.numel() != view.keep]
+    if not wrong and views:
+        flawed = torch.stack([((index < 0) | (index >= view.hidden.shape[0])).any() |
+                              (index.sort().values.diff() == 0).any() for index, view in zip(indices, views)])
+        wrong = torch.nonzero(flawed.cpu()).flatten().tolist()
+    if wrong:
+        index, view = indices[wrong[0]], views[wrong[0]]
         raise RuntimeError(
-            f"method {method.name!r} returned {indices.numel()} indices for a keep of {view.keep} "
-            f"of {n} tokens (they must be distinct and in range)"
+            f"method {method.name!r} returned {index.numel()} indices for a keep of {view.keep} "
+            f"of {view.hidden.shape[0]} tokens (they must be distinct and in range)"
         )
-    indices = indices.to(view.hidden.device)
-    if isinstance(picked, Selection):
-        return Selection(indices, picked.hidden, picked.sizes, picked.destination.to(view.hidden.device))
-    return indices
+    return [Selection(index, p.hidden, p.sizes, p.destination.to(index.device)) if isinstance(p, Selection) else index
+            for p, index in zip(picks, indices)]
 
 
 def _last_query_attention(run: Run, layer: int, hidden, kwargs, layout: Layout) -> torch.Tensor:
