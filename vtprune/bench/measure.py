@@ -7,7 +7,8 @@ runs is reported with its 10th-90th percentile spread. Two oracles bound a metho
   no scoring and no engine: the limit of that budget, which no method may beat;
 - the schedule oracle (`schedule_oracle_ms` of each method's row): the method's own prefill
   replaying its recorded decision (`Pruner.replaying`): the same per-layer token counts and
-  kept set, with no scoring. method - schedule oracle is what scoring costs;
+  kept set, with no scoring, timed in runs alternating with the method's own so that drift
+  weighs on both alike. method - schedule oracle is what scoring costs;
   schedule oracle - input oracle is what the schedule (full-length early layers) and the
   engine's bookkeeping cost.
 `select_ms` is the time in the method's own selection per stage (Method.select_batch: the batch's items at once).
@@ -223,13 +224,12 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
                 prefill()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times = sorted(_time_ms(prefill, device) for _ in range(repeats))
+            times, replayed = _prefill_times(pruner, prefill, device, repeats)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             output = prefill()
             kv = kv_cache_bytes(output_cache(output))
             stats = pruner.last_stats if pruner else None
-            replayed, select_ms = (None, None) if pruner is None else _oracle_and_scoring(pruner, prefill, device,
-                                                                                           repeats)
+            select_ms = None if pruner is None else _select_ms(pruner, prefill, device, repeats)
 
             def generate(tokens: int):
                 return lambda: model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
@@ -265,11 +265,24 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
     )
 
 
-def _oracle_and_scoring(pruner, prefill, device: torch.device, repeats: int) -> tuple[float, dict[str, float]]:
-    """(median prefill replaying the last decision, ms per prefill in the method's select at each stage)."""
-    with pruner.replaying(pruner.last_decision):
+def _prefill_times(pruner, prefill, device: torch.device, repeats: int) -> tuple[list[float], float | None]:
+    """(sorted prefill times, median prefill replaying the last decision: the schedule oracle). The method's runs
+    and its oracle's alternate, so that a machine's drift (clocks, heat, a neighbour's load) weighs on both alike."""
+    if pruner is None:
+        return sorted(_time_ms(prefill, device) for _ in range(repeats)), None
+    decision = pruner.last_decision
+    times, replayed = [], []
+    with pruner.replaying(decision):
         prefill()  # warm
-        replayed = statistics.median(_time_ms(prefill, device) for _ in range(repeats))
+    for _ in range(repeats):
+        times.append(_time_ms(prefill, device))
+        with pruner.replaying(decision):
+            replayed.append(_time_ms(prefill, device))
+    return sorted(times), statistics.median(replayed)
+
+
+def _select_ms(pruner, prefill, device: torch.device, repeats: int) -> dict[str, float]:
+    """ms per prefill in the method's select_batch at each stage."""
     spent: dict[str, float] = {}
     method = pruner.method
     select_batch = method.select_batch
@@ -290,7 +303,7 @@ def _oracle_and_scoring(pruner, prefill, device: torch.device, repeats: int) -> 
             prefill()
     finally:
         del method.select_batch
-    return replayed, {stage: total / runs for stage, total in spent.items()}
+    return {stage: total / runs for stage, total in spent.items()}
 
 
 def _visual_counts(model, preset: Preset, inputs, stats) -> list[int]:

@@ -203,7 +203,7 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
         kept = [replay.kept[stage][b].to(layout.positions.device) for b in range(batch)]
         merged, moved = replay.merged[stage], replay.moved[stage]
     else:
-        kept, merged, moved = _select(run, stage, layer, layout, hidden, attention)
+        kept, merged, moved = _select(run, layer, layout, hidden, attention)
     run.kept.append(kept)
     run.merged.append(merged)
     run.moved.append(moved)
@@ -215,7 +215,7 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
     return narrowed, taken
 
 
-def _select(run: Run, stage: int, layer: int, layout: Layout, hidden: torch.Tensor, attention):
+def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attention):
     """Per sample: the kept positions, the merged (positions, hidden) pairs and the (sources, targets) of merges."""
     batch = len(run.items)
     chosen = [[] for _ in range(batch)]
@@ -230,7 +230,7 @@ def _select(run: Run, stage: int, layer: int, layout: Layout, hidden: torch.Tens
             if keep >= mine.numel():
                 chosen[b].append(positions)
                 continue
-            asked.append((b, positions, _view(run, b, i, stage, layer, mine, positions, keep, hidden, attention)))
+            asked.append((b, positions, _view(run, b, i, layer, mine, positions, keep, hidden, attention)))
     views = [view for _, _, view in asked]
     picks = _checked_selections(run.method, views, run.method.select_batch(views) if views else [])
     merged = [[] for _ in range(batch)]
@@ -267,7 +267,7 @@ def _item_slots(run: Run, layout: Layout) -> list[list[torch.Tensor]]:
     return [[slots[b * most + i] for i in range(len(plan))] for b, plan in enumerate(run.plans)]
 
 
-def _view(run: Run, b: int, i: int, stage: int, layer: int, mine: torch.Tensor, positions: torch.Tensor, keep: int,
+def _view(run: Run, b: int, i: int, layer: int, mine: torch.Tensor, positions: torch.Tensor, keep: int,
           hidden: torch.Tensor, attention) -> ImageView | VisionView:
     """What the method sees of sample b's item i (at slots `mine` of the current layout) at this stage."""
     item = run.items[b][i]
