@@ -30,7 +30,7 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
     coords = torch.zeros(batch, length, 3, dtype=torch.long, device=device)
     unsliced = torch.zeros(batch, length, dtype=torch.bool, device=device)
     info = adapter.model_info
-    plans = []
+    plans, slicing = [], set()
     for b, sample in enumerate(items):
         plan = []
         for i, item in enumerate(sample):
@@ -38,6 +38,7 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
             visual[b, where] = True
             image_of[b, where] = i
             part[b, where], coords[b, where] = item.token_layout(device)
+            slicing.add(method.slices_kv_cache_of(item.kind, info.family))
             unsliced[b, where] = not method.slices_kv_cache_of(item.kind, info.family)
             keep = tokens_for_budget(budget, item.length)
             # A budget that keeps the whole item is a no-op, even for schedules (like CLSE's)
@@ -51,12 +52,13 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
         plans=plans,
         stage_layers=sorted({stage.layer for plan in plans for stages in plan for stage in stages}),
         full=full, lm_layout=full, kv_layouts=[None] * num_layers, text=text, unsliced=unsliced,
+        slices_some=method.slices_kv_cache and True in slicing, keeps_some_whole=False in slicing,
         reference_layers={method.reference_layer(info, item.kind) for sample in items for item in sample}
         if method.needs_reference else set(),
     )
     if replay is not None:
         run.stage_layers = replay.stage_layers
-        if method.slices_kv_cache and bool((visual & ~unsliced).any()) and run.prompt_length > replay.prompt_length \
+        if run.slices_some and run.prompt_length > replay.prompt_length \
                 and replay.kept:
             kept = torch.zeros_like(visual)
             for b, positions in enumerate(replay.kept[-1]):
@@ -162,7 +164,7 @@ def _prune_in_llm(run: Run, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     layout, hidden = narrow(run, run.stage_layers.index(layer), previous, hidden, run.attention)
     run.layer_layouts[layer] = layout
     run.attention = run.probe = None
-    if run.method.slices_kv_cache and bool((run.visual & ~run.unsliced).any()) and run.cache is not None:
+    if run.slices_some and run.cache is not None:
         sliced = {}  # layouts the earlier layers' caches share are sliced once
         for earlier in range(layer):
             held = run.kv_layouts[earlier]
@@ -178,7 +180,7 @@ def _prune_in_llm(run: Run, layer: int, hidden: torch.Tensor) -> torch.Tensor:
 def _cached_after(run: Run, held: Layout, layout: Layout) -> Layout:
     """What an early layer's KV cache (holding `held`) keeps after a stage: the stage's layout, plus the
     tokens of items whose method keeps their early cache whole (CLSE's videos)."""
-    if not bool(run.unsliced.any()):
+    if not run.keeps_some_whole:
         return layout
     kept = []
     for b in range(len(run.items)):
@@ -296,10 +298,13 @@ def _reference(run: Run, sample: int, positions: torch.Tensor, kind: str) -> tor
 
 
 def _text_positions(run: Run, sample: int) -> torch.Tensor:
-    """The sample's prompt positions that hold text: neither padding nor a visual placeholder."""
-    placeholders = torch.tensor(run.adapter.placeholder_ids, device=run.prompt_mask.device)
-    ids = run.ids[sample, : run.prompt_length]
-    return torch.nonzero(run.prompt_mask[sample].bool() & ~torch.isin(ids, placeholders)).flatten()
+    """The sample's prompt positions that hold text: neither padding nor a visual placeholder (found once a run)."""
+    if sample not in run.text_positions:
+        placeholders = torch.tensor(run.adapter.placeholder_ids, device=run.prompt_mask.device)
+        ids = run.ids[sample, : run.prompt_length]
+        run.text_positions[sample] = torch.nonzero(run.prompt_mask[sample].bool() & ~torch.isin(ids, placeholders)
+                                                   ).flatten()
+    return run.text_positions[sample]
 
 
 def _checked_selections(method: Method, views: list, picks: list) -> list[torch.Tensor | Selection]:
@@ -349,16 +354,28 @@ def _layer_probe(run: Run, sample: int, mine: torch.Tensor) -> LayerProbe | None
     if run.probe is None:
         return None
     probe = run.probe
-    present = torch.nonzero(probe["layout"].valid[sample]).flatten()  # neither padding nor fill
-    positions = probe["layout"].positions[sample, present]
-    placeholder = torch.isin(run.ids[sample, positions], torch.tensor(run.adapter.placeholder_ids, device=present.device))
+    if "rows" not in probe:
+        probe["rows"] = _probe_rows(run, probe["layout"])
+    present, text = probe["rows"][sample]
     normed = probe.get("normed")
     return LayerProbe(
         query=probe["query"][sample][:, present], key=probe["key"][sample][:, present],
         hidden=probe["hidden"][sample, present], scaling=probe["scaling"], visual=torch.searchsorted(present, mine),
-        text=torch.nonzero(~placeholder).flatten(), last=present.numel() - 1,
-        normed=None if normed is None else normed[sample, present],
+        text=text, last=present.numel() - 1, normed=None if normed is None else normed[sample, present],
     )
+
+
+def _probe_rows(run: Run, layout: Layout) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sample: its slots of `layout` holding a token (neither padding nor fill), and which of those (rows of
+    the sample's LayerProbe) hold text; for the whole batch with two reads of the device."""
+    sample, slot = torch.nonzero(layout.valid, as_tuple=True)
+    batch = layout.valid.shape[0]
+    present = torch.split(slot, layout.valid.sum(dim=1).tolist())
+    placeholders = torch.tensor(run.adapter.placeholder_ids, device=slot.device)
+    text = ~torch.isin(run.ids[sample, layout.positions[sample, slot]], placeholders)
+    row = torch.cat([torch.arange(rows.numel(), device=slot.device) for rows in present])  # its row in the sample
+    texts = torch.split(row[text], torch.bincount(sample[text], minlength=batch).tolist())
+    return list(zip(present, texts))
 
 
 def _substitute_layer_inputs(run: Run, layout: Layout, kwargs, hidden) -> None:

@@ -91,6 +91,9 @@ class Run:
     references: dict[int, tuple[torch.Tensor, Layout]] = field(default_factory=dict)
     reference_layers: set[int] = field(default_factory=set)
     unsliced: torch.Tensor | None = None  # [B, L] visual tokens whose item keeps the early layers' cache whole
+    slices_some: bool = False  # some item's pruned tokens leave the early layers' cache too
+    keeps_some_whole: bool = False  # some item keeps the early layers' cache whole (its tokens are unsliced)
+    text_positions: dict[int, torch.Tensor] = field(default_factory=dict)  # per sample, once found (_text_positions)
     text: list[torch.Tensor] = field(default_factory=list)  # per sample: prompt tokens neither visual nor padding
     late_from: int | None = None  # replay of a longer sequence with a sliced cache: positions from here are "decoded"
     late_visible: torch.Tensor | None = None  # [B, L] what those positions may see
