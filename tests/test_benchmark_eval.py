@@ -5,8 +5,10 @@ import json
 import pytest
 
 from vtprune import cli
-from vtprune.eval.loaders import load_benchmark
-from vtprune.eval.metrics import normalized_average, score
+from vtprune.eval.benchmark_eval import benchmark_markdown, benchmark_table, summarize_benchmarks
+from vtprune.eval.intervals import bootstrap, normalized_interval, percentile_interval, units
+from vtprune.eval.loaders import BenchmarkSample, load_benchmark
+from vtprune.eval.metrics import normalized_average, sample_outcomes, score
 from vtprune.eval.shards import read_all
 from vtprune.tiny import tiny_llava
 from vtprune.tiny_processors import tiny_processor
@@ -62,7 +64,12 @@ def test_each_task_is_scored_by_its_official_rule_and_resumes(checkpoint, data, 
         else:  # a random tiny model may score 0 unpruned: the ratio is undefined, not a division error
             assert row["normalized"] is None
     assert rows["random@8"]["equivalent_budget"] == 8
+    for row in rows.values():  # every score carries its interval, in results.json and results.md
+        assert set(row["ci95"]) == {"pope", "mme"}
+        assert all(low <= row["scores"][task] <= high for task, (low, high) in row["ci95"].items())
+    assert "score [lo, hi]: the 95% interval" in (tmp_path / "results.md").read_text()
     settings = report["settings"]
+    assert "percentile bootstrap" in settings["intervals"]
     assert settings["tasks"] == ["pope", "mme"] and settings["scoring"] == "llava"
     assert set(settings["data"]) == {"pope", "mme"} and "transformers" in settings["versions"]
     assert (tmp_path / "results_normalized_vs_budget.png").exists()
@@ -114,3 +121,51 @@ def test_the_reference_model_answers_the_synthetic_task_written_as_ocrbench(tmp_
             expected = predict(model, processor, samples, prompt)
         got = [r["prediction"] for r in sorted((r for r in records if r["config"] == config), key=lambda r: r["index"])]
         assert got == expected, config
+
+
+def test_the_report_shows_each_score_with_its_interval_and_pairs_the_normalized_average():
+    """Two tasks, the unpruned model and a pruned config that loses a few POPE answers: each score in the
+    table reads "score [lo, hi]", the normalized average's interval comes from the two configs bootstrapped
+    on the same units, and results.json's rows carry both."""
+    gold = ["yes", "no"] * 150
+    samples = [BenchmarkSample("pope", f"p{i}", (), "?", {"answer": g, "category": ("random", "popular")[i // 2 % 2]})
+               for i, g in enumerate(gold)]
+    samples += [BenchmarkSample("gqa", f"g{i}", (), "?", {"answer": "cat"}) for i in range(200)]
+    base = [g if i % 10 else "no" for i, g in enumerate(gold)] + ["cat" if i % 4 else "dog" for i in range(200)]
+    pruned = [a if i >= 30 else ("no" if a == "yes" else "yes") for i, a in enumerate(base[:300])] + base[300:]
+
+    def records(config, method, budget, answers):
+        return [{"config": config, "method": method, "budget": budget, "index": i, "task": s.task, "id": s.id,
+                 "prediction": a, "equivalent_budget": budget} for i, (s, a) in enumerate(zip(samples, answers))]
+
+    rows = summarize_benchmarks(records("unpruned", "unpruned", None, base) + records("random@8", "random", 8, pruned),
+                                samples, "lmms-eval")
+    by = {row["config"]: row for row in rows}
+    for name, answers in (("unpruned", base), ("random@8", pruned)):
+        for task, lo in (("pope", 0), ("gqa", 300)):
+            refs = [s.reference for s in samples[lo:lo + (300 if task == "pope" else 200)]]
+            got = units(sample_outcomes(task, answers[lo:lo + len(refs)], refs))
+            assert by[name]["ci95"][task] == percentile_interval(bootstrap(got))
+    low, high = by["random@8"]["ci95"]["pope"]
+    assert low < by["random@8"]["scores"]["pope"] < high
+    paired = {name: {task: bootstrap(units(sample_outcomes(task, [r["prediction"] for r in recs if r["task"] == task],
+                                                           [samples[r["index"]].reference for r in recs
+                                                            if r["task"] == task])))
+                     for task in ("pope", "gqa")}
+              for name, recs in (("unpruned", records("u", "u", None, base)), ("random@8", records("r", "r", 8, pruned)))}
+    assert by["random@8"]["normalized_ci95"] == normalized_interval(paired["random@8"], paired["unpruned"])
+    n_low, n_high = by["random@8"]["normalized_ci95"]
+    assert n_low < by["random@8"]["normalized"] < n_high < 100  # fewer POPE answers right: below the unpruned
+    assert by["unpruned"]["normalized_ci95"] is None  # 100 by definition
+
+    table = benchmark_markdown(rows)
+    row = by["random@8"]
+    cells = [f"{row['scores'][t]:.1f} [{row['ci95'][t][0]:.1f}, {row['ci95'][t][1]:.1f}]" for t in ("pope", "gqa")]
+    assert f"| random@8 | 8 | {cells[0]} | {cells[1]} | {row['normalized']:.1f} [{n_low:.1f}, {n_high:.1f}] |" in table
+    assert "| unpruned | - | " in table and "score [lo, hi]: the 95% interval" in table
+    json.loads(json.dumps(rows))  # results.json carries them
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(benchmark_table(rows, "t"))
+    assert cells[0] in console.export_text()

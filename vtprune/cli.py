@@ -169,8 +169,8 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
     from pathlib import Path
 
     from vtprune.eval import evaluate
-    from vtprune.eval.benchmark_eval import (benchmark_markdown, benchmark_table, benchmark_task, data_digests,
-                                             load_tasks, summarize_benchmarks)
+    from vtprune.eval.benchmark_eval import (INTERVAL_NOTE, benchmark_markdown, benchmark_table, benchmark_task,
+                                             data_digests, load_tasks, summarize_benchmarks)
     from vtprune.eval.generation import load_checkpoint
     from vtprune.eval.lock import hold
     from vtprune.eval.report import plot_accuracy_vs_budget
@@ -197,11 +197,13 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         console.print(benchmark_table(rows, title))
         command = "vtprune eval " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
         report = out / f"{args.report}.json"
-        report.write_text(json.dumps({"settings": dict(settings, command=command), "rows": rows}, indent=2))
+        report.write_text(json.dumps({"settings": dict(settings, command=command, intervals=INTERVAL_NOTE),
+                                      "rows": rows}, indent=2))
         (out / f"{args.report}.md").write_text(f"# {title}\n\n" + benchmark_markdown(rows))
         plot = out / f"{args.report}_normalized_vs_budget.png"
-        plot_accuracy_vs_budget(rows, plot, title, value=lambda row: row["normalized"], interval=None,
-                                ylabel="normalized average (% of unpruned)")
+        plot_accuracy_vs_budget(rows, plot, title, value=lambda row: row["normalized"],
+                                interval=lambda row: row["normalized_ci95"] or (row["normalized"],) * 2,
+                                ylabel="normalized average (% of unpruned), bars: 95% interval")
     console.print(f"wrote {report}, {out / f'{args.report}.md'}, {plot} (per answer: {out}/results*.jsonl)")
     return 0
 

@@ -4,7 +4,9 @@ Each task's samples come from DIR/<task> (any format `loaders.load_benchmark` re
 through the processor's chat template, answers are generated greedily up to the task's
 lmms-eval length, batched with left padding (`generation.py`), and scored by the task's
 official rule (`metrics.score`, lmms-eval's or LLaVA's). The run is the synthetic eval's:
-resumable, sharded under `accelerate launch`, one JSON line per answer.
+resumable, sharded under `accelerate launch`, one JSON line per answer. Every score and normalized
+average in the report carries its 95% interval (`intervals.py`: a percentile bootstrap over the
+benchmark's independent units, configs paired on the same resamples).
 """
 
 from __future__ import annotations
@@ -15,9 +17,15 @@ from pathlib import Path
 
 from rich.table import Table
 
+from .intervals import RESAMPLES, SEED, bootstrap, normalized_interval, percentile_interval, units
 from .loaders import TASKS, BenchmarkSample, load_benchmark
-from .metrics import normalized_average, score
+from .metrics import normalized_average, sample_outcomes, score_outcomes
 from .runner import UNPRUNED, Task
+
+INTERVAL_NOTE = (f"score [lo, hi]: the 95% interval, a percentile bootstrap ({RESAMPLES} resamples, seed {SEED}) over "
+                 "each benchmark's independent units (a sample; an MMBench question with all its rotations; an MME "
+                 "image with its two questions); normalized: every config resampled on the same units as the "
+                 "unpruned model.")
 
 
 def task_folder(task: str, tasks: list[str], data: Path) -> Path:
@@ -65,40 +73,77 @@ def benchmark_task(model, processor, samples: list[BenchmarkSample], max_new_tok
                 batch_of=lambda sample: sample.task)
 
 
-def summarize_benchmarks(records: list[dict], samples: list[BenchmarkSample], scoring: str) -> list[dict]:
+def summarize_benchmarks(records: list[dict], samples: list[BenchmarkSample], scoring: str,
+                         resamples: int = RESAMPLES, seed: int = SEED) -> list[dict]:
     """One row per config with every task's official result, its headline score, and the normalized average
     (mean over tasks of score / unpruned score, x100) when the unpruned model ran every task and scored above 0
-    on each (else the ratio is undefined: None)."""
+    on each (else the ratio is undefined: None).
+
+    ``ci95`` holds each score's 95% interval and ``normalized_ci95`` the normalized average's (`intervals.py`),
+    bootstrapped on the same resampled units for every config that answered the same samples, so a pruned
+    config's ratio to the unpruned one is paired per resample. ``normalized_ci95`` is None where a task's
+    samples differ from the unpruned model's, where a resample leaves an unpruned score at 0, and on the
+    unpruned row (its 100 is a definition, not an estimate)."""
     grouped: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         grouped[record["config"]].append(record)
     tasks = list(dict.fromkeys(s.task for s in samples))
-    rows = []
+    rows, judged = [], {}
     for name, group in grouped.items():
         by_task = defaultdict(list)
         for record in sorted(group, key=lambda r: r["index"]):
             by_task[record["task"]].append(record)
-        results = {task: score(task, [r["prediction"] for r in by_task[task]],
-                               [samples[r["index"]].reference for r in by_task[task]], scoring)
-                   for task in tasks if by_task[task]}
+        outcomes = {task: sample_outcomes(task, [r["prediction"] for r in by_task[task]],
+                                          [samples[r["index"]].reference for r in by_task[task]], scoring)
+                    for task in tasks if by_task[task]}  # every answer judged once, for the score and its interval
+        results = {task: score_outcomes(o) for task, o in outcomes.items()}
+        judged[name] = {task: (tuple(r["index"] for r in by_task[task]), units(o)) for task, o in outcomes.items()}
         equivalent = [r["equivalent_budget"] for r in group if r.get("equivalent_budget") is not None]
         rows.append({"config": name, "method": group[0]["method"], "budget": group[0]["budget"],
                      "samples": {task: len(by_task[task]) for task in tasks}, "results": results,
                      "scores": {task: result["score"] for task, result in results.items()},
                      "equivalent_budget": sum(equivalent) / len(equivalent) if equivalent else None})
+    boots = _bootstraps(judged, tasks, resamples, seed)
     base = next((row for row in rows if row["method"] == UNPRUNED), None)
     for row in rows:
+        name = row["config"]
+        row["ci95"] = {task: percentile_interval(boots[name, task]) for task in row["scores"]}
         complete = base is not None and set(row["scores"]) == set(base["scores"]) == set(tasks) and all(
             base["scores"].values())
         row["normalized"] = 100 * normalized_average(row["scores"], base["scores"]) if complete else None
+        paired = complete and row is not base and all(
+            judged[name][task][0] == judged[base["config"]][task][0] for task in tasks)
+        row["normalized_ci95"] = normalized_interval({task: boots[name, task] for task in tasks},
+                                                     {task: boots[base["config"], task] for task in tasks}) \
+            if paired else None
     return sorted(rows, key=lambda r: (r["method"] != UNPRUNED, r["method"], -(r["budget"] or 0)))
+
+
+def _bootstraps(judged: dict, tasks: list[str], resamples: int, seed: int) -> dict:
+    """{(config, task): the headline of each resample}; configs that answered the same samples of a task share
+    one draw of its units (paired, and drawn once)."""
+    boots = {}
+    for task in tasks:
+        same: dict[tuple, list[str]] = defaultdict(list)
+        for name, per_task in judged.items():
+            if task in per_task:
+                same[per_task[task][0]].append(name)
+        for names in same.values():
+            for name, values in zip(names, bootstrap([judged[n][task][1] for n in names], resamples, seed)):
+                boots[name, task] = values
+    return boots
+
+
+def _with_interval(value: float, interval) -> str:
+    return f"{value:.1f}" if interval is None else f"{value:.1f} [{interval[0]:.1f}, {interval[1]:.1f}]"
 
 
 def _cells(row: dict, tasks: list[str]) -> list[str]:
     equivalent = "-" if row["equivalent_budget"] is None else f"{row['equivalent_budget']:.0f}"
-    normalized = "-" if row["normalized"] is None else f"{row['normalized']:.1f}"
-    return [row["config"], equivalent, *(f"{row['scores'][t]:.1f}" if t in row["scores"] else "-" for t in tasks),
-            normalized]
+    normalized = "-" if row["normalized"] is None else _with_interval(row["normalized"], row.get("normalized_ci95"))
+    return [row["config"], equivalent,
+            *(_with_interval(row["scores"][t], row.get("ci95", {}).get(t)) if t in row["scores"] else "-"
+              for t in tasks), normalized]
 
 
 def _tasks(rows: list[dict]) -> list[str]:
@@ -109,12 +154,13 @@ def benchmark_markdown(rows: list[dict]) -> str:
     tasks = _tasks(rows)
     header = ["config", "eq. budget", *tasks, "normalized"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(_cells(row, tasks)) + " |" for row in rows]) + "\n"
+    lines += ["| " + " | ".join(_cells(row, tasks)) + " |" for row in rows]
+    return "\n".join(lines) + "\n\n" + INTERVAL_NOTE + "\n"
 
 
 def benchmark_table(rows: list[dict], title: str) -> Table:
     tasks = _tasks(rows)
-    table = Table(title=title)
+    table = Table(title=title, caption=INTERVAL_NOTE)
     for column in ["config", "eq. budget", *tasks, "normalized"]:
         table.add_column(column, justify="left" if column == "config" else "right")
     for row in rows:

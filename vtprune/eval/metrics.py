@@ -34,6 +34,10 @@ ocrbench       lmms-eval              points (one per question, 1000 in the full
 Every result dict has ``score`` (the number papers print, in their unit) next to the named sub-scores;
 fractions (accuracy, precision, recall, F1, ratios) are in [0, 1]. `normalized_average` averages
 pruned/unpruned ``score`` ratios across benchmarks.
+
+Every metric runs in two stages: each sample is parsed and judged once (`sample_outcomes`: per-sample
+columns such as a hit, a soft accuracy, a parsed yes/no), then the columns are aggregated (`score_outcomes`).
+``score`` is the two in a row; `vtprune.eval.intervals` bootstraps the headline from the same columns.
 """
 
 from __future__ import annotations
@@ -43,9 +47,11 @@ import re
 import string
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 __all__ = [
     "METRICS", "SCORING_RULES", "TASK_ALIASES", "score", "normalized_average", "relative_scores",
+    "Outcomes", "sample_outcomes", "score_outcomes",
     "normalize_vqa_answer", "vqa_soft_accuracy", "normalize_gqa_answer",
     "parse_pope_answer", "parse_mme_answer", "extract_mmbench_option", "extract_mcq_answer",
     "parse_scienceqa_option", "ocrbench_match",
@@ -91,6 +97,15 @@ def _field(ref: Mapping, i: int, task: str, *names: str):
             return ref[n]
     alts = " or ".join(repr(n) for n in names)
     raise ValueError(f"{task}: reference {i} has no field {alts}")
+
+
+def _run(task: str, predictions, references, scoring: str) -> dict[str, float]:
+    """One task's metric: rule and inputs checked, every sample judged once (`_STAGES`' first half), then
+    aggregated (its second half)."""
+    _check_rule(task, scoring)
+    preds, refs = _check_inputs(predictions, references, task)
+    samples, aggregate = _STAGES[task]
+    return aggregate(samples(preds, refs, scoring, task), scoring)
 
 
 def _check_rule(task: str, scoring: str) -> None:
@@ -231,8 +246,10 @@ def textvqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[s
     that m4c asserts exactly 10 human answers per question (so ``llava`` raises ValueError on another
     count), while lmms-eval averages over however many there are.
     """
-    _check_rule("textvqa", scoring)
-    preds, references = _check_inputs(predictions, references, "textvqa")
+    return _run("textvqa", predictions, references, scoring)
+
+
+def _textvqa_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     accs = []
     for i, (p, r) in enumerate(zip(preds, references)):
         gts = _answer_strings(_field(r, i, "textvqa", "answers", "gt_answers"), i, "textvqa")
@@ -241,6 +258,11 @@ def textvqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[s
         if not gts:
             raise ValueError(f"textvqa: reference {i} has no answers")
         accs.append(vqa_soft_accuracy(p, gts))
+    return {"accuracy": accs}
+
+
+def _textvqa_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, float]:
+    accs = columns["accuracy"]
     acc = sum(accs) / len(accs)
     return {"accuracy": acc, "score": 100.0 * acc, "n": float(len(accs))}
 
@@ -258,18 +280,26 @@ def vizwiz_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[st
     ``unanswerable/accuracy``). LLaVA has no local VizWiz scorer (``convert_vizwiz_for_submission.py`` only
     writes the EvalAI test-server upload), so there is no ``llava`` rule.
     """
-    _check_rule("vizwiz", scoring)
-    preds, references = _check_inputs(predictions, references, "vizwiz")
-    accs, by_type = [], defaultdict(list)
-    unanswerable = 0
+    return _run("vizwiz", predictions, references, scoring)
+
+
+def _vizwiz_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
+    accs, unanswerable, kinds = [], [], []
     for i, (p, r) in enumerate(zip(preds, references)):
         gts = _answer_strings(_field(r, i, "vizwiz", "answers"), i, "vizwiz")
-        a = vqa_soft_accuracy(p, gts)
-        accs.append(a)
-        unanswerable += normalize_vqa_answer(p) == "unanswerable"
+        accs.append(vqa_soft_accuracy(p, gts))
+        unanswerable.append(normalize_vqa_answer(p) == "unanswerable")
         kind = r.get("answer_type", r.get("category"))
-        if isinstance(kind, str) and kind:
+        kinds.append(kind if isinstance(kind, str) and kind else None)
+    return {"accuracy": accs, "unanswerable": unanswerable, "kind": kinds}
+
+
+def _vizwiz_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, float]:
+    accs, by_type = columns["accuracy"], defaultdict(list)
+    for a, kind in zip(accs, columns["kind"]):
+        if kind is not None:
             by_type[kind].append(a)
+    unanswerable = sum(columns["unanswerable"])
     acc = sum(accs) / len(accs)
     out = {"accuracy": acc, "score": 100.0 * acc, "n": float(len(accs)),
            "unanswerable_ratio": unanswerable / len(accs)}
@@ -308,18 +338,25 @@ def gqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, 
     ``llava``: prediction stripped, trailing periods removed, lowercased; the gold is compared as stored
     (GQA's golds are lowercase, unpunctuated words), so "Yes!" is wrong and "Yes..." is right.
     """
-    _check_rule("gqa", scoring)
-    preds, references = _check_inputs(predictions, references, "gqa")
-    hits = 0
+    return _run("gqa", predictions, references, scoring)
+
+
+def _gqa_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
+    hits = []
     for i, (p, r) in enumerate(zip(preds, references)):
         gold = _field(r, i, "gqa", "answer")
         if not isinstance(gold, str):
             raise ValueError(f"gqa: reference {i} field 'answer' is {type(gold).__name__}, expected a string")
         # lmms-eval lowercases and de-punctuates the gold too (task.py strips only the generation).
         gold_n = gold.lower().translate(_ASCII_PUNCT) if scoring == LMMS_EVAL else gold
-        hits += normalize_gqa_answer(p, scoring) == gold_n
-    acc = hits / len(preds)
-    return {"accuracy": acc, "score": 100.0 * acc, "n": float(len(preds))}
+        hits.append(normalize_gqa_answer(p, scoring) == gold_n)
+    return {"hit": hits}
+
+
+def _gqa_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, float]:
+    hits = columns["hit"]
+    acc = sum(hits) / len(hits)
+    return {"accuracy": acc, "score": 100.0 * acc, "n": float(len(hits))}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,18 +430,27 @@ def pope_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str,
     ``ground_truth``), so it is reported separately as ``gt_yes_ratio``; ``other_ratio`` is the share of
     answers that are neither (always 0 under ``llava``).
     """
-    _check_rule("pope", scoring)
-    preds, references = _check_inputs(predictions, references, "pope")
-    by_split: dict[str, tuple[list[str], list[str]]] = {}
-    all_p, all_g = [], []
+    return _run("pope", predictions, references, scoring)
+
+
+def _pope_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
+    splits, parsed, golds = [], [], []
     for i, (p, r) in enumerate(zip(preds, references)):
         gold = _field(r, i, "pope", "answer", "label")
         g = str(gold).lower().strip()
         if g not in ("yes", "no"):
             raise ValueError(f"pope: reference {i} answer is {gold!r}, expected 'yes' or 'no'")
-        split = r.get("category") or "all"
-        parsed = parse_pope_answer(p, scoring)
-        sp, sg = by_split.setdefault(str(split), ([], []))
+        splits.append(str(r.get("category") or "all"))
+        parsed.append(parse_pope_answer(p, scoring))
+        golds.append(g)
+    return {"split": splits, "parsed": parsed, "gold": golds}
+
+
+def _pope_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, float]:
+    by_split: dict[str, tuple[list[str], list[str]]] = {}
+    all_p, all_g = [], []
+    for split, parsed, g in zip(columns["split"], columns["parsed"], columns["gold"]):
+        sp, sg = by_split.setdefault(split, ([], []))
         sp.append(parsed)
         sg.append(g)
         all_p.append(parsed)
@@ -487,9 +533,12 @@ def mme_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, 
     pairs. A subtask outside MME's 14, or an image without exactly two questions, is a ValueError (lmms-eval
     asserts the pair; calculation.py asserts it too).
     """
-    _check_rule("mme", scoring)
-    preds, references = _check_inputs(predictions, references, "mme")
-    images: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    return _run("mme", predictions, references, scoring)
+
+
+def _mme_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
+    subtasks, image_ids, hits = [], [], []
+    images: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for i, (p, r) in enumerate(zip(preds, references)):
         qid = str(_field(r, i, "mme", "question_id"))
         cat = r.get("category") or qid.split("/")[0]
@@ -500,16 +549,27 @@ def mme_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, 
         g = str(gold).lower().strip().replace(".", "")
         if g not in ("yes", "no"):
             raise ValueError(f"mme: reference {i} answer is {gold!r}, expected 'Yes' or 'No'")
-        images[cat][qid].append(float(parse_mme_answer(p, scoring) == g))
+        subtasks.append(cat)
+        image_ids.append(qid)
+        hits.append(parse_mme_answer(p, scoring) == g)
+        images[cat][qid] += 1
+    for cat in (c for kind in MME_SUBTASKS.values() for c in kind):
+        for qid, count in images.get(cat, {}).items():
+            if count != 2:
+                raise ValueError(f"mme: image {qid!r} ({cat}) has {count} questions; MME scores pairs")
+    return {"subtask": subtasks, "image": image_ids, "hit": hits}
+
+
+def _mme_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, float]:
+    images: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for cat, qid, hit in zip(columns["subtask"], columns["image"], columns["hit"]):
+        images[cat][qid].append(float(hit))
     out: dict[str, float] = {}
     totals = {"perception": 0.0, "cognition": 0.0}
     for cat in (c for kind in MME_SUBTASKS.values() for c in kind):
         if cat not in images:
             continue
         per_image = images[cat]
-        for qid, hits in per_image.items():
-            if len(hits) != 2:
-                raise ValueError(f"mme: image {qid!r} ({cat}) has {len(hits)} questions; MME scores pairs")
         n_q = 2 * len(per_image)
         acc = 100.0 * sum(sum(h) for h in per_image.values()) / n_q
         acc_plus = 100.0 * sum(sum(h) == 2 for h in per_image.values()) / len(per_image)
@@ -661,10 +721,11 @@ def mmbench_metrics(predictions, references, scoring: str = LMMS_EVAL, *, task: 
     row is missing is still scored from its rotations (lmms-eval would drop it). LLaVA only writes the
     upload sheet for the MMBench server, so there is no ``llava`` rule.
     """
-    _check_rule(task, scoring)
-    preds, references = _check_inputs(predictions, references, task)
-    groups: dict[int, list[bool]] = defaultdict(list)
-    cats: dict[int, tuple[str | None, str | None]] = {}
+    return _run(task, predictions, references, scoring)
+
+
+def _mmbench_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
+    questions, hits, rotated, cats = [], [], [], []
     for i, (p, r) in enumerate(zip(preds, references)):
         raw = _field(r, i, task, "index")
         try:
@@ -676,13 +737,25 @@ def mmbench_metrics(predictions, references, scoring: str = LMMS_EVAL, *, task: 
         if gold not in choices:
             raise ValueError(f"{task}: reference {i} answer {gold!r} is not one of its options "
                              f"{sorted(choices)}")
-        key = idx % 1_000_000
-        groups[key].append(extract_mmbench_option(p, choices) == gold)
-        if key not in cats or idx < 1_000_000:
-            cats[key] = (r.get("category"), r.get("L2-category", r.get("l2-category")))
+        questions.append(idx % 1_000_000)
+        hits.append(extract_mmbench_option(p, choices) == gold)
+        rotated.append(idx >= 1_000_000)
+        cats.append((r.get("category"), r.get("L2-category", r.get("l2-category"))))
+    return {"question": questions, "hit": hits, "rotated": rotated, "categories": cats}
+
+
+def _mmbench_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, float]:
+    groups: dict[int, list[bool]] = defaultdict(list)
+    cats: dict[int, tuple[str | None, str | None]] = {}
+    for key, hit, rotated, row_cats in zip(columns["question"], columns["hit"], columns["rotated"],
+                                           columns["categories"]):
+        groups[key].append(hit)
+        if key not in cats or not rotated:
+            cats[key] = row_cats
     hits = {k: all(v) for k, v in groups.items()}
     acc = sum(hits.values()) / len(hits)
-    out = {"accuracy": acc, "score": 100.0 * acc, "n_questions": float(len(hits)), "n_rows": float(len(preds))}
+    n_rows = len(columns["hit"])
+    out = {"accuracy": acc, "score": 100.0 * acc, "n_questions": float(len(hits)), "n_rows": float(n_rows)}
     for pos, prefix in ((0, "category"), (1, "l2_category")):
         per: dict[str, list[bool]] = defaultdict(list)
         for k, h in hits.items():
@@ -751,9 +824,11 @@ def scienceqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict
     rows given are the rows scored: ScienceQA-IMG is the image subset of the test split (eval_science_qa's
     "IMG-Accuracy"). ``unparsed_ratio`` is the share of answers from which no valid option was read.
     """
-    _check_rule("scienceqa_img", scoring)
-    preds, references = _check_inputs(predictions, references, "scienceqa_img")
-    hits, unparsed = 0, 0
+    return _run("scienceqa_img", predictions, references, scoring)
+
+
+def _scienceqa_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
+    hits, unparsed = [], []
     for i, (p, r) in enumerate(zip(preds, references)):
         choices = _field(r, i, "scienceqa_img", "choices")
         if isinstance(choices, str) or not isinstance(choices, Sequence) or not choices:
@@ -769,10 +844,15 @@ def scienceqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict
         if not 0 <= gold < n:
             raise ValueError(f"scienceqa_img: reference {i} answer {gold} is outside its {n} choices")
         got = parse_scienceqa_option(p, n, scoring)
-        hits += got == gold
-        unparsed += got == -1
-    acc = hits / len(preds)
-    return {"accuracy": acc, "score": 100.0 * acc, "n": float(len(preds)), "unparsed_ratio": unparsed / len(preds)}
+        hits.append(got == gold)
+        unparsed.append(got == -1)
+    return {"hit": hits, "unparsed": unparsed}
+
+
+def _scienceqa_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, float]:
+    n = len(columns["hit"])
+    acc = sum(columns["hit"]) / n
+    return {"accuracy": acc, "score": 100.0 * acc, "n": float(n), "unparsed_ratio": sum(columns["unparsed"]) / n}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -819,23 +899,33 @@ def ocrbench_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[
     whatever the number of questions; here a subset gets its own share). Unlike lmms-eval's module-level
     counter, nothing carries over between calls. Only one rule: LLaVA has no OCRBench script.
     """
-    _check_rule("ocrbench", scoring)
-    preds, references = _check_inputs(predictions, references, "ocrbench")
-    per = {c: 0 for c in _OCR_ALL}
+    return _run("ocrbench", predictions, references, scoring)
+
+
+def _ocrbench_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
+    qtypes, hits = [], []
     for i, (p, r) in enumerate(zip(preds, references)):
         qtype = _field(r, i, "ocrbench", "question_type")
-        if qtype not in per:
+        if qtype not in _OCR_ALL:
             raise ValueError(f"ocrbench: reference {i} question_type {qtype!r} is not an OCRBench category; "
                              f"valid: {', '.join(_OCR_ALL)}")
         answers = _field(r, i, "ocrbench", "answer", "answers")
         dataset = str(_field(r, i, "ocrbench", "dataset"))
-        per[qtype] += ocrbench_match(p, answers, dataset)
+        qtypes.append(qtype)
+        hits.append(ocrbench_match(p, answers, dataset))
+    return {"question_type": qtypes, "hit": hits}
+
+
+def _ocrbench_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, float]:
+    per = {c: 0 for c in _OCR_ALL}
+    for qtype, hit in zip(columns["question_type"], columns["hit"]):
+        per[qtype] += hit
     out: dict[str, float] = {c: float(v) for c, v in per.items()}
     out["text_recognition"] = float(sum(per[c] for c in OCRBENCH_CATEGORIES["text_recognition"]))
     out["final_score"] = float(sum(per.values()))
-    out["accuracy"] = out["final_score"] / len(preds)
+    out["accuracy"] = out["final_score"] / len(columns["hit"])
     out["score"] = out["final_score"]
-    out["n"] = float(len(preds))
+    out["n"] = float(len(columns["hit"]))
     return out
 
 
@@ -852,6 +942,19 @@ METRICS: dict[str, Callable[..., dict[str, float]]] = {
     "mmbench_cn": _mmbench_cn,
     "scienceqa_img": scienceqa_metrics,
     "ocrbench": ocrbench_metrics,
+}
+
+# Each task's two stages: (preds, refs, scoring, task) -> per-sample columns, and (columns, scoring) -> result.
+_STAGES: dict[str, tuple[Callable[..., dict[str, list]], Callable[..., dict[str, float]]]] = {
+    "textvqa": (_textvqa_samples, _textvqa_aggregate),
+    "vizwiz": (_vizwiz_samples, _vizwiz_aggregate),
+    "gqa": (_gqa_samples, _gqa_aggregate),
+    "pope": (_pope_samples, _pope_aggregate),
+    "mme": (_mme_samples, _mme_aggregate),
+    "mmbench_en": (_mmbench_samples, _mmbench_aggregate),
+    "mmbench_cn": (_mmbench_samples, _mmbench_aggregate),
+    "scienceqa_img": (_scienceqa_samples, _scienceqa_aggregate),
+    "ocrbench": (_ocrbench_samples, _ocrbench_aggregate),
 }
 
 SCORING_RULES: dict[str, tuple[str, ...]] = {
@@ -887,9 +990,42 @@ def score(task: str, predictions, references, scoring: str = LMMS_EVAL) -> dict[
     Raises ValueError for an unknown task or a rule the task does not have (both name the valid ones), and
     for malformed inputs (naming the row and field).
     """
+    return score_outcomes(sample_outcomes(task, predictions, references, scoring))
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Every sample of one task judged once under one rule: what `score_outcomes` aggregates into `score`'s
+    result, and what `vtprune.eval.intervals` resamples. ``columns`` holds one list per field, one entry per
+    sample in input order (see `sample_outcomes`)."""
+
+    task: str
+    scoring: str
+    columns: Mapping[str, list]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+
+def sample_outcomes(task: str, predictions, references, scoring: str = LMMS_EVAL) -> Outcomes:
+    """Each answer parsed and judged by `task`'s rule, once; `score` == `score_outcomes` of this.
+
+    Columns per task (one entry per sample): textvqa ``accuracy`` (VQA soft accuracy in [0, 1]); vizwiz
+    ``accuracy``, ``unanswerable`` (bool), ``kind`` (answer type or None); gqa, scienceqa_img ``hit`` (bool;
+    scienceqa_img also ``unparsed``); ocrbench ``hit``, ``question_type``; pope ``split``, ``parsed``
+    ("yes"/"no"/"other"), ``gold`` ("yes"/"no"); mme ``subtask``, ``image`` (question_id), ``hit``;
+    mmbench_en/cn ``question`` (index % 1e6), ``hit`` (this rotation right), ``rotated`` (index >= 1e6),
+    ``categories`` ((category, L2-category)). Raises as `score` does.
+    """
     t = _canonical_task(task)
     _check_rule(t, scoring)
-    return METRICS[t](predictions, references, scoring)
+    preds, refs = _check_inputs(predictions, references, t)
+    return Outcomes(t, scoring, _STAGES[t][0](preds, refs, scoring, t))
+
+
+def score_outcomes(outcomes: Outcomes) -> dict[str, float]:
+    """`score`'s result from samples already judged by `sample_outcomes`."""
+    return _STAGES[outcomes.task][1](outcomes.columns, outcomes.scoring)
 
 
 def _headline(v, bench: str, side: str) -> float:
