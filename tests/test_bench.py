@@ -63,10 +63,11 @@ def test_kv_cache_bytes_match_the_kept_tokens(results):
 def test_methods_are_timed_against_their_schedule_oracle_and_their_selection(results):
     _, r = results
     for name in ("random@16", "fastv@16", "clse@16"):
-        assert r[name].schedule_oracle_ms > 0
+        assert r[name].schedule_oracle_ms > 0 and r[name].input_oracle_ms > 0
     assert set(r["fastv@16"].select_ms) == {"layer 2"} and set(r["random@16"].select_ms) == {"layer 0"}
     assert set(r["clse@16"].select_ms) == {"layer 1", "layer 2", "layer 4"}  # 1/11/21 of 32, scaled to 6 layers
     assert r["unpruned@None"].schedule_oracle_ms is None and r["oracle@16"].select_ms is None
+    assert r["oracle@16"].input_oracle_ms is None
 
 
 def test_timings_and_rates_are_positive_and_ordered(results):
@@ -106,15 +107,17 @@ def rendered(table) -> tuple[dict[str, list[str]], str]:
 
 
 def test_the_table_marks_measurements_too_noisy_to_compare():
-    clse = dataclasses.replace(measurement("clse@64"), schedule_oracle_ms=10.0, select_ms={"layer 2": 1.5, "layer 11": 0.5})
-    results = [measurement("unpruned"), measurement("oracle@64"), measurement("fastv@64", p10=5.0, p90=8.0),
-               measurement("random@64", decode=math.nan), clse]
+    clse = dataclasses.replace(measurement("clse@64"), schedule_oracle_ms=10.0, input_oracle_ms=5.5,
+                               select_ms={"layer 2": 1.5, "layer 11": 0.5})
+    fastv = dataclasses.replace(measurement("fastv@64", p10=5.0, p90=8.0), input_oracle_ms=11.0)
+    results = [measurement("unpruned"), measurement("oracle@64"), fastv, measurement("random@64", decode=math.nan), clse]
     rows, text = rendered(bench_table(results, "t"))
     assert {config: cells[2] for config, cells in rows.items()} == {
         "unpruned": "", "oracle@64": "", "fastv@64": "!", "random@64": "!", "clse@64": ""}
     assert rows["fastv@64"][5:7] == ["1.69x!", "0.59x!"]  # speedup and vs oracle: a ratio with a noisy side
     assert rows["random@64"][9] == "nan"
-    assert rows["clse@64"][5:9] == ["1.00x", "1.00x", "1.10x", "2.0"]  # against its schedule oracle; select ms
+    # against its input oracle (timed alternating with it, not the oracle@64 row) and schedule oracle; select ms
+    assert rows["clse@64"][5:9] == ["1.00x", "2.00x", "1.10x", "2.0"]
     assert "too noisy to trust: prefill p90/p10 above 1.5" in " ".join(text.split())
 
 
@@ -406,3 +409,23 @@ def test_a_compiled_run_measures_the_same_tokens_and_leaves_the_model_eager(resu
     assert compiled.visual_tokens_per_layer == r["fastv@16"].visual_tokens_per_layer
     assert compiled.kv_cache_bytes == r["fastv@16"].kv_cache_bytes and compiled.schedule_oracle_ms > 0
     assert all("forward" not in vars(layer) for layer in model.model.language_model.layers)
+
+
+def test_the_input_oracle_runs_with_no_pruner_on_the_model(results):
+    """Timed in turn with the method, the input oracle still runs the model as it is (the pruner off, then back)."""
+    import vtprune
+    from vtprune.bench.measure import _alternating_times
+
+    model, _ = results
+    inputs = preset_inputs(model, TINY, 2)
+    seen = []
+    pruner = vtprune.apply(model, "fastv", 16)
+    with torch.no_grad():
+        model(**inputs)
+        pruner, times, replayed, floor = _alternating_times(
+            pruner, lambda: vtprune.apply(model, "fastv", 16), lambda: model(**inputs),
+            lambda: seen.append(getattr(model, "_vtprune_pruner", None)), torch.device("cpu"), repeats=3)
+    assert seen == [None] * 4  # the warm-up and three timed runs
+    assert model._vtprune_pruner is pruner and len(times) == 3 and replayed > 0 and floor >= 0
+    assert pruner.last_stats.visual_tokens_per_layer[0] == [64, 64] + [16] * 4  # the method's own runs pruned
+    pruner.remove()

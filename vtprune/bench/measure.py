@@ -7,10 +7,12 @@ runs is reported with its 10th-90th percentile spread. Two oracles bound a metho
   no scoring and no engine: the limit of that budget, which no method may beat;
 - the schedule oracle (`schedule_oracle_ms` of each method's row): the method's own prefill
   replaying its recorded decision (`Pruner.replaying`): the same per-layer token counts and
-  kept set, with no scoring, timed in runs alternating with the method's own so that drift
-  weighs on both alike. method - schedule oracle is what scoring costs;
+  kept set, with no scoring. method - schedule oracle is what scoring costs;
   schedule oracle - input oracle is what the schedule (full-length early layers) and the
   engine's bookkeeping cost.
+Each method's row times the input oracle (`input_oracle_ms`, the pruner off the model), the
+method and its schedule oracle in turn, repeat by repeat, so that drift weighs on all three
+alike; the "oracle@B" row is the input oracle timed on its own.
 `select_ms` is the time in the method's own selection per stage (Method.select_batch: the batch's items at once).
 """
 
@@ -50,6 +52,7 @@ class Measurement:
     equivalent_budget: float
     visual_tokens_per_layer: list[int]  # first sample
     schedule_oracle_ms: float | None = None  # median prefill replaying the method's decision (no scoring)
+    input_oracle_ms: float | None = None  # median prefill of the input oracle, timed alternating with the method
     select_ms: dict[str, float] | None = None  # per stage ("layer 2", "vision"): the method's select, per prefill
 
     def as_dict(self) -> dict:
@@ -209,12 +212,13 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
     compiled for prefill (vtprune.compile_prefill), each prefill shape compiled during the warm-up."""
     device = torch.device(device)
     inputs = preset_inputs(model, preset, batch, device=device, dtype=dtype)
-    pruner, scope = None, contextlib.nullcontext()
+    pruner, scope, oracle = None, contextlib.nullcontext(), None
     if method == "oracle":
         inputs = oracle_inputs(model, preset, batch, budget, device, dtype)
         scope = oracle_truncation(model, preset, budget)
     elif method != "unpruned":
         pruner = vtprune.apply(model, method, budget, **(options or {}))
+        oracle = _input_oracle(model, preset, batch, budget, device, dtype)
     try:
         with torch.no_grad(), scope, compile_prefill(model) if compiled else contextlib.nullcontext():
             def prefill():
@@ -224,7 +228,12 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
                 prefill()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times, replayed = _prefill_times(pruner, prefill, device, repeats)
+            if pruner is None:
+                times, replayed, input_oracle = sorted(_time_ms(prefill, device) for _ in range(repeats)), None, None
+            else:
+                pruner, times, replayed, input_oracle = _alternating_times(
+                    pruner, lambda: vtprune.apply(model, method, budget, **(options or {})), prefill, oracle, device,
+                    repeats)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             output = prefill()
             kv = kv_cache_bytes(output_cache(output))
@@ -261,24 +270,41 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
         prefill_tflops=batch * flops["total"] / 1e12,
         equivalent_budget=sum(visual) / len(visual),
         visual_tokens_per_layer=visual,
-        schedule_oracle_ms=replayed, select_ms=select_ms,
+        schedule_oracle_ms=replayed, select_ms=select_ms, input_oracle_ms=input_oracle,
     )
 
 
-def _prefill_times(pruner, prefill, device: torch.device, repeats: int) -> tuple[list[float], float | None]:
-    """(sorted prefill times, median prefill replaying the last decision: the schedule oracle). The method's runs
-    and its oracle's alternate, so that a machine's drift (clocks, heat, a neighbour's load) weighs on both alike."""
-    if pruner is None:
-        return sorted(_time_ms(prefill, device) for _ in range(repeats)), None
+def _input_oracle(model, preset: Preset, batch: int, budget: int, device, dtype):
+    """The input oracle's prefill for this config, to run with no pruner on the model."""
+    inputs = oracle_inputs(model, preset, batch, budget, device, dtype)
+
+    def prefill():
+        with oracle_truncation(model, preset, budget):
+            return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    return prefill
+
+
+def _alternating_times(pruner, reapply, prefill, oracle, device: torch.device, repeats: int):
+    """(the pruner on the model, sorted prefill times, median of the schedule oracle's, median of the input
+    oracle's). The three run in turn, each repeat: the input oracle (the pruner taken off the model and put back
+    after), the method, the method replaying its decision. So a machine's drift (clocks, heat, a neighbour's
+    load) weighs on all three alike, and the ratios compare runs made seconds apart."""
     decision = pruner.last_decision
-    times, replayed = [], []
+    pruner.remove()
+    oracle()  # warm
+    pruner = reapply()
     with pruner.replaying(decision):
         prefill()  # warm
+    times, replayed, floor = [], [], []
     for _ in range(repeats):
+        pruner.remove()
+        floor.append(_time_ms(oracle, device))
+        pruner = reapply()
         times.append(_time_ms(prefill, device))
         with pruner.replaying(decision):
             replayed.append(_time_ms(prefill, device))
-    return sorted(times), statistics.median(replayed)
+    return pruner, sorted(times), statistics.median(replayed), statistics.median(floor)
 
 
 def _select_ms(pruner, prefill, device: torch.device, repeats: int) -> dict[str, float]:

@@ -60,7 +60,6 @@ def untrustworthy(r: Measurement) -> bool:
 def bench_table(results: list[Measurement], title: str) -> Table:
     """The results side by side; a noisy measurement, and every ratio it enters, is marked with `!`."""
     unpruned = {r.batch: r for r in results if r.method == "unpruned"}
-    oracle = {(r.batch, r.budget): r for r in results if r.method == "oracle"}
     table = Table(title=title)
     for column in ("config", "batch", "!", "eq. budget", "prefill ms (p10-p90)", "speedup", "vs input oracle",
                    "vs schedule oracle", "select ms", "decode tok/s", "samples/s", "KV MiB", "TFLOPs", "peak GiB"):
@@ -70,12 +69,12 @@ def bench_table(results: list[Measurement], title: str) -> Table:
         return f"{value:.2f}x" + ("!" if any(untrustworthy(p) for p in parts) else "")
 
     for r in results:
-        base, floor = unpruned.get(r.batch), oracle.get((r.batch, r.budget))
+        base = unpruned.get(r.batch)
         table.add_row(
             r.config, str(r.batch), "!" if untrustworthy(r) else "", f"{r.equivalent_budget:.0f}",
             f"{r.prefill_ms:.1f} ({r.prefill_ms_p10:.1f}-{r.prefill_ms_p90:.1f})",
             ratio(base.prefill_ms / r.prefill_ms, base, r) if base else "-",
-            ratio(r.prefill_ms / floor.prefill_ms, floor, r) if floor and r.method not in ("oracle", "unpruned") else "-",
+            ratio(r.prefill_ms / r.input_oracle_ms, r) if r.input_oracle_ms else "-",
             ratio(r.prefill_ms / r.schedule_oracle_ms, r) if r.schedule_oracle_ms else "-",
             "-" if r.select_ms is None else f"{sum(r.select_ms.values()):.1f}",
             f"{r.decode_tokens_per_s:.1f}", f"{r.throughput_samples_per_s:.2f}",

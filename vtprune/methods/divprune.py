@@ -75,6 +75,7 @@ def max_min_diversity(features: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _greedy(unit: torch.Tensor, k: int, whole: bool) -> torch.Tensor:
+    """[G, k] picks for unit [G, N, D]; `whole`: the items' distance matrices are computed once and held."""
     groups, n = unit.shape[:2]
     picks = torch.zeros(groups, k, dtype=torch.long, device=unit.device)
     if n < 2 or k == 0:
