@@ -429,3 +429,16 @@ def test_the_input_oracle_runs_with_no_pruner_on_the_model(results):
     assert model._vtprune_pruner is pruner and len(times) == 3 and replayed > 0 and floor >= 0
     assert pruner.last_stats.visual_tokens_per_layer[0] == [64, 64] + [16] * 4  # the method's own runs pruned
     pruner.remove()
+
+
+def test_a_run_hands_over_its_results_after_every_configuration(monkeypatch):
+    """What `vtprune bench` saves as it goes, so that a run cut short keeps what it measured."""
+    from vtprune.bench import presets
+    from vtprune.bench.run import run_bench
+
+    monkeypatch.setitem(presets.PRESETS, "tiny", TINY)
+    seen = []
+    results = run_bench("tiny", ["random"], [16], [1], repeats=1, warmup=1, new_tokens=2,
+                        measured=lambda so_far: seen.append([r.config for r in so_far]))
+    assert seen == [["unpruned"], ["unpruned", "oracle@16"], ["unpruned", "oracle@16", "random@16"]]
+    assert [r.config for r in results] == seen[-1]

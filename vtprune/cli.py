@@ -315,18 +315,19 @@ def cmd_bench(args) -> int:
     from vtprune.bench.run import bench_table, device_name, run_bench, save
 
     dtype = getattr(torch, args.dtype)
-    results = run_bench(args.arch, args.methods, args.budgets, args.batch, device=args.device, dtype=dtype,
-                        repeats=args.repeats,
-                        warmup=args.warmup, new_tokens=args.new_tokens, compiled=args.compile,
-                        options={"clasp": {"question_class": "general"}})
     name = device_name(args.device)
-    compiled = ", prefill compiled" if args.compile else ""
-    console.print(bench_table(results, f"{args.arch} on {name} ({args.dtype}, random weights{compiled})"))
     settings = {"arch": args.arch, "device_name": name, "dtype": args.dtype, "repeats": args.repeats,
                 "warmup": args.warmup, "new_tokens": args.new_tokens, "compiled": args.compile,
                 "command": "vtprune bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])}
-    path = save(results, Path(args.out) / name, settings)
-    console.print(f"wrote {path}")
+    folder = Path(args.out) / name
+    # Saved after every configuration: a run cut short (a time limit on a lent GPU) keeps what it measured.
+    results = run_bench(args.arch, args.methods, args.budgets, args.batch, device=args.device, dtype=dtype,
+                        repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, compiled=args.compile,
+                        options={"clasp": {"question_class": "general"}},
+                        measured=lambda so_far: save(so_far, folder, settings))
+    compiled = ", prefill compiled" if args.compile else ""
+    console.print(bench_table(results, f"{args.arch} on {name} ({args.dtype}, random weights{compiled})"))
+    console.print(f"wrote {save(results, folder, settings)}")
     return 0
 
 

@@ -4,8 +4,8 @@
 # The GPU machine has torch 2.11 and transformers 5.17 and no network; what vtprune needs beyond them comes as
 # wheels in .gpu-wheels/ (ignored by git; fill it here with
 #   .venv/bin/pip download --no-deps -d .gpu-wheels rich markdown-it-py mdurl pygments pytest pluggy iniconfig
-# ). Each step writes its own results under $OUT (at most two folders down, as the tool brings them back), so a
-# step cut short by its time limit loses only itself. Steps, most wanted first:
+# ). Each step writes its own results under $OUT (at most two folders down, as the tool brings them back), saved
+# after every configuration, so a step cut short by its time limit keeps what it measured. Steps, most wanted first:
 #   1. compiled prefill == eager on CUDA (CUDA graphs; tests/test_compiled.py);
 #   2. llava-1.5-7b, batch 16, every method at 192/128/64 against both oracles (target: every method within 10% of
 #      its schedule oracle, budget 64 at >= 3.5x the unpruned prefill throughput);
@@ -28,10 +28,10 @@ bench() {  # bench STEP SECONDS ARGS...: one `vtprune bench` into $out/STEP/<dev
   tail -n 45 "$out/$step.log"
 }
 
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_compiled.py >"$out/compiled-test.log" 2>&1
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_compiled.py >"$out/compiled-test.log" 2>&1
 echo "step compiled == eager on CUDA: exit $?"; tail -n 5 "$out/compiled-test.log"
-bench b16 200 --arch llava-1.5-7b --methods "$every" --budgets 192,128,64 --batch 16 --repeats 5 --warmup 2 --new-tokens 4
-bench b1c 150 --arch llava-1.5-7b --methods random,fastv,clse,visionzip,clasp --budgets 192,64 --batch 1 --compile \
+bench b16 290 --arch llava-1.5-7b --methods "$every" --budgets 192,128,64 --batch 16 --repeats 5 --warmup 2 --new-tokens 4
+bench b1c 110 --arch llava-1.5-7b --methods random,fastv,clse,visionzip,clasp --budgets 192,64 --batch 1 --compile \
   --repeats 10 --warmup 3 --new-tokens 4
-bench qwen 90 --arch qwen2-vl-7b --methods "$every" --budgets 192,64 \
+bench qwen 80 --arch qwen2-vl-7b --methods "$every" --budgets 192,64 \
   --batch 16 --repeats 5 --warmup 2 --new-tokens 4

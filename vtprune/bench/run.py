@@ -26,7 +26,8 @@ def device_name(device: str) -> str:
 
 def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[int], *, device: str = "cpu",
               dtype: torch.dtype = torch.float32, repeats: int = 20, warmup: int = 3, new_tokens: int = 16,
-              compiled: bool = False, options: dict | None = None) -> list[Measurement]:
+              compiled: bool = False, options: dict | None = None, measured=None) -> list[Measurement]:
+    """Every configuration in turn; `measured(results so far)` is called after each one."""
     model = build_preset(arch, device=device, dtype=dtype)
     preset = PRESETS[arch]
     plan = [("unpruned", None, b) for b in batches]
@@ -37,6 +38,8 @@ def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[i
         results.append(measure(model, preset, method, budget, batch, repeats=repeats, warmup=warmup,
                                new_tokens=new_tokens, device=device, dtype=dtype, compiled=compiled,
                                options=(options or {}).get(method)))
+        if measured is not None:
+            measured(results)
     return results
 
 
