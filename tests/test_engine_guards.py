@@ -119,6 +119,23 @@ def test_stats_after_generate_are_the_prefills(model):
         assert pruner.last_stats.kept_per_sample == [20, 10]
 
 
+def test_stats_are_counted_when_read_and_are_the_prefills(model, monkeypatch):
+    """last_stats is counted from the prefill's layouts when first read: a prefill whose stats nobody reads counts
+    only its last layer (the engine's own check), and stats read after generate are still the prefill's."""
+    from vtprune.engine.layout import Layout
+
+    counted = []
+    count = Layout.count
+    monkeypatch.setattr(Layout, "count", lambda self, selected: counted.append(self) or count(self, selected))
+    inputs = tiny_inputs(model, LAYOUTS)
+    with vtprune.apply(model, "fastv", 10) as pruner:
+        greedy(model, inputs, steps=3)
+        assert len(counted) == 1
+        assert pruner.last_stats.kept_per_sample == [20, 10]
+        assert len(counted) == 1 + 2  # FastV's two layouts (before and after its stage), each counted once
+        assert pruner.last_stats.visual_tokens_per_layer[0][-1] == 20 and len(counted) == 3
+
+
 def _next_step(inputs, keyword, cache):
     """One decode step's inputs after the prompt, on cache."""
     batch = inputs["input_ids"].shape[0]

@@ -17,6 +17,7 @@ EngineError instead of running unpruned or wrong.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -42,7 +43,7 @@ class Pruner:
         self.adapter = adapter
         self.method = method
         self.budget = budget
-        self.last_stats: PruneStats | None = None
+        self._stats: PruneStats | Callable[[], PruneStats] | None = None  # see last_stats
         self.last_decision: Decision | None = None
         self._replay: Decision | None = None
         self._items: list[list[VisualItem]] | None = None
@@ -69,6 +70,14 @@ class Pruner:
             self._handles.append(layer.register_forward_pre_hook(self._decoder_layer_hook(index), with_kwargs=True))
 
     # ----------------------------------------------------------------- public
+    @property
+    def last_stats(self) -> PruneStats | None:
+        """The last prefill's stats; counted from its layouts when first read, so a prefill whose stats nobody
+        reads spends no device work or read on them."""
+        if callable(self._stats):
+            self._stats = self._stats()
+        return self._stats
+
     def remove(self) -> None:
         """Take every hook off the model; it then computes exactly as before apply()."""
         for handle in self._handles:
@@ -171,7 +180,7 @@ class Pruner:
             if has_images:
                 return self._start_run(module, args, kwargs, items)
             batch = kwargs["inputs_embeds"].shape[0]
-            self.last_stats = PruneStats([[0] * self._num_layers] * batch, [0] * batch, [0] * batch, self.budget)
+            self._stats = PruneStats([[0] * self._num_layers] * batch, [0] * batch, [0] * batch, self.budget)
             self.last_decision = self._uncached = None
             return None
         run = self._run
@@ -246,13 +255,19 @@ class Pruner:
         return args, kwargs
 
     def _record_stats(self, run: Run) -> None:
-        counts = [run.layout_at(layer).count(run.visual) for layer in range(self._num_layers)]
-        self.last_stats = PruneStats(
-            visual_tokens_per_layer=counts_per_layer(counts),
-            images_per_sample=[len(sample) for sample in run.items],
-            visual_tokens_per_sample=run.visual.sum(dim=1).tolist(),
-            nominal_budget=self.budget,
-        )
+        layouts = [run.layout_at(layer) for layer in range(self._num_layers)]
+        visual, images, budget = run.visual, [len(sample) for sample in run.items], self.budget
+
+        def stats() -> PruneStats:
+            counted = {}  # layers sharing a layout are counted once
+            for layout in layouts:
+                if id(layout) not in counted:
+                    counted[id(layout)] = layout.count(visual)
+            return PruneStats(visual_tokens_per_layer=counts_per_layer([counted[id(layout)] for layout in layouts]),
+                              images_per_sample=images, visual_tokens_per_sample=visual.sum(dim=1).tolist(),
+                              nominal_budget=budget)
+
+        self._stats = stats
         self.last_decision = run.replay if run.replay is not None else run.decision()
 
     def _check_prefill(self, run: Run, output) -> None:
@@ -260,7 +275,7 @@ class Pruner:
         skipped = [index for index, layout in enumerate(run.kv_layouts) if layout is None]
         if skipped:
             raise EngineError(f"decoder layers {skipped} ran without passing through vtprune's hooks")
-        expected, kept = prefill.expected_kept(run), self.last_stats.kept_per_sample
+        expected, kept = prefill.expected_kept(run), run.layout_at(run.num_layers - 1).count(run.visual).tolist()
         if kept != expected:
             raise EngineError(
                 f"the prefill should have left {expected} visual tokens per sample for the last decoder layer, "
