@@ -213,11 +213,15 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
     device = torch.device(device)
     inputs = preset_inputs(model, preset, batch, device=device, dtype=dtype)
     pruner, scope, oracle = None, contextlib.nullcontext(), None
+
+    def apply():
+        return vtprune.apply(model, method, budget, **(options or {}))
+
     if method == "oracle":
         inputs = oracle_inputs(model, preset, batch, budget, device, dtype)
         scope = oracle_truncation(model, preset, budget)
     elif method != "unpruned":
-        pruner = vtprune.apply(model, method, budget, **(options or {}))
+        pruner = apply()
         oracle = _input_oracle(model, preset, batch, budget, device, dtype)
     try:
         with torch.no_grad(), scope, compile_prefill(model) if compiled else contextlib.nullcontext():
@@ -231,9 +235,8 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
             if pruner is None:
                 times, replayed, input_oracle = sorted(_time_ms(prefill, device) for _ in range(repeats)), None, None
             else:
-                pruner, times, replayed, input_oracle = _alternating_times(
-                    pruner, lambda: vtprune.apply(model, method, budget, **(options or {})), prefill, oracle, device,
-                    repeats)
+                pruner, times, replayed, input_oracle = _alternating_times(pruner, apply, prefill, oracle, device,
+                                                                           repeats)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             output = prefill()
             kv = kv_cache_bytes(output_cache(output))

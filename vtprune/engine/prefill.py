@@ -38,8 +38,9 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
             visual[b, where] = True
             image_of[b, where] = i
             part[b, where], coords[b, where] = item.token_layout(device)
-            slicing.add(method.slices_kv_cache_of(item.kind, info.family))
-            unsliced[b, where] = not method.slices_kv_cache_of(item.kind, info.family)
+            slices = method.slices_kv_cache_of(item.kind, info.family)
+            slicing.add(slices)
+            unsliced[b, where] = not slices
             keep = tokens_for_budget(budget, item.length)
             # A budget that keeps the whole item is a no-op, even for schedules (like CLSE's)
             # whose early stages keep more than the budget and later ones less.
@@ -232,7 +233,8 @@ def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attentio
             if keep >= mine.numel():
                 chosen[b].append(positions)
                 continue
-            asked.append((b, positions, _view(run, b, i, layer, mine, positions, keep, hidden, attention)))
+            view = _view(run, b, i, layer, own.index(layer), mine, positions, keep, hidden, attention)
+            asked.append((b, positions, view))
     views = [view for _, _, view in asked]
     picks = _checked_selections(run.method, views, run.method.select_batch(views) if views else [])
     merged = [[] for _ in range(batch)]
@@ -269,16 +271,15 @@ def _item_slots(run: Run, layout: Layout) -> list[list[torch.Tensor]]:
     return [[slots[b * most + i] for i in range(len(plan))] for b, plan in enumerate(run.plans)]
 
 
-def _view(run: Run, b: int, i: int, layer: int, mine: torch.Tensor, positions: torch.Tensor, keep: int,
+def _view(run: Run, b: int, i: int, layer: int, stage: int, mine: torch.Tensor, positions: torch.Tensor, keep: int,
           hidden: torch.Tensor, attention) -> ImageView | VisionView:
-    """What the method sees of sample b's item i (at slots `mine` of the current layout) at this stage."""
+    """What the method sees of sample b's item i (at slots `mine` of the current layout) at its `stage`-th stage."""
     item = run.items[b][i]
     if run.encoded is not None:
         return run.encoded[b][i].view(item, run.coords[b, positions], run.part[b, positions], keep, i, run.text[b])
-    own = [s.layer for s in run.plans[b][i]]
     view = ImageView(
         hidden=hidden[b, mine], coords=run.coords[b, positions], part=run.part[b, positions],
-        parts=item.parts, keep=keep, layer=layer, stage=own.index(layer), image_index=i,
+        parts=item.parts, keep=keep, layer=layer, stage=stage, image_index=i,
         sizes=run.sizes[b, positions], attention=None if attention is None else attention[b, mine],
         reference=_reference(run, b, positions, item.kind), text=run.text[b],
         probe=_layer_probe(run, b, mine),
