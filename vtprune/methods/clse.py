@@ -18,6 +18,7 @@ multipliers 1.71/1.08/0.294 of the retain ratio otherwise (see qwen_keep_counts)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,22 +41,39 @@ VIDEO_LAYERS = ((2, 3), 32)
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
-def high_frequency_magnitude(tokens: torch.Tensor, grid: Grid | tuple[int, int], cutoff: float) -> torch.Tensor:
-    """[N] per-token magnitude of the Gaussian high-passed token grid (tokens [N, C] in raster order).
+@functools.lru_cache(maxsize=64)
+def gaussian_low_pass(size: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """[size, size] the real circulant matrix that multiplies an axis's DFT by exp(-f^2 / (2 sigma^2)), f the
+    signed frequency as fftshift centres it (-size//2 .. (size-1)//2): symmetric in f, so its kernel is real.
+    Cached: a run asks for the same few grids at every stage."""
+    frequency = torch.fft.fftfreq(size, d=1 / size, dtype=torch.float64)
+    kernel = torch.fft.ifft(torch.exp(-frequency**2 / (2 * sigma**2))).real
+    offset = (torch.arange(size)[:, None] - torch.arange(size)[None, :]) % size
+    return kernel[offset].to(device=device, dtype=torch.float32)
 
-    A grid of several frames (a video) is filtered frame by frame, as the authors' video
-    branch does (frames as the FFT's batch).
+
+def high_frequency_magnitude(tokens: torch.Tensor, grid: Grid | tuple[int, int], cutoff: float) -> torch.Tensor:
+    """[N] per-token magnitude of the Gaussian high-passed token grid (tokens [N, C] in raster order), averaged
+    over channels.
+
+    The authors filter each channel's centred 2-D FFT with 1 - exp(-(u^2 + v^2) / (2 sigma^2)) and take the
+    magnitude of the inverse FFT. That Gaussian is separable and even, so the same filter is x minus a real
+    row-wise and a column-wise circulant low-pass (gaussian_low_pass): two small matmuls instead of C complex
+    FFTs (about 30x cheaper on a 24 x 24 grid; equal to the FFT's result to float32 rounding). A grid of several
+    frames (a video) is filtered frame by frame, as the authors' video branch does (frames as the FFT's batch).
     """
     grid = grid if isinstance(grid, Grid) else Grid(*grid)
     rows, cols = grid.rows, grid.cols
-    planes = tokens.float().reshape(grid.frames, rows * cols, -1).transpose(1, 2).reshape(grid.frames, -1, rows, cols)
-    spectrum = torch.fft.fftshift(torch.fft.fft2(planes), dim=(-2, -1))  # [F, C, H, W]
+    planes = tokens.float().reshape(grid.frames, rows, cols, -1)
     sigma = min(rows // 2, cols // 2) * cutoff
-    u = torch.arange(rows, device=tokens.device, dtype=torch.float32)[:, None] - rows // 2
-    v = torch.arange(cols, device=tokens.device, dtype=torch.float32)[None, :] - cols // 2
-    high_pass = 1 - torch.exp(-(u**2 + v**2) / (2 * sigma**2)) if sigma > 0 else torch.ones(rows, cols, device=tokens.device)
-    filtered = torch.fft.ifft2(torch.fft.ifftshift(spectrum * high_pass, dim=(-2, -1)))
-    return filtered.abs().mean(dim=1).flatten()
+    if sigma > 0:
+        # The filter removes each plane's mean (it passes nothing at frequency 0); removed first, a constant plane
+        # is exactly zero and the subtraction below cancels less.
+        planes = planes - planes.mean(dim=(1, 2), keepdim=True)
+        low = torch.einsum("ij,fjkc->fikc", gaussian_low_pass(rows, sigma, tokens.device), planes)
+        low = torch.einsum("lk,fikc->filc", gaussian_low_pass(cols, sigma, tokens.device), low)
+        planes = planes - low
+    return planes.abs().mean(dim=-1).flatten()
 
 
 def item_magnitude(tokens: torch.Tensor, view: ImageView, cutoff: float) -> torch.Tensor:
