@@ -180,6 +180,20 @@ def test_eager_and_sdpa_keep_the_same_tokens(family, method):
             assert torch.equal(a.sort().values, b.sort().values)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_prefill_with_or_without_a_cache_keeps_the_same_tokens(model, method):
+    """With a cache the engine reads the keys a layer cached (last-query attention); without one it computes them."""
+    inputs = tiny_inputs(model, MIXED)
+    decisions = []
+    with vtprune.apply(model, method, 9, **OPTIONS.get(method, {})) as pruner:
+        for use_cache in (True, False):
+            model(**inputs, use_cache=use_cache)
+            decisions.append(pruner.last_decision)
+    for cached_stage, uncached_stage in zip(*(decision.kept for decision in decisions), strict=True):
+        for a, b in zip(cached_stage, uncached_stage, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_stats_add_up(model):
     inputs = tiny_inputs(model, MIXED)
     counts = image_counts(model, inputs)

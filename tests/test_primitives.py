@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vtprune.adapters import adapter_for
+from vtprune.engine.cache import output_cache
 from vtprune.methods.primitives import evenly_spaced, grid_lattice, topk_in_order
 from vtprune.tiny import SampleLayout, tiny_inputs
 
@@ -45,8 +46,10 @@ def test_topk_in_order():
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_recomputed_last_query_attention_matches_eager_weights(family, padding_side):
-    """The q/k recomputation equals the head-averaged attention row eager attention returns."""
+@pytest.mark.parametrize("keys_from_cache", [False, True])
+def test_recomputed_last_query_attention_matches_eager_weights(family, padding_side, keys_from_cache):
+    """The q/k recomputation (or the query with the keys the layer cached, as the engine takes them) equals the
+    head-averaged attention row eager attention returns."""
     model = FAMILIES[family]("eager")
     adapter = adapter_for(model)
     inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(text_before=9)], padding_side=padding_side)
@@ -59,13 +62,15 @@ def test_recomputed_last_query_attention_matches_eager_weights(family, padding_s
 
     handle = adapter.decoder_layers[layer].register_forward_pre_hook(capture, with_kwargs=True)
     with torch.no_grad():
-        out = model(**inputs, output_attentions=True)
+        out = model(**inputs, output_attentions=True, use_cache=keys_from_cache)
     handle.remove()
     mask = inputs["attention_mask"].bool()
     slots = torch.arange(mask.shape[1])
     query = torch.where(mask, slots, -1).amax(dim=1)
+    keys = output_cache(out).layers[layer].keys if keys_from_cache else None
     with torch.no_grad():
-        ours = adapter.last_query_attention(layer, captured["hidden"], captured["pe"], query, mask & (slots <= query[:, None]))
+        ours = adapter.last_query_attention(layer, captured["hidden"], captured["pe"], query,
+                                            mask & (slots <= query[:, None]), keys)
     eager = out.attentions[layer].mean(dim=1)[torch.arange(2), query]
     torch.testing.assert_close(ours, eager * mask, atol=1e-6, rtol=0)
 

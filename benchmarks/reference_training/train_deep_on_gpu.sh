@@ -13,12 +13,30 @@
 #   train_deep_on_gpu.sh collect DEST     the last save as DEST/handoff.tar.NN (carry it to the
 #       next session), DEST/model.tar.NN (the model folder) and DEST/train-deep.log
 #   train_deep_on_gpu.sh size             here, before a session: what travels, against 64 MiB
-# A CPU rehearsal sets RUN, CARRIED, BATCH, PROBE, EXTRA, PYTHON (README.md).
+# Options, before the command (a CPU rehearsal sets them; README.md): --run DIR (the run's folder),
+# --carried DIR (where the hand-off lies), --batch "ARGS" (train-reference's batch flags), --probe STEPS,
+# --extra "ARGS" (more train-reference flags), --python PYTHON.
 set -euo pipefail
-run=${RUN:-/tmp/ref-deep}
+run=/tmp/ref-deep
+carried=
+batch_args="--batch 64 --questions 3"  # the exact run: 64 images x 3 questions a step
+extra_args=
+probe_steps=40
+python=python3
+while [[ "${1:-}" == --* ]]; do
+  case "$1" in
+  --run) run=$2 ;;
+  --carried) carried=$2 ;;
+  --batch) batch_args=$2 ;;
+  --probe) probe_steps=$2 ;;
+  --extra) extra_args=$2 ;;
+  --python) python=$2 ;;
+  *) echo "unknown option $1 (options: --run --carried --batch --probe --extra --python)"; exit 2 ;;
+  esac
+  shift 2
+done
 # Where the previous session's handoff.tar.NN lie: an ignored folder named in the device call's carry,
 # or, where the checkout does not outlive a session, a committed one. Exactly one of them may hold parts.
-carried=${CARRIED:-}
 if [ -z "$carried" ]; then
   for folder in .reference_training/deep benchmarks/reference_training/deep_handoff; do
     if [ -f "$folder/handoff.tar.00" ]; then
@@ -28,10 +46,8 @@ if [ -z "$carried" ]; then
   done
   carried=${carried:-.reference_training/deep}
 fi
-read -r -a batch <<<"${BATCH:---batch 64 --questions 3}"  # the exact run: 64 images x 3 questions a step
-read -r -a extra <<<"${EXTRA:-}"
-probe_steps=${PROBE:-40}
-python=${PYTHON:-python3}
+read -r -a batch <<<"$batch_args"
+read -r -a extra <<<"$extra_args"
 log=$run.log
 
 running() { pgrep -f -- "--out $run " >/dev/null; }

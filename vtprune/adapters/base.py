@@ -164,15 +164,23 @@ class Adapter(ABC):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         query_index: torch.Tensor,
         key_mask: torch.Tensor,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Head-averaged attention of each sample's query_index token over all tokens, at decoder layer layer_index.
 
         Recomputed from the layer's own norm, q/k projections and RoPE, so it needs
         neither eager attention nor output_attentions. hidden [B, n, D] is the layer's
-        input; returns [B, n].
+        input; keys [B, kv heads, n, d], where given, are the ones the layer cached (only
+        the query is then computed); returns [B, n].
         """
         attn = self.decoder_layers[layer_index].self_attn
-        query, keys = self.queries_and_keys(layer_index, hidden, position_embeddings, query_index)
+        if keys is None:
+            query, keys = self.queries_and_keys(layer_index, hidden, position_embeddings, query_index)
+        else:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            cos, sin = (t.expand(hidden.shape[0], -1, -1)[rows, query_index][:, None] for t in position_embeddings)
+            query = self._queries(layer_index, hidden[rows, query_index][:, None], cos, sin)
+            keys = keys.to(query.device).repeat_interleave(attn.num_key_value_groups, dim=1)
         return last_query_attention(query[:, :, 0], keys, key_mask, attn.scaling)
 
     def relative_rope(self, hidden: torch.Tensor, position_ids: torch.Tensor | None, valid: torch.Tensor):
@@ -192,21 +200,27 @@ class Adapter(ABC):
         [B, H, n, d]."""
         layer = self.decoder_layers[layer_index]
         attn = layer.self_attn
-        head_dim = attn.head_dim
         batch, n, _ = hidden.shape
         normed = layer.input_layernorm(hidden)
         cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
         if query_index is not None:
             rows = torch.arange(batch, device=hidden.device)
-            normed_queries, cos_q, sin_q = normed[rows, query_index][:, None], cos[rows, query_index][:, None], \
-                sin[rows, query_index][:, None]
+            query = self._queries(layer_index, hidden[rows, query_index][:, None], cos[rows, query_index][:, None],
+                                  sin[rows, query_index][:, None])
         else:
-            normed_queries, cos_q, sin_q = normed, cos, sin
-        query = attn.q_proj(normed_queries).view(batch, normed_queries.shape[1], -1, head_dim).transpose(1, 2)
-        query = apply_rope(query, cos_q, sin_q)
-        keys = attn.k_proj(normed).view(batch, n, -1, head_dim).transpose(1, 2)
+            query = self._queries(layer_index, hidden, cos, sin, normed)
+        keys = attn.k_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
         keys = apply_rope(keys, cos, sin).repeat_interleave(attn.num_key_value_groups, dim=1)
         return query, keys
+
+    def _queries(self, layer_index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 normed: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, H, n, d] decoder layer layer_index's queries (RoPE applied) for its input rows hidden [B, n, D]."""
+        layer = self.decoder_layers[layer_index]
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden) if normed is None else normed
+        query = attn.q_proj(normed).view(*hidden.shape[:2], -1, attn.head_dim).transpose(1, 2)
+        return apply_rope(query, cos, sin)
 
 
 def place_in_runs(runs: list[list[tuple[int, int]]], layouts, kind: str) -> list[list[VisualItem]]:

@@ -85,6 +85,16 @@ def slice_layer(cache: Cache, layer: int, index: torch.Tensor, expected_length: 
     held.values = values.gather(2, gather.expand(-1, values.shape[1], -1, values.shape[3]))
 
 
+def layer_keys(cache: Cache | None, layer: int, rows: int) -> torch.Tensor | None:
+    """[B, kv heads, rows, d]: the keys (RoPE applied) decoder layer `layer` cached for the last `rows` tokens it
+    ran on; None where the cache does not hold them (no cache; a sliding window shorter than the prompt)."""
+    held = cache.layers[layer] if cache is not None and layer < len(getattr(cache, "layers", ())) else None
+    keys = getattr(held, "keys", None)
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[2] < rows:
+        return None
+    return keys[:, :, keys.shape[2] - rows:]
+
+
 def check_lengths(cache: Cache, expected: list[int], when: str) -> None:
     """Each decoder layer's cache holds as many tokens as the engine's layout says."""
     actual = [cache.get_seq_length(layer) for layer in range(len(expected))]

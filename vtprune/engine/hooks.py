@@ -209,7 +209,7 @@ class Pruner:
             self._uncached = self._prompt if run.cache is None else None
         run.prefill = False
         run.step_masks = {}
-        run.references, run.attention, run.probe = {}, None, None
+        run.references, run.item_references, run.attention, run.attention_from, run.probe = {}, {}, None, None, None
         output.last_hidden_state = prefill.finish(run, output.last_hidden_state)
         return output
 

@@ -127,6 +127,8 @@ def at_layer(run: Run, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.
     if index in run.reference_layers:
         run.references[index] = (hidden, run.layout_at(index - 1))  # before this layer's own stage, if any
     if index in run.layer_layouts:
+        if run.attention_from is not None:  # layer index - 1 has run, and cached its keys
+            run.attention, run.attention_from = _last_query_attention(run, *run.attention_from), None
         if run.replay is None and method.probe_layer == "stage":  # the stage layer's own q/k, before it prunes
             previous = run.layout_at(index - 1)
             cos, sin = kwargs["position_embeddings"]
@@ -143,7 +145,8 @@ def at_layer(run: Run, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.
         _substitute_layer_inputs(run, layout, kwargs, hidden)
     if run.replay is None and index + 1 in run.stage_layers:
         if method.needs_attention:
-            run.attention = _last_query_attention(run, index, hidden, kwargs, layout)
+            # Computed when the stage layer is reached: by then this layer has put its keys in the KV cache.
+            run.attention_from = (index, hidden, kwargs["position_embeddings"], layout)
         if method.probe_layer == "previous":
             run.probe = _probe(run, index, hidden, kwargs["position_embeddings"], kwargs.get("position_ids"), layout)
     return hidden
@@ -285,8 +288,7 @@ def _view(run: Run, b: int, i: int, layer: int, stage: int, mine: torch.Tensor, 
         probe=_layer_probe(run, b, mine),
     )
     if run.references:
-        view.item_reference = _reference(run, b, item.positions(hidden.device), item.kind)
-        view.text_reference = _reference(run, b, _text_positions(run, b), item.kind)
+        view.item_reference, view.text_reference = _item_references(run, b, i, hidden.device)
     return view
 
 
@@ -296,6 +298,16 @@ def _reference(run: Run, sample: int, positions: torch.Tensor, kind: str) -> tor
         return None
     hidden, layout = run.references[run.method.reference_layer(run.adapter.model_info, kind)]
     return hidden[sample, layout.slots_of(sample, positions)]
+
+
+def _item_references(run: Run, sample: int, i: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Item i's original tokens and its sample's text tokens as they entered the reference layer (taken once a
+    run: every stage sees the same)."""
+    if (sample, i) not in run.item_references:
+        item = run.items[sample][i]
+        run.item_references[sample, i] = (_reference(run, sample, item.positions(device), item.kind),
+                                          _reference(run, sample, _text_positions(run, sample), item.kind))
+    return run.item_references[sample, i]
 
 
 def _text_positions(run: Run, sample: int) -> torch.Tensor:
@@ -330,14 +342,17 @@ def _checked_selections(method: Method, views: list, picks: list) -> list[torch.
             for p, index in zip(picks, indices)]
 
 
-def _last_query_attention(run: Run, layer: int, hidden, kwargs, layout: Layout) -> torch.Tensor:
+def _last_query_attention(run: Run, layer: int, hidden, position_embeddings, layout: Layout) -> torch.Tensor:
+    """Each sample's last prompt token's attention over `layout` at decoder layer `layer` (which has run: its
+    keys are taken from the KV cache where it holds them, not recomputed)."""
     slots = torch.arange(layout.length, device=hidden.device)
     valid = layout.valid
     if run.late_from is not None:  # score from the prompt's own last token, as the prefill did
         valid = valid & (layout.positions < run.late_from)
     query_index = torch.where(valid, slots, -1).amax(dim=1)
     key_mask = valid & (slots[None] <= query_index[:, None])
-    return run.adapter.last_query_attention(layer, hidden, kwargs["position_embeddings"], query_index, key_mask)
+    keys = kv.layer_keys(run.cache, layer, layout.length)
+    return run.adapter.last_query_attention(layer, hidden, position_embeddings, query_index, key_mask, keys)
 
 
 def _probe(run: Run, layer: int, hidden: torch.Tensor, position_embeddings, position_ids, layout: Layout) -> dict:
@@ -358,23 +373,32 @@ def _layer_probe(run: Run, sample: int, mine: torch.Tensor) -> LayerProbe | None
     if "rows" not in probe:
         probe["rows"] = _probe_rows(run, probe["layout"])
     present, text = probe["rows"][sample]
+    if isinstance(present, slice):
+        visual, count = mine - present.start, present.stop - present.start
+    else:
+        visual, count = torch.searchsorted(present, mine), present.numel()
     normed = probe.get("normed")
     return LayerProbe(
         query=probe["query"][sample][:, present], key=probe["key"][sample][:, present],
-        hidden=probe["hidden"][sample, present], scaling=probe["scaling"], visual=torch.searchsorted(present, mine),
-        text=text, last=present.numel() - 1, normed=None if normed is None else normed[sample, present],
+        hidden=probe["hidden"][sample, present], scaling=probe["scaling"], visual=visual,
+        text=text, last=count - 1, normed=None if normed is None else normed[sample, present],
     )
 
 
-def _probe_rows(run: Run, layout: Layout) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per sample: its slots of `layout` holding a token (neither padding nor fill), and which of those (rows of
-    the sample's LayerProbe) hold text; for the whole batch with two reads of the device."""
-    sample, slot = torch.nonzero(layout.valid, as_tuple=True)
-    batch = layout.valid.shape[0]
-    present = torch.split(slot, layout.valid.sum(dim=1).tolist())
+def _probe_rows(run: Run, layout: Layout) -> list[tuple[slice | torch.Tensor, torch.Tensor]]:
+    """Per sample: its slots of `layout` holding a token (neither padding nor fill), as a slice where they are
+    one run (the usual case: fill and padding on one side; a slice takes views, not copies), and which of those
+    (rows of the sample's LayerProbe) hold text; for the whole batch with two reads of the device."""
+    valid = layout.valid
+    sample, slot = torch.nonzero(valid, as_tuple=True)
+    batch, length = valid.shape
+    counts, first, last = torch.stack([valid.sum(dim=1), valid.int().argmax(dim=1),
+                                       length - 1 - valid.flip(1).int().argmax(dim=1)]).tolist()
+    present = [slice(a, b + 1) if b + 1 - a == n else rows
+               for a, b, n, rows in zip(first, last, counts, torch.split(slot, counts))]
     placeholders = torch.tensor(run.adapter.placeholder_ids, device=slot.device)
     text = ~torch.isin(run.ids[sample, layout.positions[sample, slot]], placeholders)
-    row = torch.cat([torch.arange(rows.numel(), device=slot.device) for rows in present])  # its row in the sample
+    row = torch.cat([torch.arange(n, device=slot.device) for n in counts])  # its row in the sample
     texts = torch.split(row[text], torch.bincount(sample[text], minlength=batch).tolist())
     return list(zip(present, texts))
 

@@ -86,6 +86,8 @@ class Run:
     merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
     moved: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     attention: torch.Tensor | None = None  # last-query attention for the next stage, over the current layout
+    # what that attention is computed from once the stage layer is reached: (layer, input, position embeddings, layout)
+    attention_from: tuple | None = None
     probe: dict | None = None  # queries, keys, hidden, scaling, layout (and normed) of the layer a method probes
     # decoder layer -> (its input, the layout that input is on), for methods that compare against it
     references: dict[int, tuple[torch.Tensor, Layout]] = field(default_factory=dict)
@@ -94,6 +96,8 @@ class Run:
     slices_some: bool = False  # some item's pruned tokens leave the early layers' cache too
     keeps_some_whole: bool = False  # some item keeps the early layers' cache whole (its tokens are unsliced)
     text_positions: dict[int, torch.Tensor] = field(default_factory=dict)  # per sample, once found (_text_positions)
+    # (sample, item) -> its original tokens and the sample's text at the reference layer, once taken
+    item_references: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     text: list[torch.Tensor] = field(default_factory=list)  # per sample: prompt tokens neither visual nor padding
     late_from: int | None = None  # replay of a longer sequence with a sliced cache: positions from here are "decoded"
     late_visible: torch.Tensor | None = None  # [B, L] what those positions may see
