@@ -79,6 +79,27 @@ def test_each_task_is_scored_by_its_official_rule_and_resumes(checkpoint, data, 
     assert sum(1 for _ in (tmp_path / "results.jsonl").open()) == lines
 
 
+def test_a_resume_on_changed_code_is_refused(checkpoint, data, tmp_path, monkeypatch):
+    assert run(checkpoint, data, tmp_path, "--limit", "2") == 0
+    monkeypatch.setattr(cli, "_source_digest", lambda: "edited")
+    with pytest.raises(ValueError, match=r"other settings \(versions\).*other code"):
+        run(checkpoint, data, tmp_path, "--limit", "2")
+
+
+def test_the_source_digest_follows_every_file(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    first = cli._source_digest(tmp_path)
+    assert cli._source_digest(tmp_path) == first and len(first) == 16
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    assert cli._source_digest(tmp_path) != first
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    assert cli._source_digest(tmp_path) == first
+    (tmp_path / "sub" / "b.py").rename(tmp_path / "sub" / "c.py")
+    assert cli._source_digest(tmp_path) != first
+
+
 def test_a_missing_task_copy_and_the_synthetic_only_flags_are_refused(checkpoint, data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--model", str(checkpoint), "--tasks", "pope", "--out", str(tmp_path)])

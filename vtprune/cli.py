@@ -233,7 +233,22 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"vtprune": vtprune_version, "transformers": transformers.__version__, "torch": torch.__version__}
+    return {"vtprune": vtprune_version, "vtprune_source": _source_digest(), "transformers": transformers.__version__,
+            "torch": torch.__version__}
+
+
+def _source_digest(package=None) -> str:
+    """A short hash of vtprune's own code (the .py files of `package`, by default vtprune's folder): a development
+    checkout changes it without changing the version, and a run resumed on other code would mix two programs'
+    answers in one table."""
+    import hashlib
+    from pathlib import Path
+
+    package = Path(package or Path(__file__).parent)
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 # What the default eval may spend, in predictions over all configs: about 3.5 minutes on 2 CPU cores, so that

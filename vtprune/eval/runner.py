@@ -85,9 +85,10 @@ def _check_settings(out: Path, settings: dict, shard: Shard) -> None:
     previous = json.loads(path.read_text())
     if previous != settings:
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        code = " (versions: it was made by other code, vtprune's source included)" if "versions" in changed else ""
         raise ValueError(
-            f"{out} holds a run with other settings ({', '.join(changed)}); resume it with the same "
-            "arguments, or pass another --out"
+            f"{out} holds a run with other settings ({', '.join(changed)}){code}; resume it with the same "
+            "arguments and code, or pass another --out"
         )
 
 
