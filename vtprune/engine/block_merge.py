@@ -79,12 +79,12 @@ class BlockMerging:
                 ]
 
     def _state(self) -> TowerMerge | None:
-        call = self.recorder._pending
+        call = self.recorder.running
         return None if call is None else call.merge
 
     def _block_start(self, kind: str, index: int, layers: int):
         def hook(module, args, kwargs):
-            call = self.recorder._pending
+            call = self.recorder.running
             if call is None:
                 return
             hidden = args[0] if args else kwargs["hidden_states"]

@@ -64,6 +64,11 @@ class VisionRecorder:
         self.handles.append(projector.register_forward_pre_hook(self._before_projector))
         self.handles.append(projector.register_forward_hook(self._after_projector))
 
+    @property
+    def running(self) -> EncodedCall | None:
+        """The tower run in progress (its projector has not run yet), for hooks inside the tower's blocks."""
+        return self._pending
+
     def _start_hook(self, kind: str):
         def hook(module, args):
             self._pending = EncodedCall(kind)
