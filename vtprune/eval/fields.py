@@ -1,0 +1,94 @@
+"""Where a benchmark row came from, and checks on its fields, so that every loader error names the file, the row
+and the field (as the file spells it) and says how to fix it. A row ("doc") is a dict under lmms-eval's column
+names whatever format it was read from; its `_Where` travels with it from the reader that found it to the
+builder that checks it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+
+Doc = dict  # one benchmark row under lmms-eval's column names ("image" may be bytes, _ImageFile, HF struct)
+
+
+@dataclass(frozen=True)
+class _Where:
+    file: str  # as the user knows it: relative to the path they gave
+    row: str   # "row 17" (0-based table row), "line 18" (1-based text line), "problem '42'" ...
+    # (lmms-eval name, name in the file) for readers that rename fields, so errors name what the file has
+    renamed: tuple[tuple[str, str], ...] = ()
+
+    def field(self, name: str) -> str:
+        return dict(self.renamed).get(name, name)
+
+    def error(self, field: str, problem: str, fix: str) -> ValueError:
+        return ValueError(f"{self.file} {self.row}: field {self.field(field)!r} {problem}; {fix}")
+
+
+def _display(file: Path, root: Path) -> str:
+    if file == root:
+        return file.name
+    try:
+        return str(file.relative_to(root))
+    except ValueError:
+        return str(file)
+
+
+def _missing(value) -> bool:
+    """A blank cell: None, NaN, or the string "nan" (how pandas-written files spell it)."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) \
+        or (isinstance(value, str) and value.strip().lower() in ("", "nan"))
+
+
+def _required(doc: Doc, field: str, where: _Where, expected: str):
+    if field not in doc or _missing(doc[field]):
+        present = ", ".join(where.field(k) for k in doc if k != "image") or "none"
+        state = "is missing" if doc.get(field) is None else "is empty"
+        raise where.error(field, state, f"expected {expected} (fields present: {present})")
+    return doc[field]
+
+
+def _text(doc: Doc, field: str, where: _Where, expected: str = "a non-empty string") -> str:
+    value = _required(doc, field, where, expected)
+    if not isinstance(value, str):
+        raise where.error(field, f"is {type(value).__name__} {value!r}", f"expected {expected}")
+    return value
+
+
+def _string_list(doc: Doc, field: str, where: _Where, expected: str) -> list[str]:
+    value = _required(doc, field, where, expected)
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise where.error(field, f"is {value!r}", f"expected {expected}")
+    out = []
+    for a in value:
+        if isinstance(a, dict):  # VQA-style annotations: {"answer": ..., "answer_confidence": ...}
+            a = a.get("answer")
+        if not isinstance(a, str):
+            raise where.error(field, f"holds {a!r}", f"expected {expected}")
+        out.append(a)
+    return out
+
+
+def _yes_no(doc: Doc, field: str, where: _Where, spelled: str) -> str:
+    value = _text(doc, field, where, f"{spelled}")
+    if value.strip().lower().replace(".", "") not in ("yes", "no"):
+        raise where.error(field, f"is {value!r}", f"expected {spelled}")
+    return value
+
+
+def _integer(doc: Doc, field: str, where: _Where, expected: str) -> int:
+    value = _required(doc, field, where, expected)
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise where.error(field, f"is {value!r}", f"expected {expected}") from None
+
+
+def _optional_id(doc: Doc, field: str) -> str | None:
+    value = doc.get(field)
+    return None if _missing(value) else str(value)
