@@ -72,10 +72,15 @@ def test_probe_attention_is_the_layers_own(family, at, layer, attn):
             torch.testing.assert_close(next(computed), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_probe_rows_name_text_visual_and_last_tokens():
+@pytest.mark.parametrize("hole", [False, True])
+def test_probe_rows_name_text_visual_and_last_tokens(hole):
+    """hole: a masked-out token inside the first prompt, so that its present rows are not one run of slots."""
     model = FAMILIES["llava_next"]("sdpa")
     layouts = [SampleLayout(images=1, text_before=4, text_after=3), SampleLayout(images=1, text_before=1)]
     inputs = tiny_inputs(model, layouts)
+    if hole:
+        first = int(torch.nonzero(inputs["attention_mask"][0]).min())
+        inputs["attention_mask"][0, first + 2] = 0
     with vtprune.apply(model, ProbeTop.name, budget=3):
         model(**inputs)
     items = [item for sample in adapter_for(model).visual_items(inputs["input_ids"], inputs) for item in sample]
