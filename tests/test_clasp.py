@@ -2,12 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import vtprune
 from vtprune.methods import ImageView, ModelInfo, Stage
 from vtprune.methods.clasp import CLASP, fusion_candidates
+from vtprune.methods import primitives
 from vtprune.methods.primitives import farthest_point
 from vtprune.router import CLASSES
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
@@ -102,6 +104,55 @@ def test_farthest_point_picks_the_least_covered_token_each_time():
     points = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7]])
     assert farthest_point(points, torch.tensor([0]), 2).tolist() == [2, 1]
     assert farthest_point(points, torch.tensor([0, 1, 2, 3]), 2).numel() == 0
+
+
+def numpy_farthest_point(features: np.ndarray, chosen: list[int], k: int) -> list[int]:
+    """The completion rule written plainly: each pick is the token whose nearest chosen token (cosine distance)
+    is farthest; from nothing, the token farthest from the mean direction."""
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    chosen, picks = list(chosen), []
+    for _ in range(min(k, len(unit) - len(chosen))):
+        if chosen:
+            nearest = (1 - unit @ unit[chosen].T).min(axis=1)
+        else:
+            mean = unit.mean(axis=0)
+            nearest = 1 - unit @ (mean / np.linalg.norm(mean))
+        nearest[chosen] = -np.inf
+        pick = int(nearest.argmax())
+        chosen.append(pick)
+        picks.append(pick)
+    return picks
+
+
+@pytest.fixture(params=["held", "pick by pick"])
+def distance_matrix(request, monkeypatch):
+    """Whether the greedy loop reads each pick's distances off the held distance matrix or computes them."""
+    if request.param == "pick by pick":
+        monkeypatch.setattr(primitives, "DISTANCE_MATRIX_ENTRIES", 16)
+
+
+@pytest.mark.parametrize("pivots", [[], [3], [0, 7, 19]])
+def test_farthest_point_is_the_plain_rule(pivots, distance_matrix):
+    features = torch.randn(40, 12, generator=torch.Generator().manual_seed(len(pivots)), dtype=torch.float64)
+    expected = numpy_farthest_point(features.numpy(), pivots, 9)
+    assert farthest_point(features, torch.tensor(pivots, dtype=torch.long), 9).tolist() == expected
+
+
+def test_a_batch_of_items_is_selected_as_each_alone(table, distance_matrix):
+    """select_batch grows the completion tokens of items of one shape and pivot count in one loop; the others
+    (another size, another keep, another class's split) in groups of their own."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(48, 16, 12, 0)] * 3 + [(42, 16, 12, 0), (48, 16, 7, 0), (48, 16, 12, 3), (48, 16, 12, 0)]
+    views = [ImageView.of_grid(torch.randn(n, d, generator=g), 6, n // 6, keep=k, layer=2, stage=0, image_index=0,
+                               sizes=torch.ones(n), attention=torch.rand(n, generator=g), text=torch.tensor([word]))
+             for n, d, k, word in shapes]
+    method = CLASP(CLASP.parse_options({"tokenizer": IdsAsText(), "router": class_of_first_token,
+                                        "calibration": str(table)}))
+    batched = method.select_batch(views)
+    assert batched[0].numel() == 12 and batched[4].numel() == 7
+    for view, picked in zip(views, batched, strict=True):
+        assert picked.tolist() == method.select(view).tolist()
+        assert picked.unique().numel() == view.keep
 
 
 def test_clasp_asks_for_a_way_to_route():

@@ -34,7 +34,7 @@ import torch
 
 from ..router import CLASSES, checked, route
 from .base import ImageView, Method, ModelInfo, Stage, scale_layers
-from .primitives import farthest_point, topk_in_order
+from .primitives import farthest_point, same_shape, topk_in_order
 
 STEP_LAYER = 2  # K: one step, before decoder layer 2 (layers 0..1 see every visual token)
 PROGRESSIVE_LAYERS, PROGRESSIVE_DEPTH = (2, 6, 15), 32
@@ -149,10 +149,24 @@ class CLASP(Method):
         return [Stage(layer, min(num_tokens, max(1, round(budget * m)))) for layer, m in zip(layers, multipliers)]
 
     def select(self, view: ImageView) -> torch.Tensor:
+        return self.select_batch([view])[0]
+
+    def select_batch(self, views: list[ImageView]) -> list[torch.Tensor]:
+        pivots = [self._pivots(view) for view in views]
+        picks = [None] * len(views)
+        # Items of one shape with as many pivots (every image of a LLaVA batch asking one class) grow their
+        # completion tokens in one greedy loop.
+        for group in same_shape([(v.hidden.shape, v.hidden.dtype, v.keep, p.numel()) for v, p in zip(views, pivots)]):
+            first = views[group[0]]
+            completion = farthest_point(torch.stack([views[j].hidden for j in group]),
+                                        torch.stack([pivots[j] for j in group]), first.keep - pivots[group[0]].numel())
+            for j, added in zip(group, completion):
+                picks[j] = torch.cat([pivots[j], added])
+        return picks
+
+    def _pivots(self, view: ImageView) -> torch.Tensor:
         share = self.settings(view.text).split
         # At least one pivot unless the split says none: coverage grown from nothing starts at
         # the mean, where two tokens are exactly tied and float noise would pick.
-        pivots = topk_in_order(view.attention, max(round(share * view.keep), 1 if share > 0 else 0))
-        completion = farthest_point(view.hidden, pivots, view.keep - pivots.numel())
-        return torch.cat([pivots, completion])
+        return topk_in_order(view.attention, max(round(share * view.keep), 1 if share > 0 else 0))
 

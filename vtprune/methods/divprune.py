@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from .base import LLM_INPUT, ImageView, Method, ModelInfo, Stage
-from .primitives import same_shape
+from .primitives import greedy_max_min, same_shape
 
 _BLOCK = 1 << 24  # distance-matrix entries computed at once (64 MB in float32) for the first pick
 
@@ -77,23 +77,14 @@ def max_min_diversity(features: torch.Tensor, k: int) -> torch.Tensor:
 def _greedy(unit: torch.Tensor, k: int, whole: bool) -> torch.Tensor:
     """[G, k] picks for unit [G, N, D]; `whole`: the items' distance matrices are computed once and held."""
     groups, n = unit.shape[:2]
-    picks = torch.zeros(groups, k, dtype=torch.long, device=unit.device)
     if n < 2 or k == 0:
-        return picks
-    rows = torch.arange(groups, device=unit.device)
-    taken = torch.zeros(groups, n, dtype=torch.bool, device=unit.device)
+        return torch.zeros(groups, k, dtype=torch.long, device=unit.device)
     matrix = 1 - unit @ unit.transpose(1, 2) if whole else None
+    # The first pick: the token farthest from its nearest neighbour; after it, each token's distance to its
+    # nearest picked token (the authors' loop; masking the picked ones is the deviation).
     score = matrix.topk(2, dim=1, largest=False).values[:, 1] if whole else nearest_neighbour_distance(unit)
-    for i in range(k):
-        if i:
-            score = score.masked_fill(taken, float("-inf"))  # the deviation: the authors do not mask
-        pick = score.argmax(dim=1)  # stays on the device: no host sync per pick
-        picks[:, i] = pick
-        taken[rows, pick] = True
-        distance = matrix[rows, pick] if whole else 1 - (unit @ unit[rows, pick][:, :, None])[..., 0]
-        # After the first pick the score is each token's distance to its nearest picked token.
-        score = distance if i == 0 else torch.minimum(score, distance)
-    return picks
+    taken = torch.zeros(groups, n, dtype=torch.bool, device=unit.device)
+    return greedy_max_min(unit, score, taken, k, matrix=matrix, fresh=True)
 
 
 class DivPrune(Method):

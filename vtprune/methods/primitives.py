@@ -131,30 +131,62 @@ def merge_into_nearest(hidden: torch.Tensor, sizes: torch.Tensor, keep: torch.Te
     return (total / new_sizes[:, None]).to(hidden.dtype), new_sizes, destination
 
 
+# Distance-matrix entries a greedy max-min selection holds at once (64 MB in float32): items whose matrix fits
+# compute it once and read each pick's distances off it; larger ones (videos, anyres) compute them pick by pick.
+DISTANCE_MATRIX_ENTRIES = 1 << 24
+
+
+def greedy_max_min(unit: torch.Tensor, score: torch.Tensor, taken: torch.Tensor, k: int, *,
+                   matrix: torch.Tensor | None = None, fresh: bool = False) -> torch.Tensor:
+    """[G, k] greedy max-min picks for G items of unit-norm rows unit [G, N, D]: each pick is the untaken token
+    (taken [G, N], updated in place) with the highest score [G, N]; every score then becomes the token's cosine
+    distance to its nearest pick. `fresh`: the initial score only placed the first pick (it is not a distance
+    to count afterwards). matrix [G, N, N]: the items' distance matrices, where held. Picks stay on the device:
+    no host read per pick."""
+    rows = torch.arange(unit.shape[0], device=unit.device)
+    picks = torch.zeros(unit.shape[0], k, dtype=torch.long, device=unit.device)
+    for i in range(k):
+        pick = score.masked_fill(taken, float("-inf")).argmax(dim=1)
+        picks[:, i] = pick
+        taken[rows, pick] = True
+        distance = matrix[rows, pick] if matrix is not None else 1 - (unit @ unit[rows, pick][:, :, None])[..., 0]
+        score = distance if i == 0 and fresh else torch.minimum(score, distance)
+    return picks
+
+
 def farthest_point(features: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy max-min coverage: k more indices, each the token farthest (cosine distance) from all chosen so far.
 
     features [N, D]; chosen [m] indices already taken (may be empty: the first pick is
     then the token farthest from the mean). Returns the k new indices in pick order.
+    features [G, N, D] with chosen [G, m] are G items picked independently, in one loop: [G, k].
     """
+    single = features.dim() == 2
     unit = torch.nn.functional.normalize(features.float(), dim=-1)
-    n = unit.shape[0]
-    k = min(k, n - chosen.numel())
-    if k <= 0:
-        return chosen.new_zeros(0)
-    if chosen.numel():
-        nearest = (1 - unit @ unit[chosen].T).min(dim=1).values
+    unit, chosen = (unit[None], chosen[None]) if single else (unit, chosen)
+    groups, n = unit.shape[:2]
+    k = max(0, min(k, n - chosen.shape[1]))
+    whole = n * n <= DISTANCE_MATRIX_ENTRIES  # by the item's size alone, so that an item picks alike in any batch
+    at_once = max(1, DISTANCE_MATRIX_ENTRIES // (n * n)) if whole else groups
+    picks = [_farthest_points(unit[start : start + at_once], chosen[start : start + at_once], k, whole)
+             for start in range(0, groups, at_once)]
+    picks = torch.cat(picks) if picks else chosen.new_zeros(0, k)
+    return picks[0] if single else picks
+
+
+def _farthest_points(unit: torch.Tensor, chosen: torch.Tensor, k: int, whole: bool) -> torch.Tensor:
+    groups, n = unit.shape[:2]
+    rows = torch.arange(groups, device=unit.device)
+    matrix = 1 - unit @ unit.transpose(1, 2) if whole else None
+    if chosen.shape[1] and matrix is not None:
+        score = matrix.gather(2, chosen[:, None, :].expand(-1, n, -1)).min(dim=2).values
+    elif chosen.shape[1]:
+        score = (1 - unit @ unit[rows[:, None], chosen].transpose(1, 2)).min(dim=2).values
     else:
-        nearest = 1 - unit @ torch.nn.functional.normalize(unit.mean(dim=0), dim=0)
-    taken = torch.zeros(n, dtype=torch.bool, device=unit.device)
-    taken[chosen] = True
-    picks = []
-    for _ in range(k):
-        pick = int(nearest.masked_fill(taken, float("-inf")).argmax())
-        picks.append(pick)
-        taken[pick] = True
-        nearest = torch.minimum(nearest, 1 - unit @ unit[pick])
-    return torch.tensor(picks, dtype=torch.long, device=unit.device)
+        score = 1 - (unit @ torch.nn.functional.normalize(unit.mean(dim=1), dim=-1)[:, :, None])[..., 0]
+    taken = torch.zeros(groups, n, dtype=torch.bool, device=unit.device)
+    taken[rows[:, None], chosen] = True
+    return greedy_max_min(unit, score, taken, k, matrix=matrix, fresh=not chosen.shape[1])
 
 
 def _row_attention(layer, rows: torch.Tensor) -> torch.Tensor:
