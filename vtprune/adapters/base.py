@@ -177,9 +177,7 @@ class Adapter(ABC):
         if keys is None:
             query, keys = self.queries_and_keys(layer_index, hidden, position_embeddings, query_index)
         else:
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            cos, sin = (t.expand(hidden.shape[0], -1, -1)[rows, query_index][:, None] for t in position_embeddings)
-            query = self._queries(layer_index, hidden[rows, query_index][:, None], cos, sin)
+            query = self._queries_at(layer_index, hidden, position_embeddings, query_index)
             keys = keys.to(query.device).repeat_interleave(attn.num_key_value_groups, dim=1)
         return last_query_attention(query[:, :, 0], keys, key_mask, attn.scaling)
 
@@ -204,14 +202,19 @@ class Adapter(ABC):
         normed = layer.input_layernorm(hidden)
         cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
         if query_index is not None:
-            rows = torch.arange(batch, device=hidden.device)
-            query = self._queries(layer_index, hidden[rows, query_index][:, None], cos[rows, query_index][:, None],
-                                  sin[rows, query_index][:, None])
+            query = self._queries_at(layer_index, hidden, position_embeddings, query_index)
         else:
             query = self._queries(layer_index, hidden, cos, sin, normed)
         keys = attn.k_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
         keys = apply_rope(keys, cos, sin).repeat_interleave(attn.num_key_value_groups, dim=1)
         return query, keys
+
+    def _queries_at(self, layer_index: int, hidden: torch.Tensor,
+                    position_embeddings: tuple[torch.Tensor, torch.Tensor], query_index: torch.Tensor) -> torch.Tensor:
+        """[B, H, 1, d] the query of each sample's query_index row only."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        cos, sin = (t.expand(hidden.shape[0], -1, -1)[rows, query_index][:, None] for t in position_embeddings)
+        return self._queries(layer_index, hidden[rows, query_index][:, None], cos, sin)
 
     def _queries(self, layer_index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  normed: torch.Tensor | None = None) -> torch.Tensor:

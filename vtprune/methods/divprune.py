@@ -40,9 +40,9 @@ from __future__ import annotations
 import torch
 
 from .base import LLM_INPUT, ImageView, Method, ModelInfo, Stage
-from .primitives import greedy_max_min, same_shape
+from .primitives import DISTANCE_MATRIX_ENTRIES, distance_matrix_chunks, greedy_max_min, same_shape
 
-_BLOCK = 1 << 24  # distance-matrix entries computed at once (64 MB in float32) for the first pick
+_BLOCK = DISTANCE_MATRIX_ENTRIES  # distance-matrix entries computed at once (64 MB in float32)
 
 
 def nearest_neighbour_distance(unit: torch.Tensor) -> torch.Tensor:
@@ -68,9 +68,8 @@ def max_min_diversity(features: torch.Tensor, k: int) -> torch.Tensor:
     k = max(0, min(k, n))
     # Items whose distance matrix fits in _BLOCK entries hold it whole (a pick's distances are then one of its
     # rows), as many at a time as fit; larger ones (videos) compute each pick's distances when it is made.
-    at_once = max(1, _BLOCK // (n * n)) if n * n <= _BLOCK else groups
-    picks = [_greedy(unit[start : start + at_once], k, whole=n * n <= _BLOCK) for start in range(0, groups, at_once)]
-    picks = torch.cat(picks)
+    whole, chunks = distance_matrix_chunks(groups, n, _BLOCK)
+    picks = torch.cat([_greedy(unit[chunk], k, whole) for chunk in chunks])
     return picks[0] if single else picks
 
 

@@ -136,6 +136,15 @@ def merge_into_nearest(hidden: torch.Tensor, sizes: torch.Tensor, keep: torch.Te
 DISTANCE_MATRIX_ENTRIES = 1 << 24
 
 
+def distance_matrix_chunks(groups: int, n: int, entries: int) -> tuple[bool, list[slice]]:
+    """Whether items of n tokens hold their n x n distance matrix (decided by their size alone, so that an item
+    picks alike in any batch), and the slices of the batch's `groups` items taken at once so that the held
+    matrices fit in `entries`."""
+    whole = n * n <= entries
+    at_once = max(1, entries // (n * n)) if whole else max(1, groups)
+    return whole, [slice(start, start + at_once) for start in range(0, groups, at_once)]
+
+
 def greedy_max_min(unit: torch.Tensor, score: torch.Tensor, taken: torch.Tensor, k: int, *,
                    matrix: torch.Tensor | None = None, fresh: bool = False) -> torch.Tensor:
     """[G, k] greedy max-min picks for G items of unit-norm rows unit [G, N, D]: each pick is the untaken token
@@ -166,10 +175,8 @@ def farthest_point(features: torch.Tensor, chosen: torch.Tensor, k: int) -> torc
     unit, chosen = (unit[None], chosen[None]) if single else (unit, chosen)
     groups, n = unit.shape[:2]
     k = max(0, min(k, n - chosen.shape[1]))
-    whole = n * n <= DISTANCE_MATRIX_ENTRIES  # by the item's size alone, so that an item picks alike in any batch
-    at_once = max(1, DISTANCE_MATRIX_ENTRIES // (n * n)) if whole else groups
-    picks = [_farthest_points(unit[start : start + at_once], chosen[start : start + at_once], k, whole)
-             for start in range(0, groups, at_once)]
+    whole, chunks = distance_matrix_chunks(groups, n, DISTANCE_MATRIX_ENTRIES)
+    picks = [_farthest_points(unit[chunk], chosen[chunk], k, whole) for chunk in chunks]
     picks = torch.cat(picks) if picks else chosen.new_zeros(0, k)
     return picks[0] if single else picks
 
