@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vtprune.methods import Grid, ModelInfo, Stage, VisionLayer, VisionView
+from vtprune.methods import vispruner
 from vtprune.methods.vispruner import VisPruner, deduplicate
 
 from . import vision_views as views
@@ -150,3 +151,14 @@ def test_a_batch_of_views_is_selected_as_each_alone():
     method = VisPruner(VisPruner.Options())
     for view, picked in zip(views, method.select_batch(views), strict=True):
         assert picked.tolist() == method.select(view).tolist() == reference(view)
+
+
+def test_residuals_deduplicated_in_chunks_as_each_alone(monkeypatch):
+    """Residuals whose similarity matrices exceed the held entries run in chunks; each answer is unchanged."""
+    generator = torch.Generator().manual_seed(3)
+    unit = torch.nn.functional.normalize(torch.randn(3, 30, 8, generator=generator, dtype=torch.float64), dim=-1)
+    residual = torch.stack([torch.randperm(30, generator=generator)[:20] for _ in range(5)])
+    owner = torch.tensor([0, 1, 2, 1, 0])
+    alone = [deduplicate(unit[o], r, 6, 3).tolist() for o, r in zip(owner, residual)]
+    monkeypatch.setattr(vispruner, "DISTANCE_MATRIX_ENTRIES", 2 * 20 * 20)  # two residuals at a time
+    assert deduplicate(unit, residual, 6, 3, owner).tolist() == alone

@@ -43,7 +43,9 @@ Deviations, on purpose:
   other tokens"; issue 9 asks the same). The engine offers the vision stage on
   LLaVA, LLaVA-NeXT and Video-LLaVA (all CLIP, with [CLS]) today.
 - Numerics: attention in float32, similarities in float32 at least (float64 features stay
-  float64; the authors: the model's dtype, fp16). The loop is chaotic under rounding: one
+  float64; the authors: the model's dtype, fp16). The residual's similarity matrix is computed
+  once and each round reads its a x b block (the authors multiply the block's features each
+  round: the same values up to float rounding, and the rounds cost no matmul). The loop is chaotic under rounding: one
   near-tie that flips reorders every later round's a/b split, so runs in different precisions
   can keep quite different diverse tokens.
 """
@@ -55,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, VisionLayer, VisionMethod, VisionView, feature_layer
-from .primitives import cls_attention, received_attention, row_groups, same_shape
+from .primitives import DISTANCE_MATRIX_ENTRIES, cls_attention, received_attention, row_groups, same_shape
 
 
 def importance(layer: VisionLayer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -79,16 +81,33 @@ def deduplicate(unit: torch.Tensor, residual: torch.Tensor, count: int, per_roun
     single = residual.dim() == 1
     if single:
         unit, residual, owner = unit[None], residual[None], torch.zeros(1, dtype=torch.long, device=unit.device)
-    owner = owner[:, None]
+    size = residual.shape[1]
+    at_once = max(1, DISTANCE_MATRIX_ENTRIES // (size * size))  # residuals are independent: chunking changes nothing
+    kept = []
+    for start in range(0, residual.shape[0], at_once):
+        tokens = residual[start:start + at_once]
+        features = unit[owner[start:start + at_once, None], tokens]
+        kept.append(tokens.gather(1, survivors(features @ features.transpose(1, 2), count, per_round)))
+    kept = torch.cat(kept)
+    return kept[0] if single else kept
+
+
+def survivors(similarity: torch.Tensor, count: int, per_round: int) -> torch.Tensor:
+    """[J, count] positions in J residuals that survive the rounds, from their cosine similarities [J, R, R]
+    (held whole: each round reads its a x b block)."""
+    jobs, size = similarity.shape[:2]
+    flat = similarity.flatten(1)
+    position = torch.arange(size, device=similarity.device).expand(jobs, size)
     while count > 0:
-        drop = min(per_round, residual.shape[1] - count)
+        drop = min(per_round, position.shape[1] - count)
         if drop <= 0:
             break
-        a, b = residual[:, 0::2], residual[:, 1::2]
-        score = (unit[owner, a] @ unit[owner, b].transpose(1, 2)).max(dim=-1).values
+        a, b = position[:, 0::2], position[:, 1::2]
+        block = flat.gather(1, (a[:, :, None] * size + b[:, None, :]).flatten(1))
+        score = block.view(jobs, a.shape[1], b.shape[1]).max(dim=-1).values
         drop = min(drop, a.shape[1])
-        residual = torch.cat([a.gather(1, descending(score)[:, drop:]), b], dim=1)
-    return residual[0] if single else residual
+        position = torch.cat([a.gather(1, descending(score)[:, drop:]), b], dim=1)
+    return position
 
 
 class VisPruner(VisionMethod):
