@@ -1,11 +1,12 @@
 """`vtprune eval --model PATH --tasks ... --data DIR`: a saved checkpoint on local benchmark copies, end to end."""
 
 import json
+import re
 
 import pytest
 
 from vtprune import cli
-from vtprune.eval.benchmark_eval import benchmark_markdown, benchmark_table, summarize_benchmarks
+from vtprune.eval.benchmark_eval import benchmark_markdown, benchmark_table, check_references, summarize_benchmarks
 from vtprune.eval.intervals import bootstrap, normalized_interval, percentile_interval, units
 from vtprune.eval.loaders import BenchmarkSample, load_benchmark
 from vtprune.eval.metrics import normalized_average, sample_outcomes, score
@@ -109,6 +110,27 @@ def test_a_missing_task_copy_and_the_synthetic_only_flags_are_refused(checkpoint
     assert "unknown task 'popee'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no .*gqa: put your local copy of gqa there"):
         cli.main(["eval", "--model", str(checkpoint), "--tasks", "gqa,pope", "--data", str(data), "--out", str(tmp_path)])
+
+
+def test_a_row_the_scorer_would_refuse_stops_the_run_before_any_answer(checkpoint, tmp_path):
+    """MME scores each image's pair of questions: an image with one is named by its file and line before any
+    answer is generated (no results file is written)."""
+    release = mme_release(tmp_path / "data" / "mme")
+    (release / "code_reasoning" / "0020.txt").write_text("Is the output 3? Please answer yes or no.\tNo\n")
+    with pytest.raises(ValueError, match=r"code_reasoning/0020.txt line 1: mme's lmms-eval scoring refuses this "
+                                         r"row: it is one of 1 questions on image"):
+        cli.main(["eval", "--model", str(checkpoint), "--tasks", "mme", "--data", str(tmp_path / "data"),
+                  "--methods", "random", "--budgets", "8", "--out", str(tmp_path / "out")])
+    assert not list((tmp_path / "out").glob("results*.jsonl"))
+
+
+def test_check_references_follows_the_scoring_rule():
+    rows = [BenchmarkSample("textvqa", str(i), (), "?", {"answers": ["a"] * n}, f"val.json data[{i}]")
+            for i, n in enumerate((10, 9))]
+    check_references(rows, "lmms-eval")  # lmms-eval scores any number of answers
+    with pytest.raises(ValueError, match=re.escape("val.json data[1]: textvqa's llava scoring refuses this row: "
+                                                   "it has 9 answers; the llava rule (m4c) needs 10")):
+        check_references(rows, "llava")
 
 
 def test_a_single_task_may_be_given_its_own_folder(checkpoint, data, tmp_path):

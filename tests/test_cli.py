@@ -183,6 +183,11 @@ def test_score_names_the_line_of_a_malformed_predictions_file(tmp_path):
     path.write_text('{"prediction": "yes", "answer": "yes", "category": "random"}\n{"answer": "no"}\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl line 2: no 'prediction' field"):
         cli.main(["score", "--task", "pope", "--predictions", str(path)])
+    # a reference the metric refuses is named by its line (blank lines counted)
+    path.write_text('{"prediction": "yes", "answer": "yes", "category": "random"}\n\n'
+                    '{"prediction": "no", "label_typo": "no", "category": "random"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl line 3: pope reference has no field 'answer' or 'label'"):
+        cli.main(["score", "--task", "pope", "--predictions", str(path)])
     path.write_text('{"prediction": "yes", "answer": "yes", "category": "random"}\n')
     with pytest.raises(SystemExit, match=r"unknown task 'popee'; valid: .*pope"):
         cli.main(["score", "--task", "popee", "--predictions", str(path)])

@@ -685,3 +685,44 @@ def test_pyarrow_missing_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(ImportError, match="pip install pyarrow"):
         load_benchmark("pope", tmp_path)
+
+
+def test_a_split_missing_a_shard_is_refused(tmp_path):
+    write_parquet(tmp_path / "data" / "test-00000-of-00003.parquet", pope_rows()[:2])
+    write_parquet(tmp_path / "data" / "test-00002-of-00003.parquet", pope_rows()[2:])
+    raises(re.escape("split 'test' has 2 of its 3 shards (test-00001-of-00003 missing)"),
+           load_benchmark, "pope", tmp_path)
+
+
+def test_a_shard_copied_twice_is_refused(tmp_path):
+    write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", pope_rows())
+    write_parquet(tmp_path / "data" / "backup" / "test-00000-of-00001.parquet", pope_rows())
+    raises(re.escape("shard 0 of 1 of split 'test' is there more than once (data/test-00000-of-00001.parquet, "
+                     "data/backup/test-00000-of-00001.parquet)"), load_benchmark, "pope", tmp_path)
+
+
+def test_a_repeated_row_is_refused_and_a_repeated_id_is_renamed(tmp_path):
+    rows = pope_rows()
+    write_parquet(tmp_path / "pope.parquet", rows + rows[1:2])
+    raises(re.escape("pope.parquet row 4: repeats pope.parquet row 1 (same id 'adversarial/2', question and "
+                     "answer)"), load_benchmark, "pope", tmp_path)
+    write_parquet(tmp_path / "pope.parquet", rows + [{**rows[1], "question": "Is there a cow in the image?"}])
+    samples = load_benchmark("pope", tmp_path)
+    assert [s.id for s in samples][-1] == "adversarial/2#2" and samples[1].id == "adversarial/2#1"
+    assert samples[4].source == "pope.parquet row 4"
+
+
+def test_pope_answer_with_a_period_is_refused_as_its_scorers_refuse_it(tmp_path):
+    rows = pope_rows()
+    rows[0]["answer"] = "Yes."
+    write_parquet(tmp_path / "pope.parquet", rows)
+    raises(re.escape("pope.parquet row 0: field 'answer' is 'Yes.'; expected 'yes' or 'no'"),
+           load_benchmark, "pope", tmp_path)
+
+
+def test_ocrbench_blank_answer_is_refused(tmp_path):
+    row = {"question": "What is written?", "answer": ["12", "  "], "dataset": "IIIT5K",
+           "question_type": "Regular Text Recognition", "image": hf_image()}
+    write_parquet(tmp_path / "ocr.parquet", [row])
+    raises(re.escape("ocr.parquet row 0: field 'answer' holds a blank answer"), load_benchmark, "ocrbench",
+           tmp_path)

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from vtprune.eval.metrics import (
-    METRICS, SCORING_RULES, extract_mcq_answer, extract_mmbench_option, normalize_gqa_answer,
+    METRICS, BadReference, SCORING_RULES, extract_mcq_answer, extract_mmbench_option, normalize_gqa_answer,
     normalize_vqa_answer, normalized_average, parse_mme_answer, parse_pope_answer, parse_scienceqa_option,
     relative_scores, score, vqa_soft_accuracy,
 )
@@ -199,8 +199,9 @@ def test_mme_acc_plus_and_totals_both_rules():
 
 
 def test_mme_errors():
-    with pytest.raises(ValueError, match="has 1 questions"):
+    with pytest.raises(ValueError, match="reference 0 is one of 1 questions on image") as raised:
         score("mme", ["yes"], MME_REFS[:1])
+    assert raised.value.index == 0
     with pytest.raises(ValueError, match="'texture' is not an MME subtask"):
         score("mme", ["yes", "no"], [{"question_id": "a", "category": "texture", "answer": "Yes"}] * 2)
 
@@ -318,3 +319,32 @@ def test_normalized_average():
     with pytest.raises(ValueError, match="unpruned score for 'gqa' is 0"):
         normalized_average({"gqa": 1.0}, {"gqa": 0.0})
     assert not math.isnan(normalized_average({"x": 0.0}, {"x": 2.0}))
+
+
+def test_a_bad_reference_names_its_row():
+    """Every reference the metric cannot score is a BadReference carrying its index, so a caller can name the
+    file line or benchmark row it came from."""
+    with pytest.raises(BadReference) as raised:
+        score("pope", ["yes"] * 3, [{"answer": "yes"}, {"answer": "no"}, {"answer": "Yes."}])
+    assert raised.value.index == 2 and raised.value.task == "pope"
+    with pytest.raises(BadReference, match="reference 1 has 9 answers") as raised:
+        score("textvqa", ["a", "a"], [{"answers": ["a"] * 10}, {"answers": ["a"] * 9}], scoring="llava")
+    assert raised.value.index == 1
+
+
+def test_pope_rows_without_a_category_beside_categorised_ones_are_refused():
+    # they would pool under the split name "all", the name of the pooled keys
+    refs = [{"answer": "yes"}, {"answer": "no"}, {"answer": "no", "category": "random"}]
+    with pytest.raises(BadReference, match="reference 0 has no category while others have one") as raised:
+        score("pope", ["yes", "yes", "no"], refs)
+    assert raised.value.index == 0
+    uncategorised = score("pope", ["yes", "no"], refs[:2])
+    assert uncategorised["f1"] == uncategorised["all/f1"] == 1.0
+
+
+@pytest.mark.parametrize("answers", ["  ", [""], ["12", " "]])
+def test_ocrbench_refuses_a_blank_answer(answers):
+    # the official substring rule would give every prediction the point
+    ref = {"answer": answers, "dataset": "IIIT5K", "question_type": "Regular Text Recognition"}
+    with pytest.raises(BadReference, match="blank answer matches every prediction"):
+        score("ocrbench", ["anything"], [ref])

@@ -170,7 +170,7 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
 
     from vtprune.eval import evaluate
     from vtprune.eval.benchmark_eval import (INTERVAL_NOTE, benchmark_markdown, benchmark_table, benchmark_task,
-                                             data_digests, load_tasks, summarize_benchmarks)
+                                             check_references, data_digests, load_tasks, summarize_benchmarks)
     from vtprune.eval.generation import load_checkpoint
     from vtprune.eval.lock import hold
     from vtprune.eval.report import plot_accuracy_vs_budget
@@ -181,6 +181,7 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         if shard.device is not None:
             model.to(shard.device)
         samples = load_tasks(args.tasks, Path(args.data), args.limit)
+        check_references(samples, args.scoring)
         configs, refused = runnable_configs(model, specs, args.budgets, method_options(model_path, processor), shard)
         settings = {"tasks": args.tasks, "model": _model_id(model_path), "data": data_digests(args.tasks, Path(args.data)),
                     "limit": args.limit, "max_new_tokens": args.max_new_tokens, "scoring": args.scoring,
@@ -266,12 +267,15 @@ def cmd_score(args) -> int:
     """Score a file of given answers with a benchmark's official metric: no model."""
     import json
 
-    from vtprune.eval.metrics import score
+    from vtprune.eval.metrics import BadReference, score
     from vtprune.eval.predictions import read_predictions
 
     try:
-        predictions, references = read_predictions(args.predictions)
+        predictions, references, lines = read_predictions(args.predictions)
         result = score(args.task, predictions, references, scoring=args.scoring)
+    except BadReference as bad:
+        raise SystemExit(f"vtprune score: error: {args.predictions} line {lines[bad.index]}: {bad.task} "
+                         f"reference {bad.problem}") from None
     except ValueError as error:
         raise SystemExit(f"vtprune score: error: {error}") from None
     console.print_json(json.dumps(result))

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from .intervals import RESAMPLES, SEED, bootstrap, normalized_interval, percentile_interval, units
 from .loaders import TASKS, BenchmarkSample, load_benchmark
-from .metrics import normalized_average, sample_outcomes, score_outcomes
+from .metrics import BadReference, normalized_average, sample_outcomes, score, score_outcomes
 from .runner import UNPRUNED, Task
 
 INTERVAL_NOTE = (f"score [lo, hi]: the 95% interval, a percentile bootstrap ({RESAMPLES} resamples, seed {SEED}) over "
@@ -44,6 +44,18 @@ def load_tasks(tasks: list[str], data: Path, limit: int | None) -> list[Benchmar
                              f"`vtprune.eval.loaders` reads), or leave {task} out of --tasks")
         samples += load_benchmark(task, folder, limit)
     return samples
+
+
+def check_references(samples: list[BenchmarkSample], scoring: str) -> None:
+    """Run each task's metric over its references before any answer is generated, so that a row the scorer
+    would refuse stops the run now, named by its file and row, and not after hours of generation."""
+    for task in dict.fromkeys(s.task for s in samples):
+        rows = [s for s in samples if s.task == task]
+        try:
+            score(task, [""] * len(rows), [s.reference for s in rows], scoring=scoring)
+        except BadReference as bad:
+            raise ValueError(f"{rows[bad.index].source}: {task}'s {scoring} scoring refuses this row: it "
+                             f"{bad.problem}") from None
 
 
 def data_digests(tasks: list[str], data: Path) -> dict[str, str]:

@@ -72,9 +72,11 @@ def _string_list(doc: Doc, field: str, where: _Where, expected: str) -> list[str
     return out
 
 
-def _yes_no(doc: Doc, field: str, where: _Where, spelled: str) -> str:
+def _yes_no(doc: Doc, field: str, where: _Where, spelled: str, period: bool) -> str:
+    """The field as a yes/no answer; `period`: "Yes." counts (as the task's scorers read it)."""
     value = _text(doc, field, where, f"{spelled}")
-    if value.strip().lower().replace(".", "") not in ("yes", "no"):
+    word = value.strip().lower()
+    if (word.replace(".", "") if period else word) not in ("yes", "no"):
         raise where.error(field, f"is {value!r}", f"expected {spelled}")
     return value
 

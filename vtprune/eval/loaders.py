@@ -34,7 +34,7 @@ from .fields import Doc, _integer, _optional_id, _string_list, _text, _Where, _y
 from .images import _open_image
 from .metrics import MME_SUBTASKS, OCRBENCH_CATEGORIES, TASK_ALIASES
 from .official_files import _OFFICIAL_READERS
-from .tables import _columns, _find_tables, _rows, _Table
+from .tables import _check_shards, _columns, _find_tables, _rows, _Table
 
 __all__ = ["BenchmarkSample", "TaskSpec", "TASKS", "load_benchmark"]
 
@@ -50,6 +50,7 @@ class BenchmarkSample:
     images: tuple[Image.Image, ...]
     question: str    # the text the model is asked: lmms-eval 0.7.3's doc_to_text with the default prompt
     reference: dict  # the fields metrics.score needs for this task
+    source: str = ""  # where its row is: "file row N" / "file line N", for errors that concern the row
 
 
 @dataclass(frozen=True)
@@ -176,12 +177,19 @@ def _same_mme_image(spec: TaskSpec, previous: Doc, doc: Doc) -> bool:
 
 def _with_unique_ids(samples: list[BenchmarkSample]) -> list[BenchmarkSample]:
     # MME's two questions share a question_id (the image) and POPE-style ids can repeat across files;
-    # the runner keys results by id, so repeated ids get "#1", "#2" ... in file order.
+    # the runner keys results by id, so repeated ids get "#1", "#2" ... in file order. A row that repeats an
+    # earlier one whole (id, question and answer) is a copy, which would count twice: refused.
     counts = Counter(s.id for s in samples)
     seen: Counter = Counter()
+    first: dict[tuple, BenchmarkSample] = {}
     out = []
     for s in samples:
         if counts[s.id] > 1:
+            key = (s.id, s.question, repr(s.reference))
+            if key in first:
+                raise ValueError(f"{s.source}: repeats {first[key].source} (same id {s.id!r}, question and "
+                                 f"answer), so it would be scored twice; remove the copy")
+            first[key] = s
             seen[s.id] += 1
             s = replace(s, id=f"{s.id}#{seen[s.id]}")
         out.append(s)
@@ -204,13 +212,13 @@ def _select(tables: list[_Table], spec: TaskSpec, config: str | None, root: Path
                              f"which {spec.name} reads; copy that config's files too")
         tables = in_config or tables
     in_split = [t for t in tables if t.split == spec.split]
-    if in_split:
-        return in_split
     splits = sorted({t.split for t in tables if t.split})
-    if len(splits) > 1:
+    if not in_split and len(splits) > 1:
         raise ValueError(f"{root}: holds splits {', '.join(splits)} but not {spec.split!r}, the split lmms-eval "
                          f"evaluates for {spec.name}; point at the files of that split")
-    return tables
+    selected = in_split or tables
+    _check_shards(selected, root)
+    return selected
 
 
 def _table_docs(spec: TaskSpec, root: Path, tables: list[_Table]) -> Iterator[tuple[Doc, _Where]]:
@@ -260,7 +268,7 @@ def _gqa(doc: Doc, where: _Where):
 
 def _pope(doc: Doc, where: _Where):
     question = _text(doc, "question", where)
-    answer = _yes_no(doc, "answer", where, "'yes' or 'no'")
+    answer = _yes_no(doc, "answer", where, "'yes' or 'no'", period=False)  # POPE's scorers take the bare word
     category = doc.get("category")
     qid = _optional_id(doc, "question_id")
     sid = f"{category}/{qid}" if qid and isinstance(category, str) and category else qid
@@ -273,7 +281,7 @@ _MME_REPLACED = " Please answer yes or no."  # mme_doc_to_text drops it when a p
 def _mme(doc: Doc, where: _Where):
     question = _text(doc, "question", where)
     qid = _text(doc, "question_id", where, "the image's id, e.g. 'code_reasoning/0020.png'")
-    answer = _yes_no(doc, "answer", where, "'Yes' or 'No'")
+    answer = _yes_no(doc, "answer", where, "'Yes' or 'No'", period=True)  # MME's scorers drop the period
     category = doc.get("category") or qid.split("/")[0]
     subtasks = [c for kind in MME_SUBTASKS.values() for c in kind]
     if category not in subtasks:
@@ -354,6 +362,9 @@ def _ocrbench(doc: Doc, where: _Where):
         answers: str | list[str] = answer
     else:
         answers = _string_list(doc, "answer", where, "the accepted answer string(s)")
+    if any(not a.strip() for a in ([answers] if isinstance(answers, str) else answers)):
+        raise where.error("answer", f"holds a blank answer ({answers!r}), which the substring rule matches in "
+                                    "every prediction", "expected the accepted answer string(s)")
     dataset = _text(doc, "dataset", where, "the source dataset name, e.g. 'IIIT5K' or 'HME100k'")
     qtype = _text(doc, "question_type", where, "one of the 10 OCRBench categories")
     categories = [c for group in OCRBENCH_CATEGORIES.values() for c in group]
@@ -378,4 +389,5 @@ def _to_sample(spec: TaskSpec, doc: Doc, where: _Where, ordinal: int) -> Benchma
         images: tuple = ()  # sqa_doc_to_visual returns [] for a text-only question (ScienceQA-FULL rows)
     else:
         images = (_open_image(image, where),)
-    return BenchmarkSample(spec.name, sid if sid is not None else str(ordinal), images, question, reference)
+    return BenchmarkSample(spec.name, sid if sid is not None else str(ordinal), images, question, reference,
+                           f"{where.file} {where.row}")

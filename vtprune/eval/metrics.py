@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from .answer_normalization import extract_mcq_answer, normalize_vqa_answer, vqa_soft_accuracy
 
 __all__ = [
+    "BadReference",
     "METRICS", "SCORING_RULES", "TASK_ALIASES", "score", "normalized_average", "relative_scores",
     "Outcomes", "sample_outcomes", "score_outcomes",
     "normalize_vqa_answer", "vqa_soft_accuracy", "normalize_gqa_answer",
@@ -71,6 +72,15 @@ LLAVA = "llava"
 
 # ---------------------------------------------------------------------------------------------------------
 # shared input checks
+
+
+class BadReference(ValueError):
+    """A reference row the metric cannot score; `index` is its position among the references, so a caller that
+    knows where the rows came from (a file's line, a benchmark's row) can say so."""
+
+    def __init__(self, task: str, index: int, problem: str):
+        super().__init__(f"{task}: reference {index} {problem}")
+        self.task, self.index, self.problem = task, index, problem
 
 
 def _check_inputs(predictions, references, task: str) -> tuple[list[str], list[Mapping]]:
@@ -91,7 +101,7 @@ def _check_inputs(predictions, references, task: str) -> tuple[list[str], list[M
         out.append(p)
     for i, r in enumerate(refs):
         if not isinstance(r, Mapping):
-            raise ValueError(f"{task}: reference {i} is {type(r).__name__}, expected a mapping of fields")
+            raise BadReference(task, i, f"is {type(r).__name__}, expected a mapping of fields")
     return out, refs
 
 
@@ -101,7 +111,7 @@ def _field(ref: Mapping, i: int, task: str, *names: str):
         if n in ref and ref[n] is not None:
             return ref[n]
     alts = " or ".join(repr(n) for n in names)
-    raise ValueError(f"{task}: reference {i} has no field {alts}")
+    raise BadReference(task, i, f"has no field {alts}")
 
 
 def _run(task: str, predictions, references, scoring: str) -> dict[str, float]:
@@ -134,13 +144,13 @@ def _is_missing(v) -> bool:
 
 def _answer_strings(raw, i: int, task: str) -> list[str]:
     if isinstance(raw, str):
-        raise ValueError(f"{task}: reference {i} field 'answers' is one string, expected a list of answers")
+        raise BadReference(task, i, "field 'answers' is one string, expected a list of answers")
     out = []
     for a in raw:
         if isinstance(a, Mapping):  # VizWiz / VQA annotation files: {"answer": ..., "answer_confidence": ...}
             a = a.get("answer")
         if not isinstance(a, str):
-            raise ValueError(f"{task}: reference {i} field 'answers' holds {type(a).__name__}, expected strings")
+            raise BadReference(task, i, f"field 'answers' holds {type(a).__name__}, expected strings")
         out.append(a)
     return out
 
@@ -162,9 +172,9 @@ def _textvqa_samples(preds: list[str], references: list[Mapping], scoring: str, 
     for i, (p, r) in enumerate(zip(preds, references)):
         gts = _answer_strings(_field(r, i, "textvqa", "answers", "gt_answers"), i, "textvqa")
         if scoring == LLAVA and len(gts) != 10:
-            raise ValueError(f"textvqa: reference {i} has {len(gts)} answers; the llava rule (m4c) needs 10")
+            raise BadReference("textvqa", i, f"has {len(gts)} answers; the llava rule (m4c) needs 10")
         if not gts:
-            raise ValueError(f"textvqa: reference {i} has no answers")
+            raise BadReference("textvqa", i, "has no answers")
         accs.append(vqa_soft_accuracy(p, gts))
     return {"accuracy": accs}
 
@@ -254,7 +264,7 @@ def _gqa_samples(preds: list[str], references: list[Mapping], scoring: str, task
     for i, (p, r) in enumerate(zip(preds, references)):
         gold = _field(r, i, "gqa", "answer")
         if not isinstance(gold, str):
-            raise ValueError(f"gqa: reference {i} field 'answer' is {type(gold).__name__}, expected a string")
+            raise BadReference("gqa", i, f"field 'answer' is {type(gold).__name__}, expected a string")
         # lmms-eval lowercases and de-punctuates the gold too (task.py strips only the generation).
         gold_n = gold.lower().translate(_ASCII_PUNCT) if scoring == LMMS_EVAL else gold
         hits.append(normalize_gqa_answer(p, scoring) == gold_n)
@@ -347,10 +357,14 @@ def _pope_samples(preds: list[str], references: list[Mapping], scoring: str, tas
         gold = _field(r, i, "pope", "answer", "label")
         g = str(gold).lower().strip()
         if g not in ("yes", "no"):
-            raise ValueError(f"pope: reference {i} answer is {gold!r}, expected 'yes' or 'no'")
+            raise BadReference("pope", i, f"answer is {gold!r}, expected 'yes' or 'no'")
         splits.append(str(r.get("category") or "all"))
         parsed.append(parse_pope_answer(p, scoring))
         golds.append(g)
+    named = [split for split in splits if split != "all"]
+    if named and len(named) < len(splits):  # unnamed rows would pool as "all" and collide with the pooled keys
+        raise BadReference("pope", splits.index("all"), f"has no category while others have one "
+                                                        f"({named[0]!r}); give every row its category, or none")
     return {"split": splits, "parsed": parsed, "gold": golds}
 
 
@@ -446,25 +460,26 @@ def mme_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, 
 
 def _mme_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     subtasks, image_ids, hits = [], [], []
-    images: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    images: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))  # the references of each image
     for i, (p, r) in enumerate(zip(preds, references)):
         qid = str(_field(r, i, "mme", "question_id"))
         cat = r.get("category") or qid.split("/")[0]
         if cat not in _MME_KIND:
-            raise ValueError(f"mme: reference {i} category {cat!r} is not an MME subtask; valid: "
-                             f"{', '.join(_MME_KIND)}")
+            raise BadReference("mme", i, f"category {cat!r} is not an MME subtask; valid: "
+                                         f"{', '.join(_MME_KIND)}")
         gold = _field(r, i, "mme", "answer")
         g = str(gold).lower().strip().replace(".", "")
         if g not in ("yes", "no"):
-            raise ValueError(f"mme: reference {i} answer is {gold!r}, expected 'Yes' or 'No'")
+            raise BadReference("mme", i, f"answer is {gold!r}, expected 'Yes' or 'No'")
         subtasks.append(cat)
         image_ids.append(qid)
         hits.append(parse_mme_answer(p, scoring) == g)
-        images[cat][qid] += 1
+        images[cat][qid].append(i)
     for cat in (c for kind in MME_SUBTASKS.values() for c in kind):
-        for qid, count in images.get(cat, {}).items():
-            if count != 2:
-                raise ValueError(f"mme: image {qid!r} ({cat}) has {count} questions; MME scores pairs")
+        for qid, rows in images.get(cat, {}).items():
+            if len(rows) != 2:
+                raise BadReference("mme", rows[0], f"is one of {len(rows)} questions on image {qid!r} ({cat}); MME "
+                                                   "scores each image's pair of questions")
     return {"subtask": subtasks, "image": image_ids, "hit": hits}
 
 
@@ -581,12 +596,11 @@ def _mmbench_samples(preds: list[str], references: list[Mapping], scoring: str, 
         try:
             idx = int(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"{task}: reference {i} field 'index' is {raw!r}, expected an integer") from None
+            raise BadReference(task, i, f"field 'index' is {raw!r}, expected an integer") from None
         gold = str(_field(r, i, task, "answer")).strip()
         choices = _mmbench_choices(r)
         if gold not in choices:
-            raise ValueError(f"{task}: reference {i} answer {gold!r} is not one of its options "
-                             f"{sorted(choices)}")
+            raise BadReference(task, i, f"answer {gold!r} is not one of its options {sorted(choices)}")
         questions.append(idx % 1_000_000)
         hits.append(extract_mmbench_option(p, choices) == gold)
         rotated.append(idx >= 1_000_000)
@@ -682,7 +696,7 @@ def _scienceqa_samples(preds: list[str], references: list[Mapping], scoring: str
     for i, (p, r) in enumerate(zip(preds, references)):
         choices = _field(r, i, "scienceqa_img", "choices")
         if isinstance(choices, str) or not isinstance(choices, Sequence) or not choices:
-            raise ValueError(f"scienceqa_img: reference {i} field 'choices' must be a non-empty list")
+            raise BadReference("scienceqa_img", i, "field 'choices' must be a non-empty list")
         n = len(choices)
         gold = _field(r, i, "scienceqa_img", "answer")
         if isinstance(gold, str) and len(gold.strip()) == 1 and gold.strip().isalpha():
@@ -690,9 +704,9 @@ def _scienceqa_samples(preds: list[str], references: list[Mapping], scoring: str
         try:
             gold = int(gold)
         except (TypeError, ValueError):
-            raise ValueError(f"scienceqa_img: reference {i} answer {gold!r} is not an option index") from None
+            raise BadReference("scienceqa_img", i, f"answer {gold!r} is not an option index") from None
         if not 0 <= gold < n:
-            raise ValueError(f"scienceqa_img: reference {i} answer {gold} is outside its {n} choices")
+            raise BadReference("scienceqa_img", i, f"answer {gold} is outside its {n} choices")
         got = parse_scienceqa_option(p, n, scoring)
         hits.append(got == gold)
         unparsed.append(got == -1)
@@ -727,7 +741,8 @@ def ocrbench_match(prediction: str, answers, dataset: str) -> bool:
     ``lmms_eval/tasks/ocrbench/utils.py::ocrbench_process_results`` (0.7.3, the official OCRBench rule):
     for the HME100k source (handwritten formulas) every space and newline is removed from both sides and
     case is kept; for every other source both sides have fullwidth ASCII folded to ASCII, are lowercased,
-    stripped, and newlines become spaces. An empty gold answer matches anything (kept as is).
+    stripped, and newlines become spaces. An empty gold answer matches anything (`ocrbench_metrics` refuses
+    a reference with a blank answer).
     """
     golds = [answers] if isinstance(answers, str) else list(answers)
     pred = prediction.strip()
@@ -757,9 +772,12 @@ def _ocrbench_samples(preds: list[str], references: list[Mapping], scoring: str,
     for i, (p, r) in enumerate(zip(preds, references)):
         qtype = _field(r, i, "ocrbench", "question_type")
         if qtype not in _OCR_ALL:
-            raise ValueError(f"ocrbench: reference {i} question_type {qtype!r} is not an OCRBench category; "
-                             f"valid: {', '.join(_OCR_ALL)}")
+            raise BadReference("ocrbench", i, f"question_type {qtype!r} is not an OCRBench category; "
+                                             f"valid: {', '.join(_OCR_ALL)}")
         answers = _field(r, i, "ocrbench", "answer", "answers")
+        if any(not str(a).strip() for a in ([answers] if isinstance(answers, str) else answers)):
+            raise BadReference("ocrbench", i, f"answer is {answers!r}: a blank answer matches every prediction "
+                                              "(the official substring rule); give the accepted answer")
         dataset = str(_field(r, i, "ocrbench", "dataset"))
         qtypes.append(qtype)
         hits.append(ocrbench_match(p, answers, dataset))

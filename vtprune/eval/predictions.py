@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 
-def read_predictions(path: str | Path) -> tuple[list[str], list[dict]]:
-    """(predictions, references) from a JSONL file; a malformed line raises ValueError naming the file and line."""
-    predictions, references = [], []
+def read_predictions(path: str | Path) -> tuple[list[str], list[dict], list[int]]:
+    """(predictions, references, each row's line number) from a JSONL file; a malformed line raises ValueError
+    naming the file and line."""
+    predictions, references, numbers = [], [], []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -26,6 +27,7 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[dict]]:
                 raise ValueError(f"{path} line {number}: field 'prediction' must be a string; got {prediction!r}")
             predictions.append(prediction)
             references.append(row)
+            numbers.append(number)
     if not predictions:
         raise ValueError(f"{path}: no predictions")
-    return predictions, references
+    return predictions, references, numbers

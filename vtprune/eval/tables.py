@@ -22,6 +22,32 @@ class _Table:
     kind: str              # "parquet" or "arrow"
     split: str | None      # the split the file holds, from its name or its save_to_disk folder
     parts: tuple[str, ...]  # folder names between the root and the file (hub config folders among them)
+    shard: tuple[int, int] | None = None  # (index, count) of a <split>-00000-of-00003 file
+
+
+def _shard_of(file: Path) -> tuple[int, int] | None:
+    m = _SHARD.match(file.stem)
+    return (int(m.group("index")), int(m.group("count"))) if m else None
+
+
+def _check_shards(tables: list[_Table], root: Path) -> None:
+    """Refuse a split whose numbered shards are not each there exactly once: a missing one would score part of
+    the benchmark as if it were all of it, a copy (a backup folder) would score its rows twice."""
+    found: dict[tuple, list[_Table]] = {}
+    for table in tables:
+        if table.shard is not None:
+            found.setdefault((table.split, table.shard[1]), []).append(table)
+    for (split, count), shards in found.items():
+        have = [t.shard[0] for t in shards]
+        for index in sorted({i for i in have if have.count(i) > 1}):
+            copies = ", ".join(_display(t.path, root) for t in shards if t.shard[0] == index)
+            raise ValueError(f"{root}: shard {index} of {count} of split {split!r} is there more than once "
+                             f"({copies}); remove the extra copies")
+        missing = sorted(set(range(count)) - set(have))
+        if missing:
+            names = ", ".join(f"{split}-{i:05d}-of-{count:05d}" for i in missing)
+            raise ValueError(f"{root}: split {split!r} has {len(have)} of its {count} shards ({names} missing), "
+                             f"so the benchmark would be scored on part of its rows; copy every shard")
 
 
 def _pyarrow():
@@ -34,13 +60,13 @@ def _pyarrow():
     return pyarrow
 
 
-_SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")
+_SHARD = re.compile(r"^(?P<split>.+?)-(?P<index>\d{5})-of-(?P<count>\d{5})$")
 
 
 def _find_tables(root: Path) -> list[_Table]:
     if root.is_file():
         kinds = {".parquet": "parquet", ".arrow": "arrow"}
-        return [_Table(root, kinds[root.suffix], _split_of(root), ())] if root.suffix in kinds else []
+        return [_Table(root, kinds[root.suffix], _split_of(root), (), _shard_of(root))] if root.suffix in kinds else []
     tables = []
     for folder, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))  # skip .cache/huggingface and the like
@@ -52,7 +78,7 @@ def _find_tables(root: Path) -> list[_Table]:
         elif arrows:
             # the datasets cache (~/.cache/huggingface/datasets/<org>___<name>/<config>/...): <name>-<split>-*.arrow
             tables.extend(_Table(here / f, "arrow", _split_of(here / f).rsplit("-", 1)[-1], parts) for f in arrows)
-        tables.extend(_Table(here / f, "parquet", _split_of(here / f), parts)
+        tables.extend(_Table(here / f, "parquet", _split_of(here / f), parts, _shard_of(here / f))
                       for f in sorted(files) if f.endswith(".parquet"))
     return tables
 
