@@ -158,6 +158,8 @@ def test_a_batch_of_items_is_selected_as_each_alone(table, distance_matrix):
 def test_clasp_asks_for_a_way_to_route():
     with pytest.raises(ValueError, match="tokenizer=processor.tokenizer"):
         vtprune.apply(tiny_llava(), "clasp", 16)
+    with pytest.raises(ValueError, match="router reads the instruction's text, which needs the tokenizer"):
+        vtprune.apply(tiny_llava(), "clasp", 16, router=lambda text: "ocr")  # it would route "" every time
     with pytest.raises(ValueError, match="not a CLASP calibration table"):
         vtprune.apply(tiny_llava(), "clasp", 16, question_class="ocr", calibration="/nonexistent.json")
 

@@ -46,3 +46,18 @@ def test_compiling_twice_is_refused():
     with vtprune.compile_prefill(model, backend="eager"):
         with pytest.raises(ValueError, match="already have a forward of their own"):
             vtprune.compile_prefill(model, backend="eager")
+
+
+def test_the_recompile_limit_follows_the_open_handles(monkeypatch):
+    """8 graphs per layer of the largest model with a handle open, whichever closes first; as before once none is."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    small, large = tiny_llava(layers=4).eval(), tiny_llava(layers=12).eval()
+    first = vtprune.compile_prefill(small, backend="eager")
+    second = vtprune.compile_prefill(large, backend="eager")
+    assert torch._dynamo.config.recompile_limit == 96
+    first.remove()
+    assert torch._dynamo.config.recompile_limit == 96  # the large model's layers still need theirs
+    first.remove()  # twice: nothing more
+    assert torch._dynamo.config.recompile_limit == 96
+    second.remove()
+    assert torch._dynamo.config.recompile_limit == 8

@@ -1,5 +1,7 @@
 """Later turns of a pruned conversation, and generate without a cache, reuse the prompt's decision."""
 
+import copy
+
 import pytest
 import torch
 
@@ -49,6 +51,31 @@ def test_a_follow_up_turn_equals_recomputing_the_conversation(model, method):
         for step, logits in enumerate(second.logits):
             expected = recomputed_logits(model, pruner, decision, inputs, second.sequences[:, : start + step])
             torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_conversation_continues_its_own_cache_after_other_prompts_and_in_a_copy(model, method):
+    """The run travels with the cache its prompt filled: other prompts in between (pruned, or text without a
+    cache) leave it as it was, and a deep copy of it (transformers' prompt-reuse recipe) continues alike."""
+    inputs = tiny_inputs(model, LAYOUTS)
+    other = tiny_inputs(model, [SampleLayout(images=1, text_before=3)], seed=5)
+    with vtprune.apply(model, method, 10, **OPTIONS.get(method, {})) as pruner:
+        first = greedy(model, inputs, steps=2)
+        decision = pruner.last_decision
+        copied = copy.deepcopy(output_cache(first))
+        if not hasattr(model.model, "rope_deltas"):  # Qwen keeps the last prompt's M-RoPE offsets on the model: a
+            greedy(model, other, steps=1)  # turn continued after another prompt is off there, pruned or not
+        model(input_ids=torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(2)), use_cache=False)
+        follow_up = torch.randint(3, 96, (2, 3), generator=torch.Generator().manual_seed(1))
+        for cache in (output_cache(first), copied):
+            conversation = grown(inputs, torch.cat([first.sequences, follow_up], dim=1))
+            drop_images(conversation)
+            conversation[cache_keyword(model.model.language_model)] = cache
+            second = greedy(model, conversation, steps=2)
+            start = conversation["input_ids"].shape[1]
+            for step, logits in enumerate(second.logits):
+                expected = recomputed_logits(model, pruner, decision, inputs, second.sequences[:, : start + step])
+                torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
 def test_a_follow_up_with_images_again_is_refused(model):

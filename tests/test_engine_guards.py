@@ -5,6 +5,7 @@ keyword, a cache the model makes for itself, decoder layers that bypass their ho
 a placeholder id the adapter does not know.
 """
 
+import copy
 import warnings
 
 import pytest
@@ -14,7 +15,7 @@ from transformers import DynamicCache
 import vtprune
 from vtprune.engine import EngineError, TESTED_TRANSFORMERS
 from vtprune.engine.cache import cache_keyword, output_cache
-from vtprune.tiny import SampleLayout, tiny_inputs
+from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 from .conftest import greedy
 
@@ -92,20 +93,54 @@ def test_a_cache_shortened_behind_the_engines_back_is_caught(model):
     with vtprune.apply(model, "clse", 10):
         out = model(**inputs, use_cache=True)
         cache = output_cache(out)
-        cache.crop(-1)  # drop the last token of every layer
+        cache.crop(-1)  # drop the last token of every layer: one of the pruned prompt's
         step = _next_step(inputs, cache_keyword(model.model.language_model), cache)
+        with pytest.raises(EngineError, match="lost its last 1 tokens, 1 of them the pruned prompt's"):
+            model(**step)
+        cache.layers[-1].keys = cache.layers[-1].keys[:, :, :-1]  # one layer shorter still: not a crop
+        cache.layers[-1].values = cache.layers[-1].values[:, :, :-1]
         with pytest.raises(EngineError, match="before a decode step"):
             model(**step)
 
 
-def test_a_decode_step_on_a_cache_the_engine_did_not_fill_is_caught(model):
+@pytest.mark.parametrize("method", ["random", "fastv", "clse"])
+def test_prompt_lookup_decoding_takes_back_rejected_candidates_and_equals_greedy(method, monkeypatch):
+    """Assisted decoding crops the candidates it rejects from the cache; the run forgets them too, and greedy
+    decoding with prompt lookup gives greedy decoding's tokens (here the first forward holds the prompt alone)."""
+    from vtprune.engine import decode
+
+    crops = []
+    monkeypatch.setattr(decode, "crop", lambda run, tokens, crop=decode.crop: crops.append(tokens) or crop(run, tokens))
+    model = tiny_llava("sdpa")
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    with vtprune.apply(model, method, 6):
+        plain = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        looked_up = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                   prompt_lookup_num_tokens=3)
+    assert crops and torch.equal(looked_up, plain)
+
+
+def test_a_cache_filled_without_pruning_is_continued_as_the_plain_model_would(model):
+    """Each pruned prompt's run travels with its own cache: a cache the pruner did not fill (here, filled before
+    apply, continued after a pruned prompt) holds the whole prompt, and its next step is the plain model's."""
+    if "Qwen" in type(model).__name__:
+        pytest.skip("transformers' Qwen models take no hand-made decode step (their M-RoPE positions), pruned or not")
     inputs = tiny_inputs(model, LAYOUTS)
+    keyword = cache_keyword(model.model.language_model)
     foreign = output_cache(model(**inputs, use_cache=True))  # filled without the pruner
+    plain = model(**_next_step(inputs, keyword, copy.deepcopy(foreign))).logits
     with vtprune.apply(model, "fastv", 10):
         model(**inputs, use_cache=True)
-        step = _next_step(inputs, cache_keyword(model.model.language_model), foreign)
-        with pytest.raises(EngineError, match="did not fill"):
-            model(**step)
+        assert torch.equal(model(**_next_step(inputs, keyword, foreign)).logits, plain)
+
+
+def test_a_cache_another_pruner_filled_is_refused(model):
+    inputs = tiny_inputs(model, LAYOUTS)
+    with vtprune.apply(model, "fastv", 10):
+        cache = output_cache(model(**inputs, use_cache=True))
+    with vtprune.apply(model, "fastv", 10):
+        with pytest.raises(EngineError, match="that a pruned prompt of another vtprune pruner filled"):
+            model(**_next_step(inputs, cache_keyword(model.model.language_model), cache))
 
 
 def test_stats_after_generate_are_the_prefills(model):

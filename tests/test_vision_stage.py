@@ -16,7 +16,7 @@ from vtprune.methods import REGISTRY, Selection, VisionMethod
 from vtprune.methods.primitives import cls_attention, merge_into_nearest, topk_in_order
 from vtprune.tiny import SampleLayout, tiny_inputs
 
-from .conftest import FAMILIES, VISION_STAGE_FAMILIES, greedy
+from .conftest import BLOCK_MERGING_FAMILIES, FAMILIES, VISION_STAGE_FAMILIES, greedy
 from .test_engine_video import sample_alone, shares
 
 VISION_FAMILIES = sorted(VISION_STAGE_FAMILIES)
@@ -217,3 +217,25 @@ def test_a_tower_run_no_prefill_consumed_does_not_leak_into_the_next_prompt():
         model.model.get_image_features(inputs["pixel_values"])  # encoded, never prefilled
         model(**inputs)
         assert pruner.last_stats.kept_per_sample == [8, 4]
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+@pytest.mark.parametrize("method", sorted(name for name, cls in REGISTRY.items() if cls.acts_in_vision))
+def test_beams_repeat_each_samples_decision(family, method):
+    """generate encodes a batch's images once, then repeats each sample per beam and returned sequence: every
+    repeat finds its sample's image and keeps (and merges) what the sample alone keeps."""
+    if method in ("tome", "ficoco_v") and family not in BLOCK_MERGING_FAMILIES:
+        pytest.skip(f"{method} merges inside the tower's blocks: one tower row per image only")
+    model = FAMILIES[family]("sdpa")
+    inputs = tiny_inputs(model, [SampleLayout(images=1), SampleLayout(images=1, text_before=4)])
+    with vtprune.apply(model, method, 6) as pruner:
+        model(**inputs)
+        alone = pruner.last_decision
+        model.generate(**inputs, num_beams=2, num_return_sequences=2, max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
+        repeated = pruner.last_decision
+    for stage_alone, stage_repeated in zip(alone.kept, repeated.kept, strict=True):
+        assert len(stage_repeated) == 4
+        for row, kept in enumerate(stage_repeated):
+            assert torch.equal(kept, stage_alone[row // 2])
+    assert repr(repeated.merged) == repr([[stage[row // 2] for row in range(4)] for stage in alone.merged])

@@ -95,6 +95,13 @@ def layer_keys(cache: Cache | None, layer: int, rows: int) -> torch.Tensor | Non
     return keys[:, :, keys.shape[2] - rows:]
 
 
+def cropped_tokens(cache: Cache, expected: list[int]) -> int:
+    """k when every decoder layer's cache holds k > 0 tokens fewer than expected (a crop took back its last k
+    tokens: assisted decoding's rejected candidates); else 0."""
+    short = {e - cache.get_seq_length(layer) for layer, e in enumerate(expected)}
+    return max(0, short.pop()) if len(short) == 1 else 0
+
+
 def check_lengths(cache: Cache, expected: list[int], when: str) -> None:
     """Each decoder layer's cache holds as many tokens as the engine's layout says."""
     actual = [cache.get_seq_length(layer) for layer in range(len(expected))]

@@ -23,6 +23,16 @@ import torch
 from ..adapters import adapter_for
 
 
+_OPEN: list["CompiledPrefill"] = []  # the handles not yet removed, whatever their models
+_OPEN_LIMIT = [8]  # dynamo's recompile limit before the first of them opened
+
+
+def _set_recompile_limit() -> None:
+    """8 graphs per decoder layer of the largest model with a handle open; the limit as it was once none is."""
+    needed = max((8 * len(handle.layers) for handle in _OPEN), default=0)
+    torch._dynamo.config.recompile_limit = max(_OPEN_LIMIT[0], needed)
+
+
 class CompiledPrefill:
     """Each decoder layer of one model compiled for prefill calls; remove() restores the eager forwards."""
 
@@ -32,17 +42,20 @@ class CompiledPrefill:
             raise ValueError("this model's decoder layers already have a forward of their own (compiled before?); "
                              "remove() that first")
         options = {"mode": "reduce-overhead", **compile_options}
-        self._limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(self._limit, 8 * len(self.layers))
+        if not _OPEN:
+            _OPEN_LIMIT[0] = torch._dynamo.config.recompile_limit
+        _OPEN.append(self)
+        _set_recompile_limit()
         for layer in self.layers:
             layer.forward = _prefill_compiled(layer.forward, torch.compile(layer.forward, **options))
 
     def remove(self) -> None:
         for layer in self.layers:
             vars(layer).pop("forward", None)
-        if self.layers:
-            torch._dynamo.config.recompile_limit = self._limit
         self.layers = []
+        if self in _OPEN:
+            _OPEN.remove(self)
+            _set_recompile_limit()
 
     def __enter__(self) -> "CompiledPrefill":
         return self

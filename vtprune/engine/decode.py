@@ -75,6 +75,13 @@ def continue_run(run: Run, kwargs: dict, fed_ids: torch.Tensor | None) -> bool:
     return True
 
 
+def crop(run: Run, tokens: int) -> None:
+    """The cache dropped its last `tokens` decoded tokens (a crop): the run forgets them too."""
+    run.generated -= tokens
+    if run.ids is not None:
+        run.ids = run.ids[:, : run.prompt_length + run.generated]
+
+
 def _start_without_mask(run: Run, fed_ids: torch.Tensor | None, consumed: int) -> int:
     """Where a mask-less forward's tokens begin: after the cache's reported length when they begin with the
     conversation's tokens from there (transformers re-feeding a pruned cache), else after all it holds."""

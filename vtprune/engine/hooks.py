@@ -17,6 +17,7 @@ EngineError instead of running unpruned or wrong.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -33,6 +34,22 @@ from .vision import VisionRecorder
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 # the multimodal forward's raw visual inputs (Video-LLaVA before transformers 5.23: pixel_values_images)
 VISUAL_INPUTS = ("pixel_values", "pixel_values_images", "pixel_values_videos")
+
+
+_RUN = "_vtprune_run"  # the attribute a KV cache filled by a pruned prompt carries: a _CacheRun
+
+
+@dataclasses.dataclass
+class _CacheRun:
+    """The pruner's mark and the prompt's Run, on the cache the prompt filled: the cache owns its run, so a run lives
+    as long as the conversation that can continue it. A deep copy of the cache (transformers' prompt-reuse recipe)
+    gets a run of its own, on the copy, with the prompt's decision shared."""
+
+    owner: object
+    run: Run
+
+    def __deepcopy__(self, memo) -> "_CacheRun":
+        return _CacheRun(self.owner, dataclasses.replace(self.run, cache=memo.get(id(self.run.cache), self.run.cache)))
 
 
 class Pruner:
@@ -55,6 +72,7 @@ class Pruner:
         self._input_ids: torch.Tensor | None = None  # of the forward being run
         self._uncached: Prompt | None = None  # the last prompt decided without a cache, which a longer forward continues
         self._num_layers = adapter.model_info.num_layers
+        self._owner = object()  # marks the caches this pruner's prompts filled (see _RUN)
         self._cache_keyword = kv.cache_keyword(adapter.language_model)
         # Fusion first: a model that cannot fuse refuses before any other hook is in place.
         self._handles = adapter.vision_state_hooks(self._vision_states) if method.fuses_vision_layers else []
@@ -86,6 +104,7 @@ class Pruner:
         if self._recorder is not None:
             self._recorder.remove()
         self._run = self._text = self._fusion = self._prompt = self._uncached = self._input_ids = None
+        self._owner = object()  # caches filled until now are not continued as this pruner's any more
         self._vision_states.clear()
         if getattr(self.model, "_vtprune_pruner", None) is self:
             del self.model._vtprune_pruner
@@ -177,20 +196,35 @@ class Pruner:
         has_images = items is not None and any(items)
         if past == 0:
             self._run = None
+            if cache is not None and hasattr(cache, _RUN):  # an emptied cache (reset) starts afresh
+                delattr(cache, _RUN)
             if has_images:
                 return self._start_run(module, args, kwargs, items)
             batch = kwargs["inputs_embeds"].shape[0]
             self._stats = PruneStats([[0] * self._num_layers] * batch, [0] * batch, [0] * batch, self.budget)
             self.last_decision = self._uncached = None
             return None
-        run = self._run
-        if run is None:  # a cache filled without pruning: nothing to apply
+        # The run travels with the cache its prompt filled, so each conversation continues its own, whatever other
+        # prompts ran in between.
+        held = getattr(cache, _RUN, None)
+        self._run = run = held.run if held is not None and held.owner is self._owner else None
+        if held is None:  # a cache filled without pruning: nothing to apply
             return None
-        if run.cache is not cache:
+        if run is None:
             raise EngineError(
-                f"a forward continues a KV cache ({type(cache).__name__} of {past} tokens) that the last pruned "
-                "prompt did not fill; continue that prompt's own cache, or start a new prompt with an empty cache"
+                f"a forward continues a KV cache ({type(cache).__name__} of {past} tokens) that a pruned prompt of "
+                "another vtprune pruner filled (removed since?); continue it under that pruner, or start a new "
+                "prompt with an empty cache"
             )
+        cropped = kv.cropped_tokens(cache, [layout.length + run.generated for layout in run.kv_layouts])
+        if cropped > run.generated:
+            raise EngineError(
+                f"the KV cache lost its last {cropped} tokens, {cropped - run.generated} of them the pruned prompt's "
+                "(assisted or prompt-lookup decoding whose first forward carried candidate tokens with the prompt: "
+                "they were pruned as part of it); generate without assistant_model / prompt_lookup_num_tokens"
+            )
+        if cropped:
+            decode.crop(run, cropped)  # assisted decoding took back decoded candidates it rejected
         kv.check_lengths(cache, [layout.length + run.generated for layout in run.kv_layouts], "before a decode step")
         fed_ids, self._input_ids = self._input_ids, None
         return (args, kwargs) if decode.continue_run(run, kwargs, fed_ids) else None
@@ -204,6 +238,8 @@ class Pruner:
             return output
         self._record_stats(run)
         self._check_prefill(run, output)
+        if run.cache is not None:
+            setattr(run.cache, _RUN, _CacheRun(self._owner, run))
         if run.replay is None and self._prompt is not None:
             self._prompt.decision = self.last_decision
             self._uncached = self._prompt if run.cache is None else None

@@ -102,8 +102,11 @@ class CLASP(Method):
         if options.tokenizer is None and options.question_class is None and options.router is None:
             raise ValueError(
                 "clasp routes on the instruction's text: pass tokenizer=processor.tokenizer "
-                "(or question_class=..., or router=callable)"
+                "(with router=callable to route it your way), or question_class=..."
             )
+        if options.router is not None and options.tokenizer is None and options.question_class is None:
+            raise ValueError("clasp's router reads the instruction's text, which needs the tokenizer to decode it: "
+                             "pass tokenizer=processor.tokenizer with router=...")
         if options.question_class is not None and options.question_class not in CLASSES:
             raise ValueError(f"question_class must be one of {', '.join(CLASSES)}; got {options.question_class!r}")
         if options.split is not None and not 0.0 <= options.split <= 1.0:
@@ -127,7 +130,7 @@ class CLASP(Method):
             return self.options.question_class
         key = tuple(text_ids.tolist())
         if key not in self._classes:
-            text = self.options.tokenizer.decode(list(key), skip_special_tokens=True) if self.options.tokenizer else ""
+            text = self.options.tokenizer.decode(list(key), skip_special_tokens=True)
             self._classes[key] = self._router(text)
         return self._classes[key]
 
