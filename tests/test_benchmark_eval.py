@@ -6,7 +6,9 @@ import re
 import pytest
 
 from vtprune import cli
-from vtprune.eval.benchmark_eval import benchmark_markdown, benchmark_table, check_references, summarize_benchmarks
+import vtprune
+from vtprune.eval.benchmark_eval import (benchmark_markdown, benchmark_table, benchmark_task, check_references,
+                                         summarize_benchmarks)
 from vtprune.eval.intervals import bootstrap, normalized_interval, percentile_interval, units
 from vtprune.eval.loaders import BenchmarkSample, load_benchmark
 from vtprune.eval.metrics import normalized_average, sample_outcomes, score
@@ -212,3 +214,43 @@ def test_the_report_shows_each_score_with_its_interval_and_pairs_the_normalized_
     console = Console(width=200, record=True)
     console.print(benchmark_table(rows, "t"))
     assert cells[0] in console.export_text()
+
+
+VIDEO_TEMPLATE = (
+    "{% for message in messages %}USER: {% for part in message['content'] %}{% if part['type'] == 'video' %}"
+    "<video>\n{% elif part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endfor %} ASSISTANT:")
+
+
+def test_videomme_is_asked_with_its_frames_and_pruned(tmp_path, monkeypatch):
+    """Each question reaches the model with its video's frames (as many as asked, sampled by `read_frames`), the
+    pruner keeps its budget of the video's tokens, and a checkpoint that takes no videos is refused up front."""
+    from vtprune.eval import benchmark_eval, videos
+    from vtprune.tiny import tiny_video_llava
+
+    from .test_loaders import videomme_rows, write_parquet, write_video
+
+    write_parquet(tmp_path / "videomme" / "test-00000-of-00001.parquet", videomme_rows())
+    for name in ("fFjv93ACGo8", "xyz"):
+        write_video(tmp_path / "data" / f"{name}.mp4")
+    samples = load_benchmark("videomme", tmp_path)
+    check_references(samples, "lmms-eval")
+    model = tiny_video_llava("sdpa")
+    processor = tiny_processor(model)
+    processor.chat_template = VIDEO_TEMPLATE
+    read, original = [], videos.read_frames
+
+    def spy(path, count):
+        read.append((path.name, count))
+        return original(path, count)
+
+    monkeypatch.setattr(videos, "read_frames", spy)
+    task = benchmark_task(model, processor, samples, max_new_tokens=2, frames=4)
+    with vtprune.apply(model, "random", 8) as pruner:
+        answers = task.answer(samples)
+        assert pruner.last_stats.kept_per_sample == [8, 8, 8]
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    assert read == [("fFjv93ACGo8.mp4", 4), ("fFjv93ACGo8.mp4", 4), ("xyz.mp4", 4)]
+    with pytest.raises(ValueError, match=r"videomme asks about videos, but this checkpoint's processor "
+                                         r"\(LlavaProcessor\) takes none"):
+        benchmark_eval.benchmark_task(tiny_llava("sdpa"), tiny_processor(tiny_llava("sdpa")), samples)

@@ -63,6 +63,8 @@ SMALL = [  # (task, predictions, references, rule): every task, both rules where
     ("ocrbench", ["HELLO", "x"], [{"question_type": "Regular Text Recognition", "dataset": "IIIT5K", "answer": ["hello"]},
                                   {"question_type": "Doc-oriented VQA", "dataset": "docVQA", "answer": ["y"]}],
      "lmms-eval"),
+    ("videomme", ["A", "B", "C", "A", "D"], [{"answer": a, "duration": "short", "videoID": v} for a, v in
+                                             [("A", "1"), ("C", "1"), ("C", "2"), ("B", "3"), ("D", "3")]], "lmms-eval"),
 ]
 
 
@@ -80,6 +82,8 @@ def resampled(task, preds, refs, u, counts, b):
         keys = list(zip(cols["subtask"], cols["image"]))
     elif task.startswith("mmbench"):
         keys = cols["question"]
+    elif task == "videomme":
+        keys = cols["video"]
     else:
         keys = list(range(len(preds)))
     rows_of = {}
@@ -96,13 +100,16 @@ def resampled(task, preds, refs, u, counts, b):
                         ref["question_id"] = f"{ref['question_id']}#{copy}"
                     elif task.startswith("mmbench"):
                         ref["index"] = ref["index"] + 1000 * copy
+                    elif task == "videomme":
+                        ref["videoID"] = f"{ref['videoID']}#{copy}"
                     out_p.append(preds[row])
                     out_r.append(ref)
     return out_p, out_r
 
 
 @pytest.mark.parametrize("task, rule", [("pope", "lmms-eval"), ("pope", "llava"), ("mme", "lmms-eval"),
-                                        ("mmbench_en", "lmms-eval"), ("textvqa", "llava"), ("ocrbench", "lmms-eval")])
+                                        ("mmbench_en", "lmms-eval"), ("textvqa", "llava"), ("ocrbench", "lmms-eval"),
+                                        ("videomme", "lmms-eval")])
 def test_each_resample_is_the_official_scorer_on_the_resampled_units(task, rule):
     task_, preds, refs, _ = next(case for case in SMALL if case[0] == task and case[3] == rule)
     if task == "mme":  # two subtasks of several images, so that resamples differ

@@ -484,10 +484,10 @@ def test_ocrbench_json_and_image_folder(tmp_path):
 
 def test_task_table_has_lmms_eval_generation_lengths():
     assert set(TASKS) == {"gqa", "mmbench_en", "mmbench_cn", "mme", "pope", "scienceqa_img", "textvqa", "vizwiz",
-                          "ocrbench"}
+                          "ocrbench", "videomme"}
     assert {t: s.max_new_tokens for t, s in TASKS.items()} == {
         "gqa": 16, "mmbench_en": 1024, "mmbench_cn": 256, "mme": 16, "pope": 128, "scienceqa_img": 16,
-        "textvqa": 1024, "vizwiz": 1024, "ocrbench": 128}
+        "textvqa": 1024, "vizwiz": 1024, "ocrbench": 128, "videomme": 16}
     assert all(s.description and "\n" not in s.description for s in TASKS.values())
 
 
@@ -726,3 +726,66 @@ def test_ocrbench_blank_answer_is_refused(tmp_path):
     write_parquet(tmp_path / "ocr.parquet", [row])
     raises(re.escape("ocr.parquet row 0: field 'answer' holds a blank answer"), load_benchmark, "ocrbench",
            tmp_path)
+
+
+# --- Video-MME ---------------------------------------------------------------------------------------------
+
+def write_video(path, frames=10, size=(32, 24)):
+    """An mp4 whose frame i is uniformly grey 20 * i."""
+    import av
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 20 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def videomme_rows():
+    return [{"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "Astronomy",
+             "url": "", "videoID": vid, "question_id": qid, "task_type": "Counting Problem",
+             "question": "How many planets are shown?", "options": ["A. 1", "B. 2", "C. 3", "D. 4"], "answer": answer}
+            for vid, qid, answer in [("fFjv93ACGo8", "001-1", "C"), ("fFjv93ACGo8", "001-2", "A"),
+                                     ("xyz", "002-1", "B")]]
+
+
+def test_videomme_parquet_with_its_videos(tmp_path):
+    write_parquet(tmp_path / "videomme" / "test-00000-of-00001.parquet", videomme_rows())
+    write_video(tmp_path / "data" / "fFjv93ACGo8.mp4")
+    write_video(tmp_path / "data" / "xyz.mkv")
+    samples = load_benchmark("videomme", tmp_path)
+    assert [s.id for s in samples] == ["001-1", "001-2", "002-1"] and not samples[0].images
+    assert samples[0].videos == (tmp_path / "data" / "fFjv93ACGo8.mp4",)
+    assert samples[2].videos == (tmp_path / "data" / "xyz.mkv",)
+    # lmms-eval's videomme_doc_to_text with the default post prompt (its own leading newline: two in a row)
+    assert samples[0].question == (
+        "Select the best answer to the following multiple-choice question based on the video and the subtitles. "
+        "Respond with only the letter (A, B, C, or D) of the correct option.\nHow many planets are shown?\n"
+        "A. 1\nB. 2\nC. 3\nD. 4\n\nAnswer with the option's letter from the given choices directly.")
+    assert samples[0].reference == {"answer": "C", "duration": "short", "domain": "Knowledge",
+                                    "task_type": "Counting Problem", "videoID": "fFjv93ACGo8"}
+    assert score("videomme", ["C", "B", "B"], [s.reference for s in samples])["score"] == pytest.approx(200 / 3)
+
+
+def test_videomme_without_its_video_names_the_row(tmp_path):
+    write_parquet(tmp_path / "videomme" / "test-00000-of-00001.parquet", videomme_rows())
+    write_video(tmp_path / "data" / "fFjv93ACGo8.mp4")
+    raises(re.escape("videomme/test-00000-of-00001.parquet row 2: field 'videoID' is 'xyz', but "),
+           load_benchmark, "videomme", tmp_path)
+
+
+def test_frames_are_sampled_uniformly_from_first_to_last(tmp_path):
+    from vtprune.eval.videos import read_frames
+
+    video = write_video(tmp_path / "v.mp4", frames=10)
+    frames = read_frames(video, 4)  # lmms-eval's np.linspace(0, 9, 4, dtype=int): frames 0, 3, 6, 9
+    assert frames.shape == (4, 24, 32, 3) and frames.dtype.name == "uint8"
+    assert [round(float(f.mean()) / 20) for f in frames] == [0, 3, 6, 9]
+    assert read_frames(video, 16).shape[0] == 10  # never more than the video has
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    raises("bad.mp4: not a readable video", read_frames, tmp_path / "bad.mp4", 4)

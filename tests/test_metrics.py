@@ -290,7 +290,7 @@ def test_ocrbench_case_whitespace_and_categories():
 
 def test_registry_and_rule_errors():
     assert set(METRICS) == set(SCORING_RULES) == {
-        "textvqa", "vizwiz", "gqa", "pope", "mme", "mmbench_en", "mmbench_cn", "scienceqa_img", "ocrbench"}
+        "textvqa", "vizwiz", "gqa", "pope", "mme", "mmbench_en", "mmbench_cn", "scienceqa_img", "ocrbench", "videomme"}
     with pytest.raises(ValueError, match=r"unknown task 'vqav2'; valid: textvqa, vizwiz, gqa"):
         score("vqav2", ["x"], [{"answer": "x"}])
     with pytest.raises(ValueError, match=r"task 'vizwiz' has no scoring rule 'llava'; valid: lmms-eval$"):
@@ -348,3 +348,27 @@ def test_ocrbench_refuses_a_blank_answer(answers):
     ref = {"answer": answers, "dataset": "IIIT5K", "question_type": "Regular Text Recognition"}
     with pytest.raises(BadReference, match="blank answer matches every prediction"):
         score("ocrbench", ["anything"], [ref])
+
+
+def official_videomme(predictions, references):
+    """lmms-eval's videomme_process_results + videomme_aggregate_results, transcribed: the letter read by
+    extract_mcq_answer over A-D, 100 x right / answered."""
+    right = sum(extract_mcq_answer(p, choices=["A", "B", "C", "D"]) == r["answer"]
+                for p, r in zip(predictions, references))
+    return 100 * right / len(references)
+
+
+def test_videomme_is_lmms_evals_option_accuracy():
+    refs = [{"answer": a, "duration": d, "domain": dom, "task_type": t, "videoID": v} for a, d, dom, t, v in [
+        ("A", "short", "Knowledge", "OCR Problems", "001"), ("C", "short", "Knowledge", "Counting Problem", "001"),
+        ("B", "medium", "Sports Competition", "Action Reasoning", "002"),
+        ("D", "long", "Multilingual", "Information Synopsis", "003")]]
+    preds = ["A", "The answer is (C).", "D. a dog", "I cannot tell"]
+    result = score("videomme", preds, refs)
+    assert result["score"] == pytest.approx(official_videomme(preds, refs)) == pytest.approx(50.0)
+    assert result["short/accuracy"] == 1.0 and result["medium/accuracy"] == 0.0 and result["long/accuracy"] == 0.0
+    assert result["domain/Knowledge"] == 1.0 and result["task/Action Reasoning"] == 0.0
+    with pytest.raises(BadReference, match="reference 0 answer is 'E', expected an option letter A-D"):
+        score("videomme", ["A"], [{**refs[0], "answer": "E"}])
+    with pytest.raises(ValueError, match="no scoring rule 'llava'"):
+        score("videomme", preds, refs, scoring="llava")

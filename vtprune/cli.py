@@ -185,10 +185,10 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         configs, refused = runnable_configs(model, specs, args.budgets, method_options(model_path, processor), shard)
         settings = {"tasks": args.tasks, "model": _model_id(model_path), "data": data_digests(args.tasks, Path(args.data)),
                     "limit": args.limit, "max_new_tokens": args.max_new_tokens, "scoring": args.scoring,
-                    "versions": _versions()}
+                    "frames": args.frames, "versions": _versions()}
         if refused:
             settings["not_run"] = refused
-        task = benchmark_task(model, processor, samples, args.max_new_tokens)
+        task = benchmark_task(model, processor, samples, args.max_new_tokens, args.frames)
         records = evaluate(model, task, configs, out, settings, batch_size=args.batch, shard=shard)
         if not shard.main:
             return 0
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--tasks", type=cli_args.comma_list(cli_args.task_name),
                             help="real benchmarks instead of the synthetic one (with --model and --data): "
                                  "comma-separated of gqa, mmbench_en, mmbench_cn, mme, pope, scienceqa_img, textvqa, "
-                                 "vizwiz, ocrbench")
+                                 "vizwiz, ocrbench, videomme")
     evaluation.add_argument("--data", type=cli_args.existing_folder,
                             help="folder holding a copy of each task in DATA/<task> (parquet, save_to_disk, or the "
                                  "benchmark's own files)")
@@ -388,10 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="with --tasks: the first LIMIT samples of each task")
     evaluation.add_argument("--max-new-tokens", type=cli_args.positive_int,
                             help="with --tasks: answer length for every task (default: each task's lmms-eval length)")
+    evaluation.add_argument("--frames", type=cli_args.positive_int, default=8,
+                            help="with --tasks: frames sampled uniformly from each video (default 8, Video-LLaVA's)")
     evaluation.set_defaults(run=cmd_eval)
     scoring = commands.add_parser("score", help="score given answers with a benchmark's official metric (no model)")
     scoring.add_argument("--task", required=True, help="pope, gqa, mme, textvqa, vizwiz, mmbench_en, mmbench_cn, "
-                                                      "scienceqa_img, ocrbench")
+                                                      "scienceqa_img, ocrbench, videomme")
     scoring.add_argument("--predictions", required=True, type=cli_args.existing_file,
                          help="JSONL: each line the answer as 'prediction' and the benchmark's reference fields")
     scoring.add_argument("--scoring", choices=["lmms-eval", "llava"], default="lmms-eval",

@@ -73,13 +73,24 @@ def data_digests(tasks: list[str], data: Path) -> dict[str, str]:
     return digests
 
 
-def benchmark_task(model, processor, samples: list[BenchmarkSample], max_new_tokens: int | None = None) -> Task:
-    """Answers generated up to max_new_tokens, or each task's lmms-eval length when None."""
+def benchmark_task(model, processor, samples: list[BenchmarkSample], max_new_tokens: int | None = None,
+                   frames: int = 8) -> Task:
+    """Answers generated up to max_new_tokens, or each task's lmms-eval length when None; a video is shown as
+    `frames` frames sampled uniformly (`videos.read_frames`)."""
     from .generation import generate_answers
+    from .videos import read_frames
+
+    if any(s.videos for s in samples) and getattr(processor, "video_processor", None) is None:
+        tasks = sorted({s.task for s in samples if s.videos})
+        raise ValueError(f"{', '.join(tasks)} asks about videos, but this checkpoint's processor "
+                         f"({type(processor).__name__}) takes none; use a family that does (Video-LLaVA, "
+                         "Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)")
 
     def answer(chunk: list[BenchmarkSample]) -> list[str]:
+        videos = [[read_frames(path, frames) for path in s.videos] for s in chunk]
         return generate_answers(model, processor, [s.question for s in chunk], [list(s.images) for s in chunk],
-                                max_new_tokens=max_new_tokens or TASKS[chunk[0].task].max_new_tokens)
+                                max_new_tokens=max_new_tokens or TASKS[chunk[0].task].max_new_tokens,
+                                videos=videos if any(videos) else None)
 
     return Task(samples, answer, fields=lambda sample, text: {"task": sample.task, "id": sample.id, "prediction": text},
                 batch_of=lambda sample: sample.task)

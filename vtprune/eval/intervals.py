@@ -24,6 +24,8 @@ mme            an image, its two questions together    sum over subtasks of acc 
                stratum: its subtask
 pope           a sample (TP, FP, FN); stratum: split   F1 x 100: lmms-eval pooled over the splits, llava the
                                                        mean of the splits' F1 (`metrics.pope_metrics`)
+videomme       a video, all its questions together     100 x right / asked (lmms-eval's cluster_key is the
+               (questions right, questions asked)      video: its questions are correlated)
 =============  ======================================  =================================================
 
 Decisions:
@@ -107,6 +109,10 @@ def _points(sums: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return sums[..., 0, 0]
 
 
+def _right_of_asked_x100(sums: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    return 100.0 * sums[..., 0, 0] / sums[..., 0, 1]
+
+
 def _mme_total(sums: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     acc = 100.0 * sums[..., 0] / (2 * sizes)
     acc_plus = 100.0 * sums[..., 1] / sizes
@@ -167,6 +173,11 @@ def units(outcomes: Outcomes) -> Units:
         names, strata = np.unique(np.asarray(cols["split"]), return_inverse=True)
         return Units(task, x, strata.reshape(-1).astype(np.intp), tuple(names),
                      _pope_per_split if outcomes.scoring == LLAVA else _pope_pooled)
+    if task == "videomme":
+        unit, _ = _grouped(cols["video"])
+        x = np.stack([np.bincount(unit, weights=np.asarray(cols["hit"], dtype=float)),
+                      np.bincount(unit).astype(float)], axis=1)
+        return Units(task, x, np.zeros(len(x), dtype=np.intp), one, _right_of_asked_x100)
     raise ValueError(f"no interval for task {task!r}")
 
 

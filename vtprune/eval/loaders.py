@@ -32,7 +32,7 @@ from PIL import Image
 
 from .fields import Doc, _integer, _optional_id, _string_list, _text, _Where, _yes_no
 from .images import _open_image
-from .metrics import MME_SUBTASKS, OCRBENCH_CATEGORIES, TASK_ALIASES
+from .metrics import MME_SUBTASKS, OCRBENCH_CATEGORIES, TASK_ALIASES, VIDEOMME_DURATIONS
 from .official_files import _OFFICIAL_READERS
 from .tables import _check_shards, _columns, _find_tables, _rows, _Table
 
@@ -51,6 +51,7 @@ class BenchmarkSample:
     question: str    # the text the model is asked: lmms-eval 0.7.3's doc_to_text with the default prompt
     reference: dict  # the fields metrics.score needs for this task
     source: str = ""  # where its row is: "file row N" / "file line N", for errors that concern the row
+    videos: tuple[Path, ...] = ()  # video files, read into frames when the question is asked (`videos.py`)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,10 @@ TASKS: dict[str, TaskSpec] = {
         "ocrbench", "OCRBench: 1000 OCR questions in 10 categories, one point per matched answer",
         128, (), "echo840/OCRBench", None, "test",
         "OCRBench.json (also under OCRBench/) + OCRBench_Images/"),
+    "videomme": TaskSpec(
+        "videomme", "Video-MME: multiple-choice questions on short, medium and long videos, accuracy",
+        16, (), "lmms-lab/Video-MME", None, "test",
+        "the hub's parquet (videomme/test-*.parquet) + data/<videoID>.mp4 (the videos of its zip files)"),
 }
 
 
@@ -134,6 +139,8 @@ def load_benchmark(task: str, path: str | Path, limit: int | None = None) -> lis
         docs = _take(_table_docs(spec, root, tables), limit, spec)
         if spec.name == "gqa":
             docs = _attach_gqa_images(spec, root, tables, docs)
+        if spec.name == "videomme":
+            docs = [({**doc, "video": _videomme_video(doc, where, root)}, where) for doc, where in docs]
     else:
         reader = _OFFICIAL_READERS[spec.name](root)
         if reader is None:
@@ -255,6 +262,17 @@ def _attach_gqa_images(spec: TaskSpec, root: Path, tables: list[_Table],
     return out
 
 
+def _videomme_video(doc: Doc, where: _Where, root: Path) -> Path:
+    # videomme_doc_to_visual: <copy>/data/<videoID>.mp4, else .MP4, else .mkv
+    video_id = _text(doc, "videoID", where, "the id of the question's video")
+    folder = root / "data" if root.is_dir() else root.parent / "data"
+    for name in (f"{video_id}.mp4", f"{video_id}.MP4", f"{video_id}.mkv"):
+        if (folder / name).is_file():
+            return folder / name
+    raise where.error("videoID", f"is {video_id!r}, but {folder / (video_id + '.mp4')} does not exist",
+                      "unzip Video-MME's videos into data/ beside the parquet files")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # per task: question text (lmms-eval 0.7.3 doc_to_text, default kwargs) and reference fields
 # Each builder returns (id or None, question, reference).
@@ -374,9 +392,31 @@ def _ocrbench(doc: Doc, where: _Where):
                                                         "question_type": qtype}
 
 
+_VIDEOMME_OPTIONS = ("Select the best answer to the following multiple-choice question based on the video and the "
+                     "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.")
+
+
+def _videomme(doc: Doc, where: _Where):
+    # videomme_doc_to_text: its option prompt (which names subtitles even without them), the question, the
+    # options as given ("A. ..."), then the default post prompt, which starts with its own newline
+    question = _text(doc, "question", where)
+    options = _string_list(doc, "options", where, "the list of 4 options, e.g. 'A. red'")
+    answer = _text(doc, "answer", where, "the gold option letter A-D")
+    if answer.strip() not in ("A", "B", "C", "D"):
+        raise where.error("answer", f"is {answer!r}", "expected an option letter A-D")
+    duration = _text(doc, "duration", where, "short, medium or long")
+    if duration not in VIDEOMME_DURATIONS:
+        raise where.error("duration", f"is {duration!r}", f"expected one of {', '.join(VIDEOMME_DURATIONS)}")
+    listing = "\n".join(options)
+    text = f"{_VIDEOMME_OPTIONS}\n{question}\n{listing}\n{_OPTION_LETTER}"
+    reference = {"answer": answer.strip(), "duration": duration, "domain": doc.get("domain"),
+                 "task_type": doc.get("task_type"), "videoID": doc["videoID"]}
+    return _optional_id(doc, "question_id"), text, reference
+
+
 _BUILDERS: dict[str, Callable[[Doc, _Where], tuple]] = {
     "gqa": _gqa, "pope": _pope, "mme": _mme, "scienceqa_img": _scienceqa, "textvqa": _textvqa,
-    "vizwiz": _vizwiz, "ocrbench": _ocrbench,
+    "vizwiz": _vizwiz, "ocrbench": _ocrbench, "videomme": _videomme,
     "mmbench_en": lambda d, w: _mmbench(d, w, chinese=False),
     "mmbench_cn": lambda d, w: _mmbench(d, w, chinese=True),
 }
@@ -384,10 +424,13 @@ _BUILDERS: dict[str, Callable[[Doc, _Where], tuple]] = {
 
 def _to_sample(spec: TaskSpec, doc: Doc, where: _Where, ordinal: int) -> BenchmarkSample:
     sid, question, reference = _BUILDERS[spec.name](doc, where)
-    image = doc.get("image")
-    if image is None and spec.name == "scienceqa_img":
-        images: tuple = ()  # sqa_doc_to_visual returns [] for a text-only question (ScienceQA-FULL rows)
+    image, videos = doc.get("image"), ()
+    if spec.name == "videomme":
+        images: tuple = ()
+        videos = (doc["video"],)
+    elif image is None and spec.name == "scienceqa_img":
+        images = ()  # sqa_doc_to_visual returns [] for a text-only question (ScienceQA-FULL rows)
     else:
         images = (_open_image(image, where),)
     return BenchmarkSample(spec.name, sid if sid is not None else str(ordinal), images, question, reference,
-                           f"{where.file} {where.row}")
+                           f"{where.file} {where.row}", videos)

@@ -29,6 +29,7 @@ mme            lmms-eval, llava       perception + cognition totals (max 2800)
 mmbench_en/cn  lmms-eval              circular accuracy x100 (LLaVA submits to the server)
 scienceqa_img  lmms-eval, llava       option accuracy x100
 ocrbench       lmms-eval              points (one per question, 1000 in the full set)
+videomme       lmms-eval              option accuracy x100 (LLaVA has no Video-MME script)
 =============  =====================  =======================================================
 
 Every result dict has ``score`` (the number papers print, in their unit) next to the named sub-scores;
@@ -62,7 +63,7 @@ __all__ = [
     "parse_pope_answer", "parse_mme_answer", "extract_mmbench_option", "extract_mcq_answer",
     "parse_scienceqa_option", "ocrbench_match",
     "textvqa_metrics", "vizwiz_metrics", "gqa_metrics", "pope_metrics", "mme_metrics",
-    "mmbench_metrics", "scienceqa_metrics", "ocrbench_metrics",
+    "mmbench_metrics", "scienceqa_metrics", "ocrbench_metrics", "videomme_metrics",
     "MME_SUBTASKS", "OCRBENCH_CATEGORIES",
 ]
 
@@ -798,6 +799,56 @@ def _ocrbench_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Video-MME
+
+VIDEOMME_DURATIONS = ("short", "medium", "long")
+
+
+def videomme_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+    """Video-MME accuracy. Reference fields: ``answer`` (the option letter A-D), ``duration`` (short, medium or
+    long), ``domain``, ``task_type`` and ``videoID``.
+
+    ``lmms_eval/tasks/videomme/utils.py`` (lmms-eval commit 75571cf): ``videomme_process_results`` reads the
+    letter with `extract_mcq_answer` over A-D (empty when none) and ``videomme_aggregate_results`` returns
+    100 x right / answered over every question (its per-duration, per-domain and per-task-type accuracies,
+    which it only logs, are here ``<duration>/accuracy``, ``domain/<domain>`` and ``task/<task_type>``, in
+    [0, 1]). ``score`` = the overall accuracy x100. Only one rule: LLaVA has no Video-MME script.
+    """
+    return _run("videomme", predictions, references, scoring)
+
+
+def _videomme_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
+    columns: dict[str, list] = {"hit": [], "duration": [], "domain": [], "task_type": [], "video": []}
+    for i, (p, r) in enumerate(zip(preds, references)):
+        gold = str(_field(r, i, "videomme", "answer")).strip()
+        if gold not in ("A", "B", "C", "D"):
+            raise BadReference("videomme", i, f"answer is {gold!r}, expected an option letter A-D")
+        duration = _field(r, i, "videomme", "duration")
+        if duration not in VIDEOMME_DURATIONS:
+            raise BadReference("videomme", i, f"duration is {duration!r}, expected one of "
+                                              f"{', '.join(VIDEOMME_DURATIONS)}")
+        columns["hit"].append(extract_mcq_answer(p, choices=["A", "B", "C", "D"]) == gold)
+        columns["duration"].append(duration)
+        columns["domain"].append(str(r.get("domain")))
+        columns["task_type"].append(str(r.get("task_type")))
+        columns["video"].append(str(_field(r, i, "videomme", "videoID")))
+    return columns
+
+
+def _videomme_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, float]:
+    hits = columns["hit"]
+    out: dict[str, float] = {"accuracy": sum(hits) / len(hits)}
+    for field, prefix in (("duration", ""), ("domain", "domain/"), ("task_type", "task/")):
+        groups: dict[str, list[bool]] = defaultdict(list)
+        for key, hit in zip(columns[field], hits):
+            groups[key].append(hit)
+        for key, group in sorted(groups.items()):
+            out[f"{key}/accuracy" if field == "duration" else f"{prefix}{key}"] = sum(group) / len(group)
+    out["score"] = 100.0 * out["accuracy"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # registry
 
 METRICS: dict[str, Callable[..., dict[str, float]]] = {
@@ -810,6 +861,7 @@ METRICS: dict[str, Callable[..., dict[str, float]]] = {
     "mmbench_cn": _mmbench_cn,
     "scienceqa_img": scienceqa_metrics,
     "ocrbench": ocrbench_metrics,
+    "videomme": videomme_metrics,
 }
 
 # Each task's two stages: (preds, refs, scoring, task) -> per-sample columns, and (columns, scoring) -> result.
@@ -823,6 +875,7 @@ _STAGES: dict[str, tuple[Callable[..., dict[str, list]], Callable[..., dict[str,
     "mmbench_cn": (_mmbench_samples, _mmbench_aggregate),
     "scienceqa_img": (_scienceqa_samples, _scienceqa_aggregate),
     "ocrbench": (_ocrbench_samples, _ocrbench_aggregate),
+    "videomme": (_videomme_samples, _videomme_aggregate),
 }
 
 SCORING_RULES: dict[str, tuple[str, ...]] = {
@@ -835,13 +888,14 @@ SCORING_RULES: dict[str, tuple[str, ...]] = {
     "mmbench_cn": (LMMS_EVAL,),
     "scienceqa_img": (LMMS_EVAL, LLAVA),
     "ocrbench": (LMMS_EVAL,),
+    "videomme": (LMMS_EVAL,),
 }
 
 # Other spellings people use (lmms-eval task names among them) for the same benchmarks.
 TASK_ALIASES = {
     "textvqa_val": "textvqa", "vizwiz_vqa": "vizwiz", "vizwiz_vqa_val": "vizwiz", "mmbench": "mmbench_en",
     "mmbench_en_dev": "mmbench_en", "mmbench_cn_dev": "mmbench_cn", "scienceqa": "scienceqa_img",
-    "sqa": "scienceqa_img", "sqa_img": "scienceqa_img",
+    "sqa": "scienceqa_img", "sqa_img": "scienceqa_img", "video_mme": "videomme",
 }
 
 
@@ -883,7 +937,8 @@ def sample_outcomes(task: str, predictions, references, scoring: str = LMMS_EVAL
     scienceqa_img also ``unparsed``); ocrbench ``hit``, ``question_type``; pope ``split``, ``parsed``
     ("yes"/"no"/"other"), ``gold`` ("yes"/"no"); mme ``subtask``, ``image`` (question_id), ``hit``;
     mmbench_en/cn ``question`` (index % 1e6), ``hit`` (this rotation right), ``rotated`` (index >= 1e6),
-    ``categories`` ((category, L2-category)). Raises as `score` does.
+    ``categories`` ((category, L2-category)); videomme ``hit``, ``duration``, ``domain``, ``task_type``,
+    ``video`` (videoID). Raises as `score` does.
     """
     t = _canonical_task(task)
     _check_rule(t, scoring)

@@ -309,4 +309,5 @@ _OFFICIAL_READERS: dict[str, Callable[[Path], Iterator | None]] = {
     "textvqa": _read_textvqa, "vizwiz": _read_vizwiz, "ocrbench": _read_ocrbench,
     "mmbench_en": lambda root: _read_mmbench(root, chinese=False),
     "mmbench_cn": lambda root: _read_mmbench(root, chinese=True),
+    "videomme": lambda root: None,  # Video-MME's own release is the hub's parquet
 }
