@@ -245,7 +245,10 @@ class Pruner:
             self._uncached = self._prompt if run.cache is None else None
         run.prefill = False
         run.step_masks = {}
+        # What only the prefill reads goes now: the run lives as long as its cache (the vision tower's recorded
+        # queries and keys among it).
         run.references, run.item_references, run.attention, run.attention_from, run.probe = {}, {}, None, None, None
+        run.encoded = None
         output.last_hidden_state = prefill.finish(run, output.last_hidden_state)
         return output
 
