@@ -170,22 +170,25 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
 
     from vtprune.eval import evaluate
     from vtprune.eval.benchmark_eval import (INTERVAL_NOTE, benchmark_markdown, benchmark_table, benchmark_task,
-                                             check_references, data_digests, load_tasks, summarize_benchmarks)
+                                             check_references, data_digests, default_frames, load_tasks,
+                                             summarize_benchmarks)
     from vtprune.eval.generation import load_checkpoint
     from vtprune.eval.lock import hold
     from vtprune.eval.report import plot_accuracy_vs_budget
 
     with hold(out, shard.lock_name):
         model_path = Path(args.model)
+        samples = load_tasks(args.tasks, Path(args.data), args.limit)
+        check_references(samples, args.scoring)  # before the model loads: a bad row costs seconds, not minutes
         model, processor = load_checkpoint(model_path)
         if shard.device is not None:
             model.to(shard.device)
-        samples = load_tasks(args.tasks, Path(args.data), args.limit)
-        check_references(samples, args.scoring)
         configs, refused = runnable_configs(model, specs, args.budgets, method_options(model_path, processor), shard)
         settings = {"tasks": args.tasks, "model": _model_id(model_path), "data": data_digests(args.tasks, Path(args.data)),
                     "limit": args.limit, "max_new_tokens": args.max_new_tokens, "scoring": args.scoring,
-                    "frames": args.frames, "versions": _versions()}
+                    "versions": _versions()}
+        if any(s.videos for s in samples):
+            settings["frames"] = args.frames or default_frames(model)
         if refused:
             settings["not_run"] = refused
         task = benchmark_task(model, processor, samples, args.max_new_tokens, args.frames)
@@ -388,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="with --tasks: the first LIMIT samples of each task")
     evaluation.add_argument("--max-new-tokens", type=cli_args.positive_int,
                             help="with --tasks: answer length for every task (default: each task's lmms-eval length)")
-    evaluation.add_argument("--frames", type=cli_args.positive_int, default=8,
-                            help="with --tasks: frames sampled uniformly from each video (default 8, Video-LLaVA's)")
+    evaluation.add_argument("--frames", type=cli_args.positive_int,
+                            help="with --tasks: frames sampled uniformly from each video (default: lmms-eval's for "
+                                 "the family, 8 for Video-LLaVA, 32 for the others)")
     evaluation.set_defaults(run=cmd_eval)
     scoring = commands.add_parser("score", help="score given answers with a benchmark's official metric (no model)")
     scoring.add_argument("--task", required=True, help="pope, gqa, mme, textvqa, vizwiz, mmbench_en, mmbench_cn, "

@@ -18,12 +18,14 @@ back. Instance-scoped otherwise: only this model's layers, undone by remove().
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..adapters import adapter_for
 
 
-_OPEN: list["CompiledPrefill"] = []  # the handles not yet removed, whatever their models
+_OPEN: "weakref.WeakSet[CompiledPrefill]" = weakref.WeakSet()  # the handles not yet removed (nor dropped)
 _OPEN_LIMIT = [8]  # dynamo's recompile limit before the first of them opened
 
 
@@ -42,19 +44,20 @@ class CompiledPrefill:
             raise ValueError("this model's decoder layers already have a forward of their own (compiled before?); "
                              "remove() that first")
         options = {"mode": "reduce-overhead", **compile_options}
+        compiled = [torch.compile(layer.forward, **options) for layer in self.layers]  # before any state changes
         if not _OPEN:
             _OPEN_LIMIT[0] = torch._dynamo.config.recompile_limit
-        _OPEN.append(self)
+        _OPEN.add(self)
         _set_recompile_limit()
-        for layer in self.layers:
-            layer.forward = _prefill_compiled(layer.forward, torch.compile(layer.forward, **options))
+        for layer, forward in zip(self.layers, compiled):
+            layer.forward = _prefill_compiled(layer.forward, forward)
 
     def remove(self) -> None:
         for layer in self.layers:
             vars(layer).pop("forward", None)
         self.layers = []
         if self in _OPEN:
-            _OPEN.remove(self)
+            _OPEN.discard(self)
             _set_recompile_limit()
 
     def __enter__(self) -> "CompiledPrefill":

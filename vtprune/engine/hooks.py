@@ -49,7 +49,12 @@ class _CacheRun:
     run: Run
 
     def __deepcopy__(self, memo) -> "_CacheRun":
-        return _CacheRun(self.owner, dataclasses.replace(self.run, cache=memo.get(id(self.run.cache), self.run.cache)))
+        return _CacheRun(self.owner, dataclasses.replace(self.run))
+
+    def __reduce__(self):
+        # A pickled cache comes back without its run (which holds the model): marked, so that continuing it is
+        # refused rather than run as if nothing had been pruned.
+        return _CacheRun, (None, None)
 
 
 class Pruner:
@@ -213,8 +218,8 @@ class Pruner:
         if run is None:
             raise EngineError(
                 f"a forward continues a KV cache ({type(cache).__name__} of {past} tokens) that a pruned prompt of "
-                "another vtprune pruner filled (removed since?); continue it under that pruner, or start a new "
-                "prompt with an empty cache"
+                "another vtprune pruner filled (removed since?), or a pickled copy of one (which keeps no pruning "
+                "decision); continue it under that pruner, or start a new prompt with an empty cache"
             )
         cropped = kv.cropped_tokens(cache, [layout.length + run.generated for layout in run.kv_layouts])
         if cropped > run.generated:
@@ -238,11 +243,14 @@ class Pruner:
             return output
         self._record_stats(run)
         self._check_prefill(run, output)
-        if run.cache is not None:
-            setattr(run.cache, _RUN, _CacheRun(self._owner, run))
         if run.replay is None and self._prompt is not None:
             self._prompt.decision = self.last_decision
             self._uncached = self._prompt if run.cache is None else None
+        if run.cache is not None:
+            # The cache holds its run, not the other way round (a cycle would keep every cache alive until the
+            # garbage collector ran): decode steps find the run through the cache they continue.
+            setattr(run.cache, _RUN, _CacheRun(self._owner, run))
+            run.cache = None
         run.prefill = False
         run.step_masks = {}
         # What only the prefill reads goes now: the run lives as long as its cache (the vision tower's recorded

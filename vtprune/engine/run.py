@@ -68,7 +68,7 @@ class Run:
     adapter: Adapter
     method: Method
     replay: Decision | None  # a decision to apply instead of asking the method
-    cache: Any
+    cache: Any  # the KV cache its prefill fills; None afterwards (the cache then holds the run: `hooks._CacheRun`)
     prompt_mask: torch.Tensor  # [B, L]
     visual: torch.Tensor  # [B, L] bool
     image_of: torch.Tensor  # [B, L] long: the visual item's rank in its sample, -1 for text

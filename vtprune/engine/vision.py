@@ -116,7 +116,7 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
     encoded = {kind: _concatenated(group) for kind, group in by_kind.items()}
     projected = {kind: call.projected.to(embeds.dtype) for kind, call in encoded.items()}  # as the LLM received it
     next_row = dict.fromkeys(encoded, 0)
-    placed, seen = [], []  # seen: (kind, features received, its EncodedItem) of every item placed so far
+    placed, seen = [], []  # seen: (sample, item, its EncodedItem) of every item placed so far
     for b, sample in enumerate(items):
         row = []
         for item in sample:
@@ -133,13 +133,13 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
             else:
                 # generate's beams and num_return_sequences repeat each sample after its images were encoded once:
                 # a repeat's features are an earlier item's, exactly
-                found = next((done for kind, features, done in seen if kind == item.kind
-                              and features.shape == received.shape and torch.equal(features, received)), None)
+                found = next((done for c, earlier, done in seen if earlier.kind == item.kind
+                              and torch.equal(embeds[c, earlier.positions(embeds.device)], received)), None)
                 if found is None:
                     raise EngineError(f"vtprune cannot find the {item.kind} of sample {b} at position "
                                       f"{item.runs[0][0]} among the vision tower's rows (from row {start}): its "
                                       "features differ from every candidate's")
-            seen.append((item.kind, received, found))
+            seen.append((b, item, found))
             row.append(found)
         placed.append(row)
     for kind, call in encoded.items():

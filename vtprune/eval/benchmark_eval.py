@@ -58,14 +58,23 @@ def check_references(samples: list[BenchmarkSample], scoring: str) -> None:
                              f"{bad.problem}") from None
 
 
+# Files hashed by name and size only: a video benchmark's videos (and the archives they came in) run to hundreds
+# of GB, which a run must not read before its first answer; its questions and answers are in the tables.
+_BY_SIZE = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".zip", ".tar")
+
+
 def data_digests(tasks: list[str], data: Path) -> dict[str, str]:
-    """A SHA-256 per task over the names and bytes of every file of its copy, so a report says which data it scored."""
+    """A SHA-256 per task over the names and bytes of every file of its copy (videos and archives: names and
+    sizes), so a report says which data it scored."""
     digests = {}
     for task in tasks:
         root = task_folder(task, tasks, data)
         digest = hashlib.sha256()
         for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
             digest.update(str(path.relative_to(root if root.is_dir() else root.parent)).encode() + b"\0")
+            if path.suffix.lower() in _BY_SIZE:
+                digest.update(str(path.stat().st_size).encode() + b"\0")
+                continue
             with path.open("rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
@@ -73,12 +82,20 @@ def data_digests(tasks: list[str], data: Path) -> dict[str, str]:
     return digests
 
 
+def default_frames(model) -> int:
+    """Frames per video as lmms-eval's model wrappers sample them: 8 for Video-LLaVA (its video tower's own
+    count), 32 for the others (llava_onevision, qwen2_vl, qwen2_5_vl)."""
+    return 8 if model.config.model_type == "video_llava" else 32
+
+
 def benchmark_task(model, processor, samples: list[BenchmarkSample], max_new_tokens: int | None = None,
-                   frames: int = 8) -> Task:
+                   frames: int | None = None) -> Task:
     """Answers generated up to max_new_tokens, or each task's lmms-eval length when None; a video is shown as
-    `frames` frames sampled uniformly (`videos.read_frames`)."""
+    `frames` frames sampled uniformly (`videos.read_frames`; None: `default_frames`)."""
     from .generation import generate_answers
     from .videos import read_frames
+
+    frames = frames or default_frames(model)
 
     if any(s.videos for s in samples) and getattr(processor, "video_processor", None) is None:
         tasks = sorted({s.task for s in samples if s.videos})

@@ -265,7 +265,10 @@ def _attach_gqa_images(spec: TaskSpec, root: Path, tables: list[_Table],
 def _videomme_video(doc: Doc, where: _Where, root: Path) -> Path:
     # videomme_doc_to_visual: <copy>/data/<videoID>.mp4, else .MP4, else .mkv
     video_id = _text(doc, "videoID", where, "the id of the question's video")
-    folder = root / "data" if root.is_dir() else root.parent / "data"
+    # the copy's folder; given the parquet file itself, its folder or (hub layout: videomme/test-*.parquet) the
+    # snapshot's, whichever holds data/
+    folders = [root / "data"] if root.is_dir() else [root.parent / "data", root.parent.parent / "data"]
+    folder = next((f for f in folders if f.is_dir()), folders[0])
     for name in (f"{video_id}.mp4", f"{video_id}.MP4", f"{video_id}.mkv"):
         if (folder / name).is_file():
             return folder / name

@@ -82,7 +82,9 @@ def deduplicate(unit: torch.Tensor, residual: torch.Tensor, count: int, per_roun
     if single:
         unit, residual, owner = unit[None], residual[None], torch.zeros(1, dtype=torch.long, device=unit.device)
     size = residual.shape[1]
-    at_once = max(1, DISTANCE_MATRIX_ENTRIES // (size * size))  # residuals are independent: chunking changes nothing
+    # A residual is one tower row's tokens (a few hundred), so its matrix is small; the batch's are held a chunk
+    # at a time (residuals are independent: chunking changes nothing).
+    at_once = max(1, DISTANCE_MATRIX_ENTRIES // (size * size))
     kept = []
     for start in range(0, residual.shape[0], at_once):
         tokens = residual[start:start + at_once]
