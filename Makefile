@@ -58,10 +58,10 @@ compat:
 # lmms-eval's command line, batch size 2): -s shows lmms-eval's command and results table.
 $(LMMS)/.installed: pyproject.toml constraints.txt
 	test -x $(LMMS)/bin/python || python3 -m venv $(LMMS)
-	@# the lock less three pins lmms-eval 0.7.3 cannot take: torch (next line), filelock (it imports
+	@# the lock less four pins lmms-eval 0.7.3 cannot take: torch (next line), filelock (it imports
 	@# filelock._api, gone in 4.x), python-dateutil (its results table's typepy needs < 3; else pip
-	@# falls back to a pytablewriter that prints the table's header as A B C ...)
-	grep -v -e '^torch==' -e '^filelock==' -e '^python-dateutil==' constraints.txt > $(LMMS)/constraints.txt
+	@# falls back to a pytablewriter that prints the table's header as A B C ...), av (it needs < 16)
+	grep -v -e '^torch==' -e '^filelock==' -e '^python-dateutil==' -e '^av==' constraints.txt > $(LMMS)/constraints.txt
 	printf 'filelock<4\npython-dateutil<3\n' >> $(LMMS)/constraints.txt
 	$(LMMS)/bin/python -m pip install -q -c $(LMMS)/constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(LMMS)/bin/python -m pip install -q -c $(LMMS)/constraints.txt -e '.[lmms,dev]'

@@ -85,7 +85,7 @@ def test_each_task_is_scored_by_its_official_rule_and_resumes(checkpoint, data, 
 def test_a_resume_on_changed_code_is_refused(checkpoint, data, tmp_path, monkeypatch):
     assert run(checkpoint, data, tmp_path, "--limit", "2") == 0
     monkeypatch.setattr(cli, "_source_digest", lambda: "edited")
-    with pytest.raises(ValueError, match=r"other settings \(versions\).*other code"):
+    with pytest.raises(SystemExit, match=r"other settings \(versions\).*other code"):
         run(checkpoint, data, tmp_path, "--limit", "2")
 
 
@@ -107,10 +107,14 @@ def test_a_missing_task_copy_and_the_synthetic_only_flags_are_refused(checkpoint
     with pytest.raises(SystemExit):
         cli.main(["eval", "--model", str(checkpoint), "--tasks", "pope", "--out", str(tmp_path)])
     assert "--tasks and --data go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the benchmark-only flags on the synthetic default would be ignored
+        cli.main(["eval", "--limit", "5", "--frames", "4", "--out", str(tmp_path)])
+    assert "--limit, --frames go with --tasks (real benchmarks); the synthetic benchmark's size is --samples" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["eval", "--model", str(checkpoint), "--tasks", "popee", "--data", str(data)])
     assert "unknown task 'popee'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="no .*gqa: put your local copy of gqa there"):
+    with pytest.raises(SystemExit, match="no .*gqa: put your local copy of gqa there"):
         cli.main(["eval", "--model", str(checkpoint), "--tasks", "gqa,pope", "--data", str(data), "--out", str(tmp_path)])
 
 
@@ -119,7 +123,7 @@ def test_a_row_the_scorer_would_refuse_stops_the_run_before_any_answer(checkpoin
     answer is generated (no results file is written)."""
     release = mme_release(tmp_path / "data" / "mme")
     (release / "code_reasoning" / "0020.txt").write_text("Is the output 3? Please answer yes or no.\tNo\n")
-    with pytest.raises(ValueError, match=r"code_reasoning/0020.txt line 1: mme's lmms-eval scoring refuses this "
+    with pytest.raises(SystemExit, match=r"code_reasoning/0020.txt line 1: mme's lmms-eval scoring refuses this "
                                          r"row: it is one of 1 questions on image"):
         cli.main(["eval", "--model", str(checkpoint), "--tasks", "mme", "--data", str(tmp_path / "data"),
                   "--methods", "random", "--budgets", "8", "--out", str(tmp_path / "out")])

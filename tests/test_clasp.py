@@ -162,6 +162,11 @@ def test_clasp_asks_for_a_way_to_route():
         vtprune.apply(tiny_llava(), "clasp", 16, router=lambda text: "ocr")  # it would route "" every time
     with pytest.raises(ValueError, match="not a CLASP calibration table"):
         vtprune.apply(tiny_llava(), "clasp", 16, question_class="ocr", calibration="/nonexistent.json")
+    for entry, problem in [({"generl": {"fusion": None, "split": 0.5}}, "names class 'generl', which the router"),
+                           ({"ocr": {"fusion": None, "split": 7}}, "gives class 'ocr' a split of 7.0, outside"),
+                           ({"ocr": {"fusion": {"1": 0.0, "2": 0.0}, "split": 0.5}}, "fusion weights")]:
+        with pytest.raises(ValueError, match=problem):
+            vtprune.apply(tiny_llava(), "clasp", 16, question_class="ocr", calibration={"classes": entry})
 
 
 def test_fusion_on_a_model_without_it_is_refused(table):

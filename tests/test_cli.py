@@ -39,6 +39,7 @@ def usage_error(argv, capsys) -> str:
     (["eval", "--budgets", "1.5"], r"--budgets: .*\(0, 1\].*1\.5"),
     (["bench", "--budgets", "0.25"], "--budgets: '0.25': bench budgets are visual tokens per image, ints >= 1"),
     (["bench", "--batch", "1,0"], "--batch: 0 is too small"),
+    (["bench", "--methods", "clse:score=attn"], r"takes method names without options \(name:option=value is"),
     (["eval", "--methods", "clse:layers=1"], "--methods: clse:layers=1: clse's default keep counts are for 3 stages"),
     (["eval", "--methods", "clse:layers=a/b"], "--methods: clse:layers=a/b: layers takes ints separated by /"),
     (["eval", "--methods", "random:seed=abc"], "--methods: random:seed=abc: seed takes an int; got 'abc'"),
@@ -191,3 +192,4 @@ def test_score_names_the_line_of_a_malformed_predictions_file(tmp_path):
     path.write_text('{"prediction": "yes", "answer": "yes", "category": "random"}\n')
     with pytest.raises(SystemExit, match=r"unknown task 'popee'; valid: .*pope"):
         cli.main(["score", "--task", "popee", "--predictions", str(path)])
+

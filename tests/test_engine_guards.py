@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 import vtprune
+from vtprune.adapters import adapter_for
 from vtprune.engine import EngineError, TESTED_TRANSFORMERS
 from vtprune.engine.cache import cache_keyword, output_cache
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
@@ -275,3 +276,62 @@ def test_a_pruned_cache_is_freed_with_its_last_reference_and_pickles_without_its
         loaded = torch.load(tmp_path / "cache.pt", weights_only=False)
         with pytest.raises(EngineError, match="or a pickled copy of one"):
             model(**_next_step(inputs, cache_keyword(model.model.language_model), loaded))
+
+
+def test_a_decision_replayed_on_another_prompt_is_refused(model):
+    """A decision's kept positions and merged states belong to its prompt: other images, other tokens or another
+    batch are refused; its own prompt, alone or continued, replays."""
+    inputs = tiny_inputs(model, LAYOUTS)
+    pixels = next(key for key in ("pixel_values", "pixel_values_images") if key in inputs)
+    with vtprune.apply(model, "random", 10) as pruner:
+        logits = model(**inputs).logits
+        decision = pruner.last_decision
+        others = [dict(inputs, **{pixels: inputs[pixels] + 1}), tiny_inputs(model, LAYOUTS, seed=7),
+                  tiny_inputs(model, LAYOUTS[:1])]
+        with pruner.replaying(decision):
+            assert torch.equal(model(**inputs).logits, logits)
+            for other in others:
+                with pytest.raises(ValueError, match="got a prompt the decision was not made for"):
+                    model(**other)
+
+
+def test_a_second_thread_is_refused_while_a_forward_runs_and_a_deep_copy_is_refused(model):
+    """The per-forward state lives on the pruner, which threads (and DataParallel's replicas) would share."""
+    import threading
+
+    inputs = tiny_inputs(model, LAYOUTS)
+    entered, release, errors = threading.Event(), threading.Event(), []
+    layer = adapter_for(model).decoder_layers[1]
+
+    def wait(module, args):
+        if threading.current_thread() is not threading.main_thread():
+            entered.set()
+            release.wait(10)
+
+    with vtprune.apply(model, "fastv", 10):
+        expected = model(**inputs).logits
+        handle = layer.register_forward_pre_hook(wait)
+        worker = threading.Thread(target=lambda: errors.append(model(**inputs).logits))
+        worker.start()
+        try:
+            assert entered.wait(10)
+            with pytest.raises(RuntimeError, match="runs one forward at a time, and another thread is running one"):
+                model(**inputs)
+        finally:
+            release.set()
+            worker.join()
+            handle.remove()
+        assert torch.equal(errors[0], expected)  # the first forward was not disturbed
+        def fail(module, args):
+            raise RuntimeError("boom")
+
+        handle = layer.register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="boom"):
+            model(**inputs)
+        handle.remove()
+        after = threading.Thread(target=lambda: errors.append(model(**inputs).logits))  # freed by the error
+        after.start()
+        after.join()
+        assert torch.equal(errors[1], expected)
+        with pytest.raises(TypeError, match="cannot be deep-copied"):
+            copy.deepcopy(model)

@@ -166,3 +166,10 @@ def test_show_answers_then_draws_on_what_the_model_saw(tmp_path, monkeypatch, ca
     assert size == (336, 336) and grid == (24, 24)
     assert "answer:" in printed_before  # an answer is out even if drawing fails
     assert out.stat().st_size > 0
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(SystemExit, match=r"^vtprune show: error: cannot identify image file"):
+        main(["show", str(tmp_path / "notes.png"), "what colour is it ?", "--method", "random", "--budget", "8",
+                  "--out", str(tmp_path / "kept.png")])

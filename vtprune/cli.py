@@ -273,14 +273,11 @@ def cmd_score(args) -> int:
     from vtprune.eval.metrics import BadReference, score
     from vtprune.eval.predictions import read_predictions
 
+    predictions, references, lines = read_predictions(args.predictions)
     try:
-        predictions, references, lines = read_predictions(args.predictions)
         result = score(args.task, predictions, references, scoring=args.scoring)
     except BadReference as bad:
-        raise SystemExit(f"vtprune score: error: {args.predictions} line {lines[bad.index]}: {bad.task} "
-                         f"reference {bad.problem}") from None
-    except ValueError as error:
-        raise SystemExit(f"vtprune score: error: {error}") from None
+        raise ValueError(f"{args.predictions} line {lines[bad.index]}: {bad.task} reference {bad.problem}") from None
     console.print_json(json.dumps(result))
     return 0
 
@@ -482,10 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     from vtprune.eval.lock import FolderBusy
     from vtprune.synth.reference import CheckpointError
 
+    from PIL import UnidentifiedImageError
+
     args = parse(argv)
     try:
         return args.run(args)
-    except (FolderBusy, CheckpointError) as error:  # the user's to fix: one line, not a traceback
+    # the user's to fix (vtprune raises ValueError for bad input, naming it and the fix): one line, not a traceback
+    except (FolderBusy, CheckpointError, ValueError, UnidentifiedImageError) as error:
         raise SystemExit(f"vtprune {args.command}: error: {error}") from None
 
 

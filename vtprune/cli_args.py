@@ -196,6 +196,9 @@ def task_name(text: str) -> str:
 def method_name(text: str) -> str:
     from vtprune.methods import get_method
 
+    if ":" in text:
+        raise Invalid(f"{text!r}: this command takes method names without options (name:option=value is "
+                      "`vtprune eval --methods`'s)")
     try:
         get_method(text)
     except ValueError as error:
@@ -317,6 +320,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """The checks that need more than one flag, as usage errors (exit status 2)."""
     if args.command == "eval" and (args.tasks is None) != (args.data is None):
         parser.error("--tasks and --data go together: the benchmarks to run and the folder holding a copy of each")
+    if args.command == "eval" and not args.tasks:
+        given = [flag for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
+                                          ("--frames", args.frames)) if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)} go with --tasks (real benchmarks); the synthetic benchmark's size is "
+                         "--samples")
     if args.command == "eval" and args.tasks and args.model is None:
         parser.error("--tasks needs --model: the checkpoint to evaluate (the reference model knows only the "
                      "synthetic benchmark's words)")

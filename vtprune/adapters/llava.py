@@ -72,6 +72,9 @@ class LlavaAdapter(Adapter):
         images = []
         for i, mix in enumerate(weights):
             mix = mix or {own: 1.0}
+            if any(not -len(states) <= layer < len(states) for layer in mix):
+                raise ValueError(f"clasp's calibration mixes vision hidden states {sorted(mix)}, but this tower has "
+                                 f"{len(states)} (0..{len(states) - 1}); calibrate on this model")
             images.append(sum(weight * states[layer][i, 1:] for layer, weight in mix.items()))
         return torch.stack(images)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable
 
 import torch
@@ -78,6 +79,8 @@ class Pruner:
         self._uncached: Prompt | None = None  # the last prompt decided without a cache, which a longer forward continues
         self._num_layers = adapter.model_info.num_layers
         self._owner = object()  # marks the caches this pruner's prompts filled (see _RUN)
+        # One forward at a time: its state lives here (threads, or DataParallel's replicas, would share it).
+        self._busy, self._busy_thread = threading.Lock(), None
         self._cache_keyword = kv.cache_keyword(adapter.language_model)
         # Fusion first: a model that cannot fuse refuses before any other hook is in place.
         self._handles = adapter.vision_state_hooks(self._vision_states) if method.fuses_vision_layers else []
@@ -86,6 +89,7 @@ class Pruner:
         self._recorder = VisionRecorder(adapter, method, budget) if method.acts_in_vision else None
         self._handles += [
             adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal_forward, with_kwargs=True),
+            adapter.multimodal_model.register_forward_hook(self._after_multimodal_forward, always_call=True),
             adapter.language_model.register_forward_pre_hook(self._on_language_model_forward, with_kwargs=True),
             adapter.language_model.register_forward_hook(self._after_language_model_forward, with_kwargs=True),
         ]
@@ -114,6 +118,11 @@ class Pruner:
         if getattr(self.model, "_vtprune_pruner", None) is self:
             del self.model._vtprune_pruner
 
+    def __deepcopy__(self, memo):
+        # The decoder layers' hooks would still reach this pruner from the copy.
+        raise TypeError("a model with a vtprune pruner cannot be deep-copied: copy it before vtprune.apply (or after "
+                        "pruner.remove()), then apply a pruner to each copy")
+
     def __enter__(self) -> "Pruner":
         return self
 
@@ -139,6 +148,14 @@ class Pruner:
 
     # ------------------------------------------------------------------ hooks
     def _on_multimodal_forward(self, module, args, kwargs):
+        me = threading.get_ident()
+        if not self._busy.acquire(blocking=False) and self._busy_thread != me:
+            raise RuntimeError(
+                "a pruned model runs one forward at a time, and another thread is running one (threads, or "
+                "torch.nn.DataParallel's replicas, share its pruner): run them one after another, or give each "
+                "worker a model of its own (DistributedDataParallel, accelerate launch)"
+            )
+        self._busy_thread = me
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._input_ids = input_ids
         encoded = kwargs.get("mm_encoder_outputs") or {}
@@ -187,6 +204,12 @@ class Pruner:
         if last is None or cache is not None or prefill.wants_cache(self.adapter.language_model, kwargs):
             return None
         return last if last.continued_by(self._prompt) else None
+
+    def _after_multimodal_forward(self, module, args, output):
+        if self._busy_thread == threading.get_ident():  # (always called: also after an error)
+            self._busy_thread = None
+            self._busy.release()
+        return output
 
     def _on_language_model_forward(self, module, args, kwargs):
         items, self._items = self._items, None
@@ -287,6 +310,13 @@ class Pruner:
         prompt_mask = attention_mask if attention_mask is not None else \
             embeds.new_ones(embeds.shape[:2], dtype=torch.long)
         replay = self._replay
+        if replay is not None and replay.made_for is not None and self._prompt is not None \
+                and not replay.made_for.may_begin(self._prompt):
+            raise ValueError(
+                "pruner.replaying(decision) got a prompt the decision was not made for (another batch size, other "
+                "tokens, or other images: its kept positions and merged states would land on the wrong tokens); "
+                "replay a decision on its own prompt, which may go on with more tokens"
+            )
         if replay is None and self._prompt is not None and self._prompt.decision is not None:
             replay = self._prompt.decision  # a continuation of a prompt decided without a cache
         run = prefill.plan_run(self.adapter, self.method, self.budget, replay, items, self._text, prompt_mask,
@@ -315,7 +345,11 @@ class Pruner:
                               nominal_budget=budget)
 
         self._stats = stats
-        self.last_decision = run.replay if run.replay is not None else run.decision()
+        if run.replay is not None:
+            self.last_decision = run.replay
+        else:
+            self.last_decision = run.decision()
+            self.last_decision.made_for = Prompt(self._prompt.input_ids, self._prompt.images) if self._prompt else None
 
     def _check_prefill(self, run: Run, output) -> None:
         """The pruned prefill did what was planned, on the cache the engine tracks."""

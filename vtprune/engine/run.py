@@ -24,6 +24,7 @@ class Decision:
     # moved[stage][sample]: (positions, positions they were merged into), for pictures of a merge
     moved: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     layer_positions: list[torch.Tensor] = field(default_factory=list)  # see positions_at
+    made_for: "Prompt | None" = field(default=None, repr=False)  # the prompt it was decided on (replaying checks it)
 
     def positions_at(self, layer: int) -> torch.Tensor:
         """[B, n]: the prompt position each row of decoder layer `layer` holds at prefill (-1: a fill slot).
@@ -47,12 +48,21 @@ class Prompt:
 
     def continued_by(self, other: "Prompt") -> bool:
         """other feeds this prompt followed by more tokens, with the same images."""
-        ids, longer = self.input_ids, other.input_ids
         same_images = all(_same(a, b) for a, b in zip(self.images, other.images))
-        return (
-            same_images and longer.shape[0] == ids.shape[0] and longer.shape[1] > ids.shape[1]
-            and torch.equal(longer[:, : ids.shape[1]], ids)
-        )
+        return same_images and other.input_ids.shape[1] > self.input_ids.shape[1] and self._tokens_begin(other)
+
+    def may_begin(self, other: "Prompt") -> bool:
+        """other feeds this prompt, maybe followed by more tokens, and no image input of other's differs from
+        this one's where both give it the same way (raw tensors; generate may hand over encoded features instead,
+        which are not compared)."""
+        images_agree = all(_same(a, b) for a, b in zip(self.images, other.images)
+                           if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor))
+        return images_agree and self._tokens_begin(other)
+
+    def _tokens_begin(self, other: "Prompt") -> bool:
+        ids, longer = self.input_ids, other.input_ids
+        return longer.shape[0] == ids.shape[0] and longer.shape[1] >= ids.shape[1] \
+            and torch.equal(longer[:, : ids.shape[1]].to(ids.device), ids)
 
 
 def _same(a, b) -> bool:

@@ -26,6 +26,7 @@ budget is well above R) and is never the default.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -66,16 +67,26 @@ class ClassSettings:
 
 def load_calibration(source: str | Path | dict) -> dict[str, ClassSettings]:
     """A table written by `vtprune calibrate --method clasp` (its path, or the table itself): settings per class."""
-    path = source if isinstance(source, dict) else Path(source)
+    path = "the calibration table" if isinstance(source, dict) else Path(source)
     try:
         table = source if isinstance(source, dict) else json.loads(path.read_text())
-        return {
+        settings = {
             name: ClassSettings({int(k): float(v) for k, v in entry["fusion"].items()} if entry.get("fusion") else None,
                                 float(entry["split"]))
             for name, entry in table["classes"].items()
         }
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a CLASP calibration table ({error}); make one with `vtprune calibrate`") from None
+    for name, entry in settings.items():
+        problem = (f"names class {name!r}, which the router never gives (classes: {', '.join(CLASSES)})"
+                   if name not in CLASSES else
+                   f"gives class {name!r} a split of {entry.split}, outside [0, 1]" if not 0 <= entry.split <= 1 else
+                   f"gives class {name!r} fusion weights {entry.fusion}: they must be finite, >= 0, with a positive sum"
+                   if entry.fusion and not (all(math.isfinite(w) and w >= 0 for w in entry.fusion.values())
+                                            and sum(entry.fusion.values()) > 0) else None)
+        if problem:
+            raise ValueError(f"{path} {problem}; make the table with `vtprune calibrate`")
+    return settings
 
 
 class CLASP(Method):
