@@ -10,7 +10,8 @@ one whose output the projector reads, between the block's attention and its MLP:
   (halved if positive, doubled if not). The r tokens of lowest score are dropped; [CLS] never.
 - Correlate: P = softmax(A) over the keys; each dropped token's targets are its k most-attended
   kept tokens, k = the largest count, over the dropped tokens, of logits above their row's
-  0.998 quantile (2 on a 577-token row, 1 on shorter ones); weights are P normalised over the k.
+  0.998 quantile (2 on rows longer than 501 tokens, 1 on shorter ones: at r = 42, 2 in the first
+  two reducing blocks, then 1); weights are P normalised over the k.
 - Compress: each kept token u becomes (x_u + sum w x_i) / (1 + sum w) over the dropped tokens i
   that chose it. No sizes are carried, no proportional attention (as released).
 - r per block: the authors remove a constant 42 per block (114 patches left); here the
@@ -24,8 +25,12 @@ is broken, vtprune follows what it evidently means (deviations, also in the READ
 - targets are kept tokens (the release picks any token, the dropped one itself included, and
   then indexes the reordered survivors with pre-reduction indices);
 - the local penalty uses each live token's own 2x2 window at every block (the release keeps a
-  576-entry buffer across layers and images, so after the first block it hits a fixed set of
-  sequence indices);
+  576-entry score buffer that is never reset, across blocks and images: only on a process's first
+  image does its first reducing block penalise the true window minima; after that the penalised
+  set depends on stale scores, so the authors' reported runs had it mis-targeted on almost every
+  image; this follows the paper's description);
+- on a grid of odd side the last, 1-wide windows count too (the release assumes 24 x 24 and
+  its window search covers whole 2x2 windows only, so it never penalises that edge);
 - scores per image, quantiles in float32 (the release averages logits over the batch too and
   calls torch.quantile on fp16, which raises).
 Towers that cut an image into several rows (LLaVA-NeXT's tiles, video frames) are refused.
