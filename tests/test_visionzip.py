@@ -31,7 +31,8 @@ def reference(view, share=10 / 64):
         score = score[columns[idx]]
         contextual = int(np.floor(budget * share + 0.5))
         dominant = budget - contextual
-        top = np.argsort(-score, kind="stable")[:dominant]
+        cls_slot = int(layer.cls and contextual > 0 and dominant > 0)  # the authors' [CLS] slot, given to a patch
+        top = np.argsort(-score, kind="stable")[:dominant - cls_slot]
         mask = np.ones(len(idx), dtype=bool)  # True: not dominant (the authors' mask)
         mask[top] = False
         for t in idx[~mask]:
@@ -46,6 +47,11 @@ def reference(view, share=10 / 64):
         step = max(1, m // contextual)
         target = np.arange(0, m, step)[:contextual]
         merging = ~np.isin(np.arange(m), target)
+        if cls_slot:  # the best candidate that is not an anchor stays as itself
+            spare = int(np.flatnonzero(merging)[np.argmax(score[mask][merging])])
+            kept[int(idx[mask][spare])] = (feats[idx[mask][spare]], 1.0)
+            went[idx[mask][spare]] = idx[mask][spare]
+            merging[spare] = False
         similarity = metric[merging] @ metric[target].T
         one_hot = np.zeros((merging.sum(), contextual))
         one_hot[np.arange(merging.sum()), similarity.argmax(axis=1)] = 1
@@ -121,20 +127,21 @@ def test_the_authors_counts():
     assert split_counts(1, 10 / 64) == (1, 0) and split_counts(4, 10 / 64) == (3, 1)
 
 
-def test_llava_budget_64_keeps_the_54_top_cls_patches_and_10_strided_anchors():
+def test_llava_budget_64_keeps_the_authors_53_patches_and_10_anchors_and_gives_the_cls_slot_to_a_patch():
     view = single(64, seed=6, side=24)
     picked = VisionZip(VisionZip.Options()).select(view)
     layer = view.layers[-2]
     logits = torch.einsum("hd,htd->ht", layer.query[0, :, 0].double(), layer.key[0].double()) * layer.scaling
     cls = logits.softmax(-1).sum(0)[1:]
-    dominant = set(torch.topk(cls, 54).indices.tolist())
+    dominant = set(torch.topk(cls, 53).indices.tolist())  # the authors' 54 = [CLS] + 53 patches
     assert dominant <= set(picked.keep.tolist())
-    rest = [t for t in range(576) if t not in dominant]  # 522 candidates: step 52, anchors 0, 52, ..., 468
-    anchors = {rest[i] for i in range(0, 522, 52)[:10]}
-    assert set(picked.keep.tolist()) == dominant | anchors
+    rest = [t for t in range(576) if t not in dominant]  # the authors' 523 candidates: step 52, anchors 0, ..., 468
+    anchors = {rest[i] for i in range(0, 523, 52)[:10]}
+    spare = max((t for t in rest if t not in anchors), key=lambda t: float(cls[t]))  # the [CLS] slot's patch
+    assert set(picked.keep.tolist()) == dominant | anchors | {spare}
     assert float(picked.sizes.sum()) == 576
     for slot, token in enumerate(picked.keep.tolist()):
-        if token in dominant:
+        if token in dominant | {spare}:
             assert float(picked.sizes[slot]) == 1 and torch.equal(picked.hidden[slot], view.features[token])
 
 
@@ -154,29 +161,33 @@ def hand_view(keys, features, keep):
 
 def test_the_merge_is_the_anchor_plus_the_mean_of_its_tokens():
     e = torch.eye(4)
-    # 0, 1 dominant (keys along the [CLS] query); candidates 2..7: step 3, anchors 2 and 5;
-    # 3 and 4 resemble 2, 6 resembles 5; 7 resembles 2 too, so 5 gets one token only.
-    keys = torch.stack([8 * e[0], 7 * e[0], e[1], e[1] + 0.1 * e[2], e[1] - 0.1 * e[3], e[2], e[2] + 0.2 * e[3],
+    # [CLS] query along e0. Budget 4 at share 0.5: 2 contextual, and the authors' 2 dominant = [CLS] + patch 0.
+    # Candidates 1..7: step 3, anchors 1 and 4; the [CLS] slot goes to the best other candidate, 3 (kept as
+    # itself); 2, 6 and 7 resemble anchor 1, 5 resembles anchor 4.
+    keys = torch.stack([8 * e[0], e[1], e[1] + 0.1 * e[2], 2 * e[0] + e[1], e[2], e[2] + 0.2 * e[3], e[1] - 0.1 * e[3],
                         e[1] + 0.1 * e[3]])
     features = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3)
     picked = VisionZip(VisionZip.Options(contextual_share=0.5)).select(hand_view(keys, features, 4))
-    assert picked.keep.tolist() == [0, 1, 2, 5]
+    assert picked.keep.tolist() == [0, 1, 3, 4]
     torch.testing.assert_close(picked.hidden[0], features[0])
-    torch.testing.assert_close(picked.hidden[2], features[2] + (features[3] + features[4] + features[7]) / 3)
-    torch.testing.assert_close(picked.hidden[3], features[5] + features[6])
-    assert picked.sizes.tolist() == [1, 1, 4, 2]
-    assert picked.destination.tolist() == [0, 1, 2, 2, 2, 3, 3, 2]
+    torch.testing.assert_close(picked.hidden[1], features[1] + (features[2] + features[6] + features[7]) / 3)
+    torch.testing.assert_close(picked.hidden[2], features[3])
+    torch.testing.assert_close(picked.hidden[3], features[4] + features[5])
+    assert picked.sizes.tolist() == [1, 4, 1, 2]
+    assert picked.destination.tolist() == [0, 1, 1, 2, 3, 3, 1, 1]
 
 
 def test_an_anchor_nothing_joins_keeps_its_feature_and_small_rows_drop_their_rest():
     e = torch.eye(4)
     keys = torch.stack([8 * e[0], e[1], e[1], e[2], e[1], e[1]])
     features = torch.randn(6, 3, dtype=torch.float64)
-    # candidates 1..5, 2 anchors, step 2: anchors 1 and 3 (key e2, alone)
+    # budget 3 at share 0.5: 2 contextual and the [CLS] slot, no dominant patch; candidates 0..5, step 3: anchors
+    # 0 and 3 (key e2, alone); the slot goes to 1 (the first of the equal best others); 2, 4 and 5 join anchor 0
     picked = VisionZip(VisionZip.Options(contextual_share=0.5)).select(hand_view(keys, features, 3))
     assert picked.keep.tolist() == [0, 1, 3] and picked.hidden.dtype == torch.float64
     torch.testing.assert_close(picked.hidden[2], features[3])
-    assert picked.sizes.tolist() == [1, 4, 1]
+    torch.testing.assert_close(picked.hidden[1], features[1])
+    assert picked.sizes.tolist() == [4, 1, 1]
     # Budget 3 at the default share: no contextual token; only the [CLS]-attention top 3 survive.
     plain = VisionZip(VisionZip.Options()).select(hand_view(keys * torch.tensor([1.0, 0, 0, 0]) + e[0] * torch.arange(
         6.0)[:, None], features, 3))

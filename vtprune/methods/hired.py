@@ -46,6 +46,14 @@ Deviations, on purpose:
   the item's size), the base image takes the rest. So exactly view.keep tokens are kept; at a
   budget whose shares are whole numbers, on tiles without padding, the tiles' counts are the
   authors'.
+- Tile grid: the transformers copy in the authors' repository (4.42.0.dev0) assigns
+  get_anyres_image_grid_shape's (tiles high, tiles wide) to (width, height) in its HiRED packing
+  and budget code, so on non-square layouts (1x2, 2x1, 1x3, 3x1) it stacks the tiles transposed and
+  unpads with the wrong geometry: at a 336 x 672 image 288 of 1152 tile positions reach its LLM
+  (192 of 1728 at 300 x 900). Here the installed transformers' own grid is used, so every tile
+  token it selects reaches the LLM; on square layouts the two agree. (The same swap makes the
+  released reshape above read (tiles wide, tiles high), which changes nothing: chunk t still goes
+  to tile t.)
 - Budget: the authors' k is int(tower rows x 576 x rate) (padding patches counted); the engine
   gives k per item (a fraction of the item's tokens, padding not counted).
 - Newlines: the released LLaVA-NeXT code packs the kept tokens with `image_newline=None`, so its

@@ -24,8 +24,8 @@ projector receives (`vision_layers`: -2 on LLaVA-1.5/NeXT/Video-LLaVA):
    authors' reported numbers were made with, and the ports of the code we read keep it.
 
 Counts. The authors' code takes the dominant and contextual counts as arguments; their README
-and paper give 54+10, 108+20 and 162+30 for 64, 128 and 192 tokens (there, 54 dominant = [CLS]
-+ 53 patches). For a budget k per row, contextual = round_half_up(k * contextual_share),
+gives 54+10 for 64 tokens and the paper 108+20 and 162+30 for 128 and 192 (there, 54 dominant =
+[CLS] + 53 patches). For a budget k per row, contextual = round_half_up(k * contextual_share),
 contextual_share = 10/64 by default, which gives 10/20/30 at exactly those budgets, and
 dominant = k - contextual. On LLaVA-NeXT the authors keep the same counts in each of the five
 tiles (64 per tile at 320 per image). The released code has no video path; here a video is
@@ -33,8 +33,12 @@ pruned frame by frame (each frame is a tower row), our reading.
 
 Deviations, on purpose:
 - [CLS]: HF LLaVA drops the [CLS] feature (vision_feature_select_strategy "default"), so no
-  LLM token can carry it: where the authors keep [CLS] as one of the dominant tokens, one more
-  patch is kept instead (54 patches + 10 contextual at 64).
+  LLM token can carry it. The authors' [CLS] slot goes to a patch, chosen so that everything else
+  stays theirs: the dominant patches are their dominant - 1, the contextual candidates and anchors
+  are theirs, and the slot takes the highest-[CLS]-attention candidate that is not an anchor,
+  kept as itself (so at most one anchor's group loses one member). At 64: 53 dominant patches,
+  10 contextual tokens, and that patch. (Keeping a 54th dominant patch instead would take it out
+  of the candidates and shift every later anchor by one.)
 - Budget per item: the engine gives one budget per item; it is split over the item's tower
   rows in proportion to how many of the item's tokens each row holds (`row_groups`). For a
   single image or equal tiles/frames that is the authors' equal per-row count. On LLaVA-NeXT
@@ -88,20 +92,27 @@ def importance(layer: VisionLayer, rows: torch.Tensor, columns: torch.Tensor) ->
     return received_attention(layer, rows, columns)
 
 
-def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int):
-    """The released code's contextual step on one row's candidates (features [M, D], keys [M, d], in row order).
+def anchor_positions(candidates: int, count: int, device=None) -> torch.Tensor:
+    """The released code's anchors among a row's candidates: 0, step, 2 step, ... (the first count)."""
+    return torch.arange(0, candidates, max(1, candidates // count), device=device)[:count]
+
+
+def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int, spare: int | None = None):
+    """The released code's contextual step on one row's candidates (features [M, D], keys [M, d], in row order);
+    `spare`: a candidate (not an anchor) left out of the merge.
 
     Returns (anchor positions [c], anchor features [c, D] after the merge, sizes [c], the anchor slot
-    of every candidate [M])."""
+    of every candidate [M], -1 for the spare)."""
     m = features.shape[0]
-    step = max(1, m // count)
-    anchors = torch.arange(0, m, step, device=features.device)[:count]
+    anchors = anchor_positions(m, count, features.device)
     dtype = torch.promote_types(features.dtype, torch.float32)
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-    slot = torch.empty(m, dtype=torch.long, device=features.device)
+    slot = torch.full((m,), -1, dtype=torch.long, device=features.device)
     slot[anchors] = torch.arange(anchors.numel(), device=features.device)
     others = torch.ones(m, dtype=torch.bool, device=features.device)
     others[anchors] = False
+    if spare is not None:
+        others[spare] = False
     others = torch.nonzero(others).flatten()
     slot[others] = (unit[others] @ unit[anchors].T).argmax(dim=-1)
     membership = (slot[others][None, :] == torch.arange(anchors.numel(), device=features.device)[:, None]).to(dtype)
@@ -113,7 +124,7 @@ def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int):
 class VisionZip(VisionMethod):
     name = "visionzip"
     summary = ("dominant tokens by [CLS] attention at the feature layer, plus evenly strided anchors that absorb the "
-               "rest by key similarity (54+10 at 64)")
+               "rest by key similarity (54+10 at 64, [CLS]'s slot given to a patch)")
 
     @dataclass(frozen=True)
     class Options:
@@ -143,21 +154,32 @@ class VisionZip(VisionMethod):
         merges = False
         for tokens, budget in row_groups(rows, columns, view.keep):
             dominant, contextual = split_counts(budget, self.options.contextual_share)
-            top = torch.topk(score[tokens], dominant).indices
+            cls_slot = int(layer.cls and contextual > 0 and dominant > 0)  # the authors' [CLS], given to a patch
+            top = torch.topk(score[tokens], dominant - cls_slot).indices
             is_dominant = torch.zeros(tokens.numel(), dtype=torch.bool, device=device)
             is_dominant[top] = True
             keep.append(tokens[is_dominant])  # in row order, as the authors' masked_select
             hidden.append(features[tokens[is_dominant]])
-            sizes.append(torch.ones(dominant, device=device))
+            sizes.append(torch.ones(dominant - cls_slot, device=device))
             if contextual == 0:
                 continue
             merges = True
             candidates = tokens[~is_dominant]
-            anchors, merged, anchor_sizes, slot = contextual_merge(features[candidates], keys[candidates], contextual)
+            spare = None
+            if cls_slot:  # the best candidate that is not an anchor (ties: the first in row order)
+                free = score[candidates].clone()
+                free[anchor_positions(candidates.numel(), contextual, device)] = -torch.inf
+                spare = int(free.argmax())
+                keep.append(candidates[spare:spare + 1])
+                hidden.append(features[candidates[spare:spare + 1]])
+                sizes.append(torch.ones(1, device=device))
+            anchors, merged, anchor_sizes, slot = contextual_merge(features[candidates], keys[candidates], contextual,
+                                                                   spare)
             keep.append(candidates[anchors])
             hidden.append(merged)
             sizes.append(anchor_sizes)
-            destination[candidates] = slot + sum(k.numel() for k in keep[:-1])  # a slot in torch.cat(keep)
+            offset = sum(k.numel() for k in keep[:-1])  # the anchors' first slot in torch.cat(keep)
+            destination[candidates] = torch.where(slot >= 0, slot + offset, -1)  # the spare: its own slot, below
         keep = torch.cat(keep)
         if not merges:
             return keep.sort().values
