@@ -400,8 +400,9 @@ _VIDEOMME_OPTIONS = ("Select the best answer to the following multiple-choice qu
 
 
 def _videomme(doc: Doc, where: _Where):
-    # videomme_doc_to_text: its option prompt (which names subtitles even without them), the question, the
-    # options as given ("A. ..."), then the default post prompt, which starts with its own newline
+    # videomme_doc_to_text (the same file from lmms-eval v0.7.2 to commit 75571cf): its option prompt
+    # (which names subtitles even without them), the question, the options as given ("A. ..."), then the
+    # default post prompt, which starts with its own newline
     question = _text(doc, "question", where)
     options = _string_list(doc, "options", where, "the list of 4 options, e.g. 'A. red'")
     answer = _text(doc, "answer", where, "the gold option letter A-D")

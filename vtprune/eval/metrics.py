@@ -808,8 +808,8 @@ def videomme_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[
     """Video-MME accuracy. Reference fields: ``answer`` (the option letter A-D), ``duration`` (short, medium or
     long), ``domain``, ``task_type`` and ``videoID``.
 
-    ``lmms_eval/tasks/videomme/utils.py`` (lmms-eval commit 75571cf): ``videomme_process_results`` reads the
-    letter with `extract_mcq_answer` over A-D (empty when none) and ``videomme_aggregate_results`` returns
+    ``lmms_eval/tasks/videomme/utils.py`` (unchanged from v0.7.2 to commit 75571cf): ``videomme_process_results``
+    reads the letter with `extract_mcq_answer` over A-D (empty when none) and ``videomme_aggregate_results`` returns
     100 x right / answered over every question (its per-duration, per-domain and per-task-type accuracies,
     which it only logs, are here ``<duration>/accuracy``, ``domain/<domain>`` and ``task/<task_type>``, in
     [0, 1]). ``score`` = the overall accuracy x100. Only one rule: LLaVA has no Video-MME script.
