@@ -27,7 +27,9 @@ from .base import Grid, ImageView, Method, ModelInfo, Stage, scale_layers
 from .primitives import topk_in_order
 
 SCORES = ("clse_attn", "clse", "attn")
-# The authors' keep counts per stage for LLaVA-1.5's budgets, and their multipliers otherwise.
+# The authors' keep counts per stage for LLaVA-1.5's budgets; at any other budget, round(budget x their multipliers):
+# our extension (their retain_token x multipliers gives floats that their topk refuses, so their code runs only at
+# the table's budgets).
 LLAVA_COUNTS = {192: (330, 210, 62), 128: (220, 140, 41), 64: (110, 70, 20)}
 LLAVA_MULTIPLIERS = (1.72, 1.09, 0.32)
 # Qwen2-VL (Qwen2VL/clse_qwen2vl_model.py): per retain ratio r, each stage keeps int(N x ratio) of the item's N
