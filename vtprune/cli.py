@@ -187,11 +187,12 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         settings = {"tasks": args.tasks, "model": _model_id(model_path), "data": data_digests(args.tasks, Path(args.data)),
                     "limit": args.limit, "max_new_tokens": args.max_new_tokens, "scoring": args.scoring,
                     "versions": _versions()}
+        frames = args.frames or default_frames(model)
         if any(s.videos for s in samples):
-            settings["frames"] = args.frames or default_frames(model)
+            settings["frames"] = frames
         if refused:
             settings["not_run"] = refused
-        task = benchmark_task(model, processor, samples, args.max_new_tokens, args.frames)
+        task = benchmark_task(model, processor, samples, args.max_new_tokens, frames)
         records = evaluate(model, task, configs, out, settings, batch_size=args.batch, shard=shard)
         if not shard.main:
             return 0

@@ -20,8 +20,8 @@ def tokens_for_budget(budget: int | float, num_tokens: int) -> int:
 def check_budget(budget: Any) -> int | float:
     """The budget as apply() accepts it (any integral or real number, numpy and 0-d tensors
     included), or a ValueError that says what is allowed."""
-    if isinstance(budget, (torch.Tensor, np.ndarray)) and budget.ndim == 0 and budget.dtype not in (torch.bool, bool):
-        budget = budget.item()
+    if isinstance(budget, (torch.Tensor, np.ndarray)) and budget.ndim == 0:
+        budget = budget.item()  # a bool comes out a bool, refused next
     if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (numbers.Integral, numbers.Real)):
         raise ValueError(f"budget must be an int (visual tokens kept per image) or a float in (0, 1]; got {budget!r}")
     if not isinstance(budget, numbers.Integral):

@@ -78,15 +78,22 @@ def load_calibration(source: str | Path | dict) -> dict[str, ClassSettings]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a CLASP calibration table ({error}); make one with `vtprune calibrate`") from None
     for name, entry in settings.items():
-        problem = (f"names class {name!r}, which the router never gives (classes: {', '.join(CLASSES)})"
-                   if name not in CLASSES else
-                   f"gives class {name!r} a split of {entry.split}, outside [0, 1]" if not 0 <= entry.split <= 1 else
-                   f"gives class {name!r} fusion weights {entry.fusion}: they must be finite, >= 0, with a positive sum"
-                   if entry.fusion and not (all(math.isfinite(w) and w >= 0 for w in entry.fusion.values())
-                                            and sum(entry.fusion.values()) > 0) else None)
+        problem = _table_problem(name, entry)
         if problem:
             raise ValueError(f"{path} {problem}; make the table with `vtprune calibrate`")
     return settings
+
+
+def _table_problem(name: str, entry: ClassSettings) -> str | None:
+    """What is wrong with one class's row of a calibration table, if anything."""
+    if name not in CLASSES:
+        return f"names class {name!r}, which the router never gives (classes: {', '.join(CLASSES)})"
+    if not 0 <= entry.split <= 1:
+        return f"gives class {name!r} a split of {entry.split}, outside [0, 1]"
+    weights = list((entry.fusion or {}).values())
+    if weights and not (all(math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0):
+        return f"gives class {name!r} fusion weights {entry.fusion}: they must be finite, >= 0, with a positive sum"
+    return None
 
 
 class CLASP(Method):
