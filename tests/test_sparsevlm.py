@@ -164,6 +164,26 @@ def test_a_later_stage_rates_with_the_raters_of_the_original_image(seed):
         check_against_authors(SparseVLM(SparseVLM.Options()).select(view), case, count)
 
 
+@pytest.mark.parametrize("recycle", [True, False])
+def test_a_batch_of_views_is_each_view_alone(recycle):
+    """select_batch stacks the views of one size and keep (each with its own raters); a view of another size,
+    a view kept whole and a view too small to recycle are grouped apart. Each pick equals its view alone."""
+    method = SparseVLM(SparseVLM.Options(recycle=recycle))
+    cases = [make_case(40 + s, n0=48, n=48, text=7 + s) for s in range(3)] + [make_case(50, n0=30, n=30)]
+    views = [make_view(case, tokens_after(case["n"], 16, 0.3, 10)) for case in cases]
+    views += [make_view(make_case(51), 48), make_view(make_case(52), 1)]
+    for view, pick in zip(views, method.select_batch(views)):
+        alone = method.select(view)
+        if isinstance(alone, Selection):
+            for field in ("keep", "hidden", "sizes", "destination"):
+                torch.testing.assert_close(getattr(pick, field), getattr(alone, field), rtol=0, atol=0)
+        else:
+            assert pick.tolist() == alone.tolist()
+    if recycle:
+        for case, pick in zip(cases, method.select_batch(views)):
+            check_against_authors(pick, case, 16)
+
+
 def test_the_score_is_the_raters_attention():
     case = make_case(11)
     view = make_view(case, 20)

@@ -79,7 +79,8 @@ Deviations, on purpose:
 - Merge: the authors' weights are all 1 and their 1e-6 in the denominator vanishes in fp16: the plain mean.
   A cluster token's size is the sum of its members' sizes (bookkeeping only).
 - Precision: everything in float32 (the authors: fp16 embeddings, attention, distances); pairwise distances
-  are exact differences computed in row blocks (not the Gram-matrix shortcut).
+  from a float64 Gram matrix, rounded to float32 (the authors subtract every pair, an M x M x D tensor: the
+  same distances to float32 rounding, several times the cost).
 """
 
 from __future__ import annotations
@@ -90,13 +91,13 @@ from dataclasses import dataclass
 import torch
 
 from .base import ImageView, Method, ModelInfo, Selection, Stage, scale_layers
+from .primitives import same_shape
 
 # The authors' sparse layers (2, 6, 15 of 32) prune their own output: vtprune's stages are one layer later.
 STAGE_LAYERS = ((3, 7, 16), 32)
 # score.py: top-k counts per sparse layer for `retained_tokens`, on LLaVA-1.5's 576 visual tokens.
 AUTHORS_COUNTS = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}
 AUTHORS_TOKENS = 576
-_BLOCK = 1 << 25  # elements of one block of pairwise differences
 
 
 def recycled_count(dropped: int, ratio: float) -> int:
@@ -187,26 +188,62 @@ def rater_attention(probe, rows: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
-    """[M, M] Euclidean distances as the authors' (x_i - x_j).norm(), in row blocks; exactly symmetric (so the
-    densities of mutual nearest neighbours tie exactly, as in exact arithmetic)."""
-    rows = max(1, _BLOCK // max(1, x.numel()))
-    distance = torch.cat([(x[i:i + rows, None, :] - x[None, :, :]).norm(dim=-1) for i in range(0, x.shape[0], rows)])
-    return torch.minimum(distance, distance.T)
+    """[..., M, M] Euclidean distances between the rows of x [..., M, D], as the authors' (x_i - x_j).norm() but
+    from a float64 Gram matrix (exact to float32 rounding: the float32 result of either agrees to its last
+    bit or so, and the Gram route does no M x M x D subtraction); exactly symmetric with a zero diagonal, so
+    the densities of mutual nearest neighbours tie exactly, as in exact arithmetic."""
+    x = x.double()
+    squares = (x * x).sum(dim=-1)
+    distance = squares[..., :, None] + squares[..., None, :] - 2 * x @ x.transpose(-1, -2)
+    distance.diagonal(dim1=-2, dim2=-1).zero_()
+    distance = distance.clamp_(min=0).sqrt_()
+    return torch.minimum(distance, distance.transpose(-1, -2)).float()
 
 
 def density_peak_clusters(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPC-kNN as the authors' cluster_and_merge (without its tie-breaking noise): (centres [c] indices into x,
-    in decreasing centre score; assignment [M] of each token to a centre's rank)."""
-    x = x.float()
-    distance = pairwise_distance(x) / x.shape[1] ** 0.5
+    """DPC-kNN as the authors' cluster_and_merge (without its tie-breaking noise), on x [..., M, D]: (centres
+    [..., c] indices into x, in decreasing centre score; assignment [..., M] of each token to a centre's rank)."""
+    distance = pairwise_distance(x) / x.shape[-1] ** 0.5
     nearest = distance.topk(clusters, dim=-1, largest=False).values
     density = (-(nearest ** 2).mean(dim=-1)).exp()
-    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
-    parent = torch.where(denser, distance, distance.max()).min(dim=-1).values
-    centres = torch.sort(parent * density, descending=True, stable=True).indices[:clusters]
-    assignment = distance[centres].argmin(dim=0)
-    assignment[centres] = torch.arange(clusters, device=x.device)
+    denser = density[..., None, :] > density[..., :, None]  # [..., i, j]: j is denser than i
+    farthest = distance.flatten(-2).amax(dim=-1)[..., None, None]  # per item, as the authors' dist_max
+    parent = torch.where(denser, distance, farthest).amin(dim=-1)
+    centres = torch.sort(parent * density, descending=True, stable=True).indices[..., :clusters]
+    members = distance.shape[-1]
+    assignment = distance.gather(-2, centres[..., None].expand(*centres.shape, members)).argmin(dim=-2)
+    assignment.scatter_(-1, centres, torch.arange(clusters, device=x.device).expand_as(centres))
     return centres, assignment
+
+
+def recycle(hidden: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, count: int, clusters: int,
+            ratio: float) -> tuple[torch.Tensor, ...]:
+    """One stage for B items of n tokens at once (hidden [B, n, D], sizes and scores [B, n]): keep the top
+    `count` by score and merge the recycled share of the rest into `clusters` tokens at their DPC centres.
+    Returns (keep, hidden, sizes) [B, count + clusters(, D)] in ascending token order and destination [B, n]."""
+    batch, n, width = hidden.shape
+    device = hidden.device
+    order = torch.sort(scores, descending=True, stable=True).indices  # ties: the lower index first
+    kept = order[:, :count]
+    recycled = order[:, count:count + recycled_count(n - count, ratio)]  # decreasing score
+    members = hidden.gather(1, recycled[..., None].expand(-1, -1, width))
+    centres, assignment = density_peak_clusters(members, clusters)
+    membership = torch.nn.functional.one_hot(assignment, clusters).transpose(1, 2).float()  # [B, clusters, m]
+    merged = membership @ members.float() / membership.sum(dim=-1, keepdim=True)
+    keep = torch.cat([kept, recycled.gather(1, centres)], dim=1)
+    values = torch.cat([hidden.gather(1, kept[..., None].expand(-1, -1, width)), merged.to(hidden.dtype)], dim=1)
+    weights = (membership @ sizes.gather(1, recycled)[..., None].float())[..., 0]
+    sizes = torch.cat([sizes.gather(1, kept), weights.to(sizes.dtype)], dim=1)
+    destination = torch.full((batch, n), -1, dtype=torch.long, device=device)
+    destination.scatter_(1, kept, torch.arange(count, device=device).expand(batch, -1))
+    destination.scatter_(1, recycled, count + assignment)
+    # Slots in ascending token order.
+    ascending = keep.argsort(dim=1)
+    slot = torch.empty_like(ascending).scatter_(1, ascending, torch.arange(keep.shape[1], device=device)
+                                                .expand(batch, -1))
+    destination = torch.where(destination >= 0, slot.gather(1, destination.clamp(min=0)), destination)
+    return (keep.gather(1, ascending), values.gather(1, ascending[..., None].expand(-1, -1, width)),
+            sizes.gather(1, ascending), destination)
 
 
 class SparseVLM(Method):
@@ -259,30 +296,29 @@ class SparseVLM(Method):
         return rater_attention(view.probe, rater_rows(view))
 
     def select(self, view: ImageView) -> torch.Tensor | Selection:
-        n = view.hidden.shape[0]
-        if view.keep >= n:
-            return torch.arange(n, device=view.hidden.device)
-        scores = self.score(view).to(view.hidden.device)
-        options = self.options
-        count, clusters = split_keep(n, view.keep, options.recycle_ratio, options.cluster_divisor) \
-            if options.recycle else (view.keep, 0)
-        order = torch.sort(scores, descending=True, stable=True).indices  # ties: the lower index first
-        if clusters == 0:
-            return order[:view.keep].sort().values
-        kept = order[:count]
-        recycled = order[count:count + recycled_count(n - count, options.recycle_ratio)]  # decreasing score
-        centres, assignment = density_peak_clusters(view.hidden[recycled], clusters)
-        membership = torch.nn.functional.one_hot(assignment, clusters).T.float()  # [clusters, recycled]
-        merged = membership @ view.hidden[recycled].float() / membership.sum(dim=1, keepdim=True)
-        keep = torch.cat([kept, recycled[centres]])
-        hidden = torch.cat([view.hidden[kept], merged.to(view.hidden.dtype)])
-        sizes = torch.cat([view.sizes[kept], (membership @ view.sizes[recycled].float()).to(view.sizes.dtype)])
-        destination = torch.full((n,), -1, dtype=torch.long, device=view.hidden.device)
-        destination[kept] = torch.arange(count, device=view.hidden.device)
-        destination[recycled] = count + assignment
-        # Slots in ascending token order.
-        order = torch.argsort(keep)
-        slot = torch.empty_like(order)
-        slot[order] = torch.arange(order.numel(), device=order.device)
-        destination = torch.where(destination >= 0, slot[destination.clamp(min=0)], destination)
-        return Selection(keep[order], hidden[order], sizes[order], destination)
+        return self.select_batch([view])[0]
+
+    def select_batch(self, views: list[ImageView]) -> list[torch.Tensor | Selection]:
+        """Each view is scored with its own raters; views of one size and keep (a LLaVA batch's images) then
+        choose and merge together."""
+        options, picks = self.options, [None] * len(views)
+        for group in same_shape([(view.hidden.shape, view.keep) for view in views]):
+            first = views[group[0]]
+            n, keep, device = first.hidden.shape[0], first.keep, first.hidden.device
+            if keep >= n:
+                for v in group:
+                    picks[v] = torch.arange(n, device=device)
+                continue
+            scores = torch.stack([self.score(views[v]).to(device) for v in group])
+            count, clusters = split_keep(n, keep, options.recycle_ratio, options.cluster_divisor) \
+                if options.recycle else (keep, 0)
+            if clusters == 0:
+                top = torch.sort(scores, descending=True, stable=True).indices[:, :keep].sort(dim=1).values
+                for v, row in zip(group, top):
+                    picks[v] = row
+                continue
+            hidden = torch.stack([views[v].hidden for v in group])
+            sizes = torch.stack([views[v].sizes for v in group])
+            for v, *stage in zip(group, *recycle(hidden, sizes, scores, count, clusters, options.recycle_ratio)):
+                picks[v] = Selection(*stage)
+        return picks

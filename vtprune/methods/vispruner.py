@@ -106,7 +106,7 @@ def survivors(similarity: torch.Tensor, count: int, per_round: int) -> torch.Ten
             break
         a, b = position[:, 0::2], position[:, 1::2]
         block = flat.gather(1, (a[:, :, None] * size + b[:, None, :]).flatten(1))
-        score = block.view(jobs, a.shape[1], b.shape[1]).max(dim=-1).values
+        score = block.view(jobs, a.shape[1], b.shape[1]).amax(dim=-1)
         drop = min(drop, a.shape[1])
         position = torch.cat([a.gather(1, descending(score)[:, drop:]), b], dim=1)
     return position
