@@ -37,7 +37,8 @@ class ProbeTop(Method):
 
     def select(self, view):
         probe = view.probe
-        logits = torch.einsum("hd,hld->hl", probe.query[:, probe.last], probe.key[:, : probe.last + 1]) * probe.scaling
+        query = probe.queries(torch.tensor([probe.last]))[:, 0]
+        logits = torch.einsum("hd,hld->hl", query, probe.key[:, : probe.last + 1]) * probe.scaling
         attention = logits.float().softmax(-1).mean(0)
         SEEN.setdefault("probes", []).append(probe)
         SEEN.setdefault("attention", []).append(attention[probe.visual])
@@ -87,7 +88,12 @@ def test_probe_rows_name_text_visual_and_last_tokens(hole):
     for probe, item, b in zip(SEEN["probes"], items, range(2)):
         present = torch.nonzero(inputs["attention_mask"][b]).flatten()
         ids = inputs["input_ids"][b, present]
-        assert probe.query.shape[1] == probe.key.shape[1] == probe.hidden.shape[0] == present.numel()
+        assert probe.key.shape[1] == probe.hidden.shape[0] == present.numel()
+        # queries are held for the text rows and the last row only
+        assert probe.asking.tolist() == sorted(set(probe.text.tolist()) | {probe.last})
+        assert probe.query.shape[1] == probe.asking.numel()
+        with pytest.raises(ValueError, match="text rows and its last row only"):
+            probe.queries(probe.visual[:1])
         assert torch.equal(present[probe.visual], item.positions())
         assert not torch.isin(ids[probe.text], torch.tensor([100])).any()  # newlines are placeholders, not text
         assert probe.text.numel() == int((ids != 100).sum()) and probe.last == present.numel() - 1

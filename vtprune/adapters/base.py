@@ -175,9 +175,9 @@ class Adapter(ABC):
         """
         attn = self.decoder_layers[layer_index].self_attn
         if keys is None:
-            query, keys = self.queries_and_keys(layer_index, hidden, position_embeddings, query_index)
+            query, keys = self.queries_and_keys(layer_index, hidden, position_embeddings, query_index[:, None])
         else:
-            query = self._queries_at(layer_index, hidden, position_embeddings, query_index)
+            query = self.queries_at(layer_index, hidden, position_embeddings, query_index[:, None])
             keys = keys.to(query.device).repeat_interleave(attn.num_key_value_groups, dim=1)
         return last_query_attention(query[:, :, 0], keys, key_mask, attn.scaling)
 
@@ -192,29 +192,29 @@ class Adapter(ABC):
         return self.language_model.rotary_emb(hidden, ids - first)
 
     def queries_and_keys(self, layer_index: int, hidden: torch.Tensor,
-                         position_embeddings: tuple[torch.Tensor, torch.Tensor], query_index: torch.Tensor | None = None):
+                         position_embeddings: tuple[torch.Tensor, torch.Tensor], query_rows: torch.Tensor | None = None):
         """Decoder layer layer_index's queries and keys for its input hidden [B, n, D], RoPE applied, keys repeated
-        to the query heads: [B, H, n or 1, d] (only each sample's query_index token's query, when given) and
-        [B, H, n, d]."""
+        to the query heads: [B, H, n or Q, d] (only each sample's query_rows [B, Q], when given) and [B, H, n, d]."""
         layer = self.decoder_layers[layer_index]
         attn = layer.self_attn
         batch, n, _ = hidden.shape
         normed = layer.input_layernorm(hidden)
         cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
-        if query_index is not None:
-            query = self._queries_at(layer_index, hidden, position_embeddings, query_index)
+        if query_rows is not None:
+            query = self.queries_at(layer_index, hidden, position_embeddings, query_rows)
         else:
             query = self._queries(layer_index, hidden, cos, sin, normed)
         keys = attn.k_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
         keys = apply_rope(keys, cos, sin).repeat_interleave(attn.num_key_value_groups, dim=1)
         return query, keys
 
-    def _queries_at(self, layer_index: int, hidden: torch.Tensor,
-                    position_embeddings: tuple[torch.Tensor, torch.Tensor], query_index: torch.Tensor) -> torch.Tensor:
-        """[B, H, 1, d] the query of each sample's query_index row only."""
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        cos, sin = (t.expand(hidden.shape[0], -1, -1)[rows, query_index][:, None] for t in position_embeddings)
-        return self._queries(layer_index, hidden[rows, query_index][:, None], cos, sin)
+    def queries_at(self, layer_index: int, hidden: torch.Tensor,
+                   position_embeddings: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """[B, H, Q, d] decoder layer layer_index's queries (RoPE applied) of each sample's rows [B, Q] of its
+        input hidden [B, n, D] only."""
+        sample = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        cos, sin = (t.expand(hidden.shape[0], -1, -1)[sample, rows] for t in position_embeddings)
+        return self._queries(layer_index, hidden[sample, rows], cos, sin)
 
     def _queries(self, layer_index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  normed: torch.Tensor | None = None) -> torch.Tensor:

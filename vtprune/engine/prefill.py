@@ -356,12 +356,20 @@ def _last_query_attention(run: Run, layer: int, hidden, position_embeddings, lay
 
 
 def _probe(run: Run, layer: int, hidden: torch.Tensor, position_embeddings, position_ids, layout: Layout) -> dict:
-    """Decoder layer `layer`'s queries and keys over every sample, on `layout`, for LayerProbes. RoPE is applied at
-    sample-relative positions (the first real token at 0) where the model's are 1-D: a plain forward of a left-padded
-    batch numbers positions by slot, and key norms (unlike attention) are not invariant to that shift."""
+    """Decoder layer `layer`'s keys over every sample, on `layout`, and the queries of the rows that ask (each
+    sample's text rows and last row), for LayerProbes. RoPE is applied at sample-relative positions (the first real
+    token at 0) where the model's are 1-D: a plain forward of a left-padded batch numbers positions by slot, and key
+    norms (unlike attention) are not invariant to that shift."""
+    rows = _probe_rows(run, layout)
+    asking = [torch.cat([text[text != count - 1], torch.tensor([count - 1], device=text.device)]).sort().values
+              for _, text, count in rows]
+    slots = [present.start + ask if isinstance(present, slice) else present[ask]
+             for (present, _, _), ask in zip(rows, asking)]
+    widest = max(ask.numel() for ask in asking)
+    slots = torch.stack([torch.cat([s, s[-1:].expand(widest - s.numel())]) for s in slots])  # padded with the last
     relative = run.adapter.relative_rope(hidden, position_ids, layout.valid)
-    query, key = run.adapter.queries_and_keys(layer, hidden, relative or position_embeddings)
-    return {"query": query, "key": key, "hidden": hidden, "layout": layout,
+    query, key = run.adapter.queries_and_keys(layer, hidden, relative or position_embeddings, slots)
+    return {"query": query, "key": key, "hidden": hidden, "rows": rows, "asking": asking,
             "scaling": run.adapter.decoder_layers[layer].self_attn.scaling}
 
 
@@ -370,25 +378,22 @@ def _layer_probe(run: Run, sample: int, mine: torch.Tensor) -> LayerProbe | None
     if run.probe is None:
         return None
     probe = run.probe
-    if "rows" not in probe:
-        probe["rows"] = _probe_rows(run, probe["layout"])
-    present, text = probe["rows"][sample]
-    if isinstance(present, slice):
-        visual, count = mine - present.start, present.stop - present.start
-    else:
-        visual, count = torch.searchsorted(present, mine), present.numel()
+    present, text, count = probe["rows"][sample]
+    visual = mine - present.start if isinstance(present, slice) else torch.searchsorted(present, mine)
+    asking = probe["asking"][sample]
     normed = probe.get("normed")
     return LayerProbe(
-        query=probe["query"][sample][:, present], key=probe["key"][sample][:, present],
+        query=probe["query"][sample][:, :asking.numel()], key=probe["key"][sample][:, present],
         hidden=probe["hidden"][sample, present], scaling=probe["scaling"], visual=visual,
-        text=text, last=count - 1, normed=None if normed is None else normed[sample, present],
+        text=text, last=count - 1, asking=asking, normed=None if normed is None else normed[sample, present],
     )
 
 
-def _probe_rows(run: Run, layout: Layout) -> list[tuple[slice | torch.Tensor, torch.Tensor]]:
+def _probe_rows(run: Run, layout: Layout) -> list[tuple[slice | torch.Tensor, torch.Tensor, int]]:
     """Per sample: its slots of `layout` holding a token (neither padding nor fill), as a slice where they are
-    one run (the usual case: fill and padding on one side; a slice takes views, not copies), and which of those
-    (rows of the sample's LayerProbe) hold text; for the whole batch with two reads of the device."""
+    one run (the usual case: fill and padding on one side; a slice takes views, not copies), which of those
+    (rows of the sample's LayerProbe) hold text, and how many there are; for the whole batch with two reads of the
+    device."""
     valid = layout.valid
     sample, slot = torch.nonzero(valid, as_tuple=True)
     batch, length = valid.shape
@@ -400,7 +405,7 @@ def _probe_rows(run: Run, layout: Layout) -> list[tuple[slice | torch.Tensor, to
     text = ~torch.isin(run.ids[sample, layout.positions[sample, slot]], placeholders)
     row = torch.cat([torch.arange(n, device=slot.device) for n in counts])  # its row in the sample
     texts = torch.split(row[text], torch.bincount(sample[text], minlength=batch).tolist())
-    return list(zip(present, texts))
+    return list(zip(present, texts, counts))
 
 
 def _substitute_layer_inputs(run: Run, layout: Layout, kwargs, hidden) -> None:

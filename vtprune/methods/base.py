@@ -79,16 +79,32 @@ class Grid:
 class LayerProbe:
     """One decoder layer's queries and keys over a whole sample at prefill, for methods that score with
     text tokens (raters, pivots) or with a stage layer's own attention. Computed from the layer's norm
-    and q/k projections with RoPE, so eager and sdpa give the same."""
+    and q/k projections with RoPE, so eager and sdpa give the same.
 
-    query: torch.Tensor  # [H, L, d] the sample's tokens present at that layer (padding excluded), RoPE applied
+    Rows are the sample's tokens present at that layer (padding excluded), in order. Keys are held for
+    every row; queries only for the rows that ask (`asking`: the text rows and the last row), since
+    methods score with text or last-token queries and the visual rows' queries are most of the cost."""
+
+    query: torch.Tensor  # [H, Q, d] queries of the rows `asking` (every row when asking is None), RoPE applied
     key: torch.Tensor  # [H, L, d] keys, RoPE applied, repeated to the query heads
     hidden: torch.Tensor  # [L, D] the layer's input hidden states (before its input norm)
     scaling: float  # softmax(query @ key^T * scaling) with a causal mask is the layer's attention
     visual: torch.Tensor  # [N] rows (in L) of the view's tokens, in view order
     text: torch.Tensor  # [T] rows of the prompt's text tokens (neither visual nor padding), in order
     last: int  # row of the prompt's last token
+    asking: torch.Tensor | None = None  # [Q] rows whose queries `query` holds, ascending; None: every row
     normed: torch.Tensor | None = None  # [L, D] the decoder's final norm of the stage layer's input (probe_normed)
+
+    def queries(self, rows: torch.Tensor) -> torch.Tensor:
+        """[H, R, d] the queries of rows `rows` [R]."""
+        if self.asking is None:
+            return self.query[:, rows]
+        rows = rows.to(self.asking.device)
+        index = torch.searchsorted(self.asking, rows).clamp(max=self.asking.numel() - 1)
+        if not bool((self.asking[index] == rows).all()):
+            raise ValueError("a LayerProbe holds the queries of the prompt's text rows and its last row only; "
+                             f"asked for rows {rows.tolist()}")
+        return self.query[:, index]
 
 
 @dataclass

@@ -73,7 +73,7 @@ def last_token_attention(probe: LayerProbe) -> torch.Tensor:
     """[L] head-averaged softmax attention of the prompt's last token over every row present (causal)."""
     dtype = torch.promote_types(probe.query.dtype, torch.float32)
     last = probe.last
-    query = probe.query[:, last].to(dtype)  # [H, d]
+    query = probe.queries(torch.tensor([last]))[:, 0].to(dtype)  # [H, d]
     keys = probe.key[:, : last + 1].to(dtype)  # [H, last+1, d]: the causal row of the last token
     attention = (torch.einsum("hd,hld->hl", query, keys) * probe.scaling).softmax(dim=-1).mean(dim=0)
     full = attention.new_zeros(probe.key.shape[1])

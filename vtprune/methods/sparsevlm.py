@@ -179,7 +179,7 @@ def rater_rows(view: ImageView) -> torch.Tensor:
 def rater_attention(probe, rows: torch.Tensor) -> torch.Tensor:
     """[N] the probed layer's causal attention from the rater rows to the view's tokens, averaged over heads
     and raters."""
-    query = probe.query[:, rows].float()  # [H, R, d]
+    query = probe.queries(rows).float()  # [H, R, d]
     key = probe.key.float()  # [H, L, d]
     logits = torch.einsum("hrd,hld->hrl", query, key) * probe.scaling
     future = torch.arange(key.shape[1], device=key.device)[None, :] > rows.to(key.device)[:, None]
