@@ -129,6 +129,8 @@ def at_layer(run: Run, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.
     if index in run.layer_layouts:
         if run.attention_from is not None:  # layer index - 1 has run, and cached its keys
             run.attention, run.attention_from = _last_query_attention(run, *run.attention_from), None
+        if run.probe_from is not None:
+            run.probe, run.probe_from = _probe(run, *run.probe_from, cached=True), None
         if run.replay is None and method.probe_layer == "stage":  # the stage layer's own q/k, before it prunes
             previous = run.layout_at(index - 1)
             cos, sin = kwargs["position_embeddings"]
@@ -148,7 +150,11 @@ def at_layer(run: Run, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.
             # Computed when the stage layer is reached: by then this layer has put its keys in the KV cache.
             run.attention_from = (index, hidden, kwargs["position_embeddings"], layout)
         if method.probe_layer == "previous":
-            run.probe = _probe(run, index, hidden, kwargs["position_embeddings"], kwargs.get("position_ids"), layout)
+            probe_from = (index, hidden, kwargs["position_embeddings"], kwargs.get("position_ids"), layout)
+            if method.probe_key_norms:
+                run.probe = _probe(run, *probe_from)
+            else:  # made once the stage layer is reached, from the keys this layer will have cached
+                run.probe_from = probe_from
     return hidden
 
 
@@ -355,11 +361,13 @@ def _last_query_attention(run: Run, layer: int, hidden, position_embeddings, lay
     return run.adapter.last_query_attention(layer, hidden, position_embeddings, query_index, key_mask, keys)
 
 
-def _probe(run: Run, layer: int, hidden: torch.Tensor, position_embeddings, position_ids, layout: Layout) -> dict:
+def _probe(run: Run, layer: int, hidden: torch.Tensor, position_embeddings, position_ids, layout: Layout,
+           cached: bool = False) -> dict:
     """Decoder layer `layer`'s keys over every sample, on `layout`, and the queries of the rows that ask (each
-    sample's text rows and last row), for LayerProbes. RoPE is applied at sample-relative positions (the first real
-    token at 0) where the model's are 1-D: a plain forward of a left-padded batch numbers positions by slot, and key
-    norms (unlike attention) are not invariant to that shift."""
+    sample's text rows and last row), for LayerProbes. cached: the layer has run, and its keys are taken from the KV
+    cache where it holds them (at the model's positions, as the queries then are). Otherwise RoPE is applied at
+    sample-relative positions (the first real token at 0) where the model's are 1-D: a plain forward of a left-padded
+    batch numbers positions by slot, and key norms (unlike attention) are not invariant to that shift."""
     rows = _probe_rows(run, layout)
     asking = [torch.cat([text[text != count - 1], torch.tensor([count - 1], device=text.device)]).sort().values
               for _, text, count in rows]
@@ -367,10 +375,16 @@ def _probe(run: Run, layer: int, hidden: torch.Tensor, position_embeddings, posi
              for (present, _, _), ask in zip(rows, asking)]
     widest = max(ask.numel() for ask in asking)
     slots = torch.stack([torch.cat([s, s[-1:].expand(widest - s.numel())]) for s in slots])  # padded with the last
-    relative = run.adapter.relative_rope(hidden, position_ids, layout.valid)
-    query, key = run.adapter.queries_and_keys(layer, hidden, relative or position_embeddings, slots)
-    return {"query": query, "key": key, "hidden": hidden, "rows": rows, "asking": asking,
-            "scaling": run.adapter.decoder_layers[layer].self_attn.scaling}
+    adapter = run.adapter
+    attn = adapter.decoder_layers[layer].self_attn
+    key = kv.layer_keys(run.cache, layer, layout.length) if cached else None
+    if key is not None:
+        query = adapter.queries_at(layer, hidden, position_embeddings, slots)
+        key = key.to(query.device).repeat_interleave(attn.num_key_value_groups, dim=1)
+    else:
+        relative = adapter.relative_rope(hidden, position_ids, layout.valid)
+        query, key = adapter.queries_and_keys(layer, hidden, relative or position_embeddings, slots)
+    return {"query": query, "key": key, "hidden": hidden, "rows": rows, "asking": asking, "scaling": attn.scaling}
 
 
 def _layer_probe(run: Run, sample: int, mine: torch.Tensor) -> LayerProbe | None:

@@ -98,7 +98,8 @@ class Run:
     attention: torch.Tensor | None = None  # last-query attention for the next stage, over the current layout
     # what that attention is computed from once the stage layer is reached: (layer, input, position embeddings, layout)
     attention_from: tuple | None = None
-    probe: dict | None = None  # queries, keys, hidden, scaling, layout (and normed) of the layer a method probes
+    probe: dict | None = None  # queries, keys, hidden, scaling, rows (and normed) of the layer a method probes
+    probe_from: tuple | None = None  # what a "previous" probe on cached keys is made from, as attention_from
     # decoder layer -> (its input, the layout that input is on), for methods that compare against it
     references: dict[int, tuple[torch.Tensor, Layout]] = field(default_factory=dict)
     reference_layers: set[int] = field(default_factory=set)

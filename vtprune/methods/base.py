@@ -226,6 +226,10 @@ class Method(ABC):
     # they prune at); "previous": of the layer before it (DART's keys at layer K-1).
     probe_layer: ClassVar[str | None] = None
     probe_normed: ClassVar[bool] = False  # the probe also carries LayerProbe.normed (DART's similarity states)
+    # The method reads the probe's keys themselves (DART's key norms), not only attention: they are then computed
+    # at sample-relative positions. Otherwise a "previous" probe takes the keys its layer has cached, and queries
+    # at the same positions (attention does not change when every position shifts alike).
+    probe_key_norms: ClassVar[bool] = False
     slices_kv_cache: bool = False  # drop pruned tokens from the KV cache of the layers before each stage too
     # (the default of slices_kv_cache_of, which the engine asks per item)
     fuses_vision_layers: bool = False  # the projector gets a per-sample mix of vision layers (vision_fusion)
