@@ -152,16 +152,20 @@ def default_counts(budget: int, num_tokens: int) -> tuple[int, ...]:
 
 
 def choose_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """[T] bool: the text tokens whose relevance (softmax over the text of visual . text, averaged over the
-    visual tokens; LLM-input embeddings) is above its mean; all of them when none is."""
-    relevance = (visual.float() @ text.float().T).softmax(dim=1).mean(dim=0)
-    raters = relevance > relevance.mean()
-    return raters if bool(raters.any()) else torch.ones_like(raters)
+    """[..., T] bool: the text tokens whose relevance (softmax over the text of visual . text, averaged over the
+    visual tokens; LLM-input embeddings visual [..., N0, D] and text [..., T, D]) is above its mean; all of them
+    when none is."""
+    relevance = (visual.float() @ text.float().transpose(-1, -2)).softmax(dim=-1).mean(dim=-2)
+    raters = relevance > relevance.mean(dim=-1, keepdim=True)
+    return raters | ~raters.any(dim=-1, keepdim=True)
 
 
-def rater_rows(view: ImageView) -> torch.Tensor:
-    """Rows (in the probe) of the item's raters."""
+def rater_candidates(view: ImageView) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(probe rows that may rate, their LLM-input embeddings): the prompt's text rows after the item, or all its
+    text rows if none follows; with no text at all, the last row alone (embeddings None: it rates)."""
     probe = view.probe
+    if probe is None:
+        raise ValueError("sparsevlm scores with a LayerProbe of the layer before each stage")
     item_reference = getattr(view, "item_reference", None)
     text_reference = getattr(view, "text_reference", None)
     if item_reference is None or text_reference is None:
@@ -169,22 +173,30 @@ def rater_rows(view: ImageView) -> torch.Tensor:
                          "item's original tokens and of the prompt's text tokens)")
     text = probe.text.to(probe.visual.device)
     if text.numel() == 0:
-        return torch.tensor([probe.last], device=text.device)
+        return torch.tensor([probe.last], device=text.device), None
     after = text > probe.visual.max()
     candidates = after if bool(after.any()) else torch.ones_like(after)
-    chosen = choose_raters(item_reference, text_reference[candidates.to(text_reference.device)])
-    return text[candidates][chosen.to(text.device)]
+    return text[candidates], text_reference[candidates.to(text_reference.device)]
 
 
-def rater_attention(probe, rows: torch.Tensor) -> torch.Tensor:
-    """[N] the probed layer's causal attention from the rater rows to the view's tokens, averaged over heads
-    and raters."""
-    query = probe.queries(rows).float()  # [H, R, d]
-    key = probe.key.float()  # [H, L, d]
-    logits = torch.einsum("hrd,hld->hrl", query, key) * probe.scaling
-    future = torch.arange(key.shape[1], device=key.device)[None, :] > rows.to(key.device)[:, None]
-    attention = logits.masked_fill(future[None], float("-inf")).softmax(dim=-1)
-    return attention[:, :, probe.visual.to(key.device)].mean(dim=(0, 1))
+def rater_scores(views: list[ImageView], candidates: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """[B, N] for B views of one shape (their probes, candidates and references stack): the probed layer's causal
+    attention from each view's raters to its tokens, averaged over heads and raters."""
+    rows = torch.stack([row for row, _ in candidates])  # [B, R]
+    device = rows.device
+    if candidates[0][1] is None:
+        raters = torch.ones(rows.shape, dtype=torch.bool, device=device)
+    else:
+        raters = choose_raters(torch.stack([view.item_reference for view in views]),
+                               torch.stack([embeds for _, embeds in candidates])).to(device)
+    query = torch.stack([view.probe.queries(row) for view, row in zip(views, rows)]).float()  # [B, H, R, d]
+    key = torch.stack([view.probe.key for view in views]).float()  # [B, H, L, d]
+    logits = torch.einsum("bhrd,bhld->bhrl", query, key) * views[0].probe.scaling
+    future = torch.arange(key.shape[2], device=device) > rows[..., None]  # [B, R, L]
+    attention = logits.masked_fill(future[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)  # [B, R, L]
+    weights = raters.float() / raters.sum(dim=-1, keepdim=True)
+    visual = torch.stack([view.probe.visual for view in views]).to(device)
+    return torch.einsum("br,brl->bl", weights, attention).gather(1, visual)
 
 
 def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
@@ -291,25 +303,26 @@ class SparseVLM(Method):
 
     def score(self, view: ImageView) -> torch.Tensor:
         """[N] the raters' attention to the view's tokens at the probed layer."""
-        if view.probe is None:
-            raise ValueError("sparsevlm scores with a LayerProbe of the layer before each stage")
-        return rater_attention(view.probe, rater_rows(view))
+        return rater_scores([view], [rater_candidates(view)])[0]
 
     def select(self, view: ImageView) -> torch.Tensor | Selection:
         return self.select_batch([view])[0]
 
     def select_batch(self, views: list[ImageView]) -> list[torch.Tensor | Selection]:
-        """Each view is scored with its own raters; views of one size and keep (a LLaVA batch's images) then
-        choose and merge together."""
+        """Views of one shape (a LLaVA batch's images under prompts of one length) are scored, chosen and merged
+        together, each with its own raters."""
         options, picks = self.options, [None] * len(views)
-        for group in same_shape([(view.hidden.shape, view.keep) for view in views]):
+        candidates = [rater_candidates(view) for view in views]
+        shapes = [(view.hidden.shape, view.keep, view.probe.key.shape, view.item_reference.shape, rows.numel(),
+                   embeds is None) for view, (rows, embeds) in zip(views, candidates)]
+        for group in same_shape(shapes):
             first = views[group[0]]
             n, keep, device = first.hidden.shape[0], first.keep, first.hidden.device
             if keep >= n:
                 for v in group:
                     picks[v] = torch.arange(n, device=device)
                 continue
-            scores = torch.stack([self.score(views[v]).to(device) for v in group])
+            scores = rater_scores([views[v] for v in group], [candidates[v] for v in group]).to(device)
             count, clusters = split_keep(n, keep, options.recycle_ratio, options.cluster_divisor) \
                 if options.recycle else (keep, 0)
             if clusters == 0:
