@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vtprune.methods import ImageView, LayerProbe, ModelInfo, Selection, Stage
-from vtprune.methods.sparsevlm import (SparseVLM, choose_raters, density_peak_clusters, split_keep, tokens_after)
+from vtprune.methods.sparsevlm import (SparseVLM, choose_raters, density_peak_clusters, pairwise_distance, split_keep,
+                                       tokens_after)
 
 LLAVA_7B = ModelInfo("llava", 32)
 
@@ -439,3 +440,17 @@ def test_ties_go_to_the_lower_index():
     assert (selection.destination[:10] == torch.arange(10)).all()  # the first ten kept, in their own slots
     recycled = torch.nonzero(selection.destination[10:] >= 0).flatten() + 10
     assert recycled.tolist() == list(range(10, 10 + int(38 * 0.3) + 1))  # then the next by index are recycled
+
+
+def test_pairwise_distances_are_exact_to_float32_rounding():
+    """The Gram route (float64) against every pair subtracted in float64, on states far from the origin (where a
+    float32 Gram matrix loses most digits): within float32 rounding, exactly symmetric, zero on the diagonal."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 60, 256, generator=generator) * 3 + torch.randn(256, generator=generator) * 30
+    exact = (x.double()[:, :, None] - x.double()[:, None]).norm(dim=-1)
+    distance = pairwise_distance(x)
+    assert distance.dtype == torch.float32
+    assert torch.equal(distance, distance.transpose(1, 2))
+    assert not distance.diagonal(dim1=1, dim2=2).any()
+    off = ~torch.eye(60, dtype=torch.bool)
+    assert float(((distance.double() - exact).abs() / exact)[:, off].max()) <= 2 ** -24

@@ -80,7 +80,7 @@ Deviations, on purpose:
   A cluster token's size is the sum of its members' sizes (bookkeeping only).
 - Precision: everything in float32 (the authors: fp16 embeddings, attention, distances); pairwise distances
   from a float64 Gram matrix, rounded to float32 (the authors subtract every pair, an M x M x D tensor: the
-  same distances to float32 rounding, several times the cost).
+  same distances up to rounding, at several times the cost).
 """
 
 from __future__ import annotations
@@ -201,9 +201,9 @@ def rater_scores(views: list[ImageView], candidates: list[tuple[torch.Tensor, to
 
 def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
     """[..., M, M] Euclidean distances between the rows of x [..., M, D], as the authors' (x_i - x_j).norm() but
-    from a float64 Gram matrix (exact to float32 rounding: the float32 result of either agrees to its last
-    bit or so, and the Gram route does no M x M x D subtraction); exactly symmetric with a zero diagonal, so
-    the densities of mutual nearest neighbours tie exactly, as in exact arithmetic."""
+    from a float64 Gram matrix: within float32 rounding of the exact distance (a float32 subtraction of every
+    pair is further off, and costs an M x M x D tensor); exactly symmetric with a zero diagonal, so the densities
+    of mutual nearest neighbours tie exactly, as in exact arithmetic."""
     x = x.double()
     squares = (x * x).sum(dim=-1)
     distance = squares[..., :, None] + squares[..., None, :] - 2 * x @ x.transpose(-1, -2)
