@@ -173,11 +173,15 @@ def test_a_batch_of_views_is_each_view_alone(recycle):
     cases = [make_case(40 + s, n0=48, n=48, text=7 + s) for s in range(3)] + [make_case(50, n0=30, n=30)]
     views = [make_view(case, tokens_after(case["n"], 16, 0.3, 10)) for case in cases]
     views += [make_view(make_case(51), 48), make_view(make_case(52), 1)]
+    low = make_view(make_case(53, n0=48, n=48, text=7), tokens_after(48, 16, 0.3, 10))
+    low.hidden = low.hidden.to(torch.bfloat16)  # one shape, another dtype: not stacked with the float32 views
+    views.append(low)
     for view, pick in zip(views, method.select_batch(views)):
         alone = method.select(view)
         if isinstance(alone, Selection):
             for field in ("keep", "hidden", "sizes", "destination"):
                 torch.testing.assert_close(getattr(pick, field), getattr(alone, field), rtol=0, atol=0)
+                assert getattr(pick, field).dtype == getattr(alone, field).dtype
         else:
             assert pick.tolist() == alone.tolist()
     if recycle:
@@ -199,6 +203,22 @@ def test_keep_n_minus_one_recycles_one_token_and_discards_one():
     selection = SparseVLM(SparseVLM.Options()).select(view)
     check_against_authors(selection, case, 38)
     assert int((selection.destination == -1).sum()) == 1
+
+
+def test_equal_scores_go_to_the_lower_index():
+    """Zero queries: every rater attends uniformly, so the visual tokens' scores are equal (summed in float64,
+    they stay exactly equal) and the first ones are kept."""
+    case = make_case(6)
+    case["query"][:] = 0
+    picked = SparseVLM(SparseVLM.Options(recycle=False)).select(make_view(case, 16))
+    assert picked.tolist() == list(range(16))
+
+
+def test_a_view_kept_whole_needs_no_probe():
+    case = make_case(7)
+    view = make_view(case, 48)
+    view.probe = view.item_reference = view.text_reference = None
+    assert SparseVLM(SparseVLM.Options()).select(view).tolist() == list(range(48))
 
 
 def test_keep_one_is_plain_top_one():

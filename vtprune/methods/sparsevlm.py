@@ -193,18 +193,22 @@ def rater_scores(views: list[ImageView], candidates: list[tuple[torch.Tensor, to
     key = torch.stack([view.probe.key for view in views]).float()  # [B, H, L, d]
     logits = torch.einsum("bhrd,bhld->bhrl", query, key) * views[0].probe.scaling
     future = torch.arange(key.shape[2], device=device) > rows[..., None]  # [B, R, L]
-    attention = logits.masked_fill(future[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)  # [B, R, L]
-    weights = raters.float() / raters.sum(dim=-1, keepdim=True)
+    # Averaged in float64, then rounded: equal attention stays exactly equal whatever order a column is summed in
+    # (ties go to the lower index).
+    attention = logits.masked_fill(future[:, None], float("-inf")).softmax(dim=-1).double().mean(dim=1)  # [B, R, L]
+    weights = raters.double() / raters.sum(dim=-1, keepdim=True)
     visual = torch.stack([view.probe.visual for view in views]).to(device)
-    return torch.einsum("br,brl->bl", weights, attention).gather(1, visual)
+    return torch.einsum("br,brl->bl", weights, attention).float().gather(1, visual)
 
 
 def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
     """[..., M, M] Euclidean distances between the rows of x [..., M, D], as the authors' (x_i - x_j).norm() but
-    from a float64 Gram matrix: within float32 rounding of the exact distance (a float32 subtraction of every
-    pair is further off, and costs an M x M x D tensor); exactly symmetric with a zero diagonal, so the densities
-    of mutual nearest neighbours tie exactly, as in exact arithmetic."""
+    from a float64 Gram matrix of the centred rows: its error is ~1e-16 of the rows' squared spread, below float32
+    rounding except between rows all but identical (a float32 subtraction of every pair is exact there, further
+    off elsewhere, and costs an M x M x D tensor); exactly symmetric with a zero diagonal, so the densities of
+    mutual nearest neighbours tie exactly, as in exact arithmetic."""
     x = x.double()
+    x = x - x.mean(dim=-2, keepdim=True)  # distances do not move; the Gram matrix's cancellation shrinks
     squares = (x * x).sum(dim=-1)
     distance = squares[..., :, None] + squares[..., None, :] - 2 * x @ x.transpose(-1, -2)
     distance.diagonal(dim1=-2, dim2=-1).zero_()
@@ -311,17 +315,21 @@ class SparseVLM(Method):
     def select_batch(self, views: list[ImageView]) -> list[torch.Tensor | Selection]:
         """Views of one shape (a LLaVA batch's images under prompts of one length) are scored, chosen and merged
         together, each with its own raters."""
-        options, picks = self.options, [None] * len(views)
-        candidates = [rater_candidates(view) for view in views]
-        shapes = [(view.hidden.shape, view.keep, view.probe.key.shape, view.item_reference.shape, rows.numel(),
-                   embeds is None) for view, (rows, embeds) in zip(views, candidates)]
-        for group in same_shape(shapes):
+        options, picks, candidates = self.options, [None] * len(views), {}
+        for v, view in enumerate(views):
+            if view.keep >= view.hidden.shape[0]:
+                picks[v] = torch.arange(view.hidden.shape[0], device=view.hidden.device)
+            else:
+                candidates[v] = rater_candidates(view)
+        pruned, shapes = list(candidates), []
+        for v in pruned:
+            view, (rows, embeds) = views[v], candidates[v]
+            shapes.append((view.hidden.shape, view.hidden.dtype, view.hidden.device, view.sizes.dtype, view.keep,
+                           view.probe.key.shape, view.item_reference.shape, rows.numel(), embeds is None))
+        for grouped in same_shape(shapes):
+            group = [pruned[g] for g in grouped]
             first = views[group[0]]
             n, keep, device = first.hidden.shape[0], first.keep, first.hidden.device
-            if keep >= n:
-                for v in group:
-                    picks[v] = torch.arange(n, device=device)
-                continue
             scores = rater_scores([views[v] for v in group], [candidates[v] for v in group]).to(device)
             count, clusters = split_keep(n, keep, options.recycle_ratio, options.cluster_divisor) \
                 if options.recycle else (keep, 0)
