@@ -49,8 +49,8 @@ class CompiledPrefill:
             _OPEN_LIMIT[0] = torch._dynamo.config.recompile_limit
         _OPEN.add(self)
         _set_recompile_limit()
-        for layer, forward in zip(self.layers, compiled):
-            layer.forward = _prefill_compiled(layer.forward, forward)
+        for index, (layer, forward) in enumerate(zip(self.layers, compiled)):
+            layer.forward = _prefill_compiled(layer.forward, forward, first=index == 0)
 
     def remove(self) -> None:
         for layer in self.layers:
@@ -67,11 +67,12 @@ class CompiledPrefill:
         self.remove()
 
 
-def _prefill_compiled(eager, compiled):
+def _prefill_compiled(eager, compiled, first: bool):
     def forward(hidden_states, *args, **kwargs):
         if hidden_states.shape[1] > 1:
-            # A new prefill may overwrite the CUDA-graph memory of the last one's outputs: tell the graphs so.
-            if hidden_states.is_cuda:
+            # A new prefill may overwrite the CUDA-graph memory of the last one's outputs: tell the graphs so, once,
+            # at its first layer (later layers take the earlier ones' outputs, which must stay alive).
+            if first and hidden_states.is_cuda:
                 torch.compiler.cudagraph_mark_step_begin()
             return compiled(hidden_states, *args, **kwargs)
         return eager(hidden_states, *args, **kwargs)
