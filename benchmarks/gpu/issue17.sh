@@ -28,10 +28,10 @@ bench() {  # bench STEP SECONDS ARGS...: one `vtprune bench` into $out/STEP/<dev
   tail -n 45 "$out/$step.log"
 }
 
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_compiled.py >"$out/compiled-test.log" 2>&1
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_compiled.py >"$out/compiled-test.log" 2>&1
 echo "step compiled == eager on CUDA: exit $?"; tail -n 5 "$out/compiled-test.log"
-bench b16 230 --arch llava-1.5-7b --methods "$every" --budgets 192,64 --batch 16 --repeats 5 --warmup 2 --new-tokens 4
+bench b16 230 --arch llava-1.5-7b --methods "$every" --budgets 192,128,64 --batch 16 --repeats 5 --warmup 2 --new-tokens 4
 bench b1c 80 --arch llava-1.5-7b --methods random,fastv,clse,visionzip,clasp --budgets 192,64 --batch 1 --compile \
   --repeats 10 --warmup 3 --new-tokens 4
-bench qwen 60 --arch qwen2-vl-7b --methods "$every" --budgets 192,64 \
+bench qwen 120 --arch qwen2-vl-7b --methods "$every" --budgets 192,64 \
   --batch 16 --repeats 5 --warmup 2 --new-tokens 4
