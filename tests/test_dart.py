@@ -46,7 +46,7 @@ def make_view(rng, rows, cols, before, after, keep, heads=4, head_dim=8, width=1
     normed = rng.standard_normal((length, width))
     visual = np.arange(before, before + n)
     text = np.concatenate([np.arange(before), np.arange(before + n, length)])
-    probe = LayerProbe(query=torch.from_numpy(rng.standard_normal((heads, length, head_dim))),
+    probe = LayerProbe(asking_query=torch.from_numpy(rng.standard_normal((heads, length, head_dim))),
                        key=torch.from_numpy(key), hidden=torch.from_numpy(rng.standard_normal((length, width))),
                        scaling=1 / math.sqrt(head_dim), visual=torch.from_numpy(visual), text=torch.from_numpy(text),
                        last=length - 1)
@@ -116,7 +116,7 @@ def test_each_pivot_takes_the_tokens_least_like_it():
     key = torch.ones(1, n + 1, 2)
     key[0, 2] = 5.0  # token 2 is the pivot
     normed = torch.tensor([[1.0, 0.1], [-3.0, 0.2], [1.0, 0.0], [0.9, 0.4], [-0.1, -1.0], [0.5, 0.5], [0.0, 1.0]])
-    probe = LayerProbe(query=key.clone(), key=key, hidden=normed, scaling=1.0, visual=torch.arange(n),
+    probe = LayerProbe(asking_query=key.clone(), key=key, hidden=normed, scaling=1.0, visual=torch.arange(n),
                        text=torch.tensor([n]), last=n)
     probe.normed = normed
     view = ImageView.of_grid(normed[:n], 2, 3, keep=3, layer=2, stage=0, image_index=0, sizes=torch.ones(n),

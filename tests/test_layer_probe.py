@@ -27,10 +27,15 @@ class ProbeTop(Method):
     @dataclass(frozen=True)
     class Options:
         at: str = "stage"
+        cached: bool = False
 
     @property
     def probe_layer(self):
         return self.options.at
+
+    @property
+    def probe_from_cache(self):
+        return self.options.cached
 
     def stages(self, model, budget, num_tokens):
         return [Stage(LAYER, budget)]
@@ -52,9 +57,10 @@ def registered(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
-@pytest.mark.parametrize("at, layer", [("stage", LAYER), ("previous", LAYER - 1)])
+@pytest.mark.parametrize("at, layer, cached", [("stage", LAYER, False), ("previous", LAYER - 1, False),
+                                               ("previous", LAYER - 1, True)])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_probe_attention_is_the_layers_own(family, at, layer, attn):
+def test_probe_attention_is_the_layers_own(family, at, layer, cached, attn):
     """Before the only stage, the probed layer ran on every token: the probe's last-token attention over an item
     must be the unpruned eager model's own attention weights of that layer."""
     layouts = [SampleLayout(images=1, text_before=4), SampleLayout(images=2)]
@@ -62,7 +68,7 @@ def test_probe_attention_is_the_layers_own(family, at, layer, attn):
     inputs = tiny_inputs(model, layouts)
     reference = FAMILIES[family]("eager")
     attentions = reference(**inputs, output_attentions=True).attentions[layer]  # [B, H, L, L]
-    with vtprune.apply(model, ProbeTop.name, budget=3, at=at):
+    with vtprune.apply(model, ProbeTop.name, budget=3, at=at, cached=cached):
         model(**inputs)
     computed = iter(SEEN["attention"])
     mask = inputs["attention_mask"].bool()
@@ -91,7 +97,7 @@ def test_probe_rows_name_text_visual_and_last_tokens(hole):
         assert probe.key.shape[1] == probe.hidden.shape[0] == present.numel()
         # queries are held for the text rows and the last row only
         assert probe.asking.tolist() == sorted(set(probe.text.tolist()) | {probe.last})
-        assert probe.query.shape[1] == probe.asking.numel()
+        assert probe.asking_query.shape[1] == probe.asking.numel()
         with pytest.raises(ValueError, match="text rows and its last row only"):
             probe.queries(probe.visual[:1])
         assert torch.equal(present[probe.visual], item.positions())

@@ -39,7 +39,7 @@ def make_view(rng, rows, cols, before, after, heads=4, head_dim=8, keep=1, stage
     hidden = rng.standard_normal((length, 16))
     visual = np.arange(before, before + n)
     text = np.concatenate([np.arange(before), np.arange(before + n, length)])
-    probe = LayerProbe(query=torch.from_numpy(query), key=torch.from_numpy(key), hidden=torch.from_numpy(hidden),
+    probe = LayerProbe(asking_query=torch.from_numpy(query), key=torch.from_numpy(key), hidden=torch.from_numpy(hidden),
                        scaling=1 / math.sqrt(head_dim), visual=torch.from_numpy(visual), text=torch.from_numpy(text),
                        last=length - 1)
     view = ImageView.of_grid(torch.from_numpy(hidden[visual]), rows, cols, keep=keep, layer=8, stage=stage,
@@ -79,7 +79,7 @@ def test_the_softmax_runs_over_every_token_not_the_visual_ones():
     query[:, 3, 0] = 1.0  # the last token's query; rows: 0 sink (text), 1-2 visual, 3 last (text)
     key[0, 0, 0], key[0, 1, 0], key[0, 2, 0] = 12.0, 6.0, 0.0  # head 0: sink, visual token 0 leads strongly
     key[1, 0, 0], key[1, 1, 0], key[1, 2, 0] = -9.0, 0.0, 1.5  # head 1: no sink, visual token 1 leads mildly
-    probe = LayerProbe(query=query, key=key, hidden=torch.zeros(4, 4), scaling=1.0, visual=torch.tensor([1, 2]),
+    probe = LayerProbe(asking_query=query, key=key, hidden=torch.zeros(4, 4), scaling=1.0, visual=torch.tensor([1, 2]),
                        text=torch.tensor([0, 3]), last=3)
     view = ImageView.of_grid(torch.zeros(2, 4), 1, 2, keep=1, layer=8, stage=0, image_index=0, sizes=torch.ones(2),
                              probe=probe)
@@ -92,7 +92,7 @@ def test_the_token_the_last_query_points_at_is_kept():
     rng = np.random.default_rng(3)
     view, query, key = make_view(rng, 8, 8, 5, 6, keep=3)
     probe = view.probe
-    probe.key[:, probe.visual[41]] = probe.query[:, probe.last] * 4  # aligned with the last query in every head
+    probe.key[:, probe.visual[41]] = probe.queries(torch.tensor([probe.last]))[:, 0] * 4  # aligned with the last query in every head
     assert 41 in PDrop(PDrop.Options()).select(view).tolist()
 
 

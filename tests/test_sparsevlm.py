@@ -94,7 +94,7 @@ def make_view(case, keep, stage=0, layer=3):
     pre, n, text = case["pre"], case["n"], case["text"]
     length = pre + n + text
     probe = LayerProbe(
-        query=torch.from_numpy(case["query"]), key=torch.from_numpy(case["key"]),
+        asking_query=torch.from_numpy(case["query"]), key=torch.from_numpy(case["key"]),
         hidden=torch.zeros(length, 4), scaling=case["scaling"],
         visual=torch.arange(pre, pre + n), text=torch.cat([torch.arange(pre), torch.arange(pre + n, length)]),
         last=length - 1,

@@ -151,10 +151,10 @@ def at_layer(run: Run, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.
             run.attention_from = (index, hidden, kwargs["position_embeddings"], layout)
         if method.probe_layer == "previous":
             probe_from = (index, hidden, kwargs["position_embeddings"], kwargs.get("position_ids"), layout)
-            if method.probe_key_norms:
-                run.probe = _probe(run, *probe_from)
-            else:  # made once the stage layer is reached, from the keys this layer will have cached
+            if method.probe_from_cache:  # made once the stage layer is reached, from the keys this layer will cache
                 run.probe_from = probe_from
+            else:
+                run.probe = _probe(run, *probe_from)
     return hidden
 
 
@@ -397,7 +397,7 @@ def _layer_probe(run: Run, sample: int, mine: torch.Tensor) -> LayerProbe | None
     asking = probe["asking"][sample]
     normed = probe.get("normed")
     return LayerProbe(
-        query=probe["query"][sample][:, :asking.numel()], key=probe["key"][sample][:, present],
+        asking_query=probe["query"][sample][:, :asking.numel()], key=probe["key"][sample][:, present],
         hidden=probe["hidden"][sample, present], scaling=probe["scaling"], visual=visual,
         text=text, last=count - 1, asking=asking, normed=None if normed is None else normed[sample, present],
     )

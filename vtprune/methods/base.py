@@ -85,7 +85,7 @@ class LayerProbe:
     every row; queries only for the rows that ask (`asking`: the text rows and the last row), since
     methods score with text or last-token queries and the visual rows' queries are most of the cost."""
 
-    query: torch.Tensor  # [H, Q, d] queries of the rows `asking` (every row when asking is None), RoPE applied
+    asking_query: torch.Tensor  # [H, Q, d] queries of the rows `asking` (every row when asking is None), RoPE applied
     key: torch.Tensor  # [H, L, d] keys, RoPE applied, repeated to the query heads
     hidden: torch.Tensor  # [L, D] the layer's input hidden states (before its input norm)
     scaling: float  # softmax(query @ key^T * scaling) with a causal mask is the layer's attention
@@ -98,13 +98,13 @@ class LayerProbe:
     def queries(self, rows: torch.Tensor) -> torch.Tensor:
         """[H, R, d] the queries of rows `rows` [R]."""
         if self.asking is None:
-            return self.query[:, rows]
+            return self.asking_query[:, rows]
         rows = rows.to(self.asking.device)
         index = torch.searchsorted(self.asking, rows).clamp(max=self.asking.numel() - 1)
         if not bool((self.asking[index] == rows).all()):
             raise ValueError("a LayerProbe holds the queries of the prompt's text rows and its last row only; "
                              f"asked for rows {rows.tolist()}")
-        return self.query[:, index]
+        return self.asking_query[:, index]
 
 
 @dataclass
@@ -226,10 +226,10 @@ class Method(ABC):
     # they prune at); "previous": of the layer before it (DART's keys at layer K-1).
     probe_layer: ClassVar[str | None] = None
     probe_normed: ClassVar[bool] = False  # the probe also carries LayerProbe.normed (DART's similarity states)
-    # The method reads the probe's keys themselves (DART's key norms), not only attention: they are then computed
-    # at sample-relative positions. Otherwise a "previous" probe takes the keys its layer has cached, and queries
-    # at the same positions (attention does not change when every position shifts alike).
-    probe_key_norms: ClassVar[bool] = False
+    # The method reads the probe's keys only through attention (softmax of query . key), which a shift of every
+    # position alike does not change: a "previous" probe then takes the keys its layer has just cached, with queries
+    # at the same positions, instead of computing both at sample-relative positions (which key norms need, DART's).
+    probe_from_cache: ClassVar[bool] = False
     slices_kv_cache: bool = False  # drop pruned tokens from the KV cache of the layers before each stage too
     # (the default of slices_kv_cache_of, which the engine asks per item)
     fuses_vision_layers: bool = False  # the projector gets a per-sample mix of vision layers (vision_fusion)

@@ -103,7 +103,6 @@ class DART(Method):
     # Asks the engine for LayerProbe.normed: [L, D], the decoder's final norm (the language model's `norm`) applied to
     # the hidden states entering the stage layer K, over the probe's rows.
     probe_normed = True
-    probe_key_norms = True
 
     @dataclass(frozen=True)
     class Options:

@@ -71,7 +71,7 @@ def ratio_counts(ratios: tuple[float, ...], num_tokens: int) -> tuple[int, ...]:
 
 def last_token_attention(probe: LayerProbe) -> torch.Tensor:
     """[L] head-averaged softmax attention of the prompt's last token over every row present (causal)."""
-    dtype = torch.promote_types(probe.query.dtype, torch.float32)
+    dtype = torch.promote_types(probe.key.dtype, torch.float32)
     last = probe.last
     query = probe.queries(torch.tensor([last]))[:, 0].to(dtype)  # [H, d]
     keys = probe.key[:, : last + 1].to(dtype)  # [H, last+1, d]: the causal row of the last token

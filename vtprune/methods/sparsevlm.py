@@ -268,6 +268,7 @@ class SparseVLM(Method):
     where = "inside the LLM, after layers 2/6/15 of 32 (stages before 3/7/16)"
     needs_reference = True  # the LLM-input embeddings the raters are chosen from
     probe_layer = "previous"
+    probe_from_cache = True  # attention only
 
     @dataclass(frozen=True)
     class Options:
