@@ -103,3 +103,24 @@ def test_volume_lattice_is_k_distinct_cells_spread_over_frames():
         per_frame = torch.bincount(cells // (rows * cols), minlength=frames)
         used = per_frame[per_frame > 0]
         assert int(used.max() - used.min()) <= max(1, int(used.max()) // 2)  # frames used about equally
+
+
+def test_uniform_batch_equals_each_view_alone():
+    """uniform computes a whole item's lattice once per (grids, keep) in a batch; a partial view is its own."""
+    from vtprune.methods import ImageView
+    from vtprune.methods.uniform_grid import UniformGrid
+
+    method = UniformGrid(UniformGrid.Options())
+
+    def whole(rows, cols, keep):
+        return ImageView.of_grid(torch.zeros(rows * cols, 4), rows, cols, keep=keep, layer=0, stage=0, image_index=0,
+                                 sizes=torch.ones(rows * cols))
+
+    partial = whole(6, 6, 9)
+    partial.hidden, partial.coords, partial.part, partial.sizes = (t[::2] for t in (partial.hidden, partial.coords,
+                                                                                   partial.part, partial.sizes))
+    views = [whole(6, 6, 9), whole(6, 6, 9), whole(6, 6, 4), whole(4, 9, 9), partial]
+    picks = method.select_batch(views)
+    for view, pick in zip(views, picks):
+        assert pick.tolist() == method.select(view).tolist()
+    assert picks[0].data_ptr() != picks[1].data_ptr()  # alike views get their own tensors

@@ -92,7 +92,7 @@ class LayerProbe:
     visual: torch.Tensor  # [N] rows (in L) of the view's tokens, in view order
     text: torch.Tensor  # [T] rows of the prompt's text tokens (neither visual nor padding), in order
     last: int  # row of the prompt's last token
-    asking: torch.Tensor | None = None  # [Q] rows whose queries `query` holds, ascending; None: every row
+    asking: torch.Tensor | None = None  # [Q] rows whose queries `asking_query` holds, ascending; None: every row
     normed: torch.Tensor | None = None  # [L, D] the decoder's final norm of the stage layer's input (probe_normed)
 
     def queries(self, rows: torch.Tensor) -> torch.Tensor:

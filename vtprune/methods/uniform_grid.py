@@ -20,6 +20,19 @@ class UniformGrid(Method):
     def stages(self, model: ModelInfo, budget: int, num_tokens: int) -> list[Stage]:
         return [Stage(LLM_INPUT, budget)]
 
+    def select_batch(self, views: list[ImageView]) -> list[torch.Tensor]:
+        """A whole item's lattice depends only on its grids and keep: computed once for a batch's alike images."""
+        lattices, picks = {}, []
+        for view in views:
+            if not view.whole:
+                picks.append(self.select(view))
+                continue
+            key = (view.parts, view.keep, view.hidden.device)
+            if key not in lattices:
+                lattices[key] = self.select(view)
+            picks.append(lattices[key].clone())
+        return picks
+
     def select(self, view: ImageView) -> torch.Tensor:
         device = view.hidden.device
         chosen = []
