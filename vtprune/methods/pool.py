@@ -38,6 +38,7 @@ sees it (after Qwen's 2x2 merger, after LLaVA-OneVision's 2x2 video pooling).
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -88,9 +89,10 @@ def window_layout(grid: Grid, k: int) -> list[tuple[int, int, int, int, int, int
     return windows
 
 
+@functools.lru_cache(maxsize=64)
 def window_of_cells(grid: Grid, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """([frames x rows x cols] window index of every cell in raster order, [k] raster index of each window's
-    representative cell)."""
+    representative cell). Built once per (grid, k): a batch's images share it (read only)."""
     index = torch.empty(grid.frames, grid.rows, grid.cols, dtype=torch.long)
     representative = []
     for w, (f0, f1, r0, r1, c0, c1) in enumerate(window_layout(grid, k)):
