@@ -45,7 +45,7 @@ from fractions import Fraction
 import torch
 
 from .base import Grid, ModelInfo, Selection, VisionMethod, VisionView
-from .primitives import evenly_spaced, split_budget
+from .primitives import evenly_spaced, in_token_order, split_budget
 
 
 def band_counts(height: int, width: int, k: int) -> list[int]:
@@ -136,8 +136,5 @@ class Pool(VisionMethod):
         into = window[pooled]
         sizes = torch.zeros(offset, device=device).index_add_(0, into, torch.ones(into.numel(), device=device))
         total = torch.zeros(offset, features.shape[1], device=device).index_add_(0, into, features[pooled].float())
-        order = torch.argsort(keep)  # windows in item order of their representatives
-        slot = torch.empty_like(order)
-        slot[order] = torch.arange(offset, device=device)
-        destination = torch.where(pooled, slot[window.clamp(min=0)], window)
-        return Selection(keep[order], (total / sizes[:, None])[order].to(features.dtype), sizes[order], destination)
+        # windows in item order of their representatives
+        return Selection(*in_token_order(keep, (total / sizes[:, None]).to(features.dtype), sizes, window))

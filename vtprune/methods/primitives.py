@@ -107,6 +107,18 @@ def last_query_attention(
     return logits.softmax(dim=-1).mean(dim=1)
 
 
+def in_token_order(keep: torch.Tensor, hidden: torch.Tensor, sizes: torch.Tensor, destination: torch.Tensor):
+    """A merging selection's slots put in ascending token order, for items along any leading dimensions: keep
+    [..., k] (the token each slot stands at, distinct), hidden [..., k, D] and sizes [..., k] reordered alike, and
+    destination [..., N] (each token's slot, -1 for none) renumbered to match. Returns the four."""
+    order = keep.argsort(dim=-1)
+    slot = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                            .expand_as(order))
+    destination = torch.where(destination >= 0, slot.gather(-1, destination.clamp(min=0)), destination)
+    rows = order[..., None].expand(*order.shape, hidden.shape[-1])
+    return keep.gather(-1, order), hidden.gather(-2, rows), sizes.gather(-1, order), destination
+
+
 def merge_into_nearest(hidden: torch.Tensor, sizes: torch.Tensor, keep: torch.Tensor):
     """Merge every token not in keep into the kept token most cosine-similar to it, size-weighted.
 

@@ -91,7 +91,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ImageView, Method, ModelInfo, Selection, Stage, scale_layers
-from .primitives import same_shape
+from .primitives import in_token_order, same_shape
 
 # The authors' sparse layers (2, 6, 15 of 32) prune their own output: vtprune's stages are one layer later.
 STAGE_LAYERS = ((3, 7, 16), 32)
@@ -253,13 +253,7 @@ def recycle(hidden: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, cou
     destination = torch.full((batch, n), -1, dtype=torch.long, device=device)
     destination.scatter_(1, kept, torch.arange(count, device=device).expand(batch, -1))
     destination.scatter_(1, recycled, count + assignment)
-    # Slots in ascending token order.
-    ascending = keep.argsort(dim=1)
-    slot = torch.empty_like(ascending).scatter_(1, ascending, torch.arange(keep.shape[1], device=device)
-                                                .expand(batch, -1))
-    destination = torch.where(destination >= 0, slot.gather(1, destination.clamp(min=0)), destination)
-    return (keep.gather(1, ascending), values.gather(1, ascending[..., None].expand(-1, -1, width)),
-            sizes.gather(1, ascending), destination)
+    return in_token_order(keep, values, sizes, destination)
 
 
 class SparseVLM(Method):

@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView, feature_layer
-from .primitives import cls_attention, mean_keys, received_attention, row_groups
+from .primitives import cls_attention, in_token_order, mean_keys, received_attention, row_groups
 
 CONTEXTUAL_SHARE = 10 / 64  # 54+10 / 108+20 / 162+30 at 64 / 128 / 192 (README, paper)
 
@@ -185,10 +185,5 @@ class VisionZip(VisionMethod):
             return keep.sort().values
         dtype = torch.promote_types(features.dtype, torch.float32)
         hidden, sizes = torch.cat([h.to(dtype) for h in hidden]), torch.cat(sizes)
-        kept_slots = torch.arange(keep.numel(), device=device)
-        destination[keep] = kept_slots
-        order = torch.argsort(keep)  # the kept tokens in item order
-        rank = torch.empty_like(order)
-        rank[order] = kept_slots
-        destination = torch.where(destination >= 0, rank[destination.clamp(min=0)], destination)
-        return Selection(keep[order], hidden[order].to(features.dtype), sizes[order], destination)
+        destination[keep] = torch.arange(keep.numel(), device=device)
+        return Selection(*in_token_order(keep, hidden.to(features.dtype), sizes, destination))
