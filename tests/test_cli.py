@@ -120,6 +120,16 @@ def test_any_text_for_a_flag_is_a_usage_error_or_a_valid_parse(command, data, va
         assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, flag", [(command, flag) for command in sorted(FLAGS) for flag in FLAGS[command]])
+def test_a_double_dash_value_is_a_usage_error(command, flag, capsys):
+    """Python 3.11's argparse stores [] for "--flag=--", skipping the flag's type: it must still be refused."""
+    argv = [command] + ([__file__, "what?", "--method", "random"] if command == "show" else []) + [f"{flag}=--"]
+    with pytest.raises(SystemExit) as exit:
+        cli.parse(argv)
+    assert exit.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_bench_writes_outside_the_committed_results_by_default():
     out = Path(cli.parse(["bench"]).out)
     assert not out.is_absolute() and out.parts[0] == "out"  # /out/ is in .gitignore

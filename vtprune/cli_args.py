@@ -318,6 +318,10 @@ def _describe(hint) -> str:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The checks that need more than one flag, as usage errors (exit status 2)."""
+    for action in parser._actions:
+        # Python 3.11's argparse drops a value of '--' ("--out=--") and stores [] unconverted: no type check ran
+        if action.option_strings and action.nargs is None and getattr(args, action.dest, None) == []:
+            parser.error(f"{'/'.join(action.option_strings)} needs a value ('--' is not one)")
     if args.command == "eval" and (args.tasks is None) != (args.data is None):
         parser.error("--tasks and --data go together: the benchmarks to run and the folder holding a copy of each")
     if args.command == "eval" and not args.tasks:
