@@ -8,6 +8,8 @@ from vtprune.methods import ImageView, LayerProbe, ModelInfo, Selection, Stage
 from vtprune.methods.sparsevlm import (SparseVLM, choose_raters, density_peak_clusters, pairwise_distance, split_keep,
                                        tokens_after)
 
+from .picks import assert_same_pick
+
 LLAVA_7B = ModelInfo("llava", 32)
 
 
@@ -176,14 +178,8 @@ def test_a_batch_of_views_is_each_view_alone(recycle):
     low = make_view(make_case(53, n0=48, n=48, text=7), tokens_after(48, 16, 0.3, 10))
     low.hidden = low.hidden.to(torch.bfloat16)  # one shape, another dtype: not stacked with the float32 views
     views.append(low)
-    for view, pick in zip(views, method.select_batch(views)):
-        alone = method.select(view)
-        if isinstance(alone, Selection):
-            for field in ("keep", "hidden", "sizes", "destination"):
-                torch.testing.assert_close(getattr(pick, field), getattr(alone, field), rtol=0, atol=0)
-                assert getattr(pick, field).dtype == getattr(alone, field).dtype
-        else:
-            assert pick.tolist() == alone.tolist()
+    for view, pick in zip(views, method.select_batch(views), strict=True):
+        assert_same_pick(pick, method.select(view))
     if recycle:
         for case, pick in zip(cases, method.select_batch(views)):
             check_against_authors(pick, case, 16)

@@ -7,6 +7,7 @@ import torch
 from vtprune.methods import Grid, ModelInfo, Selection, Stage, VisionLayer, VisionView
 from vtprune.methods.visionzip import VisionZip, split_counts
 
+from .picks import assert_same_pick
 from .vision_views import HEADS, anyres, proportional, single, softmax, video
 
 
@@ -210,6 +211,19 @@ def test_half_precision_features_come_back_in_their_dtype():
     view.features = view.features.half()
     picked = VisionZip(VisionZip.Options()).select(view)
     assert picked.hidden.dtype == torch.float16 and picked.keep.numel() == 16
+
+
+def test_a_batch_of_views_is_each_view_alone():
+    """select_batch stacks single-row items of one shape, dtype and keep; items of several rows (anyres tiles, video
+    frames), other budgets, another dtype and a tower without [CLS] are selected apart. Each pick equals its view alone,
+    and the reference's."""
+    views = [single(40, seed=s) for s in range(3)] + [anyres(50), single(17, seed=9), video(20), single(40, seed=4),
+                                                      single(40, seed=5, cls=False), single(3, seed=6)]
+    views.append(single(40, seed=8, feature_dtype=torch.float64))
+    method = VisionZip(VisionZip.Options())
+    for view, pick in zip(views, method.select_batch(views), strict=True):
+        assert_same_pick(pick, method.select(view))
+        check(view)
 
 
 def test_interface():

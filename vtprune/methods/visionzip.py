@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView, feature_layer
-from .primitives import cls_attention, in_token_order, mean_keys, received_attention, row_groups
+from .primitives import in_token_order, mean_keys, row_groups, same_shape
 
 CONTEXTUAL_SHARE = 10 / 64  # 54+10 / 108+20 / 162+30 at 64 / 128 / 192 (README, paper)
 
@@ -85,11 +85,14 @@ def split_counts(keep: int, share: float) -> tuple[int, int]:
     return keep - contextual, contextual
 
 
-def importance(layer: VisionLayer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """[N] [CLS] attention summed over heads; the received attention on a tower without [CLS]."""
-    if layer.cls:
-        return cls_attention(layer, rows, columns).sum(dim=0)
-    return received_attention(layer, rows, columns)
+def row_importance(layer: VisionLayer) -> torch.Tensor:
+    """[R, T] per tower row: each token's [CLS] attention summed over heads; on a tower without [CLS], the
+    attention it receives averaged over the row's queries and the heads."""
+    query, key = layer.query.float(), layer.key.float()
+    if not layer.cls:
+        return (query @ key.transpose(-1, -2) * layer.scaling).softmax(dim=-1).mean(dim=(1, 2))
+    logits = torch.einsum("rhd,rhtd->rht", query[:, :, 0], key) * layer.scaling
+    return logits.softmax(dim=-1).sum(dim=1)
 
 
 def anchor_positions(candidates: int, count: int, device=None) -> torch.Tensor:
@@ -97,28 +100,29 @@ def anchor_positions(candidates: int, count: int, device=None) -> torch.Tensor:
     return torch.arange(0, candidates, max(1, candidates // count), device=device)[:count]
 
 
-def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int, spare: int | None = None):
-    """The released code's contextual step on one row's candidates (features [M, D], keys [M, d], in row order);
-    `spare`: a candidate (not an anchor) left out of the merge.
+def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int, spare: torch.Tensor | None = None):
+    """The released code's contextual step on rows of candidates (features [B, M, D], keys [B, M, d], each row's
+    candidates in row order); `spare` [B]: a candidate per row (not an anchor) left out of the merge.
 
-    Returns (anchor positions [c], anchor features [c, D] after the merge, sizes [c], the anchor slot
-    of every candidate [M], -1 for the spare)."""
-    m = features.shape[0]
-    anchors = anchor_positions(m, count, features.device)
+    Returns (anchor features [B, c, D] after the merge, sizes [B, c], the anchor slot of every candidate [B, M],
+    -1 for the spare); the anchors are anchor_positions(M, count) of every row."""
+    batch, m, _ = features.shape
+    device = features.device
+    anchors = anchor_positions(m, count, device)
     dtype = torch.promote_types(features.dtype, torch.float32)
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-    slot = torch.full((m,), -1, dtype=torch.long, device=features.device)
-    slot[anchors] = torch.arange(anchors.numel(), device=features.device)
-    others = torch.ones(m, dtype=torch.bool, device=features.device)
-    others[anchors] = False
+    slot = (unit @ unit[:, anchors].transpose(1, 2)).argmax(dim=-1)  # [B, M]: the most similar anchor (ties: first)
+    slot[:, anchors] = torch.arange(anchors.numel(), device=device)
+    others = torch.ones(batch, m, dtype=torch.bool, device=device)
+    others[:, anchors] = False
     if spare is not None:
-        others[spare] = False
-    others = torch.nonzero(others).flatten()
-    slot[others] = (unit[others] @ unit[anchors].T).argmax(dim=-1)
-    membership = (slot[others][None, :] == torch.arange(anchors.numel(), device=features.device)[:, None]).to(dtype)
-    assigned = membership.sum(dim=1)  # [c] candidates each anchor absorbed
-    merged = features[anchors].to(dtype) + (membership @ features[others].to(dtype)) / assigned.clamp(min=1)[:, None]
-    return anchors, merged, assigned.float() + 1, slot
+        others.scatter_(1, spare[:, None], False)
+        slot.scatter_(1, spare[:, None], -1)
+    membership = ((slot[:, None, :] == torch.arange(anchors.numel(), device=device)[None, :, None])
+                  & others[:, None, :]).to(dtype)  # [B, c, M]
+    assigned = membership.sum(dim=-1)  # [B, c] candidates each anchor absorbed
+    merged = features[:, anchors].to(dtype) + (membership @ features.to(dtype)) / assigned.clamp(min=1)[..., None]
+    return merged, assigned.float() + 1, slot
 
 
 class VisionZip(VisionMethod):
@@ -140,13 +144,82 @@ class VisionZip(VisionMethod):
         return (feature_layer(model, self.options.layer),)
 
     def select(self, view: VisionView) -> torch.Tensor | Selection:
+        return self.select_batch([view])[0]
+
+    def select_batch(self, views: list[VisionView]) -> list[torch.Tensor | Selection]:
+        """Items encoded in one tower row each (a LLaVA-1.5 image, a Video-LLaVA image), of one shape, are selected
+        together (`_select_stacked`); an item of several rows (anyres tiles, video frames) on its own."""
+        picks: list = [None] * len(views)
+        keys = []
+        for view in views:
+            (layer,) = view.layers.values()
+            single_row = layer.query.shape[0] == 1 and view.keep < view.features.shape[0]
+            keys.append((view.features.shape, view.features.dtype, view.features.device, layer.key.shape,
+                         layer.key.dtype, layer.key.device, layer.scaling, layer.cls, view.keep) if single_row
+                        else object())  # a key no other view has: selected alone
+        for group in same_shape(keys):
+            if isinstance(keys[group[0]], tuple):
+                for index, pick in zip(group, self._select_stacked([views[i] for i in group])):
+                    picks[index] = pick
+            else:
+                picks[group[0]] = self._select_rows(views[group[0]])
+        return picks
+
+    def _select_stacked(self, views: list[VisionView]) -> list[torch.Tensor | Selection]:
+        """Views of one shape whose tokens all come from one tower row, selected as one [B, N] batch: the loop of
+        `_select_rows` for a single row, written over a leading batch dimension."""
+        layers = [next(iter(view.layers.values())) for view in views]
+        first = layers[0]
+        query = torch.cat([layer.query for layer in layers])  # [B, H, T, d]
+        key = torch.cat([layer.key for layer in layers])
+        stacked = VisionLayer(query, key, first.scaling, first.cls)
+        features = torch.stack([view.features for view in views])  # [B, N, D]
+        device = features.device
+        columns = torch.stack([view.columns.to(device) for view in views])  # [B, N]
+        score = row_importance(stacked).to(device).gather(1, columns)  # [B, N]
+        keys = key.float().mean(dim=1).to(device).gather(1, columns[..., None].expand(-1, -1, key.shape[-1]))
+        batch, n = columns.shape
+        budget = views[0].keep
+        dominant, contextual = split_counts(budget, self.options.contextual_share)
+        cls_slot = int(first.cls and contextual > 0 and dominant > 0)  # the authors' [CLS], given to a patch
+        tokens = columns.argsort(dim=1)  # the row's tokens in column order
+        top = torch.topk(score.gather(1, tokens), dominant - cls_slot, dim=1).indices
+        is_dominant = torch.zeros(batch, n, dtype=torch.bool, device=device).scatter_(1, top, True)
+        # dominant tokens first, then the candidates, each in row order (the authors' masked_select)
+        ranked = tokens.gather(1, torch.argsort((~is_dominant).to(torch.uint8), dim=1, stable=True))
+        picked, candidates = ranked[:, :dominant - cls_slot], ranked[:, dominant - cls_slot:]
+        if contextual == 0:
+            return list(picked.sort(dim=1).values)
+        anchors = anchor_positions(candidates.shape[1], contextual, device)
+        spare = None
+        if cls_slot:  # the best candidate that is not an anchor (ties: the first in row order)
+            free = score.gather(1, candidates)
+            free[:, anchors] = -torch.inf
+            spare = free.argmax(dim=1)
+            picked = torch.cat([picked, candidates.gather(1, spare[:, None])], dim=1)
+        gathered = candidates[..., None].expand(-1, -1, features.shape[-1])
+        merged, anchor_sizes, slot = contextual_merge(features.gather(1, gathered),
+                                                      keys.gather(1, candidates[..., None].expand(-1, -1, keys.shape[-1])),
+                                                      contextual, spare)
+        dtype = merged.dtype
+        keep = torch.cat([picked, candidates[:, anchors]], dim=1)
+        hidden = torch.cat([features.gather(1, picked[..., None].expand(-1, -1, features.shape[-1])).to(dtype), merged],
+                           dim=1)
+        sizes = torch.cat([torch.ones(picked.shape, device=device), anchor_sizes], dim=1)
+        destination = torch.full((batch, n), -1, dtype=torch.long, device=device)
+        destination.scatter_(1, candidates, torch.where(slot >= 0, slot + picked.shape[1], -1))  # the spare: below
+        destination.scatter_(1, keep, torch.arange(keep.shape[1], device=device).expand_as(keep))
+        keep, hidden, sizes, destination = in_token_order(keep, hidden.to(features.dtype), sizes, destination)
+        return [Selection(*parts) for parts in zip(keep, hidden, sizes, destination)]
+
+    def _select_rows(self, view: VisionView) -> torch.Tensor | Selection:
         features = view.features
         n, device = features.shape[0], features.device
         if view.keep >= n:
             return torch.arange(n, device=device)
         (layer,) = view.layers.values()
         rows, columns = view.rows.to(device), view.columns.to(device)
-        score = importance(layer, rows, columns).to(device)
+        score = row_importance(layer).to(device)[rows, columns]
         keys = mean_keys(layer, rows, columns).to(device)
 
         keep, hidden, sizes = [], [], []
@@ -169,17 +242,17 @@ class VisionZip(VisionMethod):
             if cls_slot:  # the best candidate that is not an anchor (ties: the first in row order)
                 free = score[candidates].clone()
                 free[anchor_positions(candidates.numel(), contextual, device)] = -torch.inf
-                spare = int(free.argmax())
-                keep.append(candidates[spare:spare + 1])
-                hidden.append(features[candidates[spare:spare + 1]])
+                spare = free.argmax()[None]
+                keep.append(candidates[spare])
+                hidden.append(features[candidates[spare]])
                 sizes.append(torch.ones(1, device=device))
-            anchors, merged, anchor_sizes, slot = contextual_merge(features[candidates], keys[candidates], contextual,
-                                                                   spare)
-            keep.append(candidates[anchors])
-            hidden.append(merged)
-            sizes.append(anchor_sizes)
+            merged, anchor_sizes, slot = contextual_merge(features[candidates][None], keys[candidates][None],
+                                                          contextual, spare)
+            keep.append(candidates[anchor_positions(candidates.numel(), contextual, device)])
+            hidden.append(merged[0])
+            sizes.append(anchor_sizes[0])
             offset = sum(k.numel() for k in keep[:-1])  # the anchors' first slot in torch.cat(keep)
-            destination[candidates] = torch.where(slot >= 0, slot + offset, -1)  # the spare: its own slot, below
+            destination[candidates] = torch.where(slot[0] >= 0, slot[0] + offset, -1)  # the spare: its own slot, below
         keep = torch.cat(keep)
         if not merges:
             return keep.sort().values
