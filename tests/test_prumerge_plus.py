@@ -7,6 +7,7 @@ import torch
 from vtprune.methods import Grid, ModelInfo, Selection, VisionLayer, VisionView
 from vtprune.methods.prumerge_plus import PruMergePlus
 
+from .picks import assert_same_pick
 from .vision_views import softmax
 
 HEADS, HEAD_DIM, SIDE, DIM = 4, 8, 8, 16
@@ -227,6 +228,23 @@ def test_video_frames_match_the_reference(keep):
     view.parts, view.coords = (Grid(8, 8, 4),), torch.stack(
         [torch.arange(256) // 64, torch.arange(256) % 64 // 8, torch.arange(256) % 8], 1)
     check(view, q, k, features, rows, columns)
+
+
+def test_a_batch_of_views_is_each_view_alone():
+    """select_batch stacks single-row items of one shape and keep, whose outlier counts (and so strides and
+    samples) differ; an anyres item and another keep are selected apart. Each pick equals its view alone and the
+    reference."""
+    cases = [single_image(seed, planted) for seed, planted in
+             [(0, ()), (1, ((0, 9, 6.0),)), (2, ((0, 9, 6.0), (0, 40, 5.0), (0, 41, 5.5))), (3, ((0, 2, 9.0),) * 1)]]
+    views = [view_of(*case, keep) for case in cases for keep in (5, 24, 40, 63)]
+    q, k, features, rows, columns = anyres(0)
+    views.append(view_of(q, k, features, rows, columns, 60))
+    views[-1].parts, views[-1].part = (Grid(8, 8), Grid(13, 8)), torch.tensor([0] * 64 + [1] * (len(rows) - 64))
+    method = PruMergePlus(PruMergePlus.Options())
+    for view, pick in zip(views, method.select_batch(views), strict=True):
+        assert_same_pick(pick, method.select(view))
+    for index, case in enumerate(cases):
+        check(views[4 * index + 1], *case)
 
 
 def test_a_tower_without_cls_is_refused():

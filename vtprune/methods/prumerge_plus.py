@@ -73,56 +73,86 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView
-from .primitives import evenly_spaced, row_groups
+from .primitives import row_groups, same_shape
 
 LAYER = -1  # encoder.layers[23] of CLIP-L's 24
 NEIGHBOURS = 32
 
 
-def full_width_cls_attention(layer: VisionLayer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """[N] the [CLS] attention of each token with the layer's heads concatenated into one head of width H x d."""
+def full_width_cls_attention(layer: VisionLayer) -> torch.Tensor:
+    """[R, T] per tower row: the [CLS] attention of each token, the layer's heads concatenated into one head of
+    width H x d."""
     if not layer.cls:
         raise ValueError("method 'prumerge+' needs a [CLS] token, and this vision tower has none")
     heads, width = layer.query.shape[1], layer.query.shape[3]
     logits = torch.einsum("rhd,rhtd->rt", layer.query[:, :, 0].float(), layer.key.float()) * (heads * width) ** -0.5
-    return logits.softmax(dim=-1)[rows, columns]
+    return logits.softmax(dim=-1)
 
 
-def outlier_count(scores: torch.Tensor) -> int:
-    """How many scores lie above Q3 + 1.5 x IQR (linear-interpolated quartiles)."""
+def outlier_counts(scores: torch.Tensor) -> torch.Tensor:
+    """[B] how many of each row's scores [B, N] lie above Q3 + 1.5 x IQR (linear-interpolated quartiles)."""
     scores = scores.float()
-    quartiles = torch.quantile(scores, torch.tensor([0.25, 0.75], device=scores.device))
-    bound = quartiles[1] + 1.5 * (quartiles[1] - quartiles[0])
-    return int((scores > bound).sum())
-
-
-def spatial_samples(n: int, taken: torch.Tensor, outliers: int, needed: int) -> torch.Tensor:
-    """Positions (in the row's raster order) of `needed` spatial samples not yet taken (see the module docstring)."""
-    device = taken.device
-    if needed <= 0:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    stride = max(1, n // outliers // 3) if outliers else max(1, n - 1)
-    if needed > 1:  # strides whose sequence is shorter than needed cannot do: skip them
-        stride = min(stride, max(1, (n - 2) // (needed - 1)))
-    while True:
-        sequence = torch.arange(0, n - 1, stride, device=device)
-        candidates = sequence[~taken[sequence]]
-        if candidates.numel() >= needed or stride == 1:
-            break
-        stride -= 1
-    if candidates.numel() < needed:
-        candidates = torch.nonzero(~taken).flatten()
-    return candidates[evenly_spaced(candidates.numel(), needed, device)]
+    q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75], device=scores.device), dim=1)
+    return (scores > (q3 + 1.5 * (q3 - q1))[:, None]).sum(dim=1)
 
 
 def row_selection(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Positions of the kept tokens among one row's N tokens (scores [N] in raster order): outliers, then samples."""
-    n = scores.shape[0]
-    outliers = outlier_count(scores)
-    strongest = torch.topk(scores, min(outliers, keep)).indices
-    taken = torch.zeros(n, dtype=torch.bool, device=scores.device)
-    taken[strongest] = True
-    return torch.cat([strongest, spatial_samples(n, taken, outliers, keep - strongest.numel())])
+    """[B, keep] positions of the kept tokens among each row's N tokens (scores [B, N] in raster order): the
+    strongest outliers (by decreasing score), then the spatial samples (ascending); see the module docstring.
+
+    Written for rows whose outlier counts differ, without reading them: every stride the authors' loop could try is
+    counted at once, and the samples are ranks among a row's candidates."""
+    batch, n = scores.shape
+    device = scores.device
+    outliers = outlier_counts(scores)
+    strong = outliers.clamp(max=keep)  # [B] outliers kept
+    top = torch.topk(scores, keep, dim=1).indices  # by decreasing score
+    slot = torch.arange(keep, device=device)
+    is_strong = slot < strong[:, None]
+    taken = torch.zeros(batch, n, dtype=torch.bool, device=device).scatter_(1, top, is_strong)
+    needed = keep - strong
+    # The authors' stride (n - 1 where they divide by zero), and no longer than leaves `needed` positions.
+    stride = torch.where(outliers > 0, (n // outliers.clamp(min=1) // 3).clamp(min=1), max(1, n - 1))
+    stride = torch.where(needed > 1, torch.minimum(stride, ((n - 2) // (needed - 1).clamp(min=1)).clamp(min=1)), stride)
+    # Smaller strides one by one until one leaves enough untaken positions of 0, s, 2s, ... < n - 1; else stride 1.
+    strides = torch.arange(1, max(1, n - 1) + 1, device=device)
+    on_sequence = (top[..., None] % strides == 0) & (top[..., None] < n - 1) & is_strong[..., None]  # [B, keep, S]
+    free = ((n - 2) // strides + 1)[None] - on_sequence.sum(dim=1)  # [B, S] untaken positions on each sequence
+    enough = (free >= needed[:, None]) & (strides[None] <= stride[:, None])
+    stride = (enough * strides).amax(dim=1).clamp(min=1)
+    position = torch.arange(n, device=device)
+    candidate = (position < n - 1) & (position % stride[:, None] == 0) & ~taken
+    short = candidate.sum(dim=1) < needed  # even stride 1 leaves too few: every untaken position
+    candidate = torch.where(short[:, None], ~taken, candidate)
+    # `needed` of them evenly spaced (primitives.evenly_spaced, row by row)
+    count = candidate.sum(dim=1)
+    rank = ((slot[None] - strong[:, None]).clamp(min=0).double() + 0.5) * count[:, None] / needed.clamp(min=1)[:, None]
+    rank = torch.where(needed[:, None] >= count[:, None], slot[None] - strong[:, None], rank.floor().long())
+    ascending = torch.argsort((~candidate).to(torch.uint8), dim=1, stable=True)  # candidates first, in order
+    samples = ascending.gather(1, rank.clamp(min=0, max=n - 1))
+    return torch.where(is_strong, top, samples)
+
+
+def absorb(features: torch.Tensor, unit: torch.Tensor, scores: torch.Tensor, tokens: torch.Tensor,
+           kept: torch.Tensor, neighbours: int):
+    """Each kept token takes its most similar other patches of its row, weighted by their [CLS] attention.
+
+    features [B, N, D], unit keys [B, N, C] and scores [B, N] over a view's tokens; tokens [B, n]: one row's tokens
+    in raster order; kept [B, k]: positions among them. Returns (the kept tokens [B, k], their states [B, k, D]
+    in float32 at least, which tokens each absorbed [B, k, N])."""
+    batch, n = tokens.shape
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    row_unit = unit.gather(1, tokens[..., None].expand(-1, -1, unit.shape[-1]))
+    row_features = features.gather(1, tokens[..., None].expand(-1, -1, features.shape[-1])).to(dtype)
+    similarity = row_unit.gather(1, kept[..., None].expand(-1, -1, unit.shape[-1])) @ row_unit.transpose(1, 2)
+    similarity.scatter_(2, kept[..., None], float("-inf"))  # never itself
+    local = torch.topk(similarity, min(neighbours, n - 1), dim=-1).indices  # [B, k, count] positions in the row
+    weight = scores.gather(1, tokens).gather(1, local.flatten(1)).view(local.shape).to(dtype)
+    weights = torch.zeros(*kept.shape, n, dtype=dtype, device=features.device).scatter_(2, local, weight)
+    absorbed = torch.zeros(*kept.shape, features.shape[1], dtype=torch.bool, device=features.device)
+    absorbed.scatter_(2, tokens.gather(1, local.flatten(1)).view(local.shape), True)
+    own = row_features.gather(1, kept[..., None].expand(-1, -1, features.shape[-1]))
+    return tokens.gather(1, kept), own + weights @ row_features, absorbed
 
 
 class PruMergePlus(VisionMethod):
@@ -144,38 +174,58 @@ class PruMergePlus(VisionMethod):
         return (self.options.layer,)
 
     def select(self, view: VisionView) -> Selection:
-        features = view.features
-        n, device = features.shape[0], features.device
-        layer = view.layers[self.options.layer]
-        rows, columns = view.rows.to(device), view.columns.to(device)
-        scores = full_width_cls_attention(layer, rows, columns).to(device)
-        keys = layer.key[rows, :, columns].float().flatten(1).to(device)  # [N, H x d]: the raw k_proj output
-        unit = torch.nn.functional.normalize(keys, dim=-1)
-        dtype = torch.promote_types(features.dtype, torch.float32)
+        return self.select_batch([view])[0]
 
-        keep, hidden, absorbed = [], [], []
-        for tokens, budget in row_groups(rows, columns, view.keep):
-            if budget == 0:
-                continue
-            kept = tokens[row_selection(scores[tokens], budget)]
-            similarity = unit[kept] @ unit[tokens].T  # [k, n_row]
-            similarity[tokens[None, :] == kept[:, None]] = float("-inf")  # never itself
-            count = min(self.options.neighbours, tokens.numel() - 1)
-            local = torch.topk(similarity, count, dim=-1).indices  # [k, count] positions in the row
-            weights = torch.zeros(kept.numel(), tokens.numel(), dtype=dtype, device=device)
-            weights.scatter_(1, local, scores[tokens][local].to(dtype))
-            mask = torch.zeros(kept.numel(), n, dtype=torch.bool, device=device)
-            mask.scatter_(1, tokens[local], True)
-            keep.append(kept)
-            hidden.append(features[kept].to(dtype) + weights @ features[tokens].to(dtype))
-            absorbed.append(mask)
-        keep, hidden, absorbed = torch.cat(keep), torch.cat(hidden), torch.cat(absorbed)
-        order = torch.argsort(keep)
-        keep, hidden, absorbed = keep[order], hidden[order], absorbed[order]
+    def select_batch(self, views: list[VisionView]) -> list[Selection]:
+        """Items encoded in one tower row each (a LLaVA-1.5 image), of one shape, are selected together as [B, N]
+        tensors (no host read); an item of several rows (anyres tiles, video frames) row by row."""
+        keys = []
+        for view in views:
+            layer = view.layers[self.options.layer]
+            single_row = layer.query.shape[0] == 1 and 0 < view.keep < view.features.shape[0]
+            keys.append((view.features.shape, view.features.dtype, view.features.device, layer.key.shape,
+                         layer.key.dtype, layer.key.device, layer.cls, view.keep) if single_row else object())
+        picks: list = [None] * len(views)
+        for group in same_shape(keys):
+            views_of = [views[i] for i in group]
+            if isinstance(keys[group[0]], tuple):
+                layers = [view.layers[self.options.layer] for view in views_of]
+                layer = VisionLayer(torch.cat([x.query for x in layers]), torch.cat([x.key for x in layers]),
+                                    layers[0].scaling, layers[0].cls)
+                features = torch.stack([view.features for view in views_of])
+                rows = torch.arange(len(group), device=features.device)[:, None].expand(features.shape[:2])
+                columns = torch.stack([view.columns.to(features.device) for view in views_of])
+                selections = self._select(features, layer, rows, columns, [(columns.argsort(dim=1), views_of[0].keep)])
+            else:
+                view = views_of[0]
+                features = view.features[None]
+                rows, columns = view.rows.to(features.device), view.columns.to(features.device)
+                groups = [(tokens[None], budget) for tokens, budget in row_groups(rows, columns, view.keep) if budget]
+                selections = self._select(features, view.layers[self.options.layer], rows[None], columns[None], groups)
+            for index, selection in zip(group, selections):
+                picks[index] = selection
+        return picks
 
-        similarity = unit @ unit[keep].T  # [N, k]
-        by_absorber = similarity.masked_fill(~absorbed.T, float("-inf"))
-        destination = torch.where(absorbed.T.any(dim=-1), by_absorber.argmax(dim=-1), similarity.argmax(dim=-1))
-        destination[keep] = torch.arange(keep.numel(), device=device)
-        sizes = torch.bincount(destination, minlength=keep.numel()).float()
-        return Selection(keep, hidden.to(features.dtype), sizes, destination)
+    def _select(self, features: torch.Tensor, layer: VisionLayer, rows: torch.Tensor, columns: torch.Tensor,
+                groups: list[tuple[torch.Tensor, int]]) -> list[Selection]:
+        """B items of N tokens each (features [B, N, D]; rows, columns [B, N]: where each token was encoded, rows
+        counted from the items' first), whose tower rows are `groups`: (the row's tokens [B, n] in raster order, its
+        budget)."""
+        device = features.device
+        scores = full_width_cls_attention(layer).to(device)[rows, columns]  # [B, N]
+        unit = torch.nn.functional.normalize(layer.key[rows, :, columns].float().flatten(2).to(device), dim=-1)
+        keep, hidden, absorbed = map(lambda parts: torch.cat(parts, dim=1), zip(*(
+            absorb(features, unit, scores, tokens, row_selection(scores.gather(1, tokens), budget),
+                   self.options.neighbours) for tokens, budget in groups)))
+        order = torch.argsort(keep, dim=1)
+        keep = keep.gather(1, order)
+        hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+        absorbed = absorbed.gather(1, order[..., None].expand(-1, -1, absorbed.shape[-1])).transpose(1, 2)  # [B, N, k]
+
+        similarity = unit @ unit.gather(1, keep[..., None].expand(-1, -1, unit.shape[-1])).transpose(1, 2)
+        by_absorber = similarity.masked_fill(~absorbed, float("-inf"))
+        destination = torch.where(absorbed.any(dim=-1), by_absorber.argmax(dim=-1), similarity.argmax(dim=-1))
+        destination.scatter_(1, keep, torch.arange(keep.shape[1], device=device).expand_as(keep))
+        sizes = torch.zeros(keep.shape, device=device).scatter_add_(1, destination, torch.ones(destination.shape,
+                                                                                               device=device))
+        return [Selection(*parts) for parts in zip(keep, hidden.to(features.dtype), sizes, destination)]
