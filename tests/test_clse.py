@@ -5,9 +5,12 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.methods import ModelInfo
+from vtprune.methods import ModelInfo, Selection
 from vtprune.methods.clse import CLSE, evolution_gate, high_frequency_magnitude, scaled_layers
+from vtprune.methods.clse_merge import CLSEMerge
 from vtprune.methods.primitives import merge_into_nearest
+
+from .picks import assert_same_pick
 
 LLAVA_7B, QWEN_7B = ModelInfo("llava", 32), ModelInfo("qwen2_vl", 28)
 
@@ -146,6 +149,34 @@ def test_score_variants_use_what_they_say():
     assert torch.equal(CLSE(CLSE.Options()).score(later), view.attention)  # no whole grid after stage 1
 
 
+@pytest.mark.parametrize("method", [CLSE(CLSE.Options()), CLSEMerge(CLSEMerge.Options())], ids=["clse", "clse_m"])
+def test_a_batch_of_views_is_each_view_alone(method):
+    """select_batch scores and selects views of one shape, parts, keep and stage together (the gate's statistics
+    are each item's own); an anyres item, a later stage, another keep and another dtype are grouped apart. Each
+    pick equals its view alone; a stacked gated pick equals the gate computed on its own grid."""
+    from vtprune.methods import Grid, ImageView
+
+    generator = torch.Generator().manual_seed(0)
+
+    def view(keep=8, stage=0, parts=(Grid(8, 8),), dtype=torch.float32):
+        n = sum(grid.size for grid in parts)
+        hidden = torch.randn(n, 6, generator=generator).to(dtype)
+        return ImageView(hidden=hidden, coords=torch.zeros(n, 3, dtype=torch.long), part=torch.zeros(n, dtype=torch.long),
+                         parts=parts, keep=keep, layer=1, stage=stage, image_index=0,
+                         sizes=torch.randint(1, 4, (n,), generator=generator).float(),
+                         attention=torch.rand(n, generator=generator), reference=torch.randn(n, 6, generator=generator))
+
+    views = [view() for _ in range(3)] + [view(parts=(Grid(4, 4), Grid(4, 6))), view(stage=1), view(keep=5),
+                                          view(dtype=torch.float64), view()]
+    for one, pick in zip(views, method.select_batch(views), strict=True):
+        assert_same_pick(pick, method.select(one))
+    gate = evolution_gate(high_frequency_magnitude(views[1].reference, (8, 8), 0.1),
+                          high_frequency_magnitude(views[1].hidden, (8, 8), 0.1), tau=0.1)
+    expected = torch.topk(gate * views[1].attention, 8).indices.sort().values
+    picked = method.select_batch(views)[1]
+    assert (picked.keep if isinstance(picked, Selection) else picked).tolist() == expected.tolist()
+
+
 def test_merge_into_nearest_is_a_size_weighted_mean():
     hidden = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.0, 2.0]])
     sizes = torch.tensor([1.0, 3.0, 1.0, 1.0, 2.0])
@@ -154,6 +185,12 @@ def test_merge_into_nearest_is_a_size_weighted_mean():
     torch.testing.assert_close(merged[0], (hidden[0] * 1 + hidden[1] * 3) / 4)
     torch.testing.assert_close(merged[1], (hidden[2] * 1 + hidden[3] * 1 + hidden[4] * 2) / 4)
     assert destination.tolist() == [0, 0, 1, 1, 1]
+    # items along a leading dimension merge as each alone
+    other = torch.flip(hidden, dims=[1])
+    batched = merge_into_nearest(torch.stack([hidden, other]), torch.stack([sizes, sizes]), torch.tensor([[0, 2], [1, 4]]))
+    for b, (h, k) in enumerate([(hidden, [0, 2]), (other, [1, 4])]):
+        for got, alone in zip(batched, merge_into_nearest(h, sizes, torch.tensor(k))):
+            torch.testing.assert_close(got[b], alone, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family, slice_kv", [("llava", None), ("llava", True), ("qwen2_vl", True)])

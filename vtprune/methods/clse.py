@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Grid, ImageView, Method, ModelInfo, Stage, scale_layers
-from .primitives import topk_in_order
+from .primitives import same_shape, topk_in_order
 
 SCORES = ("clse_attn", "clse", "attn")
 # The authors' keep counts per stage for LLaVA-1.5's budgets; at any other budget, round(budget x their multipliers):
@@ -55,8 +55,8 @@ def gaussian_low_pass(size: int, sigma: float, device: torch.device) -> torch.Te
 
 
 def high_frequency_magnitude(tokens: torch.Tensor, grid: Grid | tuple[int, int], cutoff: float) -> torch.Tensor:
-    """[N] per-token magnitude of the Gaussian high-passed token grid (tokens [N, C] in raster order), averaged
-    over channels.
+    """[..., N] per-token magnitude of the Gaussian high-passed token grid (tokens [..., N, C] in raster order, any
+    leading dimensions: items filtered alike), averaged over channels.
 
     The authors filter each channel's centred 2-D FFT with 1 - exp(-(u^2 + v^2) / (2 sigma^2)) and take the
     magnitude of the inverse FFT. That Gaussian is separable and even, so the same filter is x minus a real
@@ -66,28 +66,33 @@ def high_frequency_magnitude(tokens: torch.Tensor, grid: Grid | tuple[int, int],
     """
     grid = grid if isinstance(grid, Grid) else Grid(*grid)
     rows, cols = grid.rows, grid.cols
-    planes = tokens.float().reshape(grid.frames, rows, cols, -1)
+    lead = tokens.shape[:-2]
+    planes = tokens.float().reshape(-1, grid.frames, rows, cols, tokens.shape[-1])
     sigma = min(rows // 2, cols // 2) * cutoff
     if sigma > 0:
         # The filter removes each plane's mean (it passes nothing at frequency 0); removed first, a constant plane
         # is exactly zero and the subtraction below cancels less.
-        planes = planes - planes.mean(dim=(1, 2), keepdim=True)
-        low = torch.einsum("ij,fjkc->fikc", gaussian_low_pass(rows, sigma, tokens.device), planes)
-        low = torch.einsum("lk,fikc->filc", gaussian_low_pass(cols, sigma, tokens.device), low)
+        planes = planes - planes.mean(dim=(2, 3), keepdim=True)
+        low = torch.einsum("ij,bfjkc->bfikc", gaussian_low_pass(rows, sigma, tokens.device), planes)
+        low = torch.einsum("lk,bfikc->bfilc", gaussian_low_pass(cols, sigma, tokens.device), low)
         planes = planes - low
-    return planes.abs().mean(dim=-1).flatten()
+    return planes.abs().mean(dim=-1).reshape(*lead, grid.size)
 
 
 def item_magnitude(tokens: torch.Tensor, view: ImageView, cutoff: float) -> torch.Tensor:
-    """high_frequency_magnitude of each part of a whole item (an anyres image's base and high-res grids apart)."""
-    return torch.cat([high_frequency_magnitude(tokens[start : start + grid.size], grid, cutoff)
-                      for start, grid in view.part_ranges()])
+    """high_frequency_magnitude of each part of whole items (tokens [..., N, C]; an anyres image's base and
+    high-res grids apart)."""
+    return torch.cat([high_frequency_magnitude(tokens[..., start : start + grid.size, :], grid, cutoff)
+                      for start, grid in view.part_ranges()], dim=-1)
 
 
 def evolution_gate(reference: torch.Tensor, current: torch.Tensor, tau: float) -> torch.Tensor:
-    """sigmoid(z / tau) of the z-scored relative change of high-frequency magnitude, per token."""
-    change = ((current - reference).abs() / (reference.mean() + reference + 1e-6)).clamp(max=1.0)
-    z = (change - change.mean()) / (change.std() + 1e-6)  # unbiased std, epsilon outside, as the authors
+    """sigmoid(z / tau) of the z-scored relative change of high-frequency magnitude, per token ([..., N]: the
+    statistics are each item's own)."""
+    mean = reference.mean(dim=-1, keepdim=True)
+    change = ((current - reference).abs() / (mean + reference + 1e-6)).clamp(max=1.0)
+    # unbiased std, epsilon outside, as the authors
+    z = (change - change.mean(dim=-1, keepdim=True)) / (change.std(dim=-1, keepdim=True) + 1e-6)
     return torch.sigmoid(z / tau)
 
 
@@ -186,15 +191,39 @@ class CLSE(Method):
             raise ValueError(f"clse's default keep counts are for 3 stages; pass keep=... for {stages} stage layers")
         return counts
 
+    def gated(self, view: ImageView) -> bool:
+        """Whether the view's score has the spectral gate: a whole item at the first stage (else attention alone)."""
+        return self.options.score != "attn" and view.stage == 0 and view.whole
+
     def score(self, view: ImageView) -> torch.Tensor:
-        if self.options.score == "attn" or view.stage > 0 or not view.whole:
-            return view.attention
+        return self.scores([view])[0]
+
+    def scores(self, views: list[ImageView]) -> torch.Tensor:
+        """[B, N] the scores of views alike (one shape, dtype, device and parts, all gated or none)."""
+        attention = torch.stack([view.attention for view in views])
+        if not self.gated(views[0]):
+            return attention
         gate = evolution_gate(
-            item_magnitude(view.reference, view, self.options.cutoff),
-            item_magnitude(view.hidden, view, self.options.cutoff),
+            item_magnitude(torch.stack([view.reference for view in views]), views[0], self.options.cutoff),
+            item_magnitude(torch.stack([view.hidden for view in views]), views[0], self.options.cutoff),
             self.options.tau,
         )
-        return gate if self.options.score == "clse" else gate * view.attention.float()
+        return gate if self.options.score == "clse" else gate * attention.float()
 
     def select(self, view: ImageView) -> torch.Tensor:
-        return topk_in_order(self.score(view), view.keep)
+        return self.select_batch([view])[0]
+
+    def select_batch(self, views: list[ImageView]) -> list:
+        """Views of one shape, parts and keep are scored and selected together."""
+        keys = [(view.hidden.shape, view.hidden.dtype, view.hidden.device, view.attention.dtype, view.parts,
+                 view.keep, self.gated(view)) for view in views]
+        picks: list = [None] * len(views)
+        for group in same_shape(keys):
+            alike = [views[i] for i in group]
+            for index, pick in zip(group, self.chosen(alike, topk_in_order(self.scores(alike), alike[0].keep))):
+                picks[index] = pick
+        return picks
+
+    def chosen(self, views: list[ImageView], keep: torch.Tensor) -> list:
+        """Each view's answer, given its kept tokens (keep [B, k])."""
+        return list(keep)

@@ -7,6 +7,8 @@ carried across stages).
 
 from __future__ import annotations
 
+import torch
+
 from .base import ImageView, Selection
 from .clse import CLSE
 from .primitives import merge_into_nearest
@@ -16,6 +18,6 @@ class CLSEMerge(CLSE):
     name = "clse_m"
     summary = "CLSE's selection; dropped tokens merged into their most similar kept token (our design)"
 
-    def select(self, view: ImageView) -> Selection:
-        keep = super().select(view)
-        return Selection(keep, *merge_into_nearest(view.hidden, view.sizes, keep))
+    def chosen(self, views: list[ImageView], keep: torch.Tensor) -> list[Selection]:
+        hidden, sizes = torch.stack([view.hidden for view in views]), torch.stack([view.sizes for view in views])
+        return [Selection(*parts) for parts in zip(keep, *merge_into_nearest(hidden, sizes, keep))]

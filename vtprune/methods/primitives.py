@@ -122,25 +122,23 @@ def in_token_order(keep: torch.Tensor, hidden: torch.Tensor, sizes: torch.Tensor
 def merge_into_nearest(hidden: torch.Tensor, sizes: torch.Tensor, keep: torch.Tensor):
     """Merge every token not in keep into the kept token most cosine-similar to it, size-weighted.
 
-    hidden [N, D], sizes [N], keep [k] indices. Returns (hidden [k, D], sizes [k], destination [N]):
-    each kept token becomes the size-weighted mean of itself and the tokens merged into it;
-    destination[i] is the slot in keep that token i went to (its own slot for a kept token).
+    hidden [..., N, D], sizes [..., N], keep [..., k] indices (any leading dimensions: items merged alike). Returns
+    (hidden [..., k, D], sizes [..., k], destination [..., N]): each kept token becomes the size-weighted mean of
+    itself and the tokens merged into it; destination[i] is the slot in keep that token i went to (its own slot for
+    a kept token). The sums are one-hot matmuls, deterministic on every device (a scatter-add is not on CUDA).
     """
-    n = hidden.shape[0]
-    dropped = torch.ones(n, dtype=torch.bool, device=hidden.device)
-    dropped[keep] = False
-    source = torch.nonzero(dropped).flatten()
+    lead, (n, width), k = hidden.shape[:-2], hidden.shape[-2:], keep.shape[-1]
+    hidden, sizes, keep = hidden.reshape(-1, n, width), sizes.reshape(-1, n), keep.reshape(-1, k)
     unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
-    target = (unit[source] @ unit[keep].T).argmax(dim=-1)  # [n_dropped] -> slot in keep
+    kept_unit = unit.gather(1, keep[..., None].expand(-1, -1, width))
+    destination = (unit @ kept_unit.transpose(1, 2)).argmax(dim=-1)  # [B, N] -> slot in keep
+    destination.scatter_(1, keep, torch.arange(k, device=keep.device).expand_as(keep))
+    membership = (destination[:, None, :] == torch.arange(k, device=keep.device)[None, :, None]).float()  # [B, k, N]
     weights = sizes.float()
-    total = torch.zeros(keep.numel(), hidden.shape[1], device=hidden.device).index_add_(
-        0, target, hidden[source].float() * weights[source, None]
-    ) + hidden[keep].float() * weights[keep, None]
-    new_sizes = weights[keep].index_add(0, target, weights[source])
-    destination = torch.empty(n, dtype=torch.long, device=hidden.device)
-    destination[keep] = torch.arange(keep.numel(), device=hidden.device)
-    destination[source] = target
-    return (total / new_sizes[:, None]).to(hidden.dtype), new_sizes, destination
+    total = membership @ (hidden.float() * weights[..., None])
+    new_sizes = (membership @ weights[..., None])[..., 0]
+    return ((total / new_sizes[..., None]).to(hidden.dtype).reshape(*lead, k, width), new_sizes.reshape(*lead, k),
+            destination.reshape(*lead, n))
 
 
 # Distance-matrix entries a greedy max-min selection holds at once (64 MB in float32): items whose matrix fits
