@@ -174,7 +174,8 @@ class Pruner:
                 "vtprune cannot prune images added to a prompt that already has a KV cache; pass a follow-up "
                 "turn without pixel_values (the first turn's images are in the cache)"
             )
-        self._items = self.adapter.visual_items(input_ids, kwargs)
+        host_ids = input_ids.cpu()  # the prompt's layout is read on the host, once for the batch
+        self._items = self.adapter.visual_items(host_ids, kwargs)
         if self._recorder is not None and any(kwargs.get(key) is not None for key in VISUAL_INPUTS):
             self._recorder.take()  # this forward encodes its own images: whatever an earlier run left is stale
         if not any(self._items):
@@ -183,7 +184,7 @@ class Pruner:
                 "tokens in input_ids"
             )
         mask = kwargs.get("attention_mask")
-        self._text = [text_tokens(input_ids[b], self.adapter.placeholder_ids, mask, b) for b in range(len(input_ids))]
+        self._text = text_tokens(host_ids, self.adapter.placeholder_ids, mask, input_ids.device)
         images = [kwargs.get(key) for key in VISUAL_INPUTS] + [encoded.get(kind) for kind in ("image", "video")]
         self._prompt = Prompt(input_ids, images)
         continued = self._continued_prompt(cache, kwargs)
@@ -372,9 +373,10 @@ class Pruner:
             kv.check_lengths(run.cache, [layout.length for layout in run.kv_layouts], "after the prefill")
 
 
-def text_tokens(input_ids: torch.Tensor, placeholders: tuple[int, ...], attention_mask, sample: int) -> torch.Tensor:
-    """A sample's prompt tokens without its visual placeholders and padding (what a router reads)."""
-    keep = ~torch.isin(input_ids, torch.tensor(placeholders, device=input_ids.device))
+def text_tokens(host_ids: torch.Tensor, placeholders: tuple[int, ...], attention_mask, device) -> list[torch.Tensor]:
+    """Per sample, its prompt tokens without its visual placeholders and padding (what a router reads), on `device`;
+    found on the host copy of input_ids, and moved in one copy."""
+    keep = ~torch.isin(host_ids, torch.tensor(placeholders))
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        keep &= attention_mask[sample].bool()
-    return input_ids[keep]
+        keep &= attention_mask.cpu().bool()
+    return list(host_ids[keep].to(device).split(keep.sum(dim=1).tolist()))

@@ -213,12 +213,12 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
     batch = len(run.items)
     if replay is not None:
         kept = [replay.kept[stage][b].to(layout.positions.device) for b in range(batch)]
-        merged, moved = replay.merged[stage], replay.moved[stage]
+        merged, moved = replay.merged[stage], replay.moves[stage]
     else:
         kept, merged, moved = _select(run, layer, layout, hidden, attention)
     run.kept.append(kept)
     run.merged.append(merged)
-    run.moved.append(moved)
+    run.moves.append(moved)
     narrowed = layout.narrowed(run.visual, kept, run.prompt_mask)
     taken = take(hidden, narrowed.index_in(layout))
     for b, values in enumerate(merged):
@@ -228,7 +228,8 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
 
 
 def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attention):
-    """Per sample: the kept positions, the merged (positions, hidden) pairs and the (sources, targets) of merges."""
+    """Per sample: the kept positions, the merged (positions, hidden) pairs and the (sources, targets) of merges
+    (Decision.moves)."""
     batch = len(run.items)
     chosen = [[] for _ in range(batch)]
     asked = []  # (sample, the item's positions, its view) for each item the method selects in
@@ -257,9 +258,10 @@ def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attentio
             run.sizes[b, positions[picked.keep]] = picked.sizes.to(run.sizes.dtype)
             if picked.hidden is not None:
                 merged[b].append((positions[picked.keep], picked.hidden))
-            merged_in = picked.destination >= 0  # -1: dropped without being merged anywhere
-            sources[b].append(positions[merged_in])
-            targets[b].append(positions[picked.keep][picked.destination[merged_in]])
+            # FILL: dropped without being merged anywhere (left in, so that no host read is needed here)
+            sources[b].append(positions)
+            targets[b].append(torch.where(picked.destination >= 0, positions[picked.keep][picked.destination.clamp(min=0)],
+                                          FILL))
             picked = picked.keep
         chosen[b].append(positions[picked])
     empty = layout.positions[0, :0]
@@ -317,12 +319,13 @@ def _item_references(run: Run, sample: int, i: int, device) -> tuple[torch.Tenso
 
 
 def _text_positions(run: Run, sample: int) -> torch.Tensor:
-    """The sample's prompt positions that hold text: neither padding nor a visual placeholder (found once a run)."""
-    if sample not in run.text_positions:
+    """The sample's prompt positions that hold text: neither padding nor a visual placeholder (found once a run, for
+    every sample)."""
+    if not run.text_positions:
         placeholders = torch.tensor(run.adapter.placeholder_ids, device=run.prompt_mask.device)
-        ids = run.ids[sample, : run.prompt_length]
-        run.text_positions[sample] = torch.nonzero(run.prompt_mask[sample].bool() & ~torch.isin(ids, placeholders)
-                                                   ).flatten()
+        text = run.prompt_mask.bool() & ~torch.isin(run.ids[:, : run.prompt_length], placeholders)
+        _, positions = torch.nonzero(text, as_tuple=True)
+        run.text_positions = dict(enumerate(positions.split(text.sum(dim=1).tolist())))
     return run.text_positions[sample]
 
 

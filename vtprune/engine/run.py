@@ -9,7 +9,7 @@ import torch
 
 from ..adapters import Adapter, VisualItem
 from ..methods import LLM_INPUT, Method, Stage
-from .layout import Layout
+from .layout import FILL, Layout
 
 
 @dataclass
@@ -21,10 +21,17 @@ class Decision:
     prompt_length: int
     # merged[stage][sample]: (positions, hidden states) that a merging method wrote over kept tokens
     merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
-    # moved[stage][sample]: (positions, positions they were merged into), for pictures of a merge
-    moved: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    # moves[stage][sample]: (positions, the position each was merged into, FILL for none); see `moved`
+    moves: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     layer_positions: list[torch.Tensor] = field(default_factory=list)  # see positions_at
     made_for: "Prompt | None" = field(default=None, repr=False)  # the prompt it was decided on (replaying checks it)
+
+    @property
+    def moved(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """moved[stage][sample]: (positions, positions they were merged into), for pictures of a merge (filtered
+        here, when asked, rather than with a host read per item while the prompt is prefilled)."""
+        return [[(sources[targets != FILL], targets[targets != FILL]) for sources, targets in stage]
+                for stage in self.moves]
 
     def positions_at(self, layer: int) -> torch.Tensor:
         """[B, n]: the prompt position each row of decoder layer `layer` holds at prefill (-1: a fill slot).
@@ -94,7 +101,7 @@ class Run:
     layer_layouts: dict[int, Layout | None] = field(default_factory=dict)  # in-LLM stage layer -> layout from there
     kept: list[list[torch.Tensor]] = field(default_factory=list)
     merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
-    moved: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    moves: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)  # Decision.moves
     attention: torch.Tensor | None = None  # last-query attention for the next stage, over the current layout
     # what that attention is computed from once the stage layer is reached: (layer, input, position embeddings, layout)
     attention_from: tuple | None = None
@@ -142,4 +149,4 @@ class Run:
 
     def decision(self) -> Decision:
         positions = [self.layout_at(layer).positions for layer in range(self.num_layers)]
-        return Decision(self.stage_layers, self.kept, self.prompt_length, self.merged, self.moved, positions)
+        return Decision(self.stage_layers, self.kept, self.prompt_length, self.merged, self.moves, positions)
