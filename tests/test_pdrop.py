@@ -60,6 +60,25 @@ def test_the_picks_are_the_authors(seed, grid, before, after):
         assert ours.tolist() == (expected - before).tolist(), keep  # in original order, as theirs
 
 
+def test_a_batch_of_views_is_each_view_alone_and_the_authors():
+    """select_batch scores probes of one shape and last row together; other shapes, keeps and a probe holding only
+    the asking rows' queries (as the engine makes them) are grouped apart. Each pick is its view's alone, and the
+    authors'."""
+    rng = np.random.default_rng(7)
+    cases = [make_view(rng, 8, 8, 5, 12, keep=16) for _ in range(3)] + [make_view(rng, 3, 5, 1, 1, keep=4),
+                                                                          make_view(rng, 8, 8, 5, 12, keep=9)]
+    view, query, key = make_view(rng, 8, 8, 5, 12, keep=16)
+    asking = torch.cat([view.probe.text[:-1], view.probe.text[-1:]])  # text rows, the last row among them
+    view.probe.asking, view.probe.asking_query = asking, view.probe.asking_query[:, asking]
+    cases.append((view, query, key))
+    method = PDrop(PDrop.Options())
+    views = [view for view, _, _ in cases]
+    for (view, query, key), pick in zip(cases, method.select_batch(views), strict=True):
+        assert pick.tolist() == method.select(view).tolist()
+        before, n = int(view.probe.visual[0]), view.probe.visual.numel()
+        assert pick.tolist() == (authors_rank_drop(query, key, before, n, view.keep, query.shape[1]) - before).tolist()
+
+
 def test_a_later_stage_ranks_the_tokens_still_present():
     """After a drop the authors' image span is the kept tokens, contiguous in the shortened sequence; the probe's
     rows are the tokens present, so the same reading applies at stage 1 (144 of 288 left of 576)."""

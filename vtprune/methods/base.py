@@ -95,6 +95,10 @@ class LayerProbe:
     asking: torch.Tensor | None = None  # [Q] rows whose queries `asking_query` holds, ascending; None: every row
     normed: torch.Tensor | None = None  # [L, D] the decoder's final norm of the stage layer's input (probe_normed)
 
+    def last_query(self) -> torch.Tensor:
+        """[H, d] the query of the prompt's last row (the last of `asking`, the largest row: no check, no host read)."""
+        return self.asking_query[:, -1 if self.asking is not None else self.last]
+
     def queries(self, rows: torch.Tensor) -> torch.Tensor:
         """[H, R, d] the queries of rows `rows` [R]."""
         if self.asking is None:

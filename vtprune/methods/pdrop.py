@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ImageView, LayerProbe, Method, ModelInfo, Stage, scale_layers
-from .primitives import topk_in_order
+from .primitives import same_shape, topk_in_order
 
 AUTHORS_LAYERS, AUTHORS_DEPTH = (8, 16, 24), 32
 AUTHORS_RATIOS = (0.5, 0.25, 0.125)  # lambda = 0.5, of the original visual length
@@ -69,15 +69,17 @@ def ratio_counts(ratios: tuple[float, ...], num_tokens: int) -> tuple[int, ...]:
     return tuple(max(1, min(num_tokens, int(num_tokens * ratio))) for ratio in ratios)
 
 
-def last_token_attention(probe: LayerProbe) -> torch.Tensor:
-    """[L] head-averaged softmax attention of the prompt's last token over every row present (causal)."""
-    dtype = torch.promote_types(probe.key.dtype, torch.float32)
-    last = probe.last
-    query = probe.queries(torch.tensor([last]))[:, 0].to(dtype)  # [H, d]
-    keys = probe.key[:, : last + 1].to(dtype)  # [H, last+1, d]: the causal row of the last token
-    attention = (torch.einsum("hd,hld->hl", query, keys) * probe.scaling).softmax(dim=-1).mean(dim=0)
-    full = attention.new_zeros(probe.key.shape[1])
-    full[: last + 1] = attention
+def last_token_attention(probes: list[LayerProbe]) -> torch.Tensor:
+    """[B, L] head-averaged softmax attention of the prompt's last token over every row present (causal), for
+    probes of one shape whose last rows are the same."""
+    key = torch.stack([probe.key for probe in probes])
+    dtype = torch.promote_types(key.dtype, torch.float32)
+    last = probes[0].last
+    query = torch.stack([probe.last_query() for probe in probes]).to(dtype)  # [B, H, d]
+    keys = key[:, :, : last + 1].to(dtype)  # [B, H, last+1, d]: the causal row of the last token
+    attention = (torch.einsum("bhd,bhld->bhl", query, keys) * probes[0].scaling).softmax(dim=-1).mean(dim=1)
+    full = attention.new_zeros(key.shape[0], key.shape[2])
+    full[:, : last + 1] = attention
     return full
 
 
@@ -119,7 +121,19 @@ class PDrop(Method):
         return [Stage(layer, count) for layer, count in zip(layers, counts)]
 
     def select(self, view: ImageView) -> torch.Tensor:
-        if view.probe is None:
+        return self.select_batch([view])[0]
+
+    def select_batch(self, views: list[ImageView]) -> list[torch.Tensor]:
+        """Views whose probes have one shape and last row (a batch of prompts of one length) are scored together."""
+        if any(view.probe is None for view in views):
             raise RuntimeError("pdrop scores with its stage layer's LayerProbe (probe_layer='stage'); the view has none")
-        scores = last_token_attention(view.probe)[view.probe.visual]
-        return topk_in_order(scores, view.keep)
+        keys = [(view.probe.key.shape, view.probe.key.dtype, view.probe.key.device, view.probe.last,
+                 view.probe.visual.shape, view.keep) for view in views]
+        picks: list = [None] * len(views)
+        for group in same_shape(keys):
+            probes = [views[i].probe for i in group]
+            visual = torch.stack([probe.visual.to(probe.key.device) for probe in probes])
+            scores = last_token_attention(probes).gather(1, visual)
+            for index, pick in zip(group, topk_in_order(scores, views[group[0]].keep)):
+                picks[index] = pick
+        return picks

@@ -1,0 +1,117 @@
+"""Per-item host work of a pruned prefill (issue 17 item 2): what grows with the batch besides the model's FLOPs.
+
+For each method, one prefill at batch 1 and at batch B (the same prompts), counting the aten ops dispatched
+inside the method's `select_batch` and outside it (the engine and the model), and on CUDA the host
+synchronisations (torch.cuda.set_sync_debug_mode). On a GPU each op is a launch of some microseconds and each
+sync stalls the queue, so "per extra sample" should be ~0 for both: a loop over items shows up there.
+
+    python benchmarks/host_work.py --arch llava-cpu-small --batch 8 --budget 64 --out benchmarks/results
+    python benchmarks/host_work.py --arch llava-1.5-7b --device cuda --dtype bfloat16 --batch 16
+
+On the CPU there is no device to sync with: the sync columns are left out (ops that would sync on CUDA also run
+on host copies by design, so counting them there would mislead). Prints a table; saves JSON under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import vtprune
+from vtprune.api import refusal
+from vtprune.bench.presets import PRESETS, build_preset, preset_inputs
+from vtprune.methods import REGISTRY
+
+
+OPTIONS = {"clasp": {"question_class": "general"}}  # no tokenizer to route with
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched aten ops, by where they run: inside select_batch ("select") or not ("engine")."""
+
+    def __init__(self):
+        super().__init__()
+        self.where = "engine"
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[self.where] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool) -> dict:
+    pruner = vtprune.apply(model, method, budget, **OPTIONS.get(method, {}))
+    counter, select = OpCounter(), pruner.method.select_batch
+
+    def counted(views):
+        counter.where = "select"
+        try:
+            return select(views)
+        finally:
+            counter.where = "engine"
+
+    pruner.method.select_batch = counted
+    try:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("warn")
+            with counter:
+                model(**inputs, use_cache=True, logits_to_keep=1)
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    finally:
+        pruner.remove()
+    syncs = sum("synchroniz" in str(w.message) for w in caught) if cuda else None
+    return {"select_ops": counter.ops["select"], "engine_ops": counter.ops["engine"], "syncs": syncs}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="llava-cpu-small", choices=sorted(PRESETS))
+    parser.add_argument("--methods", default=",".join(sorted(REGISTRY)))
+    parser.add_argument("--budget", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    dtype = getattr(torch, args.dtype)
+    model = build_preset(args.arch, args.device, dtype)
+    inputs = {b: preset_inputs(model, PRESETS[args.arch], b, device=args.device, dtype=dtype) for b in (1, args.batch)}
+    rows = []
+    header = ["method", "select ops b1", f"b{args.batch}", "per extra sample", "other ops b1", f"b{args.batch}",
+              "per extra sample"] + (["syncs b1", f"b{args.batch}"] if cuda else [])
+    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for method in args.methods.split(","):
+        if refusal(model, method, args.budget, **OPTIONS.get(method, {})):
+            print(f"| {method} | not run: {refusal(model, method, args.budget, **OPTIONS.get(method, {}))} |")
+            continue
+        one, many = (count_prefill(model, method, args.budget, inputs[b], cuda) for b in (1, args.batch))
+        extra = args.batch - 1
+        row = {"method": method, "batch": args.batch, "b1": one, "bn": many,
+               "select_ops_per_extra_sample": (many["select_ops"] - one["select_ops"]) / extra,
+               "engine_ops_per_extra_sample": (many["engine_ops"] - one["engine_ops"]) / extra}
+        rows.append(row)
+        cells = [method, one["select_ops"], many["select_ops"], f"{row['select_ops_per_extra_sample']:.1f}",
+                 one["engine_ops"], many["engine_ops"], f"{row['engine_ops_per_extra_sample']:.1f}"]
+        cells += [one["syncs"], many["syncs"]] if cuda else []
+        print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+    if args.out is not None:
+        name = torch.cuda.get_device_name().replace(" ", "-") if cuda else "cpu"
+        path = args.out / name / f"host-work-{args.arch}-b{args.batch}-{args.budget}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1))
+        print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
