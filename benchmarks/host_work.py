@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import platform
 import warnings
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def main(argv=None) -> None:
         cells += [one["syncs"], many["syncs"]] if cuda else []
         print("| " + " | ".join(map(str, cells)) + " |", flush=True)
     if args.out is not None:
-        name = torch.cuda.get_device_name().replace(" ", "-") if cuda else "cpu"
+        name = torch.cuda.get_device_name().replace(" ", "-") if cuda else f"cpu-{platform.machine()}"
         path = args.out / name / f"host-work-{args.arch}-b{args.batch}-{args.budget}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1))
