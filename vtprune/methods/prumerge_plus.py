@@ -140,7 +140,7 @@ def absorb(features: torch.Tensor, unit: torch.Tensor, scores: torch.Tensor, tok
     features [B, N, D], unit keys [B, N, C] and scores [B, N] over a view's tokens; tokens [B, n]: one row's tokens
     in raster order; kept [B, k]: positions among them. Returns (the kept tokens [B, k], their states [B, k, D]
     in float32 at least, which tokens each absorbed [B, k, N])."""
-    batch, n = tokens.shape
+    n = tokens.shape[1]
     dtype = torch.promote_types(features.dtype, torch.float32)
     row_unit = unit.gather(1, tokens[..., None].expand(-1, -1, unit.shape[-1]))
     row_features = features.gather(1, tokens[..., None].expand(-1, -1, features.shape[-1])).to(dtype)
@@ -214,9 +214,9 @@ class PruMergePlus(VisionMethod):
         device = features.device
         scores = full_width_cls_attention(layer).to(device)[rows, columns]  # [B, N]
         unit = torch.nn.functional.normalize(layer.key[rows, :, columns].float().flatten(2).to(device), dim=-1)
-        keep, hidden, absorbed = map(lambda parts: torch.cat(parts, dim=1), zip(*(
-            absorb(features, unit, scores, tokens, row_selection(scores.gather(1, tokens), budget),
-                   self.options.neighbours) for tokens, budget in groups)))
+        per_row = [absorb(features, unit, scores, tokens, row_selection(scores.gather(1, tokens), budget),
+                          self.options.neighbours) for tokens, budget in groups]
+        keep, hidden, absorbed = (torch.cat(parts, dim=1) for parts in zip(*per_row))
         order = torch.argsort(keep, dim=1)
         keep = keep.gather(1, order)
         hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
