@@ -12,6 +12,7 @@ import torch
 
 from ..adapters import Adapter, VisualItem
 from ..methods import LLM_INPUT, ImageView, LayerProbe, Method, Selection, VisionView
+from ..methods.primitives import same_shape
 from . import cache as kv
 from . import vision
 from .budget import tokens_for_budget
@@ -31,21 +32,25 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
     unsliced = torch.zeros(batch, length, dtype=torch.bool, device=device)
     info = adapter.model_info
     plans, slicing = [], set()
+    tokens = []  # per item, on the host: (sample, position, item index, part, coords, unsliced) of its tokens
     for b, sample in enumerate(items):
         plan = []
         for i, item in enumerate(sample):
-            where = item.positions(device)
-            visual[b, where] = True
-            image_of[b, where] = i
-            part[b, where], coords[b, where] = item.token_layout(device)
+            where = item.positions()
             slices = method.slices_kv_cache_of(item.kind, info.family)
             slicing.add(slices)
-            unsliced[b, where] = not slices
+            tokens.append((torch.full_like(where, b), where, torch.full_like(where, i), *item.token_layout(),
+                           torch.full_like(where, not slices, dtype=torch.bool)))
             keep = tokens_for_budget(budget, item.length)
             # A budget that keeps the whole item is a no-op, even for schedules (like CLSE's)
             # whose early stages keep more than the budget and later ones less.
             plan.append(method.item_stages(info, keep, item.length, item.kind) if keep < item.length else [])
         plans.append(plan)
+    if tokens:  # written into the batch's tensors at once: a few copies to the device, not a few ops per item
+        sample, where, index, part_of, coords_of, unsliced_of = (torch.cat(column).to(device) for column in zip(*tokens))
+        visual[sample, where] = True
+        image_of[sample, where], part[sample, where], coords[sample, where] = index, part_of, coords_of
+        unsliced[sample, where] = unsliced_of
     full = Layout.full(prompt_mask)
     run = Run(
         adapter=adapter, method=method, replay=replay, cache=None, prompt_mask=prompt_mask, visual=visual,
@@ -331,16 +336,15 @@ def _text_positions(run: Run, sample: int) -> torch.Tensor:
 
 def _checked_selections(method: Method, views: list, picks: list) -> list[torch.Tensor | Selection]:
     """The method's answers, each keep as long indices on its view's device; a wrong answer (too few or too
-    many, repeated, out of range) raises. Checked for the whole batch with one read of the device."""
+    many, repeated, out of range) raises. Checked for the whole batch at once, with one read of each device."""
     if len(picks) != len(views):
         raise RuntimeError(f"method {method.name!r} answered {len(picks)} selections for {len(views)} views")
     indices = [(p.keep if isinstance(p, Selection) else p).flatten().long().to(v.hidden.device)
                for p, v in zip(picks, views)]
     wrong = [i for i, (index, view) in enumerate(zip(indices, views)) if index.numel() != view.keep]
-    if not wrong and views:
-        flawed = torch.stack([((index < 0) | (index >= view.hidden.shape[0])).any() |
-                              (index.sort().values.diff() == 0).any() for index, view in zip(indices, views)])
-        wrong = torch.nonzero(flawed.cpu()).flatten().tolist()
+    if not wrong and any(_flawed([indices[i] for i in group], [views[i] for i in group])
+                         for group in same_shape([view.hidden.device for view in views])):
+        wrong = [i for i, (index, view) in enumerate(zip(indices, views)) if _flawed([index], [view])]
     if wrong:
         index, view = indices[wrong[0]], views[wrong[0]]
         raise RuntimeError(
@@ -349,6 +353,18 @@ def _checked_selections(method: Method, views: list, picks: list) -> list[torch.
         )
     return [Selection(index, p.hidden, p.sizes, p.destination.to(index.device)) if isinstance(p, Selection) else index
             for p, index in zip(picks, indices)]
+
+
+def _flawed(indices: list[torch.Tensor], views: list) -> bool:
+    """Whether any view's indices (on one device) repeat or fall outside its tokens; one read of the device."""
+    device = indices[0].device
+    counts = torch.tensor([index.numel() for index in indices])
+    tokens = torch.tensor([view.hidden.shape[0] for view in views])
+    owner = torch.repeat_interleave(torch.arange(len(views)), counts)  # built on the host, then moved at once
+    flat, limit, owner = torch.cat(indices), tokens[owner].to(device), owner.to(device)
+    outside = (flat < 0) | (flat >= limit)
+    ranked = (owner * (int(tokens.max()) + 1) + flat.clamp(min=0)).sort().values  # a view's indices side by side
+    return bool(outside.any() | (ranked.diff() == 0).any())
 
 
 def _last_query_attention(run: Run, layer: int, hidden, position_embeddings, layout: Layout) -> torch.Tensor:
