@@ -78,6 +78,24 @@ def test_the_picks_are_the_authors(seed, grid, before, after):
         assert sorted((ours + before).tolist()) == expected, keep
 
 
+def test_a_batch_of_views_is_each_view_alone_and_the_authors():
+    """select_batch finds the pivots of probes of one shape together and reads their rows once; views with as many
+    pivots take their tokens in one loop. Other grids, keeps and a view with no text after its image (every text
+    row a candidate) are grouped apart. Each pick equals its view alone, and the authors'."""
+    rng = np.random.default_rng(11)
+    cases = [make_view(rng, 8, 8, 5, 12, keep=20) for _ in range(3)]
+    cases += [make_view(rng, 4, 6, 2, 9, keep=7), make_view(rng, 8, 8, 5, 12, keep=37)]
+    last_text, _, _ = make_view(rng, 8, 8, 5, 0, keep=20)
+    method = DART(DART.Options())
+    views = [view for view, _, _ in cases] + [last_text]
+    picks = method.select_batch(views)
+    for view, pick in zip(views, picks, strict=True):
+        assert pick.tolist() == method.select(view).tolist()
+    for (view, key, normed), pick in zip(cases, picks):
+        start, n = int(view.probe.visual[0]), view.probe.visual.numel()
+        assert sorted((pick + start).tolist()) == authors_dart(key, normed, start, n, shares(view.keep))
+
+
 def test_with_equal_shares_it_is_the_authors_code_unchanged():
     """keep = 4 + 8 x TOKEN_TOPK: every pivot takes TOKEN_TOPK, as in the released code."""
     rng = np.random.default_rng(11)
@@ -102,8 +120,9 @@ def test_text_pivots_come_after_the_image_only():
     rng = np.random.default_rng(2)
     view, key, _ = make_view(rng, 8, 8, 5, 12, keep=20)
     view.probe.key[:, 1] *= 50
-    image, text = pivots(view.probe, 20, 4, 4)
-    assert text.numel() == 4 and bool((text >= 69).all()) and 1 not in text.tolist()
+    image, text, present = pivots([view.probe], 20, 4, 4)
+    image, text = image[0], text[0]
+    assert bool(present.all()) and text.numel() == 4 and bool((text >= 69).all()) and 1 not in text.tolist()
     norms = view.probe.key.abs().sum(dim=(0, 2))
     assert image.tolist() == torch.topk(norms[5:69], 4).indices.tolist()
     assert text.tolist() == (69 + torch.topk(norms[69:], 4).indices).tolist()
@@ -176,8 +195,9 @@ def test_through_the_engine_the_normed_states_are_the_final_norm_of_layer_k_inpu
         model(**inputs)
         normed = language_model.norm(captured["hidden"])[0]
     hook.remove()
-    select = DART.select
-    monkeypatch.setattr(DART, "select", lambda self, view: probes.append(view.probe) or select(self, view))
+    select_batch = DART.select_batch
+    monkeypatch.setattr(DART, "select_batch",
+                        lambda self, views: probes.extend(v.probe for v in views) or select_batch(self, views))
     with torch.no_grad(), vtprune.apply(model, "dart", 13) as pruner:
         model(**inputs)
     probe = probes[0]

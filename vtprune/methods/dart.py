@@ -61,32 +61,34 @@ from dataclasses import dataclass
 import torch
 
 from .base import ImageView, LayerProbe, Method, ModelInfo, Stage
+from .primitives import same_shape
 
 
 def _precision(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def key_l1(probe: LayerProbe) -> torch.Tensor:
-    """[L] L1 norm of each row's key over all heads and channels (the authors' heads-concatenated key)."""
-    return probe.key.to(_precision(probe.key)).abs().sum(dim=(0, 2))
+def key_l1(key: torch.Tensor) -> torch.Tensor:
+    """[..., L] L1 norm of each row's key ([..., H, L, d]) over all heads and channels (the authors' heads-concatenated
+    key)."""
+    return key.to(_precision(key)).abs().sum(dim=(-3, -1))
 
 
-def text_candidates(probe: LayerProbe) -> torch.Tensor:
-    """Rows of the prompt's text tokens after the item (all text rows when none follow it)."""
-    text = probe.text.to(probe.visual.device)
-    after = text[text > probe.visual.max()] if probe.visual.numel() else text
-    return after if after.numel() else text
-
-
-def pivots(probe: LayerProbe, keep: int, pivot_image: int, pivot_text: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image pivots as indices into the view, text pivots as probe rows), each in descending key norm."""
-    norms = key_l1(probe)
-    n = probe.visual.numel()
-    image = torch.topk(norms[probe.visual], min(pivot_image, keep, n)).indices
-    text = text_candidates(probe)
-    text = text[torch.topk(norms[text], min(pivot_text, text.numel())).indices]
-    return image, text
+def pivots(probes: list[LayerProbe], keep: int, pivot_image: int, pivot_text: int):
+    """For probes of one shape: (image pivots [B, p] as indices into the views, text pivots [B, t] as probe rows,
+    each in descending key norm, and which text pivots there are [B, t]: the text rows after the item (all text rows
+    when none follow it), up to pivot_text of them)."""
+    key = torch.stack([probe.key for probe in probes])
+    visual = torch.stack([probe.visual for probe in probes]).to(key.device)
+    text = torch.stack([probe.text for probe in probes]).to(key.device)
+    norms = key_l1(key)  # [B, L]
+    image = torch.topk(norms.gather(1, visual), min(pivot_image, keep, visual.shape[1]), dim=1).indices
+    after = text > visual.amax(dim=1, keepdim=True)
+    candidate = torch.where(after.any(dim=1, keepdim=True), after, True)
+    count = min(pivot_text, text.shape[1])
+    top = torch.topk(norms.gather(1, text).masked_fill(~candidate, -torch.inf), count, dim=1).indices
+    present = torch.arange(count, device=key.device) < candidate.sum(dim=1, keepdim=True)
+    return image, text.gather(1, top), present
 
 
 def per_pivot_counts(remaining: int, pivots: int) -> list[int]:
@@ -128,31 +130,69 @@ class DART(Method):
         return [Stage(self.options.layer, max(1, min(keep, num_tokens)))]
 
     def select(self, view: ImageView) -> torch.Tensor:
-        probe = view.probe
-        normed = getattr(probe, "normed", None)
-        if probe is None or normed is None:
-            raise RuntimeError("dart needs a LayerProbe of layer K-1 with `normed` (the final-normed states entering "
-                               "layer K); the view has none")
-        n, keep = probe.visual.numel(), view.keep
-        device = probe.visual.device
-        if keep >= n:
-            return torch.arange(n, device=device)
-        image, text = pivots(probe, keep, self.options.pivot_image, self.options.pivot_text)
-        rows = probe.visual[image].tolist() + text.tolist()
-        order = list(set(rows))  # the authors' visit order: a Python set of sequence positions
-        if not order:
-            return torch.topk(key_l1(probe)[probe.visual], keep).indices
-        unit = torch.nn.functional.normalize(normed.to(_precision(normed)), dim=-1)
-        visual = unit[probe.visual]  # [N, D]
-        available = torch.ones(n, dtype=torch.bool, device=device)
-        available[image] = False
+        return self.select_batch([view])[0]
+
+    def select_batch(self, views: list[ImageView]) -> list[torch.Tensor]:
+        """Pivots are found for probes of one shape together, their rows read from the device once for the batch
+        (the visit order is a Python set of them, as the authors'), and each group of views with as many pivots
+        takes its tokens in one loop over pivots."""
+        for view in views:
+            if view.probe is None or getattr(view.probe, "normed", None) is None:
+                raise RuntimeError("dart needs a LayerProbe of layer K-1 with `normed` (the final-normed states "
+                                   "entering layer K); the view has none")
+        picks: list = [None] * len(views)
+        pruned = [i for i, view in enumerate(views) if view.keep < view.probe.visual.numel()]
+        for i in set(range(len(views))) - set(pruned):
+            picks[i] = torch.arange(views[i].probe.visual.numel(), device=views[i].probe.visual.device)
+        found = {}  # view index -> (image pivots [p] on the device, their probe rows and the text pivots' rows)
+        groups = same_shape([(views[i].probe.key.shape, views[i].probe.key.dtype, views[i].probe.key.device,
+                              views[i].probe.visual.shape, views[i].probe.text.shape, views[i].keep) for i in pruned])
+        rows = []
+        for group in groups:
+            members = [pruned[g] for g in group]
+            image, text, present = pivots([views[i].probe for i in members], views[members[0]].keep,
+                                          self.options.pivot_image, self.options.pivot_text)
+            visual = torch.stack([views[i].probe.visual for i in members]).to(image.device)
+            rows.append(torch.cat([visual.gather(1, image), torch.where(present, text, -1)], dim=1))
+            found.update({i: image[j] for j, i in enumerate(members)})
+        read = torch.cat([r.flatten().cpu() for r in rows]).tolist() if rows else []  # the batch's one host read
+        orders, start = {}, 0
+        for group, row_block in zip(groups, rows):
+            width = row_block.shape[1]
+            for g in group:
+                # the authors' visit order: a Python set of sequence positions
+                orders[pruned[g]] = list(set(r for r in read[start:start + width] if r >= 0))
+                start += width
+        for group in same_shape([(views[i].probe.normed.shape, views[i].probe.normed.dtype, views[i].probe.visual.shape,
+                                  views[i].keep, found[i].numel(), len(orders[i])) for i in pruned]):
+            members = [pruned[g] for g in group]
+            for i, pick in zip(members, self._take([views[i] for i in members], [found[i] for i in members],
+                                                   [orders[i] for i in members])):
+                picks[i] = pick
+        return picks
+
+    def _take(self, views: list[ImageView], image: list[torch.Tensor], orders: list[list[int]]) -> torch.Tensor:
+        """[B, keep] each view's image pivots and the tokens each pivot, in visit order, finds least like it."""
+        probes = [view.probe for view in views]
+        keep = views[0].keep
+        if not orders[0]:  # no pivot at all (no image pivot, no text): top-keep by key norm
+            norms = key_l1(torch.stack([probe.key for probe in probes]))
+            visual = torch.stack([probe.visual for probe in probes]).to(norms.device)
+            return torch.topk(norms.gather(1, visual), keep, dim=1).indices
+        normed = torch.stack([probe.normed for probe in probes])
+        unit = torch.nn.functional.normalize(normed.to(_precision(normed)), dim=-1)  # [B, L, D]
+        device, width = unit.device, unit.shape[-1]
+        visual = torch.stack([probe.visual for probe in probes]).to(device)
+        tokens = unit.gather(1, visual[..., None].expand(-1, -1, width))  # [B, N, D]
+        pivot = unit.gather(1, torch.tensor(orders, device=device)[..., None].expand(-1, -1, width))  # [B, P, D]
+        similarity = tokens @ pivot.transpose(1, 2)  # [B, N, P]
+        image = torch.stack(image).to(device)
+        available = torch.ones(visual.shape, dtype=torch.bool, device=device).scatter_(1, image, False)
         chosen = [image]
-        for row, count in zip(order, per_pivot_counts(keep - image.numel(), len(order))):
+        for j, count in enumerate(per_pivot_counts(keep - image.shape[1], len(orders[0]))):
             if count == 0:
                 continue
-            candidates = torch.nonzero(available).flatten()
-            similarity = visual[candidates] @ unit[row]
-            taken = candidates[torch.topk(-similarity, count).indices]
-            available[taken] = False
+            taken = torch.topk((-similarity[..., j]).masked_fill(~available, -torch.inf), count, dim=1).indices
+            available.scatter_(1, taken, False)
             chosen.append(taken)
-        return torch.cat(chosen)
+        return torch.cat(chosen, dim=1)
