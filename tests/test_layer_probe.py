@@ -100,6 +100,9 @@ def test_probe_rows_name_text_visual_and_last_tokens(hole):
         assert probe.asking_query.shape[1] == probe.asking.numel()
         with pytest.raises(ValueError, match="text rows and its last row only"):
             probe.queries(probe.visual[:1])
+        # the unchecked readers (no host read) answer what the checked one does
+        assert torch.equal(probe.text_queries(), probe.queries(probe.text))
+        assert torch.equal(probe.last_query(), probe.queries(torch.tensor([probe.last]))[:, 0])
         assert torch.equal(present[probe.visual], item.positions())
         assert not torch.isin(ids[probe.text], torch.tensor([100])).any()  # newlines are placeholders, not text
         assert probe.text.numel() == int((ids != 100).sum()) and probe.last == present.numel() - 1

@@ -99,6 +99,12 @@ class LayerProbe:
         """[H, d] the query of the prompt's last row (the last of `asking`, the largest row: no check, no host read)."""
         return self.asking_query[:, -1 if self.asking is not None else self.last]
 
+    def text_queries(self) -> torch.Tensor:
+        """[H, T, d] the queries of the text rows (`asking` holds them all: no check, no host read)."""
+        if self.asking is None:
+            return self.asking_query[:, self.text]
+        return self.asking_query[:, torch.searchsorted(self.asking, self.text.to(self.asking.device))]
+
     def queries(self, rows: torch.Tensor) -> torch.Tensor:
         """[H, R, d] the queries of rows `rows` [R]."""
         if self.asking is None:

@@ -151,18 +151,23 @@ def default_counts(budget: int, num_tokens: int) -> tuple[int, ...]:
     return tuple(max(1, math.floor(num_tokens * f + 0.5)) for f in schedule_fractions(budget / num_tokens))
 
 
-def choose_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """[..., T] bool: the text tokens whose relevance (softmax over the text of visual . text, averaged over the
-    visual tokens; LLM-input embeddings visual [..., N0, D] and text [..., T, D]) is above its mean; all of them
-    when none is."""
-    relevance = (visual.float() @ text.float().transpose(-1, -2)).softmax(dim=-1).mean(dim=-2)
-    raters = relevance > relevance.mean(dim=-1, keepdim=True)
-    return raters | ~raters.any(dim=-1, keepdim=True)
+def choose_raters(visual: torch.Tensor, text: torch.Tensor, candidate: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., T] bool: the text tokens whose relevance (softmax over the candidate text of visual . text, averaged over
+    the visual tokens; LLM-input embeddings visual [..., N0, D] and text [..., T, D]) is above its mean over the
+    candidates; all candidates when none is. candidate [..., T]: which text tokens may rate (None: all)."""
+    logits = visual.float() @ text.float().transpose(-1, -2)
+    if candidate is None:
+        candidate = torch.ones(logits.shape[:-2] + logits.shape[-1:], dtype=torch.bool, device=logits.device)
+    relevance = logits.masked_fill(~candidate[..., None, :], -torch.inf).softmax(dim=-1).mean(dim=-2)
+    mean = (relevance * candidate).sum(dim=-1, keepdim=True) / candidate.sum(dim=-1, keepdim=True)
+    raters = (relevance > mean) & candidate
+    return torch.where(raters.any(dim=-1, keepdim=True), raters, candidate)
 
 
 def rater_candidates(view: ImageView) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(probe rows that may rate, their LLM-input embeddings): the prompt's text rows after the item, or all its
-    text rows if none follows; with no text at all, the last row alone (embeddings None: it rates)."""
+    """(probe rows that may rate, their LLM-input embeddings): the prompt's text rows (rater_scores marks those
+    after the item, or all if none follows, as candidates); with no text at all, the last row alone (embeddings
+    None: it rates)."""
     probe = view.probe
     if probe is None:
         raise ValueError("sparsevlm scores with a LayerProbe of the layer before each stage")
@@ -174,30 +179,31 @@ def rater_candidates(view: ImageView) -> tuple[torch.Tensor, torch.Tensor | None
     text = probe.text.to(probe.visual.device)
     if text.numel() == 0:
         return torch.tensor([probe.last], device=text.device), None
-    after = text > probe.visual.max()
-    candidates = after if bool(after.any()) else torch.ones_like(after)
-    return text[candidates], text_reference[candidates.to(text_reference.device)]
+    return text, text_reference
 
 
-def rater_scores(views: list[ImageView], candidates: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+def rater_scores(views: list[ImageView], candidates: list[tuple]) -> torch.Tensor:
     """[B, N] for B views of one shape (their probes, candidates and references stack): the probed layer's causal
     attention from each view's raters to its tokens, averaged over heads and raters."""
     rows = torch.stack([row for row, _ in candidates])  # [B, R]
     device = rows.device
+    visual = torch.stack([view.probe.visual for view in views]).to(device)
     if candidates[0][1] is None:
         raters = torch.ones(rows.shape, dtype=torch.bool, device=device)
+        query = torch.stack([view.probe.last_query()[:, None] for view in views]).float()  # [B, H, 1, d]
     else:
-        raters = choose_raters(torch.stack([view.item_reference for view in views]),
-                               torch.stack([embeds for _, embeds in candidates])).to(device)
-    query = torch.stack([view.probe.queries(row) for view, row in zip(views, rows)]).float()  # [B, H, R, d]
+        after = rows > visual.amax(dim=1, keepdim=True)  # the text after the item; all of it if none follows
+        reference = torch.stack([view.item_reference for view in views])
+        raters = choose_raters(reference, torch.stack([embeds for _, embeds in candidates]),
+                               (after | ~after.any(dim=1, keepdim=True)).to(reference.device)).to(device)
+        query = torch.stack([view.probe.text_queries() for view in views]).float()  # [B, H, R, d]
     key = torch.stack([view.probe.key for view in views]).float()  # [B, H, L, d]
     logits = torch.einsum("bhrd,bhld->bhrl", query, key) * views[0].probe.scaling
     future = torch.arange(key.shape[2], device=device) > rows[..., None]  # [B, R, L]
     # Averaged in float64, then rounded: equal attention stays exactly equal whatever order a column is summed in
     # (ties go to the lower index).
     attention = logits.masked_fill(future[:, None], float("-inf")).softmax(dim=-1).double().mean(dim=1)  # [B, R, L]
-    weights = raters.double() / raters.sum(dim=-1, keepdim=True)
-    visual = torch.stack([view.probe.visual for view in views]).to(device)
+    weights = raters.double() / raters.sum(dim=-1, keepdim=True)  # non-candidates and non-raters weigh 0
     return torch.einsum("br,brl->bl", weights, attention).float().gather(1, visual)
 
 
