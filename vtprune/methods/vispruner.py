@@ -139,15 +139,18 @@ class VisPruner(VisionMethod):
     def select_batch(self, views: list[VisionView]) -> list[torch.Tensor]:
         kept = [[] for _ in views]
         units, rounds = {}, []  # per view its normalised features; per residual (view, its ranked tokens, count)
+        stacked = []  # items encoded in one tower row each, ranked together below
         for v, view in enumerate(views):
             features = view.features
             n, device = features.shape[0], features.device
             if view.keep >= n:
                 kept[v].append(torch.arange(n, device=device))
                 continue
-            units[v] = torch.nn.functional.normalize(features.to(torch.promote_types(features.dtype, torch.float32)),
-                                                     dim=-1)
             (layer,) = view.layers.values()
+            if layer.query.shape[0] == 1:
+                stacked.append(v)
+                continue
+            units[v] = unit_features(features)
             rows, columns = view.rows.to(device), view.columns.to(device)
             score = importance(layer, rows, columns).to(device)
             for tokens, budget in row_groups(rows, columns, view.keep):
@@ -156,6 +159,15 @@ class VisPruner(VisionMethod):
                 kept[v].append(ranked[:important])
                 if budget > important:
                     rounds.append((v, ranked[important:], budget - important))
+        for group in same_shape([(views[v].features.shape, views[v].features.dtype, views[v].features.device,
+                                  next(iter(views[v].layers.values())).key.shape, views[v].keep) for v in stacked]):
+            members = [stacked[g] for g in group]
+            unit, important, residual = self._rank_rows([views[v] for v in members])
+            for v, own, top, rest in zip(members, unit, important, residual):
+                units[v] = own
+                kept[v].append(top)
+                if views[v].keep > top.numel():
+                    rounds.append((v, rest, views[v].keep - top.numel()))
         # Residuals of one length and count (every image of a LLaVA batch) are deduplicated in one loop.
         for group in same_shape([(units[v].shape, residual.numel(), count) for v, residual, count in rounds]):
             owners = sorted({rounds[j][0] for j in group})
@@ -165,3 +177,25 @@ class VisPruner(VisionMethod):
             for j, row in zip(group, deduplicate(unit, residual, rounds[group[0]][2], self.options.per_round, owner)):
                 kept[rounds[j][0]].append(row)
         return [torch.cat(parts).sort().values for parts in kept]
+
+    def _rank_rows(self, views: list[VisionView]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For views of one shape whose tokens all come from one tower row: (unit features [B, N, D], the important
+        tokens [B, T_imp] and the rest ranked [B, N - T_imp], by decreasing importance), as the per-row loop of
+        select_batch, over a leading batch dimension."""
+        layers = [next(iter(view.layers.values())) for view in views]
+        layer = VisionLayer(torch.cat([x.query for x in layers]), torch.cat([x.key for x in layers]),
+                            layers[0].scaling, layers[0].cls)
+        features = torch.stack([view.features for view in views])
+        device = features.device
+        columns = torch.stack([view.columns.to(device) for view in views])
+        rows = torch.arange(len(views), device=device).repeat_interleave(columns.shape[1])  # each token's view
+        score = importance(layer, rows, columns.flatten()).to(device).view(columns.shape)
+        tokens = columns.argsort(dim=1)  # the row's tokens in column order
+        ranked = tokens.gather(1, descending(score.gather(1, tokens)))
+        important = int(views[0].keep * self.options.important_ratio)
+        return unit_features(features), ranked[:, :important], ranked[:, important:]
+
+
+def unit_features(features: torch.Tensor) -> torch.Tensor:
+    """Features normalised to unit length, in float32 at least."""
+    return torch.nn.functional.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
