@@ -226,6 +226,33 @@ def test_one_image_is_top_k_by_late_attention(keep):
     assert set(picked.tolist()) == top(cls_scores(q, k)[0], keep)
 
 
+def one_image(seed, keep):
+    rng = np.random.default_rng(seed)
+    q, k = rng.standard_normal((2, 1, T, WIDTH))
+    index = torch.arange(P)
+    view = VisionView(
+        features=torch.randn(P, DIM), coords=torch.stack([index * 0, index // SIDE, index % SIDE], 1),
+        part=index * 0, parts=(Grid(SIDE, SIDE),), rows=index * 0, columns=index + 1,
+        layers={0: layer_of(*rng.standard_normal((2, 1, T, WIDTH))), -2: layer_of(q, k)},
+        keep=keep, image_index=0)
+    return view, q, k
+
+
+def test_a_batch_of_views_is_each_view_alone():
+    """select_batch takes the top-k of single-row items of one shape and keep together; an anyres item and another
+    keep are selected apart. Each pick equals its view alone (and the released top-k for the single images)."""
+    cases = [one_image(seed, 13) for seed in range(3)] + [one_image(3, 32)]
+    layout, content = LAYOUTS["2x2 whole"]
+    anyres_view, *_ = anyres_case(0, layout, content)
+    anyres_view.keep = 20
+    views = [view for view, _, _ in cases] + [anyres_view]
+    method = HiRED(HiRED.Options())
+    for view, pick in zip(views, method.select_batch(views), strict=True):
+        assert pick.tolist() == method.select(view).tolist()
+    for (view, q, k), pick in zip(cases, method.select_batch(views)):
+        assert set(pick.tolist()) == top(cls_scores(q, k)[0], view.keep)
+
+
 def test_video_frames_are_one_pool():
     rng = np.random.default_rng(12)
     q, k = rng.standard_normal((2, 4, T, WIDTH))

@@ -74,8 +74,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ModelInfo, VisionMethod, VisionView
-from .primitives import cls_attention, topk_in_order
+from .base import ModelInfo, VisionLayer, VisionMethod, VisionView
+from .primitives import cls_attention, same_shape, topk_in_order
 
 REGIONS = ("released", "spatial")
 
@@ -118,7 +118,36 @@ class HiRED(VisionMethod):
     def vision_layers(self, model: ModelInfo) -> tuple[int, ...]:
         return tuple(dict.fromkeys((self.options.early_layer, self.options.late_layer)))
 
+    def select_batch(self, views: list[VisionView]) -> list[torch.Tensor]:
+        """Items encoded in one tower row each (a LLaVA-1.5 image: HiRED's plain top-k) of one shape are selected
+        together; an anyres item or a video on its own."""
+        picks: list = [None] * len(views)
+        keys = []
+        for view in views:
+            late = view.layers[self.options.late_layer]
+            keys.append((late.key.shape, late.key.dtype, late.key.device, late.cls, view.features.shape,
+                         view.features.device, view.keep) if late.query.shape[0] == 1 else object())
+        for group in same_shape(keys):
+            if not isinstance(keys[group[0]], tuple):
+                picks[group[0]] = self._select_item(views[group[0]])
+                continue
+            layers = [views[i].layers[self.options.late_layer] for i in group]
+            if not layers[0].cls:
+                raise ValueError("method 'hired' needs a [CLS] token, and this vision tower has none")
+            late = VisionLayer(torch.cat([x.query for x in layers]), torch.cat([x.key for x in layers]),
+                               layers[0].scaling, True)
+            device = views[group[0]].features.device
+            columns = torch.stack([views[i].columns.to(device) for i in group])
+            rows = torch.arange(len(group), device=device).repeat_interleave(columns.shape[1])
+            score = cls_attention(late, rows, columns.flatten()).sum(dim=0).to(device).view(columns.shape)
+            for i, pick in zip(group, topk_in_order(score, views[group[0]].keep)):
+                picks[i] = pick
+        return picks
+
     def select(self, view: VisionView) -> torch.Tensor:
+        return self.select_batch([view])[0]
+
+    def _select_item(self, view: VisionView) -> torch.Tensor:
         device = view.features.device
         late_layer = view.layers[self.options.late_layer]
         if not late_layer.cls:
