@@ -104,3 +104,28 @@ def test_tome_refuses_tiled_images_and_videos():
     model = tiny_video_llava()
     with torch.no_grad(), vtprune.apply(model, "tome", 8), pytest.raises(ValueError, match="does not support videos"):
         model(**tiny_inputs(model, [SampleLayout(images=0, videos=1)]))
+
+
+def test_the_survivors_of_a_batch_are_each_items_alone():
+    """BlockMergingMethod.select_batch reads each item's survivors (tokens merged into themselves), destinations
+    and sizes off merged_into, for items of one size together; -1 marks a token whose slot was the [CLS] token's."""
+    from vtprune.methods import Grid, VisionView
+
+    from .picks import assert_same_pick
+
+    def view(into, keep):
+        n = len(into)
+        return VisionView(features=torch.zeros(n, 2), coords=torch.zeros(n, 3, dtype=torch.long),
+                          part=torch.zeros(n, dtype=torch.long), parts=(Grid(1, n),), rows=torch.zeros(n, dtype=torch.long),
+                          columns=torch.arange(1, n + 1), layers={}, keep=keep, image_index=0,
+                          merged_into=torch.tensor(into))
+
+    views = [view([0, 0, 2, 2, -1, 5], 3), view([1, 1, 1, 3, 3, 5], 3), view([0, 1, 2, 0], 3), view([0, 0, 0, 3, 4, 4], 3)]
+    method = ToMe(ToMe.Options())
+    picks = method.select_batch(views)
+    for one, pick in zip(views, picks, strict=True):
+        assert_same_pick(pick, method.select(one))
+    assert picks[0].keep.tolist() == [0, 2, 5] and picks[0].destination.tolist() == [0, 0, 1, 1, -1, 2]
+    assert picks[0].sizes.tolist() == [2, 2, 1]
+    assert picks[1].keep.tolist() == [1, 3, 5] and picks[1].sizes.tolist() == [3, 2, 1]
+    assert picks[2].keep.tolist() == [0, 1, 2] and picks[2].destination.tolist() == [0, 1, 2, 0]

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .primitives import same_shape
+
 LLM_INPUT = 0  # stage layer meaning "before decoder layer 0"
 
 
@@ -424,13 +426,23 @@ class BlockMergingMethod(VisionMethod):
         """Merge r of each row's survivors away."""
 
     def select(self, view: VisionView) -> Selection:
-        into = view.merged_into
-        n = into.numel()
-        own = torch.arange(n, device=into.device)
-        keep = own[into == own]
-        slot = torch.full((n,), -1, dtype=torch.long, device=into.device)
-        slot[keep] = torch.arange(keep.numel(), device=into.device)
-        destination = torch.where(into >= 0, slot[into.clamp(min=0)], into)
-        sizes = torch.zeros(keep.numel(), device=into.device).index_add_(
-            0, destination[destination >= 0], torch.ones(int((destination >= 0).sum()), device=into.device))
-        return Selection(keep, None, sizes, destination)
+        return self.select_batch([view])[0]
+
+    def select_batch(self, views: list[VisionView]) -> list[Selection]:
+        """The survivors of the encoder's merges (the tokens merged into themselves, view.keep of each item), for
+        the items of one size and keep together; with no host read (a wrong count shows as an index out of range,
+        which the engine refuses)."""
+        picks: list = [None] * len(views)
+        for group in same_shape([(view.merged_into.shape, view.merged_into.device, view.keep) for view in views]):
+            into = torch.stack([views[i].merged_into for i in group])  # [B, n]
+            (batch, n), keep, device = into.shape, views[group[0]].keep, into.device
+            own = torch.arange(n, device=device).expand(batch, n)
+            kept = torch.where(into == own, own, n).sort(dim=1).values[:, :keep]  # survivors, ascending
+            slot = torch.full((batch, n + 1), -1, dtype=torch.long, device=device)
+            slot.scatter_(1, kept, torch.arange(keep, device=device).expand(batch, keep))
+            destination = torch.where(into >= 0, slot.gather(1, into.clamp(min=0)), into)
+            sizes = torch.zeros(batch, keep, device=device).scatter_add_(
+                1, destination.clamp(min=0), (destination >= 0).float())
+            for i, parts in zip(group, zip(kept, sizes, destination)):
+                picks[i] = Selection(parts[0], None, parts[1], parts[2])
+        return picks
