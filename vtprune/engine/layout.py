@@ -22,7 +22,8 @@ class Layout:
     @classmethod
     def full(cls, prompt_mask: torch.Tensor) -> "Layout":
         batch, length = prompt_mask.shape
-        positions = torch.arange(length, device=prompt_mask.device).expand(batch, length)
+        # contiguous, so that the searches that read it (index_in, slots_of) need no copy of it each time
+        positions = torch.arange(length, device=prompt_mask.device).repeat(batch, 1)
         return cls(positions, prompt_mask.bool())
 
     @property

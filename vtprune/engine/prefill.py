@@ -180,14 +180,15 @@ def _prune_in_llm(run: Run, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     run.layer_layouts[layer] = layout
     run.attention = run.probe = None
     if run.slices_some and run.cache is not None:
-        sliced = {}  # layouts the earlier layers' caches share are sliced once
+        sliced = {}  # a layout the earlier layers' caches share is narrowed (and its slots found) once
         for earlier in range(layer):
             held = run.kv_layouts[earlier]
             if id(held) not in sliced:
-                sliced[id(held)] = _cached_after(run, held, layout)
-            cached = sliced[id(held)]
+                cached = _cached_after(run, held, layout)
+                sliced[id(held)] = cached, None if cached is held else cached.index_in(held)
+            cached, index = sliced[id(held)]
             if cached is not held:
-                kv.slice_layer(run.cache, earlier, cached.index_in(held), held.length)
+                kv.slice_layer(run.cache, earlier, index, held.length)
                 run.kv_layouts[earlier] = cached
     return hidden
 
