@@ -237,43 +237,52 @@ def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attentio
     """Per sample: the kept positions, the merged (positions, hidden) pairs and the (sources, targets) of merges
     (Decision.moves)."""
     batch = len(run.items)
-    chosen = [[] for _ in range(batch)]
-    asked = []  # (sample, the item's positions, its view) for each item the method selects in
+    chosen = [[None] * len(plan) for plan in run.plans]  # [sample][item]: its kept positions
+    asked = []  # (sample, item, stage index, keep, slots) of each item the method selects in
     item_slots = _item_slots(run, layout)
     for b in range(batch):
         for i, stages in enumerate(run.plans[b]):
             mine = item_slots[b][i]
-            positions = layout.positions[b, mine]
             own = [s.layer for s in stages]  # the item's own schedule: a video's may differ from an image's
             keep = stages[own.index(layer)].keep if layer in own else mine.numel()
             if keep >= mine.numel():
-                chosen[b].append(positions)
+                chosen[b][i] = layout.positions[b, mine]
                 continue
-            view = _view(run, b, i, layer, own.index(layer), mine, positions, keep, hidden, attention)
-            asked.append((b, positions, view))
-    views = [view for _, _, view in asked]
+            asked.append((b, i, own.index(layer), keep, mine))
+    rows = _gathered(run, layout, hidden, attention, asked)
+    views = [_view(run, b, i, layer, stage, keep, mine, row) for (b, i, stage, keep, mine), row in zip(asked, rows)]
     picks = _checked_selections(run.method, views, run.method.select_batch(views) if views else [])
     merged = [[] for _ in range(batch)]
     sources, targets = [[] for _ in range(batch)], [[] for _ in range(batch)]
-    for (b, positions, view), picked in zip(asked, picks):
-        if isinstance(picked, Selection) and picked.hidden is not None and run.encoded is not None:
-            # merged projector inputs: project them
+    plain = []  # (sample, item, the item's positions, its kept indices) of answers that merge nothing
+    for (b, i, *_), row, view, picked in zip(asked, rows, views, picks):
+        positions = row["positions"]
+        if not isinstance(picked, Selection):
+            plain.append((b, i, positions, picked))
+            continue
+        if picked.hidden is not None and run.encoded is not None:  # merged projector inputs: project them
             projected = run.adapter.projector(picked.hidden[None].to(view.features.dtype))[0]
             picked = Selection(picked.keep, projected, picked.sizes, picked.destination)
-        if isinstance(picked, Selection):
-            run.sizes[b, positions[picked.keep]] = picked.sizes.to(run.sizes.dtype)
-            if picked.hidden is not None:
-                merged[b].append((positions[picked.keep], picked.hidden))
-            # FILL: dropped without being merged anywhere (left in, so that no host read is needed here)
-            sources[b].append(positions)
-            targets[b].append(torch.where(picked.destination >= 0, positions[picked.keep][picked.destination.clamp(min=0)],
-                                          FILL))
-            picked = picked.keep
-        chosen[b].append(positions[picked])
+        run.sizes[b, positions[picked.keep]] = picked.sizes.to(run.sizes.dtype)
+        if picked.hidden is not None:
+            merged[b].append((positions[picked.keep], picked.hidden))
+        # FILL: dropped without being merged anywhere (left in, so that no host read is needed here)
+        sources[b].append(positions)
+        targets[b].append(torch.where(picked.destination >= 0, positions[picked.keep][picked.destination.clamp(min=0)],
+                                      FILL))
+        chosen[b][i] = positions[picked.keep]
+    for group in same_shape([(positions.shape, keep.shape) for *_, positions, keep in plain]):  # gathered together
+        taken = torch.stack([plain[g][2] for g in group]).gather(1, torch.stack([plain[g][3] for g in group]))
+        for g, row in zip(group, taken):
+            chosen[plain[g][0]][plain[g][1]] = row
     empty = layout.positions[0, :0]
-    kept = [torch.cat(row) if row else empty for row in chosen]
-    moved = [(torch.cat(s) if s else empty, torch.cat(t) if t else empty) for s, t in zip(sources, targets)]
+    kept = [_joined(row, empty) for row in chosen]
+    moved = [(_joined(s, empty), _joined(t, empty)) for s, t in zip(sources, targets)]
     return kept, merged, moved
+
+
+def _joined(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else empty
 
 
 def _item_slots(run: Run, layout: Layout) -> list[list[torch.Tensor]]:
@@ -288,28 +297,56 @@ def _item_slots(run: Run, layout: Layout) -> list[list[torch.Tensor]]:
     return [[slots[b * most + i] for i in range(len(plan))] for b, plan in enumerate(run.plans)]
 
 
-def _view(run: Run, b: int, i: int, layer: int, stage: int, mine: torch.Tensor, positions: torch.Tensor, keep: int,
-          hidden: torch.Tensor, attention) -> ImageView | VisionView:
-    """What the method sees of sample b's item i (at slots `mine` of the current layout) at its `stage`-th stage."""
+def _gathered(run: Run, layout: Layout, hidden: torch.Tensor, attention, asked: list) -> list[dict]:
+    """Per asked (sample, item, stage, keep, slots): its positions and the run's per-token tensors at them (hidden
+    states, coords, parts, sizes, attention, reference states), gathered for items of one size and kind together
+    (each item's are rows of the group's tensors: views, not copies)."""
+    rows: list = [None] * len(asked)
+    kinds = [run.items[b][i].kind for b, i, *_ in asked]
+    for group in same_shape([(mine.numel(), kind) for (*_, mine), kind in zip(asked, kinds)]):
+        device = layout.positions.device
+        sample = torch.tensor([asked[g][0] for g in group], device=device)[:, None]
+        slots = torch.stack([asked[g][4] for g in group])
+        positions = layout.positions[sample, slots]
+        fields = {"positions": positions, "coords": run.coords[sample, positions], "part": run.part[sample, positions]}
+        if run.encoded is None:
+            fields |= {"hidden": hidden[sample, slots], "sizes": run.sizes[sample, positions],
+                       "attention": None if attention is None else attention[sample, slots],
+                       "reference": _references(run, sample, positions, kinds[group[0]])}
+        for index, g in enumerate(group):
+            rows[g] = {name: None if value is None else value[index] for name, value in fields.items()}
+    return rows
+
+
+def _view(run: Run, b: int, i: int, layer: int, stage: int, keep: int, mine: torch.Tensor,
+          row: dict) -> ImageView | VisionView:
+    """What the method sees of sample b's item i (at slots `mine` of the current layout, its tensors gathered in
+    `row`) at its `stage`-th stage."""
     item = run.items[b][i]
     if run.encoded is not None:
-        return run.encoded[b][i].view(item, run.coords[b, positions], run.part[b, positions], keep, i, run.text[b])
+        return run.encoded[b][i].view(item, row["coords"], row["part"], keep, i, run.text[b])
     view = ImageView(
-        hidden=hidden[b, mine], coords=run.coords[b, positions], part=run.part[b, positions],
-        parts=item.parts, keep=keep, layer=layer, stage=stage, image_index=i,
-        sizes=run.sizes[b, positions], attention=None if attention is None else attention[b, mine],
-        reference=_reference(run, b, positions, item.kind), text=run.text[b],
-        probe=_layer_probe(run, b, mine),
+        hidden=row["hidden"], coords=row["coords"], part=row["part"], parts=item.parts, keep=keep, layer=layer,
+        stage=stage, image_index=i, sizes=row["sizes"], attention=row["attention"], reference=row["reference"],
+        text=run.text[b], probe=_layer_probe(run, b, mine),
     )
     if run.references:
-        view.item_reference, view.text_reference = _item_references(run, b, i, hidden.device)
+        view.item_reference, view.text_reference = _item_references(run, b, i, row["hidden"].device)
     return view
 
 
-def _reference(run: Run, sample: int, positions: torch.Tensor, kind: str) -> torch.Tensor | None:
-    """The item's tokens as they entered its method's reference layer."""
+def _references(run: Run, sample: torch.Tensor, positions: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """[G, n, D] the tokens at positions [G, n] of samples [G, 1] as they entered the method's reference layer for
+    items of this kind."""
     if not run.references:
         return None
+    hidden, layout = run.references[run.method.reference_layer(run.adapter.model_info, kind)]
+    slots = torch.searchsorted(layout.positions[sample[:, 0]].contiguous(), positions.contiguous())
+    return hidden[sample, slots]
+
+
+def _reference(run: Run, sample: int, positions: torch.Tensor, kind: str) -> torch.Tensor:
+    """Sample `sample`'s tokens at positions [n] as they entered the method's reference layer for this kind."""
     hidden, layout = run.references[run.method.reference_layer(run.adapter.model_info, kind)]
     return hidden[sample, layout.slots_of(sample, positions)]
 
