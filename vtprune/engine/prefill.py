@@ -227,9 +227,12 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
     run.moves.append(moved)
     narrowed = layout.narrowed(run.visual, kept, run.prompt_mask)
     taken = take(hidden, narrowed.index_in(layout))
-    for b, values in enumerate(merged):
-        for positions, value in values:
-            taken[b, narrowed.slots_of(b, positions)] = value.to(taken.dtype)
+    writes = [(b, positions, value) for b, values in enumerate(merged) for positions, value in values]
+    for group in same_shape([(positions.shape, value.shape) for _, positions, value in writes]):  # written together
+        sample = torch.tensor([writes[g][0] for g in group], device=taken.device)[:, None]
+        positions = torch.stack([writes[g][1] for g in group]).to(taken.device)
+        slots = torch.searchsorted(narrowed.positions[sample[:, 0]].contiguous(), positions.contiguous())
+        taken[sample, slots] = torch.stack([writes[g][2].to(taken.dtype) for g in group])
     return narrowed, taken
 
 
@@ -254,27 +257,35 @@ def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attentio
     picks = _checked_selections(run.method, views, run.method.select_batch(views) if views else [])
     merged = [[] for _ in range(batch)]
     sources, targets = [[] for _ in range(batch)], [[] for _ in range(batch)]
-    plain = []  # (sample, item, the item's positions, its kept indices) of answers that merge nothing
-    for (b, i, *_), row, view, picked in zip(asked, rows, views, picks):
-        positions = row["positions"]
-        if not isinstance(picked, Selection):
-            plain.append((b, i, positions, picked))
+    answers = [(b, i, row["positions"], picked, view) for (b, i, *_), row, view, picked in zip(asked, rows, views, picks)]
+    # Answers alike are mapped to positions together: plain ones by their shapes, merging ones by their merged states'.
+    for group in same_shape([(positions.shape, picked.keep.shape if isinstance(picked, Selection) else picked.shape,
+                              isinstance(picked, Selection),
+                              isinstance(picked, Selection) and picked.hidden is not None and picked.hidden.shape,
+                              isinstance(picked, Selection) and picked.hidden is not None and picked.hidden.dtype)
+                             for _, _, positions, picked, _ in answers]):
+        alike = [answers[g] for g in group]
+        positions = torch.stack([positions for _, _, positions, _, _ in alike])  # [G, n]
+        if not isinstance(alike[0][3], Selection):
+            for (b, i, *_), row in zip(alike, positions.gather(1, torch.stack([picked for *_, picked, _ in alike]))):
+                chosen[b][i] = row
             continue
-        if picked.hidden is not None and run.encoded is not None:  # merged projector inputs: project them
-            projected = run.adapter.projector(picked.hidden[None].to(view.features.dtype))[0]
-            picked = Selection(picked.keep, projected, picked.sizes, picked.destination)
-        run.sizes[b, positions[picked.keep]] = picked.sizes.to(run.sizes.dtype)
-        if picked.hidden is not None:
-            merged[b].append((positions[picked.keep], picked.hidden))
+        selections = [picked for *_, picked, _ in alike]
+        kept = positions.gather(1, torch.stack([picked.keep for picked in selections]))  # [G, k]
+        sample = torch.tensor([b for b, *_ in alike], device=kept.device)[:, None]
+        run.sizes[sample, kept] = torch.stack([picked.sizes for picked in selections]).to(run.sizes.dtype)
+        destination = torch.stack([picked.destination for picked in selections])
         # FILL: dropped without being merged anywhere (left in, so that no host read is needed here)
-        sources[b].append(positions)
-        targets[b].append(torch.where(picked.destination >= 0, positions[picked.keep][picked.destination.clamp(min=0)],
-                                      FILL))
-        chosen[b][i] = positions[picked.keep]
-    for group in same_shape([(positions.shape, keep.shape) for *_, positions, keep in plain]):  # gathered together
-        taken = torch.stack([plain[g][2] for g in group]).gather(1, torch.stack([plain[g][3] for g in group]))
-        for g, row in zip(group, taken):
-            chosen[plain[g][0]][plain[g][1]] = row
+        moved_to = torch.where(destination >= 0, kept.gather(1, destination.clamp(min=0)), FILL)
+        values = None if selections[0].hidden is None else torch.stack([picked.hidden for picked in selections])
+        if values is not None and run.encoded is not None:  # merged projector inputs: project them
+            values = run.adapter.projector(values.to(alike[0][4].features.dtype))
+        for index, (b, i, *_) in enumerate(alike):
+            chosen[b][i] = kept[index]
+            sources[b].append(positions[index])
+            targets[b].append(moved_to[index])
+            if values is not None:
+                merged[b].append((kept[index], values[index]))
     empty = layout.positions[0, :0]
     kept = [_joined(row, empty) for row in chosen]
     moved = [(_joined(s, empty), _joined(t, empty)) for s, t in zip(sources, targets)]
