@@ -436,13 +436,7 @@ def _probe(run: Run, layer: int, hidden: torch.Tensor, position_embeddings, posi
     cache where it holds them (at the model's positions, as the queries then are). Otherwise RoPE is applied at
     sample-relative positions (the first real token at 0) where the model's are 1-D: a plain forward of a left-padded
     batch numbers positions by slot, and key norms (unlike attention) are not invariant to that shift."""
-    rows = _probe_rows(run, layout)
-    asking = [torch.cat([text[text != count - 1], torch.tensor([count - 1], device=text.device)]).sort().values
-              for _, text, count in rows]
-    slots = [present.start + ask if isinstance(present, slice) else present[ask]
-             for (present, _, _), ask in zip(rows, asking)]
-    widest = max(ask.numel() for ask in asking)
-    slots = torch.stack([torch.cat([s, s[-1:].expand(widest - s.numel())]) for s in slots])  # padded with the last
+    rows, asking, slots = _probe_rows(run, layout)
     adapter = run.adapter
     attn = adapter.decoder_layers[layer].self_attn
     key = kv.layer_keys(run.cache, layer, layout.length) if cached else None
@@ -471,23 +465,38 @@ def _layer_probe(run: Run, sample: int, mine: torch.Tensor) -> LayerProbe | None
     )
 
 
-def _probe_rows(run: Run, layout: Layout) -> list[tuple[slice | torch.Tensor, torch.Tensor, int]]:
-    """Per sample: its slots of `layout` holding a token (neither padding nor fill), as a slice where they are
-    one run (the usual case: fill and padding on one side; a slice takes views, not copies), which of those
-    (rows of the sample's LayerProbe) hold text, and how many there are; for the whole batch with two reads of the
-    device."""
+def _probe_rows(run: Run, layout: Layout):
+    """For a probe of `layout`, per sample: (its slots holding a token (neither padding nor fill), as a slice where
+    they are one run (the usual case: fill and padding on one side; a slice takes views, not copies), which of
+    those (rows of the sample's LayerProbe) hold text, how many there are); per sample the rows that ask (its text
+    rows and its last row, ascending); and the slots of those [B, A], each sample's padded with its last. For the
+    whole batch with one read of the device."""
     valid = layout.valid
-    sample, slot = torch.nonzero(valid, as_tuple=True)
     batch, length = valid.shape
-    counts, first, last = torch.stack([valid.sum(dim=1), valid.int().argmax(dim=1),
-                                       length - 1 - valid.flip(1).int().argmax(dim=1)]).tolist()
-    present = [slice(a, b + 1) if b + 1 - a == n else rows
-               for a, b, n, rows in zip(first, last, counts, torch.split(slot, counts))]
-    placeholders = torch.tensor(run.adapter.placeholder_ids, device=slot.device)
-    text = ~torch.isin(run.ids[sample, layout.positions[sample, slot]], placeholders)
-    row = torch.cat([torch.arange(n, device=slot.device) for n in counts])  # its row in the sample
-    texts = torch.split(row[text], torch.bincount(sample[text], minlength=batch).tolist())
-    return list(zip(present, texts, counts))
+    placeholders = torch.tensor(run.adapter.placeholder_ids, device=valid.device)
+    text = valid & ~torch.isin(run.ids.gather(1, layout.positions.clamp(min=0)), placeholders)
+    row = valid.long().cumsum(dim=1) - 1  # a valid slot's row in its sample
+    count = valid.sum(dim=1)
+    asks = text | (valid & (row == count[:, None] - 1))
+    counts, first, last, texts, askings = torch.stack([
+        count, valid.int().argmax(dim=1), length - 1 - valid.flip(1).int().argmax(dim=1), text.sum(dim=1),
+        asks.sum(dim=1)]).tolist()
+
+    def ascending(selected: torch.Tensor) -> torch.Tensor:  # [B, L]: each sample's selected slots first, in order
+        return torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)
+
+    valid_slots = ascending(valid) if any(b + 1 - a != n for a, b, n in zip(first, last, counts)) else None
+    present = [slice(a, b + 1) if b + 1 - a == n else valid_slots[s, :n]
+               for s, (a, b, n) in enumerate(zip(first, last, counts))]
+    text_rows = row.gather(1, ascending(text))
+    widest, asked = max(askings), asks.sum(dim=1, keepdim=True)
+    asking_slots = ascending(asks)[:, :widest]
+    # padded with the sample's last row (its last asking slot)
+    asking_slots = torch.where(torch.arange(widest, device=valid.device) < asked, asking_slots,
+                               asking_slots.gather(1, asked - 1))
+    asking_rows = row.gather(1, asking_slots)
+    rows = [(p, text_rows[s, :t], n) for s, (p, t, n) in enumerate(zip(present, texts, counts))]
+    return rows, [asking_rows[s, :a] for s, a in enumerate(askings)], asking_slots
 
 
 def _substitute_layer_inputs(run: Run, layout: Layout, kwargs, hidden) -> None:
