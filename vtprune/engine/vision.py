@@ -116,10 +116,18 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
     encoded = {kind: _concatenated(group) for kind, group in by_kind.items()}
     projected = {kind: call.projected.to(embeds.dtype) for kind, call in encoded.items()}  # as the LLM received it
     next_row = dict.fromkeys(encoded, 0)
+    rows_each = {"image": _one_row_each(encoded["image"], projected["image"], items, embeds)} \
+        if adapter.one_row_per_image and "image" in encoded else {}
+    for kind, found in rows_each.items():
+        if found is not None:
+            next_row[kind] = len(found)
     placed, seen = [], []  # seen: (sample, item, its EncodedItem) of every item placed so far
     for b, sample in enumerate(items):
         row = []
         for item in sample:
+            if rows_each.get(item.kind) is not None:
+                row.append(rows_each[item.kind][(b, item)])
+                continue
             call = encoded.get(item.kind)
             if call is None:
                 raise EngineError(f"a {item.kind} reached the language model, but vtprune saw no vision-tower run "
@@ -147,6 +155,25 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
             raise EngineError(f"the vision tower encoded {call.features.shape[0]} {kind} rows, but the prompt's "
                               f"{kind}s take {next_row[kind]}")
     return placed
+
+
+def _one_row_each(call: EncodedCall, projected: torch.Tensor, items: list[list[VisualItem]],
+                  embeds: torch.Tensor) -> dict | None:
+    """(sample, item) -> its EncodedItem, when every image is the whole of one row after its [CLS] token, row k the
+    k-th image (on a family that encodes each image in one row, what its single_row_place finds image by image),
+    checked with one comparison; else None, and the items are placed one by one."""
+    images = [(b, item) for b, sample in enumerate(items) for item in sample if item.kind == "image"]
+    lengths = {item.length for _, item in images}
+    if len(images) != projected.shape[0] or len(lengths) != 1 or projected.shape[1] < min(lengths):
+        return None
+    n = lengths.pop()
+    sample = torch.tensor([b for b, _ in images], device=embeds.device)[:, None]
+    positions = torch.stack([item.positions() for _, item in images]).to(embeds.device)
+    if not torch.equal(projected[:, :n], embeds[sample, positions]):
+        return None
+    features = torch.arange(n, device=embeds.device)
+    place = EncodedPlace(1, torch.zeros_like(features), features + 1, features)
+    return {(b, item): EncodedItem(call, k, place) for k, (b, item) in enumerate(images)}
 
 
 @dataclass
