@@ -10,6 +10,8 @@ import torch
 from vtprune.methods import Grid, ModelInfo, Selection, VisionView
 from vtprune.methods.pool import Pool, band_counts
 
+from .picks import assert_same_pick
+
 FEATURES = 6
 
 
@@ -139,6 +141,19 @@ def test_videos_match_the_reference(keep):
 @pytest.mark.parametrize("keep", [1, 2, 40, 159])
 def test_anyres_items_match_the_reference(keep):
     check_against_reference(item_view((Grid(8, 8), Grid(8, 12)), keep))
+
+
+def test_a_batch_of_views_is_each_view_alone():
+    """select_batch pools items of one shape, grids and keep whose tokens are in item order with one matmul; a
+    shuffled item beside them, an anyres item and a video are pooled item by item. Each pick equals its view
+    alone, and the reference."""
+    views = [item_view((Grid(8, 8),), 9, seed=s) for s in range(3)] + [item_view((Grid(8, 8),), 9, shuffle=True),
+                                                                      item_view((Grid(8, 8), Grid(8, 12)), 33),
+                                                                      item_view((Grid(4, 4, 3),), 10), item_view((Grid(8, 8),), 16)]
+    method = Pool(Pool.Options())
+    for view, pick in zip(views, method.select_batch(views), strict=True):
+        assert_same_pick(pick, method.select(view))
+        check_against_reference(view)
 
 
 def test_token_order_does_not_matter():

@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
 from .base import Grid, ModelInfo, Selection, VisionMethod, VisionView
-from .primitives import evenly_spaced, in_token_order, split_budget
+from .primitives import evenly_spaced, in_token_order, same_shape, split_budget
 
 
 def band_counts(height: int, width: int, k: int) -> list[int]:
@@ -102,6 +103,39 @@ def window_of_cells(grid: Grid, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return index.flatten(), torch.tensor(representative, dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class ItemWindows:
+    """The windows of a whole item (its grids' cells in item order) at a budget; read only, shared by a batch."""
+
+    coords: torch.Tensor  # [N, 3] (frame, row, col) of each token in item order
+    part: torch.Tensor  # [N]
+    window: torch.Tensor  # [N] the item-wide window of each token (-1: a part without budget, dropped)
+    keep: torch.Tensor  # [k] each window's representative token
+    sizes: torch.Tensor  # [k] tokens per window
+    membership: torch.Tensor  # [k, N] 1 where a token is in a window
+
+
+@functools.lru_cache(maxsize=64)
+def item_windows(parts: tuple[Grid, ...], keep: int, device: torch.device) -> ItemWindows:
+    coords, part, window, representatives, offset, start = [], [], [], [], 0, 0
+    for index, (grid, count) in enumerate(zip(parts, split_budget([g.size for g in parts], keep))):
+        n = torch.arange(grid.size)
+        coords.append(torch.stack([n // (grid.rows * grid.cols), n // grid.cols % grid.rows, n % grid.cols], dim=-1))
+        part.append(torch.full((grid.size,), index))
+        if count == 0:
+            window.append(torch.full((grid.size,), -1))
+        else:
+            of_cell, representative = window_of_cells(grid, count)
+            window.append(of_cell + offset)
+            representatives.append(representative + start)
+            offset += count
+        start += grid.size
+    window = torch.cat(window)
+    membership = (window[None, :] == torch.arange(offset)[:, None]).float()
+    return ItemWindows(*(t.to(device) for t in (torch.cat(coords), torch.cat(part), window, torch.cat(representatives),
+                                                membership.sum(dim=1), membership)))
+
+
 class Pool(VisionMethod):
     name = "pool"
     summary = "average pooling of each grid down to the budget (windows' mean projector inputs; per frame on videos)"
@@ -111,6 +145,46 @@ class Pool(VisionMethod):
         return ()  # reads no attention: only the projector inputs
 
     def select(self, view: VisionView) -> torch.Tensor | Selection:
+        return self.select_batch([view])[0]
+
+    def select_batch(self, views: list[VisionView]) -> list[torch.Tensor | Selection]:
+        """Items of one shape, grids and keep whose tokens are every cell in item order (what the engine hands over)
+        are pooled together: their windows are the same, so one matmul averages them all. Others, item by item."""
+        picks: list = [None] * len(views)
+        keys = [(view.features.shape, view.features.dtype, view.features.device, view.parts, view.keep)
+                if view.keep < view.features.shape[0] == sum(grid.size for grid in view.parts) else object()
+                for view in views]
+        for group in same_shape(keys):
+            alike = [views[i] for i in group]
+            pooled = self._pool_in_order(alike) if isinstance(keys[group[0]], tuple) else [None] * len(group)
+            for i, view, pick in zip(group, alike, pooled):
+                picks[i] = pick if pick is not None else self._select_item(view)
+        return picks
+
+    def _pool_in_order(self, views: list[VisionView]) -> list[Selection | None]:
+        """The Selection of each item whose tokens are its grids' cells in item order, together (None for the
+        others; which they are is read from the device once)."""
+        first = views[0]
+        device = first.features.device
+        layout = item_windows(first.parts, first.keep, device)
+        coords = torch.stack([view.coords.to(device) for view in views])
+        part = torch.stack([view.part.to(device) for view in views])
+        in_order = ((coords == layout.coords).all(dim=-1) & (part == layout.part)).all(dim=-1).tolist()
+        chosen = [i for i, ok in enumerate(in_order) if ok]
+        picks: list = [None] * len(views)
+        if not chosen:
+            return picks
+        features = torch.stack([views[i].features for i in chosen])
+        total = layout.membership @ features.float()  # [B, windows, D]
+        batch = len(chosen)
+        keep, hidden, sizes, destination = in_token_order(
+            layout.keep.expand(batch, -1), (total / layout.sizes[:, None]).to(features.dtype),
+            layout.sizes.expand(batch, -1), layout.window.expand(batch, -1))
+        for i, parts in zip(chosen, zip(keep, hidden, sizes, destination)):
+            picks[i] = Selection(*parts)
+        return picks
+
+    def _select_item(self, view: VisionView) -> torch.Tensor | Selection:
         features = view.features
         n, device = features.shape[0], features.device
         if view.keep >= n:
