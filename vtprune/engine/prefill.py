@@ -258,12 +258,7 @@ def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attentio
     merged = [[] for _ in range(batch)]
     sources, targets = [[] for _ in range(batch)], [[] for _ in range(batch)]
     answers = [(b, i, row["positions"], picked, view) for (b, i, *_), row, view, picked in zip(asked, rows, views, picks)]
-    # Answers alike are mapped to positions together: plain ones by their shapes, merging ones by their merged states'.
-    for group in same_shape([(positions.shape, picked.keep.shape if isinstance(picked, Selection) else picked.shape,
-                              isinstance(picked, Selection),
-                              isinstance(picked, Selection) and picked.hidden is not None and picked.hidden.shape,
-                              isinstance(picked, Selection) and picked.hidden is not None and picked.hidden.dtype)
-                             for _, _, positions, picked, _ in answers]):
+    for group in same_shape([_alike(positions, picked) for _, _, positions, picked, _ in answers]):
         alike = [answers[g] for g in group]
         positions = torch.stack([positions for _, _, positions, _, _ in alike])  # [G, n]
         if not isinstance(alike[0][3], Selection):
@@ -290,6 +285,15 @@ def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attentio
     kept = [_joined(row, empty) for row in chosen]
     moved = [(_joined(s, empty), _joined(t, empty)) for s, t in zip(sources, targets)]
     return kept, merged, moved
+
+
+def _alike(positions: torch.Tensor, picked: torch.Tensor | Selection) -> tuple:
+    """What answers must share to be mapped to positions together: the item's size and the answer's kind and shapes
+    (a merging one's merged states too)."""
+    if not isinstance(picked, Selection):
+        return positions.shape, picked.shape
+    merged = None if picked.hidden is None else (picked.hidden.shape, picked.hidden.dtype)
+    return positions.shape, picked.keep.shape, "selection", merged
 
 
 def _joined(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
