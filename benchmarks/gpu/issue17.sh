@@ -10,7 +10,8 @@
 #   2. llava-1.5-7b, batch 16, every method at 192/128/64 against both oracles (target: every method within 10% of
 #      its schedule oracle, budget 64 at >= 3.5x the unpruned prefill throughput);
 #   3. ops and CUDA syncs per prefill at batch 1 and 16 (benchmarks/host_work.py: what still grows per sample);
-#   3b. llava-1.5-7b, batch 1, prefill compiled (target: >= 1.7x at 192 tokens), the methods named below;
+#   3b. llava-1.5-7b, batch 1, prefill compiled; then a profile of one compiled batch-1 prefill, unpruned and
+#       random@192 (benchmarks/gpu/profile_prefill.py: device busy time against wall time, top ops, a trace) (target: >= 1.7x at 192 tokens), the methods named below;
 #   4. qwen2-vl-7b, batch 16, every method (those the Qwen families refuse are listed as not run).
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -29,13 +30,18 @@ bench() {  # bench STEP SECONDS ARGS...: one `vtprune bench` into $out/STEP/<dev
   tail -n 45 "$out/$step.log"
 }
 
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_compiled.py >"$out/compiled-test.log" 2>&1
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_compiled.py >"$out/compiled-test.log" 2>&1
 echo "step compiled == eager on CUDA: exit $?"; tail -n 5 "$out/compiled-test.log"
-bench b16 230 --arch llava-1.5-7b --methods "$every" --budgets 192,128,64 --batch 16 --repeats 5 --warmup 2 --new-tokens 4
-timeout 45 python3 benchmarks/host_work.py --arch llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 \
+bench b16 220 --arch llava-1.5-7b --methods "$every" --budgets 192,128,64 --batch 16 --repeats 5 --warmup 2 --new-tokens 4
+timeout 40 python3 benchmarks/host_work.py --arch llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 \
   --methods "$every" --out "$out/host-work" >"$out/host-work.log" 2>&1
 echo "step host work: exit $?"; tail -n 20 "$out/host-work.log"
-bench b1c 80 --arch llava-1.5-7b --methods random,fastv,clse,visionzip,clasp --budgets 192,64 --batch 1 --compile \
+bench b1c 70 --arch llava-1.5-7b --methods random,fastv,clse,visionzip,clasp --budgets 192,64 --batch 1 --compile \
   --repeats 10 --warmup 3 --new-tokens 4
-bench qwen 90 --arch qwen2-vl-7b --methods "$every" --budgets 192,64 \
+for config in "--method unpruned" "--method random --budget 192"; do  # where batch 1's time goes (item 4)
+  timeout 35 python3 benchmarks/gpu/profile_prefill.py --arch llava-1.5-7b --device cuda --dtype bfloat16 \
+    --batch 1 --compile $config --out "$out/profile" >>"$out/profile.log" 2>&1
+  echo "step profile $config: exit $?"; grep '^{' "$out/profile.log" | tail -n 1
+done
+bench qwen 50 --arch qwen2-vl-7b --methods "$every" --budgets 192,64 \
   --batch 16 --repeats 5 --warmup 2 --new-tokens 4
