@@ -70,6 +70,17 @@ def test_images_whose_placeholders_the_adapter_cannot_find_are_caught(model):
             model(**inputs)
 
 
+@pytest.mark.parametrize("method", ["random", "dart"])
+def test_a_sample_whose_attention_mask_is_all_zeros_is_refused(model, method):
+    """A batch row with no token to run has nothing to prune by (a probe of it has no rows): a clear error, for every
+    method alike, instead of an index error inside some."""
+    inputs = tiny_inputs(model, LAYOUTS)
+    inputs["attention_mask"][1] = 0
+    with vtprune.apply(model, method, 10):
+        with pytest.raises(ValueError, match="sample 1 of the batch has an attention_mask of zeros only"):
+            model(**inputs)
+
+
 def test_decoder_layers_that_bypass_their_hooks_are_caught(model):
     inputs = tiny_inputs(model, LAYOUTS)
     pruner = vtprune.apply(model, "fastv", 10)

@@ -184,7 +184,12 @@ class Pruner:
                 "tokens in input_ids"
             )
         mask = kwargs.get("attention_mask")
-        self._text = text_tokens(host_ids, self.adapter.placeholder_ids, mask, input_ids.device)
+        host_mask = mask.cpu().bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if host_mask is not None and not bool(host_mask.any(dim=1).all()):
+            empty = torch.nonzero(~host_mask.any(dim=1)).flatten().tolist()
+            raise ValueError(f"sample {empty[0]} of the batch has an attention_mask of zeros only: none of its tokens "
+                             "would run, so there is nothing to prune it by; drop it from the batch")
+        self._text = text_tokens(host_ids, self.adapter.placeholder_ids, host_mask, input_ids.device)
         images = [kwargs.get(key) for key in VISUAL_INPUTS] + [encoded.get(kind) for kind in ("image", "video")]
         self._prompt = Prompt(input_ids, images)
         continued = self._continued_prompt(cache, kwargs)
@@ -373,10 +378,11 @@ class Pruner:
             kv.check_lengths(run.cache, [layout.length for layout in run.kv_layouts], "after the prefill")
 
 
-def text_tokens(host_ids: torch.Tensor, placeholders: tuple[int, ...], attention_mask, device) -> list[torch.Tensor]:
+def text_tokens(host_ids: torch.Tensor, placeholders: tuple[int, ...], host_mask: torch.Tensor | None,
+                device) -> list[torch.Tensor]:
     """Per sample, its prompt tokens without its visual placeholders and padding (what a router reads), on `device`;
-    found on the host copy of input_ids, and moved in one copy."""
+    found on the host copies of input_ids and of a [B, L] attention mask, and moved in one copy."""
     keep = ~torch.isin(host_ids, torch.tensor(placeholders))
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        keep &= attention_mask.cpu().bool()
+    if host_mask is not None:
+        keep &= host_mask
     return list(host_ids[keep].to(device).split(keep.sum(dim=1).tolist()))
