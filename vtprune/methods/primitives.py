@@ -158,19 +158,23 @@ def distance_matrix_chunks(groups: int, n: int, entries: int) -> tuple[bool, lis
 def greedy_max_min(unit: torch.Tensor, score: torch.Tensor, taken: torch.Tensor, k: int, *,
                    matrix: torch.Tensor | None = None, fresh: bool = False) -> torch.Tensor:
     """[G, k] greedy max-min picks for G items of unit-norm rows unit [G, N, D]: each pick is the untaken token
-    (taken [G, N], updated in place) with the highest score [G, N]; every score then becomes the token's cosine
+    (taken [G, N]: never to pick) with the highest score [G, N]; every score then becomes the token's cosine
     distance to its nearest pick. `fresh`: the initial score only placed the first pick (it is not a distance
     to count afterwards). matrix [G, N, N]: the items' distance matrices, where held. Picks stay on the device:
-    no host read per pick."""
+    no host read per pick, and four small ops each (a taken token's score is -inf, which no minimum raises)."""
     rows = torch.arange(unit.shape[0], device=unit.device)
-    picks = torch.zeros(unit.shape[0], k, dtype=torch.long, device=unit.device)
+    score = score.masked_fill(taken, float("-inf"))
+    picks = []
     for i in range(k):
-        pick = score.masked_fill(taken, float("-inf")).argmax(dim=1)
-        picks[:, i] = pick
-        taken[rows, pick] = True
+        pick = score.argmax(dim=1)
+        picks.append(pick)
         distance = matrix[rows, pick] if matrix is not None else 1 - (unit @ unit[rows, pick][:, :, None])[..., 0]
-        score = distance if i == 0 and fresh else torch.minimum(score, distance)
-    return picks
+        if i == 0 and fresh:
+            score = distance.masked_fill(score == float("-inf"), float("-inf"))
+        else:
+            score = torch.minimum(score, distance)
+        score[rows, pick] = float("-inf")
+    return torch.stack(picks, dim=1) if picks else torch.zeros(unit.shape[0], 0, dtype=torch.long, device=unit.device)
 
 
 def farthest_point(features: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
