@@ -211,22 +211,8 @@ def test_tile_shares_truncate_as_released_and_hand_out_the_rest():
         assert sum(got) == min(total, sum(capacity)) and all(g <= c for g, c in zip(got, capacity))
 
 
-@pytest.mark.parametrize("keep", [1, 13, 32, 63])
-def test_one_image_is_top_k_by_late_attention(keep):
-    rng = np.random.default_rng(11)
-    q, k = rng.standard_normal((2, 1, T, WIDTH))
-    index = torch.arange(P)
-    view = VisionView(
-        features=torch.randn(P, DIM), coords=torch.stack([index * 0, index // SIDE, index % SIDE], 1),
-        part=index * 0, parts=(Grid(SIDE, SIDE),), rows=index * 0, columns=index + 1,
-        layers={0: layer_of(*rng.standard_normal((2, 1, T, WIDTH))), -2: layer_of(q, k)},
-        keep=keep, image_index=0)
-    picked = HiRED(HiRED.Options()).select(view)
-    # the released LLaVA-1.5 branch: topk(min(P, int(P x rate))) of the summed class attention at layer 22
-    assert set(picked.tolist()) == top(cls_scores(q, k)[0], keep)
-
-
 def one_image(seed, keep):
+    """A LLaVA-1.5-like image (one tower row), with the late layer's full-width q and k it was made from."""
     rng = np.random.default_rng(seed)
     q, k = rng.standard_normal((2, 1, T, WIDTH))
     index = torch.arange(P)
@@ -236,6 +222,14 @@ def one_image(seed, keep):
         layers={0: layer_of(*rng.standard_normal((2, 1, T, WIDTH))), -2: layer_of(q, k)},
         keep=keep, image_index=0)
     return view, q, k
+
+
+@pytest.mark.parametrize("keep", [1, 13, 32, 63])
+def test_one_image_is_top_k_by_late_attention(keep):
+    view, q, k = one_image(11, keep)
+    picked = HiRED(HiRED.Options()).select(view)
+    # the released LLaVA-1.5 branch: topk(min(P, int(P x rate))) of the summed class attention at layer 22
+    assert set(picked.tolist()) == top(cls_scores(q, k)[0], keep)
 
 
 def test_a_batch_of_views_is_each_view_alone():

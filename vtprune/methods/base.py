@@ -181,6 +181,12 @@ class VisionLayer:
     scaling: float  # softmax(query @ key^T * scaling) is the layer's attention
     cls: bool
 
+    @classmethod
+    def stacked(cls, layers: list["VisionLayer"]) -> "VisionLayer":
+        """Several views' layers (one tower, one shape) as one layer of all their rows, in order."""
+        return cls(torch.cat([layer.query for layer in layers]), torch.cat([layer.key for layer in layers]),
+                   layers[0].scaling, layers[0].cls)
+
 
 @dataclass
 class VisionView:

@@ -134,8 +134,7 @@ class HiRED(VisionMethod):
             layers = [views[i].layers[self.options.late_layer] for i in group]
             if not layers[0].cls:
                 raise ValueError("method 'hired' needs a [CLS] token, and this vision tower has none")
-            late = VisionLayer(torch.cat([x.query for x in layers]), torch.cat([x.key for x in layers]),
-                               layers[0].scaling, True)
+            late = VisionLayer.stacked(layers)
             device = views[group[0]].features.device
             columns = torch.stack([views[i].columns.to(device) for i in group])
             rows = torch.arange(len(group), device=device).repeat_interleave(columns.shape[1])

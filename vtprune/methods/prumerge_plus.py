@@ -190,8 +190,7 @@ class PruMergePlus(VisionMethod):
             views_of = [views[i] for i in group]
             if isinstance(keys[group[0]], tuple):
                 layers = [view.layers[self.options.layer] for view in views_of]
-                layer = VisionLayer(torch.cat([x.query for x in layers]), torch.cat([x.key for x in layers]),
-                                    layers[0].scaling, layers[0].cls)
+                layer = VisionLayer.stacked(layers)
                 features = torch.stack([view.features for view in views_of])
                 rows = torch.arange(len(group), device=features.device)[:, None].expand(features.shape[:2])
                 columns = torch.stack([view.columns.to(features.device) for view in views_of])

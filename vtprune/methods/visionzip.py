@@ -168,11 +168,8 @@ class VisionZip(VisionMethod):
     def _select_stacked(self, views: list[VisionView]) -> list[torch.Tensor | Selection]:
         """Views of one shape whose tokens all come from one tower row, selected as one [B, N] batch: the loop of
         `_select_rows` for a single row, written over a leading batch dimension."""
-        layers = [next(iter(view.layers.values())) for view in views]
-        first = layers[0]
-        query = torch.cat([layer.query for layer in layers])  # [B, H, T, d]
-        key = torch.cat([layer.key for layer in layers])
-        stacked = VisionLayer(query, key, first.scaling, first.cls)
+        stacked = VisionLayer.stacked([next(iter(view.layers.values())) for view in views])  # B rows
+        key = stacked.key  # [B, H, T, d]
         features = torch.stack([view.features for view in views])  # [B, N, D]
         device = features.device
         columns = torch.stack([view.columns.to(device) for view in views])  # [B, N]
@@ -181,7 +178,7 @@ class VisionZip(VisionMethod):
         batch, n = columns.shape
         budget = views[0].keep
         dominant, contextual = split_counts(budget, self.options.contextual_share)
-        cls_slot = int(first.cls and contextual > 0 and dominant > 0)  # the authors' [CLS], given to a patch
+        cls_slot = int(stacked.cls and contextual > 0 and dominant > 0)  # the authors' [CLS], given to a patch
         tokens = columns.argsort(dim=1)  # the row's tokens in column order
         top = torch.topk(score.gather(1, tokens), dominant - cls_slot, dim=1).indices
         is_dominant = torch.zeros(batch, n, dtype=torch.bool, device=device).scatter_(1, top, True)

@@ -183,8 +183,7 @@ class VisPruner(VisionMethod):
         tokens [B, T_imp] and the rest ranked [B, N - T_imp], by decreasing importance), as the per-row loop of
         select_batch, over a leading batch dimension."""
         layers = [next(iter(view.layers.values())) for view in views]
-        layer = VisionLayer(torch.cat([x.query for x in layers]), torch.cat([x.key for x in layers]),
-                            layers[0].scaling, layers[0].cls)
+        layer = VisionLayer.stacked(layers)
         features = torch.stack([view.features for view in views])
         device = features.device
         columns = torch.stack([view.columns.to(device) for view in views])
