@@ -4,44 +4,49 @@
 # The GPU machine has torch 2.11 and transformers 5.17 and no network; what vtprune needs beyond them comes as
 # wheels in .gpu-wheels/ (ignored by git; fill it here with
 #   .venv/bin/pip download --no-deps -d .gpu-wheels rich markdown-it-py mdurl pygments pytest pluggy iniconfig
-# ). Each step writes its own results under $OUT (at most two folders down, as the tool brings them back), saved
-# after every configuration, so a step cut short by its time limit keeps what it measured. Steps, most wanted first:
+# ). Each step writes under a work folder, saved after every configuration, and the folder is packed into
+# $OUT/issue17.tgz after every step (the tool brings back at most 8 files), so a step cut short by its time limit,
+# or a call cut short, keeps what was measured. Steps, most wanted first:
 #   1. compiled prefill == eager on CUDA (CUDA graphs; tests/test_compiled.py);
 #   2. llava-1.5-7b, batch 16, every method at 192/128/64 against both oracles (target: every method within 10% of
 #      its schedule oracle, budget 64 at >= 3.5x the unpruned prefill throughput);
 #   3. ops and CUDA syncs per prefill at batch 1 and 16 (benchmarks/host_work.py: what still grows per sample);
-#   3b. llava-1.5-7b, batch 1, prefill compiled; then a profile of one compiled batch-1 prefill, unpruned and
-#       random@192 (benchmarks/gpu/profile_prefill.py: device busy time against wall time, top ops, a trace) (target: >= 1.7x at 192 tokens), the methods named below;
-#   4. qwen2-vl-7b, batch 16, every method (those the Qwen families refuse are listed as not run).
+#   4. llava-1.5-7b, batch 1, prefill compiled, the methods named below (target: >= 1.7x at 192 tokens);
+#   5. a profile of one compiled batch-1 prefill, unpruned and random@192 (benchmarks/gpu/profile_prefill.py:
+#      device busy time against wall time, the top host and device ops, a gzipped trace);
+#   6. qwen2-vl-7b, batch 16, every method (those the Qwen families refuse are listed as not run).
 set -uo pipefail
 out=${OUT:-/tmp/out}
+work=$(mktemp -d)
 mkdir -p "$out"
+pack() { tar czf "$out/issue17.tgz" -C "$work" .; }
 python3 -c "import rich, pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps .gpu-wheels/*.whl
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" | tee -a "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$work/gpu.txt"
+python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" | tee -a "$work/gpu.txt"
 
 every=clasp,clse,clse_m,dart,divprune,fastv,ficoco_v,hired,pdrop,pool,prumerge+,random,sparsevlm,tome,uniform,visionzip,vispruner
-bench() {  # bench STEP SECONDS ARGS...: one `vtprune bench` into $out/STEP/<device>/, its log beside
+bench() {  # bench STEP SECONDS ARGS...: one `vtprune bench` into $work/STEP/<device>/, its log beside
   local step=$1 seconds=$2
   shift 2
-  timeout "$seconds" python3 -m vtprune.cli bench --device cuda --dtype bfloat16 --out "$out/$step" "$@" \
-    >"$out/$step.log" 2>&1
+  timeout "$seconds" python3 -m vtprune.cli bench --device cuda --dtype bfloat16 --out "$work/$step" "$@" \
+    >"$work/$step.log" 2>&1
   echo "step $step: exit $? after ${SECONDS}s"
-  tail -n 45 "$out/$step.log"
+  tail -n 45 "$work/$step.log"
+  pack
 }
 
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_compiled.py >"$out/compiled-test.log" 2>&1
-echo "step compiled == eager on CUDA: exit $?"; tail -n 5 "$out/compiled-test.log"
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_compiled.py >"$work/compiled-test.log" 2>&1
+echo "step compiled == eager on CUDA: exit $?"; tail -n 5 "$work/compiled-test.log"; pack
 bench b16 220 --arch llava-1.5-7b --methods "$every" --budgets 192,128,64 --batch 16 --repeats 5 --warmup 2 --new-tokens 4
 timeout 40 python3 benchmarks/host_work.py --arch llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 \
-  --methods "$every" --out "$out/host-work" >"$out/host-work.log" 2>&1
-echo "step host work: exit $?"; tail -n 20 "$out/host-work.log"
+  --methods "$every" --out "$work/host-work" >"$work/host-work.log" 2>&1
+echo "step host work: exit $?"; tail -n 20 "$work/host-work.log"; pack
 bench b1c 70 --arch llava-1.5-7b --methods random,fastv,clse,visionzip,clasp --budgets 192,64 --batch 1 --compile \
   --repeats 10 --warmup 3 --new-tokens 4
-for config in "--method unpruned" "--method random --budget 192"; do  # where batch 1's time goes (item 4)
+for config in "--method unpruned" "--method random --budget 192"; do
   timeout 35 python3 benchmarks/gpu/profile_prefill.py --arch llava-1.5-7b --device cuda --dtype bfloat16 \
-    --batch 1 --compile $config --out "$out/profile" >>"$out/profile.log" 2>&1
-  echo "step profile $config: exit $?"; grep '^{' "$out/profile.log" | tail -n 1
+    --batch 1 --compile $config --out "$work/profile" >>"$work/profile.log" 2>&1
+  echo "step profile $config: exit $?"; grep '^{' "$work/profile.log" | tail -n 1; pack
 done
 bench qwen 50 --arch qwen2-vl-7b --methods "$every" --budgets 192,64 \
   --batch 16 --repeats 5 --warmup 2 --new-tokens 4
