@@ -17,68 +17,16 @@ sample of `random` on llava-cpu-small are that. Prints a table; saves JSON under
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import platform
-import warnings
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-import vtprune
 from vtprune.api import refusal
+from vtprune.bench.ops import OPTIONS, count_prefill
 from vtprune.bench.presets import PRESETS, build_preset, preset_inputs
 from vtprune.methods import REGISTRY
-
-
-OPTIONS = {"clasp": {"question_class": "general"}}  # no tokenizer to route with
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts dispatched aten ops other than views, by where they run: inside select_batch ("select") or not
-    ("engine"); with cuda, only those on a CUDA tensor (the engine's host-side bookkeeping on CPU copies launches
-    nothing; on the CPU it cannot be told apart and is counted)."""
-
-    def __init__(self, cuda: bool):
-        super().__init__()
-        self.where, self.cuda = "engine", cuda
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        launches = not func.is_view and (not self.cuda or any(
-            isinstance(a, torch.Tensor) and a.is_cuda for a in torch.utils._pytree.tree_leaves((args, kwargs))))
-        if launches:  # a view (a slice, a row) launches nothing
-            self.ops[self.where] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool) -> dict:
-    pruner = vtprune.apply(model, method, budget, **OPTIONS.get(method, {}))
-    counter, select = OpCounter(cuda), pruner.method.select_batch
-
-    def counted(views):
-        counter.where = "select"
-        try:
-            return select(views)
-        finally:
-            counter.where = "engine"
-
-    pruner.method.select_batch = counted
-    try:
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("warn")
-            with counter:
-                model(**inputs, use_cache=True, logits_to_keep=1)
-            if cuda:
-                torch.cuda.set_sync_debug_mode(0)
-    finally:
-        pruner.remove()
-    syncs = sum("synchroniz" in str(w.message) for w in caught) if cuda else None
-    return {"select_ops": counter.ops["select"], "engine_ops": counter.ops["engine"], "syncs": syncs}
 
 
 def main(argv=None) -> None:
