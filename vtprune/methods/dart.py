@@ -144,7 +144,7 @@ class DART(Method):
         pruned = [i for i, view in enumerate(views) if view.keep < view.probe.visual.numel()]
         for i in set(range(len(views))) - set(pruned):
             picks[i] = torch.arange(views[i].probe.visual.numel(), device=views[i].probe.visual.device)
-        found = {}  # view index -> (image pivots [p] on the device, their probe rows and the text pivots' rows)
+        found = {}  # view index -> its image pivots [p] (indices into the view), on the device
         groups = same_shape([(views[i].probe.key.shape, views[i].probe.key.dtype, views[i].probe.key.device,
                               views[i].probe.visual.shape, views[i].probe.text.shape, views[i].keep) for i in pruned])
         rows = []
