@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from vtprune.adapters import adapter_for
 from vtprune.engine.cache import output_cache
-from vtprune.methods.primitives import evenly_spaced, grid_lattice, topk_in_order
+from vtprune.methods.primitives import (DISTANCE_MATRIX_ENTRIES, HELD_ON_GPU, distance_matrix_chunks, evenly_spaced,
+                                        grid_lattice, held_entries, topk_in_order)
 from vtprune.tiny import SampleLayout, tiny_inputs
 
 from .conftest import FAMILIES
@@ -124,3 +125,15 @@ def test_uniform_batch_equals_each_view_alone():
     for view, pick in zip(views, picks):
         assert pick.tolist() == method.select(view).tolist()
     assert picks[0].data_ptr() != picks[1].data_ptr()  # alike views get their own tensors
+
+
+def test_a_gpu_holds_more_matrices_at_once_but_decides_whole_alike():
+    """Chunking never changes a pick; whether an item holds its matrix is its size's business, on any device. A GPU
+    takes a batch of 16 LLaVA-NeXT-sized items (2880 tokens) in one loop, the CPU two at a time."""
+    n, entries = 2880, DISTANCE_MATRIX_ENTRIES
+    cpu_whole, cpu_chunks = distance_matrix_chunks(16, n, entries, "cpu")
+    gpu_whole, gpu_chunks = distance_matrix_chunks(16, n, entries, "cuda")
+    assert cpu_whole and gpu_whole
+    assert len(cpu_chunks) == 8 and len(gpu_chunks) == 1
+    assert distance_matrix_chunks(16, 5000, entries, "cuda")[0] is False  # too big to hold, on either device
+    assert held_entries("cpu", 16) == 16 and held_entries("cuda", 16) == HELD_ON_GPU

@@ -68,7 +68,7 @@ def max_min_diversity(features: torch.Tensor, k: int) -> torch.Tensor:
     k = max(0, min(k, n))
     # Items whose distance matrix fits in _BLOCK entries hold it whole (a pick's distances are then one of its
     # rows), as many at a time as fit; larger ones (videos) compute each pick's distances when it is made.
-    whole, chunks = distance_matrix_chunks(groups, n, _BLOCK)
+    whole, chunks = distance_matrix_chunks(groups, n, _BLOCK, unit.device)
     picks = torch.cat([_greedy(unit[chunk], k, whole) for chunk in chunks])
     return picks[0] if single else picks
 

@@ -144,14 +144,22 @@ def merge_into_nearest(hidden: torch.Tensor, sizes: torch.Tensor, keep: torch.Te
 # Distance-matrix entries a greedy max-min selection holds at once (64 MB in float32): items whose matrix fits
 # compute it once and read each pick's distances off it; larger ones (videos, anyres) compute them pick by pick.
 DISTANCE_MATRIX_ENTRIES = 1 << 24
+# On a GPU a batch's matrices are held together up to this many entries (1 GiB in float32): how many items share a
+# loop never changes a pick, and a GPU pays for every loop in launches (64 MB took two LLaVA-NeXT images a loop).
+HELD_ON_GPU = 1 << 28
 
 
-def distance_matrix_chunks(groups: int, n: int, entries: int) -> tuple[bool, list[slice]]:
-    """Whether items of n tokens hold their n x n distance matrix (decided by their size alone, so that an item
-    picks alike in any batch), and the slices of the batch's `groups` items taken at once so that the held
-    matrices fit in `entries`."""
+def held_entries(device, entries: int) -> int:
+    """The matrix entries held at once on `device`: `entries`, or HELD_ON_GPU on a GPU where that is more."""
+    return max(entries, HELD_ON_GPU) if torch.device(device).type == "cuda" else entries
+
+
+def distance_matrix_chunks(groups: int, n: int, entries: int, device="cpu") -> tuple[bool, list[slice]]:
+    """Whether items of n tokens hold their n x n distance matrix (decided by their size and `entries` alone, so
+    that an item picks alike in any batch), and the slices of the batch's `groups` items taken at once so that the
+    held matrices fit in held_entries(device, entries)."""
     whole = n * n <= entries
-    at_once = max(1, entries // (n * n)) if whole else max(1, groups)
+    at_once = max(1, held_entries(device, entries) // (n * n)) if whole else max(1, groups)
     return whole, [slice(start, start + at_once) for start in range(0, groups, at_once)]
 
 
@@ -189,7 +197,7 @@ def farthest_point(features: torch.Tensor, chosen: torch.Tensor, k: int) -> torc
     unit, chosen = (unit[None], chosen[None]) if single else (unit, chosen)
     groups, n = unit.shape[:2]
     k = max(0, min(k, n - chosen.shape[1]))
-    whole, chunks = distance_matrix_chunks(groups, n, DISTANCE_MATRIX_ENTRIES)
+    whole, chunks = distance_matrix_chunks(groups, n, DISTANCE_MATRIX_ENTRIES, unit.device)
     picks = [_farthest_points(unit[chunk], chosen[chunk], k, whole) for chunk in chunks]
     picks = torch.cat(picks) if picks else chosen.new_zeros(0, k)
     return picks[0] if single else picks

@@ -57,7 +57,8 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, VisionLayer, VisionMethod, VisionView, feature_layer
-from .primitives import DISTANCE_MATRIX_ENTRIES, cls_attention, received_attention, row_groups, same_shape
+from .primitives import (DISTANCE_MATRIX_ENTRIES, cls_attention, held_entries, received_attention, row_groups,
+                         same_shape)
 
 
 def importance(layer: VisionLayer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,7 @@ def deduplicate(unit: torch.Tensor, residual: torch.Tensor, count: int, per_roun
     size = residual.shape[1]
     # A residual is one tower row's tokens (a few hundred), so its matrix is small; the batch's are held a chunk
     # at a time (residuals are independent: chunking changes nothing).
-    at_once = max(1, DISTANCE_MATRIX_ENTRIES // (size * size))
+    at_once = max(1, held_entries(unit.device, DISTANCE_MATRIX_ENTRIES) // (size * size))
     kept = []
     for start in range(0, residual.shape[0], at_once):
         tokens = residual[start:start + at_once]
