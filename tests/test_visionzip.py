@@ -214,11 +214,12 @@ def test_half_precision_features_come_back_in_their_dtype():
 
 
 def test_a_batch_of_views_is_each_view_alone():
-    """select_batch stacks single-row items of one shape, dtype and keep; items of several rows (anyres tiles, video
-    frames), other budgets, another dtype and a tower without [CLS] are selected apart. Each pick equals its view alone,
-    and the reference's."""
+    """select_batch stacks items of one shape, dtype, keep and row layout, row by row: single-row images, anyres
+    items (a base row and tiles), videos (a row per frame); other budgets, another dtype and a tower without [CLS] are
+    grouped apart. Each pick equals its view alone, and the reference's."""
     views = [single(40, seed=s) for s in range(3)] + [anyres(50), single(17, seed=9), video(20), single(40, seed=4),
-                                                      single(40, seed=5, cls=False), single(3, seed=6)]
+                                                      single(40, seed=5, cls=False), single(3, seed=6), anyres(50, seed=7),
+                                                      video(20, seed=8), anyres(12, seed=10), anyres(12, seed=11)]
     views.append(single(40, seed=8, feature_dtype=torch.float64))
     method = VisionZip(VisionZip.Options())
     for view, pick in zip(views, method.select_batch(views), strict=True):

@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView, feature_layer
-from .primitives import in_token_order, mean_keys, row_groups, same_shape
+from .primitives import in_token_order, row_groups, same_shape
 
 CONTEXTUAL_SHARE = 10 / 64  # 54+10 / 108+20 / 162+30 at 64 / 128 / 192 (README, paper)
 
@@ -147,46 +147,101 @@ class VisionZip(VisionMethod):
         return self.select_batch([view])[0]
 
     def select_batch(self, views: list[VisionView]) -> list[torch.Tensor | Selection]:
-        """Items encoded in one tower row each (a LLaVA-1.5 image, a Video-LLaVA image), of one shape, are selected
-        together (`_select_stacked`); an item of several rows (anyres tiles, video frames) on its own."""
+        """Items of one shape whose tokens sit alike in the tower's rows (a LLaVA batch's images, one row each; a
+        LLaVA-NeXT batch's images of one size, their base image and tiles) are selected together, row by row, each
+        row's items as one [B, n] batch. Where each token sits is known without a read for one-row items; for the
+        others it is read from the device once for the batch."""
         picks: list = [None] * len(views)
-        keys = []
-        for view in views:
-            (layer,) = view.layers.values()
-            single_row = layer.query.shape[0] == 1 and view.keep < view.features.shape[0]
-            keys.append((view.features.shape, view.features.dtype, view.features.device, layer.key.shape,
-                         layer.key.dtype, layer.key.device, layer.scaling, layer.cls, view.keep) if single_row
-                        else object())  # a key no other view has: selected alone
-        for group in same_shape(keys):
-            if isinstance(keys[group[0]], tuple):
-                for index, pick in zip(group, self._select_stacked([views[i] for i in group])):
-                    picks[index] = pick
+        pruned = []
+        for i, view in enumerate(views):
+            if view.keep >= view.features.shape[0]:
+                picks[i] = torch.arange(view.features.shape[0], device=view.features.device)
             else:
-                picks[group[0]] = self._select_rows(views[group[0]])
+                pruned.append(i)
+        layouts = self._row_layouts([views[i] for i in pruned])
+        keys = []
+        for i, layout in zip(pruned, layouts):
+            view = views[i]
+            (layer,) = view.layers.values()
+            keys.append((view.features.shape, view.features.dtype, view.features.device, layer.key.shape,
+                         layer.key.dtype, layer.key.device, layer.scaling, layer.cls, view.keep,
+                         None if layout is None else tuple((tokens.numel(), budget) for tokens, budget in layout)))
+        for group in same_shape(keys):
+            members = [pruned[g] for g in group]
+            for i, pick in zip(members, self._select_alike([views[i] for i in members], [layouts[g] for g in group])):
+                picks[i] = pick
         return picks
 
-    def _select_stacked(self, views: list[VisionView]) -> list[torch.Tensor | Selection]:
-        """Views of one shape whose tokens all come from one tower row, selected as one [B, N] batch: the loop of
-        `_select_rows` for a single row, written over a leading batch dimension."""
-        stacked = VisionLayer.stacked([next(iter(view.layers.values())) for view in views])  # B rows
-        key = stacked.key  # [B, H, T, d]
+    @staticmethod
+    def _row_layouts(views: list[VisionView]) -> list[list[tuple[torch.Tensor, int]] | None]:
+        """Per view, its tower rows as row_groups gives them (host tensors), read for every view of several rows
+        at once; None for a view of one row (its row is all its tokens in column order)."""
+        several = [view for view in views if next(iter(view.layers.values())).query.shape[0] > 1]
+        if not several:
+            return [None] * len(views)
+        rows = torch.cat([view.rows.to(several[0].features.device) for view in several])
+        columns = torch.cat([view.columns.to(several[0].features.device) for view in several])
+        rows, columns = torch.stack([rows, columns]).cpu()  # the batch's one read
+        sizes = [view.features.shape[0] for view in several]
+        found = iter([row_groups(r, c, view.keep) for r, c, view in
+                      zip(rows.split(sizes), columns.split(sizes), several)])
+        return [next(found) if next(iter(view.layers.values())).query.shape[0] > 1 else None for view in views]
+
+    def _select_alike(self, views: list[VisionView], layouts: list) -> list[torch.Tensor | Selection]:
+        """Views of one shape and row layout: each tower row's tokens of every view as one [B, n] batch (`_row`),
+        the rows' answers joined per view as `select` would for the view alone."""
+        stacked = VisionLayer.stacked([next(iter(view.layers.values())) for view in views])  # B x R rows
         features = torch.stack([view.features for view in views])  # [B, N, D]
         device = features.device
+        batch, n = features.shape[:2]
+        per_view = stacked.query.shape[0] // batch
         columns = torch.stack([view.columns.to(device) for view in views])  # [B, N]
-        score = row_importance(stacked).to(device).gather(1, columns)  # [B, N]
-        keys = key.float().mean(dim=1).to(device).gather(1, columns[..., None].expand(-1, -1, key.shape[-1]))
-        batch, n = columns.shape
-        budget = views[0].keep
+        row_of = torch.stack([view.rows.to(device) for view in views]) + per_view * torch.arange(batch, device=device)[:, None]
+        score = row_importance(stacked).to(device)[row_of, columns]  # [B, N]
+        keys = stacked.key.float().mean(dim=1).to(device)[row_of, columns]  # [B, N, d]: head-averaged keys
+        if layouts[0] is None:  # one row: all the tokens, in column order
+            rows = [(columns.argsort(dim=1), views[0].keep)]
+        else:
+            rows = [(torch.stack([layout[r][0] for layout in layouts]).to(device), budget)
+                    for r, (_, budget) in enumerate(layouts[0])]
+        answers = [(tokens, *self._row(features, score, keys, tokens, budget, stacked.cls)) for tokens, budget in rows]
+        keep = torch.cat([tokens.gather(1, kept) for tokens, kept, *_ in answers], dim=1)
+        if all(hidden is None for *_, hidden, _, _ in answers):
+            return list(keep.sort(dim=1).values)
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        hidden = torch.cat([gather_rows(features, tokens.gather(1, kept)).to(dtype) if merged is None else merged
+                            for tokens, kept, merged, _, _ in answers], dim=1)
+        sizes = torch.cat([torch.ones(kept.shape, device=device) if size is None else size
+                           for _, kept, _, size, _ in answers], dim=1)
+        destination, offset = torch.full((batch, n), -1, dtype=torch.long, device=device), 0
+        for tokens, kept, _, _, slot in answers:
+            if slot is None:  # a row without contextual tokens: its dominant ones in their own slots, the rest dropped
+                slot = torch.full(tokens.shape, -1, dtype=torch.long, device=device)
+                slot.scatter_(1, kept, torch.arange(kept.shape[1], device=device).expand_as(kept))
+            destination.scatter_(1, tokens, torch.where(slot >= 0, slot + offset, -1))
+            offset += kept.shape[1]
+        keep, hidden, sizes, destination = in_token_order(keep, hidden.to(features.dtype), sizes, destination)
+        return [Selection(*parts) for parts in zip(keep, hidden, sizes, destination)]
+
+    def _row(self, features: torch.Tensor, score: torch.Tensor, keys: torch.Tensor, tokens: torch.Tensor, budget: int,
+             cls: bool):
+        """One tower row of B items: its tokens `tokens` [B, n] (indices into each item's, in column order) with
+        `budget` of them kept. Returns (kept [B, k]: positions in the row, the dominant ones in row order, then the
+        [CLS] slot's patch and the anchors; their states [B, k, D] in float32 at least, their sizes [B, k], the slot
+        of kept each of the row's tokens went to [B, n], -1 for none), the last three None for a row without
+        contextual tokens (it keeps its dominant tokens only)."""
+        batch, n = tokens.shape
+        device = tokens.device
+        score = score.gather(1, tokens)
         dominant, contextual = split_counts(budget, self.options.contextual_share)
-        cls_slot = int(stacked.cls and contextual > 0 and dominant > 0)  # the authors' [CLS], given to a patch
-        tokens = columns.argsort(dim=1)  # the row's tokens in column order
-        top = torch.topk(score.gather(1, tokens), dominant - cls_slot, dim=1).indices
+        cls_slot = int(cls and contextual > 0 and dominant > 0)  # the authors' [CLS], given to a patch
+        top = torch.topk(score, dominant - cls_slot, dim=1).indices
         is_dominant = torch.zeros(batch, n, dtype=torch.bool, device=device).scatter_(1, top, True)
         # dominant tokens first, then the candidates, each in row order (the authors' masked_select)
-        ranked = tokens.gather(1, torch.argsort((~is_dominant).to(torch.uint8), dim=1, stable=True))
+        ranked = torch.argsort((~is_dominant).to(torch.uint8), dim=1, stable=True)
         picked, candidates = ranked[:, :dominant - cls_slot], ranked[:, dominant - cls_slot:]
         if contextual == 0:
-            return list(picked.sort(dim=1).values)
+            return picked, None, None, None
         anchors = anchor_positions(candidates.shape[1], contextual, device)
         spare = None
         if cls_slot:  # the best candidate that is not an anchor (ties: the first in row order)
@@ -194,66 +249,17 @@ class VisionZip(VisionMethod):
             free[:, anchors] = -torch.inf
             spare = free.argmax(dim=1)
             picked = torch.cat([picked, candidates.gather(1, spare[:, None])], dim=1)
-        gathered = candidates[..., None].expand(-1, -1, features.shape[-1])
-        merged, anchor_sizes, slot = contextual_merge(features.gather(1, gathered),
-                                                      keys.gather(1, candidates[..., None].expand(-1, -1, keys.shape[-1])),
-                                                      contextual, spare)
-        dtype = merged.dtype
-        keep = torch.cat([picked, candidates[:, anchors]], dim=1)
-        hidden = torch.cat([features.gather(1, picked[..., None].expand(-1, -1, features.shape[-1])).to(dtype), merged],
-                           dim=1)
+        at = tokens.gather(1, candidates)
+        merged, anchor_sizes, slot = contextual_merge(gather_rows(features, at), gather_rows(keys, at), contextual, spare)
+        kept = torch.cat([picked, candidates[:, anchors]], dim=1)
+        hidden = torch.cat([gather_rows(features, tokens.gather(1, picked)).to(merged.dtype), merged], dim=1)
         sizes = torch.cat([torch.ones(picked.shape, device=device), anchor_sizes], dim=1)
-        destination = torch.full((batch, n), -1, dtype=torch.long, device=device)
-        destination.scatter_(1, candidates, torch.where(slot >= 0, slot + picked.shape[1], -1))  # the spare: below
-        destination.scatter_(1, keep, torch.arange(keep.shape[1], device=device).expand_as(keep))
-        keep, hidden, sizes, destination = in_token_order(keep, hidden.to(features.dtype), sizes, destination)
-        return [Selection(*parts) for parts in zip(keep, hidden, sizes, destination)]
+        into = torch.full((batch, n), -1, dtype=torch.long, device=device)
+        into.scatter_(1, candidates, torch.where(slot >= 0, slot + picked.shape[1], -1))  # the spare: below
+        into.scatter_(1, kept, torch.arange(kept.shape[1], device=device).expand_as(kept))
+        return kept, hidden, sizes, into
 
-    def _select_rows(self, view: VisionView) -> torch.Tensor | Selection:
-        features = view.features
-        n, device = features.shape[0], features.device
-        if view.keep >= n:
-            return torch.arange(n, device=device)
-        (layer,) = view.layers.values()
-        rows, columns = view.rows.to(device), view.columns.to(device)
-        score = row_importance(layer).to(device)[rows, columns]
-        keys = mean_keys(layer, rows, columns).to(device)
 
-        keep, hidden, sizes = [], [], []
-        destination = torch.full((n,), -1, dtype=torch.long, device=device)
-        merges = False
-        for tokens, budget in row_groups(rows, columns, view.keep):
-            dominant, contextual = split_counts(budget, self.options.contextual_share)
-            cls_slot = int(layer.cls and contextual > 0 and dominant > 0)  # the authors' [CLS], given to a patch
-            top = torch.topk(score[tokens], dominant - cls_slot).indices
-            is_dominant = torch.zeros(tokens.numel(), dtype=torch.bool, device=device)
-            is_dominant[top] = True
-            keep.append(tokens[is_dominant])  # in row order, as the authors' masked_select
-            hidden.append(features[tokens[is_dominant]])
-            sizes.append(torch.ones(dominant - cls_slot, device=device))
-            if contextual == 0:
-                continue
-            merges = True
-            candidates = tokens[~is_dominant]
-            spare = None
-            if cls_slot:  # the best candidate that is not an anchor (ties: the first in row order)
-                free = score[candidates].clone()
-                free[anchor_positions(candidates.numel(), contextual, device)] = -torch.inf
-                spare = free.argmax()[None]
-                keep.append(candidates[spare])
-                hidden.append(features[candidates[spare]])
-                sizes.append(torch.ones(1, device=device))
-            merged, anchor_sizes, slot = contextual_merge(features[candidates][None], keys[candidates][None],
-                                                          contextual, spare)
-            keep.append(candidates[anchor_positions(candidates.numel(), contextual, device)])
-            hidden.append(merged[0])
-            sizes.append(anchor_sizes[0])
-            offset = sum(k.numel() for k in keep[:-1])  # the anchors' first slot in torch.cat(keep)
-            destination[candidates] = torch.where(slot[0] >= 0, slot[0] + offset, -1)  # the spare: its own slot, below
-        keep = torch.cat(keep)
-        if not merges:
-            return keep.sort().values
-        dtype = torch.promote_types(features.dtype, torch.float32)
-        hidden, sizes = torch.cat([h.to(dtype) for h in hidden]), torch.cat(sizes)
-        destination[keep] = torch.arange(keep.numel(), device=device)
-        return Selection(*in_token_order(keep, hidden.to(features.dtype), sizes, destination))
+def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values [B, N, D] at index [B, n]: [B, n, D]."""
+    return values.gather(1, index[..., None].expand(-1, -1, values.shape[-1]))
