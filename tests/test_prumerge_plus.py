@@ -232,19 +232,23 @@ def test_video_frames_match_the_reference(keep):
 
 def test_a_batch_of_views_is_each_view_alone():
     """select_batch stacks single-row items of one shape and keep, whose outlier counts (and so strides and
-    samples) differ; an anyres item and another keep are selected apart. Each pick equals its view alone and the
-    reference."""
+    samples) differ, and anyres items whose rows hold as many tokens (row by row); other keeps are grouped apart.
+    Each pick equals its view alone and the reference."""
     cases = [single_image(seed, planted) for seed, planted in
              [(0, ()), (1, ((0, 9, 6.0),)), (2, ((0, 9, 6.0), (0, 40, 5.0), (0, 41, 5.5))), (3, ((0, 2, 9.0),) * 1)]]
     views = [view_of(*case, keep) for case in cases for keep in (5, 24, 40, 63)]
-    q, k, features, rows, columns = anyres(0)
-    views.append(view_of(q, k, features, rows, columns, 60))
-    views[-1].parts, views[-1].part = (Grid(8, 8), Grid(13, 8)), torch.tensor([0] * 64 + [1] * (len(rows) - 64))
+    for seed in (0, 1, 2):  # anyres items whose rows hold as many tokens, at other places: stacked row by row
+        q, k, features, rows, columns = anyres(seed)
+        views.append(view_of(q, k, features, rows, columns, 60))
+        views[-1].parts, views[-1].part = (Grid(8, 8), Grid(13, 8)), torch.tensor([0] * 64 + [1] * (len(rows) - 64))
+        cases.append((q, k, features, rows, columns))
     method = PruMergePlus(PruMergePlus.Options())
     for view, pick in zip(views, method.select_batch(views), strict=True):
         assert_same_pick(pick, method.select(view))
-    for index, case in enumerate(cases):
+    for index, case in enumerate(cases[:4]):
         check(views[4 * index + 1], *case)
+    for view, case in zip(views[-3:], cases[4:]):
+        check(view, *case)
 
 
 def test_a_tower_without_cls_is_refused():

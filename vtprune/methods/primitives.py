@@ -261,3 +261,23 @@ def row_groups(rows: torch.Tensor, columns: torch.Tensor, keep: int) -> list[tup
     _, counts = torch.unique_consecutive(rows[order], return_counts=True)
     budgets = split_budget(counts.tolist(), keep)
     return list(zip(torch.split(order, counts.tolist()), budgets))
+
+
+def row_layouts(views: list) -> list[list[tuple[torch.Tensor, int]] | None]:
+    """Per VisionView, its tower rows as row_groups gives them (host tensors), read from the device once for all the
+    views of several rows; None for a view of one row (its row is all its tokens, in column order). For selecting
+    the rows of many items alike together."""
+    def several(view) -> bool:
+        return next(iter(view.layers.values())).query.shape[0] > 1
+
+    multi = [view for view in views if several(view)]
+    if not multi:
+        return [None] * len(views)
+    device = multi[0].features.device
+    rows = torch.cat([view.rows.to(device) for view in multi])
+    columns = torch.cat([view.columns.to(device) for view in multi])
+    rows, columns = torch.stack([rows, columns]).cpu()  # the one read
+    sizes = [view.features.shape[0] for view in multi]
+    found = iter([row_groups(r, c, view.keep) for r, c, view in zip(rows.split(sizes), columns.split(sizes), multi)])
+    return [next(found) if several(view) else None for view in views]
+

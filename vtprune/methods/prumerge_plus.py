@@ -73,7 +73,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView
-from .primitives import row_groups, same_shape
+from .primitives import row_layouts, same_shape
 
 LAYER = -1  # encoder.layers[23] of CLIP-L's 24
 NEIGHBOURS = 32
@@ -177,39 +177,40 @@ class PruMergePlus(VisionMethod):
         return self.select_batch([view])[0]
 
     def select_batch(self, views: list[VisionView]) -> list[Selection]:
-        """Items encoded in one tower row each (a LLaVA-1.5 image), of one shape, are selected together as [B, N]
-        tensors (no host read); an item of several rows (anyres tiles, video frames) row by row."""
+        """Items of one shape whose tokens sit alike in the tower's rows (a LLaVA batch's images, one row each; a
+        LLaVA-NeXT batch's images of one size) are selected together, row by row, each row's items as [B, n]
+        tensors; where each token sits is read from the device once for the batch (not at all for one-row items)."""
+        layouts = row_layouts(views)
         keys = []
-        for view in views:
+        for view, layout in zip(views, layouts):
             layer = view.layers[self.options.layer]
-            single_row = layer.query.shape[0] == 1 and 0 < view.keep < view.features.shape[0]
             keys.append((view.features.shape, view.features.dtype, view.features.device, layer.key.shape,
-                         layer.key.dtype, layer.key.device, layer.cls, view.keep) if single_row else object())
+                         layer.key.dtype, layer.key.device, layer.cls, view.keep,
+                         None if layout is None else tuple((tokens.numel(), budget) for tokens, budget in layout)))
         picks: list = [None] * len(views)
         for group in same_shape(keys):
-            views_of = [views[i] for i in group]
-            if isinstance(keys[group[0]], tuple):
-                layers = [view.layers[self.options.layer] for view in views_of]
-                layer = VisionLayer.stacked(layers)
-                features = torch.stack([view.features for view in views_of])
-                rows = torch.arange(len(group), device=features.device)[:, None].expand(features.shape[:2])
-                columns = torch.stack([view.columns.to(features.device) for view in views_of])
-                selections = self._select(features, layer, rows, columns, [(columns.argsort(dim=1), views_of[0].keep)])
+            alike = [views[i] for i in group]
+            layer = VisionLayer.stacked([view.layers[self.options.layer] for view in alike])
+            features = torch.stack([view.features for view in alike])
+            device = features.device
+            per_view = layer.query.shape[0] // len(alike)  # tower rows per item
+            rows = torch.stack([view.rows.to(device) for view in alike]) + per_view * torch.arange(
+                len(alike), device=device)[:, None]
+            columns = torch.stack([view.columns.to(device) for view in alike])
+            if layouts[group[0]] is None:  # one row: all the tokens, in column order
+                row_tokens = [(columns.argsort(dim=1), alike[0].keep)]
             else:
-                view = views_of[0]
-                features = view.features[None]
-                rows, columns = view.rows.to(features.device), view.columns.to(features.device)
-                groups = [(tokens[None], budget) for tokens, budget in row_groups(rows, columns, view.keep) if budget]
-                selections = self._select(features, view.layers[self.options.layer], rows[None], columns[None], groups)
-            for index, selection in zip(group, selections):
+                row_tokens = [(torch.stack([layouts[i][r][0] for i in group]).to(device), budget)
+                              for r, (_, budget) in enumerate(layouts[group[0]]) if budget]
+            for index, selection in zip(group, self._select(features, layer, rows, columns, row_tokens)):
                 picks[index] = selection
         return picks
 
     def _select(self, features: torch.Tensor, layer: VisionLayer, rows: torch.Tensor, columns: torch.Tensor,
                 groups: list[tuple[torch.Tensor, int]]) -> list[Selection]:
         """B items of N tokens each (features [B, N, D]; rows, columns [B, N]: where each token was encoded, rows
-        counted from the items' first), whose tower rows are `groups`: (the row's tokens [B, n] in raster order, its
-        budget)."""
+        indexing `layer`'s, which holds every item's), whose tower rows are `groups`: (the row's tokens [B, n] in
+        raster order, its budget)."""
         device = features.device
         scores = full_width_cls_attention(layer).to(device)[rows, columns]  # [B, N]
         unit = torch.nn.functional.normalize(layer.key[rows, :, columns].float().flatten(2).to(device), dim=-1)

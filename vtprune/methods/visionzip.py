@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView, feature_layer
-from .primitives import in_token_order, row_groups, same_shape
+from .primitives import in_token_order, row_layouts, same_shape
 
 CONTEXTUAL_SHARE = 10 / 64  # 54+10 / 108+20 / 162+30 at 64 / 128 / 192 (README, paper)
 
@@ -158,7 +158,7 @@ class VisionZip(VisionMethod):
                 picks[i] = torch.arange(view.features.shape[0], device=view.features.device)
             else:
                 pruned.append(i)
-        layouts = self._row_layouts([views[i] for i in pruned])
+        layouts = row_layouts([views[i] for i in pruned])
         keys = []
         for i, layout in zip(pruned, layouts):
             view = views[i]
@@ -171,21 +171,6 @@ class VisionZip(VisionMethod):
             for i, pick in zip(members, self._select_alike([views[i] for i in members], [layouts[g] for g in group])):
                 picks[i] = pick
         return picks
-
-    @staticmethod
-    def _row_layouts(views: list[VisionView]) -> list[list[tuple[torch.Tensor, int]] | None]:
-        """Per view, its tower rows as row_groups gives them (host tensors), read for every view of several rows
-        at once; None for a view of one row (its row is all its tokens in column order)."""
-        several = [view for view in views if next(iter(view.layers.values())).query.shape[0] > 1]
-        if not several:
-            return [None] * len(views)
-        rows = torch.cat([view.rows.to(several[0].features.device) for view in several])
-        columns = torch.cat([view.columns.to(several[0].features.device) for view in several])
-        rows, columns = torch.stack([rows, columns]).cpu()  # the batch's one read
-        sizes = [view.features.shape[0] for view in several]
-        found = iter([row_groups(r, c, view.keep) for r, c, view in
-                      zip(rows.split(sizes), columns.split(sizes), several)])
-        return [next(found) if next(iter(view.layers.values())).query.shape[0] > 1 else None for view in views]
 
     def _select_alike(self, views: list[VisionView], layouts: list) -> list[torch.Tensor | Selection]:
         """Views of one shape and row layout: each tower row's tokens of every view as one [B, n] batch (`_row`),
