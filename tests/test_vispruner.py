@@ -145,9 +145,11 @@ def test_interface():
 
 
 def test_a_batch_of_views_is_selected_as_each_alone():
-    """select_batch deduplicates residuals of one length in lockstep; mixed shapes (an anyres item, other
-    budgets) fall into groups of their own. Each answer is the one-view answer, and the authors'."""
-    views = [single(40, seed=s) for s in range(4)] + [anyres(50), single(17, seed=9), video(20), single(40, seed=4)]
+    """select_batch ranks items of one shape and row layout together, row by row (single-row images, anyres items,
+    videos), and deduplicates residuals of one length in lockstep; other budgets fall into groups of their own.
+    Each answer is the one-view answer, and the authors'."""
+    views = [single(40, seed=s) for s in range(4)] + [anyres(50), single(17, seed=9), video(20), single(40, seed=4),
+                                                      anyres(50, seed=5), video(20, seed=6)]
     method = VisPruner(VisPruner.Options())
     for view, picked in zip(views, method.select_batch(views), strict=True):
         assert picked.tolist() == method.select(view).tolist() == reference(view)

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, VisionLayer, VisionMethod, VisionView, feature_layer
-from .primitives import (DISTANCE_MATRIX_ENTRIES, cls_attention, held_entries, received_attention, row_groups,
+from .primitives import (DISTANCE_MATRIX_ENTRIES, cls_attention, held_entries, received_attention, row_layouts,
                          same_shape)
 
 
@@ -138,37 +138,31 @@ class VisPruner(VisionMethod):
         return self.select_batch([view])[0]
 
     def select_batch(self, views: list[VisionView]) -> list[torch.Tensor]:
+        """Items of one shape whose tokens sit alike in the tower's rows are ranked together, row by row (where each
+        token sits is read once for the batch, not at all for one-row items); residuals of one length and count
+        are deduplicated together."""
         kept = [[] for _ in views]
         units, rounds = {}, []  # per view its normalised features; per residual (view, its ranked tokens, count)
-        stacked = []  # items encoded in one tower row each, ranked together below
+        pruned = []
         for v, view in enumerate(views):
-            features = view.features
-            n, device = features.shape[0], features.device
-            if view.keep >= n:
-                kept[v].append(torch.arange(n, device=device))
-                continue
-            (layer,) = view.layers.values()
-            if layer.query.shape[0] == 1:
-                stacked.append(v)
-                continue
-            units[v] = unit_features(features)
-            rows, columns = view.rows.to(device), view.columns.to(device)
-            score = importance(layer, rows, columns).to(device)
-            for tokens, budget in row_groups(rows, columns, view.keep):
-                important = int(budget * self.options.important_ratio)
-                ranked = tokens[descending(score[tokens])]
-                kept[v].append(ranked[:important])
-                if budget > important:
-                    rounds.append((v, ranked[important:], budget - important))
-        for group in same_shape([(views[v].features.shape, views[v].features.dtype, views[v].features.device,
-                                  next(iter(views[v].layers.values())).key.shape, views[v].keep) for v in stacked]):
-            members = [stacked[g] for g in group]
-            unit, important, residual = self._rank_rows([views[v] for v in members])
-            for v, own, top, rest in zip(members, unit, important, residual):
-                units[v] = own
-                kept[v].append(top)
-                if views[v].keep > top.numel():
-                    rounds.append((v, rest, views[v].keep - top.numel()))
+            if view.keep >= view.features.shape[0]:
+                kept[v].append(torch.arange(view.features.shape[0], device=view.features.device))
+            else:
+                pruned.append(v)
+        layouts = row_layouts([views[v] for v in pruned])
+        keys = [(views[v].features.shape, views[v].features.dtype, views[v].features.device,
+                 next(iter(views[v].layers.values())).key.shape, views[v].keep,
+                 None if layout is None else tuple((tokens.numel(), budget) for tokens, budget in layout))
+                for v, layout in zip(pruned, layouts)]
+        for group in same_shape(keys):
+            members = [pruned[g] for g in group]
+            unit, rows = self._rank_rows([views[v] for v in members], [layouts[g] for g in group])
+            for b, v in enumerate(members):
+                units[v] = unit[b]
+                for important, rest, count in rows:
+                    kept[v].append(important[b])
+                    if count > 0:
+                        rounds.append((v, rest[b], count))
         # Residuals of one length and count (every image of a LLaVA batch) are deduplicated in one loop.
         for group in same_shape([(units[v].shape, residual.numel(), count) for v, residual, count in rounds]):
             owners = sorted({rounds[j][0] for j in group})
@@ -179,21 +173,29 @@ class VisPruner(VisionMethod):
                 kept[rounds[j][0]].append(row)
         return [torch.cat(parts).sort().values for parts in kept]
 
-    def _rank_rows(self, views: list[VisionView]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For views of one shape whose tokens all come from one tower row: (unit features [B, N, D], the important
-        tokens [B, T_imp] and the rest ranked [B, N - T_imp], by decreasing importance), as the per-row loop of
-        select_batch, over a leading batch dimension."""
-        layers = [next(iter(view.layers.values())) for view in views]
-        layer = VisionLayer.stacked(layers)
+    def _rank_rows(self, views: list[VisionView], layouts: list) -> tuple[torch.Tensor, list]:
+        """For views of one shape and row layout (row_layouts; None: one row): (unit features [B, N, D], per tower
+        row (its important tokens [B, T_imp], the rest ranked [B, n - T_imp], by decreasing importance, and how many
+        of the rest to keep))."""
+        layer = VisionLayer.stacked([next(iter(view.layers.values())) for view in views])
         features = torch.stack([view.features for view in views])
         device = features.device
+        batch = len(views)
         columns = torch.stack([view.columns.to(device) for view in views])
-        rows = torch.arange(len(views), device=device).repeat_interleave(columns.shape[1])  # each token's view
-        score = importance(layer, rows, columns.flatten()).to(device).view(columns.shape)
-        tokens = columns.argsort(dim=1)  # the row's tokens in column order
-        ranked = tokens.gather(1, descending(score.gather(1, tokens)))
-        important = int(views[0].keep * self.options.important_ratio)
-        return unit_features(features), ranked[:, :important], ranked[:, important:]
+        rows = torch.stack([view.rows.to(device) for view in views]) + (
+            layer.query.shape[0] // batch) * torch.arange(batch, device=device)[:, None]  # rows of the stacked layer
+        score = importance(layer, rows.flatten(), columns.flatten()).to(device).view(columns.shape)
+        if layouts[0] is None:  # one row: all the tokens, in column order
+            row_tokens = [(columns.argsort(dim=1), views[0].keep)]
+        else:
+            row_tokens = [(torch.stack([layout[r][0] for layout in layouts]).to(device), budget)
+                          for r, (_, budget) in enumerate(layouts[0])]
+        ranked_rows = []
+        for tokens, budget in row_tokens:
+            important = int(budget * self.options.important_ratio)
+            ranked = tokens.gather(1, descending(score.gather(1, tokens)))
+            ranked_rows.append((ranked[:, :important], ranked[:, important:], budget - important))
+        return unit_features(features), ranked_rows
 
 
 def unit_features(features: torch.Tensor) -> torch.Tensor:
