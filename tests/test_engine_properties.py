@@ -49,3 +49,20 @@ def test_batch_equals_singles_and_counts_add_up(family, method, samples, budget,
             alone_logits = model(**sample_alone(inputs, b), **share).logits[0]
             real = inputs["attention_mask"][b].bool()
             torch.testing.assert_close(batch_logits[b, real][-1], alone_logits[-1], atol=2e-5, rtol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(1, 6)), min_size=1, max_size=8))
+def test_an_items_positions_are_its_runs_in_order(gaps_and_lengths):
+    """VisualItem.positions (computed in a few ops, not one per run) lists every run's positions, run after run."""
+    from vtprune.adapters.base import VisualItem
+    from vtprune.methods import Grid
+
+    runs, position = [], 0
+    for gap, length in gaps_and_lengths:
+        position += gap
+        runs.append((position, length))
+        position += length
+    total = sum(length for _, length in runs)
+    item = VisualItem(tuple(runs), (Grid(1, total),))
+    assert item.positions().tolist() == [p for start, length in runs for p in range(start, start + length)]

@@ -40,7 +40,15 @@ class VisualItem:
         return sum(length for _, length in self.runs)
 
     def positions(self, device=None) -> torch.Tensor:
-        return torch.cat([torch.arange(start, start + length, device=device) for start, length in self.runs])
+        """[length] the item's sequence positions, run after run (a few ops however many runs: a LLaVA-NeXT image
+        has one per row of its high-resolution grid)."""
+        if len(self.runs) == 1:
+            start, length = self.runs[0]
+            return torch.arange(start, start + length, device=device)
+        starts, lengths = (torch.tensor(column, device=device) for column in zip(*self.runs))
+        shift = starts - (lengths.cumsum(0) - lengths)  # a run's first position minus the tokens before it
+        return torch.arange(self.length, device=device) + torch.repeat_interleave(shift, lengths,
+                                                                                  output_size=self.length)
 
     def token_layout(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """[length] part index and [length, 3] (frame, row, col) of each token, in item order."""

@@ -115,19 +115,14 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
         by_kind.setdefault(call.kind, []).append(call)
     encoded = {kind: _concatenated(group) for kind, group in by_kind.items()}
     projected = {kind: call.projected.to(embeds.dtype) for kind, call in encoded.items()}  # as the LLM received it
+    alike = _placed_alike(adapter, encoded, projected, items, embeds)
+    if alike is not None:
+        return alike
     next_row = dict.fromkeys(encoded, 0)
-    rows_each = {"image": _one_row_each(encoded["image"], projected["image"], items, embeds)} \
-        if adapter.one_row_per_image and "image" in encoded else {}
-    for kind, found in rows_each.items():
-        if found is not None:
-            next_row[kind] = len(found)
     placed, seen = [], []  # seen: (sample, item, its EncodedItem) of every item placed so far
     for b, sample in enumerate(items):
         row = []
         for item in sample:
-            if rows_each.get(item.kind) is not None:
-                row.append(rows_each[item.kind][(b, item)])
-                continue
             call = encoded.get(item.kind)
             if call is None:
                 raise EngineError(f"a {item.kind} reached the language model, but vtprune saw no vision-tower run "
@@ -157,23 +152,43 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
     return placed
 
 
-def _one_row_each(call: EncodedCall, projected: torch.Tensor, items: list[list[VisualItem]],
-                  embeds: torch.Tensor) -> dict | None:
-    """(sample, item) -> its EncodedItem, when every image is the whole of one row after its [CLS] token, row k the
-    k-th image (on a family that encodes each image in one row, what its single_row_place finds image by image),
-    checked with one comparison; else None, and the items are placed one by one."""
-    images = [(b, item) for b, sample in enumerate(items) for item in sample if item.kind == "image"]
-    lengths = {item.length for _, item in images}
-    if len(images) != projected.shape[0] or len(lengths) != 1 or projected.shape[1] < min(lengths):
+def _placed_alike(adapter: Adapter, encoded: dict, projected: dict, items: list[list[VisualItem]],
+                  embeds: torch.Tensor) -> list[list["EncodedItem"]] | None:
+    """Each item placed in the rows after the previous item of its kind, as that one was when their grids are the
+    same (a batch of images of one size: one search by the adapter, then one comparison for all the others, however
+    many); None when an item is not found so (a repeated sample of generate's beams, a layout the assumption does
+    not fit), and the items are then found one by one."""
+    next_row = dict.fromkeys(encoded, 0)
+    previous: dict = {}  # kind -> (grids, place) of the last item the adapter placed
+    placed, assumed = [], {}  # assumed: id(place) -> (place, kind, [(sample, item, first row)])
+    for b, sample in enumerate(items):
+        row = []
+        for item in sample:
+            call = encoded.get(item.kind)
+            if call is None:
+                return None
+            start = next_row[item.kind]
+            grids, place = previous.get(item.kind, (None, None))
+            if grids == item.parts and start + place.count <= call.features.shape[0]:
+                assumed.setdefault(id(place), (place, item.kind, []))[2].append((b, item, start))
+            else:
+                place = adapter.encoded_place(item, projected[item.kind][start:],
+                                              embeds[b, item.positions(embeds.device)])
+                if place is None:
+                    return None
+                previous[item.kind] = (item.parts, place)
+            next_row[item.kind] = start + place.count
+            row.append(EncodedItem(call, start, place))
+        placed.append(row)
+    if any(next_row[kind] != call.features.shape[0] for kind, call in encoded.items()):
         return None
-    n = lengths.pop()
-    sample = torch.tensor([b for b, _ in images], device=embeds.device)[:, None]
-    positions = torch.stack([item.positions() for _, item in images]).to(embeds.device)
-    if not torch.equal(projected[:, :n], embeds[sample, positions]):
-        return None
-    features = torch.arange(n, device=embeds.device)
-    place = EncodedPlace(1, torch.zeros_like(features), features + 1, features)
-    return {(b, item): EncodedItem(call, k, place) for k, (b, item) in enumerate(images)}
+    for place, kind, found in assumed.values():  # what the adapter would have compared, for all of them at once
+        sample = torch.tensor([b for b, _, _ in found], device=embeds.device)[:, None]
+        positions = torch.stack([item.positions() for _, item, _ in found]).to(embeds.device)
+        first = torch.tensor([start for _, _, start in found], device=place.rows.device)[:, None]
+        if not torch.equal(projected[kind][first + place.rows, place.feature_columns], embeds[sample, positions]):
+            return None
+    return placed
 
 
 @dataclass
