@@ -233,18 +233,24 @@ def test_one_image_is_top_k_by_late_attention(keep):
 
 
 def test_a_batch_of_views_is_each_view_alone():
-    """select_batch takes the top-k of single-row items of one shape and keep together; an anyres item and another
-    keep are selected apart. Each pick equals its view alone (and the released top-k for the single images)."""
+    """select_batch takes the top-k of single-row items of one shape and keep together, and selects anyres items of
+    one layout together (their tiles' shares differing); another keep is selected apart. Each pick equals its view
+    alone (and the released top-k for the single images)."""
     cases = [one_image(seed, 13) for seed in range(3)] + [one_image(3, 32)]
-    layout, content = LAYOUTS["2x2 whole"]
-    anyres_view, *_ = anyres_case(0, layout, content)
-    anyres_view.keep = 20
-    views = [view for view, _, _ in cases] + [anyres_view]
+    anyres_views = []
+    for seed, hot_band in ((0, None), (1, (0, 1)), (2, (6, 7))):  # one layout; hot rows move the tiles' shares
+        layout, content = LAYOUTS["2x2 cropped sideways"]
+        view, *_ = anyres_case(seed, layout, content, hot_band)
+        view.keep = 20
+        anyres_views.append(view)
+    views = [view for view, _, _ in cases] + anyres_views
     method = HiRED(HiRED.Options())
     for view, pick in zip(views, method.select_batch(views), strict=True):
         assert pick.tolist() == method.select(view).tolist()
-    for (view, q, k), pick in zip(cases, method.select_batch(views)):
+    picks = method.select_batch(views)
+    for (view, q, k), pick in zip(cases, picks):
         assert set(pick.tolist()) == top(cls_scores(q, k)[0], view.keep)
+    assert len({tuple(pick.tolist()) for pick in picks[-3:]}) == 3
 
 
 def test_video_frames_are_one_pool():

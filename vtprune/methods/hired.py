@@ -75,7 +75,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, VisionLayer, VisionMethod, VisionView
-from .primitives import cls_attention, same_shape, topk_in_order
+from .primitives import cls_attention, row_layouts, same_shape, topk_in_order
 
 REGIONS = ("released", "spatial")
 
@@ -119,29 +119,68 @@ class HiRED(VisionMethod):
         return tuple(dict.fromkeys((self.options.early_layer, self.options.late_layer)))
 
     def select_batch(self, views: list[VisionView]) -> list[torch.Tensor]:
-        """Items encoded in one tower row each (a LLaVA-1.5 image: HiRED's plain top-k) of one shape are selected
-        together; an anyres item or a video on its own."""
+        """Items of one shape whose tokens sit alike in the tower's rows are selected together: one-row images and
+        videos (one top-k pool each) at once; anyres items with the base image's and every tile's top-k over the
+        batch, the tiles' shares read from the device once. An anyres item with a tile of no tokens on its own."""
         picks: list = [None] * len(views)
+        layouts = row_layouts(views)
         keys = []
-        for view in views:
+        for view, layout in zip(views, layouts):
             late = view.layers[self.options.late_layer]
             keys.append((late.key.shape, late.key.dtype, late.key.device, late.cls, view.features.shape,
-                         view.features.device, view.keep) if late.query.shape[0] == 1 else object())
+                         view.features.device, view.keep, view.kind,
+                         None if layout is None else tuple(tokens.numel() for tokens, _ in layout)))
         for group in same_shape(keys):
-            if not isinstance(keys[group[0]], tuple):
-                picks[group[0]] = self._select_item(views[group[0]])
-                continue
-            layers = [views[i].layers[self.options.late_layer] for i in group]
-            if not layers[0].cls:
+            alike = [views[i] for i in group]
+            late = VisionLayer.stacked([view.layers[self.options.late_layer] for view in alike])
+            if not late.cls:
                 raise ValueError("method 'hired' needs a [CLS] token, and this vision tower has none")
-            late = VisionLayer.stacked(layers)
-            device = views[group[0]].features.device
-            columns = torch.stack([views[i].columns.to(device) for i in group])
-            rows = torch.arange(len(group), device=device).repeat_interleave(columns.shape[1])
-            score = cls_attention(late, rows, columns.flatten()).sum(dim=0).to(device).view(columns.shape)
-            for i, pick in zip(group, topk_in_order(score, views[group[0]].keep)):
+            device = alike[0].features.device
+            per_view = late.query.shape[0] // len(alike)  # tower rows per item
+            rows = torch.stack([view.rows.to(device) for view in alike]) + per_view * torch.arange(
+                len(alike), device=device)[:, None]
+            columns = torch.stack([view.columns.to(device) for view in alike])
+            score = cls_attention(late, rows.flatten(), columns.flatten()).sum(dim=0).to(device).view(columns.shape)
+            layout = layouts[group[0]]
+            if layout is None or alike[0].kind == "video":  # one pool of top-k (the released LLaVA-1.5 branch)
+                chosen = list(topk_in_order(score, alike[0].keep))
+            elif len(layout) == per_view:
+                chosen = self._anyres(alike, [layouts[i] for i in group], score, rows, columns)
+            else:
+                chosen = [self._select_item(view) for view in alike]
+            for i, pick in zip(group, chosen):
                 picks[i] = pick
         return picks
+
+    def _anyres(self, views: list[VisionView], layouts: list, score: torch.Tensor, rows: torch.Tensor,
+                columns: torch.Tensor) -> list[torch.Tensor]:
+        """Anyres items of one layout (row 0 the base image, then the tiles; every row holds tokens), their late
+        [CLS] attention score [B, N] and tower rows / columns [B, N] in the stacked layers: `_select_item` for the
+        batch, with one read of the tiles' marked counts."""
+        device = score.device
+        alpha, keep = self.options.alpha, views[0].keep
+        base = torch.stack([layout[0][0] for layout in layouts]).to(device)  # raster (column) order
+        members = [torch.stack([layout[t][0].sort().values for layout in layouts]).to(device)  # in item order
+                   for t in range(1, len(layouts[0]))]
+        capacity = [tile.shape[1] for tile in members]
+        base_budget = min(int(keep * alpha), base.shape[1])
+        tile_budget = min(keep - base_budget, sum(capacity))
+        base_budget = keep - tile_budget
+        picks = [base.gather(1, torch.topk(score.gather(1, base), base_budget, dim=1).indices)]
+        shares = [[0] * len(members) for _ in views]
+        if tile_budget > 0:
+            early = VisionLayer.stacked([view.layers[self.options.early_layer] for view in views])
+            early = cls_attention(early, rows.gather(1, base).flatten(), columns.gather(1, base).flatten()).sum(dim=0)
+            marked = torch.topk(early.to(device).view(base.shape), int(base.shape[1] * (1 - alpha)), dim=1).indices
+            region = torch.stack([self.base_regions(view, row, len(members)) for view, row in zip(views, base)])
+            counts = torch.zeros(base.shape[0], len(members), dtype=torch.long, device=device)
+            counts.scatter_add_(1, region.gather(1, marked), torch.ones_like(marked))
+            shares = [tile_shares(row, tile_budget, capacity) for row in counts.cpu()]  # the one read
+        for t, tile in enumerate(members):
+            most = max(share[t] for share in shares)
+            picks.append(tile.gather(1, torch.topk(score.gather(1, tile), most, dim=1).indices))  # each takes its own
+        return [torch.cat([picks[0][b]] + [picks[1 + t][b, :share[t]] for t in range(len(members))]).sort().values
+                for b, share in enumerate(shares)]
 
     def select(self, view: VisionView) -> torch.Tensor:
         return self.select_batch([view])[0]
