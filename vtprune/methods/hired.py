@@ -172,7 +172,10 @@ class HiRED(VisionMethod):
             early = VisionLayer.stacked([view.layers[self.options.early_layer] for view in views])
             early = cls_attention(early, rows.gather(1, base).flatten(), columns.gather(1, base).flatten()).sum(dim=0)
             marked = torch.topk(early.to(device).view(base.shape), int(base.shape[1] * (1 - alpha)), dim=1).indices
-            region = torch.stack([self.base_regions(view, row, len(members)) for view, row in zip(views, base)])
+            if self.options.regions == "released":  # raster bands: the same for every item of the layout
+                region = self.base_regions(views[0], base[0], len(members)).expand_as(base)
+            else:
+                region = torch.stack([self.base_regions(view, row, len(members)) for view, row in zip(views, base)])
             counts = torch.zeros(base.shape[0], len(members), dtype=torch.long, device=device)
             counts.scatter_add_(1, region.gather(1, marked), torch.ones_like(marked))
             shares = [tile_shares(row, tile_budget, capacity) for row in counts.cpu()]  # the one read
