@@ -11,7 +11,7 @@ from vtprune.bench.ops import OPTIONS, count_prefill
 from vtprune.methods import REGISTRY
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
-PER_EXTRA_ITEM = 8  # SparseVLM's 6 (its probe's text queries at three stages) is the most today
+PER_EXTRA_ITEM = 8  # CLASP's 3 is the most today
 
 
 @pytest.mark.parametrize("method", sorted(REGISTRY))

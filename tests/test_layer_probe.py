@@ -8,7 +8,7 @@ import torch
 
 import vtprune
 from vtprune.adapters import adapter_for
-from vtprune.methods import REGISTRY, Method, Stage
+from vtprune.methods import REGISTRY, LayerProbe, Method, Stage
 from vtprune.methods.primitives import topk_in_order
 from vtprune.tiny import SampleLayout, tiny_inputs
 
@@ -102,6 +102,7 @@ def test_probe_rows_name_text_visual_and_last_tokens(hole):
             probe.queries(probe.visual[:1])
         # the unchecked readers (no host read) answer what the checked one does
         assert torch.equal(probe.text_queries(), probe.queries(probe.text))
+        assert torch.equal(LayerProbe.stacked_text_queries([probe, probe]), torch.stack([probe.text_queries()] * 2))
         assert torch.equal(probe.last_query(), probe.queries(torch.tensor([probe.last]))[:, 0])
         assert torch.equal(present[probe.visual], item.positions())
         assert not torch.isin(ids[probe.text], torch.tensor([100])).any()  # newlines are placeholders, not text

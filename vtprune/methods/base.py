@@ -107,6 +107,18 @@ class LayerProbe:
             return self.asking_query[:, self.text]
         return self.asking_query[:, torch.searchsorted(self.asking, self.text.to(self.asking.device))]
 
+    @staticmethod
+    def stacked_text_queries(probes: list["LayerProbe"]) -> torch.Tensor:
+        """[B, H, T, d] the text rows' queries of probes of one shape, found for all of them at once where their
+        asking rows stack (else probe by probe)."""
+        asking = [probe.asking for probe in probes]
+        if any(rows is None for rows in asking) or len({rows.shape for rows in asking}) > 1:
+            return torch.stack([probe.text_queries() for probe in probes])
+        asking = torch.stack(asking)
+        index = torch.searchsorted(asking, torch.stack([probe.text.to(asking.device) for probe in probes]))
+        query = torch.stack([probe.asking_query for probe in probes])  # [B, H, A, d]
+        return query.gather(2, index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))
+
     def queries(self, rows: torch.Tensor) -> torch.Tensor:
         """[H, R, d] the queries of rows `rows` [R]."""
         if self.asking is None:

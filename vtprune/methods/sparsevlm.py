@@ -90,7 +90,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageView, Method, ModelInfo, Selection, Stage, scale_layers
+from .base import ImageView, LayerProbe, Method, ModelInfo, Selection, Stage, scale_layers
 from .primitives import in_token_order, same_shape
 
 # The authors' sparse layers (2, 6, 15 of 32) prune their own output: vtprune's stages are one layer later.
@@ -196,7 +196,7 @@ def rater_scores(views: list[ImageView], candidates: list[tuple]) -> torch.Tenso
         reference = torch.stack([view.item_reference for view in views])
         raters = choose_raters(reference, torch.stack([embeds for _, embeds in candidates]),
                                (after | ~after.any(dim=1, keepdim=True)).to(reference.device)).to(device)
-        query = torch.stack([view.probe.text_queries() for view in views]).float()  # [B, H, R, d]
+        query = LayerProbe.stacked_text_queries([view.probe for view in views]).float()  # [B, H, R, d]
     key = torch.stack([view.probe.key for view in views]).float()  # [B, H, L, d]
     logits = torch.einsum("bhrd,bhld->bhrl", query, key) * views[0].probe.scaling
     future = torch.arange(key.shape[2], device=device) > rows[..., None]  # [B, R, L]
