@@ -22,9 +22,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import vtprune
+from vtprune.bench.ops import OPTIONS
 from vtprune.bench.presets import PRESETS, build_preset, preset_inputs
-
-OPTIONS = {"clasp": {"question_class": "general"}}  # no tokenizer to route with
 
 
 def device_time_us(event) -> float:

@@ -22,7 +22,7 @@ class Layout:
     @classmethod
     def full(cls, prompt_mask: torch.Tensor) -> "Layout":
         batch, length = prompt_mask.shape
-        # contiguous, so that the searches that read it (index_in, slots_of) need no copy of it each time
+        # contiguous, so that the searches that read it (index_in) need no copy of it each time
         positions = torch.arange(length, device=prompt_mask.device).repeat(batch, 1)
         return cls(positions, prompt_mask.bool())
 
@@ -52,10 +52,6 @@ class Layout:
         """For each slot of self, the slot of other holding the same position (fill slots map to slot 0)."""
         index = torch.searchsorted(other.positions.contiguous(), self.positions.contiguous())
         return index.clamp(max=other.length - 1)
-
-    def slots_of(self, sample: int, positions: torch.Tensor) -> torch.Tensor:
-        """The slots of sample's row that hold the given original positions (which it must hold)."""
-        return torch.searchsorted(self.positions[sample].contiguous(), positions.contiguous())
 
     def count(self, selected: torch.Tensor) -> torch.Tensor:
         """How many real slots per sample hold a position where selected [B, L] is True."""

@@ -360,19 +360,14 @@ def _references(run: Run, sample: torch.Tensor, positions: torch.Tensor, kind: s
     return hidden[sample, slots]
 
 
-def _reference(run: Run, sample: int, positions: torch.Tensor, kind: str) -> torch.Tensor:
-    """Sample `sample`'s tokens at positions [n] as they entered the method's reference layer for this kind."""
-    hidden, layout = run.references[run.method.reference_layer(run.adapter.model_info, kind)]
-    return hidden[sample, layout.slots_of(sample, positions)]
-
-
 def _item_references(run: Run, sample: int, i: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Item i's original tokens and its sample's text tokens as they entered the reference layer (taken once a
     run: every stage sees the same)."""
     if (sample, i) not in run.item_references:
         item = run.items[sample][i]
-        run.item_references[sample, i] = (_reference(run, sample, item.positions(device), item.kind),
-                                          _reference(run, sample, _text_positions(run, sample), item.kind))
+        at = torch.tensor([[sample]], device=device)
+        run.item_references[sample, i] = (_references(run, at, item.positions(device)[None], item.kind)[0],
+                                          _references(run, at, _text_positions(run, sample)[None], item.kind)[0])
     return run.item_references[sample, i]
 
 

@@ -229,6 +229,17 @@ class VisionView:
     def hidden(self) -> torch.Tensor:
         return self.features
 
+    @staticmethod
+    def stacked(views: list["VisionView"], name: int) -> tuple["VisionLayer", torch.Tensor, torch.Tensor]:
+        """Views of one shape: their layer `name` as one VisionLayer of all their tower rows, and each token's row in
+        it and its column, [B, N] on the features' device."""
+        layer = VisionLayer.stacked([view.layers[name] for view in views])
+        device = views[0].features.device
+        per_view = layer.query.shape[0] // len(views)  # tower rows per item
+        rows = torch.stack([view.rows.to(device) for view in views]) + per_view * torch.arange(
+            len(views), device=device)[:, None]
+        return layer, rows, torch.stack([view.columns.to(device) for view in views])
+
 
 @dataclass
 class Selection:

@@ -75,7 +75,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, VisionLayer, VisionMethod, VisionView
-from .primitives import cls_attention, row_layouts, same_shape, topk_in_order
+from .primitives import cls_attention, layout_key, row_layouts, same_shape, topk_in_order
 
 REGIONS = ("released", "spatial")
 
@@ -128,23 +128,18 @@ class HiRED(VisionMethod):
         for view, layout in zip(views, layouts):
             late = view.layers[self.options.late_layer]
             keys.append((late.key.shape, late.key.dtype, late.key.device, late.cls, view.features.shape,
-                         view.features.device, view.keep, view.kind,
-                         None if layout is None else tuple(tokens.numel() for tokens, _ in layout)))
+                         view.features.device, view.keep, view.kind, layout_key(layout)))
         for group in same_shape(keys):
             alike = [views[i] for i in group]
-            late = VisionLayer.stacked([view.layers[self.options.late_layer] for view in alike])
+            late, rows, columns = VisionView.stacked(alike, self.options.late_layer)
             if not late.cls:
                 raise ValueError("method 'hired' needs a [CLS] token, and this vision tower has none")
             device = alike[0].features.device
-            per_view = late.query.shape[0] // len(alike)  # tower rows per item
-            rows = torch.stack([view.rows.to(device) for view in alike]) + per_view * torch.arange(
-                len(alike), device=device)[:, None]
-            columns = torch.stack([view.columns.to(device) for view in alike])
             score = cls_attention(late, rows.flatten(), columns.flatten()).sum(dim=0).to(device).view(columns.shape)
             layout = layouts[group[0]]
             if layout is None or alike[0].kind == "video":  # one pool of top-k (the released LLaVA-1.5 branch)
                 chosen = list(topk_in_order(score, alike[0].keep))
-            elif len(layout) == per_view:
+            elif len(layout) == late.query.shape[0] // len(alike):  # every tower row holds tokens
                 chosen = self._anyres(alike, [layouts[i] for i in group], score, rows, columns)
             else:
                 chosen = [self._select_item(view) for view in alike]

@@ -281,3 +281,18 @@ def row_layouts(views: list) -> list[list[tuple[torch.Tensor, int]] | None]:
     found = iter([row_groups(r, c, view.keep) for r, c, view in zip(rows.split(sizes), columns.split(sizes), multi)])
     return [next(found) if several(view) else None for view in views]
 
+
+def layout_key(layout: list[tuple[torch.Tensor, int]] | None) -> tuple | None:
+    """What items must share, beyond their shapes, to be selected row by row together: each row's token count and
+    budget (None: one row)."""
+    return None if layout is None else tuple((tokens.numel(), budget) for tokens, budget in layout)
+
+
+def row_tokens(layouts: list, columns: torch.Tensor, keep: int) -> list[tuple[torch.Tensor, int]]:
+    """For items of one row layout (row_layouts; None: one row) with columns [B, N]: per tower row, its tokens
+    [B, n] (indices into each item's, in column order) and its budget."""
+    if layouts[0] is None:  # one row: all the tokens, in column order
+        return [(columns.argsort(dim=1), keep)]
+    return [(torch.stack([layout[r][0] for layout in layouts]).to(columns.device), budget)
+            for r, (_, budget) in enumerate(layouts[0])]
+

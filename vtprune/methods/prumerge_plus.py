@@ -73,7 +73,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView
-from .primitives import row_layouts, same_shape
+from .primitives import layout_key, row_layouts, row_tokens, same_shape
 
 LAYER = -1  # encoder.layers[23] of CLIP-L's 24
 NEIGHBOURS = 32
@@ -185,24 +185,15 @@ class PruMergePlus(VisionMethod):
         for view, layout in zip(views, layouts):
             layer = view.layers[self.options.layer]
             keys.append((view.features.shape, view.features.dtype, view.features.device, layer.key.shape,
-                         layer.key.dtype, layer.key.device, layer.cls, view.keep,
-                         None if layout is None else tuple((tokens.numel(), budget) for tokens, budget in layout)))
+                         layer.key.dtype, layer.key.device, layer.cls, view.keep, layout_key(layout)))
         picks: list = [None] * len(views)
         for group in same_shape(keys):
             alike = [views[i] for i in group]
-            layer = VisionLayer.stacked([view.layers[self.options.layer] for view in alike])
+            layer, rows, columns = VisionView.stacked(alike, self.options.layer)
             features = torch.stack([view.features for view in alike])
-            device = features.device
-            per_view = layer.query.shape[0] // len(alike)  # tower rows per item
-            rows = torch.stack([view.rows.to(device) for view in alike]) + per_view * torch.arange(
-                len(alike), device=device)[:, None]
-            columns = torch.stack([view.columns.to(device) for view in alike])
-            if layouts[group[0]] is None:  # one row: all the tokens, in column order
-                row_tokens = [(columns.argsort(dim=1), alike[0].keep)]
-            else:
-                row_tokens = [(torch.stack([layouts[i][r][0] for i in group]).to(device), budget)
-                              for r, (_, budget) in enumerate(layouts[group[0]]) if budget]
-            for index, selection in zip(group, self._select(features, layer, rows, columns, row_tokens)):
+            budgeted = [(tokens, budget) for tokens, budget in
+                        row_tokens([layouts[i] for i in group], columns, alike[0].keep) if budget]
+            for index, selection in zip(group, self._select(features, layer, rows, columns, budgeted)):
                 picks[index] = selection
         return picks
 

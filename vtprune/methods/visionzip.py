@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView, feature_layer
-from .primitives import in_token_order, row_layouts, same_shape
+from .primitives import in_token_order, layout_key, row_layouts, row_tokens, same_shape
 
 CONTEXTUAL_SHARE = 10 / 64  # 54+10 / 108+20 / 162+30 at 64 / 128 / 192 (README, paper)
 
@@ -164,8 +164,7 @@ class VisionZip(VisionMethod):
             view = views[i]
             (layer,) = view.layers.values()
             keys.append((view.features.shape, view.features.dtype, view.features.device, layer.key.shape,
-                         layer.key.dtype, layer.key.device, layer.scaling, layer.cls, view.keep,
-                         None if layout is None else tuple((tokens.numel(), budget) for tokens, budget in layout)))
+                         layer.key.dtype, layer.key.device, layer.scaling, layer.cls, view.keep, layout_key(layout)))
         for group in same_shape(keys):
             members = [pruned[g] for g in group]
             for i, pick in zip(members, self._select_alike([views[i] for i in members], [layouts[g] for g in group])):
@@ -175,21 +174,14 @@ class VisionZip(VisionMethod):
     def _select_alike(self, views: list[VisionView], layouts: list) -> list[torch.Tensor | Selection]:
         """Views of one shape and row layout: each tower row's tokens of every view as one [B, n] batch (`_row`),
         the rows' answers joined per view as `select` would for the view alone."""
-        stacked = VisionLayer.stacked([next(iter(view.layers.values())) for view in views])  # B x R rows
+        stacked, row_of, columns = VisionView.stacked(views, next(iter(views[0].layers)))  # B x R rows; [B, N]
         features = torch.stack([view.features for view in views])  # [B, N, D]
         device = features.device
         batch, n = features.shape[:2]
-        per_view = stacked.query.shape[0] // batch
-        columns = torch.stack([view.columns.to(device) for view in views])  # [B, N]
-        row_of = torch.stack([view.rows.to(device) for view in views]) + per_view * torch.arange(batch, device=device)[:, None]
         score = row_importance(stacked).to(device)[row_of, columns]  # [B, N]
         keys = stacked.key.float().mean(dim=1).to(device)[row_of, columns]  # [B, N, d]: head-averaged keys
-        if layouts[0] is None:  # one row: all the tokens, in column order
-            rows = [(columns.argsort(dim=1), views[0].keep)]
-        else:
-            rows = [(torch.stack([layout[r][0] for layout in layouts]).to(device), budget)
-                    for r, (_, budget) in enumerate(layouts[0])]
-        answers = [(tokens, *self._row(features, score, keys, tokens, budget, stacked.cls)) for tokens, budget in rows]
+        answers = [(tokens, *self._row(features, score, keys, tokens, budget, stacked.cls))
+                   for tokens, budget in row_tokens(layouts, columns, views[0].keep)]
         keep = torch.cat([tokens.gather(1, kept) for tokens, kept, *_ in answers], dim=1)
         if all(hidden is None for *_, hidden, _, _ in answers):
             return list(keep.sort(dim=1).values)

@@ -57,8 +57,8 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, VisionLayer, VisionMethod, VisionView, feature_layer
-from .primitives import (DISTANCE_MATRIX_ENTRIES, cls_attention, held_entries, received_attention, row_layouts,
-                         same_shape)
+from .primitives import (DISTANCE_MATRIX_ENTRIES, cls_attention, held_entries, layout_key, received_attention,
+                         row_layouts, row_tokens, same_shape)
 
 
 def importance(layer: VisionLayer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -151,8 +151,7 @@ class VisPruner(VisionMethod):
                 pruned.append(v)
         layouts = row_layouts([views[v] for v in pruned])
         keys = [(views[v].features.shape, views[v].features.dtype, views[v].features.device,
-                 next(iter(views[v].layers.values())).key.shape, views[v].keep,
-                 None if layout is None else tuple((tokens.numel(), budget) for tokens, budget in layout))
+                 next(iter(views[v].layers.values())).key.shape, views[v].keep, layout_key(layout))
                 for v, layout in zip(pruned, layouts)]
         for group in same_shape(keys):
             members = [pruned[g] for g in group]
@@ -177,21 +176,11 @@ class VisPruner(VisionMethod):
         """For views of one shape and row layout (row_layouts; None: one row): (unit features [B, N, D], per tower
         row (its important tokens [B, T_imp], the rest ranked [B, n - T_imp], by decreasing importance, and how many
         of the rest to keep))."""
-        layer = VisionLayer.stacked([next(iter(view.layers.values())) for view in views])
+        layer, rows, columns = VisionView.stacked(views, next(iter(views[0].layers)))
         features = torch.stack([view.features for view in views])
-        device = features.device
-        batch = len(views)
-        columns = torch.stack([view.columns.to(device) for view in views])
-        rows = torch.stack([view.rows.to(device) for view in views]) + (
-            layer.query.shape[0] // batch) * torch.arange(batch, device=device)[:, None]  # rows of the stacked layer
-        score = importance(layer, rows.flatten(), columns.flatten()).to(device).view(columns.shape)
-        if layouts[0] is None:  # one row: all the tokens, in column order
-            row_tokens = [(columns.argsort(dim=1), views[0].keep)]
-        else:
-            row_tokens = [(torch.stack([layout[r][0] for layout in layouts]).to(device), budget)
-                          for r, (_, budget) in enumerate(layouts[0])]
+        score = importance(layer, rows.flatten(), columns.flatten()).to(features.device).view(columns.shape)
         ranked_rows = []
-        for tokens, budget in row_tokens:
+        for tokens, budget in row_tokens(layouts, columns, views[0].keep):
             important = int(budget * self.options.important_ratio)
             ranked = tokens.gather(1, descending(score.gather(1, tokens)))
             ranked_rows.append((ranked[:, :important], ranked[:, important:], budget - important))
