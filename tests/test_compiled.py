@@ -1,32 +1,43 @@
-"""compile_prefill: the decoder layers compiled for prefill compute what the eager ones compute, on the same kept set."""
+"""compile_prefill: the decoder compiled for prefill, segment by segment, computes what the eager one computes, on the
+same kept set; a segment spans only layers whose inside no one needs to see."""
+
+import copy
 
 import pytest
 import torch
 
 import vtprune
+from vtprune.engine.cache import cache_keyword, output_cache
+from vtprune.engine.compiled import HiddenAccess
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
+
+from .conftest import greedy
+from .conftest import FAMILIES
+from .test_engine_conversation import drop_images, grown
+from .test_engine_invariants import METHODS, OPTIONS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # a GPU session runs the CUDA-graph path too
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_prefill_equals_eager_on_the_same_kept_set(device, monkeypatch):
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)  # no segment silently eager (monkeypatch's undo would
+def test_compiled_prefill_equals_eager_on_the_same_kept_set(device):  # hide the setting from torch)
     torch._dynamo.reset()
-    # dynamo guards on each layer's cache slot: a layer past its recompile limit would silently run eager
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    model = tiny_llava(layers=12).to(device).eval()  # 12 layers x 2 lengths: past the default recompile limit
+    model = tiny_llava(layers=12).to(device).eval()
     inputs = {k: v.to(device) for k, v in tiny_inputs(model, [SampleLayout(images=1)]).items()}
     layers = list(model.model.language_model.layers)
     originals = [layer.forward for layer in layers]
     limit = torch._dynamo.config.recompile_limit
-    for method, budget in (("fastv", 8), ("visionzip", 6)):  # in the LLM (two layer shapes), before it (one)
+    # in the LLM (pruned before layer 2, scored with layer 1's attention), in the vision tower
+    for method, budget, segments in (("fastv", 8, [(0, 2), (2, 12)]), ("visionzip", 6, [(0, 12)])):
         with torch.no_grad(), vtprune.apply(model, method, budget) as pruner:
             eager = model(**inputs).logits
             eager_kept = pruner.last_decision.kept
             eager_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            with vtprune.compile_prefill(model):
+            with vtprune.compile_prefill(model) as handle:
                 torch._dynamo.utils.counters.clear()
                 compiled = model(**inputs).logits
+                assert handle.last_segments == segments
                 assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
                 assert [[k.tolist() for k in stage] for stage in pruner.last_decision.kept] == \
                     [[k.tolist() for k in stage] for stage in eager_kept]
@@ -48,16 +59,124 @@ def test_compiling_twice_is_refused():
             vtprune.compile_prefill(model, backend="eager")
 
 
-def test_the_recompile_limit_follows_the_open_handles(monkeypatch):
-    """8 graphs per layer of the largest model with a handle open, whichever closes first; as before once none is."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    small, large = tiny_llava(layers=4).eval(), tiny_llava(layers=12).eval()
-    first = vtprune.compile_prefill(small, backend="eager")
-    second = vtprune.compile_prefill(large, backend="eager")
-    assert torch._dynamo.config.recompile_limit == 96
-    first.remove()
-    assert torch._dynamo.config.recompile_limit == 96  # the large model's layers still need theirs
-    first.remove()  # twice: nothing more
-    assert torch._dynamo.config.recompile_limit == 96
-    second.remove()
-    assert torch._dynamo.config.recompile_limit == 8
+def test_a_layer_called_on_its_own_runs_alone_and_eagerly():
+    """Segments run inside the loop of the module holding the layers; a layer called elsewhere is one layer."""
+    model = tiny_llava(layers=4).eval()
+    layer = model.model.language_model.layers[0]
+    hidden = torch.randn(1, 5, model.config.text_config.hidden_size)
+    rotary = model.model.language_model.rotary_emb(hidden, torch.arange(5)[None])
+    with torch.no_grad():
+        eager = layer(hidden, position_embeddings=rotary)
+        with vtprune.compile_prefill(model, backend="eager") as compiled:
+            torch.testing.assert_close(layer(hidden, position_embeddings=rotary), eager, rtol=0, atol=0)
+            assert compiled.last_segments == [] and not compiled.decoder.segments
+
+
+def test_a_layer_with_a_hook_of_someone_elses_runs_alone_and_its_hook_sees_what_eager_computes():
+    model = tiny_llava(layers=8).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    seen = []
+    hooked = model.model.language_model.layers[4]
+    handle = hooked.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+    try:
+        with torch.no_grad(), vtprune.apply(model, "visionzip", 6):
+            eager = model(**inputs).logits
+            with vtprune.compile_prefill(model, backend="eager") as compiled:
+                torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
+                assert compiled.last_segments == [(0, 4), (4, 5), (5, 8)]
+    finally:
+        handle.remove()
+    (eager_input, eager_output), (compiled_input, compiled_output) = seen
+    torch.testing.assert_close(compiled_input, eager_input, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled_output, eager_output, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_states_asked_for_are_every_layers_own():
+    """A segment returns the outputs of its layers that a hook reads (transformers' output_hidden_states, or the
+    vision recorder's start hook beside it on the tower's first layer), so they are each layer's own."""
+    model = tiny_llava(layers=6).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    tower = model.model.vision_tower
+    with torch.no_grad(), vtprune.apply(model, "visionzip", 6):
+        eager = model(**inputs, output_hidden_states=True).hidden_states
+        eager_tower = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        with vtprune.compile_prefill(model, backend="eager") as compiled:
+            hidden = model(**inputs, output_hidden_states=True).hidden_states
+            assert [(s.start, s.end, s.exposed) for s in compiled.decoder.last_segments] == [(0, 6, (0, 1, 2, 3, 4))]
+            hidden_tower = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+            # the recorder's hook inside layer 4 (it keeps that layer's queries and keys): that layer runs eagerly
+            assert [(s.start, s.end, s.exposed, s.eager) for s in compiled.towers[0].last_segments] == \
+                [(0, 4, (0, 1, 2), False), (4, 5, (), True), (5, 6, (), False)]
+            model(**inputs)  # transformers' capturing hooks stay on the layers, idle: nothing returned beside
+            assert [s.exposed for s in compiled.decoder.last_segments] == [()]
+    for mine, theirs in zip(hidden + hidden_tower, eager + eager_tower, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_segment_whose_later_layer_gets_other_inputs_stops_the_forward(monkeypatch):
+    """Were the engine to miss a layer it prunes before, the segment would have run it on the unpruned tokens: the
+    layer sees other hidden states than the segment's, and the forward stops instead of going on wrong."""
+    model = tiny_llava(layers=6).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    monkeypatch.setattr(vtprune.Pruner, "hidden_access", lambda self: HiddenAccess())
+    with torch.no_grad(), vtprune.apply(model, "fastv", 8), vtprune.compile_prefill(model, backend="eager"):
+        with pytest.raises(vtprune.EngineError, match="layer 2 of LlamaDecoderLayer ran compiled inside a "
+                                                      "segment of layers 0-5"):
+            model(**inputs)
+
+
+def test_a_follow_up_turn_on_a_pruned_cache_runs_layer_by_layer_and_equals_eager():
+    """After a stage the early layers' caches hold more tokens than the later ones': each layer gets a mask of its
+    own, so a several-token turn on that cache is no one segment."""
+    model = tiny_llava(layers=6).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    with torch.no_grad(), vtprune.apply(model, "fastv", 8):
+        first = greedy(model, inputs, steps=2)
+        conversation = grown(inputs, torch.cat([first.sequences, torch.tensor([[5, 9, 17]])], dim=1))
+        drop_images(conversation)
+        keyword = cache_keyword(model.model.language_model)
+        eager = model(**dict(conversation, **{keyword: copy.deepcopy(output_cache(first))})).logits
+        with vtprune.compile_prefill(model, backend="eager") as compiled:
+            turn = model(**dict(conversation, **{keyword: output_cache(first)})).logits
+            assert compiled.last_segments == [(i, i + 1) for i in range(6)]
+    torch.testing.assert_close(turn, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_replayed_decision_reads_nothing_inside_a_segment():
+    """FastV scores with layer 1's input, which its segment returns; the schedule oracle (its decision replayed, no
+    scoring) needs only the segments."""
+    model = tiny_llava(layers=6).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    with torch.no_grad(), vtprune.apply(model, "fastv", 8) as pruner:
+        eager = model(**inputs).logits
+        with vtprune.compile_prefill(model, backend="eager") as compiled:
+            model(**inputs)
+            assert [(s.start, s.end, s.exposed) for s in compiled.decoder.last_segments] == [(0, 2, (0,)), (2, 6, ())]
+            with pruner.replaying(pruner.last_decision):
+                torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
+            assert [(s.start, s.end, s.exposed) for s in compiled.decoder.last_segments] == [(0, 2, ()), (2, 6, ())]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+def test_every_method_on_every_family_compiled_equals_eager(family, method):
+    """Dynamo traces every segment (its "eager" backend: the graphs run as traced, quick to make) and the engine
+    hands their outputs on: the logits and the next tokens equal eager ones."""
+    model = FAMILIES[family]("sdpa")
+    inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(images=1, text_before=6)])
+    with torch.no_grad(), vtprune.apply(model, method, 10, **OPTIONS.get(method, {})) as pruner:
+        eager = model(**inputs).logits
+        kept = pruner.last_stats.kept_per_sample
+        tokens = greedy(model, inputs, steps=2).sequences
+        with vtprune.compile_prefill(model, backend="eager") as compiled:
+            torch._dynamo.utils.counters.clear()
+            torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
+            # each segment traced whole: one graph each, no break (a break in its loop would leave it eager)
+            traced = [s for stack in compiled.stacks for s in stack.last_segments if not s.eager]
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(traced) > 0
+            assert not torch._dynamo.utils.counters["graph_break"]
+            assert pruner.last_stats.kept_per_sample == kept
+            assert torch.equal(greedy(model, inputs, steps=2).sequences, tokens)
+            # the decoder breaks where the method prunes, not where it only reads
+            assert [start for start, _ in compiled.last_segments] == \
+                [0] + [layer for layer in pruner.last_decision.stage_layers if layer > 0]

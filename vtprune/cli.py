@@ -435,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=cli_args.at_least(2), default=16,
                        help="decode speed is timed over this many new tokens")
     bench.add_argument("--compile", action="store_true",
-                       help="every configuration's decoder layers compiled for prefill (vtprune.compile_prefill: "
-                            "CUDA graphs on a GPU), for batch-1 latency")
+                       help="every configuration's decoder compiled for prefill, segment by segment "
+                            "(vtprune.compile_prefill: CUDA graphs on a GPU), for batch-1 latency")
     bench.add_argument("--out", type=cli_args.writable_folder, default="out/bench",
                        help="results go to OUT/DEVICE/bench-ARCH.json")
     bench.add_argument("--replace-committed", action="store_true",

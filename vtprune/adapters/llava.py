@@ -62,6 +62,7 @@ class LlavaAdapter(Adapter):
         def layer_done(module, args, output):
             store["states"].append(output[0] if isinstance(output, tuple) else output)
 
+        layer_done.vtprune_reads_output = True  # (compile_prefill may run the layers around it as one graph)
         handles = [encoder.register_forward_pre_hook(start, with_kwargs=True)]
         handles += [layer.register_forward_hook(layer_done) for layer in encoder.layers]
         return handles

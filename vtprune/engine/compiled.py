@@ -1,64 +1,307 @@
-"""Compiled decoder layers for prefill: fewer tokens become lower latency where kernel launches dominate.
+"""The prefill compiled: fewer tokens become lower latency where kernel launches dominate.
 
-At batch 1 on a GPU a decoder layer's prefill is launch-bound: pruning 576 visual tokens to 64
-shortens every kernel but launches as many. `compile_prefill` puts each decoder layer's forward
-through torch.compile (by default mode="reduce-overhead": CUDA graphs on a GPU) for the calls that
-carry more than one token, i.e. prefills, on whatever layout the pruner gave that layer. Single-token
-decode steps, whose cache grows every step (a new shape each time), stay eager.
+At batch 1 on a GPU a prefill is launch-bound: pruning 576 visual tokens to 64 shortens every kernel
+but launches as many, and Python between layers costs as much again. `compile_prefill` runs each layer
+stack of a prefill (the decoder; the vision towers an adapter lists) as a few compiled *segments*
+(torch.compile, by default mode="reduce-overhead": CUDA graphs on a GPU), each a run of consecutive
+layers. A segment starts where the pruner replaces the hidden states (an in-LLM stage) and at a layer
+whose hook may change its input or output; a layer with a hook inside it (the vision recorder's on an
+attention block, ToMe's merges) runs eagerly on its own. Where a hook only reads a layer's input or
+output (the pruner's scoring at the layer before a stage, transformers' `output_hidden_states`, which
+LLaVA's tower always asks for, CLASP's fusion), the segment returns that layer's output too. So the
+unpruned decoder, and the decoder under a method acting at the LLM input or in the vision tower, is one
+graph; under FastV (layer 2) two: layers 0-1 and 2-31. Single-token decode steps, whose cache grows every
+step (a new shape each time), stay eager; a forward on a cache a pruned prompt filled (a follow-up turn)
+runs its decoder layer by layer, each layer attending to a cache of its own length.
 
-The engine's hooks are not compiled: they run around each layer's call as before, decide the kept
-set, and hand the compiled layer its shortened hidden states, mask and positions. torch.compile's
-default shape handling applies: the first length gets a static graph, a second one a graph with a
-dynamic length that serves every later one (CUDA graphs still record one replay per length, cheaply).
-dynamo guards on each layer's own KV-cache slot, so every layer gets graphs of its own (inductor's
-FX-graph cache makes the repeats cheap); while a handle is open, dynamo's recompile limit is raised to
-allow that many (8 per layer) instead of silently running the later layers eager, and remove() puts it
-back. Instance-scoped otherwise: only this model's layers, undone by remove().
+transformers' loop still calls every layer: the first of a segment runs the whole segment, the others
+hand its outputs on. Each checks that it was given what the layer before it handed on and the inputs the
+segment ran it with (the same tensors), and raises an EngineError otherwise, so a hook that changed them
+inside a segment stops the forward instead of being silently skipped. The pruner's own layer hooks still
+run around every layer (its bookkeeping), as before.
+
+torch.compile's default shape handling applies: a segment's first shape gets a static graph, a second
+one a graph with dynamic sizes that serves every later one. Every segment shares one code object, whose
+recompile limit (dynamo's cache entries per code object) is raised, while a handle is open, to 8 per
+layer or segment of the open handles, so that none silently runs eager; remove() puts it back.
+Instance-scoped otherwise: only this model's layers, undone by remove().
 """
 
 from __future__ import annotations
 
-import weakref
+import contextlib
+import dataclasses
+import types
+from collections.abc import Callable
 
 import torch
 
 from ..adapters import adapter_for
+from .compat import EngineError
+
+@dataclasses.dataclass(frozen=True)
+class HiddenAccess:
+    """What hooks do to the hidden states at a stack's layers in the forward being run, by layer index."""
+
+    replaced: frozenset[int] = frozenset()  # layers whose input a hook replaces: a segment starts there
+    read: frozenset[int] = frozenset()  # layers whose input a hook reads: the layer before hands on its own output
 
 
-_OPEN: "weakref.WeakSet[CompiledPrefill]" = weakref.WeakSet()  # the handles not yet removed (nor dropped)
-_OPEN_LIMIT = [8]  # dynamo's recompile limit before the first of them opened
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    start: int
+    end: int
+    exposed: tuple[int, ...] = ()  # layers before `end - 1` whose own output the segment returns too
+    eager: bool = False  # a layer with a hook inside it, run as it is
 
 
-def _set_recompile_limit() -> None:
-    """8 graphs per decoder layer of the largest model with a handle open; the limit as it was once none is."""
-    needed = max((8 * len(handle.layers) for handle in _OPEN), default=0)
-    torch._dynamo.config.recompile_limit = max(_OPEN_LIMIT[0], needed)
+@dataclasses.dataclass
+class _Handed:
+    """A segment that has run, which its later layers hand on."""
+
+    segment: Segment
+    outputs: dict[int, torch.Tensor]  # layer -> its output (the exposed ones and the last)
+    returned: torch.Tensor  # what the last layer called returned
+    args: tuple
+    kwargs: dict
+
+
+class _CompiledStack:
+    """One stack of layers (each called as layer(hidden, *args, **kwargs) -> hidden) run segment by segment."""
+
+    def __init__(self, model, layers, options: dict, access: Callable[[], HiddenAccess | None],
+                 compiles: Callable, owns_outputs: bool = False):
+        self.layers = list(layers)
+        self.owns_outputs = owns_outputs
+        if any("forward" in vars(layer) for layer in self.layers):
+            raise ValueError("this model's layers already have a forward of their own (compiled before?); "
+                             "remove() that first")
+        # Segments run only inside the loop of the module that holds the layers: a layer called on its own elsewhere
+        # is one layer, run eagerly.
+        owner = next(module for module in model.modules() if any(child is layers for child in module.children()))
+        self.in_loop = False
+        self._handles = [owner.register_forward_pre_hook(self._loop_starts),
+                         owner.register_forward_hook(self._loop_ends, always_call=True)]
+        self.options, self.access, self.compiles = options, access, compiles
+        self.eager = [layer.forward for layer in self.layers]  # before any state changes
+        self.segments: dict[Segment, Callable] = {}
+        self.last_segments: list[Segment] = []  # the last forward's, in order
+        self.starts: set[int] = set()  # where a segment must start whatever the forward (e.g. a layer type changes)
+        self._plan: dict[int, Segment] | None = None  # this loop's, once its first layer is called
+        self._idle: dict[int, list] = {}  # segment start -> its layers' modules whose forward hooks are all idle
+        self._handed: _Handed | None = None
+        for index, layer in enumerate(self.layers):
+            layer.forward = self._layer_forward(index)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for layer in self.layers:
+            vars(layer).pop("forward", None)
+        self.layers, self.eager, self.segments, self._handed, self._handles = [], [], {}, None, []
+
+    def _loop_starts(self, module, args) -> None:
+        self.in_loop, self._plan, self._handed = True, None, None
+
+    def _loop_ends(self, module, args, output) -> None:
+        self.in_loop, self._plan, self._handed = False, None, None
+
+    def _layer_forward(self, index: int):
+        eager = self.eager[index]
+
+        def forward(hidden_states, *args, **kwargs):
+            if not (self.in_loop and self.compiles(hidden_states)):
+                return eager(hidden_states, *args, **kwargs)
+            return self._run(index, hidden_states, args, kwargs)
+
+        return forward
+
+    def _run(self, index: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        if self._plan is None:  # the loop's first layer
+            self._plan, self._handed, self.last_segments = self._plan_now(), None, []
+            if hidden.is_cuda:
+                # A new forward may overwrite the CUDA-graph memory of the last one's outputs: tell the graphs so,
+                # once (a segment takes the earlier ones' outputs, which must stay alive).
+                torch.compiler.cudagraph_mark_step_begin()
+        handed = self._handed
+        if handed is not None and index < handed.segment.end:
+            return self._hand_on(index, handed, hidden, args, kwargs)
+        segment = self._plan.get(index) or Segment(index, index + 1, eager=True)  # (a loop that began elsewhere)
+        self.last_segments.append(segment)
+        if segment.eager:
+            self._handed = None
+            return self.eager[index](hidden, *args, **kwargs)
+        compiled = self.segments.get(segment)
+        if compiled is None:
+            forwards = tuple(self.eager[segment.start:segment.end])
+            compiled = self.segments[segment] = torch.compile(_segment(forwards, segment), **self.options)
+        with _idle_hooks_off(self._idle[segment.start]):
+            last, exposed = compiled(hidden, *args, **kwargs)
+        if self.owns_outputs and last.is_cuda:  # they outlive the next stack's CUDA-graph step
+            last, exposed = last.clone(), [output.clone() for output in exposed]
+        outputs = dict(zip(segment.exposed, exposed)) | {segment.end - 1: last}
+        returned = outputs.get(index, last)
+        self._handed = _Handed(segment, outputs, returned, args, kwargs) if segment.end > index + 1 else None
+        return returned
+
+    def _hand_on(self, index: int, handed: _Handed, hidden, args, kwargs) -> torch.Tensor:
+        same = hidden is handed.returned and len(args) == len(handed.args) and kwargs.keys() == handed.kwargs.keys() \
+            and all(a is b for a, b in zip(args, handed.args)) and all(kwargs[k] is handed.kwargs[k] for k in kwargs)
+        if not same:
+            raise EngineError(
+                f"layer {index} of {type(self.layers[index]).__name__} ran compiled inside a segment of layers "
+                f"{handed.segment.start}-{handed.segment.end - 1}, but was then given other hidden states or inputs "
+                "than the segment ran it with (a hook between the layers changed them?); vtprune.compile_prefill "
+                "cannot serve this forward: run it without compile_prefill"
+            )
+        # a layer whose output nothing reads hands on the segment's last: its successor only passes it along too
+        handed.returned = handed.outputs.get(index, handed.outputs[handed.segment.end - 1])
+        return handed.returned
+
+    def _plan_now(self) -> dict[int, Segment]:
+        """Each segment's first layer -> the segment, for the forward the stack is starting."""
+        access, count = self.access(), len(self.layers)
+        if access is None:  # each layer on its own
+            access = HiddenAccess(replaced=frozenset(range(count)))
+        starts, read = {0, count} | self.starts | access.replaced, set(access.read)
+        alone = set(range(count)) if _global_hooks() else set()  # (they would be traced inside the graphs)
+        for i, layer in enumerate(self.layers):
+            hooks = _hooks(layer)
+            if "inside" in hooks:
+                alone.add(i)
+            if "changes input" in hooks:
+                starts.add(i)
+            if "changes output" in hooks:
+                starts |= {i, i + 1}
+            if "reads output" in hooks:
+                read.add(i + 1)
+        starts |= alone | {i + 1 for i in alone}
+        bounds = sorted(starts)
+        plan = {start: Segment(start, end, tuple(i - 1 for i in sorted(read) if start < i < end), start in alone)
+                for start, end in zip(bounds, bounds[1:])}
+        self._idle = {start: [module for layer in self.layers[start:end] for module in layer.modules()
+                              if module is not layer and module._forward_hooks] for start, end in zip(bounds, bounds[1:])}
+        return plan
+
+
+def _segment(forwards: tuple, segment: Segment):
+    exposed = tuple(segment.start + i in segment.exposed for i in range(len(forwards)))
+
+    def run_layers(hidden_states, *args, **kwargs):
+        outputs = []
+        for forward, keep in zip(forwards, exposed):
+            hidden_states = forward(hidden_states, *args, **kwargs)
+            if keep:
+                outputs.append(hidden_states)
+        return hidden_states, tuple(outputs)
+
+    # dynamo keeps its graphs, recompile count and "skip this frame" per code object: each segment gets one of its own
+    # (the default 8 graphs each; a frame dynamo gives up on leaves the other segments compiled)
+    name = f"vtprune_segment_{segment.start}_{segment.end}"
+    code = run_layers.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, run_layers.__globals__, name, None, run_layers.__closure__)
+
+
+@contextlib.contextmanager
+def _idle_hooks_off(modules: list):
+    """transformers' idle output-capturing hooks off `modules` for one compiled call: dynamo would trace them, and
+    their ContextVar read breaks the graph (giving up on the whole segment). They would have done nothing."""
+    saved = [(module, dict(module._forward_hooks)) for module in modules]
+    for module, _ in saved:
+        module._forward_hooks.clear()
+    try:
+        yield
+    finally:
+        for module, hooks in saved:
+            module._forward_hooks.update(hooks)
+
+
+def _hooks(layer) -> set[str]:
+    """What hooks acting in this forward may do at a layer, beyond the pruner's own ones (which it reports itself)."""
+    found = set()
+    if any(module._forward_pre_hooks or not all(map(_idle, module._forward_hooks.values()))
+           for module in layer.modules() if module is not layer):
+        found.add("inside")
+    if any(not getattr(hook, "vtprune_layer_hook", False) for hook in layer._forward_pre_hooks.values()):
+        found.add("changes input")
+    acting = [hook for hook in layer._forward_hooks.values() if not _idle(hook)]
+    if any(not _reads_only(hook) for hook in acting):
+        found.add("changes output")
+    elif acting:
+        found.add("reads output")
+    return found
+
+
+def _reads_only(hook) -> bool:
+    """vtprune's fusion hooks and transformers' output-capturing ones keep a layer's output, and change nothing."""
+    return getattr(hook, "vtprune_reads_output", False) or _capturing(hook)
+
+
+def _capturing(hook) -> bool:
+    return getattr(hook, "__qualname__", "").endswith(".output_capturing_hook")
+
+
+def _idle(hook) -> bool:
+    """transformers' output-capturing hooks stay on a model's layers and attention blocks once it has returned
+    hidden states or attentions, and do nothing in a forward that does not record what they capture (the key their
+    closure holds is not in the active collector). A hook not recognised as one is not idle."""
+    if not _capturing(hook):
+        return False
+    try:
+        from transformers.utils.output_capturing import _active_collector
+        captures = dict(zip(hook.__code__.co_freevars, (cell.cell_contents for cell in hook.__closure__)))["key"]
+    except (ImportError, KeyError, TypeError, ValueError):
+        return False
+    collector = _active_collector.get()
+    return not collector or captures not in collector
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module (torch.nn.modules.module.register_module_forward_hook) are set:
+    each layer then runs on its own, so that they see what it computes."""
+    from torch.nn.modules import module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 class CompiledPrefill:
-    """Each decoder layer of one model compiled for prefill calls; remove() restores the eager forwards."""
+    """One model's prefill compiled, stack by stack and segment by segment; remove() restores the eager forwards."""
 
     def __init__(self, model, **compile_options):
-        self.layers = list(adapter_for(model).decoder_layers)
-        if any("forward" in vars(layer) for layer in self.layers):
-            raise ValueError("this model's decoder layers already have a forward of their own (compiled before?); "
-                             "remove() that first")
+        adapter = adapter_for(model)
+        self.model = model
         options = {"mode": "reduce-overhead", **compile_options}
-        compiled = [torch.compile(layer.forward, **options) for layer in self.layers]  # before any state changes
-        if not _OPEN:
-            _OPEN_LIMIT[0] = torch._dynamo.config.recompile_limit
-        _OPEN.add(self)
-        _set_recompile_limit()
-        for index, (layer, forward) in enumerate(zip(self.layers, compiled)):
-            layer.forward = _prefill_compiled(layer.forward, forward, first=index == 0)
+        try:
+            towers = [layers for _, layers in adapter.vision_encoders()]
+        except ValueError:  # a family whose towers vtprune does not act in (Qwen2-VL's): they stay eager
+            towers = []
+        self.decoder, self.towers = None, []
+        try:
+            self.decoder = _CompiledStack(model, adapter.decoder_layers, options, self._decoder_access, _many_tokens)
+            for layers in towers:
+                self.towers.append(_CompiledStack(model, layers, options, HiddenAccess, _always, owns_outputs=True))
+        except ValueError:
+            self.remove()
+            raise
+        # transformers gives layers of different types (full or sliding-window attention) masks of their own
+        types = getattr(adapter.language_model.config, "layer_types", None) or [None] * len(self.decoder.layers)
+        self.decoder.starts = {i for i in range(1, len(types)) if types[i] != types[i - 1]}
+
+    @property
+    def stacks(self) -> list[_CompiledStack]:
+        return [stack for stack in (self.decoder, *self.towers) if stack is not None]
+
+    @property
+    def last_segments(self) -> list[tuple[int, int]]:
+        """The decoder's segments in the last forward that compiled it, as (first layer, end)."""
+        return [(segment.start, segment.end) for segment in self.decoder.last_segments]
+
+    def _decoder_access(self) -> HiddenAccess | None:
+        pruner = getattr(self.model, "_vtprune_pruner", None)
+        return pruner.hidden_access() if pruner is not None else HiddenAccess()
 
     def remove(self) -> None:
-        for layer in self.layers:
-            vars(layer).pop("forward", None)
-        self.layers = []
-        if self in _OPEN:
-            _OPEN.discard(self)
-            _set_recompile_limit()
+        for stack in self.stacks:
+            stack.remove()
 
     def __enter__(self) -> "CompiledPrefill":
         return self
@@ -67,20 +310,16 @@ class CompiledPrefill:
         self.remove()
 
 
-def _prefill_compiled(eager, compiled, first: bool):
-    def forward(hidden_states, *args, **kwargs):
-        if hidden_states.shape[1] > 1:
-            # A new prefill may overwrite the CUDA-graph memory of the last one's outputs: tell the graphs so, once,
-            # at its first layer (later layers take the earlier ones' outputs, which must stay alive).
-            if first and hidden_states.is_cuda:
-                torch.compiler.cudagraph_mark_step_begin()
-            return compiled(hidden_states, *args, **kwargs)
-        return eager(hidden_states, *args, **kwargs)
+def _many_tokens(hidden: torch.Tensor) -> bool:
+    return hidden.shape[1] > 1
 
-    return forward
+
+def _always(hidden: torch.Tensor) -> bool:
+    return True
 
 
 def compile_prefill(model, **compile_options) -> CompiledPrefill:
-    """Compile `model`'s decoder layers for prefill (torch.compile's options; default mode="reduce-overhead");
-    works with or without a vtprune pruner on the model. Returns a handle; .remove() undoes it."""
+    """Compile `model`'s prefill (its decoder and the vision towers vtprune knows), segment by segment
+    (torch.compile's options; default mode="reduce-overhead"); works with or without a vtprune pruner on the
+    model. Returns a handle; .remove() undoes it."""
     return CompiledPrefill(model, **compile_options)

@@ -28,6 +28,7 @@ from ..methods import Method
 from . import cache as kv
 from . import decode, prefill
 from .compat import EngineError
+from .compiled import HiddenAccess
 from .run import Decision, Prompt, Run
 from .stats import PruneStats, counts_per_layer
 from .vision import VisionRecorder
@@ -142,6 +143,15 @@ class Pruner:
             yield self
         finally:
             self._replay = None
+
+    def hidden_access(self) -> HiddenAccess | None:
+        """What the engine does to the decoder layers' hidden states in the forward being run (so that
+        compile_prefill may run the layers between them as one graph); None where each layer gets inputs of its own
+        (a forward continuing a pruned prompt's cache, whose layers hold caches of different lengths)."""
+        run = self._run
+        if run is None:
+            return HiddenAccess()
+        return prefill.hidden_access(run) if run.prefill else None
 
     def __repr__(self) -> str:
         return f"Pruner(method={self.method.name!r}, budget={self.budget!r}, options={self.method.options})"
@@ -304,6 +314,7 @@ class Pruner:
             kwargs["hidden_states"] = hidden
             return args, kwargs
 
+        hook.vtprune_layer_hook = True  # compile_prefill tells the engine's hooks from others' by this
         return hook
 
     # --------------------------------------------------------------- prefill

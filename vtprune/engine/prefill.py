@@ -16,6 +16,7 @@ from ..methods.primitives import same_shape
 from . import cache as kv
 from . import vision
 from .budget import tokens_for_budget
+from .compiled import HiddenAccess
 from .layout import FILL, Layout, decoder_mask, take, take_positions
 from .run import Decision, Run
 
@@ -60,7 +61,7 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
         full=full, lm_layout=full, kv_layouts=[None] * num_layers, text=text, unsliced=unsliced,
         slices_some=method.slices_kv_cache and True in slicing, keeps_some_whole=False in slicing,
         reference_layers={method.reference_layer(info, item.kind) for sample in items for item in sample}
-        if method.needs_reference else set(),
+        if method.needs_reference and replay is None else set(),
     )
     if replay is not None:
         run.stage_layers = replay.stage_layers
@@ -124,6 +125,15 @@ def begin(run: Run, language_model, kwargs: dict, cache_keyword: str, encoded_ca
         kwargs["position_ids"] = take_positions(position_ids, index)
         run.lm_layout = layout
     run.layer_layouts = {layer: None for layer in run.stage_layers if layer != LLM_INPUT}
+
+
+def hidden_access(run: Run) -> HiddenAccess:
+    """What at_layer does to the decoder layers' input hidden states: replaces them at each in-LLM stage; reads them,
+    where the method scores (no replay), at the layer before a stage (what its attention or probe is computed from)
+    and at the layers it compares against."""
+    stages = frozenset(run.layer_layouts)
+    scoring = {layer - 1 for layer in stages} if run.replay is None else set()
+    return HiddenAccess(replaced=stages, read=frozenset(scoring | run.reference_layers))
 
 
 def at_layer(run: Run, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
