@@ -8,7 +8,7 @@ import torch
 
 import vtprune
 from vtprune.engine.cache import cache_keyword, output_cache
-from vtprune.engine.compiled import HiddenAccess
+from vtprune.engine.compiled import COMPILERS, HiddenAccess
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 from .conftest import greedy
@@ -20,8 +20,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # a GPU ses
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiler", sorted(COMPILERS))  # (plain CUDA graphs: on the CPU, dynamo's graphs as traced)
 @torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)  # no segment silently eager (monkeypatch's undo would
-def test_compiled_prefill_equals_eager_on_the_same_kept_set(device):  # hide the setting from torch)
+def test_compiled_prefill_equals_eager_on_the_same_kept_set(device, compiler):  # hide the setting from torch)
     torch._dynamo.reset()
     model = tiny_llava(layers=12).to(device).eval()
     inputs = {k: v.to(device) for k, v in tiny_inputs(model, [SampleLayout(images=1)]).items()}
@@ -34,7 +35,7 @@ def test_compiled_prefill_equals_eager_on_the_same_kept_set(device):  # hide the
             eager = model(**inputs).logits
             eager_kept = pruner.last_decision.kept
             eager_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            with vtprune.compile_prefill(model) as handle:
+            with vtprune.compile_prefill(model, **COMPILERS[compiler]) as handle:
                 torch._dynamo.utils.counters.clear()
                 compiled = model(**inputs).logits
                 assert handle.last_segments == segments
@@ -157,17 +158,22 @@ def test_a_replayed_decision_reads_nothing_inside_a_segment():
             assert [(s.start, s.end, s.exposed) for s in compiled.decoder.last_segments] == [(0, 2, ()), (2, 6, ())]
 
 
-@pytest.mark.parametrize("method", METHODS)
+# every method on LLaVA (each acts at its own layers, with hooks of its own), and on every family one method acting in
+# the LLM at several layers, one at its input and one in the vision tower (dynamo takes ~2 s a case on the CPU)
+CASES = [("llava", method) for method in METHODS] + \
+    [(family, method) for family in sorted(FAMILIES) if family != "llava" for method in ("clse", "random", "visionzip")]
+
+
+@pytest.mark.parametrize(("family", "method"), CASES)
 @torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
-def test_every_method_on_every_family_compiled_equals_eager(family, method):
+def test_compiled_equals_eager_for_every_method_and_family(family, method):
     """Dynamo traces every segment (its "eager" backend: the graphs run as traced, quick to make) and the engine
-    hands their outputs on: the logits and the next tokens equal eager ones."""
+    hands their outputs on: the logits equal eager ones (generation: the first test)."""
     model = FAMILIES[family]("sdpa")
     inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(images=1, text_before=6)])
     with torch.no_grad(), vtprune.apply(model, method, 10, **OPTIONS.get(method, {})) as pruner:
         eager = model(**inputs).logits
         kept = pruner.last_stats.kept_per_sample
-        tokens = greedy(model, inputs, steps=2).sequences
         with vtprune.compile_prefill(model, backend="eager") as compiled:
             torch._dynamo.utils.counters.clear()
             torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
@@ -176,7 +182,6 @@ def test_every_method_on_every_family_compiled_equals_eager(family, method):
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(traced) > 0
             assert not torch._dynamo.utils.counters["graph_break"]
             assert pruner.last_stats.kept_per_sample == kept
-            assert torch.equal(greedy(model, inputs, steps=2).sequences, tokens)
             # the decoder breaks where the method prunes, not where it only reads
             assert [start for start, _ in compiled.last_segments] == \
                 [0] + [layer for layer in pruner.last_decision.stage_layers if layer > 0]

@@ -345,7 +345,7 @@ def cmd_bench(args) -> int:
                         repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, compiled=args.compile,
                         options={"clasp": {"question_class": "general"}},
                         measured=lambda so_far: save(so_far, folder, settings))
-    compiled = ", prefill compiled" if args.compile else ""
+    compiled = f", prefill compiled ({args.compile})" if args.compile else ""
     console.print(bench_table(results, f"{args.arch} on {name} ({args.dtype}, random weights{compiled})"))
     console.print(f"wrote {save(results, folder, settings)}")
     return 0
@@ -434,9 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=cli_args.non_negative_int, default=3)
     bench.add_argument("--new-tokens", type=cli_args.at_least(2), default=16,
                        help="decode speed is timed over this many new tokens")
-    bench.add_argument("--compile", action="store_true",
-                       help="every configuration's decoder compiled for prefill, segment by segment "
-                            "(vtprune.compile_prefill: CUDA graphs on a GPU), for batch-1 latency")
+    bench.add_argument("--compile", nargs="?", const="inductor", choices=["inductor", "cudagraphs"],
+                       help="every configuration's prefill compiled, segment by segment (vtprune.compile_prefill), "
+                            "for batch-1 latency: inductor's kernels in CUDA graphs (the default), or the eager "
+                            "kernels in CUDA graphs (cudagraphs: quicker to compile)")
     bench.add_argument("--out", type=cli_args.writable_folder, default="out/bench",
                        help="results go to OUT/DEVICE/bench-ARCH.json")
     bench.add_argument("--replace-committed", action="store_true",

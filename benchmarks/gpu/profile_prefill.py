@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 import vtprune
 from vtprune.bench.ops import OPTIONS
 from vtprune.bench.presets import PRESETS, build_preset, preset_inputs
+from vtprune.engine.compiled import COMPILERS
 
 
 def device_time_us(event) -> float:
@@ -37,7 +38,8 @@ def main(argv=None) -> None:
     parser.add_argument("--method", default="unpruned", help="a registered method, or unpruned")
     parser.add_argument("--budget", type=int, default=192)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--compile", action="store_true", help="decoder layers compiled for prefill (compile_prefill)")
+    parser.add_argument("--compile", nargs="?", const="inductor", choices=sorted(COMPILERS),
+                        help="the prefill compiled (compile_prefill): inductor (the default) or cudagraphs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--warmup", type=int, default=3)
@@ -49,7 +51,7 @@ def main(argv=None) -> None:
     inputs = preset_inputs(model, PRESETS[args.arch], args.batch, device=args.device, dtype=getattr(torch, args.dtype))
     pruner = None if args.method == "unpruned" else vtprune.apply(model, args.method, args.budget,
                                                                   **OPTIONS.get(args.method, {}))
-    compiled = vtprune.compile_prefill(model) if args.compile else None
+    compiled = vtprune.compile_prefill(model, **COMPILERS[args.compile]) if args.compile else None
 
     def prefill():
         model(**inputs, use_cache=True, logits_to_keep=1)
@@ -81,7 +83,7 @@ def main(argv=None) -> None:
     device = averages.table(sort_by="self_device_time_total" if hasattr(averages[0], "self_device_time_total")
                             else "self_cuda_time_total", row_limit=25) if cuda else ""
     print(device)
-    name = f"{args.arch}-{config}-b{args.batch}{'-compiled' if args.compile else ''}"
+    name = f"{args.arch}-{config}-b{args.batch}{'-' + args.compile if args.compile else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     trace = args.out / f"{name}.trace.json"
     prof.export_chrome_trace(str(trace))

@@ -26,7 +26,7 @@ def device_name(device: str) -> str:
 
 def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[int], *, device: str = "cpu",
               dtype: torch.dtype = torch.float32, repeats: int = 20, warmup: int = 3, new_tokens: int = 16,
-              compiled: bool = False, options: dict | None = None, measured=None) -> list[Measurement]:
+              compiled: str | None = None, options: dict | None = None, measured=None) -> list[Measurement]:
     """Every configuration in turn; `measured(results so far)` is called after each one."""
     model = build_preset(arch, device=device, dtype=dtype)
     preset = PRESETS[arch]

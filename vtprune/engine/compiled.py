@@ -20,11 +20,13 @@ segment ran it with (the same tensors), and raises an EngineError otherwise, so 
 inside a segment stops the forward instead of being silently skipped. The pruner's own layer hooks still
 run around every layer (its bookkeeping), as before.
 
-torch.compile's default shape handling applies: a segment's first shape gets a static graph, a second
-one a graph with dynamic sizes that serves every later one. Every segment shares one code object, whose
-recompile limit (dynamo's cache entries per code object) is raised, while a handle is open, to 8 per
-layer or segment of the open handles, so that none silently runs eager; remove() puts it back.
-Instance-scoped otherwise: only this model's layers, undone by remove().
+Segments run only inside the loop of the module holding the layers (a layer called on its own runs
+eagerly). transformers' output-capturing hooks, which stay on a model's modules once it has recorded hidden
+states or attentions, are taken off the segment's modules for each compiled call where they would do
+nothing (dynamo cannot trace their ContextVar read). torch.compile's default shape handling applies: a
+segment's first shape gets a static graph, a second one a graph with dynamic sizes that serves every later
+one; each segment is a code object of its own to dynamo. Instance-scoped: only this model's layers, undone
+by remove().
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 
 from ..adapters import adapter_for
 from .compat import EngineError
+
 
 @dataclasses.dataclass(frozen=True)
 class HiddenAccess:
@@ -283,8 +286,8 @@ class CompiledPrefill:
             self.remove()
             raise
         # transformers gives layers of different types (full or sliding-window attention) masks of their own
-        types = getattr(adapter.language_model.config, "layer_types", None) or [None] * len(self.decoder.layers)
-        self.decoder.starts = {i for i in range(1, len(types)) if types[i] != types[i - 1]}
+        kinds = getattr(adapter.language_model.config, "layer_types", None) or [None] * len(self.decoder.layers)
+        self.decoder.starts = {i for i in range(1, len(kinds)) if kinds[i] != kinds[i - 1]}
 
     @property
     def stacks(self) -> list[_CompiledStack]:
@@ -316,6 +319,12 @@ def _many_tokens(hidden: torch.Tensor) -> bool:
 
 def _always(hidden: torch.Tensor) -> bool:
     return True
+
+
+# What `vtprune bench --compile` may name: inductor's kernels in CUDA graphs (torch.compile's "reduce-overhead"), or
+# the eager kernels captured in CUDA graphs with no code generated (far quicker to compile a 7B model's segments; at
+# batch 1, where launches dominate, most of the gain)
+COMPILERS = {"inductor": {"mode": "reduce-overhead"}, "cudagraphs": {"backend": "cudagraphs", "mode": None}}
 
 
 def compile_prefill(model, **compile_options) -> CompiledPrefill:
