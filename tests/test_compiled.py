@@ -143,9 +143,10 @@ def test_a_follow_up_turn_on_a_pruned_cache_runs_layer_by_layer_and_equals_eager
     torch.testing.assert_close(turn, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_a_replayed_decision_reads_nothing_inside_a_segment():
-    """FastV scores with layer 1's input, which its segment returns; the schedule oracle (its decision replayed, no
-    scoring) needs only the segments."""
+def test_a_new_handle_and_a_replayed_decision_reuse_the_compiled_segments():
+    """Each configuration of a bench opens a handle of its own, and the schedule oracle replays its method's
+    decision: both find the segments compiled before (FastV's layers 0-1, returning layer 0's output for its
+    scoring, and 2-5)."""
     model = tiny_llava(layers=6).eval()
     inputs = tiny_inputs(model, [SampleLayout(images=1)])
     with torch.no_grad(), vtprune.apply(model, "fastv", 8) as pruner:
@@ -153,9 +154,10 @@ def test_a_replayed_decision_reads_nothing_inside_a_segment():
         with vtprune.compile_prefill(model, backend="eager") as compiled:
             model(**inputs)
             assert [(s.start, s.end, s.exposed) for s in compiled.decoder.last_segments] == [(0, 2, (0,)), (2, 6, ())]
-            with pruner.replaying(pruner.last_decision):
-                torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
-            assert [(s.start, s.end, s.exposed) for s in compiled.decoder.last_segments] == [(0, 2, ()), (2, 6, ())]
+            made = dict(compiled.decoder.segments)
+        with vtprune.compile_prefill(model, backend="eager") as compiled, pruner.replaying(pruner.last_decision):
+            torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
+            assert compiled.decoder.segments == made
 
 
 # every method on LLaVA (each acts at its own layers, with hooks of its own), and on every family one method acting in

@@ -34,12 +34,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import types
+import weakref
 from collections.abc import Callable
 
 import torch
 
 from ..adapters import adapter_for
 from .compat import EngineError
+
+
+# layer stack (its ModuleList) -> compile options -> segment -> compiled forward; gone with the model
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.ModuleList, dict[str, dict]]" = weakref.WeakKeyDictionary()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +92,10 @@ class _CompiledStack:
                          owner.register_forward_hook(self._loop_ends, always_call=True)]
         self.options, self.access, self.compiles = options, access, compiles
         self.eager = [layer.forward for layer in self.layers]  # before any state changes
-        self.segments: dict[Segment, Callable] = {}
+        # shared by every handle on these layers with these options: a new handle (each configuration of a bench)
+        # finds the graphs an earlier one compiled
+        self.segments: dict[Segment, Callable] = _COMPILED.setdefault(layers, {}).setdefault(repr(sorted(
+            options.items())), {})
         self.last_segments: list[Segment] = []  # the last forward's, in order
         self.starts: set[int] = set()  # where a segment must start whatever the forward (e.g. a layer type changes)
         self._plan: dict[int, Segment] | None = None  # this loop's, once its first layer is called
@@ -101,7 +109,7 @@ class _CompiledStack:
             handle.remove()
         for layer in self.layers:
             vars(layer).pop("forward", None)
-        self.layers, self.eager, self.segments, self._handed, self._handles = [], [], {}, None, []
+        self.layers, self.eager, self._handed, self._handles = [], [], None, []
 
     def _loop_starts(self, module, args) -> None:
         self.in_loop, self._plan, self._handed = True, None, None

@@ -61,7 +61,7 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
         full=full, lm_layout=full, kv_layouts=[None] * num_layers, text=text, unsliced=unsliced,
         slices_some=method.slices_kv_cache and True in slicing, keeps_some_whole=False in slicing,
         reference_layers={method.reference_layer(info, item.kind) for sample in items for item in sample}
-        if method.needs_reference and replay is None else set(),
+        if method.needs_reference else set(),
     )
     if replay is not None:
         run.stage_layers = replay.stage_layers
@@ -128,12 +128,12 @@ def begin(run: Run, language_model, kwargs: dict, cache_keyword: str, encoded_ca
 
 
 def hidden_access(run: Run) -> HiddenAccess:
-    """What at_layer does to the decoder layers' input hidden states: replaces them at each in-LLM stage; reads them,
-    where the method scores (no replay), at the layer before a stage (what its attention or probe is computed from)
-    and at the layers it compares against."""
+    """What at_layer does to the decoder layers' input hidden states: replaces them at each in-LLM stage; reads them
+    at the layer before a stage (what a method's attention or probe is computed from) and at the layers a method
+    compares against. (Said alike of a replayed decision, which reads nothing, so that it shares its method's
+    compiled segments.)"""
     stages = frozenset(run.layer_layouts)
-    scoring = {layer - 1 for layer in stages} if run.replay is None else set()
-    return HiddenAccess(replaced=stages, read=frozenset(scoring | run.reference_layers))
+    return HiddenAccess(replaced=stages, read=frozenset({layer - 1 for layer in stages} | run.reference_layers))
 
 
 def at_layer(run: Run, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
