@@ -92,6 +92,9 @@ class _CompiledStack:
                          owner.register_forward_hook(self._loop_ends, always_call=True)]
         self.options, self.access, self.compiles = options, access, compiles
         self.eager = [layer.forward for layer in self.layers]  # before any state changes
+        # each layer's submodules, whose hooks every forward's plan looks at (listed once: walking the module tree
+        # at each forward costs a batch-1 GPU prefill more than a millisecond)
+        self._inside = [list(layer.modules())[1:] for layer in self.layers]
         # shared by every handle on these layers with these options: a new handle (each configuration of a bench)
         # finds the graphs an earlier one compiled
         self.segments: dict[Segment, Callable] = _COMPILED.setdefault(layers, {}).setdefault(repr(sorted(
@@ -177,7 +180,7 @@ class _CompiledStack:
         starts, read = {0, count} | self.starts | access.replaced, set(access.read)
         alone = set(range(count)) if _global_hooks() else set()  # (they would be traced inside the graphs)
         for i, layer in enumerate(self.layers):
-            hooks = _hooks(layer)
+            hooks = _hooks(layer, self._inside[i])
             if "inside" in hooks:
                 alone.add(i)
             if "changes input" in hooks:
@@ -190,8 +193,8 @@ class _CompiledStack:
         bounds = sorted(starts)
         plan = {start: Segment(start, end, tuple(i - 1 for i in sorted(read) if start < i < end), start in alone)
                 for start, end in zip(bounds, bounds[1:])}
-        self._idle = {start: [module for layer in self.layers[start:end] for module in layer.modules()
-                              if module is not layer and module._forward_hooks] for start, end in zip(bounds, bounds[1:])}
+        self._idle = {start: [module for inside in self._inside[start:end] for module in inside if module._forward_hooks]
+                      for start, end in zip(bounds, bounds[1:])}
         return plan
 
 
@@ -227,11 +230,11 @@ def _idle_hooks_off(modules: list):
             module._forward_hooks.update(hooks)
 
 
-def _hooks(layer) -> set[str]:
-    """What hooks acting in this forward may do at a layer, beyond the pruner's own ones (which it reports itself)."""
+def _hooks(layer, inside: list) -> set[str]:
+    """What hooks acting in this forward may do at a layer (whose submodules are `inside`), beyond the pruner's own
+    ones (which it reports itself)."""
     found = set()
-    if any(module._forward_pre_hooks or not all(map(_idle, module._forward_hooks.values()))
-           for module in layer.modules() if module is not layer):
+    if any(module._forward_pre_hooks or not all(map(_idle, module._forward_hooks.values())) for module in inside):
         found.add("inside")
     if any(not getattr(hook, "vtprune_layer_hook", False) for hook in layer._forward_pre_hooks.values()):
         found.add("changes input")
