@@ -2,6 +2,9 @@
 same kept set; a segment spans only layers whose inside no one needs to see."""
 
 import copy
+import gc
+import threading
+import weakref
 
 import pytest
 import torch
@@ -121,8 +124,8 @@ def test_a_segment_whose_later_layer_gets_other_inputs_stops_the_forward(monkeyp
     inputs = tiny_inputs(model, [SampleLayout(images=1)])
     monkeypatch.setattr(vtprune.Pruner, "hidden_access", lambda self: HiddenAccess())
     with torch.no_grad(), vtprune.apply(model, "fastv", 8), vtprune.compile_prefill(model, backend="eager"):
-        with pytest.raises(vtprune.EngineError, match="layer 2 of LlamaDecoderLayer ran compiled inside a "
-                                                      "segment of layers 0-5"):
+        with pytest.raises(vtprune.EngineError, match="layer 2 of LlamaDecoderLayer was called inside a "
+                                                      r"compiled segment of layers 0-5 \(layer 2 next\)"):
             model(**inputs)
 
 
@@ -143,10 +146,9 @@ def test_a_follow_up_turn_on_a_pruned_cache_runs_layer_by_layer_and_equals_eager
     torch.testing.assert_close(turn, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_a_new_handle_and_a_replayed_decision_reuse_the_compiled_segments():
-    """Each configuration of a bench opens a handle of its own, and the schedule oracle replays its method's
-    decision: both find the segments compiled before (FastV's layers 0-1, returning layer 0's output for its
-    scoring, and 2-5)."""
+def test_a_replayed_decision_reuses_its_methods_segments():
+    """FastV scores with layer 1's input, which its segment returns; the schedule oracle (its decision replayed) reads
+    nothing, yet runs the same segments, compiled once."""
     model = tiny_llava(layers=6).eval()
     inputs = tiny_inputs(model, [SampleLayout(images=1)])
     with torch.no_grad(), vtprune.apply(model, "fastv", 8) as pruner:
@@ -155,9 +157,54 @@ def test_a_new_handle_and_a_replayed_decision_reuse_the_compiled_segments():
             model(**inputs)
             assert [(s.start, s.end, s.exposed) for s in compiled.decoder.last_segments] == [(0, 2, (0,)), (2, 6, ())]
             made = dict(compiled.decoder.segments)
-        with vtprune.compile_prefill(model, backend="eager") as compiled, pruner.replaying(pruner.last_decision):
-            torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
+            with pruner.replaying(pruner.last_decision):
+                torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
             assert compiled.decoder.segments == made
+
+
+def test_another_threads_forward_is_refused_while_one_runs():
+    """The loop's state lives on the handle: a second thread's forward through the same layers would be handed the
+    first one's tensors."""
+    model = tiny_llava(layers=4).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    errors = []
+
+    def other_thread(module, args):
+        def run():
+            try:
+                model(**inputs)
+            except RuntimeError as error:
+                errors.append(str(error))
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+
+    with torch.no_grad():
+        eager = model(**inputs).logits
+        handle = model.model.language_model.layers[2].register_forward_pre_hook(other_thread)
+        try:
+            with vtprune.compile_prefill(model, backend="eager"):
+                torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
+                handle.remove()
+                torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)  # free again
+        finally:
+            handle.remove()
+    assert len(errors) == 1 and "one forward of a model at a time" in errors[0]
+
+
+def test_a_compiled_model_is_not_deep_copied_and_is_freed_with_its_handle_open():
+    model = tiny_llava(layers=4).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    pruner = vtprune.apply(model, "fastv", 8)
+    handle = vtprune.compile_prefill(model, backend="eager")
+    with torch.no_grad():
+        model(**inputs)
+    with pytest.raises(TypeError, match="cannot be deep-copied"):
+        copy.deepcopy(model)
+    alive = weakref.ref(model)
+    del model, pruner, handle
+    gc.collect()
+    assert alive() is None
 
 
 # every method on LLaVA (each acts at its own layers, with hooks of its own), and on every family one method acting in

@@ -209,7 +209,8 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
             new_tokens: int = 16, device="cpu", dtype=torch.float32, compiled: str | None = None,
             options: dict | None = None) -> Measurement:
     """One configuration: method "unpruned", "oracle" or a registered method; `compiled` (a name in COMPILERS): with
-    the prefill compiled (vtprune.compile_prefill), each prefill shape compiled during the warm-up."""
+    the prefill compiled (vtprune.compile_prefill) for this configuration, each prefill shape compiled during the
+    warm-up (run_bench instead keeps one handle open for all its configurations)."""
     device = torch.device(device)
     inputs = preset_inputs(model, preset, batch, device=device, dtype=dtype)
     pruner, scope, oracle = None, contextlib.nullcontext(), None

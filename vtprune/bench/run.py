@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -13,6 +14,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from vtprune.api import refusal
+from vtprune.engine.compiled import COMPILERS, compile_prefill
 
 from .measure import Measurement, measure
 from .presets import PRESETS, build_preset
@@ -34,12 +36,14 @@ def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[i
     plan += [(m, budget, b) for budget in budgets for b in batches for m in ["oracle", *methods]
              if m == "oracle" or not refused(model, m, budget, (options or {}).get(m))]
     results = []
-    for method, budget, batch in tqdm(plan, desc=f"bench {arch}"):
-        results.append(measure(model, preset, method, budget, batch, repeats=repeats, warmup=warmup,
-                               new_tokens=new_tokens, device=device, dtype=dtype, compiled=compiled,
-                               options=(options or {}).get(method)))
-        if measured is not None:
-            measured(results)
+    # One compiled handle for the run: each configuration reuses the segments an earlier one compiled.
+    with compile_prefill(model, **COMPILERS[compiled]) if compiled else contextlib.nullcontext():
+        for method, budget, batch in tqdm(plan, desc=f"bench {arch}"):
+            results.append(measure(model, preset, method, budget, batch, repeats=repeats, warmup=warmup,
+                                   new_tokens=new_tokens, device=device, dtype=dtype,
+                                   options=(options or {}).get(method)))
+            if measured is not None:
+                measured(results)
     return results
 
 

@@ -33,18 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import types
-import weakref
 from collections.abc import Callable
 
 import torch
 
 from ..adapters import adapter_for
 from .compat import EngineError
-
-
-# layer stack (its ModuleList) -> compile options -> segment -> compiled forward; gone with the model
-_COMPILED: "weakref.WeakKeyDictionary[torch.nn.ModuleList, dict[str, dict]]" = weakref.WeakKeyDictionary()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +68,7 @@ class _Handed:
     returned: torch.Tensor  # what the last layer called returned
     args: tuple
     kwargs: dict
+    next: int = 1  # the segment's layer to be called next, counted from its first
 
 
 class _CompiledStack:
@@ -87,7 +84,7 @@ class _CompiledStack:
         # Segments run only inside the loop of the module that holds the layers: a layer called on its own elsewhere
         # is one layer, run eagerly.
         owner = next(module for module in model.modules() if any(child is layers for child in module.children()))
-        self.in_loop = False
+        self.in_loop, self._thread, self._busy = False, None, threading.Lock()
         self._handles = [owner.register_forward_pre_hook(self._loop_starts),
                          owner.register_forward_hook(self._loop_ends, always_call=True)]
         self.options, self.access, self.compiles = options, access, compiles
@@ -95,10 +92,7 @@ class _CompiledStack:
         # each layer's submodules, whose hooks every forward's plan looks at (listed once: walking the module tree
         # at each forward costs a batch-1 GPU prefill more than a millisecond)
         self._inside = [list(layer.modules())[1:] for layer in self.layers]
-        # shared by every handle on these layers with these options: a new handle (each configuration of a bench)
-        # finds the graphs an earlier one compiled
-        self.segments: dict[Segment, Callable] = _COMPILED.setdefault(layers, {}).setdefault(repr(sorted(
-            options.items())), {})
+        self.segments: dict[Segment, Callable] = {}  # compiled as first run, for this handle's life
         self.last_segments: list[Segment] = []  # the last forward's, in order
         self.starts: set[int] = set()  # where a segment must start whatever the forward (e.g. a layer type changes)
         self._plan: dict[int, Segment] | None = None  # this loop's, once its first layer is called
@@ -115,20 +109,23 @@ class _CompiledStack:
         self.layers, self.eager, self._handed, self._handles = [], [], None, []
 
     def _loop_starts(self, module, args) -> None:
+        # The loop's state lives here: one forward at a time (another thread's would hand this one's tensors on).
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "vtprune.compile_prefill serves one forward of a model at a time, and another thread is running one: "
+                "run them one after another, or give each thread a model (and a compile_prefill) of its own"
+            )
+        self._thread = threading.get_ident()
         self.in_loop, self._plan, self._handed = True, None, None
 
     def _loop_ends(self, module, args, output) -> None:
-        self.in_loop, self._plan, self._handed = False, None, None
+        if self._thread != threading.get_ident():  # (always called: also after another thread's refused start)
+            return
+        self.in_loop, self._plan, self._handed, self._thread = False, None, None, None
+        self._busy.release()
 
-    def _layer_forward(self, index: int):
-        eager = self.eager[index]
-
-        def forward(hidden_states, *args, **kwargs):
-            if not (self.in_loop and self.compiles(hidden_states)):
-                return eager(hidden_states, *args, **kwargs)
-            return self._run(index, hidden_states, args, kwargs)
-
-        return forward
+    def _layer_forward(self, index: int) -> "_LayerForward":
+        return _LayerForward(self, index)
 
     def _run(self, index: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         if self._plan is None:  # the loop's first layer
@@ -137,9 +134,8 @@ class _CompiledStack:
                 # A new forward may overwrite the CUDA-graph memory of the last one's outputs: tell the graphs so,
                 # once (a segment takes the earlier ones' outputs, which must stay alive).
                 torch.compiler.cudagraph_mark_step_begin()
-        handed = self._handed
-        if handed is not None and index < handed.segment.end:
-            return self._hand_on(index, handed, hidden, args, kwargs)
+        if self._handed is not None:
+            return self._hand_on(index, self._handed, hidden, args, kwargs)
         segment = self._plan.get(index) or Segment(index, index + 1, eager=True)  # (a loop that began elsewhere)
         self.last_segments.append(segment)
         if segment.eager:
@@ -159,17 +155,25 @@ class _CompiledStack:
         return returned
 
     def _hand_on(self, index: int, handed: _Handed, hidden, args, kwargs) -> torch.Tensor:
-        same = hidden is handed.returned and len(args) == len(handed.args) and kwargs.keys() == handed.kwargs.keys() \
-            and all(a is b for a, b in zip(args, handed.args)) and all(kwargs[k] is handed.kwargs[k] for k in kwargs)
+        """Layer `index`, inside a segment that has run: what the segment computed for it, once checked that it comes
+        next and was given what the segment gave it."""
+        expected = handed.segment.start + handed.next
+        same = index == expected and hidden is handed.returned and len(args) == len(handed.args) \
+            and kwargs.keys() == handed.kwargs.keys() and all(a is b for a, b in zip(args, handed.args)) \
+            and all(kwargs[k] is handed.kwargs[k] for k in kwargs)
         if not same:
             raise EngineError(
-                f"layer {index} of {type(self.layers[index]).__name__} ran compiled inside a segment of layers "
-                f"{handed.segment.start}-{handed.segment.end - 1}, but was then given other hidden states or inputs "
-                "than the segment ran it with (a hook between the layers changed them?); vtprune.compile_prefill "
-                "cannot serve this forward: run it without compile_prefill"
+                f"layer {index} of {type(self.layers[index]).__name__} was called inside a compiled segment of layers "
+                f"{handed.segment.start}-{handed.segment.end - 1} (layer {expected} next), with other hidden states or "
+                "inputs than the segment ran it with, or out of turn (a hook between the layers changed them, or a loop "
+                "calling the layers in another order?); vtprune.compile_prefill cannot serve this forward: run it "
+                "without compile_prefill"
             )
         # a layer whose output nothing reads hands on the segment's last: its successor only passes it along too
         handed.returned = handed.outputs.get(index, handed.outputs[handed.segment.end - 1])
+        handed.next += 1
+        if index == handed.segment.end - 1:
+            self._handed = None
         return handed.returned
 
     def _plan_now(self) -> dict[int, Segment]:
@@ -187,8 +191,8 @@ class _CompiledStack:
                 starts.add(i)
             if "changes output" in hooks:
                 starts |= {i, i + 1}
-            if "reads output" in hooks:
-                read.add(i + 1)
+            if "reads output" in hooks:  # (transformers' hidden-states hook keeps its first layer's input too)
+                read |= {i, i + 1}
         starts |= alone | {i + 1 for i in alone}
         bounds = sorted(starts)
         plan = {start: Segment(start, end, tuple(i - 1 for i in sorted(read) if start < i < end), start in alone)
@@ -196,6 +200,24 @@ class _CompiledStack:
         self._idle = {start: [module for inside in self._inside[start:end] for module in inside if module._forward_hooks]
                       for start, end in zip(bounds, bounds[1:])}
         return plan
+
+
+class _LayerForward:
+    """A layer's forward while compile_prefill is open: its stack's segment, or the layer's own eager forward."""
+
+    def __init__(self, stack: _CompiledStack, index: int):
+        self.stack, self.index, self.eager = stack, index, stack.eager[index]
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        stack = self.stack
+        if not (stack.in_loop and stack.compiles(hidden_states)):
+            return self.eager(hidden_states, *args, **kwargs)
+        return stack._run(self.index, hidden_states, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        # The copy's layers would run this model's segments, on this model's weights.
+        raise TypeError("a model with vtprune.compile_prefill open cannot be deep-copied: copy it before, or after "
+                        "the handle's remove()")
 
 
 def _segment(forwards: tuple, segment: Segment):
