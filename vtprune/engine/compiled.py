@@ -99,14 +99,14 @@ class _CompiledStack:
         self._idle: dict[int, list] = {}  # segment start -> its layers' modules whose forward hooks are all idle
         self._handed: _Handed | None = None
         for index, layer in enumerate(self.layers):
-            layer.forward = self._layer_forward(index)
+            layer.forward = _LayerForward(self, index)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         for layer in self.layers:
             vars(layer).pop("forward", None)
-        self.layers, self.eager, self._handed, self._handles = [], [], None, []
+        self.layers, self.eager, self.segments, self._handed, self._handles = [], [], {}, None, []
 
     def _loop_starts(self, module, args) -> None:
         # The loop's state lives here: one forward at a time (another thread's would hand this one's tensors on).
@@ -123,9 +123,6 @@ class _CompiledStack:
             return
         self.in_loop, self._plan, self._handed, self._thread = False, None, None, None
         self._busy.release()
-
-    def _layer_forward(self, index: int) -> "_LayerForward":
-        return _LayerForward(self, index)
 
     def _run(self, index: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         if self._plan is None:  # the loop's first layer
