@@ -18,7 +18,8 @@ transformers' loop still calls every layer: the first of a segment runs the whol
 hand its outputs on. Each checks that it was given what the layer before it handed on and the inputs the
 segment ran it with (the same tensors), and raises an EngineError otherwise, so a hook that changed them
 inside a segment stops the forward instead of being silently skipped. The pruner's own layer hooks still
-run around every layer (its bookkeeping), as before.
+run around every layer (its bookkeeping), as before. The loop's state lives on the handle: one forward at a
+time (another thread's is refused), and no deep copy of the model while a handle is open.
 
 Segments run only inside the loop of the module holding the layers (a layer called on its own runs
 eagerly). transformers' output-capturing hooks, which stay on a model's modules once it has recorded hidden
