@@ -16,6 +16,7 @@ from vtprune.bench.flops import decoder_layer_flops, prefill_flops, vision_layer
 from vtprune.bench.measure import Measurement, measure, oracle_grid, oracle_kept_features, video_oracle_kept
 from vtprune.bench.run import bench_table, save
 from vtprune.bench.presets import PRESETS, AnyresLayout, Preset, anyres_layout, build_preset, preset_inputs
+from vtprune.engine.compiled import COMPILERS, compile_prefill
 
 TINY = Preset(
     "llava",
@@ -403,9 +404,11 @@ def test_a_config_the_method_refuses_is_left_out_with_its_reason(results, capsys
 
 
 def test_a_compiled_run_measures_the_same_tokens_and_leaves_the_model_eager(results):
-    """--compile: prefill through compiled decoder layers (vtprune.compile_prefill), same kept tokens and cache."""
+    """--compile: prefill through the compiled decoder (vtprune.compile_prefill, open for the run), same kept tokens
+    and cache."""
     model, r = results
-    compiled = measure(model, TINY, "fastv", 16, batch=2, repeats=2, warmup=1, new_tokens=6, compiled="inductor")
+    with compile_prefill(model, **COMPILERS["inductor"]):
+        compiled = measure(model, TINY, "fastv", 16, batch=2, repeats=2, warmup=1, new_tokens=6)
     assert compiled.visual_tokens_per_layer == r["fastv@16"].visual_tokens_per_layer
     assert compiled.kv_cache_bytes == r["fastv@16"].kv_cache_bytes and compiled.schedule_oracle_ms > 0
     assert all("forward" not in vars(layer) for layer in model.model.language_model.layers)

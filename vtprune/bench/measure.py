@@ -29,7 +29,6 @@ import torch
 
 import vtprune
 from vtprune.engine.cache import output_cache
-from vtprune.engine.compiled import COMPILERS, compile_prefill
 
 from .flops import prefill_flops
 from .presets import AnyresLayout, Preset, anyres_layout, preset_inputs
@@ -206,11 +205,9 @@ def oracle_inputs(model, preset: Preset, batch: int, keep: int, device, dtype):
 
 
 def measure(model, preset: Preset, method: str, budget: int | None, batch: int, *, repeats: int = 20, warmup: int = 3,
-            new_tokens: int = 16, device="cpu", dtype=torch.float32, compiled: str | None = None,
-            options: dict | None = None) -> Measurement:
-    """One configuration: method "unpruned", "oracle" or a registered method; `compiled` (a name in COMPILERS): with
-    the prefill compiled (vtprune.compile_prefill) for this configuration, each prefill shape compiled during the
-    warm-up (run_bench instead keeps one handle open for all its configurations)."""
+            new_tokens: int = 16, device="cpu", dtype=torch.float32, options: dict | None = None) -> Measurement:
+    """One configuration: method "unpruned", "oracle" or a registered method. With compile_prefill open on the
+    model (run_bench's --compile), each new prefill shape is compiled during the warm-up."""
     device = torch.device(device)
     inputs = preset_inputs(model, preset, batch, device=device, dtype=dtype)
     pruner, scope, oracle = None, contextlib.nullcontext(), None
@@ -225,8 +222,7 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
         pruner = apply()
         oracle = _input_oracle(model, preset, batch, budget, device, dtype)
     try:
-        compiling = (lambda: compile_prefill(model, **COMPILERS[compiled])) if compiled else contextlib.nullcontext
-        with torch.no_grad(), scope, compiling():
+        with torch.no_grad(), scope:
             def prefill():
                 return model(**inputs, use_cache=True, logits_to_keep=1)
 

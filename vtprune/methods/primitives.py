@@ -295,4 +295,3 @@ def row_tokens(layouts: list, columns: torch.Tensor, keep: int) -> list[tuple[to
         return [(columns.argsort(dim=1), keep)]
     return [(torch.stack([layout[r][0] for layout in layouts]).to(columns.device), budget)
             for r, (_, budget) in enumerate(layouts[0])]
-
