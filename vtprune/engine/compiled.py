@@ -76,7 +76,7 @@ class _CompiledStack:
     """One stack of layers (each called as layer(hidden, *args, **kwargs) -> hidden) run segment by segment."""
 
     def __init__(self, model, layers, options: dict, access: Callable[[], HiddenAccess | None],
-                 compiles: Callable, owns_outputs: bool = False):
+                 compiles: Callable, owns_outputs: bool = False, starts: set[int] = frozenset()):
         self.layers = list(layers)
         self.owns_outputs = owns_outputs
         if any("forward" in vars(layer) for layer in self.layers):
@@ -95,7 +95,7 @@ class _CompiledStack:
         self._inside = [list(layer.modules())[1:] for layer in self.layers]
         self.segments: dict[Segment, Callable] = {}  # compiled as first run, for this handle's life
         self.last_segments: list[Segment] = []  # the last forward's, in order
-        self.starts: set[int] = set()  # where a segment must start whatever the forward (e.g. a layer type changes)
+        self.starts = set(starts)  # where a segment must start whatever the forward (e.g. a layer type changes)
         self._plan: dict[int, Segment] | None = None  # this loop's, once its first layer is called
         self._idle: dict[int, list] = {}  # segment start -> its layers' modules whose forward hooks are all idle
         self._handed: _Handed | None = None
@@ -308,17 +308,18 @@ class CompiledPrefill:
             towers = [layers for _, layers in adapter.vision_encoders()]
         except ValueError:  # a family whose towers vtprune does not act in (Qwen2-VL's): they stay eager
             towers = []
+        # transformers gives layers of different types (full or sliding-window attention) masks of their own
+        kinds = getattr(adapter.language_model.config, "layer_types", None) or []
+        type_changes = {i for i in range(1, len(kinds)) if kinds[i] != kinds[i - 1]}
         self.decoder, self.towers = None, []
         try:
-            self.decoder = _CompiledStack(model, adapter.decoder_layers, options, self._decoder_access, _many_tokens)
+            self.decoder = _CompiledStack(model, adapter.decoder_layers, options, self._decoder_access, _many_tokens,
+                                          starts=type_changes)
             for layers in towers:
                 self.towers.append(_CompiledStack(model, layers, options, HiddenAccess, _always, owns_outputs=True))
         except ValueError:
             self.remove()
             raise
-        # transformers gives layers of different types (full or sliding-window attention) masks of their own
-        kinds = getattr(adapter.language_model.config, "layer_types", None) or [None] * len(self.decoder.layers)
-        self.decoder.starts = {i for i in range(1, len(kinds)) if kinds[i] != kinds[i - 1]}
 
     @property
     def stacks(self) -> list[_CompiledStack]:
