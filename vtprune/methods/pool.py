@@ -112,7 +112,7 @@ class ItemWindows:
     window: torch.Tensor  # [N] the item-wide window of each token (-1: a part without budget, dropped)
     keep: torch.Tensor  # [k] each window's representative token
     sizes: torch.Tensor  # [k] tokens per window
-    membership: torch.Tensor  # [k, N] 1 where a token is in a window
+    membership: torch.Tensor  # [k, N] 1 where a token is in a window (float64: see Pool.select_batch)
 
 
 @functools.lru_cache(maxsize=64)
@@ -131,9 +131,9 @@ def item_windows(parts: tuple[Grid, ...], keep: int, device: torch.device) -> It
             offset += count
         start += grid.size
     window = torch.cat(window)
-    membership = (window[None, :] == torch.arange(offset)[:, None]).float()
+    membership = (window[None, :] == torch.arange(offset)[:, None]).double()
     return ItemWindows(*(t.to(device) for t in (torch.cat(coords), torch.cat(part), window, torch.cat(representatives),
-                                                membership.sum(dim=1), membership)))
+                                                membership.sum(dim=1).float(), membership)))
 
 
 class Pool(VisionMethod):
@@ -149,7 +149,10 @@ class Pool(VisionMethod):
 
     def select_batch(self, views: list[VisionView]) -> list[torch.Tensor | Selection]:
         """Items of one shape, grids and keep whose tokens are every cell in item order (what the engine hands over)
-        are pooled together: their windows are the same, so one matmul averages them all. Others, item by item."""
+        are pooled together: their windows are the same, so one matmul averages them all. Others, item by item.
+        Windows are summed in float64: a float32 matmul's rounding depends on the batch's size (and the CPU's
+        kernels), a float64 sum of a window's float32 or bfloat16 values rounds back to the same value whatever the
+        order, so a batch's pick equals its item's alone, bit for bit."""
         picks: list = [None] * len(views)
         keys = [(view.features.shape, view.features.dtype, view.features.device, view.parts, view.keep)
                 if view.keep < view.features.shape[0] == sum(grid.size for grid in view.parts) else object()
@@ -175,10 +178,10 @@ class Pool(VisionMethod):
         if not chosen:
             return picks
         features = torch.stack([views[i].features for i in chosen])
-        total = layout.membership @ features.float()  # [B, windows, D]
+        total = layout.membership @ features.double()  # [B, windows, D]
         batch = len(chosen)
         keep, hidden, sizes, destination = in_token_order(
-            layout.keep.expand(batch, -1), (total / layout.sizes[:, None]).to(features.dtype),
+            layout.keep.expand(batch, -1), (total / layout.sizes[:, None].double()).to(features.dtype),
             layout.sizes.expand(batch, -1), layout.window.expand(batch, -1))
         for i, parts in zip(chosen, zip(keep, hidden, sizes, destination)):
             picks[i] = Selection(*parts)
@@ -209,6 +212,7 @@ class Pool(VisionMethod):
         pooled = window >= 0
         into = window[pooled]
         sizes = torch.zeros(offset, device=device).index_add_(0, into, torch.ones(into.numel(), device=device))
-        total = torch.zeros(offset, features.shape[1], device=device).index_add_(0, into, features[pooled].float())
+        total = torch.zeros(offset, features.shape[1], dtype=torch.float64, device=device).index_add_(
+            0, into, features[pooled].double())
         # windows in item order of their representatives
-        return Selection(*in_token_order(keep, (total / sizes[:, None]).to(features.dtype), sizes, window))
+        return Selection(*in_token_order(keep, (total / sizes[:, None].double()).to(features.dtype), sizes, window))
