@@ -4,13 +4,13 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.methods import REGISTRY
+from vtprune.methods import REGISTRY, WITHOUT_TOKENIZER
 from vtprune.tiny import SampleLayout, tiny_inputs
 
 from .conftest import FAMILIES, greedy, skip_block_merging_on
 
 METHODS = sorted(REGISTRY)  # every registered method, on every family that supports it (conftest)
-OPTIONS = {"clasp": {"question_class": "general"}}  # clasp routes on text; the tiny models have no tokenizer
+OPTIONS = WITHOUT_TOKENIZER  # the tiny models have no tokenizer
 PLACEHOLDERS = torch.tensor([100, 101])  # LLaVA's and Qwen2-VL's image token in the tiny vocabulary
 
 

@@ -32,6 +32,7 @@ def cmd_demo(args) -> int:
     import torch
 
     import vtprune
+    from vtprune.methods import WITHOUT_TOKENIZER
     from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
     model = tiny_llava(layers=8)
@@ -44,7 +45,7 @@ def cmd_demo(args) -> int:
         table.add_column(column)
     table.add_row("unpruned", "[128, 64]", "64.0", f"{reference.numel()}/{reference.numel()}")
     for info in vtprune.methods():
-        options = {"question_class": "general"} if info.name == "clasp" else {}  # no tokenizer to route with
+        options = WITHOUT_TOKENIZER.get(info.name, {})
         with torch.no_grad(), vtprune.apply(model, info.name, args.budget, **options) as pruner:
             out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0)[:, -steps:]
             stats = pruner.last_stats
@@ -333,6 +334,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from vtprune.bench.run import bench_table, device_name, run_bench, save
+    from vtprune.methods import WITHOUT_TOKENIZER
 
     dtype = getattr(torch, args.dtype)
     name = device_name(args.device)
@@ -343,7 +345,7 @@ def cmd_bench(args) -> int:
     # Saved after every configuration: a run cut short (a time limit on a lent GPU) keeps what it measured.
     results = run_bench(args.arch, args.methods, args.budgets, args.batch, device=args.device, dtype=dtype,
                         repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, compiled=args.compile,
-                        options={"clasp": {"question_class": "general"}},
+                        options=WITHOUT_TOKENIZER,
                         measured=lambda so_far: save(so_far, folder, settings))
     compiled = f", prefill compiled ({args.compile})" if args.compile else ""
     console.print(bench_table(results, f"{args.arch} on {name} ({args.dtype}, random weights{compiled})"))

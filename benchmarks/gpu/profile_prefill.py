@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import vtprune
-from vtprune.bench.ops import OPTIONS
+from vtprune.methods import WITHOUT_TOKENIZER
 from vtprune.bench.presets import PRESETS, build_preset, preset_inputs
 from vtprune.engine.compiled import COMPILERS
 
@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     model = build_preset(args.arch, args.device, getattr(torch, args.dtype))
     inputs = preset_inputs(model, PRESETS[args.arch], args.batch, device=args.device, dtype=getattr(torch, args.dtype))
     pruner = None if args.method == "unpruned" else vtprune.apply(model, args.method, args.budget,
-                                                                  **OPTIONS.get(args.method, {}))
+                                                                  **WITHOUT_TOKENIZER.get(args.method, {}))
     compiled = vtprune.compile_prefill(model, **COMPILERS[args.compile]) if args.compile else None
 
     def prefill():

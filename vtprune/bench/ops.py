@@ -14,9 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtprune
-
-OPTIONS = {"clasp": {"question_class": "general"}}  # no tokenizer to route with
-
+from vtprune.methods import WITHOUT_TOKENIZER
 
 class OpCounter(TorchDispatchMode):
     """Counts dispatched aten ops other than views, by where they run: inside select_batch ("select") or not
@@ -39,7 +37,7 @@ class OpCounter(TorchDispatchMode):
 def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = False) -> dict:
     """One pruned prefill of `inputs`: its ops inside select_batch ("select_ops") and outside ("engine_ops"), and on
     CUDA its host synchronisations ("syncs"; None elsewhere)."""
-    pruner = vtprune.apply(model, method, budget, **OPTIONS.get(method, {}))
+    pruner = vtprune.apply(model, method, budget, **WITHOUT_TOKENIZER.get(method, {}))
     counter, select = OpCounter(cuda), pruner.method.select_batch
 
     def counted(views):

@@ -29,6 +29,11 @@ REGISTRY: dict[str, type[Method]] = {
 }
 
 
+# What a method is given where the model has no tokenizer (random weights: tests, the demo, the bench): CLASP routes
+# on the instruction's text, so it is told the instruction's class instead.
+WITHOUT_TOKENIZER: dict[str, dict] = {"clasp": {"question_class": "general"}}
+
+
 def get_method(name: str) -> type[Method]:
     try:
         return REGISTRY[name]
@@ -37,4 +42,4 @@ def get_method(name: str) -> type[Method]:
 
 
 __all__ = ["LLM_INPUT", "REGISTRY", "BlockInput", "BlockMerge", "BlockMergingMethod", "Grid", "ImageView", "LayerProbe", "Method", "ModelInfo", "Selection", "Stage", "VisionLayer",
-           "VisionMethod", "VisionView", "get_method"]
+           "VisionMethod", "VisionView", "WITHOUT_TOKENIZER", "get_method"]
