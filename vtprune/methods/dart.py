@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ImageView, LayerProbe, Method, ModelInfo, Stage
-from .primitives import same_shape
+from .primitives import gather_rows, same_shape
 
 
 def _precision(tensor: torch.Tensor) -> torch.dtype:
@@ -181,10 +181,10 @@ class DART(Method):
             return torch.topk(norms.gather(1, visual), keep, dim=1).indices
         normed = torch.stack([probe.normed for probe in probes])
         unit = torch.nn.functional.normalize(normed.to(_precision(normed)), dim=-1)  # [B, L, D]
-        device, width = unit.device, unit.shape[-1]
+        device = unit.device
         visual = torch.stack([probe.visual for probe in probes]).to(device)
-        tokens = unit.gather(1, visual[..., None].expand(-1, -1, width))  # [B, N, D]
-        pivot = unit.gather(1, torch.tensor(orders, device=device)[..., None].expand(-1, -1, width))  # [B, P, D]
+        tokens = gather_rows(unit, visual)  # [B, N, D]
+        pivot = gather_rows(unit, torch.tensor(orders, device=device))  # [B, P, D]
         similarity = tokens @ pivot.transpose(1, 2)  # [B, N, P]
         image = torch.stack(image).to(device)
         available = torch.ones(visual.shape, dtype=torch.bool, device=device).scatter_(1, image, False)

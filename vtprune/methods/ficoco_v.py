@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import BlockInput, BlockMerge, BlockMergingMethod, ModelInfo, feature_layer
+from .primitives import gather_rows
 
 
 def redundancy(logits: torch.Tensor, beta: float) -> torch.Tensor:
@@ -72,7 +73,7 @@ def penalise_window_minima(score: torch.Tensor, columns: torch.Tensor, grid: tup
 
 def correlation_width(logits: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     """[R] k: the most logits of a dropped token's row above that row's 0.998 quantile."""
-    rows = logits.gather(1, dropped[..., None].expand(-1, -1, logits.shape[2])).float()
+    rows = gather_rows(logits, dropped).float()
     threshold = torch.quantile(rows, 0.998, dim=-1, keepdim=True)
     return (rows > threshold).sum(-1).amax(-1)
 
@@ -109,7 +110,7 @@ class FiCoCoV(BlockMergingMethod):
         dropped, kept = ranked[:, :r], torch.cat([torch.zeros_like(ranked[:, :1]), ranked[:, r:]], dim=1).sort(-1).values
         # Correlate: each dropped token's most-attended kept tokens
         attention = logits.float().softmax(dim=-1)
-        towards_kept = attention.gather(1, dropped[..., None].expand(-1, -1, n)).gather(
+        towards_kept = gather_rows(attention, dropped).gather(
             2, kept[:, None].expand(-1, r, -1))  # [R, r, n - r]
         k = int(correlation_width(logits, dropped).max().clamp(min=1, max=kept.shape[1]))
         weight, target = towards_kept.topk(k, dim=-1)
@@ -117,9 +118,9 @@ class FiCoCoV(BlockMergingMethod):
         # Compress: (x_u + sum w x_i) / (1 + sum w)
         x = block.hidden
         width = x.shape[2]
-        total = x.gather(1, kept[..., None].expand(-1, -1, width)).clone()
+        total = gather_rows(x, kept).clone()
         mass = torch.ones(rows, kept.shape[1], dtype=x.dtype, device=x.device)
-        sources = x.gather(1, dropped[..., None].expand(-1, -1, width))  # [R, r, D]
+        sources = gather_rows(x, dropped)  # [R, r, D]
         total.scatter_add_(1, target.flatten(1)[..., None].expand(-1, -1, width),
                            (weight[..., None] * sources[:, :, None]).flatten(1, 2))
         mass.scatter_add_(1, target.flatten(1), weight.flatten(1))

@@ -22,6 +22,11 @@ def same_shape(keys: list) -> list[list[int]]:
     return list(groups.values())
 
 
+def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values [B, N, D] at index [B, n]: [B, n, D] (each item's rows)."""
+    return values.gather(1, index[..., None].expand(-1, -1, values.shape[-1]))
+
+
 def evenly_spaced(n: int, k: int, device=None) -> torch.Tensor:
     """k distinct indices spread evenly over range(n), first and last included when k > 1."""
     k = min(k, n)
@@ -130,7 +135,7 @@ def merge_into_nearest(hidden: torch.Tensor, sizes: torch.Tensor, keep: torch.Te
     lead, (n, width), k = hidden.shape[:-2], hidden.shape[-2:], keep.shape[-1]
     hidden, sizes, keep = hidden.reshape(-1, n, width), sizes.reshape(-1, n), keep.reshape(-1, k)
     unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
-    kept_unit = unit.gather(1, keep[..., None].expand(-1, -1, width))
+    kept_unit = gather_rows(unit, keep)
     destination = (unit @ kept_unit.transpose(1, 2)).argmax(dim=-1)  # [B, N] -> slot in keep
     destination.scatter_(1, keep, torch.arange(k, device=keep.device).expand_as(keep))
     membership = (destination[:, None, :] == torch.arange(k, device=keep.device)[None, :, None]).float()  # [B, k, N]

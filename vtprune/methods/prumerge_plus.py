@@ -73,7 +73,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView
-from .primitives import layout_key, row_layouts, row_tokens, same_shape
+from .primitives import gather_rows, layout_key, row_layouts, row_tokens, same_shape
 
 LAYER = -1  # encoder.layers[23] of CLIP-L's 24
 NEIGHBOURS = 32
@@ -142,16 +142,16 @@ def absorb(features: torch.Tensor, unit: torch.Tensor, scores: torch.Tensor, tok
     in float32 at least, which tokens each absorbed [B, k, N])."""
     n = tokens.shape[1]
     dtype = torch.promote_types(features.dtype, torch.float32)
-    row_unit = unit.gather(1, tokens[..., None].expand(-1, -1, unit.shape[-1]))
-    row_features = features.gather(1, tokens[..., None].expand(-1, -1, features.shape[-1])).to(dtype)
-    similarity = row_unit.gather(1, kept[..., None].expand(-1, -1, unit.shape[-1])) @ row_unit.transpose(1, 2)
+    row_unit = gather_rows(unit, tokens)
+    row_features = gather_rows(features, tokens).to(dtype)
+    similarity = gather_rows(row_unit, kept) @ row_unit.transpose(1, 2)
     similarity.scatter_(2, kept[..., None], float("-inf"))  # never itself
     local = torch.topk(similarity, min(neighbours, n - 1), dim=-1).indices  # [B, k, count] positions in the row
     weight = scores.gather(1, tokens).gather(1, local.flatten(1)).view(local.shape).to(dtype)
     weights = torch.zeros(*kept.shape, n, dtype=dtype, device=features.device).scatter_(2, local, weight)
     absorbed = torch.zeros(*kept.shape, features.shape[1], dtype=torch.bool, device=features.device)
     absorbed.scatter_(2, tokens.gather(1, local.flatten(1)).view(local.shape), True)
-    own = row_features.gather(1, kept[..., None].expand(-1, -1, features.shape[-1]))
+    own = gather_rows(row_features, kept)
     return tokens.gather(1, kept), own + weights @ row_features, absorbed
 
 
@@ -210,10 +210,10 @@ class PruMergePlus(VisionMethod):
         keep, hidden, absorbed = (torch.cat(parts, dim=1) for parts in zip(*per_row))
         order = torch.argsort(keep, dim=1)
         keep = keep.gather(1, order)
-        hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
-        absorbed = absorbed.gather(1, order[..., None].expand(-1, -1, absorbed.shape[-1])).transpose(1, 2)  # [B, N, k]
+        hidden = gather_rows(hidden, order)
+        absorbed = gather_rows(absorbed, order).transpose(1, 2)  # [B, N, k]
 
-        similarity = unit @ unit.gather(1, keep[..., None].expand(-1, -1, unit.shape[-1])).transpose(1, 2)
+        similarity = unit @ gather_rows(unit, keep).transpose(1, 2)
         by_absorber = similarity.masked_fill(~absorbed, float("-inf"))
         destination = torch.where(absorbed.any(dim=-1), by_absorber.argmax(dim=-1), similarity.argmax(dim=-1))
         destination.scatter_(1, keep, torch.arange(keep.shape[1], device=device).expand_as(keep))

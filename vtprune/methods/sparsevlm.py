@@ -91,7 +91,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ImageView, LayerProbe, Method, ModelInfo, Selection, Stage, scale_layers
-from .primitives import in_token_order, same_shape
+from .primitives import gather_rows, in_token_order, same_shape
 
 # The authors' sparse layers (2, 6, 15 of 32) prune their own output: vtprune's stages are one layer later.
 STAGE_LAYERS = ((3, 7, 16), 32)
@@ -248,12 +248,12 @@ def recycle(hidden: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, cou
     order = torch.sort(scores, descending=True, stable=True).indices  # ties: the lower index first
     kept = order[:, :count]
     recycled = order[:, count:count + recycled_count(n - count, ratio)]  # decreasing score
-    members = hidden.gather(1, recycled[..., None].expand(-1, -1, width))
+    members = gather_rows(hidden, recycled)
     centres, assignment = density_peak_clusters(members, clusters)
     membership = torch.nn.functional.one_hot(assignment, clusters).transpose(1, 2).float()  # [B, clusters, m]
     merged = membership @ members.float() / membership.sum(dim=-1, keepdim=True)
     keep = torch.cat([kept, recycled.gather(1, centres)], dim=1)
-    values = torch.cat([hidden.gather(1, kept[..., None].expand(-1, -1, width)), merged.to(hidden.dtype)], dim=1)
+    values = torch.cat([gather_rows(hidden, kept), merged.to(hidden.dtype)], dim=1)
     weights = (membership @ sizes.gather(1, recycled)[..., None].float())[..., 0]
     sizes = torch.cat([sizes.gather(1, kept), weights.to(sizes.dtype)], dim=1)
     destination = torch.full((batch, n), -1, dtype=torch.long, device=device)

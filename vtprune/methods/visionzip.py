@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, Selection, VisionLayer, VisionMethod, VisionView, feature_layer
-from .primitives import in_token_order, layout_key, row_layouts, row_tokens, same_shape
+from .primitives import gather_rows, in_token_order, layout_key, row_layouts, row_tokens, same_shape
 
 CONTEXTUAL_SHARE = 10 / 64  # 54+10 / 108+20 / 162+30 at 64 / 128 / 192 (README, paper)
 
@@ -235,8 +235,3 @@ class VisionZip(VisionMethod):
         into.scatter_(1, candidates, torch.where(slot >= 0, slot + picked.shape[1], -1))  # the spare: below
         into.scatter_(1, kept, torch.arange(kept.shape[1], device=device).expand_as(kept))
         return kept, hidden, sizes, into
-
-
-def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """values [B, N, D] at index [B, n]: [B, n, D]."""
-    return values.gather(1, index[..., None].expand(-1, -1, values.shape[-1]))
