@@ -17,6 +17,7 @@ from vtprune.bench.measure import Measurement, measure, oracle_grid, oracle_kept
 from vtprune.bench.run import bench_table, save
 from vtprune.bench.presets import PRESETS, AnyresLayout, Preset, anyres_layout, build_preset, preset_inputs
 from vtprune.engine.compiled import COMPILERS, compile_prefill
+from vtprune.methods import FastV
 
 TINY = Preset(
     "llava",
@@ -120,6 +121,41 @@ def test_the_table_marks_measurements_too_noisy_to_compare():
     # against its input oracle (timed alternating with it, not the oracle@64 row) and schedule oracle; select ms
     assert rows["clse@64"][5:9] == ["1.00x", "2.00x", "1.10x", "2.0"]
     assert "too noisy to trust: prefill p90/p10 above 1.5" in " ".join(text.split())
+
+
+def test_a_noisy_oracle_marks_the_ratio_it_enters():
+    fastv = dataclasses.replace(measurement("fastv@64"), schedule_oracle_ms=10.0, input_oracle_ms=5.0,
+                                schedule_oracle_spread=1.2, input_oracle_spread=1.8)
+    rows, _ = rendered(bench_table([measurement("unpruned"), fastv], "t"))
+    assert rows["fastv@64"][2] == "" and rows["fastv@64"][6:8] == ["2.20x!", "1.10x"]
+
+
+def test_percentiles_interpolate_between_the_sorted_times():
+    from vtprune.bench.measure import percentiles
+
+    assert percentiles([5.0, 1.0, 4.0, 2.0, 3.0]) == pytest.approx((1.4, 4.6))  # not the extremes 1 and 5
+    assert percentiles([7.0]) == (7.0, 7.0)
+
+
+def test_without_warm_up_the_schedule_oracle_still_replays_a_decision(monkeypatch):
+    """measure(warmup=0): the decision is made by an untimed prefill, so the schedule oracle asks the method
+    nothing (it was the method itself before)."""
+    torch.manual_seed(0)
+    model = TINY.build().eval()
+    calls, original = [], FastV.select_batch
+    monkeypatch.setattr(FastV, "select_batch", lambda self, views: calls.append(len(views)) or original(self, views))
+    measure(model, TINY, "fastv", 16, batch=2, repeats=3, warmup=0, new_tokens=2)
+    # the decision's prefill, 3 timed runs, select_ms's 3 runs, the KV cache's prefill, 2 x 3 generate calls
+    assert len(calls) == 1 + 3 + 3 + 1 + 6
+
+
+def test_tower_merges_are_the_methods_work_in_the_bench():
+    """ToMe merges inside the vision tower: its merges count as its selection time, and its schedule oracle
+    (a replay) runs none of them."""
+    torch.manual_seed(0)
+    model = TINY.build().eval()
+    r = measure(model, TINY, "tome", 48, batch=2, repeats=2, warmup=1, new_tokens=2)
+    assert set(r.select_ms) == {"vision", "tower merges"} and r.select_ms["tower merges"] > 0
 
 
 def test_a_quiet_table_has_no_marks():
@@ -429,7 +465,8 @@ def test_the_input_oracle_runs_with_no_pruner_on_the_model(results):
             pruner, lambda: vtprune.apply(model, "fastv", 16), lambda: model(**inputs),
             lambda: seen.append(getattr(model, "_vtprune_pruner", None)), torch.device("cpu"), repeats=3)
     assert seen == [None] * 4  # the warm-up and three timed runs
-    assert model._vtprune_pruner is pruner and len(times) == 3 and replayed > 0 and floor >= 0
+    assert model._vtprune_pruner is pruner and len(times) == len(replayed) == len(floor) == 3
+    assert min(replayed) > 0 and min(floor) >= 0
     assert pruner.last_stats.visual_tokens_per_layer[0] == [64, 64] + [16] * 4  # the method's own runs pruned
     pruner.remove()
 

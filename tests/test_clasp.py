@@ -53,6 +53,26 @@ def test_identity_fusion_reproduces_the_model_exactly(tmp_path):
             assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=SUPPRESS), generated)
 
 
+@pytest.mark.parametrize("budget", [64, 1.0, 10_000])
+def test_a_budget_keeping_every_token_leaves_the_features_unfused(table, budget):
+    """A budget at or above an image's token count is a no-op (README, Semantics), a fusion table or not; an image
+    the budget prunes is fused beside it."""
+    model = tiny_llava()
+    inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(text_before=6)])
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with vtprune.apply(model, "clasp", budget, tokenizer=IdsAsText(), router=class_of_first_token,
+                           calibration=str(table)) as pruner:
+            assert pruner.method.fuses_vision_layers
+            assert torch.equal(model(**inputs).logits, reference)
+        with vtprune.apply(model, "clasp", 63, tokenizer=IdsAsText(), router=class_of_first_token,
+                           calibration=str(table)) as pruner:
+            fused = model(**inputs).logits
+        with vtprune.apply(model, "clasp", 63, tokenizer=IdsAsText(), router=class_of_first_token,
+                           calibration=str(table), fusion=False) as pruner:
+            assert not torch.allclose(model(**inputs).logits, fused)
+
+
 def test_fusion_is_the_same_in_forward_and_generate(table):
     """generate() may encode images ahead of the first forward; the fused features must not differ."""
     model = tiny_llava()

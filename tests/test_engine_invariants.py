@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import vtprune
+import vtprune.engine.block_merge
+import vtprune.engine.vision
 from vtprune.methods import REGISTRY, WITHOUT_TOKENIZER
 from vtprune.tiny import SampleLayout, tiny_inputs
 
@@ -122,6 +124,26 @@ def test_cached_generation_equals_recomputing_the_kept_set(model, method):
             with pruner.replaying(decision):
                 recomputed = model(**grown, use_cache=False).logits[:, -1]
             torch.testing.assert_close(recomputed, step_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", [name for name in METHODS if REGISTRY[name].acts_in_vision])
+def test_a_replay_does_none_of_the_methods_work(model, family, method, monkeypatch):
+    """A replayed decision (the bench's schedule oracle) runs the vision tower as the model's own: no q/k read for
+    scoring, no merge inside it, no selection; its logits are the method's."""
+    skip_block_merging_on(method, family, videos=False)
+    inputs = tiny_inputs(model, MIXED[:2])
+    with vtprune.apply(model, method, 10, **OPTIONS.get(method, {})) as pruner:
+        pruned = model(**inputs).logits
+        work = []
+        for module in (vtprune.engine.vision, vtprune.engine.block_merge):
+            read = module.tower_attention_inputs
+            monkeypatch.setattr(module, "tower_attention_inputs", lambda *a, read=read: work.append("q/k") or read(*a))
+        monkeypatch.setattr(pruner.method, "select_batch", lambda views: work.append("select"))
+        monkeypatch.setattr(pruner.method, "merge", lambda *a: work.append("merge"), raising=False)
+        with pruner.replaying(pruner.last_decision):
+            replayed = model(**inputs).logits
+    assert work == []
+    assert torch.equal(replayed, pruned)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -7,13 +7,15 @@ runs is reported with its 10th-90th percentile spread. Two oracles bound a metho
   no scoring and no engine: the limit of that budget, which no method may beat;
 - the schedule oracle (`schedule_oracle_ms` of each method's row): the method's own prefill
   replaying its recorded decision (`Pruner.replaying`): the same per-layer token counts and
-  kept set, with no scoring. method - schedule oracle is what scoring costs;
+  kept set, with no scoring (the vision tower runs as the model's own: no q/k read, no merges
+  in it). method - schedule oracle is what scoring costs;
   schedule oracle - input oracle is what the schedule (full-length early layers) and the
   engine's bookkeeping cost.
 Each method's row times the input oracle (`input_oracle_ms`, the pruner off the model), the
 method and its schedule oracle in turn, repeat by repeat, so that drift weighs on all three
 alike; the "oracle@B" row is the input oracle timed on its own.
-`select_ms` is the time in the method's own selection per stage (Method.select_batch: the batch's items at once).
+`select_ms` is the time in the method's own selection per stage (Method.select_batch: the batch's items at once),
+and in a BlockMergingMethod's merges inside the tower ("tower merges").
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 import vtprune
 from vtprune.engine.cache import output_cache
+from vtprune.methods import BlockMergingMethod
 
 from .flops import prefill_flops
 from .presets import AnyresLayout, Preset, anyres_layout, preset_inputs
@@ -52,6 +55,8 @@ class Measurement:
     visual_tokens_per_layer: list[int]  # first sample
     schedule_oracle_ms: float | None = None  # median prefill replaying the method's decision (no scoring)
     input_oracle_ms: float | None = None  # median prefill of the input oracle, timed alternating with the method
+    schedule_oracle_spread: float | None = None  # p90 / p10 of the schedule oracle's times
+    input_oracle_spread: float | None = None  # p90 / p10 of the input oracle's times
     select_ms: dict[str, float] | None = None  # per stage ("layer 2", "vision"): the method's select, per prefill
 
     def as_dict(self) -> dict:
@@ -230,8 +235,9 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
                 prefill()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            replayed = input_oracle = []
             if pruner is None:
-                times, replayed, input_oracle = sorted(_time_ms(prefill, device) for _ in range(repeats)), None, None
+                times = [_time_ms(prefill, device) for _ in range(repeats)]
             else:
                 pruner, times, replayed, input_oracle = _alternating_times(pruner, apply, prefill, oracle, device,
                                                                            repeats)
@@ -253,7 +259,7 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
         if pruner is not None:
             pruner.remove()
 
-    prefill_ms = statistics.median(times)
+    p10, p90 = percentiles(times)
     sequence = inputs["input_ids"].shape[1]
     visual = _visual_counts(model, preset, inputs, stats)
     # LLaVA-NeXT's and OneVision's newlines and Video-LLaVA's frame CLS tokens count as text
@@ -264,15 +270,35 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
     return Measurement(
         config=method if budget is None else f"{method}@{budget}",
         method=method, budget=budget, batch=batch,
-        prefill_ms=prefill_ms, prefill_ms_p10=times[len(times) // 10], prefill_ms_p90=times[(9 * len(times)) // 10],
+        prefill_ms=statistics.median(times), prefill_ms_p10=p10, prefill_ms_p90=p90,
         decode_tokens_per_s=batch * (new_tokens - 1) / (decode_ms / 1000) if decode_ms > 0 else float("nan"),
         throughput_samples_per_s=batch / (generate_ms / 1000),
         kv_cache_bytes=kv, peak_memory_bytes=peak,
         prefill_tflops=batch * flops["total"] / 1e12,
         equivalent_budget=sum(visual) / len(visual),
         visual_tokens_per_layer=visual,
-        schedule_oracle_ms=replayed, select_ms=select_ms, input_oracle_ms=input_oracle,
+        schedule_oracle_ms=_median(replayed), input_oracle_ms=_median(input_oracle), select_ms=select_ms,
+        schedule_oracle_spread=_spread(replayed), input_oracle_spread=_spread(input_oracle),
     )
+
+
+def percentiles(times: list[float]) -> tuple[float, float]:
+    """(10th, 90th) percentile, interpolated between the sorted times (at 5 repeats not simply the extremes)."""
+    if len(times) < 2:
+        return times[0], times[0]
+    cuts = statistics.quantiles(times, n=10, method="inclusive")
+    return cuts[0], cuts[-1]
+
+
+def _median(times: list[float]) -> float | None:
+    return statistics.median(times) if times else None
+
+
+def _spread(times: list[float]) -> float | None:
+    if not times:
+        return None
+    p10, p90 = percentiles(times)
+    return p90 / p10
 
 
 def _input_oracle(model, preset: Preset, batch: int, budget: int, device, dtype):
@@ -287,10 +313,12 @@ def _input_oracle(model, preset: Preset, batch: int, budget: int, device, dtype)
 
 
 def _alternating_times(pruner, reapply, prefill, oracle, device: torch.device, repeats: int):
-    """(the pruner on the model, sorted prefill times, median of the schedule oracle's, median of the input
-    oracle's). The three run in turn, each repeat: the input oracle (the pruner taken off the model and put back
-    after), the method, the method replaying its decision. So a machine's drift (clocks, heat, a neighbour's
-    load) weighs on all three alike, and the ratios compare runs made seconds apart."""
+    """(the pruner on the model, the method's prefill times, the schedule oracle's, the input oracle's). The three
+    run in turn, each repeat: the input oracle (the pruner taken off the model and put back after), the method, the
+    method replaying its decision. So a machine's drift (clocks, heat, a neighbour's load) weighs on all three
+    alike, and the ratios compare runs made seconds apart."""
+    if pruner.last_decision is None:  # no warm-up ran: the decision to replay is made here, untimed
+        prefill()
     decision = pruner.last_decision
     pruner.remove()
     oracle()  # warm
@@ -305,31 +333,39 @@ def _alternating_times(pruner, reapply, prefill, oracle, device: torch.device, r
         times.append(_time_ms(prefill, device))
         with pruner.replaying(decision):
             replayed.append(_time_ms(prefill, device))
-    return pruner, sorted(times), statistics.median(replayed), statistics.median(floor)
+    return pruner, times, replayed, floor
 
 
 def _select_ms(pruner, prefill, device: torch.device, repeats: int) -> dict[str, float]:
-    """ms per prefill in the method's select_batch at each stage."""
+    """ms per prefill in the method's select_batch at each stage ("layer 2", "vision"), and in a BlockMergingMethod's
+    merges inside the tower ("tower merges")."""
     spent: dict[str, float] = {}
     method = pruner.method
-    select_batch = method.select_batch
 
-    def timed(views):
-        stage = f"layer {views[0].layer}" if hasattr(views[0], "layer") else "vision"
-        _synchronize(device)
-        began = time.perf_counter()
-        picks = select_batch(views)
-        _synchronize(device)
-        spent[stage] = spent.get(stage, 0.0) + 1000 * (time.perf_counter() - began)
-        return picks
+    def timed(work, stage_of):
+        def run(first, *rest):
+            stage = stage_of(first)
+            _synchronize(device)
+            began = time.perf_counter()
+            result = work(first, *rest)
+            _synchronize(device)
+            spent[stage] = spent.get(stage, 0.0) + 1000 * (time.perf_counter() - began)
+            return result
 
+        return run
+
+    # on this instance only, for these runs
+    method.select_batch = timed(method.select_batch, lambda views: f"layer {views[0].layer}"
+                                if hasattr(views[0], "layer") else "vision")
+    if isinstance(method, BlockMergingMethod):
+        method.merge = timed(method.merge, lambda block: "tower merges")
     runs = max(3, repeats // 4)
-    method.select_batch = timed  # on this instance only, for these runs
     try:
         for _ in range(runs):
             prefill()
     finally:
-        del method.select_batch
+        vars(method).pop("select_batch")
+        vars(method).pop("merge", None)
     return {stage: total / runs for stage, total in spent.items()}
 
 

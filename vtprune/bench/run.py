@@ -72,8 +72,9 @@ def bench_table(results: list[Measurement], title: str) -> Table:
                    "vs schedule oracle", "select ms", "decode tok/s", "samples/s", "KV MiB", "TFLOPs", "peak GiB"):
         table.add_column(column, justify="left" if column == "config" else "right")
 
-    def ratio(value: float, *parts: Measurement) -> str:
-        return f"{value:.2f}x" + ("!" if any(untrustworthy(p) for p in parts) else "")
+    def ratio(value: float, *parts: Measurement, oracle_spread: float | None = None) -> str:
+        noisy = any(untrustworthy(p) for p in parts) or (oracle_spread or 0) > SPREAD_LIMIT
+        return f"{value:.2f}x" + ("!" if noisy else "")
 
     for r in results:
         base = unpruned.get(r.batch)
@@ -81,8 +82,9 @@ def bench_table(results: list[Measurement], title: str) -> Table:
             r.config, str(r.batch), "!" if untrustworthy(r) else "", f"{r.equivalent_budget:.0f}",
             f"{r.prefill_ms:.1f} ({r.prefill_ms_p10:.1f}-{r.prefill_ms_p90:.1f})",
             ratio(base.prefill_ms / r.prefill_ms, base, r) if base else "-",
-            ratio(r.prefill_ms / r.input_oracle_ms, r) if r.input_oracle_ms else "-",
-            ratio(r.prefill_ms / r.schedule_oracle_ms, r) if r.schedule_oracle_ms else "-",
+            ratio(r.prefill_ms / r.input_oracle_ms, r, oracle_spread=r.input_oracle_spread) if r.input_oracle_ms else "-",
+            ratio(r.prefill_ms / r.schedule_oracle_ms, r, oracle_spread=r.schedule_oracle_spread)
+            if r.schedule_oracle_ms else "-",
             "-" if r.select_ms is None else f"{sum(r.select_ms.values()):.1f}",
             f"{r.decode_tokens_per_s:.1f}", f"{r.throughput_samples_per_s:.2f}",
             f"{r.kv_cache_bytes / 2**20:.1f}", f"{r.prefill_tflops:.3f}",
@@ -90,7 +92,7 @@ def bench_table(results: list[Measurement], title: str) -> Table:
         )
     if any(untrustworthy(r) for r in results):
         table.caption = (f"! too noisy to trust: prefill p90/p10 above {SPREAD_LIMIT}, or a decode rate lost in the "
-                         "noise (nan); a ratio marked ! involves such a measurement. Rerun on a quieter machine, "
+                         "noise (nan); a ratio marked ! involves such a measurement (or an oracle's p90/p10 above the limit). Rerun on a quieter machine, "
                          "or with more --repeats.")
     return table
 

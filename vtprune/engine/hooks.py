@@ -27,6 +27,7 @@ from ..adapters import Adapter, VisualItem
 from ..methods import Method
 from . import cache as kv
 from . import decode, prefill
+from .budget import tokens_for_budget
 from .compat import EngineError
 from .compiled import HiddenAccess
 from .run import Decision, Prompt, Run
@@ -137,12 +138,18 @@ class Pruner:
         A prefill longer than the decision's prompt treats the extra tokens as decoded
         ones: with a sliced KV cache they see only the kept prompt tokens, as they did
         when decoded. So a cached generation can be checked against recomputation.
+        The vision tower runs as the model's own meanwhile (no q/k read for scoring, no merges inside it; a
+        merging method's states come from the decision), so a replay costs the method's schedule without its work.
         """
         self._replay = decision
+        if self._recorder is not None:
+            self._recorder.paused = True
         try:
             yield self
         finally:
             self._replay = None
+            if self._recorder is not None:
+                self._recorder.paused = False
 
     def hidden_access(self) -> HiddenAccess | None:
         """What the engine does to the decoder layers' hidden states in the forward being run (so that
@@ -206,8 +213,9 @@ class Pruner:
         if continued is not None:
             self._prompt = continued
         elif self.method.fuses_vision_layers:
-            self._prompt.fusion = [self.method.vision_fusion(text) for text, sample in zip(self._text, self._items)
-                                   for _ in sample]
+            # an image the budget keeps whole is left as the model computes it, fusion included
+            self._prompt.fusion = [self.method.vision_fusion(text) if tokens_for_budget(self.budget, item.length) < item.length
+                                   else None for text, sample in zip(self._text, self._items) for item in sample]
         if self.method.fuses_vision_layers:
             self._fusion = self._prompt.fusion
             self.adapter.refuse_encoded_images(kwargs, self._vision_states, self._fusion)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import Adapter, VisualItem
-from ..methods import LLM_INPUT, ImageView, LayerProbe, Method, Selection, VisionView
+from ..methods import LLM_INPUT, BlockMergingMethod, ImageView, LayerProbe, Method, Selection, VisionView
 from ..methods.primitives import same_shape
 from . import cache as kv
 from . import vision
@@ -232,18 +232,31 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
         merged, moved = replay.merged[stage], replay.moves[stage]
     else:
         kept, merged, moved = _select(run, layer, layout, hidden, attention)
-    run.kept.append(kept)
-    run.merged.append(merged)
-    run.moves.append(moved)
     narrowed = layout.narrowed(run.visual, kept, run.prompt_mask)
     taken = take(hidden, narrowed.index_in(layout))
     writes = [(b, positions, value) for b, values in enumerate(merged) for positions, value in values]
     for group in same_shape([(positions.shape, value.shape) for _, positions, value in writes]):  # written together
-        sample = torch.tensor([writes[g][0] for g in group], device=taken.device)[:, None]
-        positions = torch.stack([writes[g][1] for g in group]).to(taken.device)
-        slots = torch.searchsorted(narrowed.positions[sample[:, 0]].contiguous(), positions.contiguous())
+        sample, slots = _slots(narrowed, [writes[g][0] for g in group], [writes[g][1] for g in group])
         taken[sample, slots] = torch.stack([writes[g][2].to(taken.dtype) for g in group])
+    if replay is None and layer == LLM_INPUT and isinstance(run.method, BlockMergingMethod):
+        # A replay runs the tower without the method's merges (its work, not its schedule: see VisionRecorder.paused),
+        # so the decision keeps the merged states the language model received at the kept tokens.
+        merged = [[] for _ in kept]
+        for group in same_shape([positions.shape for positions in kept]):
+            sample, slots = _slots(narrowed, group, [kept[b] for b in group])
+            for b, values in zip(group, taken[sample, slots]):
+                merged[b].append((kept[b], values))
+    run.kept.append(kept)
+    run.merged.append(merged)
+    run.moves.append(moved)
     return narrowed, taken
+
+
+def _slots(layout: Layout, samples: list[int], positions: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([G, 1] samples, [G, n] the rows of `layout` holding those samples' positions), for positions of one shape."""
+    sample = torch.tensor(samples, device=layout.positions.device)[:, None]
+    stacked = torch.stack(positions).to(layout.positions.device)
+    return sample, torch.searchsorted(layout.positions[sample[:, 0]].contiguous(), stacked.contiguous())
 
 
 def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attention):

@@ -39,6 +39,9 @@ class VisionRecorder:
 
     def __init__(self, adapter: Adapter, method: Method, budget: int | float):
         self.adapter = adapter
+        # While a decision is replayed the tower runs as the model's own: the q/k the method scores with and a
+        # BlockMergingMethod's merges are its work, which a replay (the bench's schedule oracle) leaves out.
+        self.paused = False
         self.calls: list[EncodedCall] = []
         self._pending: EncodedCall | None = None  # a tower run whose projector has not run yet
         self._projecting: EncodedCall | None = None
@@ -71,7 +74,7 @@ class VisionRecorder:
 
     def _start_hook(self, kind: str):
         def hook(module, args):
-            self._pending = EncodedCall(kind)
+            self._pending = None if self.paused else EncodedCall(kind)
 
         return hook
 
