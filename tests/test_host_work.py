@@ -7,8 +7,8 @@ aside; vtprune.bench.ops counts them device-independently)."""
 import pytest
 
 from vtprune.api import refusal
-from vtprune.bench.ops import OPTIONS, count_prefill
-from vtprune.methods import REGISTRY
+from vtprune.bench.ops import count_prefill
+from vtprune.methods import REGISTRY, WITHOUT_TOKENIZER
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 PER_EXTRA_ITEM = 8  # CLASP's 3 is the most today
@@ -18,7 +18,7 @@ PER_EXTRA_ITEM = 8  # CLASP's 3 is the most today
 def test_a_selection_does_not_grow_with_the_batch(method):
     model = tiny_llava()
     budget = 8
-    reason = refusal(model, method, budget, **OPTIONS.get(method, {}))
+    reason = refusal(model, method, budget, **WITHOUT_TOKENIZER.get(method, {}))
     if reason:
         pytest.skip(reason)
     one, four = (tiny_inputs(model, [SampleLayout()] * n) for n in (1, 4))

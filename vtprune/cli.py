@@ -159,7 +159,7 @@ def cmd_eval(args) -> int:
         console.print(frontier_table(rows, "best at matched compute (eq. budget): no cheaper config answers as well"))
         command = "vtprune eval " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
         paths = write_reports(rows, out, title, dict(settings, command=command), args.report)
-    console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {out}/results.jsonl)")
+    console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {out}/results*.jsonl)")
     return 0
 
 

@@ -196,9 +196,10 @@ class Pruner:
         if self._recorder is not None and any(kwargs.get(key) is not None for key in VISUAL_INPUTS):
             self._recorder.take()  # this forward encodes its own images: whatever an earlier run left is stale
         if not any(self._items):
-            raise EngineError(
+            raise ValueError(
                 f"images were passed to {type(self.model).__name__}, but vtprune found none of their placeholder "
-                "tokens in input_ids"
+                f"tokens in input_ids (ids {sorted(self.adapter.placeholder_ids)}): build the prompt with the model's "
+                "processor and put its image placeholder (e.g. \"<image>\") in the text"
             )
         mask = kwargs.get("attention_mask")
         host_mask = mask.cpu().bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
