@@ -253,6 +253,8 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
 
             # Decode is priced as generate(N) - generate(1): both pay the same prefill.
             runs = max(3, repeats // 4)
+            for _ in range(min(warmup, 2)):  # generate's prefill passes other arguments: compiled, it is another
+                generate(1)()  # graph (and CUDA-graph trees record a shape on its second run), warmed here
             generate_ms = statistics.median(_time_ms(generate(new_tokens), device) for _ in range(runs))
             first_token_ms = statistics.median(_time_ms(generate(1), device) for _ in range(runs))
     finally:
