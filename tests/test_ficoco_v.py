@@ -107,3 +107,16 @@ def test_options_are_checked():
         vtprune.apply(tiny_llava(), "ficoco_v", 8, beta=1.5)
     with pytest.raises(ValueError, match="first_layer must lie in 0..4"):
         vtprune.apply(tiny_llava(), "ficoco_v", 8, first_layer=5)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_upper_quantile_is_torchs_bit_for_bit(seed):
+    from vtprune.methods.ficoco_v import upper_quantile
+
+    generator = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 1200, (), generator=generator))
+    rows = torch.randn(3, 5, n, generator=generator) * 4
+    if seed % 2:
+        rows = rows.round()  # ties
+    for q in (0.998, 0.5, 1.0, 0.0):
+        assert torch.equal(upper_quantile(rows, q), torch.quantile(rows, q, dim=-1, keepdim=True))

@@ -74,8 +74,18 @@ def penalise_window_minima(score: torch.Tensor, columns: torch.Tensor, grid: tup
 def correlation_width(logits: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     """[R] k: the most logits of a dropped token's row above that row's 0.998 quantile."""
     rows = gather_rows(logits, dropped).float()
-    threshold = torch.quantile(rows, 0.998, dim=-1, keepdim=True)
-    return (rows > threshold).sum(-1).amax(-1)
+    return (rows > upper_quantile(rows, 0.998)).sum(-1).amax(-1)
+
+
+def upper_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(rows, q, dim=-1, keepdim=True), bit for bit (tested), from the few largest values of each row
+    instead of a sort of the whole row: a high quantile needs only them (~35 ms of FiCoCo-V's merges a batch of 8
+    on 2 CPU cores went to sorting)."""
+    n = rows.shape[-1]
+    rank = torch.tensor(q, dtype=rows.dtype) * (n - 1)  # as torch.quantile computes it, in the rows' dtype
+    below = int(rank)
+    top = torch.topk(rows, n - below, dim=-1).values  # descending: the last is the sorted row's [below]
+    return torch.lerp(top[..., -1:], top[..., max(n - below - 2, 0):][..., :1], rank - below)
 
 
 class FiCoCoV(BlockMergingMethod):
