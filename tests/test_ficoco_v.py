@@ -120,3 +120,11 @@ def test_the_upper_quantile_is_torchs_bit_for_bit(seed):
         rows = rows.round()  # ties
     for q in (0.998, 0.5, 1.0, 0.0):
         assert torch.equal(upper_quantile(rows, q), torch.quantile(rows, q, dim=-1, keepdim=True))
+
+
+def test_head_mean_logits_are_the_per_head_logits_averaged():
+    from vtprune.methods.ficoco_v import head_mean_logits
+
+    query, key = torch.randn(2, 3, 2, 10, 4).unbind(0)
+    expected = (query @ key.transpose(-1, -2) * 0.5).mean(dim=1)
+    torch.testing.assert_close(head_mean_logits(query, key, 0.5), expected, atol=1e-6, rtol=1e-6)
