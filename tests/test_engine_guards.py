@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 import vtprune
+from vtprune.api import refusal
 from vtprune.adapters import adapter_for
 from vtprune.engine import EngineError, TESTED_TRANSFORMERS
 from vtprune.engine.cache import cache_keyword, output_cache
@@ -66,7 +67,7 @@ def test_images_whose_placeholders_the_adapter_cannot_find_are_caught(model):
     placeholders = torch.isin(inputs["input_ids"], torch.tensor([100, 101]))
     inputs["input_ids"] = inputs["input_ids"].masked_fill(placeholders, 127)
     with vtprune.apply(model, "random", 10):
-        with pytest.raises(ValueError, match="found none of their placeholder tokens .* put its image placeholder"):
+        with pytest.raises(ValueError, match="found none of their placeholder tokens .* put its image or video placeholder"):
             model(**inputs)
 
 
@@ -304,6 +305,19 @@ def test_a_decision_replayed_on_another_prompt_is_refused(model):
             for other in others:
                 with pytest.raises(ValueError, match="got a prompt the decision was not made for"):
                     model(**other)
+
+
+def test_a_replay_inside_another_gives_the_outer_one_back(model):
+    inputs = tiny_inputs(model, LAYOUTS)
+    method = "random" if refusal(model, "visionzip", 10) else "visionzip"  # (its recorder pauses too)
+    with vtprune.apply(model, method, 10) as pruner:
+        logits = model(**inputs).logits
+        outer = pruner.last_decision
+        with pruner.replaying(outer):
+            with pruner.replaying(outer):
+                pass
+            assert torch.equal(model(**inputs).logits, logits) and pruner.last_decision is outer
+        assert pruner._replay is None
 
 
 def test_a_second_thread_is_refused_while_a_forward_runs_and_a_deep_copy_is_refused(model):

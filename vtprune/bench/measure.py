@@ -8,7 +8,8 @@ runs is reported with its 10th-90th percentile spread. Two oracles bound a metho
 - the schedule oracle (`schedule_oracle_ms` of each method's row): the method's own prefill
   replaying its recorded decision (`Pruner.replaying`): the same per-layer token counts and
   kept set, with no scoring (the vision tower runs as the model's own: no q/k read, no merges
-  in it). method - schedule oracle is what scoring costs;
+  in it; under compile_prefill its segments still break at the method's idle hooks, as for the
+  method). method - schedule oracle is what scoring costs;
   schedule oracle - input oracle is what the schedule (full-length early layers) and the
   engine's bookkeeping cost.
 Each method's row times the input oracle (`input_oracle_ms`, the pruner off the model), the
@@ -235,7 +236,7 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
                 prefill()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            replayed = input_oracle = []
+            replayed, input_oracle = [], []
             if pruner is None:
                 times = [_time_ms(prefill, device) for _ in range(repeats)]
             else:

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import vtprune
 from vtprune.methods import WITHOUT_TOKENIZER
 
+
 class OpCounter(TorchDispatchMode):
     """Counts dispatched aten ops other than views, by where they run: inside select_batch ("select") or not
     ("engine"); with cuda, only those on a CUDA tensor (the engine's host-side bookkeeping on CPU copies launches

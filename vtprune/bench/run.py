@@ -90,7 +90,9 @@ def bench_table(results: list[Measurement], title: str) -> Table:
             f"{r.kv_cache_bytes / 2**20:.1f}", f"{r.prefill_tflops:.3f}",
             "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**30:.2f}",
         )
-    if any(untrustworthy(r) for r in results):
+    noisy_oracle = any((spread or 0) > SPREAD_LIMIT for r in results
+                       for spread in (r.input_oracle_spread, r.schedule_oracle_spread))
+    if noisy_oracle or any(untrustworthy(r) for r in results):
         table.caption = (f"! too noisy to trust: prefill p90/p10 above {SPREAD_LIMIT}, or a decode rate lost in the "
                          "noise (nan); a ratio marked ! involves such a measurement (or an oracle's p90/p10 above the limit). Rerun on a quieter machine, "
                          "or with more --repeats.")

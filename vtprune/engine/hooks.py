@@ -141,15 +141,16 @@ class Pruner:
         The vision tower runs as the model's own meanwhile (no q/k read for scoring, no merges inside it; a
         merging method's states come from the decision), so a replay costs the method's schedule without its work.
         """
+        outer = self._replay  # (a replay inside another one gives it back when it ends)
         self._replay = decision
         if self._recorder is not None:
             self._recorder.paused = True
         try:
             yield self
         finally:
-            self._replay = None
+            self._replay = outer
             if self._recorder is not None:
-                self._recorder.paused = False
+                self._recorder.paused = outer is not None
 
     def hidden_access(self) -> HiddenAccess | None:
         """What the engine does to the decoder layers' hidden states in the forward being run (so that
@@ -199,7 +200,7 @@ class Pruner:
             raise ValueError(
                 f"images were passed to {type(self.model).__name__}, but vtprune found none of their placeholder "
                 f"tokens in input_ids (ids {sorted(self.adapter.placeholder_ids)}): build the prompt with the model's "
-                "processor and put its image placeholder (e.g. \"<image>\") in the text"
+                "processor and put its image or video placeholder (e.g. \"<image>\") in the text"
             )
         mask = kwargs.get("attention_mask")
         host_mask = mask.cpu().bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None

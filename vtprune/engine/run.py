@@ -19,7 +19,8 @@ class Decision:
     stage_layers: list[int]
     kept: list[list[torch.Tensor]]
     prompt_length: int
-    # merged[stage][sample]: (positions, hidden states) that a merging method wrote over kept tokens
+    # merged[stage][sample]: (positions, hidden states) that a merging method wrote over kept tokens (a method merging
+    # inside the vision tower: every kept token's state at the LLM input, which a replay, running no merges, restores)
     merged: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
     # moves[stage][sample]: (positions, the position each was merged into, FILL for none); see `moved`
     moves: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)

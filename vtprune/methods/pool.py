@@ -151,8 +151,8 @@ class Pool(VisionMethod):
         """Items of one shape, grids and keep whose tokens are every cell in item order (what the engine hands over)
         are pooled together: their windows are the same, so one matmul averages them all. Others, item by item.
         Windows are summed in float64: a float32 matmul's rounding depends on the batch's size (and the CPU's
-        kernels), a float64 sum of a window's float32 or bfloat16 values rounds back to the same value whatever the
-        order, so a batch's pick equals its item's alone, bit for bit."""
+        kernels), while a float64 sum of a window's float32 or bfloat16 values is exact (whatever the order) unless
+        they span more than ~2^29 in magnitude, so a batch's pick equals its item's alone, bit for bit."""
         picks: list = [None] * len(views)
         keys = [(view.features.shape, view.features.dtype, view.features.device, view.parts, view.keep)
                 if view.keep < view.features.shape[0] == sum(grid.size for grid in view.parts) else object()

@@ -243,7 +243,7 @@ def recycle(hidden: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, cou
     """One stage for B items of n tokens at once (hidden [B, n, D], sizes and scores [B, n]): keep the top
     `count` by score and merge the recycled share of the rest into `clusters` tokens at their DPC centres.
     Returns (keep, hidden, sizes) [B, count + clusters(, D)] in ascending token order and destination [B, n]."""
-    batch, n, width = hidden.shape
+    batch, n, _ = hidden.shape
     device = hidden.device
     order = torch.sort(scores, descending=True, stable=True).indices  # ties: the lower index first
     kept = order[:, :count]
