@@ -82,7 +82,8 @@ def bench_table(results: list[Measurement], title: str) -> Table:
             r.config, str(r.batch), "!" if untrustworthy(r) else "", f"{r.equivalent_budget:.0f}",
             f"{r.prefill_ms:.1f} ({r.prefill_ms_p10:.1f}-{r.prefill_ms_p90:.1f})",
             ratio(base.prefill_ms / r.prefill_ms, base, r) if base else "-",
-            ratio(r.prefill_ms / r.input_oracle_ms, r, oracle_spread=r.input_oracle_spread) if r.input_oracle_ms else "-",
+            ratio(r.prefill_ms / r.input_oracle_ms, r, oracle_spread=r.input_oracle_spread)
+            if r.input_oracle_ms else "-",
             ratio(r.prefill_ms / r.schedule_oracle_ms, r, oracle_spread=r.schedule_oracle_spread)
             if r.schedule_oracle_ms else "-",
             "-" if r.select_ms is None else f"{sum(r.select_ms.values()):.1f}",
@@ -94,8 +95,8 @@ def bench_table(results: list[Measurement], title: str) -> Table:
                        for spread in (r.input_oracle_spread, r.schedule_oracle_spread))
     if noisy_oracle or any(untrustworthy(r) for r in results):
         table.caption = (f"! too noisy to trust: prefill p90/p10 above {SPREAD_LIMIT}, or a decode rate lost in the "
-                         "noise (nan); a ratio marked ! involves such a measurement (or an oracle's p90/p10 above the limit). Rerun on a quieter machine, "
-                         "or with more --repeats.")
+                         "noise (nan); a ratio marked ! involves such a measurement (or an oracle's p90/p10 above the "
+                         "limit). Rerun on a quieter machine, or with more --repeats.")
     return table
 
 

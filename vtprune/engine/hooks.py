@@ -216,8 +216,9 @@ class Pruner:
             self._prompt = continued
         elif self.method.fuses_vision_layers:
             # an image the budget keeps whole is left as the model computes it, fusion included
-            self._prompt.fusion = [self.method.vision_fusion(text) if tokens_for_budget(self.budget, item.length) < item.length
-                                   else None for text, sample in zip(self._text, self._items) for item in sample]
+            self._prompt.fusion = [
+                self.method.vision_fusion(text) if tokens_for_budget(self.budget, item.length) < item.length else None
+                for text, sample in zip(self._text, self._items) for item in sample]
         if self.method.fuses_vision_layers:
             self._fusion = self._prompt.fusion
             self.adapter.refuse_encoded_images(kwargs, self._vision_states, self._fusion)

@@ -87,9 +87,9 @@ def correlation_width(logits: torch.Tensor, dropped: torch.Tensor) -> torch.Tens
 
 
 def upper_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
-    """torch.quantile(rows, q, dim=-1, keepdim=True) on rows without NaN, bit for bit (tested), from the few largest values of each row
-    instead of a sort of the whole row: a high quantile needs only them (~35 ms of FiCoCo-V's merges a batch of 8
-    on 2 CPU cores went to sorting)."""
+    """torch.quantile(rows, q, dim=-1, keepdim=True) on rows without NaN, bit for bit (tested), from the few largest
+    values of each row instead of a sort of the whole row: a high quantile needs only them (~35 ms of FiCoCo-V's
+    merges a batch of 8 on 2 CPU cores went to sorting)."""
     n = rows.shape[-1]
     rank = torch.tensor(q, dtype=rows.dtype) * (n - 1)  # as torch.quantile computes it, in the rows' dtype
     below = int(rank)
