@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def median_ms(call, repeats: int, warmup: int = 5) -> float:
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+    return statistics.median_high(times) * 1e3
 
 
 def main(argv=None) -> None:
