@@ -17,6 +17,12 @@ def tokens_for_budget(budget: int | float, num_tokens: int) -> int:
     return min(budget, num_tokens)
 
 
+def keeps_whole(budget: int | float, num_tokens: int) -> bool:
+    """Whether a budget keeps all of an item's num_tokens. Such an item is left as the model computes it: no
+    stages (even for schedules like CLSE's whose early stages keep more than the budget), no fusion."""
+    return tokens_for_budget(budget, num_tokens) >= num_tokens
+
+
 def check_budget(budget: Any) -> int | float:
     """The budget as apply() accepts it (any integral or real number, numpy and 0-d tensors
     included), or a ValueError that says what is allowed."""

@@ -27,7 +27,7 @@ from ..adapters import Adapter, VisualItem
 from ..methods import Method
 from . import cache as kv
 from . import decode, prefill
-from .budget import tokens_for_budget
+from .budget import keeps_whole
 from .compat import EngineError
 from .compiled import HiddenAccess
 from .run import Decision, Prompt, Run
@@ -215,9 +215,8 @@ class Pruner:
         if continued is not None:
             self._prompt = continued
         elif self.method.fuses_vision_layers:
-            # an image the budget keeps whole is left as the model computes it, fusion included
             self._prompt.fusion = [
-                self.method.vision_fusion(text) if tokens_for_budget(self.budget, item.length) < item.length else None
+                None if keeps_whole(self.budget, item.length) else self.method.vision_fusion(text)
                 for text, sample in zip(self._text, self._items) for item in sample]
         if self.method.fuses_vision_layers:
             self._fusion = self._prompt.fusion

@@ -15,7 +15,7 @@ from ..methods import LLM_INPUT, BlockMergingMethod, ImageView, LayerProbe, Meth
 from ..methods.primitives import same_shape
 from . import cache as kv
 from . import vision
-from .budget import tokens_for_budget
+from .budget import keeps_whole, tokens_for_budget
 from .compiled import HiddenAccess
 from .layout import FILL, Layout, decoder_mask, take, take_positions
 from .run import Decision, Run
@@ -42,10 +42,8 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
             slicing.add(slices)
             tokens.append((torch.full_like(where, b), where, torch.full_like(where, i), *item.token_layout(),
                            torch.full_like(where, not slices, dtype=torch.bool)))
-            keep = tokens_for_budget(budget, item.length)
-            # A budget that keeps the whole item is a no-op, even for schedules (like CLSE's)
-            # whose early stages keep more than the budget and later ones less.
-            plan.append(method.item_stages(info, keep, item.length, item.kind) if keep < item.length else [])
+            plan.append([] if keeps_whole(budget, item.length)
+                        else method.item_stages(info, tokens_for_budget(budget, item.length), item.length, item.kind))
         plans.append(plan)
     if tokens:  # written into the batch's tensors at once: a few copies to the device, not a few ops per item
         sample, where, index, part_of, coords_of, unsliced_of = (torch.cat(column).to(device) for column in zip(*tokens))
