@@ -184,7 +184,9 @@ def test_clasp_asks_for_a_way_to_route():
         vtprune.apply(tiny_llava(), "clasp", 16, question_class="ocr", calibration="/nonexistent.json")
     for entry, problem in [({"generl": {"fusion": None, "split": 0.5}}, "names class 'generl', which the router"),
                            ({"ocr": {"fusion": None, "split": 7}}, "gives class 'ocr' a split of 7.0, outside"),
-                           ({"ocr": {"fusion": {"1": 0.0, "2": 0.0}, "split": 0.5}}, "fusion weights")]:
+                           ({"ocr": {"fusion": {"1": 0.0, "2": 0.0}, "split": 0.5}}, "fusion weights"),
+                           ({"ocr": {"fusion": {"1": 2.0, "2": 2.0}, "split": 0.5}}, "sum to 1"),
+                           ({"ocr": {"fusion": {"1": 1.5, "2": -0.5}, "split": 0.5}}, ">= 0")]:
         with pytest.raises(ValueError, match=problem):
             vtprune.apply(tiny_llava(), "clasp", 16, question_class="ocr", calibration={"classes": entry})
 

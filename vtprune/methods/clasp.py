@@ -1,26 +1,30 @@
 """CLASP (2026): class-adaptive layer fusion and dual-stage pivot/completion pruning.
 
-From the paper (arXiv 2604.12767: abstract, introduction, Figure 1, project page): a
-router maps the instruction to a question class; the class sets (a) how vision-encoder
-layers are fused into the features the projector receives and (b) how the token budget
-R splits between attention-salient *pivot* tokens (relevance) and redundancy-aware
-*completion* tokens (coverage); R tokens are kept ("192 retained tokens, 66.7% reduction").
-Figure 1 sweeps five fusion strategies from shallow- to deep-weighted.
+From the paper (arXiv 2604.12767; its abstract, introduction and Figure 1 caption as the
+project's notes record them, ../shared/notes/methods.md, and its project page): a router maps
+the instruction to a question class; the class sets (a) how vision-encoder layers are fused
+into the features the projector receives and (b) how the token budget R splits between
+attention-salient *pivot* tokens (relevance) and redundancy-aware *completion* tokens
+(coverage); R tokens are kept ("192 retained tokens, 66.7% reduction"). Figure 1 sweeps five
+fusion strategies from shallow- to deep-weighted. (The project page's own examples of
+classes are "OCR, counting, grounding, or open-ended reasoning".)
 
 The paper's code is not released and does not say where pruning happens, which attention
 gives salience, what completion is, the class set or the router. The project's reading:
 - one pruning step before decoder layer K=2 (as FastV and DART, which CLASP reports
   beating) keeps R tokens: pivots are the top of the last-query attention at layer K-1,
   completion tokens are added by greedy max-min cosine coverage (farthest point) against
-  everything chosen so far; the class's split is the pivots' share of R;
+  everything chosen so far, on the visual hidden states entering layer K (the residual
+  stream, not normed); the class's split is the pivots' share of R;
 - fusion candidates (`fusion_candidates`, searched by `vtprune calibrate`): the model's own
   feature layer, and five mixes A-E of a shallow, a middle and the deep (feature) layer,
-  from shallow- to deep-weighted; per-class weights and splits come from the calibration
-  table (identity fusion and an even split without one);
+  from shallow- to deep-weighted; per-class weights (a mix: they sum to 1) and splits come
+  from the calibration table (identity fusion and an even split without one);
 - six classes and a rule-based English/Chinese router (vtprune.router), overridable.
-`progressive=True` runs the earlier schedule instead: stages at layers 2/6/15 of 32 (scaled
-to depth) keeping 2R / 1.5R / R, a schedule that spends far more compute (its equivalent
-budget is well above R) and is never the default.
+`progressive=True` runs this project's earlier schedule instead: stages at layers 2/6/15 of 32
+(scaled to depth) keeping 2R / 1.5R / R. Those are SparseVLM's layers, not CLASP's (an earlier
+version of our notes attributed them to CLASP by mistake); the schedule spends far more compute
+(its equivalent budget is well above R) and is never the default.
 """
 
 from __future__ import annotations
@@ -91,8 +95,9 @@ def _table_problem(name: str, entry: ClassSettings) -> str | None:
     if not 0 <= entry.split <= 1:
         return f"gives class {name!r} a split of {entry.split}, outside [0, 1]"
     weights = list((entry.fusion or {}).values())
-    if weights and not (all(math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0):
-        return f"gives class {name!r} fusion weights {entry.fusion}: they must be finite, >= 0, with a positive sum"
+    # a mix: weights that summed to 2 would feed the projector twice the features it was trained on
+    if weights and not (all(math.isfinite(w) and w >= 0 for w in weights) and math.isclose(sum(weights), 1.0)):
+        return f"gives class {name!r} fusion weights {entry.fusion}: they must be finite, >= 0 and sum to 1"
     return None
 
 

@@ -1,8 +1,9 @@
 """CLSE-M: CLSE's selection, with every dropped token merged into its most similar kept token.
 
 Named in the CLSE README but in no released code: the merge is this project's design
-(cosine similarity on the stage layer's hidden states, size-weighted averages, sizes
-carried across stages).
+(cosine similarity on the hidden states entering the stage layer, size-weighted averages,
+sizes carried across stages; merged tokens keep their own position ids). No proportional
+attention: unlike ToMe, the LLM's attention does not add log(size) for a merged token.
 """
 
 from __future__ import annotations

@@ -22,15 +22,18 @@ tile; the authors run LLaVA-NeXT with the same count in each of its five tiles),
 Deviations, on purpose:
 - The released loop breaks when the residual has an odd length: its `expand(-1, R // 2 - r)`
   has one column fewer than the ceil(R/2) - r surviving a tokens, a shape error unless one side
-  broadcasts (with B = 1 it then runs: right when two a tokens survive, wrongly dropping the
-  last one when one does). It also fails when r exceeds the number of a tokens (a negative
+  has a single column and broadcasts (at any batch size; it then runs: right when two a tokens
+  survive, wrongly dropping the last one when one does). It also fails when r exceeds the number of a tokens (a negative
   expand). Both are reachable at budgets the authors never ran (T_imp odd, e.g. T = 50 at ratio
   0.5; budgets near the row's size). Here a is always the ceil(R/2) even positions and a round
   drops min(r, len(a)) of them; wherever the released code runs right, this is the same
   computation.
 - Budget per item: the engine gives one budget per item, split over the item's tower rows in
   proportion to the item's tokens in each row (`row_groups`): the authors' equal per-tile
-  count for equal rows. The authors select among all 576 patches of a LLaVA-NeXT tile and
+  count for equal rows. The authors pin every LLaVA-NeXT image to one layout (their
+  `llava/mm_utils.py` replaces the grid pinpoints by 672x672 alone: a base view and 2x2 tiles,
+  2880 tokens); here the model's processor picks the layout, as the checkpoint was trained
+  with. The authors select among all 576 patches of a LLaVA-NeXT tile and
   never unpad (their `encode_images` path strips `_unpad` from the merge type, so their LLM input
   has padding patches and no newline tokens); here the candidates are the item's tokens only (the
   padding patches are not in the view), the model's newline tokens stay (outside the budget), and
