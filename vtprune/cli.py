@@ -414,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser("calibrate", help="fit a method's per-class settings on a calibration split")
     calibrate.add_argument("--method", required=True, choices=["clasp"], help="only clasp has calibrated settings")
     calibrate.add_argument("--budget", type=cli_args.positive_int, default=64, help="tokens per image at which to fit")
-    calibrate.add_argument("--samples", type=cli_args.positive_int, default=240,
-                           help="calibration samples (spread over the classes)")
+    calibrate.add_argument("--samples", type=cli_args.positive_int, default=600,
+                           help="calibration samples (spread over the classes: 100 each by default)")
     calibrate.add_argument("--seed", type=cli_args.non_negative_int, default=4,
                            help="calibration data seed (never an evaluation seed)")
     calibrate.add_argument("--model", type=cli_args.checkpoint, help=model_help)
