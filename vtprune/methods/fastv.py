@@ -1,4 +1,11 @@
-"""FastV (ECCV'24): after decoder layer K-1, keep the visual tokens the last prompt token attends to most."""
+"""FastV (ECCV'24): after decoder layer K-1, keep the visual tokens the last prompt token attends to most.
+
+As the authors' released code (pkunlp-icler/FastV): the last token's row of layer K-1's attention, averaged over
+heads; the top `budget` visual tokens kept in their order, at their original positions; layers before K keep every
+token (and their full KV cache). Deviations: the kept set is decided once, at prefill, as in the authors' KV-cache
+variants (llava-hf, lmms-eval); their original code runs without a cache and ranks again at every generated token.
+Scores are float32 (theirs: the model's dtype, fp16, where more scores tie).
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """pool: average pooling of each visual item's token grid down to the budget, before the projector.
 
-The trivial baseline that VTC-Bench (2025) found hard to beat. Each window of the grid
+The project's own rule for a plain-downsampling baseline (VTC-Bench, 2025, found downsampling hard
+to beat; theirs resizes the image before the encoder, with no token budget). Each window of the grid
 becomes one token: its hidden state is the mean of the window's projector inputs
 (VisionView.features; the engine projects it), it sits at the window's representative
 cell, and its size is the window's cell count. No attention is read (vision_layers is
@@ -32,8 +33,9 @@ Windows (a deterministic rule that always gives exactly `keep` windows, which ti
   parts, or a tiny part) is dropped whole: its tokens are averaged nowhere, their destination
   is -1 and the sizes then sum to less than N.
 
-Towers and families: any (no attention is read); the grid is the item's token grid as the LLM
-sees it (after Qwen's 2x2 merger, after LLaVA-OneVision's 2x2 video pooling).
+Towers and families: the vision stage's (LLaVA-1.5, LLaVA-NeXT per grid, Video-LLaVA per image or
+frame); the engine refuses it where a tower token is not one LLM token (LLaVA-OneVision, Qwen2-VL,
+Qwen2.5-VL). No attention is read, so the rule itself needs no [CLS].
 """
 
 from __future__ import annotations

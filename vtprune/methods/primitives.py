@@ -28,7 +28,7 @@ def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def evenly_spaced(n: int, k: int, device=None) -> torch.Tensor:
-    """k distinct indices spread evenly over range(n), first and last included when k > 1."""
+    """k distinct indices spread evenly over range(n): the centres of k equal bins (24, 2 -> [6, 18])."""
     k = min(k, n)
     if k == n:
         return torch.arange(n, device=device)
