@@ -189,6 +189,8 @@ def test_clasp_asks_for_a_way_to_route():
                            ({"ocr": {"fusion": {"1": 1.5, "2": -0.5}, "split": 0.5}}, ">= 0")]:
         with pytest.raises(ValueError, match=problem):
             vtprune.apply(tiny_llava(), "clasp", 16, question_class="ocr", calibration={"classes": entry})
+    thirds_by_hand = {"ocr": {"fusion": {"1": 0.3333, "2": 0.3333, "3": 0.3333}, "split": 0.5}}
+    vtprune.apply(tiny_llava(), "clasp", 16, question_class="ocr", calibration={"classes": thirds_by_hand}).remove()
 
 
 def test_fusion_on_a_model_without_it_is_refused(table):

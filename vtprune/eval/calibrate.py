@@ -2,10 +2,11 @@
 
 Coordinate search per class on a calibration split (never the evaluation samples):
 first the split with the model's own feature layer, then the fusion with that split.
-A candidate replaces the setting found so far only when it answers more of the class's
-samples beyond chance (`beats`: a one-sided exact sign test on the samples where the two
-disagree, p < 0.05): with a hundred samples a class, a strict "more correct" would fit the
-sample noise (one answer decides it), so ties and noise keep the simpler setting.
+Each step keeps its simplest setting (the even split; the model's own layer) unless another
+answers more of the class's samples beyond chance (`beats`: a one-sided exact sign test on
+the samples where the two disagree, p < 0.05 per comparison, not corrected for the several
+tried); of those that do, the one answering most. With a hundred samples a class, a strict
+"more correct" would fit the sample noise (one answer decides it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from vtprune.router import CLASSES
 
 from .runner import predict
 
-SPLITS = (0.5, 0.25, 0.75, 1.0)  # the default first: it wins ties
+SPLITS = (0.5, 0.25, 0.75, 1.0)  # the default first
 SIGNIFICANCE = 0.05
 
 
@@ -40,11 +41,16 @@ def hits(model, processor, samples, prompt, budget, options) -> list[bool]:
 def beats(candidate: list[bool], incumbent: list[bool], alpha: float = SIGNIFICANCE) -> bool:
     """Whether candidate answers more of the same samples than incumbent beyond chance: the exact one-sided
     sign (McNemar) test on the samples only one of them answers."""
-    wins = sum(c and not i for c, i in zip(candidate, incumbent, strict=True))
-    losses = sum(i and not c for c, i in zip(candidate, incumbent))
-    disagreements = wins + losses
-    chance = sum(math.comb(disagreements, k) for k in range(wins, disagreements + 1)) / 2 ** disagreements
-    return wins > losses and chance < alpha
+    disagreements = [c for c, i in zip(candidate, incumbent, strict=True) if c != i]
+    wins, n = sum(disagreements), len(disagreements)
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n < alpha
+
+
+def choose(settings: list, hits_of: dict) -> object:
+    """settings[0] (the simplest), unless others beat it beyond chance: then the one of them answering most."""
+    simplest = settings[0]
+    better = [s for s in settings[1:] if beats(hits_of[s], hits_of[simplest])]
+    return max(better, key=lambda s: sum(hits_of[s]), default=simplest)
 
 
 def calibrate_clasp(model, processor, samples, prompt, budget: int, describe: dict) -> dict:
@@ -62,18 +68,12 @@ def calibrate_clasp(model, processor, samples, prompt, budget: int, describe: di
             progress.update()
             return hits(model, processor, group, prompt, budget, options)
 
-        best_split, best = SPLITS[0], score(None, SPLITS[0])
-        for split in SPLITS[1:]:
-            found = score(None, split)
-            if beats(found, best):
-                best_split, best = split, found
-        best_fusion = None
-        for fusion in fusions[1:]:
-            found = score(fusion, best_split)
-            if beats(found, best):
-                best_fusion, best = fusion, found
-        classes[name] = {"fusion": {str(k): v for k, v in best_fusion.items()} if best_fusion else None,
-                         "split": best_split}
+        by_split = {split: score(None, split) for split in SPLITS}
+        split = choose(list(SPLITS), by_split)
+        by_fusion = {0: by_split[split]} | {i: score(fusions[i], split) for i in range(1, len(fusions))}
+        index = choose(list(by_fusion), by_fusion)
+        fusion, best = fusions[index], by_fusion[index]
+        classes[name] = {"fusion": {str(k): v for k, v in fusion.items()} if fusion else None, "split": split}
         scores[name] = sum(best) / len(best)
     progress.close()
     return dict(describe, method="clasp", budget=budget, classes=classes, calibration_accuracy=scores)
