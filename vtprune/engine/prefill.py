@@ -43,7 +43,8 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
             tokens.append((torch.full_like(where, b), where, torch.full_like(where, i), *item.token_layout(),
                            torch.full_like(where, not slices, dtype=torch.bool)))
             keep = tokens_for_budget(budget, item.length)
-            plan.append([] if keeps_whole(budget, item.length) else method.item_stages(info, keep, item.length, item.kind))
+            whole = keeps_whole(budget, item.length)
+            plan.append([] if whole else method.item_stages(info, keep, item.length, item.kind))
         plans.append(plan)
     if tokens:  # written into the batch's tensors at once: a few copies to the device, not a few ops per item
         sample, where, index, part_of, coords_of, unsliced_of = (torch.cat(column).to(device) for column in zip(*tokens))

@@ -96,7 +96,8 @@ def _table_problem(name: str, entry: ClassSettings) -> str | None:
         return f"gives class {name!r} a split of {entry.split}, outside [0, 1]"
     weights = list((entry.fusion or {}).values())
     # a mix: weights that summed to 2 would feed the projector twice the features it was trained on
-    if weights and not (all(math.isfinite(w) and w >= 0 for w in weights) and math.isclose(sum(weights), 1.0, abs_tol=1e-3)):
+    mix = all(math.isfinite(w) and w >= 0 for w in weights) and math.isclose(sum(weights), 1.0, abs_tol=1e-3)
+    if weights and not mix:
         return (f"gives class {name!r} fusion weights {entry.fusion}: they must be finite, >= 0 and sum to 1 "
                 "(within 0.001)")
     return None
