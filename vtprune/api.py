@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .adapters import adapter_for
-from .engine import SUPPORTED_ATTENTION, Pruner, check_budget
+from .engine import Pruner, check_attention, check_budget
 from .methods import REGISTRY, get_method
 
 
@@ -25,12 +25,7 @@ def apply(model, method: str, budget: int | float, **options: Any) -> Pruner:
         raise RuntimeError(
             f"this model already carries a pruner ({model._vtprune_pruner!r}); call its remove() before applying another"
         )
-    implementation = adapter.attn_implementation
-    if implementation not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"attention implementation {implementation!r} is not supported; load the model with "
-            f"attn_implementation one of {', '.join(SUPPORTED_ATTENTION)}"
-        )
+    check_attention(adapter)
     instance = method_cls(method_cls.parse_options(options))
     instance.check_model(adapter.model_info)
     pruner = Pruner(model, adapter, instance, budget)

@@ -12,6 +12,9 @@ from torch import nn
 from ..methods.base import Grid, ModelInfo
 from ..methods.primitives import apply_rope, last_query_attention
 
+# Said where a prompt's image placeholders come cut short: generate's chunked prefill is the usual way.
+CHUNKED_PREFILL = "a prompt prefilled in chunks (generate's prefill_chunk_size) must hold every image whole in its first chunk"
+
 
 @dataclass(frozen=True)
 class VisualItem:

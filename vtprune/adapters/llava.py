@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import Adapter, EncodedPlace, VisualItem, single_row_place, split_runs
+from .base import CHUNKED_PREFILL, Adapter, EncodedPlace, VisualItem, single_row_place, split_runs
 
 
 class LlavaAdapter(Adapter):
@@ -35,7 +35,7 @@ class LlavaAdapter(Adapter):
                 if length % self.tokens_per_image:
                     raise ValueError(
                         f"a run of {length} image tokens at position {start} is not a whole number of images "
-                        f"({self.tokens_per_image} tokens each)"
+                        f"({self.tokens_per_image} tokens each; {CHUNKED_PREFILL})"
                     )
                 sample += [
                     VisualItem.grid(start + offset, *self.grid)

@@ -16,7 +16,7 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from ..methods.base import Grid
-from .base import Adapter, EncodedPlace, VisualItem, place_in_runs, single_row_place, split_runs
+from .base import CHUNKED_PREFILL, Adapter, EncodedPlace, VisualItem, place_in_runs, single_row_place, split_runs
 
 
 class LlavaNextAdapter(Adapter):
@@ -122,7 +122,8 @@ def packed_item(start: int, newlines: torch.Tensor, side: int) -> VisualItem:
     if rows == 1 and ends == [base]:
         return anyres_item(start, side, None)
     if not rows or ends != [base + (row + 1) * (cols + 1) - 1 for row in range(rows)]:
-        raise ValueError(f"cannot lay out the anyres grid of the {newlines.shape[0]} image features at position {start}")
+        raise ValueError(f"cannot lay out the anyres grid of the {newlines.shape[0]} image features at position {start} "
+                         f"({CHUNKED_PREFILL})")
     return anyres_item(start, side, (rows, cols))
 
 

@@ -1,4 +1,5 @@
-"""Finding the KV cache a forward carries, and the one change the engine makes inside it.
+"""Finding the KV cache a forward carries, the one change the engine makes inside it, and the guard a pruned
+prompt's cache carries (PrunedCache: the model without its pruner cannot continue it).
 
 The cache is found by what it is (a `Cache` instance), and injected under the keyword
 the language model's forward declares (transformers 5.24 renamed `past_key_values` to
@@ -63,6 +64,46 @@ def check_prunable(cache: Cache | None) -> None:
 
 def new_cache(config) -> DynamicCache:
     return DynamicCache(config=config)
+
+
+PRUNED_RUN = "_vtprune_run"  # the attribute a KV cache filled by a pruned prompt carries (the engine's run of it)
+
+
+class PrunedCache(DynamicCache):
+    """A DynamicCache that a pruned prompt filled (`mark_pruned`). Its layers hold the kept tokens only, which the
+    model without its pruner would take for a shorter prompt and continue silently wrong; so, while it holds tokens,
+    it is grown (`update`, which every decoder layer calls before attending: no layer runs on it) only while the
+    pruner that filled it is on the model; reading it (lengths, tensors) stays free. Deep and pickled copies keep
+    the class (a pickled copy keeps no decision: refused). Emptied (reset), it is a plain cache."""
+
+    def update(self, *args, **kwargs):
+        self._check_continued()
+        return super().update(*args, **kwargs)
+
+    def _check_continued(self) -> None:
+        held = self.__dict__.get(PRUNED_RUN)
+        if held is None or held.live:
+            return
+        if all(layer.get_seq_length() == 0 for layer in self.layers):
+            del self.__dict__[PRUNED_RUN]
+            return
+        raise continued_without_its_pruner()
+
+
+def continued_without_its_pruner() -> EngineError:
+    return EngineError(
+        "this KV cache holds a prompt that a vtprune pruner pruned (its layers keep only the kept visual tokens), "
+        "and that pruner has been removed since (or this is a pickled copy of one, which keeps no pruning "
+        "decision): the model would read it as a shorter prompt. Continue the conversation before "
+        "pruner.remove() (inside the `with vtprune.apply(...)` block), or start it again with an empty cache"
+    )
+
+
+def mark_pruned(cache: Cache, run) -> None:
+    """Hang a pruned prompt's run on the cache it filled and guard the cache (see PrunedCache)."""
+    setattr(cache, PRUNED_RUN, run)
+    if type(cache) is DynamicCache:
+        cache.__class__ = PrunedCache
 
 
 def slice_layer(cache: Cache, layer: int, index: torch.Tensor, expected_length: int) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from ..adapters import Adapter, VisualItem
+from ..adapters.base import CHUNKED_PREFILL
 from ..methods import Method
 from . import cache as kv
 from . import decode, prefill
@@ -39,7 +40,22 @@ SUPPORTED_ATTENTION = ("eager", "sdpa")
 VISUAL_INPUTS = ("pixel_values", "pixel_values_images", "pixel_values_videos")
 
 
-_RUN = "_vtprune_run"  # the attribute a KV cache filled by a pruned prompt carries: a _CacheRun
+_RUN = kv.PRUNED_RUN  # the attribute a KV cache filled by a pruned prompt carries: a _CacheRun
+
+
+def check_attention(adapter: Adapter) -> None:
+    implementation = adapter.attn_implementation
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not supported; load the model with "
+            f"attn_implementation one of {', '.join(SUPPORTED_ATTENTION)} (or call model.set_attn_implementation)"
+        )
+
+
+class _Owner:
+    """A pruner's mark on the caches its prompts filled; dead once the pruner is removed."""
+
+    live = True
 
 
 @dataclasses.dataclass
@@ -48,8 +64,12 @@ class _CacheRun:
     as long as the conversation that can continue it. A deep copy of the cache (transformers' prompt-reuse recipe)
     gets a run of its own, on the copy, with the prompt's decision shared."""
 
-    owner: object
+    owner: _Owner | None
     run: Run
+
+    @property
+    def live(self) -> bool:
+        return self.owner is not None and self.owner.live
 
     def __deepcopy__(self, memo) -> "_CacheRun":
         return _CacheRun(self.owner, dataclasses.replace(self.run))
@@ -78,9 +98,10 @@ class Pruner:
         self._run: Run | None = None
         self._prompt: Prompt | None = None  # the forward being run, as the multimodal model received it
         self._input_ids: torch.Tensor | None = None  # of the forward being run
+        self._logits_to_keep = None  # the top-level forward's, read by the multimodal forward it calls
         self._uncached: Prompt | None = None  # the last prompt decided without a cache, which a longer forward continues
         self._num_layers = adapter.model_info.num_layers
-        self._owner = object()  # marks the caches this pruner's prompts filled (see _RUN)
+        self._owner = _Owner()  # marks the caches this pruner's prompts filled (see _RUN)
         # One forward at a time: its state lives here (threads, or DataParallel's replicas, would share it).
         self._busy, self._busy_thread = threading.Lock(), None
         self._cache_keyword = kv.cache_keyword(adapter.language_model)
@@ -90,6 +111,7 @@ class Pruner:
             self._handles.append(adapter.projector_fusion_hook(self._vision_states, lambda: self._fusion))
         self._recorder = VisionRecorder(adapter, method, budget) if method.acts_in_vision else None
         self._handles += [
+            model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True),
             adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal_forward, with_kwargs=True),
             adapter.multimodal_model.register_forward_hook(self._after_multimodal_forward, always_call=True),
             adapter.language_model.register_forward_pre_hook(self._on_language_model_forward, with_kwargs=True),
@@ -115,7 +137,8 @@ class Pruner:
         if self._recorder is not None:
             self._recorder.remove()
         self._run = self._text = self._fusion = self._prompt = self._uncached = self._input_ids = None
-        self._owner = object()  # caches filled until now are not continued as this pruner's any more
+        self._owner.live = False  # the caches filled until now refuse to be continued (kv.PrunedCache)
+        self._owner = _Owner()
         self._vision_states.clear()
         if getattr(self.model, "_vtprune_pruner", None) is self:
             del self.model._vtprune_pruner
@@ -165,6 +188,9 @@ class Pruner:
         return f"Pruner(method={self.method.name!r}, budget={self.budget!r}, options={self.method.options})"
 
     # ------------------------------------------------------------------ hooks
+    def _on_model_forward(self, module, args, kwargs):
+        self._logits_to_keep = kwargs.get("logits_to_keep")
+
     def _on_multimodal_forward(self, module, args, kwargs):
         me = threading.get_ident()
         if not self._busy.acquire(blocking=False) and self._busy_thread != me:
@@ -176,6 +202,7 @@ class Pruner:
         self._busy_thread = me
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._input_ids = input_ids
+        logits_to_keep, self._logits_to_keep = self._logits_to_keep, None
         encoded = kwargs.get("mm_encoder_outputs") or {}
         self._fusion = self._text = self._prompt = None
         # Placeholder ids without images or videos to go with them (a decode step that happened
@@ -185,12 +212,20 @@ class Pruner:
             return None
         if input_ids is None:
             raise ValueError("vtprune finds the visual tokens from input_ids; pass input_ids (not inputs_embeds) with images")
+        check_attention(self.adapter)  # apply() checked it; model.set_attn_implementation may have changed it since
+        if isinstance(logits_to_keep, int) and logits_to_keep > 1:
+            raise NotImplementedError(
+                f"a prompt with images asks for the logits of its last {logits_to_keep} tokens: that is how assisted "
+                "decoding (generate's assistant_model, or prompt lookup) feeds candidate tokens along with the prompt, "
+                "and vtprune would prune them as part of it. Generate without assistant_model / "
+                "prompt_lookup_num_tokens; to score a prompt's every position pass logits_to_keep=0"
+            )
         _, cache = kv.find_cache(kwargs)
         kv.check_prunable(cache)
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError(
                 "vtprune cannot prune images added to a prompt that already has a KV cache; pass a follow-up "
-                "turn without pixel_values (the first turn's images are in the cache)"
+                f"turn without pixel_values (the first turn's images are in the cache); {CHUNKED_PREFILL}"
             )
         host_ids = input_ids.cpu()  # the prompt's layout is read on the host, once for the batch
         self._items = self.adapter.visual_items(host_ids, kwargs)
@@ -264,11 +299,13 @@ class Pruner:
         self._run = run = held.run if held is not None and held.owner is self._owner else None
         if held is None:  # a cache filled without pruning: nothing to apply
             return None
+        if not held.live:
+            raise kv.continued_without_its_pruner()
         if run is None:
             raise EngineError(
                 f"a forward continues a KV cache ({type(cache).__name__} of {past} tokens) that a pruned prompt of "
-                "another vtprune pruner filled (removed since?), or a pickled copy of one (which keeps no pruning "
-                "decision); continue it under that pruner, or start a new prompt with an empty cache"
+                "another vtprune pruner filled (another model's); continue it on that model, or start a new prompt "
+                "with an empty cache"
             )
         cropped = kv.cropped_tokens(cache, [layout.length + run.generated for layout in run.kv_layouts])
         if cropped > run.generated:
@@ -298,7 +335,7 @@ class Pruner:
         if run.cache is not None:
             # The cache holds its run, not the other way round (a cycle would keep every cache alive until the
             # garbage collector ran): decode steps find the run through the cache they continue.
-            setattr(run.cache, _RUN, _CacheRun(self._owner, run))
+            kv.mark_pruned(run.cache, _CacheRun(self._owner, run))
             run.cache = None
         run.prefill = False
         run.step_masks = {}
