@@ -80,6 +80,21 @@ def test_each_task_is_scored_by_its_official_rule_and_resumes(checkpoint, data, 
     lines = sum(1 for _ in (tmp_path / "results.jsonl").open())
     assert run(checkpoint, data, tmp_path, "--scoring", "llava") == 0  # a rerun finds everything done
     assert sum(1 for _ in (tmp_path / "results.jsonl").open()) == lines
+    assert run(checkpoint, data, tmp_path, "--scoring", "lmms-eval") == 0  # the other rule scores the same answers
+    assert sum(1 for _ in (tmp_path / "results.jsonl").open()) == lines
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["scoring"] == "lmms-eval"
+
+
+def test_a_run_inside_its_data_folder_resumes(checkpoint, data, tmp_path):
+    """The data's digest leaves out the run's own folder: writing results there does not change the data."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    assert run(checkpoint, copy, copy / "out", "--limit", "2") == 0
+    lines = sum(1 for _ in (copy / "out" / "results.jsonl").open())
+    assert run(checkpoint, copy, copy / "out", "--limit", "2") == 0
+    assert sum(1 for _ in (copy / "out" / "results.jsonl").open()) == lines
 
 
 def test_a_resume_on_changed_code_is_refused(checkpoint, data, tmp_path, monkeypatch):
@@ -217,7 +232,8 @@ def test_the_report_shows_each_score_with_its_interval_and_pairs_the_normalized_
 
     console = Console(width=200, record=True)
     console.print(benchmark_table(rows, "t"))
-    assert cells[0] in console.export_text()
+    text = console.export_text()
+    assert cells[0] in text and "score [lo, hi]: the 95% interval" in text  # the caption's brackets are not markup
 
 
 VIDEO_TEMPLATE = (

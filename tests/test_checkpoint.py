@@ -65,3 +65,23 @@ def test_eval_refuses_a_checkpoint_of_another_model_type_before_loading(checkpoi
     assert exit.value.code == 2
     error = capsys.readouterr().err
     assert "declares model_type 'qwen2_vl'" in error and "the synthetic benchmark runs LLaVA checkpoints" in error
+
+
+def truncate(path):
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path, edit: edit(layers(8)), "18 weights the config declares are missing"),
+    (lambda path, edit: (path / "model.safetensors").unlink(), "cannot read the checkpoint's weights"),
+    (lambda path, edit: truncate(path), "cannot read the checkpoint's weights"),
+])
+def test_a_benchmark_checkpoint_that_does_not_load_whole_is_refused(checkpoint, damage, message):
+    """The real-benchmark path (`--model PATH --tasks ...`) loads any family: it refuses as the reference path does,
+    where transformers only printed its MISSING table and evaluated random weights."""
+    from vtprune.eval.generation import load_checkpoint
+
+    damage(*checkpoint)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(checkpoint[0])

@@ -42,6 +42,8 @@ def usage_error(argv, capsys) -> str:
     (["bench", "--methods", "clse:score=attn"], r"takes method names without options \(name:option=value is"),
     (["eval", "--methods", "clse:layers=1"], "--methods: clse:layers=1: clse's default keep counts are for 3 stages"),
     (["eval", "--methods", "clse:layers=a/b"], "--methods: clse:layers=a/b: layers takes ints separated by /"),
+    (["eval", "--methods", "clse:keep=0/0/0"], "clse keep counts must each be >= 1"),
+    (["eval", "--methods", "clse:keep=-1/-2/-3"], "clse keep counts must each be >= 1"),
     (["eval", "--methods", "random:seed=abc"], "--methods: random:seed=abc: seed takes an int; got 'abc'"),
     (["eval", "--methods", "clse:slice_kv=maybe"], "slice_kv takes true or false or none; got 'maybe'"),
     (["eval", "--methods", "clse:tau=nan"], "tau takes a finite number; got 'nan'"),

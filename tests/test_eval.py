@@ -72,6 +72,19 @@ def test_a_half_written_last_line_is_redone(tmp_path):
     assert results.read() == [whole]
 
 
+def test_another_processs_cut_off_last_line_is_read_past(tmp_path):
+    """A 2-process run killed mid-write, resumed by one process: that process repairs only its own file, and reads
+    the other's cut-off tail as not written (it then redoes that sample) instead of stopping there."""
+    from vtprune.eval.shards import read_all
+
+    whole = {"config": "unpruned", "index": 1, "qclass": "ocr", "answer": "cat", "prediction": "dog", "correct": False}
+    (tmp_path / "results.1-of-2.jsonl").write_text(json.dumps(whole) + "\n" + json.dumps(dict(whole, index=3))[:20])
+    assert read_all(tmp_path) == [whole]
+    (tmp_path / "results.1-of-2.jsonl").write_text(json.dumps(whole)[:20] + "\n" + json.dumps(whole))
+    with pytest.raises(MalformedResults, match="results.1-of-2.jsonl:1: not valid JSON"):  # not the last line
+        read_all(tmp_path)
+
+
 @pytest.mark.parametrize("line, message", [("{not json\n", "not valid JSON"), ('{"config": "x"}\n', "needs index")])
 def test_a_malformed_results_file_names_the_line(tmp_path, line, message):
     path = tmp_path / "results.jsonl"

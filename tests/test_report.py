@@ -46,3 +46,21 @@ def test_configs_at_matched_compute_mark_who_wins_at_equal_cost():
     # fastv@64 costs the most and answers worse than cheaper configs: not on the frontier, nor random@192 at a tie
     assert [row["frontier"] for row in ordered] == [True, True, True, False, False]
     assert "| 235 | fastv@64 | 60.0 |" in by_cost_markdown(summarize(records))
+
+
+def test_the_interval_holds_0_and_100_percent_exactly():
+    """Rounding left the upper bound of 100% at 0.9999999999999999 for 407 sample counts up to 1299 (6, 21, 60,
+    1200 among them); the plot then got a negative error bar and the run ended without its picture."""
+    for total in range(1, 1300):
+        assert wilson_interval(total, total)[1] == 1.0 and wilson_interval(0, total)[0] == 0.0
+
+
+def test_the_plot_draws_an_interval_that_does_not_hold_its_value(tmp_path):
+    """A bootstrap percentile interval (the benchmark report's) need not hold its point estimate."""
+    from vtprune.eval.report import plot_accuracy_vs_budget
+
+    rows = [{"method": "unpruned", "budget": None, "equivalent_budget": None, "overall": 1.0, "overall_ci95": (0.9, 1.0)},
+            {"method": "random", "budget": 64, "equivalent_budget": 64.0, "overall": 1.0,
+             "overall_ci95": (0.95, 0.9999999999999999)}]
+    plot_accuracy_vs_budget(rows, tmp_path / "plot.png", "t")
+    assert (tmp_path / "plot.png").stat().st_size > 0

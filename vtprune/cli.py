@@ -146,8 +146,6 @@ def cmd_eval(args) -> int:
         settings = {"task": "synthetic", "model": _model_id(model_path), "seed": args.seed, "samples": count,
                     "versions": _versions(),
                     "clasp_calibration": _digest(model_path / "clasp_calibration.json")}
-        if refused:
-            settings["not_run"] = refused
         records = evaluate(model, synthetic_task(model, processor, samples, prompt_for(processor)), configs, out, settings,
                            batch_size=args.batch, shard=shard)
         if not shard.main:  # the first process reports for all
@@ -158,9 +156,15 @@ def cmd_eval(args) -> int:
         console.print(rich_table(rows, title))
         console.print(frontier_table(rows, "best at matched compute (eq. budget): no cheaper config answers as well"))
         command = "vtprune eval " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
-        paths = write_reports(rows, out, title, dict(settings, command=command), args.report)
+        # what is refused, like the command, is the report's, not the run's: adding a method some budget refuses
+        # (ToMe@64) to a finished run resumes it
+        paths = write_reports(rows, out, title, dict(settings, command=command, **_not_run(refused)), args.report)
     console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {out}/results*.jsonl)")
     return 0
+
+
+def _not_run(refused: dict) -> dict:
+    return {"not_run": refused} if refused else {}
 
 
 def _eval_benchmarks(args, specs, out, shard) -> int:
@@ -185,14 +189,11 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         if shard.device is not None:
             model.to(shard.device)
         configs, refused = runnable_configs(model, specs, args.budgets, method_options(model_path, processor), shard)
-        settings = {"tasks": args.tasks, "model": _model_id(model_path), "data": data_digests(args.tasks, Path(args.data)),
-                    "limit": args.limit, "max_new_tokens": args.max_new_tokens, "scoring": args.scoring,
-                    "versions": _versions()}
+        settings = {"tasks": args.tasks, "model": _model_id(model_path), "data": data_digests(args.tasks, Path(args.data), out),
+                    "limit": args.limit, "max_new_tokens": args.max_new_tokens, "versions": _versions()}
         frames = args.frames or default_frames(model)
         if any(s.videos for s in samples):
             settings["frames"] = frames
-        if refused:
-            settings["not_run"] = refused
         task = benchmark_task(model, processor, samples, args.max_new_tokens, frames)
         records = evaluate(model, task, configs, out, settings, batch_size=args.batch, shard=shard)
         if not shard.main:
@@ -203,7 +204,9 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         console.print(benchmark_table(rows, title))
         command = "vtprune eval " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
         report = out / f"{args.report}.json"
-        report.write_text(json.dumps({"settings": dict(settings, command=command, intervals=INTERVAL_NOTE),
+        # the scoring rule and what is refused are the report's, not the run's: the answers stand for either rule
+        report.write_text(json.dumps({"settings": dict(settings, command=command, scoring=args.scoring,
+                                                       **_not_run(refused), intervals=INTERVAL_NOTE),
                                       "rows": rows}, indent=2))
         (out / f"{args.report}.md").write_text(f"# {title}\n\n" + benchmark_markdown(rows))
         plot = out / f"{args.report}_normalized_vs_budget.png"

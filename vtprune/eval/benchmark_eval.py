@@ -15,6 +15,7 @@ import hashlib
 from collections import defaultdict
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from .intervals import RESAMPLES, SEED, bootstrap, normalized_interval, percentile_interval, units
@@ -63,14 +64,17 @@ def check_references(samples: list[BenchmarkSample], scoring: str) -> None:
 _BY_SIZE = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".zip", ".tar")
 
 
-def data_digests(tasks: list[str], data: Path) -> dict[str, str]:
+def data_digests(tasks: list[str], data: Path, out: Path | None = None) -> dict[str, str]:
     """A SHA-256 per task over the names and bytes of every file of its copy (videos and archives: names and
-    sizes), so a report says which data it scored."""
+    sizes), so a report says which data it scored; files under `out` (the run's own folder, which may lie inside
+    the data folder) are left out, or the run would change its data by writing."""
     digests = {}
+    outputs = out.resolve() if out is not None else None
     for task in tasks:
         root = task_folder(task, tasks, data)
         digest = hashlib.sha256()
-        for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
+        files = (p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
+        for path in sorted(p for p in files if outputs is None or not p.resolve().is_relative_to(outputs)):
             digest.update(str(path.relative_to(root if root.is_dir() else root.parent)).encode() + b"\0")
             if path.suffix.lower() in _BY_SIZE:
                 digest.update(str(path.stat().st_size).encode() + b"\0")
@@ -200,7 +204,7 @@ def benchmark_markdown(rows: list[dict]) -> str:
 
 def benchmark_table(rows: list[dict], title: str) -> Table:
     tasks = _tasks(rows)
-    table = Table(title=title, caption=INTERVAL_NOTE)
+    table = Table(title=title, caption=escape(INTERVAL_NOTE))  # rich would read "[lo, hi]" as markup
     for column in ["config", "eq. budget", *tasks, "normalized"]:
         table.add_column(column, justify="left" if column == "config" else "right")
     for row in rows:

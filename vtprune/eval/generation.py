@@ -39,6 +39,7 @@ def load_checkpoint(path: str | Path, dtype="auto", attn_implementation: str = "
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     from vtprune.adapters import supported_models
+    from vtprune.synth.reference import CheckpointError, load_whole
 
     config = AutoConfig.from_pretrained(path)
     model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
@@ -46,8 +47,13 @@ def load_checkpoint(path: str | Path, dtype="auto", attn_implementation: str = "
         found = model_class or "no image-text-to-text class"
         raise ValueError(f"{path} is a {config.model_type!r} checkpoint ({found}); vtprune supports "
                          f"{', '.join(supported_models())}")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    return model.eval(), AutoProcessor.from_pretrained(path)
+    model = load_whole(path, AutoModelForImageTextToText, dtype=dtype, attn_implementation=attn_implementation)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot load the checkpoint's processor ({error}); save it beside the model "
+                              "(processor.save_pretrained)") from None
+    return model.eval(), processor
 
 
 def conversation(question: str, images: int = 0, videos: int = 0) -> list[dict]:

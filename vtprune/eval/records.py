@@ -17,7 +17,9 @@ class ResultsFile:
         self.path = Path(path)
 
     def read(self) -> list[dict]:
-        """Every record so far, one per (config, index); a line that is not a complete record is an error naming it.
+        """Every record so far, one per (config, index); a line that is not a complete record is an error naming it,
+        except an unterminated last line: a write an interruption cut short, which `repair_tail` drops when this
+        file's process resumes (another process, or a resume with another number of them, reads past it).
 
         Of records repeating a (config, index), the first in the file wins and the later ones are
         dropped: a run skips what the file already holds, so the first is the one every resume has
@@ -33,6 +35,8 @@ class ResultsFile:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
+                    if not line.endswith("\n") and not handle.read():  # the last line, cut short
+                        break
                     raise MalformedResults(
                         f"{self.path}:{number}: not valid JSON ({error.msg}); fix or delete that line, "
                         "or start a new run with another --out"

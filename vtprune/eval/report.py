@@ -20,7 +20,8 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     p = correct / total
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # It holds p exactly: at 0% and 100% rounding left a bound a hair inside (0.9999999999999999 at n = 6, 21, ...)
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -144,7 +145,9 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str, value=lamb
                             if row["method"] == method and row[key] is not None and value(row) is not None)
             # styles and markers differ too, so that two configs with the same results both show
             axis.errorbar([p[0] for p in points], [p[1] for p in points],
-                          yerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]], label=method,
+                          # a bootstrap percentile interval need not hold its point estimate: no negative bar
+                          yerr=[[max(0, p[1] - p[2]) for p in points], [max(0, p[3] - p[1]) for p in points]],
+                          label=method,
                           color=colours(i % 20), linestyle=("-", "--", "-.", ":")[i % 4], marker="os^Dv<>"[i % 7],
                           markersize=5, capsize=3)
         axis.set_xlabel(name)

@@ -150,6 +150,8 @@ class CLSE(Method):
             raise ValueError(f"clse score must be one of {', '.join(SCORES)}; got {options.score!r}")
         if options.layers is not None and options.keep is not None and len(options.layers) != len(options.keep):
             raise ValueError(f"clse needs one keep count per stage layer; got layers={options.layers} keep={options.keep}")
+        if options.keep is not None and min(options.keep, default=1) < 1:
+            raise ValueError(f"clse keep counts must each be >= 1 (tokens kept per image after a stage); got {options.keep}")
         if options.keep is not None and list(options.keep) != sorted(options.keep, reverse=True):
             raise ValueError(f"clse keep counts must not grow from stage to stage; got {options.keep}")
         if options.tau <= 0 or options.cutoff < 0:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     CLIPImageProcessorPil,
@@ -194,16 +195,24 @@ def read_config(path: Path) -> dict:
 
 
 def load_llava(path: str | Path, **kwargs) -> LlavaForConditionalGeneration:
-    """LlavaForConditionalGeneration.from_pretrained, refusing a checkpoint that does not load whole.
+    """A LLaVA checkpoint, loaded whole (load_whole), once its config.json says it is one."""
+    read_config(Path(path))
+    return load_whole(path, LlavaForConditionalGeneration, **kwargs)
+
+
+def load_whole(path: str | Path, model_class, **kwargs):
+    """model_class.from_pretrained, refusing a checkpoint that does not load whole.
 
     transformers only logs weights it found no place for (or places it found no weights for)
     and fills the gaps with random values; here any such key is an error that names them.
     """
     path = Path(path)
-    read_config(path)
-    # Mismatched shapes are reported with the other problems below instead of raised without their names.
-    model, info = LlavaForConditionalGeneration.from_pretrained(path, output_loading_info=True,
-                                                                ignore_mismatched_sizes=True, **kwargs)
+    try:
+        # Mismatched shapes are reported with the other problems below instead of raised without their names.
+        model, info = model_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                  **kwargs)
+    except (OSError, SafetensorError) as error:  # no weights file, a truncated one
+        raise CheckpointError(f"{path}: cannot read the checkpoint's weights ({error})") from None
     problems = []
     if info["missing_keys"]:
         problems.append(f"{len(info['missing_keys'])} weights the config declares are missing: "
