@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 NO_TEMPLATE_FIX = (
-    "give one: pass chat_template=<a Jinja template> here, set processor.chat_template, or save it beside the "
-    "processor's files (chat_template.jinja) as the family's hub checkpoints do"
+    "give one: save it beside the processor's files (chat_template.jinja) as the family's hub checkpoints do (what "
+    "`vtprune eval` reads), set processor.chat_template, or pass chat_template= (build_prompt; the lmms-eval "
+    "plugin's model_args take a Jinja file)"
 )
 
 
