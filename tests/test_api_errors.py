@@ -138,6 +138,9 @@ def test_budgets_that_are_not_one_number(model, budget):
         ("clse", {"layers": (1, "x")}, "'layers' must be a tuple of an int"),
         ("clse", {"slice_kv": "false"}, "'slice_kv' must be True or False"),
         ("fastv", {"layer": 2.0}, "'layer' must be an int"),
+        ("clse", {"keep": (0, 0, 0)}, "keep counts must each be >= 1"),
+        ("clse", {"tau": float("inf")}, "finite tau > 0"),
+        ("clasp", {"question_class": "ocr", "progressive": True, "multipliers": (2.0, -1.0, 1.0)}, "must be > 0"),
     ],
 )
 def test_method_options_of_the_wrong_type_are_refused_at_apply(model, method, options, message):

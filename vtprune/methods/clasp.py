@@ -139,6 +139,9 @@ class CLASP(Method):
         if options.layers is not None and options.multipliers is not None and \
                 len(options.layers) != len(options.multipliers):
             raise ValueError("clasp needs one multiplier per stage layer")
+        if options.multipliers is not None and not all(0 < m < float("inf") for m in options.multipliers):
+            raise ValueError(f"clasp's multipliers (each stage's tokens as a multiple of the budget) must be > 0 and "
+                             f"finite; got {options.multipliers}")
 
     def __init__(self, options: "CLASP.Options"):
         super().__init__(options)

@@ -154,8 +154,8 @@ class CLSE(Method):
             raise ValueError(f"clse keep counts must each be >= 1 (tokens kept per image after a stage); got {options.keep}")
         if options.keep is not None and list(options.keep) != sorted(options.keep, reverse=True):
             raise ValueError(f"clse keep counts must not grow from stage to stage; got {options.keep}")
-        if options.tau <= 0 or options.cutoff < 0:
-            raise ValueError("clse needs tau > 0 and cutoff >= 0")
+        if not (0 < options.tau < float("inf") and 0 <= options.cutoff < float("inf")):
+            raise ValueError(f"clse needs a finite tau > 0 and cutoff >= 0; got tau={options.tau}, cutoff={options.cutoff}")
 
     @property
     def slices_kv_cache(self) -> bool:
