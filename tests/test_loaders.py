@@ -146,30 +146,44 @@ def mmbench_row(index, question, options, answer, hint=None, image=RED):
     return row
 
 
+def mmbench_question(index, question, options, gold, hint=None, image=RED):
+    """A question's rows as MMBench's dev files hold them: one per rotation of its options (index + k x 1e6)."""
+    rows = []
+    for k in range(len(options)):
+        shifted = options[k:] + options[:k]
+        rows.append(mmbench_row(index + k * 1_000_000, question, dict(zip("ABCD", shifted)),
+                                "ABCD"[shifted.index(gold)], hint, image))
+    return rows
+
+
+def originals_first(*questions):
+    """Rows in MMBench's file order: every question's original, then every first rotation, ..."""
+    return sorted((row for rows in questions for row in rows), key=lambda row: row["index"] // 1_000_000)
+
+
 def test_mmbench_en_and_cn_from_one_snapshot(tmp_path):
-    en = [mmbench_row(0, "What is shown?", {"A": "cat", "B": "dog"}, "A"),
-          mmbench_row(1_000_000, "What is shown?", {"A": "dog", "B": "cat"}, "B"),
-          mmbench_row(1, "Which is larger?", {"A": "sun", "B": "moon", "C": "earth"}, "A", hint="Look closely.")]
-    cn = [mmbench_row(0, "图中是什么？", {"A": "猫", "B": "狗"}, "A", image=GREEN)]
+    en = originals_first(mmbench_question(0, "What is shown?", ["cat", "dog"], "cat"),
+                         mmbench_question(1, "Which is larger?", ["sun", "moon", "earth"], "sun", hint="Look closely."))
+    cn = mmbench_question(0, "图中是什么？", ["猫", "狗"], "猫", image=GREEN)
     write_parquet(tmp_path / "en" / "dev-00000-of-00001.parquet", en)
     write_parquet(tmp_path / "en" / "test-00000-of-00001.parquet", [{**en[0], "answer": None}])
     write_parquet(tmp_path / "cn" / "dev-00000-of-00001.parquet", cn)
     samples = load_benchmark("mmbench_en", tmp_path)
     check_samples(samples, "mmbench_en")
-    assert len(samples) == 3
+    assert [s.id for s in samples] == ["0", "1", "1000000", "1000001", "2000001"]
     # en_utils: "{hint} {question} {options}", then "\n" + a post prompt that itself starts with "\n"
     assert samples[0].question == "What is shown? There are several options:\nA. cat\nB. dog\n" + LETTER
-    assert samples[2].question == ("Look closely. Which is larger? There are several options:\nA. sun\nB. moon\n"
+    assert samples[1].question == ("Look closely. Which is larger? There are several options:\nA. sun\nB. moon\n"
                                    "C. earth\n" + LETTER)
-    assert samples[2].reference == {"index": 1, "answer": "A", "A": "sun", "B": "moon", "C": "earth", "D": None,
+    assert samples[1].reference == {"index": 1, "answer": "A", "A": "sun", "B": "moon", "C": "earth", "D": None,
                                     "category": "cat_a", "L2-category": "l2_a"}
-    # circular: question 0 needs both rotations right (the second is wrong), question 1 is right -> 1 of 2
-    result = score("mmbench_en", ["A", "A", "A"], [s.reference for s in samples])
+    # circular: question 0 needs both rotations right (its second, gold B, is wrong), question 1 is right -> 1 of 2
+    result = score("mmbench_en", ["A", "A", "A", "C", "B"], [s.reference for s in samples])
     assert result["score"] == pytest.approx(50.0) and result["n_questions"] == 2
     cn_samples = load_benchmark("mmbench_cn", tmp_path)
-    assert len(cn_samples) == 1 and color_of(cn_samples[0].images[0]) == GREEN
+    assert len(cn_samples) == 2 and color_of(cn_samples[0].images[0]) == GREEN
     assert cn_samples[0].question == "图中是什么？ There are several options:\nA. 猫\nB. 狗\n\n请直接使用所提供的选项字母作为答案回答。"
-    assert score("mmbench_cn", ["B"], [s.reference for s in cn_samples])["score"] == 0.0
+    assert score("mmbench_cn", ["B", "A"], [s.reference for s in cn_samples])["score"] == 0.0
 
 
 def mme_rows():
@@ -409,25 +423,32 @@ def write_tsv(path, rows):
     path.write_text("\n".join("\t".join(r) for r in [TSV_HEADER, *rows]) + "\n", encoding="utf-8")
 
 
+# two questions, every rotation, originals first; VLMEvalKit TSVs store a repeated image once: a rotation's image
+# cell holds the index of the row that has it
+MMBENCH_TSV_ROWS = [
+    ["0", "What is shown?", "", "cat", "dog", "", "", "A", "c1", b64(RED), "s", "l2", "", "dev"],
+    ["2", "Which one?", "A hint.", "x", "y", "z", "", "C", "c2", b64(BLUE), "s", "l2b", "", "dev"],
+    ["1000000", "What is shown?", "", "dog", "cat", "", "", "B", "c1", "0", "s", "l2", "", "dev"],
+    ["1000002", "Which one?", "A hint.", "y", "z", "x", "", "B", "c2", "2", "s", "l2b", "", "dev"],
+    ["2000002", "Which one?", "A hint.", "z", "x", "y", "", "A", "c2", "2", "s", "l2b", "", "dev"],
+]
+
+
 def test_mmbench_tsv_with_base64_images(tmp_path):
-    write_tsv(tmp_path / "mmbench_dev_20230712.tsv", [
-        ["0", "What is shown?", "", "cat", "dog", "", "", "A", "c1", b64(RED), "s", "l2", "", "dev"],
-        # VLMEvalKit TSVs store a repeated image once: this rotation refers to row index 0's image
-        ["1000000", "What is shown?", "", "dog", "cat", "", "", "B", "c1", "0", "s", "l2", "", "dev"],
-        ["2", "Which one?", "A hint.", "x", "y", "z", "", "C", "c2", b64(BLUE), "s", "l2b", "", "dev"],
-    ])
+    write_tsv(tmp_path / "mmbench_dev_20230712.tsv", MMBENCH_TSV_ROWS)
     write_tsv(tmp_path / "mmbench_dev_cn_20231003.tsv", [
-        ["0", "哪个？", "", "甲", "乙", "", "", "B", "c1", b64(GREEN), "s", "l2", "", "dev"]])
+        ["0", "哪个？", "", "甲", "乙", "", "", "B", "c1", b64(GREEN), "s", "l2", "", "dev"],
+        ["1000000", "哪个？", "", "乙", "甲", "", "", "A", "c1", "0", "s", "l2", "", "dev"]])
     samples = load_benchmark("mmbench_en", tmp_path)
     check_samples(samples, "mmbench_en")
-    assert [s.id for s in samples] == ["0", "1000000", "2"]
-    assert [color_of(s.images[0]) for s in samples] == [RED, RED, BLUE]
+    assert [s.id for s in samples] == ["0", "2", "1000000", "1000002", "2000002"]
+    assert [color_of(s.images[0]) for s in samples] == [RED, BLUE, RED, BLUE, BLUE]
     assert samples[0].question == "What is shown? There are several options:\nA. cat\nB. dog\n" + LETTER
-    assert samples[2].question.startswith("A hint. Which one? There are several options:\nA. x\nB. y\nC. z\n")
-    assert samples[2].reference["L2-category"] == "l2b" and samples[0].reference["C"] is None
-    result = score("mmbench_en", ["A", "B", "The answer is C"], [s.reference for s in samples])
+    assert samples[1].question.startswith("A hint. Which one? There are several options:\nA. x\nB. y\nC. z\n")
+    assert samples[1].reference["L2-category"] == "l2b" and samples[0].reference["C"] is None
+    result = score("mmbench_en", ["A", "The answer is C", "B", "B", "A"], [s.reference for s in samples])
     assert result["score"] == 100.0
-    [cn] = load_benchmark("mmbench_cn", tmp_path)
+    cn = load_benchmark("mmbench_cn", tmp_path)[0]
     assert cn.question.startswith("哪个？ There are several options:\nA. 甲\nB. 乙") and color_of(cn.images[0]) == GREEN
 
 
@@ -789,3 +810,134 @@ def test_frames_are_sampled_uniformly_from_first_to_last(tmp_path):
     assert read_frames(video, 16).shape[0] == 10  # never more than the video has
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     raises("bad.mp4: not a readable video", read_frames, tmp_path / "bad.mp4", 4)
+
+
+# --- MMBench rotation sets, the benchmark a copy is, entries, encodings, empty files, contradictions ----------
+
+def test_mmbench_limit_keeps_every_rotation_of_the_questions_it_keeps(tmp_path):
+    write_tsv(tmp_path / "mmbench_dev_20230712.tsv", MMBENCH_TSV_ROWS)
+    samples = load_benchmark("mmbench_en", tmp_path, limit=1)
+    assert [s.id for s in samples] == ["0", "1000000"]  # the rotation is far down the file, after the originals
+    # a model that always answers "A" gets every question's rotation wrong: 0, as on the whole file
+    assert score("mmbench_en", ["A", "A"], [s.reference for s in samples])["score"] == 0.0
+    assert [s.id for s in load_benchmark("mmbench_en", tmp_path, limit=2)] == ["0", "2", "1000000", "1000002",
+                                                                               "2000002"]
+
+
+def test_mmbench_question_missing_a_rotation_is_refused(tmp_path):
+    write_tsv(tmp_path / "mmbench_dev_20230712.tsv", MMBENCH_TSV_ROWS[:-1])  # question 2 lacks rotation 2
+    raises(re.escape("mmbench_dev_20230712.tsv row 1 (line 3); mmbench_dev_20230712.tsv row 3 (line 5): MMBench "
+                     "question 2 has 3 options, so circular evaluation needs its 3 rotations (index 2 + k x "
+                     "1,000,000, k = 0..2), but has index 2000002 missing"), load_benchmark, "mmbench_en", tmp_path)
+    # a copy of the originals alone (a parquet here) is refused the same way: it would be scored as plain accuracy
+    write_parquet(tmp_path / "en" / "dev.parquet", [mmbench_question(0, "Q?", ["x", "y"], "x")[0]])
+    raises(re.escape("dev.parquet row 0: MMBench question 0 has 2 options"), load_benchmark, "mmbench_en",
+           tmp_path / "en")
+
+
+def test_mmbench_index_shared_by_two_questions_is_refused(tmp_path):
+    tsv = tmp_path / "mmbench_dev_20230712.tsv"
+    write_tsv(tsv, [["5", "What is shown?", "", "cat", "dog", "", "", "A", "c1", b64(RED), "s", "l2", "", "dev"],
+                    ["5", "Which colour?", "", "red", "blue", "", "", "B", "c1", b64(BLUE), "s", "l2", "", "dev"]])
+    raises(re.escape("mmbench_dev_20230712.tsv row 1 (line 3): has index 5, as mmbench_dev_20230712.tsv row 0 "
+                     "(line 2) has"), load_benchmark, "mmbench_en", tsv)
+    rows = [list(r) for r in MMBENCH_TSV_ROWS]
+    rows[2][1] = "Which colour?"  # index 1000000 would make another question a rotation of question 0
+    write_tsv(tsv, rows)
+    raises(re.escape("mmbench_dev_20230712.tsv row 2 (line 4): its index 1000000 makes it a rotation of question 0 "
+                     "(mmbench_dev_20230712.tsv row 0 (line 2)), but its question or options differ"),
+           load_benchmark, "mmbench_en", tsv)
+
+
+def test_mme_rows_given_as_pope_are_refused(tmp_path):
+    write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", mme_rows())  # lmms-lab/MME's layout
+    raises(re.escape("data/test-00000-of-00001.parquet row 0: field 'category' is 'code_reasoning', not a POPE "
+                     "split (an MME subtask: these rows are MME's); expected adversarial, popular, random"),
+           load_benchmark, "pope", tmp_path)
+
+
+def test_a_folder_named_after_another_task_is_never_read(tmp_path):
+    from vtprune.eval.benchmark_eval import load_tasks
+
+    write_parquet(tmp_path / "mme" / "data" / "test-00000-of-00001.parquet", mme_rows())
+    # --tasks pope --data DIR without DIR/pope reads DIR itself, but not the MME copy inside it
+    msg = raises("no pope data in a format this loader reads", load_tasks, ["pope"], tmp_path, None)
+    assert "(mme/ under it: named after another task, which pope never reads)" in msg
+    raises(re.escape("mme: is named after task mme, not pope"), load_benchmark, "pope", tmp_path / "mme")
+    # beside POPE's own files, the other task's folder is left out
+    write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", pope_rows())
+    assert [s.id for s in load_benchmark("pope", tmp_path)] == ["adversarial/1", "adversarial/2", "random/1",
+                                                                "random/2"]
+
+
+NOT_OBJECTS = {
+    "gqa": ({"testdev_balanced_questions.json": {"201": ["n1"]}},
+            "testdev_balanced_questions.json question '201': holds list ['n1'], expected a JSON object"),
+    "textvqa": ({"TextVQA_0.5.1_val.json": {"data": [5]}}, "TextVQA_0.5.1_val.json data[0]: holds int 5, expected"),
+    "vizwiz": ({"Annotations/val.json": [5]}, "Annotations/val.json entry 0: holds int 5, expected a JSON object"),
+    "ocrbench": ({"OCRBench.json": [5]}, "OCRBench.json entry 0: holds int 5, expected a JSON object"),
+    "scienceqa_img": ({"problems.json": {"1": "x"}, "pid_splits.json": {"test": ["1"]}},
+                      "problems.json problem '1': holds str 'x', expected a JSON object"),
+    "scienceqa_img image": ({"problems.json": {"1": {"question": "Q?", "choices": ["a", "b"], "answer": 0,
+                                                     "image": 5}}, "pid_splits.json": {"test": ["1"]}},
+                            "problems.json problem '1': field 'image' is int 5; expected the image's file name"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_OBJECTS)
+def test_an_entry_that_is_not_an_object_is_named(tmp_path, case):
+    files, message = NOT_OBJECTS[case]
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(content))
+    raises(re.escape(message), load_benchmark, case.split()[0], tmp_path)
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    pope_llava(tmp_path / "pope")
+    (tmp_path / "pope" / "coco" / "coco_pope_random.json").write_bytes(
+        b'{"question_id": 1, "image": "COCO_val2014_random.jpg", "text": "caf\xe9?", "label": "yes"}\n')
+    raises(re.escape("coco/coco_pope_random.json line 1 (byte 67 of the file): not UTF-8 (byte 0xe9); the "
+                     "benchmark's files are UTF-8"), load_benchmark, "pope", tmp_path / "pope")
+    release = mme_release(tmp_path / "mme")
+    (release / "code_reasoning" / "0020.txt").write_bytes(b"Is it 3?\tNo\nIs it caf\xe9?\tYes\n")
+    raises(re.escape("code_reasoning/0020.txt line 2 (byte 21 of the file): not UTF-8"), load_benchmark, "mme",
+           tmp_path / "mme")
+    tsv = tmp_path / "mmbench_dev_20230712.tsv"
+    write_tsv(tsv, MMBENCH_TSV_ROWS)
+    tsv.write_bytes(tsv.read_bytes().replace(b"Which one?", b"Which \xe9?", 1))
+    raises(re.escape("mmbench_dev_20230712.tsv line 3 (byte "), load_benchmark, "mmbench_en", tsv)
+
+
+def test_an_empty_file_or_table_is_refused_at_load(tmp_path):
+    pope_llava(tmp_path / "pope")
+    (tmp_path / "pope" / "coco" / "coco_pope_random.json").write_text("\n  \n")
+    raises(re.escape("coco/coco_pope_random.json: is empty"), load_benchmark, "pope", tmp_path / "pope")
+    pq.write_table(pa.Table.from_pylist(pope_rows()).slice(0, 0), tmp_path / "pope.parquet")
+    raises(re.escape("pope.parquet: no rows (an empty table)"), load_benchmark, "pope", tmp_path / "pope.parquet")
+    (tmp_path / "gqa").mkdir()
+    (tmp_path / "gqa" / "testdev_balanced_questions.json").write_text("{}")
+    raises(re.escape("testdev_balanced_questions.json: holds no entries"), load_benchmark, "gqa", tmp_path / "gqa")
+    tsv = tmp_path / "mmbench_dev_20230712.tsv"
+    write_tsv(tsv, [])
+    raises(re.escape("mmbench_dev_20230712.tsv: has its header but no rows"), load_benchmark, "mmbench_en", tsv)
+
+
+def test_an_empty_mme_question_file_is_refused(tmp_path):
+    release = mme_release(tmp_path)
+    (release / "code_reasoning" / "0020.txt").write_text("")
+    raises(re.escape("code_reasoning/0020.txt: is empty, so image 0020.png has no questions"), load_benchmark,
+           "mme", tmp_path)
+
+
+def test_rows_with_one_id_and_question_but_opposite_answers_are_refused(tmp_path):
+    rows = pope_rows()
+    write_parquet(tmp_path / "pope.parquet", rows + [{**rows[1], "answer": "yes"}])
+    raises(re.escape("pope.parquet row 4: has the id 'adversarial/2' and question of pope.parquet row 1 but not its "
+                     "answer (answer 'no' there, 'yes' here), so one of the two is wrong"), load_benchmark, "pope",
+           tmp_path)
+    release = mme_release(tmp_path / "mme")
+    (release / "code_reasoning" / "0020.txt").write_text("Is the output 3?\tNo\nIs the output 3?\tYes\n")
+    raises(re.escape("code_reasoning/0020.txt line 2: has the id 'code_reasoning/0020.png' and question of "
+                     "MME_Benchmark_release_version/code_reasoning/0020.txt line 1 but not its answer"),
+           load_benchmark, "mme", tmp_path / "mme")

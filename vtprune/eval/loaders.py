@@ -30,10 +30,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from .fields import Doc, _integer, _optional_id, _string_list, _text, _Where, _yes_no
+from .fields import Doc, _display, _integer, _missing, _optional_id, _string_list, _text, _Where, _yes_no
 from .images import _open_image
 from .metrics import MME_SUBTASKS, OCRBENCH_CATEGORIES, TASK_ALIASES, VIDEOMME_DURATIONS
-from .official_files import _OFFICIAL_READERS
+from .official_files import _OFFICIAL_READERS, _POPE_SPLITS
 from .tables import _check_shards, _columns, _find_tables, _rows, _Table
 
 __all__ = ["BenchmarkSample", "TaskSpec", "TASKS", "load_benchmark"]
@@ -124,8 +124,9 @@ TASKS: dict[str, TaskSpec] = {
 def load_benchmark(task: str, path: str | Path, limit: int | None = None) -> list[BenchmarkSample]:
     """The samples of `task` from the local copy at `path` (format detected; see the module doc).
 
-    `limit` keeps the first `limit` samples (MME rounds up to finish the last image's question pair, since
-    its score needs both). Images are opened lazily: RGB ones are decoded when first read, others are
+    `limit` keeps the first `limit` samples, and every other sample of the scoring units they belong to, since
+    the score needs them whole: MME rounds up to finish the last image's question pair, MMBench adds every
+    rotation of each question kept. Images are opened lazily: RGB ones are decoded when first read, others are
     converted to RGB now, as lmms-eval's doc_to_visual does.
     """
     spec = _task_spec(task)
@@ -134,7 +135,12 @@ def load_benchmark(task: str, path: str | Path, limit: int | None = None) -> lis
     root = Path(path)
     if not root.exists():
         raise ValueError(f"{root} does not exist; pass the folder or file holding your {spec.name} copy")
-    tables = _find_tables(root)
+    if root.is_dir() and root.name in _other_benchmarks(spec):
+        raise ValueError(f"{root}: is named after task {root.name}, not {spec.name}; put {spec.name}'s copy in "
+                         f"its own folder (DATA/{spec.name}) and pass that")
+    found = _find_tables(root)
+    # a folder named after another benchmark (DATA/mme when the one-task DATA itself is read) is never this one's
+    tables = [t for t in found if not _other_benchmarks(spec) & set(t.parts)]
     if tables:
         docs = _take(_table_docs(spec, root, tables), limit, spec)
         if spec.name == "gqa":
@@ -144,9 +150,16 @@ def load_benchmark(task: str, path: str | Path, limit: int | None = None) -> lis
     else:
         reader = _OFFICIAL_READERS[spec.name](root)
         if reader is None:
-            raise ValueError(_no_format_message(spec, root))
+            skipped = sorted({p for t in found for p in t.parts} & _other_benchmarks(spec))
+            note = (f" ({', '.join(f'{p}/' for p in skipped)} under it: named after another task, which "
+                    f"{spec.name} never reads)" if skipped else "")
+            raise ValueError(_no_format_message(spec, root) + note)
         docs = _take(reader, limit, spec)
+        if not docs:
+            raise ValueError(f"{root}: its {spec.name} files hold no questions; re-download them")
     samples = [_to_sample(spec, doc, where, n) for n, (doc, where) in enumerate(docs)]
+    if spec.name.startswith("mmbench"):
+        _check_rotations(samples, [doc for doc, _ in docs])
     return _with_unique_ids(samples)
 
 
@@ -155,6 +168,12 @@ def _task_spec(task: str) -> TaskSpec:
     if name not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def _other_benchmarks(spec: TaskSpec) -> set[str]:
+    """The names (tasks and aliases) of the other benchmarks; mmbench_en and mmbench_cn are one dataset."""
+    names = {**{t: t for t in TASKS}, **TASK_ALIASES}
+    return {n for n, t in names.items() if TASKS[t].hf_dataset != spec.hf_dataset}
 
 
 def _no_format_message(spec: TaskSpec, root: Path) -> str:
@@ -167,35 +186,98 @@ def _no_format_message(spec: TaskSpec, root: Path) -> str:
 
 def _take(docs: Iterable[tuple[Doc, _Where]], limit: int | None, spec: TaskSpec) -> list[tuple[Doc, _Where]]:
     out: list[tuple[Doc, _Where]] = []
+    kept: set = set()  # the scoring units of the first `limit` rows
     for doc, where in docs:
-        if limit is not None and len(out) >= limit and not _same_mme_image(spec, out[-1][0], doc):
-            break
+        unit = _unit(spec, doc)
+        if limit is None or len(out) < limit:
+            kept.add(unit)
+        elif unit is None or unit not in kept:
+            if not spec.name.startswith("mmbench"):
+                break
+            continue  # MMBench lists every original question before the rotations: read on to the end
         out.append((doc, where))
     if hasattr(docs, "close"):
         docs.close()  # let a reader stopped early by `limit` clean up (the MMBench TSV reader resets csv state)
     return out
 
 
-def _same_mme_image(spec: TaskSpec, previous: Doc, doc: Doc) -> bool:
-    # MME scores an image only with both of its questions, so a limit must not split a pair.
-    return spec.name == "mme" and doc.get("question_id") is not None \
-        and doc.get("question_id") == previous.get("question_id")
+def _unit(spec: TaskSpec, doc: Doc):
+    """What the score needs whole, so a limit must not split it: an MME image (its two questions), an MMBench
+    question (its rotations, index % 1,000,000). None for the other tasks, or a row whose field is unusable (its
+    builder then says why)."""
+    if spec.name == "mme":
+        return doc.get("question_id")
+    if spec.name.startswith("mmbench"):
+        try:
+            return int(doc.get("index")) % _MMBENCH_ROTATION
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+_MMBENCH_ROTATION = 1_000_000  # rotation k of MMBench question q has index q + k x 1,000,000
+
+
+def _check_rotations(samples: list[BenchmarkSample], docs: list[Doc]) -> None:
+    """MMBench's circular evaluation asks a question with n options n times, its options rotated (index
+    q + k x 1,000,000, k = 0..n-1, in MMBench's dev files), and counts it right only if every rotation is: with a
+    rotation missing it silently becomes a plain multiple-choice score, and two questions that share an index
+    would be merged into one. So each question's rows must be exactly its n rotations of one question."""
+    questions: dict[int, list[tuple[BenchmarkSample, Doc]]] = {}
+    for sample, doc in zip(samples, docs):
+        questions.setdefault(sample.reference["index"] % _MMBENCH_ROTATION, []).append((sample, doc))
+    for q, rows in questions.items():
+        first, first_doc = rows[0]
+        by_index: dict[int, BenchmarkSample] = {}
+        for sample, doc in rows:
+            index = sample.reference["index"]
+            if index in by_index:
+                raise ValueError(f"{sample.source}: has index {index}, as {by_index[index].source} has; every MMBench "
+                                 f"row has its own index (these are two questions sharing one, or a row copied "
+                                 f"twice): give each question its own index, or remove the copy")
+            by_index[index] = sample
+            if doc["question"] != first_doc["question"] or _options(sample) != _options(first):
+                raise ValueError(f"{sample.source}: its index {index} makes it a rotation of question {q} "
+                                 f"({first.source}), but its question or options differ; give each question its "
+                                 f"own index")
+        n = len(_options(first))
+        expected = {q + k * _MMBENCH_ROTATION for k in range(n)}
+        if set(by_index) != expected:
+            sources = "; ".join(s.source for s, _ in rows)
+            missing = sorted(expected - set(by_index))
+            problem = (f"index {', '.join(map(str, missing))} missing" if missing else
+                       f"index {', '.join(map(str, sorted(set(by_index) - expected)))} beyond its {n} rotations")
+            raise ValueError(f"{sources}: MMBench question {q} has {n} options, so circular evaluation needs its {n} "
+                             f"rotations (index {q} + k x 1,000,000, k = 0..{n - 1}), but has {problem}; use the "
+                             f"complete dev file (every rotation of every question)")
+
+
+def _options(sample: BenchmarkSample) -> list[str]:
+    return sorted(str(sample.reference[k]) for k in "ABCD" if sample.reference.get(k) is not None)
 
 
 def _with_unique_ids(samples: list[BenchmarkSample]) -> list[BenchmarkSample]:
     # MME's two questions share a question_id (the image) and POPE-style ids can repeat across files;
     # the runner keys results by id, so repeated ids get "#1", "#2" ... in file order. A row that repeats an
-    # earlier one whole (id, question and answer) is a copy, which would count twice: refused.
+    # earlier one's id and question is a copy, which would count twice, or contradicts it (another answer),
+    # which would score one of the two wrong whatever the model says: both refused.
     counts = Counter(s.id for s in samples)
     seen: Counter = Counter()
     first: dict[tuple, BenchmarkSample] = {}
     out = []
     for s in samples:
         if counts[s.id] > 1:
-            key = (s.id, s.question, repr(s.reference))
+            key = (s.id, s.question)
             if key in first:
-                raise ValueError(f"{s.source}: repeats {first[key].source} (same id {s.id!r}, question and "
-                                 f"answer), so it would be scored twice; remove the copy")
+                other = first[key]
+                if repr(other.reference) == repr(s.reference):
+                    raise ValueError(f"{s.source}: repeats {other.source} (same id {s.id!r}, question and "
+                                     f"answer), so it would be scored twice; remove the copy")
+                differ = ", ".join(f"{k} {other.reference.get(k)!r} there, {s.reference.get(k)!r} here"
+                                   for k in {**other.reference, **s.reference}
+                                   if repr(other.reference.get(k)) != repr(s.reference.get(k)))
+                raise ValueError(f"{s.source}: has the id {s.id!r} and question of {other.source} but not its "
+                                 f"answer ({differ}), so one of the two is wrong; keep the right one")
             first[key] = s
             seen[s.id] += 1
             s = replace(s, id=f"{s.id}#{seen[s.id]}")
@@ -234,8 +316,15 @@ def _table_docs(spec: TaskSpec, root: Path, tables: list[_Table]) -> Iterator[tu
         if not tables:
             raise ValueError(f"{root}: no GQA question table (a table with a 'question' column, i.e. "
                              f"{spec.hf_dataset}'s testdev_balanced_instructions)")
-    for table in _select(tables, spec, spec.hf_config, root):
-        yield from _rows(table, root)
+    selected = _select(tables, spec, spec.hf_config, root)
+    empty = True
+    for table in selected:
+        for row in _rows(table, root):
+            empty = False
+            yield row
+    if empty:  # else the run fails only after loading the model, on "no predictions to score"
+        raise ValueError(f"{', '.join(_display(t.path, root) for t in selected)}: no rows (an empty table); "
+                         f"re-download or re-save {spec.name}'s copy")
 
 
 def _attach_gqa_images(spec: TaskSpec, root: Path, tables: list[_Table],
@@ -291,11 +380,17 @@ def _pope(doc: Doc, where: _Where):
     question = _text(doc, "question", where)
     answer = _yes_no(doc, "answer", where, "'yes' or 'no'", period=False)  # POPE's scorers take the bare word
     category = doc.get("category")
+    # MME's rows have every field POPE's have: its subtask names in 'category' tell them apart
+    if not _missing(category) and category not in _POPE_SPLITS:
+        mme = " (an MME subtask: these rows are MME's)" if category in _MME_SUBTASK_NAMES else ""
+        raise where.error("category", f"is {category!r}, not a POPE split{mme}",
+                          f"expected {', '.join(_POPE_SPLITS)}: point pope at POPE's copy")
     qid = _optional_id(doc, "question_id")
     sid = f"{category}/{qid}" if qid and isinstance(category, str) and category else qid
     return sid, f"{question.strip()}{_SHORT_ANSWER}", {"answer": answer, "category": category}
 
 
+_MME_SUBTASK_NAMES = [c for kind in MME_SUBTASKS.values() for c in kind]
 _MME_REPLACED = " Please answer yes or no."  # mme_doc_to_text drops it when a post prompt is set
 
 
@@ -304,9 +399,8 @@ def _mme(doc: Doc, where: _Where):
     qid = _text(doc, "question_id", where, "the image's id, e.g. 'code_reasoning/0020.png'")
     answer = _yes_no(doc, "answer", where, "'Yes' or 'No'", period=True)  # MME's scorers drop the period
     category = doc.get("category") or qid.split("/")[0]
-    subtasks = [c for kind in MME_SUBTASKS.values() for c in kind]
-    if category not in subtasks:
-        raise where.error("category", f"is {category!r}", f"expected an MME subtask: {', '.join(subtasks)}")
+    if category not in _MME_SUBTASK_NAMES:
+        raise where.error("category", f"is {category!r}", f"expected an MME subtask: {', '.join(_MME_SUBTASK_NAMES)}")
     text = question.strip().replace(_MME_REPLACED, "") + _SHORT_ANSWER
     return qid, text, {"question_id": qid, "category": category, "answer": answer}
 

@@ -36,20 +36,68 @@ def _first_dir(candidates: Iterable[Path]) -> Path:
     return next((d for d in candidates if d.is_dir()), candidates[0])
 
 
-def _load_json(file: Path, root: Path):
+def _read_text(file: Path, root: Path) -> str:
+    """The file's text; a file that is not UTF-8 (the benchmarks ship UTF-8) is named with its first bad line."""
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _not_utf8(file, root) from None
+
+
+def _not_utf8(file: Path, root: Path) -> ValueError:
+    # the decoder's position is within whatever chunk it was given: find the line again, byte by byte
+    offset = 0
+    with file.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return ValueError(f"{_display(file, root)} line {n} (byte {offset + e.start} of the file): not "
+                                  f"UTF-8 (byte {line[e.start]:#04x}); the benchmark's files are UTF-8: re-download "
+                                  f"it, or convert it (e.g. iconv -f latin1 -t utf-8)")
+            offset += len(line)
+    return ValueError(f"{_display(file, root)}: not UTF-8; re-download it, or convert it to UTF-8")
+
+
+def _load_json(file: Path, root: Path):
+    text = _read_text(file, root)
+    if not text.strip():
+        raise ValueError(f"{_display(file, root)}: is empty; re-download the file")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{_display(file, root)} line {e.lineno}: not valid JSON ({e.msg}); re-download the "
                          f"file") from None
 
 
+def _entries(value, file: Path, root: Path, kind: type, what: str):
+    """`value` if it is a non-empty `kind` (the file's list or object of entries), else an error naming the file:
+    an empty one would silently score nothing, or leave its part of the benchmark out."""
+    if not isinstance(value, kind):
+        raise ValueError(f"{_display(file, root)}: holds {type(value).__name__}, expected {what}; re-download "
+                         f"the file")
+    if not value:
+        raise ValueError(f"{_display(file, root)}: holds no entries, expected {what}; re-download the file")
+    return value
+
+
+def _json_object(value, where: _Where, what: str) -> dict:
+    """The check every reader makes on one entry of its file: it must be a JSON object."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where.file} {where.row}: holds {type(value).__name__} {value!r:.60}, expected "
+                         f"a JSON object ({what}); fix or re-download the file")
+    return value
+
+
 def _json_lines(file: Path, root: Path) -> Iterator[tuple[dict, _Where]]:
     """A JSON-lines file (POPE's coco_pope_*.json), or a JSON array holding the same objects."""
     name = _display(file, root)
-    text = file.read_text(encoding="utf-8")
+    text = _read_text(file, root)
+    if not text.strip():
+        raise ValueError(f"{name}: is empty, expected one JSON object per line; re-download the file")
     if text.lstrip().startswith("["):
-        rows = [(obj, f"entry {i}") for i, obj in enumerate(_load_json(file, root))]
+        rows = [(obj, f"entry {i}") for i, obj in
+                enumerate(_entries(_load_json(file, root), file, root, list, "a list of question objects"))]
     else:
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -60,9 +108,8 @@ def _json_lines(file: Path, root: Path) -> Iterator[tuple[dict, _Where]]:
                     raise ValueError(f"{name} line {n}: not valid JSON ({e.msg}); each line must be one JSON "
                                      f"object") from None
     for obj, row in rows:
-        if not isinstance(obj, dict):
-            raise ValueError(f"{name} {row}: holds {type(obj).__name__}, expected a JSON object")
-        yield obj, _Where(name, row)
+        where = _Where(name, row)
+        yield _json_object(obj, where, "a question"), where
 
 
 def _renamed(obj: dict, where: _Where, names: dict[str, str]) -> tuple[Doc, _Where]:
@@ -98,14 +145,12 @@ def _read_gqa(root: Path):
     if file is None:
         return None
     image_dir = _first_dir([file.parent / "images", root / "images", root / "data" / "images"])
-    questions = _load_json(file, root)
-    if not isinstance(questions, dict):
-        raise ValueError(f"{_display(file, root)}: holds {type(questions).__name__}, expected GQA's object of "
-                         f"question id -> question")
+    questions = _entries(_load_json(file, root), file, root, dict, "GQA's object of question id -> question")
 
     def docs():
         for qid, q in questions.items():
             where = _Where(_display(file, root), f"question {qid!r}")
+            q = _json_object(q, where, "a question with imageId, question and answer")
             image_id = _text(q, "imageId", where, "the id of the question's image")
             doc, where = _renamed(q, where, {"question": "question", "answer": "answer"})
             doc["id"] = qid
@@ -123,10 +168,12 @@ def _read_textvqa(root: Path):
     data = _load_json(file, root)
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise ValueError(f"{_display(file, root)}: has no 'data' list; expected TextVQA's annotation file")
+    entries = _entries(data["data"], file, root, list, "TextVQA's 'data' list of questions")
 
     def docs():
-        for i, q in enumerate(data["data"]):
+        for i, q in enumerate(entries):
             where = _Where(_display(file, root), f"data[{i}]")
+            q = _json_object(q, where, "a question with image_id, question and answers")
             image_id = _text(q, "image_id", where, "the image's id (its file name without .jpg)")
             doc, where = _renamed(q, where, {"question_id": "question_id", "question": "question",
                                              "answers": "answers"})
@@ -144,10 +191,12 @@ def _read_scienceqa(root: Path):
     if not splits_file.is_file():
         raise ValueError(f"{_display(problems_file, root)}: pid_splits.json is missing next to it; copy it from "
                          f"ScienceQA's data/scienceqa folder (it says which problems are the test split)")
-    problems = _load_json(problems_file, root)
+    problems = _entries(_load_json(problems_file, root), problems_file, root, dict,
+                        "ScienceQA's object of problem id -> problem")
     splits = _load_json(splits_file, root)
-    if not isinstance(splits, dict) or not isinstance(splits.get("test"), list):
-        raise ValueError(f"{_display(splits_file, root)}: has no 'test' list of problem ids")
+    if not isinstance(splits, dict) or not isinstance(splits.get("test"), list) or not splits["test"]:
+        raise ValueError(f"{_display(splits_file, root)}: has no 'test' list of problem ids; copy it from ScienceQA's "
+                         f"data/scienceqa folder")
     image_dir = _first_dir([base / "images" / "test", base / "test"])
 
     def docs():
@@ -156,13 +205,14 @@ def _read_scienceqa(root: Path):
             if pid not in problems:
                 raise ValueError(f"{_display(splits_file, root)}: test id {pid!r} is not in problems.json; use the "
                                  f"two files from the same ScienceQA release")
-            p = problems[pid]
+            p = _json_object(problems[pid], where, "a problem with question, choices, answer and image")
             if not p.get("image"):
                 continue  # ScienceQA-IMG is the test problems that come with an image
+            image = _text(p, "image", where, "the image's file name, e.g. 'image.png' (null: no image)")
             doc, where = _renamed(p, where, {"question": "question", "choices": "choices", "answer": "answer",
                                              "hint": "hint"})
             doc["id"] = pid
-            doc["image"] = _ImageFile(image_dir / pid / p["image"], "image", f"{image_dir}/<pid>/")
+            doc["image"] = _ImageFile(image_dir / pid / image, "image", f"{image_dir}/<pid>/")
             yield doc, where
     return docs()
 
@@ -173,14 +223,12 @@ def _read_vizwiz(root: Path):
         return None
     base = file.parent if file.parent.name != "Annotations" else file.parent.parent
     image_dir = _first_dir([base / "val", base / "images"])
-    entries = _load_json(file, root)
-    if not isinstance(entries, list):
-        raise ValueError(f"{_display(file, root)}: holds {type(entries).__name__}, expected VizWiz's list of "
-                         f"annotations")
+    entries = _entries(_load_json(file, root), file, root, list, "VizWiz's list of annotations")
 
     def docs():
         for i, q in enumerate(entries):
             where = _Where(_display(file, root), f"entry {i}")
+            q = _json_object(q, where, "an annotation with image, question and answers")
             image = _text(q, "image", where, "the image file name")
             doc, where = _renamed(q, where, {"question": "question", "answers": "answers", "answer_type": "category"})
             doc["question_id"] = image
@@ -195,13 +243,12 @@ def _read_ocrbench(root: Path):
         return None
     image_dir = _first_dir([file.parent / "OCRBench_Images", file.parent.parent / "OCRBench_Images",
                             root / "OCRBench_Images"])
-    entries = _load_json(file, root)
-    if not isinstance(entries, list):
-        raise ValueError(f"{_display(file, root)}: holds {type(entries).__name__}, expected OCRBench's list")
+    entries = _entries(_load_json(file, root), file, root, list, "OCRBench's list of questions")
 
     def docs():
         for i, q in enumerate(entries):
             where = _Where(_display(file, root), f"entry {i}")
+            q = _json_object(q, where, "a question with image_path, question, answers, dataset_name and type")
             image = _text(q, "image_path", where, "the image path under OCRBench_Images")
             doc, where = _renamed(q, where, {"id": "id", "question": "question", "answers": "answer",
                                              "dataset_name": "dataset", "type": "question_type"})
@@ -235,9 +282,11 @@ def _read_mme(root: Path):
                     raise _Where(name, "(every line)").error(
                         "image", f"has no file {txt.stem}.jpg/.png in {image_dir}",
                         "put each question file's image (same name) in that folder")
-                for n, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), 1):
-                    if not line.strip():
-                        continue
+                lines = [(n, line) for n, line in enumerate(_read_text(txt, root).splitlines(), 1) if line.strip()]
+                if not lines:  # its image would silently drop out of the subtask's score
+                    raise ValueError(f"{name}: is empty, so image {image.name} has no questions; restore its two "
+                                     f"'question<TAB>Yes/No' lines from MME's release")
+                for n, line in lines:
                     where = _Where(name, f"line {n}")
                     parts = line.rstrip("\n").split("\t")
                     if len(parts) != 2:
@@ -273,7 +322,9 @@ def _mmbench_tsv_docs(tsv: Path, root: Path) -> Iterator[tuple[Doc, _Where]]:
     try:
         with tsv.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t")
-            if not reader.fieldnames or "image" not in reader.fieldnames:
+            if not reader.fieldnames:
+                raise ValueError(f"{name}: is empty; re-download MMBench's TSV")
+            if "image" not in reader.fieldnames:
                 raise ValueError(f"{name} line 1: no 'image' column in the header; expected MMBench's TSV "
                                  f"columns index, question, hint, A-D, answer, category, image, ...")
             for i, raw in enumerate(reader):
@@ -284,6 +335,10 @@ def _mmbench_tsv_docs(tsv: Path, root: Path) -> Iterator[tuple[Doc, _Where]]:
                     doc["L2-category"] = doc.pop("l2-category")
                 doc["image"] = _mmbench_image(doc, images_by_index, where)
                 yield doc, where
+            if reader.line_num <= 1:
+                raise ValueError(f"{name}: has its header but no rows; re-download MMBench's TSV")
+    except UnicodeDecodeError:
+        raise _not_utf8(tsv, root) from None
     finally:
         csv.field_size_limit(old_limit)
 
