@@ -365,3 +365,70 @@ def test_videomme_is_lmms_evals_option_accuracy():
         score("videomme", ["A"], [{**refs[0], "answer": "E"}])
     with pytest.raises(ValueError, match="no scoring rule 'llava'"):
         score("videomme", preds, refs, scoring="llava")
+
+
+# --- reference fields of the wrong type: a BadReference naming the row and field, never a coerced score -------
+
+OCR = {"dataset": "IIIT5K", "question_type": "Regular Text Recognition"}
+
+
+@pytest.mark.parametrize("task, pred, ref, message", [
+    # a number where a list of answers belongs was a TypeError traceback
+    ("textvqa", "a", {"answers": 5}, "field 'answers' is 5, expected a non-empty list of strings"),
+    ("vizwiz", "a", {"answers": 5}, "field 'answers' is 5, expected a list of strings"),
+    ("ocrbench", "5", {"answer": 5, **OCR}, "field 'answer' is 5, expected a string or a non-empty list"),
+    # a mapping was read as the list of its keys
+    ("textvqa", "a", {"answers": {"a": 1}}, r"field 'answers' is \{'a': 1\}"),
+    ("textvqa", "a", {"answers": ["a", 1]}, "field 'answers' holds 1, expected strings"),
+    # the loader refuses an empty OCRBench answer list; scored as a miss before
+    ("ocrbench", "x", {"answer": [], **OCR}, r"field 'answer' is \[\], expected a string or a non-empty list"),
+    ("ocrbench", "5", {"answer": [5], **OCR}, "field 'answer' holds 5, expected strings"),
+    # a non-string source silently picked the non-HME100k rule
+    ("ocrbench", "x", {"answer": "x", "dataset": ["HME100k"], "question_type": "Regular Text Recognition"},
+     "field 'dataset' is list"),
+    # a fraction or a bool is no option index (1.9 and True were read as option 1)
+    ("scienceqa_img", "B", {"choices": ["a", "b", "c"], "answer": 1.9}, "field 'answer' is 1.9, expected the gold"),
+    ("scienceqa_img", "B", {"choices": ["a", "b", "c"], "answer": True}, "field 'answer' is True"),
+    ("scienceqa_img", "A", {"choices": ["a", 2]}, "field 'choices' holds 2, expected strings"),
+    ("mmbench_en", "A", {"index": 1.7, "answer": "A", "A": "a", "B": "b"}, "field 'index' is 1.7, expected an integer"),
+    ("mmbench_en", "A", {"index": True, "answer": "A", "A": "a", "B": "b"}, "field 'index' is True"),
+    # an unhashable category was a TypeError; a falsy one was replaced by the question_id's subtask
+    ("mme", "yes", {"question_id": "existence/1.png", "category": ["existence"], "answer": "Yes"},
+     r"category \['existence'\] is not an MME subtask"),
+    ("mme", "yes", {"question_id": "existence/1.png", "category": [], "answer": "Yes"}, r"category \[\] is not"),
+    ("mme", "yes", {"question_id": 1, "category": "existence", "answer": "Yes"}, "field 'question_id' is int 1"),
+    ("pope", "yes", {"answer": "yes", "category": 5}, "field 'category' is 5, expected the split's name"),
+    ("videomme", "A", {"answer": "A", "duration": "short", "videoID": ["v"]}, "field 'videoID' is list"),
+])
+def test_a_reference_field_of_the_wrong_type_is_refused(task, pred, ref, message):
+    refs = [{"answers": ["a"] * 10}, ref] if task == "textvqa" else [ref]  # the index names the row, not 0
+    with pytest.raises(BadReference, match=f"reference {len(refs) - 1} {message}") as raised:
+        score(task, [pred] * len(refs), refs)
+    assert raised.value.index == len(refs) - 1
+
+
+def test_integral_numbers_still_read_as_indices_as_the_loader_reads_them():
+    # pandas stores an int column with blanks as floats; the loader (fields._integer) accepts 1.0 and "1"
+    for gold in (1, 1.0, "1", "B"):
+        assert score("scienceqa_img", ["B"], [{"choices": ["a", "b"], "answer": gold}])["accuracy"] == 1.0
+    refs = [mmb_row(2.0, "A", ["x", "y"]), mmb_row("1000002", "B", ["y", "x"])]
+    assert score("mmbench_en", ["A", "B"], refs)["n_questions"] == 1.0
+
+
+def test_answer_lists_of_strings_or_answer_dicts_still_score():
+    assert score("textvqa", ["a"], [{"gt_answers": ("a",) * 10}])["accuracy"] == 1.0
+    assert score("vizwiz", ["a"], [{"answers": [{"answer": "a"}] * 10}])["accuracy"] == 1.0
+    assert score("ocrbench", ["an x"], [{"answer": ["y", "x"], **OCR}])["score"] == 1.0
+    with pytest.raises(BadReference, match="field 'gt_answers' is 'a'"):  # names the field the row has
+        score("textvqa", ["a"], [{"gt_answers": "a"}])
+
+
+def test_a_predictions_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    from vtprune.eval.predictions import read_predictions
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prediction": "yes", "answer": "yes"}\n{"prediction": "caf\xe9", "answer": "no"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl line 2: byte 0xe9 is not UTF-8; save the file as UTF-8"):
+        read_predictions(path)
+    path.write_bytes('{"prediction": "café", "answer": "no"}\r\n\r\n{"prediction": "x", "answer": "y"}'.encode())
+    assert read_predictions(path) == (["café", "x"], [{"answer": "no"}, {"answer": "y"}], [1, 3])

@@ -50,7 +50,7 @@ import math
 import re
 import string
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .answer_normalization import extract_mcq_answer, normalize_vqa_answer, vqa_soft_accuracy
@@ -115,6 +115,41 @@ def _field(ref: Mapping, i: int, task: str, *names: str):
     raise BadReference(task, i, f"has no field {alts}")
 
 
+def _text_field(ref: Mapping, i: int, task: str, name: str) -> str:
+    """Field `name` of reference row `i`, which must be a string."""
+    value = _field(ref, i, task, name)
+    if not isinstance(value, str):
+        raise BadReference(task, i, f"field {name!r} is {type(value).__name__} {value!r}, expected a string")
+    return value
+
+
+def _integer(raw, i: int, task: str, name: str, expected: str) -> int:
+    """Field `name`'s value `raw` as an integer, read as the loaders read one (`fields._integer`): an int, an
+    integral float (a pandas column) or a string of digits; neither a bool nor a fraction is one."""
+    try:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError
+        return int(raw)
+    except (TypeError, ValueError):
+        raise BadReference(task, i, f"field {name!r} is {raw!r}, expected {expected}") from None
+
+
+def _string_list(ref: Mapping, i: int, task: str, *names: str, empty: bool = False,
+                 expected: str = "a non-empty list of strings") -> list[str]:
+    """The first of `names` in reference row `i` as a list of strings, non-empty unless `empty`, checked as the
+    loaders check it (`fields._string_list`): a list or tuple, whose ``{"answer": ...}`` entries (VQA and
+    VizWiz annotation files) count as their answer. `expected` says what the field should be."""
+    raw = _field(ref, i, task, *names)
+    name = next(n for n in names if ref.get(n) is not None)
+    if not isinstance(raw, (list, tuple)) or not (raw or empty):
+        raise BadReference(task, i, f"field {name!r} is {raw!r}, expected {expected}")
+    out = [a.get("answer") if isinstance(a, Mapping) else a for a in raw]
+    for a in out:
+        if not isinstance(a, str):
+            raise BadReference(task, i, f"field {name!r} holds {a!r}, expected strings")
+    return out
+
+
 def _run(task: str, predictions, references, scoring: str) -> dict[str, float]:
     """One task's metric: rule and inputs checked, every sample judged once (`_STAGES`' first half), then
     aggregated (its second half)."""
@@ -143,19 +178,6 @@ def _is_missing(v) -> bool:
 # TextVQA and VizWiz: VQA soft accuracy (`answer_normalization.vqa_soft_accuracy`)
 
 
-def _answer_strings(raw, i: int, task: str) -> list[str]:
-    if isinstance(raw, str):
-        raise BadReference(task, i, "field 'answers' is one string, expected a list of answers")
-    out = []
-    for a in raw:
-        if isinstance(a, Mapping):  # VizWiz / VQA annotation files: {"answer": ..., "answer_confidence": ...}
-            a = a.get("answer")
-        if not isinstance(a, str):
-            raise BadReference(task, i, f"field 'answers' holds {type(a).__name__}, expected strings")
-        out.append(a)
-    return out
-
-
 def textvqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
     """TextVQA VQA accuracy. Reference fields: ``answers`` (the 10 human answers).
 
@@ -171,11 +193,9 @@ def textvqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[s
 def _textvqa_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     accs = []
     for i, (p, r) in enumerate(zip(preds, references)):
-        gts = _answer_strings(_field(r, i, "textvqa", "answers", "gt_answers"), i, "textvqa")
+        gts = _string_list(r, i, "textvqa", "answers", "gt_answers")
         if scoring == LLAVA and len(gts) != 10:
             raise BadReference("textvqa", i, f"has {len(gts)} answers; the llava rule (m4c) needs 10")
-        if not gts:
-            raise BadReference("textvqa", i, "has no answers")
         accs.append(vqa_soft_accuracy(p, gts))
     return {"accuracy": accs}
 
@@ -205,7 +225,8 @@ def vizwiz_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[st
 def _vizwiz_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     accs, unanswerable, kinds = [], [], []
     for i, (p, r) in enumerate(zip(preds, references)):
-        gts = _answer_strings(_field(r, i, "vizwiz", "answers"), i, "vizwiz")
+        # lmms-eval scores an empty list 0
+        gts = _string_list(r, i, "vizwiz", "answers", empty=True, expected="a list of strings")
         accs.append(vqa_soft_accuracy(p, gts))
         unanswerable.append(normalize_vqa_answer(p) == "unanswerable")
         kind = r.get("answer_type", r.get("category"))
@@ -263,9 +284,7 @@ def gqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, 
 def _gqa_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     hits = []
     for i, (p, r) in enumerate(zip(preds, references)):
-        gold = _field(r, i, "gqa", "answer")
-        if not isinstance(gold, str):
-            raise BadReference("gqa", i, f"field 'answer' is {type(gold).__name__}, expected a string")
+        gold = _text_field(r, i, "gqa", "answer")
         # lmms-eval lowercases and de-punctuates the gold too (task.py strips only the generation).
         gold_n = gold.lower().translate(_ASCII_PUNCT) if scoring == LMMS_EVAL else gold
         hits.append(normalize_gqa_answer(p, scoring) == gold_n)
@@ -359,7 +378,10 @@ def _pope_samples(preds: list[str], references: list[Mapping], scoring: str, tas
         g = str(gold).lower().strip()
         if g not in ("yes", "no"):
             raise BadReference("pope", i, f"answer is {gold!r}, expected 'yes' or 'no'")
-        splits.append(str(r.get("category") or "all"))
+        split = r.get("category")
+        if split is not None and not isinstance(split, str):
+            raise BadReference("pope", i, f"field 'category' is {split!r}, expected the split's name")
+        splits.append(split or "all")
         parsed.append(parse_pope_answer(p, scoring))
         golds.append(g)
     named = [split for split in splits if split != "all"]
@@ -463,9 +485,10 @@ def _mme_samples(preds: list[str], references: list[Mapping], scoring: str, task
     subtasks, image_ids, hits = [], [], []
     images: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))  # the references of each image
     for i, (p, r) in enumerate(zip(preds, references)):
-        qid = str(_field(r, i, "mme", "question_id"))
-        cat = r.get("category") or qid.split("/")[0]
-        if cat not in _MME_KIND:
+        qid = _text_field(r, i, "mme", "question_id")
+        cat = r.get("category")
+        cat = qid.split("/")[0] if cat is None or cat == "" else cat
+        if not isinstance(cat, str) or cat not in _MME_KIND:
             raise BadReference("mme", i, f"category {cat!r} is not an MME subtask; valid: "
                                          f"{', '.join(_MME_KIND)}")
         gold = _field(r, i, "mme", "answer")
@@ -593,11 +616,7 @@ def mmbench_metrics(predictions, references, scoring: str = LMMS_EVAL, *, task: 
 def _mmbench_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     questions, hits, rotated, cats = [], [], [], []
     for i, (p, r) in enumerate(zip(preds, references)):
-        raw = _field(r, i, task, "index")
-        try:
-            idx = int(raw)
-        except (TypeError, ValueError):
-            raise BadReference(task, i, f"field 'index' is {raw!r}, expected an integer") from None
+        idx = _integer(_field(r, i, task, "index"), i, task, "index", "an integer")
         gold = str(_field(r, i, task, "answer")).strip()
         choices = _mmbench_choices(r)
         if gold not in choices:
@@ -695,17 +714,11 @@ def scienceqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict
 def _scienceqa_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     hits, unparsed = [], []
     for i, (p, r) in enumerate(zip(preds, references)):
-        choices = _field(r, i, "scienceqa_img", "choices")
-        if isinstance(choices, str) or not isinstance(choices, Sequence) or not choices:
-            raise BadReference("scienceqa_img", i, "field 'choices' must be a non-empty list")
-        n = len(choices)
+        n = len(_string_list(r, i, "scienceqa_img", "choices"))
         gold = _field(r, i, "scienceqa_img", "answer")
         if isinstance(gold, str) and len(gold.strip()) == 1 and gold.strip().isalpha():
             gold = ord(gold.strip().upper()) - ord("A")
-        try:
-            gold = int(gold)
-        except (TypeError, ValueError):
-            raise BadReference("scienceqa_img", i, f"answer {gold!r} is not an option index") from None
+        gold = _integer(gold, i, "scienceqa_img", "answer", "the gold option's 0-based index (or its letter)")
         if not 0 <= gold < n:
             raise BadReference("scienceqa_img", i, f"answer {gold} is outside its {n} choices")
         got = parse_scienceqa_option(p, n, scoring)
@@ -776,10 +789,13 @@ def _ocrbench_samples(preds: list[str], references: list[Mapping], scoring: str,
             raise BadReference("ocrbench", i, f"question_type {qtype!r} is not an OCRBench category; "
                                              f"valid: {', '.join(_OCR_ALL)}")
         answers = _field(r, i, "ocrbench", "answer", "answers")
-        if any(not str(a).strip() for a in ([answers] if isinstance(answers, str) else answers)):
+        if not isinstance(answers, str):  # the loader's rule: one string, or a non-empty list of them
+            answers = _string_list(r, i, "ocrbench", "answer", "answers",
+                                   expected="a string or a non-empty list of strings")
+        if any(not a.strip() for a in ([answers] if isinstance(answers, str) else answers)):
             raise BadReference("ocrbench", i, f"answer is {answers!r}: a blank answer matches every prediction "
                                               "(the official substring rule); give the accepted answer")
-        dataset = str(_field(r, i, "ocrbench", "dataset"))
+        dataset = _text_field(r, i, "ocrbench", "dataset")
         qtypes.append(qtype)
         hits.append(ocrbench_match(p, answers, dataset))
     return {"question_type": qtypes, "hit": hits}
@@ -831,7 +847,7 @@ def _videomme_samples(preds: list[str], references: list[Mapping], scoring: str,
         columns["duration"].append(duration)
         columns["domain"].append(str(r.get("domain")))
         columns["task_type"].append(str(r.get("task_type")))
-        columns["video"].append(str(_field(r, i, "videomme", "videoID")))
+        columns["video"].append(_text_field(r, i, "videomme", "videoID"))
     return columns
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -10,7 +11,14 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[dict], list[int]
     """(predictions, references, each row's line number) from a JSONL file; a malformed line raises ValueError
     naming the file and line."""
     predictions, references, numbers = [], [], []
-    with open(path, encoding="utf-8") as lines:
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path} line {line}: byte {data[error.start]:#04x} is not UTF-8; save the file as UTF-8 "
+                         "(JSON Lines is UTF-8)") from None
+    with io.StringIO(text, newline=None) as lines:  # newlines read as open() reads them
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
