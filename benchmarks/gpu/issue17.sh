@@ -18,6 +18,7 @@
 #      device busy time against wall time, the top host and device ops, a gzipped trace);
 #   6. qwen2-vl-7b, batch 16, every method (those the Qwen families refuse are listed as not run).
 set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # vtprune is not installed there: scripts under benchmarks/ import it from the tree
 out=${OUT:-/tmp/out}
 work=$(mktemp -d)
 mkdir -p "$out"
