@@ -1,6 +1,7 @@
 """compile_prefill: the prefill's layer stacks compiled segment by segment compute what the eager ones compute, on the
 same kept set; a segment spans only layers inside which no one needs to look."""
 
+import contextlib
 import copy
 import gc
 import threading
@@ -51,6 +52,30 @@ def test_compiled_prefill_equals_eager_on_the_same_kept_set(device, compiler):  
             assert pruner.last_stats.kept_per_sample == [budget]
     assert all("forward" not in vars(layer) for layer in layers)  # remove() gave the layers their own forward back
     assert [layer.forward for layer in layers] == originals
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiler", sorted(COMPILERS))
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+def test_one_compiled_model_serves_prompts_of_several_lengths(device, compiler):
+    """What the bench does: one compiled model, unpruned and at two budgets, prompts of two lengths. Under CUDA
+    graphs a segment recorded at one sequence length was once replayed with another's inputs (H100, session 15)."""
+    torch._dynamo.reset()
+    model = tiny_llava(layers=6).to(device).eval()
+    prompts = [{k: v.to(device) for k, v in tiny_inputs(model, [SampleLayout(images=1, text_after=after)]).items()}
+               for after in (4, 9)]
+    configs = [(None, None), ("random", 32), ("random", 8), ("fastv", 8)]
+    with torch.no_grad():
+        eager = []
+        for method, budget in configs:
+            with (vtprune.apply(model, method, budget) if method else contextlib.nullcontext()):
+                eager.append([model(**inputs).logits for inputs in prompts])
+        with vtprune.compile_prefill(model, **COMPILERS[compiler]):
+            for (method, budget), expected in zip(configs, eager):
+                with (vtprune.apply(model, method, budget) if method else contextlib.nullcontext()):
+                    for _ in range(2):  # recorded, then replayed
+                        for inputs, logits in zip(prompts, expected):
+                            torch.testing.assert_close(model(**inputs).logits, logits, rtol=1e-5, atol=1e-5)
 
 
 def test_compiling_twice_is_refused():

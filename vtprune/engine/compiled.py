@@ -355,8 +355,11 @@ def _always(hidden: torch.Tensor) -> bool:
 
 # What `vtprune bench --compile` may name: inductor's kernels in CUDA graphs (torch.compile's "reduce-overhead"), or
 # the eager kernels captured in CUDA graphs with no code generated (far quicker to compile a 7B model's segments; at
-# batch 1, where launches dominate, most of the gain)
-COMPILERS = {"inductor": {"mode": "reduce-overhead"}, "cudagraphs": {"backend": "cudagraphs", "mode": None}}
+# batch 1, where launches dominate, most of the gain). The latter takes a static graph per shape: recompiled with
+# dynamic sizes after a second shape, its CUDA-graph tree replayed a segment recorded at one sequence length with
+# the inputs of another, and failed (H100, session 15)
+COMPILERS = {"inductor": {"mode": "reduce-overhead"},
+             "cudagraphs": {"backend": "cudagraphs", "mode": None, "dynamic": False}}
 
 
 def compile_prefill(model, **compile_options) -> CompiledPrefill:
