@@ -26,7 +26,8 @@ eagerly). transformers' output-capturing hooks, which stay on a model's modules 
 states or attentions, are taken off the segment's modules for each compiled call where they would do
 nothing (dynamo cannot trace their ContextVar read). torch.compile's default shape handling applies: a
 segment's first shape gets a static graph, a second one a graph with dynamic sizes that serves every later
-one; each segment is a code object of its own to dynamo. Instance-scoped: only this model's layers, undone
+one (with backend="cudagraphs", `vtprune bench --compile cudagraphs` asks dynamic=False: a graph per shape); each
+segment is a code object of its own to dynamo. Instance-scoped: only this model's layers, undone
 by remove().
 """
 
