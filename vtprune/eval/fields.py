@@ -7,6 +7,7 @@ builder that checks it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,18 +59,46 @@ def _text(doc: Doc, field: str, where: _Where, expected: str = "a non-empty stri
     return value
 
 
-def _string_list(doc: Doc, field: str, where: _Where, expected: str) -> list[str]:
-    value = _required(doc, field, where, expected)
-    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
-        raise where.error(field, f"is {value!r}", f"expected {expected}")
+class NotAStringList(ValueError):
+    """The value is not a list (or tuple) of strings, or is empty where it may not be: str() says "is <value>"."""
+
+
+class NotAString(ValueError):
+    """An entry of the list is not a string: str() says "holds <entry>"."""
+
+
+def string_list(value, empty: bool = False) -> list[str]:
+    """value as a list of strings, non-empty unless `empty`: a list or tuple whose VQA-style entries
+    ({"answer": ..., "answer_confidence": ...}) count as their answer. The loaders and the metrics read alike."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not (value or empty):
+        raise NotAStringList(f"is {value!r}")
     out = []
     for a in value:
-        if isinstance(a, dict):  # VQA-style annotations: {"answer": ..., "answer_confidence": ...}
+        if isinstance(a, Mapping):
             a = a.get("answer")
         if not isinstance(a, str):
-            raise where.error(field, f"holds {a!r}", f"expected {expected}")
+            raise NotAString(f"holds {a!r}")
         out.append(a)
     return out
+
+
+def integer(value) -> int:
+    """value as an integer: an int, an integral float (a pandas column) or a string of digits; neither a bool nor
+    a fraction is one (ValueError)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{value!r} is not an integer")
+    try:
+        return int(value)
+    except TypeError:
+        raise ValueError(f"{value!r} is not an integer") from None
+
+
+def _string_list(doc: Doc, field: str, where: _Where, expected: str) -> list[str]:
+    value = _required(doc, field, where, expected)
+    try:
+        return string_list(value)
+    except ValueError as problem:
+        raise where.error(field, str(problem), f"expected {expected}") from None
 
 
 def _yes_no(doc: Doc, field: str, where: _Where, spelled: str, period: bool) -> str:
@@ -84,10 +113,8 @@ def _yes_no(doc: Doc, field: str, where: _Where, spelled: str, period: bool) -> 
 def _integer(doc: Doc, field: str, where: _Where, expected: str) -> int:
     value = _required(doc, field, where, expected)
     try:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError
-        return int(value)
-    except (TypeError, ValueError):
+        return integer(value)
+    except ValueError:
         raise where.error(field, f"is {value!r}", f"expected {expected}") from None
 
 

@@ -54,6 +54,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .answer_normalization import extract_mcq_answer, normalize_vqa_answer, vqa_soft_accuracy
+from .fields import NotAString, NotAStringList, integer, string_list
 
 __all__ = [
     "BadReference",
@@ -124,30 +125,25 @@ def _text_field(ref: Mapping, i: int, task: str, name: str) -> str:
 
 
 def _integer(raw, i: int, task: str, name: str, expected: str) -> int:
-    """Field `name`'s value `raw` as an integer, read as the loaders read one (`fields._integer`): an int, an
-    integral float (a pandas column) or a string of digits; neither a bool nor a fraction is one."""
+    """Field `name`'s value `raw` as an integer, read as the loaders read one (`fields.integer`)."""
     try:
-        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-            raise ValueError
-        return int(raw)
-    except (TypeError, ValueError):
+        return integer(raw)
+    except ValueError:
         raise BadReference(task, i, f"field {name!r} is {raw!r}, expected {expected}") from None
 
 
 def _string_list(ref: Mapping, i: int, task: str, *names: str, empty: bool = False,
                  expected: str = "a non-empty list of strings") -> list[str]:
-    """The first of `names` in reference row `i` as a list of strings, non-empty unless `empty`, checked as the
-    loaders check it (`fields._string_list`): a list or tuple, whose ``{"answer": ...}`` entries (VQA and
-    VizWiz annotation files) count as their answer. `expected` says what the field should be."""
+    """The first of `names` in reference row `i` as a list of strings, non-empty unless `empty`, read as the
+    loaders read it (`fields.string_list`). `expected` says what the field should be."""
     raw = _field(ref, i, task, *names)
     name = next(n for n in names if ref.get(n) is not None)
-    if not isinstance(raw, (list, tuple)) or not (raw or empty):
-        raise BadReference(task, i, f"field {name!r} is {raw!r}, expected {expected}")
-    out = [a.get("answer") if isinstance(a, Mapping) else a for a in raw]
-    for a in out:
-        if not isinstance(a, str):
-            raise BadReference(task, i, f"field {name!r} holds {a!r}, expected strings")
-    return out
+    try:
+        return string_list(raw, empty)
+    except NotAString as problem:
+        raise BadReference(task, i, f"field {name!r} {problem}, expected strings") from None
+    except NotAStringList as problem:
+        raise BadReference(task, i, f"field {name!r} {problem}, expected {expected}") from None
 
 
 def _run(task: str, predictions, references, scoring: str) -> dict[str, float]:
