@@ -135,12 +135,13 @@ def load_benchmark(task: str, path: str | Path, limit: int | None = None) -> lis
     root = Path(path)
     if not root.exists():
         raise ValueError(f"{root} does not exist; pass the folder or file holding your {spec.name} copy")
-    if root.is_dir() and root.name in _other_benchmarks(spec):
+    others = _other_benchmarks(spec)
+    if root.is_dir() and root.name in others:
         raise ValueError(f"{root}: is named after task {root.name}, not {spec.name}; put {spec.name}'s copy in "
                          f"its own folder (DATA/{spec.name}) and pass that")
     found = _find_tables(root)
     # a folder named after another benchmark (DATA/mme when the one-task DATA itself is read) is never this one's
-    tables = [t for t in found if not _other_benchmarks(spec) & set(t.parts)]
+    tables = [t for t in found if not others & set(t.parts)]
     if tables:
         docs = _take(_table_docs(spec, root, tables), limit, spec)
         if spec.name == "gqa":
@@ -150,7 +151,7 @@ def load_benchmark(task: str, path: str | Path, limit: int | None = None) -> lis
     else:
         reader = _OFFICIAL_READERS[spec.name](root)
         if reader is None:
-            skipped = sorted({p for t in found for p in t.parts} & _other_benchmarks(spec))
+            skipped = sorted({p for t in found for p in t.parts} & others)
             note = (f" ({', '.join(f'{p}/' for p in skipped)} under it: named after another task, which "
                     f"{spec.name} never reads)" if skipped else "")
             raise ValueError(_no_format_message(spec, root) + note)
