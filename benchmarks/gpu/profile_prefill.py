@@ -2,16 +2,21 @@
 
     python benchmarks/gpu/profile_prefill.py --arch llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
         --method random --budget 192 --compile --out $OUT/profile
+    python benchmarks/gpu/profile_prefill.py ... --batch 16 --method tome,clse --budget 192 --replay
 
 Prints the wall time per prefill, the device's busy time (the sum of its kernels; on a GPU, wall minus busy is
 time the device sat waiting for the host: launches, Python, syncs), and the ops that take the most host and
-device time; saves a gzipped Chrome trace (ui.perfetto.dev) and the tables under --out. Runs on the CPU
-too (host time only), which is how it is tested before a GPU session.
+device time; saves a gzipped Chrome trace (ui.perfetto.dev), the tables, and every op's count and host and
+device time as JSON under --out, for each method named (one model built for all). --replay profiles each method's
+schedule oracle too (its decision replayed: the bench's "vs schedule oracle" column), so that the two JSON files
+of a method and its replay say which ops make the gap (`benchmarks/gpu/profile_gap.py` compares them). Runs on the CPU too (host time only), which is
+how it is tested before a GPU session.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import shutil
@@ -35,22 +40,34 @@ def device_time_us(event) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="llava-cpu-small", choices=sorted(PRESETS))
-    parser.add_argument("--method", default="unpruned", help="a registered method, or unpruned")
+    parser.add_argument("--method", default="unpruned", help="registered methods, comma-separated, or unpruned")
     parser.add_argument("--budget", type=int, default=192)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--compile", nargs="?", const="inductor", choices=sorted(COMPILERS),
                         help="the prefill compiled (compile_prefill): inductor (the default) or cudagraphs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--replay", action="store_true",
+                        help="also profile each method replaying its own decision (the schedule oracle: no scoring)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--prefills", type=int, default=3, help="prefills profiled")
     parser.add_argument("--out", type=Path, default=Path("out/profile"))
     args = parser.parse_args(argv)
-    cuda = args.device.startswith("cuda")
+    methods = args.method.split(",")
+    if args.replay and "unpruned" in methods:
+        parser.error("--replay replays a method's decision: unpruned has none")
     model = build_preset(args.arch, args.device, getattr(torch, args.dtype))
     inputs = preset_inputs(model, PRESETS[args.arch], args.batch, device=args.device, dtype=getattr(torch, args.dtype))
-    pruner = None if args.method == "unpruned" else vtprune.apply(model, args.method, args.budget,
-                                                                  **WITHOUT_TOKENIZER.get(args.method, {}))
+    for method in methods:
+        for replay in (False, True) if args.replay else (False,):
+            profile_config(model, inputs, method, replay, args)
+
+
+def profile_config(model, inputs: dict, method: str, replay: bool, args) -> None:
+    """Profile `prefills` prefills of one configuration after `warmup` ones; print and save what they spent."""
+    cuda = args.device.startswith("cuda")
+    pruner = None if method == "unpruned" else vtprune.apply(model, method, args.budget,
+                                                             **WITHOUT_TOKENIZER.get(method, {}))
     compiled = vtprune.compile_prefill(model, **COMPILERS[args.compile]) if args.compile else None
 
     def prefill():
@@ -58,22 +75,27 @@ def main(argv=None) -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    with torch.no_grad():
-        for _ in range(args.warmup):
-            prefill()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            for _ in range(args.prefills):
+    try:
+        with torch.no_grad():
+            for _ in range(args.warmup):
                 prefill()
-            wall_ms = (time.perf_counter() - start) * 1000 / args.prefills
-    for handle in (compiled, pruner):
-        if handle is not None:
-            handle.remove()
+            # a replay: the last warm-up's decision, replayed from here on (its first run warm, as the bench's is)
+            with pruner.replaying(pruner.last_decision) if replay else contextlib.nullcontext():
+                if replay:
+                    prefill()
+                with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                    start = time.perf_counter()
+                    for _ in range(args.prefills):
+                        prefill()
+                    wall_ms = (time.perf_counter() - start) * 1000 / args.prefills
+    finally:
+        for handle in (compiled, pruner):
+            if handle is not None:
+                handle.remove()
 
     averages = prof.key_averages()
     busy_ms = sum(device_time_us(event) for event in averages) / 1000 / args.prefills
-    config = f"{args.method}@{args.budget}" if pruner else "unpruned"
+    config = f"{method}@{args.budget}{'-replay' if replay else ''}" if pruner else "unpruned"
     summary = {"config": config, "arch": args.arch, "batch": args.batch, "compiled": args.compile,
                "device": torch.cuda.get_device_name() if cuda else "cpu", "wall_ms_per_prefill": wall_ms,
                "device_busy_ms_per_prefill": busy_ms if cuda else None}
@@ -91,6 +113,9 @@ def main(argv=None) -> None:
         shutil.copyfileobj(raw, packed)
     trace.unlink()
     (args.out / f"{name}.txt").write_text(json.dumps(summary) + "\n\n" + host + "\n\n" + device)
+    ops = {event.key: {"count": event.count / args.prefills, "host_us": event.self_cpu_time_total / args.prefills,
+                       "device_us": device_time_us(event) / args.prefills} for event in averages}
+    (args.out / f"{name}.json").write_text(json.dumps({"summary": summary, "ops_per_prefill": ops}, indent=1))
     print(f"saved {args.out / name}.*")
 
 

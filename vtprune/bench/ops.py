@@ -37,7 +37,8 @@ class OpCounter(TorchDispatchMode):
 
 def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = False) -> dict:
     """One pruned prefill of `inputs`: its ops inside select_batch ("select_ops") and outside ("engine_ops"), and on
-    CUDA its host synchronisations ("syncs"; None elsewhere)."""
+    CUDA its host synchronisations ("syncs"; None elsewhere) and the lines that made them ("sync_sites": "file:line"
+    -> count, the Python line that called the synchronising op)."""
     pruner = vtprune.apply(model, method, budget, **WITHOUT_TOKENIZER.get(method, {}))
     counter, select = OpCounter(cuda), pruner.method.select_batch
 
@@ -61,5 +62,6 @@ def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = Fa
                 torch.cuda.set_sync_debug_mode(0)
     finally:
         pruner.remove()
-    syncs = sum("synchroniz" in str(w.message) for w in caught) if cuda else None
-    return {"select_ops": counter.ops["select"], "engine_ops": counter.ops["engine"], "syncs": syncs}
+    sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {"select_ops": counter.ops["select"], "engine_ops": counter.ops["engine"],
+            "syncs": sum(sites.values()) if cuda else None, "sync_sites": dict(sites.most_common()) if cuda else None}
