@@ -9,8 +9,8 @@ time the device sat waiting for the host: launches, Python, syncs), and the ops 
 device time; saves a gzipped Chrome trace (ui.perfetto.dev), the tables, and every op's count and host and
 device time as JSON under --out, for each method named (one model built for all). --replay profiles each method's
 schedule oracle too (its decision replayed: the bench's "vs schedule oracle" column), so that the two JSON files
-of a method and its replay say which ops make the gap (`benchmarks/gpu/profile_gap.py` compares them). Runs on the CPU too (host time only), which is
-how it is tested before a GPU session.
+of a method and its replay say which ops make the gap (`benchmarks/gpu/profile_gap.py` compares them). Runs on
+the CPU too (host time only), which is how it is tested before a GPU session.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..methods.base import Grid, ModelInfo
-from ..methods.primitives import apply_rope, last_query_attention
+from ..methods.primitives import apply_rope, last_query_attention, on_device
 
 # Said where a prompt's image placeholders come cut short: generate's chunked prefill is the usual way.
 CHUNKED_PREFILL = "a prompt prefilled in chunks (generate's prefill_chunk_size) must hold every image whole in its first chunk"
@@ -48,7 +48,7 @@ class VisualItem:
         if len(self.runs) == 1:
             start, length = self.runs[0]
             return torch.arange(start, start + length, device=device)
-        starts, lengths = (torch.tensor(column, device=device) for column in zip(*self.runs))
+        starts, lengths = (on_device(torch.tensor(column), device) for column in zip(*self.runs))
         shift = starts - (lengths.cumsum(0) - lengths)  # a run's first position minus the tokens before it
         return torch.arange(self.length, device=device) + torch.repeat_interleave(shift, lengths,
                                                                                   output_size=self.length)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..methods.primitives import on_device
+
 FILL = -1  # position of a fill slot: samples that keep fewer tokens are left-filled up to the batch's longest
 
 
@@ -38,9 +40,10 @@ class Layout:
         held = torch.zeros(batch, length + 1, dtype=torch.bool, device=visual.device)
         held.scatter_(1, torch.where(self.positions == FILL, length, self.positions), True)
         held = held[:, :length] & ~visual
-        kept = torch.cat([k.to(visual.device) for k in kept_visual])
+        kept = torch.cat([on_device(k, visual.device) for k in kept_visual])
         samples = torch.repeat_interleave(torch.arange(batch, device=visual.device),
-                                          torch.tensor([k.numel() for k in kept_visual], device=visual.device))
+                                          on_device(torch.tensor([k.numel() for k in kept_visual]), visual.device),
+                                          output_size=kept.numel())
         held[samples, kept] = True
         # Sorting FILL (-1) below every held position leaves each row's positions last, in order: left-filled.
         order = torch.where(held, torch.arange(length, device=visual.device), FILL).sort(dim=1).values

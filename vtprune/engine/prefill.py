@@ -12,7 +12,7 @@ import torch
 
 from ..adapters import Adapter, VisualItem
 from ..methods import LLM_INPUT, BlockMergingMethod, ImageView, LayerProbe, Method, Selection, VisionView
-from ..methods.primitives import same_shape
+from ..methods.primitives import on_device, same_shape
 from . import cache as kv
 from . import vision
 from .budget import keeps_whole, tokens_for_budget
@@ -47,7 +47,8 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
             plan.append([] if whole else method.item_stages(info, keep, item.length, item.kind))
         plans.append(plan)
     if tokens:  # written into the batch's tensors at once: a few copies to the device, not a few ops per item
-        sample, where, index, part_of, coords_of, unsliced_of = (torch.cat(column).to(device) for column in zip(*tokens))
+        sample, where, index, part_of, coords_of, unsliced_of = (on_device(torch.cat(column), device)
+                                                                 for column in zip(*tokens))
         visual[sample, where] = True
         image_of[sample, where], part[sample, where], coords[sample, where] = index, part_of, coords_of
         unsliced[sample, where] = unsliced_of
@@ -253,8 +254,8 @@ def narrow(run: Run, stage: int, layout: Layout, hidden: torch.Tensor, attention
 
 def _slots(layout: Layout, samples: list[int], positions: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """([G, 1] samples, [G, n] the rows of `layout` holding those samples' positions), for positions of one shape."""
-    sample = torch.tensor(samples, device=layout.positions.device)[:, None]
-    stacked = torch.stack(positions).to(layout.positions.device)
+    sample = on_device(torch.tensor(samples), layout.positions.device)[:, None]
+    stacked = on_device(torch.stack(positions), layout.positions.device)
     return sample, torch.searchsorted(layout.positions[sample[:, 0]].contiguous(), stacked.contiguous())
 
 
@@ -289,7 +290,7 @@ def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attentio
             continue
         selections = [picked for *_, picked, _ in alike]
         kept = positions.gather(1, torch.stack([picked.keep for picked in selections]))  # [G, k]
-        sample = torch.tensor([b for b, *_ in alike], device=kept.device)[:, None]
+        sample = on_device(torch.tensor([b for b, *_ in alike]), kept.device)[:, None]
         run.sizes[sample, kept] = torch.stack([picked.sizes for picked in selections]).to(run.sizes.dtype)
         destination = torch.stack([picked.destination for picked in selections])
         # FILL: dropped without being merged anywhere (left in, so that no host read is needed here)
@@ -342,7 +343,7 @@ def _gathered(run: Run, layout: Layout, hidden: torch.Tensor, attention, asked: 
     kinds = [run.items[b][i].kind for b, i, *_ in asked]
     for group in same_shape([(mine.numel(), kind) for (*_, mine), kind in zip(asked, kinds)]):
         device = layout.positions.device
-        sample = torch.tensor([asked[g][0] for g in group], device=device)[:, None]
+        sample = on_device(torch.tensor([asked[g][0] for g in group]), device)[:, None]
         slots = torch.stack([asked[g][4] for g in group])
         positions = layout.positions[sample, slots]
         fields = {"positions": positions, "coords": run.coords[sample, positions], "part": run.part[sample, positions]}
@@ -387,7 +388,7 @@ def _item_references(run: Run, sample: int, i: int, device) -> tuple[torch.Tenso
     run: every stage sees the same)."""
     if (sample, i) not in run.item_references:
         item = run.items[sample][i]
-        at = torch.tensor([[sample]], device=device)
+        at = on_device(torch.tensor([[sample]]), device)
         run.item_references[sample, i] = (_references(run, at, item.positions(device)[None], item.kind)[0],
                                           _references(run, at, _text_positions(run, sample)[None], item.kind)[0])
     return run.item_references[sample, i]
@@ -397,7 +398,7 @@ def _text_positions(run: Run, sample: int) -> torch.Tensor:
     """The sample's prompt positions that hold text: neither padding nor a visual placeholder (found once a run, for
     every sample)."""
     if not run.text_positions:
-        placeholders = torch.tensor(run.adapter.placeholder_ids, device=run.prompt_mask.device)
+        placeholders = on_device(torch.tensor(run.adapter.placeholder_ids), run.prompt_mask.device)
         text = run.prompt_mask.bool() & ~torch.isin(run.ids[:, : run.prompt_length], placeholders)
         _, positions = torch.nonzero(text, as_tuple=True)
         run.text_positions = dict(enumerate(positions.split(text.sum(dim=1).tolist())))
@@ -409,7 +410,7 @@ def _checked_selections(method: Method, views: list, picks: list) -> list[torch.
     many, repeated, out of range) raises. Checked for the whole batch at once, with one read of each device."""
     if len(picks) != len(views):
         raise RuntimeError(f"method {method.name!r} answered {len(picks)} selections for {len(views)} views")
-    indices = [(p.keep if isinstance(p, Selection) else p).flatten().long().to(v.hidden.device)
+    indices = [on_device((p.keep if isinstance(p, Selection) else p).flatten().long(), v.hidden.device)
                for p, v in zip(picks, views)]
     wrong = [i for i, (index, view) in enumerate(zip(indices, views)) if index.numel() != view.keep]
     if not wrong and any(_flawed([indices[i] for i in group], [views[i] for i in group])
@@ -421,7 +422,7 @@ def _checked_selections(method: Method, views: list, picks: list) -> list[torch.
             f"method {method.name!r} returned {index.numel()} indices for a keep of {view.keep} "
             f"of {view.hidden.shape[0]} tokens (they must be distinct and in range)"
         )
-    return [Selection(index, p.hidden, p.sizes, p.destination.to(index.device)) if isinstance(p, Selection) else index
+    return [Selection(index, p.hidden, p.sizes, on_device(p.destination, index.device)) if isinstance(p, Selection) else index
             for p, index in zip(picks, indices)]
 
 
@@ -431,7 +432,7 @@ def _flawed(indices: list[torch.Tensor], views: list) -> bool:
     counts = torch.tensor([index.numel() for index in indices])
     tokens = torch.tensor([view.hidden.shape[0] for view in views])
     owner = torch.repeat_interleave(torch.arange(len(views)), counts)  # built on the host, then moved at once
-    flat, limit, owner = torch.cat(indices), tokens[owner].to(device), owner.to(device)
+    flat, limit, owner = torch.cat(indices), on_device(tokens[owner], device), on_device(owner, device)
     outside = (flat < 0) | (flat >= limit)
     ranked = (owner * (int(tokens.max()) + 1) + flat.clamp(min=0)).sort().values  # a view's indices side by side
     return bool(outside.any() | (ranked.diff() == 0).any())
@@ -494,7 +495,7 @@ def _probe_rows(run: Run, layout: Layout):
     whole batch with one read of the device."""
     valid = layout.valid
     batch, length = valid.shape
-    placeholders = torch.tensor(run.adapter.placeholder_ids, device=valid.device)
+    placeholders = on_device(torch.tensor(run.adapter.placeholder_ids), valid.device)
     text = valid & ~torch.isin(run.ids.gather(1, layout.positions.clamp(min=0)), placeholders)
     row = valid.long().cumsum(dim=1) - 1  # a valid slot's row in its sample
     count = valid.sum(dim=1)

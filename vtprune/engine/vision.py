@@ -19,6 +19,7 @@ import torch
 from ..adapters import Adapter, VisualItem
 from ..adapters.base import EncodedPlace
 from ..methods import BlockMergingMethod, Method, VisionLayer, VisionView
+from ..methods.primitives import on_device
 from .block_merge import BlockMerging, TowerMerge, tower_attention_inputs
 from .compat import EngineError
 
@@ -186,9 +187,9 @@ def _placed_alike(adapter: Adapter, encoded: dict, projected: dict, items: list[
     if any(next_row[kind] != call.features.shape[0] for kind, call in encoded.items()):
         return None
     for place, kind, found in assumed.values():  # what the adapter would have compared, for all of them at once
-        sample = torch.tensor([b for b, _, _ in found], device=embeds.device)[:, None]
-        positions = torch.stack([item.positions() for _, item, _ in found]).to(embeds.device)
-        first = torch.tensor([start for _, _, start in found], device=place.rows.device)[:, None]
+        sample = on_device(torch.tensor([b for b, _, _ in found]), embeds.device)[:, None]
+        positions = on_device(torch.stack([item.positions() for _, item, _ in found]), embeds.device)
+        first = on_device(torch.tensor([start for _, _, start in found]), place.rows.device)[:, None]
         if not torch.equal(projected[kind][first + place.rows, place.feature_columns], embeds[sample, positions]):
             return None
     return placed

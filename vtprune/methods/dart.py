@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ImageView, LayerProbe, Method, ModelInfo, Stage
-from .primitives import gather_rows, same_shape
+from .primitives import gather_rows, on_device, same_shape
 
 
 def _precision(tensor: torch.Tensor) -> torch.dtype:
@@ -184,7 +184,7 @@ class DART(Method):
         device = unit.device
         visual = torch.stack([probe.visual for probe in probes]).to(device)
         tokens = gather_rows(unit, visual)  # [B, N, D]
-        pivot = gather_rows(unit, torch.tensor(orders, device=device))  # [B, P, D]
+        pivot = gather_rows(unit, on_device(torch.tensor(orders), device))  # [B, P, D]
         similarity = tokens @ pivot.transpose(1, 2)  # [B, N, P]
         image = torch.stack(image).to(device)
         available = torch.ones(visual.shape, dtype=torch.bool, device=device).scatter_(1, image, False)

@@ -13,6 +13,16 @@ def topk_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
 
 
+def on_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """tensor on `device`; from the host, a copy that does not wait for the device's queue to drain.
+
+    A blocking copy to a GPU synchronises its stream, so a small index tensor built on the host mid-prefill would
+    stall the GPU until every kernel queued so far has run, and leave it idle while the host catches up. A
+    non-blocking copy from pageable memory is staged at once (the host tensor may be freed right after) and lands
+    in stream order. Copies to the host stay blocking: their values are read next."""
+    return tensor.to(device, non_blocking=tensor.device.type == "cpu")
+
+
 def same_shape(keys: list) -> list[list[int]]:
     """The indices of equal keys, grouped (groups in order of first appearance, each in order): for a
     select_batch, which views can be stacked and selected together."""

@@ -92,7 +92,7 @@ def full_width_cls_attention(layer: VisionLayer) -> torch.Tensor:
 def outlier_counts(scores: torch.Tensor) -> torch.Tensor:
     """[B] how many of each row's scores [B, N] lie above Q3 + 1.5 x IQR (linear-interpolated quartiles)."""
     scores = scores.float()
-    q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75], device=scores.device), dim=1)
+    q1, q3 = torch.quantile(scores, 0.25, dim=1), torch.quantile(scores, 0.75, dim=1)
     return (scores > (q3 + 1.5 * (q3 - q1))[:, None]).sum(dim=1)
 
 

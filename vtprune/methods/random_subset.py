@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, LLM_INPUT, ImageView, Method, Stage
+from .primitives import on_device
 
 
 class RandomSubset(Method):
@@ -31,4 +32,4 @@ class RandomSubset(Method):
         # a sample draws the same subset alone or inside any batch.
         generator = torch.Generator().manual_seed(self.options.seed * 1_000_003 + view.image_index)
         order = torch.randperm(view.hidden.shape[0], generator=generator)
-        return order[: view.keep].to(view.hidden.device)
+        return on_device(order[: view.keep], view.hidden.device)

@@ -91,7 +91,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ImageView, LayerProbe, Method, ModelInfo, Selection, Stage, scale_layers
-from .primitives import gather_rows, in_token_order, same_shape
+from .primitives import gather_rows, in_token_order, on_device, same_shape
 
 # The authors' sparse layers (2, 6, 15 of 32) prune their own output: vtprune's stages are one layer later.
 STAGE_LAYERS = ((3, 7, 16), 32)
@@ -178,7 +178,7 @@ def rater_candidates(view: ImageView) -> tuple[torch.Tensor, torch.Tensor | None
                          "item's original tokens and of the prompt's text tokens)")
     text = probe.text.to(probe.visual.device)
     if text.numel() == 0:
-        return torch.tensor([probe.last], device=text.device), None
+        return on_device(torch.tensor([probe.last]), text.device), None
     return text, text_reference
 
 

@@ -60,8 +60,8 @@ from dataclasses import dataclass
 import torch
 
 from .base import ModelInfo, VisionLayer, VisionMethod, VisionView, feature_layer
-from .primitives import (DISTANCE_MATRIX_ENTRIES, cls_attention, held_entries, layout_key, received_attention,
-                         row_layouts, row_tokens, same_shape)
+from .primitives import (DISTANCE_MATRIX_ENTRIES, cls_attention, held_entries, layout_key, on_device,
+                         received_attention, row_layouts, row_tokens, same_shape)
 
 
 def importance(layer: VisionLayer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -169,7 +169,7 @@ class VisPruner(VisionMethod):
         for group in same_shape([(units[v].shape, residual.numel(), count) for v, residual, count in rounds]):
             owners = sorted({rounds[j][0] for j in group})
             unit = torch.stack([units[v] for v in owners])
-            owner = torch.tensor([owners.index(rounds[j][0]) for j in group], device=unit.device)
+            owner = on_device(torch.tensor([owners.index(rounds[j][0]) for j in group]), unit.device)
             residual = torch.stack([rounds[j][1] for j in group])
             for j, row in zip(group, deduplicate(unit, residual, rounds[group[0]][2], self.options.per_round, owner)):
                 kept[rounds[j][0]].append(row)
