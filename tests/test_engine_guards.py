@@ -319,7 +319,8 @@ def test_qwen2_vl_images_without_mm_token_type_ids_say_to_pass_them():
     (lambda view: torch.arange(view.keep) + view.hidden.shape[0] - 2, "returned 4 indices"),  # past the end
 ])
 def test_a_method_answering_wrong_indices_is_caught(model, monkeypatch, answer, wrong):
-    """Every answer of a batch's selection is checked (in one read of the device) before anything is pruned."""
+    """Every answer of a batch's selection is checked, on the device without reading it at the stage (the answers
+    are used clamped into range meanwhile), and a wrong one is raised by the prefill's one read at its end."""
     from vtprune.methods import REGISTRY
     from vtprune.methods.random_subset import RandomSubset
 

@@ -2,9 +2,13 @@
 
 A GPU pays for every op a selection launches, per item when it loops over items; so, for every method, the ops
 its select_batch dispatches for four alike samples are those for one, but for a few per extra item (views
-aside; vtprune.bench.ops counts them device-independently)."""
+aside; vtprune.bench.ops counts them device-independently); and the engine's stage work reads no value from the
+device."""
 
 import pytest
+import torch
+
+import vtprune
 
 from vtprune.api import refusal
 from vtprune.bench.ops import count_prefill
@@ -26,3 +30,32 @@ def test_a_selection_does_not_grow_with_the_batch(method):
     alone, batch = (count_prefill(model, method, budget, inputs)["select_ops"] for inputs in (one, four))
     assert alone > 0
     assert batch - alone <= 3 * PER_EXTRA_ITEM, f"{method}: {alone} ops for one item, {batch} for four"
+
+
+PROBING = {"sparsevlm", "pdrop", "dart"}  # their layer probe's rows are counted on the device: one read a stage
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_the_engine_reads_nothing_from_the_device_while_it_prunes(method):
+    """On a GPU a read of a device value waits for every queued kernel and leaves the GPU idle while the host catches
+    up. The engine's stage work (the language model's input, each in-LLM stage) knows its shapes on the host, and reads
+    nothing, but: a layer probe's rows (one read a stage); for a method acting in the vision tower, the check that
+    the tower's rows are the items the language model received (two reads however many items of one size: the
+    adapter's search for the first, one comparison for the rest). A wrong answer of a method is reported by the
+    prefill's one read at its end."""
+    from vtprune.bench.ops import stage_reads
+
+    model = tiny_llava()
+    budget = 8
+    reason = refusal(model, method, budget, **WITHOUT_TOKENIZER.get(method, {}))
+    if reason:
+        pytest.skip(reason)
+    for samples in (1, 3):
+        inputs = tiny_inputs(model, [SampleLayout(images=2, text_before=3)] * samples)
+        with vtprune.apply(model, method, budget, **WITHOUT_TOKENIZER.get(method, {})) as pruner, torch.no_grad():
+            with stage_reads() as reads:
+                model(**inputs, use_cache=True, logits_to_keep=1)
+        stages = len(pruner.last_decision.stage_layers)
+        expected = stages if method in PROBING else 2 if pruner.method.acts_in_vision else 0
+        assert stages > 0
+        assert sum(reads.values()) == expected, dict(reads)

@@ -8,6 +8,8 @@ method; tests/test_host_work.py holds the selections to it.
 from __future__ import annotations
 
 import collections
+import contextlib
+import sys
 import warnings
 
 import torch
@@ -65,3 +67,51 @@ def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = Fa
     sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     return {"select_ops": counter.ops["select"], "engine_ops": counter.ops["engine"],
             "syncs": sum(sites.values()) if cuda else None, "sync_sites": dict(sites.most_common()) if cuda else None}
+
+
+
+# What reads a tensor's values into Python: on a GPU each such read of a device tensor waits for its queue to drain.
+READS = [(torch.Tensor, name) for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__",
+                                           "nonzero", "cpu", "numpy")] + [(torch, "equal"), (torch, "nonzero")]
+
+
+@contextlib.contextmanager
+def stage_reads():
+    """Counts, by "file:line name", the reads of tensor values (READS) that vtprune makes while a prefill prunes:
+    under prefill.begin (the language model's input) and prefill.at_layer (each in-LLM stage), the method's own
+    code aside (the innermost vtprune frame in vtprune/methods/). Device-independent: on the CPU every tensor counts,
+    a host copy's too (the engine reads none there)."""
+    from vtprune.engine import prefill
+
+    stage_code = {prefill.begin.__code__, prefill.at_layer.__code__}
+    reads = collections.Counter()
+
+    def site(frame) -> str | None:
+        line = None
+        while frame is not None:
+            path = frame.f_code.co_filename.replace("\\", "/")
+            if line is None and "/vtprune/" in path:
+                if "/vtprune/methods/" in path:
+                    return None
+                line = f"{path.rsplit('/vtprune/', 1)[-1]}:{frame.f_lineno}"
+            if frame.f_code in stage_code:
+                return line
+            frame = frame.f_back
+        return None
+
+    def counted(read, name):
+        def wrapper(*args, **kwargs):
+            where = site(sys._getframe(1))
+            if where is not None:
+                reads[f"{where} {name}"] += 1
+            return read(*args, **kwargs)
+        return wrapper
+
+    originals = [(owner, name, getattr(owner, name)) for owner, name in READS]
+    for owner, name, read in originals:
+        setattr(owner, name, counted(read, name))
+    try:
+        yield reads
+    finally:
+        for owner, name, read in originals:
+            setattr(owner, name, read)

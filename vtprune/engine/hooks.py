@@ -26,6 +26,7 @@ import torch
 from ..adapters import Adapter, VisualItem
 from ..adapters.base import CHUNKED_PREFILL
 from ..methods import Method
+from ..methods.primitives import on_device
 from . import cache as kv
 from . import decode, prefill
 from .budget import keeps_whole
@@ -93,12 +94,14 @@ class Pruner:
         self._replay: Decision | None = None
         self._items: list[list[VisualItem]] | None = None
         self._text: list[torch.Tensor] | None = None  # per sample of the forward being run: its prompt's text ids
+        self._text_positions: list[torch.Tensor] | None = None  # ... and their positions
         self._fusion: list[dict[int, float] | None] | None = None  # per image of the forward being run
         self._vision_states: dict = {}
         self._run: Run | None = None
         self._prompt: Prompt | None = None  # the forward being run, as the multimodal model received it
         self._input_ids: torch.Tensor | None = None  # of the forward being run
         self._logits_to_keep = None  # the top-level forward's, read by the multimodal forward it calls
+        self._padded: bool | None = None  # whether the last prompt with images had padding (read on the host)
         self._uncached: Prompt | None = None  # the last prompt decided without a cache, which a longer forward continues
         self._num_layers = adapter.model_info.num_layers
         self._owner = _Owner()  # marks the caches this pruner's prompts filled (see _RUN)
@@ -136,7 +139,8 @@ class Pruner:
         self._handles = []
         if self._recorder is not None:
             self._recorder.remove()
-        self._run = self._text = self._fusion = self._prompt = self._uncached = self._input_ids = None
+        self._run = self._text = self._text_positions = self._fusion = self._prompt = self._uncached = None
+        self._input_ids = None
         self._owner.live = False  # the caches filled until now refuse to be continued (kv.PrunedCache)
         self._owner = _Owner()
         self._vision_states.clear()
@@ -204,7 +208,7 @@ class Pruner:
         self._input_ids = input_ids
         logits_to_keep, self._logits_to_keep = self._logits_to_keep, None
         encoded = kwargs.get("mm_encoder_outputs") or {}
-        self._fusion = self._text = self._prompt = None
+        self._fusion = self._text = self._text_positions = self._prompt = None
         # Placeholder ids without images or videos to go with them (a decode step that happened
         # to generate one) are plain text to the model, and so to the pruner.
         if all(kwargs.get(key) is None for key in VISUAL_INPUTS) and all(v is None for v in encoded.values()):
@@ -243,7 +247,9 @@ class Pruner:
             empty = torch.nonzero(~host_mask.any(dim=1)).flatten().tolist()
             raise ValueError(f"sample {empty[0]} of the batch has an attention_mask of zeros only: none of its tokens "
                              "would run, so there is nothing to prune it by; drop it from the batch")
-        self._text = text_tokens(host_ids, self.adapter.placeholder_ids, host_mask, input_ids.device)
+        self._text, self._text_positions = text_tokens(host_ids, self.adapter.placeholder_ids, host_mask,
+                                                       input_ids.device)
+        self._padded = host_mask is not None and not bool(host_mask.all())  # the mask the language model gets
         images = [kwargs.get(key) for key in VISUAL_INPUTS] + [encoded.get(kind) for kind in ("image", "video")]
         self._prompt = Prompt(input_ids, images)
         continued = self._continued_prompt(cache, kwargs)
@@ -384,7 +390,8 @@ class Pruner:
         if replay is None and self._prompt is not None and self._prompt.decision is not None:
             replay = self._prompt.decision  # a continuation of a prompt decided without a cache
         run = prefill.plan_run(self.adapter, self.method, self.budget, replay, items, self._text, prompt_mask,
-                               self._num_layers)
+                               self._num_layers, self._padded if attention_mask is not None else False,
+                               self._text_positions)
         if not prefill.prunes(run):  # the budget keeps every token: leave the model's computation untouched
             if self._recorder is not None:
                 self._recorder.take()
@@ -420,7 +427,13 @@ class Pruner:
         skipped = [index for index, layout in enumerate(run.kv_layouts) if layout is None]
         if skipped:
             raise EngineError(f"decoder layers {skipped} ran without passing through vtprune's hooks")
-        expected, kept = prefill.expected_kept(run), run.layout_at(run.num_layers - 1).count(run.visual).tolist()
+        counted = run.layout_at(run.num_layers - 1).count(run.visual)
+        flags = [flag.to(counted.device, counted.dtype).reshape(1) for flag, _ in run.checks]
+        read = torch.cat([*flags, counted]).tolist()  # the prefill's one read of the device, for every check
+        for (_, error), flag in zip(run.checks, read):
+            if flag:
+                raise error()
+        expected, kept = prefill.expected_kept(run), read[len(flags):]
         if kept != expected:
             raise EngineError(
                 f"the prefill should have left {expected} visual tokens per sample for the last decoder layer, "
@@ -437,10 +450,13 @@ class Pruner:
 
 
 def text_tokens(host_ids: torch.Tensor, placeholders: tuple[int, ...], host_mask: torch.Tensor | None,
-                device) -> list[torch.Tensor]:
-    """Per sample, its prompt tokens without its visual placeholders and padding (what a router reads), on `device`;
-    found on the host copies of input_ids and of a [B, L] attention mask, and moved in one copy."""
+                device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per sample, its prompt tokens without its visual placeholders and padding (what a router reads), and their
+    positions, on `device`; found on the host copies of input_ids and of a [B, L] attention mask, and moved in one
+    copy each."""
     keep = ~torch.isin(host_ids, torch.tensor(placeholders))
     if host_mask is not None:
         keep &= host_mask
-    return list(host_ids[keep].to(device).split(keep.sum(dim=1).tolist()))
+    counts = keep.sum(dim=1).tolist()
+    positions = torch.nonzero(keep)[:, 1]
+    return (list(on_device(host_ids[keep], device).split(counts)), list(on_device(positions, device).split(counts)))

@@ -16,14 +16,18 @@ from ..methods.primitives import on_device, same_shape
 from . import cache as kv
 from . import vision
 from .budget import keeps_whole, tokens_for_budget
+from .compat import EngineError
 from .compiled import HiddenAccess
 from .layout import FILL, Layout, decoder_mask, take, take_positions
 from .run import Decision, Run
 
 
 def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, items: list[list[VisualItem]],
-             text: list[torch.Tensor], prompt_mask: torch.Tensor, num_layers: int) -> Run:
-    """A run's per-token bookkeeping and each visual item's stages, before anything is pruned."""
+             text: list[torch.Tensor], prompt_mask: torch.Tensor, num_layers: int, padded: bool | None,
+             text_positions: list[torch.Tensor]) -> Run:
+    """A run's per-token bookkeeping and each visual item's stages, before anything is pruned. Where the caller knows
+    them from the host: padded (whether prompt_mask holds a zero; None: not known) and text_positions (per sample,
+    the positions of `text`)."""
     batch, length = prompt_mask.shape
     device = prompt_mask.device
     visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
@@ -52,7 +56,7 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
         visual[sample, where] = True
         image_of[sample, where], part[sample, where], coords[sample, where] = index, part_of, coords_of
         unsliced[sample, where] = unsliced_of
-    full = Layout.full(prompt_mask)
+    full = Layout.full(prompt_mask, tuple(sum(item.length for item in sample) for sample in items))
     run = Run(
         adapter=adapter, method=method, replay=replay, cache=None, prompt_mask=prompt_mask, visual=visual,
         image_of=image_of, part=part, coords=coords, sizes=torch.ones(batch, length, device=device), items=items,
@@ -61,7 +65,7 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
         full=full, lm_layout=full, kv_layouts=[None] * num_layers, text=text, unsliced=unsliced,
         slices_some=method.slices_kv_cache and True in slicing, keeps_some_whole=False in slicing,
         reference_layers={method.reference_layer(info, item.kind) for sample in items for item in sample}
-        if method.needs_reference else set(),
+        if method.needs_reference else set(), padded=padded, text_positions=text_positions,
     )
     if replay is not None:
         run.stage_layers = replay.stage_layers
@@ -265,7 +269,7 @@ def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attentio
     batch = len(run.items)
     chosen = [[None] * len(plan) for plan in run.plans]  # [sample][item]: its kept positions
     asked = []  # (sample, item, stage index, keep, slots) of each item the method selects in
-    item_slots = _item_slots(run, layout)
+    item_slots = _item_slots(run, layout, layer)
     for b in range(batch):
         for i, stages in enumerate(run.plans[b]):
             mine = item_slots[b][i]
@@ -277,19 +281,22 @@ def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attentio
             asked.append((b, i, own.index(layer), keep, mine))
     rows = _gathered(run, layout, hidden, attention, asked)
     views = [_view(run, b, i, layer, stage, keep, mine, row) for (b, i, stage, keep, mine), row in zip(asked, rows)]
-    picks = _checked_selections(run.method, views, run.method.select_batch(views) if views else [])
+    picks = _checked_selections(run, views, run.method.select_batch(views) if views else [])
     merged = [[] for _ in range(batch)]
     sources, targets = [[] for _ in range(batch)], [[] for _ in range(batch)]
     answers = [(b, i, row["positions"], picked, view) for (b, i, *_), row, view, picked in zip(asked, rows, views, picks)]
     for group in same_shape([_alike(positions, picked) for _, _, positions, picked, _ in answers]):
         alike = [answers[g] for g in group]
         positions = torch.stack([positions for _, _, positions, _, _ in alike])  # [G, n]
+        # (clamped: a wrong answer is reported when the prefill ends, see _checked_selections, not a crash here)
+        last = positions.shape[1] - 1
         if not isinstance(alike[0][3], Selection):
-            for (b, i, *_), row in zip(alike, positions.gather(1, torch.stack([picked for *_, picked, _ in alike]))):
+            picked = torch.stack([picked for *_, picked, _ in alike]).clamp(0, last)
+            for (b, i, *_), row in zip(alike, positions.gather(1, picked)):
                 chosen[b][i] = row
             continue
         selections = [picked for *_, picked, _ in alike]
-        kept = positions.gather(1, torch.stack([picked.keep for picked in selections]))  # [G, k]
+        kept = positions.gather(1, torch.stack([picked.keep for picked in selections]).clamp(0, last))  # [G, k]
         sample = on_device(torch.tensor([b for b, *_ in alike]), kept.device)[:, None]
         run.sizes[sample, kept] = torch.stack([picked.sizes for picked in selections]).to(run.sizes.dtype)
         destination = torch.stack([picked.destination for picked in selections])
@@ -323,15 +330,23 @@ def _joined(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else empty
 
 
-def _item_slots(run: Run, layout: Layout) -> list[list[torch.Tensor]]:
-    """[sample][item]: the slots of `layout` holding the item's tokens, in order (one host sync for the batch)."""
+def _item_slots(run: Run, layout: Layout, layer: int) -> list[list[torch.Tensor]]:
+    """[sample][item]: the slots of `layout` (the input of stage `layer`) holding the item's tokens, in order. How
+    many each holds follows from its stages so far, on the host, so the device is not read."""
+    batch, length = layout.positions.shape
     most = max((len(plan) for plan in run.plans), default=0)
+    counts = [0] * (batch * most)
+    for b, (plan, sample) in enumerate(zip(run.plans, run.items)):
+        for i, (stages, item) in enumerate(zip(plan, sample)):
+            counts[b * most + i] = min([item.length, *(stage.keep for stage in stages if stage.layer < layer)])
     owner = run.image_of.gather(1, layout.positions.clamp(min=0))
-    sample, slot = torch.nonzero((layout.positions != FILL) & (owner >= 0), as_tuple=True)  # sample-major, in order
-    group = sample * most + owner[sample, slot]
-    order = torch.sort(group, stable=True).indices
-    counts = torch.bincount(group, minlength=len(run.plans) * most).tolist()
-    slots = torch.split(slot[order], counts)
+    held = (layout.positions != FILL) & (owner >= 0)
+    rank = torch.arange(batch, device=owner.device)[:, None] * most + owner
+    group = torch.where(held, rank, batch * most).flatten()  # slots holding no item's token sort last
+    run.checks.append((held.sum() != sum(counts), lambda: EngineError(
+        f"the layout before stage {layer} holds other numbers of visual tokens than the items' stages planned")))
+    order = torch.sort(group, stable=True).indices[: sum(counts)]  # sample-major, each item's slots in order
+    slots = torch.split(order % length, counts)
     return [[slots[b * most + i] for i in range(len(plan))] for b, plan in enumerate(run.plans)]
 
 
@@ -390,52 +405,46 @@ def _item_references(run: Run, sample: int, i: int, device) -> tuple[torch.Tenso
         item = run.items[sample][i]
         at = on_device(torch.tensor([[sample]]), device)
         run.item_references[sample, i] = (_references(run, at, item.positions(device)[None], item.kind)[0],
-                                          _references(run, at, _text_positions(run, sample)[None], item.kind)[0])
+                                          _references(run, at, run.text_positions[sample][None], item.kind)[0])
     return run.item_references[sample, i]
 
 
-def _text_positions(run: Run, sample: int) -> torch.Tensor:
-    """The sample's prompt positions that hold text: neither padding nor a visual placeholder (found once a run, for
-    every sample)."""
-    if not run.text_positions:
-        placeholders = on_device(torch.tensor(run.adapter.placeholder_ids), run.prompt_mask.device)
-        text = run.prompt_mask.bool() & ~torch.isin(run.ids[:, : run.prompt_length], placeholders)
-        _, positions = torch.nonzero(text, as_tuple=True)
-        run.text_positions = dict(enumerate(positions.split(text.sum(dim=1).tolist())))
-    return run.text_positions[sample]
-
-
-def _checked_selections(method: Method, views: list, picks: list) -> list[torch.Tensor | Selection]:
-    """The method's answers, each keep as long indices on its view's device; a wrong answer (too few or too
-    many, repeated, out of range) raises. Checked for the whole batch at once, with one read of each device."""
+def _checked_selections(run: Run, views: list, picks: list) -> list[torch.Tensor | Selection]:
+    """The method's answers, each keep as long indices on its view's device. An answer of the wrong length raises
+    here; one with repeated or out-of-range indices is found on the device without reading it, and raised when the
+    prefill ends (run.checks): a read here would stall a GPU at every stage, and the answers are used clamped into
+    range meanwhile."""
+    method = run.method
     if len(picks) != len(views):
         raise RuntimeError(f"method {method.name!r} answered {len(picks)} selections for {len(views)} views")
     indices = [on_device((p.keep if isinstance(p, Selection) else p).flatten().long(), v.hidden.device)
                for p, v in zip(picks, views)]
     wrong = [i for i, (index, view) in enumerate(zip(indices, views)) if index.numel() != view.keep]
-    if not wrong and any(_flawed([indices[i] for i in group], [views[i] for i in group])
-                         for group in same_shape([view.hidden.device for view in views])):
-        wrong = [i for i, (index, view) in enumerate(zip(indices, views)) if _flawed([index], [view])]
     if wrong:
-        index, view = indices[wrong[0]], views[wrong[0]]
-        raise RuntimeError(
-            f"method {method.name!r} returned {index.numel()} indices for a keep of {view.keep} "
-            f"of {view.hidden.shape[0]} tokens (they must be distinct and in range)"
-        )
+        raise _wrong_selection(method, indices[wrong[0]], views[wrong[0]])
+    for group in same_shape([view.hidden.device for view in views]):
+        run.checks.append((_flawed([indices[i] for i in group], [views[i] for i in group]),
+                           lambda group=group: _wrong_selection(method, *next(
+                               (indices[i], views[i]) for i in group if _flawed([indices[i]], [views[i]])))))
     return [Selection(index, p.hidden, p.sizes, on_device(p.destination, index.device)) if isinstance(p, Selection) else index
             for p, index in zip(picks, indices)]
 
 
-def _flawed(indices: list[torch.Tensor], views: list) -> bool:
-    """Whether any view's indices (on one device) repeat or fall outside its tokens; one read of the device."""
+def _wrong_selection(method: Method, index: torch.Tensor, view) -> RuntimeError:
+    return RuntimeError(f"method {method.name!r} returned {index.numel()} indices for a keep of {view.keep} "
+                        f"of {view.hidden.shape[0]} tokens (they must be distinct and in range)")
+
+
+def _flawed(indices: list[torch.Tensor], views: list) -> torch.Tensor:
+    """Whether any view's indices (on one device) repeat or fall outside its tokens: a bool on that device."""
     device = indices[0].device
     counts = torch.tensor([index.numel() for index in indices])
-    tokens = torch.tensor([view.hidden.shape[0] for view in views])
+    tokens = [view.hidden.shape[0] for view in views]
     owner = torch.repeat_interleave(torch.arange(len(views)), counts)  # built on the host, then moved at once
-    flat, limit, owner = torch.cat(indices), on_device(tokens[owner], device), on_device(owner, device)
+    flat, limit, owner = torch.cat(indices), on_device(torch.tensor(tokens)[owner], device), on_device(owner, device)
     outside = (flat < 0) | (flat >= limit)
-    ranked = (owner * (int(tokens.max()) + 1) + flat.clamp(min=0)).sort().values  # a view's indices side by side
-    return bool(outside.any() | (ranked.diff() == 0).any())
+    ranked = (owner * (max(tokens) + 1) + flat.clamp(min=0)).sort().values  # a view's indices side by side
+    return outside.any() | (ranked.diff() == 0).any()
 
 
 def _last_query_attention(run: Run, layer: int, hidden, position_embeddings, layout: Layout) -> torch.Tensor:
@@ -529,8 +538,9 @@ def _substitute_layer_inputs(run: Run, layout: Layout, kwargs, hidden) -> None:
         if run.late_from is not None:
             late_rows = layout.positions >= run.late_from
             late_visible = layout.valid & run.late_visible.gather(1, layout.positions.clamp(min=0))
+        known = None if run.padded is None or layout.filled is None else not (run.padded or layout.filled)
         mask = decoder_mask(layout.valid, hidden.shape[1], run.adapter.attn_implementation, hidden.dtype,
-                            late_rows, late_visible)
+                            late_rows, late_visible, all_valid=known)
         index = layout.index_in(run.lm_layout)
         cos, sin = kwargs["position_embeddings"]
         ids = kwargs.get("position_ids")

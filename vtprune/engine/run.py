@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -114,7 +114,7 @@ class Run:
     unsliced: torch.Tensor | None = None  # [B, L] visual tokens whose item keeps the early layers' cache whole
     slices_some: bool = False  # some item's pruned tokens leave the early layers' cache too
     keeps_some_whole: bool = False  # some item keeps the early layers' cache whole (its tokens are unsliced)
-    text_positions: dict[int, torch.Tensor] = field(default_factory=dict)  # per sample, once found (_text_positions)
+    text_positions: list[torch.Tensor] | None = None  # per sample, the positions of `text`
     # (sample, item) -> its original tokens and the sample's text at the reference layer, once taken
     item_references: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     text: list[torch.Tensor] = field(default_factory=list)  # per sample: prompt tokens neither visual nor padding
@@ -127,6 +127,10 @@ class Run:
     tail_valid: torch.Tensor | None = None  # [B, generated] during decode
     step_masks: dict[int, Any] = field(default_factory=dict)  # per-forward cache of built masks / positions
     encoded: list[list[Any]] | None = None  # [sample][item] where a vision-stage method finds it (EncodedItem)
+    padded: bool | None = None  # whether prompt_mask holds a zero (None: not known on the host)
+    # (a bool tensor on the device, the error to raise if it is True): checks made without reading the device,
+    # read together when the prefill ends
+    checks: list[tuple[torch.Tensor, Callable[[], Exception]]] = field(default_factory=list)
 
     @property
     def input_pruned(self) -> bool:
