@@ -12,6 +12,7 @@ import vtprune
 
 from vtprune.api import refusal
 from vtprune.bench.ops import count_prefill
+from vtprune.engine.cache import cache_keyword, output_cache
 from vtprune.methods import REGISTRY, WITHOUT_TOKENIZER
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
@@ -54,8 +55,13 @@ def test_the_engine_reads_nothing_from_the_device_while_it_prunes(method):
         inputs = tiny_inputs(model, [SampleLayout(images=2, text_before=3)] * samples)
         with vtprune.apply(model, method, budget, **WITHOUT_TOKENIZER.get(method, {})) as pruner, torch.no_grad():
             with stage_reads() as reads:
-                model(**inputs, use_cache=True, logits_to_keep=1)
-        stages = len(pruner.last_decision.stage_layers)
-        expected = stages if method in PROBING else 2 if pruner.method.acts_in_vision else 0
-        assert stages > 0
-        assert sum(reads.values()) == expected, dict(reads)
+                output = model(**inputs, use_cache=True, logits_to_keep=1)
+            stages = len(pruner.last_decision.stage_layers)
+            expected = stages if method in PROBING else 2 if pruner.method.acts_in_vision else 0
+            assert stages > 0
+            assert sum(reads.values()) == expected, dict(reads)
+            step = output.logits[:, -1:].argmax(-1)
+            with stage_reads() as reads:  # a decode step on the pruned cache
+                model(input_ids=step, attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(step)], 1),
+                      use_cache=True, **{cache_keyword(model.model.language_model): output_cache(output)})
+            assert not reads, dict(reads)

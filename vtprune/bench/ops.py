@@ -77,13 +77,15 @@ READS = [(torch.Tensor, name) for name in ("tolist", "item", "__bool__", "__int_
 
 @contextlib.contextmanager
 def stage_reads():
-    """Counts, by "file:line name", the reads of tensor values (READS) that vtprune makes while a prefill prunes:
-    under prefill.begin (the language model's input) and prefill.at_layer (each in-LLM stage), the method's own
-    code aside (the innermost vtprune frame in vtprune/methods/). Device-independent: on the CPU every tensor counts,
-    a host copy's too (the engine reads none there)."""
-    from vtprune.engine import prefill
+    """Counts, by "file:line name", the reads of tensor values (READS) that vtprune makes while a prefill prunes,
+    under prefill.begin (the language model's input) and prefill.at_layer (each in-LLM stage), and while a decode
+    step continues a pruned cache (decode.continue_run, decode.at_layer); the method's own code aside (the innermost
+    vtprune frame in vtprune/methods/). Device-independent: on the CPU every tensor counts, a host copy's too (the
+    engine reads none there)."""
+    from vtprune.engine import decode, prefill
 
-    stage_code = {prefill.begin.__code__, prefill.at_layer.__code__}
+    stage_code = {prefill.begin.__code__, prefill.at_layer.__code__, decode.continue_run.__code__,
+                  decode.at_layer.__code__}
     reads = collections.Counter()
 
     def site(frame) -> str | None:

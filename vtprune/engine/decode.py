@@ -111,5 +111,8 @@ def _mask(run: Run, layout: Layout, query_length: int, dtype: torch.dtype):
     key = id(layout)
     if key not in run.step_masks:
         kv_valid = torch.cat([layout.valid, run.tail_valid], dim=1)
-        run.step_masks[key] = decoder_mask(kv_valid, query_length, run.adapter.attn_implementation, dtype)
+        # Built rather than left to sdpa even where every key is valid: whether the generated tokens' mask holds a
+        # zero is on the device, and reading it would stall a GPU at every step.
+        run.step_masks[key] = decoder_mask(kv_valid, query_length, run.adapter.attn_implementation, dtype,
+                                           all_valid=False)
     return run.step_masks[key]
