@@ -33,17 +33,17 @@ def test_a_selection_does_not_grow_with_the_batch(method):
     assert batch - alone <= 3 * PER_EXTRA_ITEM, f"{method}: {alone} ops for one item, {batch} for four"
 
 
-PROBING = {"sparsevlm", "pdrop", "dart"}  # their layer probe's rows are counted on the device: one read a stage
+PROBING = {"sparsevlm", "pdrop", "dart"}  # methods that probe a decoder layer's queries and keys
 
 
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_the_engine_reads_nothing_from_the_device_while_it_prunes(method):
     """On a GPU a read of a device value waits for every queued kernel and leaves the GPU idle while the host catches
     up. The engine's stage work (the language model's input, each in-LLM stage) knows its shapes on the host, and reads
-    nothing, but: a layer probe's rows (one read a stage); for a method acting in the vision tower, the check that
-    the tower's rows are the items the language model received (two reads however many items of one size: the
-    adapter's search for the first, one comparison for the rest). A wrong answer of a method is reported by the
-    prefill's one read at its end."""
+    nothing, but, for a method acting in the vision tower, the check that the tower's rows are the items the language
+    model received (two reads however many items of one size: the adapter's search for the first, one comparison for
+    the rest). A wrong answer of a method is reported by the prefill's one read at its end. A decode step reads
+    nothing."""
     from vtprune.bench.ops import stage_reads
 
     model = tiny_llava()
@@ -57,7 +57,7 @@ def test_the_engine_reads_nothing_from_the_device_while_it_prunes(method):
             with stage_reads() as reads:
                 output = model(**inputs, use_cache=True, logits_to_keep=1)
             stages = len(pruner.last_decision.stage_layers)
-            expected = stages if method in PROBING else 2 if pruner.method.acts_in_vision else 0
+            expected = 2 if pruner.method.acts_in_vision else 0
             assert stages > 0
             assert sum(reads.values()) == expected, dict(reads)
             step = output.logits[:, -1:].argmax(-1)
@@ -65,3 +65,42 @@ def test_the_engine_reads_nothing_from_the_device_while_it_prunes(method):
                 model(input_ids=step, attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(step)], 1),
                       use_cache=True, **{cache_keyword(model.model.language_model): output_cache(output)})
             assert not reads, dict(reads)
+
+
+@pytest.mark.parametrize("method", sorted(PROBING))
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("last", ["text", "image"])
+def test_a_probes_rows_counted_on_the_host_are_those_the_device_holds(method, padding_side, last, monkeypatch):
+    """A layer probe's rows (valid slots, text rows, asking rows) come from counts the host knows where each sample's
+    padding is at its ends and its prompt ends with text; they equal what the device holds (read instead, as for a
+    prompt ending with an image)."""
+    from vtprune.engine import prefill
+
+    probe_rows, host_counts, compared = prefill._probe_rows, prefill._host_row_counts, []
+
+    def checked(run, layout):
+        known = host_counts(run.prompt_text, layout)
+        assert (known is not None) == (last == "text")
+        from_host = probe_rows(run, layout)
+        monkeypatch.setattr(prefill, "_host_row_counts", lambda *args: None)
+        read = probe_rows(run, layout)
+        monkeypatch.setattr(prefill, "_host_row_counts", host_counts)
+        assert _rows_as_tensors(from_host) == _rows_as_tensors(read)
+        compared.append(layout.length)
+        return from_host
+
+    monkeypatch.setattr(prefill, "_probe_rows", checked)
+    model = tiny_llava()
+    after = 4 if last == "text" else 0
+    inputs = tiny_inputs(model, [SampleLayout(text_after=after), SampleLayout(images=2, text_before=6, text_after=after)],
+                         padding_side=padding_side)
+    with vtprune.apply(model, method, 8, **WITHOUT_TOKENIZER.get(method, {})), torch.no_grad():
+        model(**inputs, use_cache=True, logits_to_keep=1)
+    assert compared
+
+
+def _rows_as_tensors(found) -> list:
+    rows, asking, slots = found
+    plain = lambda value: value.tolist() if isinstance(value, torch.Tensor) else list(range(value.start, value.stop))  # noqa: E731
+    return [[(plain(present), text.tolist(), count) for present, text, count in rows], [a.tolist() for a in asking],
+            slots.tolist()]

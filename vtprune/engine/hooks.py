@@ -26,13 +26,12 @@ import torch
 from ..adapters import Adapter, VisualItem
 from ..adapters.base import CHUNKED_PREFILL
 from ..methods import Method
-from ..methods.primitives import on_device
 from . import cache as kv
 from . import decode, prefill
 from .budget import keeps_whole
 from .compat import EngineError
 from .compiled import HiddenAccess
-from .run import Decision, Prompt, Run
+from .run import Decision, Prompt, PromptText, Run
 from .stats import PruneStats, counts_per_layer
 from .vision import VisionRecorder
 
@@ -93,15 +92,13 @@ class Pruner:
         self.last_decision: Decision | None = None
         self._replay: Decision | None = None
         self._items: list[list[VisualItem]] | None = None
-        self._text: list[torch.Tensor] | None = None  # per sample of the forward being run: its prompt's text ids
-        self._text_positions: list[torch.Tensor] | None = None  # ... and their positions
+        self._text: PromptText | None = None  # of the forward being run: its prompt's text, read on the host
         self._fusion: list[dict[int, float] | None] | None = None  # per image of the forward being run
         self._vision_states: dict = {}
         self._run: Run | None = None
         self._prompt: Prompt | None = None  # the forward being run, as the multimodal model received it
         self._input_ids: torch.Tensor | None = None  # of the forward being run
         self._logits_to_keep = None  # the top-level forward's, read by the multimodal forward it calls
-        self._padded: bool | None = None  # whether the last prompt with images had padding (read on the host)
         self._uncached: Prompt | None = None  # the last prompt decided without a cache, which a longer forward continues
         self._num_layers = adapter.model_info.num_layers
         self._owner = _Owner()  # marks the caches this pruner's prompts filled (see _RUN)
@@ -139,8 +136,7 @@ class Pruner:
         self._handles = []
         if self._recorder is not None:
             self._recorder.remove()
-        self._run = self._text = self._text_positions = self._fusion = self._prompt = self._uncached = None
-        self._input_ids = None
+        self._run = self._text = self._fusion = self._prompt = self._uncached = self._input_ids = None
         self._owner.live = False  # the caches filled until now refuse to be continued (kv.PrunedCache)
         self._owner = _Owner()
         self._vision_states.clear()
@@ -208,7 +204,7 @@ class Pruner:
         self._input_ids = input_ids
         logits_to_keep, self._logits_to_keep = self._logits_to_keep, None
         encoded = kwargs.get("mm_encoder_outputs") or {}
-        self._fusion = self._text = self._text_positions = self._prompt = None
+        self._fusion = self._text = self._prompt = None
         # Placeholder ids without images or videos to go with them (a decode step that happened
         # to generate one) are plain text to the model, and so to the pruner.
         if all(kwargs.get(key) is None for key in VISUAL_INPUTS) and all(v is None for v in encoded.values()):
@@ -247,9 +243,7 @@ class Pruner:
             empty = torch.nonzero(~host_mask.any(dim=1)).flatten().tolist()
             raise ValueError(f"sample {empty[0]} of the batch has an attention_mask of zeros only: none of its tokens "
                              "would run, so there is nothing to prune it by; drop it from the batch")
-        self._text, self._text_positions = text_tokens(host_ids, self.adapter.placeholder_ids, host_mask,
-                                                       input_ids.device)
-        self._padded = host_mask is not None and not bool(host_mask.all())  # the mask the language model gets
+        self._text = PromptText.of(host_ids, self.adapter.placeholder_ids, host_mask, input_ids.device)
         images = [kwargs.get(key) for key in VISUAL_INPUTS] + [encoded.get(kind) for kind in ("image", "video")]
         self._prompt = Prompt(input_ids, images)
         continued = self._continued_prompt(cache, kwargs)
@@ -258,7 +252,7 @@ class Pruner:
         elif self.method.fuses_vision_layers:
             self._prompt.fusion = [
                 None if keeps_whole(self.budget, item.length) else self.method.vision_fusion(text)
-                for text, sample in zip(self._text, self._items) for item in sample]
+                for text, sample in zip(self._text.tokens, self._items) for item in sample]
         if self.method.fuses_vision_layers:
             self._fusion = self._prompt.fusion
             self.adapter.refuse_encoded_images(kwargs, self._vision_states, self._fusion)
@@ -390,8 +384,7 @@ class Pruner:
         if replay is None and self._prompt is not None and self._prompt.decision is not None:
             replay = self._prompt.decision  # a continuation of a prompt decided without a cache
         run = prefill.plan_run(self.adapter, self.method, self.budget, replay, items, self._text, prompt_mask,
-                               self._num_layers, self._padded if attention_mask is not None else False,
-                               self._text_positions)
+                               self._num_layers)
         if not prefill.prunes(run):  # the budget keeps every token: leave the model's computation untouched
             if self._recorder is not None:
                 self._recorder.take()
@@ -447,16 +440,3 @@ class Pruner:
             )
         if run.cache is not None:
             kv.check_lengths(run.cache, [layout.length for layout in run.kv_layouts], "after the prefill")
-
-
-def text_tokens(host_ids: torch.Tensor, placeholders: tuple[int, ...], host_mask: torch.Tensor | None,
-                device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per sample, its prompt tokens without its visual placeholders and padding (what a router reads), and their
-    positions, on `device`; found on the host copies of input_ids and of a [B, L] attention mask, and moved in one
-    copy each."""
-    keep = ~torch.isin(host_ids, torch.tensor(placeholders))
-    if host_mask is not None:
-        keep &= host_mask
-    counts = keep.sum(dim=1).tolist()
-    positions = torch.nonzero(keep)[:, 1]
-    return (list(on_device(host_ids[keep], device).split(counts)), list(on_device(positions, device).split(counts)))

@@ -19,15 +19,12 @@ from .budget import keeps_whole, tokens_for_budget
 from .compat import EngineError
 from .compiled import HiddenAccess
 from .layout import FILL, Layout, decoder_mask, take, take_positions
-from .run import Decision, Run
+from .run import Decision, PromptText, Run
 
 
 def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, items: list[list[VisualItem]],
-             text: list[torch.Tensor], prompt_mask: torch.Tensor, num_layers: int, padded: bool | None,
-             text_positions: list[torch.Tensor]) -> Run:
-    """A run's per-token bookkeeping and each visual item's stages, before anything is pruned. Where the caller knows
-    them from the host: padded (whether prompt_mask holds a zero; None: not known) and text_positions (per sample,
-    the positions of `text`)."""
+             text: PromptText, prompt_mask: torch.Tensor, num_layers: int) -> Run:
+    """A run's per-token bookkeeping and each visual item's stages, before anything is pruned."""
     batch, length = prompt_mask.shape
     device = prompt_mask.device
     visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
@@ -62,10 +59,10 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
         image_of=image_of, part=part, coords=coords, sizes=torch.ones(batch, length, device=device), items=items,
         plans=plans,
         stage_layers=sorted({stage.layer for plan in plans for stages in plan for stage in stages}),
-        full=full, lm_layout=full, kv_layouts=[None] * num_layers, text=text, unsliced=unsliced,
+        full=full, lm_layout=full, kv_layouts=[None] * num_layers, prompt_text=text, unsliced=unsliced,
         slices_some=method.slices_kv_cache and True in slicing, keeps_some_whole=False in slicing,
         reference_layers={method.reference_layer(info, item.kind) for sample in items for item in sample}
-        if method.needs_reference else set(), padded=padded, text_positions=text_positions,
+        if method.needs_reference else set(),
     )
     if replay is not None:
         run.stage_layers = replay.stage_layers
@@ -405,7 +402,7 @@ def _item_references(run: Run, sample: int, i: int, device) -> tuple[torch.Tenso
         item = run.items[sample][i]
         at = on_device(torch.tensor([[sample]]), device)
         run.item_references[sample, i] = (_references(run, at, item.positions(device)[None], item.kind)[0],
-                                          _references(run, at, run.text_positions[sample][None], item.kind)[0])
+                                          _references(run, at, run.prompt_text.positions[sample][None], item.kind)[0])
     return run.item_references[sample, i]
 
 
@@ -500,8 +497,9 @@ def _probe_rows(run: Run, layout: Layout):
     """For a probe of `layout`, per sample: (its slots holding a token (neither padding nor fill), as a slice where
     they are one run (the usual case: fill and padding on one side; a slice takes views, not copies), which of
     those (rows of the sample's LayerProbe) hold text, how many there are); per sample the rows that ask (its text
-    rows and its last row, ascending); and the slots of those [B, A], each sample's padded with its last. For the
-    whole batch with one read of the device."""
+    rows and its last row, ascending); and the slots of those [B, A], each sample's padded with its last. Their
+    counts come from the host where the prompt's text and padding say them (_host_row_counts), else from one read of
+    the device for the whole batch."""
     valid = layout.valid
     batch, length = valid.shape
     placeholders = on_device(torch.tensor(run.adapter.placeholder_ids), valid.device)
@@ -509,7 +507,8 @@ def _probe_rows(run: Run, layout: Layout):
     row = valid.long().cumsum(dim=1) - 1  # a valid slot's row in its sample
     count = valid.sum(dim=1)
     asks = text | (valid & (row == count[:, None] - 1))
-    counts, first, last, texts, askings = torch.stack([
+    known = _host_row_counts(run.prompt_text, layout)
+    counts, first, last, texts, askings = known if known is not None else torch.stack([
         count, valid.int().argmax(dim=1), length - 1 - valid.flip(1).int().argmax(dim=1), text.sum(dim=1),
         asks.sum(dim=1)]).tolist()
 
@@ -530,6 +529,20 @@ def _probe_rows(run: Run, layout: Layout):
     return rows, [asking_rows[s, :a] for s, a in enumerate(askings)], asking_slots
 
 
+def _host_row_counts(text: PromptText, layout: Layout) -> list[list[int]] | None:
+    """_probe_rows' per-sample counts (valid slots, the first and the last, text rows, asking rows) as the host knows
+    them: every text and padding token stays in every layout, so where each sample's padding is at its ends, its
+    valid slots are one run after its fill and left padding; and where its last token is text, that is its last row
+    and its asking rows are its text rows. None where that does not hold."""
+    if layout.sizes is None or text.padding is None or not all(text.ends_with_text):
+        return None
+    texts = [positions.numel() for positions in text.positions]
+    counts = [size - before - after for size, (before, after) in zip(layout.sizes, text.padding)]
+    first = [layout.length - size + before for size, (before, _) in zip(layout.sizes, text.padding)]
+    last = [layout.length - 1 - after for _, after in text.padding]
+    return [counts, first, last, texts, texts]
+
+
 def _substitute_layer_inputs(run: Run, layout: Layout, kwargs, hidden) -> None:
     """Give a decoder layer the mask and positions of its layout at prefill."""
     key = id(layout)
@@ -538,7 +551,7 @@ def _substitute_layer_inputs(run: Run, layout: Layout, kwargs, hidden) -> None:
         if run.late_from is not None:
             late_rows = layout.positions >= run.late_from
             late_visible = layout.valid & run.late_visible.gather(1, layout.positions.clamp(min=0))
-        known = None if run.padded is None or layout.filled is None else not (run.padded or layout.filled)
+        known = None if layout.filled is None else not (run.prompt_text.padded or layout.filled)
         mask = decoder_mask(layout.valid, hidden.shape[1], run.adapter.attn_implementation, hidden.dtype,
                             late_rows, late_visible, all_valid=known)
         index = layout.index_in(run.lm_layout)

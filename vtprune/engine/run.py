@@ -9,6 +9,7 @@ import torch
 
 from ..adapters import Adapter, VisualItem
 from ..methods import LLM_INPUT, Method, Stage
+from ..methods.primitives import on_device
 from .layout import FILL, Layout
 
 
@@ -43,6 +44,33 @@ class Decision:
         state and the logits are scattered back to the prompt's length.
         """
         return self.layer_positions[layer]
+
+
+@dataclass
+class PromptText:
+    """What a prompt's host copies (input_ids, its 2-D attention mask) say of its text, found once per forward so
+    that no stage has to read the device for it."""
+
+    tokens: list[torch.Tensor]  # per sample, on the device: its prompt tokens neither visual nor padding
+    positions: list[torch.Tensor]  # per sample, on the device: their positions
+    padded: bool  # the mask holds a zero
+    padding: list[tuple[int, int]] | None  # per sample, its padding before and after its tokens (None: not at ends)
+    ends_with_text: list[bool]  # per sample, whether its last token is text (not a visual placeholder)
+
+    @classmethod
+    def of(cls, host_ids: torch.Tensor, placeholders: tuple[int, ...], host_mask: torch.Tensor | None,
+           device) -> "PromptText":
+        valid = torch.ones_like(host_ids, dtype=torch.bool) if host_mask is None else host_mask
+        text = valid & ~torch.isin(host_ids, torch.tensor(placeholders))
+        counts = text.sum(dim=1).tolist()
+        tokens = list(on_device(host_ids[text], device).split(counts))
+        positions = list(on_device(torch.nonzero(text)[:, 1], device).split(counts))
+        length = host_ids.shape[1]
+        first = valid.int().argmax(dim=1).tolist()
+        last = (length - 1 - valid.flip(1).int().argmax(dim=1)).tolist()
+        at_ends = (valid.sum(dim=1) == torch.tensor(last) - torch.tensor(first) + 1).all()
+        padding = [(a, length - 1 - b) for a, b in zip(first, last)] if bool(at_ends) else None
+        return cls(tokens, positions, not bool(valid.all()), padding, [bool(text[s, b]) for s, b in enumerate(last)])
 
 
 @dataclass
@@ -114,10 +142,9 @@ class Run:
     unsliced: torch.Tensor | None = None  # [B, L] visual tokens whose item keeps the early layers' cache whole
     slices_some: bool = False  # some item's pruned tokens leave the early layers' cache too
     keeps_some_whole: bool = False  # some item keeps the early layers' cache whole (its tokens are unsliced)
-    text_positions: list[torch.Tensor] | None = None  # per sample, the positions of `text`
     # (sample, item) -> its original tokens and the sample's text at the reference layer, once taken
     item_references: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    text: list[torch.Tensor] = field(default_factory=list)  # per sample: prompt tokens neither visual nor padding
+    prompt_text: PromptText | None = None  # what the host copies say of the prompt's text (set by plan_run)
     late_from: int | None = None  # replay of a longer sequence with a sliced cache: positions from here are "decoded"
     late_visible: torch.Tensor | None = None  # [B, L] what those positions may see
     prefill: bool = True
@@ -127,10 +154,14 @@ class Run:
     tail_valid: torch.Tensor | None = None  # [B, generated] during decode
     step_masks: dict[int, Any] = field(default_factory=dict)  # per-forward cache of built masks / positions
     encoded: list[list[Any]] | None = None  # [sample][item] where a vision-stage method finds it (EncodedItem)
-    padded: bool | None = None  # whether prompt_mask holds a zero (None: not known on the host)
     # (a bool tensor on the device, the error to raise if it is True): checks made without reading the device,
     # read together when the prefill ends
     checks: list[tuple[torch.Tensor, Callable[[], Exception]]] = field(default_factory=list)
+
+    @property
+    def text(self) -> list[torch.Tensor]:
+        """Per sample: its prompt tokens neither visual nor padding."""
+        return self.prompt_text.tokens
 
     @property
     def input_pruned(self) -> bool:
