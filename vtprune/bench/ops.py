@@ -75,13 +75,17 @@ READS = [(torch.Tensor, name) for name in ("tolist", "item", "__bool__", "__int_
                                            "nonzero", "cpu", "numpy")] + [(torch, "equal"), (torch, "nonzero")]
 
 
+TOWER_HOOKS = ("engine/vision.py", "engine/block_merge.py")
+
+
 @contextlib.contextmanager
 def stage_reads():
-    """Counts, by "file:line name", the reads of tensor values (READS) that vtprune makes while a prefill prunes,
-    under prefill.begin (the language model's input) and prefill.at_layer (each in-LLM stage), and while a decode
-    step continues a pruned cache (decode.continue_run, decode.at_layer); the method's own code aside (the innermost
-    vtprune frame in vtprune/methods/). Device-independent: on the CPU every tensor counts, a host copy's too (the
-    engine reads none there)."""
+    """Counts, by "file:line name", the reads of tensor values (READS) that vtprune makes while a prefill prunes: in
+    its hooks on the vision tower (engine/vision.py, engine/block_merge.py), under prefill.begin (the language
+    model's input) and prefill.at_layer (each in-LLM stage), and while a decode step continues a pruned cache
+    (decode.continue_run, decode.at_layer); the method's own code aside (the innermost vtprune frame in
+    vtprune/methods/). Device-independent: on the CPU every tensor counts, a host copy's too (the engine reads none
+    there)."""
     from vtprune.engine import decode, prefill
 
     stage_code = {prefill.begin.__code__, prefill.at_layer.__code__, decode.continue_run.__code__,
@@ -96,6 +100,8 @@ def stage_reads():
                 if "/vtprune/methods/" in path:
                     return None
                 line = f"{path.rsplit('/vtprune/', 1)[-1]}:{frame.f_lineno}"
+                if line.startswith(TOWER_HOOKS):
+                    return line
             if frame.f_code in stage_code:
                 return line
             frame = frame.f_back

@@ -54,8 +54,8 @@ class TowerMerge:
     def bias(self, dtype: torch.dtype, proportional: bool) -> torch.Tensor:
         """[R, 1, 1, T] additive attention bias: merged-away keys out, log(size) on survivors if proportional."""
         bias = torch.full(self.slot.shape, torch.finfo(dtype).min, dtype=dtype, device=self.slot.device)
-        survivors = self.size.gather(1, self.alive).log() if proportional else torch.zeros(self.alive.shape)
-        bias.scatter_(1, self.alive, survivors.to(dtype=dtype, device=bias.device))
+        survivors = self.size.gather(1, self.alive).log() if proportional else bias.new_zeros(self.alive.shape)
+        bias.scatter_(1, self.alive, survivors.to(dtype))
         return bias[:, None, None, :]
 
 
