@@ -6,6 +6,7 @@ a placeholder id the adapter does not know.
 """
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -17,6 +18,7 @@ from vtprune.api import refusal
 from vtprune.adapters import adapter_for
 from vtprune.engine import EngineError, TESTED_TRANSFORMERS
 from vtprune.engine.cache import cache_keyword, output_cache
+from vtprune.methods import WITHOUT_TOKENIZER
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 from .conftest import greedy
@@ -313,27 +315,38 @@ def test_qwen2_vl_images_without_mm_token_type_ids_say_to_pass_them():
             assert "mm_token_type_ids" in str(error)
 
 
-@pytest.mark.parametrize("answer, wrong", [
-    (lambda view: torch.arange(view.keep - 1), "returned 3 indices for a keep of 4"),  # too few
-    (lambda view: torch.zeros(view.keep, dtype=torch.long), "returned 4 indices"),  # one token four times
-    (lambda view: torch.arange(view.keep) + view.hidden.shape[0] - 2, "returned 4 indices"),  # past the end
-])
-def test_a_method_answering_wrong_indices_is_caught(model, monkeypatch, answer, wrong):
-    """Every answer of a batch's selection is checked, on the device without reading it at the stage (the answers
-    are used clamped into range meanwhile), and a wrong one is raised by the prefill's one read at its end."""
-    from vtprune.methods import REGISTRY
-    from vtprune.methods.random_subset import RandomSubset
+@pytest.mark.parametrize("method", ["random", "pdrop", "sparsevlm"])  # one stage; three, each probing a layer
+@pytest.mark.parametrize("answer", [
+    lambda view: torch.arange(view.keep - 1),  # too few
+    lambda view: torch.zeros(view.keep, dtype=torch.long),  # one token `keep` times
+    lambda view: torch.arange(view.keep) + view.hidden.shape[0] - 2,  # past the end
+], ids=["too few", "repeated", "past the end"])
+def test_a_method_answering_wrong_indices_is_caught(model, monkeypatch, method, answer):
+    """Every answer of a batch's selection is checked, on the device without reading it at the stage, and a wrong
+    one is raised by the prefill's one read at its end; until then the stages after it run on the shapes planned
+    (no crash of their own first), and no decision is left for a replay."""
+    from vtprune.methods import REGISTRY, Selection
 
-    class Careless(RandomSubset):
+    wrong = []
+
+    class Careless(REGISTRY[method]):
         name = "careless"
 
         def select_batch(self, views):
             picks = super().select_batch(views)
-            return picks[:-1] + [answer(views[-1])]  # only the batch's last item is answered wrong
+            if wrong:  # the first stage's last item only is answered wrong
+                return picks
+            view, last = views[-1], picks[-1]
+            bad = answer(view).to(view.hidden.device)
+            wrong.append(f"returned {bad.numel()} indices for a keep of {view.keep} of {view.hidden.shape[0]} tokens")
+            return picks[:-1] + [dataclasses.replace(last, keep=bad) if isinstance(last, Selection) else bad]
 
     monkeypatch.setitem(REGISTRY, Careless.name, Careless)
-    with vtprune.apply(model, "careless", 4), pytest.raises(RuntimeError, match=f"'careless' {wrong}.*distinct and in range"):
-        model(**tiny_inputs(model, LAYOUTS))
+    with vtprune.apply(model, "careless", 4, **WITHOUT_TOKENIZER.get(method, {})) as pruner:
+        with pytest.raises(RuntimeError) as raised:
+            model(**tiny_inputs(model, LAYOUTS))
+        assert f"'careless' {wrong[0]} (they must be distinct and in range)" in str(raised.value)
+        assert pruner.last_decision is None
 
 
 def test_a_pruned_cache_is_freed_with_its_last_reference_and_pickles_without_its_run(model, tmp_path):

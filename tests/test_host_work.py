@@ -39,11 +39,10 @@ PROBING = {"sparsevlm", "pdrop", "dart"}  # methods that probe a decoder layer's
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_the_engine_reads_nothing_from_the_device_while_it_prunes(method):
     """On a GPU a read of a device value waits for every queued kernel and leaves the GPU idle while the host catches
-    up. The engine's stage work (the language model's input, each in-LLM stage) knows its shapes on the host, and reads
-    nothing, but, for a method acting in the vision tower, the check that the tower's rows are the items the language
-    model received (two reads however many items of one size: the adapter's search for the first, one comparison for
-    the rest). A wrong answer of a method is reported by the prefill's one read at its end. A decode step reads
-    nothing."""
+    up. The engine's stage work (in the vision tower's hooks, at the language model's input, at each in-LLM stage)
+    knows its shapes on the host, and reads nothing: a wrong answer of a method, or tower rows that are not the
+    items the language model received, are reported by the prefill's one read at its end. A decode step reads
+    nothing. (LLaVA-NeXT's tiles are searched for each new grid of tiles: two reads there, not tested here.)"""
     from vtprune.bench.ops import stage_reads
 
     model = tiny_llava()
@@ -57,9 +56,8 @@ def test_the_engine_reads_nothing_from_the_device_while_it_prunes(method):
             with stage_reads() as reads:
                 output = model(**inputs, use_cache=True, logits_to_keep=1)
             stages = len(pruner.last_decision.stage_layers)
-            expected = 2 if pruner.method.acts_in_vision else 0
             assert stages > 0
-            assert sum(reads.values()) == expected, dict(reads)
+            assert not reads, dict(reads)
             step = output.logits[:, -1:].argmax(-1)
             with stage_reads() as reads:  # a decode step on the pruned cache
                 model(input_ids=step, attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(step)], 1),

@@ -5,6 +5,7 @@ the rest into them); its choices are checked against attention the tower itself 
 (eager, output_attentions) and tokens mapped to rows by the model's own packing.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 import vtprune
 from vtprune.adapters import adapter_for
+from vtprune.engine.compat import EngineError
 from vtprune.methods import REGISTRY, Selection, VisionMethod
 from vtprune.methods.primitives import cls_attention, merge_into_nearest, topk_in_order
 from vtprune.tiny import SampleLayout, tiny_inputs
@@ -239,3 +241,24 @@ def test_beams_repeat_each_samples_decision(family, method):
         for row, kept in enumerate(stage_repeated):
             assert torch.equal(kept, stage_alone[row // 2])
     assert repr(repeated.merged) == repr([[stage[row // 2] for row in range(4)] for stage in alone.merged])
+
+
+@pytest.mark.parametrize("family", ["llava", "video_llava"])
+def test_tower_rows_that_are_not_the_items_received_are_reported_when_the_prefill_ends(family, monkeypatch):
+    """Where the family's layout alone places an item in the tower's rows, the comparison with what the language
+    model received is made on the device and read when the prefill ends: a place that is wrong is an error, not
+    tokens scored at the wrong rows."""
+    model = FAMILIES[family]("sdpa")
+    inputs = tiny_inputs(model, layouts_for(family))
+    adapter = adapter_for(model)
+    known = type(adapter).known_place
+
+    def one_column_off(self, item, device):
+        place = known(self, item, device)
+        return dataclasses.replace(place, feature_columns=place.feature_columns.roll(1))
+
+    with vtprune.apply(model, ClsTop.name, budget=4) as pruner:
+        model(**inputs)  # the place the family knows is right
+        monkeypatch.setattr(type(pruner.adapter), "known_place", one_column_off)
+        with pytest.raises(EngineError, match="rows are not the features the language model received"):
+            model(**inputs)

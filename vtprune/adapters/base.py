@@ -73,13 +73,19 @@ class EncodedPlace:
     feature_columns: torch.Tensor  # [N] its column in the projector's input (which may lack [CLS])
 
 
-def single_row_place(projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
+def single_row(tokens: int, device) -> EncodedPlace:
     """The place of an item that is the whole of one row after its [CLS] token, which the projector's input lacks
-    (a LLaVA image), if the row's projection is what the LLM received."""
-    features = torch.arange(received.shape[0], device=received.device)
-    if projected.shape[0] < 1 or not torch.equal(projected[0, features], received):
-        return None
+    (a LLaVA image)."""
+    features = torch.arange(tokens, device=device)
     return EncodedPlace(1, torch.zeros_like(features), features + 1, features)
+
+
+def single_row_place(projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
+    """single_row, if the row's projection is what the LLM received."""
+    place = single_row(received.shape[0], received.device)
+    if projected.shape[0] < 1 or not torch.equal(projected[0, place.feature_columns], received):
+        return None
+    return place
 
 
 class Adapter(ABC):
@@ -167,6 +173,11 @@ class Adapter(ABC):
         """Where item's tokens are in the rows `projected` [R, T', D] (the projector's output from the item's first
         row on), found by matching them with the features the LLM received for it, [N, D]; None if they differ."""
         raise NotImplementedError
+
+    def known_place(self, item: VisualItem, device) -> EncodedPlace | None:
+        """Where item's tokens are in the rows from its first, where the family's layout alone says it (no features
+        searched: what encoded_place would find when it finds anything); None where it must be searched."""
+        return None
 
     def last_query_attention(
         self,

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import CHUNKED_PREFILL, Adapter, EncodedPlace, VisualItem, single_row_place, split_runs
+from .base import CHUNKED_PREFILL, Adapter, EncodedPlace, VisualItem, single_row, single_row_place, split_runs
 
 
 class LlavaAdapter(Adapter):
@@ -49,6 +49,9 @@ class LlavaAdapter(Adapter):
 
     def encoded_place(self, item: VisualItem, projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
         return single_row_place(projected, received)
+
+    def known_place(self, item: VisualItem, device) -> EncodedPlace:
+        return single_row(item.length, device)
 
     # -------------------------------------------------------- vision-layer fusion
     def vision_state_hooks(self, store: dict) -> list:

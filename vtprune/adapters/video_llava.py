@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..methods.base import Grid
-from .base import CHUNKED_PREFILL, Adapter, EncodedPlace, VisualItem, single_row_place, split_runs
+from .base import CHUNKED_PREFILL, Adapter, EncodedPlace, VisualItem, single_row, split_runs
 
 
 class VideoLlavaAdapter(Adapter):
@@ -61,12 +61,16 @@ class VideoLlavaAdapter(Adapter):
                 ("video", self.model.model.video_tower.encoder.layers)]
 
     def encoded_place(self, item: VisualItem, projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
+        place = self.known_place(item, received.device)
+        if projected.shape[0] < place.count or not torch.equal(projected[place.rows, place.feature_columns], received):
+            return None
+        return place
+
+    def known_place(self, item: VisualItem, device) -> EncodedPlace:
         if item.kind == "image":
-            return single_row_place(projected, received)
+            return single_row(item.length, device)
         # A video is one row per frame, each its [CLS] token (kept by the projector, not in the item) and patches.
         grid = item.parts[0]
-        n = torch.arange(grid.size, device=received.device)
+        n = torch.arange(grid.size, device=device)
         rows, columns = n // (grid.rows * grid.cols), n % (grid.rows * grid.cols) + 1
-        if projected.shape[0] < grid.frames or not torch.equal(projected[rows, columns], received):
-            return None
         return EncodedPlace(grid.frames, rows, columns, columns)

@@ -327,8 +327,8 @@ class Pruner:
         if not run.prefill:
             output.last_hidden_state = decode.pad_repeated(run, output.last_hidden_state)
             return output
-        self._record_stats(run)
         self._check_prefill(run, output)
+        self._record_stats(run)
         if run.replay is None and self._prompt is not None:
             self._prompt.decision = self.last_decision
             self._uncached = self._prompt if run.cache is None else None
@@ -342,6 +342,7 @@ class Pruner:
         # What only the prefill reads goes now: the run lives as long as its cache (the vision tower's recorded
         # queries and keys among it).
         run.references, run.item_references, run.attention, run.attention_from, run.probe = {}, {}, None, None, None
+        run.checks = []
         run.encoded = None
         output.last_hidden_state = prefill.finish(run, output.last_hidden_state)
         return output

@@ -107,7 +107,7 @@ def begin(run: Run, language_model, kwargs: dict, cache_keyword: str, encoded_ca
     (where a method acting in the vision encoder picks from encoded_calls, the tower runs it saw)."""
     embeds = kwargs["inputs_embeds"]
     if run.method.acts_in_vision and run.replay is None:
-        run.encoded = vision.place_items(run.adapter, encoded_calls, run.items, embeds)
+        run.encoded = vision.place_items(run.adapter, encoded_calls, run.items, embeds, run.checks)
     batch, length, _ = embeds.shape
     _, run.cache = kv.find_cache(kwargs)
     if wants_cache(language_model, kwargs) and run.cache is None:
@@ -278,22 +278,21 @@ def _select(run: Run, layer: int, layout: Layout, hidden: torch.Tensor, attentio
             asked.append((b, i, own.index(layer), keep, mine))
     rows = _gathered(run, layout, hidden, attention, asked)
     views = [_view(run, b, i, layer, stage, keep, mine, row) for (b, i, stage, keep, mine), row in zip(asked, rows)]
-    picks = _checked_selections(run, views, run.method.select_batch(views) if views else [])
+    picks, flawed = _checked_selections(run, views, run.method.select_batch(views) if views else [])
     merged = [[] for _ in range(batch)]
     sources, targets = [[] for _ in range(batch)], [[] for _ in range(batch)]
     answers = [(b, i, row["positions"], picked, view) for (b, i, *_), row, view, picked in zip(asked, rows, views, picks)]
     for group in same_shape([_alike(positions, picked) for _, _, positions, picked, _ in answers]):
         alike = [answers[g] for g in group]
         positions = torch.stack([positions for _, _, positions, _, _ in alike])  # [G, n]
-        # (clamped: a wrong answer is reported when the prefill ends, see _checked_selections, not a crash here)
-        last = positions.shape[1] - 1
+        wrong = torch.stack([flawed[g] for g in group])  # [G]
         if not isinstance(alike[0][3], Selection):
-            picked = torch.stack([picked for *_, picked, _ in alike]).clamp(0, last)
+            picked = _sound(torch.stack([picked for *_, picked, _ in alike]), wrong)
             for (b, i, *_), row in zip(alike, positions.gather(1, picked)):
                 chosen[b][i] = row
             continue
         selections = [picked for *_, picked, _ in alike]
-        kept = positions.gather(1, torch.stack([picked.keep for picked in selections]).clamp(0, last))  # [G, k]
+        kept = positions.gather(1, _sound(torch.stack([picked.keep for picked in selections]), wrong))  # [G, k]
         sample = on_device(torch.tensor([b for b, *_ in alike]), kept.device)[:, None]
         run.sizes[sample, kept] = torch.stack([picked.sizes for picked in selections]).to(run.sizes.dtype)
         destination = torch.stack([picked.destination for picked in selections])
@@ -340,8 +339,9 @@ def _item_slots(run: Run, layout: Layout, layer: int) -> list[list[torch.Tensor]
     held = (layout.positions != FILL) & (owner >= 0)
     rank = torch.arange(batch, device=owner.device)[:, None] * most + owner
     group = torch.where(held, rank, batch * most).flatten()  # slots holding no item's token sort last
-    run.checks.append((held.sum() != sum(counts), lambda: EngineError(
-        f"the layout before stage {layer} holds other numbers of visual tokens than the items' stages planned")))
+    found = torch.bincount(group, minlength=batch * most + 1)[:-1]
+    run.checks.append(((found != on_device(torch.tensor(counts), found.device)).any(), lambda: EngineError(
+        f"the layout before stage {layer} holds other numbers of its items' tokens than their stages planned")))
     order = torch.sort(group, stable=True).indices[: sum(counts)]  # sample-major, each item's slots in order
     slots = torch.split(order % length, counts)
     return [[slots[b * most + i] for i in range(len(plan))] for b, plan in enumerate(run.plans)]
@@ -406,42 +406,62 @@ def _item_references(run: Run, sample: int, i: int, device) -> tuple[torch.Tenso
     return run.item_references[sample, i]
 
 
-def _checked_selections(run: Run, views: list, picks: list) -> list[torch.Tensor | Selection]:
-    """The method's answers, each keep as long indices on its view's device. An answer of the wrong length raises
-    here; one with repeated or out-of-range indices is found on the device without reading it, and raised when the
-    prefill ends (run.checks): a read here would stall a GPU at every stage, and the answers are used clamped into
-    range meanwhile."""
-    method = run.method
+def _checked_selections(run: Run, views: list, picks: list) -> tuple[list[torch.Tensor | Selection], list]:
+    """The method's answers, each keep as long indices on its view's device, and per answer whether it is flawed
+    (a bool on that device). An answer of the wrong length raises here; one with repeated or out-of-range indices
+    is found on the device without reading it, and raised when the prefill ends (run.checks): a read here would
+    stall a GPU at every stage. Until then a flawed answer is replaced by the view's first tokens (_sound), so that
+    the prefill runs on to that check on the shapes it planned."""
+    name = run.method.name
     if len(picks) != len(views):
-        raise RuntimeError(f"method {method.name!r} answered {len(picks)} selections for {len(views)} views")
+        raise RuntimeError(f"method {name!r} answered {len(picks)} selections for {len(views)} views")
     indices = [on_device((p.keep if isinstance(p, Selection) else p).flatten().long(), v.hidden.device)
                for p, v in zip(picks, views)]
-    wrong = [i for i, (index, view) in enumerate(zip(indices, views)) if index.numel() != view.keep]
+    shapes = [(view.keep, view.hidden.shape[0]) for view in views]  # (keep, tokens)
+    wrong = [i for i, (index, (keep, _)) in enumerate(zip(indices, shapes)) if index.numel() != keep]
     if wrong:
-        raise _wrong_selection(method, indices[wrong[0]], views[wrong[0]])
+        raise _wrong_selection(name, indices[wrong[0]].numel(), *shapes[wrong[0]])
+    flawed: list = [None] * len(views)
     for group in same_shape([view.hidden.device for view in views]):
-        run.checks.append((_flawed([indices[i] for i in group], [views[i] for i in group]),
-                           lambda group=group: _wrong_selection(method, *next(
-                               (indices[i], views[i]) for i in group if _flawed([indices[i]], [views[i]])))))
-    return [Selection(index, p.hidden, p.sizes, on_device(p.destination, index.device)) if isinstance(p, Selection) else index
-            for p, index in zip(picks, indices)]
+        found = _flawed([indices[i] for i in group], [shapes[i][1] for i in group])
+        for index, i in enumerate(group):
+            flawed[i] = found[index]
+
+        def error(found=found, group_shapes=[shapes[i] for i in group]) -> RuntimeError:  # (host values only)
+            keep, tokens = group_shapes[int(found.int().argmax())]
+            return _wrong_selection(name, keep, keep, tokens)
+
+        run.checks.append((found.any(), error))
+    answers = [Selection(index, p.hidden, p.sizes, on_device(p.destination, index.device))
+               if isinstance(p, Selection) else index for p, index in zip(picks, indices)]
+    return answers, flawed
 
 
-def _wrong_selection(method: Method, index: torch.Tensor, view) -> RuntimeError:
-    return RuntimeError(f"method {method.name!r} returned {index.numel()} indices for a keep of {view.keep} "
-                        f"of {view.hidden.shape[0]} tokens (they must be distinct and in range)")
+def _wrong_selection(name: str, returned: int, keep: int, tokens: int) -> RuntimeError:
+    return RuntimeError(f"method {name!r} returned {returned} indices for a keep of {keep} of {tokens} tokens (they "
+                        "must be distinct and in range)")
 
 
-def _flawed(indices: list[torch.Tensor], views: list) -> torch.Tensor:
-    """Whether any view's indices (on one device) repeat or fall outside its tokens: a bool on that device."""
+def _flawed(indices: list[torch.Tensor], tokens: list[int]) -> torch.Tensor:
+    """[V] whether each view's indices (all on one device) repeat or fall outside its `tokens`, on that device."""
     device = indices[0].device
     counts = torch.tensor([index.numel() for index in indices])
-    tokens = [view.hidden.shape[0] for view in views]
-    owner = torch.repeat_interleave(torch.arange(len(views)), counts)  # built on the host, then moved at once
+    owner = torch.repeat_interleave(torch.arange(len(indices)), counts)  # built on the host, then moved at once
     flat, limit, owner = torch.cat(indices), on_device(torch.tensor(tokens)[owner], device), on_device(owner, device)
-    outside = (flat < 0) | (flat >= limit)
-    ranked = (owner * (max(tokens) + 1) + flat.clamp(min=0)).sort().values  # a view's indices side by side
-    return outside.any() | (ranked.diff() == 0).any()
+    span = max(tokens) + 1
+    ranked = (owner * span + flat.clamp(0, span - 1)).sort().values  # a view's indices side by side
+    repeated = torch.zeros(len(indices), dtype=torch.long, device=device).index_add_(
+        0, ranked[1:] // span, (ranked.diff() == 0).long())
+    outside = torch.zeros(len(indices), dtype=torch.long, device=device).index_add_(
+        0, owner, ((flat < 0) | (flat >= limit)).long())
+    return (repeated + outside) > 0
+
+
+def _sound(picked: torch.Tensor, flawed: torch.Tensor) -> torch.Tensor:
+    """picked [G, k] with each flawed row ([G] bool) replaced by 0..k-1: distinct and in range, so that a wrong
+    answer, reported when the prefill ends, keeps the shapes planned until then."""
+    first = torch.arange(picked.shape[1], device=picked.device)
+    return torch.where(flawed[:, None], first, picked)
 
 
 def _last_query_attention(run: Run, layer: int, hidden, position_embeddings, layout: Layout) -> torch.Tensor:

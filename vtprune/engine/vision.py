@@ -112,14 +112,16 @@ class VisionRecorder:
 
 
 def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[VisualItem]],
-                embeds: torch.Tensor) -> list[list["EncodedItem"]]:
-    """Each item's place in the recorded rows of its kind, checked against the features the LLM received."""
+                embeds: torch.Tensor, checks: list) -> list[list["EncodedItem"]]:
+    """Each item's place in the recorded rows of its kind, checked against the features the LLM received: at once
+    where it had to be searched, else on the device, the check appended to `checks` (Run.checks) to be read when
+    the prefill ends."""
     by_kind: dict[str, list[EncodedCall]] = {}
     for call in calls:
         by_kind.setdefault(call.kind, []).append(call)
     encoded = {kind: _concatenated(group) for kind, group in by_kind.items()}
     projected = {kind: call.projected.to(embeds.dtype) for kind, call in encoded.items()}  # as the LLM received it
-    alike = _placed_alike(adapter, encoded, projected, items, embeds)
+    alike = _placed_alike(adapter, encoded, projected, items, embeds, checks)
     if alike is not None:
         return alike
     next_row = dict.fromkeys(encoded, 0)
@@ -157,14 +159,16 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
 
 
 def _placed_alike(adapter: Adapter, encoded: dict, projected: dict, items: list[list[VisualItem]],
-                  embeds: torch.Tensor) -> list[list["EncodedItem"]] | None:
+                  embeds: torch.Tensor, checks: list) -> list[list["EncodedItem"]] | None:
     """Each item placed in the rows after the previous item of its kind, as that one was when their grids are the
     same (a batch of images of one size: one search by the adapter, then one comparison for all the others, however
     many); None when an item is not found so (a repeated sample of generate's beams, a layout the assumption does
-    not fit), and the items are then found one by one."""
+    not fit), and the items are then found one by one. Where the family's layout alone says an item's place
+    (Adapter.known_place) and the rows are as many as the items take, the model itself filled the items with the
+    rows in this order: no search, and the comparison is appended to `checks` instead of read here."""
     next_row = dict.fromkeys(encoded, 0)
     previous: dict = {}  # kind -> (grids, place) of the last item the adapter placed
-    placed, assumed = [], {}  # assumed: id(place) -> (place, kind, [(sample, item, first row)])
+    placed, assumed = [], {}  # assumed: id(place) -> (place, kind, known, [(sample, item, first row)])
     for b, sample in enumerate(items):
         row = []
         for item in sample:
@@ -174,24 +178,37 @@ def _placed_alike(adapter: Adapter, encoded: dict, projected: dict, items: list[
             start = next_row[item.kind]
             grids, place = previous.get(item.kind, (None, None))
             if grids == item.parts and start + place.count <= call.features.shape[0]:
-                assumed.setdefault(id(place), (place, item.kind, []))[2].append((b, item, start))
+                assumed[id(place)][3].append((b, item, start))
             else:
-                place = adapter.encoded_place(item, projected[item.kind][start:],
-                                              embeds[b, item.positions(embeds.device)])
-                if place is None:
-                    return None
+                place = adapter.known_place(item, embeds.device)
+                if place is not None and start + place.count <= call.features.shape[0]:
+                    assumed[id(place)] = (place, item.kind, True, [(b, item, start)])
+                else:
+                    place = adapter.encoded_place(item, projected[item.kind][start:],
+                                                  embeds[b, item.positions(embeds.device)])
+                    if place is None:
+                        return None
+                    assumed[id(place)] = (place, item.kind, False, [])
                 previous[item.kind] = (item.parts, place)
             next_row[item.kind] = start + place.count
             row.append(EncodedItem(call, start, place))
         placed.append(row)
     if any(next_row[kind] != call.features.shape[0] for kind, call in encoded.items()):
         return None
-    for place, kind, found in assumed.values():  # what the adapter would have compared, for all of them at once
+    for place, kind, known, found in assumed.values():  # what the adapter would have compared, for all at once
+        if not found:
+            continue
         sample = on_device(torch.tensor([b for b, _, _ in found]), embeds.device)[:, None]
         positions = on_device(torch.stack([item.positions() for _, item, _ in found]), embeds.device)
         first = on_device(torch.tensor([start for _, _, start in found]), place.rows.device)[:, None]
-        if not torch.equal(projected[kind][first + place.rows, place.feature_columns], embeds[sample, positions]):
-            return None
+        rows, received = projected[kind][first + place.rows, place.feature_columns], embeds[sample, positions]
+        if not known:
+            if not torch.equal(rows, received):
+                return None
+            continue
+        checks.append(((rows != received).any(), lambda kind=kind: EngineError(
+            f"the vision tower's {kind} rows are not the features the language model received at the prompt's "
+            f"{kind} placeholders, in order: vtprune cannot tell which tokens a method scored")))
     return placed
 
 

@@ -14,13 +14,15 @@ def topk_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def on_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """tensor on `device`; from the host, a copy that does not wait for the device's queue to drain.
+    """tensor on `device`; from the host to a CUDA device, a copy that does not wait for the device's queue to drain.
 
     A blocking copy to a GPU synchronises its stream, so a small index tensor built on the host mid-prefill would
-    stall the GPU until every kernel queued so far has run, and leave it idle while the host catches up. A
-    non-blocking copy from pageable memory is staged at once (the host tensor may be freed right after) and lands
-    in stream order. Copies to the host stay blocking: their values are read next."""
-    return tensor.to(device, non_blocking=tensor.device.type == "cpu")
+    stall the GPU until every kernel queued so far has run, and leave it idle while the host catches up. CUDA stages
+    a non-blocking copy from pageable memory at once (the host tensor may be freed right after) and runs it in
+    stream order. Other copies stay blocking: to the host, their values are read next; to other devices (MPS) a
+    non-blocking copy of a temporary host tensor is not safe."""
+    target = tensor.device if device is None else torch.device(device)
+    return tensor.to(target, non_blocking=tensor.device.type == "cpu" and target.type == "cuda")
 
 
 def same_shape(keys: list) -> list[list[int]]:
