@@ -102,3 +102,16 @@ def _rows_as_tensors(found) -> list:
     plain = lambda value: value.tolist() if isinstance(value, torch.Tensor) else list(range(value.start, value.stop))  # noqa: E731
     return [[(plain(present), text.tolist(), count) for present, text, count in rows], [a.tolist() for a in asking],
             slots.tolist()]
+
+
+@pytest.mark.parametrize("method", ["sparsevlm", "visionzip"])
+def test_a_finished_prefill_keeps_none_of_its_checks(method):
+    """The checks a prefill defers hold device tensors; the run lives as long as its KV cache, so they go with the
+    rest of what only the prefill reads (else every stage's flags, and what their messages need, would stay)."""
+    from vtprune.engine.cache import PRUNED_RUN
+
+    model = tiny_llava()
+    inputs = tiny_inputs(model, [SampleLayout(), SampleLayout(images=2, text_before=3)])
+    with vtprune.apply(model, method, 8, **WITHOUT_TOKENIZER.get(method, {})), torch.no_grad():
+        run = getattr(output_cache(model(**inputs, use_cache=True)), PRUNED_RUN).run
+    assert run.checks == [] and run.references == {} and run.encoded is None
