@@ -20,22 +20,22 @@ class Layout:
 
     positions: torch.Tensor  # [B, n] long, FILL for fill slots (which always come first)
     valid: torch.Tensor  # [B, n] bool: a real token that may be attended (not fill, not padding)
-    # Known on the host where the layout was planned (None where not): per sample, the slots that are not fill, and
-    # the visual tokens among them. Shapes then follow without reading the device.
-    sizes: tuple[int, ...] | None = None
-    visual_sizes: tuple[int, ...] | None = None
+    # Known on the host from the plan: per sample, the slots that are not fill, and the visual tokens among them.
+    # Shapes then follow without reading the device.
+    sizes: tuple[int, ...]
+    visual_sizes: tuple[int, ...]
 
     @classmethod
-    def full(cls, prompt_mask: torch.Tensor, visual_sizes: tuple[int, ...] | None = None) -> "Layout":
+    def full(cls, prompt_mask: torch.Tensor, visual_sizes: tuple[int, ...]) -> "Layout":
         batch, length = prompt_mask.shape
         # contiguous, so that the searches that read it (index_in) need no copy of it each time
         positions = torch.arange(length, device=prompt_mask.device).repeat(batch, 1)
         return cls(positions, prompt_mask.bool(), (length,) * batch, visual_sizes)
 
     @property
-    def filled(self) -> bool | None:
-        """Whether some sample is left-filled (None: not known on the host)."""
-        return None if self.sizes is None else min(self.sizes) < max(self.sizes)
+    def filled(self) -> bool:
+        """Whether some sample is left-filled."""
+        return min(self.sizes) < max(self.sizes)
 
     @property
     def length(self) -> int:
@@ -51,19 +51,15 @@ class Layout:
         held.scatter_(1, torch.where(self.positions == FILL, length, self.positions), True)
         held = held[:, :length] & ~visual
         kept = torch.cat([on_device(k, visual.device) for k in kept_visual])
+        counts = tuple(k.numel() for k in kept_visual)
         samples = torch.repeat_interleave(torch.arange(batch, device=visual.device),
-                                          on_device(torch.tensor([k.numel() for k in kept_visual]), visual.device),
-                                          output_size=kept.numel())
+                                          on_device(torch.tensor(counts), visual.device), output_size=kept.numel())
         held[samples, kept] = True
         # Sorting FILL (-1) below every held position leaves each row's positions last, in order: left-filled.
         order = torch.where(held, torch.arange(length, device=visual.device), FILL).sort(dim=1).values
-        counts = tuple(k.numel() for k in kept_visual)
-        if self.sizes is not None and self.visual_sizes is not None:  # every text slot stays: known on the host
-            sizes = tuple(size - seen + count for size, seen, count in zip(self.sizes, self.visual_sizes, counts))
-            positions = order[:, length - max(sizes):]
-        else:
-            sizes, counts = None, None
-            positions = order[:, length - int(held.sum(dim=1).max()):]
+        # every text slot stays, so each sample's new size is known on the host
+        sizes = tuple(size - seen + count for size, seen, count in zip(self.sizes, self.visual_sizes, counts))
+        positions = order[:, length - max(sizes):]
         valid = (positions != FILL) & prompt_mask.bool().gather(1, positions.clamp(min=0))
         return Layout(positions, valid, sizes, counts)
 
@@ -99,7 +95,8 @@ def decoder_mask(
     dtype: torch.dtype,
     late_rows: torch.Tensor | None = None,
     late_visible: torch.Tensor | None = None,
-    all_valid: bool | None = None,
+    *,
+    all_valid: bool,
 ):
     """The 4-D mask a decoder layer needs for keys kv_valid [B, kv] of which the last query_length are the queries.
 
@@ -107,11 +104,10 @@ def decoder_mask(
     attends only to late-visible keys (a recompute of tokens that, when decoded with a
     pruned KV cache, saw only the kept tokens). Returns None where sdpa's own causal
     handling is already exact (no invalid key; a full square or a single query). all_valid: whether every key is
-    valid, where the caller knows it on the host (None: read from kv_valid).
+    valid, as the caller knows it on the host (False where it does not: the mask is then built, never read).
     """
     kv_length = kv_valid.shape[1]
-    if implementation == "sdpa" and late_rows is None and query_length in (1, kv_length) and \
-            (bool(kv_valid.all()) if all_valid is None else all_valid):
+    if implementation == "sdpa" and late_rows is None and all_valid and query_length in (1, kv_length):
         return None
     device = kv_valid.device
     query_pos = torch.arange(kv_length - query_length, kv_length, device=device)[:, None]

@@ -554,7 +554,7 @@ def _host_row_counts(text: PromptText, layout: Layout) -> list[list[int]] | None
     them: every text and padding token stays in every layout, so where each sample's padding is at its ends, its
     valid slots are one run after its fill and left padding; and where its last token is text, that is its last row
     and its asking rows are its text rows. None where that does not hold."""
-    if layout.sizes is None or text.padding is None or not all(text.ends_with_text):
+    if text.padding is None or not all(text.ends_with_text):
         return None
     texts = [positions.numel() for positions in text.positions]
     counts = [size - before - after for size, (before, after) in zip(layout.sizes, text.padding)]
@@ -571,9 +571,8 @@ def _substitute_layer_inputs(run: Run, layout: Layout, kwargs, hidden) -> None:
         if run.late_from is not None:
             late_rows = layout.positions >= run.late_from
             late_visible = layout.valid & run.late_visible.gather(1, layout.positions.clamp(min=0))
-        known = None if layout.filled is None else not (run.prompt_text.padded or layout.filled)
         mask = decoder_mask(layout.valid, hidden.shape[1], run.adapter.attn_implementation, hidden.dtype,
-                            late_rows, late_visible, all_valid=known)
+                            late_rows, late_visible, all_valid=not (run.prompt_text.padded or layout.filled))
         index = layout.index_in(run.lm_layout)
         cos, sin = kwargs["position_embeddings"]
         ids = kwargs.get("position_ids")
