@@ -171,8 +171,14 @@ class Adapter(ABC):
 
     def encoded_place(self, item: VisualItem, projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
         """Where item's tokens are in the rows `projected` [R, T', D] (the projector's output from the item's first
-        row on), found by matching them with the features the LLM received for it, [N, D]; None if they differ."""
-        raise NotImplementedError
+        row on), found by matching them with the features the LLM received for it, [N, D]; None if they differ.
+        Here: the known place, if the rows there hold what the LLM received (a family that must search overrides)."""
+        place = self.known_place(item, received.device)
+        if place is None:
+            raise NotImplementedError
+        if projected.shape[0] < place.count or not torch.equal(projected[place.rows, place.feature_columns], received):
+            return None
+        return place
 
     def known_place(self, item: VisualItem, device) -> EncodedPlace | None:
         """Where item's tokens are in the rows from its first, where the family's layout alone says it (no features

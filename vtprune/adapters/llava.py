@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import CHUNKED_PREFILL, Adapter, EncodedPlace, VisualItem, single_row, single_row_place, split_runs
+from .base import CHUNKED_PREFILL, Adapter, EncodedPlace, VisualItem, single_row, split_runs
 
 
 class LlavaAdapter(Adapter):
@@ -46,9 +46,6 @@ class LlavaAdapter(Adapter):
 
     def vision_encoders(self):
         return [("image", self.model.model.vision_tower.encoder.layers)]
-
-    def encoded_place(self, item: VisualItem, projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
-        return single_row_place(projected, received)
 
     def known_place(self, item: VisualItem, device) -> EncodedPlace:
         return single_row(item.length, device)

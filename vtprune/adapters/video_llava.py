@@ -60,12 +60,6 @@ class VideoLlavaAdapter(Adapter):
         return [("image", self.model.model.image_tower.encoder.layers),
                 ("video", self.model.model.video_tower.encoder.layers)]
 
-    def encoded_place(self, item: VisualItem, projected: torch.Tensor, received: torch.Tensor) -> EncodedPlace | None:
-        place = self.known_place(item, received.device)
-        if projected.shape[0] < place.count or not torch.equal(projected[place.rows, place.feature_columns], received):
-            return None
-        return place
-
     def known_place(self, item: VisualItem, device) -> EncodedPlace:
         if item.kind == "image":
             return single_row(item.length, device)
