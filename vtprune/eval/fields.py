@@ -82,6 +82,16 @@ def string_list(value, empty: bool = False) -> list[str]:
     return out
 
 
+def first_non_utf8(data: bytes) -> tuple[int, int, int] | None:
+    """(line, offset in the file, the byte) of data's first byte that is not UTF-8; None where all of it is. The
+    loaders and `vtprune score` name a file's bad line alike."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return data.count(b"\n", 0, error.start) + 1, error.start, data[error.start]
+    return None
+
+
 def integer(value) -> int:
     """value as an integer: an int, an integral float (a pandas column) or a string of digits; neither a bool nor
     a fraction is one (ValueError)."""

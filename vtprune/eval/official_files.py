@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from .fields import Doc, _display, _text, _Where
+from .fields import Doc, _display, _text, _Where, first_non_utf8
 from .images import _ImageFile
 from .metrics import MME_SUBTASKS
 
@@ -45,18 +45,13 @@ def _read_text(file: Path, root: Path) -> str:
 
 
 def _not_utf8(file: Path, root: Path) -> ValueError:
-    # the decoder's position is within whatever chunk it was given: find the line again, byte by byte
-    offset = 0
-    with file.open("rb") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return ValueError(f"{_display(file, root)} line {n} (byte {offset + e.start} of the file): not "
-                                  f"UTF-8 (byte {line[e.start]:#04x}); the benchmark's files are UTF-8: re-download "
-                                  f"it, or convert it (e.g. iconv -f latin1 -t utf-8)")
-            offset += len(line)
-    return ValueError(f"{_display(file, root)}: not UTF-8; re-download it, or convert it to UTF-8")
+    # found again in the whole file: a streaming decoder's position is within whatever chunk it was given
+    found = first_non_utf8(file.read_bytes())
+    if found is None:
+        return ValueError(f"{_display(file, root)}: not UTF-8; re-download it, or convert it to UTF-8")
+    line, offset, byte = found
+    return ValueError(f"{_display(file, root)} line {line} (byte {offset} of the file): not UTF-8 (byte {byte:#04x}); "
+                      f"the benchmark's files are UTF-8: re-download it, or convert it (e.g. iconv -f latin1 -t utf-8)")
 
 
 def _load_json(file: Path, root: Path):

@@ -6,6 +6,8 @@ import io
 import json
 from pathlib import Path
 
+from .fields import first_non_utf8
+
 
 def read_predictions(path: str | Path) -> tuple[list[str], list[dict], list[int]]:
     """(predictions, references, each row's line number) from a JSONL file; a malformed line raises ValueError
@@ -14,10 +16,10 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[dict], list[int]
     data = Path(path).read_bytes()
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise ValueError(f"{path} line {line}: byte {data[error.start]:#04x} is not UTF-8; save the file as UTF-8 "
-                         "(JSON Lines is UTF-8)") from None
+    except UnicodeDecodeError:
+        line, _, byte = first_non_utf8(data)
+        raise ValueError(f"{path} line {line}: byte {byte:#04x} is not UTF-8; save the file as UTF-8 (JSON Lines is "
+                         "UTF-8)") from None
     with io.StringIO(text, newline=None) as lines:  # newlines read as open() reads them
         for number, line in enumerate(lines, start=1):
             if not line.strip():
