@@ -157,7 +157,7 @@ def test_check_references_follows_the_scoring_rule():
 def test_a_single_task_may_be_given_its_own_folder(checkpoint, data, tmp_path):
     assert cli.main(["eval", "--model", str(checkpoint), "--tasks", "pope", "--data", str(data / "pope"), "--methods",
                      "random", "--budgets", "8", "--out", str(tmp_path)]) == 0
-    assert len(read_all(tmp_path)) == 2 * 4  # unpruned and random@8 on POPE's 4 questions
+    assert len(read_all(tmp_path)) == 2 * 5  # unpruned and random@8 on POPE's 5 questions
 
 
 def test_the_reference_model_answers_the_synthetic_task_written_as_ocrbench(tmp_path):
@@ -274,3 +274,25 @@ def test_videomme_is_asked_with_its_frames_and_pruned(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"videomme asks about videos, but this checkpoint's processor "
                                          r"\(LlavaProcessor\) takes none"):
         benchmark_eval.benchmark_task(tiny_llava("sdpa"), tiny_processor(tiny_llava("sdpa")), samples)
+
+
+def test_answers_are_cut_at_the_tasks_stop_strings(monkeypatch):
+    """TextVQA's lmms-eval generation stops at "ASSISTANT:" (its "until"), as the lmms-eval plugin cuts: a model
+    running on into a new turn is scored on its answer, not on the turn it made up."""
+    from vtprune.eval import generation
+
+    class Processor:
+        video_processor = None
+
+        def batch_decode(self, tokens, skip_special_tokens):
+            return [" Coca Cola\nASSISTANT: The sign says Coca Cola"] * len(tokens)
+
+    monkeypatch.setattr(generation, "generate_tokens", lambda model, processor, questions, *args, **kwargs:
+                        [[1]] * len(questions))
+    textvqa = BenchmarkSample("textvqa", "1", (), "what brand?", {"answers": ["coca cola"] * 10})
+    assert benchmark_task(None, Processor(), [textvqa], frames=8).answer([textvqa]) == ["Coca Cola"]
+    assert score("textvqa", ["Coca Cola"], [textvqa.reference])["score"] == 100.0
+    # GQA sets no stop string: the whole answer is kept
+    gqa = BenchmarkSample("gqa", "2", (), "what brand?", {"answer": "coca cola"})
+    assert benchmark_task(None, Processor(), [gqa], frames=8).answer([gqa]) == [
+        "Coca Cola\nASSISTANT: The sign says Coca Cola"]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from vtprune.eval.loaders import TASKS, BenchmarkSample, load_benchmark
-from vtprune.eval.metrics import score
+from vtprune.eval.metrics import MME_SUBTASKS, score
 
 SHORT = "\nAnswer the question using a single word or phrase."
 LETTER = "\nAnswer with the option's letter from the given choices directly."
@@ -330,7 +330,8 @@ def write_image(path, color=RED, size=(4, 3)):
 
 
 def pope_llava(root):
-    lines = {"popular": [("Is there a dog in the image?", "yes", RED), ("Is there a cat in the image?", "no", RED)],
+    lines = {"adversarial": [("Is there a cup in the image?", "no", GREEN)],
+             "popular": [("Is there a dog in the image?", "yes", RED), ("Is there a cat in the image?", "no", RED)],
              "random": [("Is there a car in the image?", "yes", BLUE), ("Is there a bus in the image?", "no", BLUE)]}
     (root / "coco").mkdir(parents=True)
     for split, qs in lines.items():
@@ -345,19 +346,30 @@ def test_pope_llava_coco_files(tmp_path):
     pope_llava(tmp_path)
     samples = load_benchmark("pope", tmp_path)
     check_samples(samples, "pope")
-    assert [s.id for s in samples] == ["popular/1", "popular/2", "random/1", "random/2"]
-    assert samples[2].question == "Is there a car in the image?" + SHORT
-    assert [color_of(s.images[0]) for s in samples] == [RED, RED, BLUE, BLUE]
-    assert samples[1].reference == {"answer": "no", "category": "popular"}
-    # llava: popular all right (F1 1); random: gold yes read as no, gold no as no (F1 0); mean over splits 0.5
-    preds = ["Yes, there is.", "No.", "There is not.", "no"]
-    assert score("pope", preds, [s.reference for s in samples], scoring="llava")["score"] == pytest.approx(50.0)
+    assert [s.id for s in samples] == ["adversarial/1", "popular/1", "popular/2", "random/1", "random/2"]
+    assert samples[3].question == "Is there a car in the image?" + SHORT
+    assert [color_of(s.images[0]) for s in samples] == [GREEN, RED, RED, BLUE, BLUE]
+    assert samples[2].reference == {"answer": "no", "category": "popular"}
+    # llava: adversarial has no "yes" said or expected (F1 0); popular all right (F1 1); random: gold yes read
+    # as no, gold no as no (F1 0); mean over splits 1/3
+    preds = ["No.", "Yes, there is.", "No.", "There is not.", "no"]
+    assert score("pope", preds, [s.reference for s in samples], scoring="llava")["score"] == pytest.approx(100 / 3)
+
+
+def test_pope_llava_files_missing_a_split_are_refused(tmp_path):
+    """POPE's score is the mean over its three splits: a copy with two would be scored as if it were whole."""
+    pope_llava(tmp_path)
+    (tmp_path / "coco" / "coco_pope_adversarial.json").unlink()
+    raises(re.escape("has coco_pope_popular.json, coco_pope_random.json but not coco_pope_adversarial.json; POPE's "
+                     "score is the mean over its three splits"), load_benchmark, "pope", tmp_path)
+    raises(re.escape("has coco_pope_random.json but not coco_pope_adversarial.json, coco_pope_popular.json"),
+           load_benchmark, "pope", tmp_path / "coco" / "coco_pope_random.json")
 
 
 def test_pope_same_question_in_parquet_and_llava_files(tmp_path):
     pope_llava(tmp_path / "llava")
     write_parquet(tmp_path / "hf" / "pope.parquet", pope_rows())
-    assert load_benchmark("pope", tmp_path / "llava")[0].question == load_benchmark("pope", tmp_path / "hf")[0].question
+    assert load_benchmark("pope", tmp_path / "llava")[1].question == load_benchmark("pope", tmp_path / "hf")[0].question
 
 
 def test_gqa_llava_question_file(tmp_path):
@@ -453,7 +465,12 @@ def test_mmbench_tsv_with_base64_images(tmp_path):
 
 
 def mme_release(root):
+    """MME's release folder: artwork and code_reasoning as the tests read them, each other subtask one image."""
     release = root / "MME_Benchmark_release_version"
+    for kind in MME_SUBTASKS.values():
+        for subtask in set(kind) - {"artwork", "code_reasoning"}:
+            write_image(release / subtask / "1.png", GREEN)
+            (release / subtask / "1.txt").write_text("Is it green?\tYes\nIs it red?\tNo\n")
     write_image(release / "artwork" / "images" / "10002.jpg", RED)
     (release / "artwork" / "questions_answers_YN").mkdir(parents=True)
     (release / "artwork" / "questions_answers_YN" / "10002.txt").write_text(
@@ -468,6 +485,8 @@ def test_mme_release_folder(tmp_path):
     mme_release(tmp_path)
     samples = load_benchmark("mme", tmp_path)
     check_samples(samples, "mme")
+    assert len(samples) == 2 * 14
+    samples = [s for s in samples if s.reference["category"] in ("artwork", "code_reasoning")]
     assert [s.id for s in samples] == ["artwork/10002.jpg#1", "artwork/10002.jpg#2",
                                        "code_reasoning/0020.png#1", "code_reasoning/0020.png#2"]
     assert samples[1].question == "Is this by Dali?" + SHORT
@@ -941,3 +960,29 @@ def test_rows_with_one_id_and_question_but_opposite_answers_are_refused(tmp_path
     raises(re.escape("code_reasoning/0020.txt line 2: has the id 'code_reasoning/0020.png' and question of "
                      "MME_Benchmark_release_version/code_reasoning/0020.txt line 1 but not its answer"),
            load_benchmark, "mme", tmp_path / "mme")
+
+
+def test_a_copy_of_another_config_or_split_is_refused(tmp_path):
+    """ScienceQA-FULL for ScienceQA-IMG, another split than the one lmms-eval evaluates, a text-only ScienceQA
+    row: each would be scored in the task's place."""
+    write_parquet(tmp_path / "full" / "ScienceQA-FULL" / "test-00000-of-00001.parquet", sqa_rows())
+    raises(re.escape("holds lmms-lab/ScienceQA's ScienceQA-FULL config but not 'ScienceQA-IMG', which scienceqa_img "
+                     "reads"), load_benchmark, "scienceqa_img", tmp_path / "full")
+    write_parquet(tmp_path / "val" / "validation-00000-of-00001.parquet", sqa_rows())
+    raises(re.escape("holds split validation but not 'test', the split lmms-eval evaluates for scienceqa_img"),
+           load_benchmark, "scienceqa_img", tmp_path / "val")
+    write_parquet(tmp_path / "text" / "test-00000-of-00001.parquet", [sqa_rows()[0], {**sqa_rows()[1], "image": None}])
+    raises(re.escape("test-00000-of-00001.parquet row 1: field 'image' is missing; ScienceQA-IMG's questions all "
+                     "come with an image"), load_benchmark, "scienceqa_img", tmp_path / "text")
+    write_parquet(tmp_path / "mine.parquet", sqa_rows())  # a name that says nothing of the split is read
+    assert len(load_benchmark("scienceqa_img", tmp_path / "mine.parquet")) == 2
+
+
+def test_mme_release_missing_a_subtask_is_refused(tmp_path):
+    release = mme_release(tmp_path)
+    for subtask in ("OCR", "count"):
+        for f in (release / subtask).iterdir():
+            f.unlink()
+        (release / subtask).rmdir()
+    raises(re.escape("MME_Benchmark_release_version: has no folder for MME subtasks count, OCR; MME's scores sum "
+                     "all 14 subtasks"), load_benchmark, "mme", tmp_path)

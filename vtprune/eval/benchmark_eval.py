@@ -109,9 +109,10 @@ def benchmark_task(model, processor, samples: list[BenchmarkSample], max_new_tok
 
     def answer(chunk: list[BenchmarkSample]) -> list[str]:
         videos = [[read_frames(path, frames) for path in s.videos] for s in chunk]
+        spec = TASKS[chunk[0].task]
         return generate_answers(model, processor, [s.question for s in chunk], [list(s.images) for s in chunk],
-                                max_new_tokens=max_new_tokens or TASKS[chunk[0].task].max_new_tokens,
-                                videos=videos if any(videos) else None)
+                                max_new_tokens=max_new_tokens or spec.max_new_tokens,
+                                videos=videos if any(videos) else None, stop=spec.stop)
 
     return Task(samples, answer, fields=lambda sample, text: {"task": sample.task, "id": sample.id, "prediction": text},
                 batch_of=lambda sample: sample.task)

@@ -108,12 +108,23 @@ def generate_tokens(model, processor, questions: list[str], images: list, max_ne
 
 
 def generate_answers(model, processor, questions: list[str], images: list, max_new_tokens: int,
-                     videos: list | None = None, chat_template: str | None = None, **generate_kwargs) -> list[str]:
-    """Each sample's answer: its generated tokens decoded without special tokens, stripped. A pruner applied to
-    `model` (vtprune.apply) prunes every sample of the batch; its last_stats describe this call."""
+                     videos: list | None = None, chat_template: str | None = None, stop=(),
+                     **generate_kwargs) -> list[str]:
+    """Each sample's answer: its generated tokens decoded without special tokens, up to the first of the `stop`
+    strings (the task's "until"), stripped. A pruner applied to `model` (vtprune.apply) prunes every sample of
+    the batch; its last_stats describe this call."""
     tokens = generate_tokens(model, processor, questions, images, max_new_tokens, videos, chat_template,
                              **generate_kwargs)
-    return [text.strip() for text in processor.batch_decode(tokens, skip_special_tokens=True)]
+    return [cut_at_stops(text, stop) for text in processor.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def cut_at_stops(answer: str, stop) -> str:
+    """The answer up to the first of the stop strings (a string or several; decoding ran on to max_new_tokens
+    or EOS), stripped, as lmms-eval's models cut at a task's "until"."""
+    for s in [stop] if isinstance(stop, str) else stop or []:
+        if s:
+            answer = answer.split(s)[0]
+    return answer.strip()
 
 
 def _as_list(visuals) -> list:

@@ -290,22 +290,34 @@ def _with_unique_ids(samples: list[BenchmarkSample]) -> list[BenchmarkSample]:
 # formats (a) and (b): the tables lmms-eval reads for a task
 
 
+# The configs of the datasets with several, so that a copy of another config (ScienceQA-FULL for
+# ScienceQA-IMG, GQA's testdev_all for testdev_balanced, MMBench's cn for en) is refused, not scored in its place.
+_CONFIGS = {
+    "lmms-lab/MMBench": {"en", "cn", "cc"},
+    "lmms-lab/ScienceQA": {"ScienceQA-FULL", "ScienceQA-IMG"},
+    "lmms-lab/GQA": {f"{split}_{kind}_{part}" for split in ("challenge", "submission", "test", "testdev", "train", "val")
+                     for kind in ("all", "balanced") for part in ("images", "instructions")},
+}
+# Split names the hub uses; a copy holding only another one of these is refused (a file named otherwise, e.g.
+# my_copy.parquet, says nothing of its split and is read).
+_SPLITS = {"train", "validation", "val", "test", "testdev", "dev", "challenge", "submission"}
+
+
 def _select(tables: list[_Table], spec: TaskSpec, config: str | None, root: Path) -> list[_Table]:
     """The tables lmms-eval would read: those under the task's config folder (when the copy has config
     folders, as hub snapshots do), then those of its split (when the copy holds several splits)."""
     if config:
         in_config = [t for t in tables if config in t.parts]
-        # never read MMBench's cn/ folder for mmbench_en (or the reverse) because en/ was not copied
-        siblings = {s.hf_config for s in TASKS.values() if s.hf_dataset == spec.hf_dataset} - {config, None}
-        if not in_config and (found := sorted({p for t in tables for p in t.parts} & siblings)):
+        others = _CONFIGS.get(spec.hf_dataset, set()) - {config}
+        if not in_config and (found := sorted({p for t in tables for p in t.parts} & others)):
             raise ValueError(f"{root}: holds {spec.hf_dataset}'s {', '.join(found)} config but not {config!r}, "
                              f"which {spec.name} reads; copy that config's files too")
         tables = in_config or tables
     in_split = [t for t in tables if t.split == spec.split]
     splits = sorted({t.split for t in tables if t.split})
-    if not in_split and len(splits) > 1:
-        raise ValueError(f"{root}: holds splits {', '.join(splits)} but not {spec.split!r}, the split lmms-eval "
-                         f"evaluates for {spec.name}; point at the files of that split")
+    if not in_split and (len(splits) > 1 or set(splits) & _SPLITS):
+        raise ValueError(f"{root}: holds split{'s' * (len(splits) > 1)} {', '.join(splits)} but not {spec.split!r}, "
+                         f"the split lmms-eval evaluates for {spec.name}; point at the files of that split")
     selected = in_split or tables
     _check_shards(selected, root)
     return selected
@@ -442,6 +454,9 @@ def _missing_mmbench_cell(value) -> bool:
 
 
 def _scienceqa(doc: Doc, where: _Where):
+    if _missing(doc.get("image")):
+        raise where.error("image", "is missing", "ScienceQA-IMG's questions all come with an image (a text-only "
+                          "one is ScienceQA-FULL's); point at the ScienceQA-IMG config's files")
     question = _text(doc, "question", where)
     choices = _string_list(doc, "choices", where, "a non-empty list of option texts")
     answer = _integer(doc, "answer", where, f"the gold option's 0-based index (0..{len(choices) - 1})")
@@ -527,8 +542,6 @@ def _to_sample(spec: TaskSpec, doc: Doc, where: _Where, ordinal: int) -> Benchma
     if spec.name == "videomme":
         images: tuple = ()
         videos = (doc["video"],)
-    elif image is None and spec.name == "scienceqa_img":
-        images = ()  # sqa_doc_to_visual returns [] for a text-only question (ScienceQA-FULL rows)
     else:
         images = (_open_image(image, where),)
     return BenchmarkSample(spec.name, sid if sid is not None else str(ordinal), images, question, reference,

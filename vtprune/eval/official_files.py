@@ -117,9 +117,13 @@ _POPE_SPLITS = ("adversarial", "popular", "random")
 
 
 def _read_pope(root: Path):
-    files = [f for s in _POPE_SPLITS if (f := _first_file(root, [f"coco_pope_{s}.json"], ("", "coco")))]
+    found = {s: _first_file(root, [f"coco_pope_{s}.json"], ("", "coco")) for s in _POPE_SPLITS}
+    files = [f for f in found.values() if f]
     if not files:
         return None
+    if missing := [f"coco_pope_{s}.json" for s, f in found.items() if f is None]:
+        raise ValueError(f"{root}: has {', '.join(f.name for f in files)} but not {', '.join(missing)}; POPE's score "
+                         f"is the mean over its three splits, so point at the folder holding all three files")
     base = files[0].parent
     image_dir = _first_dir([base / "val2014", base.parent / "val2014", base / "images", base])
 
@@ -262,6 +266,9 @@ def _read_mme(root: Path):
     present = [c for c in subtasks if (release / c).is_dir()] if release.is_dir() else []
     if not present:
         return None
+    if missing := [c for c in subtasks if c not in present]:
+        raise ValueError(f"{_display(release, root)}: has no folder for MME subtask{'s' * (len(missing) > 1)} "
+                         f"{', '.join(missing)}; MME's scores sum all 14 subtasks, so copy MME's whole release")
 
     def docs():
         for category in present:

@@ -77,9 +77,8 @@ class Vtprune(lmms):
         answers = generate_answers(
             self.model, self.processor, [question_text(context) for context in contexts],
             [images for images, _ in visuals], self.max_new_tokens_for(settings),
-            videos=[videos for _, videos in visuals], chat_template=self.chat_template,
+            videos=[videos for _, videos in visuals], chat_template=self.chat_template, stop=settings.get("until"),
         )
-        answers = [cut_at_stops(answer, settings.get("until")) for answer in answers]
         for context, answer in zip(contexts, answers):
             self.cache_hook.add_partial("generate_until", (context, settings), answer)
         return answers
@@ -169,14 +168,6 @@ def longest_first(args: tuple):
 def question_text(context: str) -> str:
     """The task's question less lmms-eval's image placeholders: the chat template places the images."""
     return context.replace(LMMS_IMAGE_TOKEN, "").strip()
-
-
-def cut_at_stops(answer: str, until) -> str:
-    """The answer up to the first of the task's stop strings (decoding ran on to max_new_tokens or EOS)."""
-    for stop in [until] if isinstance(until, str) else until or []:
-        if stop:
-            answer = answer.split(stop)[0]
-    return answer.strip()
 
 
 def warn_if_not_greedy(settings: dict) -> None:
