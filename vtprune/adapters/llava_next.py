@@ -121,6 +121,8 @@ def packed_item(start: int, newlines: torch.Tensor, side: int) -> VisualItem:
     cols = (newlines.shape[0] - base) // max(rows, 1) - 1
     if rows == 1 and ends == [base]:
         return anyres_item(start, side, None)
+    if not rows and newlines.shape[0] == base:  # so wide or tall an image that its high resolution has no rows
+        return anyres_item(start, side, (0, 0))
     if not rows or ends != [base + (row + 1) * (cols + 1) - 1 for row in range(rows)]:
         raise ValueError(f"cannot lay out the anyres grid of the {newlines.shape[0]} image features at position {start} "
                          f"({CHUNKED_PREFILL})")

@@ -67,6 +67,8 @@ def high_frequency_magnitude(tokens: torch.Tensor, grid: Grid | tuple[int, int],
     grid = grid if isinstance(grid, Grid) else Grid(*grid)
     rows, cols = grid.rows, grid.cols
     lead = tokens.shape[:-2]
+    if grid.size == 0:  # a very wide or tall anyres image's high-res part can have no rows or columns
+        return tokens.new_zeros(*lead, 0, dtype=torch.float32)
     planes = tokens.float().reshape(-1, grid.frames, rows, cols, tokens.shape[-1])
     sigma = min(rows // 2, cols // 2) * cutoff
     if sigma > 0:
