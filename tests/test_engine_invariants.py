@@ -310,3 +310,26 @@ def test_anyres_newline_tokens_are_never_dropped(method):
         held = decision.positions_at(layer)
         for b in range(len(MIXED)):
             assert set(torch.nonzero(newlines[b]).flatten().tolist()) <= set(held[b].tolist())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_llava_next_pixel_values_4d_and_5d_are_pruned_alike(method):
+    """transformers takes LLaVA-NeXT's patches 5-D (images x patches) or 4-D (every image's patches in one run),
+    cutting both by image_sizes: the same layout, the same kept tokens, the same logits."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    skip_block_merging_on(method, "llava_next", videos=False)
+    model = FAMILIES["llava_next"]("sdpa")
+    inputs = tiny_inputs(model, MIXED[:2])
+    patches = [image_size_to_num_patches(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+               for size in inputs["image_sizes"].tolist()]
+    flat = dict(inputs, pixel_values=torch.cat([p[:n] for p, n in zip(inputs["pixel_values"], patches)]))
+    results = []
+    for given in (inputs, flat):
+        with vtprune.apply(model, method, 9, **OPTIONS.get(method, {})) as pruner:
+            results.append((model(**given).logits, pruner.last_decision))
+    (logits_5d, decision_5d), (logits_4d, decision_4d) = results
+    torch.testing.assert_close(logits_4d, logits_5d, atol=1e-5, rtol=0)
+    assert decision_5d.stage_layers == decision_4d.stage_layers
+    for a, b in zip(decision_5d.kept, decision_4d.kept):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -44,10 +44,10 @@ class LlavaNextAdapter(Adapter):
         rows, cols = unpad_image(canvas, torch.as_tensor(image_size)).shape[1:]
         return int(rows), int(cols)
 
-    def image_item(self, start: int, image_size, anyres: bool) -> VisualItem:
-        """The item of one image whose placeholders begin at start."""
-        if not anyres:  # 4-D pixel_values: the base image alone, and one newline after it
-            return self._item(start, None)
+    def image_item(self, start: int, image_size) -> VisualItem:
+        """The item of one image whose placeholders begin at start: its base grid and its tiles' grid, whether
+        pixel_values come 5-D (images x patches) or 4-D (every image's patches in one run), as the model
+        cuts both by image_sizes."""
         return self._item(start, self.high_resolution_grid(image_size))
 
     def encoded_item(self, start: int, features: torch.Tensor) -> VisualItem:
@@ -92,9 +92,7 @@ class LlavaNextAdapter(Adapter):
         sizes = model_kwargs.get("image_sizes")
         encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
         if sizes is not None:
-            pixel_values = model_kwargs.get("pixel_values")
-            anyres = pixel_values is None or pixel_values.dim() == 5  # 4-D: one patch per image, no tiles
-            place, sources = (lambda start, size: self.image_item(start, size, anyres)), sizes.tolist()
+            place, sources = self.image_item, sizes.tolist()
         elif encoded is not None:
             place, sources = self.encoded_item, encoded.pooler_output
         else:
