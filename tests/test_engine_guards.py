@@ -21,7 +21,7 @@ from vtprune.engine.cache import cache_keyword, output_cache
 from vtprune.methods import WITHOUT_TOKENIZER
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
-from .conftest import greedy
+from .conftest import FAMILIES, greedy
 
 LAYOUTS = [SampleLayout(images=2), SampleLayout(images=1, text_before=6)]
 
@@ -82,6 +82,24 @@ def test_a_sample_whose_attention_mask_is_all_zeros_is_refused(model, method):
     with vtprune.apply(model, method, 10):
         with pytest.raises(ValueError, match="sample 1 of the batch has an attention_mask of zeros only"):
             model(**inputs)
+
+
+@pytest.mark.parametrize("method", ["random", "fastv", "visionzip"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("family", ["llava", "video_llava"])
+def test_a_pruned_prompt_ending_with_an_image_is_refused(family, method, padding_side):
+    """The next token is predicted from the prompt's last token: were it an image token that pruning drops, generate
+    would read the logits of a zero state, unrelated to the input. LLaVA and Video-LLaVA prompts can end with an
+    image (the other families close each with a newline or vision_end token); a keep-all budget runs as before."""
+    model = FAMILIES[family]("sdpa")
+    inputs = tiny_inputs(model, [SampleLayout(), SampleLayout(text_after=0)], padding_side=padding_side)
+    with vtprune.apply(model, method, 10_000):
+        model(**inputs)
+    with vtprune.apply(model, method, 4):
+        with pytest.raises(ValueError, match="sample 1's prompt ends with an image or video token: its next token is "
+                                             "predicted from that token's state, which pruning may drop"):
+            model(**inputs)
+        model(**tiny_inputs(model, [SampleLayout(), SampleLayout(text_after=1)], padding_side=padding_side))
 
 
 def test_decoder_layers_that_bypass_their_hooks_are_caught(model):

@@ -391,6 +391,12 @@ class Pruner:
                 self._recorder.take()
             self._record_stats(run)
             return None
+        if False in self._text.ends_with_text:
+            raise ValueError(
+                f"sample {self._text.ends_with_text.index(False)}'s prompt ends with an image or video token: its next "
+                "token is predicted from that token's state, which pruning may drop (the logits there would mean "
+                "nothing); end the prompt with text, as the chat template's assistant turn does"
+            )
         prefill.begin(run, language_model, kwargs, self._cache_keyword, self._recorder.take() if self._recorder else [])
         run.ids, self._input_ids = self._input_ids, None
         self._run = run
