@@ -142,6 +142,23 @@ def test_a_follow_up_turn_without_attention_masks(model, method):
             torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["random", "fastv", "clse"])
+def test_a_hand_written_decode_loop_without_masks_equals_recomputing(model, method):
+    """model(input_ids=token, cache=cache) with no mask nor positions: Qwen2-VL / 2.5-VL number such a token from the
+    cache's length (plus the prompt's M-RoPE offset), which a pruned cache understates; it goes where the unpruned
+    conversation puts it, on every family."""
+    inputs = tiny_inputs(model, LAYOUTS[:1])
+    keyword = cache_keyword(model.model.language_model)
+    with vtprune.apply(model, method, 6, **OPTIONS.get(method, {})) as pruner:
+        out = model(**inputs, use_cache=True)
+        decision, cache, ids = pruner.last_decision, output_cache(out), inputs["input_ids"]
+        for token in (7, 9, 11):
+            step = model(input_ids=torch.tensor([[token]]), **{keyword: cache})
+            cache, ids = output_cache(step), torch.cat([ids, torch.tensor([[token]])], dim=1)
+            torch.testing.assert_close(step.logits[:, -1], recomputed_logits(model, pruner, decision, inputs, ids),
+                                       atol=1e-5, rtol=0)
+
+
 def test_a_re_fed_stretch_that_is_not_the_conversation_is_refused(model):
     inputs = tiny_inputs(model, LAYOUTS)
     with vtprune.apply(model, "random", 10):

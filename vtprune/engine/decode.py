@@ -13,7 +13,7 @@ from .layout import Layout, decoder_mask
 from .run import Run
 
 
-def continue_run(run: Run, kwargs: dict, fed_ids: torch.Tensor | None) -> bool:
+def continue_run(run: Run, kwargs: dict, fed_ids: torch.Tensor | None, caller_positions: bool) -> bool:
     """Adjust the language model's kwargs for a forward on the run's cache; False when nothing needs changing.
 
     A later turn of a conversation comes here too. transformers feeds the tokens past
@@ -24,7 +24,8 @@ def continue_run(run: Run, kwargs: dict, fed_ids: torch.Tensor | None) -> bool:
     start is read off the attention mask (it spans the whole conversation); without
     one, a forward that begins with the tokens after the cache's reported length is
     such a re-feed. Re-fed tokens must be the conversation's own (fed_ids: this
-    forward's input_ids, when it had some).
+    forward's input_ids, when it had some). Positions the caller gave (caller_positions)
+    are kept as they are.
     """
     embeds = kwargs["inputs_embeds"]
     batch, fed, _ = embeds.shape
@@ -32,6 +33,10 @@ def continue_run(run: Run, kwargs: dict, fed_ids: torch.Tensor | None) -> bool:
     consumed = run.prompt_length + run.generated
     if attention_mask is None:
         start = _start_without_mask(run, fed_ids, consumed)
+        if kwargs.get("position_ids") is not None and not caller_positions:
+            # Qwen2-VL / 2.5-VL number a mask-less forward's tokens from the cache's reported length (plus the
+            # prompt's M-RoPE offset); a pruned cache reports fewer tokens than the conversation holds.
+            kwargs["position_ids"] = kwargs["position_ids"] + (start - _reported(run))
         attention_mask = torch.ones(batch, start + fed, dtype=torch.long, device=embeds.device)
     elif isinstance(attention_mask, dict) or attention_mask.dim() != 2:
         raise ValueError(
@@ -85,11 +90,16 @@ def crop(run: Run, tokens: int) -> None:
 def _start_without_mask(run: Run, fed_ids: torch.Tensor | None, consumed: int) -> int:
     """Where a mask-less forward's tokens begin: after the cache's reported length when they begin with the
     conversation's tokens from there (transformers re-feeding a pruned cache), else after all it holds."""
-    reported = run.kv_layouts[0].length + run.generated
+    reported = _reported(run)
     again = consumed - reported
     if fed_ids is None or run.ids is None or not 0 < again < fed_ids.shape[1]:
         return consumed
     return reported if torch.equal(fed_ids[:, :again], run.ids[:, reported:consumed]) else consumed
+
+
+def _reported(run: Run) -> int:
+    """The tokens the cache reports holding (its first layer's)."""
+    return run.kv_layouts[0].length + run.generated
 
 
 def pad_repeated(run: Run, hidden: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,7 @@ class Pruner:
         self._run: Run | None = None
         self._prompt: Prompt | None = None  # the forward being run, as the multimodal model received it
         self._input_ids: torch.Tensor | None = None  # of the forward being run
+        self._caller_positions = False  # whether the forward being run was given position_ids
         self._logits_to_keep = None  # the top-level forward's, read by the multimodal forward it calls
         self._uncached: Prompt | None = None  # the last prompt decided without a cache, which a longer forward continues
         self._num_layers = adapter.model_info.num_layers
@@ -202,6 +203,7 @@ class Pruner:
         self._busy_thread = me
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._input_ids = input_ids
+        self._caller_positions = kwargs.get("position_ids") is not None
         logits_to_keep, self._logits_to_keep = self._logits_to_keep, None
         encoded = kwargs.get("mm_encoder_outputs") or {}
         self._fusion = self._text = self._prompt = None
@@ -318,7 +320,7 @@ class Pruner:
             decode.crop(run, cropped)  # assisted decoding took back decoded candidates it rejected
         kv.check_lengths(cache, [layout.length + run.generated for layout in run.kv_layouts], "before a decode step")
         fed_ids, self._input_ids = self._input_ids, None
-        return (args, kwargs) if decode.continue_run(run, kwargs, fed_ids) else None
+        return (args, kwargs) if decode.continue_run(run, kwargs, fed_ids, self._caller_positions) else None
 
     def _after_language_model_forward(self, module, args, kwargs, output):
         run = self._run
