@@ -119,6 +119,20 @@ def test_generate_without_a_cache_keeps_the_prompts_decision(model, method):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["fastv", "sparsevlm", "clse"])
+def test_a_forward_without_a_cache_outside_generate_decides_on_its_own_input(model, method):
+    """Only generate's own re-feeds reuse a decision: a caller's forward without a cache extending an earlier one
+    (scoring growing prefixes, say) gives what it gives on a fresh pruner, whatever ran before."""
+    inputs = tiny_inputs(model, LAYOUTS)
+    longer = grown(inputs, torch.cat([inputs["input_ids"], torch.full((2, 6), 7)], dim=1))
+    with vtprune.apply(model, method, 10, **OPTIONS.get(method, {})):
+        fresh = model(**longer, use_cache=False).logits
+    with vtprune.apply(model, method, 10, **OPTIONS.get(method, {})):
+        greedy(model, inputs, steps=2, use_cache=False)
+        model(**inputs, use_cache=False)
+        assert torch.equal(model(**longer, use_cache=False).logits, fresh)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_a_follow_up_turn_without_attention_masks(model, method):
     """One unpadded sample and no masks: transformers re-feeds the tokens past the pruned cache's length,

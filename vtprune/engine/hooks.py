@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable
 
@@ -100,7 +101,7 @@ class Pruner:
         self._input_ids: torch.Tensor | None = None  # of the forward being run
         self._caller_positions = False  # whether the forward being run was given position_ids
         self._logits_to_keep = None  # the top-level forward's, read by the multimodal forward it calls
-        self._uncached: Prompt | None = None  # the last prompt decided without a cache, which a longer forward continues
+        self._uncached: Prompt | None = None  # the last prompt generate decided without a cache, which it re-feeds
         self._num_layers = adapter.model_info.num_layers
         self._owner = _Owner()  # marks the caches this pruner's prompts filled (see _RUN)
         # One forward at a time: its state lives here (threads, or DataParallel's replicas, would share it).
@@ -120,6 +121,7 @@ class Pruner:
         ]
         for index, layer in enumerate(adapter.decoder_layers):
             self._handles.append(layer.register_forward_pre_hook(self._decoder_layer_hook(index), with_kwargs=True))
+        self._wrap_generate()
 
     # ----------------------------------------------------------------- public
     @property
@@ -137,6 +139,11 @@ class Pruner:
         self._handles = []
         if self._recorder is not None:
             self._recorder.remove()
+        if self.model.__dict__.get("generate") is self._generate:
+            if self._own_generate is None:
+                del self.model.generate
+            else:
+                self.model.generate = self._own_generate
         self._run = self._text = self._fusion = self._prompt = self._uncached = self._input_ids = None
         self._owner.live = False  # the caches filled until now refuse to be continued (kv.PrunedCache)
         self._owner = _Owner()
@@ -187,6 +194,25 @@ class Pruner:
 
     def __repr__(self) -> str:
         return f"Pruner(method={self.method.name!r}, budget={self.budget!r}, options={self.method.options})"
+
+    def _wrap_generate(self) -> None:
+        """generate with use_cache=False feeds the whole sequence again at every step; within one generate call
+        those forwards reuse the prompt's decision (so both cache modes give the same tokens), and nowhere else (a
+        forward of the caller's own, without a cache, decides on its own input whatever ran before). The model's
+        generate is wrapped on this instance to know which forwards are generate's; remove() unwraps it."""
+        self._own_generate = self.model.__dict__.get("generate")  # the caller's own instance attribute, if any
+        inner = self.model.generate
+
+        @functools.wraps(inner)
+        def generate(*args, **kwargs):
+            self._uncached, self._generating = None, True
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._uncached, self._generating = None, False
+
+        self._generating, self._generate = False, generate
+        self.model.generate = generate
 
     # ------------------------------------------------------------------ hooks
     def _on_model_forward(self, module, args, kwargs):
@@ -261,10 +287,12 @@ class Pruner:
         return None
 
     def _continued_prompt(self, cache, kwargs) -> Prompt | None:
-        """The prompt decided without a cache that this forward, also without one, extends (generate with
-        use_cache=False feeds the whole sequence at every step): its decision is reused, not made again."""
+        """The prompt decided without a cache that this forward of the same generate call, also without one,
+        extends (generate with use_cache=False feeds the whole sequence at every step): its decision is reused,
+        not made again."""
         last = self._uncached
-        if last is None or cache is not None or prefill.wants_cache(self.adapter.language_model, kwargs):
+        if last is None or not self._generating or cache is not None \
+                or prefill.wants_cache(self.adapter.language_model, kwargs):
             return None
         return last if last.continued_by(self._prompt) else None
 
@@ -333,7 +361,7 @@ class Pruner:
         self._record_stats(run)
         if run.replay is None and self._prompt is not None:
             self._prompt.decision = self.last_decision
-            self._uncached = self._prompt if run.cache is None else None
+            self._uncached = self._prompt if run.cache is None and self._generating else None
         if run.cache is not None:
             # The cache holds its run, not the other way round (a cycle would keep every cache alive until the
             # garbage collector ran): decode steps find the run through the cache they continue.
