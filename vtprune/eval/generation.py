@@ -36,11 +36,11 @@ def load_checkpoint(path: str | Path, dtype="auto", attn_implementation: str = "
     The model class is the one transformers maps the checkpoint to for image-text-to-text, checked against
     the families vtprune has adapters for before any weight is read. dtype "auto" keeps the checkpoint's own.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     from vtprune.adapters import supported_models
-    from vtprune.synth.reference import CheckpointError, load_whole
+    from vtprune.synth.reference import load_processor, load_whole
 
     config = AutoConfig.from_pretrained(path)
     model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
@@ -49,12 +49,7 @@ def load_checkpoint(path: str | Path, dtype="auto", attn_implementation: str = "
         raise ValueError(f"{path} is a {config.model_type!r} checkpoint ({found}); vtprune supports "
                          f"{', '.join(supported_models())}")
     model = load_whole(path, AutoModelForImageTextToText, dtype=dtype, attn_implementation=attn_implementation)
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: cannot load the checkpoint's processor ({error}); save it beside the model "
-                              "(processor.save_pretrained)") from None
-    return model.eval(), processor
+    return model.eval(), load_processor(path)
 
 
 def conversation(question: str, images: int = 0, videos: int = 0) -> list[dict]:

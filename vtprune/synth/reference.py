@@ -235,4 +235,16 @@ def load_reference(path: str | Path = REFERENCE_DIR, attn_implementation: str = 
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no reference model at {path}; train one with `vtprune train-reference --out {path}`")
     model = load_llava(path, attn_implementation=attn_implementation, dtype=torch.float32)
-    return model.eval(), LlavaProcessor.from_pretrained(path)
+    return model.eval(), load_processor(path, LlavaProcessor)
+
+
+def load_processor(path: Path, loader=None):
+    """The processor saved beside a checkpoint (loader: a processor class, AutoProcessor by default), or
+    CheckpointError saying how to give it one."""
+    from transformers import AutoProcessor
+
+    try:
+        return (loader or AutoProcessor).from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot load the checkpoint's processor ({error}); save it beside the model "
+                              "(processor.save_pretrained)") from None
