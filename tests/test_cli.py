@@ -204,19 +204,3 @@ def test_score_names_the_line_of_a_malformed_predictions_file(tmp_path):
     path.write_text('{"prediction": "yes", "answer": "yes", "category": "random"}\n')
     with pytest.raises(SystemExit, match=r"unknown task 'popee'; valid: .*pope"):
         cli.main(["score", "--task", "popee", "--predictions", str(path)])
-
-
-
-def test_a_checkpoint_saved_without_its_processor_is_a_one_line_error(tmp_path):
-    """show, calibrate and the synthetic eval load a LLaVA folder as eval --tasks does: no traceback."""
-    from vtprune.tiny import tiny_llava
-
-    from PIL import Image
-
-    tiny_llava().save_pretrained(tmp_path / "model")
-    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
-    for argv in (["show", str(tmp_path / "x.png"), "q", "--method", "clse", "--model", str(tmp_path / "model")],
-                 ["eval", "--model", str(tmp_path / "model"), "--methods", "random", "--budgets", "8", "--samples", "6",
-                  "--out", str(tmp_path / "out")]):
-        with pytest.raises(SystemExit, match="cannot load the checkpoint's processor .*; save it beside the model"):
-            cli.main(argv)
