@@ -47,7 +47,11 @@ def usage_error(argv, capsys) -> str:
     (["eval", "--methods", "random:seed=abc"], "--methods: random:seed=abc: seed takes an int; got 'abc'"),
     (["eval", "--methods", "clse:slice_kv=maybe"], "slice_kv takes true or false or none; got 'maybe'"),
     (["eval", "--methods", "clse:tau=nan"], "tau takes a finite number; got 'nan'"),
-    (["eval", "--methods", "fastv:layer=6"], "fastv:layer=6: method 'fastv' would act before decoder layer 6"),
+    (["eval", "--methods", "fastv:layer=6"], r"fastv:layer=6: method 'fastv' would act before decoder layer 6 \(on an "
+                                             r"image\)"),
+    (["eval", "--methods", "visionzip:layer=-9"], r"visionzip:layer=-9: method 'visionzip' reads vision layers \[-9\], "
+                                                  r"but the image tower has 3 layers"),
+    (["eval", "--methods", "hired:early_layer=5"], r"method 'hired' reads vision layers \[5\]"),
     (["eval", "--methods", "fastv:k=3"], "fastv has no option 'k'; its options are: layer"),
     (["eval", "--methods", "clasp:tokenizer=x"], "tokenizer cannot be given on the command line"),
     (["eval", "--methods", "random,random"], "--methods: random given twice"),

@@ -362,7 +362,8 @@ def _check_llava(parser, args) -> None:
 
 
 def _check_methods_fit(parser, args) -> None:
-    """Stage layers that the checkpoint's depth cannot hold (clse:layers=9 on 6 layers) fail here, not after loading."""
+    """Stage layers that the checkpoint's depth cannot hold (clse:layers=9 on 6 layers), and vision layers its tower
+    cannot (visionzip:layer=-9 on 3), fail here, not after loading."""
     from vtprune.methods import ModelInfo, get_method
     from vtprune.synth.reference import REFERENCE_DIR
 
@@ -371,11 +372,14 @@ def _check_methods_fit(parser, args) -> None:
     depth = text_config.get("num_hidden_layers") if isinstance(text_config, dict) else None
     if not isinstance(depth, int):
         return  # the config leaves the depth to transformers' defaults; apply() checks it after loading
+    tower = (config.get("vision_config") or {}).get("num_hidden_layers")
     for spec in args.methods or []:
         method = get_method(spec.method)
         try:
-            method(method.parse_options({**SUPPLIED.get(spec.method, {}), **spec.options})).check_model(
-                ModelInfo("llava", depth))
+            instance = method(method.parse_options({**SUPPLIED.get(spec.method, {}), **spec.options}))
+            instance.check_model(ModelInfo("llava", depth))
+            if isinstance(tower, int):
+                instance.check_vision_layers(ModelInfo("llava", depth), tower)
         except ValueError as error:
             parser.error(f"argument --methods: {spec.label}: {error}")
 

@@ -50,10 +50,7 @@ class VisionRecorder:
         names = method.vision_layers(adapter.model_info)
         towers = adapter.vision_encoders()
         for kind, layers in towers:  # all checked before any hook is in place
-            outside = [name for name in names if not -len(layers) <= name < len(layers)]
-            if outside:
-                raise ValueError(f"method {method.name!r} reads vision layers {outside}, but the {kind} tower has "
-                                 f"{len(layers)} layers ({-len(layers)}..{len(layers) - 1})")
+            method.check_vision_layers(adapter.model_info, len(layers), kind)
         if isinstance(method, BlockMergingMethod) and not adapter.one_row_per_image:
             raise ValueError(f"method {method.name!r} merges inside the vision tower to a count per row, which needs "
                              f"one tower row per image; {type(adapter.model).__name__} cuts images into tiles "

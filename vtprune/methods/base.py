@@ -283,6 +283,13 @@ class Method(ABC):
         negative counts from the end) whose queries and keys its VisionView carries."""
         return ()
 
+    def check_vision_layers(self, model: "ModelInfo", depth: int, kind: str = "image") -> None:
+        """Raise ValueError when a vision layer the method reads is not in a tower of `depth` layers."""
+        outside = [name for name in self.vision_layers(model) if not -depth <= name < depth]
+        if outside:
+            raise ValueError(f"method {self.name!r} reads vision layers {outside}, but the {kind} tower has "
+                             f"{depth} layers ({-depth}..{depth - 1})")
+
     def vision_fusion(self, text_ids: torch.Tensor) -> dict[int, float] | None:
         """Weights per vision hidden-state index for a sample's images; None keeps the model's own layer."""
         return None
@@ -324,7 +331,7 @@ class Method(ABC):
             for layer in layers:
                 if not 0 <= layer < model.num_layers:
                     raise ValueError(
-                        f"method {self.name!r} would act before decoder layer {layer} (on a {kind}), "
+                        f"method {self.name!r} would act before decoder layer {layer} (on {_a(kind)}), "
                         f"but the model has {model.num_layers} layers (0..{model.num_layers - 1})"
                     )
             if layers != sorted(set(layers)):
@@ -475,3 +482,7 @@ class BlockMergingMethod(VisionMethod):
             for i, parts in zip(group, zip(kept, sizes, destination)):
                 picks[i] = Selection(parts[0], None, parts[1], parts[2])
         return picks
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
