@@ -101,6 +101,15 @@ def test_other_settings_in_the_same_folder_are_refused(tiny_reference, tmp_path)
         evaluate(model, synthetic_task(model, processor, generate(6, 2), prompt), CONFIGS[:1], tmp_path, dict(SETTINGS, seed=6))
 
 
+@pytest.mark.parametrize("content, found", [("", "invalid JSON"), ("nope", "invalid JSON"), ("[1]", "a JSON list")])
+def test_a_damaged_run_json_is_named_not_a_traceback(tiny_reference, tmp_path, content, found):
+    model, processor = tiny_reference
+    (tmp_path / "run.json").write_text(content)
+    with pytest.raises(ValueError, match=f"run.json: holds {found}.*, not the settings of the run whose results the "
+                                         "folder holds.*pass another --out"):
+        evaluate(model, synthetic_task(model, processor, generate(5, 2), prompt), CONFIGS[:1], tmp_path, SETTINGS)
+
+
 def test_summary_normalizes_per_class_to_the_unpruned_model(tmp_path):
     def record(config, method, budget, qclass, correct):
         return {"config": config, "method": method, "budget": budget, "index": 0, "qclass": qclass,

@@ -82,7 +82,14 @@ def _check_settings(out: Path, settings: dict, shard: Shard) -> None:
     if shard.main and not path.exists():
         path.write_text(json.dumps(settings, indent=2))
     shard.wait_for_everyone()
-    previous = json.loads(path.read_text())
+    try:
+        previous = json.loads(path.read_text())
+        found = None if isinstance(previous, dict) else f"a JSON {type(previous).__name__}"
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        found = f"invalid JSON ({error})"
+    if found is not None:
+        raise ValueError(f"{path}: holds {found}, not the settings of the run whose results the folder holds, so "
+                         "a resume cannot be checked against them; pass another --out")
     if previous != settings:
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         code = " (versions: it was made by other code, vtprune's source included)" if "versions" in changed else ""
