@@ -100,3 +100,11 @@ def test_a_checkpoint_saved_without_its_processor_is_a_one_line_error(tmp_path):
                   "--out", str(tmp_path / "out")]):
         with pytest.raises(SystemExit, match="cannot load the checkpoint's processor .*; save it beside the model"):
             cli.main(argv)
+
+
+def test_demo_lists_a_method_refusing_the_budget_and_runs_the_others(capsys):
+    """ToMe's five blocks cannot merge 64 patches down to 1: a row says so, as vtprune eval lists it."""
+    assert cli.main(["demo", "--budget", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "not run: tome cannot merge 64 patches down to 1" in out and "unpruned" in out
+    assert "random weights" in out and out.count("/12") >= 16  # every other method generated its 12 tokens

@@ -32,6 +32,7 @@ def cmd_demo(args) -> int:
     import torch
 
     import vtprune
+    from vtprune.api import refusal
     from vtprune.methods import WITHOUT_TOKENIZER
     from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
@@ -46,6 +47,9 @@ def cmd_demo(args) -> int:
     table.add_row("unpruned", "[128, 64]", "64.0", f"{reference.numel()}/{reference.numel()}")
     for info in vtprune.methods():
         options = WITHOUT_TOKENIZER.get(info.name, {})
+        if (reason := refusal(model, info.name, args.budget, **options)) is not None:
+            table.add_row(info.name, f"[yellow]not run: {reason}[/yellow]", "", "")
+            continue
         with torch.no_grad(), vtprune.apply(model, info.name, args.budget, **options) as pruner:
             out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0)[:, -steps:]
             stats = pruner.last_stats
