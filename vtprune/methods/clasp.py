@@ -142,6 +142,9 @@ class CLASP(Method):
         if options.multipliers is not None and not all(0 < m < float("inf") for m in options.multipliers):
             raise ValueError(f"clasp's multipliers (each stage's tokens as a multiple of the budget) must be > 0 and "
                              f"finite; got {options.multipliers}")
+        if options.multipliers is not None and list(options.multipliers) != sorted(options.multipliers, reverse=True):
+            raise ValueError(f"clasp's multipliers must not grow from stage to stage (a stage keeps tokens the one "
+                             f"before kept); got {options.multipliers}")
 
     def __init__(self, options: "CLASP.Options"):
         super().__init__(options)
