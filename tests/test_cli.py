@@ -207,6 +207,14 @@ def test_score_names_the_line_of_a_malformed_predictions_file(tmp_path):
                     '{"prediction": "no", "label_typo": "no", "category": "random"}\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl line 3: pope reference has no field 'answer' or 'label'"):
         cli.main(["score", "--task", "pope", "--predictions", str(path)])
-    path.write_text('{"prediction": "yes", "answer": "yes", "category": "random"}\n')
+    # a line with an id given twice whole would count twice; lines without an id may be other questions alike
+    line = '{"prediction": "yes", "answer": "yes", "category": "random", "question_id": 7}\n'
+    path.write_text(line + '\n' + line)
+    with pytest.raises(SystemExit, match=r"bad.jsonl line 3: repeats line 1 whole .*; remove the copy"):
+        cli.main(["score", "--task", "pope", "--predictions", str(path)])
+    path.write_text(line.replace('"yes",', '"no",', 1) + line)
+    assert cli.main(["score", "--task", "pope", "--predictions", str(path)]) == 0
+    path.write_text('{"prediction": "yes", "answer": "yes", "category": "random"}\n' * 2)
+    assert cli.main(["score", "--task", "pope", "--predictions", str(path)]) == 0
     with pytest.raises(SystemExit, match=r"unknown task 'popee'; valid: .*pope"):
         cli.main(["score", "--task", "popee", "--predictions", str(path)])

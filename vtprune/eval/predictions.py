@@ -9,10 +9,16 @@ from pathlib import Path
 from .fields import first_non_utf8
 
 
+# The fields that name a benchmark's question (or, MME's question_id, its image): two lines alike in them and all
+# else are one answer given twice.
+ID_FIELDS = {"question_id", "questionId", "id", "index", "pid"}
+
+
 def read_predictions(path: str | Path) -> tuple[list[str], list[dict], list[int]]:
     """(predictions, references, each row's line number) from a JSONL file; a malformed line raises ValueError
     naming the file and line."""
     predictions, references, numbers = [], [], []
+    first_of: dict[str, int] = {}  # a line with an id, as written, -> its first line number
     data = Path(path).read_bytes()
     try:
         text = data.decode("utf-8")
@@ -32,6 +38,12 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[dict], list[int]
                 raise ValueError(f"{path} line {number}: not a JSON object")
             if "prediction" not in row:
                 raise ValueError(f"{path} line {number}: no 'prediction' field (the model's answer)")
+            if ID_FIELDS & row.keys():  # (lines without an id may be alike and still be other questions)
+                whole = json.dumps(row, sort_keys=True)
+                if whole in first_of:
+                    raise ValueError(f"{path} line {number}: repeats line {first_of[whole]} whole (id, answer and "
+                                     "prediction), so it would be scored twice; remove the copy")
+                first_of[whole] = number
             prediction = row.pop("prediction")
             if prediction is not None and not isinstance(prediction, str):
                 raise ValueError(f"{path} line {number}: field 'prediction' must be a string; got {prediction!r}")
