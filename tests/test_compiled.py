@@ -85,6 +85,18 @@ def test_compiling_twice_is_refused():
             vtprune.compile_prefill(model, backend="eager")
 
 
+@pytest.mark.parametrize("options, refusal", [({"mode": "bogus"}, "Unrecognized mode=bogus"),
+                                             ({"bogus": 1}, "unexpected keyword argument 'bogus'"),
+                                             ({"backend": "nosuch"}, "Invalid backend: 'nosuch'")])
+def test_options_torch_compile_refuses_are_refused_at_once(options, refusal):
+    """Not at the first forward: torch.compile checks them when called, and compiles only then."""
+    model = tiny_llava().eval()
+    with pytest.raises(ValueError, match=f"compile_prefill's options .* are torch.compile's, which refuses them: "
+                                         f".*{refusal}"):
+        vtprune.compile_prefill(model, **options)
+    assert all(not layer.__dict__.get("forward") for layer in model.model.language_model.layers)  # nothing installed
+
+
 def test_a_layer_called_on_its_own_runs_alone_and_eagerly():
     """Segments run inside the loop of the module holding the layers; a layer called elsewhere is one layer."""
     model = tiny_llava(layers=4).eval()

@@ -305,6 +305,11 @@ class CompiledPrefill:
         adapter = adapter_for(model)
         self.model = model
         options = {"mode": "reduce-overhead", **compile_options}
+        try:  # torch.compile checks its options when called (it compiles only at the first run): now, not then
+            torch.compile(lambda x: x, **options)
+        except Exception as error:
+            raise ValueError(f"compile_prefill's options {compile_options} are torch.compile's, which refuses them: "
+                             f"{error}") from None
         try:
             towers = [layers for _, layers in adapter.vision_encoders()]
         except ValueError:  # a family whose towers vtprune does not act in (Qwen2-VL's): they stay eager
