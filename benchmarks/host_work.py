@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from vtprune import cli_args
 from vtprune.api import refusal
 from vtprune.bench.ops import count_prefill
 from vtprune.bench.presets import PRESETS, build_preset, preset_inputs
@@ -32,9 +33,9 @@ from vtprune.methods import REGISTRY, WITHOUT_TOKENIZER
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="llava-cpu-small", choices=sorted(PRESETS))
-    parser.add_argument("--methods", default=",".join(sorted(REGISTRY)))
-    parser.add_argument("--budget", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--methods", type=cli_args.comma_list(cli_args.method_name), default=",".join(sorted(REGISTRY)))
+    parser.add_argument("--budget", type=cli_args.token_budget, default=64)
+    parser.add_argument("--batch", type=cli_args.positive_int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", type=Path, default=None)
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
     header = ["method", "select ops b1", f"b{args.batch}", "per extra sample", "other ops b1", f"b{args.batch}",
               "per extra sample"] + (["syncs b1", f"b{args.batch}"] if cuda else [])
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
-    for method in args.methods.split(","):
+    for method in args.methods:
         if refusal(model, method, args.budget, **WITHOUT_TOKENIZER.get(method, {})):
             print(f"| {method} | not run: {refusal(model, method, args.budget, **WITHOUT_TOKENIZER.get(method, {}))} |")
             continue

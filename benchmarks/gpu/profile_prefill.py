@@ -27,6 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import vtprune
+from vtprune import cli_args
 from vtprune.methods import WITHOUT_TOKENIZER
 from vtprune.bench.presets import PRESETS, build_preset, preset_inputs
 from vtprune.engine.compiled import COMPILERS
@@ -40,9 +41,10 @@ def device_time_us(event) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="llava-cpu-small", choices=sorted(PRESETS))
-    parser.add_argument("--method", default="unpruned", help="registered methods, comma-separated, or unpruned")
-    parser.add_argument("--budget", type=int, default=192)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--method", type=cli_args.comma_list(lambda t: t if t == "unpruned" else cli_args.method_name(t)),
+                        default="unpruned", help="registered methods, comma-separated, or unpruned")
+    parser.add_argument("--budget", type=cli_args.token_budget, default=192)
+    parser.add_argument("--batch", type=cli_args.positive_int, default=1)
     parser.add_argument("--compile", nargs="?", const="inductor", choices=sorted(COMPILERS),
                         help="the prefill compiled (compile_prefill): inductor (the default) or cudagraphs")
     parser.add_argument("--device", default="cpu")
@@ -53,7 +55,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prefills", type=int, default=3, help="prefills profiled")
     parser.add_argument("--out", type=Path, default=Path("out/profile"))
     args = parser.parse_args(argv)
-    methods = args.method.split(",")
+    methods = args.method
     if args.replay and "unpruned" in methods:
         parser.error("--replay replays a method's decision: unpruned has none")
     model = build_preset(args.arch, args.device, getattr(torch, args.dtype))

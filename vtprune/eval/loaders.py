@@ -178,9 +178,9 @@ def _other_benchmarks(spec: TaskSpec) -> set[str]:
 
 
 def _no_format_message(spec: TaskSpec, root: Path) -> str:
-    config = f" config {spec.hf_config!r}," if spec.hf_config else ""
+    config = f"config {spec.hf_config!r}, " if spec.hf_config else ""
     return (f"{root}: no {spec.name} data in a format this loader reads. Accepted: "
-            f"(a) parquet files of {spec.hf_dataset} ({config} split {spec.split!r}): a folder of *.parquet "
+            f"(a) parquet files of {spec.hf_dataset} ({config}split {spec.split!r}): a folder of *.parquet "
             f"or one .parquet file; (b) a datasets.save_to_disk folder (state.json + data-*.arrow, or "
             f"dataset_dict.json + split folders); (c) {spec.official_files}")
 
