@@ -112,14 +112,19 @@ def test_the_table_marks_measurements_too_noisy_to_compare():
     clse = dataclasses.replace(measurement("clse@64"), schedule_oracle_ms=10.0, input_oracle_ms=5.5,
                                select_ms={"layer 2": 1.5, "layer 11": 0.5})
     fastv = dataclasses.replace(measurement("fastv@64", p10=5.0, p90=8.0), input_oracle_ms=11.0)
-    results = [measurement("unpruned"), measurement("oracle@64"), fastv, measurement("random@64", decode=math.nan), clse]
+    oracle = dataclasses.replace(measurement("oracle@64"), unpruned_ms=33.0)  # the unpruned model, timed in turn
+    results = [measurement("unpruned"), oracle, fastv, measurement("random@64", decode=math.nan), clse]
     rows, text = rendered(bench_table(results, "t"))
     assert {config: cells[2] for config, cells in rows.items()} == {
         "unpruned": "", "oracle@64": "", "fastv@64": "!", "random@64": "!", "clse@64": ""}
-    assert rows["fastv@64"][5:7] == ["1.69x!", "0.59x!"]  # speedup and vs oracle: a ratio with a noisy side
+    assert rows["oracle@64"][5] == "3.00x"  # its unpruned times over its own, not over the unpruned row's (11 ms)
+    # speedup: the oracle row's 3x times this row's oracle / method; both with a noisy side
+    assert rows["fastv@64"][5:7] == ["5.08x!", "0.59x!"]
     assert rows["random@64"][9] == "nan"
     # against its input oracle (timed alternating with it, not the oracle@64 row) and schedule oracle; select ms
-    assert rows["clse@64"][5:9] == ["1.00x", "2.00x", "1.10x", "2.0"]
+    assert rows["clse@64"][5:9] == ["1.50x", "2.00x", "1.10x", "2.0"]
+    rows, _ = rendered(bench_table([measurement("unpruned"), clse], "t"))
+    assert rows["clse@64"][5] == "-"  # no oracle row at its budget: no ratio made side by side to chain
     assert "too noisy to trust: prefill p90/p10 above 1.5" in " ".join(text.split())
 
 

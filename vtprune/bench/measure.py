@@ -58,6 +58,8 @@ class Measurement:
     input_oracle_ms: float | None = None  # median prefill of the input oracle, timed alternating with the method
     schedule_oracle_spread: float | None = None  # p90 / p10 of the schedule oracle's times
     input_oracle_spread: float | None = None  # p90 / p10 of the input oracle's times
+    unpruned_ms: float | None = None  # an oracle's row: the unpruned prefill's median, timed alternating with it
+    unpruned_spread: float | None = None  # p90 / p10 of those unpruned times
     select_ms: dict[str, float] | None = None  # per stage ("layer 2", "vision"): the method's select, per prefill
 
     def as_dict(self) -> dict:
@@ -221,7 +223,10 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
     def apply():
         return vtprune.apply(model, method, budget, **(options or {}))
 
+    times, unpruned_times = [], []
     if method == "oracle":
+        times, unpruned_times = _oracle_and_unpruned_times(model, preset, inputs, batch, budget, device, dtype,
+                                                           warmup, repeats)
         inputs = oracle_inputs(model, preset, batch, budget, device, dtype)
         scope = oracle_truncation(model, preset, budget)
     elif method != "unpruned":
@@ -237,9 +242,9 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             replayed, input_oracle = [], []
-            if pruner is None:
+            if method == "unpruned":
                 times = [_time_ms(prefill, device) for _ in range(repeats)]
-            else:
+            elif pruner is not None:
                 pruner, times, replayed, input_oracle = _alternating_times(pruner, apply, prefill, oracle, device,
                                                                            repeats)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -282,6 +287,7 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
         visual_tokens_per_layer=visual,
         schedule_oracle_ms=_median(replayed), input_oracle_ms=_median(input_oracle), select_ms=select_ms,
         schedule_oracle_spread=_spread(replayed), input_oracle_spread=_spread(input_oracle),
+        unpruned_ms=_median(unpruned_times), unpruned_spread=_spread(unpruned_times),
     )
 
 
@@ -313,6 +319,25 @@ def _input_oracle(model, preset: Preset, batch: int, budget: int, device, dtype)
             return model(**inputs, use_cache=True, logits_to_keep=1)
 
     return prefill
+
+
+def _oracle_and_unpruned_times(model, preset: Preset, inputs: dict, batch: int, budget: int, device, dtype,
+                               warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """(the input oracle's prefill times, the unpruned model's) timed in turn, repeat by repeat: the speedups of the
+    oracle's row, and through it of every method's row at its budget, come from runs made seconds apart."""
+    oracle = _input_oracle(model, preset, batch, budget, device, dtype)
+
+    def unpruned():
+        return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    times, unpruned_times = [], []
+    with torch.no_grad():
+        for _ in range(warmup):
+            oracle(), unpruned()
+        for _ in range(repeats):
+            unpruned_times.append(_time_ms(unpruned, device))
+            times.append(_time_ms(oracle, device))
+    return times, unpruned_times
 
 
 def _alternating_times(pruner, reapply, prefill, oracle, device: torch.device, repeats: int):

@@ -66,7 +66,7 @@ def untrustworthy(r: Measurement) -> bool:
 
 def bench_table(results: list[Measurement], title: str) -> Table:
     """The results side by side; a noisy measurement, and every ratio it enters, is marked with `!`."""
-    unpruned = {r.batch: r for r in results if r.method == "unpruned"}
+    oracles = {(r.budget, r.batch): r for r in results if r.method == "oracle"}
     table = Table(title=title)
     for column in ("config", "batch", "!", "eq. budget", "prefill ms (p10-p90)", "speedup", "vs input oracle",
                    "vs schedule oracle", "select ms", "decode tok/s", "samples/s", "KV MiB", "TFLOPs", "peak GiB"):
@@ -76,12 +76,22 @@ def bench_table(results: list[Measurement], title: str) -> Table:
         noisy = any(untrustworthy(p) for p in parts) or (oracle_spread or 0) > SPREAD_LIMIT
         return f"{value:.2f}x" + ("!" if noisy else "")
 
+    def speedup(r: Measurement) -> str:
+        """Unpruned / this prefill, from ratios each timed side by side: the oracle's row times the unpruned model
+        alternating with the oracle, a method's row the oracle alternating with the method."""
+        if r.method == "unpruned":
+            return "1.00x"
+        oracle = r if r.method == "oracle" else oracles.get((r.budget, r.batch))
+        if oracle is None or oracle.unpruned_ms is None or (r is not oracle and not r.input_oracle_ms):
+            return "-"
+        value = oracle.unpruned_ms / oracle.prefill_ms * (1.0 if r is oracle else r.input_oracle_ms / r.prefill_ms)
+        spread = max(oracle.unpruned_spread or 0, 0 if r is oracle else r.input_oracle_spread or 0)
+        return ratio(value, oracle, r, oracle_spread=spread)
+
     for r in results:
-        base = unpruned.get(r.batch)
         table.add_row(
             r.config, str(r.batch), "!" if untrustworthy(r) else "", f"{r.equivalent_budget:.0f}",
-            f"{r.prefill_ms:.1f} ({r.prefill_ms_p10:.1f}-{r.prefill_ms_p90:.1f})",
-            ratio(base.prefill_ms / r.prefill_ms, base, r) if base else "-",
+            f"{r.prefill_ms:.1f} ({r.prefill_ms_p10:.1f}-{r.prefill_ms_p90:.1f})", speedup(r),
             ratio(r.prefill_ms / r.input_oracle_ms, r, oracle_spread=r.input_oracle_spread)
             if r.input_oracle_ms else "-",
             ratio(r.prefill_ms / r.schedule_oracle_ms, r, oracle_spread=r.schedule_oracle_spread)
