@@ -27,6 +27,14 @@ def numpy_high_frequency(tokens: np.ndarray, rows: int, cols: int, cutoff: float
     return out / tokens.shape[1]
 
 
+def numpy_clse_score(s_reference: np.ndarray, s_current: np.ndarray, attention: np.ndarray, tau: float) -> np.ndarray:
+    """The authors' gated score (tools.py) from the two layers' high-frequency magnitudes: the relative change,
+    clipped at 1, z-scored with the unbiased std, through sigmoid(z / tau), times the last query's attention."""
+    change = np.minimum(np.abs(s_current - s_reference) / (s_reference.mean() + s_reference + 1e-6), 1.0)
+    z = (change - change.mean()) / (change.std(ddof=1) + 1e-6)
+    return attention / (1 + np.exp(-z / tau))
+
+
 @pytest.mark.parametrize("grid", [(24, 24), (6, 10), (7, 5)])
 def test_high_frequency_magnitude_matches_an_independent_implementation(grid):
     tokens = torch.randn(grid[0] * grid[1], 16, dtype=torch.float64)
@@ -131,6 +139,87 @@ def test_bad_clse_options(options, message):
 
     with pytest.raises(ValueError, match=message):
         vtprune.apply(tiny_llava(), "clse", 16, **options)
+
+
+@pytest.mark.parametrize("tau", [0.1, 1.0, 5.0])
+def test_the_image_score_matches_an_independent_implementation(tau):
+    """Stage 0's score on a whole image, value by value (a tau large enough that the gate is no step function, so
+    the change's formula and the z-score's statistics show)."""
+    from vtprune.methods import ImageView
+
+    generator = torch.Generator().manual_seed(4)
+    rows, cols = 6, 10
+    hidden = torch.randn(rows * cols, 8, generator=generator, dtype=torch.float64)
+    reference = hidden + 0.5 * torch.randn(rows * cols, 8, generator=generator, dtype=torch.float64)
+    attention = torch.rand(rows * cols, generator=generator, dtype=torch.float64)
+    view = ImageView.of_grid(hidden, rows, cols, keep=8, layer=1, stage=0, image_index=0,
+                             sizes=torch.ones(rows * cols), attention=attention, reference=reference)
+    expected = numpy_clse_score(numpy_high_frequency(reference.numpy(), rows, cols, 0.1),
+                                numpy_high_frequency(hidden.numpy(), rows, cols, 0.1), attention.numpy(), tau)
+    np.testing.assert_allclose(CLSE(CLSE.Options(tau=tau)).score(view).double().numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_an_image_follows_the_authors_first_stage():
+    """On a tiny LLaVA: the reference states entering layer 0, the current ones entering the first stage layer K,
+    the last query's attention of layer K-1 averaged over heads; the stage keeps the top of gate x attention."""
+    from tests.conftest import FAMILIES
+    from vtprune.tiny import SampleLayout, tiny_inputs
+
+    model = FAMILIES["llava"]("eager")
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    layers = model.model.language_model.layers
+    method = CLSE(CLSE.Options(tau=1.0))
+    info = ModelInfo("llava", len(layers))
+    first = method.item_stages(info, 8, 64, "image")[0]
+    captured = {}
+    hooks = [layers[i].register_forward_pre_hook(
+        lambda module, args, kwargs, i=i: captured.__setitem__(i, kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True) for i in (method.reference_layer(info, "image"), first.layer)]
+    out = model(**inputs, output_attentions=True, use_cache=False)  # unpruned: what the method sees up to the stage
+    for hook in hooks:
+        hook.remove()
+    image = torch.nonzero(inputs["input_ids"][0] == 100).flatten()
+    attention = out.attentions[first.layer - 1][0].mean(dim=0)[-1, image].double().numpy()
+    before, after = (captured[i][0, image].double().numpy() for i in (0, first.layer))
+    score = numpy_clse_score(numpy_high_frequency(before, 8, 8, 0.1), numpy_high_frequency(after, 8, 8, 0.1), attention,
+                             tau=1.0)
+    expected = np.sort(np.argsort(-score, kind="stable")[: first.keep])
+    with vtprune.apply(model, "clse", 8, tau=1.0) as pruner:
+        model(**inputs)
+    assert pruner.last_decision.stage_layers[0] == first.layer
+    assert sorted((pruner.last_decision.kept[0][0] - image[0]).tolist()) == expected.tolist()
+
+
+def numpy_merge_into_nearest(hidden: np.ndarray, sizes: np.ndarray, keep: list[int]):
+    """CLSE-M's documented merge: each dropped token into the kept token of highest cosine similarity, every kept
+    token the size-weighted mean of itself and what joined it."""
+    unit = hidden / np.linalg.norm(hidden, axis=1, keepdims=True)
+    destination = np.argmax(unit @ unit[keep].T, axis=1)
+    destination[keep] = np.arange(len(keep))
+    merged = np.stack([(hidden[destination == k] * sizes[destination == k, None]).sum(0) / sizes[destination == k].sum()
+                       for k in range(len(keep))])
+    return merged, np.array([sizes[destination == k].sum() for k in range(len(keep))]), destination
+
+
+def test_clse_m_merges_as_an_independent_implementation():
+    """Tokens of very different norms, so that the nearest by cosine is not the nearest by dot product."""
+    from vtprune.methods import ImageView
+
+    generator = torch.Generator().manual_seed(5)
+    n = 48
+    hidden = torch.randn(n, 6, generator=generator, dtype=torch.float64) * torch.logspace(-1, 1, n, dtype=torch.float64)[:, None]
+    view = ImageView.of_grid(hidden, 6, 8, keep=9, layer=1, stage=1, image_index=0,
+                             sizes=torch.randint(1, 5, (n,), generator=generator).double(),
+                             attention=torch.rand(n, generator=generator, dtype=torch.float64), reference=None)
+    picked = CLSEMerge(CLSEMerge.Options()).select(view)
+    keep = CLSE(CLSE.Options()).select(view)
+    assert picked.keep.tolist() == keep.tolist()
+    merged, sizes, destination = numpy_merge_into_nearest(hidden.numpy(), view.sizes.numpy(), keep.tolist())
+    dot = np.argmax(hidden.numpy() @ hidden.numpy()[keep.tolist()].T, axis=1)
+    assert (dot != destination).sum() > n // 4  # the test tells cosine from dot product
+    assert picked.destination.tolist() == destination.tolist()
+    np.testing.assert_allclose(picked.sizes.numpy(), sizes)
+    np.testing.assert_allclose(picked.hidden.double().numpy(), merged, rtol=1e-5, atol=1e-6)
 
 
 def test_score_variants_use_what_they_say():
@@ -268,10 +357,7 @@ def test_a_video_follows_the_authors_video_branch(family):
     def per_frame(tokens):
         return np.concatenate([numpy_high_frequency(frame, 4, 4, 0.1) for frame in tokens.reshape(4, 16, -1)])
 
-    s_reference, s_current = per_frame(before), per_frame(after)
-    change = np.minimum(np.abs(s_current - s_reference) / (s_reference.mean() + s_reference + 1e-6), 1.0)
-    z = (change - change.mean()) / (change.std(ddof=1) + 1e-6)
-    score = attention / (1 + np.exp(-z / 0.1))
+    score = numpy_clse_score(per_frame(before), per_frame(after), attention, tau=0.1)
     expected = np.sort(np.argsort(-score, kind="stable")[:12])
 
     with vtprune.apply(model, "clse", 12) as pruner:
