@@ -226,6 +226,22 @@ def test_one_step_keeps_pivots_then_coverage_of_exactly_the_budget():
     assert torch.equal(picked[3:], farthest_point(hidden, pivots, 7))
 
 
+@pytest.mark.parametrize("split, keep", [(0.55, 7), (0.3, 10), (0.75, 9), (0.05, 6), (0.0, 5), (1.0, 4)])
+def test_a_stage_selects_as_an_independent_implementation(split, keep):
+    """Pivots: the round(split x R) tokens of highest attention (at least one unless the split is 0), in image order;
+    then completion tokens by the plain farthest-point rule; splits whose share of R is not whole included."""
+    generator = torch.Generator().manual_seed(int(100 * split) + keep)
+    hidden = torch.randn(40, 12, generator=generator, dtype=torch.float64)
+    attention = torch.rand(40, generator=generator, dtype=torch.float64)
+    view = ImageView.of_grid(hidden, 5, 8, keep=keep, layer=2, stage=0, image_index=0, sizes=torch.ones(40),
+                             attention=attention, text=torch.tensor([5]))
+    count = max(int(np.floor(split * keep + 0.5)), 1 if split > 0 else 0)  # (no share here ends in .5)
+    pivots = sorted(np.argsort(-attention.numpy(), kind="stable")[:count].tolist())
+    expected = pivots + numpy_farthest_point(hidden.numpy(), pivots, keep - count)
+    method = CLASP(CLASP.parse_options({"question_class": "ocr", "split": split}))
+    assert method.select(view).tolist() == expected
+
+
 @pytest.mark.parametrize("tower_layers, own", [(24, -2), (2, -2), (26, -1)])
 def test_fusion_candidates_sweep_shallow_to_deep(tower_layers, own):
     num_states = tower_layers + 1
