@@ -76,6 +76,19 @@ def test_schedule_reaches_the_budget_within_tomes_limit(patches, keep, blocks):
         assert max(rs) - min(rs) <= 1
 
 
+@pytest.mark.parametrize("blocks, patches, keep, expected", [
+    (5, 64, 10, [11, 11, 11, 11, 10]),  # 54 to remove: evenly, the first blocks one more
+    (5, 64, 16, [10, 10, 10, 9, 9]),
+    (5, 64, 32, [7, 7, 6, 6, 6]),
+    (3, 576, 72, [288, 144, 72]),  # the least three blocks keep: each merges half
+    # 448: 150 first (ceil of a third); then 149 would leave the last block 149 to merge from 278 tokens, over its
+    # limit of 138, so block 1 takes 170, the least that leaves the last block within its limit (128 of 257)
+    (3, 576, 128, [150, 170, 128]),
+])
+def test_schedule_worked_by_hand(blocks, patches, keep, expected):
+    assert list(even_schedule(list(range(blocks)), patches + 1, 1, patches - keep).values()) == expected
+
+
 def test_schedule_refuses_a_budget_the_blocks_cannot_reach():
     with pytest.raises(ValueError, match="keep at least 32; use a budget of 32 or more"):
         even_schedule([0], 65, 1, 60)
