@@ -56,19 +56,20 @@ def ficoco_block(x, query, key, scaling, size, columns, r, grid):
     return merged, new_size, groups, kept
 
 
-def test_block_equals_the_reading_on_random_rows():
+@pytest.mark.parametrize("grid", [(6, 6), (5, 7)])  # odd sides: the last, narrower windows count too
+def test_block_equals_the_reading_on_random_rows(grid):
     g = torch.Generator().manual_seed(3)
-    rows, heads, side, width = 2, 4, 6, 8
-    n = 1 + side * side
+    rows, heads, width = 2, 4, 8
+    n = 1 + grid[0] * grid[1]
     hidden = torch.randn(rows, n, width, generator=g, dtype=torch.float64)
     query = torch.randn(rows, heads, n, 5, generator=g, dtype=torch.float64)
     key = torch.randn(rows, heads, n, 5, generator=g, dtype=torch.float64)
     columns = torch.arange(n).expand(rows, n)
-    block = BlockInput(hidden, query, key, 0.4, torch.ones(rows, n, dtype=torch.float64), True, columns, (side, side))
+    block = BlockInput(hidden, query, key, 0.4, torch.ones(rows, n, dtype=torch.float64), True, columns, grid)
     merge = FiCoCoV(FiCoCoV.Options()).merge(block, r=11)
     for row in range(rows):
         merged, size, groups, kept = ficoco_block(hidden[row].numpy(), query[row].numpy(), key[row].numpy(), 0.4,
-                                                  np.ones(n), np.arange(n), 11, (side, side))
+                                                  np.ones(n), np.arange(n), 11, grid)
         np.testing.assert_array_equal(merge.order[row].numpy(), kept)
         np.testing.assert_array_equal(merge.into[row].numpy(), groups)
         np.testing.assert_allclose(merge.hidden[row].numpy(), merged, rtol=1e-10)
