@@ -296,3 +296,12 @@ def test_answers_are_cut_at_the_tasks_stop_strings(monkeypatch):
     gqa = BenchmarkSample("gqa", "2", (), "what brand?", {"answer": "coca cola"})
     assert benchmark_task(None, Processor(), [gqa], frames=8).answer([gqa]) == [
         "Coca Cola\nASSISTANT: The sign says Coca Cola"]
+
+
+def test_an_answer_is_stripped_before_it_is_cut():
+    """As lmms-eval's models do: a reply opening with the stop string is not cut to nothing."""
+    from vtprune.eval.generation import cut_at_stops
+
+    assert cut_at_stops("\n\nA bus.\n\nUSER: more", ["\n\n"]) == "A bus."
+    assert cut_at_stops(" yes ASSISTANT: no", "ASSISTANT:") == "yes"
+    assert cut_at_stops(" yes ", None) == "yes"

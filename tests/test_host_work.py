@@ -67,17 +67,18 @@ def test_the_engine_reads_nothing_from_the_device_while_it_prunes(method):
 
 @pytest.mark.parametrize("method", sorted(PROBING))
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("padding", ["at the ends", "inside"])
-def test_a_probes_rows_counted_on_the_host_are_those_the_device_holds(method, padding_side, padding, monkeypatch):
+@pytest.mark.parametrize("case", ["text last", "image last", "padding inside"])
+def test_a_probes_rows_counted_on_the_host_are_those_the_device_holds(method, padding_side, case, monkeypatch):
     """A layer probe's rows (valid slots, text rows, asking rows) come from counts the host knows where each sample's
-    padding is at its ends; they equal what the device holds (read instead where a mask has a zero inside)."""
+    padding is at its ends and its prompt ends with text; they equal what the device holds (read instead, as for a
+    prompt ending with an image, or a mask with a zero inside)."""
     from vtprune.engine import prefill
 
     probe_rows, host_counts, compared = prefill._probe_rows, prefill._host_row_counts, []
 
     def checked(run, layout):
         known = host_counts(run.prompt_text, layout)
-        assert (known is not None) == (padding == "at the ends")
+        assert (known is not None) == (case == "text last")
         from_host = probe_rows(run, layout)
         monkeypatch.setattr(prefill, "_host_row_counts", lambda *args: None)
         read = probe_rows(run, layout)
@@ -88,8 +89,10 @@ def test_a_probes_rows_counted_on_the_host_are_those_the_device_holds(method, pa
 
     monkeypatch.setattr(prefill, "_probe_rows", checked)
     model = tiny_llava()
-    inputs = tiny_inputs(model, [SampleLayout(), SampleLayout(images=2, text_before=6)], padding_side=padding_side)
-    if padding == "inside":  # the second token of sample 1 (text) masked out
+    after = 0 if case == "image last" else 4
+    inputs = tiny_inputs(model, [SampleLayout(text_after=after), SampleLayout(images=2, text_before=6, text_after=after)],
+                         padding_side=padding_side)
+    if case == "padding inside":  # the second token of sample 1 (text) masked out
         first = int(inputs["attention_mask"][1].argmax())
         inputs["attention_mask"][1, first + 1] = 0
     with vtprune.apply(model, method, 8, **WITHOUT_TOKENIZER.get(method, {})), torch.no_grad():

@@ -201,6 +201,16 @@ def mme_rows():
     ]
 
 
+def test_shards_named_with_a_hash_are_one_split(tmp_path):
+    """lmms-lab/MME's and VizWiz-VQA's shards carry a hash after their number: still one split, checked whole."""
+    write_parquet(tmp_path / "data" / "test-00000-of-00002-a25dbe3b44c4fda6.parquet", mme_rows()[:2])
+    write_parquet(tmp_path / "data" / "test-00001-of-00002-7b1e5c0a99d3f2e4.parquet", mme_rows()[2:])
+    assert len(load_benchmark("mme", tmp_path)) == len(mme_rows())
+    (tmp_path / "data" / "test-00001-of-00002-7b1e5c0a99d3f2e4.parquet").unlink()
+    raises(re.escape("split 'test' has 1 of its 2 shards (test-00001-of-00002 missing)"), load_benchmark, "mme",
+           tmp_path)
+
+
 def test_mme_parquet_limit_keeps_question_pairs(tmp_path):
     write_parquet(tmp_path / "data" / "test-00000-of-00002.parquet", mme_rows()[:2])
     write_parquet(tmp_path / "data" / "test-00001-of-00002.parquet", mme_rows()[2:])
@@ -974,6 +984,10 @@ def test_a_copy_of_another_config_or_split_is_refused(tmp_path):
     write_parquet(tmp_path / "text" / "test-00000-of-00001.parquet", [sqa_rows()[0], {**sqa_rows()[1], "image": None}])
     raises(re.escape("test-00000-of-00001.parquet row 1: field 'image' is missing; ScienceQA-IMG's questions all "
                      "come with an image"), load_benchmark, "scienceqa_img", tmp_path / "text")
+    vizwiz = [{"question_id": "VizWiz_val_00000000.jpg", "question": "what is this?", "answers": ["soup"] * 10,
+               "category": "other", "image": hf_image(BLUE)}]
+    write_parquet(tmp_path / "v" / "validation-00000-of-00001.parquet", vizwiz)  # VizWiz's val, spelt out
+    assert len(load_benchmark("vizwiz", tmp_path / "v")) == 1
     write_parquet(tmp_path / "mine.parquet", sqa_rows())  # a name that says nothing of the split is read
     assert len(load_benchmark("scienceqa_img", tmp_path / "mine.parquet")) == 2
 

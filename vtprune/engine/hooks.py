@@ -205,13 +205,16 @@ class Pruner:
 
         @functools.wraps(inner)
         def generate(*args, **kwargs):
+            config = kwargs.get("generation_config") or self.model.generation_config
+            self._generate_chunked = bool(kwargs.get("prefill_chunk_size")
+                                          or getattr(config, "prefill_chunk_size", None))
             self._uncached, self._generating = None, True
             try:
                 return inner(*args, **kwargs)
             finally:
                 self._uncached, self._generating = None, False
 
-        self._generating, self._generate = False, generate
+        self._generating, self._generate_chunked, self._generate = False, False, generate
         self.model.generate = generate
 
     # ------------------------------------------------------------------ hooks
@@ -421,16 +424,30 @@ class Pruner:
                 self._recorder.take()
             self._record_stats(run)
             return None
-        if False in self._text.ends_with_text:
-            raise ValueError(
-                f"sample {self._text.ends_with_text.index(False)}'s prompt ends with an image or video token: its next "
-                "token is predicted from that token's state, which pruning may drop (the logits there would mean "
-                "nothing); end the prompt with text, as the chat template's assistant turn does"
-            )
+        if self._generating and not self._generate_chunked:
+            self._refuse_prompts_ending_with_a_droppable_token(items)
         prefill.begin(run, language_model, kwargs, self._cache_keyword, self._recorder.take() if self._recorder else [])
         run.ids, self._input_ids = self._input_ids, None
         self._run = run
         return args, kwargs
+
+    def _refuse_prompts_ending_with_a_droppable_token(self, items: list[list[VisualItem]]) -> None:
+        """generate reads the next token off the prompt's last position: where that is a visual token a method may
+        drop (a LLaVA or Video-LLaVA prompt ending with its image; LLaVA-NeXT's and OneVision's images end with a
+        newline token, never dropped), the logits there are a zero state's. A forward of the caller's own (a prompt
+        prefix cached for reuse) and a chunk of a chunked prefill do not read them, and run."""
+        text = self._text
+        for b, sample in enumerate(items):
+            last = text.last[b]
+            if not text.ends_with_text[b] and any(start <= last < start + length
+                                                  for item in sample for start, length in item.runs):
+                if self._recorder is not None:
+                    self._recorder.take()  # the tower runs of this forward, which no later forward may take
+                raise ValueError(
+                    f"sample {b}'s prompt ends with an image or video token: generate would predict its next token "
+                    "from that token's state, which pruning may drop (the logits there would mean nothing); end the "
+                    "prompt with text, as the chat template's assistant turn does"
+                )
 
     def _record_stats(self, run: Run) -> None:
         layouts = [run.layout_at(layer) for layer in range(self._num_layers)]

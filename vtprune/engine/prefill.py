@@ -552,10 +552,9 @@ def _probe_rows(run: Run, layout: Layout):
 def _host_row_counts(text: PromptText, layout: Layout) -> list[list[int]] | None:
     """_probe_rows' per-sample counts (valid slots, the first and the last, text rows, asking rows) as the host knows
     them: every text and padding token stays in every layout, so where each sample's padding is at its ends, its
-    valid slots are one run after its fill and left padding; and its last token is text (a pruned prompt ending
-    with a visual token is refused), so that is its last row and its asking rows are its text rows. None where
-    the padding is not at the ends."""
-    if text.padding is None:
+    valid slots are one run after its fill and left padding; and where its last token is text, that is its last row
+    and its asking rows are its text rows. None where that does not hold."""
+    if text.padding is None or not all(text.ends_with_text):
         return None
     texts = [positions.numel() for positions in text.positions]
     counts = [size - before - after for size, (before, after) in zip(layout.sizes, text.padding)]

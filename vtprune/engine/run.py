@@ -57,6 +57,7 @@ class PromptText:
     padded: bool  # the mask holds a zero
     padding: list[tuple[int, int]] | None  # per sample, its padding before and after its tokens (None: not at ends)
     ends_with_text: list[bool]  # per sample, whether its last token is text (not a visual placeholder)
+    last: list[int]  # per sample, the position of its last token
 
     @classmethod
     def of(cls, host_ids: torch.Tensor, placeholders: tuple[int, ...], host_mask: torch.Tensor | None,
@@ -71,7 +72,8 @@ class PromptText:
         last = (length - 1 - valid.flip(1).int().argmax(dim=1)).tolist()
         at_ends = (valid.sum(dim=1) == torch.tensor(last) - torch.tensor(first) + 1).all()
         padding = [(a, length - 1 - b) for a, b in zip(first, last)] if bool(at_ends) else None
-        return cls(tokens, positions, not bool(valid.all()), padding, [bool(text[s, b]) for s, b in enumerate(last)])
+        return cls(tokens, positions, not bool(valid.all()), padding, [bool(text[s, b]) for s, b in enumerate(last)],
+                   last)
 
 
 @dataclass

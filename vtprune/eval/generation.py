@@ -114,8 +114,10 @@ def generate_answers(model, processor, questions: list[str], images: list, max_n
 
 
 def cut_at_stops(answer: str, stop) -> str:
-    """The answer up to the first of the stop strings (a string or several; decoding ran on to max_new_tokens
-    or EOS), stripped, as lmms-eval's models cut at a task's "until"."""
+    """The answer, stripped, up to the first of the stop strings (a string or several; decoding ran on to
+    max_new_tokens or EOS), stripped again, as lmms-eval's models cut at a task's "until" (so a leading "\n\n"
+    does not cut an answer to nothing)."""
+    answer = answer.strip()
     for s in [stop] if isinstance(stop, str) else stop or []:
         if s:
             answer = answer.split(s)[0]

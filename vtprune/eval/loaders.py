@@ -313,7 +313,7 @@ def _select(tables: list[_Table], spec: TaskSpec, config: str | None, root: Path
             raise ValueError(f"{root}: holds {spec.hf_dataset}'s {', '.join(found)} config but not {config!r}, "
                              f"which {spec.name} reads; copy that config's files too")
         tables = in_config or tables
-    in_split = [t for t in tables if t.split == spec.split]
+    in_split = [t for t in tables if t.split == spec.split or {t.split, spec.split} == {"val", "validation"}]
     splits = sorted({t.split for t in tables if t.split})
     if not in_split and (len(splits) > 1 or set(splits) & _SPLITS):
         raise ValueError(f"{root}: holds split{'s' * (len(splits) > 1)} {', '.join(splits)} but not {spec.split!r}, "

@@ -60,7 +60,8 @@ def _pyarrow():
     return pyarrow
 
 
-_SHARD = re.compile(r"^(?P<split>.+?)-(?P<index>\d{5})-of-(?P<count>\d{5})$")
+# <split>-00000-of-00003, some snapshots with a hash after it (lmms-lab/MME's test-00000-of-00004-a25dbe3b44c4fda6)
+_SHARD = re.compile(r"^(?P<split>.+?)-(?P<index>\d{5})-of-(?P<count>\d{5})(?:-[0-9a-f]+)?$")
 
 
 def _find_tables(root: Path) -> list[_Table]:
