@@ -130,7 +130,7 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str, value=lamb
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(13.5, 4.5), sharey=True)
     colours = plt.get_cmap("tab20")  # twenty distinct colours: a method's curve differs from its neighbours
     base = next((row for row in rows if row["method"] == UNPRUNED), None)
     methods = sorted({row["method"] for row in rows} - {UNPRUNED})  # "clse:score=attn" is a curve of its own
@@ -154,7 +154,7 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str, value=lamb
         axis.set_ylim(0, top)  # on a fixed scale, flat and steep curves read as what they are
         axis.grid(alpha=0.3)
     axes[0].set_ylabel(ylabel)
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not over them
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
