@@ -141,6 +141,21 @@ def test_bad_clse_options(options, message):
         vtprune.apply(tiny_llava(), "clse", 16, **options)
 
 
+def unpruned_run(model, inputs, layers):
+    """(the unpruned model's output with attentions, {layer: the hidden states entering it}) for `layers`: what a
+    method sees up to its stage."""
+    decoder = model.model.language_model.layers
+    captured = {}
+    hooks = [decoder[i].register_forward_pre_hook(
+        lambda module, args, kwargs, i=i: captured.__setitem__(i, kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True) for i in layers]
+    try:
+        return model(**inputs, output_attentions=True, use_cache=False), captured
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @pytest.mark.parametrize("tau", [0.1, 1.0, 5.0])
 def test_the_image_score_matches_an_independent_implementation(tau):
     """Stage 0's score on a whole image, value by value (a tau large enough that the gate is no step function, so
@@ -171,16 +186,11 @@ def test_an_image_follows_the_authors_first_stage():
     method = CLSE(CLSE.Options(tau=1.0))
     info = ModelInfo("llava", len(layers))
     first = method.item_stages(info, 8, 64, "image")[0]
-    captured = {}
-    hooks = [layers[i].register_forward_pre_hook(
-        lambda module, args, kwargs, i=i: captured.__setitem__(i, kwargs.get("hidden_states", args[0] if args else None)),
-        with_kwargs=True) for i in (method.reference_layer(info, "image"), first.layer)]
-    out = model(**inputs, output_attentions=True, use_cache=False)  # unpruned: what the method sees up to the stage
-    for hook in hooks:
-        hook.remove()
+    reference_layer = method.reference_layer(info, "image")
+    out, captured = unpruned_run(model, inputs, (reference_layer, first.layer))
     image = torch.nonzero(inputs["input_ids"][0] == 100).flatten()
     attention = out.attentions[first.layer - 1][0].mean(dim=0)[-1, image].double().numpy()
-    before, after = (captured[i][0, image].double().numpy() for i in (0, first.layer))
+    before, after = (captured[i][0, image].double().numpy() for i in (reference_layer, first.layer))
     score = numpy_clse_score(numpy_high_frequency(before, 8, 8, 0.1), numpy_high_frequency(after, 8, 8, 0.1), attention,
                              tau=1.0)
     expected = np.sort(np.argsort(-score, kind="stable")[: first.keep])
@@ -343,13 +353,7 @@ def test_a_video_follows_the_authors_video_branch(family):
     inputs = tiny_inputs(model, [SampleLayout(images=0, videos=1, qwen_video=(4, 8, 8))])  # 4 frames of 4x4
     layers = model.model.language_model.layers
     reference_layer, stage_layer = video_layers(ModelInfo(family, len(layers)))
-    captured = {}
-    hooks = [layers[i].register_forward_pre_hook(
-        lambda module, args, kwargs, i=i: captured.__setitem__(i, kwargs.get("hidden_states", args[0] if args else None)),
-        with_kwargs=True) for i in (reference_layer, stage_layer)]
-    out = model(**inputs, output_attentions=True, use_cache=False)  # unpruned: what the method sees up to the stage
-    for hook in hooks:
-        hook.remove()
+    out, captured = unpruned_run(model, inputs, (reference_layer, stage_layer))
     video = torch.nonzero(inputs["input_ids"][0] == QWEN_VIDEO_TOKEN).flatten()
     attention = out.attentions[reference_layer][0].mean(dim=0)[-1, video].double().numpy()
     before, after = (captured[i][0, video].double().numpy() for i in (reference_layer, stage_layer))
