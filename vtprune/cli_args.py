@@ -373,13 +373,14 @@ def _check_methods_fit(parser, args) -> None:
     if not isinstance(depth, int):
         return  # the config leaves the depth to transformers' defaults; apply() checks it after loading
     tower = (config.get("vision_config") or {}).get("num_hidden_layers")
+    info = ModelInfo("llava", depth)
     for spec in args.methods or []:
         method = get_method(spec.method)
         try:
             instance = method(method.parse_options({**SUPPLIED.get(spec.method, {}), **spec.options}))
-            instance.check_model(ModelInfo("llava", depth))
+            instance.check_model(info)
             if isinstance(tower, int):
-                instance.check_vision_layers(ModelInfo("llava", depth), tower)
+                instance.check_vision_layers(info, tower)
         except ValueError as error:
             parser.error(f"argument --methods: {spec.label}: {error}")
 
