@@ -66,10 +66,10 @@ def test_a_budget_keeping_every_token_leaves_the_features_unfused(table, budget)
             assert pruner.method.fuses_vision_layers
             assert torch.equal(model(**inputs).logits, reference)
         with vtprune.apply(model, "clasp", 63, tokenizer=IdsAsText(), router=class_of_first_token,
-                           calibration=str(table)) as pruner:
+                           calibration=str(table)):
             fused = model(**inputs).logits
         with vtprune.apply(model, "clasp", 63, tokenizer=IdsAsText(), router=class_of_first_token,
-                           calibration=str(table), fusion=False) as pruner:
+                           calibration=str(table), fusion=False):
             assert not torch.allclose(model(**inputs).logits, fused)
 
 
@@ -95,7 +95,7 @@ def test_a_batch_with_mixed_classes_equals_its_samples_alone(table):
                for row, mask in zip(inputs["input_ids"], inputs["attention_mask"])}
     assert len(classes) > 1
     with torch.no_grad(), vtprune.apply(model, "clasp", 12, tokenizer=IdsAsText(), router=class_of_first_token,
-                                        calibration=str(table)) as pruner:
+                                        calibration=str(table)):
         batch = model(**inputs).logits[:, -1]
         for b, share in enumerate(split_vision(model, inputs, layouts)):
             alone = model(**sample_alone(inputs, b), **share).logits[0, -1]

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from vtprune.eval import Config, ResultsFile, evaluate, summarize
 from vtprune.eval import FolderBusy, runner

@@ -11,6 +11,7 @@ from vtprune.synth import make_sample, make_text
 from vtprune.synth import vocabulary as synth_vocabulary
 from vtprune.synth.generator import ANSWERS, words
 from vtprune.synth.questions import derived_questions
+from vtprune.synth.curves import plot_training_logs
 from vtprune.synth import handoff
 from vtprune.synth.reference import (
     DEPTHS,
@@ -246,3 +247,5 @@ def test_a_deep_run_resumes_from_its_hand_off_parts(tmp_path):
                                                          for s in (1, 2)])
     resumed = torch.load(second / "training_state.pt", weights_only=False)
     assert resumed["step"] == 3 and resumed["rewarm_from"] == 1 and resumed["settings"]["depth"] == "deep"
+    plot_training_logs({"deep": second / "train_log.jsonl"}, tmp_path / "curves.png")  # the README's curves command
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vtprune.methods import Grid, ModelInfo, Stage, VisionLayer, VisionView
+from vtprune.methods import ModelInfo, Stage
 from vtprune.methods import vispruner
 from vtprune.methods.vispruner import VisPruner, deduplicate
 

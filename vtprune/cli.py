@@ -107,7 +107,7 @@ def cmd_calibrate(args) -> int:
 
     from vtprune.eval.calibrate import calibrate_clasp, write_table
     from vtprune.synth import generate
-    from vtprune.synth.reference import CALIBRATION_SEED, REFERENCE_DIR, load_reference, prompt_for
+    from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt_for
 
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_reference(model_path)

@@ -184,13 +184,12 @@ def checkpoint(text: str) -> str:
 
 
 def task_name(text: str) -> str:
-    from vtprune.eval.loaders import TASKS
-    from vtprune.eval.metrics import TASK_ALIASES
+    from vtprune.eval.metrics import canonical_task
 
-    name = TASK_ALIASES.get(text, text)
-    if name not in TASKS:
-        raise Invalid(f"unknown task {text!r}; tasks: {', '.join(TASKS)}")
-    return name
+    try:
+        return canonical_task(text)
+    except ValueError as problem:
+        raise Invalid(str(problem)) from None
 
 
 def method_name(text: str) -> str:

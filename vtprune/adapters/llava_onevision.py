@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from ..methods.base import Grid
 from .base import Adapter, VisualItem, place_in_runs, split_runs
 from .llava_next import packed_item, with_span
 

@@ -23,7 +23,7 @@ mme            an image, its two questions together    sum over subtasks of acc 
                (questions right, both right);          (2 x images), acc+ = 100 x both right / images
                stratum: its subtask
 pope           a sample (TP, FP, FN); stratum: split   F1 x 100: lmms-eval pooled over the splits, llava the
-                                                       mean of the splits' F1 (`metrics.pope_metrics`)
+                                                       mean of the splits' F1 (`metrics._pope_samples`)
 videomme       a video, all its questions together     100 x right / asked (lmms-eval's cluster_key is the
                (questions right, questions asked)      video: its questions are correlated)
 =============  ======================================  =================================================

@@ -32,7 +32,7 @@ from PIL import Image
 
 from .fields import Doc, _display, _integer, _missing, _optional_id, _string_list, _text, _Where, _yes_no
 from .images import _open_image
-from .metrics import MME_SUBTASKS, OCRBENCH_CATEGORIES, TASK_ALIASES, VIDEOMME_DURATIONS
+from .metrics import MME_SUBTASKS, OCRBENCH_CATEGORIES, TASK_ALIASES, VIDEOMME_DURATIONS, canonical_task
 from .official_files import _OFFICIAL_READERS, _POPE_SPLITS
 from .tables import _check_shards, _columns, _find_tables, _rows, _Table
 
@@ -165,10 +165,7 @@ def load_benchmark(task: str, path: str | Path, limit: int | None = None) -> lis
 
 
 def _task_spec(task: str) -> TaskSpec:
-    name = TASK_ALIASES.get(task, task)
-    if name not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
-    return TASKS[name]
+    return TASKS[canonical_task(task)]
 
 
 def _other_benchmarks(spec: TaskSpec) -> set[str]:
@@ -425,7 +422,7 @@ def _mmbench(doc: Doc, where: _Where, chinese: bool):
     question = _text(doc, "question", where)
     index = _integer(doc, "index", where, "the integer question index")
     # create_options_prompt: the letters present, in order, whose cell is not blank / "nan"
-    options = {k: doc[k] for k in _MMBENCH_LETTERS if doc.get(k) and not _missing_mmbench_cell(doc[k])}
+    options = {k: doc[k] for k in _MMBENCH_LETTERS if not _missing(doc.get(k))}
     if not options:
         raise where.error("A", "and the other option columns are all empty", "expected option texts in A-D")
     answer = _text(doc, "answer", where, f"the gold option letter, one of {', '.join(options)} (MMBench's "
@@ -443,14 +440,10 @@ def _mmbench(doc: Doc, where: _Where, chinese: bool):
     # doc_to_text appends "\n" + post_prompt and the post prompt starts with "\n": two newlines, as lmms-eval.
     text = f"{body}\n{_MMBENCH_CN_POST if chinese else _OPTION_LETTER}"
     reference = {"index": index, "answer": answer.strip(),
-                 **{k: (doc.get(k) if not _missing_mmbench_cell(doc.get(k)) else None) for k in "ABCD"},
+                 **{k: (None if _missing(doc.get(k)) else doc.get(k)) for k in "ABCD"},
                  "category": doc.get("category"),
                  "L2-category": doc.get("L2-category", doc.get("l2-category"))}
     return str(index), text, reference
-
-
-def _missing_mmbench_cell(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value == "nan" or value == ""
 
 
 def _scienceqa(doc: Doc, where: _Where):

@@ -46,7 +46,6 @@ lives in `vtprune.eval.answer_normalization`.
 
 from __future__ import annotations
 
-import math
 import re
 import string
 from collections import defaultdict
@@ -54,17 +53,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .answer_normalization import extract_mcq_answer, normalize_vqa_answer, vqa_soft_accuracy
-from .fields import NotAString, NotAStringList, integer, string_list
+from .fields import NotAString, NotAStringList, _missing, integer, string_list
 
 __all__ = [
     "BadReference",
-    "METRICS", "SCORING_RULES", "TASK_ALIASES", "score", "normalized_average", "relative_scores",
+    "SCORING_RULES", "TASK_ALIASES", "canonical_task", "score", "normalized_average", "relative_scores",
     "Outcomes", "sample_outcomes", "score_outcomes",
     "normalize_vqa_answer", "vqa_soft_accuracy", "normalize_gqa_answer",
     "parse_pope_answer", "parse_mme_answer", "extract_mmbench_option", "extract_mcq_answer",
     "parse_scienceqa_option", "ocrbench_match",
-    "textvqa_metrics", "vizwiz_metrics", "gqa_metrics", "pope_metrics", "mme_metrics",
-    "mmbench_metrics", "scienceqa_metrics", "ocrbench_metrics", "videomme_metrics",
     "MME_SUBTASKS", "OCRBENCH_CATEGORIES",
 ]
 
@@ -146,35 +143,17 @@ def _string_list(ref: Mapping, i: int, task: str, *names: str, empty: bool = Fal
         raise BadReference(task, i, f"field {name!r} {problem}, expected {expected}") from None
 
 
-def _run(task: str, predictions, references, scoring: str) -> dict[str, float]:
-    """One task's metric: rule and inputs checked, every sample judged once (`_STAGES`' first half), then
-    aggregated (its second half)."""
-    _check_rule(task, scoring)
-    preds, refs = _check_inputs(predictions, references, task)
-    samples, aggregate = _STAGES[task]
-    return aggregate(samples(preds, refs, scoring, task), scoring)
-
-
 def _check_rule(task: str, scoring: str) -> None:
     rules = SCORING_RULES[task]
     if scoring not in rules:
         raise ValueError(f"task {task!r} has no scoring rule {scoring!r}; valid: {', '.join(rules)}")
 
 
-def _is_missing(v) -> bool:
-    """An absent option cell: None, NaN, or the string 'nan' (how pandas / lmms-eval spell a blank cell)."""
-    if v is None:
-        return True
-    if isinstance(v, float) and math.isnan(v):
-        return True
-    return isinstance(v, str) and v.strip().lower() in ("nan", "")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # TextVQA and VizWiz: VQA soft accuracy (`answer_normalization.vqa_soft_accuracy`)
 
 
-def textvqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+def _textvqa_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     """TextVQA VQA accuracy. Reference fields: ``answers`` (the 10 human answers).
 
     ``lmms-eval``: ``lmms_eval/tasks/textvqa/utils.py::textvqa_process_results`` (mean aggregation).
@@ -183,10 +162,6 @@ def textvqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[s
     that m4c asserts exactly 10 human answers per question (so ``llava`` raises ValueError on another
     count), while lmms-eval averages over however many there are.
     """
-    return _run("textvqa", predictions, references, scoring)
-
-
-def _textvqa_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     accs = []
     for i, (p, r) in enumerate(zip(preds, references)):
         gts = _string_list(r, i, "textvqa", "answers", "gt_answers")
@@ -202,7 +177,7 @@ def _textvqa_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, f
     return {"accuracy": acc, "score": 100.0 * acc, "n": float(len(accs))}
 
 
-def vizwiz_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+def _vizwiz_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     """VizWiz-VQA (val) VQA accuracy. Reference fields: ``answers`` (10 strings, or VizWiz's
     ``{"answer": ...}`` dicts); optional ``answer_type`` / ``category`` for a per-type breakdown.
 
@@ -215,10 +190,6 @@ def vizwiz_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[st
     ``unanswerable/accuracy``). LLaVA has no local VizWiz scorer (``convert_vizwiz_for_submission.py`` only
     writes the EvalAI test-server upload), so there is no ``llava`` rule.
     """
-    return _run("vizwiz", predictions, references, scoring)
-
-
-def _vizwiz_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     accs, unanswerable, kinds = [], [], []
     for i, (p, r) in enumerate(zip(preds, references)):
         # lmms-eval scores an empty list 0
@@ -251,7 +222,7 @@ _ASCII_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def normalize_gqa_answer(text: str, scoring: str = LMMS_EVAL) -> str:
-    """GQA answer normalisation, per rule (applied to the prediction; see `gqa_metrics` for the gold side).
+    """GQA answer normalisation, per rule (applied to the prediction; see `_gqa_samples` for the gold side).
 
     ``lmms-eval``: ``gqa.yaml`` scores with the registered ``exact_match`` metric (``ignore_case: true``,
     ``ignore_punctuation: true``) after ``task.py`` strips the generation: strip, lowercase, delete every
@@ -259,14 +230,14 @@ def normalize_gqa_answer(text: str, scoring: str = LMMS_EVAL) -> str:
     ``llava``: ``scripts/convert_gqa_for_eval.py``: ``text.rstrip('.').lower()`` on the (already stripped)
     answer; GQA's ``eval.py`` then compares ``predicted == gold`` with no further change.
     """
+    _check_rule("gqa", scoring)
     if scoring == LMMS_EVAL:
         return text.strip().lower().translate(_ASCII_PUNCT)
     if scoring == LLAVA:
         return text.strip().rstrip(".").lower()
-    raise ValueError(f"task 'gqa' has no scoring rule {scoring!r}; valid: {', '.join(SCORING_RULES['gqa'])}")
 
 
-def gqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+def _gqa_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     """GQA (testdev-balanced) exact-match accuracy. Reference field: ``answer``.
 
     ``lmms-eval``: both prediction and gold go through the same strip/lowercase/no-punctuation
@@ -274,10 +245,6 @@ def gqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, 
     ``llava``: prediction stripped, trailing periods removed, lowercased; the gold is compared as stored
     (GQA's golds are lowercase, unpunctuated words), so "Yes!" is wrong and "Yes..." is right.
     """
-    return _run("gqa", predictions, references, scoring)
-
-
-def _gqa_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     hits = []
     for i, (p, r) in enumerate(zip(preds, references)):
         gold = _text_field(r, i, "gqa", "answer")
@@ -307,6 +274,7 @@ def parse_pope_answer(text: str, scoring: str = LMMS_EVAL) -> str:
     is yes, "No, there is not" is no, an empty answer and "Nope" are yes, and (case-sensitive) "NO" and
     "Not really" are yes too.
     """
+    _check_rule("pope", scoring)
     if scoring == LMMS_EVAL:
         t = text.lower().strip()
         return t if t in ("yes", "no") else "other"
@@ -316,14 +284,12 @@ def parse_pope_answer(text: str, scoring: str = LMMS_EVAL) -> str:
             t = t.split(".")[0]
         words = t.replace(",", "").split(" ")
         return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
-    raise ValueError(f"task 'pope' has no scoring rule {scoring!r}; valid: {', '.join(SCORING_RULES['pope'])}")
 
 
 def _pope_block(parsed: list[str], gts: list[str]) -> dict[str, float]:
     n = len(parsed)
     tp = sum(p == "yes" and g == "yes" for p, g in zip(parsed, gts))
     fp = sum(p == "yes" and g == "no" for p, g in zip(parsed, gts))
-    tn = sum(p == "no" and g == "no" for p, g in zip(parsed, gts))
     fn = sum(p == "no" and g == "yes" for p, g in zip(parsed, gts))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
@@ -341,7 +307,7 @@ def _pope_block(parsed: list[str], gts: list[str]) -> dict[str, float]:
 _POPE_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
 
-def pope_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+def _pope_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     """POPE accuracy, precision, recall, F1 and yes-ratio, per split and overall.
 
     Reference fields: ``answer`` (or LLaVA's ``label``) "yes"/"no"; ``category`` (the split: adversarial,
@@ -364,10 +330,6 @@ def pope_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str,
     ``ground_truth``), so it is reported separately as ``gt_yes_ratio``; ``other_ratio`` is the share of
     answers that are neither (always 0 under ``llava``).
     """
-    return _run("pope", predictions, references, scoring)
-
-
-def _pope_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     splits, parsed, golds = [], [], []
     for i, (p, r) in enumerate(zip(preds, references)):
         gold = _field(r, i, "pope", "answer", "label")
@@ -435,6 +397,7 @@ def parse_mme_answer(text: str, scoring: str = LMMS_EVAL) -> str:
     test. It has no single-letter case, so "Y" and "N" are "other" (wrong) under ``llava`` but yes/no under
     ``lmms-eval``; it keeps periods, so "n." is other under ``llava``, no under ``lmms-eval``.
     """
+    _check_rule("mme", scoring)
     if scoring == LMMS_EVAL:
         t = text.lower().strip().replace(".", "")
         if t in ("yes", "no"):
@@ -445,8 +408,6 @@ def parse_mme_answer(text: str, scoring: str = LMMS_EVAL) -> str:
         t = text.strip().lower()
         if t in ("yes", "no"):
             return t
-    else:
-        raise ValueError(f"task 'mme' has no scoring rule {scoring!r}; valid: {', '.join(SCORING_RULES['mme'])}")
     head = t[:4]
     if "yes" in head:
         return "yes"
@@ -455,7 +416,7 @@ def parse_mme_answer(text: str, scoring: str = LMMS_EVAL) -> str:
     return "other"
 
 
-def mme_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+def _mme_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     """MME per-subtask acc and acc+, and the perception and cognition totals.
 
     Reference fields: ``answer`` ("Yes"/"No"), ``question_id`` (the image: MME asks two questions per image,
@@ -474,10 +435,6 @@ def mme_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, 
     pairs. A subtask outside MME's 14, or an image without exactly two questions, is a ValueError (lmms-eval
     asserts the pair; calculation.py asserts it too).
     """
-    return _run("mme", predictions, references, scoring)
-
-
-def _mme_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     subtasks, image_ids, hits = [], [], []
     images: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))  # the references of each image
     for i, (p, r) in enumerate(zip(preds, references)):
@@ -565,7 +522,7 @@ def _can_infer_text(answer: str, choices: Mapping[str, str]):
 
 
 def _mmbench_choices(ref: Mapping) -> dict[str, str]:
-    return {ch: ref[ch] for ch in _MMB_OPTIONS if ch in ref and not _is_missing(ref[ch])}
+    return {ch: ref[ch] for ch in _MMB_OPTIONS if ch in ref and not _missing(ref[ch])}
 
 
 def extract_mmbench_option(prediction: str, options: Mapping[str, str]) -> str:
@@ -579,14 +536,14 @@ def extract_mmbench_option(prediction: str, options: Mapping[str, str]) -> str:
     simply a wrong answer.
     """
     pred = prediction.strip()
-    choices = {k: v for k, v in options.items() if k in _MMB_OPTIONS and not _is_missing(v)}
+    choices = {k: v for k, v in options.items() if k in _MMB_OPTIONS and not _missing(v)}
     got = _can_infer_option(pred) or _can_infer_text(pred, choices)
     if got:
         return got
     return extract_mcq_answer(pred, sorted(choices))
 
 
-def mmbench_metrics(predictions, references, scoring: str = LMMS_EVAL, *, task: str = "mmbench_en") -> dict[str, float]:
+def _mmbench_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     """MMBench circular accuracy (EN and CN alike).
 
     Reference fields per row (the lmms-eval / official TSV layout): ``index``, ``answer`` (letter), the
@@ -606,10 +563,6 @@ def mmbench_metrics(predictions, references, scoring: str = LMMS_EVAL, *, task: 
     row is missing is still scored from its rotations (lmms-eval would drop it). LLaVA only writes the
     upload sheet for the MMBench server, so there is no ``llava`` rule.
     """
-    return _run(task, predictions, references, scoring)
-
-
-def _mmbench_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     questions, hits, rotated, cats = [], [], [], []
     for i, (p, r) in enumerate(zip(preds, references)):
         idx = _integer(_field(r, i, task, "index"), i, task, "index", "an integer")
@@ -647,14 +600,6 @@ def _mmbench_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, f
     return out
 
 
-def _mmbench_cn(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
-    return mmbench_metrics(predictions, references, scoring, task="mmbench_cn")
-
-
-def _mmbench_en(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
-    return mmbench_metrics(predictions, references, scoring, task="mmbench_en")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # ScienceQA-IMG
 
@@ -673,6 +618,7 @@ def parse_scienceqa_option(prediction: str, n_choices: int, scoring: str = LMMS_
     ``The answer is ([A-Z]).``; the letter then must be among the first ``n_choices`` options
     (``get_pred_idx``), else -1.
     """
+    _check_rule("scienceqa_img", scoring)
     p = prediction.strip()
     if scoring == LMMS_EVAL:
         letters = [chr(ord("A") + k) for k in range(n_choices)]
@@ -691,11 +637,9 @@ def parse_scienceqa_option(prediction: str, n_choices: int, scoring: str = LMMS_
             letter = found[0] if len(found) == 1 else "FAILED"
         valid = _SQA_LLAVA_OPTIONS[:n_choices]
         return valid.index(letter) if letter in valid else -1
-    raise ValueError(f"task 'scienceqa_img' has no scoring rule {scoring!r}; valid: "
-                     f"{', '.join(SCORING_RULES['scienceqa_img'])}")
 
 
-def scienceqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+def _scienceqa_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     """ScienceQA-IMG option accuracy. Reference fields: ``choices`` (list of option texts) and ``answer``
     (the gold option's 0-based index, as in lmms-eval's ScienceQA-IMG and ScienceQA's problems.json; a
     letter is accepted too).
@@ -704,10 +648,6 @@ def scienceqa_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict
     rows given are the rows scored: ScienceQA-IMG is the image subset of the test split (eval_science_qa's
     "IMG-Accuracy"). ``unparsed_ratio`` is the share of answers from which no valid option was read.
     """
-    return _run("scienceqa_img", predictions, references, scoring)
-
-
-def _scienceqa_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     hits, unparsed = [], []
     for i, (p, r) in enumerate(zip(preds, references)):
         n = len(_string_list(r, i, "scienceqa_img", "choices"))
@@ -751,7 +691,7 @@ def ocrbench_match(prediction: str, answers, dataset: str) -> bool:
     ``lmms_eval/tasks/ocrbench/utils.py::ocrbench_process_results`` (0.7.3, the official OCRBench rule):
     for the HME100k source (handwritten formulas) every space and newline is removed from both sides and
     case is kept; for every other source both sides have fullwidth ASCII folded to ASCII, are lowercased,
-    stripped, and newlines become spaces. An empty gold answer matches anything (`ocrbench_metrics` refuses
+    stripped, and newlines become spaces. An empty gold answer matches anything (`_ocrbench_samples` refuses
     a reference with a blank answer).
     """
     golds = [answers] if isinstance(answers, str) else list(answers)
@@ -763,7 +703,7 @@ def ocrbench_match(prediction: str, answers, dataset: str) -> bool:
     return any(_fold_fullwidth(str(a)).lower().strip().replace("\n", " ") in p for a in golds)
 
 
-def ocrbench_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+def _ocrbench_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     """OCRBench points. Reference fields: ``answer`` (string or list of accepted strings), ``dataset`` (the
     source, e.g. "HME100k", "IIIT5K"), ``question_type`` (one of the 10 OCRBench categories).
 
@@ -774,10 +714,6 @@ def ocrbench_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[
     whatever the number of questions; here a subset gets its own share). Unlike lmms-eval's module-level
     counter, nothing carries over between calls. Only one rule: LLaVA has no OCRBench script.
     """
-    return _run("ocrbench", predictions, references, scoring)
-
-
-def _ocrbench_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     qtypes, hits = [], []
     for i, (p, r) in enumerate(zip(preds, references)):
         qtype = _field(r, i, "ocrbench", "question_type")
@@ -816,7 +752,7 @@ def _ocrbench_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, 
 VIDEOMME_DURATIONS = ("short", "medium", "long")
 
 
-def videomme_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[str, float]:
+def _videomme_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     """Video-MME accuracy. Reference fields: ``answer`` (the option letter A-D), ``duration`` (short, medium or
     long), ``domain``, ``task_type`` and ``videoID``.
 
@@ -826,10 +762,6 @@ def videomme_metrics(predictions, references, scoring: str = LMMS_EVAL) -> dict[
     which it only logs, are here ``<duration>/accuracy``, ``domain/<domain>`` and ``task/<task_type>``, in
     [0, 1]). ``score`` = the overall accuracy x100. Only one rule: LLaVA has no Video-MME script.
     """
-    return _run("videomme", predictions, references, scoring)
-
-
-def _videomme_samples(preds: list[str], references: list[Mapping], scoring: str, task: str) -> dict[str, list]:
     columns: dict[str, list] = {"hit": [], "duration": [], "domain": [], "task_type": [], "video": []}
     for i, (p, r) in enumerate(zip(preds, references)):
         gold = str(_field(r, i, "videomme", "answer")).strip()
@@ -862,19 +794,6 @@ def _videomme_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, 
 
 # ---------------------------------------------------------------------------------------------------------
 # registry
-
-METRICS: dict[str, Callable[..., dict[str, float]]] = {
-    "textvqa": textvqa_metrics,
-    "vizwiz": vizwiz_metrics,
-    "gqa": gqa_metrics,
-    "pope": pope_metrics,
-    "mme": mme_metrics,
-    "mmbench_en": _mmbench_en,
-    "mmbench_cn": _mmbench_cn,
-    "scienceqa_img": scienceqa_metrics,
-    "ocrbench": ocrbench_metrics,
-    "videomme": videomme_metrics,
-}
 
 # Each task's two stages: (preds, refs, scoring, task) -> per-sample columns, and (columns, scoring) -> result.
 _STAGES: dict[str, tuple[Callable[..., dict[str, list]], Callable[..., dict[str, float]]]] = {
@@ -911,10 +830,11 @@ TASK_ALIASES = {
 }
 
 
-def _canonical_task(task: str) -> str:
+def canonical_task(task: str) -> str:
+    """`task`'s own name (lmms-eval's and other spellings in `TASK_ALIASES` accepted); ValueError if unknown."""
     t = TASK_ALIASES.get(task, task)
-    if t not in METRICS:
-        raise ValueError(f"unknown task {task!r}; valid: {', '.join(METRICS)}")
+    if t not in SCORING_RULES:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(SCORING_RULES)}")
     return t
 
 
@@ -952,7 +872,7 @@ def sample_outcomes(task: str, predictions, references, scoring: str = LMMS_EVAL
     ``categories`` ((category, L2-category)); videomme ``hit``, ``duration``, ``domain``, ``task_type``,
     ``video`` (videoID). Raises as `score` does.
     """
-    t = _canonical_task(task)
+    t = canonical_task(task)
     _check_rule(t, scoring)
     preds, refs = _check_inputs(predictions, references, t)
     return Outcomes(t, scoring, _STAGES[t][0](preds, refs, scoring, t))

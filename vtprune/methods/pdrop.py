@@ -53,7 +53,6 @@ from .base import ImageView, LayerProbe, Method, ModelInfo, Stage, scale_layers
 from .primitives import same_shape, topk_in_order
 
 AUTHORS_LAYERS, AUTHORS_DEPTH = (8, 16, 24), 32
-AUTHORS_RATIOS = (0.5, 0.25, 0.125)  # lambda = 0.5, of the original visual length
 
 
 def stage_counts(budget: int, num_tokens: int, stages: int) -> tuple[int, ...]:

@@ -261,11 +261,6 @@ def received_attention(layer, rows: torch.Tensor, columns: torch.Tensor) -> torc
     return attention[torch.searchsorted(used, rows), columns]
 
 
-def mean_keys(layer, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """[N, d]: each token's key averaged over heads (the similarity metric of VisionZip and ToMe)."""
-    return layer.key[rows, :, columns].float().mean(dim=1)
-
-
 def row_groups(rows: torch.Tensor, columns: torch.Tensor, keep: int) -> list[tuple[torch.Tensor, int]]:
     """An item's tokens grouped by the tower row they were encoded in, with keep split over the rows.
 

@@ -41,3 +41,16 @@ def plot_training_logs(logs: dict[str, Path], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vtprune.synth.curves", description=__doc__)
+    parser.add_argument("out", type=Path, help="the PNG to write")
+    parser.add_argument("runs", nargs="+", metavar="NAME=LOG", help="a run's legend name and its train_log.jsonl")
+    args = parser.parse_args()
+    if bad := [run for run in args.runs if "=" not in run]:
+        parser.error(f"{bad[0]!r} is not NAME=LOG (e.g. 'attempt 9=out/ref/train_log.jsonl')")
+    plot_training_logs(dict(run.split("=", 1) for run in args.runs), args.out)
+    print(args.out)
