@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 import vtprune
+from vtprune.bench.run import device_name
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
         shown = "; ".join(" ".join(f"{a}-{b - 1}" for a, b in stack) for stack in segments) or "each decoder layer"
         print(f"| {config} | {eager:.1f} | {ms:.1f} | {ms - eager:+.1f} | {shown} |")
     if args.out is not None:
-        folder = args.out / f"cpu-{platform.machine()}"
+        folder = args.out / device_name("cpu")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"compiled-dispatch-{args.layers}-layers.json"
         settings = {"layers": args.layers, "budget": args.budget, "repeats": args.repeats, "torch": torch.__version__}

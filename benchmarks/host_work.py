@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import torch
 from vtprune import cli_args
 from vtprune.api import refusal
 from vtprune.bench.ops import count_prefill
+from vtprune.bench.run import device_name
 from vtprune.bench.presets import PRESETS, build_preset, preset_inputs
 from vtprune.methods import REGISTRY, WITHOUT_TOKENIZER
 
@@ -64,8 +64,7 @@ def main(argv=None) -> None:
         cells += [one["syncs"], many["syncs"]] if cuda else []
         print("| " + " | ".join(map(str, cells)) + " |", flush=True)
     if args.out is not None:
-        name = torch.cuda.get_device_name().replace(" ", "-") if cuda else f"cpu-{platform.machine()}"
-        path = args.out / name / f"host-work-{args.arch}-b{args.batch}-{args.budget}.json"
+        path = args.out / device_name(args.device) / f"host-work-{args.arch}-b{args.batch}-{args.budget}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1))
         print(f"saved {path}")

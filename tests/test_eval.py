@@ -9,6 +9,7 @@ from vtprune.eval import FolderBusy, runner
 from vtprune.eval.runner import synthetic_task
 from vtprune.eval.lock import LOCK_NAME, hold
 from vtprune.eval.records import MalformedResults
+from vtprune.eval.shards import read_all
 from vtprune.eval.report import markdown_table, write_reports
 from vtprune.synth import generate
 from vtprune.synth.reference import build_model, build_processor, build_tokenizer, load_reference, prompt
@@ -159,6 +160,6 @@ def test_repeated_records_count_once_and_the_first_wins(tmp_path):
     path = tmp_path / "results.jsonl"
     lines = [record(0, True), record(1, False), record(0, False), record(1, False), record(2, True)]
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    records = ResultsFile(path).read()
+    records = read_all(tmp_path)
     assert records == [record(0, True), record(1, False), record(2, True)]
     assert summarize(records)[0]["overall"] == pytest.approx(2 / 3)

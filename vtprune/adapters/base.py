@@ -285,3 +285,15 @@ def split_runs(positions: torch.Tensor) -> list[tuple[int, int]]:
     breaks = torch.nonzero(positions[1:] - positions[:-1] != 1).flatten() + 1
     bounds = [0, *breaks.tolist(), positions.numel()]
     return [(int(positions[a]), b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def whole_images(row: torch.Tensor, token_id: int, rows: int, cols: int) -> list[VisualItem]:
+    """The images of one sample whose every image is a run of rows x cols `token_id` placeholders (runs of
+    consecutive images are split); a run of another length is an error naming it."""
+    items, size = [], rows * cols
+    for start, length in split_runs(torch.nonzero(row == token_id).flatten()):
+        if length % size:
+            raise ValueError(f"a run of {length} image tokens at position {start} is not a whole number of images "
+                             f"({size} tokens each; {CHUNKED_PREFILL})")
+        items += [VisualItem.grid(start + offset, rows, cols) for offset in range(0, length, size)]
+    return items

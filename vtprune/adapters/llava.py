@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import CHUNKED_PREFILL, Adapter, EncodedPlace, VisualItem, single_row, split_runs
+from .base import Adapter, EncodedPlace, VisualItem, single_row, whole_images
 
 
 class LlavaAdapter(Adapter):
@@ -20,7 +20,6 @@ class LlavaAdapter(Adapter):
         config = model.config
         side = config.vision_config.image_size // config.vision_config.patch_size
         self.grid = (side, side)
-        self.tokens_per_image = side * side
         self.image_token_id = config.image_token_id
 
     @property
@@ -28,21 +27,7 @@ class LlavaAdapter(Adapter):
         return (self.image_token_id,)
 
     def visual_items(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[VisualItem]]:
-        spans = []
-        for row in input_ids:
-            sample = []
-            for start, length in split_runs(torch.nonzero(row == self.image_token_id).flatten()):
-                if length % self.tokens_per_image:
-                    raise ValueError(
-                        f"a run of {length} image tokens at position {start} is not a whole number of images "
-                        f"({self.tokens_per_image} tokens each; {CHUNKED_PREFILL})"
-                    )
-                sample += [
-                    VisualItem.grid(start + offset, *self.grid)
-                    for offset in range(0, length, self.tokens_per_image)
-                ]
-            spans.append(sample)
-        return spans
+        return [whole_images(row, self.image_token_id, *self.grid) for row in input_ids]
 
     def vision_encoders(self):
         return [("image", self.model.model.vision_tower.encoder.layers)]
@@ -95,7 +80,7 @@ class LlavaAdapter(Adapter):
 
         return self.model.model.multi_modal_projector.register_forward_pre_hook(hook)
 
-    def refuse_encoded_images(self, kwargs: dict, store: dict, weights: list[dict[int, float] | None]) -> None:
+    def remix_encoded_images(self, kwargs: dict, store: dict, weights: list[dict[int, float] | None]) -> None:
         """generate() may encode the images before the first forward: project them again with the mixes."""
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         if encoded is None or not any(weights):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..methods.base import Grid
-from .base import CHUNKED_PREFILL, Adapter, EncodedPlace, VisualItem, single_row, split_runs
+from .base import Adapter, EncodedPlace, VisualItem, single_row, split_runs, whole_images
 
 
 class VideoLlavaAdapter(Adapter):
@@ -39,12 +39,7 @@ class VideoLlavaAdapter(Adapter):
         frames = videos.shape[1] if videos is not None else None
         items = []
         for row in input_ids:
-            sample = []
-            for start, length in split_runs(torch.nonzero(row == self.image_token_id).flatten()):
-                if length % per_image:
-                    raise ValueError(f"a run of {length} image tokens at position {start} is not a whole number "
-                                     f"of images ({per_image} tokens each; {CHUNKED_PREFILL})")
-                sample += [VisualItem.grid(start + offset, self.side, self.side) for offset in range(0, length, per_image)]
+            sample = whole_images(row, self.image_token_id, self.side, self.side)
             for start, length in split_runs(torch.nonzero(row == self.video_token_id).flatten()):
                 count = frames or length // per_frame  # without the pixels, a run is one video
                 if length % (count * per_frame):

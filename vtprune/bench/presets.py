@@ -110,7 +110,7 @@ def anyres_layout(config, image_size: tuple[int, int]) -> AnyresLayout:
     rows, cols = unpad_image(torch.empty(1, tiles_high * side, tiles_wide * side), list(image_size)).shape[1:]
     aspect_ratio = getattr(config, "vision_aspect_ratio", None)
     if aspect_ratio is not None:  # OneVision's pack_image_features: shrink a grid of over 1.1^2 x N tiles' worth
-        ratio = math.sqrt(rows * cols / (int(aspect_ratio.strip("anyres_max_")) * side * side))
+        ratio = math.sqrt(rows * cols / (int(aspect_ratio.removeprefix("anyres_max_")) * side * side))
         if ratio > 1.1:
             rows, cols = int(rows // ratio), int(cols // ratio)
     tiles = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, tile)

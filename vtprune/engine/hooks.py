@@ -1,13 +1,17 @@
 """The handle `vtprune.apply` returns: removable hooks on one model, and the dispatch between them.
 
-Three kinds of forward pre-hook:
-- on the multimodal model: reads input_ids (and the vision kwargs) to find each
-  sample's visual items (images, videos);
+Hooks at three levels, plus what a method adds in the vision tower (vision.py: the recorder, fusion):
+- on the top-level model: a pre-hook keeps its logits_to_keep (which only it receives);
+- on the multimodal model: a pre-hook reads input_ids (and the vision kwargs) to find each
+  sample's visual items (images, videos) and takes the one-forward-at-a-time lock, which a
+  post-hook (always called, errors included) releases;
 - on the language model: a prompt (an empty or absent KV cache) starts a run
   (prefill.py); a forward on the run's own cache is a decode step (decode.py); a forward
   post-hook ends the prefill, checks it and records its stats;
 - on each decoder layer: gives the layer the hidden states, mask and positions of the
   tokens it runs on (prefill) or its cache holds (decode).
+The model instance's generate is wrapped too (`_wrap_generate`: which uncached forwards are generate's own
+re-feeds); remove() undoes all of it.
 
 Prefill decides; decode reuses the decision (the run is tied to the cache object).
 Wherever what transformers did disagrees with what the engine tracks, it raises an
@@ -286,7 +290,7 @@ class Pruner:
                 for text, sample in zip(self._text.tokens, self._items) for item in sample]
         if self.method.fuses_vision_layers:
             self._fusion = self._prompt.fusion
-            self.adapter.refuse_encoded_images(kwargs, self._vision_states, self._fusion)
+            self.adapter.remix_encoded_images(kwargs, self._vision_states, self._fusion)
         return None
 
     def _continued_prompt(self, cache, kwargs) -> Prompt | None:

@@ -17,17 +17,13 @@ class ResultsFile:
         self.path = Path(path)
 
     def read(self) -> list[dict]:
-        """Every record so far, one per (config, index); a line that is not a complete record is an error naming it,
-        except an unterminated last line: a write an interruption cut short, which `repair_tail` drops when this
-        file's process resumes (another process, or a resume with another number of them, reads past it).
-
-        Of records repeating a (config, index), the first in the file wins and the later ones are
-        dropped: a run skips what the file already holds, so the first is the one every resume has
-        counted. (Repeats come from runs that shared a folder before folders were locked.)
-        """
+        """Every record so far, in file order (`shards.read_all` drops repeats); a line that is not a complete record
+        is an error naming it, except an unterminated last line: a write an interruption cut short, which
+        `repair_tail` drops when this file's process resumes (another process, or a resume with another number of
+        them, reads past it)."""
         if not self.path.exists():
             return []
-        records, seen = [], set()
+        records = []
         with self.path.open() as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -47,10 +43,7 @@ class ResultsFile:
                         f"{self.path}:{number}: a result record needs {', '.join(missing)}; fix or delete that line, "
                         "or start a new run with another --out"
                     )
-                key = json.dumps([record["config"], record["index"]])  # hashable whatever the JSON holds
-                if key not in seen:
-                    seen.add(key)
-                    records.append(record)
+                records.append(record)
         return records
 
     def repair_tail(self) -> None:

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .lock import LOCK_NAME
 from .records import ResultsFile
 
 
@@ -36,7 +37,7 @@ class Shard:
 
     @property
     def lock_name(self) -> str:
-        return ".vtprune.lock" if self.processes == 1 else f".vtprune.{self.rank}-of-{self.processes}.lock"
+        return LOCK_NAME if self.processes == 1 else f".vtprune.{self.rank}-of-{self.processes}.lock"
 
     def wait_for_everyone(self) -> None:
         if self.processes > 1:
@@ -47,11 +48,8 @@ class Shard:
 
 def current_shard() -> Shard:
     """This process's shard: from accelerate's state when it launched several processes, else the only one."""
-    try:
-        from accelerate import PartialState
-    except ImportError:  # accelerate is a dependency; a process without it cannot have been launched by it
-        return Shard()
     import torch
+    from accelerate import PartialState
 
     # On a machine without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) are CPU workers
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -61,12 +59,14 @@ def current_shard() -> Shard:
 
 
 def read_all(folder: Path) -> list[dict]:
-    """Every record of the folder's results files (results.jsonl and each process's), one per (config, index):
-    where files repeat one, the first file in name order wins."""
+    """Every record of the folder's results files (results.jsonl and each process's), one per (config, index)
+    (the index runs over every task's samples): of repeats, the first in file order wins, files in name order.
+    A run skips what its folder already holds, so the first is the one every resume has counted (repeats come
+    from runs that shared a folder before folders were locked, or from a resume with another process count)."""
     records, seen = [], set()
     for path in sorted(Path(folder).glob("results*.jsonl")):
         for record in ResultsFile(path).read():
-            key = json.dumps([record["config"], record.get("task"), record["index"]])
+            key = json.dumps([record["config"], record["index"]])  # hashable whatever the JSON holds
             if key not in seen:
                 seen.add(key)
                 records.append(record)

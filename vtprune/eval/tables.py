@@ -51,12 +51,11 @@ def _check_shards(tables: list[_Table], root: Path) -> None:
 
 
 def _pyarrow():
-    try:
-        import pyarrow  # noqa: F401
-        import pyarrow.ipc  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        raise ImportError("reading parquet or save_to_disk copies needs pyarrow: pip install pyarrow") from None
+    """pyarrow with its parquet and ipc modules, imported when a copy is first read (not by every command)."""
+    import pyarrow
+    import pyarrow.ipc  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
     return pyarrow
 
 

@@ -12,14 +12,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _av():
-    try:
-        import av
-    except ImportError:
-        raise ImportError("reading benchmark videos needs PyAV: pip install av") from None
-    return av
-
-
 def read_frames(path: str | Path, count: int) -> np.ndarray:
     """[n, H, W, 3] uint8 RGB frames of the video at `path`, n = min(its frames, count), evenly spaced from the
     first frame to the last."""
@@ -28,7 +20,8 @@ def read_frames(path: str | Path, count: int) -> np.ndarray:
 
 @lru_cache(maxsize=8)
 def _read_frames(path: str, count: int) -> np.ndarray:
-    av = _av()
+    import av  # here, not by every command
+
     try:
         with av.open(path) as container:
             total = container.streams.video[0].frames  # 0 where the container does not say
