@@ -27,7 +27,7 @@ from vtprune.api import refusal
 from vtprune.bench.ops import count_prefill
 from vtprune.bench.run import device_name
 from vtprune.bench.presets import PRESETS, build_preset, preset_inputs
-from vtprune.methods import REGISTRY, WITHOUT_TOKENIZER
+from vtprune.methods import REGISTRY, WITHOUT_CHECKPOINT
 
 
 def main(argv=None) -> None:
@@ -49,8 +49,8 @@ def main(argv=None) -> None:
               "per extra sample"] + (["syncs b1", f"b{args.batch}"] if cuda else [])
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
     for method in args.methods:
-        if refusal(model, method, args.budget, **WITHOUT_TOKENIZER.get(method, {})):
-            print(f"| {method} | not run: {refusal(model, method, args.budget, **WITHOUT_TOKENIZER.get(method, {}))} |")
+        if refusal(model, method, args.budget, **WITHOUT_CHECKPOINT.get(method, {})):
+            print(f"| {method} | not run: {refusal(model, method, args.budget, **WITHOUT_CHECKPOINT.get(method, {}))} |")
             continue
         count_prefill(model, method, args.budget, inputs[1], cuda)  # warm-up: caches a method fills once
         one, many = (count_prefill(model, method, args.budget, inputs[b], cuda) for b in (1, args.batch))

@@ -197,7 +197,7 @@ def test_score_rates_given_answers_by_either_rule_without_a_model(tmp_path, caps
     assert scores["lmms-eval"]["accuracy"] == 0.25 and scores["llava"]["accuracy"] == 0.75
 
 
-def test_score_names_the_line_of_a_malformed_predictions_file(tmp_path):
+def test_score_names_the_line_of_a_malformed_predictions_file(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prediction": "yes", "answer": "yes", "category": "random"}\n{"answer": "no"}\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl line 2: no 'prediction' field"):
@@ -216,5 +216,6 @@ def test_score_names_the_line_of_a_malformed_predictions_file(tmp_path):
     assert cli.main(["score", "--task", "pope", "--predictions", str(path)]) == 0
     path.write_text('{"prediction": "yes", "answer": "yes", "category": "random"}\n' * 2)
     assert cli.main(["score", "--task", "pope", "--predictions", str(path)]) == 0
-    with pytest.raises(SystemExit, match=r"unknown task 'popee'; valid: .*pope"):
-        cli.main(["score", "--task", "popee", "--predictions", str(path)])
+    with pytest.raises(SystemExit):  # refused before the file is read
+        cli.main(["score", "--task", "popee", "--predictions", str(tmp_path / "absent.jsonl")])
+    assert re.search(r"unknown task 'popee'; valid: .*pope", capsys.readouterr().err)

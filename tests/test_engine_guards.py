@@ -18,7 +18,7 @@ from vtprune.api import refusal
 from vtprune.adapters import adapter_for
 from vtprune.engine import EngineError, TESTED_TRANSFORMERS
 from vtprune.engine.cache import cache_keyword, output_cache
-from vtprune.methods import WITHOUT_TOKENIZER
+from vtprune.methods import WITHOUT_CHECKPOINT
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 from .conftest import FAMILIES, greedy
@@ -366,7 +366,7 @@ def test_a_method_answering_wrong_indices_is_caught(model, monkeypatch, method, 
             return picks[:-1] + [dataclasses.replace(last, keep=bad) if isinstance(last, Selection) else bad]
 
     monkeypatch.setitem(REGISTRY, Careless.name, Careless)
-    with vtprune.apply(model, "careless", 4, **WITHOUT_TOKENIZER.get(method, {})) as pruner:
+    with vtprune.apply(model, "careless", 4, **WITHOUT_CHECKPOINT.get(method, {})) as pruner:
         with pytest.raises(RuntimeError) as raised:
             model(**tiny_inputs(model, LAYOUTS))
         assert f"'careless' {wrong[0]} (they must be distinct and in range)" in str(raised.value)

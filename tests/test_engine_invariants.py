@@ -6,13 +6,13 @@ import torch
 import vtprune
 import vtprune.engine.block_merge
 import vtprune.engine.vision
-from vtprune.methods import REGISTRY, WITHOUT_TOKENIZER
+from vtprune.methods import REGISTRY, WITHOUT_CHECKPOINT
 from vtprune.tiny import SampleLayout, tiny_inputs
 
 from .conftest import FAMILIES, greedy, skip_block_merging_on
 
 METHODS = sorted(REGISTRY)  # every registered method, on every family that supports it (conftest)
-OPTIONS = WITHOUT_TOKENIZER  # the tiny models have no tokenizer
+OPTIONS = WITHOUT_CHECKPOINT  # the tiny models have no tokenizer
 PLACEHOLDERS = torch.tensor([100, 101])  # LLaVA's and Qwen2-VL's image token in the tiny vocabulary
 
 

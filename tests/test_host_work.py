@@ -13,7 +13,7 @@ import vtprune
 from vtprune.api import refusal
 from vtprune.bench.ops import count_prefill
 from vtprune.engine.cache import cache_keyword, output_cache
-from vtprune.methods import REGISTRY, WITHOUT_TOKENIZER
+from vtprune.methods import REGISTRY, WITHOUT_CHECKPOINT
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 PER_EXTRA_ITEM = 8  # CLASP's 3 is the most today
@@ -23,7 +23,7 @@ PER_EXTRA_ITEM = 8  # CLASP's 3 is the most today
 def test_a_selection_does_not_grow_with_the_batch(method):
     model = tiny_llava()
     budget = 8
-    reason = refusal(model, method, budget, **WITHOUT_TOKENIZER.get(method, {}))
+    reason = refusal(model, method, budget, **WITHOUT_CHECKPOINT.get(method, {}))
     if reason:
         pytest.skip(reason)
     one, four = (tiny_inputs(model, [SampleLayout()] * n) for n in (1, 4))
@@ -47,12 +47,12 @@ def test_the_engine_reads_nothing_from_the_device_while_it_prunes(method):
 
     model = tiny_llava()
     budget = 8
-    reason = refusal(model, method, budget, **WITHOUT_TOKENIZER.get(method, {}))
+    reason = refusal(model, method, budget, **WITHOUT_CHECKPOINT.get(method, {}))
     if reason:
         pytest.skip(reason)
     for samples in (1, 3):
         inputs = tiny_inputs(model, [SampleLayout(images=2, text_before=3)] * samples)
-        with vtprune.apply(model, method, budget, **WITHOUT_TOKENIZER.get(method, {})) as pruner, torch.no_grad():
+        with vtprune.apply(model, method, budget, **WITHOUT_CHECKPOINT.get(method, {})) as pruner, torch.no_grad():
             with stage_reads() as reads:
                 output = model(**inputs, use_cache=True, logits_to_keep=1)
             stages = len(pruner.last_decision.stage_layers)
@@ -95,7 +95,7 @@ def test_a_probes_rows_counted_on_the_host_are_those_the_device_holds(method, pa
     if case == "padding inside":  # the second token of sample 1 (text) masked out
         first = int(inputs["attention_mask"][1].argmax())
         inputs["attention_mask"][1, first + 1] = 0
-    with vtprune.apply(model, method, 8, **WITHOUT_TOKENIZER.get(method, {})), torch.no_grad():
+    with vtprune.apply(model, method, 8, **WITHOUT_CHECKPOINT.get(method, {})), torch.no_grad():
         model(**inputs, use_cache=True, logits_to_keep=1)
     assert compared
 
@@ -115,6 +115,6 @@ def test_a_finished_prefill_keeps_none_of_its_checks(method):
 
     model = tiny_llava()
     inputs = tiny_inputs(model, [SampleLayout(), SampleLayout(images=2, text_before=3)])
-    with vtprune.apply(model, method, 8, **WITHOUT_TOKENIZER.get(method, {})), torch.no_grad():
+    with vtprune.apply(model, method, 8, **WITHOUT_CHECKPOINT.get(method, {})), torch.no_grad():
         run = getattr(output_cache(model(**inputs, use_cache=True)), PRUNED_RUN).run
     assert run.checks == [] and run.references == {} and run.encoded is None

@@ -33,7 +33,7 @@ def cmd_demo(args) -> int:
 
     import vtprune
     from vtprune.api import refusal
-    from vtprune.methods import WITHOUT_TOKENIZER
+    from vtprune.methods import WITHOUT_CHECKPOINT
     from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
     model = tiny_llava(layers=8)
@@ -46,7 +46,7 @@ def cmd_demo(args) -> int:
         table.add_column(column)
     table.add_row("unpruned", "[128, 64]", "64.0", f"{reference.numel()}/{reference.numel()}")
     for info in vtprune.methods():
-        options = WITHOUT_TOKENIZER.get(info.name, {})
+        options = WITHOUT_CHECKPOINT.get(info.name, {})
         if (reason := refusal(model, info.name, args.budget, **options)) is not None:
             table.add_row(info.name, f"[yellow]not run: {reason}[/yellow]", "", "")
             continue
@@ -91,17 +91,6 @@ def _model_id(path) -> str:
     return f"{path.name} {_digest(weights[0])}" if weights else str(path.resolve())
 
 
-def method_options(model_path, processor) -> dict[str, dict]:
-    """Options a method needs on a checkpoint: CLASP routes with its tokenizer and uses the table beside it."""
-    from pathlib import Path
-
-    table = Path(model_path) / "clasp_calibration.json"
-    clasp = {"tokenizer": processor.tokenizer}
-    if table.exists():
-        clasp["calibration"] = str(table)
-    return {"clasp": clasp}
-
-
 def cmd_calibrate(args) -> int:
     from pathlib import Path
 
@@ -131,6 +120,8 @@ def cmd_eval(args) -> int:
     from vtprune.eval.report import frontier_table, rich_table, summarize, write_reports
     from vtprune.eval.runner import synthetic_task
     from vtprune.eval.shards import current_shard
+    from vtprune.methods import checkpoint_options
+    from vtprune.methods.clasp import CALIBRATION_FILE
     from vtprune.synth import generate
     from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt_for
 
@@ -146,10 +137,10 @@ def cmd_eval(args) -> int:
             model.to(shard.device)
         count = args.samples or default_samples(1 + len(specs) * len(args.budgets))
         samples = generate(args.seed, count)
-        configs, refused = runnable_configs(model, specs, args.budgets, method_options(model_path, processor), shard)
+        configs, refused = runnable_configs(model, specs, args.budgets, checkpoint_options(model_path, processor), shard)
         settings = {"task": "synthetic", "model": _model_id(model_path), "seed": args.seed, "samples": count,
                     "versions": _versions(),
-                    "clasp_calibration": _digest(model_path / "clasp_calibration.json")}
+                    "clasp_calibration": _digest(model_path / CALIBRATION_FILE)}
         records = evaluate(model, synthetic_task(model, processor, samples, prompt_for(processor)), configs, out, settings,
                            batch_size=args.batch, shard=shard)
         if not shard.main:  # the first process reports for all
@@ -184,6 +175,7 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
     from vtprune.eval.generation import load_checkpoint
     from vtprune.eval.lock import hold
     from vtprune.eval.report import plot_accuracy_vs_budget
+    from vtprune.methods import checkpoint_options
 
     with hold(out, shard.lock_name):
         model_path = Path(args.model)
@@ -192,7 +184,7 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         model, processor = load_checkpoint(model_path)
         if shard.device is not None:
             model.to(shard.device)
-        configs, refused = runnable_configs(model, specs, args.budgets, method_options(model_path, processor), shard)
+        configs, refused = runnable_configs(model, specs, args.budgets, checkpoint_options(model_path, processor), shard)
         settings = {"tasks": args.tasks, "model": _model_id(model_path), "data": data_digests(args.tasks, Path(args.data), out),
                     "limit": args.limit, "max_new_tokens": args.max_new_tokens, "versions": _versions()}
         frames = args.frames or default_frames(model)
@@ -303,6 +295,7 @@ def cmd_show(args) -> int:
 
     import vtprune
     from vtprune.eval.runner import predict
+    from vtprune.methods import get_method
     from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt_for
     from vtprune.viz import kept_token_map, merge_groups, seen_image
 
@@ -314,7 +307,7 @@ def cmd_show(args) -> int:
     sample = SimpleNamespace(image=image, question=args.question)  # what predict() reads of a sample
     with torch.no_grad():
         unpruned = predict(model, processor, [sample], prompt)[0]
-        options = method_options(model_path, processor).get(args.method, {})
+        options = get_method(args.method).checkpoint_options(model_path, processor)
         with vtprune.apply(model, args.method, args.budget, **options) as pruner:
             answer = predict(model, processor, [sample], prompt)[0]
             decision = pruner.last_decision
@@ -341,7 +334,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from vtprune.bench.run import bench_table, device_name, run_bench, save
-    from vtprune.methods import WITHOUT_TOKENIZER
+    from vtprune.methods import WITHOUT_CHECKPOINT
 
     dtype = getattr(torch, args.dtype)
     name = device_name(args.device)
@@ -352,7 +345,7 @@ def cmd_bench(args) -> int:
     # Saved after every configuration: a run cut short (a time limit on a lent GPU) keeps what it measured.
     results = run_bench(args.arch, args.methods, args.budgets, args.batch, device=args.device, dtype=dtype,
                         repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, compiled=args.compile,
-                        options=WITHOUT_TOKENIZER,
+                        options=WITHOUT_CHECKPOINT,
                         measured=lambda so_far: save(so_far, folder, settings))
     compiled = f", prefill compiled ({args.compile})" if args.compile else ""
     console.print(bench_table(results, f"{args.arch} on {name} ({args.dtype}, random weights{compiled})"))
@@ -403,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "the family, 8 for Video-LLaVA, 32 for the others)")
     evaluation.set_defaults(run=cmd_eval)
     scoring = commands.add_parser("score", help="score given answers with a benchmark's official metric (no model)")
-    scoring.add_argument("--task", required=True, help="pope, gqa, mme, textvqa, vizwiz, mmbench_en, mmbench_cn, "
-                                                      "scienceqa_img, ocrbench, videomme")
+    scoring.add_argument("--task", required=True, type=cli_args.task_name,
+                         help="pope, gqa, mme, textvqa, vizwiz, mmbench_en, mmbench_cn, scienceqa_img, ocrbench, videomme")
     scoring.add_argument("--predictions", required=True, type=cli_args.existing_file,
                          help="JSONL: each line the answer as 'prediction' and the benchmark's reference fields")
     scoring.add_argument("--scoring", choices=["lmms-eval", "llava"], default="lmms-eval",

@@ -236,10 +236,6 @@ class MethodSpec:
     options: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-# Options the command fills in itself (see cli.method_options); here they only need to be present.
-SUPPLIED = {"clasp": {"tokenizer": object()}}
-
-
 def method_spec(text: str) -> MethodSpec:
     """NAME or NAME:key=value:..., each value converted to the type the method's Options declare."""
     from vtprune.methods import get_method
@@ -262,7 +258,7 @@ def method_spec(text: str) -> MethodSpec:
         except ValueError as error:
             raise Invalid(f"{text}: {key} {error}") from None
     try:
-        method.parse_options({**SUPPLIED.get(name, {}), **options})  # the method's own checks of its options
+        method.parse_options({**method.without_checkpoint, **options})  # the method's own checks of its options
     except (TypeError, ValueError) as error:
         raise Invalid(f"{text}: {error}") from None
     return MethodSpec(":".join(spelled), name, options)  # spaces dropped: "clse: score=attn" resumes "clse:score=attn"
@@ -376,7 +372,7 @@ def _check_methods_fit(parser, args) -> None:
     for spec in args.methods or []:
         method = get_method(spec.method)
         try:
-            instance = method(method.parse_options({**SUPPLIED.get(spec.method, {}), **spec.options}))
+            instance = method(method.parse_options({**method.without_checkpoint, **spec.options}))
             instance.check_model(info)
             if isinstance(tower, int):
                 instance.check_vision_layers(info, tower)

@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import vtprune
 from vtprune import cli_args
-from vtprune.methods import WITHOUT_TOKENIZER
+from vtprune.methods import WITHOUT_CHECKPOINT
 from vtprune.bench.presets import PRESETS, build_preset, preset_inputs
 from vtprune.engine.compiled import COMPILERS
 
@@ -69,7 +69,7 @@ def profile_config(model, inputs: dict, method: str, replay: bool, args) -> None
     """Profile `prefills` prefills of one configuration after `warmup` ones; print and save what they spent."""
     cuda = args.device.startswith("cuda")
     pruner = None if method == "unpruned" else vtprune.apply(model, method, args.budget,
-                                                             **WITHOUT_TOKENIZER.get(method, {}))
+                                                             **WITHOUT_CHECKPOINT.get(method, {}))
     compiled = vtprune.compile_prefill(model, **COMPILERS[args.compile]) if args.compile else None
 
     def prefill():

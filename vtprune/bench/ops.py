@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtprune
-from vtprune.methods import WITHOUT_TOKENIZER
+from vtprune.methods import WITHOUT_CHECKPOINT
 
 
 class OpCounter(TorchDispatchMode):
@@ -41,7 +41,7 @@ def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = Fa
     """One pruned prefill of `inputs`: its ops inside select_batch ("select_ops") and outside ("engine_ops"), and on
     CUDA its host synchronisations ("syncs"; None elsewhere) and the lines that made them ("sync_sites": "file:line"
     -> count, the Python line that called the synchronising op)."""
-    pruner = vtprune.apply(model, method, budget, **WITHOUT_TOKENIZER.get(method, {}))
+    pruner = vtprune.apply(model, method, budget, **WITHOUT_CHECKPOINT.get(method, {}))
     counter, select = OpCounter(cuda), pruner.method.select_batch
 
     def counted(views):

@@ -123,9 +123,9 @@ def apply_method(model, processor, pretrained: str, method: str | None, budget, 
     if budget is None:
         raise ValueError(f"method={method} needs a budget: visual tokens kept per image (budget=64) or a "
                          f"fraction (budget=0.25)")
-    from vtprune.cli import method_options
+    from vtprune.methods import get_method
 
-    supplied = method_options(pretrained, processor).get(method, {})
+    supplied = get_method(method).checkpoint_options(pretrained, processor)
     return vtprune.apply(model, method, budget, **{**supplied, **typed_options(method, options)})
 
 

@@ -29,9 +29,13 @@ REGISTRY: dict[str, type[Method]] = {
 }
 
 
-# What a method is given where the model has no tokenizer (random weights: tests, the demo, the bench): CLASP routes
-# on the instruction's text, so it is told the instruction's class instead.
-WITHOUT_TOKENIZER: dict[str, dict] = {"clasp": {"question_class": "general"}}
+# What each method is given where there is no checkpoint on disk (Method.without_checkpoint): random weights.
+WITHOUT_CHECKPOINT: dict[str, dict] = {name: cls.without_checkpoint for name, cls in REGISTRY.items() if cls.without_checkpoint}
+
+
+def checkpoint_options(folder, processor) -> dict[str, dict]:
+    """Per method, the options a command gives it on the checkpoint in folder (Method.checkpoint_options)."""
+    return {name: cls.checkpoint_options(folder, processor) for name, cls in REGISTRY.items()}
 
 
 def get_method(name: str) -> type[Method]:
@@ -42,4 +46,4 @@ def get_method(name: str) -> type[Method]:
 
 
 __all__ = ["LLM_INPUT", "REGISTRY", "BlockInput", "BlockMerge", "BlockMergingMethod", "Grid", "ImageView", "LayerProbe", "Method", "ModelInfo", "Selection", "Stage", "VisionLayer",
-           "VisionMethod", "VisionView", "WITHOUT_TOKENIZER", "get_method"]
+           "VisionMethod", "VisionView", "WITHOUT_CHECKPOINT", "checkpoint_options", "get_method"]

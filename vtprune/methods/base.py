@@ -14,6 +14,7 @@ import types
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -277,6 +278,15 @@ class Method(ABC):
     # Picks before the projector (its one stage is at the LLM input, where the rest are dropped): select gets a
     # VisionView, and a merging Selection's hidden states are projector inputs.
     acts_in_vision: ClassVar[bool] = False
+    # Options in place of what a checkpoint supplies (checkpoint_options) where the model has none: random weights
+    # (tests, the demo, the bench), and the command line's checks of a method's options before anything loads.
+    without_checkpoint: ClassVar[dict] = {}
+
+    @classmethod
+    def checkpoint_options(cls, folder: Path, processor) -> dict:
+        """The options a command (eval, show, the lmms-eval plugin) gives this method on the checkpoint in folder,
+        loaded with processor: what a user of the Python API passes by hand."""
+        return {}
 
     def vision_layers(self, model: "ModelInfo") -> tuple[int, ...]:
         """For a method that acts_in_vision: the vision-encoder layers (indices into the tower's layers;

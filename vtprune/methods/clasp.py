@@ -41,6 +41,7 @@ from ..router import CLASSES, checked, route
 from .base import ImageView, Method, ModelInfo, Stage, scale_layers
 from .primitives import farthest_point, same_shape, topk_in_order
 
+CALIBRATION_FILE = "clasp_calibration.json"  # a checkpoint's table, beside its weights (`vtprune calibrate`)
 STEP_LAYER = 2  # K: one step, before decoder layer 2 (layers 0..1 see every visual token)
 PROGRESSIVE_LAYERS, PROGRESSIVE_DEPTH = (2, 6, 15), 32
 PROGRESSIVE_MULTIPLIERS = (2.0, 1.5, 1.0)
@@ -108,6 +109,13 @@ class CLASP(Method):
     summary = "class-adaptive vision-layer fusion; one step keeps R: pivots by attention + completion by max-min coverage"
     where = "vision features + inside the LLM, before layer K=2"
     needs_attention = True
+    without_checkpoint = {"question_class": "general"}  # no tokenizer to read the instruction with
+
+    @classmethod
+    def checkpoint_options(cls, folder: Path, processor) -> dict:
+        """Routes with the checkpoint's tokenizer, fused and split by the calibration table beside its weights, if any."""
+        table = Path(folder) / CALIBRATION_FILE
+        return {"tokenizer": processor.tokenizer, **({"calibration": str(table)} if table.exists() else {})}
 
     @dataclass(frozen=True)
     class Options:

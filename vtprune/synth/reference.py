@@ -39,7 +39,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Seeds of the synthetic data: each use has its own, so that no evaluation sees a training image.
 TRAIN_SEED, VALIDATION_SEED, EVAL_SEED, TEST_SEED, CALIBRATION_SEED, RESULTS_SEED = 0, 1, 2, 3, 4, 5
-CLASP_TABLE = REFERENCE_DIR / "clasp_calibration.json"
 
 
 def prompt(question: str) -> str:
