@@ -21,6 +21,7 @@ from rich.table import Table
 from .intervals import RESAMPLES, SEED, bootstrap, normalized_interval, percentile_interval, units
 from .loaders import TASKS, BenchmarkSample, load_benchmark
 from .metrics import BadReference, normalized_average, sample_outcomes, score, score_outcomes
+from .report import by_config, config_row, in_table_order, markdown, rich
 from .runner import UNPRUNED, Task
 
 INTERVAL_NOTE = (f"score [lo, hi]: the 95% interval, a percentile bootstrap ({RESAMPLES} resamples, seed {SEED}) over "
@@ -129,12 +130,9 @@ def summarize_benchmarks(records: list[dict], samples: list[BenchmarkSample], sc
     config's ratio to the unpruned one is paired per resample. ``normalized_ci95`` is None where a task's
     samples differ from the unpruned model's, where a resample leaves an unpruned score at 0, and on the
     unpruned row (its 100 is a definition, not an estimate)."""
-    grouped: dict[str, list[dict]] = defaultdict(list)
-    for record in records:
-        grouped[record["config"]].append(record)
     tasks = list(dict.fromkeys(s.task for s in samples))
     rows, judged = [], {}
-    for name, group in grouped.items():
+    for name, group in by_config(records).items():
         by_task = defaultdict(list)
         for record in sorted(group, key=lambda r: r["index"]):
             by_task[record["task"]].append(record)
@@ -143,11 +141,8 @@ def summarize_benchmarks(records: list[dict], samples: list[BenchmarkSample], sc
                     for task in tasks if by_task[task]}  # every answer judged once, for the score and its interval
         results = {task: score_outcomes(o) for task, o in outcomes.items()}
         judged[name] = {task: (tuple(r["index"] for r in by_task[task]), units(o)) for task, o in outcomes.items()}
-        equivalent = [r["equivalent_budget"] for r in group if r.get("equivalent_budget") is not None]
-        rows.append({"config": name, "method": group[0]["method"], "budget": group[0]["budget"],
-                     "samples": {task: len(by_task[task]) for task in tasks}, "results": results,
-                     "scores": {task: result["score"] for task, result in results.items()},
-                     "equivalent_budget": sum(equivalent) / len(equivalent) if equivalent else None})
+        rows.append({**config_row(name, group), "samples": {task: len(by_task[task]) for task in tasks},
+                     "results": results, "scores": {task: result["score"] for task, result in results.items()}})
     boots = _bootstraps(judged, tasks, resamples, seed)
     base = next((row for row in rows if row["method"] == UNPRUNED), None)
     for row in rows:
@@ -161,7 +156,7 @@ def summarize_benchmarks(records: list[dict], samples: list[BenchmarkSample], sc
         row["normalized_ci95"] = normalized_interval({task: boots[name, task] for task in tasks},
                                                      {task: boots[base["config"], task] for task in tasks}) \
             if paired else None
-    return sorted(rows, key=lambda r: (r["method"] != UNPRUNED, r["method"], -(r["budget"] or 0)))
+    return in_table_order(rows)
 
 
 def _bootstraps(judged: dict, tasks: list[str], resamples: int, seed: int) -> dict:
@@ -191,23 +186,14 @@ def _cells(row: dict, tasks: list[str]) -> list[str]:
               for t in tasks), normalized]
 
 
-def _tasks(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(task for row in rows for task in row["scores"]))
+def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    tasks = list(dict.fromkeys(task for row in rows for task in row["scores"]))
+    return ["config", "eq. budget", *tasks, "normalized"], [_cells(row, tasks) for row in rows]
 
 
 def benchmark_markdown(rows: list[dict]) -> str:
-    tasks = _tasks(rows)
-    header = ["config", "eq. budget", *tasks, "normalized"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cells(row, tasks)) + " |" for row in rows]
-    return "\n".join(lines) + "\n\n" + INTERVAL_NOTE + "\n"
+    return markdown(*_table(rows)) + "\n" + INTERVAL_NOTE + "\n"
 
 
 def benchmark_table(rows: list[dict], title: str) -> Table:
-    tasks = _tasks(rows)
-    table = Table(title=title, caption=escape(INTERVAL_NOTE))  # rich would read "[lo, hi]" as markup
-    for column in ["config", "eq. budget", *tasks, "normalized"]:
-        table.add_column(column, justify="left" if column == "config" else "right")
-    for row in rows:
-        table.add_row(*_cells(row, tasks))
-    return table
+    return rich(*_table(rows), title, caption=escape(INTERVAL_NOTE))  # rich would read "[lo, hi]" as markup

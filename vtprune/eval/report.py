@@ -24,63 +24,84 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
+def by_config(records: list[dict]) -> dict[str, list[dict]]:
+    """The records of each config, in the order configs first appear."""
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        grouped[record["config"]].append(record)
+    return grouped
+
+
+def config_row(name: str, group: list[dict]) -> dict:
+    """What every summary row says of its config: name, method, budget and mean equivalent budget."""
+    equivalent = [r["equivalent_budget"] for r in group if r.get("equivalent_budget") is not None]
+    return {"config": name, "method": group[0]["method"], "budget": group[0]["budget"],
+            "equivalent_budget": sum(equivalent) / len(equivalent) if equivalent else None}
+
+
+def in_table_order(rows: list[dict]) -> list[dict]:
+    """Unpruned first, then by method, each method's budgets from the largest."""
+    return sorted(rows, key=lambda r: (r["method"] != UNPRUNED, r["method"], -(r["budget"] or 0)))
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """One row per config: accuracy per class and overall, and normalized to the unpruned model.
 
     normalized = mean over classes of (class accuracy / unpruned class accuracy), in percent:
     the papers' "normalized average", with the question classes standing for benchmarks.
     """
-    grouped: dict[str, list[dict]] = defaultdict(list)
-    for record in records:
-        grouped[record["config"]].append(record)
     rows = []
-    for name, group in grouped.items():
+    for name, group in by_config(records).items():
         classes = defaultdict(list)
         for record in group:
             classes[record["qclass"]].append(record["correct"])
-        equivalent = [r["equivalent_budget"] for r in group if r.get("equivalent_budget") is not None]
         rows.append({
-            "config": name, "method": group[0]["method"], "budget": group[0]["budget"], "samples": len(group),
+            **config_row(name, group), "samples": len(group),
             "classes": {c: sum(v) / len(v) for c, v in sorted(classes.items())},
             "overall": sum(r["correct"] for r in group) / len(group),
             "overall_ci95": wilson_interval(sum(bool(r["correct"]) for r in group), len(group)),
-            "equivalent_budget": sum(equivalent) / len(equivalent) if equivalent else None,
         })
     base = next((row for row in rows if row["method"] == UNPRUNED), None)
     for row in rows:
         ratios = [row["classes"][c] / base["classes"][c] for c in row["classes"] if base and base["classes"].get(c)]
         row["normalized"] = 100 * sum(ratios) / len(ratios) if ratios else None
-    return sorted(rows, key=lambda r: (r["method"] != UNPRUNED, r["method"], -(r["budget"] or 0)))
+    return in_table_order(rows)
 
 
-def _cells(row: dict, classes: list[str]) -> list[str]:
-    equivalent = "-" if row["equivalent_budget"] is None else f"{row['equivalent_budget']:.0f}"
-    normalized = "-" if row["normalized"] is None else f"{row['normalized']:.1f}"
-    low, high = row["overall_ci95"]
-    return [row["config"], equivalent, *(f"{100 * row['classes'].get(c, 0):.1f}" for c in classes),
-            f"{100 * row['overall']:.1f}", f"{100 * low:.1f}-{100 * high:.1f}", normalized]
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
-def _header(rows: list[dict]) -> tuple[list[str], list[str]]:
-    classes = sorted({c for row in rows for c in row["classes"]})
-    return classes, ["config", "eq. budget", *classes, "overall", "95% CI", "normalized"]
-
-
-def rich_table(rows: list[dict], title: str) -> Table:
-    classes, header = _header(rows)
-    table = Table(title=title)
+def rich(header: list[str], rows: list[list[str]], title: str, caption: str | None = None) -> Table:
+    """The terminal's table: the config column left-aligned, numbers right."""
+    table = Table(title=title, caption=caption)
     for column in header:
         table.add_column(column, justify="left" if column == "config" else "right")
     for row in rows:
-        table.add_row(*_cells(row, classes))
+        table.add_row(*row)
     return table
 
 
+def _percent_interval(interval: tuple[float, float]) -> str:
+    return f"{100 * interval[0]:.1f}-{100 * interval[1]:.1f}"
+
+
+def _accuracy_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    classes = sorted({c for row in rows for c in row["classes"]})
+    header = ["config", "eq. budget", *classes, "overall", "95% CI", "normalized"]
+    return header, [[row["config"], "-" if row["equivalent_budget"] is None else f"{row['equivalent_budget']:.0f}",
+                     *(f"{100 * row['classes'].get(c, 0):.1f}" for c in classes), f"{100 * row['overall']:.1f}",
+                     _percent_interval(row["overall_ci95"]),
+                     "-" if row["normalized"] is None else f"{row['normalized']:.1f}"] for row in rows]
+
+
+def rich_table(rows: list[dict], title: str) -> Table:
+    return rich(*_accuracy_table(rows), title)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    classes, header = _header(rows)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cells(row, classes)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return markdown(*_accuracy_table(rows))
 
 
 def by_cost(rows: list[dict]) -> list[dict]:
@@ -96,27 +117,21 @@ def by_cost(rows: list[dict]) -> list[dict]:
     return ordered
 
 
+def _cost_cells(row: dict) -> list[str]:
+    return [f"{row['equivalent_budget']:.0f}", row["config"], f"{100 * row['overall']:.1f}",
+            _percent_interval(row["overall_ci95"])]
+
+
 def by_cost_markdown(rows: list[dict]) -> str:
-    lines = ["| eq. budget | config | overall | 95% CI | normalized | best at this cost |", "|---|---|---|---|---|---|"]
-    for row in by_cost(rows):
-        low, high = row["overall_ci95"]
-        normalized = "-" if row["normalized"] is None else f"{row['normalized']:.1f}"
-        lines.append(f"| {row['equivalent_budget']:.0f} | {row['config']} | {100 * row['overall']:.1f} | "
-                     f"{100 * low:.1f}-{100 * high:.1f} | {normalized} | {'yes' if row['frontier'] else ''} |")
-    return "\n".join(lines) + "\n"
+    return markdown(["eq. budget", "config", "overall", "95% CI", "normalized", "best at this cost"],
+                    [[*_cost_cells(row), "-" if row["normalized"] is None else f"{row['normalized']:.1f}",
+                      "yes" if row["frontier"] else ""] for row in by_cost(rows)])
 
 
 def frontier_table(rows: list[dict], title: str) -> Table:
     """The configs no cheaper config beats, by equivalent budget."""
-    table = Table(title=title)
-    for column in ("eq. budget", "config", "overall", "95% CI"):
-        table.add_column(column, justify="left" if column == "config" else "right")
-    for row in by_cost(rows):
-        if row["frontier"]:
-            low, high = row["overall_ci95"]
-            table.add_row(f"{row['equivalent_budget']:.0f}", row["config"], f"{100 * row['overall']:.1f}",
-                          f"{100 * low:.1f}-{100 * high:.1f}")
-    return table
+    return rich(["eq. budget", "config", "overall", "95% CI"],
+                [_cost_cells(row) for row in by_cost(rows) if row["frontier"]], title)
 
 
 def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str, value=lambda row: 100 * row["overall"],
