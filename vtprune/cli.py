@@ -111,7 +111,6 @@ def cmd_calibrate(args) -> int:
 
 def cmd_eval(args) -> int:
     """Accuracy vs budget on the synthetic benchmark: unpruned and every method at every budget."""
-    import shlex
     from pathlib import Path
 
     import vtprune
@@ -150,12 +149,19 @@ def cmd_eval(args) -> int:
         title = f"reference model, synthetic VQA (seed {args.seed}, {count} samples)"
         console.print(rich_table(rows, title))
         console.print(frontier_table(rows, "best at matched compute (eq. budget): no cheaper config answers as well"))
-        command = "vtprune eval " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
+        command = _command_line()
         # what is refused, like the command, is the report's, not the run's: adding a method some budget refuses
         # (ToMe@64) to a finished run resumes it
         paths = write_reports(rows, out, title, dict(settings, command=command, **_not_run(refused)), args.report)
     console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {out}/results*.jsonl)")
     return 0
+
+
+def _command_line() -> str:
+    """This run's command as typed (`vtprune <subcommand> ...`), for its report."""
+    import shlex
+
+    return shlex.join(["vtprune", *sys.argv[1:]])
 
 
 def _not_run(refused: dict) -> dict:
@@ -165,7 +171,6 @@ def _not_run(refused: dict) -> dict:
 def _eval_benchmarks(args, specs, out, shard) -> int:
     """`vtprune eval --model PATH --tasks ... --data DIR`: the checkpoint on local copies of real benchmarks."""
     import json
-    import shlex
     from pathlib import Path
 
     from vtprune.eval import evaluate
@@ -198,7 +203,7 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         rows = summarize_benchmarks([r for r in records if r["config"] in wanted], samples, args.scoring)
         title = f"{model_path.name} on {', '.join(args.tasks)} ({args.scoring} scoring)"
         console.print(benchmark_table(rows, title))
-        command = "vtprune eval " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
+        command = _command_line()
         report = out / f"{args.report}.json"
         # the scoring rule and what is refused are the report's, not the run's: the answers stand for either rule
         report.write_text(json.dumps({"settings": dict(settings, command=command, scoring=args.scoring,
@@ -328,7 +333,6 @@ def cmd_show(args) -> int:
 
 def cmd_bench(args) -> int:
     """Efficiency at real model shapes (random weights): prefill, decode, throughput, memory, KV cache, FLOPs."""
-    import shlex
     from pathlib import Path
 
     import torch
@@ -340,7 +344,7 @@ def cmd_bench(args) -> int:
     name = device_name(args.device)
     settings = {"arch": args.arch, "device_name": name, "dtype": args.dtype, "repeats": args.repeats,
                 "warmup": args.warmup, "new_tokens": args.new_tokens, "compiled": args.compile,
-                "command": "vtprune bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])}
+                "command": _command_line()}
     folder = Path(args.out) / name
     # Saved after every configuration: a run cut short (a time limit on a lent GPU) keeps what it measured.
     results = run_bench(args.arch, args.methods, args.budgets, args.batch, device=args.device, dtype=dtype,
