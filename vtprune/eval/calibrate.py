@@ -22,7 +22,7 @@ import vtprune
 from vtprune.methods.clasp import fusion_candidates
 from vtprune.router import CLASSES
 
-from .runner import predict
+from .runner import answered_right
 
 SPLITS = (0.5, 0.25, 0.75, 1.0)  # the default first
 SIGNIFICANCE = 0.05
@@ -31,11 +31,7 @@ SIGNIFICANCE = 0.05
 def hits(model, processor, samples, prompt, budget, options) -> list[bool]:
     """Per sample, whether CLASP with these options answers it."""
     with torch.no_grad(), vtprune.apply(model, "clasp", budget, **options):
-        found = []
-        for start in range(0, len(samples), 16):
-            chunk = samples[start : start + 16]
-            found += [p == s.answer for p, s in zip(predict(model, processor, chunk, prompt), chunk)]
-    return found
+        return answered_right(model, processor, samples, prompt)
 
 
 def beats(candidate: list[bool], incumbent: list[bool], alpha: float = SIGNIFICANCE) -> bool:

@@ -38,6 +38,15 @@ def predict(model, processor, samples, prompt) -> list[str]:
     return processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
 
 
+def answered_right(model, processor, samples, prompt, batch_size: int = 16) -> list[bool]:
+    """Per synthetic sample, whether `predict` (in batches of batch_size) gives its answer."""
+    right = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        right += [p == s.answer for p, s in zip(predict(model, processor, chunk, prompt), chunk)]
+    return right
+
+
 @dataclass
 class Task:
     """What a run evaluates: its samples, how a batch of them is answered, and what each answer's record keeps."""

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..eval.runner import predict
+from ..eval.runner import answered_right
 from ..methods.primitives import apply_rope
 from .generator import COLOR_NAMES, OCR_WORDS, SHAPES, make_sample
 from .questions import derived_questions
@@ -291,10 +291,8 @@ def answer_accuracy(model, processor, samples, batch_size: int = 32, prompt_form
     """Greedy one-word answers against the truth, per class and overall, as `vtprune eval` asks them."""
     model.eval()
     hits: dict[str, list[bool]] = {}
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        for sample, answer in zip(chunk, predict(model, processor, chunk, prompt_format)):
-            hits.setdefault(sample.qclass, []).append(answer == sample.answer)
+    for sample, right in zip(samples, answered_right(model, processor, samples, prompt_format, batch_size)):
+        hits.setdefault(sample.qclass, []).append(right)
     model.train()
     result = {c: float(np.mean(v)) for c, v in sorted(hits.items())}
     result["overall"] = float(np.mean([h for v in hits.values() for h in v]))

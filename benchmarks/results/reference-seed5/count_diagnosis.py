@@ -7,7 +7,7 @@ Run: python benchmarks/results/reference-seed5/count_diagnosis.py  (about a minu
 import torch
 
 import vtprune
-from vtprune.eval.runner import predict
+from vtprune.eval.runner import answered_right
 from vtprune.synth import generate
 from vtprune.synth.reference import load_reference, prompt
 
@@ -17,10 +17,7 @@ samples = [s for s in generate(5, 600) if s.qclass == "count"][:60]
 
 def accuracy(method, budget, **options):
     with torch.no_grad(), vtprune.apply(model, method, budget, **options) as pruner:
-        hits = 0
-        for start in range(0, len(samples), 20):
-            chunk = samples[start : start + 20]
-            hits += sum(a == s.answer for a, s in zip(predict(model, processor, chunk, prompt), chunk))
+        hits = sum(answered_right(model, processor, samples, prompt, batch_size=20))
     return hits / len(samples), pruner.last_stats.visual_tokens_per_layer[0]
 
 
