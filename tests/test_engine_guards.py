@@ -236,20 +236,25 @@ def test_a_prompt_fed_with_candidate_tokens_is_refused():
         torch.testing.assert_close(model(**inputs, logits_to_keep=1).logits, model(**inputs).logits[:, -1:])
 
 
-def test_a_chunked_prefill_cutting_an_image_says_so(model):
+@pytest.mark.parametrize("layouts, chunk", [
+    ([SampleLayout(images=1, text_before=3)], 8),
+    ([SampleLayout(images=1), SampleLayout(images=1, text_before=9)], 20),  # cut at other places in each sample
+    ([SampleLayout(images=2), SampleLayout(images=1, text_before=6)], 8),  # the second's first chunk all padding
+])
+def test_a_chunked_prefill_cutting_an_image_says_so(model, layouts, chunk):
     """generate(prefill_chunk_size=...) hands the first chunk part of an image: the layout error names chunking
-    (before, each family's error blamed the prompt)."""
-    inputs = tiny_inputs(model, [SampleLayout(images=1, text_before=3)])
+    (before, each family's error blamed the prompt, Qwen2-VL's a missing mm_token_type_ids or an empty sample)."""
+    inputs = tiny_inputs(model, layouts)
     options = dict(max_new_tokens=1, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     try:  # transformers 5.17 drops the images from a chunked prefill (LLaVA) or fails on it (Qwen2-VL), unpruned
-        chunked = model.generate(**inputs, prefill_chunk_size=8, **options).logits[0]
+        chunked = model.generate(**inputs, prefill_chunk_size=chunk, **options).logits[0]
     except RuntimeError:
         chunked = None
     if chunked is None or not torch.allclose(chunked, model.generate(**inputs, **options).logits[0], atol=1e-5):
         pytest.skip("this transformers does not prefill this model in chunks as in one piece, unpruned")
     with vtprune.apply(model, "fastv", 10_000), pytest.raises((ValueError, NotImplementedError),
                                                                match="prefill_chunk_size"):
-        model.generate(**inputs, prefill_chunk_size=8, **options)
+        model.generate(**inputs, prefill_chunk_size=chunk, **options)
 
 
 def test_stats_after_generate_are_the_prefills(model):

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .base import Adapter, VisualItem, place_in_runs, split_runs
+from .base import CHUNKED_PREFILL, Adapter, VisualItem, place_in_runs, split_runs
 
 
 class Qwen2VLAdapter(Adapter):
@@ -76,7 +76,8 @@ class Qwen2VLAdapter(Adapter):
                         or not torch.equal(col - col.amin(), raster % cols) or bool((t.diff() < 0).any()):
                     raise ValueError(
                         f"the {kind} tokens at position {start} do not form one grid in their M-RoPE positions; "
-                        "pass the processor's mm_token_type_ids to forward/generate, which Qwen2-VL needs to place them"
+                        "pass the processor's mm_token_type_ids to forward/generate, which Qwen2-VL needs to place them "
+                        f"(and {CHUNKED_PREFILL})"
                     )
                 sample.append(VisualItem.grid(start, rows, cols, frames, kind))
             items.append(sample)

@@ -159,4 +159,5 @@ class BlockMerging:
         changed = (merge.hidden != before).any(-1, keepdim=True)
         written = torch.where(changed, merge.hidden.to(attended.dtype) - residual.gather(1, along(survivors, width)),
                               attended.gather(1, along(survivors, width)))
-        return attended.scatter(1, along(survivors, width), written)
+        # Under autocast the residual stream is float32 and the attention output half precision.
+        return attended.scatter(1, along(survivors, width), written.to(attended.dtype))

@@ -105,6 +105,7 @@ class Pruner:
         self._input_ids: torch.Tensor | None = None  # of the forward being run
         self._caller_positions = False  # whether the forward being run was given position_ids
         self._logits_to_keep = None  # the top-level forward's, read by the multimodal forward it calls
+        self._labels = self._forward_labels = None  # the top-level forward's; the labels of the forward being run
         self._uncached: Prompt | None = None  # the last prompt generate decided without a cache, which it re-feeds
         self._num_layers = adapter.model_info.num_layers
         self._owner = _Owner()  # marks the caches this pruner's prompts filled (see _RUN)
@@ -223,7 +224,7 @@ class Pruner:
 
     # ------------------------------------------------------------------ hooks
     def _on_model_forward(self, module, args, kwargs):
-        self._logits_to_keep = kwargs.get("logits_to_keep")
+        self._logits_to_keep, self._labels = kwargs.get("logits_to_keep"), kwargs.get("labels")
 
     def _on_multimodal_forward(self, module, args, kwargs):
         me = threading.get_ident()
@@ -238,6 +239,7 @@ class Pruner:
         self._input_ids = input_ids
         self._caller_positions = kwargs.get("position_ids") is not None
         logits_to_keep, self._logits_to_keep = self._logits_to_keep, None
+        self._forward_labels, self._labels = self._labels, None
         encoded = kwargs.get("mm_encoder_outputs") or {}
         self._fusion = self._text = self._prompt = None
         # Placeholder ids without images or videos to go with them (a decode step that happened
@@ -276,6 +278,8 @@ class Pruner:
         host_mask = mask.cpu().bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         if host_mask is not None and not bool(host_mask.any(dim=1).all()):
             empty = torch.nonzero(~host_mask.any(dim=1)).flatten().tolist()
+            if self._generate_chunked:  # a left-padded sample's first chunk can be all padding
+                raise ValueError(f"sample {empty[0]} of the batch has no token in the first prefill chunk; {CHUNKED_PREFILL}")
             raise ValueError(f"sample {empty[0]} of the batch has an attention_mask of zeros only: none of its tokens "
                              "would run, so there is nothing to prune it by; drop it from the batch")
         self._text = PromptText.of(host_ids, self.adapter.placeholder_ids, host_mask, input_ids.device)
@@ -364,6 +368,9 @@ class Pruner:
         if not run.prefill:
             output.last_hidden_state = decode.pad_repeated(run, output.last_hidden_state)
             return output
+        labels, self._forward_labels = self._forward_labels, None
+        if labels is not None and labels.shape == run.prompt_mask.shape:
+            run.checks.append(prefill.labels_check(run, labels))
         self._check_prefill(run, output)
         self._record_stats(run)
         if run.replay is None and self._prompt is not None:
@@ -491,6 +498,9 @@ class Pruner:
                 f"but {kept} reached it"
             )
         returned = kv.output_cache(output)
+        if returned is not None and run.cache is None and prefill.checkpointed(self.adapter.decoder_layers):
+            kv.check_lengths(returned, [0] * run.num_layers, "after a prefill under gradient checkpointing")
+            return  # the empty cache transformers made: a later forward with it is a new prompt
         if returned is not run.cache:
             raise EngineError(
                 "the language model filled a different KV cache from the one vtprune tracks "

@@ -102,6 +102,14 @@ def wants_cache(language_model, kwargs: dict) -> bool:
     return language_model.config.use_cache if use_cache is None else bool(use_cache)
 
 
+def checkpointed(decoder_layers) -> bool:
+    """Whether transformers runs these layers under gradient checkpointing in this forward, which has them fill
+    no KV cache (GradientCheckpointingLayer drops it: the backward pass runs each layer again)."""
+    layer = decoder_layers[0]
+    return bool(getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
+                and not getattr(layer, "_can_checkpoint_with_cache", False))
+
+
 def begin(run: Run, language_model, kwargs: dict, cache_keyword: str, encoded_calls: list) -> None:
     """Start a run at the language model's input: own the KV cache, and apply an LLM-input stage
     (where a method acting in the vision encoder picks from encoded_calls, the tower runs it saw)."""
@@ -110,7 +118,9 @@ def begin(run: Run, language_model, kwargs: dict, cache_keyword: str, encoded_ca
         run.encoded = vision.place_items(run.adapter, encoded_calls, run.items, embeds, run.checks)
     batch, length, _ = embeds.shape
     _, run.cache = kv.find_cache(kwargs)
-    if wants_cache(language_model, kwargs) and run.cache is None:
+    if checkpointed(run.adapter.decoder_layers):
+        run.cache = None  # none is filled (hooks check it stays empty): the run is a forward without one
+    elif wants_cache(language_model, kwargs) and run.cache is None:
         # Made here rather than inside the language model, so that decode steps can be told
         # apart from a new prompt by the cache object they carry.
         run.cache = kwargs[cache_keyword] = kv.new_cache(language_model.config)
@@ -183,6 +193,23 @@ def finish(run: Run, hidden: torch.Tensor) -> torch.Tensor:
     target = torch.where(final.positions == FILL, length, final.positions)
     full.scatter_(1, target[..., None].expand(-1, -1, hidden.shape[-1]), hidden)
     return full[:, :length]
+
+
+IGNORE_INDEX = -100  # transformers' loss skips labels of this value
+
+
+def labels_check(run: Run, labels: torch.Tensor):
+    """(flag, error) for run.checks: whether a label is predicted from a visual token the method dropped, whose
+    logits (those of a zero state, see `finish`) mean nothing, so that a loss would count them."""
+    final = run.layout_at(run.num_layers)
+    batch, length = run.prompt_mask.shape
+    kept = torch.zeros(batch, length + 1, dtype=torch.bool, device=run.visual.device)
+    kept.scatter_(1, torch.where(final.positions == FILL, length, final.positions), True)
+    dropped = run.visual & ~kept[:, :length]
+    flag = (dropped[:, :-1] & (labels[:, 1:].to(dropped.device) != IGNORE_INDEX)).any()
+    return flag, lambda: ValueError(
+        "labels: some follow a visual token the method dropped, whose logits mean nothing (the loss would count "
+        f"them): set the label after each visual token to {IGNORE_INDEX}, the ignore index, as a visual token's own")
 
 
 def _prune_in_llm(run: Run, layer: int, hidden: torch.Tensor) -> torch.Tensor:

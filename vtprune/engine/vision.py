@@ -39,7 +39,7 @@ class VisionRecorder:
     """Hooks that keep, per tower run, the q/k of the method's vision layers and the projector's input and output."""
 
     def __init__(self, adapter: Adapter, method: Method, budget: int | float):
-        self.adapter = adapter
+        self.adapter, self.method = adapter, method
         # While a decision is replayed the tower runs as the model's own: the q/k the method scores with and a
         # BlockMergingMethod's merges are its work, which a replay (the bench's schedule oracle) leaves out.
         self.paused = False
@@ -72,6 +72,13 @@ class VisionRecorder:
 
     def _start_hook(self, kind: str):
         def hook(module, args):
+            if not self.paused and _replayed_in_backward(module, args):
+                raise ValueError(
+                    f"method {self.method.name!r} scores (or merges) inside the vision tower, whose layers gradient "
+                    "checkpointing would run again in the backward pass without it (wrong gradients or a "
+                    "CheckpointError; a frozen tower too, when checkpointing made its inputs require grad): turn "
+                    "checkpointing off in the tower (its layers' gradient_checkpointing = False), or run it in eval "
+                    "mode")
             self._pending = None if self.paused else EncodedCall(kind)
 
         return hook
@@ -252,3 +259,12 @@ def _concatenated(calls: list[EncodedCall]) -> EncodedCall:
         merge = TowerMerge({}, *(torch.cat([getattr(c.merge, name) for c in calls]) for name in ("alive", "slot", "size")))
     return EncodedCall(calls[0].kind, layers, torch.cat([c.features for c in calls]),
                        torch.cat([c.projected for c in calls]), merge)
+
+
+def _replayed_in_backward(layer, args) -> bool:
+    """Whether gradient checkpointing will run this tower layer again in the backward pass (transformers'
+    GradientCheckpointingLayer checkpoints in training mode with gradients on, when something needs them)."""
+    if not (getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()):
+        return False
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args) or \
+        any(p.requires_grad for p in layer.parameters())

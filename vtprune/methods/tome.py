@@ -26,6 +26,8 @@ Deviations (also in the README):
   for pictures) of the column it survives in, a B token or an unmerged A token.
 - Towers that cut an image into several rows (LLaVA-NeXT's tiles, video frames) are refused:
   the count per row must be known before the tower runs.
+- The matching metric is computed in float32 (ToMe's in the model's dtype): in bfloat16 many
+  best-match scores tie, and ToMe's unstable sort then picks among them arbitrarily.
 """
 
 from __future__ import annotations
@@ -105,6 +107,6 @@ class ToMe(BlockMergingMethod):
         return even_schedule(list(range(last + 1)), patches + 1, 1, patches - keep)
 
     def merge(self, block: BlockInput, r: int) -> BlockMerge:
-        order, into = bipartite_soft_matching(block.key.mean(dim=1), r, block.cls)
+        order, into = bipartite_soft_matching(block.key.float().mean(dim=1), r, block.cls)
         hidden, size = size_weighted_merge(block.hidden, block.size, into, order.shape[1])
         return BlockMerge(order, into, hidden, size)
