@@ -90,15 +90,16 @@ def held_elsewhere():
     holder = (
         "import sys\n"
         "from vtprune.eval.lock import hold\n"
-        "with hold(sys.argv[1]):\n"
+        "with hold(sys.argv[1], None if sys.argv[2] == 'alone' else int(sys.argv[2])):\n"
         "    print('held', flush=True)\n"
         "    sys.stdin.read()\n"
     )
 
     @contextlib.contextmanager
-    def hold_in_another_process(folder):
-        process = subprocess.Popen([sys.executable, "-c", holder, str(folder)], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True)
+    def hold_in_another_process(folder, rank=None):
+        """rank: as a process of a data-parallel run."""
+        process = subprocess.Popen([sys.executable, "-c", holder, str(folder), "alone" if rank is None else str(rank)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert process.stdout.readline().strip() == "held"
             yield process

@@ -143,6 +143,42 @@ def test_a_folder_another_run_is_evaluating_into_is_refused(tiny_reference, tmp_
     assert not (tmp_path / "results.jsonl").exists()
 
 
+def test_a_report_of_configs_missing_samples_is_refused(tiny_reference, tmp_path, monkeypatch):
+    """Processes of one data-parallel run given other --methods each run their own configs on their own
+    samples: the configs are short of samples when all are done, and are not reported on part of them."""
+    from vtprune.eval.shards import Shard
+
+    model, processor = tiny_reference
+    monkeypatch.setattr(Shard, "wait_for_everyone", lambda self: None)  # the other process, run after this one
+    task = synthetic_task(model, processor, generate(5, 3), prompt)
+    with pytest.raises(ValueError, match=r"samples missing .*: unpruned \(2 of 3\), random@64 \(2 of 3\); give "
+                                         r"each of its 2 processes the same --methods"):
+        evaluate(model, task, CONFIGS[:2], tmp_path, SETTINGS, shard=Shard(0, 2))
+    evaluate(model, task, CONFIGS[:1], tmp_path, SETTINGS, shard=Shard(1, 2))  # given other --methods
+    with pytest.raises(ValueError, match=r"missing after every process finished: random@64 \(2 of 3\); give"):
+        evaluate(model, task, CONFIGS[:2], tmp_path, SETTINGS, shard=Shard(0, 2))
+    records = evaluate(model, task, CONFIGS[:2], tmp_path, SETTINGS, shard=Shard(1, 2))  # as the run was meant
+    assert sorted((r["config"], r["index"]) for r in records) == sorted(
+        (c.name, i) for c in CONFIGS[:2] for i in range(3))
+
+
+def test_runs_of_other_process_counts_on_one_folder_are_refused(tmp_path, held_elsewhere):
+    """A data-parallel run's processes share the folder; a run of one process, or another run's process of the
+    same rank (whatever its process count), is refused while they run."""
+    with held_elsewhere(tmp_path, rank=0):
+        with hold(tmp_path, rank=1):  # the same run's other process
+            pass
+        with pytest.raises(FolderBusy, match="in use by another run"):
+            with hold(tmp_path):
+                pass
+        with pytest.raises(FolderBusy, match="in use by another run"):
+            with hold(tmp_path, rank=0):
+                pass
+    with held_elsewhere(tmp_path), pytest.raises(FolderBusy, match="in use by another run"):
+        with hold(tmp_path, rank=1):
+            pass
+
+
 def test_the_lock_of_a_run_that_died_does_not_block(tmp_path, held_elsewhere):
     with held_elsewhere(tmp_path) as other:
         pass  # leaving the block kills the holder without releasing anything itself

@@ -129,7 +129,7 @@ def cmd_eval(args) -> int:
     shard = current_shard()  # one of several processes under `accelerate launch`, else the only one
     if args.tasks:
         return _eval_benchmarks(args, specs, out, shard)
-    with hold(out, shard.lock_name):  # before the model loads, so that a second run on this folder stops at once
+    with hold(out, shard.lock_rank):  # before the model loads, so that a second run on this folder stops at once
         model_path = Path(args.model or REFERENCE_DIR)
         model, processor = load_reference(model_path)
         if shard.device is not None:
@@ -182,7 +182,7 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
     from vtprune.eval.report import plot_accuracy_vs_budget
     from vtprune.methods import checkpoint_options
 
-    with hold(out, shard.lock_name):
+    with hold(out, shard.lock_rank):
         model_path = Path(args.model)
         samples = load_tasks(args.tasks, Path(args.data), args.limit)
         check_references(samples, args.scoring)  # before the model loads: a bad row costs seconds, not minutes

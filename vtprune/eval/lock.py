@@ -25,36 +25,51 @@ _held: set[Path] = set()  # folders this process holds
 
 
 @contextlib.contextmanager
-def hold(folder: str | Path, name: str = LOCK_NAME) -> Iterator[None]:
+def hold(folder: str | Path, rank: int | None = None) -> Iterator[None]:
     """Hold `folder` (created if need be) for this process, or raise FolderBusy naming it.
 
-    Nested holds of one folder in one process share the lock: the command holds it across
-    the evaluation and its reports, and evaluate() holds it again for library callers. The
-    processes of one data-parallel run each hold a lock of their own (`name`).
+    A run of one process holds the folder's lock alone. The processes of a data-parallel run (`rank`: this
+    one's) share it, each holding its rank's lock alone: a run of another number of processes, or of one, is
+    refused while they run. Nested holds of one folder in one process share the lock: the command holds it
+    across the evaluation and its reports, and evaluate() holds it again for library callers.
     """
     folder = Path(folder).resolve()
     if folder in _held:
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
-    handle = (folder / name).open("a+")
+    with contextlib.ExitStack() as locks:
+        if rank is None:
+            locks.enter_context(_locked(folder / LOCK_NAME, fcntl.LOCK_EX))
+        else:
+            locks.enter_context(_locked(folder / LOCK_NAME, fcntl.LOCK_SH))
+            locks.enter_context(_locked(folder / f".vtprune.rank-{rank}.lock", fcntl.LOCK_EX))
+        _held.add(folder)
+        try:
+            yield
+        finally:
+            _held.discard(folder)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, mode: int) -> Iterator[None]:
+    handle = path.open("a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip()
         handle.close()
         raise FolderBusy(
-            f"{folder} is in use by another run{f' (pid {holder})' if holder else ''}; "
+            f"{path.parent} is in use by another run{f' (pid {holder})' if holder else ''}; "
             "wait for it to finish, or pass another --out"
         ) from None
     # The file stays when released: deleting it would let a third run lock a new file while a second holds the old one.
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    _held.add(folder)
+    if mode == fcntl.LOCK_EX:  # (shared holders leave the pid of the last run that held it alone)
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
     try:
         yield
     finally:
-        _held.discard(folder)
         handle.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 REQUIRED = ("config", "index", "prediction")  # the synthetic eval adds qclass, answer, correct; benchmarks task, id
@@ -54,11 +55,14 @@ class ResultsFile:
         if not data or data.endswith(b"\n"):
             return
         cut = data.rfind(b"\n") + 1
+        # In place, never rewritten whole: an interruption now loses at most the cut line, not the file.
         try:
             json.loads(data[cut:])
-            self.path.write_bytes(data + b"\n")
         except json.JSONDecodeError:
-            self.path.write_bytes(data[:cut])
+            os.truncate(self.path, cut)
+        else:
+            with self.path.open("ab") as handle:
+                handle.write(b"\n")
 
     def append(self, records: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

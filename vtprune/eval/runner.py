@@ -78,11 +78,27 @@ def evaluate(model, task: Task, configs: list[Config], out: Path, settings: dict
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"configs named twice: {', '.join(repeated)}; give each method and budget once")
-    with hold(out, shard.lock_name):
+    with hold(out, shard.lock_rank):
         _check_settings(Path(out), settings, shard)
         _evaluate(model, task, configs, Path(out), batch_size, shard)
         shard.wait_for_everyone()
-        return read_all(Path(out))
+        records = read_all(Path(out))
+    _check_complete(records, configs, len(task.samples), shard)
+    return records
+
+
+def _check_complete(records: list[dict], configs: list[Config], count: int, shard: Shard) -> None:
+    """Every config has every sample once all processes are done: a data-parallel run whose processes were given
+    other configs would otherwise report each on the samples of the processes that ran it."""
+    have = {config.name: 0 for config in configs}
+    for record in records:
+        if record["config"] in have:
+            have[record["config"]] += 1
+    short = [f"{name} ({n} of {count})" for name, n in have.items() if n < count]
+    if short:
+        processes = f" of its {shard.processes} processes" if shard.processes > 1 else ""
+        raise ValueError(f"samples missing after every process finished: {', '.join(short)}; give each{processes} "
+                         "the same --methods and --budgets, and run it again to complete them")
 
 
 def _check_settings(out: Path, settings: dict, shard: Shard) -> None:

@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .lock import LOCK_NAME
 from .records import ResultsFile
 
 
@@ -36,8 +35,9 @@ class Shard:
         return ResultsFile(Path(folder) / name)
 
     @property
-    def lock_name(self) -> str:
-        return LOCK_NAME if self.processes == 1 else f".vtprune.{self.rank}-of-{self.processes}.lock"
+    def lock_rank(self) -> int | None:
+        """What `lock.hold` takes: this process's rank in a data-parallel run, None alone."""
+        return None if self.processes == 1 else self.rank
 
     def wait_for_everyone(self) -> None:
         if self.processes > 1:
