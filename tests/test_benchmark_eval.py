@@ -104,6 +104,46 @@ def test_a_resume_on_changed_code_is_refused(checkpoint, data, tmp_path, monkeyp
         run(checkpoint, data, tmp_path, "--limit", "2")
 
 
+def test_a_resume_with_another_chat_template_or_clasp_table_is_refused(checkpoint, data, tmp_path):
+    """What the model answers depends on more than its weights: a changed template or CLASP table is another run."""
+    import shutil
+
+    model = shutil.copytree(checkpoint, tmp_path / "model")
+    assert run(model, data, tmp_path / "out", "--limit", "2") == 0
+    template = model / "chat_template.jinja"
+    template.write_text(template.read_text().replace("USER: ", "USER:  "))
+    with pytest.raises(SystemExit, match=r"other settings \(model\)"):
+        run(model, data, tmp_path / "out", "--limit", "2")
+    assert run(model, data, tmp_path / "out2", "--limit", "2") == 0
+    (model / "clasp_calibration.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"other settings \(clasp_calibration\)"):
+        run(model, data, tmp_path / "out2", "--limit", "2")
+
+
+def test_the_model_id_follows_every_file_but_notes_and_samples_large_ones(tmp_path):
+    folder = tmp_path / "a" / "model"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    shard = folder / "model-00001-of-00002.safetensors"
+    with shard.open("wb") as handle:  # 80 MiB, sparse: hashed by its size and 16 spread blocks
+        handle.truncate(80 * 2**20)
+    first = cli._model_id(folder)
+    assert first.startswith("model ") and cli._model_id(folder) == first
+    (folder / "README.md").write_text("notes")
+    (folder / "clasp_calibration.json").write_text("{}")  # recorded apart
+    assert cli._model_id(folder) == first
+    (tmp_path / "a").rename(tmp_path / "b")  # the same model elsewhere
+    folder = tmp_path / "b" / "model"
+    assert cli._model_id(folder) == first
+    with (folder / shard.name).open("r+b") as handle:
+        handle.seek(79 * 2**20)
+        handle.write(b"\1")  # in the last block
+    changed = cli._model_id(folder)
+    assert changed != first
+    (folder / "tokenizer_config.json").write_text("{}")
+    assert cli._model_id(folder) not in (first, changed)
+
+
 def test_the_source_digest_follows_every_file(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "sub").mkdir()

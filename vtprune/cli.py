@@ -84,11 +84,31 @@ def _digest(path) -> str | None:
 
 
 def _model_id(path) -> str:
-    """The checkpoint's folder name and a hash of its weights, so that a resumed run notices another model
-    and the same model resumes wherever its folder lives. A sharded checkpoint is known by its shard
-    index (names and sizes), which a retrained model of the same shapes shares: use another --out."""
-    weights = [path / name for name in ("model.safetensors", "model.safetensors.index.json") if (path / name).exists()]
-    return f"{path.name} {_digest(weights[0])}" if weights else str(path.resolve())
+    """The checkpoint's folder name and a hash of what makes it answer as it does (every file of the folder: config,
+    weights, processor, tokenizer, chat template; not the CLASP table, recorded apart, nor notes), so that a resumed
+    run notices another model or template and the same model resumes wherever its folder lives. A file over 64 MiB
+    (a weight shard) is hashed by its size and 16 blocks spread over it: reading a 7B checkpoint whole would take
+    a minute at every start, and two trainings of one architecture differ in every block."""
+    import hashlib
+
+    from vtprune.methods.clasp import CALIBRATION_FILE
+
+    files = sorted(file for file in path.iterdir() if file.is_file() and not file.name.startswith(".")
+                   and file.suffix != ".md" and file.name != CALIBRATION_FILE)
+    if not files:
+        return str(path.resolve())
+    digest, block = hashlib.sha256(), 2**20
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with file.open("rb") as handle:
+            if size <= 64 * block:
+                digest.update(handle.read())
+                continue
+            for k in range(16):
+                handle.seek(k * (size - block) // 15)
+                digest.update(handle.read(block))
+    return f"{path.name} {digest.hexdigest()[:16]}"
 
 
 def cmd_calibrate(args) -> int:
@@ -181,6 +201,7 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
     from vtprune.eval.lock import hold
     from vtprune.eval.report import plot_accuracy_vs_budget
     from vtprune.methods import checkpoint_options
+    from vtprune.methods.clasp import CALIBRATION_FILE
 
     with hold(out, shard.lock_rank):
         model_path = Path(args.model)
@@ -191,7 +212,8 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
             model.to(shard.device)
         configs, refused = runnable_configs(model, specs, args.budgets, checkpoint_options(model_path, processor), shard)
         settings = {"tasks": args.tasks, "model": _model_id(model_path), "data": data_digests(args.tasks, Path(args.data), out),
-                    "limit": args.limit, "max_new_tokens": args.max_new_tokens, "versions": _versions()}
+                    "limit": args.limit, "max_new_tokens": args.max_new_tokens, "versions": _versions(),
+                    "clasp_calibration": _digest(model_path / CALIBRATION_FILE)}
         frames = args.frames or default_frames(model)
         if any(s.videos for s in samples):
             settings["frames"] = frames
