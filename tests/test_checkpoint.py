@@ -102,6 +102,21 @@ def test_a_checkpoint_saved_without_its_processor_is_a_one_line_error(tmp_path):
             cli.main(argv)
 
 
+def test_a_processor_needing_a_missing_package_is_a_one_line_error(tmp_path, monkeypatch):
+    """Qwen2-VL's, Video-LLaVA's and OneVision's stock processors import torchvision (for their video processor)
+    even for image tasks; an environment without it gets the package named, not an ImportError's traceback."""
+    import transformers
+
+    from vtprune.synth.reference import load_processor
+
+    def needs_torchvision(*args, **kwargs):
+        raise ImportError("Qwen2VLVideoProcessor requires the Torchvision library but it was not found")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_torchvision)
+    with pytest.raises(CheckpointError, match="needs a package this environment lacks .*Torchvision.*install it"):
+        load_processor(tmp_path)
+
+
 def test_demo_lists_a_method_refusing_the_budget_and_runs_the_others(capsys):
     """ToMe's five blocks cannot merge 64 patches down to 1: a row says so, as vtprune eval lists it."""
     assert cli.main(["demo", "--budget", "1"]) == 0

@@ -247,3 +247,6 @@ def load_processor(path: Path, loader=None):
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot load the checkpoint's processor ({error}); save it beside the model "
                               "(processor.save_pretrained)") from None
+    except ImportError as error:  # Qwen2-VL's, Video-LLaVA's and OneVision's video processors need torchvision
+        raise CheckpointError(f"{path}: the checkpoint's processor needs a package this environment lacks ({error}); "
+                              "install it (torchvision: the build matching your torch)") from None
