@@ -65,10 +65,9 @@ def _locked(path: Path, mode: int) -> Iterator[None]:
             "wait for it to finish, or pass another --out"
         ) from None
     # The file stays when released: deleting it would let a third run lock a new file while a second holds the old one.
-    if mode == fcntl.LOCK_EX:  # (shared holders leave the pid of the last run that held it alone)
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+    handle.truncate(0)  # (of a data-parallel run's processes sharing it, one's pid stays)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
     try:
         yield
     finally:
