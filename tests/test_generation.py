@@ -81,6 +81,21 @@ def test_a_batch_generates_what_each_sample_generates_alone(family, method):
     assert answers == [processor.decode(tokens, skip_special_tokens=True).strip() for tokens in alone]
 
 
+@pytest.mark.parametrize("family", sorted(VIDEO_FAMILIES))
+def test_videos_of_other_frame_counts_share_a_batch(family):
+    """A video shorter than the frames asked for gives fewer: Video-LLaVA's and OneVision's processors stack a
+    batch's videos into one tensor, so samples of other frame counts run apart, each as it runs alone."""
+    model = FAMILIES[family]("sdpa")
+    processor = templated(model)
+    questions = ["what happens first ?", "is there a dog near the tree", "what happens last ?"]
+    images, videos = [[], [image(40, 90, 1)], []], [[video(4, 40, 90, 4)], [], [video(2, 40, 90, 5)]]
+    with vtprune.apply(model, "fastv", 8):
+        batch = generate_tokens(model, processor, questions, images, STEPS, videos=videos, suppress_tokens=SUPPRESS)
+        alone = [generate_tokens(model, processor, [q], [i], STEPS, videos=[v], suppress_tokens=SUPPRESS)[0]
+                 for q, i, v in zip(questions, images, videos)]
+    assert batch == alone
+
+
 def test_the_prompt_comes_from_the_chat_template(family):
     processor = templated(FAMILIES[family]("sdpa"))
     prompt = build_prompt(processor, "what colour is the cat ?", images=2)

@@ -167,12 +167,88 @@ def test_method_options_take_vtprune_evals_spelling(checkpoint):
 
 @pytest.mark.parametrize("model_args, error", [
     ({"method": "fastv"}, "needs a budget"),
-    ({"budget": 8}, "need a method"),
+    ({"budget": 8}, "budget=8 needs a method"),
     ({"batch_size": "auto"}, "fixed --batch_size"),
+    ({"revision": "main"}, "unknown model_args revision: vtprune's lmms-eval model takes pretrained"),
+    ({"dtype": "bf16"}, "dtype=bf16 is not one of auto, bfloat16"),
 ])
 def test_bad_model_args_fail_clearly(checkpoint, model_args, error):
     with pytest.raises(ValueError, match=error):
         plugin(checkpoint, **model_args)
+
+
+def test_the_tasks_sampling_and_beam_settings_decide_the_decoding(checkpoint):
+    """lmms-eval's models sample where a task sets a temperature above 0 (llava_hf, qwen) or do_sample
+    (llava_onevision), and pass its top_p and num_beams: the same seed then gives what generate gives."""
+    import torch
+
+    from vtprune.integrations.lmms_eval import decoding
+
+    assert decoding({"until": ["\n"]}) == {"do_sample": False, "num_beams": 1}
+    assert decoding({"temperature": 0.7, "top_p": 0.9}) == {"do_sample": True, "num_beams": 1, "temperature": 0.7,
+                                                           "top_p": 0.9}
+    assert decoding({"do_sample": True, "num_beams": 2}) == {"do_sample": True, "num_beams": 2, "temperature": 1.0}
+    model = plugin(checkpoint, method="fastv", budget=8, batch_size=2)
+    for settings in ({"temperature": 5.0, "max_new_tokens": 6}, {"num_beams": 3, "max_new_tokens": 6}):
+        torch.manual_seed(0)
+        answers = model.generate_until(requests([0, 1], settings))
+        torch.manual_seed(0)
+        expected = generate_answers(model.model, model.processor, [DOCS[i]["question"] for i in (0, 1)],
+                                    [[DOCS[i]["image"]] for i in (0, 1)], 6, **decoding(settings))  # longest first
+        assert answers == expected
+    greedy = model.generate_until(requests([0, 1], {"max_new_tokens": 6}))
+    torch.manual_seed(0)
+    assert model.generate_until(requests([0, 1], {"temperature": 5.0, "max_new_tokens": 6})) != greedy
+
+
+def test_images_stand_where_the_questions_markers_put_them(checkpoint):
+    """An interleaved question (images as answer options) keeps each image at its `<image>` marker, as lmms-eval's
+    llava_hf does; markers that do not match the images are dropped and the images go first."""
+    from vtprune.eval.generation import conversation
+
+    turn = conversation("Which is a cat?\nA. <image>\nB. <image>", images=2)[0]["content"]
+    assert [part["type"] for part in turn] == ["text", "image", "text", "image"]
+    assert turn[0]["text"] == "Which is a cat?\nA. " and turn[2]["text"] == "\nB. "
+    assert [part["type"] for part in conversation("<image> What is it?", images=2)[0]["content"]] == [
+        "image", "image", "text"]
+    model = plugin(checkpoint)
+    docs = [{"question": "Which is red?\nA. <image>\nB. <image>", "images": [image(1), image(2)]}]
+    model.task_dict = {"interleaved": {"test": docs}}
+    seen = []
+    original = model.processor.__class__.__call__
+
+    def spy(processor, *args, **kwargs):
+        seen.append(kwargs["text"])
+        return original(processor, *args, **kwargs)
+
+    type(model.processor).__call__ = spy
+    try:
+        model.generate_until([request("interleaved", 0, docs[0]["question"], {"max_new_tokens": 1},
+                                      lambda doc: doc["images"])])
+    finally:
+        type(model.processor).__call__ = original
+    prompt = seen[0][0]
+    assert prompt.index("Which is red?") < prompt.index("A.") < prompt.index("<image>") < prompt.index("B.")
+
+
+def test_a_video_task_on_a_checkpoint_without_video_is_refused(checkpoint, tmp_path):
+    """LLaVA-1.5's processor drops videos: it would answer from the question alone, as unpruned as pruned."""
+    model = plugin(checkpoint, method="fastv", budget=8)
+    model.task_dict = {"videos": {"test": [{"videos": [str(write_video(tmp_path / "clip.mp4", frames=4))]}]}}
+    with pytest.raises(ValueError, match="videos asks about videos, but this checkpoint's processor"):
+        model.generate_until([request("videos", 0, "what happens ?", {"max_new_tokens": 2}, lambda d: d["videos"])])
+
+
+def test_clean_frees_a_pruned_model(checkpoint):
+    """lmms-eval's clean() deletes the model to free its memory for a judge; the pruner must not keep it alive."""
+    import gc
+    import weakref
+
+    model = plugin(checkpoint, method="fastv", budget=8)
+    alive = weakref.ref(model.model)
+    model.clean()
+    gc.collect()
+    assert alive() is None and model.pruner is None
 
 
 def test_loglikelihood_tasks_are_refused_clearly(checkpoint):

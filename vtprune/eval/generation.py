@@ -52,8 +52,21 @@ def load_checkpoint(path: str | Path, dtype="auto", attn_implementation: str = "
     return model.eval(), load_processor(path)
 
 
+IMAGE_MARKER = "<image>"  # where a question (lmms-eval's interleaved tasks) places each of its images
+
+
 def conversation(question: str, images: int = 0, videos: int = 0) -> list[dict]:
-    """One user turn: its images, then its videos, then the question (the order LLaVA and Qwen are trained on)."""
+    """One user turn: its images, then its videos, then the question (the order LLaVA and Qwen are trained on);
+    a question with one `<image>` marker per image (an answer option, a moment among subtitles) has its images
+    where its markers stand instead, its videos first. Markers that do not match the images are dropped."""
+    parts = question.split(IMAGE_MARKER)
+    if images and len(parts) == images + 1:
+        content = [{"type": "video"}] * videos
+        for k, text in enumerate(parts):
+            content += [{"type": "text", "text": text}] if text.strip() else []
+            content += [{"type": "image"}] if k < images else []
+        return [{"role": "user", "content": content}]
+    question = question.replace(IMAGE_MARKER, "").strip()
     content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": question}]
     return [{"role": "user", "content": content}]
 
@@ -91,8 +104,21 @@ def batch_inputs(processor, questions: list[str], images: list, videos: list | N
 
 def generate_tokens(model, processor, questions: list[str], images: list, max_new_tokens: int,
                     videos: list | None = None, chat_template: str | None = None, **generate_kwargs) -> list[list[int]]:
-    """Each sample's greedily generated token ids, prompt and padding left out (a sample that stops early keeps
-    the pad ids that filled its row). generate_kwargs go to `model.generate` (e.g. suppress_tokens)."""
+    """Each sample's greedily generated token ids (generate_kwargs go to `model.generate`: sampling settings,
+    suppress_tokens), prompt and padding left out (a sample that stops early keeps the pad ids that filled its
+    row). Samples whose videos have other frame counts run apart: some families' processors stack a batch's
+    videos into one tensor."""
+    frames = [tuple(len(video) for video in _as_list(sample)) for sample in videos] if videos else []
+    counts = list(dict.fromkeys(f for f in frames if f))
+    if len(counts) > 1:
+        tokens: list = [None] * len(questions)
+        for count in counts:  # samples without a video go with the first
+            rows = [i for i, f in enumerate(frames) if f == count or (not f and count == counts[0])]
+            part = generate_tokens(model, processor, [questions[i] for i in rows], [images[i] for i in rows],
+                                   max_new_tokens, [videos[i] for i in rows], chat_template, **generate_kwargs)
+            for i, row in zip(rows, part):
+                tokens[i] = row
+        return tokens
     inputs = batch_inputs(processor, questions, images, videos, chat_template)
     inputs = inputs.to(model.device, dtype=model.dtype)  # dtype: the floating tensors only (pixels)
     pad = processor.tokenizer.pad_token_id

@@ -4,13 +4,18 @@
 
 model_args: `pretrained` (a checkpoint folder), `method` and `budget` (leave both out for the unpruned model),
 the method's own options by name (`score=attn`; a tuple as `2/6/15`, as in `vtprune eval --methods`), and
-optionally `max_new_tokens` (default: each task's own), `dtype` (auto, bfloat16, float16, float32),
+optionally `max_new_tokens` (default: each task's own, else the family's lmms-eval model's: 128 for Qwen2-VL,
+32768 for Qwen2.5-VL, 1024 for the LLaVA families), `dtype` (auto, bfloat16, float16, float32),
 `attn_implementation` (sdpa or eager), `chat_template` (a Jinja file, for a checkpoint saved without one) and
-`max_frames` (frames sampled from a task's video files). The method is applied once, when the model loads.
+`max_frames` (frames sampled from a task's video files; default as `vtprune eval`: 8 for Video-LLaVA, else 32).
+The method is applied once, when the model loads; lmms-eval's clean() removes it.
 
 Answers come from `vtprune.eval.generation`, the code `vtprune eval --tasks` answers with: the question under
-the processor's chat template, batches of --batch_size padded on the left, greedy decoding. Only generation
-tasks run: a task scored by log-likelihood stops with NotImplementedError.
+the processor's chat template (on the LLaVA families a question's `<image>` markers, one per image, place its
+images, as lmms-eval's llava_hf keeps them; the Qwen families' lmms-eval model drops them, and so does this),
+batches of --batch_size padded on the left, decoded as the task asks: greedily, or sampling where it sets
+do_sample or a temperature above 0 (with its top_p), with its num_beams. Only generation tasks run: a task
+scored by log-likelihood stops with NotImplementedError.
 """
 
 from __future__ import annotations
@@ -22,16 +27,18 @@ import torch
 from accelerate import Accelerator
 from lmms_eval.api.model import lmms
 from lmms_eval.utils import Collator
-from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
 import vtprune
-from vtprune.eval.generation import generate_answers, load_checkpoint
+from vtprune.eval.benchmark_eval import default_frames
+from vtprune.eval.generation import IMAGE_MARKER, generate_answers, load_checkpoint
 
 UNPRUNED = (None, "", "none", "unpruned")
-DEFAULT_MAX_NEW_TOKENS = 128  # for a task whose generation_kwargs set none
-LMMS_IMAGE_TOKEN = "<image>"  # lmms-eval's placeholder, which some tasks write into the question text
+# For a task whose generation_kwargs set none: the family's lmms-eval model's default (qwen2_vl.py, qwen2_5_vl.py;
+# llava_hf.py, video_llava.py and llava_onevision.py: 1024).
+DEFAULT_MAX_NEW_TOKENS = {"qwen2_vl": 128, "qwen2_5_vl": 32768}
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 class Vtprune(lmms):
@@ -42,11 +49,10 @@ class Vtprune(lmms):
     def __init__(self, pretrained: str, method: str | None = None, budget: int | float | None = None,
                  batch_size: int | str = 1, max_new_tokens: int | None = None, device: str | None = None,
                  dtype: str = "auto", attn_implementation: str = "sdpa", chat_template: str | None = None,
-                 max_frames: int = 8, max_batch_size=None, **method_options) -> None:
+                 max_frames: int | None = None, max_batch_size=None, **method_options) -> None:
         super().__init__()
         self.batch_size = fixed_batch_size(batch_size)
         self.max_new_tokens = max_new_tokens
-        self.max_frames = int(max_frames)
         self.chat_template = Path(chat_template).read_text() if chat_template else None
         # the evaluator shards requests over accelerate's processes; each process takes its own device
         self.accelerator = Accelerator()
@@ -54,10 +60,19 @@ class Vtprune(lmms):
         model, self.processor = load_checkpoint(pretrained, dtype=torch_dtype(dtype),
                                                 attn_implementation=attn_implementation)
         self.model = model.to(device or self.accelerator.device)
+        self.max_frames = int(max_frames) if max_frames else default_frames(self.model)
+        self.keeps_image_markers = self.model.config.model_type not in ("qwen2_vl", "qwen2_5_vl")
         self.pruner = apply_method(self.model, self.processor, pretrained, method, budget, method_options)
 
+    def clean(self):
+        """lmms-eval frees the model before a judge model loads: the pruner, which holds it, goes first."""
+        if self.pruner is not None:
+            self.pruner.remove()
+            self.pruner = None
+        super().clean()
+
     def generate_until(self, requests) -> list[str]:
-        """Greedy answers, longest prompts first in batches of the same generation settings (as lmms-eval's own
+        """Answers, longest prompts first in batches of the same generation settings (as lmms-eval's own
         models batch), returned in the requests' order."""
         order = Collator([request.args for request in requests], longest_first, grouping=True)
         batches = order.get_batched(n=self.batch_size)
@@ -72,26 +87,32 @@ class Vtprune(lmms):
     def answer_batch(self, batch: list[tuple]) -> list[str]:
         contexts, all_settings, doc_to_visual, doc_ids, tasks, splits = zip(*batch)
         settings = all_settings[0]  # the Collator's groups share them
-        warn_if_not_greedy(settings)
         visuals = [self.visuals_of(*request) for request in zip(doc_to_visual, tasks, splits, doc_ids)]
+        questions = [c if self.keeps_image_markers else c.replace(IMAGE_MARKER, "") for c in contexts]
         answers = generate_answers(
-            self.model, self.processor, [question_text(context) for context in contexts],
-            [images for images, _ in visuals], self.max_new_tokens_for(settings),
+            self.model, self.processor, questions, [images for images, _ in visuals], self.max_new_tokens_for(settings),
             videos=[videos for _, videos in visuals], chat_template=self.chat_template, stop=settings.get("until"),
+            **decoding(settings),
         )
         for context, answer in zip(contexts, answers):
             self.cache_hook.add_partial("generate_until", (context, settings), answer)
         return answers
 
     def visuals_of(self, doc_to_visual, task: str, split: str, doc_id) -> tuple[list, list]:
-        """(images, videos) of one document: PIL images as they are, video files as `max_frames` frames."""
+        """(images, videos) of one document: PIL images as they are (the processor converts them to RGB, a
+        transparent one over white), video files as `max_frames` frames."""
         images, videos = [], []
         for visual in doc_to_visual(self.task_dict[task][split][doc_id]) or []:
             if isinstance(visual, Image.Image):
-                images.append(visual.convert("RGB"))
+                images.append(visual)
             elif isinstance(visual, str):
                 from lmms_eval.models.model_utils.load_video import read_video
 
+                if getattr(self.processor, "video_processor", None) is None:
+                    raise ValueError(f"{task} asks about videos, but this checkpoint's processor "
+                                     f"({type(self.processor).__name__}) takes none: it would answer from the "
+                                     "question alone; use a family that does (Video-LLaVA, Qwen2-VL, Qwen2.5-VL, "
+                                     "LLaVA-OneVision)")
                 videos.append(read_video(visual, num_frm=self.max_frames))
             else:
                 raise TypeError(f"{task}: vtprune's lmms-eval model takes images and video files; got a "
@@ -101,7 +122,8 @@ class Vtprune(lmms):
     def max_new_tokens_for(self, settings: dict) -> int:
         if self.max_new_tokens is not None:
             return int(self.max_new_tokens)
-        return int(settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        default = DEFAULT_MAX_NEW_TOKENS.get(self.model.config.model_type, 1024)
+        return int(settings.get("max_new_tokens", default))
 
     def loglikelihood(self, requests):
         raise NotImplementedError(
@@ -117,8 +139,12 @@ def apply_method(model, processor, pretrained: str, method: str | None, budget, 
     """The pruner of `method` at `budget` on the model (None when unpruned), with the options `vtprune eval`
     supplies itself (CLASP's tokenizer and the calibration table beside the checkpoint)."""
     if method in UNPRUNED:
-        if budget is not None or options:
-            raise ValueError(f"budget and method options need a method (got budget={budget}, options={options})")
+        if options:
+            raise ValueError(f"unknown model_args {', '.join(sorted(options))}: vtprune's lmms-eval model takes "
+                             "pretrained, method, budget, batch_size, max_new_tokens, device, dtype, "
+                             "attn_implementation, chat_template, max_frames, and a method's own options with method=")
+        if budget is not None:
+            raise ValueError(f"budget={budget} needs a method (method=fastv, ...)")
         return None
     if budget is None:
         raise ValueError(f"method={method} needs a budget: visual tokens kept per image (budget=64) or a "
@@ -156,6 +182,8 @@ def fixed_batch_size(batch_size) -> int:
 
 
 def torch_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name} is not one of {', '.join(DTYPES)}")
     return name if name == "auto" else getattr(torch, name)
 
 
@@ -165,11 +193,15 @@ def longest_first(args: tuple):
     return -len(args[0]), args[0]
 
 
-def question_text(context: str) -> str:
-    """The task's question less lmms-eval's image placeholders: the chat template places the images."""
-    return context.replace(LMMS_IMAGE_TOKEN, "").strip()
-
-
-def warn_if_not_greedy(settings: dict) -> None:
-    if settings.get("do_sample") or (settings.get("temperature") or 0) > 0 or (settings.get("num_beams") or 1) > 1:
-        logger.warning(f"vtprune decodes greedily; ignoring the task's sampling settings {settings}")
+def decoding(settings: dict) -> dict:
+    """The task's decoding settings as generate takes them: sampling where it sets do_sample (as lmms-eval's
+    llava_onevision reads it) or a temperature above 0 (as its llava_hf and qwen models read it), at that
+    temperature (1 if none) with its top_p; its num_beams."""
+    temperature = settings.get("temperature") or 0
+    sample = bool(settings.get("do_sample")) or temperature > 0
+    chosen = {"do_sample": sample, "num_beams": int(settings.get("num_beams") or 1)}
+    if sample:
+        chosen["temperature"] = temperature or 1.0
+        if settings.get("top_p") is not None:
+            chosen["top_p"] = settings["top_p"]
+    return chosen
