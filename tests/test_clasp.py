@@ -226,20 +226,48 @@ def test_one_step_keeps_pivots_then_coverage_of_exactly_the_budget():
     assert torch.equal(picked[3:], farthest_point(hidden, pivots, 7))
 
 
-@pytest.mark.parametrize("split, keep", [(0.55, 7), (0.3, 10), (0.75, 9), (0.05, 6), (0.0, 5), (1.0, 4)])
+@pytest.mark.parametrize("split, keep", [(0.55, 7), (0.3, 10), (0.75, 9), (0.05, 6), (0.0, 5), (1.0, 4), (0.5, 5)])
 def test_a_stage_selects_as_an_independent_implementation(split, keep):
     """Pivots: the round(split x R) tokens of highest attention (at least one unless the split is 0), in image order;
-    then completion tokens by the plain farthest-point rule; splits whose share of R is not whole included."""
+    then completion tokens by the plain farthest-point rule; splits whose share of R is not whole included. The
+    rounding is Python's round, half to even: 0.5 of 5 is 2 pivots."""
     generator = torch.Generator().manual_seed(int(100 * split) + keep)
     hidden = torch.randn(40, 12, generator=generator, dtype=torch.float64)
     attention = torch.rand(40, generator=generator, dtype=torch.float64)
     view = ImageView.of_grid(hidden, 5, 8, keep=keep, layer=2, stage=0, image_index=0, sizes=torch.ones(40),
                              attention=attention, text=torch.tensor([5]))
-    count = max(int(np.floor(split * keep + 0.5)), 1 if split > 0 else 0)  # (no share here ends in .5)
+    count = max(round(split * keep), 1 if split > 0 else 0)
     pivots = sorted(np.argsort(-attention.numpy(), kind="stable")[:count].tolist())
     expected = pivots + numpy_farthest_point(hidden.numpy(), pivots, keep - count)
     method = CLASP(CLASP.parse_options({"question_class": "ocr", "split": split}))
     assert method.select(view).tolist() == expected
+
+
+CALIBRATION = {"classes": {"ocr": {"fusion": None, "split": 0.25}, "count": {"fusion": None, "split": 0.75}}}
+
+
+@pytest.mark.parametrize("calibration, question_class, keep, count", [
+    (None, "ocr", 10, 5), (CALIBRATION, "ocr", 8, 2), (CALIBRATION, "count", 8, 6),
+])
+def test_the_pivots_share_is_the_classs_split_or_one_half_without_a_table(calibration, question_class, keep, count):
+    """Each class's split in the calibration table is its pivots' share of the keep (ocr 0.25, count 0.75 here);
+    without a table every class splits evenly (DEFAULT_SPLIT 0.5)."""
+    attention = torch.rand(64, generator=torch.Generator().manual_seed(2))
+    hidden = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    method = CLASP(CLASP.Options(question_class=question_class, calibration=calibration))
+    picked = method.select(view(attention, hidden, keep))
+    pivots = torch.topk(attention, count).indices.sort().values
+    assert picked[:count].tolist() == pivots.tolist()
+    assert picked[count:].tolist() == farthest_point(hidden, pivots, keep - count).tolist()
+
+
+def test_tied_attention_keeps_torch_topks_pivots():
+    """Pivots are a top-k by attention; on equal attention they are whatever torch.topk returns (on the CPU not the
+    lowest indices), in image order."""
+    attention = torch.full((64,), 1 / 64)
+    hidden = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    picked = CLASP(CLASP.Options(question_class="ocr", split=1.0)).select(view(attention, hidden, 5))
+    assert picked.tolist() == torch.topk(attention, 5).indices.sort().values.tolist()
 
 
 @pytest.mark.parametrize("tower_layers, own", [(24, -2), (2, -2), (26, -1)])

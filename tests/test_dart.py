@@ -12,16 +12,26 @@ from vtprune.methods.dart import DART, pivots
 LLAVA_7B = ModelInfo("llava", 32)
 
 
-def authors_dart(any_states, last_layer_state, start, length, counts, pivot_image=4, pivot_text=4):
+def stable_top(values, k):
+    return np.argsort(-values, kind="stable")[:k]
+
+
+def torch_top(values, k):
+    """The authors' own .topk, whose order on ties is torch's (on the CPU not the lowest indices first)."""
+    return torch.topk(torch.from_numpy(values), k).indices.numpy()
+
+
+def authors_dart(any_states, last_layer_state, start, length, counts, pivot_image=4, pivot_text=4, top_k=stable_top):
     """ZichenWen1/DART (as vendored in Chenfei-Liao/VTC-Bench external/DART), modeling_llama_self.py,
     DART.get_retained_image_token, in numpy. any_states [H, L, d] = layer K-1's keys (RoPE applied),
     last_layer_state [L, D] = the final norm of layer K-1's output. The one documented deviation: pivot j of the
-    visit order takes counts[j] tokens instead of the same TOKEN_TOPK for all."""
+    visit order takes counts[j] tokens instead of the same TOKEN_TOPK for all. top_k(values, k) stands for their
+    .topk: a stable argsort where nothing ties."""
     states = any_states.transpose(1, 0, 2).reshape(any_states.shape[1], -1)  # permute(0,2,1,3).reshape: [L, H*d]
     image_norm = np.abs(states[start:start + length]).sum(-1)
     query_norm = np.abs(states[start + length:]).sum(-1)
-    image_indices = (np.argsort(-image_norm, kind="stable")[:pivot_image] + start).tolist()
-    query_indices = (np.argsort(-query_norm, kind="stable")[:pivot_text] + start + length).tolist()
+    image_indices = (top_k(image_norm, pivot_image) + start).tolist()
+    query_indices = (top_k(query_norm, pivot_text) + start + length).tolist()
     indices_set = set(image_indices + query_indices)
     valid_indices = set(range(start, start + length)) - set(image_indices)
     valid_list = sorted(valid_indices)
@@ -29,7 +39,7 @@ def authors_dart(any_states, last_layer_state, start, length, counts, pivot_imag
         vectors = last_layer_state[valid_list]
         pivot = last_layer_state[item]
         cos = -(vectors @ pivot) / (np.linalg.norm(vectors, axis=-1) * np.linalg.norm(pivot))
-        top = np.argsort(-cos, kind="stable")[:counts[j]]
+        top = top_k(cos, counts[j])
         real = [valid_list[i] for i in top]
         indices_set.update(real)
         valid_indices.difference_update(real)
@@ -128,6 +138,28 @@ def test_text_pivots_come_after_the_image_only():
     assert text.tolist() == (69 + torch.topk(norms[69:], 4).indices).tolist()
 
 
+def test_without_text_after_the_image_every_text_row_is_a_candidate_pivot():
+    """No text follows the image (the authors' top-k over an empty slice would fail): vtprune's documented rule takes
+    the text pivots from all the text rows, here the 5 before the image, by key L1 norm."""
+    rng = np.random.default_rng(11)
+    view, _, _ = make_view(rng, 8, 8, 5, 0, keep=20)
+    image, text, present = pivots([view.probe], 20, 4, 4)
+    norms = view.probe.key.abs().sum(dim=(0, 2))
+    assert bool(present.all()) and text[0].tolist() == torch.topk(norms[:5], 4).indices.tolist()
+
+
+def test_tied_image_keys_give_the_pivots_the_authors_topk_gives():
+    """Every visual token with the same key: the image pivots are whichever torch.topk returns on the tied norms (the
+    authors call .topk on the same image span), and the tokens they take are then the authors'."""
+    rng = np.random.default_rng(4)
+    view, key, normed = make_view(rng, 8, 8, 5, 12, keep=20)
+    view.probe.key[:, 5:69] = view.probe.key[:, 5:6].clone()  # key is the same memory
+    norms = view.probe.key.abs().sum(dim=(0, 2))[5:69]
+    assert norms.unique().numel() == 1 and sorted(torch.topk(norms, 4).indices.tolist()) != [0, 1, 2, 3]
+    expected = authors_dart(key, normed, 5, 64, shares(20), top_k=torch_top)
+    assert sorted((DART(DART.Options()).select(view) + 5).tolist()) == expected
+
+
 def test_each_pivot_takes_the_tokens_least_like_it():
     """One image pivot, no text pivots: after the pivot (the largest key), the tokens whose final-normed states point
     furthest from the pivot's are kept, whatever their norm."""
@@ -176,10 +208,12 @@ def test_bad_options(options, message):
 
 @pytest.mark.skipif("normed" not in LayerProbe.__dataclass_fields__,
                     reason="the engine does not give LayerProbe.normed yet (see vtprune/methods/dart.py)")
-def test_through_the_engine_the_normed_states_are_the_final_norm_of_layer_k_input(monkeypatch):
-    """On a tiny LLaVA: probe.normed is the decoder's final norm applied to what enters layer K unpruned, and the
-    kept tokens are the authors' selection from the probe's layer K-1 keys and those states."""
+def test_through_the_engine_the_probe_is_layer_k_minus_1s_keys_and_the_final_norm_of_layer_k_input(monkeypatch):
+    """On a tiny LLaVA: probe.key is layer K-1's keys as the unpruned model caches them (the authors' any_states =
+    layer_outputs[-2] of layer K-1), probe.normed the decoder's final norm applied to what enters layer K unpruned,
+    and the kept tokens are the authors' selection from those keys and states."""
     import vtprune
+    from vtprune.engine.cache import output_cache
     from vtprune.methods import REGISTRY
     from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
@@ -192,7 +226,7 @@ def test_through_the_engine_the_normed_states_are_the_final_norm_of_layer_k_inpu
         lambda module, args, kwargs: captured.__setitem__("hidden", kwargs.get("hidden_states", args[0] if args else None)),
         with_kwargs=True)
     with torch.no_grad():
-        model(**inputs)
+        cached = output_cache(model(**inputs, use_cache=True)).layers[1].keys[0]  # [kv heads, L, d]
         normed = language_model.norm(captured["hidden"])[0]
     hook.remove()
     select_batch = DART.select_batch
@@ -201,6 +235,8 @@ def test_through_the_engine_the_normed_states_are_the_final_norm_of_layer_k_inpu
     with torch.no_grad(), vtprune.apply(model, "dart", 13) as pruner:
         model(**inputs)
     probe = probes[0]
+    groups = probe.key.shape[0] // cached.shape[0]
+    torch.testing.assert_close(probe.key.float(), cached.repeat_interleave(groups, dim=0).float(), rtol=0, atol=1e-5)
     torch.testing.assert_close(probe.normed, normed, rtol=1e-5, atol=1e-6)
     start = int(probe.visual[0])
     expected = authors_dart(probe.key.double().numpy(), normed.double().numpy(), start, 64, shares(13))

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import vtprune
+from vtprune.methods import ImageView
+from vtprune.methods.fastv import FastV
 from vtprune.tiny import IMAGE_TOKEN, SampleLayout, tiny_inputs, tiny_llava
 
 LAYERS = 5
@@ -91,3 +93,33 @@ def test_each_sample_of_a_padded_batch_is_the_authors_alone():
         theirs = authors_keep(attention.double().numpy(), int(visual[0]), len(visual), 12)
         padding = int((~real).sum())
         assert (kept[index] - padding).tolist() == theirs.tolist(), index
+
+
+def test_two_images_in_a_sample_are_each_ranked_by_the_eager_attention_row(monkeypatch):
+    """FastV's score is the last prompt token's head-mean attention row, softmax over every key up to and including
+    its own; with two images in one sample each image gets its own slice of that row and its own top-k."""
+    model = tiny_llava("eager", seed=0, layers=LAYERS)
+    inputs = tiny_inputs(model, [SampleLayout(images=2, text_before=5, text_after=7)], seed=0)
+    images = torch.nonzero(inputs["input_ids"][0] == IMAGE_TOKEN).flatten().view(2, -1)
+    seen = []
+    select = FastV.select
+    monkeypatch.setattr(FastV, "select", lambda self, view: seen.append(view.attention.clone()) or select(self, view))
+    with torch.no_grad():
+        row = model(**inputs, output_attentions=True, use_cache=False).attentions[1][0].mean(0)[-1]
+        with vtprune.apply(model, "fastv", 10, layer=2) as pruner:
+            model(**inputs, use_cache=False)
+    assert len(seen) == 2
+    kept = pruner.last_decision.kept[0][0]
+    for i, image in enumerate(images):
+        torch.testing.assert_close(seen[i].double(), row[image].double(), atol=1e-6, rtol=0)
+        expected = image[torch.topk(row[image], 10).indices].sort().values
+        assert kept[i * 10:(i + 1) * 10].tolist() == expected.tolist(), i
+
+
+def test_tied_attention_keeps_torch_topks_pick():
+    """The authors call .topk on the image slice; on equal scores vtprune keeps whatever torch.topk returns (on the
+    CPU not the lowest indices), in original order."""
+    attention = torch.full((64,), 1 / 64)
+    view = ImageView.of_grid(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), 8, 8, keep=5, layer=2,
+                             stage=0, image_index=0, sizes=torch.ones(64), attention=attention)
+    assert FastV(FastV.Options()).select(view).tolist() == torch.topk(attention, 5).indices.sort().values.tolist()

@@ -56,8 +56,13 @@ def ficoco_block(x, query, key, scaling, size, columns, r, grid):
     return merged, new_size, groups, kept
 
 
-@pytest.mark.parametrize("grid", [(6, 6), (5, 7)])  # odd sides: the last, narrower windows count too
-def test_block_equals_the_reading_on_random_rows(grid):
+@pytest.mark.parametrize("grid, r, tolerance", [
+    ((6, 6), 11, {"rtol": 1e-10}), ((5, 7), 11, {"rtol": 1e-10}),  # odd sides: the last, narrower windows count too
+    # rows of 577 tokens: the 0.998 quantile leaves 2 logits above it, so each dropped token spreads over 2 targets
+    # by softmax weights (vtprune's softmax in float32), which the logits' scaling changes
+    ((24, 24), 42, {"rtol": 1e-5, "atol": 1e-6}),
+])
+def test_block_equals_the_reading_on_random_rows(grid, r, tolerance):
     g = torch.Generator().manual_seed(3)
     rows, heads, width = 2, 4, 8
     n = 1 + grid[0] * grid[1]
@@ -66,13 +71,13 @@ def test_block_equals_the_reading_on_random_rows(grid):
     key = torch.randn(rows, heads, n, 5, generator=g, dtype=torch.float64)
     columns = torch.arange(n).expand(rows, n)
     block = BlockInput(hidden, query, key, 0.4, torch.ones(rows, n, dtype=torch.float64), True, columns, grid)
-    merge = FiCoCoV(FiCoCoV.Options()).merge(block, r=11)
+    merge = FiCoCoV(FiCoCoV.Options()).merge(block, r=r)
     for row in range(rows):
         merged, size, groups, kept = ficoco_block(hidden[row].numpy(), query[row].numpy(), key[row].numpy(), 0.4,
-                                                  np.ones(n), np.arange(n), 11, grid)
+                                                  np.ones(n), np.arange(n), r, grid)
         np.testing.assert_array_equal(merge.order[row].numpy(), kept)
         np.testing.assert_array_equal(merge.into[row].numpy(), groups)
-        np.testing.assert_allclose(merge.hidden[row].numpy(), merged, rtol=1e-10)
+        np.testing.assert_allclose(merge.hidden[row].numpy(), merged, **tolerance)
         np.testing.assert_array_equal(merge.size[row].numpy(), size)
 
 

@@ -8,7 +8,7 @@ import torch
 
 import vtprune
 from vtprune.methods import REGISTRY, ImageView, LayerProbe, ModelInfo
-from vtprune.methods.pdrop import PDrop, stage_counts
+from vtprune.methods.pdrop import PDrop, last_token_attention, stage_counts
 
 LLAVA_7B, QWEN_7B = ModelInfo("llava", 32), ModelInfo("qwen2_vl", 28)
 
@@ -115,6 +115,29 @@ def test_the_token_the_last_query_points_at_is_kept():
     assert 41 in PDrop(PDrop.Options()).select(view).tolist()
 
 
+def test_tied_attention_keeps_torch_topks_pick():
+    """The authors call .topk on the mean attention; with every query zero all visual tokens tie, and vtprune keeps
+    what torch.topk returns (on the CPU not the lowest indices), in original order."""
+    view, _, _ = make_view(np.random.default_rng(1), 8, 8, 5, 11, keep=16)
+    view.probe.asking_query = torch.zeros_like(view.probe.asking_query)
+    scores = last_token_attention([view.probe])[0, view.probe.visual]
+    assert float(scores.max() - scores.min()) == 0
+    assert PDrop(PDrop.Options()).select(view).tolist() == torch.topk(scores, 16).indices.sort().values.tolist()
+
+
+def test_attention_is_scored_in_float32_at_least():
+    """vtprune scores in float32 (the authors cast back to fp16): two visual tokens 1e-4 apart in logit, the same
+    weight in float16, still rank the larger (the later token) first."""
+    query, key = torch.zeros(1, 4, 2), torch.zeros(1, 4, 2)
+    query[0, 3, 0] = 1.0
+    key[0, 1, 0], key[0, 2, 0] = 0.0, 1e-4
+    probe = LayerProbe(asking_query=query, key=key, hidden=torch.zeros(4, 2), scaling=1.0, visual=torch.tensor([1, 2]),
+                       text=torch.tensor([0, 3]), last=3)
+    view = ImageView.of_grid(torch.zeros(2, 2), 1, 2, keep=1, layer=8, stage=0, image_index=0, sizes=torch.ones(2),
+                             probe=probe)
+    assert PDrop(PDrop.Options()).select(view).tolist() == [1]
+
+
 def test_the_authors_schedule():
     pdrop = PDrop(PDrop.Options())
     # The released setting (layer_list [8,16,24], ratios 0.5/0.25/0.125 of 576) is the budget 72.
@@ -127,6 +150,9 @@ def test_the_authors_schedule():
     assert [s.keep for s in pdrop.stages(LLAVA_7B, 1, 576)] == [69, 8, 1]
     assert [s.keep for s in pdrop.stages(LLAVA_7B, 576, 576)] == [576, 576, 576]
     assert [s.keep for s in pdrop.stages(LLAVA_7B, 2880 // 8, 2880)] == [1440, 720, 360]
+    # Where N lambda^s is whole, float error (1000 x 0.729^(2/3) = 809.99...) must not truncate a token away.
+    assert stage_counts(729, 1000, 3) == (900, 810, 729)
+    assert stage_counts(18, 576, 5) == (288, 144, 72, 36, 18)
     assert [s.layer for s in pdrop.stages(QWEN_7B, 100, 1000)] == [7, 14, 21]
     assert [s.layer for s in pdrop.stages(ModelInfo("llava", 8), 8, 64)] == [2, 4, 6]
     # The authors' ratio list verbatim: int(N x ratio) of the original length, the budget ignored.

@@ -33,10 +33,17 @@ def test_grid_lattice_gives_k_distinct_cells(rows, cols, k):
 
 
 def test_grid_lattice_spreads_over_the_grid():
+    """The lattice keeps the grid's aspect ratio, and when it has more points than k the ones left out are spread
+    evenly over it, not cut from its end."""
     picked = grid_lattice(24, 24, 64)
     rows, cols = picked // 24, picked % 24
     assert rows.unique().numel() == 8 and cols.unique().numel() == 8  # an 8x8 lattice
     assert int(rows.min()) <= 2 and int(rows.max()) >= 21
+    picked = grid_lattice(6, 24, 36)  # a wide grid: 3 rows of 12, not 6 of 6
+    assert (picked // 24).unique().numel() == 3 and (picked % 24).unique().numel() == 12
+    per_row = torch.bincount(grid_lattice(24, 24, 60) // 24)  # 60 of an 8x8 lattice: 7 or 8 in each of its rows
+    per_row = per_row[per_row > 0]
+    assert per_row.numel() == 8 and int(per_row.max() - per_row.min()) <= 1
 
 
 def test_topk_in_order():
@@ -104,6 +111,8 @@ def test_volume_lattice_is_k_distinct_cells_spread_over_frames():
         per_frame = torch.bincount(cells // (rows * cols), minlength=frames)
         used = per_frame[per_frame > 0]
         assert int(used.max() - used.min()) <= max(1, int(used.max()) // 2)  # frames used about equally
+    # round(frames x (k / cells)^(1/3)) frames: 8 x (40 / 2048)^(1/3) = 2.15 -> 2
+    assert int((torch.bincount(volume_lattice(8, 16, 16, 40) // 256, minlength=8) > 0).sum()) == 2
 
 
 def test_uniform_batch_equals_each_view_alone():

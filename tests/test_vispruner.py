@@ -107,6 +107,14 @@ def test_important_tokens_are_the_top_cls_attention_ones():
     assert set(torch.topk(cls_ranking(view), 24).indices.tolist()) <= half and not top <= half
 
 
+def test_tied_cls_attention_keeps_the_earlier_tokens():
+    """vtprune ranks by a stable descending sort (documented; the authors' argsort is unstable): with a zero [CLS]
+    query every token gets the same attention, and the important tokens are the first ones."""
+    view = single(20, seed=0)
+    view.layers[-2].query[:, :, 0] = 0
+    assert VisPruner(VisPruner.Options(important_ratio=1.0)).select(view).tolist() == list(range(20))
+
+
 def test_a_round_drops_the_even_tokens_most_similar_to_the_odd_ones():
     e = torch.eye(6, dtype=torch.float64)
     # residual order 0..5: a = 0, 2, 4 and b = 1, 3, 5; token 4 duplicates 1, token 0 is close to 3
