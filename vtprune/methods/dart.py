@@ -26,7 +26,7 @@ What the authors' code pins, and vtprune does alike:
   (`for item in list(set(image_indices + query_indices))`, image pivots first, each group in
   descending key norm); vtprune builds the same set of its probe rows (= sequence positions
   at this single, first stage), so the visit order, which decides what each pivot can still
-  take, is the authors'. Candidates are scanned in ascending position (ties only).
+  take, is the authors'.
 
 Budget rule (vtprune keeps exactly the budget; a deviation): the authors give each of the
 P = 8 pivots TOKEN_TOPK = floor(R / 8) tokens and keep the 4 image pivots too, so "128"
@@ -45,6 +45,10 @@ its padding. That is the engine's to give (probe.key); this file assumes it.
 Other deliberate deviations:
 - Precision: the authors take the L1 norms and cosines in the model dtype (fp16); vtprune
   in float32 (or the inputs' precision, if higher). Near-ties may resolve differently.
+- Exact ties of a pivot's cosines: the authors' topk runs over the list of the candidates still
+  free, vtprune's over the whole row with the taken ones masked; torch's topk breaks ties by
+  place in its input, so the two can take different tokens among exactly equal cosines (which
+  real activations do not produce; tied image-pivot key norms are picked alike, a test).
 - One image per sample in their code (a single span from fixed indices: 35 + 576 on LLaVA,
   the first <|image_pad|> on Qwen); vtprune runs per visual item. On LLaVA-NeXT their span
   includes the image-newline tokens; here those are not an item's tokens.
