@@ -42,7 +42,8 @@ Deviations, on purpose:
   budget. Here a tile's patches are those the LLM receives (its padding is not in the view), a
   tile's share is capped at them, and whatever the truncations and caps leave of k_sub goes, one
   token at a time, to the tile with the largest remaining fractional share (share - given) that
-  still has patches (ties to the earlier tile). If the tiles cannot take k - k_base (k close to
+  still has patches (ties to the earlier tile; the shares are float32, as the released ones, so
+  remainders equal in exact arithmetic can differ by a rounding and go the other way). If the tiles cannot take k - k_base (k close to
   the item's size), the base image takes the rest. So exactly view.keep tokens are kept; at a
   budget whose shares are whole numbers, on tiles without padding, the tiles' counts are the
   authors'.
