@@ -5,7 +5,6 @@ import base64
 import io
 import json
 import re
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -728,13 +727,6 @@ def test_mmbench_tsv_errors(tmp_path):
            load_benchmark, "mmbench_en", tsv)
     tsv.write_text("index\tquestion\tanswer\n0\tQ?\tA\n")
     raises(re.escape("mmbench_dev_20230712.tsv line 1: no 'image' column"), load_benchmark, "mmbench_en", tsv)
-
-
-def test_pyarrow_missing_says_how_to_install(tmp_path, monkeypatch):
-    write_parquet(tmp_path / "pope.parquet", pope_rows())
-    monkeypatch.setitem(sys.modules, "pyarrow", None)
-    with pytest.raises(ImportError, match="pip install pyarrow"):
-        load_benchmark("pope", tmp_path)
 
 
 def test_a_split_missing_a_shard_is_refused(tmp_path):
