@@ -9,6 +9,8 @@ last hidden states back to the prompt's length so logits stay aligned with input
 from __future__ import annotations
 
 import torch
+import transformers
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..adapters import Adapter, VisualItem
 from ..methods import LLM_INPUT, BlockMergingMethod, ImageView, LayerProbe, Method, Selection, VisionView
@@ -102,12 +104,25 @@ def wants_cache(language_model, kwargs: dict) -> bool:
     return language_model.config.use_cache if use_cache is None else bool(use_cache)
 
 
+# Older transformers (5.17) checkpoint a layer's __call__, with its hooks inside: the backward pass runs
+# vtprune's layer hooks again, after the prefill's run is gone. Newer ones checkpoint forward, hooks outside.
+HOOKS_INSIDE_CHECKPOINT = "__call__" in vars(GradientCheckpointingLayer)
+
+
 def checkpointed(decoder_layers) -> bool:
     """Whether transformers runs these layers under gradient checkpointing in this forward, which has them fill
-    no KV cache (GradientCheckpointingLayer drops it: the backward pass runs each layer again)."""
+    no KV cache (GradientCheckpointingLayer drops it: the backward pass runs each layer again). Refused where
+    the backward pass would run vtprune's hooks again."""
     layer = decoder_layers[0]
-    return bool(getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
-                and not getattr(layer, "_can_checkpoint_with_cache", False))
+    if not (getattr(layer, "gradient_checkpointing", False) and layer.training) \
+            or getattr(layer, "_can_checkpoint_with_cache", False):
+        return False
+    if HOOKS_INSIDE_CHECKPOINT and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"gradient checkpointing in transformers {transformers.__version__} runs each decoder layer again in "
+            "the backward pass with vtprune's hooks inside, after the pruned forward is gone: turn it off "
+            "(model.gradient_checkpointing_disable()) or use a transformers that checkpoints a layer's forward (5.24 does)")
+    return HOOKS_INSIDE_CHECKPOINT or torch.is_grad_enabled()  # (5.17 drops the cache without gradients too)
 
 
 def begin(run: Run, language_model, kwargs: dict, cache_keyword: str, encoded_calls: list) -> None:

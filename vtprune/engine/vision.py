@@ -74,11 +74,11 @@ class VisionRecorder:
         def hook(module, args):
             if not self.paused and _replayed_in_backward(module, args):
                 raise ValueError(
-                    f"method {self.method.name!r} scores (or merges) inside the vision tower, whose layers gradient "
-                    "checkpointing would run again in the backward pass without it (wrong gradients or a "
-                    "CheckpointError; a frozen tower too, when checkpointing made its inputs require grad): turn "
-                    "checkpointing off in the tower (its layers' gradient_checkpointing = False), or run it in eval "
-                    "mode")
+                    f"method {self.method.name!r} works on the vision tower's run (its hooks record the tower's "
+                    "layers, or merge inside them), which gradient checkpointing would run again in the backward "
+                    "pass without that run (wrong gradients or a CheckpointError; a frozen tower too, when "
+                    "checkpointing made its inputs require grad): turn checkpointing off in the tower (its layers' "
+                    "gradient_checkpointing = False), or run it in eval mode")
             self._pending = None if self.paused else EncodedCall(kind)
 
         return hook
