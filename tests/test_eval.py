@@ -162,18 +162,19 @@ def test_a_report_of_configs_missing_samples_is_refused(tiny_reference, tmp_path
         (c.name, i) for c in CONFIGS[:2] for i in range(3))
 
 
-def test_runs_of_other_process_counts_on_one_folder_are_refused(tmp_path, held_elsewhere):
-    """A data-parallel run's processes share the folder; a run of one process, or another run's process of the
-    same rank (whatever its process count), is refused while they run."""
-    with held_elsewhere(tmp_path, rank=0):
-        with hold(tmp_path, rank=1):  # the same run's other process
-            pass
-        with pytest.raises(FolderBusy, match="in use by another run"):
-            with hold(tmp_path):
-                pass
-        with pytest.raises(FolderBusy, match="in use by another run"):
+def test_a_data_parallel_run_holds_its_folder_against_other_runs(tmp_path, held_elsewhere):
+    """A data-parallel run's processes share the folder; while they run, a run of one process is refused, and so
+    is another data-parallel run's first process (whatever its process count: its others wait for it at
+    evaluate's first barrier). The refusal names a process that holds the folder, not one refused before."""
+    with held_elsewhere(tmp_path, rank=0) as first:
+        with pytest.raises(FolderBusy, match=f"in use by another run \\(pid {first.pid}\\)"):
             with hold(tmp_path, rank=0):
                 pass
+        with pytest.raises(FolderBusy, match=f"in use by another run \\(pid {first.pid}\\)"):
+            with hold(tmp_path):
+                pass
+        with hold(tmp_path, rank=1):  # the same run's other process
+            pass
     with held_elsewhere(tmp_path), pytest.raises(FolderBusy, match="in use by another run"):
         with hold(tmp_path, rank=1):
             pass

@@ -1,9 +1,10 @@
 """One run at a time per results folder.
 
 Two runs appending to the same results.jsonl would each evaluate every sample the other
-had not yet written, so both finish with every sample twice. The lock is an flock on a
-file in the folder: the OS releases it when its process ends, however it ends, so a
-crashed run never leaves the folder blocked.
+had not yet written, so both finish with every sample twice. The locks are flocks on files in
+the folder: the OS releases them when their process ends, however it ends, so a crashed run
+never leaves the folder blocked. A run of one process holds the folder's lock alone; the
+processes of a data-parallel run share it, and each holds its rank's lock alone.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ def hold(folder: str | Path, rank: int | None = None) -> Iterator[None]:
     """Hold `folder` (created if need be) for this process, or raise FolderBusy naming it.
 
     A run of one process holds the folder's lock alone. The processes of a data-parallel run (`rank`: this
-    one's) share it, each holding its rank's lock alone: a run of another number of processes, or of one, is
-    refused while they run. Nested holds of one folder in one process share the lock: the command holds it
-    across the evaluation and its reports, and evaluate() holds it again for library callers.
+    one's) share it, each holding its rank's lock alone: while they run, a run of one process is refused, and
+    so is another data-parallel run's first process (whatever their number), which its other processes wait
+    for before they evaluate anything (evaluate's first barrier), so they stop with it. Nested holds of one
+    folder in one process share the lock: the command holds it across the evaluation and its reports, and
+    evaluate() holds it again for library callers.
     """
     folder = Path(folder).resolve()
     if folder in _held:
@@ -44,6 +47,9 @@ def hold(folder: str | Path, rank: int | None = None) -> Iterator[None]:
         else:
             locks.enter_context(_locked(folder / LOCK_NAME, fcntl.LOCK_SH))
             locks.enter_context(_locked(folder / f".vtprune.rank-{rank}.lock", fcntl.LOCK_EX))
+        with (folder / LOCK_NAME).open("a") as named:  # once every lock is held: the refusal names a live run
+            named.truncate(0)
+            named.write(f"{os.getpid()}\n")
         _held.add(folder)
         try:
             yield
@@ -57,17 +63,13 @@ def _locked(path: Path, mode: int) -> Iterator[None]:
     try:
         fcntl.flock(handle, mode | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip()
         handle.close()
+        holder = (path.parent / LOCK_NAME).read_text().strip()
         raise FolderBusy(
             f"{path.parent} is in use by another run{f' (pid {holder})' if holder else ''}; "
             "wait for it to finish, or pass another --out"
         ) from None
     # The file stays when released: deleting it would let a third run lock a new file while a second holds the old one.
-    handle.truncate(0)  # (of a data-parallel run's processes sharing it, one's pid stays)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
     try:
         yield
     finally:

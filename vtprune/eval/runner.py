@@ -72,7 +72,7 @@ def evaluate(model, task: Task, configs: list[Config], out: Path, settings: dict
     """Evaluate every config on every sample of this process's shard, skipping what out's results files already
     hold; returns every record of the folder once all processes are done.
 
-    Another process evaluating the same shard into `out` at the same time is refused with FolderBusy.
+    Another run evaluating into `out` at the same time is refused with FolderBusy (`lock.hold`).
     """
     names = [config.name for config in configs]
     repeated = sorted({name for name in names if names.count(name) > 1})
