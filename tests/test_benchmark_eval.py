@@ -316,6 +316,28 @@ def test_videomme_is_asked_with_its_frames_and_pruned(tmp_path, monkeypatch):
         benchmark_eval.benchmark_task(tiny_llava("sdpa"), tiny_processor(tiny_llava("sdpa")), samples)
 
 
+def test_videos_of_other_frame_counts_are_batched_apart(tmp_path):
+    """A video shorter than the frames asked for gives fewer, and Video-LLaVA's processor stacks a batch's videos
+    into one tensor: such samples run in batches of their own, each pruned and its equivalent budget counted."""
+    from vtprune.eval import Config, evaluate
+    from vtprune.tiny import tiny_video_llava
+
+    from .test_loaders import videomme_rows, write_parquet, write_video
+
+    write_parquet(tmp_path / "videomme" / "test-00000-of-00001.parquet", videomme_rows())
+    write_video(tmp_path / "data" / "fFjv93ACGo8.mp4", frames=10)
+    write_video(tmp_path / "data" / "xyz.mp4", frames=3)
+    samples = load_benchmark("videomme", tmp_path)
+    model = tiny_video_llava("sdpa")
+    processor = tiny_processor(model)
+    processor.chat_template = VIDEO_TEMPLATE
+    task = benchmark_task(model, processor, samples, max_new_tokens=2, frames=4)
+    assert [task.batch_of(sample) for sample in samples] == [("videomme", (4,))] * 2 + [("videomme", (3,))]
+    records = evaluate(model, task, [Config("random", 8)], tmp_path / "out", {}, batch_size=3)
+    assert sorted(r["index"] for r in records) == [0, 1, 2]
+    assert all(r["equivalent_budget"] is not None for r in records)
+
+
 def test_answers_are_cut_at_the_tasks_stop_strings(monkeypatch):
     """TextVQA's lmms-eval generation stops at "ASSISTANT:" (its "until"), as the lmms-eval plugin cuts: a model
     running on into a new turn is scored on its answer, not on the turn it made up."""

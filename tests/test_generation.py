@@ -8,7 +8,7 @@ from PIL import Image
 
 import vtprune
 from vtprune.eval.generation import (
-    NoChatTemplate, build_prompt, generate_answers, generate_tokens, load_checkpoint,
+    NoChatTemplate, build_prompt, by_frame_count, generate_answers, generate_tokens, load_checkpoint,
 )
 from vtprune.tiny import tiny_llava
 from vtprune.tiny_processors import tiny_processor
@@ -81,19 +81,13 @@ def test_a_batch_generates_what_each_sample_generates_alone(family, method):
     assert answers == [processor.decode(tokens, skip_special_tokens=True).strip() for tokens in alone]
 
 
-@pytest.mark.parametrize("family", sorted(VIDEO_FAMILIES))
-def test_videos_of_other_frame_counts_share_a_batch(family):
-    """A video shorter than the frames asked for gives fewer: Video-LLaVA's and OneVision's processors stack a
-    batch's videos into one tensor, so samples of other frame counts run apart, each as it runs alone."""
-    model = FAMILIES[family]("sdpa")
-    processor = templated(model)
-    questions = ["what happens first ?", "is there a dog near the tree", "what happens last ?"]
-    images, videos = [[], [image(40, 90, 1)], []], [[video(4, 40, 90, 4)], [], [video(2, 40, 90, 5)]]
-    with vtprune.apply(model, "fastv", 8):
-        batch = generate_tokens(model, processor, questions, images, STEPS, videos=videos, suppress_tokens=SUPPRESS)
-        alone = [generate_tokens(model, processor, [q], [i], STEPS, videos=[v], suppress_tokens=SUPPRESS)[0]
-                 for q, i, v in zip(questions, images, videos)]
-    assert batch == alone
+def test_a_batch_is_grouped_by_its_videos_frame_counts():
+    """Video-LLaVA's and OneVision's processors stack a batch's videos into one tensor: the lmms-eval plugin runs
+    each frame count apart (samples without a video with the first)."""
+    videos = [[video(4, 40, 90, 4)], [], [video(2, 40, 90, 5)], [video(4, 40, 90, 6)]]
+    assert by_frame_count(videos) == [[0, 1, 3], [2]]
+    assert by_frame_count([[], []]) == [[0, 1]]
+    assert by_frame_count([[video(2, 40, 90, 4), video(3, 40, 90, 5)], []]) == [[0, 1]]
 
 
 def test_the_prompt_comes_from_the_chat_template(family):

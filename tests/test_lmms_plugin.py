@@ -177,58 +177,42 @@ def test_bad_model_args_fail_clearly(checkpoint, model_args, error):
         plugin(checkpoint, **model_args)
 
 
-def test_the_tasks_sampling_and_beam_settings_decide_the_decoding(checkpoint):
-    """lmms-eval's models sample where a task sets a temperature above 0 (llava_hf, qwen) or do_sample
-    (llava_onevision), and pass its top_p and num_beams: the same seed then gives what generate gives."""
-    import torch
-
+@pytest.mark.parametrize("settings, model_type, expected", [
+    ({"until": ["\n"]}, "llava", {"do_sample": False, "num_beams": 1}),
+    ({"temperature": 0.7, "top_p": 0.9}, "llava", {"do_sample": True, "num_beams": 1, "temperature": 0.7, "top_p": 0.9}),
+    ({"do_sample": True, "num_beams": 2}, "qwen2_vl", {"do_sample": False, "num_beams": 2}),  # temperature decides
+    ({"do_sample": True}, "llava_onevision", {"do_sample": True, "num_beams": 1, "temperature": 1.0}),
+    ({"do_sample": False, "temperature": 0.2}, "llava_onevision", {"do_sample": False, "num_beams": 1}),
+    ({"temperature": 0.7, "num_beams": 3}, "video_llava", {"do_sample": False, "num_beams": 1}),  # always greedy
+])
+def test_a_tasks_decoding_settings_are_read_as_the_familys_lmms_eval_model_reads_them(settings, model_type, expected):
+    """llava_hf (LLaVA-1.5, NeXT), qwen2_vl and qwen2_5_vl sample where the temperature is above 0;
+    llava_onevision where do_sample is set; video_llava passes a temperature without do_sample: greedy."""
     from vtprune.integrations.lmms_eval import decoding
 
-    assert decoding({"until": ["\n"]}) == {"do_sample": False, "num_beams": 1}
-    assert decoding({"temperature": 0.7, "top_p": 0.9}) == {"do_sample": True, "num_beams": 1, "temperature": 0.7,
-                                                           "top_p": 0.9}
-    assert decoding({"do_sample": True, "num_beams": 2}) == {"do_sample": True, "num_beams": 2, "temperature": 1.0}
+    assert decoding(settings, model_type) == expected
+
+
+def test_the_tasks_sampling_and_beams_reach_generate(checkpoint, monkeypatch):
+    """What `decoding` says is what generate is called with, and sampling changes the answers."""
+    import torch
+    from transformers import GenerationMixin
+
+    called, original = [], GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        called.append({key: kwargs.get(key) for key in ("do_sample", "num_beams", "temperature", "top_p")})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)  # before apply(), which wraps the model's generate
     model = plugin(checkpoint, method="fastv", budget=8, batch_size=2)
-    for settings in ({"temperature": 5.0, "max_new_tokens": 6}, {"num_beams": 3, "max_new_tokens": 6}):
-        torch.manual_seed(0)
-        answers = model.generate_until(requests([0, 1], settings))
-        torch.manual_seed(0)
-        expected = generate_answers(model.model, model.processor, [DOCS[i]["question"] for i in (0, 1)],
-                                    [[DOCS[i]["image"]] for i in (0, 1)], 6, **decoding(settings))  # longest first
-        assert answers == expected
+    model.generate_until(requests([0, 1], {"temperature": 5.0, "top_p": 0.9, "max_new_tokens": 6}))
+    model.generate_until(requests([0, 1], {"num_beams": 3, "max_new_tokens": 6}))
+    assert called == [{"do_sample": True, "num_beams": 1, "temperature": 5.0, "top_p": 0.9},
+                      {"do_sample": False, "num_beams": 3, "temperature": None, "top_p": None}]
     greedy = model.generate_until(requests([0, 1], {"max_new_tokens": 6}))
     torch.manual_seed(0)
     assert model.generate_until(requests([0, 1], {"temperature": 5.0, "max_new_tokens": 6})) != greedy
-
-
-def test_images_stand_where_the_questions_markers_put_them(checkpoint):
-    """An interleaved question (images as answer options) keeps each image at its `<image>` marker, as lmms-eval's
-    llava_hf does; markers that do not match the images are dropped and the images go first."""
-    from vtprune.eval.generation import conversation
-
-    turn = conversation("Which is a cat?\nA. <image>\nB. <image>", images=2)[0]["content"]
-    assert [part["type"] for part in turn] == ["text", "image", "text", "image"]
-    assert turn[0]["text"] == "Which is a cat?\nA. " and turn[2]["text"] == "\nB. "
-    assert [part["type"] for part in conversation("<image> What is it?", images=2)[0]["content"]] == [
-        "image", "image", "text"]
-    model = plugin(checkpoint)
-    docs = [{"question": "Which is red?\nA. <image>\nB. <image>", "images": [image(1), image(2)]}]
-    model.task_dict = {"interleaved": {"test": docs}}
-    seen = []
-    original = model.processor.__class__.__call__
-
-    def spy(processor, *args, **kwargs):
-        seen.append(kwargs["text"])
-        return original(processor, *args, **kwargs)
-
-    type(model.processor).__call__ = spy
-    try:
-        model.generate_until([request("interleaved", 0, docs[0]["question"], {"max_new_tokens": 1},
-                                      lambda doc: doc["images"])])
-    finally:
-        type(model.processor).__call__ = original
-    prompt = seen[0][0]
-    assert prompt.index("Which is red?") < prompt.index("A.") < prompt.index("<image>") < prompt.index("B.")
 
 
 def test_a_video_task_on_a_checkpoint_without_video_is_refused(checkpoint, tmp_path):

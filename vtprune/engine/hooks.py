@@ -1,7 +1,7 @@
 """The handle `vtprune.apply` returns: removable hooks on one model, and the dispatch between them.
 
 Hooks at three levels, plus what a method adds in the vision tower (vision.py: the recorder, fusion):
-- on the top-level model: a pre-hook keeps its logits_to_keep (which only it receives);
+- on the top-level model: a pre-hook keeps its logits_to_keep and labels (which only it receives);
 - on the multimodal model: a pre-hook reads input_ids (and the vision kwargs) to find each
   sample's visual items (images, videos) and takes the one-forward-at-a-time lock, which a
   post-hook (always called, errors included) releases;
@@ -369,7 +369,7 @@ class Pruner:
             output.last_hidden_state = decode.pad_repeated(run, output.last_hidden_state)
             return output
         labels, self._forward_labels = self._forward_labels, None
-        if labels is not None and labels.shape == run.prompt_mask.shape:
+        if labels is not None and labels.shape == run.prompt_mask.shape:  # (other shapes: transformers' loss refuses)
             run.checks.append(prefill.labels_check(run, labels))
         self._check_prefill(run, output)
         self._record_stats(run)

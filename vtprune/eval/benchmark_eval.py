@@ -97,16 +97,11 @@ def benchmark_task(model, processor, samples: list[BenchmarkSample], max_new_tok
                    frames: int | None = None) -> Task:
     """Answers generated up to max_new_tokens, or each task's lmms-eval length when None; a video is shown as
     `frames` frames sampled uniformly (`videos.read_frames`; None: `default_frames`)."""
-    from .generation import generate_answers
-    from .videos import read_frames
+    from .generation import check_takes_videos, generate_answers
+    from .videos import read_frames, shown_frames
 
     frames = frames or default_frames(model)
-
-    if any(s.videos for s in samples) and getattr(processor, "video_processor", None) is None:
-        tasks = sorted({s.task for s in samples if s.videos})
-        raise ValueError(f"{', '.join(tasks)} asks about videos, but this checkpoint's processor "
-                         f"({type(processor).__name__}) takes none; use a family that does (Video-LLaVA, "
-                         "Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)")
+    check_takes_videos(processor, {s.task for s in samples if s.videos})
 
     def answer(chunk: list[BenchmarkSample]) -> list[str]:
         videos = [[read_frames(path, frames) for path in s.videos] for s in chunk]
@@ -115,8 +110,9 @@ def benchmark_task(model, processor, samples: list[BenchmarkSample], max_new_tok
                                 max_new_tokens=max_new_tokens or spec.max_new_tokens,
                                 videos=videos if any(videos) else None, stop=spec.stop)
 
+    # A batch's videos have one frame count (a short video gives fewer): some processors stack them.
     return Task(samples, answer, fields=lambda sample, text: {"task": sample.task, "id": sample.id, "prediction": text},
-                batch_of=lambda sample: sample.task)
+                batch_of=lambda sample: (sample.task, tuple(shown_frames(path, frames) for path in sample.videos)))
 
 
 def summarize_benchmarks(records: list[dict], samples: list[BenchmarkSample], scoring: str,

@@ -1,4 +1,4 @@
-"""Answers from any supported checkpoint: prompts from its processor's chat template, greedy batched generation.
+"""Answers from any supported checkpoint: prompts from its processor's chat template, batched generation.
 
 `vtprune eval --model PATH --tasks ...` and the lmms-eval plugin both answer through here, so a question
 reaches a model the same way whichever harness asks it:
@@ -10,7 +10,8 @@ reaches a model the same way whichever harness asks it:
 A sample is a question and its visuals: a list of images (none, one or several) and, where the family takes
 videos, a list of videos (each an array of frames or a list of frame images). Its prompt is the user turn
 [image..., video..., question] through the processor's chat template, so each checkpoint is asked the way it
-was trained to be asked. A batch is padded on the left (generation appends on the right) and decoded greedily.
+was trained to be asked. A batch is padded on the left (generation appends on the right) and decoded greedily
+unless the caller asks for sampling or beams (the lmms-eval plugin, as a task sets them).
 """
 
 from __future__ import annotations
@@ -52,20 +53,14 @@ def load_checkpoint(path: str | Path, dtype="auto", attn_implementation: str = "
     return model.eval(), load_processor(path)
 
 
-IMAGE_MARKER = "<image>"  # where a question (lmms-eval's interleaved tasks) places each of its images
+IMAGE_MARKER = "<image>"  # lmms-eval's image placeholder, which some tasks write into the question
 
 
 def conversation(question: str, images: int = 0, videos: int = 0) -> list[dict]:
-    """One user turn: its images, then its videos, then the question (the order LLaVA and Qwen are trained on);
-    a question with one `<image>` marker per image (an answer option, a moment among subtitles) has its images
-    where its markers stand instead, its videos first. Markers that do not match the images are dropped."""
-    parts = question.split(IMAGE_MARKER)
-    if images and len(parts) == images + 1:
-        content = [{"type": "video"}] * videos
-        for k, text in enumerate(parts):
-            content += [{"type": "text", "text": text}] if text.strip() else []
-            content += [{"type": "image"}] if k < images else []
-        return [{"role": "user", "content": content}]
+    """One user turn: its images, then its videos, then the question (the order LLaVA and Qwen are trained on),
+    less lmms-eval's `<image>` markers: the chat template places the images. (lmms-eval's llava_hf keeps a
+    question's markers where they stand; its Qwen models drop them, as here. The hub LLaVA templates render
+    every image first whatever the content's order, so markers could not place them through a template.)"""
     question = question.replace(IMAGE_MARKER, "").strip()
     content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": question}]
     return [{"role": "user", "content": content}]
@@ -104,21 +99,10 @@ def batch_inputs(processor, questions: list[str], images: list, videos: list | N
 
 def generate_tokens(model, processor, questions: list[str], images: list, max_new_tokens: int,
                     videos: list | None = None, chat_template: str | None = None, **generate_kwargs) -> list[list[int]]:
-    """Each sample's greedily generated token ids (generate_kwargs go to `model.generate`: sampling settings,
-    suppress_tokens), prompt and padding left out (a sample that stops early keeps the pad ids that filled its
-    row). Samples whose videos have other frame counts run apart: some families' processors stack a batch's
-    videos into one tensor."""
-    frames = [tuple(len(video) for video in _as_list(sample)) for sample in videos] if videos else []
-    counts = list(dict.fromkeys(f for f in frames if f))
-    if len(counts) > 1:
-        tokens: list = [None] * len(questions)
-        for count in counts:  # samples without a video go with the first
-            rows = [i for i, f in enumerate(frames) if f == count or (not f and count == counts[0])]
-            part = generate_tokens(model, processor, [questions[i] for i in rows], [images[i] for i in rows],
-                                   max_new_tokens, [videos[i] for i in rows], chat_template, **generate_kwargs)
-            for i, row in zip(rows, part):
-                tokens[i] = row
-        return tokens
+    """Each sample's generated token ids, prompt and padding left out (a sample that stops early keeps the pad
+    ids that filled its row): greedy unless generate_kwargs (to `model.generate`: do_sample, num_beams,
+    suppress_tokens, ...) say otherwise. Video-LLaVA's and OneVision's processors stack a batch's videos into
+    one tensor: give them a batch whose videos have one frame count (`by_frame_count`)."""
     inputs = batch_inputs(processor, questions, images, videos, chat_template)
     inputs = inputs.to(model.device, dtype=model.dtype)  # dtype: the floating tensors only (pixels)
     pad = processor.tokenizer.pad_token_id
@@ -137,6 +121,23 @@ def generate_answers(model, processor, questions: list[str], images: list, max_n
     tokens = generate_tokens(model, processor, questions, images, max_new_tokens, videos, chat_template,
                              **generate_kwargs)
     return [cut_at_stops(text, stop) for text in processor.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def check_takes_videos(processor, tasks) -> None:
+    """Refuse video questions (of `tasks`, named) for a checkpoint whose processor drops videos: it would answer
+    from the question alone, pruned as unpruned."""
+    if tasks and getattr(processor, "video_processor", None) is None:
+        raise ValueError(f"{', '.join(sorted(tasks))} asks about videos, but this checkpoint's processor "
+                         f"({type(processor).__name__}) takes none; use a family that does (Video-LLaVA, "
+                         "Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)")
+
+
+def by_frame_count(videos: list) -> list[list[int]]:
+    """The batch's samples (indices) grouped by their videos' frame counts, in order; samples without a video
+    join the first group. One group when the counts agree."""
+    counts = [tuple(len(video) for video in _as_list(sample)) for sample in videos]
+    distinct = list(dict.fromkeys(c for c in counts if c)) or [()]
+    return [[i for i, c in enumerate(counts) if c == key or (not c and key == distinct[0])] for key in distinct]
 
 
 def cut_at_stops(answer: str, stop) -> str:

@@ -18,8 +18,13 @@ def read_frames(path: str | Path, count: int) -> np.ndarray:
     return _read_frames(str(path), count).copy()  # the cached array stays as read
 
 
-@lru_cache(maxsize=8)
-def _read_frames(path: str, count: int) -> np.ndarray:
+def shown_frames(path: str | Path, count: int) -> int:
+    """How many frames `read_frames` gives of this video: min(its frames, count)."""
+    return min(_frame_total(str(path)), count)
+
+
+@lru_cache(maxsize=None)
+def _frame_total(path: str) -> int:
     import av  # here, not by every command
 
     try:
@@ -28,6 +33,17 @@ def _read_frames(path: str, count: int) -> np.ndarray:
         if not total:
             with av.open(path) as container:
                 total = sum(1 for _ in container.decode(video=0))
+    except (av.error.FFmpegError, IndexError) as error:
+        raise ValueError(f"{path}: not a readable video ({error}); replace it with the benchmark's file") from None
+    return total
+
+
+@lru_cache(maxsize=8)
+def _read_frames(path: str, count: int) -> np.ndarray:
+    import av
+
+    total = _frame_total(path)
+    try:
         picked = set(np.linspace(0, total - 1, min(total, count), dtype=int).tolist()) if total else set()
         frames = []
         with av.open(path) as container:

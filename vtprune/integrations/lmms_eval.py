@@ -11,15 +11,15 @@ optionally `max_new_tokens` (default: each task's own, else the family's lmms-ev
 The method is applied once, when the model loads; lmms-eval's clean() removes it.
 
 Answers come from `vtprune.eval.generation`, the code `vtprune eval --tasks` answers with: the question under
-the processor's chat template (on the LLaVA families a question's `<image>` markers, one per image, place its
-images, as lmms-eval's llava_hf keeps them; the Qwen families' lmms-eval model drops them, and so does this),
-batches of --batch_size padded on the left, decoded as the task asks: greedily, or sampling where it sets
-do_sample or a temperature above 0 (with its top_p), with its num_beams. Only generation tasks run: a task
-scored by log-likelihood stops with NotImplementedError.
+the processor's chat template (its images first, lmms-eval's `<image>` markers dropped, as its Qwen models do;
+its llava_hf keeps them in the text), batches of --batch_size padded on the left (videos of one frame count a
+batch), decoded as the family's lmms-eval model reads the task's settings (`decoding`). Only generation tasks
+run: a task scored by log-likelihood stops with NotImplementedError.
 """
 
 from __future__ import annotations
 
+import inspect
 import typing
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import vtprune
 from vtprune.eval.benchmark_eval import default_frames
-from vtprune.eval.generation import IMAGE_MARKER, generate_answers, load_checkpoint
+from vtprune.eval.generation import by_frame_count, check_takes_videos, generate_answers, load_checkpoint
 
 UNPRUNED = (None, "", "none", "unpruned")
 # For a task whose generation_kwargs set none: the family's lmms-eval model's default (qwen2_vl.py, qwen2_5_vl.py;
@@ -61,7 +61,6 @@ class Vtprune(lmms):
                                                 attn_implementation=attn_implementation)
         self.model = model.to(device or self.accelerator.device)
         self.max_frames = int(max_frames) if max_frames else default_frames(self.model)
-        self.keeps_image_markers = self.model.config.model_type not in ("qwen2_vl", "qwen2_5_vl")
         self.pruner = apply_method(self.model, self.processor, pretrained, method, budget, method_options)
 
     def clean(self):
@@ -88,12 +87,15 @@ class Vtprune(lmms):
         contexts, all_settings, doc_to_visual, doc_ids, tasks, splits = zip(*batch)
         settings = all_settings[0]  # the Collator's groups share them
         visuals = [self.visuals_of(*request) for request in zip(doc_to_visual, tasks, splits, doc_ids)]
-        questions = [c if self.keeps_image_markers else c.replace(IMAGE_MARKER, "") for c in contexts]
-        answers = generate_answers(
-            self.model, self.processor, questions, [images for images, _ in visuals], self.max_new_tokens_for(settings),
-            videos=[videos for _, videos in visuals], chat_template=self.chat_template, stop=settings.get("until"),
-            **decoding(settings),
-        )
+        videos = [videos for _, videos in visuals]
+        answers: list = [None] * len(contexts)
+        for rows in by_frame_count(videos):
+            part = generate_answers(
+                self.model, self.processor, [contexts[i] for i in rows], [visuals[i][0] for i in rows],
+                self.max_new_tokens_for(settings), videos=[videos[i] for i in rows], chat_template=self.chat_template,
+                stop=settings.get("until"), **decoding(settings, self.model.config.model_type))
+            for i, answer in zip(rows, part):
+                answers[i] = answer
         for context, answer in zip(contexts, answers):
             self.cache_hook.add_partial("generate_until", (context, settings), answer)
         return answers
@@ -108,11 +110,7 @@ class Vtprune(lmms):
             elif isinstance(visual, str):
                 from lmms_eval.models.model_utils.load_video import read_video
 
-                if getattr(self.processor, "video_processor", None) is None:
-                    raise ValueError(f"{task} asks about videos, but this checkpoint's processor "
-                                     f"({type(self.processor).__name__}) takes none: it would answer from the "
-                                     "question alone; use a family that does (Video-LLaVA, Qwen2-VL, Qwen2.5-VL, "
-                                     "LLaVA-OneVision)")
+                check_takes_videos(self.processor, [task])
                 videos.append(read_video(visual, num_frm=self.max_frames))
             else:
                 raise TypeError(f"{task}: vtprune's lmms-eval model takes images and video files; got a "
@@ -140,9 +138,9 @@ def apply_method(model, processor, pretrained: str, method: str | None, budget, 
     supplies itself (CLASP's tokenizer and the calibration table beside the checkpoint)."""
     if method in UNPRUNED:
         if options:
+            own = [name for name in inspect.signature(Vtprune).parameters if name != "method_options"]
             raise ValueError(f"unknown model_args {', '.join(sorted(options))}: vtprune's lmms-eval model takes "
-                             "pretrained, method, budget, batch_size, max_new_tokens, device, dtype, "
-                             "attn_implementation, chat_template, max_frames, and a method's own options with method=")
+                             f"{', '.join(own)}, and a method's own options with method=")
         if budget is not None:
             raise ValueError(f"budget={budget} needs a method (method=fastv, ...)")
         return None
@@ -193,12 +191,15 @@ def longest_first(args: tuple):
     return -len(args[0]), args[0]
 
 
-def decoding(settings: dict) -> dict:
-    """The task's decoding settings as generate takes them: sampling where it sets do_sample (as lmms-eval's
-    llava_onevision reads it) or a temperature above 0 (as its llava_hf and qwen models read it), at that
-    temperature (1 if none) with its top_p; its num_beams."""
+def decoding(settings: dict, model_type: str) -> dict:
+    """The task's decoding settings as the family's lmms-eval model reads them, for generate: llava_onevision
+    samples where the task sets do_sample, llava_hf (LLaVA-1.5, LLaVA-NeXT), qwen2_vl and qwen2_5_vl where its
+    temperature is above 0, each then at that temperature (1 if none) with its top_p, and with its num_beams;
+    video_llava always decodes greedily (it passes a temperature without do_sample)."""
+    if model_type == "video_llava":
+        return {"do_sample": False, "num_beams": 1}
     temperature = settings.get("temperature") or 0
-    sample = bool(settings.get("do_sample")) or temperature > 0
+    sample = bool(settings.get("do_sample")) if model_type == "llava_onevision" else temperature > 0
     chosen = {"do_sample": sample, "num_beams": int(settings.get("num_beams") or 1)}
     if sample:
         chosen["temperature"] = temperature or 1.0
