@@ -634,6 +634,22 @@ def test_gqa_question_whose_image_is_absent(tmp_path):
            load_benchmark, "gqa", tmp_path)
 
 
+def test_mmbench_lists_the_option_cells_lmms_eval_lists(tmp_path):
+    """lmms-eval's create_options_prompt lists a cell that is truthy, not NaN and not the string "nan": a cell of
+    spaces or "NaN" is listed, an empty one, "nan" or NaN is not; the scored options are the listed ones."""
+    from vtprune.eval.loaders import _listed_option
+
+    assert [_listed_option(v) for v in ("x", " ", "NaN", "nan", "", None, float("nan"))] == [
+        True, True, True, False, False, False, False]
+    rows = mmbench_question(0, "Q?", ["x", " "], "x")
+    for row in rows:
+        row["C"] = "nan"
+    write_parquet(tmp_path / "dev.parquet", rows)
+    first = load_benchmark("mmbench_en", tmp_path)[0]
+    assert "A. x\nB.  \n" in first.question and "C. " not in first.question
+    assert {k: first.reference[k] for k in "ABC"} == {"A": "x", "B": " ", "C": None}
+
+
 def test_mmbench_answer_not_an_option(tmp_path):
     write_parquet(tmp_path / "dev.parquet", [mmbench_row(0, "Q?", {"A": "x", "B": "y"}, "C")])
     raises(re.escape("dev.parquet row 0: field 'answer' is 'C'; expected one of its option letters A, B"),
