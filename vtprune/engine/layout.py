@@ -45,11 +45,9 @@ class Layout:
         """This layout with only kept_visual[b] (original positions, distinct, of sample b's visual tokens in this
         layout) left of sample b's visual tokens."""
         batch, length = visual.shape
-        # Which original positions the new layout holds, over every sample at once (a spare last column takes
-        # fill slots): this layout's text, and the kept visual tokens.
-        held = torch.zeros(batch, length + 1, dtype=torch.bool, device=visual.device)
-        held.scatter_(1, torch.where(self.positions == FILL, length, self.positions), True)
-        held = held[:, :length] & ~visual
+        # Which original positions the new layout holds, over every sample at once: this layout's text, and the
+        # kept visual tokens.
+        held = self.held(length) & ~visual
         kept = torch.cat([on_device(k, visual.device) for k in kept_visual])
         counts = tuple(k.numel() for k in kept_visual)
         samples = torch.repeat_interleave(torch.arange(batch, device=visual.device),
@@ -62,6 +60,12 @@ class Layout:
         positions = order[:, length - max(sizes):]
         valid = (positions != FILL) & prompt_mask.bool().gather(1, positions.clamp(min=0))
         return Layout(positions, valid, sizes, counts)
+
+    def held(self, length: int) -> torch.Tensor:
+        """[B, length] bool: the original positions this layout holds (a spare last column takes fill slots)."""
+        held = torch.zeros(self.positions.shape[0], length + 1, dtype=torch.bool, device=self.positions.device)
+        held.scatter_(1, torch.where(self.positions == FILL, length, self.positions), True)
+        return held[:, :length]
 
     def index_in(self, other: "Layout") -> torch.Tensor:
         """For each slot of self, the slot of other holding the same position (fill slots map to slot 0)."""

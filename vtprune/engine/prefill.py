@@ -216,11 +216,7 @@ IGNORE_INDEX = -100  # transformers' loss skips labels of this value
 def labels_check(run: Run, labels: torch.Tensor):
     """(flag, error) for run.checks: whether a label is predicted from a visual token the method dropped, whose
     logits (those of a zero state, see `finish`) mean nothing, so that a loss would count them."""
-    final = run.layout_at(run.num_layers)
-    batch, length = run.prompt_mask.shape
-    kept = torch.zeros(batch, length + 1, dtype=torch.bool, device=run.visual.device)
-    kept.scatter_(1, torch.where(final.positions == FILL, length, final.positions), True)
-    dropped = run.visual & ~kept[:, :length]
+    dropped = run.visual & ~run.layout_at(run.num_layers).held(run.prompt_mask.shape[1])
     flag = (dropped[:, :-1] & (labels[:, 1:].to(dropped.device) != IGNORE_INDEX)).any()
     return flag, lambda: ValueError(
         "labels: some follow a visual token the method dropped, whose logits mean nothing (the loss would count "
