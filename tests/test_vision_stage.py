@@ -212,13 +212,21 @@ def test_a_vision_layer_the_tower_lacks_is_refused_before_any_hook():
         m._forward_pre_hooks for m in model.model.vision_tower.encoder.layers)
 
 
-def test_a_tower_run_no_prefill_consumed_does_not_leak_into_the_next_prompt():
-    model = FAMILIES["llava"]("sdpa")
-    inputs = tiny_inputs(model, layouts_for("llava"))
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_a_tower_run_no_prefill_consumed_does_not_leak_into_the_next_prompt(family):
+    """Also into generate's, which may encode its images before its first forward (transformers >= 5.23)."""
+    model = FAMILIES[family]("sdpa")
+    inputs = tiny_inputs(model, layouts_for(family))
     with vtprune.apply(model, ClsTop.name, budget=4) as pruner:
-        model.model.get_image_features(inputs["pixel_values"])  # encoded, never prefilled
-        model(**inputs)
-        assert pruner.last_stats.kept_per_sample == [8, 4]
+        expected = greedy(model, inputs).sequences
+        kept = pruner.last_stats.kept_per_sample
+        for run in (lambda: model(**inputs), lambda: greedy(model, inputs)):
+            other = tiny_inputs(model, [SampleLayout(images=3)])
+            pixels = other.get("pixel_values", other.get("pixel_values_images"))
+            model.model.get_image_features(pixels, *[other[key] for key in ("image_sizes",) if key in other])
+            output = run()
+            assert pruner.last_stats.kept_per_sample == kept
+        assert torch.equal(output.sequences, expected)
 
 
 @pytest.mark.parametrize("family", VISION_FAMILIES)

@@ -36,7 +36,7 @@ from . import decode, prefill
 from .budget import keeps_whole
 from .compat import EngineError
 from .compiled import HiddenAccess
-from .run import Decision, Prompt, PromptText, Run
+from .run import Decision, Origin, Prompt, PromptText, Run
 from .stats import PruneStats, counts_per_layer
 from .vision import VisionRecorder
 
@@ -144,12 +144,13 @@ class Pruner:
         self._handles = []
         if self._recorder is not None:
             self._recorder.remove()
-        if self.model.__dict__.get("generate") is self._generate:
+        if self._generate is not None and self.model.__dict__.get("generate") is self._generate:
             if self._own_generate is None:
                 del self.model.generate
             else:
                 self.model.generate = self._own_generate
         self._run = self._text = self._fusion = self._prompt = self._uncached = self._input_ids = None
+        self._generate = self._own_generate = None  # (generate's wrapper holds this pruner: a cycle pinning the model)
         self._owner.live = False  # the caches filled until now refuse to be continued (kv.PrunedCache)
         self._owner = _Owner()
         self._vision_states.clear()
@@ -214,6 +215,8 @@ class Pruner:
             self._generate_chunked = bool(kwargs.get("prefill_chunk_size")
                                           or getattr(config, "prefill_chunk_size", None))
             self._uncached, self._generating = None, True
+            if self._recorder is not None:
+                self._recorder.take()  # generate may encode the images itself before its first forward: only its own
             try:
                 return inner(*args, **kwargs)
             finally:
@@ -311,6 +314,13 @@ class Pruner:
         if self._busy_thread == threading.get_ident():  # (always called: also after an error)
             self._busy_thread = None
             self._busy.release()
+            # What only this forward reads goes with it, as a stock model lets its inputs and temporaries go: the
+            # prompt (its images), the tower's states CLASP mixed, and a prefill an error stopped (its KV cache and
+            # full-length states would otherwise stay alive into the retry).
+            self._prompt = self._text = self._input_ids = None
+            self._vision_states.pop("states", None)
+            if self._run is not None and self._run.prefill:
+                self._run = None
         return output
 
     def _on_language_model_forward(self, module, args, kwargs):
@@ -478,7 +488,7 @@ class Pruner:
             self.last_decision = run.replay
         else:
             self.last_decision = run.decision()
-            self.last_decision.made_for = Prompt(self._prompt.input_ids, self._prompt.images) if self._prompt else None
+            self.last_decision.made_for = Origin.of(self._prompt) if self._prompt else None
 
     def _check_prefill(self, run: Run, output) -> None:
         """The pruned prefill did what was planned, on the cache the engine tracks."""

@@ -27,7 +27,7 @@ class Decision:
     # moves[stage][sample]: (positions, the position each was merged into, FILL for none); see `moved`
     moves: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     layer_positions: list[torch.Tensor] = field(default_factory=list)  # see positions_at
-    made_for: "Prompt | None" = field(default=None, repr=False)  # the prompt it was decided on (replaying checks it)
+    made_for: "Origin | None" = field(default=None, repr=False)  # the prompt it was decided on (replaying checks it)
 
     @property
     def moved(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -88,20 +88,47 @@ class Prompt:
     def continued_by(self, other: "Prompt") -> bool:
         """other feeds this prompt followed by more tokens, with the same images."""
         same_images = all(_same(a, b) for a, b in zip(self.images, other.images))
-        return same_images and other.input_ids.shape[1] > self.input_ids.shape[1] and self._tokens_begin(other)
+        return same_images and other.input_ids.shape[1] > self.input_ids.shape[1] \
+            and _begins(other.input_ids, self.input_ids)
 
-    def may_begin(self, other: "Prompt") -> bool:
+
+def _begins(longer: torch.Tensor, ids: torch.Tensor) -> bool:
+    return longer.shape[0] == ids.shape[0] and longer.shape[1] >= ids.shape[1] \
+        and torch.equal(longer[:, : ids.shape[1]].to(ids.device), ids)
+
+
+@dataclass
+class Origin:
+    """The prompt a decision was made on, as much of it as a replay checks: its input_ids, and a fingerprint of each
+    raw image input (not the images: a decision outlives its request, and must not keep its pixels alive)."""
+
+    input_ids: torch.Tensor
+    images: list  # per raw visual input, its fingerprint; None where the forward had none, or encoded features
+
+    @classmethod
+    def of(cls, prompt: Prompt) -> "Origin":
+        return cls(prompt.input_ids, [_fingerprint(x) if isinstance(x, torch.Tensor) else None for x in prompt.images])
+
+    def may_begin(self, other: Prompt) -> bool:
         """other feeds this prompt, maybe followed by more tokens, and no image input of other's differs from
         this one's where both give it the same way (raw tensors; generate may hand over encoded features instead,
         which are not compared)."""
-        images_agree = all(_same(a, b) for a, b in zip(self.images, other.images)
-                           if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor))
-        return images_agree and self._tokens_begin(other)
+        images_agree = all(_same_fingerprint(a, _fingerprint(b)) for a, b in zip(self.images, other.images)
+                           if a is not None and isinstance(b, torch.Tensor))
+        return images_agree and _begins(other.input_ids, self.input_ids)
 
-    def _tokens_begin(self, other: "Prompt") -> bool:
-        ids, longer = self.input_ids, other.input_ids
-        return longer.shape[0] == ids.shape[0] and longer.shape[1] >= ids.shape[1] \
-            and torch.equal(longer[:, : ids.shape[1]].to(ids.device), ids)
+
+def _fingerprint(x: torch.Tensor) -> tuple:
+    """x's shape and dtype, and each of its rows' sum and norm in float64, computed on its device (read only when a
+    replay compares them): two inputs that differ anywhere differ here unless built to collide."""
+    rows = x.detach().reshape(x.shape[0] if x.dim() > 1 else 1, -1)
+    sums = torch.stack([rows.sum(dim=1, dtype=torch.float64),
+                        torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)])
+    return tuple(x.shape), x.dtype, sums
+
+
+def _same_fingerprint(a: tuple, b: tuple) -> bool:
+    return a[:2] == b[:2] and torch.equal(a[2], b[2].to(a[2].device))
 
 
 def _same(a, b) -> bool:

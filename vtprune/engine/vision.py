@@ -157,8 +157,10 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
         placed.append(row)
     for kind, call in encoded.items():
         if next_row[kind] != call.features.shape[0]:
-            raise EngineError(f"the vision tower encoded {call.features.shape[0]} {kind} rows, but the prompt's "
-                              f"{kind}s take {next_row[kind]}")
+            raise EngineError(f"the vision tower encoded {call.features.shape[0]} {kind} rows since the last forward, "
+                              f"but the prompt's {kind}s take {next_row[kind]} (vtprune takes every tower run since "
+                              "the last forward for this one's: where the model's get_image_features ran on other "
+                              "images in between, run it just before the forward its features are for)")
     return placed
 
 
