@@ -114,7 +114,7 @@ class ItemWindows:
     window: torch.Tensor  # [N] the item-wide window of each token (-1: a part without budget, dropped)
     keep: torch.Tensor  # [k] each window's representative token
     sizes: torch.Tensor  # [k] tokens per window
-    membership: torch.Tensor  # [k, N] 1 where a token is in a window (float64: see Pool.select_batch)
+    pooled: torch.Tensor  # [M] the tokens in a window (all but those of a part without budget)
 
 
 @functools.lru_cache(maxsize=64)
@@ -133,9 +133,10 @@ def item_windows(parts: tuple[Grid, ...], keep: int, device: torch.device) -> It
             offset += count
         start += grid.size
     window = torch.cat(window)
-    membership = (window[None, :] == torch.arange(offset)[:, None]).double()
+    pooled = torch.nonzero(window >= 0).flatten()
+    sizes = torch.bincount(window[pooled], minlength=offset).float()
     return ItemWindows(*(t.to(device) for t in (torch.cat(coords), torch.cat(part), window, torch.cat(representatives),
-                                                membership.sum(dim=1).float(), membership)))
+                                                sizes, pooled)))
 
 
 class Pool(VisionMethod):
@@ -151,8 +152,8 @@ class Pool(VisionMethod):
 
     def select_batch(self, views: list[VisionView]) -> list[torch.Tensor | Selection]:
         """Items of one shape, grids and keep whose tokens are every cell in item order (what the engine hands over)
-        are pooled together: their windows are the same, so one matmul averages them all. Others, item by item.
-        Windows are summed in float64: a float32 matmul's rounding depends on the batch's size (and the CPU's
+        are pooled together: their windows are the same, so one index_add sums them all. Others, item by item.
+        Windows are summed in float64: a float32 sum's rounding depends on the batch's size (and the CPU's
         kernels), while a float64 sum of a window's float32 or bfloat16 values is exact (whatever the order) unless
         they span more than ~2^29 in magnitude, so a batch's pick equals its item's alone, bit for bit."""
         picks: list = [None] * len(views)
@@ -180,7 +181,8 @@ class Pool(VisionMethod):
         if not chosen:
             return picks
         features = torch.stack([views[i].features for i in chosen])
-        total = layout.membership @ features.double()  # [B, windows, D]
+        total = features.new_zeros(len(chosen), layout.sizes.numel(), features.shape[-1], dtype=torch.float64)
+        total.index_add_(1, layout.window[layout.pooled], features[:, layout.pooled].double())  # [B, windows, D]
         batch = len(chosen)
         keep, hidden, sizes, destination = in_token_order(
             layout.keep.expand(batch, -1), (total / layout.sizes[:, None].double()).to(features.dtype),
