@@ -9,7 +9,7 @@ from vtprune import cli
 import vtprune
 from vtprune.eval.benchmark_eval import (benchmark_markdown, benchmark_table, benchmark_task, check_references,
                                          summarize_benchmarks)
-from vtprune.eval.intervals import bootstrap, normalized_interval, percentile_interval, units
+from vtprune.eval.intervals import bootstrap, headline_interval, normalized_interval, units
 from vtprune.eval.loaders import BenchmarkSample, load_benchmark
 from vtprune.eval.metrics import normalized_average, sample_outcomes, score
 from vtprune.eval.shards import read_all
@@ -249,7 +249,7 @@ def test_the_report_shows_each_score_with_its_interval_and_pairs_the_normalized_
         for task, lo in (("pope", 0), ("gqa", 300)):
             refs = [s.reference for s in samples[lo:lo + (300 if task == "pope" else 200)]]
             got = units(sample_outcomes(task, answers[lo:lo + len(refs)], refs))
-            assert by[name]["ci95"][task] == percentile_interval(bootstrap(got))
+            assert by[name]["ci95"][task] == headline_interval(got, bootstrap(got))
     low, high = by["random@8"]["ci95"]["pope"]
     assert low < by["random@8"]["scores"]["pope"] < high
     paired = {name: {task: bootstrap(units(sample_outcomes(task, [r["prediction"] for r in recs if r["task"] == task],

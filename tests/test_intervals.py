@@ -8,7 +8,7 @@ from vtprune.eval.intervals import (
     bootstrap, normalized_interval, percentile_interval, resample_counts, score_interval, units,
 )
 from vtprune.eval.metrics import sample_outcomes, score
-from vtprune.eval.report import wilson_interval
+from vtprune.eval.intervals import wilson_interval
 
 from .test_metrics import MME_PREDS, MME_REFS, POPE_PREDS, mmb_row, pope_refs
 
@@ -151,6 +151,18 @@ def test_a_plain_accuracy_agrees_with_wilson_at_200(hits):
     low, high = score_interval("gqa", *gqa(hits, 200))
     w_low, w_high = (100 * x for x in wilson_interval(hits, 200))
     assert abs(low - w_low) < 2 and abs(high - w_high) < 2
+
+
+@pytest.mark.parametrize("hits, n", [(50, 50), (0, 50), (49, 50), (198, 200)])
+def test_right_or_wrong_units_get_wilsons_interval_near_the_bounds(hits, n):
+    """At 100% every resample is the same and a percentile bootstrap collapses to the point; Wilson's does not.
+    OCRBench's headline counts points, and so does its interval."""
+    low, high = score_interval("gqa", *gqa(hits, n))
+    w_low, w_high = (100 * x for x in wilson_interval(hits, n))
+    assert (low, high) == pytest.approx((w_low, w_high)) and high - low > 3
+    preds, refs = gqa(hits, n)
+    ocr_refs = [{"answer": r["answer"], "question_type": "Regular Text Recognition", "dataset": "IIIT5K"} for r in refs]
+    assert score_interval("ocrbench", preds, ocr_refs) == pytest.approx((n * w_low / 100, n * w_high / 100))
 
 
 def test_mmbench_resamples_whole_questions():

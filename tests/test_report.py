@@ -1,10 +1,15 @@
 """The accuracy tables carry a 95% interval, so a reader can tell a difference from noise."""
 
 import math
+from statistics import NormalDist
 
+import numpy as np
 import pytest
 
-from vtprune.eval.report import by_cost, by_cost_markdown, markdown_table, summarize, wilson_interval
+from vtprune.eval.intervals import paired_difference, wilson_interval
+from vtprune.eval.report import by_cost, by_cost_markdown, markdown_table, summarize
+
+Z95 = NormalDist().inv_cdf(0.975)  # 1.95996...
 
 
 @pytest.mark.parametrize("correct, total", [(0, 10), (10, 10), (7, 10), (120, 240), (239, 240)])
@@ -15,7 +20,7 @@ def test_wilson_interval_holds_the_rate_and_matches_its_formula(correct, total):
     # the interval's bounds are the two roots of (p - q)^2 = z^2 q (1 - q) / n
     for q in (low, high):
         if 0.0 < q < 1.0:
-            assert math.isclose((p - q) ** 2, 1.96**2 * q * (1 - q) / total, rel_tol=1e-9, abs_tol=1e-12)
+            assert math.isclose((p - q) ** 2, Z95**2 * q * (1 - q) / total, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def test_more_samples_give_a_narrower_interval():
@@ -25,8 +30,8 @@ def test_more_samples_give_a_narrower_interval():
 
 
 def test_the_table_prints_the_interval_of_each_config():
-    records = [{"config": "random@64", "method": "random", "budget": 64, "qclass": "count", "correct": i < 30,
-                "equivalent_budget": 64.0} for i in range(40)]
+    records = [{"config": "random@64", "method": "random", "budget": 64, "index": i, "qclass": "count",
+                "correct": i < 30, "equivalent_budget": 64.0} for i in range(40)]
     row = summarize(records)[0]
     assert row["overall_ci95"] == wilson_interval(30, 40)
     low, high = row["overall_ci95"]
@@ -35,8 +40,8 @@ def test_the_table_prints_the_interval_of_each_config():
 
 def test_configs_at_matched_compute_mark_who_wins_at_equal_cost():
     def config(name, method, budget, equivalent, correct):
-        return [{"config": name, "method": method, "budget": budget, "qclass": "count", "correct": i < correct,
-                 "equivalent_budget": equivalent} for i in range(10)]
+        return [{"config": name, "method": method, "budget": budget, "index": i, "qclass": "count",
+                 "correct": i < correct, "equivalent_budget": equivalent} for i in range(10)]
 
     records = (config("unpruned", "unpruned", None, None, 10) + config("fastv@64", "fastv", 64, 235.0, 6)
                + config("clse@64", "clse", 64, 144.0, 7) + config("random@64", "random", 64, 64.0, 5)
@@ -46,6 +51,38 @@ def test_configs_at_matched_compute_mark_who_wins_at_equal_cost():
     # fastv@64 costs the most and answers worse than cheaper configs: not on the frontier, nor random@192 at a tie
     assert [row["frontier"] for row in ordered] == [True, True, True, False, False]
     assert "| 235 | fastv@64 | 60.0 |" in by_cost_markdown(summarize(records))
+    # each against the best config as cheap, on the same samples: uniform@192 answers samples 0-8, clse@64 0-6
+    assert [(row["versus"] or {}).get("config") for row in ordered] == [None, "random@64", "clse@64", "uniform@192",
+                                                                         "uniform@192"]
+    assert ordered[2]["versus"]["difference"] == pytest.approx(0.2)
+    assert "+20.0 (" in by_cost_markdown(summarize(records))
+
+
+def test_a_paired_difference_is_narrower_than_two_intervals_side_by_side():
+    """Two configs that answer 200 samples alike but for 12 (11 of them won by the first) differ by 5 points:
+    their own intervals overlap (a reader would call it noise), the paired one excludes 0."""
+    first = [i < 150 or 190 <= i < 196 for i in range(200)]  # 156 right
+    second = [i < 145 or i == 150 for i in range(200)]  # 146 right
+    difference, (low, high) = paired_difference(first, second)
+    assert difference == pytest.approx((sum(first) - sum(second)) / 200)
+    assert wilson_interval(sum(first), 200)[0] < wilson_interval(sum(second), 200)[1]  # overlapping
+    assert 0 < low < difference < high
+    swapped, (s_low, s_high) = paired_difference(second, first)
+    assert swapped == -difference and (s_low, s_high) == pytest.approx((-high, -low))
+
+
+def test_the_paired_interval_holds_its_level():
+    """Coverage of the true difference over 2000 simulated pairs of correlated answers (a seeded generator)."""
+    rng = np.random.default_rng(0)
+    for n, p1, p2, both in ((60, 0.9, 0.8, 0.75), (228, 0.8, 0.75, 0.65), (200, 0.5, 0.5, 0.35)):
+        # each sample: both right, first only, second only, neither
+        cells = [both, p1 - both, p2 - both, 1 - p1 - p2 + both]
+        hits = 0
+        for _ in range(2000):
+            kind = rng.choice(4, size=n, p=cells)
+            _, (low, high) = paired_difference(list(kind <= 1), list((kind == 0) | (kind == 2)))
+            hits += low <= p1 - p2 <= high
+        assert 0.93 <= hits / 2000 <= 0.975, (n, hits / 2000)
 
 
 def test_the_interval_holds_0_and_100_percent_exactly():
@@ -64,3 +101,14 @@ def test_the_plot_draws_an_interval_that_does_not_hold_its_value(tmp_path):
              "overall_ci95": (0.95, 0.9999999999999999)}]
     plot_accuracy_vs_budget(rows, tmp_path / "plot.png", "t")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_the_normalized_average_is_undefined_where_the_unpruned_model_scores_0_on_a_class():
+    def config(name, method, correct_by_class):
+        return [{"config": name, "method": method, "budget": None if method == "unpruned" else 64, "index": i,
+                 "qclass": qclass, "correct": i % 10 < correct, "equivalent_budget": None if method == "unpruned"
+                 else 64.0} for qclass, correct in correct_by_class.items() for i in range(10)]
+
+    rows = {row["config"]: row for row in summarize(config("unpruned", "unpruned", {"count": 0, "ocr": 10})
+                                                    + config("random@64", "random", {"count": 10, "ocr": 0}))}
+    assert rows["random@64"]["normalized"] is None  # not 0.0 from the ocr class alone

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from .intervals import RESAMPLES, SEED, bootstrap, normalized_interval, percentile_interval, units
+from .intervals import RESAMPLES, SEED, bootstrap, headline_interval, normalized_interval, units
 from .loaders import TASKS, BenchmarkSample, load_benchmark
 from .metrics import BadReference, normalized_average, sample_outcomes, score, score_outcomes
 from .report import by_config, config_row, in_table_order, markdown, rich
@@ -143,7 +143,7 @@ def summarize_benchmarks(records: list[dict], samples: list[BenchmarkSample], sc
     base = next((row for row in rows if row["method"] == UNPRUNED), None)
     for row in rows:
         name = row["config"]
-        row["ci95"] = {task: percentile_interval(boots[name, task]) for task in row["scores"]}
+        row["ci95"] = {task: headline_interval(judged[name][task][1], boots[name, task]) for task in row["scores"]}
         complete = base is not None and set(row["scores"]) == set(base["scores"]) == set(tasks) and all(
             base["scores"].values())
         row["normalized"] = 100 * normalized_average(row["scores"], base["scores"]) if complete else None

@@ -52,23 +52,30 @@ Decisions:
   undefined there) or the configs answered different samples (nothing to pair); the report then prints the
   number alone.
 
-Limits: a percentile bootstrap collapses to the point at 0% and 100% (every resample is the same), where a
-Wilson interval would not; on a few dozen units its intervals are somewhat too narrow. Neither matters on the
-real benchmarks' thousands of samples; both show on toy runs.
+* Where the units are each right or wrong and the headline counts them (GQA, ScienceQA, MMBench's questions,
+  OCRBench's points), the interval is Wilson's (`headline_interval`), not the percentiles: a percentile
+  bootstrap collapses to the point at 0% and 100% (every resample is the same) and runs narrow near them (a
+  helper's simulation: 39% coverage at 99% accuracy on 50 units, 64% on 100, 86% on 200), where Wilson's holds.
+
+Limits: the other headlines' percentile intervals, and the normalized average's, share that weakness near a
+score's bound on a few dozen units (77% coverage on 50 units at 99.5%); on the real benchmarks' thousands of
+samples it does not show.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
 from .metrics import LLAVA, MME_SUBTASKS, Outcomes, sample_outcomes
 
 __all__ = ["RESAMPLES", "SEED", "LEVEL", "Units", "units", "resample_counts", "bootstrap", "percentile_interval",
-           "score_interval", "normalized_interval"]
+           "wilson_interval", "paired_difference", "headline_interval", "score_interval", "normalized_interval"]
 
 RESAMPLES = 1000
 SEED = 0
@@ -232,11 +239,59 @@ def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float
     return float(low), float(high)
 
 
+def wilson_interval(correct: int, total: int, level: float = LEVEL) -> tuple[float, float]:
+    """The Wilson score interval of a rate correct / total: unlike p +- z sd (or a percentile bootstrap) it stays
+    inside [0, 1] and is honest at 0% and 100%, and on a few dozen samples."""
+    if total == 0:
+        return (0.0, 1.0)
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    # It holds p exactly: at 0% and 100% rounding left a bound a hair inside (0.9999999999999999 at n = 6, 21, ...)
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
+
+
+def paired_difference(first: Sequence[bool], second: Sequence[bool], level: float = LEVEL) -> tuple[float, tuple]:
+    """The difference of two accuracies on the same samples (first - second, as rates) and its `level` interval:
+    Newcombe's for paired proportions (1998, his method 10), the two Wilson intervals combined through the
+    pairs' correlation. Paired, it is much narrower than the two intervals side by side where both configs get
+    most samples alike, which is why two overlapping intervals do not mean "no difference"."""
+    if len(first) != len(second) or not first:
+        raise ValueError("paired_difference needs the answers of two configs on the same, non-empty samples")
+    n = len(first)
+    both = sum(1 for x, y in zip(first, second) if x and y)
+    only_first = sum(1 for x, y in zip(first, second) if x and not y)
+    only_second = sum(1 for x, y in zip(first, second) if y and not x)
+    neither = n - both - only_first - only_second
+    p1, p2 = (both + only_first) / n, (both + only_second) / n
+    (l1, u1), (l2, u2) = wilson_interval(both + only_first, n, level), wilson_interval(both + only_second, n, level)
+    margins = (both + only_first) * (only_second + neither) * (both + only_second) * (only_first + neither)
+    phi = (both * neither - only_first * only_second) / math.sqrt(margins) if margins else 0.0
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    difference = p1 - p2
+    return difference, (max(-1.0, difference - below), min(1.0, difference + above))
+
+
+def headline_interval(u: Units, resampled: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The `level` interval of u's headline from its resamples (`bootstrap`), or Wilson's where the headline
+    counts the hits of units that are each right or wrong (GQA, ScienceQA, MMBench's questions, OCRBench's
+    points): there a percentile bootstrap collapses to the point at 0% and 100% and runs narrow near them on a
+    few hundred units, while Wilson's holds its level."""
+    hits = u.values[:, 0]
+    if u.headline in (_mean_x100, _points) and len(u.names) == 1 and np.isin(hits, (0, 1)).all():
+        n = len(hits)
+        low, high = wilson_interval(int(hits.sum()), n, level)
+        return float(u.headline(np.array([[low * n]]), u.sizes)), float(u.headline(np.array([[high * n]]), u.sizes))
+    return percentile_interval(resampled, level)
+
+
 def score_interval(task: str, predictions, references, scoring: str = "lmms-eval", resamples: int = RESAMPLES,
                    seed: int = SEED, level: float = LEVEL) -> tuple[float, float]:
     """The `level` interval of `metrics.score(task, ...)["score"]`, in its unit."""
-    return percentile_interval(bootstrap(units(sample_outcomes(task, predictions, references, scoring)),
-                                         resamples, seed), level)
+    u = units(sample_outcomes(task, predictions, references, scoring))
+    return headline_interval(u, bootstrap(u, resamples, seed), level)
 
 
 def normalized_interval(pruned: Mapping[str, np.ndarray], unpruned: Mapping[str, np.ndarray],

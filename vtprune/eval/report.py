@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
 from rich.table import Table
 
+from .intervals import paired_difference, wilson_interval
 from .runner import UNPRUNED
-
-
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of an accuracy: unlike mean +- 1.96 sd it stays inside [0, 1]
-    and is honest at 0% and 100%, where this benchmark's classes often sit."""
-    if total == 0:
-        return (0.0, 1.0)
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    # It holds p exactly: at 0% and 100% rounding left a bound a hair inside (0.9999999999999999 at n = 6, 21, ...)
-    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def by_config(records: list[dict]) -> dict[str, list[dict]]:
@@ -63,9 +51,31 @@ def summarize(records: list[dict]) -> list[dict]:
         })
     base = next((row for row in rows if row["method"] == UNPRUNED), None)
     for row in rows:
-        ratios = [row["classes"][c] / base["classes"][c] for c in row["classes"] if base and base["classes"].get(c)]
+        # none where a class's unpruned accuracy is 0 (its ratio is undefined), as the benchmarks' report does
+        defined = base is not None and all(base["classes"].get(c) for c in row["classes"])
+        ratios = [row["classes"][c] / base["classes"][c] for c in row["classes"]] if defined else []
         row["normalized"] = 100 * sum(ratios) / len(ratios) if ratios else None
+    _against_cheaper(rows, {name: {r["index"]: bool(r["correct"]) for r in group}
+                            for name, group in by_config(records).items()})
     return in_table_order(rows)
+
+
+def _against_cheaper(rows: list[dict], hits: dict[str, dict[int, bool]]) -> None:
+    """Each pruned row's place at matched compute: `frontier` when it answers better than every config that costs
+    as much or less, and `versus`, its paired difference from the best of those (`paired_difference`, on the
+    samples both answered), so that a reader can tell a lead from noise."""
+    best = None
+    for row in by_cost(rows):
+        row["frontier"] = best is None or row["overall"] > best["overall"]
+        shared = sorted(hits[row["config"]].keys() & hits[best["config"]].keys()) if best else []
+        if shared:
+            difference, interval = paired_difference([hits[row["config"]][i] for i in shared],
+                                                     [hits[best["config"]][i] for i in shared])
+            row["versus"] = {"config": best["config"], "difference": difference, "ci95": interval}
+        else:
+            row["versus"] = None
+        if row["frontier"]:
+            best = row
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -105,16 +115,17 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def by_cost(rows: list[dict]) -> list[dict]:
-    """The pruned configs ordered by equivalent budget (compute), each marked `frontier` when it answers better
-    than every config that costs as much or less: at equal cost, the frontier is who wins."""
-    pruned = sorted((row for row in rows if row["equivalent_budget"] is not None),
-                    key=lambda row: (row["equivalent_budget"], -row["overall"]))
-    best = -1.0
-    ordered = []
-    for row in pruned:
-        ordered.append(dict(row, frontier=row["overall"] > best))
-        best = max(best, row["overall"])
-    return ordered
+    """The pruned configs ordered by equivalent budget (compute), the better first at equal cost."""
+    return sorted((row for row in rows if row["equivalent_budget"] is not None),
+                  key=lambda row: (row["equivalent_budget"], -row["overall"]))
+
+
+def _versus(row: dict) -> str:
+    versus = row.get("versus")
+    if versus is None:
+        return "-"
+    low, high = versus["ci95"]
+    return f"{100 * versus['difference']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f}) vs {versus['config']}"
 
 
 def _cost_cells(row: dict) -> list[str]:
@@ -123,15 +134,16 @@ def _cost_cells(row: dict) -> list[str]:
 
 
 def by_cost_markdown(rows: list[dict]) -> str:
-    return markdown(["eq. budget", "config", "overall", "95% CI", "normalized", "best at this cost"],
+    return markdown(["eq. budget", "config", "overall", "95% CI", "normalized", "best at this cost",
+                     "against the best as cheap: difference (paired 95% CI)"],
                     [[*_cost_cells(row), "-" if row["normalized"] is None else f"{row['normalized']:.1f}",
-                      "yes" if row["frontier"] else ""] for row in by_cost(rows)])
+                      "yes" if row["frontier"] else "", _versus(row)] for row in by_cost(rows)])
 
 
 def frontier_table(rows: list[dict], title: str) -> Table:
-    """The configs no cheaper config beats, by equivalent budget."""
-    return rich(["eq. budget", "config", "overall", "95% CI"],
-                [_cost_cells(row) for row in by_cost(rows) if row["frontier"]], title)
+    """The configs no cheaper config beats, by equivalent budget, each against the best config before it."""
+    return rich(["eq. budget", "config", "overall", "95% CI", "against the best as cheap (paired 95% CI)"],
+                [[*_cost_cells(row), _versus(row)] for row in by_cost(rows) if row["frontier"]], title)
 
 
 def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str, value=lambda row: 100 * row["overall"],
@@ -146,10 +158,17 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str, value=lamb
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(13.5, 4.5), sharey=True)
-    colours = plt.get_cmap("tab20")  # twenty distinct colours: a method's curve differs from its neighbours
+    # tab20 pairs each hue dark then light: its ten dark colours first, so that methods next to each other in the
+    # legend (CLASP and CLSE, say) never share a hue; past ten, the light ones, in another line style and marker
+    tab20 = plt.get_cmap("tab20")
+
+    def colours(i: int):
+        return tab20(2 * i % 20 + 2 * i // 20 % 2)
+
     base = next((row for row in rows if row["method"] == UNPRUNED), None)
     methods = sorted({row["method"] for row in rows} - {UNPRUNED})  # "clse:score=attn" is a curve of its own
-    top = max([100] + [value(row) + 5 for row in rows if value(row) is not None and value(row) > 100])
+    # above 100, so that the unpruned line and points at 100% are not drawn on the frame
+    top = max([105] + [value(row) + 5 for row in rows if value(row) is not None and value(row) > 100])
     for axis, key, name in zip(axes, ("budget", "equivalent_budget"),
                                ("nominal budget: visual tokens kept per image",
                                 "equivalent budget: visual tokens per image, mean over decoder layers")):
@@ -163,7 +182,7 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str, value=lamb
                           # a bootstrap percentile interval need not hold its point estimate: no negative bar
                           yerr=[[max(0, p[1] - p[2]) for p in points], [max(0, p[3] - p[1]) for p in points]],
                           label=method,
-                          color=colours(i % 20), linestyle=("-", "--", "-.", ":")[i % 4], marker="os^Dv<>"[i % 7],
+                          color=colours(i), linestyle=("-", "--", "-.", ":")[i % 4], marker="os^Dv<>"[i % 7],
                           markersize=5, capsize=3)
         axis.set_xlabel(name)
         axis.set_ylim(0, top)  # on a fixed scale, flat and steep curves read as what they are
@@ -183,6 +202,8 @@ def write_reports(rows: list[dict], out: Path, title: str, settings: dict, name:
     not_run = "".join(f"\nNot run: {name}: {reason}\n" for name, reason in settings.get("not_run", {}).items())
     paths[1].write_text(f"# {title}\n\n" + markdown_table(rows) + not_run + "\n## At matched compute\n\nEvery pruned config by "
                         "equivalent budget (visual tokens per image averaged over the decoder layers); \"best at this "
-                        "cost\": no config that costs as much or less answers as well.\n\n" + by_cost_markdown(rows))
+                        "cost\": no config that costs as much or less answers as well; the last column: its accuracy "
+                        "minus that of the best config as cheap, on the same samples, with the paired 95% interval "
+                        "(an interval holding 0 is no lead).\n\n" + by_cost_markdown(rows))
     plot_accuracy_vs_budget(rows, paths[2], title)
     return paths
