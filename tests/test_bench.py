@@ -436,13 +436,19 @@ def test_anyres_families_count_kv_bytes_and_flops(request, results, preset, visu
     assert "get_image_features" not in vars(model.model)  # the oracle's wrapper is gone
 
 
-def test_a_config_the_method_refuses_is_left_out_with_its_reason(results, capsys):
-    from vtprune.bench.run import refused
+def test_a_config_the_method_refuses_is_left_out_with_its_reason(monkeypatch, capsys):
+    """Said once (not once per batch size) and kept in the saved settings."""
+    from vtprune.bench import presets
+    from vtprune.bench.run import run_bench
 
-    model, _ = results
-    assert refused(model, "tome", 16, None)  # one block before LLaVA's layer -2 merges at most half of 64
-    assert "not run: tome@16: tome cannot merge 64 patches down to 16 in 1 blocks" in capsys.readouterr().out
-    assert not refused(model, "tome", 40, None) and not refused(model, "random", 16, None)
+    monkeypatch.setitem(presets.PRESETS, "tiny", TINY)
+    not_run = {}
+    results = run_bench("tiny", ["tome", "random"], [16, 40], [1, 2], repeats=1, warmup=1, new_tokens=2,
+                        not_run=not_run)
+    # one block before LLaVA's layer -2 merges at most half of 64
+    assert list(not_run) == ["tome@16"] and "tome cannot merge 64 patches down to 16 in 1 blocks" in not_run["tome@16"]
+    assert capsys.readouterr().out.count("not run: tome@16: tome cannot merge") == 1
+    assert {r.config for r in results} == {"unpruned", "oracle@16", "random@16", "oracle@40", "tome@40", "random@40"}
 
 
 def test_a_compiled_run_measures_the_same_tokens_and_leaves_the_model_eager(results):

@@ -19,15 +19,18 @@ from vtprune.tiny_processors import tiny_processor
 from .test_loaders import mme_release, pope_llava
 
 
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}USER: {% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny LLaVA saved as a user's checkpoint is, with a chat template (its answers are arbitrary text)."""
     path = tmp_path_factory.mktemp("checkpoint")
     model = tiny_llava("sdpa")
     processor = tiny_processor(model)
-    processor.chat_template = (
-        "{% for message in messages %}USER: {% for part in message['content'] %}{% if part['type'] == 'image' %}"
-        "<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
+    processor.chat_template = LLAVA_TEMPLATE
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
@@ -200,6 +203,32 @@ def test_a_single_task_may_be_given_its_own_folder(checkpoint, data, tmp_path):
     assert len(read_all(tmp_path)) == 2 * 5  # unpruned and random@8 on POPE's 5 questions
 
 
+def test_a_checkpoint_refused_for_its_missing_chat_template_runs_in_the_same_folder_once_given_one(data, tmp_path):
+    """The refusal comes before the folder records the run's settings (which named the model without its
+    template, so the fixed checkpoint was refused there as another model)."""
+    path = tmp_path / "checkpoint"
+    model = tiny_llava("sdpa")
+    model.save_pretrained(path)
+    tiny_processor(model).save_pretrained(path)
+    command = ["eval", "--model", str(path), "--tasks", "pope", "--data", str(data / "pope"), "--methods", "random",
+               "--budgets", "8", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="has no chat template"):
+        cli.main(command)
+    (path / "chat_template.jinja").write_text(LLAVA_TEMPLATE)
+    assert cli.main(command) == 0
+
+
+def test_a_config_the_model_refuses_is_listed_in_both_reports(checkpoint, data, tmp_path, monkeypatch):
+    import vtprune.api
+
+    reason = "tome cannot merge 64 patches down to 2 in 3 blocks"  # (what ToMe says on a shallow tower)
+    monkeypatch.setattr(vtprune.api, "refusal", lambda model, method, budget, **_: reason if method == "tome" else None)
+    assert cli.main(["eval", "--model", str(checkpoint), "--tasks", "pope", "--data", str(data / "pope"), "--methods",
+                     "random,tome", "--budgets", "2", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["not_run"] == {"tome@2": reason}
+    assert f"Not run: tome@2: {reason}" in (tmp_path / "results.md").read_text()
+
+
 def test_the_reference_model_answers_the_synthetic_task_written_as_ocrbench(tmp_path):
     """The whole path (files, loader, chat template, generation, scoring, report) on a model that answers: its
     answers equal the synthetic eval's own, unpruned and pruned, and it gets nearly all of them right."""
@@ -345,6 +374,7 @@ def test_answers_are_cut_at_the_tasks_stop_strings(monkeypatch):
 
     class Processor:
         video_processor = None
+        chat_template = "(generate_tokens is replaced: never rendered)"
 
         def batch_decode(self, tokens, skip_special_tokens):
             return [" Coca Cola\nASSISTANT: The sign says Coca Cola"] * len(tokens)

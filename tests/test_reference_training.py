@@ -175,8 +175,16 @@ def test_image_first_prompt_is_the_saved_chat_template(tmp_path):
     message = [{"role": "user", "content": [{"type": "text", "text": "how many stars are there ?"}, {"type": "image"}]}]
     assert processor.apply_chat_template(message, tokenize=False) == prompt_image_first("how many stars are there ?")
     assert prompt_image_first("q") == "USER: <image>\nq ASSISTANT:"  # LLaVA-1.5's order
-    assert prompt_for(processor) is prompt_image_first
-    assert prompt_for(LlavaProcessor.from_pretrained(REFERENCE_DIR)) is prompt
+    question = "how many stars are there ?"
+    assert prompt_for(processor)(question) == prompt_image_first(question)
+    shipped = LlavaProcessor.from_pretrained(REFERENCE_DIR)
+    assert prompt_for(shipped)(question) == prompt(question)
+    # another checkpoint is asked through its own template (as `vtprune eval --tasks` asks it), one without as the
+    # shipped model was trained
+    shipped.chat_template = "{% for m in messages %}Q: {{ m['content'][-1]['text'] }} <image>{% endfor %} A:"
+    assert prompt_for(shipped)(question) == f"Q: {question} <image> A:"
+    shipped.chat_template = None
+    assert prompt_for(shipped) is prompt
 
 
 def test_layer_sources_repeat_each_layer_in_place():
@@ -236,7 +244,7 @@ def test_a_deep_run_resumes_from_its_hand_off_parts(tmp_path):
     for key, value in state["model"].items():
         assert torch.equal(carried["model"][key], value.half())
     handoff.unpack(tmp_path / "out", tmp_path / "model", name="model.tar")
-    assert prompt_for(load_reference(tmp_path / "model")[1]) is prompt_image_first
+    assert prompt_for(load_reference(tmp_path / "model")[1])("q") == prompt_image_first("q")
     with pytest.raises(CheckpointError, match="steps 3 \\(now 4\\)"):
         train(second, steps=4, **settings)
     with torch.enable_grad():

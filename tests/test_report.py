@@ -112,3 +112,11 @@ def test_the_normalized_average_is_undefined_where_the_unpruned_model_scores_0_o
     rows = {row["config"]: row for row in summarize(config("unpruned", "unpruned", {"count": 0, "ocr": 10})
                                                     + config("random@64", "random", {"count": 10, "ocr": 0}))}
     assert rows["random@64"]["normalized"] is None  # not 0.0 from the ocr class alone
+
+
+def test_fraction_budgets_follow_token_budgets_in_the_table():
+    """random@0.25 is a share (144 of 576 tokens), not a budget under 64."""
+    from vtprune.eval.report import in_table_order
+
+    rows = [{"method": "random", "budget": b} for b in (0.25, 64, 0.5, 192)] + [{"method": "unpruned", "budget": None}]
+    assert [row["budget"] for row in in_table_order(rows)] == [None, 192, 64, 0.5, 0.25]

@@ -119,6 +119,24 @@ def test_tome_refuses_tiled_images_and_videos():
         model(**tiny_inputs(model, [SampleLayout(images=0, videos=1)]))
 
 
+@pytest.mark.parametrize("method", ["tome", "ficoco_v"])
+def test_the_harnesses_leave_out_a_block_merging_method_on_videos_before_any_sample(method):
+    """`vtprune eval` on a video task and `vtprune bench` on a video preset list it as not run (it stopped the run
+    at its first video, the finished configs' work lost, or the bench after minutes)."""
+    from types import SimpleNamespace
+
+    from vtprune.api import refusal
+    from vtprune.cli import runnable_configs
+    from vtprune.cli_args import MethodSpec
+
+    model = tiny_video_llava()
+    assert refusal(model, method, 8) is None and refusal(model, "random", 8, videos=True) is None
+    assert "does not support videos" in refusal(model, method, 8, videos=True)
+    specs = [MethodSpec(name, name) for name in (method, "random")]
+    configs, refused = runnable_configs(model, specs, [8], {}, SimpleNamespace(main=True), videos=True)
+    assert [c.name for c in configs] == ["unpruned", "random@8"] and list(refused) == [f"{method}@8"]
+
+
 def test_the_survivors_of_a_batch_are_each_items_alone():
     """BlockMergingMethod.select_batch reads each item's survivors (tokens merged into themselves), destinations
     and sizes off merged_into, for items of one size together; -1 marks a token whose slot was the [CLS] token's."""

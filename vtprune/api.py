@@ -33,15 +33,16 @@ def apply(model, method: str, budget: int | float, **options: Any) -> Pruner:
     return pruner
 
 
-def refusal(model, method: str, budget: int | float, **options: Any) -> str | None:
-    """Why apply() refuses this method at this budget on this model (its ValueError's message), or None; nothing
-    stays on the model. The harnesses list such a config as not run (ToMe@64 on a 3-layer tower) instead of
+def refusal(model, method: str, budget: int | float, *, videos: bool = False, **options: Any) -> str | None:
+    """Why apply() refuses this method at this budget on this model (its ValueError's message), or why its pruner
+    would refuse the videos of the prompts when `videos`; None where it runs. Nothing stays on the model. The
+    harnesses list such a config as not run (ToMe@64 on a 3-layer tower, ToMe on a video task) instead of
     stopping."""
     try:
         apply(model, method, budget, **options).remove()
     except ValueError as error:
         return str(error)
-    return None
+    return get_method(method).kind_refusal("video") if videos else None
 
 
 @dataclass(frozen=True)

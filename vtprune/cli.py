@@ -199,7 +199,7 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
                                              summarize_benchmarks)
     from vtprune.eval.generation import load_checkpoint
     from vtprune.eval.lock import hold
-    from vtprune.eval.report import plot_accuracy_vs_budget
+    from vtprune.eval.report import not_run_lines, plot_accuracy_vs_budget
     from vtprune.methods import checkpoint_options
     from vtprune.methods.clasp import CALIBRATION_FILE
 
@@ -210,7 +210,8 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         model, processor = load_checkpoint(model_path)
         if shard.device is not None:
             model.to(shard.device)
-        configs, refused = runnable_configs(model, specs, args.budgets, checkpoint_options(model_path, processor), shard)
+        configs, refused = runnable_configs(model, specs, args.budgets, checkpoint_options(model_path, processor), shard,
+                                            videos=any(s.videos for s in samples))
         settings = {"tasks": args.tasks, "model": _model_id(model_path), "data": data_digests(args.tasks, Path(args.data), out),
                     "limit": args.limit, "max_new_tokens": args.max_new_tokens, "versions": _versions(),
                     "clasp_calibration": _digest(model_path / CALIBRATION_FILE)}
@@ -228,10 +229,9 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         command = _command_line()
         report = out / f"{args.report}.json"
         # the scoring rule and what is refused are the report's, not the run's: the answers stand for either rule
-        report.write_text(json.dumps({"settings": dict(settings, command=command, scoring=args.scoring,
-                                                       **_not_run(refused), intervals=INTERVAL_NOTE),
-                                      "rows": rows}, indent=2))
-        (out / f"{args.report}.md").write_text(f"# {title}\n\n" + benchmark_markdown(rows))
+        reported = dict(settings, command=command, scoring=args.scoring, **_not_run(refused), intervals=INTERVAL_NOTE)
+        report.write_text(json.dumps({"settings": reported, "rows": rows}, indent=2))
+        (out / f"{args.report}.md").write_text(f"# {title}\n\n" + benchmark_markdown(rows) + not_run_lines(reported))
         plot = out / f"{args.report}_normalized_vs_budget.png"
         plot_accuracy_vs_budget(rows, plot, title, value=lambda row: row["normalized"],
                                 interval=lambda row: row["normalized_ci95"] or (row["normalized"],) * 2,
@@ -240,11 +240,12 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
     return 0
 
 
-def runnable_configs(model, specs, budgets, needed: dict, shard) -> tuple[list, dict[str, str]]:
+def runnable_configs(model, specs, budgets, needed: dict, shard, videos: bool = False) -> tuple[list, dict[str, str]]:
     """(unpruned and every method at every budget that this model runs, {config: why not} for the rest).
 
     Bad options fail here, before the first sample; a config whose method refuses the model at that
-    budget (ToMe's blocks cannot reach 64 on a 3-layer tower) is reported instead of stopping the run.
+    budget (ToMe's blocks cannot reach 64 on a 3-layer tower), or the samples' `videos`, is reported instead of
+    stopping the run.
     """
     from vtprune.api import refusal
     from vtprune.eval import Config
@@ -255,7 +256,7 @@ def runnable_configs(model, specs, budgets, needed: dict, shard) -> tuple[list, 
     for config in configs:
         get_method(config.method).parse_options(config.options)
     refused = {c.name: reason for c in configs
-               if (reason := refusal(model, c.method, c.budget, **c.options)) is not None}
+               if (reason := refusal(model, c.method, c.budget, videos=videos, **c.options)) is not None}
     for name, reason in refused.items() if shard.main else ():
         console.print(f"[yellow]not run: {name}: {reason}[/yellow]")
     return [Config("unpruned")] + [c for c in configs if c.name not in refused], refused
@@ -368,14 +369,15 @@ def cmd_bench(args) -> int:
                 "warmup": args.warmup, "new_tokens": args.new_tokens, "compiled": args.compile,
                 "command": _command_line()}
     folder = Path(args.out) / name
+    not_run = {}  # filled before the first configuration runs
     # Saved after every configuration: a run cut short (a time limit on a lent GPU) keeps what it measured.
     results = run_bench(args.arch, args.methods, args.budgets, args.batch, device=args.device, dtype=dtype,
                         repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, compiled=args.compile,
-                        options=WITHOUT_CHECKPOINT,
-                        measured=lambda so_far: save(so_far, folder, settings))
+                        options=WITHOUT_CHECKPOINT, not_run=not_run,
+                        measured=lambda so_far: save(so_far, folder, dict(settings, **_not_run(not_run))))
     compiled = f", prefill compiled ({args.compile})" if args.compile else ""
     console.print(bench_table(results, f"{args.arch} on {name} ({args.dtype}, random weights{compiled})"))
-    console.print(f"wrote {save(results, folder, settings)}")
+    console.print(f"wrote {save(results, folder, dict(settings, **_not_run(not_run)))}")
     return 0
 
 

@@ -44,6 +44,11 @@ class Preset:
     frames: int = 8  # Video-LLaVA: the frames of the one video each prompt carries
     aspect_ratio: str = "anyres_max_9"  # LLaVA-OneVision: its high-resolution grid holds at most N tiles' worth
 
+    @property
+    def videos(self) -> bool:
+        """Its prompts carry a video (Video-LLaVA's: `preset_inputs`), not images."""
+        return self.family == "video_llava"
+
     def config(self, attn_implementation: str = "sdpa"):
         """The model's config, without building the model (a 7B one takes a while)."""
         ids = dict(image_token_id=self.text["vocab_size"] - 1)

@@ -28,13 +28,23 @@ def device_name(device: str) -> str:
 
 def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[int], *, device: str = "cpu",
               dtype: torch.dtype = torch.float32, repeats: int = 20, warmup: int = 3, new_tokens: int = 16,
-              compiled: str | None = None, options: dict | None = None, measured=None) -> list[Measurement]:
-    """Every configuration in turn; `measured(results so far)` is called after each one."""
+              compiled: str | None = None, options: dict | None = None, measured=None,
+              not_run: dict | None = None) -> list[Measurement]:
+    """Every configuration in turn; `measured(results so far)` is called after each one. A method that refuses
+    the model at a budget, or the preset's videos, is left out, its reason printed and put in `not_run`
+    ({config: reason}) where one is given."""
     model = build_preset(arch, device=device, dtype=dtype)
     preset = PRESETS[arch]
+    reasons = {(m, budget): refusal(model, m, budget, videos=preset.videos, **(options or {}).get(m, {}))
+               for budget in budgets for m in methods}
+    for (m, budget), reason in reasons.items():
+        if reason is not None:
+            tqdm.write(f"not run: {m}@{budget}: {reason}")
+            if not_run is not None:
+                not_run[f"{m}@{budget}"] = reason
     plan = [("unpruned", None, b) for b in batches]
     plan += [(m, budget, b) for budget in budgets for b in batches for m in ["oracle", *methods]
-             if m == "oracle" or not refused(model, m, budget, (options or {}).get(m))]
+             if m == "oracle" or reasons[m, budget] is None]
     results = []
     # One compiled handle for the run: each configuration reuses the segments an earlier one compiled.
     with compile_prefill(model, **COMPILERS[compiled]) if compiled else contextlib.nullcontext():
@@ -45,15 +55,6 @@ def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[i
             if measured is not None:
                 measured(results)
     return results
-
-
-def refused(model, method: str, budget: int, options: dict | None) -> bool:
-    """Whether the method refuses this model at this budget (ToMe's blocks cannot reach 64 on a 3-layer tower):
-    such a config is left out with the method's reason printed, not run."""
-    reason = refusal(model, method, budget, **(options or {}))
-    if reason is not None:
-        tqdm.write(f"not run: {method}@{budget}: {reason}")
-    return reason is not None
 
 
 SPREAD_LIMIT = 1.5  # p90 / p10 of the prefill times above which a median is not worth comparing
@@ -70,7 +71,10 @@ def bench_table(results: list[Measurement], title: str) -> Table:
     table = Table(title=title)
     for column in ("config", "batch", "!", "eq. budget", "prefill ms (p10-p90)", "speedup", "vs input oracle",
                    "vs schedule oracle", "select ms", "decode tok/s", "samples/s", "KV MiB", "TFLOPs", "peak GiB"):
-        table.add_column(column, justify="left" if column == "config" else "right")
+        if column == "config":  # whole (a narrow terminal cut "random@64" to "random…")
+            table.add_column(column, no_wrap=True, min_width=max([len(r.config) for r in results], default=6))
+        else:
+            table.add_column(column, justify="right")
 
     def ratio(value: float, *parts: Measurement, oracle_spread: float | None = None) -> str:
         noisy = any(untrustworthy(p) for p in parts) or (oracle_spread or 0) > SPREAD_LIMIT

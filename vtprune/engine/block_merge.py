@@ -89,9 +89,8 @@ class BlockMerging:
                 return
             hidden = args[0] if args else kwargs["hidden_states"]
             if index == 0:
-                if kind != "image":
-                    raise ValueError(f"method {self.method.name!r} merges inside the vision tower to a count per "
-                                     f"image; it does not support {kind}s (see the README's table)")
+                if (refused := self.method.kind_refusal(kind)) is not None:
+                    raise ValueError(refused)
                 rows, tokens = hidden.shape[:2]
                 patches = tokens - int(self.cls)
                 keep = tokens_for_budget(self.budget, patches)

@@ -97,11 +97,12 @@ def benchmark_task(model, processor, samples: list[BenchmarkSample], max_new_tok
                    frames: int | None = None) -> Task:
     """Answers generated up to max_new_tokens, or each task's lmms-eval length when None; a video is shown as
     `frames` frames sampled uniformly (`videos.read_frames`; None: `default_frames`)."""
-    from .generation import check_takes_videos, generate_answers
+    from .generation import check_chat_template, check_takes_videos, generate_answers
     from .videos import read_frames, shown_frames
 
     frames = frames or default_frames(model)
     check_takes_videos(processor, {s.task for s in samples if s.videos})
+    check_chat_template(processor)  # before the run's folder records its settings: the fix then reruns in it
 
     def answer(chunk: list[BenchmarkSample]) -> list[str]:
         videos = [[read_frames(path, frames) for path in s.videos] for s in chunk]

@@ -66,12 +66,16 @@ def conversation(question: str, images: int = 0, videos: int = 0) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def build_prompt(processor, question: str, images: int = 0, videos: int = 0, chat_template: str | None = None) -> str:
-    """The prompt text for one sample, ending where the assistant's answer begins; `chat_template` overrides the
-    processor's. The processor expands each placeholder the template writes into the item's visual tokens."""
+def check_chat_template(processor, chat_template: str | None = None) -> None:
     if chat_template is None and processor.chat_template is None:
         raise NoChatTemplate(f"{type(processor).__name__} has no chat template, so vtprune cannot tell how this "
                              f"checkpoint is prompted; {NO_TEMPLATE_FIX}")
+
+
+def build_prompt(processor, question: str, images: int = 0, videos: int = 0, chat_template: str | None = None) -> str:
+    """The prompt text for one sample, ending where the assistant's answer begins; `chat_template` overrides the
+    processor's. The processor expands each placeholder the template writes into the item's visual tokens."""
+    check_chat_template(processor, chat_template)
     return processor.apply_chat_template(conversation(question, images, videos), chat_template=chat_template,
                                          add_generation_prompt=True, tokenize=False)
 

@@ -28,8 +28,9 @@ def config_row(name: str, group: list[dict]) -> dict:
 
 
 def in_table_order(rows: list[dict]) -> list[dict]:
-    """Unpruned first, then by method, each method's budgets from the largest."""
-    return sorted(rows, key=lambda r: (r["method"] != UNPRUNED, r["method"], -(r["budget"] or 0)))
+    """Unpruned first, then by method, each method's budgets from the largest (token counts, then fractions)."""
+    return sorted(rows, key=lambda r: (r["method"] != UNPRUNED, r["method"], isinstance(r["budget"], float),
+                                       -(r["budget"] or 0)))
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -169,14 +170,23 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str, value=lamb
     methods = sorted({row["method"] for row in rows} - {UNPRUNED})  # "clse:score=attn" is a curve of its own
     # above 100, so that the unpruned line and points at 100% are not drawn on the frame
     top = max([105] + [value(row) + 5 for row in rows if value(row) is not None and value(row) > 100])
+    # A fraction budget (0.25) is a share of each image's tokens, not a count: the left panel shows the counts, or
+    # the shares where every budget is one, and the equivalent budget (right) is a count for both
+    shares = all(isinstance(row["budget"], float) for row in rows if row["budget"] is not None)
+    nominal = "nominal budget: share of each image's visual tokens kept" if shares else \
+        "nominal budget: visual tokens kept per image" + (
+            " (fraction budgets: right panel only)" if any(isinstance(row["budget"], float) for row in rows) else "")
+
+    def on_axis(row: dict, key: str) -> bool:
+        return row[key] is not None and (key != "budget" or isinstance(row["budget"], float) == shares)
+
     for axis, key, name in zip(axes, ("budget", "equivalent_budget"),
-                               ("nominal budget: visual tokens kept per image",
-                                "equivalent budget: visual tokens per image, mean over decoder layers")):
+                               (nominal, "equivalent budget: visual tokens per image, mean over decoder layers")):
         if base and value(base) is not None:
             axis.axhline(value(base), color="black", linestyle="--", label="unpruned")
         for i, method in enumerate(methods):
             points = sorted((row[key], value(row), *(interval(row) if interval else (value(row),) * 2)) for row in rows
-                            if row["method"] == method and row[key] is not None and value(row) is not None)
+                            if row["method"] == method and on_axis(row, key) and value(row) is not None)
             # styles and markers differ too, so that two configs with the same results both show
             axis.errorbar([p[0] for p in points], [p[1] for p in points],
                           # a bootstrap percentile interval need not hold its point estimate: no negative bar
@@ -195,12 +205,16 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path, title: str, value=lamb
     plt.close(figure)
 
 
+def not_run_lines(settings: dict) -> str:
+    """The configs a method refused, with its reason, under a markdown table."""
+    return "".join(f"\nNot run: {name}: {reason}\n" for name, reason in settings.get("not_run", {}).items())
+
+
 def write_reports(rows: list[dict], out: Path, title: str, settings: dict, name: str = "results") -> list[Path]:
     out = Path(out)
     paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}_accuracy_vs_budget.png"]
     paths[0].write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
-    not_run = "".join(f"\nNot run: {name}: {reason}\n" for name, reason in settings.get("not_run", {}).items())
-    paths[1].write_text(f"# {title}\n\n" + markdown_table(rows) + not_run + "\n## At matched compute\n\nEvery pruned config by "
+    paths[1].write_text(f"# {title}\n\n" + markdown_table(rows) + not_run_lines(settings) + "\n## At matched compute\n\nEvery pruned config by "
                         "equivalent budget (visual tokens per image averaged over the decoder layers); \"best at this "
                         "cost\": no config that costs as much or less answers as well; the last column: its accuracy "
                         "minus that of the best config as cheap, on the same samples, with the paired 95% interval "

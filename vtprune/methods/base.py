@@ -300,6 +300,11 @@ class Method(ABC):
             raise ValueError(f"method {self.name!r} reads vision layers {outside}, but the {kind} tower has "
                              f"{depth} layers ({-depth}..{depth - 1})")
 
+    @classmethod
+    def kind_refusal(cls, kind: str) -> str | None:
+        """Why the method cannot prune visual items of this kind ("image", "video"), or None where it can."""
+        return None
+
     def vision_fusion(self, text_ids: torch.Tensor) -> dict[int, float] | None:
         """Weights per vision hidden-state index for a sample's images; None keeps the model's own layer."""
         return None
@@ -461,6 +466,13 @@ class BlockMergingMethod(VisionMethod):
     """
 
     proportional_attention: ClassVar[bool] = False  # later blocks add log(size) to the attention logits (ToMe)
+
+    @classmethod
+    def kind_refusal(cls, kind: str) -> str | None:
+        if kind == "image":
+            return None
+        return (f"method {cls.name!r} merges inside the vision tower to a count per image; it does not support "
+                f"{kind}s (see the README's table)")
 
     @abstractmethod
     def merge_schedule(self, model: ModelInfo, layers: int, patches: int, keep: int) -> dict[int, int]:

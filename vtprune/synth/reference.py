@@ -8,6 +8,7 @@ loads it like any LLaVA checkpoint on disk.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +82,14 @@ IMAGE_FIRST_CHAT_TEMPLATE = (
 
 
 def prompt_for(processor):
-    """The prompt a saved reference model was trained with, known by the chat template saved beside it:
-    image first for the deep model, question first otherwise (the shipped model, or any other checkpoint)."""
-    return prompt_image_first if processor.chat_template == IMAGE_FIRST_CHAT_TEMPLATE else prompt
+    """How a checkpoint is asked about one image: through the chat template saved beside it, as `vtprune eval
+    --tasks` asks it (the shipped model's writes its training prompt, question first; the deep model's, image
+    first), or, for a checkpoint saved without one, as the shipped model was trained."""
+    if processor.chat_template is None:
+        return prompt
+    from vtprune.eval.generation import build_prompt
+
+    return functools.partial(build_prompt, processor, images=1)
 
 
 @dataclass(frozen=True)
