@@ -325,6 +325,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if given:
             parser.error(f"{', '.join(given)} go with --tasks (real benchmarks); the synthetic benchmark's size is "
                          "--samples")
+    if args.command == "eval" and args.tasks:
+        given = [flag for flag, value in (("--samples", args.samples), ("--seed", args.seed)) if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)} go with the synthetic benchmark; with --tasks, --limit takes each "
+                         "task's first samples")
     if args.command == "eval" and args.tasks and args.model is None:
         parser.error("--tasks needs --model: the checkpoint to evaluate (the reference model knows only the "
                      "synthetic benchmark's words)")
@@ -353,7 +358,9 @@ def _check_llava(parser, args) -> None:
     try:
         read_config(Path(args.model))
     except CheckpointError as error:
-        parser.error(f"{error} (the synthetic benchmark runs LLaVA checkpoints; real benchmarks: --tasks, --data)")
+        where = "the synthetic benchmark runs LLaVA checkpoints; real benchmarks: --tasks, --data" \
+            if args.command == "eval" else f"{args.command} runs LLaVA checkpoints"
+        parser.error(f"{error} ({where})")
 
 
 def _check_methods_fit(parser, args) -> None:
