@@ -1,0 +1,269 @@
+"""Layouts and turns the other engine tests do not reach (found by a mutation audit of the engine: each test here
+fails under a bug that every other test let through): a filled sample that starts with its image, a batch with no
+padding but fill slots, an index one past the end, a follow-up turn with holes in its mask, a follow-up after
+prompt-lookup decoding, a reset cache reused, Qwen's non-square grids, rounding of fractional budgets, a method
+pruning at the LLM input and again inside it, OneVision's multi-image samples."""
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.adapters import adapter_for
+from vtprune.engine import tokens_for_budget
+from vtprune.engine.cache import cache_keyword, output_cache
+from vtprune.methods import LLM_INPUT, REGISTRY, Stage
+from vtprune.tiny import SampleLayout, tiny_inputs
+
+from .conftest import FAMILIES, greedy
+from .test_engine_conversation import LAYOUTS, grown, recomputed_logits
+from .test_engine_invariants import PLACEHOLDERS, sample_alone, split_vision
+
+
+# a left-filled sample that starts with its image
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("method, options", [("uniform", {}), ("fastv", {"layer": 2})])
+def test_a_filled_sample_starting_with_its_image_equals_itself_alone_at_every_position(family, attn, method, options):
+    """Right padding, and the sample that keeps fewer tokens (so is left-filled) starts with its image: fill slots
+    must neither be counted as visual tokens (Layout.count) nor land on position 0 (prefill.finish). Every real
+    position's logits, pruned ones included (zero states in both), equal the sample's own."""
+    model = FAMILIES[family](attn)
+    samples = [SampleLayout(images=2, text_before=0), SampleLayout(images=1)]
+    inputs = tiny_inputs(model, samples, padding_side="right")
+    shares = split_vision(model, inputs, samples)
+    with vtprune.apply(model, method, 4, **options) as pruner:
+        batch = model(**inputs).logits
+        per_image = pruner.last_stats.visual_tokens_per_sample[1]
+        assert pruner.last_stats.kept_per_sample == [8, 4]
+        assert 0 not in pruner.last_decision.kept[-1][0].tolist()  # position 0: a dropped visual token
+        assert per_image > 4
+        for b in range(2):
+            alone = model(**dict(sample_alone(inputs, b), **shares[b])).logits[0]
+            real = inputs["attention_mask"][b].bool()
+            torch.testing.assert_close(batch[b, real], alone, atol=1e-5, rtol=0)
+
+
+# no padding, but left-filled layouts
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_an_unpadded_batch_with_different_kept_counts_masks_its_fill_slots(family):
+    """Equal lengths (no padding anywhere), but one sample keeps fewer tokens: its fill slots must be masked under
+    sdpa too (decoder_mask may return None only where no key is invalid)."""
+    model = FAMILIES[family]("sdpa")
+    probe = tiny_inputs(model, [SampleLayout(images=1)])
+    length = probe["input_ids"].shape[1]
+    samples = [SampleLayout(images=1), SampleLayout(images=0, text_before=length - 4, text_after=4)]
+    inputs = tiny_inputs(model, samples)
+    assert bool(inputs["attention_mask"].all())
+    shares = split_vision(model, inputs, samples)
+    with vtprune.apply(model, "fastv", 6, layer=2):
+        batch = model(**inputs).logits
+        for b in range(2):
+            alone = model(**dict(sample_alone(inputs, b), **shares[b])).logits[0]
+            text = ~torch.isin(inputs["input_ids"][b], PLACEHOLDERS)
+            torch.testing.assert_close(batch[b, text], alone[text], atol=1e-5, rtol=0)
+
+
+# an index exactly one past the end
+def test_an_index_exactly_one_past_the_end_is_caught(monkeypatch):
+    from .test_engine_guards import WITHOUT_CHECKPOINT
+
+    model = FAMILIES["llava"]("eager")
+    wrong = []
+
+    class Careless(REGISTRY["random"]):
+        name = "careless"
+
+        def select_batch(self, views):
+            picks = super().select_batch(views)
+            view = views[-1]
+            bad = torch.arange(view.keep) + view.hidden.shape[0] - view.keep + 1  # its last index == tokens
+            wrong.append(f"returned {bad.numel()} indices for a keep of {view.keep} of {view.hidden.shape[0]} tokens")
+            return picks[:-1] + [bad]
+
+    monkeypatch.setitem(REGISTRY, Careless.name, Careless)
+    with vtprune.apply(model, "careless", 4, **WITHOUT_CHECKPOINT.get("random", {})) as pruner:
+        with pytest.raises(RuntimeError) as raised:
+            model(**tiny_inputs(model, LAYOUTS))
+        assert f"'careless' {wrong[0]} (they must be distinct and in range)" in str(raised.value)
+        assert pruner.last_decision is None
+
+
+# a follow-up turn whose mask holds zeros
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "clse"])
+def test_a_follow_up_padded_inside_its_mask_equals_recomputing(family, method):
+    """A batch's next turn padded where its follow-ups differ in length (zeros in the mask after the prompt), fed
+    by hand on the pruned cache: every layer, whatever its layout, must mask those slots as the recompute does.
+    (Not through generate: it numbers a mask with holes by its cumsum, the plain model's recompute does not.)"""
+    from .test_engine_invariants import OPTIONS
+
+    model = FAMILIES[family]("eager")
+    inputs = tiny_inputs(model, LAYOUTS)
+    keyword = cache_keyword(model.model.language_model)
+    with vtprune.apply(model, method, 10, **OPTIONS.get(method, {})) as pruner:
+        cache = output_cache(model(**inputs, use_cache=True))  # (a forward of its own: positions by slot, as below)
+        decision = pruner.last_decision
+        follow_up = torch.randint(3, 96, (2, 4), generator=torch.Generator().manual_seed(1))
+        ids = torch.cat([inputs["input_ids"], follow_up], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])], dim=1)
+        step = model(input_ids=follow_up, attention_mask=mask, **{keyword: cache}).logits
+        with pruner.replaying(decision):
+            expected = model(**dict(inputs, input_ids=ids, attention_mask=mask), use_cache=False).logits[:, -4:]
+        valid = mask[:, -4:].bool()
+        torch.testing.assert_close(step[valid], expected[valid], atol=1e-5, rtol=0)
+
+
+# a follow-up after prompt-lookup decoding
+@pytest.mark.parametrize("method", ["random", "fastv"])
+def test_a_follow_up_after_prompt_lookup_decoding_equals_recomputing(method, monkeypatch):
+    """Assisted decoding crops rejected candidates; the run must forget their ids too, or a later turn that re-feeds
+    the conversation is compared with tokens that were never part of it."""
+    from vtprune.engine import decode
+
+    crops = []
+    monkeypatch.setattr(decode, "crop", lambda run, tokens, crop=decode.crop: crops.append(tokens) or crop(run, tokens))
+    model = FAMILIES["llava"]("sdpa")
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    keyword = cache_keyword(model.model.language_model)
+    with vtprune.apply(model, method, 6) as pruner:
+        looked_up = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                   prompt_lookup_num_tokens=3, return_dict_in_generate=True)
+        decision = pruner.last_decision
+        assert crops
+        follow_up = torch.randint(3, 96, (1, 3), generator=torch.Generator().manual_seed(1))
+        conversation = grown(inputs, torch.cat([looked_up.sequences, follow_up], dim=1))
+        conversation.pop("pixel_values")
+        conversation[keyword] = output_cache(looked_up)
+        second = greedy(model, conversation, steps=2)
+        start = conversation["input_ids"].shape[1]
+        for step, logits in enumerate(second.logits):
+            expected = recomputed_logits(model, pruner, decision, inputs, second.sequences[:, : start + step])
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+# a reset cache reused while the pruner is on
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_a_reset_pruned_cache_serves_a_text_prompt_as_the_plain_model(family):
+    model = FAMILIES[family]("sdpa")
+    inputs = tiny_inputs(model, LAYOUTS)
+    text = tiny_inputs(model, [SampleLayout(images=0, text_before=5)], seed=3)
+    keyword = cache_keyword(model.model.language_model)
+    plain = greedy(model, text, steps=3)
+    with vtprune.apply(model, "fastv", 10):
+        cache = output_cache(greedy(model, inputs, steps=2))
+        cache.reset()
+        if cache.get_seq_length():
+            pytest.skip("this transformers' DynamicCache.reset() zeroes the tensors but keeps their length (5.17)")
+        reused = greedy(model, text, steps=3, **{keyword: cache})
+    assert torch.equal(reused.sequences, plain.sequences)
+
+
+# Qwen grids are (rows, cols) as M-RoPE says
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_item_coords_are_the_models_own_mrope_rows_and_cols(family):
+    """A non-square image (and a video): each token's (row, col) in its item's grid, which spatial methods read,
+    is the (h, w) of its M-RoPE position, as the model itself numbers it."""
+    model = FAMILIES[family]("sdpa")
+    inputs = tiny_inputs(model, [SampleLayout(images=1, videos=1, qwen_grid=(8, 12), qwen_video=(2, 4, 8))])
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.__setitem__("ids", kwargs["position_ids"]), with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    planes = seen["ids"][-3:, 0]  # (t, h, w)
+    items = adapter_for(model).visual_items(inputs["input_ids"], inputs)[0]
+    assert [item.kind for item in items] == ["image", "video"]
+    for item in items:
+        _, coords = item.token_layout()
+        where = item.positions()
+        h, w = planes[1, where], planes[2, where]
+        assert torch.equal(coords[:, 1], h - h.min()) and torch.equal(coords[:, 2], w - w.min())
+
+
+# a fractional budget rounds to nearest
+def test_a_fractional_budget_keeps_the_nearest_whole_count():
+    assert tokens_for_budget(0.29, 10) == 3
+    assert tokens_for_budget(0.3, 64) == 19  # 19.2
+    assert tokens_for_budget(0.29, 64) == 19  # 18.56
+    assert tokens_for_budget(0.001, 64) == 1
+    model = FAMILIES["llava"]("sdpa")
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    with vtprune.apply(model, "random", 0.29) as pruner:
+        model(**inputs)
+        assert pruner.last_stats.kept_per_sample == [19]
+
+
+# an LLM-input stage followed by an in-LLM one
+def test_a_method_pruning_at_the_input_and_again_inside_the_llm(monkeypatch):
+    """Layouts after an LLM-input stage are taken from the language model's (already narrowed) layout: the kept
+    tokens keep their original positions, and cached generation equals recomputing the kept set."""
+
+    class TwoStage(REGISTRY["random"]):
+        name = "two_stage"
+
+        def stages(self, model, budget, num_tokens):
+            return [Stage(LLM_INPUT, min(num_tokens, 2 * budget)), Stage(2, budget)]
+
+    monkeypatch.setitem(REGISTRY, TwoStage.name, TwoStage)
+    model = FAMILIES["llava"]("eager")
+    inputs = tiny_inputs(model, LAYOUTS)
+    layer = model.model.language_model.layers[3]
+    seen = {}
+    record = lambda name: lambda module, args, kwargs: seen.__setitem__(name, kwargs["position_embeddings"])  # noqa: E731
+    handle = layer.register_forward_pre_hook(record("full"), with_kwargs=True)
+    model(**inputs)
+    handle.remove()
+    with vtprune.apply(model, "two_stage", 5) as pruner:
+        handle = layer.register_forward_pre_hook(record("pruned"), with_kwargs=True)
+        model(**inputs)
+        handle.remove()
+        positions = pruner.last_decision.positions_at(3)
+        full_cos, pruned_cos = seen["full"][0].expand(2, -1, -1), seen["pruned"][0]
+        for b in range(2):
+            real = positions[b] >= 0
+            assert torch.equal(pruned_cos[b, real], full_cos[b, positions[b, real]])
+        out = greedy(model, inputs, steps=3)
+        decision = pruner.last_decision
+        prompt = inputs["input_ids"].shape[1]
+        for step, logits in enumerate(out.logits):
+            expected = recomputed_logits(model, pruner, decision, inputs, out.sequences[:, : prompt + step])
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+# LLaVA-OneVision's multi-image prompts
+def test_onevision_multi_image_samples_are_base_grids_by_batch_num_images():
+    """With batch_num_images (what the processor passes), a sample of several images gets each image's base grid
+    and one newline, no anyres tiles, while a sample of one image keeps its tiles: the adapter must lay them out
+    as the model packs them, and a batch equals its samples alone."""
+    from vtprune.tiny import IMAGE_TOKEN
+
+    model = FAMILIES["llava_onevision"]("sdpa")
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 10, 3, 56, 56, generator=generator)
+    sizes = torch.tensor([[60, 120], [100, 100], [60, 120]])
+    counts = torch.tensor([2, 1])  # sample 0: two images; sample 1: one
+    features = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes, batch_num_images=counts)
+    packed = getattr(features, "pooler_output", features)
+    newline = model.model.image_newline
+    lengths = [len(f) for f in packed]
+    visual = [len(f) - int((f == newline).all(dim=-1).sum()) for f in packed]
+    text = lambda n: torch.randint(3, 96, (n,), generator=generator).tolist()  # noqa: E731
+    rows = [text(3) + [IMAGE_TOKEN] * lengths[0] + text(2) + [IMAGE_TOKEN] * lengths[1] + text(4),
+            text(5) + [IMAGE_TOKEN] * lengths[2] + text(4)]
+    width = max(map(len, rows))
+    ids, mask = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):], mask[b, width - len(row):] = torch.tensor(row), 1
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, batch_num_images=counts)
+    assert lengths[0] == visual[0] + 1 and lengths[2] > visual[2] + 1  # base + newline; tiles' rows of newlines
+    with vtprune.apply(model, "random", 4) as pruner:
+        batch = model(**inputs).logits
+        assert pruner.last_stats.visual_tokens_per_sample == [visual[0] + visual[1], visual[2]]
+        assert pruner.last_stats.kept_per_sample == [8, 4]
+        for b, share in enumerate([slice(0, 2), slice(2, 3)]):
+            real = mask[b].bool()
+            alone = model(input_ids=ids[b:b + 1, real], attention_mask=mask[b:b + 1, real], pixel_values=pixels[share],
+                          image_sizes=sizes[share], batch_num_images=counts[b:b + 1]).logits[0]
+            torch.testing.assert_close(batch[b, real][-1], alone[-1], atol=1e-5, rtol=0)
