@@ -408,16 +408,24 @@ def test_a_decision_replayed_on_another_prompt_is_refused(model):
     batch are refused; its own prompt, alone or continued, replays."""
     inputs = tiny_inputs(model, LAYOUTS)
     pixels = next(key for key in ("pixel_values", "pixel_values_images") if key in inputs)
+    # the same values laid out otherwise in memory are the same images; mirrored ones are not (a fingerprint of
+    # sums alone would take them for the same)
+    laid_out_otherwise = inputs[pixels].transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert torch.equal(laid_out_otherwise, inputs[pixels]) and not laid_out_otherwise.is_contiguous()
+    others = [dict(inputs, **{pixels: inputs[pixels] + 1}), dict(inputs, **{pixels: inputs[pixels].flip(-1)}),
+              tiny_inputs(model, LAYOUTS, seed=7), tiny_inputs(model, LAYOUTS[:1])]
     with vtprune.apply(model, "random", 10) as pruner:
         logits = model(**inputs).logits
-        decision = pruner.last_decision
-        others = [dict(inputs, **{pixels: inputs[pixels] + 1}), tiny_inputs(model, LAYOUTS, seed=7),
-                  tiny_inputs(model, LAYOUTS[:1])]
-        with pruner.replaying(decision):
-            assert torch.equal(model(**inputs).logits, logits)
-            for other in others:
-                with pytest.raises(ValueError, match="got a prompt the decision was not made for"):
-                    model(**other)
+        decisions = [pruner.last_decision]
+        greedy(model, inputs)
+        decisions.append(pruner.last_decision)  # generate's (5.23+: its forwards get the features it encoded)
+        for decision in decisions:
+            with pruner.replaying(decision):
+                assert torch.equal(model(**inputs).logits, logits)
+                assert torch.equal(model(**dict(inputs, **{pixels: laid_out_otherwise})).logits, logits)
+                for other in others:
+                    with pytest.raises(ValueError, match="got a prompt the decision was not made for"):
+                        model(**other)
 
 
 def test_a_replay_inside_another_gives_the_outer_one_back(model):

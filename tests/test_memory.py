@@ -3,6 +3,7 @@ tower's outputs and states, a failed prefill's KV cache) goes once the forward r
 its model go as soon as the last reference does, without waiting for the cycle collector."""
 
 import gc
+import inspect
 import weakref
 
 import pytest
@@ -11,6 +12,7 @@ from transformers import DynamicCache
 
 import vtprune
 from vtprune.engine.cache import cache_keyword
+from vtprune.engine.compat import EngineError
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 from .conftest import FAMILIES, greedy
@@ -90,3 +92,43 @@ def test_a_removed_pruner_lets_its_model_go(method, no_cycle_collector):
     held_model, held_pruner = weakref.ref(model), weakref.ref(pruner)
     del model, pruner
     assert held_model() is None and held_pruner() is None
+
+
+# ... and what a later forward still needs stays.
+def takes_encoded_features(model) -> bool:
+    return "mm_encoder_outputs" in inspect.signature(model.forward).parameters  # transformers >= 5.23
+
+
+def test_clasp_fusion_remixes_generates_encoded_images_at_every_forward_of_the_call():
+    """generate (5.23+) encodes the images once and hands the features to every forward: without a cache each
+    step remixes them from the tower's states, which must outlive the first forward."""
+    model = tiny_llava("sdpa")
+    inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(text_before=6)])
+    with vtprune.apply(model, "clasp", 20, question_class="general", calibration=CLASP_FUSION):
+        cached = greedy(model, inputs)
+        uncached = greedy(model, inputs, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "pool", "clasp"])
+def test_features_the_caller_encoded_serve_every_forward_and_generate_they_are_given_to(method):
+    model = tiny_llava("sdpa")
+    if not takes_encoded_features(model):
+        pytest.skip("this transformers' forward takes no mm_encoder_outputs")
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    rest = {key: value for key, value in inputs.items() if key != "pixel_values"}
+    options = {"question_class": "general", "calibration": CLASP_FUSION} if method == "clasp" else {}
+    with vtprune.apply(model, method, 6, **options):
+        expected = model(**inputs).logits
+        generated = greedy(model, inputs).sequences
+
+        def encoded():
+            return {"image": model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)}
+
+        features = encoded()
+        for _ in range(2 if method == "clasp" else 1):  # CLASP remixes them again; a tower method's q/k serve once
+            torch.testing.assert_close(model(**rest, mm_encoder_outputs=features).logits, expected, atol=1e-5, rtol=0)
+        if method != "clasp":
+            with pytest.raises(EngineError, match="features encoded ahead serve the one forward after them"):
+                model(**rest, mm_encoder_outputs=features)
+        assert torch.equal(greedy(model, dict(rest, mm_encoder_outputs=encoded())).sequences, generated)

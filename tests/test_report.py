@@ -69,12 +69,17 @@ def test_a_paired_difference_is_narrower_than_two_intervals_side_by_side():
     assert 0 < low < difference < high
     swapped, (s_low, s_high) = paired_difference(second, first)
     assert swapped == -difference and (s_low, s_high) == pytest.approx((-high, -low))
+    half = [i % 2 == 0 for i in range(200)]
+    same, (low, high) = paired_difference(half, half)  # identical answers: no difference seen, not a proven 0
+    assert same == 0 and low < -0.005 and high > 0.005
 
 
 def test_the_paired_interval_holds_its_level():
     """Coverage of the true difference over 2000 simulated pairs of correlated answers (a seeded generator)."""
     rng = np.random.default_rng(0)
-    for n, p1, p2, both in ((60, 0.9, 0.8, 0.75), (228, 0.8, 0.75, 0.65), (200, 0.5, 0.5, 0.35)):
+    # the last: two configs that disagree on 1% of the samples (the usual case at neighbouring budgets), where the
+    # uncorrected correlation made the interval too narrow (90% coverage)
+    for n, p1, p2, both in ((60, 0.9, 0.8, 0.75), (228, 0.8, 0.75, 0.65), (200, 0.5, 0.5, 0.35), (240, 0.71, 0.7, 0.7)):
         # each sample: both right, first only, second only, neither
         cells = [both, p1 - both, p2 - both, 1 - p1 - p2 + both]
         hits = 0
@@ -82,7 +87,7 @@ def test_the_paired_interval_holds_its_level():
             kind = rng.choice(4, size=n, p=cells)
             _, (low, high) = paired_difference(list(kind <= 1), list((kind == 0) | (kind == 2)))
             hits += low <= p1 - p2 <= high
-        assert 0.93 <= hits / 2000 <= 0.975, (n, hits / 2000)
+        assert 0.93 <= hits / 2000 <= 0.99, (n, hits / 2000)
 
 
 def test_the_interval_holds_0_and_100_percent_exactly():

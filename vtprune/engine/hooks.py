@@ -100,6 +100,8 @@ class Pruner:
         self._text: PromptText | None = None  # of the forward being run: its prompt's text, read on the host
         self._fusion: list[dict[int, float] | None] | None = None  # per image of the forward being run
         self._vision_states: dict = {}
+        self._encoded_here = False  # the forward in progress got raw images or videos (not features encoded ahead)
+        self._generate_images = None  # the raw visual inputs of the generate call in progress
         self._run: Run | None = None
         self._prompt: Prompt | None = None  # the forward being run, as the multimodal model received it
         self._input_ids: torch.Tensor | None = None  # of the forward being run
@@ -215,12 +217,16 @@ class Pruner:
             self._generate_chunked = bool(kwargs.get("prefill_chunk_size")
                                           or getattr(config, "prefill_chunk_size", None))
             self._uncached, self._generating = None, True
-            if self._recorder is not None:
-                self._recorder.take()  # generate may encode the images itself before its first forward: only its own
+            self._generate_images = [kwargs.get(key) for key in VISUAL_INPUTS]  # (what its decisions were made for)
+            # generate encodes raw images itself (5.23+: before its first forward): tower runs before it are stale;
+            # features the caller encoded and passes as mm_encoder_outputs keep theirs
+            if self._recorder is not None and any(kwargs.get(key) is not None for key in VISUAL_INPUTS):
+                self._recorder.take()
             try:
                 return inner(*args, **kwargs)
             finally:
-                self._uncached, self._generating = None, False
+                self._uncached, self._generating, self._generate_images = None, False, None
+                self._vision_states.pop("states", None)  # (what every forward of the call could remix: done)
 
         self._generating, self._generate_chunked, self._generate = False, False, generate
         self.model.generate = generate
@@ -245,6 +251,7 @@ class Pruner:
         self._forward_labels, self._labels = self._labels, None
         encoded = kwargs.get("mm_encoder_outputs") or {}
         self._fusion = self._text = self._prompt = None
+        self._encoded_here = any(kwargs.get(key) is not None for key in VISUAL_INPUTS)
         # Placeholder ids without images or videos to go with them (a decode step that happened
         # to generate one) are plain text to the model, and so to the pruner.
         if all(kwargs.get(key) is None for key in VISUAL_INPUTS) and all(v is None for v in encoded.values()):
@@ -286,7 +293,11 @@ class Pruner:
             raise ValueError(f"sample {empty[0]} of the batch has an attention_mask of zeros only: none of its tokens "
                              "would run, so there is nothing to prune it by; drop it from the batch")
         self._text = PromptText.of(host_ids, self.adapter.placeholder_ids, host_mask, input_ids.device)
-        images = [kwargs.get(key) for key in VISUAL_INPUTS] + [encoded.get(kind) for kind in ("image", "video")]
+        # generate (5.23+) hands its forwards the features it encoded, not the images: the prompt keeps the images
+        raw = [kwargs.get(key) for key in VISUAL_INPUTS]
+        if not self._encoded_here and self._generating:
+            raw = self._generate_images
+        images = raw + [encoded.get(kind) for kind in ("image", "video")]
         self._prompt = Prompt(input_ids, images)
         continued = self._continued_prompt(cache, kwargs)
         if continued is not None:
@@ -315,10 +326,13 @@ class Pruner:
             self._busy_thread = None
             self._busy.release()
             # What only this forward reads goes with it, as a stock model lets its inputs and temporaries go: the
-            # prompt (its images), the tower's states CLASP mixed, and a prefill an error stopped (its KV cache and
-            # full-length states would otherwise stay alive into the retry).
+            # prompt (its images), the tower states CLASP mixed for images this forward encoded itself (features
+            # encoded ahead, by generate or the caller, may feed further forwards: theirs stay until the tower runs
+            # again or the generate call ends), and a prefill an error stopped (its KV cache and full-length states
+            # would otherwise stay alive into the retry).
             self._prompt = self._text = self._input_ids = None
-            self._vision_states.pop("states", None)
+            if self._encoded_here:
+                self._vision_states.pop("states", None)
             if self._run is not None and self._run.prefill:
                 self._run = None
         return output

@@ -118,13 +118,22 @@ class Origin:
         return images_agree and _begins(other.input_ids, self.input_ids)
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer view of each element width
+_FINGERPRINT_CHUNK = 1 << 22  # elements reduced at once (int64 temporaries of 32 MiB each)
+
+
 def _fingerprint(x: torch.Tensor) -> tuple:
-    """x's shape and dtype, and each of its rows' sum and norm in float64, computed on its device (read only when a
-    replay compares them): two inputs that differ anywhere differ here unless built to collide."""
-    rows = x.detach().reshape(x.shape[0] if x.dim() > 1 else 1, -1)
-    sums = torch.stack([rows.sum(dim=1, dtype=torch.float64),
-                        torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)])
-    return tuple(x.shape), x.dtype, sums
+    """x's shape and dtype, and per row (its first dimension) two integer sums over its elements' bits: plain, and
+    weighted by each element's place in the row (wrapping on overflow), computed on x's device (read only when a
+    replay compares them). Integer sums are exact in any order (equal tensors, however laid out, agree) and the
+    weights tell a reordered row (a mirrored image) from its original."""
+    x = x.detach()
+    rows = x.contiguous().view(_BITS[x.element_size()]).reshape(x.shape[0] if x.dim() > 1 else 1, -1)
+    per_chunk = max(1, _FINGERPRINT_CHUNK // max(1, rows.shape[1]))
+    place = torch.arange(1, rows.shape[1] + 1, device=x.device)
+    sums = [torch.stack([chunk.long().sum(dim=1), (chunk.long() * place).sum(dim=1)])
+            for chunk in rows.split(per_chunk)]
+    return tuple(x.shape), x.dtype, torch.cat(sums, dim=1)
 
 
 def _same_fingerprint(a: tuple, b: tuple) -> bool:

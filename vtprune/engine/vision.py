@@ -136,7 +136,8 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
             call = encoded.get(item.kind)
             if call is None:
                 raise EngineError(f"a {item.kind} reached the language model, but vtprune saw no vision-tower run "
-                                  "encode it (were its features computed before vtprune.apply?)")
+                                  "encode it since the last forward: features encoded ahead serve the one forward "
+                                  "after them, encoded with the pruner applied (encode them again for another)")
             start = next_row[item.kind]
             received = embeds[b, item.positions(embeds.device)]
             place = adapter.encoded_place(item, projected[item.kind][start:], received)
