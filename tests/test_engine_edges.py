@@ -17,6 +17,7 @@ from vtprune.tiny import SampleLayout, tiny_inputs
 from .conftest import FAMILIES, greedy
 from .test_engine_conversation import LAYOUTS, grown, recomputed_logits
 from .test_engine_invariants import PLACEHOLDERS, sample_alone, split_vision
+from .test_engine_video import assert_kept_tokens_keep_their_rope
 
 
 # a left-filled sample that starts with its image
@@ -209,21 +210,8 @@ def test_a_method_pruning_at_the_input_and_again_inside_the_llm(monkeypatch):
     monkeypatch.setitem(REGISTRY, TwoStage.name, TwoStage)
     model = FAMILIES["llava"]("eager")
     inputs = tiny_inputs(model, LAYOUTS)
-    layer = model.model.language_model.layers[3]
-    seen = {}
-    record = lambda name: lambda module, args, kwargs: seen.__setitem__(name, kwargs["position_embeddings"])  # noqa: E731
-    handle = layer.register_forward_pre_hook(record("full"), with_kwargs=True)
-    model(**inputs)
-    handle.remove()
+    assert_kept_tokens_keep_their_rope(model, inputs, "two_stage", 5)
     with vtprune.apply(model, "two_stage", 5) as pruner:
-        handle = layer.register_forward_pre_hook(record("pruned"), with_kwargs=True)
-        model(**inputs)
-        handle.remove()
-        positions = pruner.last_decision.positions_at(3)
-        full_cos, pruned_cos = seen["full"][0].expand(2, -1, -1), seen["pruned"][0]
-        for b in range(2):
-            real = positions[b] >= 0
-            assert torch.equal(pruned_cos[b, real], full_cos[b, positions[b, real]])
         out = greedy(model, inputs, steps=3)
         decision = pruner.last_decision
         prompt = inputs["input_ids"].shape[1]

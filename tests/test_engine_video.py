@@ -93,20 +93,25 @@ def test_eager_and_sdpa_keep_the_same_video_tokens(video_family, method):
 def test_video_tokens_keep_their_frames_positions(video_family):
     """The M-RoPE position (t, row, col) a kept video token gets past the stage is its unpruned one."""
     model = FAMILIES[video_family]("eager")
-    inputs = tiny_inputs(model, MIXED[:2])
+    assert_kept_tokens_keep_their_rope(model, tiny_inputs(model, MIXED[:2]), "fastv", 6, layer=2)
+
+
+def assert_kept_tokens_keep_their_rope(model, inputs, method, budget, at_layer=3, **options):
+    """Decoder layer at_layer gets, for each token the method kept, the rotary embedding the unpruned model gives
+    that token."""
     seen = {}
-    layer = model.model.language_model.layers[3]
+    layer = model.model.language_model.layers[at_layer]
     record = lambda name: lambda module, args, kwargs: seen.__setitem__(name, kwargs["position_embeddings"])  # noqa: E731
     handle = layer.register_forward_pre_hook(record("full"), with_kwargs=True)
     model(**inputs)
     handle.remove()
-    with vtprune.apply(model, "fastv", 6, layer=2) as pruner:
+    with vtprune.apply(model, method, budget, **options) as pruner:
         handle = layer.register_forward_pre_hook(record("pruned"), with_kwargs=True)
         model(**inputs)
         handle.remove()
-        positions = pruner.last_decision.positions_at(3)
-    full_cos, pruned_cos = seen["full"][0].expand(2, -1, -1), seen["pruned"][0]
-    for b in range(2):
+        positions = pruner.last_decision.positions_at(at_layer)
+    full_cos, pruned_cos = seen["full"][0].expand(len(positions), -1, -1), seen["pruned"][0]
+    for b in range(len(positions)):
         real = positions[b] >= 0
         assert torch.equal(pruned_cos[b, real], full_cos[b, positions[b, real]])
 
