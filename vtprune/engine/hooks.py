@@ -220,7 +220,7 @@ class Pruner:
             self._generate_images = [kwargs.get(key) for key in VISUAL_INPUTS]  # (what its decisions were made for)
             # generate encodes raw images itself (5.23+: before its first forward): tower runs before it are stale;
             # features the caller encoded and passes as mm_encoder_outputs keep theirs
-            if self._recorder is not None and any(kwargs.get(key) is not None for key in VISUAL_INPUTS):
+            if self._recorder is not None and any(x is not None for x in self._generate_images):
                 self._recorder.take()
             try:
                 return inner(*args, **kwargs)
@@ -251,10 +251,11 @@ class Pruner:
         self._forward_labels, self._labels = self._labels, None
         encoded = kwargs.get("mm_encoder_outputs") or {}
         self._fusion = self._text = self._prompt = None
-        self._encoded_here = any(kwargs.get(key) is not None for key in VISUAL_INPUTS)
+        raw = [kwargs.get(key) for key in VISUAL_INPUTS]
+        self._encoded_here = any(x is not None for x in raw)
         # Placeholder ids without images or videos to go with them (a decode step that happened
         # to generate one) are plain text to the model, and so to the pruner.
-        if all(kwargs.get(key) is None for key in VISUAL_INPUTS) and all(v is None for v in encoded.values()):
+        if not self._encoded_here and all(v is None for v in encoded.values()):
             self._items = None
             return None
         if input_ids is None:
@@ -276,7 +277,7 @@ class Pruner:
             )
         host_ids = input_ids.cpu()  # the prompt's layout is read on the host, once for the batch
         self._items = self.adapter.visual_items(host_ids, kwargs)
-        if self._recorder is not None and any(kwargs.get(key) is not None for key in VISUAL_INPUTS):
+        if self._recorder is not None and self._encoded_here:
             self._recorder.take()  # this forward encodes its own images: whatever an earlier run left is stale
         if not any(self._items):
             raise ValueError(
@@ -294,7 +295,6 @@ class Pruner:
                              "would run, so there is nothing to prune it by; drop it from the batch")
         self._text = PromptText.of(host_ids, self.adapter.placeholder_ids, host_mask, input_ids.device)
         # generate (5.23+) hands its forwards the features it encoded, not the images: the prompt keeps the images
-        raw = [kwargs.get(key) for key in VISUAL_INPUTS]
         if not self._encoded_here and self._generating:
             raw = self._generate_images
         images = raw + [encoded.get(kind) for kind in ("image", "video")]
