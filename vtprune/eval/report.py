@@ -39,8 +39,8 @@ def summarize(records: list[dict]) -> list[dict]:
     normalized = mean over classes of (class accuracy / unpruned class accuracy), in percent:
     the papers' "normalized average", with the question classes standing for benchmarks.
     """
-    rows = []
-    for name, group in by_config(records).items():
+    rows, groups = [], by_config(records)
+    for name, group in groups.items():
         classes = defaultdict(list)
         for record in group:
             classes[record["qclass"]].append(record["correct"])
@@ -56,8 +56,7 @@ def summarize(records: list[dict]) -> list[dict]:
         defined = base is not None and all(base["classes"].get(c) for c in row["classes"])
         ratios = [row["classes"][c] / base["classes"][c] for c in row["classes"]] if defined else []
         row["normalized"] = 100 * sum(ratios) / len(ratios) if ratios else None
-    _against_cheaper(rows, {name: {r["index"]: bool(r["correct"]) for r in group}
-                            for name, group in by_config(records).items()})
+    _against_cheaper(rows, {name: {r["index"]: bool(r["correct"]) for r in group} for name, group in groups.items()})
     return in_table_order(rows)
 
 
