@@ -78,10 +78,14 @@ def test_each_task_is_scored_by_its_official_rule_and_resumes(checkpoint, data, 
     assert "percentile bootstrap" in settings["intervals"]
     assert settings["tasks"] == ["pope", "mme"] and settings["scoring"] == "llava"
     assert set(settings["data"]) == {"pope", "mme"} and "transformers" in settings["versions"]
-    assert (tmp_path / "results_normalized_vs_budget.png").exists()
+    plot = tmp_path / "results_normalized_vs_budget.png"
+    # drawn where the normalized average is defined: an empty plot would read as a failed run
+    assert plot.exists() == all(base.values())
 
     lines = sum(1 for _ in (tmp_path / "results.jsonl").open())
+    plot.touch()  # an earlier run's plot (another scoring rule) is not left standing for these scores
     assert run(checkpoint, data, tmp_path, "--scoring", "llava") == 0  # a rerun finds everything done
+    assert plot.exists() == all(base.values())
     assert sum(1 for _ in (tmp_path / "results.jsonl").open()) == lines
     assert run(checkpoint, data, tmp_path, "--scoring", "lmms-eval") == 0  # the other rule scores the same answers
     assert sum(1 for _ in (tmp_path / "results.jsonl").open()) == lines
@@ -251,6 +255,7 @@ def test_the_reference_model_answers_the_synthetic_task_written_as_ocrbench(tmp_
                      "--out", str(tmp_path / "out")]) == 0
     rows = {row["config"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
     assert rows["unpruned"]["scores"]["ocrbench"] >= 22  # points: one per question answered right
+    assert (tmp_path / "out" / "results_normalized_vs_budget.png").stat().st_size > 10_000
     model, processor = load_reference()
     records = read_all(tmp_path / "out")
     for config, method in (("unpruned", None), ("fastv@64", "fastv")):

@@ -197,10 +197,10 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
     from vtprune.eval import evaluate
     from vtprune.eval.benchmark_eval import (INTERVAL_NOTE, benchmark_markdown, benchmark_table, benchmark_task,
                                              check_references, data_digests, default_frames, load_tasks,
-                                             summarize_benchmarks)
+                                             plot_normalized, summarize_benchmarks)
     from vtprune.eval.generation import load_checkpoint
     from vtprune.eval.lock import hold
-    from vtprune.eval.report import not_run_lines, plot_accuracy_vs_budget
+    from vtprune.eval.report import not_run_lines
     from vtprune.methods import checkpoint_options
     from vtprune.methods.clasp import CALIBRATION_FILE
 
@@ -233,11 +233,15 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         reported = dict(settings, command=command, scoring=args.scoring, **_not_run(refused), intervals=INTERVAL_NOTE)
         report.write_text(json.dumps({"settings": reported, "rows": rows}, indent=2))
         (out / f"{args.report}.md").write_text(f"# {title}\n\n" + benchmark_markdown(rows) + not_run_lines(reported))
+        written = [report, out / f"{args.report}.md"]
         plot = out / f"{args.report}_normalized_vs_budget.png"
-        plot_accuracy_vs_budget(rows, plot, title, value=lambda row: row["normalized"],
-                                interval=lambda row: row["normalized_ci95"] or (row["normalized"],) * 2,
-                                ylabel="normalized average (% of unpruned), bars: 95% interval")
-    console.print(f"wrote {report}, {out / f'{args.report}.md'}, {plot} (per answer: {out}/results*.jsonl)")
+        if plot_normalized(rows, plot, title):
+            written.append(plot)
+        else:  # nor an earlier run's, over the same answers scored otherwise
+            plot.unlink(missing_ok=True)
+            console.print("no normalized plot: no config has a normalized average (it needs the unpruned config's "
+                          "score, above 0, on every task)")
+    console.print(f"wrote {', '.join(map(str, written))} (per answer: {out}/results*.jsonl)")
     return 0
 
 

@@ -21,7 +21,7 @@ from rich.table import Table
 from .intervals import RESAMPLES, SEED, bootstrap, headline_interval, normalized_interval, units
 from .loaders import TASKS, BenchmarkSample, load_benchmark
 from .metrics import BadReference, normalized_average, sample_outcomes, score, score_outcomes
-from .report import by_config, config_row, in_table_order, markdown, rich
+from .report import by_config, config_row, in_table_order, markdown, plot_accuracy_vs_budget, rich
 from .runner import UNPRUNED, Task
 
 INTERVAL_NOTE = (f"score [lo, hi]: the 95% interval, a percentile bootstrap ({RESAMPLES} resamples, seed {SEED}) over "
@@ -194,3 +194,14 @@ def benchmark_markdown(rows: list[dict]) -> str:
 
 def benchmark_table(rows: list[dict], title: str) -> Table:
     return rich(*_table(rows), title, caption=escape(INTERVAL_NOTE))  # rich would read "[lo, hi]" as markup
+
+
+def plot_normalized(rows: list[dict], path: Path, title: str) -> bool:
+    """The normalized average against the budget at path, where any config has one (it needs the unpruned config's
+    score, above 0, on every task; an empty plot would read as a failed run); whether it was drawn."""
+    if all(row["normalized"] is None for row in rows):
+        return False
+    plot_accuracy_vs_budget(rows, path, title, value=lambda row: row["normalized"],
+                            interval=lambda row: row["normalized_ci95"] or (row["normalized"],) * 2,
+                            ylabel="normalized average (% of unpruned), bars: 95% interval")
+    return True
