@@ -7,6 +7,7 @@ a placeholder id the adapter does not know.
 
 import copy
 import dataclasses
+import inspect
 import warnings
 
 import pytest
@@ -312,6 +313,38 @@ def test_the_tested_range_is_the_packages_requirement():
 
     locked = next(line.split("==")[1] for line in locks["constraints.txt"] if line.startswith("transformers=="))
     assert locked in SpecifierSet(TESTED_TRANSFORMERS)
+
+
+def test_an_untested_transformers_is_warned_about_at_apply(model, monkeypatch):
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none on the installed (tested) release
+        vtprune.apply(model, "fastv", 10).remove()
+    for version in ("5.25.0", "5.25.0.dev0", "5.16.2"):  # a later upgrade past the cap, a build from main, too old
+        monkeypatch.setattr(transformers, "__version__", version)
+        with pytest.warns(UserWarning, match=f"transformers {version} is outside the range vtprune is tested with"):
+            vtprune.apply(model, "fastv", 10).remove()
+
+
+@pytest.mark.parametrize("module, renamed", [("layer", "attention_mask"), ("layer", "position_embeddings"),
+                                             ("language_model", "inputs_embeds"), ("language_model", "position_ids")])
+def test_an_argument_renamed_in_a_release_is_caught_at_apply(model, module, renamed):
+    """A release renaming an argument the engine passes would have it reach the module twice (a TypeError from
+    deep inside transformers) or not at all: apply names it."""
+    target = model.model.language_model.layers[0] if module == "layer" else model.model.language_model
+    stock = target.forward
+    parameters = [p.replace(name="renamed") if p.name == renamed else p
+                  for p in inspect.signature(stock).parameters.values()]
+
+    def forward(*args, **kwargs):
+        return stock(*args, **kwargs)
+
+    forward.__signature__ = inspect.Signature(parameters)
+    target.forward = forward
+    with pytest.raises(EngineError, match=f"forward takes no {renamed} argument"):
+        vtprune.apply(model, "fastv", 10)
+    assert getattr(model, "_vtprune_pruner", None) is None  # nothing left on the model
 
 
 @pytest.mark.parametrize("padding", [True, False])

@@ -7,6 +7,7 @@ from typing import Any
 
 from .adapters import adapter_for
 from .engine import Pruner, check_attention, check_budget
+from .engine.compat import warn_if_untested
 from .methods import REGISTRY, get_method
 
 
@@ -26,6 +27,7 @@ def apply(model, method: str, budget: int | float, **options: Any) -> Pruner:
             f"this model already carries a pruner ({model._vtprune_pruner!r}); call its remove() before applying another"
         )
     check_attention(adapter)
+    warn_if_untested()
     instance = method_cls(method_cls.parse_options(options))
     instance.check_model(adapter.model_info)
     pruner = Pruner(model, adapter, instance, budget)

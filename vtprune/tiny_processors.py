@@ -66,6 +66,16 @@ def has_torchvision() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
+def image_processor(name: str):
+    """The stock image processor class `name`, or its PIL twin (`name` + "Pil") where torchvision is missing:
+    transformers falls back to that twin itself, with a warning that the fallback is kept for backward
+    compatibility only."""
+    import transformers
+
+    twin = name + "Pil"
+    return getattr(transformers, twin if not has_torchvision() and hasattr(transformers, twin) else name)
+
+
 class FramesVideoProcessor:
     """A video processor made of an image processor, where torchvision (which transformers' video processors
     need) is missing. Each frame goes through `frames`, the family's stock image processor; a Qwen video's
@@ -127,22 +137,22 @@ def _clip_images(model, cls):
 
 
 def llava_processor(model):
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import LlavaProcessor
 
     vision = model.config.vision_config
     return LlavaProcessor(
-        image_processor=_clip_images(model, CLIPImageProcessor), tokenizer=tiny_tokenizer(),
+        image_processor=_clip_images(model, image_processor("CLIPImageProcessor")), tokenizer=tiny_tokenizer(),
         patch_size=vision.patch_size, vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's CLS token ("default" drops it again)
     )
 
 
 def llava_next_processor(model):
-    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import LlavaNextProcessor
 
     config = model.config
     side = config.vision_config.image_size
-    images = LlavaNextImageProcessor(size={"shortest_edge": side}, crop_size=_square(side),
+    images = image_processor("LlavaNextImageProcessor")(size={"shortest_edge": side}, crop_size=_square(side),
                                      image_grid_pinpoints=config.image_grid_pinpoints)
     return LlavaNextProcessor(
         image_processor=images, tokenizer=tiny_tokenizer(), patch_size=config.vision_config.patch_size,
@@ -171,7 +181,7 @@ def video_llava_processor(model):
 
 
 def llava_onevision_processor(model):
-    from transformers import CLIPImageProcessor, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor
+    from transformers import LlavaOnevisionProcessor
 
     config = model.config
     side, patch = config.vision_config.image_size, config.vision_config.patch_size
@@ -180,8 +190,9 @@ def llava_onevision_processor(model):
 
         videos = LlavaOnevisionVideoProcessor(size=_square(side))
     else:  # the stock video processor resizes each frame to the tower's square
-        videos = FramesVideoProcessor(CLIPImageProcessor(size=_square(side), do_center_crop=False))
-    images = LlavaOnevisionImageProcessor(size=_square(side), image_grid_pinpoints=config.image_grid_pinpoints)
+        videos = FramesVideoProcessor(image_processor("CLIPImageProcessor")(size=_square(side), do_center_crop=False))
+    images = image_processor("LlavaOnevisionImageProcessor")(size=_square(side),
+                                                             image_grid_pinpoints=config.image_grid_pinpoints)
     return _build(
         LlavaOnevisionProcessor, image_processor=images, tokenizer=tiny_tokenizer(), video_processor=videos,
         num_image_tokens=(side // patch) ** 2, vision_feature_select_strategy=config.vision_feature_select_strategy,
@@ -192,13 +203,13 @@ def llava_onevision_processor(model):
 def qwen_processor(model, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112):
     """Qwen2-VL's or Qwen2.5-VL's processor: images and frames resized to multiples of patch x merge
     pixels, between `min_pixels` and `max_pixels` (a few 2x2-merged tokens each)."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
     vision = model.config.vision_config
     geometry = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                     temporal_patch_size=vision.temporal_patch_size,
                     size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
-    images = Qwen2VLImageProcessor(**geometry)
+    images = image_processor("Qwen2VLImageProcessor")(**geometry)
     if has_torchvision():
         from transformers import Qwen2VLVideoProcessor
 

@@ -6,7 +6,11 @@ raise the cap only when the suite passes on the new release (`make compat`).
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import transformers
+from packaging.specifiers import SpecifierSet
 
 TESTED_TRANSFORMERS = ">=5.17,<5.25"
 
@@ -19,3 +23,24 @@ class EngineError(RuntimeError):
             f"{problem} (transformers {transformers.__version__}; vtprune is tested with "
             f"transformers{TESTED_TRANSFORMERS}: outside that range, install a tested release)"
         )
+
+
+def warn_if_untested() -> None:
+    """A warning where the installed transformers is outside the tested range (pip lets a later upgrade past the
+    cap through): the engine checks what it relies on, but a change it cannot see would give wrong answers."""
+    if transformers.__version__ not in SpecifierSet(TESTED_TRANSFORMERS):
+        warnings.warn(
+            f"transformers {transformers.__version__} is outside the range vtprune is tested with "
+            f"(transformers{TESTED_TRANSFORMERS}): install a tested release, or run vtprune's suite on this one first",
+            stacklevel=3,
+        )
+
+
+def require_arguments(module, names: tuple[str, ...]) -> None:
+    """An EngineError unless module's forward takes each of `names`: the engine reads and rewrites them in the
+    calls it intercepts, and a renamed one would reach the module twice or not at all."""
+    taken = inspect.signature(module.forward).parameters
+    missing = [name for name in names if name not in taken]
+    if missing:
+        raise EngineError(f"{type(module).__name__}.forward takes no {', '.join(missing)} argument, which the engine "
+                          "passes it")

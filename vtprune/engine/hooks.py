@@ -34,7 +34,7 @@ from ..methods import Method
 from . import cache as kv
 from . import decode, prefill
 from .budget import keeps_whole
-from .compat import EngineError
+from .compat import EngineError, require_arguments
 from .compiled import HiddenAccess
 from .run import Decision, Origin, Prompt, PromptText, Run
 from .stats import PruneStats, counts_per_layer
@@ -114,6 +114,9 @@ class Pruner:
         # One forward at a time: its state lives here (threads, or DataParallel's replicas, would share it).
         self._busy, self._busy_thread = threading.Lock(), None
         self._cache_keyword = kv.cache_keyword(adapter.language_model)
+        require_arguments(adapter.language_model, ("inputs_embeds", "attention_mask", "position_ids"))
+        require_arguments(adapter.decoder_layers[0],
+                          ("hidden_states", "attention_mask", "position_ids", "position_embeddings"))
         # Fusion first: a model that cannot fuse refuses before any other hook is in place.
         self._handles = adapter.vision_state_hooks(self._vision_states) if method.fuses_vision_layers else []
         if method.fuses_vision_layers:
