@@ -2,6 +2,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import logging as std_logging
+
 import pytest
 import torch
 from transformers.utils import logging
@@ -13,7 +15,34 @@ from vtprune.tiny import (
 
 # Tiny models gain nothing from a second intra-op thread, and lose ten times over when other work shares the cores.
 torch.set_num_threads(1)
-logging.set_verbosity_error()  # the tiny Qwen config's token ids are out of its tiny vocabulary on purpose
+
+
+class _Deprecations(std_logging.Handler):
+    """The deprecation notices transformers logs (most are logged, not warned, so filterwarnings cannot see them),
+    each listed once at the end of the run: the early warning of what its next release removes."""
+
+    def __init__(self):
+        super().__init__(std_logging.WARNING)
+        self.seen: dict[str, str] = {}
+
+    def emit(self, record):
+        message = record.getMessage()
+        if any(word in message.lower() for word in ("deprecat", "will be removed", "backward compat")):
+            self.seen.setdefault(message, record.name)
+
+
+DEPRECATIONS = _Deprecations()
+logging.set_verbosity_warning()
+for handler in logging.get_logger().handlers:  # the console gets errors only: the tiny Qwen config's token ids
+    handler.setLevel(std_logging.ERROR)        # are out of its tiny vocabulary on purpose
+logging.get_logger().addHandler(DEPRECATIONS)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if DEPRECATIONS.seen:
+        terminalreporter.section("deprecation notices transformers logged (its next release may remove these)")
+        for message, logger in DEPRECATIONS.seen.items():
+            terminalreporter.write_line(f"{logger}: {message}")
 
 FAMILIES = {
     "llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl,
