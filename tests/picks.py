@@ -9,8 +9,8 @@ def assert_same_pick(pick, alone):
     """Equal bit for bit and dtype for dtype: kept indices, or a merging Selection's every field."""
     assert type(pick) is type(alone)
     if isinstance(alone, Selection):
-        assert (pick.hidden is None) == (alone.hidden is None)
         for field in ("keep", "hidden", "sizes", "destination"):
+            assert (getattr(pick, field) is None) == (getattr(alone, field) is None), field
             if getattr(alone, field) is not None:
                 torch.testing.assert_close(getattr(pick, field), getattr(alone, field), rtol=0, atol=0)
                 assert getattr(pick, field).dtype == getattr(alone, field).dtype

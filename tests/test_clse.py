@@ -349,6 +349,7 @@ def test_a_video_follows_the_authors_video_branch(family):
     from vtprune.methods.clse import video_layers
     from vtprune.tiny import QWEN_VIDEO_TOKEN, SampleLayout, tiny_inputs
 
+    assert video_layers(ModelInfo(family, 32)) == (2, 3)  # the authors' own depth (a 4-layer model scales any to 1, 2)
     model = FAMILIES[family]("eager")
     inputs = tiny_inputs(model, [SampleLayout(images=0, videos=1, qwen_video=(4, 8, 8))])  # 4 frames of 4x4
     layers = model.model.language_model.layers
