@@ -206,8 +206,6 @@ def test_bad_options(options, message):
         DART.parse_options(options)
 
 
-@pytest.mark.skipif("normed" not in LayerProbe.__dataclass_fields__,
-                    reason="the engine does not give LayerProbe.normed yet (see vtprune/methods/dart.py)")
 def test_through_the_engine_the_probe_is_layer_k_minus_1s_keys_and_the_final_norm_of_layer_k_input(monkeypatch):
     """On a tiny LLaVA: probe.key is layer K-1's keys as the unpruned model caches them (the authors' any_states =
     layer_outputs[-2] of layer K-1), probe.normed the decoder's final norm applied to what enters layer K unpruned,
