@@ -177,6 +177,9 @@ def test_a_missing_task_copy_and_the_synthetic_only_flags_are_refused(checkpoint
         cli.main(["eval", "--model", str(checkpoint), "--tasks", "pope", "--data", str(data), "--samples", "50",
                   "--seed", "7", "--out", str(tmp_path)])
     assert "--samples, --seed go with the synthetic benchmark; with --tasks, --limit takes" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--frames: no sample of pope has a video; leave it out"):
+        cli.main(["eval", "--model", str(checkpoint), "--tasks", "pope", "--data", str(data), "--frames", "4",
+                  "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         cli.main(["eval", "--model", str(checkpoint), "--tasks", "popee", "--data", str(data)])
     assert "unknown task 'popee'" in capsys.readouterr().err

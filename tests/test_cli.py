@@ -64,6 +64,9 @@ def usage_error(argv, capsys) -> str:
     (["show", "no-such.png", "what?", "--method", "random"], "image: no file 'no-such.png'"),
     (["calibrate", "--method", "fastv"], "--method: invalid choice: 'fastv'"),
     (["bench", "--new-tokens", "1"], "--new-tokens: 1 is too small; give a whole number >= 2"),
+    (["eval", "--report", "run"], "--report: 'run' would write the report over run.json"),
+    (["show", __file__, "what?", "--method", "random", "--out", "kept.txt"],
+     r"--out: 'kept.txt': a picture is written as one of .*\.png.*; end the name with one"),
 ])
 def test_a_bad_value_is_a_usage_line_naming_it(argv, message, capsys):
     line = usage_error(argv, capsys)
@@ -166,6 +169,28 @@ def test_a_second_eval_on_the_same_out_stops_before_loading(tmp_path, held_elsew
     message = str(exit.value.code)
     assert message.startswith("vtprune eval: error: ") and "\n" not in message
     assert str(tmp_path) in message and "in use by another run" in message
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--scoring", "llava"], "--scoring go with --tasks"),  # it would score nothing
+    (["eval", "--model", str(reference.REFERENCE_DIR), "--out", str(reference.REFERENCE_DIR)],
+     "--out is the checkpoint's folder"),  # the run's files would change the model's identity: no resume
+    (["bench", "--compile", "cudagraphs"], "--compile cudagraphs records CUDA graphs, which need --device cuda"),
+])
+def test_flags_that_would_do_nothing_or_harm_together_are_refused(argv, message, capsys):
+    assert message in usage_error(argv, capsys)
+
+
+def test_an_interrupted_command_says_what_it_kept_and_exits_130(tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    assert cli.main(["eval", "--samples", "6", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip() == f"vtprune eval: interrupted; the finished answers are saved in {tmp_path}: the same " \
+                          "command resumes there"
 
 
 def test_spaces_inside_a_method_spec_do_not_make_another_config():

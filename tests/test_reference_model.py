@@ -66,3 +66,22 @@ def test_its_chat_template_asks_as_it_was_trained(reference, samples):
         first_tokens = predict(model, processor, chunk, prompt)
     generated = generate_answers(model, processor, [s.question for s in chunk], [[s.image] for s in chunk], 1)
     assert generated == first_tokens
+
+
+def test_a_resumed_default_eval_keeps_its_sample_count_when_configs_are_added(tmp_path, monkeypatch):
+    """The default count shrinks as configs are added; a resume that adds one answers the run's samples for it
+    (it was refused as "other settings (samples)", its finished answers stranded)."""
+    import json
+
+    from vtprune import cli
+    from vtprune.eval.shards import read_all
+
+    monkeypatch.setattr(cli, "EVAL_PREDICTIONS", 240)  # 2 configs: 120 samples each; 3 configs: 78
+    out = tmp_path / "out"
+    assert cli.main(["eval", "--methods", "random", "--budgets", "64", "--out", str(out)]) == 0
+    assert cli.main(["eval", "--methods", "random,uniform", "--budgets", "64", "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["samples"] == 120
+    counts = {}
+    for record in read_all(out):
+        counts[record["config"]] = counts.get(record["config"], 0) + 1
+    assert counts == {"unpruned": 120, "random@64": 120, "uniform@64": 120}

@@ -154,7 +154,7 @@ def cmd_eval(args) -> int:
         model, processor = load_reference(model_path)
         if shard.device is not None:
             model.to(shard.device)
-        count = args.samples or default_samples(1 + len(specs) * len(args.budgets))
+        count = args.samples or _resumed_samples(out) or default_samples(1 + len(specs) * len(args.budgets))
         seed = EVAL_SEED if args.seed is None else args.seed
         samples = generate(seed, count)
         configs, refused = runnable_configs(model, specs, args.budgets, checkpoint_options(model_path, processor), shard)
@@ -176,6 +176,19 @@ def cmd_eval(args) -> int:
         paths = write_reports(rows, out, title, dict(settings, command=command, **_not_run(refused)), args.report)
     console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {out}/results*.jsonl)")
     return 0
+
+
+def _resumed_samples(out) -> int | None:
+    """The sample count of the synthetic run in `out`, if any: the default shrinks as configs are added, and a
+    resume may add configs to a run."""
+    import json
+
+    try:
+        settings = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None  # none yet, or broken: the run's own check says so
+    count = settings.get("samples") if isinstance(settings, dict) and settings.get("task") == "synthetic" else None
+    return count if isinstance(count, int) and count > 0 else None
 
 
 def _command_line() -> str:
@@ -207,30 +220,34 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
     with hold(out, shard.lock_rank):
         model_path = Path(args.model)
         samples = load_tasks(args.tasks, Path(args.data), args.limit)
-        check_references(samples, args.scoring)  # before the model loads: a bad row costs seconds, not minutes
+        scoring = args.scoring or "lmms-eval"
+        check_references(samples, scoring)  # before the model loads: a bad row costs seconds, not minutes
+        videos = any(s.videos for s in samples)
+        if args.frames and not videos:
+            raise ValueError(f"--frames: no sample of {', '.join(args.tasks)} has a video; leave it out")
         model, processor = load_checkpoint(model_path)
         if shard.device is not None:
             model.to(shard.device)
         configs, refused = runnable_configs(model, specs, args.budgets, checkpoint_options(model_path, processor), shard,
-                                            videos=any(s.videos for s in samples))
+                                            videos=videos)
         settings = {"tasks": args.tasks, "model": _model_id(model_path), "data": data_digests(args.tasks, Path(args.data), out),
                     "limit": args.limit, "max_new_tokens": args.max_new_tokens, "versions": _versions(),
                     "clasp_calibration": _digest(model_path / CALIBRATION_FILE)}
         frames = args.frames or default_frames(model)
-        if any(s.videos for s in samples):
+        if videos:
             settings["frames"] = frames
         task = benchmark_task(model, processor, samples, args.max_new_tokens, frames)
         records = evaluate(model, task, configs, out, settings, batch_size=args.batch, shard=shard)
         if not shard.main:
             return 0
         wanted = {c.name for c in configs}
-        rows = summarize_benchmarks([r for r in records if r["config"] in wanted], samples, args.scoring)
-        title = f"{model_path.name} on {', '.join(args.tasks)} ({args.scoring} scoring)"
+        rows = summarize_benchmarks([r for r in records if r["config"] in wanted], samples, scoring)
+        title = f"{model_path.name} on {', '.join(args.tasks)} ({scoring} scoring)"
         console.print(benchmark_table(rows, title))
         command = _command_line()
         report = out / f"{args.report}.json"
         # the scoring rule and what is refused are the report's, not the run's: the answers stand for either rule
-        reported = dict(settings, command=command, scoring=args.scoring, **_not_run(refused), intervals=INTERVAL_NOTE)
+        reported = dict(settings, command=command, scoring=scoring, **_not_run(refused), intervals=INTERVAL_NOTE)
         report.write_text(json.dumps({"settings": reported, "rows": rows}, indent=2))
         (out / f"{args.report}.md").write_text(f"# {title}\n\n" + benchmark_markdown(rows) + not_run_lines(reported))
         written = [report, out / f"{args.report}.md"]
@@ -415,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"{model_help}; with --tasks, a checkpoint of any supported family")
     evaluation.add_argument("--batch", type=cli_args.positive_int, default=16,
                             help="samples generated together (left-padded): faster, same answers")
-    evaluation.add_argument("--report", type=cli_args.file_name, default="results",
+    evaluation.add_argument("--report", type=cli_args.report_name, default="results",
                             help="file name of the table, JSON and plot in --out")
     evaluation.add_argument("--tasks", type=cli_args.comma_list(cli_args.task_name),
                             help="real benchmarks instead of the synthetic one (with --model and --data): "
@@ -424,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--data", type=cli_args.existing_folder,
                             help="folder holding a copy of each task in DATA/<task> (parquet, save_to_disk, or the "
                                  "benchmark's own files)")
-    evaluation.add_argument("--scoring", choices=["lmms-eval", "llava"], default="lmms-eval",
-                            help="with --tasks: lmms-eval's rules, or LLaVA's evaluation scripts")
+    evaluation.add_argument("--scoring", choices=["lmms-eval", "llava"],
+                            help="with --tasks: lmms-eval's rules (the default), or LLaVA's evaluation scripts")
     evaluation.add_argument("--limit", type=cli_args.positive_int,
                             help="with --tasks: the first LIMIT samples of each task")
     evaluation.add_argument("--max-new-tokens", type=cli_args.positive_int,
@@ -447,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("question")
     show.add_argument("--method", type=cli_args.method_name, required=True)
     show.add_argument("--budget", type=cli_args.budget, default="64")
-    show.add_argument("--out", type=cli_args.writable_file, default="kept_tokens.png")
+    show.add_argument("--out", type=cli_args.picture_file, default="kept_tokens.png",
+                      help="the kept-token picture (.png, .pdf, .svg, ...)")
     show.add_argument("--model", type=cli_args.checkpoint, help=model_help)
     show.set_defaults(run=cmd_show)
     calibrate = commands.add_parser("calibrate", help="fit a method's per-class settings on a calibration split")
@@ -531,6 +549,19 @@ def main(argv: list[str] | None = None) -> int:
     # the user's to fix (vtprune raises ValueError for bad input, naming it and the fix): one line, not a traceback
     except (FolderBusy, CheckpointError, ValueError, UnidentifiedImageError) as error:
         raise SystemExit(f"vtprune {args.command}: error: {error}") from None
+    except KeyboardInterrupt:
+        kept = INTERRUPTED.get(args.command, "")
+        print(f"vtprune {args.command}: interrupted{kept and '; '}{kept.format(out=getattr(args, 'out', ''))}",
+              file=sys.stderr)
+        return 130  # the shell's status for a run stopped by Ctrl-C
+
+
+# What an interrupted command keeps, for the line it ends with.
+INTERRUPTED = {
+    "eval": "the finished answers are saved in {out}: the same command resumes there",
+    "bench": "the configurations measured so far are saved in {out}",
+    "train-reference": "the same command resumes from the last checkpoint in {out}",
+}
 
 
 if __name__ == "__main__":

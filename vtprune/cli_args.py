@@ -117,6 +117,27 @@ def file_name(text: str) -> str:
     return text
 
 
+def report_name(text: str) -> str:
+    """--report: a file name that leaves the run's own files alone."""
+    file_name(text)
+    if text == "run":
+        raise Invalid("'run' would write the report over run.json, the settings a resume is checked against; "
+                      "pick another name")
+    return text
+
+
+@path_type
+def picture_file(text: str) -> str:
+    """A picture's path, in a format matplotlib writes (named by its suffix)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(text).suffix.lower().lstrip(".") not in formats:
+        raise Invalid(f"{text!r}: a picture is written as one of {', '.join('.' + f for f in sorted(formats))}; "
+                      "end the name with one")
+    return writable_file(text)
+
+
 @path_type
 def writable_folder(text: str) -> str:
     path = Path(text)
@@ -321,7 +342,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--tasks and --data go together: the benchmarks to run and the folder holding a copy of each")
     if args.command == "eval" and not args.tasks:
         given = [flag for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
-                                          ("--frames", args.frames)) if value is not None]
+                                          ("--frames", args.frames), ("--scoring", args.scoring)) if value is not None]
         if given:
             parser.error(f"{', '.join(given)} go with --tasks (real benchmarks); the synthetic benchmark's size is "
                          "--samples")
@@ -330,6 +351,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if given:
             parser.error(f"{', '.join(given)} go with the synthetic benchmark; with --tasks, --limit takes each "
                          "task's first samples")
+    if args.command == "eval" and args.model is not None and Path(args.out).resolve() == Path(args.model).resolve():
+        parser.error("--out is the checkpoint's folder: the run's files would change what identifies the model, and "
+                     "a resume would be refused as another model's; pass another folder (one inside it will do)")
+    if args.command == "bench" and args.compile == "cudagraphs" and args.device == "cpu":
+        parser.error("--compile cudagraphs records CUDA graphs, which need --device cuda; on the CPU, --compile "
+                     "(inductor) compiles the prefill")
     if args.command == "eval" and args.tasks and args.model is None:
         parser.error("--tasks needs --model: the checkpoint to evaluate (the reference model knows only the "
                      "synthetic benchmark's words)")
