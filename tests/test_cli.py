@@ -57,6 +57,7 @@ def usage_error(argv, capsys) -> str:
     (["eval", "--methods", "clasp:layers=1/2:multipliers=1/2"], r"clasp's multipliers must not grow from stage to "
                                                                 r"stage .*got \(1.0, 2.0\)"),
     (["eval", "--methods", "random,random"], "--methods: random given twice"),
+    (["eval", "--methods", "random,clse,random:seed=0"], "--methods: random:seed=0 runs what random runs"),
     (["eval", "--methods", "bogus"], "--methods: unknown method 'bogus'; registered methods: clasp"),
     (["eval", "--report", "sub/results"], "--report: 'sub/results' must be a plain file name"),
     (["eval", "--model", "/nonexistent"], "--model: no config.json in /nonexistent"),

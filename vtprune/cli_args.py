@@ -90,6 +90,12 @@ def comma_list(item):
         repeated = sorted({key for key in keys if keys.count(key) > 1})
         if repeated:
             raise Invalid(f"{', '.join(repeated)} given twice in {text!r}; give each once")
+        first = {}
+        for value in values:  # random:seed=0 is random: one config, computed twice under two names
+            runs = getattr(value, "runs", None)
+            if runs is not None and first.setdefault(runs, value) is not value:
+                raise Invalid(f"{value.label} runs what {first[runs].label} runs (the options it leaves out take "
+                              "their defaults); give one of them")
         return values
 
     parse.__name__ = f"list of {item.__name__}"  # how argparse names the type in its own messages
@@ -255,6 +261,7 @@ class MethodSpec:
     label: str
     method: str
     options: dict = field(default_factory=dict, hash=False, compare=False)
+    runs: object = field(default=None, hash=False, compare=False)  # the method's Options, defaults filled in
 
 
 def method_spec(text: str) -> MethodSpec:
@@ -279,10 +286,11 @@ def method_spec(text: str) -> MethodSpec:
         except ValueError as error:
             raise Invalid(f"{text}: {key} {error}") from None
     try:
-        method.parse_options({**method.without_checkpoint, **options})  # the method's own checks of its options
+        runs = method.parse_options({**method.without_checkpoint, **options})  # the method's own checks
     except (TypeError, ValueError) as error:
         raise Invalid(f"{text}: {error}") from None
-    return MethodSpec(":".join(spelled), name, options)  # spaces dropped: "clse: score=attn" resumes "clse:score=attn"
+    # spaces dropped: "clse: score=attn" resumes "clse:score=attn"
+    return MethodSpec(":".join(spelled), name, options, (method.name, runs))
 
 
 def coerce(text: str, hint):
