@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+import vtprune
 from vtprune.methods import Grid, ModelInfo, VisionLayer, VisionView
 from vtprune.methods.hired import HiRED, tile_shares
+from vtprune.tiny import SampleLayout, tiny_inputs
 
+from .conftest import FAMILIES, VISION_STAGE_FAMILIES
 from .vision_views import softmax
 
 HEADS, HEAD_DIM, SIDE, DIM = 4, 8, 8, 16
@@ -54,33 +57,36 @@ def reference_shares(counts, total, capacity):
 def reference_anyres(early, late, layout, present, keep, alpha=0.5, regions="released", content=None):
     """Selections per row ({row: set of patch indices}) for base row 0 and tiles 1.. of a (high, wide) layout.
 
+    early, late: [rows, patches] [CLS] attention of the square patch grid of every tower row (base and tiles alike);
     present[t]: the tile's patch indices the LLM receives; content: (top, left, h, w) of the unpadded grid on the
     padded canvas, for the spatial regions."""
     high, wide = layout
     tiles = high * wide
-    full = min(int(keep * alpha), P)
+    patches = early.shape[1]
+    side = int(round(patches ** 0.5))
+    full = min(int(keep * alpha), patches)
     capacity = [len(present[t]) for t in range(tiles)]
     sub = min(keep - full, sum(capacity))
     full = keep - sub
     chosen = {0: top(late[0], full)}
-    marks = np.zeros(P, dtype=bool)
-    marks[list(top(early[0], int(P * (1 - alpha))))] = True
-    if regions == "released" and P % tiles == 0:
+    marks = np.zeros(patches, dtype=bool)
+    marks[list(top(early[0], int(patches * (1 - alpha))))] = True
+    if regions == "released" and patches % tiles == 0:
         counts = marks.reshape(high, wide, -1).sum(axis=-1).reshape(-1)
     elif regions == "released":  # the generalisation: chunk t starts at ceil(t P / tiles)
-        starts = [int(np.ceil(t * P / tiles)) for t in range(1, tiles)]
+        starts = [int(np.ceil(t * patches / tiles)) for t in range(1, tiles)]
         counts = np.bincount(np.searchsorted(starts, np.nonzero(marks)[0], side="right"), minlength=tiles)
     else:
         top_pad, left_pad, h, w = content
         counts = np.zeros(tiles, dtype=np.int64)
         for p in np.nonzero(marks)[0]:
-            r, c = divmod(p, SIDE)
-            y = min(h - 1, int(np.floor((r + 0.5) * h / SIDE))) + top_pad
-            x = min(w - 1, int(np.floor((c + 0.5) * w / SIDE))) + left_pad
-            counts[(y // SIDE) * wide + x // SIDE] += 1
+            r, c = divmod(p, side)
+            y = min(h - 1, int(np.floor((r + 0.5) * h / side))) + top_pad
+            x = min(w - 1, int(np.floor((c + 0.5) * w / side))) + left_pad
+            counts[(y // side) * wide + x // side] += 1
     shares = reference_shares(counts, sub, capacity) if sub > 0 else [0] * tiles
     for t in range(tiles):
-        scores = np.full(P, -np.inf)
+        scores = np.full(patches, -np.inf)
         scores[present[t]] = late[1 + t, present[t]]
         chosen[1 + t] = top(scores, shares[t])
     return chosen
@@ -304,3 +310,125 @@ def test_interface():
         HiRED.parse_options({"alpha": 1.5})
     with pytest.raises(ValueError, match="regions"):
         HiRED.parse_options({"regions": "quadrants"})
+
+
+# -------------------------------------------------------------------- through the engine, on the tiny models
+# HiRED through vtprune.apply on each family with the vision-encoder stage, against the reference above fed the
+# [CLS] attention the tower itself returns (eager, output_attentions) at the authors' layers: encoder layer 0
+# (their `vit_top_layer`) and the layer before the last (their `vit_bottom_layer`, 22 of 24). Each kept
+# prompt position is mapped to its (tower row, patch) by the model's own feature packing, not by the engine.
+
+ENGINE_LAYOUTS = {
+    "llava": [SampleLayout(images=2), SampleLayout(images=1, text_before=6)],
+    # 1x2 tiles; 2x2 tiles; 2x2 tiles unpadded to 8 x 5 patches (a 90 x 60 image on the 112 x 112 canvas)
+    "llava_next": [SampleLayout(images=2), SampleLayout(images=2, text_before=6, next_sizes=((90, 60), (60, 120)))],
+    "video_llava": [SampleLayout(images=1, videos=1), SampleLayout(images=0, videos=1, text_before=5)],
+}
+
+
+def tower_cls_attention(tower, pixels, layer):
+    """[rows, patches] the eager tower's own [CLS] attention over the patches at `layer`, summed over heads."""
+    attention = tower(pixels, output_attentions=True).attentions[layer]  # [rows, heads, T, T]
+    return attention[:, :, 0, 1:].sum(dim=1).double().numpy()
+
+
+def llava_next_places(model, size, rows):
+    """(row, patch) of each of a LLaVA-NeXT image's placeholders in order, (-1, -1) for its newlines: the
+    model's own pack_image_features run on markers instead of features."""
+    patches = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    markers = torch.arange(rows * patches * patches, dtype=torch.float64).view(rows, patches * patches, 1)
+    packed, _ = model.model.pack_image_features([markers], torch.tensor([size]), "default",
+                                              image_newline=torch.full((1,), -1.0, dtype=torch.float64))
+    flat = packed[0][:, 0].long()
+    per_row = patches * patches
+    return [(-1, -1) if i < 0 else (i // per_row, i % per_row) for i in flat.tolist()]
+
+
+def expected_hired(model, family, inputs, keep, regions):
+    """Per sample, in sequence order: (positions of the item's tokens [n], their (row, patch) [n], the reference's
+    {row: set of patches}), the towers run by the test."""
+    from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
+                                                                    image_size_to_num_patches)
+
+    config = model.config
+    image_tower = model.model.image_tower if family == "video_llava" else model.model.vision_tower
+    pixels = inputs.get("pixel_values", inputs.get("pixel_values_images"))
+    items = {"image": [], "video": []}  # in batch order: (places of the placeholders, the reference's choice)
+    for i in range(0 if pixels is None else pixels.shape[0]):
+        if family == "llava_next":
+            size = inputs["image_sizes"][i].tolist()
+            rows = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            tiles = pixels[i, :rows]
+            early, late = (tower_cls_attention(image_tower, tiles, layer) for layer in (0, -2))
+            layout = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            places = llava_next_places(model, size, rows)
+            side = int(round(early.shape[1] ** 0.5))
+            present = {t: sorted(p for r, p in places if r == 1 + t) for t in range(rows - 1)}
+            canvas = [((r - 1) // layout[1] * side + p // side, (r - 1) % layout[1] * side + p % side)
+                      for r, p in places if r >= 1]
+            ys, xs = zip(*canvas)
+            content = (min(ys), min(xs), max(ys) - min(ys) + 1, max(xs) - min(xs) + 1)
+            chosen = reference_anyres(early, late, layout, present, min(keep, len(canvas) + early.shape[1]),
+                                      regions=regions, content=content)
+        else:  # one tower row: the released LLaVA-1.5 branch, top-k by the late layer
+            late = tower_cls_attention(image_tower, pixels[i][None], -2)
+            places = [(0, p) for p in range(late.shape[1])]
+            chosen = {0: top(late[0], min(keep, late.shape[1]))}  # (a budget above the item keeps it whole)
+        items["image"].append((places, chosen))
+    videos = inputs.get("pixel_values_videos")
+    for video in [] if videos is None else videos:  # Video-LLaVA: each frame a row, its [CLS] feature first
+        late = tower_cls_attention(model.model.video_tower, video, -2)
+        frames, patches = late.shape
+        places = [(f, p - 1) if p else (-1, -1) for f in range(frames) for p in range(patches + 1)]
+        picked = top(late.reshape(-1), min(keep, late.size))  # one pool over all frames
+        items["video"].append((places, {f: {i % patches for i in picked if i // patches == f} for f in range(frames)}))
+    placeholders = {"image": config.image_token_id, "video": getattr(config, "video_token_id", None)}
+    per_sample, taken = [], {"image": 0, "video": 0}
+    for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
+        sample, at = [], 0
+        ids = ids.tolist()
+        while at < len(ids):
+            kind = next((k for k, token in placeholders.items() if token is not None and ids[at] == token), None)
+            if kind is None or not mask[at]:
+                at += 1
+                continue
+            places, chosen = items[kind][taken[kind]]
+            taken[kind] += 1
+            positions = torch.arange(at, at + len(places))
+            assert all(token == placeholders[kind] for token in ids[at:at + len(places)])
+            tokens = torch.tensor([r >= 0 for r, _ in places])
+            sample.append((positions[tokens], [place for place in places if place[0] >= 0], chosen))
+            at += len(places)
+        per_sample.append(sample)
+    assert taken == {kind: len(found) for kind, found in items.items()}  # every item found in the prompts
+    return per_sample
+
+
+@pytest.mark.parametrize("family, regions", [(family, "released") for family in sorted(VISION_STAGE_FAMILIES)]
+                         + [("llava_next", "spatial")])  # (the regions only matter for anyres tiles)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("keep", [5, 13, 22])
+def test_through_the_engine_the_kept_tokens_are_the_reference_on_the_towers_own_attention(family, regions, attn,
+                                                                                           keep):
+    """Through vtprune.apply, each item's kept tokens are the reference's choice on the attention its tower
+    returns: LLaVA-NeXT's tiles shared by layer 0's marks, every pick by layer -2; the one-row images and
+    Video-LLaVA's video (one pool over its frames) by layer -2. Budgets below and above Video-LLaVA's 16-token
+    images (kept whole)."""
+    model = FAMILIES[family](attn)
+    inputs = tiny_inputs(model, ENGINE_LAYOUTS[family])
+    with vtprune.apply(model, "hired", keep, regions=regions) as pruner:
+        model(**inputs)
+        decision = pruner.last_decision
+    assert decision.stage_layers == [0]
+    expected = expected_hired(FAMILIES[family]("eager"), family, inputs, keep, regions)
+    for b, items in enumerate(expected):
+        kept = decision.kept[0][b]
+        assert kept.numel() == sum(min(keep, len(positions)) for positions, _, _ in items)
+        for positions, places, chosen in items:
+            mine = torch.isin(positions, kept)
+            assert int(mine.sum()) == min(keep, len(positions))
+            got = {}
+            for index in torch.nonzero(mine).flatten().tolist():
+                row, patch = places[index]
+                got.setdefault(row, set()).add(patch)
+            assert got == {row: patches for row, patches in chosen.items() if patches}, (b, positions[0])
