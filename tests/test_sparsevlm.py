@@ -58,7 +58,14 @@ def authors_sparse_layer(query, key, scaling, v_start, v_num, t_idx, count, visu
     logits = np.where(np.triu(np.ones((length, length), bool), 1)[None], -np.inf, logits)
     attention = softmax(logits, axis=-1).mean(axis=0)  # self_attn_weights.mean(1)
     text_start = v_start + v_num
-    relation = attention[t_idx + text_start][:, v_start:v_start + v_num].mean(axis=0)
+    return authors_stage(attention, np.arange(v_start, v_start + v_num), t_idx + text_start, count, visual_out)
+
+
+def authors_stage(attention, visual, raters, count, visual_out):
+    """The sparse layer's choice from its head-averaged attention [L, L]: rows `visual` the image's tokens (in
+    order), rows `raters` the raters; visual_out [v_num, C] the layer's output at the image's tokens."""
+    v_num = len(visual)
+    relation = attention[raters][:, visual].mean(axis=0)
     top = np.argsort(-relation, kind="stable")[:min(count, v_num - 1)]
     mask = np.zeros(v_num, bool)
     mask[top] = True
@@ -445,6 +452,118 @@ def test_through_the_engine_each_layer_runs_on_the_scheduled_tokens(family, monk
         per_image = [64] + [s.keep for s in SparseVLM(SparseVLM.Options()).stages(ModelInfo(family, layers), 20, 64)]
         assert decision.stage_layers == [1, 2, 3]
         assert stats.visual_tokens_per_layer == [[2 * k for k in per_image], per_image]
+
+
+# A prompt's items and text, read from its ids and the LLM's input embeddings alone (not from the engine).
+# Top-k counts of the 3 stages (the authors' score.py knob), for items of 24 to 80 tokens: at each stage count + 1
+# gives more tokens than count (where both give the same, vtprune runs count + 1: a documented deviation).
+ENGINE_COUNTS = (15, 8, 4)
+
+
+def prompt_items(model, inputs, embeds):
+    """Per sample: (its items' positions, each a run of visual placeholders in order, LLaVA-NeXT's newlines left
+    out; its text positions: neither a placeholder nor padding)."""
+    config = model.config
+    placeholders = torch.tensor([t for t in (config.image_token_id, getattr(config, "video_token_id", None))
+                                 if t is not None])
+    newline = getattr(model.model, "image_newline", None)
+    per_sample = []
+    for b, (ids, mask) in enumerate(zip(inputs["input_ids"], inputs["attention_mask"].bool())):
+        visual = (torch.isin(ids, placeholders) & mask).tolist()
+        items, at = [], 0
+        while at < len(visual):
+            if not visual[at]:
+                at += 1
+                continue
+            end = at
+            while end < len(visual) and visual[end]:
+                end += 1
+            run = torch.arange(at, end)
+            if newline is not None:  # a newline's LLM input is the model's image_newline itself
+                run = run[~(embeds[b, run] == newline.to(embeds.dtype)).all(dim=-1)]
+            items.append(run)
+            at = end
+        text = torch.nonzero(mask & ~torch.isin(ids, placeholders)).flatten()
+        per_sample.append((items, text))
+    return per_sample
+
+
+def reference_raters(embeds, item, text):
+    """Positions of the item's raters: the authors' choice among the text after the item (all the text if none
+    follows; all candidates if the relevance is flat), on the LLM's input embeddings [L, D] of the sample."""
+    after = text[text > item.max()]
+    candidates = after if after.numel() else text
+    chosen = authors_raters(np.concatenate([embeds[item], embeds[candidates]]), 0, item.numel())
+    return candidates[chosen] if chosen.size else candidates
+
+
+def reference_stage_at(attention, rows, item, raters, count, hidden):
+    """The authors' stage on one sample's layer tensors: attention [H, L, L] over the rows (their prompt
+    positions `rows` [L]), hidden [L, D] the stage layer's input; item / raters: prompt positions. Returns (the
+    item's positions after the stage: kept and cluster centres; {centre: set of member positions})."""
+    where = {int(p): i for i, p in enumerate(rows.tolist())}
+    visual = np.array([where[int(p)] for p in item])
+    rater_rows = np.array([where[int(p)] for p in raters])
+    kept, clusters, _ = authors_stage(attention.double().mean(dim=0).numpy(), visual, rater_rows, count,
+                                      hidden[visual].double().numpy())
+    item = item.numpy()
+    merged = {int(item[centre]): {int(item[m]) for m in members} for members, _, centre in clusters}
+    return set(item[kept].tolist()) | set(merged), merged
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_through_the_engine_each_stage_is_the_authors_on_the_models_own_tensors(family, attn, padding_side):
+    """Through vtprune.apply (two images in one sample: each rates with the text after it), every item's tokens
+    after the first stage, and the tokens merged into each cluster, equal the authors' stage fed the unpruned
+    eager model's own tensors: the raters from the LLM's input embeddings, the scores from the attention the layer
+    before the stage returns (output_attentions), the clusters on that layer's output. On eager, the later stages
+    likewise on the attention and hidden states the pruned model's own layers return."""
+    import vtprune
+    from vtprune.tiny import SampleLayout, tiny_inputs
+
+    from .conftest import FAMILIES
+
+    model = FAMILIES[family](attn)
+    inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(images=1, text_before=5, text_after=6)],
+                         padding_side=padding_side)
+    with torch.no_grad(), vtprune.apply(model, "sparsevlm", 20, counts=ENGINE_COUNTS) as pruner:
+        pruned = model(**inputs, output_attentions=attn == "eager", output_hidden_states=attn == "eager")
+        decision = pruner.last_decision
+    with torch.no_grad():
+        plain = FAMILIES[family]("eager")(**inputs, output_attentions=True, output_hidden_states=True)
+    embeds = plain.hidden_states[0]
+    stages = decision.stage_layers
+    assert stages == [1, 2, 3]  # after the authors' sparse layers 2/6/15 of 32, scaled to the 4-layer decoders
+    for b, (items, text) in enumerate(prompt_items(model, inputs, embeds)):
+        assert len(items) == (2 if b == 0 else 1) and text.numel()
+        rows = torch.nonzero(inputs["attention_mask"][b]).flatten()
+        attention = plain.attentions[stages[0] - 1][b][:, rows][:, :, rows]
+        hidden = plain.hidden_states[stages[0]][b, rows]
+        raters = [reference_raters(embeds[b].double().numpy(), item, text) for item in items]  # once per prompt
+        before = items
+        for s, (layer, count) in enumerate(zip(stages, ENGINE_COUNTS)):
+            if s:  # the pruned run's own tensors at the rows its layers ran on (fill slots left out)
+                if attn != "eager":
+                    break
+                rows = decision.positions_at(layer - 1)[b]
+                attention = pruned.attentions[layer - 1][b][:, rows >= 0][:, :, rows >= 0]
+                hidden = pruned.hidden_states[layer][b, rows >= 0]
+                rows = rows[rows >= 0]
+            kept = decision.kept[s][b]
+            sources, targets = decision.moved[s][b]
+            after = []
+            for item, its_raters in zip(before, raters):
+                expected, merged = reference_stage_at(attention, rows, item, its_raters, count, hidden)
+                mine = kept[torch.isin(kept, item)]
+                assert set(mine.tolist()) == expected, (s, b, int(item[0]))
+                assert len(expected) < item.numel()
+                for centre, members in merged.items():
+                    assert set(sources[targets == centre].tolist()) == members, (s, b, centre)
+                after.append(mine.sort().values)
+            assert kept.numel() == sum(item.numel() for item in after)
+            before = after
 
 
 def test_ties_go_to_the_lower_index():
