@@ -268,16 +268,48 @@ def test_the_authors_schedule(budget, counts):
         n = stage.keep
 
 
+def llava_of_576_tokens(layers=32):
+    """A tiny LLaVA-1.5 with LLaVA-1.5's 24 x 24 visual tokens and 32 decoder layers, and a prompt of one image."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from vtprune.tiny import IMAGE_TOKEN
+
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=168, patch_size=7),
+        text_config=LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                pad_token_id=0),
+        image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        attn_implementation="sdpa")
+    model = LlavaForConditionalGeneration(config).eval()
+    ids = torch.tensor([[5, 6, 7] + [IMAGE_TOKEN] * 576 + [8, 9, 10, 11]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 168, 168)}
+    return model, inputs
+
+
 def test_schedule_numbers_and_equivalent_budgets():
     method = SparseVLM(SparseVLM.Options())
     keeps = {b: [s.keep for s in method.stages(LLAVA_7B, b, 576)] for b in (192, 128, 64)}
     assert keeps == {192: [309, 204, 113], 128: [312, 117, 39], 64: [82, 32, 18]}
-    # vtprune's count: layers 0-2 run on 576, 3-6 on K1, 7-15 on K2, 16-31 on K3.
-    equivalent = {b: (3 * 576 + 4 * k[0] + 9 * k[1] + 16 * k[2]) / 32 for b, k in keeps.items()}
-    assert equivalent == {192: 206.5, 128: 145.40625, 64: 82.25}
-    # The authors' printed "equal token num" counts each sparse layer with its pruned count.
-    theirs = {b: (2 * 576 + 4 * k[0] + 9 * k[1] + 17 * k[2]) / 32 for b, k in keeps.items()}
-    assert [round(theirs[b], 1) for b in (192, 128, 64)] == [192.0, 128.6, 64.8]
+    # Through the engine on a 32-layer LLaVA of 576 visual tokens: layers 0-2 run on 576, 3-6 on K1, 7-15 on K2,
+    # 16-31 on K3, and the stats' equivalent budget is their mean (the module docstring's numbers).
+    import vtprune
+
+    model, inputs = llava_of_576_tokens()
+    documented = {192: 206.5, 128: 145.40625, 64: 82.25}
+    for budget, (k1, k2, k3) in keeps.items():
+        with torch.no_grad(), vtprune.apply(model, "sparsevlm", budget) as pruner:
+            model(**inputs)
+            stats = pruner.last_stats
+        assert stats.visual_tokens_per_layer == [[576] * 3 + [k1] * 4 + [k2] * 9 + [k3] * 16]
+        assert stats.equivalent_budget == documented[budget]
+        # The authors' printed "equal token num" counts each sparse layer (2, 6, 15) with its pruned count: the
+        # same layers' counts one layer earlier, within a token of their retained_tokens label.
+        layers = stats.visual_tokens_per_layer[0]
+        theirs = sum(layers[1:] + layers[-1:]) / len(layers)
+        assert round(theirs, 1) == {192: 192.0, 128: 128.6, 64: 64.8}[budget] and abs(theirs - budget) < 1
 
 
 def test_other_budgets_and_sizes():
