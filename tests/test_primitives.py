@@ -95,10 +95,26 @@ def test_split_budget_is_proportional_and_exact():
 
 
 def test_volume_lattice_of_one_frame_is_the_grid_lattice():
-    from vtprune.methods.primitives import grid_lattice, volume_lattice
+    """Lattices worked by hand from the documented rule: rows = round(sqrt(k x height / width)), cols = ceil(k / rows),
+    each axis at the centres of equal bins (n / m bins of an axis of n: floor((i + 0.5) n / m)), then k of the
+    rows x cols points at the bin centres of their raster order."""
+    from vtprune.methods.primitives import volume_lattice
 
-    for rows, cols, k in ((24, 24, 64), (5, 9, 7), (4, 4, 16)):
-        assert torch.equal(volume_lattice(1, rows, cols, k), grid_lattice(rows, cols, k))
+    def raster(rows, cols, width):
+        return [r * width + c for r in rows for c in cols]
+
+    # 24 x 24, 64: an 8 x 8 lattice at the centres of bins of 3: 1, 4, ..., 22; all 64 of its points
+    assert volume_lattice(1, 24, 24, 64).tolist() == raster(range(1, 24, 3), range(1, 24, 3), 24)
+    # 6 x 24, 36 (wide): 3 rows (bins of 2: 1, 3, 5) of 12 columns (bins of 2: 1, 3, ..., 23)
+    assert volume_lattice(1, 6, 24, 36).tolist() == raster([1, 3, 5], range(1, 24, 2), 24)
+    # 5 x 9, 7: round(sqrt(35 / 9)) = 2 rows (5 / 2: 1, 3) of ceil(7 / 2) = 4 columns (9 / 4: 1, 3, 5, 7); 7 of the
+    # 8 points at floor((i + 0.5) 8 / 7) = 0, 1, 2, 4, 5, 6, 7: the fourth (row 1, column 7) left out
+    assert volume_lattice(1, 5, 9, 7).tolist() == [10, 12, 14, 28, 30, 32, 34]
+    # every cell: the grid in order
+    assert volume_lattice(1, 4, 4, 16).tolist() == list(range(16))
+    # two frames of 4 x 4, 4 of 32 cells: round(2 x (4 / 32)^(1/3)) = 1 frame, the middle bin's (frame 1), with a
+    # 2 x 2 lattice (bins of 2: rows and columns 1, 3)
+    assert volume_lattice(2, 4, 4, 4).tolist() == [16 + cell for cell in raster([1, 3], [1, 3], 4)]
 
 
 def test_volume_lattice_is_k_distinct_cells_spread_over_frames():
