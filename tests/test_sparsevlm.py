@@ -460,8 +460,6 @@ def test_it_says_what_it_needs():
     assert not SparseVLM(SparseVLM.Options()).slices_kv_cache
 
 
-@pytest.mark.skipif(not {"item_reference", "text_reference"} <= set(ImageView.__dataclass_fields__),
-                    reason="the engine does not give ImageView.item_reference / text_reference yet")
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
 def test_through_the_engine_each_layer_runs_on_the_scheduled_tokens(family, monkeypatch):
     import vtprune
