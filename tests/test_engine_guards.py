@@ -349,6 +349,18 @@ def test_an_argument_renamed_in_a_release_is_caught_at_apply(model, module, rena
     assert getattr(model, "_vtprune_pruner", None) is None  # nothing left on the model
 
 
+def test_a_wrapper_that_hides_the_forwards_signature_is_not_taken_for_a_rename(model):
+    """A user's (or a library's) `def forward(*args, **kwargs)` says nothing of what it passes on: apply runs."""
+    layer = model.model.language_model.layers[0]
+    stock = layer.forward
+
+    def forward(*args, **kwargs):
+        return stock(*args, **kwargs)
+
+    layer.forward = forward
+    vtprune.apply(model, "fastv", 10).remove()
+
+
 @pytest.mark.parametrize("padding", [True, False])
 def test_static_caches_are_refused_at_the_first_forward(model, padding):
     from transformers import StaticCache

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import threading
 import types
 from collections.abc import Callable
@@ -206,6 +207,7 @@ class _LayerForward:
 
     def __init__(self, stack: _CompiledStack, index: int):
         self.stack, self.index, self.eager = stack, index, stack.eager[index]
+        self.__signature__ = inspect.signature(self.eager)  # what it takes: the layer's (apply checks it)
 
     def __call__(self, hidden_states, *args, **kwargs):
         stack = self.stack
