@@ -151,3 +151,33 @@ def test_method_options_of_the_wrong_type_are_refused_at_apply(model, method, op
 def test_method_options_of_numpy_types_are_accepted(model):
     vtprune.apply(model, "random", 8, seed=np.int64(3)).remove()
     vtprune.apply(model, "clse", 8, layers=(1, 2, 3), tau=np.float32(0.2)).remove()
+
+
+def test_a_removed_pruner_refuses_a_with_block_and_a_replay(model):
+    """Its hooks are off the model: a with block or a replay on it would run unpruned, without a word."""
+    from vtprune.tiny import SampleLayout, tiny_inputs
+
+    pruner = vtprune.apply(model, "random", 8)
+    model(**tiny_inputs(model, [SampleLayout()]))
+    decision = pruner.last_decision
+    pruner.remove()
+    with pytest.raises(RuntimeError, match="this pruner was removed.*call vtprune.apply"):
+        with pruner:
+            pass
+    with pytest.raises(RuntimeError, match="this pruner was removed.*call vtprune.apply"):
+        with pruner.replaying(decision):
+            pass
+    pruner.remove()  # (removing twice stays harmless)
+
+
+def test_a_pruners_with_block_ends_it_and_is_not_opened_twice(model):
+    pruner = vtprune.apply(model, "random", 8)
+    with pruner:
+        with pytest.raises(RuntimeError, match="with block is already open"):
+            with pruner:
+                pass
+        assert getattr(model, "_vtprune_pruner", None) is pruner  # the refused inner block removed nothing
+    assert getattr(model, "_vtprune_pruner", None) is None
+    with pytest.raises(RuntimeError, match="this pruner was removed"):
+        with pruner:
+            pass

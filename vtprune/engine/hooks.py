@@ -111,6 +111,8 @@ class Pruner:
         self._uncached: Prompt | None = None  # the last prompt generate decided without a cache, which it re-feeds
         self._num_layers = adapter.model_info.num_layers
         self._owner = _Owner()  # marks the caches this pruner's prompts filled (see _RUN)
+        self.removed = False  # remove() ran: the hooks are off and the model runs unpruned
+        self._in_with = False  # a with block is open on this pruner (its end removes the pruner)
         # One forward at a time: its state lives here (threads, or DataParallel's replicas, would share it).
         self._busy, self._busy_thread = threading.Lock(), None
         self._cache_keyword = kv.cache_keyword(adapter.language_model)
@@ -161,6 +163,13 @@ class Pruner:
         self._vision_states.clear()
         if getattr(self.model, "_vtprune_pruner", None) is self:
             del self.model._vtprune_pruner
+        self.removed = True
+
+    def _check_not_removed(self) -> None:
+        """A removed pruner has no hooks on the model: a with block or a replay on it would run unpruned."""
+        if self.removed:
+            raise RuntimeError("this pruner was removed (its remove() ran, or its with block ended), so the model "
+                               "runs unpruned; call vtprune.apply(model, ...) again for a new pruner")
 
     def __deepcopy__(self, memo):
         # The decoder layers' hooks would still reach this pruner from the copy.
@@ -168,9 +177,16 @@ class Pruner:
                         "pruner.remove()), then apply a pruner to each copy")
 
     def __enter__(self) -> "Pruner":
+        self._check_not_removed()
+        if self._in_with:
+            # the inner block's end would remove the pruner, and the rest of the outer block run unpruned
+            raise RuntimeError("this pruner's with block is already open, and leaving a with block removes the "
+                               "pruner: open one with block per pruner")
+        self._in_with = True
         return self
 
     def __exit__(self, *exc) -> None:
+        self._in_with = False
         self.remove()
 
     @contextlib.contextmanager
@@ -183,6 +199,7 @@ class Pruner:
         The vision tower runs as the model's own meanwhile (no q/k read for scoring, no merges inside it; a
         merging method's states come from the decision), so a replay costs the method's schedule without its work.
         """
+        self._check_not_removed()
         outer = self._replay  # (a replay inside another one gives it back when it ends)
         self._replay = decision
         if self._recorder is not None:
