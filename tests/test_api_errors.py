@@ -141,6 +141,10 @@ def test_budgets_that_are_not_one_number(model, budget):
         ("clse", {"keep": (0, 0, 0)}, "keep counts must each be >= 1"),
         ("clse", {"tau": float("inf")}, "finite tau > 0"),
         ("clasp", {"question_class": "ocr", "progressive": True, "multipliers": (2.0, -1.0, 1.0)}, "must be > 0"),
+        ("clasp", {"question_class": "ocr", "calibration": 5}, "'calibration' must be a str or a path or a dict"),
+        ("clasp", {"question_class": "ocr", "router": "ocr"}, "'router' must be a callable"),
+        ("clasp", {"tokenizer": "notatokenizer"}, "a str has no decode: pass tokenizer=processor.tokenizer"),
+        ("sparsevlm", {"counts": (10, 20, 30)}, "counts must not grow from stage to stage"),
     ],
 )
 def test_method_options_of_the_wrong_type_are_refused_at_apply(model, method, options, message):

@@ -193,6 +193,19 @@ def test_clasp_asks_for_a_way_to_route():
     vtprune.apply(tiny_llava(), "clasp", 16, question_class="ocr", calibration={"classes": thirds_by_hand}).remove()
 
 
+def test_options_of_the_types_clasp_declares_are_accepted(table):
+    """The option checks that name a wrong type (a number for the table, a string for the tokenizer or the
+    router) let through what the options declare: a table's pathlib.Path, a real tokenizer, any callable."""
+    from vtprune.tiny_processors import tiny_processor
+
+    model = tiny_llava()
+    tokenizer = tiny_processor(model).tokenizer
+    vtprune.apply(model, "clasp", 16, question_class="ocr", calibration=table).remove()
+    with vtprune.apply(model, "clasp", 16, tokenizer=tokenizer, router=lambda text: "count") as pruner:
+        model(**tiny_inputs(model, [SampleLayout()]))
+        assert pruner.last_stats.kept_per_sample == [16]
+
+
 def test_fusion_on_a_model_without_it_is_refused(table):
     from vtprune.tiny import tiny_qwen2_vl
 

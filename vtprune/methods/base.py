@@ -8,8 +8,10 @@ It never touches the model.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import numbers
+import os
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -399,8 +401,8 @@ class VisionMethod(Method):
 
 
 def _has_type(value: Any, hint: Any) -> bool:
-    """Whether value fits an Options annotation (int, float, bool, str, tuple[X, ...], unions); other
-    annotations (a tokenizer, a callable, a table) are the method's to check."""
+    """Whether value fits an Options annotation (int, float, bool, str, a path, a dict, a callable,
+    tuple[X, ...], unions); others (Any: a tokenizer) are the method's to check."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_has_type(value, member) for member in typing.get_args(hint))
@@ -414,6 +416,12 @@ def _has_type(value: Any, hint: Any) -> bool:
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
+    if hint is Path:
+        return isinstance(value, os.PathLike)
+    if hint is dict:
+        return isinstance(value, dict)
+    if origin is collections.abc.Callable:
+        return callable(value)
     if origin is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
         return isinstance(value, tuple) and all(_has_type(item, typing.get_args(hint)[0]) for item in value)
     return True
@@ -424,8 +432,10 @@ def _spell(hint: Any) -> str:
         return " or ".join(_spell(member) for member in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         return f"a tuple of {_spell(typing.get_args(hint)[0])}"
-    return {type(None): "None", bool: "True or False", int: "an int", float: "a number", str: "a str"}.get(
-        hint, getattr(hint, "__name__", str(hint)))
+    if typing.get_origin(hint) is collections.abc.Callable:
+        return "a callable"
+    return {type(None): "None", bool: "True or False", int: "an int", float: "a number", str: "a str",
+            Path: "a path", dict: "a dict"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 @dataclass

@@ -137,6 +137,9 @@ class CLASP(Method):
                 "clasp routes on the instruction's text: pass tokenizer=processor.tokenizer "
                 "(with router=callable to route it your way), or question_class=..."
             )
+        if options.tokenizer is not None and not callable(getattr(options.tokenizer, "decode", None)):
+            raise TypeError(f"clasp's tokenizer decodes each prompt for the router, and a "
+                            f"{type(options.tokenizer).__name__} has no decode: pass tokenizer=processor.tokenizer")
         if options.router is not None and options.tokenizer is None and options.question_class is None:
             raise ValueError("clasp's router reads the instruction's text, which needs the tokenizer to decode it: "
                              "pass tokenizer=processor.tokenizer with router=...")

@@ -285,6 +285,11 @@ class SparseVLM(Method):
                              f"counts={options.counts}")
         if options.counts is not None and any(c < 1 for c in options.counts):
             raise ValueError(f"sparsevlm counts must be >= 1; got {options.counts}")
+        if options.counts is not None and list(options.counts) != sorted(options.counts, reverse=True):
+            # a stage ranks the tokens the one before left (its count plus clusters) and keeps at most all but one:
+            # a larger count later would be cut to that, silently (the authors' schedules all shrink)
+            raise ValueError(f"sparsevlm counts must not grow from stage to stage (each stage keeps the top count of "
+                             f"the tokens the stage before left); got {options.counts}")
         if not 0 <= options.recycle_ratio < 1 or options.cluster_divisor < 2:
             # (fewer recycled tokens than dropped ones, fewer clusters than recycled tokens)
             raise ValueError("sparsevlm needs 0 <= recycle_ratio < 1 and cluster_divisor >= 2")
