@@ -122,7 +122,7 @@ def requests(doc_ids, settings):
 def plugin(checkpoint, **model_args):
     from vtprune.integrations.lmms_eval import Vtprune
 
-    model = Vtprune(pretrained=str(checkpoint), device="cpu", **model_args)
+    model = Vtprune(pretrained=str(checkpoint), **{"device": "cpu", **model_args})
     model.task_dict = {"docs": {"test": DOCS}}
     return model
 
@@ -171,6 +171,19 @@ def test_method_options_take_vtprune_evals_spelling(checkpoint):
     ({"batch_size": "auto"}, "fixed --batch_size"),
     ({"revision": "main"}, "unknown model_args revision: vtprune's lmms-eval model takes pretrained"),
     ({"dtype": "bf16"}, "dtype=bf16 is not one of auto, bfloat16"),
+    # lmms-eval's parser hands 0 over as 0, -3 as -3.0 and abc as 'abc'; --batch_size as typed
+    ({"batch_size": "0"}, "batch_size=0 must be a whole number >= 1 .*fixed --batch_size N"),
+    ({"batch_size": "-2"}, "batch_size=-2 must be a whole number >= 1"),
+    ({"max_frames": 0}, "max_frames=0 must be a whole number >= 1 .frames sampled"),
+    ({"max_frames": -3.0}, "max_frames=-3.0 must be a whole number >= 1"),
+    ({"max_frames": 2.5}, "max_frames=2.5 must be a whole number >= 1"),
+    ({"max_new_tokens": 0}, "max_new_tokens=0 must be a whole number >= 1 .*leave it out for each task's own"),
+    ({"max_new_tokens": -5.0}, "max_new_tokens=-5.0 must be a whole number >= 1"),
+    ({"max_new_tokens": "abc"}, "max_new_tokens=abc must be a whole number >= 1"),
+    ({"max_new_tokens": True}, "max_new_tokens=True must be a whole number >= 1"),
+    ({"chat_template": "/nonexistent.jinja"}, "chat_template=/nonexistent.jinja cannot be read .*Jinja chat template"),
+    ({"device": "bogus"}, "device=bogus is not a device torch knows: give cpu, cuda"),
+    ({"device": "cuda:4096"}, "device=cuda:4096: this machine has .* CUDA device.*or device=cpu"),
 ])
 def test_bad_model_args_fail_clearly(checkpoint, model_args, error):
     with pytest.raises(ValueError, match=error):
@@ -238,6 +251,14 @@ def test_clean_frees_a_pruned_model(checkpoint):
 def test_loglikelihood_tasks_are_refused_clearly(checkpoint):
     with pytest.raises(NotImplementedError, match="log-likelihood"):
         plugin(checkpoint).loglikelihood([])
+
+
+def test_counts_come_as_lmms_eval_parses_them(checkpoint):
+    """model_args "max_new_tokens=4,max_frames=2.0" arrive as 4 and 2.0, --batch_size 2 as "2": each is read as
+    the whole number it spells."""
+    model = plugin(checkpoint, batch_size="2", max_new_tokens=4, max_frames=2.0)
+    assert (model.batch_size, model.max_new_tokens, model.max_frames) == (2, 4, 2)
+    assert model.max_new_tokens_for({"max_new_tokens": 9}) == 4
 
 
 def test_a_tasks_video_file_is_answered_from_its_frames(tmp_path):

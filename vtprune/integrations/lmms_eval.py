@@ -20,6 +20,7 @@ run: a task scored by log-likelihood stops with NotImplementedError.
 from __future__ import annotations
 
 import inspect
+import numbers
 import typing
 from pathlib import Path
 
@@ -51,16 +52,21 @@ class Vtprune(lmms):
                  dtype: str = "auto", attn_implementation: str = "sdpa", chat_template: str | None = None,
                  max_frames: int | None = None, max_batch_size=None, **method_options) -> None:
         super().__init__()
+        # (checked before the checkpoint loads, which takes minutes on a real one)
         self.batch_size = fixed_batch_size(batch_size)
-        self.max_new_tokens = max_new_tokens
-        self.chat_template = Path(chat_template).read_text() if chat_template else None
+        self.max_new_tokens = None if max_new_tokens is None else \
+            count_arg("max_new_tokens", max_new_tokens, "tokens generated per answer; leave it out for each task's own")
+        frames = None if max_frames is None else \
+            count_arg("max_frames", max_frames, "frames sampled from a video file; leave it out for the default")
+        self.chat_template = read_chat_template(chat_template) if chat_template else None
+        device = checked_device(device)
+        dtype = torch_dtype(dtype)
         # the evaluator shards requests over accelerate's processes; each process takes its own device
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-        model, self.processor = load_checkpoint(pretrained, dtype=torch_dtype(dtype),
-                                                attn_implementation=attn_implementation)
+        model, self.processor = load_checkpoint(pretrained, dtype=dtype, attn_implementation=attn_implementation)
         self.model = model.to(device or self.accelerator.device)
-        self.max_frames = int(max_frames) if max_frames else default_frames(self.model)
+        self.max_frames = frames or default_frames(self.model)
         self.pruner = apply_method(self.model, self.processor, pretrained, method, budget, method_options)
 
     def clean(self):
@@ -119,7 +125,7 @@ class Vtprune(lmms):
 
     def max_new_tokens_for(self, settings: dict) -> int:
         if self.max_new_tokens is not None:
-            return int(self.max_new_tokens)
+            return self.max_new_tokens
         default = DEFAULT_MAX_NEW_TOKENS.get(self.model.config.model_type, 1024)
         return int(settings.get("max_new_tokens", default))
 
@@ -173,10 +179,47 @@ def typed_options(method: str, options: dict) -> dict:
 
 
 def fixed_batch_size(batch_size) -> int:
+    return count_arg("batch_size", batch_size, "vtprune's lmms-eval model takes a fixed --batch_size N")
+
+
+def count_arg(key: str, value, meaning: str) -> int:
+    """A model_arg that counts something, as lmms-eval hands it over (its parser makes 8 an int, -3 a float -3.0
+    and abc a str; --batch_size comes as typed): a whole number >= 1, else a ValueError naming the key."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    whole = isinstance(number, numbers.Real) and not isinstance(number, bool) and float(number).is_integer()
+    if not whole or number < 1:
+        raise ValueError(f"{key}={value} must be a whole number >= 1 ({meaning})")
+    return int(number)
+
+
+def read_chat_template(path: str) -> str:
     try:
-        return int(batch_size)
-    except ValueError:
-        raise ValueError(f"vtprune's lmms-eval model takes a fixed --batch_size N; got {batch_size!r}") from None
+        return Path(path).read_text()
+    except OSError as error:
+        raise ValueError(f"chat_template={path} cannot be read ({error.strerror or error}): give the path of a "
+                         "Jinja chat template file, or leave it out for the checkpoint's own") from None
+
+
+def checked_device(device: str | None) -> torch.device | None:
+    """The device model_args or --device name (None: accelerate's for each process), refused where torch does not
+    know it or this machine lacks it."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device} is not a device torch knows: give cpu, cuda, cuda:N or mps, or leave "
+                         "it out for accelerate's (each process its own)") from None
+    count = torch.cuda.device_count() if parsed.type == "cuda" and torch.cuda.is_available() else 0
+    if parsed.type == "cuda" and (parsed.index or 0) >= count:
+        raise ValueError(f"device={device}: this machine has {count} CUDA device(s); give cuda:N with N below "
+                         f"{count}, or device=cpu")
+    return parsed
 
 
 def torch_dtype(name: str):
