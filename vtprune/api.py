@@ -18,6 +18,11 @@ def apply(model, method: str, budget: int | float, **options: Any) -> Pruner:
     token count keeps it whole, a documented no-op), or a float in (0, 1], the fraction
     kept. options: the method's own (see `vtprune.methods()`). Returns a handle whose
     `remove()` (or leaving its `with` block) restores the model exactly.
+
+    A method's schedule reads the budget its own way (SparseVLM's is the authors' average label, not
+    the final count), and options that fix each stage's count (clse's keep, for images; sparsevlm's
+    counts; pdrop's ratios) leave it only deciding which items stay whole: `last_stats` counts what
+    was kept, and its nominal_budget is the budget as given.
     """
     method_cls = get_method(method)
     budget = check_budget(budget)
