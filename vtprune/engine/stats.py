@@ -12,7 +12,7 @@ class PruneStats:
     visual_tokens_per_layer: list[list[int]]  # [sample][decoder layer]: visual tokens entering that layer
     images_per_sample: list[int]
     visual_tokens_per_sample: list[int]  # before pruning
-    nominal_budget: int | float  # as given to apply(): tokens kept per image, or the fraction kept
+    nominal_budget: int | float  # as given to apply() (options that fix each stage's count, e.g. clse's keep, override it)
 
     def sample_equivalent_budget(self, sample: int) -> float | None:
         """One sample's visual tokens per image, averaged over decoder layers (None without images)."""
