@@ -245,3 +245,32 @@ def test_score_names_the_line_of_a_malformed_predictions_file(tmp_path, capsys):
     with pytest.raises(SystemExit):  # refused before the file is read
         cli.main(["score", "--task", "popee", "--predictions", str(tmp_path / "absent.jsonl")])
     assert re.search(r"unknown task 'popee'; valid: .*pope", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("spec", ["clse:keep=30/20/10", "sparsevlm:counts=30/20/10", "pdrop:ratios=0.5/0.25/0.125"])
+def test_a_method_whose_options_fix_its_counts_runs_at_one_budget(spec):
+    """Such options keep the same tokens at every budget (checked here), which eval listed as a flat curve of
+    identical configs named by different budgets: it runs at the first, the others are listed as not run (a
+    fraction of 1.0 keeps every image whole: it still runs)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import vtprune
+    from vtprune.cli_args import method_spec
+    from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
+
+    model = tiny_llava()
+    parsed = method_spec(spec)
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    kept = []
+    for budget in (32, 16):
+        with torch.no_grad(), vtprune.apply(model, parsed.method, budget, **parsed.options) as pruner:
+            model(**inputs)
+            kept.append(pruner.last_decision.kept)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(*kept))  # the premise: the budget changes nothing
+    configs, refused = cli.runnable_configs(model, [parsed], [32, 16, 1.0], {}, SimpleNamespace(main=True))
+    assert [c.name for c in configs] == ["unpruned", f"{spec}@32", f"{spec}@1.0"]
+    assert list(refused) == [f"{spec}@16"] and f"so it keeps what {spec}@32 keeps" in refused[f"{spec}@16"]
+    _, refused = cli.runnable_configs(model, [method_spec("clse")], [32, 16], {}, SimpleNamespace(main=True))
+    assert not refused  # the budget sets the counts

@@ -267,7 +267,7 @@ def runnable_configs(model, specs, budgets, needed: dict, shard, videos: bool = 
 
     Bad options fail here, before the first sample; a config whose method refuses the model at that
     budget (ToMe's blocks cannot reach 64 on a 3-layer tower), or the samples' `videos`, is reported instead of
-    stopping the run.
+    stopping the run, as is one whose options fix each stage's count (clse:keep=...) at all but its first budget.
     """
     from vtprune.api import refusal
     from vtprune.eval import Config
@@ -275,10 +275,18 @@ def runnable_configs(model, specs, budgets, needed: dict, shard, videos: bool = 
 
     configs = [Config(spec.method, b, {**needed.get(spec.method, {}), **spec.options}, spec.label)
                for spec in specs for b in budgets]
+    refused, ran = {}, {}  # ran: each label's first config that runs
     for config in configs:
-        get_method(config.method).parse_options(config.options)
-    refused = {c.name: reason for c in configs
-               if (reason := refusal(model, c.method, c.budget, videos=videos, **c.options)) is not None}
+        method = get_method(config.method)
+        fixed = method.fixed_counts(method.parse_options(config.options), "video" if videos else "image")
+        whole = isinstance(config.budget, float) and config.budget == 1.0  # keeps every image whole
+        if fixed and config.label in ran and not whole:  # the same tokens again: one row, not a flat curve of copies
+            refused[config.name] = f"its {fixed}= fixes each stage's count, so it keeps what {ran[config.label]} " \
+                                   "keeps (a budget then only keeps whole the images it covers); give it one budget"
+        elif (reason := refusal(model, config.method, config.budget, videos=videos, **config.options)) is not None:
+            refused[config.name] = reason
+        elif not whole:
+            ran.setdefault(config.label, config.name)
     for name, reason in refused.items() if shard.main else ():
         console.print(f"[yellow]not run: {name}: {reason}[/yellow]")
     return [Config("unpruned")] + [c for c in configs if c.name not in refused], refused

@@ -307,6 +307,13 @@ class Method(ABC):
         """Why the method cannot prune visual items of this kind ("image", "video"), or None where it can."""
         return None
 
+    @classmethod
+    def fixed_counts(cls, options, kind: str) -> str | None:
+        """The option that fixes each stage's token count for items of this kind ("image", "video") whatever the
+        budget (which then only decides which items stay whole: those it covers), or None where the budget sets
+        them."""
+        return None
+
     def vision_fusion(self, text_ids: torch.Tensor) -> dict[int, float] | None:
         """Weights per vision hidden-state index for a sample's images; None keeps the model's own layer."""
         return None

@@ -147,6 +147,10 @@ class CLSE(Method):
         slice_kv: bool | None = None
 
     @classmethod
+    def fixed_counts(cls, options: "CLSE.Options", kind: str) -> str | None:
+        return "keep" if options.keep is not None and kind == "image" else None  # a video's follow the budget
+
+    @classmethod
     def validate(cls, options: "CLSE.Options") -> None:
         if options.score not in SCORES:
             raise ValueError(f"clse score must be one of {', '.join(SCORES)}; got {options.score!r}")

@@ -96,6 +96,10 @@ class PDrop(Method):
         ratios: tuple[float, ...] | None = None
 
     @classmethod
+    def fixed_counts(cls, options: "PDrop.Options", kind: str) -> str | None:
+        return None if options.ratios is None else "ratios"
+
+    @classmethod
     def validate(cls, options: "PDrop.Options") -> None:
         if options.layers is not None and (not options.layers or min(options.layers) < 1):
             raise ValueError(f"pdrop needs stage layers >= 1 (each scores with its own attention); got {options.layers}")

@@ -279,6 +279,10 @@ class SparseVLM(Method):
         cluster_divisor: int = 10  # clusters = int(recycled / divisor) + 1
 
     @classmethod
+    def fixed_counts(cls, options: "SparseVLM.Options", kind: str) -> str | None:
+        return None if options.counts is None else "counts"
+
+    @classmethod
     def validate(cls, options: "SparseVLM.Options") -> None:
         if options.layers is not None and options.counts is not None and len(options.layers) != len(options.counts):
             raise ValueError(f"sparsevlm needs one count per stage layer; got layers={options.layers} "
