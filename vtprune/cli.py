@@ -415,6 +415,7 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for multimodal LLMs")
+    parser.add_argument("--version", action="version", version=f"vtprune {vtprune_version}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("methods", help="list the registered methods").set_defaults(run=cmd_methods)
     demo = commands.add_parser("demo", help="pruned generation with every method on a tiny random model")
