@@ -592,6 +592,60 @@ def test_unreadable_image_bytes(tmp_path):
     raises(re.escape("pope.parquet row 3: field 'image' is not a readable image"), load_benchmark, "pope", tmp_path)
 
 
+def cut_in_half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def noisy(fmt: str, mode: str) -> bytes:
+    """An image whose pixels fill many bytes, so that half of its file is a header and part of its pixels."""
+    buf = io.BytesIO()
+    Image.effect_noise((64, 48), 64).convert(mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, mode", [("PNG", "RGB"), ("JPEG", "RGB"), ("PNG", "L")])
+def test_truncated_image_bytes_stop_the_load_naming_the_row(tmp_path, fmt, mode):
+    # Image.open reads only the header: a file cut short passed the loader and stopped the run later in the
+    # processor with a bare "image file is truncated", naming neither file nor row (a grey one, converted to RGB
+    # at load, stopped the load with that bare OSError)
+    rows = pope_rows()
+    rows[2]["image"] = {"bytes": cut_in_half(noisy(fmt, mode)), "path": None}
+    write_parquet(tmp_path / "pope.parquet", rows)
+    msg = raises(re.escape("pope.parquet row 2: field 'image' is not a readable image (image file is truncated"),
+                 load_benchmark, "pope", tmp_path)
+    assert msg.endswith("; replace the image with a valid JPEG/PNG")
+
+
+def ocrbench_with_image_path(root, image_path):
+    entries = [{"dataset_name": "IIIT5K", "id": 0, "image_path": image_path, "question": "what is written?",
+                "answers": ["CENTRE"], "type": "Regular Text Recognition"}]
+    (root / "OCRBench").mkdir()
+    (root / "OCRBench" / "OCRBench.json").write_text(json.dumps(entries))
+    (root / "OCRBench_Images").mkdir()
+
+
+def test_truncated_image_file_is_named_by_its_path(tmp_path):
+    ocrbench_with_image_path(tmp_path, "IIIT5K/1.jpg")
+    image = tmp_path / "OCRBench_Images" / "IIIT5K" / "1.jpg"
+    image.parent.mkdir()
+    image.write_bytes(cut_in_half(noisy("JPEG", "RGB")))
+    msg = raises(re.escape(f"OCRBench/OCRBench.json entry 0: field 'image_path' names {image.resolve()}, which is "
+                           "not a readable image (image file is truncated"), load_benchmark, "ocrbench", tmp_path)
+    assert "replace the image with a valid JPEG/PNG" in msg
+
+
+@pytest.mark.parametrize("image_path", ["../OCRBench/OCRBench.json", "ABSOLUTE"])
+def test_image_path_leading_elsewhere_names_the_file_read(tmp_path, image_path):
+    # a path like ../x or /x reads a file outside the image folder: the error names the file actually read
+    outside = tmp_path / "notes.txt"
+    outside.write_text("not an image")
+    ocrbench_with_image_path(tmp_path, str(outside) if image_path == "ABSOLUTE" else image_path)
+    read = outside if image_path == "ABSOLUTE" else tmp_path / "OCRBench" / "OCRBench.json"
+    raises(re.escape(f"field 'image_path' names {read.resolve()}, which is not a readable image (not an image "
+                     "file); replace the image with a valid JPEG/PNG, or correct the path"),
+           load_benchmark, "ocrbench", tmp_path)
+
+
 def test_missing_image_column(tmp_path):
     rows = [{k: v for k, v in r.items() if k != "image"} for r in pope_rows()]
     write_parquet(tmp_path / "pope.parquet", rows)

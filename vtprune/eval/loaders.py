@@ -126,8 +126,9 @@ def load_benchmark(task: str, path: str | Path, limit: int | None = None) -> lis
 
     `limit` keeps the first `limit` samples, and every other sample of the scoring units they belong to, since
     the score needs them whole: MME rounds up to finish the last image's question pair, MMBench adds every
-    rotation of each question kept. Images are opened lazily: RGB ones are decoded when first read, others are
-    converted to RGB now, as lmms-eval's doc_to_visual does.
+    rotation of each question kept. Every image is decoded once now, so that one cut short or corrupt is an error
+    naming its row before any answer; RGB ones are then kept undecoded until first read (a benchmark's pixels can
+    run to tens of GB), others are converted to RGB now, as lmms-eval's doc_to_visual does.
     """
     spec = _task_spec(task)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
