@@ -2,6 +2,7 @@
 scoring rules on the same answers where they differ."""
 
 import math
+import re
 
 import pytest
 
@@ -342,6 +343,19 @@ def test_pope_rows_without_a_category_beside_categorised_ones_are_refused():
     assert uncategorised["f1"] == uncategorised["all/f1"] == 1.0
 
 
+def test_a_pope_category_that_is_no_split_is_refused_as_the_loader_refuses_it():
+    # a typo was scored as a split of its own ("randm/f1"), and under the llava rule averaged into the headline
+    refs = [{"answer": "yes", "category": "random"}, {"answer": "no", "category": "randm"}]
+    with pytest.raises(BadReference, match=re.escape("reference 1 field 'category' is 'randm', not a POPE split; "
+                                                     "expected adversarial, popular, random, or no category")):
+        score("pope", ["yes", "no"], refs)
+    with pytest.raises(BadReference, match=re.escape("is 'existence', not a POPE split (an MME subtask")):
+        score("pope", ["yes"], [{"answer": "yes", "category": "existence"}])
+    # a blank category is none, as the loader reads it (pandas writes a blank cell as "nan")
+    assert score("pope", ["yes", "no"], [{"answer": "yes", "category": ""}, {"answer": "no", "category": "nan"}]
+                 )["all/n"] == 2.0
+
+
 @pytest.mark.parametrize("answers", ["  ", [""], ["12", " "]])
 def test_ocrbench_refuses_a_blank_answer(answers):
     # the official substring rule would give every prediction the point
@@ -397,7 +411,7 @@ OCR = {"dataset": "IIIT5K", "question_type": "Regular Text Recognition"}
      r"category \['existence'\] is not an MME subtask"),
     ("mme", "yes", {"question_id": "existence/1.png", "category": [], "answer": "Yes"}, r"category \[\] is not"),
     ("mme", "yes", {"question_id": 1, "category": "existence", "answer": "Yes"}, "field 'question_id' is int 1"),
-    ("pope", "yes", {"answer": "yes", "category": 5}, "field 'category' is 5, expected the split's name"),
+    ("pope", "yes", {"answer": "yes", "category": 5}, "field 'category' is 5, not a POPE split"),
     ("videomme", "A", {"answer": "A", "duration": "short", "videoID": ["v"]}, "field 'videoID' is list"),
 ])
 def test_a_reference_field_of_the_wrong_type_is_refused(task, pred, ref, message):

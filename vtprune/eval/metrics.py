@@ -62,7 +62,7 @@ __all__ = [
     "normalize_vqa_answer", "vqa_soft_accuracy", "normalize_gqa_answer",
     "parse_pope_answer", "parse_mme_answer", "extract_mmbench_option", "extract_mcq_answer",
     "parse_scienceqa_option", "ocrbench_match",
-    "MME_SUBTASKS", "OCRBENCH_CATEGORIES",
+    "MME_SUBTASKS", "OCRBENCH_CATEGORIES", "POPE_SPLITS",
 ]
 
 LMMS_EVAL = "lmms-eval"
@@ -263,6 +263,8 @@ def _gqa_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, float
 # ---------------------------------------------------------------------------------------------------------
 # POPE
 
+POPE_SPLITS = ("adversarial", "popular", "random")  # POPE's three files, coco_pope_<split>.json
+
 
 def parse_pope_answer(text: str, scoring: str = LMMS_EVAL) -> str:
     """Map a POPE answer to "yes", "no" or (lmms-eval only) "other".
@@ -336,10 +338,7 @@ def _pope_samples(preds: list[str], references: list[Mapping], scoring: str, tas
         g = str(gold).lower().strip()
         if g not in ("yes", "no"):
             raise BadReference("pope", i, f"answer is {gold!r}, expected 'yes' or 'no'")
-        split = r.get("category")
-        if split is not None and not isinstance(split, str):
-            raise BadReference("pope", i, f"field 'category' is {split!r}, expected the split's name")
-        splits.append(split or "all")
+        splits.append(_pope_split(r, i))
         parsed.append(parse_pope_answer(p, scoring))
         golds.append(g)
     named = [split for split in splits if split != "all"]
@@ -347,6 +346,19 @@ def _pope_samples(preds: list[str], references: list[Mapping], scoring: str, tas
         raise BadReference("pope", splits.index("all"), f"has no category while others have one "
                                                         f"({named[0]!r}); give every row its category, or none")
     return {"split": splits, "parsed": parsed, "gold": golds}
+
+
+def _pope_split(ref: Mapping, i: int) -> str:
+    """Row i's split, "all" where it has none; a name that is no split (a typo, "randm") would silently be scored
+    as a split of its own, so it is refused, as the loader refuses it."""
+    split = ref.get("category")
+    if _missing(split):
+        return "all"
+    if split not in POPE_SPLITS:
+        mme = " (an MME subtask: these rows are MME's)" if any(split in kind for kind in MME_SUBTASKS.values()) else ""
+        raise BadReference("pope", i, f"field 'category' is {split!r}, not a POPE split{mme}; expected "
+                                      f"{', '.join(POPE_SPLITS)}, or no category")
+    return split
 
 
 def _pope_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .fields import Doc, _display, _text, _Where, first_non_utf8
 from .images import _ImageFile
-from .metrics import MME_SUBTASKS
+from .metrics import MME_SUBTASKS, POPE_SPLITS
 
 
 def _first_file(root: Path, names: Iterable[str], subdirs: Iterable[str] = ("",)) -> Path | None:
@@ -113,11 +113,9 @@ def _renamed(obj: dict, where: _Where, names: dict[str, str]) -> tuple[Doc, _Whe
     return doc, replace(where, renamed=tuple((v, k) for k, v in names.items()))
 
 
-_POPE_SPLITS = ("adversarial", "popular", "random")
-
 
 def _read_pope(root: Path):
-    found = {s: _first_file(root, [f"coco_pope_{s}.json"], ("", "coco")) for s in _POPE_SPLITS}
+    found = {s: _first_file(root, [f"coco_pope_{s}.json"], ("", "coco")) for s in POPE_SPLITS}
     files = [f for f in found.values() if f]
     if not files:
         return None
