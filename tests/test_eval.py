@@ -1,6 +1,9 @@
 """The evaluation harness: resumable per-sample records, clear errors, consistent summaries."""
 
 import json
+import re
+import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -92,6 +95,67 @@ def test_a_malformed_results_file_names_the_line(tmp_path, line, message):
     path.write_text(json.dumps(whole) + "\n" + line)
     with pytest.raises(MalformedResults, match=rf"results.jsonl:2: .*{message}"):
         ResultsFile(path).read()
+
+
+def answered_by_its_answer(samples):
+    """The synthetic task with every answer right and no model: what the runner makes of its records."""
+    return replace(synthetic_task(None, None, samples, prompt), answer=lambda chunk: [s.answer for s in chunk])
+
+
+RUN = [Config("unpruned"), Config("random", 64)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finished")
+    evaluate(None, answered_by_its_answer(generate(5, 2)), RUN[:1], folder, SETTINGS)
+    return folder
+
+
+def edit_first_line(folder, edit):
+    path = folder / "results.jsonl"
+    first, rest = path.read_text().split("\n", 1)
+    record = json.loads(first)
+    edit(record)
+    path.write_text("\n" + json.dumps(record) + "\n" + rest)  # a blank line first: the line number counts it
+
+
+@pytest.mark.parametrize("edit, problem", [
+    # a missing field stopped the report with a bare KeyError
+    (lambda r: r.pop("qclass"), "the record has no 'qclass'"),
+    (lambda r: r.pop("method"), "the record has no 'method'"),
+    # an index beyond the run's samples, or a copy of a record under another index, was silently scored
+    (lambda r: r.update(index=7), "index 7 is not one of this run's samples (0 to 1)"),
+    (lambda r: r.update(index="0"), "index '0' is not one of this run's samples (0 to 1)"),
+    (lambda r: r.update(index=1), "field 'qclass' is 'ocr' where this run has 'count' (sample 1)"),
+    (lambda r: r.update(correct=False), "field 'correct' is False where this run has True (sample 0)"),
+    (lambda r: r.update(prediction=None), "prediction None is not a string"),
+    (lambda r: r.update(config=["unpruned"]), "config ['unpruned'] is not a config's name"),
+    (lambda r: r.update(budget=32), "field 'budget' is 32 where this run has None (sample 0)"),
+    (lambda r: r.update(equivalent_budget="64"), "equivalent_budget '64' is not a number"),
+])
+def test_a_record_the_run_would_not_have_written_is_named_on_resume(finished_run, tmp_path, edit, problem):
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
+    edit_first_line(tmp_path, edit)
+    message = re.escape(f"{tmp_path / 'results.jsonl'}:2: {problem}; delete that line (a resume computes its sample "
+                        "again), or start a new run with another --out")
+    with pytest.raises(MalformedResults, match=message):
+        evaluate(None, answered_by_its_answer(generate(5, 2)), RUN[:1], tmp_path, SETTINGS)
+
+
+def test_a_record_of_a_config_this_run_leaves_out_is_checked_against_the_samples(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
+    with open(tmp_path / "results.jsonl", "a") as f:  # an earlier run of this folder had random@64 too
+        f.write(json.dumps({"config": "random@64", "method": "random", "budget": 64, "index": 2, "qclass": "ocr",
+                            "answer": "jar", "prediction": "jar", "correct": True, "equivalent_budget": 64.0}) + "\n")
+    with pytest.raises(MalformedResults, match="results.jsonl:3: index 2 is not one of this run's samples"):
+        evaluate(None, answered_by_its_answer(generate(5, 2)), RUN[:1], tmp_path, SETTINGS)
+
+
+def test_the_records_of_a_finished_run_pass_the_check(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
+    records = evaluate(None, answered_by_its_answer(generate(5, 2)), RUN[:1], tmp_path, SETTINGS)
+    assert [(r["index"], r["correct"]) for r in records] == [(0, True), (1, True)]
 
 
 def test_other_settings_in_the_same_folder_are_refused(tiny_reference, tmp_path):

@@ -82,7 +82,7 @@ def evaluate(model, task: Task, configs: list[Config], out: Path, settings: dict
         _check_settings(Path(out), settings, shard)
         _evaluate(model, task, configs, Path(out), batch_size, shard)
         shard.wait_for_everyone()
-        records = read_all(Path(out))
+        records = read_all(Path(out), _record_check(task, configs))
     _check_complete(records, configs, len(task.samples), shard)
     return records
 
@@ -99,6 +99,45 @@ def _check_complete(records: list[dict], configs: list[Config], count: int, shar
         processes = f" of its {shard.processes} processes" if shard.processes > 1 else ""
         raise ValueError(f"samples missing after every process finished: {', '.join(short)}; give each{processes} "
                          "the same --methods and --budgets, and run it again to complete them")
+
+
+def _config_fields(config: Config) -> dict:
+    return {"config": config.name, "method": config.label or config.method, "budget": config.budget}
+
+
+def _record_check(task: Task, configs: list[Config]) -> Callable[[dict], str | None]:
+    """What is wrong with a record of the folder, read back to resume or report this run (`shards.read_all`): a
+    record missing a field stopped the report with a bare KeyError; one beyond the samples was silently scored."""
+    by_name = {config.name: config for config in configs}
+    return lambda record: _record_problem(record, task, by_name)
+
+
+def _record_problem(record: dict, task: Task, configs: dict[str, Config]) -> str | None:
+    """Whether the record is one this run would have written: a config's name, an index of its samples, a string
+    prediction, and the fields it writes with the values it writes (`_fields_problem`)."""
+    name, index, prediction, count = record["config"], record["index"], record["prediction"], len(task.samples)
+    if not isinstance(name, str):
+        return f"config {name!r} is not a config's name"
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        return f"index {index!r} is not one of this run's samples (0 to {count - 1})"
+    if not isinstance(prediction, str):
+        return f"prediction {prediction!r} is not a string"
+    config = configs.get(name)  # None for a config an earlier run of the folder had and this one leaves out
+    expected = {**task.fields(task.samples[index], prediction), **(_config_fields(config) if config else {})}
+    return _fields_problem(record, expected, index)
+
+
+def _fields_problem(record: dict, expected: dict, index: int) -> str | None:
+    missing = [key for key in ("method", "budget", "equivalent_budget", *expected) if key not in record]
+    if missing:
+        return f"the record has no {', '.join(repr(key) for key in dict.fromkeys(missing))}"
+    wrong = next((key for key, value in expected.items() if record[key] != value), None)
+    if wrong is not None:
+        return f"field {wrong!r} is {record[wrong]!r} where this run has {expected[wrong]!r} (sample {index})"
+    equivalent = record["equivalent_budget"]
+    if equivalent is not None and (isinstance(equivalent, bool) or not isinstance(equivalent, (int, float))):
+        return f"equivalent_budget {equivalent!r} is not a number"
+    return None
 
 
 def _check_settings(out: Path, settings: dict, shard: Shard) -> None:
@@ -138,7 +177,7 @@ def _batches(indices: list[int], task: Task, size: int) -> list[list[int]]:
 def _evaluate(model, task: Task, configs: list[Config], out: Path, batch_size: int, shard: Shard) -> None:
     results = shard.results(out)
     results.repair_tail()
-    done = {(r["config"], r["index"]) for r in read_all(out)}
+    done = {(r["config"], r["index"]) for r in read_all(out, _record_check(task, configs))}
     mine = shard.mine(list(range(len(task.samples))))
     remaining = sum((c.name, i) not in done for c in configs for i in mine)
     progress = tqdm(total=len(configs) * len(mine), initial=len(configs) * len(mine) - remaining,
@@ -152,8 +191,7 @@ def _evaluate(model, task: Task, configs: list[Config], out: Path, batch_size: i
                     answers = task.answer([task.samples[i] for i in chunk])
                 stats = pruner.last_stats if pruner else None
                 results.append([
-                    {"config": config.name, "method": config.label or config.method, "budget": config.budget,
-                     "index": i, **task.fields(task.samples[i], answer),
+                    {**_config_fields(config), "index": i, **task.fields(task.samples[i], answer),
                      "equivalent_budget": None if stats is None else stats.sample_equivalent_budget(b)}
                     for b, (i, answer) in enumerate(zip(chunk, answers))
                 ])

@@ -11,10 +11,12 @@ is the one shard of one process, writing results.jsonl as before.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
-from .records import ResultsFile
+from .records import MalformedResults, ResultsFile
 
 
 @dataclass(frozen=True)
@@ -58,16 +60,30 @@ def current_shard() -> Shard:
     return Shard(state.process_index, state.num_processes, str(state.device))
 
 
-def read_all(folder: Path) -> list[dict]:
+def read_all(folder: Path, check: Callable[[dict], str | None] = lambda record: None) -> list[dict]:
     """Every record of the folder's results files (results.jsonl and each process's), one per (config, index)
     (the index runs over every task's samples): of repeats, the first in file order wins, files in name order.
     A run skips what its folder already holds, so the first is the one every resume has counted (repeats come
-    from runs that shared a folder before folders were locked, or from a resume with another process count)."""
+    from runs that shared a folder before folders were locked, or from a resume with another process count).
+
+    `check` says what is wrong with a record, if anything (the run's, `runner`): such a record is an error naming
+    its file and line, since skipping it would lose a sample silently and counting it would score it wrongly."""
     records, seen = [], set()
     for path in sorted(Path(folder).glob("results*.jsonl")):
-        for record in ResultsFile(path).read():
+        for position, record in enumerate(ResultsFile(path).read()):
+            if (problem := check(record)) is not None:
+                raise MalformedResults(f"{path}:{_line(path, position)}: {problem}; delete that line (a resume computes "
+                                       "its sample again), or start a new run with another --out")
             key = json.dumps([record["config"], record["index"]])  # hashable whatever the JSON holds
             if key not in seen:
                 seen.add(key)
                 records.append(record)
     return records
+
+
+def _line(path: Path, position: int) -> int:
+    """The line number of a results file's record at `position`: ResultsFile.read reads one record a line, in
+    order, past blank lines (it has no numbers to give: this is looked up only for an error)."""
+    with path.open() as handle:
+        lines = (number for number, line in enumerate(handle, start=1) if line.strip())
+        return next(islice(lines, position, None))
