@@ -15,7 +15,8 @@ from vtprune.eval.records import MalformedResults
 from vtprune.eval.shards import read_all
 from vtprune.eval.report import markdown_table, write_reports
 from vtprune.synth import generate
-from vtprune.synth.reference import build_model, build_processor, build_tokenizer, load_reference, prompt
+from vtprune.synth.reference import (REFERENCE_DIR, build_model, build_processor, build_tokenizer, load_reference,
+                                     prompt)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,32 @@ def test_resuming_the_same_run_is_deterministic(tiny_reference, tmp_path):
     first = evaluate(model, synthetic_task(model, processor, generate(5, 6), prompt), CONFIGS, tmp_path / "a", SETTINGS)
     second = evaluate(model, synthetic_task(model, processor, generate(5, 6), prompt), CONFIGS, tmp_path / "b", SETTINGS)
     assert first == second
+
+
+def with_word_start_markers(checkpoint):
+    """The checkpoint's tokenizer rewritten to name its tokens as SentencePiece does, every id kept: a word starts
+    with "▁" ("▁red"), as in the Llama tokenizer of every LLaVA-1.5 checkpoint (Metaspace pre-tokenizer)."""
+    path = checkpoint / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    special = {token["content"] for token in spec["added_tokens"]}
+    spec["model"]["vocab"] = {w if w in special else "▁" + w: i for w, i in spec["model"]["vocab"].items()}
+    metaspace = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": False}
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [spec["pre_tokenizer"], metaspace]}
+    spec["decoder"] = metaspace
+    path.write_text(json.dumps(spec))
+
+
+def test_answers_are_words_whatever_the_tokenizer_names_its_tokens(tmp_path):
+    # predict compared the token's name with the answer: "▁red" never equals "red", so the synthetic eval of
+    # such a checkpoint scored 0% and `vtprune show` printed "answer: ▁red"
+    shutil.copytree(REFERENCE_DIR, tmp_path, dirs_exist_ok=True)
+    with_word_start_markers(tmp_path)
+    model, processor = load_reference(tmp_path)
+    assert processor.tokenizer.convert_ids_to_tokens(processor.tokenizer("red")["input_ids"]) == ["▁red"]
+    samples = generate(5, 12)
+    answers = runner.predict(model, processor, samples, prompt)
+    assert answers == runner.predict(*load_reference(REFERENCE_DIR), samples, prompt)  # the same ids, as words
+    assert sum(a == s.answer for a, s in zip(answers, samples)) >= 10  # the shipped model answers
 
 
 def test_a_half_written_last_line_is_redone(tmp_path):

@@ -31,11 +31,13 @@ class Config:
 
 
 def predict(model, processor, samples, prompt) -> list[str]:
-    """Greedy one-word answers: the first generated token, through the processor as a user would."""
+    """Greedy one-word answers: the first generated token, through the processor as a user would, as text."""
     inputs = processor(images=[s.image for s in samples], text=[prompt(s.question) for s in samples],
                        return_tensors="pt", padding=True).to(model.device)
     logits = model(**inputs, logits_to_keep=1).logits[:, -1]
-    return processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+    # Decoded, not the token's name: a tokenizer that marks word starts (SentencePiece's "▁red", as every LLaVA-1.5
+    # checkpoint's) names the token of the answer "red" (`tokenizer(answer)`, as the model was trained) "▁red".
+    return [text.strip() for text in processor.tokenizer.batch_decode([[i] for i in logits.argmax(-1).tolist()])]
 
 
 def answered_right(model, processor, samples, prompt, batch_size: int = 16) -> list[bool]:
