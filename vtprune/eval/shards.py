@@ -72,8 +72,8 @@ def read_all(folder: Path, check: Callable[[dict], str | None] = lambda record: 
     for path in sorted(Path(folder).glob("results*.jsonl")):
         for position, record in enumerate(ResultsFile(path).read()):
             if (problem := check(record)) is not None:
-                raise MalformedResults(f"{path}:{_line(path, position)}: {problem}; delete that line (a resume computes "
-                                       "its sample again), or start a new run with another --out")
+                raise MalformedResults(f"{path}:{_line(path, position)}: {problem}; delete that line (a resume "
+                                       "computes its sample again), or start a new run with another --out")
             key = json.dumps([record["config"], record["index"]])  # hashable whatever the JSON holds
             if key not in seen:
                 seen.add(key)
