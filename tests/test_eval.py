@@ -188,8 +188,13 @@ def test_the_records_of_a_finished_run_pass_the_check(finished_run, tmp_path):
 def test_other_settings_in_the_same_folder_are_refused(tiny_reference, tmp_path):
     model, processor = tiny_reference
     evaluate(model, synthetic_task(model, processor, generate(5, 2), prompt), CONFIGS[:1], tmp_path, SETTINGS)
-    with pytest.raises(ValueError, match="other settings.*seed"):
+    with pytest.raises(ValueError, match=r"other settings \(seed\): seed: 5 there, 6 now; resume"):
         evaluate(model, synthetic_task(model, processor, generate(6, 2), prompt), CONFIGS[:1], tmp_path, dict(SETTINGS, seed=6))
+    task, versions = synthetic_task(model, processor, generate(5, 2), prompt), {"torch": "2.13", "vtprune": "0.1"}
+    evaluate(model, task, CONFIGS[:1], tmp_path / "v", dict(SETTINGS, versions=versions))
+    with pytest.raises(ValueError, match=r"\(versions: it was made by other code.*\): versions.torch: \"2.13\" "
+                                         r"there, \"2.99\" now; resume"):  # a dict names its changed entries only
+        evaluate(model, task, CONFIGS[:1], tmp_path / "v", dict(SETTINGS, versions=dict(versions, torch="2.99")))
 
 
 @pytest.mark.parametrize("content, found", [("", "invalid JSON"), ("nope", "invalid JSON"), ("[1]", "a JSON list")])

@@ -160,9 +160,18 @@ def _check_settings(out: Path, settings: dict, shard: Shard) -> None:
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         code = " (versions: it was made by other code, vtprune's source included)" if "versions" in changed else ""
         raise ValueError(
-            f"{out} holds a run with other settings ({', '.join(changed)}){code}; resume it with the same "
-            "arguments and code, or pass another --out"
+            f"{out} holds a run with other settings ({', '.join(changed)}){code}: "
+            f"{'; '.join(_difference(k, previous.get(k), settings.get(k)) for k in changed)}; resume it with the "
+            "same arguments and code, or pass another --out"
         )
+
+
+def _difference(key: str, then, now) -> str:
+    """`key: THEN there, NOW now`, a dict's changed entries only, so that the user sees what to give back."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return "; ".join(_difference(f"{key}.{k}", then.get(k), now.get(k))
+                         for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
+    return f"{key}: {json.dumps(then)} there, {json.dumps(now)} now"
 
 
 def _batches(indices: list[int], task: Task, size: int) -> list[list[int]]:
