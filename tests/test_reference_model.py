@@ -85,3 +85,24 @@ def test_a_resumed_default_eval_keeps_its_sample_count_when_configs_are_added(tm
     for record in read_all(out):
         counts[record["config"]] = counts.get(record["config"], 0) + 1
     assert counts == {"unpruned": 120, "random@64": 120, "uniform@64": 120}
+
+
+def test_a_budget_keeping_every_visual_token_is_the_unpruned_row_and_calibrates_nothing(reference, tmp_path):
+    """On the reference model's 576 tokens an image, budget 576 (or 1.0, or more) prunes nothing: eval lists it as
+    not run instead of a row that repeats the unpruned one under a pruned name, and calibrate, whose every
+    setting would then tie, refuses it (it wrote a table of ties)."""
+    from types import SimpleNamespace
+
+    from vtprune import cli
+    from vtprune.cli_args import method_spec
+    from vtprune.synth.reference import image_tokens, prompt_for
+
+    model, processor = reference
+    assert image_tokens(processor, prompt_for(processor)) == 576 == model.config.image_seq_length
+    configs, refused = cli.runnable_configs(model, [method_spec("fastv")], [64, 576, 1000, 1.0, 0.5], {},
+                                            SimpleNamespace(main=True), image_tokens=576)
+    assert [c.name for c in configs] == ["unpruned", "fastv@64", "fastv@0.5"]
+    assert list(refused) == ["fastv@576", "fastv@1000", "fastv@1.0"]
+    assert all("keeps all 576 visual tokens of each image" in reason for reason in refused.values())
+    with pytest.raises(SystemExit, match="--budget 576 keeps all 576 visual tokens of each image"):
+        cli.main(["calibrate", "--method", "clasp", "--budget", "576", "--out", str(tmp_path / "table.json")])

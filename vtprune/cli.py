@@ -116,10 +116,13 @@ def cmd_calibrate(args) -> int:
 
     from vtprune.eval.calibrate import calibrate_clasp, write_table
     from vtprune.synth import generate
-    from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt_for
+    from vtprune.synth.reference import REFERENCE_DIR, image_tokens, load_reference, prompt_for
 
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_reference(model_path)
+    if args.budget >= (tokens := image_tokens(processor, prompt_for(processor))):
+        raise ValueError(f"--budget {args.budget} keeps all {tokens} visual tokens of each image, where every "
+                         f"setting answers alike; give a budget below {tokens}")
     samples = generate(args.seed, args.samples)
     table = calibrate_clasp(model, processor, samples, prompt_for(processor), args.budget,
                             {"model": model_path.name, "seed": args.seed, "samples": args.samples})
@@ -142,7 +145,7 @@ def cmd_eval(args) -> int:
     from vtprune.methods import checkpoint_options
     from vtprune.methods.clasp import CALIBRATION_FILE
     from vtprune.synth import generate
-    from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt_for
+    from vtprune.synth.reference import REFERENCE_DIR, image_tokens, load_reference, prompt_for
 
     specs = args.methods or [cli_args.MethodSpec(m.name, m.name) for m in vtprune.methods()]
     out = Path(args.out)
@@ -157,7 +160,8 @@ def cmd_eval(args) -> int:
         count = args.samples or _resumed_samples(out) or default_samples(1 + len(specs) * len(args.budgets))
         seed = EVAL_SEED if args.seed is None else args.seed
         samples = generate(seed, count)
-        configs, refused = runnable_configs(model, specs, args.budgets, checkpoint_options(model_path, processor), shard)
+        configs, refused = runnable_configs(model, specs, args.budgets, checkpoint_options(model_path, processor), shard,
+                                            image_tokens=image_tokens(processor, prompt_for(processor)))
         settings = {"task": "synthetic", "model": _model_id(model_path), "seed": seed, "samples": count,
                     "versions": _versions(),
                     "clasp_calibration": _digest(model_path / CALIBRATION_FILE)}
@@ -262,12 +266,14 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
     return 0
 
 
-def runnable_configs(model, specs, budgets, needed: dict, shard, videos: bool = False) -> tuple[list, dict[str, str]]:
+def runnable_configs(model, specs, budgets, needed: dict, shard, videos: bool = False,
+                     image_tokens: int | None = None) -> tuple[list, dict[str, str]]:
     """(unpruned and every method at every budget that this model runs, {config: why not} for the rest).
 
     Bad options fail here, before the first sample; a config whose method refuses the model at that
     budget (ToMe's blocks cannot reach 64 on a 3-layer tower), or the samples' `videos`, is reported instead of
-    stopping the run, as is one whose options fix each stage's count (clse:keep=...) at all but its first budget.
+    stopping the run, as is one whose options fix each stage's count (clse:keep=...) at all but its first budget,
+    and, where every image has `image_tokens`, a budget that keeps them all (the unpruned row is that config).
     """
     from vtprune.api import refusal
     from vtprune.eval import Config
@@ -280,7 +286,9 @@ def runnable_configs(model, specs, budgets, needed: dict, shard, videos: bool = 
         method = get_method(config.method)
         fixed = method.fixed_counts(method.parse_options(config.options), "video" if videos else "image")
         whole = isinstance(config.budget, float) and config.budget == 1.0  # keeps every image whole
-        if fixed and config.label in ran and not whole:  # the same tokens again: one row, not a flat curve of copies
+        if image_tokens is not None and (whole or config.budget >= image_tokens):
+            refused[config.name] = f"it keeps all {image_tokens} visual tokens of each image: the unpruned row"
+        elif fixed and config.label in ran and not whole:  # the same tokens again: one row, not a flat curve of copies
             refused[config.name] = f"its {fixed}= fixes each stage's count, so it keeps what {ran[config.label]} " \
                                    "keeps (a budget then only keeps whole the images it covers); give it one budget"
         elif (reason := refusal(model, config.method, config.budget, videos=videos, **config.options)) is not None:

@@ -92,6 +92,15 @@ def prompt_for(processor):
     return functools.partial(build_prompt, processor, images=1)
 
 
+def image_tokens(processor, prompt) -> int:
+    """The visual tokens a LLaVA checkpoint gives an image (one grid, whatever the image's size): what its
+    processor expands the placeholder of a blank image to."""
+    from PIL import Image
+
+    ids = processor(images=[Image.new("RGB", (SIZE, SIZE))], text=[prompt("?")], return_tensors="pt")["input_ids"]
+    return int((ids == processor.image_token_id).sum())
+
+
 @dataclass(frozen=True)
 class Depth:
     """A reference architecture: the LM's and the vision tower's layer counts, and the prompt it is trained with."""
