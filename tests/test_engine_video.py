@@ -45,13 +45,20 @@ def shares(inputs, layouts):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_keeping_every_video_token_changes_nothing(video_family, method):
-    model = FAMILIES[video_family]("sdpa")
+def test_keeping_every_video_token_changes_nothing(video_family, attn, method):
+    model = FAMILIES[video_family](attn)
     inputs = tiny_inputs(model, MIXED)
+    reference_logits = model(**inputs).logits
     reference = greedy(model, inputs)
-    with vtprune.apply(model, method, 10_000, **OPTIONS.get(method, {})):
+    with vtprune.apply(model, method, 10_000, **OPTIONS.get(method, {})) as pruner:
+        assert torch.equal(model(**inputs).logits, reference_logits)
+        stats = pruner.last_stats
+        assert stats.visual_tokens_per_sample[1] > 0  # the video-only sample's tokens are counted, and all kept
+        assert stats.kept_per_sample == stats.visual_tokens_per_sample
         pruned = greedy(model, inputs)
     assert torch.equal(pruned.sequences, reference.sequences)
+    for a, b in zip(pruned.logits, reference.logits):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("method", METHODS)
