@@ -44,6 +44,17 @@ def shares(inputs, layouts):
     return out
 
 
+def rows_held(decision, b, mask, layers):
+    """Per decoder layer, the prompt positions sample b's rows hold, counted as in the sample alone (mask: its
+    attention mask, whose padding is dropped; no decision: every real token, at every layer)."""
+    real = mask.bool()
+    alone = torch.cumsum(real, 0) - 1  # a real token's position in the sample alone
+    if decision is None:
+        return [torch.arange(int(real.sum()))] * layers
+    held = [decision.positions_at(layer)[b] for layer in range(layers)]
+    return [alone[positions[(positions >= 0) & real[positions.clamp(min=0)]]].sort().values for positions in held]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_keeping_every_video_token_changes_nothing(video_family, attn, method):
     model = FAMILIES[video_family](attn)
@@ -62,13 +73,16 @@ def test_keeping_every_video_token_changes_nothing(video_family, attn, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_video_batch_generation_equals_recompute_and_samples_alone(video_family, method):
-    model = FAMILIES[video_family]("sdpa")
+def test_video_batch_generation_equals_recompute_and_samples_alone(video_family, attn, method):
+    model = FAMILIES[video_family](attn)
     inputs = tiny_inputs(model, MIXED)
+    layers = len(model.model.language_model.layers)
     with vtprune.apply(model, method, 9, **OPTIONS.get(method, {})) as pruner:
+        batch_logits = model(**inputs).logits
+        batch_decision, batch_stats = pruner.last_decision, pruner.last_stats
+        assert batch_stats.images_per_sample == [2, 1, 0]  # visual items: an image and a video, a video, none
         out = greedy(model, inputs, steps=3)
-        decision, stats = pruner.last_decision, pruner.last_stats
-        assert stats.images_per_sample == [2, 1, 0]  # visual items: an image and a video, a video, none
+        decision = pruner.last_decision
         prompt = inputs["input_ids"].shape[1]
         for step, logits in enumerate(out.logits):
             ids = out.sequences[:, : prompt + step]
@@ -81,8 +95,22 @@ def test_video_batch_generation_equals_recompute_and_samples_alone(video_family,
             torch.testing.assert_close(recomputed, logits, atol=1e-5, rtol=0)
         for b, share in enumerate(shares(inputs, MIXED)):
             alone = dict(sample_alone(inputs, b), **share)
-            alone_out = greedy(model, alone, steps=3).sequences[:, alone["input_ids"].shape[1] :]
-            assert torch.equal(out.sequences[b, prompt:], alone_out[0])
+            alone_logits = model(**alone).logits[0]
+            alone_decision = pruner.last_decision
+            mask = inputs["attention_mask"][b]
+            # The sample holds the same tokens at every layer, alone or batched (a video kept short in a batch
+            # changes its text's logits by too little for a few greedy tokens to show).
+            in_batch = rows_held(batch_decision, b, mask, layers)
+            by_itself = rows_held(alone_decision, 0, alone["attention_mask"][0], layers)
+            for layer, (batched_rows, alone_rows) in enumerate(zip(in_batch, by_itself, strict=True)):
+                assert torch.equal(batched_rows, alone_rows), f"sample {b}, decoder layer {layer}"
+            assert pruner.last_stats.visual_tokens_per_layer[0] == batch_stats.visual_tokens_per_layer[b]
+            # Every real position's logits agree: the tokens kept, and the pruned ones (zero in both).
+            torch.testing.assert_close(batch_logits[b, mask.bool()], alone_logits, atol=1e-5, rtol=0)
+            alone_out = greedy(model, alone, steps=3)
+            assert torch.equal(out.sequences[b, prompt:], alone_out.sequences[0, alone["input_ids"].shape[1] :])
+            for batch_step, alone_step in zip(out.logits, alone_out.logits, strict=True):
+                torch.testing.assert_close(batch_step[b], alone_step[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("method", METHODS)
