@@ -114,6 +114,27 @@ def test_video_batch_generation_equals_recompute_and_samples_alone(video_family,
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_remove_after_pruning_videos_restores_the_model_exactly(video_family, method):
+    """A pruned video prefill and its decode steps leave nothing behind: the towers' hooks (Video-LLaVA's video
+    tower is its own) come off with the rest. sdpa only: apply() hooks the same modules under eager (only the
+    masks it builds differ), whose removal test_engine_invariants checks."""
+    model = FAMILIES[video_family]("sdpa")
+    inputs = tiny_inputs(model, MIXED)
+    before = model(**inputs).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()]
+    pruner = vtprune.apply(model, method, 8, **OPTIONS.get(method, {}))
+    assert not torch.equal(model(**inputs).logits, before)
+    greedy(model, inputs, steps=2)
+    pruner.remove()
+    assert torch.equal(model(**inputs).logits, before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert hooks == [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()]
+    assert not hasattr(model, "_vtprune_pruner") and "generate" not in model.__dict__
+    vtprune.apply(model, method, 8, **OPTIONS.get(method, {})).remove()  # and it can carry a pruner again
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_eager_and_sdpa_keep_the_same_video_tokens(video_family, method):
     inputs = tiny_inputs(FAMILIES[video_family]("eager"), MIXED)
     kept = []
