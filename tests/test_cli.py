@@ -57,7 +57,6 @@ def usage_error(argv, capsys) -> str:
     (["eval", "--methods", "clasp:layers=1/2:multipliers=1/2"], r"clasp's multipliers must not grow from stage to "
                                                                 r"stage .*got \(1.0, 2.0\)"),
     (["eval", "--methods", "random,random"], "--methods: random given twice"),
-    (["eval", "--methods", "random,clse,random:seed=0"], "--methods: random:seed=0 runs what random runs"),
     (["eval", "--methods", "bogus"], "--methods: unknown method 'bogus'; registered methods: clasp"),
     (["eval", "--report", "sub/results"], "--report: 'sub/results' must be a plain file name"),
     (["eval", "--model", "/nonexistent"], "--model: no config.json in /nonexistent"),
@@ -176,6 +175,7 @@ def test_a_second_eval_on_the_same_out_stops_before_loading(tmp_path, held_elsew
     (["eval", "--scoring", "llava"], "--scoring go with --tasks"),  # it would score nothing
     (["eval", "--model", str(reference.REFERENCE_DIR), "--out", str(reference.REFERENCE_DIR)],
      "--out is the checkpoint's folder"),  # the run's files would change the model's identity: no resume
+    (["eval", "--out", str(reference.REFERENCE_DIR)], "--out is the checkpoint's folder"),  # the default model's
     (["bench", "--compile", "cudagraphs"], "--compile cudagraphs records CUDA graphs, which need --device cuda"),
 ])
 def test_flags_that_would_do_nothing_or_harm_together_are_refused(argv, message, capsys):
@@ -249,9 +249,10 @@ def test_score_names_the_line_of_a_malformed_predictions_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("spec", ["clse:keep=30/20/10", "sparsevlm:counts=30/20/10", "pdrop:ratios=0.5/0.25/0.125"])
 def test_a_method_whose_options_fix_its_counts_runs_at_one_budget(spec):
-    """Such options keep the same tokens at every budget (checked here), which eval listed as a flat curve of
-    identical configs named by different budgets: it runs at the first, the others are listed as not run (a
-    fraction of 1.0 keeps every image whole: it still runs)."""
+    """Such options keep the same tokens at every budget below an image's tokens (checked here), which eval listed
+    as a flat curve of identical configs named by different budgets: where images' sizes are known, it runs at the
+    first, the others are listed as not run; where they are not (real benchmarks, Qwen's sizes), a budget may keep
+    some images whole and not others, and every budget runs."""
     from types import SimpleNamespace
 
     import torch
@@ -260,7 +261,7 @@ def test_a_method_whose_options_fix_its_counts_runs_at_one_budget(spec):
     from vtprune.cli_args import method_spec
     from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
-    model = tiny_llava()
+    model = tiny_llava()  # 64 visual tokens an image
     parsed = method_spec(spec)
     inputs = tiny_inputs(model, [SampleLayout(images=1)])
     kept = []
@@ -269,8 +270,31 @@ def test_a_method_whose_options_fix_its_counts_runs_at_one_budget(spec):
             model(**inputs)
             kept.append(pruner.last_decision.kept)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(*kept))  # the premise: the budget changes nothing
-    configs, refused = cli.runnable_configs(model, [parsed], [32, 16, 1.0], {}, SimpleNamespace(main=True))
-    assert [c.name for c in configs] == ["unpruned", f"{spec}@32", f"{spec}@1.0"]
-    assert list(refused) == [f"{spec}@16"] and f"so it keeps what {spec}@32 keeps" in refused[f"{spec}@16"]
-    _, refused = cli.runnable_configs(model, [method_spec("clse")], [32, 16], {}, SimpleNamespace(main=True))
+    shard = SimpleNamespace(main=True)
+    configs, refused = cli.runnable_configs(model, [parsed], [64, 32, 16, 1.0], {}, shard, image_tokens=64)
+    assert [c.name for c in configs] == ["unpruned", f"{spec}@32"]  # 64 and 1.0 keep every token: not a copy of 32
+    assert list(refused) == [f"{spec}@64", f"{spec}@16", f"{spec}@1.0"]
+    assert f"so it keeps what {spec}@32 keeps" in refused[f"{spec}@16"]
+    configs, refused = cli.runnable_configs(model, [parsed], [64, 32, 16], {}, shard)
+    assert not refused and len(configs) == 4  # sizes unknown: each budget may keep other images whole
+    _, refused = cli.runnable_configs(model, [method_spec("clse")], [32, 16], {}, shard, image_tokens=64)
     assert not refused  # the budget sets the counts
+
+
+def test_two_method_specs_that_run_alike_are_refused_and_those_that_differ_run():
+    """random:seed=0 is random (computed twice under two names); clasp routes each question through the
+    checkpoint's tokenizer, so clasp:question_class=general runs otherwise, though it is the command line's
+    stand-in for a model without one."""
+    from types import SimpleNamespace
+
+    from vtprune.cli_args import method_spec
+    from vtprune.tiny import tiny_llava
+    from vtprune.tiny_processors import tiny_tokenizer
+
+    model, shard = tiny_llava(), SimpleNamespace(main=True)
+    specs = [method_spec(s) for s in ("random", "clse", "random:seed=0")]
+    with pytest.raises(ValueError, match="--methods: random:seed=0 runs what random runs"):
+        cli.runnable_configs(model, specs, [16], {}, shard)
+    specs = [method_spec(s) for s in ("clasp", "clasp:question_class=general")]
+    configs, _ = cli.runnable_configs(model, specs, [16], {"clasp": {"tokenizer": tiny_tokenizer()}}, shard)
+    assert [c.name for c in configs] == ["unpruned", "clasp@16", "clasp:question_class=general@16"]

@@ -99,10 +99,10 @@ def test_a_budget_keeping_every_visual_token_is_the_unpruned_row_and_calibrates_
 
     model, processor = reference
     assert image_tokens(processor, prompt_for(processor)) == 576 == model.config.image_seq_length
-    configs, refused = cli.runnable_configs(model, [method_spec("fastv")], [64, 576, 1000, 1.0, 0.5], {},
+    configs, refused = cli.runnable_configs(model, [method_spec("fastv")], [64, 576, 1000, 1.0, 0.9995, 0.5], {},
                                             SimpleNamespace(main=True), image_tokens=576)
     assert [c.name for c in configs] == ["unpruned", "fastv@64", "fastv@0.5"]
-    assert list(refused) == ["fastv@576", "fastv@1000", "fastv@1.0"]
+    assert list(refused) == ["fastv@576", "fastv@1000", "fastv@1.0", "fastv@0.9995"]  # (0.9995 x 576 rounds to all)
     assert all("keeps all 576 visual tokens of each image" in reason for reason in refused.values())
     with pytest.raises(SystemExit, match="--budget 576 keeps all 576 visual tokens of each image"):
         cli.main(["calibrate", "--method", "clasp", "--budget", "576", "--out", str(tmp_path / "table.json")])

@@ -270,30 +270,39 @@ def runnable_configs(model, specs, budgets, needed: dict, shard, videos: bool = 
                      image_tokens: int | None = None) -> tuple[list, dict[str, str]]:
     """(unpruned and every method at every budget that this model runs, {config: why not} for the rest).
 
-    Bad options fail here, before the first sample; a config whose method refuses the model at that
-    budget (ToMe's blocks cannot reach 64 on a 3-layer tower), or the samples' `videos`, is reported instead of
-    stopping the run, as is one whose options fix each stage's count (clse:keep=...) at all but its first budget,
-    and, where every image has `image_tokens`, a budget that keeps them all (the unpruned row is that config).
+    Bad options fail here, before the first sample, and so do two specs that run alike (random:seed=0 is random);
+    a config whose method refuses the model at that budget (ToMe's blocks cannot reach 64 on a 3-layer tower), or
+    the samples' `videos`, is reported instead of stopping the run. Where every image has `image_tokens`, so are
+    the configs that would repeat another under a new name: a budget that keeps them all (the unpruned row), and a
+    method whose options fix each stage's count (clse:keep=...) at all but its first budget.
     """
     from vtprune.api import refusal
+    from vtprune.engine.budget import keeps_whole
     from vtprune.eval import Config
     from vtprune.methods import get_method
 
+    kind = "video" if videos else "image"
+    fixed, first = {}, {}
+    for spec in specs:  # with the checkpoint's options (CLASP's tokenizer), as the configs will run
+        method = get_method(spec.method)
+        options = method.parse_options({**needed.get(spec.method, {}), **spec.options})
+        if (twin := first.setdefault((method.name, options), spec.label)) != spec.label:
+            raise ValueError(f"--methods: {spec.label} runs what {twin} runs (the options it leaves out take the "
+                             "values those give); give one of them")
+        fixed[spec.label] = method.fixed_counts(options, kind)
     configs = [Config(spec.method, b, {**needed.get(spec.method, {}), **spec.options}, spec.label)
                for spec in specs for b in budgets]
     refused, ran = {}, {}  # ran: each label's first config that runs
     for config in configs:
-        method = get_method(config.method)
-        fixed = method.fixed_counts(method.parse_options(config.options), "video" if videos else "image")
-        whole = isinstance(config.budget, float) and config.budget == 1.0  # keeps every image whole
-        if image_tokens is not None and (whole or config.budget >= image_tokens):
+        known = image_tokens is not None
+        if known and keeps_whole(config.budget, image_tokens):
             refused[config.name] = f"it keeps all {image_tokens} visual tokens of each image: the unpruned row"
-        elif fixed and config.label in ran and not whole:  # the same tokens again: one row, not a flat curve of copies
-            refused[config.name] = f"its {fixed}= fixes each stage's count, so it keeps what {ran[config.label]} " \
-                                   "keeps (a budget then only keeps whole the images it covers); give it one budget"
+        elif known and fixed[config.label] and config.label in ran:  # one row, not a flat curve of copies
+            refused[config.name] = f"its {fixed[config.label]}= fixes each stage's count, so it keeps what " \
+                                   f"{ran[config.label]} keeps; give it one budget"
         elif (reason := refusal(model, config.method, config.budget, videos=videos, **config.options)) is not None:
             refused[config.name] = reason
-        elif not whole:
+        else:
             ran.setdefault(config.label, config.name)
     for name, reason in refused.items() if shard.main else ():
         console.print(f"[yellow]not run: {name}: {reason}[/yellow]")
@@ -576,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
 # What an interrupted command keeps, for the line it ends with.
 INTERRUPTED = {
     "eval": "the finished answers are saved in {out}: the same command resumes there",
-    "bench": "the configurations measured so far are saved in {out}",
+    "bench": "the configurations measured so far are saved under {out}",
     "train-reference": "the same command resumes from the last checkpoint in {out}",
 }
 

@@ -90,12 +90,6 @@ def comma_list(item):
         repeated = sorted({key for key in keys if keys.count(key) > 1})
         if repeated:
             raise Invalid(f"{', '.join(repeated)} given twice in {text!r}; give each once")
-        first = {}
-        for value in values:  # random:seed=0 is random: one config, computed twice under two names
-            runs = getattr(value, "runs", None)
-            if runs is not None and first.setdefault(runs, value) is not value:
-                raise Invalid(f"{value.label} runs what {first[runs].label} runs (the options it leaves out take "
-                              "their defaults); give one of them")
         return values
 
     parse.__name__ = f"list of {item.__name__}"  # how argparse names the type in its own messages
@@ -261,7 +255,6 @@ class MethodSpec:
     label: str
     method: str
     options: dict = field(default_factory=dict, hash=False, compare=False)
-    runs: object = field(default=None, hash=False, compare=False)  # the method's Options, defaults filled in
 
 
 def method_spec(text: str) -> MethodSpec:
@@ -286,11 +279,10 @@ def method_spec(text: str) -> MethodSpec:
         except ValueError as error:
             raise Invalid(f"{text}: {key} {error}") from None
     try:
-        runs = method.parse_options({**method.without_checkpoint, **options})  # the method's own checks
+        method.parse_options({**method.without_checkpoint, **options})  # the method's own checks of its options
     except (TypeError, ValueError) as error:
         raise Invalid(f"{text}: {error}") from None
-    # spaces dropped: "clse: score=attn" resumes "clse:score=attn"
-    return MethodSpec(":".join(spelled), name, options, (method.name, runs))
+    return MethodSpec(":".join(spelled), name, options)  # spaces dropped: "clse: score=attn" resumes "clse:score=attn"
 
 
 def coerce(text: str, hint):
@@ -359,7 +351,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if given:
             parser.error(f"{', '.join(given)} go with the synthetic benchmark; with --tasks, --limit takes each "
                          "task's first samples")
-    if args.command == "eval" and args.model is not None and Path(args.out).resolve() == Path(args.model).resolve():
+    if args.command == "eval" and _is_model_folder(args.out, args.model):
         parser.error("--out is the checkpoint's folder: the run's files would change what identifies the model, and "
                      "a resume would be refused as another model's; pass another folder (one inside it will do)")
     if args.command == "bench" and args.compile == "cudagraphs" and args.device == "cpu":
@@ -382,6 +374,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         _check_methods_fit(parser, args)
     if args.command == "bench":
         _check_bench_out(parser, args)
+
+
+def _is_model_folder(out: str, model: str | None) -> bool:
+    from vtprune.synth.reference import REFERENCE_DIR
+
+    return Path(out).resolve() == Path(model or REFERENCE_DIR).resolve()
 
 
 def _check_llava(parser, args) -> None:
