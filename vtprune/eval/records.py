@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 REQUIRED = ("config", "index", "prediction")  # the synthetic eval adds qclass, answer, correct; benchmarks task, id
@@ -17,11 +18,11 @@ class ResultsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def read(self) -> list[dict]:
-        """Every record so far, in file order (`shards.read_all` drops repeats); a line that is not a complete record
-        is an error naming it, except an unterminated last line: a write an interruption cut short, which
-        `repair_tail` drops when this file's process resumes (another process, or a resume with another number of
-        them, reads past it)."""
+    def read(self, check: Callable[[dict], str | None] = lambda record: None) -> list[dict]:
+        """Every record so far, in file order (`shards.read_all` drops repeats); a line that is not a complete record,
+        or one `check` finds a problem with, is an error naming it, except an unterminated last line: a write an
+        interruption cut short, which `repair_tail` drops when this file's process resumes (another process, or a
+        resume with another number of them, reads past it)."""
         if not self.path.exists():
             return []
         records = []
@@ -44,6 +45,9 @@ class ResultsFile:
                         f"{self.path}:{number}: a result record needs {', '.join(missing)}; fix or delete that line, "
                         "or start a new run with another --out"
                     )
+                if (problem := check(record)) is not None:
+                    raise MalformedResults(f"{self.path}:{number}: {problem}; delete that line (a resume computes its "
+                                           "sample again), or start a new run with another --out")
                 records.append(record)
         return records
 

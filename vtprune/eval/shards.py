@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
-from .records import MalformedResults, ResultsFile
+from .records import ResultsFile
 
 
 @dataclass(frozen=True)
@@ -70,10 +69,7 @@ def read_all(folder: Path, check: Callable[[dict], str | None] = lambda record: 
     its file and line, since skipping it would lose a sample silently and counting it would score it wrongly."""
     records, seen = [], set()
     for path in sorted(Path(folder).glob("results*.jsonl")):
-        for position, record in enumerate(ResultsFile(path).read()):
-            if (problem := check(record)) is not None:
-                raise MalformedResults(f"{path}:{_line(path, position)}: {problem}; delete that line (a resume "
-                                       "computes its sample again), or start a new run with another --out")
+        for record in ResultsFile(path).read(check):
             key = json.dumps([record["config"], record["index"]])  # hashable whatever the JSON holds
             if key not in seen:
                 seen.add(key)
@@ -81,9 +77,3 @@ def read_all(folder: Path, check: Callable[[dict], str | None] = lambda record: 
     return records
 
 
-def _line(path: Path, position: int) -> int:
-    """The line number of a results file's record at `position`: ResultsFile.read reads one record a line, in
-    order, past blank lines (it has no numbers to give: this is looked up only for an error)."""
-    with path.open() as handle:
-        lines = (number for number, line in enumerate(handle, start=1) if line.strip())
-        return next(islice(lines, position, None))
