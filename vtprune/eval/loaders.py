@@ -33,7 +33,7 @@ from PIL import Image
 from .fields import Doc, _display, _integer, _missing, _optional_id, _string_list, _text, _Where, _yes_no
 from .images import _open_image
 from .metrics import (MME_SUBTASKS, OCRBENCH_CATEGORIES, POPE_SPLITS, TASK_ALIASES, VIDEOMME_DURATIONS,
-                      canonical_task)
+                      canonical_task, pope_split_problem)
 from .official_files import _OFFICIAL_READERS
 from .tables import _check_shards, _columns, _find_tables, _rows, _Table
 
@@ -392,11 +392,8 @@ def _pope(doc: Doc, where: _Where):
     question = _text(doc, "question", where)
     answer = _yes_no(doc, "answer", where, "'yes' or 'no'", period=False)  # POPE's scorers take the bare word
     category = doc.get("category")
-    # MME's rows have every field POPE's have: its subtask names in 'category' tell them apart
-    if not _missing(category) and category not in POPE_SPLITS:
-        mme = " (an MME subtask: these rows are MME's)" if category in _MME_SUBTASK_NAMES else ""
-        raise where.error("category", f"is {category!r}, not a POPE split{mme}",
-                          f"expected {', '.join(POPE_SPLITS)}: point pope at POPE's copy")
+    if not _missing(category) and (problem := pope_split_problem(category)) is not None:
+        raise where.error("category", problem, f"expected {', '.join(POPE_SPLITS)}: point pope at POPE's copy")
     qid = _optional_id(doc, "question_id")
     sid = f"{category}/{qid}" if qid and isinstance(category, str) and category else qid
     return sid, f"{question.strip()}{_SHORT_ANSWER}", {"answer": answer, "category": category}

@@ -354,11 +354,18 @@ def _pope_split(ref: Mapping, i: int) -> str:
     split = ref.get("category")
     if _missing(split):
         return "all"
-    if split not in POPE_SPLITS:
-        mme = " (an MME subtask: these rows are MME's)" if any(split in kind for kind in MME_SUBTASKS.values()) else ""
-        raise BadReference("pope", i, f"field 'category' is {split!r}, not a POPE split{mme}; expected "
-                                      f"{', '.join(POPE_SPLITS)}, or no category")
+    if (problem := pope_split_problem(split)) is not None:
+        raise BadReference("pope", i, f"field 'category' {problem}; expected {', '.join(POPE_SPLITS)}, or no category")
     return split
+
+
+def pope_split_problem(category) -> str | None:
+    """What is wrong with a POPE row's category (given), if anything: MME's rows have every field POPE's have, and
+    its subtask names in 'category' tell them apart."""
+    if category in POPE_SPLITS:
+        return None
+    return f"is {category!r}, not a POPE split" + (" (an MME subtask: these rows are MME's)"
+                                                    if isinstance(category, str) and category in _MME_KIND else "")
 
 
 def _pope_aggregate(columns: Mapping[str, list], scoring: str) -> dict[str, float]:
