@@ -7,7 +7,7 @@ import vtprune
 from vtprune.tiny import QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, SampleLayout, tiny_inputs
 
 from .conftest import FAMILIES, greedy, skip_block_merging_on
-from .test_engine_invariants import METHODS, OPTIONS, sample_alone
+from .test_engine_invariants import METHODS, OPTIONS, assert_remove_restores, sample_alone
 
 VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "video_llava", "llava_onevision"]
 MIXED = [SampleLayout(images=1, videos=1), SampleLayout(images=0, videos=1, text_before=6), SampleLayout(images=0)]
@@ -120,19 +120,8 @@ def test_remove_after_pruning_videos_restores_the_model_exactly(video_family, me
     tower is its own) come off with the rest. sdpa only: apply() hooks the same modules under eager (only the
     masks it builds differ), whose removal test_engine_invariants checks."""
     model = FAMILIES[video_family]("sdpa")
-    inputs = tiny_inputs(model, MIXED)
-    before = model(**inputs).logits
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    hooks = [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()]
-    pruner = vtprune.apply(model, method, 8, **OPTIONS.get(method, {}))
-    assert not torch.equal(model(**inputs).logits, before)
-    greedy(model, inputs, steps=2)
-    pruner.remove()
-    assert torch.equal(model(**inputs).logits, before)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert hooks == [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()]
-    assert not hasattr(model, "_vtprune_pruner") and "generate" not in model.__dict__
-    vtprune.apply(model, method, 8, **OPTIONS.get(method, {})).remove()  # and it can carry a pruner again
+    assert_remove_restores(model, tiny_inputs(model, MIXED), method,
+                           while_pruned=lambda model, inputs: greedy(model, inputs, steps=2))
 
 
 @pytest.mark.parametrize("method", METHODS)
