@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="the lmms extra is not installed (make lmms builds it)")
@@ -188,6 +189,19 @@ def test_method_options_take_vtprune_evals_spelling(checkpoint):
 def test_bad_model_args_fail_clearly(checkpoint, model_args, error):
     with pytest.raises(ValueError, match=error):
         plugin(checkpoint, **model_args)
+
+
+@pytest.mark.parametrize("asked, own, expected", [
+    (None, "cuda:3", "cuda:3"),  # accelerate's, each process its own
+    ("cuda", "cuda:3", "cuda:3"),  # a kind only: not every process on cuda:0
+    ("cuda:1", "cuda:3", "cuda:1"),  # the one named
+    ("cpu", "cuda:3", "cpu"),
+    ("cuda", "cpu", "cuda"),  # accelerate chose the CPU: the user's kind wins
+])
+def test_each_process_runs_where_asked_or_on_its_own_device(asked, own, expected):
+    from vtprune.integrations.lmms_eval import process_device
+
+    assert process_device(None if asked is None else torch.device(asked), torch.device(own)) == torch.device(expected)
 
 
 @pytest.mark.parametrize("settings, model_type, expected", [

@@ -65,7 +65,7 @@ class Vtprune(lmms):
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         model, self.processor = load_checkpoint(pretrained, dtype=dtype, attn_implementation=attn_implementation)
-        self.model = model.to(device or self.accelerator.device)
+        self.model = model.to(process_device(device, self.accelerator.device))
         self.max_frames = frames or default_frames(self.model)
         self.pruner = apply_method(self.model, self.processor, pretrained, method, budget, method_options)
 
@@ -220,6 +220,13 @@ def checked_device(device: str | None) -> torch.device | None:
         raise ValueError(f"device={device}: this machine has {count} CUDA device(s); give cuda:N with N below "
                          f"{count}, or device=cpu")
     return parsed
+
+
+def process_device(asked: torch.device | None, own: torch.device) -> torch.device:
+    """Where this process runs: `own`, accelerate's (each process its GPU), where the user named none or only its
+    kind ("cuda" with several processes would put them all on the first GPU, as lmms-eval's own llava_hf does not);
+    otherwise the one named."""
+    return own if asked is None or (asked.index is None and asked.type == own.type) else asked
 
 
 def torch_dtype(name: str):
