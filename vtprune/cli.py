@@ -120,11 +120,12 @@ def cmd_calibrate(args) -> int:
 
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_reference(model_path)
-    if args.budget >= (tokens := image_tokens(processor, prompt_for(processor))):
+    prompt = prompt_for(processor)
+    if args.budget >= (tokens := image_tokens(processor, prompt)):
         raise ValueError(f"--budget {args.budget} keeps all {tokens} visual tokens of each image, where every "
                          f"setting answers alike; give a budget below {tokens}")
     samples = generate(args.seed, args.samples)
-    table = calibrate_clasp(model, processor, samples, prompt_for(processor), args.budget,
+    table = calibrate_clasp(model, processor, samples, prompt, args.budget,
                             {"model": model_path.name, "seed": args.seed, "samples": args.samples})
     write_table(table, Path(args.out))
     console.print(table)
@@ -160,12 +161,13 @@ def cmd_eval(args) -> int:
         count = args.samples or _resumed_samples(out) or default_samples(1 + len(specs) * len(args.budgets))
         seed = EVAL_SEED if args.seed is None else args.seed
         samples = generate(seed, count)
+        prompt = prompt_for(processor)
         configs, refused = runnable_configs(model, specs, args.budgets, checkpoint_options(model_path, processor), shard,
-                                            image_tokens=image_tokens(processor, prompt_for(processor)))
+                                            image_tokens=image_tokens(processor, prompt))
         settings = {"task": "synthetic", "model": _model_id(model_path), "seed": seed, "samples": count,
                     "versions": _versions(),
                     "clasp_calibration": _digest(model_path / CALIBRATION_FILE)}
-        records = evaluate(model, synthetic_task(model, processor, samples, prompt_for(processor)), configs, out, settings,
+        records = evaluate(model, synthetic_task(model, processor, samples, prompt), configs, out, settings,
                            batch_size=args.batch, shard=shard)
         if not shard.main:  # the first process reports for all
             return 0
@@ -187,8 +189,10 @@ def _resumed_samples(out) -> int | None:
     resume may add configs to a run."""
     import json
 
+    from vtprune.eval.runner import SETTINGS_FILE
+
     try:
-        settings = json.loads((out / "run.json").read_text())
+        settings = json.loads((out / SETTINGS_FILE).read_text())
     except (OSError, ValueError):
         return None  # none yet, or broken: the run's own check says so
     count = settings.get("samples") if isinstance(settings, dict) and settings.get("task") == "synthetic" else None
@@ -576,8 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FolderBusy, CheckpointError, ValueError, UnidentifiedImageError) as error:
         raise SystemExit(f"vtprune {args.command}: error: {error}") from None
     except KeyboardInterrupt:
-        kept = INTERRUPTED.get(args.command, "")
-        print(f"vtprune {args.command}: interrupted{kept and '; '}{kept.format(out=getattr(args, 'out', ''))}",
+        kept = INTERRUPTED.get(args.command)
+        print(f"vtprune {args.command}: interrupted" + (f"; {kept.format(out=args.out)}" if kept else ""),
               file=sys.stderr)
         return 130  # the shell's status for a run stopped by Ctrl-C
 

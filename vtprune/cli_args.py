@@ -119,10 +119,12 @@ def file_name(text: str) -> str:
 
 def report_name(text: str) -> str:
     """--report: a file name that leaves the run's own files alone."""
+    from vtprune.eval.runner import SETTINGS_FILE
+
     file_name(text)
-    if text == "run":
-        raise Invalid("'run' would write the report over run.json, the settings a resume is checked against; "
-                      "pick another name")
+    if f"{text}.json" == SETTINGS_FILE:
+        raise Invalid(f"{text!r} would write the report over {SETTINGS_FILE}, the settings a resume is checked "
+                      "against; pick another name")
     return text
 
 

@@ -113,7 +113,6 @@ def _renamed(obj: dict, where: _Where, names: dict[str, str]) -> tuple[Doc, _Whe
     return doc, replace(where, renamed=tuple((v, k) for k, v in names.items()))
 
 
-
 def _read_pope(root: Path):
     found = {s: _first_file(root, [f"coco_pope_{s}.json"], ("", "coco")) for s in POPE_SPLITS}
     files = [f for f in found.values() if f]

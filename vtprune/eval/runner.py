@@ -142,9 +142,12 @@ def _fields_problem(record: dict, expected: dict, index: int) -> str | None:
     return None
 
 
+SETTINGS_FILE = "run.json"  # a run's settings, in its folder: what a resume is checked against
+
+
 def _check_settings(out: Path, settings: dict, shard: Shard) -> None:
     """The folder's run.json (written by the first process) must equal these settings: a resume continues one run."""
-    path = out / "run.json"
+    path = out / SETTINGS_FILE
     if shard.main and not path.exists():
         path.write_text(json.dumps(settings, indent=2))
     shard.wait_for_everyone()
