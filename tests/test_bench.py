@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import math
+import platform
 from types import SimpleNamespace
 
 import pytest
@@ -494,3 +495,50 @@ def test_a_run_hands_over_its_results_after_every_configuration(monkeypatch):
                         measured=lambda so_far: seen.append([r.config for r in so_far]))
     assert seen == [["unpruned"], ["unpruned", "oracle@16"], ["unpruned", "oracle@16", "random@16"]]
     assert [r.config for r in results] == seen[-1]
+
+
+def test_a_checkpoint_on_disk_is_timed_at_its_own_shapes(tmp_path, capsys):
+    """`vtprune bench --model DIR`: the checkpoint's own weights and shapes, prompted as the presets of its family,
+    measuring what the same model measures in memory. Its image token lies inside the vocabulary, as a real
+    checkpoint's special tokens do, at an id the prompts' random text would otherwise draw."""
+    from transformers import LlavaForConditionalGeneration
+
+    from vtprune import cli
+
+    config = TINY.config()
+    drawn = torch.randint(1, config.text_config.vocab_size - 8, (2, 40), generator=torch.Generator().manual_seed(0))
+    config.image_token_id = int(drawn[1, 7])
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "my-llava")
+    assert cli.main(["bench", "--model", str(tmp_path / "my-llava"), "--methods", "fastv", "--budgets", "16",
+                     "--batch", "2", "--repeats", "1", "--warmup", "0", "--new-tokens", "2",
+                     "--out", str(tmp_path / "out")]) == 0
+    assert "my-llava on cpu" in capsys.readouterr().out.replace("\n", " ")
+    saved = json.loads((tmp_path / "out" / f"cpu-{platform.machine()}" / "bench-my-llava.json").read_text())
+    assert saved["settings"]["model"] == str((tmp_path / "my-llava").resolve())
+    rows = {row["config"]: row for row in saved["results"]}
+    in_memory = {name: measure(model, TINY, method, budget, batch=2, repeats=1, warmup=0, new_tokens=2)
+                 for name, method, budget in [("unpruned", "unpruned", None), ("fastv@16", "fastv", 16)]}
+    for name, expected in in_memory.items():
+        for field in ("visual_tokens_per_layer", "kv_cache_bytes", "prefill_tflops"):
+            assert rows[name][field] == getattr(expected, field), (name, field)
+    assert rows["fastv@16"]["visual_tokens_per_layer"] == [64, 64] + [16] * 4
+
+
+def test_a_qwen_checkpoint_is_prompted_as_its_7b_preset(tmp_path):
+    """One 48x48-patch image a prompt: 576 visual tokens, LLaVA-1.5's count, as the qwen2-vl-7b preset."""
+    from vtprune.bench.run import run_bench
+    from vtprune.tiny import tiny_qwen2_vl
+
+    tiny_qwen2_vl("sdpa").save_pretrained(tmp_path / "qwen")
+    [unpruned, _, random] = run_bench("qwen", ["random"], [64], [1], repeats=1, warmup=0, new_tokens=2,
+                                      checkpoint=tmp_path / "qwen")
+    assert unpruned.visual_tokens_per_layer == [576] * 4 and random.visual_tokens_per_layer == [64] * 4
+
+
+def test_a_checkpoint_and_a_preset_are_not_both_given(tmp_path):
+    from vtprune import cli
+
+    with pytest.raises(SystemExit):
+        cli.parse(["bench", "--model", str(tmp_path), "--arch", "llava-cpu-small"])

@@ -408,7 +408,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """Efficiency at real model shapes (random weights): prefill, decode, throughput, memory, KV cache, FLOPs."""
+    """Efficiency at real model shapes (a preset's random weights, or a checkpoint's own): prefill, decode,
+    throughput, memory, KV cache, FLOPs."""
     from pathlib import Path
 
     import torch
@@ -418,18 +419,22 @@ def cmd_bench(args) -> int:
 
     dtype = getattr(torch, args.dtype)
     name = device_name(args.device)
-    settings = {"arch": args.arch, "device_name": name, "dtype": args.dtype, "repeats": args.repeats,
+    # A checkpoint is named by its folder (its results file too); prompts are random either way, so CLASP runs
+    # as on a preset (one class, no router) rather than routing noise with the checkpoint's tokenizer.
+    arch = Path(args.model).resolve().name if args.model else args.arch
+    settings = {"arch": arch, "device_name": name, "dtype": args.dtype, "repeats": args.repeats,
                 "warmup": args.warmup, "new_tokens": args.new_tokens, "compiled": args.compile,
-                "command": _command_line()}
+                "command": _command_line(), **({"model": str(Path(args.model).resolve())} if args.model else {})}
     folder = Path(args.out) / name
     not_run = {}  # filled before the first configuration runs
     # Saved after every configuration: a run cut short (a time limit on a lent GPU) keeps what it measured.
-    results = run_bench(args.arch, args.methods, args.budgets, args.batch, device=args.device, dtype=dtype,
+    results = run_bench(arch, args.methods, args.budgets, args.batch, device=args.device, dtype=dtype,
                         repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, compiled=args.compile,
-                        options=WITHOUT_CHECKPOINT, not_run=not_run,
+                        options=WITHOUT_CHECKPOINT, not_run=not_run, checkpoint=args.model,
                         measured=lambda so_far: save(so_far, folder, dict(settings, **_not_run(not_run))))
     compiled = f", prefill compiled ({args.compile})" if args.compile else ""
-    console.print(bench_table(results, f"{args.arch} on {name} ({args.dtype}, random weights{compiled})"))
+    weights = "the checkpoint's weights" if args.model else "random weights"
+    console.print(bench_table(results, f"{arch} on {name} ({args.dtype}, {weights}{compiled})"))
     console.print(f"wrote {save(results, folder, dict(settings, **_not_run(not_run)))}")
     return 0
 
@@ -508,9 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", type=cli_args.checkpoint, help=model_help)
     calibrate.add_argument("--out", type=cli_args.writable_file, default="out/clasp_calibration.json")
     calibrate.set_defaults(run=cmd_calibrate)
-    bench = commands.add_parser("bench", help="what pruning saves at real model shapes (random weights)")
-    bench.add_argument("--arch", type=cli_args.arch, default="llava-cpu-small",
-                       help="a preset of real shapes with random weights (an unknown name lists them all)")
+    bench = commands.add_parser("bench", help="what pruning saves at real model shapes (a preset's random weights, or a checkpoint)")
+    shapes = bench.add_mutually_exclusive_group()
+    shapes.add_argument("--model", type=cli_args.checkpoint,
+                        help="a checkpoint folder of any supported family, timed at its own shapes and weights "
+                             "(one image a prompt, as the presets of its family) instead of a preset")
+    shapes.add_argument("--arch", type=cli_args.arch, default="llava-cpu-small",
+                        help="a preset of real shapes with random weights (an unknown name lists them all)")
     bench.add_argument("--methods", type=cli_args.comma_list(cli_args.method_name), default="fastv,clse,clasp,random",
                        help="comma-separated method names, each timed against both oracles")
     bench.add_argument("--budgets", type=cli_args.comma_list(cli_args.token_budget), default="192,128,64",

@@ -200,11 +200,31 @@ def build_preset(name: str, device: str = "cpu", dtype: torch.dtype = torch.floa
     return model.to(dtype).eval()
 
 
+def checkpoint_preset(model) -> Preset:
+    """A checkpoint's own shapes, prompted as the 7B presets of its family are (`vtprune bench --model`): one image
+    a prompt (LLaVA-NeXT: 672x672; OneVision: 768x768; Qwen2-VL and Qwen2.5-VL: 48x48 patches, 576 tokens), or
+    one 8-frame video (Video-LLaVA)."""
+    from vtprune.adapters import adapter_for
+
+    family = adapter_for(model).family
+    like = next(preset for name, preset in PRESETS.items() if preset.family == family and name.endswith("-7b"))
+    return Preset(family, vision={}, text={}, image_patches=like.image_patches, image_size=like.image_size,
+                  frames=like.frames)
+
+
+def _plain_token_limit(config) -> int:
+    """Token ids below this are ordinary text: under the vocabulary's last 8 (where the presets put their special
+    tokens) and under every special token a checkpoint's config names (bos/eos, image, video, vision start/end),
+    which a real vocabulary keeps above its ordinary words."""
+    special = [value for part in (config, config.text_config) for key, value in vars(part).items()
+               if key.endswith(("token_id", "token_index")) and isinstance(value, int) and value > 2]
+    return min([config.text_config.vocab_size - 8, *special])
+
+
 def preset_inputs(model, preset: Preset, batch: int, text_tokens: int = 40, device: str = "cpu", dtype=torch.float32):
     """A batch of prompts with one image each (Video-LLaVA: one video), as the model's processor would lay them out."""
-    vocab = model.config.text_config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    text = torch.randint(1, vocab - 8, (batch, text_tokens), generator=generator)
+    text = torch.randint(1, _plain_token_limit(model.config), (batch, text_tokens), generator=generator)
     image_id = model.config.image_token_id
     if preset.family == "llava":
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size

@@ -17,7 +17,7 @@ from vtprune.api import refusal
 from vtprune.engine.compiled import COMPILERS, compile_prefill
 
 from .measure import Measurement, measure
-from .presets import PRESETS, build_preset
+from .presets import PRESETS, build_preset, checkpoint_preset
 
 
 def device_name(device: str) -> str:
@@ -29,12 +29,18 @@ def device_name(device: str) -> str:
 def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[int], *, device: str = "cpu",
               dtype: torch.dtype = torch.float32, repeats: int = 20, warmup: int = 3, new_tokens: int = 16,
               compiled: str | None = None, options: dict | None = None, measured=None,
-              not_run: dict | None = None) -> list[Measurement]:
-    """Every configuration in turn; `measured(results so far)` is called after each one. A method that refuses
-    the model at a budget, or the preset's videos, is left out, its reason printed and put in `not_run`
-    ({config: reason}) where one is given."""
-    model = build_preset(arch, device=device, dtype=dtype)
-    preset = PRESETS[arch]
+              not_run: dict | None = None, checkpoint: Path | None = None) -> list[Measurement]:
+    """Every configuration in turn, on the preset `arch` (random weights) or on the checkpoint folder `checkpoint`
+    (`arch` then names it); `measured(results so far)` is called after each one. A method that refuses the model
+    at a budget, or the preset's videos, is left out, its reason printed and put in `not_run` ({config: reason})
+    where one is given."""
+    if checkpoint is None:
+        model, preset = build_preset(arch, device=device, dtype=dtype), PRESETS[arch]
+    else:
+        from vtprune.eval.generation import load_model
+
+        model = load_model(checkpoint, dtype=dtype).to(device)  # (its processor is not needed: prompts are made)
+        preset = checkpoint_preset(model)
     reasons = {(m, budget): refusal(model, m, budget, videos=preset.videos, **(options or {}).get(m, {}))
                for budget in budgets for m in methods}
     for (m, budget), reason in reasons.items():

@@ -32,7 +32,15 @@ class NoChatTemplate(ValueError):
 
 
 def load_checkpoint(path: str | Path, dtype="auto", attn_implementation: str = "sdpa"):
-    """(model, processor) of a checkpoint folder of any family vtprune supports, in eval mode.
+    """(model, processor) of a checkpoint folder of any family vtprune supports, the model in eval mode
+    (`load_model`)."""
+    from vtprune.synth.reference import load_processor
+
+    return load_model(path, dtype, attn_implementation), load_processor(path)
+
+
+def load_model(path: str | Path, dtype="auto", attn_implementation: str = "sdpa"):
+    """The model of a checkpoint folder of any family vtprune supports, in eval mode.
 
     The model class is the one transformers maps the checkpoint to for image-text-to-text, checked against
     the families vtprune has adapters for before any weight is read. dtype "auto" keeps the checkpoint's own.
@@ -41,7 +49,7 @@ def load_checkpoint(path: str | Path, dtype="auto", attn_implementation: str = "
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     from vtprune.adapters import supported_models
-    from vtprune.synth.reference import load_processor, load_whole
+    from vtprune.synth.reference import load_whole
 
     config = AutoConfig.from_pretrained(path)
     model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
@@ -50,7 +58,7 @@ def load_checkpoint(path: str | Path, dtype="auto", attn_implementation: str = "
         raise ValueError(f"{path} is a {config.model_type!r} checkpoint ({found}); vtprune supports "
                          f"{', '.join(supported_models())}")
     model = load_whole(path, AutoModelForImageTextToText, dtype=dtype, attn_implementation=attn_implementation)
-    return model.eval(), load_processor(path)
+    return model.eval()
 
 
 IMAGE_MARKER = "<image>"  # lmms-eval's image placeholder, which some tasks write into the question
