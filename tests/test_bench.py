@@ -542,3 +542,17 @@ def test_a_checkpoint_and_a_preset_are_not_both_given(tmp_path):
 
     with pytest.raises(SystemExit):
         cli.parse(["bench", "--model", str(tmp_path), "--arch", "llava-cpu-small"])
+
+
+def test_a_budget_keeping_every_visual_token_is_not_run(monkeypatch):
+    """It would time the unpruned model under a pruned config's name (and an oracle equal to it)."""
+    from vtprune.bench import presets
+    from vtprune.bench.run import run_bench
+
+    monkeypatch.setitem(presets.PRESETS, "tiny", TINY)
+    not_run = {}
+    results = run_bench("tiny", ["random", "fastv"], [64, 100, 16], [1], repeats=1, warmup=0, new_tokens=2,
+                        not_run=not_run)
+    assert sorted(not_run) == ["fastv@100", "fastv@64", "random@100", "random@64"]
+    assert all("keeps every one of the 64 visual tokens" in reason for reason in not_run.values())
+    assert [r.config for r in results] == ["unpruned", "oracle@16", "random@16", "fastv@16"]

@@ -411,6 +411,12 @@ def _visual_counts(model, preset: Preset, inputs, stats) -> list[int]:
     return [count] * model.config.text_config.num_hidden_layers
 
 
+def preset_visual_tokens(model, preset: Preset) -> int:
+    """Visual tokens of one prompt's image (Video-LLaVA: its video), as a budget counts them."""
+    return _visual_counts(model, preset, preset_inputs(model, preset, 1, device=model.device, dtype=model.dtype),
+                          None)[0]
+
+
 def _vision_sequences(model, preset: Preset, inputs) -> tuple[list[int], list[tuple[int, int]] | None]:
     """Tokens of each sequence the vision tower runs for the first sample's image (one per LLaVA-NeXT or OneVision
     tile, one per Video-LLaVA frame), and the image's (h, w) patches on Qwen (Qwen2.5-VL's windows need them)."""

@@ -14,9 +14,10 @@ from rich.table import Table
 from tqdm import tqdm
 
 from vtprune.api import refusal
+from vtprune.engine.budget import keeps_whole
 from vtprune.engine.compiled import COMPILERS, compile_prefill
 
-from .measure import Measurement, measure
+from .measure import Measurement, measure, preset_visual_tokens
 from .presets import PRESETS, build_preset, checkpoint_preset
 
 
@@ -41,7 +42,10 @@ def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[i
 
         model = load_model(checkpoint, dtype=dtype).to(device)  # (its processor is not needed: prompts are made)
         preset = checkpoint_preset(model)
-    reasons = {(m, budget): refusal(model, m, budget, videos=preset.videos, **(options or {}).get(m, {}))
+    visual = preset_visual_tokens(model, preset)
+    whole = f"it keeps every one of the {visual} visual tokens of this model's prompt: the unpruned row times that"
+    reasons = {(m, budget): whole if keeps_whole(budget, visual)
+               else refusal(model, m, budget, videos=preset.videos, **(options or {}).get(m, {}))
                for budget in budgets for m in methods}
     for (m, budget), reason in reasons.items():
         if reason is not None:
@@ -50,7 +54,7 @@ def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[i
                 not_run[f"{m}@{budget}"] = reason
     plan = [("unpruned", None, b) for b in batches]
     plan += [(m, budget, b) for budget in budgets for b in batches for m in ["oracle", *methods]
-             if m == "oracle" or reasons[m, budget] is None]
+             if (m == "oracle" and not keeps_whole(budget, visual)) or reasons.get((m, budget), "") is None]
     results = []
     # One compiled handle for the run: each configuration reuses the segments an earlier one compiled.
     with compile_prefill(model, **COMPILERS[compiled]) if compiled else contextlib.nullcontext():
