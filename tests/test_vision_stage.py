@@ -14,7 +14,7 @@ import torch
 import vtprune
 from vtprune.adapters import adapter_for
 from vtprune.engine.compat import EngineError
-from vtprune.methods import REGISTRY, Selection, VisionMethod
+from vtprune.methods import REGISTRY, BlockMergingMethod, Selection, VisionMethod
 from vtprune.methods.primitives import cls_attention, merge_into_nearest, topk_in_order
 from vtprune.tiny import SampleLayout, tiny_inputs
 
@@ -270,3 +270,23 @@ def test_tower_rows_that_are_not_the_items_received_are_reported_when_the_prefil
         monkeypatch.setattr(type(pruner.adapter), "known_place", one_column_off)
         with pytest.raises(EngineError, match="rows are not the features the language model received"):
             model(**inputs)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "vispruner", "hired", "prumerge+", "pool", "tome", "ficoco_v"])
+def test_a_tower_run_of_the_callers_own_is_the_pruned_models(method):
+    """get_image_features while a pruner is applied (README, Semantics: the vision tower): the tower's own output,
+    bit for bit, under the methods that only read it; merged under those that merge inside its blocks."""
+    model = FAMILIES["llava"]("sdpa")
+    pixels = tiny_inputs(model, [SampleLayout(images=1)])["pixel_values"]
+
+    def features():
+        out = model.model.get_image_features(pixel_values=pixels)
+        return torch.cat(list(getattr(out, "pooler_output", out)))
+
+    with torch.no_grad():
+        own = features()
+        with vtprune.apply(model, method, 16):
+            applied = features()
+    merges = issubclass(REGISTRY[method], BlockMergingMethod)
+    assert merges == (method in ("tome", "ficoco_v"))
+    assert torch.equal(applied, own) != merges
