@@ -283,6 +283,21 @@ def test_textvqa_save_to_disk_dataset_dict(tmp_path):
     assert score("textvqa", ["coca cola", "Stop"], refs, scoring="llava")["score"] == pytest.approx(80.0)
 
 
+def test_a_textvqa_copy_is_not_read_as_vizwiz_nor_the_reverse(tmp_path):
+    """The two share a scoring rule and most columns: each other's rows would be asked with the wrong prompt."""
+    textvqa = {"question_id": 10, "question": "what is the brand?", "image": hf_image(RED),
+               "answers": ["coke"] * 10, "ocr_tokens": ["coca"], "set_name": "val"}
+    vizwiz = {"question_id": "VizWiz_val_00000000.jpg", "question": "what is this?",
+              "answers": ["unanswerable"] * 10, "category": "unanswerable", "image": hf_image(BLUE)}
+    save_to_disk(tmp_path / "copy_a", [textvqa], split="validation")
+    save_to_disk(tmp_path / "copy_b", [vizwiz], split="val")
+    with pytest.raises(ValueError, match="field 'ocr_tokens' is a column of TextVQA's rows.*copy of TextVQA"):
+        load_benchmark("vizwiz", tmp_path / "copy_a")
+    with pytest.raises(ValueError, match="field 'category' is a column of VizWiz-VQA's rows.*point TextVQA"):
+        load_benchmark("textvqa", tmp_path / "copy_b")
+    assert len(load_benchmark("textvqa", tmp_path / "copy_a")) == len(load_benchmark("vizwiz", tmp_path / "copy_b")) == 1
+
+
 def test_vizwiz_save_to_disk_dataset_converts_grayscale(tmp_path):
     rows = [{"question_id": "VizWiz_val_00000000.jpg", "question": "what is this?", "answers": ["unanswerable"] * 10,
              "category": "unanswerable", "image": hf_image(mode="L")},

@@ -467,7 +467,21 @@ def _scienceqa(doc: Doc, where: _Where):
     return _optional_id(doc, "id"), text, {"choices": choices, "answer": answer}
 
 
+# Columns only one of the two VQA-accuracy benchmarks has (lmms-lab's tables), which otherwise look alike: a copy
+# of one under the other's name would be read, asked with the other's prompt and scored by the same rule.
+_TEXTVQA_ONLY = ("ocr_tokens", "image_classes", "set_name")
+_VIZWIZ_ONLY = ("category",)
+
+
+def _refuse_the_others_copy(doc: Doc, where: _Where, task: str, other: str, columns: tuple[str, ...]) -> None:
+    found = [column for column in columns if column in doc]
+    if found:
+        raise where.error(found[0], f"is a column of {other}'s rows, not {task}'s",
+                          f"this looks like a copy of {other}: point {task} at its own files")
+
+
 def _textvqa(doc: Doc, where: _Where):
+    _refuse_the_others_copy(doc, where, "TextVQA", "VizWiz-VQA", _VIZWIZ_ONLY)
     question = _text(doc, "question", where)
     answers = _string_list(doc, "answers", where, "the list of human answers (10 in TextVQA)")
     # str.capitalize also lowercases the rest of the question: lmms-eval does exactly this.
@@ -475,6 +489,7 @@ def _textvqa(doc: Doc, where: _Where):
 
 
 def _vizwiz(doc: Doc, where: _Where):
+    _refuse_the_others_copy(doc, where, "VizWiz-VQA", "TextVQA", _TEXTVQA_ONLY)
     question = _text(doc, "question", where)
     answers = _string_list(doc, "answers", where, "the list of human answers (10 in VizWiz)")
     reference = {"answers": answers}
