@@ -211,6 +211,22 @@ def test_a_pruned_cache_continued_after_remove_is_refused_until_emptied(model, m
     assert cache.get_seq_length() == inputs["input_ids"].shape[1]
 
 
+@pytest.mark.parametrize("regroup", [lambda cache: cache.batch_select_indices(torch.tensor([0])),
+                                     lambda cache: cache.batch_repeat_interleave(2)])
+def test_a_pruned_cache_whose_rows_would_be_regrouped_is_refused(model, regroup):
+    """The run keeps each sample's kept tokens by its row: selected or repeated rows would be continued with
+    another sample's layout (a shape error deep in the engine before). A cache the pruner did not fill is free."""
+    inputs = tiny_inputs(model, LAYOUTS)
+    with vtprune.apply(model, "fastv", 10):
+        cache = output_cache(model(**inputs, use_cache=True))
+        lengths = [layer.get_seq_length() for layer in cache.layers]
+        with pytest.raises(EngineError, match="vtprune keeps each sample's kept tokens by its row"):
+            regroup(cache)
+        assert [layer.get_seq_length() for layer in cache.layers] == lengths and cache.layers[0].keys.shape[0] == 2
+        foreign = DynamicCache(config=model.config)
+        regroup(foreign)  # empty and not a pruned prompt's: nothing to refuse
+
+
 def test_attention_switched_after_apply_is_refused_at_the_next_prompt():
     """apply() refuses flash/flex attention; a switch made afterwards is caught by the next prompt with images
     (flex under the engine's masks crashed the process)."""

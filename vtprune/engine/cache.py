@@ -80,6 +80,25 @@ class PrunedCache(DynamicCache):
         self._check_continued()
         return super().update(*args, **kwargs)
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._refuse_regrouping("batch_select_indices")
+        super().batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._refuse_regrouping("batch_repeat_interleave")
+        super().batch_repeat_interleave(repeats)
+
+    def _refuse_regrouping(self, name: str) -> None:
+        """The prompt's run keeps each sample's kept tokens and layouts by its row: a cache whose rows are selected
+        or repeated would be continued with another sample's (beam search's reorder_cache moves whole rows within a
+        sample's beams, which share its decision, and is left alone)."""
+        if self.__dict__.get(PRUNED_RUN) is not None and any(layer.get_seq_length() for layer in self.layers):
+            raise EngineError(
+                f"{name} on the KV cache of a pruned prompt: vtprune keeps each sample's kept tokens by its row, "
+                "which this would regroup. Select or repeat the samples before the prefill (in input_ids and the "
+                "images), or continue every row of the cache"
+            )
+
     def _check_continued(self) -> None:
         held = self.__dict__.get(PRUNED_RUN)
         if held is None or held.live:
