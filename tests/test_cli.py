@@ -54,6 +54,8 @@ def usage_error(argv, capsys) -> str:
     (["eval", "--methods", "hired:early_layer=5"], r"method 'hired' reads vision layers \[5\]"),
     (["eval", "--methods", "fastv:k=3"], "fastv has no option 'k'; its options are: layer"),
     (["eval", "--methods", "clasp:tokenizer=x"], "tokenizer cannot be given on the command line"),
+    (["eval", "--methods", "clasp:router=x"], r"router cannot be given on the command line \(a Python object: pass "
+                                              r"it to vtprune.apply\)"),
     (["eval", "--methods", "clasp:layers=1/2:multipliers=1/2"], r"clasp's multipliers must not grow from stage to "
                                                                 r"stage .*got \(1.0, 2.0\)"),
     (["eval", "--methods", "random,random"], "--methods: random given twice"),

@@ -299,8 +299,8 @@ def coerce(text: str, hint):
             except ValueError:
                 pass
     spelled = [_describe(m) for m in members if _describe(m)]
-    if not spelled:
-        raise ValueError("cannot be given on the command line")
+    if not any(_describe(m) for m in members if m is not type(None)):  # a callable, a tokenizer: Python only
+        raise ValueError("cannot be given on the command line (a Python object: pass it to vtprune.apply)")
     raise ValueError(f"takes {' or '.join(spelled)}; got {text!r}")
 
 
