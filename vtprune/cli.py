@@ -513,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", type=cli_args.checkpoint, help=model_help)
     calibrate.add_argument("--out", type=cli_args.writable_file, default="out/clasp_calibration.json")
     calibrate.set_defaults(run=cmd_calibrate)
-    bench = commands.add_parser("bench", help="what pruning saves at real model shapes (a preset's random weights, or a checkpoint)")
+    bench = commands.add_parser("bench", help="what pruning saves at real model shapes (a preset's random weights, "
+                                              "or a checkpoint)")
     shapes = bench.add_mutually_exclusive_group()
     shapes.add_argument("--model", type=cli_args.checkpoint,
                         help="a checkpoint folder of any supported family, timed at its own shapes and weights "

@@ -298,10 +298,10 @@ def coerce(text: str, hint):
                 return _coerce_one(text, member)
             except ValueError:
                 pass
-    spelled = [_describe(m) for m in members if _describe(m)]
-    if not any(_describe(m) for m in members if m is not type(None)):  # a callable, a tokenizer: Python only
+    spelled = [_describe(m) for m in members if m is not type(None) and _describe(m)]
+    if not spelled:  # a callable, a tokenizer: Python only
         raise ValueError("cannot be given on the command line (a Python object: pass it to vtprune.apply)")
-    raise ValueError(f"takes {' or '.join(spelled)}; got {text!r}")
+    raise ValueError(f"takes {' or '.join(spelled + ['none'] * (type(None) in members))}; got {text!r}")
 
 
 def _coerce_one(text: str, hint):

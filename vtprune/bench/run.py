@@ -53,8 +53,8 @@ def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[i
             if not_run is not None:
                 not_run[f"{m}@{budget}"] = reason
     plan = [("unpruned", None, b) for b in batches]
-    plan += [(m, budget, b) for budget in budgets for b in batches for m in ["oracle", *methods]
-             if (m == "oracle" and not keeps_whole(budget, visual)) or reasons.get((m, budget), "") is None]
+    plan += [(m, budget, b) for budget in budgets if not keeps_whole(budget, visual) for b in batches
+             for m in ["oracle", *methods] if m == "oracle" or reasons[m, budget] is None]
     results = []
     # One compiled handle for the run: each configuration reuses the segments an earlier one compiled.
     with compile_prefill(model, **COMPILERS[compiled]) if compiled else contextlib.nullcontext():
