@@ -101,6 +101,8 @@ def path_type(check):
 
     @functools.wraps(check)
     def parse(text: str) -> str:
+        if "\x00" in text:  # pathlib's exists() and is_dir() answer False for it; resolve() and open() raise later
+            raise Invalid(f"{text!r} is not a usable path (it holds a NUL character)")
         try:
             return check(text)
         except (OSError, ValueError) as error:
