@@ -497,25 +497,32 @@ def test_a_run_hands_over_its_results_after_every_configuration(monkeypatch):
     assert [r.config for r in results] == seen[-1]
 
 
-def test_a_checkpoint_on_disk_is_timed_at_its_own_shapes(tmp_path, capsys):
+def test_a_checkpoint_on_disk_is_timed_at_its_own_shapes(tmp_path, capsys, monkeypatch):
     """`vtprune bench --model DIR`: the checkpoint's own weights and shapes, prompted as the presets of its family,
     measuring what the same model measures in memory. Its image token lies inside the vocabulary, as a real
     checkpoint's special tokens do, at an id the prompts' random text would otherwise draw."""
     from transformers import LlavaForConditionalGeneration
 
     from vtprune import cli
+    from vtprune.bench import run
+    from vtprune.bench.presets import _plain_tokens
 
     config = TINY.config()
-    drawn = torch.randint(1, config.text_config.vocab_size - 8, (2, 40), generator=torch.Generator().manual_seed(0))
+    plain = _plain_tokens(config)
+    drawn = plain[torch.randint(len(plain), (2, 40), generator=torch.Generator().manual_seed(0))]
     config.image_token_id = int(drawn[1, 7])
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     model.save_pretrained(tmp_path / "my-llava")
+    timed = []
+    monkeypatch.setattr(run, "measure", lambda model, *args, **kwargs: timed.append(model) or measure(model, *args,
+                                                                                                       **kwargs))
     assert cli.main(["bench", "--model", str(tmp_path / "my-llava"), "--methods", "fastv", "--budgets", "16",
                      "--batch", "2", "--repeats", "1", "--warmup", "0", "--new-tokens", "2",
                      "--out", str(tmp_path / "out")]) == 0
-    assert "my-llava on cpu" in capsys.readouterr().out.replace("\n", " ")
-    saved = json.loads((tmp_path / "out" / f"cpu-{platform.machine()}" / "bench-my-llava.json").read_text())
+    assert "model-my-llava on cpu" in capsys.readouterr().out.replace("\n", " ")
+    assert all(torch.equal(p, q) for p, q in zip(timed[0].parameters(), model.parameters()))  # its own weights
+    saved = json.loads((tmp_path / "out" / f"cpu-{platform.machine()}" / "bench-model-my-llava.json").read_text())
     assert saved["settings"]["model"] == str((tmp_path / "my-llava").resolve())
     rows = {row["config"]: row for row in saved["results"]}
     in_memory = {name: measure(model, TINY, method, budget, batch=2, repeats=1, warmup=0, new_tokens=2)
@@ -537,11 +544,14 @@ def test_a_qwen_checkpoint_is_prompted_as_its_7b_preset(tmp_path):
     assert unpruned.visual_tokens_per_layer == [576] * 4 and random.visual_tokens_per_layer == [64] * 4
 
 
-def test_a_checkpoint_and_a_preset_are_not_both_given(tmp_path):
+def test_a_checkpoint_and_a_preset_are_not_both_given(tmp_path, capsys):
     from vtprune import cli
 
+    TINY.build().save_pretrained(tmp_path)
+    assert cli.parse(["bench", "--model", str(tmp_path)]).model == str(tmp_path)
     with pytest.raises(SystemExit):
         cli.parse(["bench", "--model", str(tmp_path), "--arch", "llava-cpu-small"])
+    assert "argument --arch: not allowed with argument --model" in capsys.readouterr().err
 
 
 def test_a_budget_keeping_every_visual_token_is_not_run(monkeypatch):

@@ -109,7 +109,8 @@ def test_method_options_get_the_types_their_method_declares():
 
 FLAGS = {
     "eval": ["--samples", "--batch", "--seed", "--budgets", "--methods", "--report", "--out", "--model"],
-    "bench": ["--budgets", "--batch", "--methods", "--arch", "--repeats", "--warmup", "--new-tokens", "--out"],
+    "bench": ["--budgets", "--batch", "--methods", "--arch", "--model", "--repeats", "--warmup", "--new-tokens",
+              "--out"],
     "show": ["--method", "--budget", "--out"],
 }
 # Text near the grammar of the values (digits, separators, option names), so that parses succeed too.
@@ -138,11 +139,18 @@ def test_a_nul_character_is_a_usage_error(command, flag, capsys):
     """(Found by the property test above: `eval --out=\x00` passed the folder check, whose pathlib calls answer
     False for it, and then raised ValueError from resolve().)"""
     argv = [command] + ([__file__, "what?", "--method", "random"] if command == "show" else []) + [f"{flag}=\x00"]
-    try:
+    with pytest.raises(SystemExit) as exit:
         cli.parse(argv)
-    except SystemExit as exit:
-        assert exit.code == 2
-        assert "Traceback" not in capsys.readouterr().err
+    assert exit.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_report_name_too_long_for_its_files_is_refused(capsys):
+    """Refused at the start, not when the report is written after every answer."""
+    with pytest.raises(SystemExit):
+        cli.parse(["eval", "--report", "r" * 240])
+    assert "is too long: with '_normalized_vs_budget.png' it passes the 255 bytes" in capsys.readouterr().err
+    assert cli.parse(["eval", "--report", "r" * 230]).report == "r" * 230
 
 
 @pytest.mark.parametrize("command, flag", [(command, flag) for command in sorted(FLAGS) for flag in FLAGS[command]])

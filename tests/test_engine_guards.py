@@ -223,8 +223,9 @@ def test_a_pruned_cache_whose_rows_would_be_regrouped_is_refused(model, regroup)
         with pytest.raises(EngineError, match="vtprune keeps each sample's kept tokens by its row"):
             regroup(cache)
         assert [layer.get_seq_length() for layer in cache.layers] == lengths and cache.layers[0].keys.shape[0] == 2
-        foreign = DynamicCache(config=model.config)
-        regroup(foreign)  # empty and not a pruned prompt's: nothing to refuse
+    cache.reset()
+    if not any(layer.get_seq_length() for layer in cache.layers):  # (transformers 5.17 zeroes a reset cache's tokens)
+        regroup(cache)  # emptied, it holds no sample's tokens: nothing to refuse
 
 
 def test_attention_switched_after_apply_is_refused_at_the_next_prompt():

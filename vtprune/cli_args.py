@@ -111,11 +111,21 @@ def path_type(check):
     return parse
 
 
+# The longest name a report adds to its own (report.py, cli.py): a name that fits alone but not with it would
+# fail only when the report is written, after every answer.
+REPORT_SUFFIX = "_normalized_vs_budget.png"
+
+
 def file_name(text: str) -> str:
     """A bare file name: the file goes into --out."""
     separators = {os.sep, os.altsep or os.sep}
     if not text or text in (".", "..") or any(s in text for s in separators):
         raise Invalid(f"{text!r} must be a plain file name (no folders); it is written inside --out")
+    if "\x00" in text:
+        raise Invalid(f"{text!r} is not a usable file name (it holds a NUL character)")
+    if len(os.fsencode(text + REPORT_SUFFIX)) > 255:
+        raise Invalid(f"{text[:40]!r}... is too long: with {REPORT_SUFFIX!r} it passes the 255 bytes a file name "
+                      "may have")
     return text
 
 

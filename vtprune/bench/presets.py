@@ -212,19 +212,23 @@ def checkpoint_preset(model) -> Preset:
                   frames=like.frames)
 
 
-def _plain_token_limit(config) -> int:
-    """Token ids below this are ordinary text: under the vocabulary's last 8 (where the presets put their special
-    tokens) and under every special token a checkpoint's config names (bos/eos, image, video, vision start/end),
-    which a real vocabulary keeps above its ordinary words."""
+def _plain_tokens(config) -> torch.Tensor:
+    """The ids a prompt's text is drawn from: 1 up to the vocabulary's last 8 (where the presets put their special
+    tokens), less every special token the config names (bos/eos/pad, image, video, vision start/end): a real
+    checkpoint's lie inside its vocabulary."""
     special = [value for part in (config, config.text_config) for key, value in vars(part).items()
-               if key.endswith(("token_id", "token_index")) and isinstance(value, int) and value > 2]
-    return min([config.text_config.vocab_size - 8, *special])
+               if key.endswith(("token_id", "token_index")) and isinstance(value, int)]
+    plain = torch.ones(config.text_config.vocab_size - 8, dtype=torch.bool)
+    plain[0] = False
+    plain[[i for i in special if 0 <= i < len(plain)]] = False
+    return plain.nonzero().squeeze(1)
 
 
 def preset_inputs(model, preset: Preset, batch: int, text_tokens: int = 40, device: str = "cpu", dtype=torch.float32):
     """A batch of prompts with one image each (Video-LLaVA: one video), as the model's processor would lay them out."""
     generator = torch.Generator().manual_seed(0)
-    text = torch.randint(1, _plain_token_limit(model.config), (batch, text_tokens), generator=generator)
+    plain = _plain_tokens(model.config)
+    text = plain[torch.randint(len(plain), (batch, text_tokens), generator=generator)]
     image_id = model.config.image_token_id
     if preset.family == "llava":
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
