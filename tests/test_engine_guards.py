@@ -215,7 +215,7 @@ def test_a_pruned_cache_continued_after_remove_is_refused_until_emptied(model, m
                                      lambda cache: cache.batch_repeat_interleave(2)])
 def test_a_pruned_cache_whose_rows_would_be_regrouped_is_refused(model, regroup):
     """The run keeps each sample's kept tokens by its row: selected or repeated rows would be continued with
-    another sample's layout (a shape error deep in the engine before). A cache the pruner did not fill is free."""
+    another sample's layout (a shape error deep in the engine before). Emptied, the cache is free again."""
     inputs = tiny_inputs(model, LAYOUTS)
     with vtprune.apply(model, "fastv", 10):
         cache = output_cache(model(**inputs, use_cache=True))
