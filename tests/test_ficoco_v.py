@@ -129,8 +129,14 @@ def test_the_upper_quantile_is_torchs_bit_for_bit(seed):
 
 
 def test_head_mean_logits_are_the_per_head_logits_averaged():
-    from vtprune.methods.ficoco_v import head_mean_logits
+    from vtprune.methods.ficoco_v import HeadMeanLogits
 
     query, key = torch.randn(2, 3, 2, 10, 4).unbind(0)
-    expected = (query @ key.transpose(-1, -2) * 0.5).mean(dim=1)
-    torch.testing.assert_close(head_mean_logits(query, key, 0.5), expected, atol=1e-6, rtol=1e-6)
+    expected = (query @ key.transpose(-1, -2) * 0.5).mean(dim=1)  # [3, 10, 10]
+    logits = HeadMeanLogits(query, key, 0.5)
+    index = torch.tensor([[4, 0, 9], [1, 1, 2], [7, 3, 5]])
+    torch.testing.assert_close(logits.rows(index), expected.gather(1, index[..., None].expand(-1, -1, 10)),
+                               atol=1e-6, rtol=1e-6)
+    cls = torch.nn.functional.normalize(expected[:, 0, 1:], dim=-1)
+    similar = torch.nn.functional.normalize(expected[:, 1:, 1:].mean(dim=-1), dim=-1)
+    torch.testing.assert_close(logits.redundancy(0.35), 0.35 * cls - 0.65 * similar, atol=1e-6, rtol=1e-6)

@@ -11,7 +11,9 @@ one whose output the projector reads, between the block's attention and its MLP:
 - Correlate: P = softmax(A) over the keys; each dropped token's targets are its k most-attended
   kept tokens, k = the largest count, over the dropped tokens, of logits above their row's
   0.998 quantile (2 on rows longer than 501 tokens, 1 on shorter ones: at r = 42, 2 in the first
-  two reducing blocks, then 1); weights are P normalised over the k.
+  two reducing blocks, then 1); weights are P normalised over the k (computed as the softmax of
+  the k logits: the same weights, as P's normaliser over the whole row cancels; the k are the
+  largest logits towards kept tokens, the largest P as P is monotone in the logit).
 - Compress: each kept token u becomes (x_u + sum w x_i) / (1 + sum w) over the dropped tokens i
   that chose it. No sizes are carried, no proportional attention (as released).
 - r per block: the authors remove a constant 42 per block (114 patches left); here the
@@ -32,7 +34,9 @@ is broken, vtprune follows what it evidently means (deviations, also in the READ
 - on a grid of odd side the last, 1-wide windows count too (the release assumes 24 x 24 and
   its window search covers whole 2x2 windows only, so it never penalises that edge);
 - scores per image, quantiles in float32 (the release averages logits over the batch too and
-  calls torch.quantile on fp16, which raises).
+  calls torch.quantile on fp16, which raises); only the logits the merge reads are computed
+  ([CLS]'s row, the dropped tokens' rows, each patch's mean logit as its query . the mean patch
+  key): the release's values up to float rounding.
 Towers that cut an image into several rows (LLaVA-NeXT's tiles, video frames) are refused.
 """
 
@@ -47,20 +51,28 @@ from .base import BlockInput, BlockMerge, BlockMergingMethod, ModelInfo, feature
 from .primitives import gather_rows
 
 
-def head_mean_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-    """[R, n, n] the attention logits averaged over heads, from query, key [R, H, n, d]: one matmul over the heads'
-    concatenated dimensions (sum_h q_h . k_h / H), equal to the per-head logits' mean up to float rounding and
-    without their [R, H, n, n] (4-5x faster on the CPU)."""
-    rows, heads, n, _ = query.shape
-    scaled = query.transpose(1, 2).reshape(rows, n, -1) * (scaling / heads)  # before the sum: float16's headroom
-    return scaled @ key.transpose(1, 2).reshape(rows, n, -1).transpose(1, 2)
+class HeadMeanLogits:
+    """The attention logits averaged over heads, from query, key [R, H, n, d], row by row as they are read:
+    sum_h q_h . k_h / H is one product over the heads' concatenated dimensions (equal to the per-head logits' mean
+    up to float rounding), and the merge reads only [CLS]'s row, each patch row's mean over the patch keys and the
+    dropped tokens' rows, so the [R, n, n] matrix is never formed (a quarter to a half of FiCoCo-V's time a prefill
+    on 2 CPU cores went to forming it and gathering its rows)."""
 
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, scaling: float):
+        rows, heads, n, _ = query.shape
+        self.query = query.transpose(1, 2).reshape(rows, n, -1) * (scaling / heads)  # before the sum: float16's headroom
+        self.key = key.transpose(1, 2).reshape(rows, n, -1)
 
-def redundancy(logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """[R, n - 1] Filter's score of each patch (lower: more redundant) from head-mean logits [R, n, n], [CLS] first."""
-    cls = F.normalize(logits[:, 0, 1:], dim=-1)
-    similar = F.normalize(logits[:, 1:, 1:].mean(dim=-1), dim=-1)
-    return beta * cls - (1 - beta) * similar
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """[R, m, n] the logits of the tokens index [R, m]."""
+        return gather_rows(self.query, index) @ self.key.transpose(1, 2)
+
+    def redundancy(self, beta: float) -> torch.Tensor:
+        """[R, n - 1] Filter's score of each patch (lower: more redundant), [CLS] first: beta L2n([CLS]'s logits over
+        the patches) - (1 - beta) L2n(each patch's mean logit over the patches), that mean as q . mean(k) (linear)."""
+        cls = self.query[:, :1] @ self.key[:, 1:].transpose(1, 2)
+        similar = self.query[:, 1:] @ self.key[:, 1:].mean(dim=1)[..., None]
+        return beta * F.normalize(cls[:, 0], dim=-1) - (1 - beta) * F.normalize(similar[..., 0], dim=-1)
 
 
 def penalise_window_minima(score: torch.Tensor, columns: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -80,21 +92,26 @@ def penalise_window_minima(score: torch.Tensor, columns: torch.Tensor, grid: tup
     return torch.where(penalised, torch.where(score > 0, score / 2, score * 2), score)
 
 
-def correlation_width(logits: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-    """[R] k: the most logits of a dropped token's row above that row's 0.998 quantile."""
-    rows = gather_rows(logits, dropped).float()
-    return (rows > upper_quantile(rows, 0.998)).sum(-1).amax(-1)
+def correlation_width(dropped_logits: torch.Tensor) -> torch.Tensor:
+    """[R] k: the most logits of a dropped token's row [R, r, n] above that row's 0.998 quantile."""
+    top, quantile = largest_and_quantile(dropped_logits.float(), 0.998)
+    return (top > quantile).sum(-1).amax(-1)  # the rest of a row lies at or below top[-1] <= quantile
 
 
 def upper_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
-    """torch.quantile(rows, q, dim=-1, keepdim=True) on rows without NaN, bit for bit (tested), from the few largest
-    values of each row instead of a sort of the whole row: a high quantile needs only them (~35 ms of FiCoCo-V's
-    merges a batch of 8 on 2 CPU cores went to sorting)."""
+    """torch.quantile(rows, q, dim=-1, keepdim=True) on rows without NaN, bit for bit (tested)."""
+    return largest_and_quantile(rows, q)[1]
+
+
+def largest_and_quantile(rows: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row's largest values down to its sorted [floor(q (n - 1))], descending; its q quantile, keepdim), the
+    quantile from those few values instead of a sort of the whole row: a high quantile needs only them (~35 ms of
+    FiCoCo-V's merges a batch of 8 on 2 CPU cores went to sorting)."""
     n = rows.shape[-1]
     rank = torch.tensor(q, dtype=rows.dtype) * (n - 1)  # as torch.quantile computes it, in the rows' dtype
     below = int(rank)
     top = torch.topk(rows, n - below, dim=-1).values  # descending: the last is the sorted row's [below]
-    return torch.lerp(top[..., -1:], top[..., max(n - below - 2, 0):][..., :1], rank - below)
+    return top, torch.lerp(top[..., -1:], top[..., max(n - below - 2, 0):][..., :1], rank - below)
 
 
 class FiCoCoV(BlockMergingMethod):
@@ -123,17 +140,16 @@ class FiCoCoV(BlockMergingMethod):
 
     def merge(self, block: BlockInput, r: int) -> BlockMerge:
         rows, n, _ = block.hidden.shape
-        logits = head_mean_logits(block.query, block.key, block.scaling)  # [R, n, n]
-        score = penalise_window_minima(redundancy(logits, self.options.beta), block.columns[:, 1:], block.grid)
+        logits = HeadMeanLogits(block.query, block.key, block.scaling)
+        score = penalise_window_minima(logits.redundancy(self.options.beta), block.columns[:, 1:], block.grid)
         ranked = score.argsort(dim=-1, stable=True) + 1  # patches, most redundant first
         dropped, kept = ranked[:, :r], torch.cat([torch.zeros_like(ranked[:, :1]), ranked[:, r:]], dim=1).sort(-1).values
         # Correlate: each dropped token's most-attended kept tokens
-        attention = logits.float().softmax(dim=-1)
-        towards_kept = gather_rows(attention, dropped).gather(
-            2, kept[:, None].expand(-1, r, -1))  # [R, r, n - r]
-        k = int(correlation_width(logits, dropped).max().clamp(min=1, max=kept.shape[1]))
-        weight, target = towards_kept.topk(k, dim=-1)
-        weight = (weight / weight.sum(-1, keepdim=True)).to(block.hidden.dtype)
+        dropped_logits = logits.rows(dropped)  # [R, r, n]
+        towards_kept = dropped_logits.float().gather(2, kept[:, None].expand(-1, r, -1))  # [R, r, n - r]
+        k = int(correlation_width(dropped_logits).max().clamp(min=1, max=kept.shape[1]))
+        top, target = towards_kept.topk(k, dim=-1)
+        weight = top.softmax(dim=-1).to(block.hidden.dtype)  # P over the k, normalised: the row's sum cancels
         # Compress: (x_u + sum w x_i) / (1 + sum w)
         x = block.hidden
         width = x.shape[2]
