@@ -94,7 +94,7 @@ def penalise_window_minima(score: torch.Tensor, columns: torch.Tensor, grid: tup
 
 def correlation_width(dropped_logits: torch.Tensor) -> torch.Tensor:
     """[R] k: the most logits of a dropped token's row [R, r, n] above that row's 0.998 quantile."""
-    top, quantile = largest_and_quantile(dropped_logits.float(), 0.998)
+    top, quantile = largest_and_quantile(dropped_logits, 0.998)
     return (top > quantile).sum(-1).amax(-1)  # the rest of a row lies at or below top[-1] <= quantile
 
 
@@ -145,8 +145,8 @@ class FiCoCoV(BlockMergingMethod):
         ranked = score.argsort(dim=-1, stable=True) + 1  # patches, most redundant first
         dropped, kept = ranked[:, :r], torch.cat([torch.zeros_like(ranked[:, :1]), ranked[:, r:]], dim=1).sort(-1).values
         # Correlate: each dropped token's most-attended kept tokens
-        dropped_logits = logits.rows(dropped)  # [R, r, n]
-        towards_kept = dropped_logits.float().gather(2, kept[:, None].expand(-1, r, -1))  # [R, r, n - r]
+        dropped_logits = logits.rows(dropped).float()  # [R, r, n]; quantiles and softmax in float32
+        towards_kept = dropped_logits.gather(2, kept[:, None].expand(-1, r, -1))  # [R, r, n - r]
         k = int(correlation_width(dropped_logits).max().clamp(min=1, max=kept.shape[1]))
         top, target = towards_kept.topk(k, dim=-1)
         weight = top.softmax(dim=-1).to(block.hidden.dtype)  # P over the k, normalised: the row's sum cancels
