@@ -348,7 +348,7 @@ def test_videomme_is_asked_with_its_frames_and_pruned(tmp_path, monkeypatch):
     monkeypatch.setattr(videos, "read_frames", spy)
     task = benchmark_task(model, processor, samples, max_new_tokens=2, frames=4)
     with vtprune.apply(model, "random", 8) as pruner:
-        answers = task.answer(samples)
+        answers = task.answer(samples, pruner)
         assert pruner.last_stats.kept_per_sample == [8, 8, 8]
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     assert read == [("fFjv93ACGo8.mp4", 4), ("fFjv93ACGo8.mp4", 4), ("xyz.mp4", 4)]
@@ -394,11 +394,11 @@ def test_answers_are_cut_at_the_tasks_stop_strings(monkeypatch):
     monkeypatch.setattr(generation, "generate_tokens", lambda model, processor, questions, *args, **kwargs:
                         [[1]] * len(questions))
     textvqa = BenchmarkSample("textvqa", "1", (), "what brand?", {"answers": ["coca cola"] * 10})
-    assert benchmark_task(None, Processor(), [textvqa], frames=8).answer([textvqa]) == ["Coca Cola"]
+    assert benchmark_task(None, Processor(), [textvqa], frames=8).answer([textvqa], None) == ["Coca Cola"]
     assert score("textvqa", ["Coca Cola"], [textvqa.reference])["score"] == 100.0
     # GQA sets no stop string: the whole answer is kept
     gqa = BenchmarkSample("gqa", "2", (), "what brand?", {"answer": "coca cola"})
-    assert benchmark_task(None, Processor(), [gqa], frames=8).answer([gqa]) == [
+    assert benchmark_task(None, Processor(), [gqa], frames=8).answer([gqa], None) == [
         "Coca Cola\nASSISTANT: The sign says Coca Cola"]
 
 

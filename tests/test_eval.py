@@ -11,6 +11,7 @@ from vtprune.eval import Config, ResultsFile, evaluate, summarize
 from vtprune.eval import FolderBusy, runner
 from vtprune.eval.runner import synthetic_task
 from vtprune.eval.lock import LOCK_NAME, hold
+from vtprune.engine.compat import takes_encoded_features
 from vtprune.eval.records import MalformedResults
 from vtprune.eval.shards import read_all
 from vtprune.eval.report import markdown_table, write_reports
@@ -33,31 +34,59 @@ CONFIGS = [Config("unpruned"), Config("random", 64), Config("fastv", 32)]
 SETTINGS = {"task": "synthetic", "seed": 5, "samples": 10}
 
 
-def test_an_interrupted_eval_resumes_without_redoing_or_losing_samples(tiny_reference, tmp_path, monkeypatch):
+def test_an_interrupted_eval_resumes_without_redoing_or_losing_samples(tiny_reference, tmp_path):
     model, processor = tiny_reference
-    samples = generate(5, 10)
+    task = synthetic_task(model, processor, generate(5, 10), prompt)
     calls = []
-    real_predict = runner.predict
 
-    def flaky_predict(model, processor, chunk, prompt):
+    def flaky_answer(chunk, pruner):
         calls.append(len(chunk))
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return real_predict(model, processor, chunk, prompt)
+        return task.answer(chunk, pruner)
 
-    monkeypatch.setattr(runner, "predict", flaky_predict)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(model, synthetic_task(model, processor, samples, prompt), CONFIGS, tmp_path, SETTINGS, batch_size=4)
+        evaluate(model, replace(task, answer=flaky_answer), CONFIGS, tmp_path, SETTINGS, batch_size=4)
     done_before = ResultsFile(tmp_path / "results.jsonl").read()
-    assert len(done_before) == 4 + 4 + 2  # three batches of the first config finished
+    assert len(done_before) == 3 * 4  # the first batch finished under every config
     assert not hasattr(model, "_vtprune_pruner")  # the interrupted method's pruner was removed
 
-    calls.clear()
-    monkeypatch.setattr(runner, "predict", real_predict)
-    records = evaluate(model, synthetic_task(model, processor, samples, prompt), CONFIGS, tmp_path, SETTINGS, batch_size=4)
+    records = evaluate(model, task, CONFIGS, tmp_path, SETTINGS, batch_size=4)
     keys = [(r["config"], r["index"]) for r in ResultsFile(tmp_path / "results.jsonl").read()]
     assert sorted(keys) == sorted((c.name, i) for c in CONFIGS for i in range(10))  # each exactly once
-    assert records[:10] == done_before
+    assert records[:12] == done_before
+
+
+TOWER_CONFIGS = [Config("unpruned"), Config("random", 64), Config("fastv", 32), Config("visionzip", 64)]
+
+
+def test_configs_answer_a_batch_as_each_would_alone_with_the_images_encoded_once_for_all_that_leave_the_tower(
+        tiny_reference, tmp_path):
+    """The runner answers each batch under every config in turn; the unpruned model and the pruners that do not
+    read the vision tower share one encoding of the batch's images (transformers 5.23+), and answer as
+    `predict` does under each config on its own."""
+    model, processor = tiny_reference
+    samples = generate(5, 10)
+    tower_runs = []
+    handle = model.model.vision_tower.register_forward_hook(lambda *_: tower_runs.append(1))
+    try:
+        records = evaluate(model, synthetic_task(model, processor, samples, prompt), TOWER_CONFIGS, tmp_path,
+                           SETTINGS, batch_size=4)
+    finally:
+        handle.remove()
+    reading_tower = 1  # visionzip
+    shared = 1 if takes_encoded_features(model) else len(TOWER_CONFIGS) - reading_tower
+    assert len(tower_runs) == 3 * (shared + reading_tower)  # 3 batches
+
+    got = {(r["config"], r["index"]): (r["prediction"], r["equivalent_budget"]) for r in records}
+    for config in TOWER_CONFIGS:
+        with runner._applied(model, config) as pruner:
+            for start in range(0, 10, 4):
+                chunk = samples[start : start + 4]
+                answers = runner.predict(model, processor, chunk, prompt)
+                for b, answer in enumerate(answers):
+                    equivalent = None if pruner is None else pruner.last_stats.sample_equivalent_budget(b)
+                    assert got[config.name, start + b] == (answer, equivalent), (config.name, start + b)
 
 
 def test_resuming_the_same_run_is_deterministic(tiny_reference, tmp_path):
@@ -126,7 +155,7 @@ def test_a_malformed_results_file_names_the_line(tmp_path, line, message):
 
 def answered_by_its_answer(samples):
     """The synthetic task with every answer right and no model: what the runner makes of its records."""
-    return replace(synthetic_task(None, None, samples, prompt), answer=lambda chunk: [s.answer for s in chunk])
+    return replace(synthetic_task(None, None, samples, prompt), answer=lambda chunk, pruner: [s.answer for s in chunk])
 
 
 RUN = [Config("unpruned"), Config("random", 64)]

@@ -3,7 +3,6 @@ tower's outputs and states, a failed prefill's KV cache) goes once the forward r
 its model go as soon as the last reference does, without waiting for the cycle collector."""
 
 import gc
-import inspect
 import weakref
 
 import pytest
@@ -12,7 +11,7 @@ from transformers import DynamicCache
 
 import vtprune
 from vtprune.engine.cache import cache_keyword
-from vtprune.engine.compat import EngineError
+from vtprune.engine.compat import EngineError, takes_encoded_features
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 from .conftest import FAMILIES, greedy
@@ -95,10 +94,6 @@ def test_a_removed_pruner_lets_its_model_go(method, no_cycle_collector):
 
 
 # ... and what a later forward still needs stays.
-def takes_encoded_features(model) -> bool:
-    return "mm_encoder_outputs" in inspect.signature(model.forward).parameters  # transformers >= 5.23
-
-
 def test_clasp_fusion_remixes_generates_encoded_images_at_every_forward_of_the_call():
     """generate (5.23+) encodes the images once and hands the features to every forward: without a cache each
     step remixes them from the tower's states, which must outlive the first forward."""

@@ -46,3 +46,8 @@ def require_arguments(module, names: tuple[str, ...]) -> None:
     if missing:
         raise EngineError(f"{type(module).__name__}.forward takes no {', '.join(missing)} argument, which the engine "
                           "passes it")
+
+
+def takes_encoded_features(model) -> bool:
+    """Whether model's forward takes images encoded ahead as mm_encoder_outputs (transformers 5.23+)."""
+    return "mm_encoder_outputs" in inspect.signature(model.forward).parameters

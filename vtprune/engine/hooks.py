@@ -144,6 +144,13 @@ class Pruner:
             self._stats = self._stats()
         return self._stats
 
+    @property
+    def reads_vision_tower(self) -> bool:
+        """Whether this pruner needs the vision tower to run under it (its method reads the tower's attention or
+        states, merges inside it, or mixes its layers). Where False, image features the model encoded on its own
+        (`get_image_features`, passed as mm_encoder_outputs on transformers 5.23+) prune exactly as its pixels do."""
+        return self.method.acts_in_vision or self.method.fuses_vision_layers
+
     def remove(self) -> None:
         """Take every hook off the model; it then computes exactly as before apply()."""
         for handle in self._handles:

@@ -104,7 +104,7 @@ def benchmark_task(model, processor, samples: list[BenchmarkSample], max_new_tok
     check_takes_videos(processor, {s.task for s in samples if s.videos})
     check_chat_template(processor)  # before the run's folder records its settings: the fix then reruns in it
 
-    def answer(chunk: list[BenchmarkSample]) -> list[str]:
+    def answer(chunk: list[BenchmarkSample], pruner) -> list[str]:  # (generate encodes each batch's images itself)
         videos = [[read_frames(path, frames) for path in s.videos] for s in chunk]
         spec = TASKS[chunk[0].task]
         return generate_answers(model, processor, [s.question for s in chunk], [list(s.images) for s in chunk],
