@@ -1,6 +1,7 @@
 """`accelerate launch -m vtprune eval`: two CPU processes share the samples and report the single-process table."""
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -15,6 +16,12 @@ ARGS = ["eval", "--samples", "12", "--methods", "random,fastv", "--budgets", "64
 CONFIGS = 5  # unpruned and two methods at two budgets
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def vtprune_eval(out, processes: int = 1):
     if processes == 1:
         command = [sys.executable, "-m", "vtprune", *ARGS, "--out", str(out)]
@@ -22,6 +29,7 @@ def vtprune_eval(out, processes: int = 1):
         # --multi_gpu: torchrun's launcher; without a GPU its processes are CPU workers
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(free_port()),  # not the default 29500, which another run may hold
                    "-m", "vtprune", *ARGS, "--out", str(out)]
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     return json.loads((out / "results.json").read_text())["rows"]
