@@ -10,13 +10,17 @@ from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
 import vtprune
+import vtprune.eval.generation
 import vtprune.viz
 from vtprune.cli import main
 from vtprune.synth.reference import REFERENCE_DIR, load_reference
-from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_qwen2_vl
+from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_llava_next, tiny_qwen2_vl
 from vtprune.viz import cell_index, dropped_at_stage, kept_token_map, merge_groups, seen_image, shade_dropped
 
 # (width, height): wide, tall, small square, and sides a multiple of 24 that still get cropped
+from .conftest import FAMILIES
+from .test_generation import templated
+
 SIZES = [(517, 300), (301, 777), (100, 100), (480, 360)]
 needs_reference = pytest.mark.skipif(not (REFERENCE_DIR / "config.json").exists(), reason="no reference model shipped")
 
@@ -166,6 +170,34 @@ def test_show_answers_then_draws_on_what_the_model_saw(tmp_path, monkeypatch, ca
     assert size == (336, 336) and grid == (24, 24)
     assert "answer:" in printed_before  # an answer is out even if drawing fails
     assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_show_draws_a_qwen_checkpoints_kept_tokens_over_its_resized_image(tmp_path, monkeypatch, capsys, family):
+    model = FAMILIES[family]("sdpa")
+    processor = templated(model)
+    model.save_pretrained(tmp_path / "qwen")
+    # (the tiny processor's stand-in video processor, for machines without torchvision, cannot be saved)
+    monkeypatch.setattr(vtprune.eval.generation, "load_checkpoint", lambda path: (model, processor))
+    photo(517, 300).save(tmp_path / "photo.png")
+    _, rows, cols = processor.image_processor(images=[photo(517, 300)], return_tensors="pt")["image_grid_thw"][0].tolist()
+    drawn = []
+    monkeypatch.setattr(vtprune.viz, "kept_token_map", lambda image, grid, kept, *rest: drawn.append((grid, kept)))
+    assert main(["show", str(tmp_path / "photo.png"), "what is it ?", "--method", "random", "--budget", "6",
+                 "--model", str(tmp_path / "qwen"), "--max-new-tokens", "3", "--out", str(tmp_path / "kept.png")]) == 0
+    [(grid, kept)] = drawn
+    assert grid == (rows // 2, cols // 2)  # the 2x2-merged tokens of the image as the processor resized it
+    assert len(kept[-1]) == 6 and all(0 <= i < grid[0] * grid[1] for stage in kept for i in stage)
+    assert "answer:" in capsys.readouterr().out
+
+
+def test_show_refuses_a_family_it_cannot_draw_before_loading(tmp_path, capsys):
+    tiny_llava_next("sdpa").save_pretrained(tmp_path / "next")
+    photo(100, 100).save(tmp_path / "photo.png")
+    with pytest.raises(SystemExit):
+        main(["show", str(tmp_path / "photo.png"), "what ?", "--method", "random", "--model", str(tmp_path / "next")])
+    assert "declares model_type 'llava_next', not one of 'llava', 'qwen2_vl', 'qwen2_5_vl': show draws the kept " \
+           "tokens of LLaVA-1.5, Qwen2-VL, Qwen2.5-VL checkpoints" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line_not_a_traceback(tmp_path):

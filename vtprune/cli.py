@@ -365,35 +365,34 @@ def cmd_score(args) -> int:
 
 
 def cmd_show(args) -> int:
-    """Answer one question about one image under a method, and save the kept-token picture."""
+    """Answer one question about one image, unpruned and under a method, and save the kept-token picture."""
     from pathlib import Path
-
-    from types import SimpleNamespace
 
     import numpy as np
     import torch
     from PIL import Image
 
     import vtprune
-    from vtprune.eval.runner import predict
+    from vtprune.eval.generation import batch_inputs, generate_answers, load_checkpoint
     from vtprune.methods import get_method
-    from vtprune.synth.reference import REFERENCE_DIR, load_reference, prompt_for
+    from vtprune.synth.reference import REFERENCE_DIR
     from vtprune.viz import kept_token_map, merge_groups, seen_image
 
     model_path = Path(args.model or REFERENCE_DIR)
-    model, processor = load_reference(model_path)
-    prompt = prompt_for(processor)
+    model, processor = load_checkpoint(model_path)
     image = Image.open(args.image).convert("RGB")
 
-    sample = SimpleNamespace(image=image, question=args.question)  # what predict() reads of a sample
+    def answer() -> str:
+        return generate_answers(model, processor, [args.question], [[image]], max_new_tokens=args.max_new_tokens)[0]
+
     with torch.no_grad():
-        unpruned = predict(model, processor, [sample], prompt)[0]
+        unpruned = answer()
         options = get_method(args.method).checkpoint_options(model_path, processor)
         with vtprune.apply(model, args.method, args.budget, **options) as pruner:
-            answer = predict(model, processor, [sample], prompt)[0]
+            pruned = answer()
             decision = pruner.last_decision
-    console.print(f"answer: [bold]{answer}[/bold] (unpruned: {unpruned})")
-    inputs = processor(images=[image], text=[prompt(args.question)], return_tensors="pt")
+    console.print(f"answer: [bold]{pruned}[/bold] (unpruned: {unpruned})")
+    inputs = batch_inputs(processor, [args.question], [[image]])  # the prompt the answers came from
     seen = seen_image(processor, inputs)  # resized and cropped: the grid fits this, not the file
     ids = inputs["input_ids"][0]
     start = int(torch.nonzero(ids == model.config.image_token_id)[0])
@@ -401,7 +400,7 @@ def cmd_show(args) -> int:
     moved = [(np.asarray(s[0][0].cpu()) - start, np.asarray(s[0][1].cpu()) - start) for s in decision.moved] if decision else []
     groups = merge_groups(seen.grid[0] * seen.grid[1], moved) if any(len(sources) for sources, _ in moved) else None
     out = Path(args.out)
-    title = f"{args.method} @ {args.budget}: \"{args.question}\" -> {answer} (unpruned: {unpruned})"
+    title = f"{args.method} @ {args.budget}: \"{args.question}\" -> {pruned} (unpruned: {unpruned})"
     kept_token_map(seen.image, seen.grid, kept, out, title, decision.stage_layers if decision else None, groups)
     console.print(f"kept tokens drawn in {out}, over the {seen.image.width}x{seen.image.height} image the model saw")
     return 0
@@ -502,7 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--budget", type=cli_args.budget, default="64")
     show.add_argument("--out", type=cli_args.picture_file, default="kept_tokens.png",
                       help="the kept-token picture (.png, .pdf, .svg, ...)")
-    show.add_argument("--model", type=cli_args.checkpoint, help=model_help)
+    show.add_argument("--model", type=cli_args.checkpoint,
+                      help="a LLaVA-1.5, Qwen2-VL or Qwen2.5-VL checkpoint folder, asked through its chat template "
+                           "(default: the shipped reference model)")
+    show.add_argument("--max-new-tokens", type=cli_args.positive_int, default=1,
+                      help="answer length (default 1: the one-word answer the reference model gives; e.g. 32 for a "
+                           "chat model's sentence)")
     show.set_defaults(run=cmd_show)
     calibrate = commands.add_parser("calibrate", help="fit a method's per-class settings on a calibration split")
     calibrate.add_argument("--method", required=True, choices=["clasp"], help="only clasp has calibrated settings")

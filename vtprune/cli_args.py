@@ -374,8 +374,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.command == "eval" and args.tasks and args.model is None:
         parser.error("--tasks needs --model: the checkpoint to evaluate (the reference model knows only the "
                      "synthetic benchmark's words)")
-    if args.command in ("show", "calibrate") or (args.command == "eval" and not args.tasks):
+    if args.command == "calibrate" or (args.command == "eval" and not args.tasks):
         _check_llava(parser, args)
+    if args.command == "show":
+        _check_drawable(parser, args)
     if args.command in ("eval", "show", "calibrate") and args.model is None:
         from vtprune.synth.reference import REFERENCE_DIR, CheckpointError, read_config
 
@@ -408,6 +410,24 @@ def _check_llava(parser, args) -> None:
         where = "the synthetic benchmark runs LLaVA checkpoints; real benchmarks: --tasks, --data" \
             if args.command == "eval" else f"{args.command} runs LLaVA checkpoints"
         parser.error(f"{error} ({where})")
+
+
+# The families whose images `vtprune show` lays one token grid over (viz.seen_image): LLaVA-NeXT's and OneVision's
+# tiles and Video-LLaVA are not drawn.
+DRAWN_FAMILIES = {"llava": "LLaVA-1.5", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+
+
+def _check_drawable(parser, args) -> None:
+    """show draws one grid per image: a checkpoint of another family is refused before it loads."""
+    if args.model is None:
+        return
+    from vtprune.synth.reference import CheckpointError, read_config
+
+    try:
+        read_config(Path(args.model), accept=tuple(DRAWN_FAMILIES))
+    except CheckpointError as error:
+        families = ", ".join(DRAWN_FAMILIES.values())
+        parser.error(f"{error}: show draws the kept tokens of {families} checkpoints (one grid per image)")
 
 
 def _check_methods_fit(parser, args) -> None:

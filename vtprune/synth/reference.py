@@ -192,8 +192,9 @@ def _preview(keys, shown: int = 3) -> str:
     return ", ".join(keys[:shown]) + more
 
 
-def read_config(path: Path) -> dict:
-    """A LLaVA checkpoint's config.json, or CheckpointError saying why the folder holds none."""
+def read_config(path: Path, accept: tuple[str, ...] = (LlavaConfig.model_type,)) -> dict:
+    """A checkpoint's config.json declaring one of the model types `accept` (LLaVA's), or CheckpointError saying why
+    the folder holds none."""
     file = path / "config.json"
     if not file.is_file():
         raise CheckpointError(f"no config.json in {path}: not a checkpoint folder")
@@ -202,9 +203,11 @@ def read_config(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{file} is not valid JSON ({error})") from None
     declared = config.get("model_type") if isinstance(config, dict) else None
-    if declared != LlavaConfig.model_type:
-        raise CheckpointError(f"{file} declares model_type {declared!r}; "
-                              f"vtprune loads LLaVA checkpoints (model_type {LlavaConfig.model_type!r})")
+    if declared not in accept:
+        if accept == (LlavaConfig.model_type,):
+            raise CheckpointError(f"{file} declares model_type {declared!r}; "
+                                  f"vtprune loads LLaVA checkpoints (model_type {LlavaConfig.model_type!r})")
+        raise CheckpointError(f"{file} declares model_type {declared!r}, not one of {', '.join(map(repr, accept))}")
     return config
 
 
