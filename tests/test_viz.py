@@ -17,10 +17,10 @@ from vtprune.synth.reference import REFERENCE_DIR, load_reference
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_llava_next, tiny_qwen2_vl
 from vtprune.viz import cell_index, dropped_at_stage, kept_token_map, merge_groups, seen_image, shade_dropped
 
-# (width, height): wide, tall, small square, and sides a multiple of 24 that still get cropped
 from .conftest import FAMILIES
 from .test_generation import templated
 
+# (width, height): wide, tall, small square, and sides a multiple of 24 that still get cropped
 SIZES = [(517, 300), (301, 777), (100, 100), (480, 360)]
 needs_reference = pytest.mark.skipif(not (REFERENCE_DIR / "config.json").exists(), reason="no reference model shipped")
 

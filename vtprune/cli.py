@@ -385,12 +385,11 @@ def cmd_show(args) -> int:
     def answer() -> str:
         return generate_answers(model, processor, [args.question], [[image]], max_new_tokens=args.max_new_tokens)[0]
 
-    with torch.no_grad():
-        unpruned = answer()
-        options = get_method(args.method).checkpoint_options(model_path, processor)
-        with vtprune.apply(model, args.method, args.budget, **options) as pruner:
-            pruned = answer()
-            decision = pruner.last_decision
+    unpruned = answer()
+    options = get_method(args.method).checkpoint_options(model_path, processor)
+    with vtprune.apply(model, args.method, args.budget, **options) as pruner:
+        pruned = answer()
+        decision = pruner.last_decision
     console.print(f"answer: [bold]{pruned}[/bold] (unpruned: {unpruned})")
     inputs = batch_inputs(processor, [args.question], [[image]])  # the prompt the answers came from
     seen = seen_image(processor, inputs)  # resized and cropped: the grid fits this, not the file
