@@ -17,7 +17,10 @@ from vtprune.eval.shards import read_all
 from vtprune.eval.report import markdown_table, write_reports
 from vtprune.synth import generate
 from vtprune.synth.reference import (REFERENCE_DIR, build_model, build_processor, build_tokenizer, load_reference,
-                                     prompt)
+                                     prompt, prompt_for)
+from vtprune.tiny import tiny_qwen2_vl
+
+from .test_generation import templated
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,18 @@ def test_configs_answer_a_batch_as_each_would_alone_with_the_images_encoded_once
                 for b, answer in enumerate(answers):
                     equivalent = None if pruner is None else pruner.last_stats.sample_equivalent_budget(b)
                     assert got[config.name, start + b] == (answer, equivalent), (config.name, start + b)
+
+
+def test_the_synthetic_task_runs_a_checkpoint_whose_images_need_more_than_pixels(tmp_path):
+    """Qwen2-VL's encoder needs each image's grid beside its pixels: its batches are not encoded ahead."""
+    model = tiny_qwen2_vl("sdpa")
+    processor = templated(model)
+    samples = generate(5, 4)
+    prompt_of = prompt_for(processor)
+    records = evaluate(model, synthetic_task(model, processor, samples, prompt_of), CONFIGS[:2], tmp_path, SETTINGS,
+                       batch_size=4)
+    unpruned = runner.predict(model, processor, samples, prompt_of)
+    assert [r["prediction"] for r in records if r["config"] == "unpruned"] == unpruned
 
 
 def test_resuming_the_same_run_is_deterministic(tiny_reference, tmp_path):

@@ -1,5 +1,6 @@
 """Kept-token pictures: the stage map, where merged tokens went, and the grid over the image the model saw."""
 
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -170,6 +171,18 @@ def test_show_answers_then_draws_on_what_the_model_saw(tmp_path, monkeypatch, ca
     assert size == (336, 336) and grid == (24, 24)
     assert "answer:" in printed_before  # an answer is out even if drawing fails
     assert out.stat().st_size > 0
+
+
+@needs_reference
+def test_show_asks_a_llava_checkpoint_without_a_chat_template_as_the_reference_model_was_trained(tmp_path, capsys):
+    shutil.copytree(REFERENCE_DIR, tmp_path / "model", ignore=shutil.ignore_patterns("chat_template.jinja"))
+    photo(300, 200).save(tmp_path / "photo.png")
+    answers = []
+    for model in (REFERENCE_DIR, tmp_path / "model"):
+        assert main(["show", str(tmp_path / "photo.png"), "what colour is the circle ?", "--method", "fastv",
+                     "--budget", "64", "--model", str(model), "--out", str(tmp_path / "kept.png")]) == 0
+        answers.append(capsys.readouterr().out.splitlines()[0])
+    assert answers[0] == answers[1] and answers[0].startswith("answer: ")
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])

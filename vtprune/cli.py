@@ -375,15 +375,18 @@ def cmd_show(args) -> int:
     import vtprune
     from vtprune.eval.generation import batch_inputs, generate_answers, load_checkpoint
     from vtprune.methods import get_method
-    from vtprune.synth.reference import REFERENCE_DIR
+    from vtprune.synth.reference import CHAT_TEMPLATE, REFERENCE_DIR
     from vtprune.viz import kept_token_map, merge_groups, seen_image
 
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_checkpoint(model_path)
     image = Image.open(args.image).convert("RGB")
+    # a LLaVA checkpoint saved without a chat template is asked as the reference model was trained (`prompt_for`)
+    template = CHAT_TEMPLATE if processor.chat_template is None and model.config.model_type == "llava" else None
 
     def answer() -> str:
-        return generate_answers(model, processor, [args.question], [[image]], max_new_tokens=args.max_new_tokens)[0]
+        return generate_answers(model, processor, [args.question], [[image]], max_new_tokens=args.max_new_tokens,
+                                chat_template=template)[0]
 
     unpruned = answer()
     options = get_method(args.method).checkpoint_options(model_path, processor)
@@ -391,7 +394,7 @@ def cmd_show(args) -> int:
         pruned = answer()
         decision = pruner.last_decision
     console.print(f"answer: [bold]{pruned}[/bold] (unpruned: {unpruned})")
-    inputs = batch_inputs(processor, [args.question], [[image]])  # the prompt the answers came from
+    inputs = batch_inputs(processor, [args.question], [[image]], chat_template=template)  # what was answered
     seen = seen_image(processor, inputs)  # resized and cropped: the grid fits this, not the file
     ids = inputs["input_ids"][0]
     start = int(torch.nonzero(ids == model.config.image_token_id)[0])

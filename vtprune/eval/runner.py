@@ -89,7 +89,9 @@ class SyntheticAnswers:
             self._samples, self._encoded = samples, None
             self._inputs = _processed(self.model, self.processor, samples, self.prompt)
         inputs = self._inputs
-        if self.encodes_ahead and not (pruner is not None and pruner.reads_vision_tower):
+        # (LLaVA-1.5's inputs: pixels alone; other families' encoders need their image sizes or grids too)
+        pixels_alone = set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
+        if self.encodes_ahead and pixels_alone and not (pruner is not None and pruner.reads_vision_tower):
             if self._encoded is None:
                 self._encoded = self.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
             inputs = {key: value for key, value in inputs.items() if key != "pixel_values"}
