@@ -5,10 +5,12 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vtprune.methods import ModelInfo, Stage
 from vtprune.methods import vispruner
-from vtprune.methods.vispruner import VisPruner, deduplicate
+from vtprune.methods.vispruner import VisPruner, deduplicate, survivors
 
 from . import vision_views as views
 from .vision_views import proportional, softmax
@@ -172,3 +174,31 @@ def test_residuals_deduplicated_in_chunks_as_each_alone(monkeypatch):
     alone = [deduplicate(unit[o], r, 6, 3).tolist() for o, r in zip(owner, residual)]
     monkeypatch.setattr(vispruner, "DISTANCE_MATRIX_ENTRIES", 2 * 20 * 20)  # two residuals at a time
     assert deduplicate(unit, residual, 6, 3, owner).tolist() == alone
+
+
+def rounds_along_rows(similarity, count, per_round):
+    """The rounds as the authors read them: each a token's largest entry along its row, at the b columns."""
+    out = []
+    for matrix in similarity:
+        position = torch.arange(matrix.shape[0])
+        while position.numel() - count > 0:
+            a, b = position[0::2], position[1::2]
+            score = matrix[a][:, b].amax(dim=1)
+            drop = min(per_round, position.numel() - count, a.numel())
+            position = torch.cat([a[torch.sort(score, descending=True, stable=True).indices[drop:]], b])
+        out.append(position)
+    return torch.stack(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(jobs=st.integers(1, 3), size=st.integers(2, 90), data=st.data())
+def test_rounds_read_down_columns_as_the_authors_read_along_rows(jobs, size, data):
+    """survivors reads a token's score down its column and cuts its matrix down as the residual shrinks: on a
+    symmetric matrix that is the authors' row-wise reading, ties included (coarse values tie often)."""
+    count = data.draw(st.integers(1, size - 1))
+    per_round = data.draw(st.integers(1, 9))
+    levels = data.draw(st.sampled_from([3, 1000]))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    values = torch.randint(0, levels, (jobs, size, size), generator=generator).double()
+    similarity = values + values.transpose(1, 2)
+    assert torch.equal(survivors(similarity, count, per_round), rounds_along_rows(similarity, count, per_round))

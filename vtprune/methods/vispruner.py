@@ -47,8 +47,9 @@ Deviations, on purpose:
   LLaVA, LLaVA-NeXT and Video-LLaVA (all CLIP, with [CLS]) today.
 - Numerics: attention in float32, similarities in float32 at least (float64 features stay
   float64; the authors: the model's dtype, fp16). The residual's similarity matrix is computed
-  once and each round reads its a x b block (the authors multiply the block's features each
-  round: the same values up to float rounding, and the rounds cost no matmul). The loop is chaotic under rounding: one
+  once and each round reads an a token's score down its column of the b rows (the authors multiply
+  the a x b block's features each round: the same dot products up to float rounding, and the rounds
+  cost no matmul and no scattered reads). The loop is chaotic under rounding: one
   near-tie that flips reorders every later round's a/b split, so runs in different precisions
   can keep quite different diverse tokens.
 """
@@ -100,20 +101,36 @@ def deduplicate(unit: torch.Tensor, residual: torch.Tensor, count: int, per_roun
 
 def survivors(similarity: torch.Tensor, count: int, per_round: int) -> torch.Tensor:
     """[J, count] positions in J residuals that survive the rounds, from their cosine similarities [J, R, R]
-    (held whole: each round reads its a x b block)."""
+    (held whole).
+
+    An a token's score, its largest similarity to a b token, is read down its column of the b rows (entries
+    [b, a], where the authors read [a, b]: the same dot products, rounding aside): the b rows are copied whole,
+    contiguous, and maxed together, so a round makes no scattered reads. Whenever the residual is half the
+    matrix's side or less, the matrix is cut down to it, so the copied rows stay short."""
     jobs, size = similarity.shape[:2]
-    flat = similarity.flatten(1)
-    position = torch.arange(size, device=similarity.device).expand(jobs, size)
+    frame = position = torch.arange(size, device=similarity.device).expand(jobs, size)  # frame: matrix index -> input
+    job = torch.arange(jobs, device=similarity.device)[:, None]
+    matrix = similarity
     while count > 0:
         drop = min(per_round, position.shape[1] - count)
         if drop <= 0:
             break
+        if 2 * position.shape[1] <= matrix.shape[1]:
+            matrix, frame = along_both(matrix, position), frame.gather(1, position)
+            position = torch.arange(frame.shape[1], device=frame.device).expand_as(frame)
+        side = matrix.shape[1]
         a, b = position[:, 0::2], position[:, 1::2]
-        block = flat.gather(1, (a[:, :, None] * size + b[:, None, :]).flatten(1))
-        score = block.view(jobs, a.shape[1], b.shape[1]).amax(dim=-1)
+        rows = matrix.flatten(0, 1).index_select(0, (side * job + b).flatten()).view(jobs, b.shape[1], side)
+        score = rows.amax(dim=1).gather(1, a)
         drop = min(drop, a.shape[1])
         position = torch.cat([a.gather(1, descending(score)[:, drop:]), b], dim=1)
-    return position
+    return frame.gather(1, position)
+
+
+def along_both(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[J, K, K]: matrix [J, N, N] restricted to index [J, K] on both axes, in that order."""
+    rows = matrix.gather(1, index[:, :, None].expand(-1, -1, matrix.shape[2]))
+    return rows.gather(2, index[:, None, :].expand(-1, index.shape[1], -1))
 
 
 class VisPruner(VisionMethod):
