@@ -379,6 +379,42 @@ def test_videos_of_other_frame_counts_are_batched_apart(tmp_path):
     assert all(r["equivalent_budget"] is not None for r in records)
 
 
+def test_a_batch_is_read_and_processed_once_for_every_config_and_answered_as_each_alone(tmp_path, monkeypatch):
+    """The runner answers a batch under every config in turn: its videos are read and its inputs processed once
+    for all of them, and each config's answers are those it gives run alone."""
+    from vtprune.eval import Config, evaluate, generation, videos
+    from vtprune.tiny import tiny_video_llava
+
+    from .test_loaders import videomme_rows, write_parquet, write_video
+
+    write_parquet(tmp_path / "videomme" / "test-00000-of-00001.parquet", videomme_rows())
+    for name in ("fFjv93ACGo8", "xyz"):
+        write_video(tmp_path / "data" / f"{name}.mp4")
+    samples = load_benchmark("videomme", tmp_path)
+    model = tiny_video_llava("sdpa")
+    processor = tiny_processor(model)
+    processor.chat_template = VIDEO_TEMPLATE
+    calls = {"read": 0, "processed": 0}
+
+    def counted(name, function):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(videos, "read_frames", counted("read", videos.read_frames))
+    monkeypatch.setattr(generation, "batch_inputs", counted("processed", generation.batch_inputs))
+    configs = [Config("unpruned", None), Config("random", 8), Config("fastv", 12)]
+    task = benchmark_task(model, processor, samples, max_new_tokens=3, frames=4)
+    together = evaluate(model, task, configs, tmp_path / "together", {}, batch_size=2)
+    assert calls == {"read": 3, "processed": 2}  # 3 videos in batches of 2 and 1
+    for config in configs:
+        alone = evaluate(model, benchmark_task(model, processor, samples, max_new_tokens=3, frames=4), [config],
+                         tmp_path / config.name, {}, batch_size=2)
+        assert sorted((r["index"], r["prediction"]) for r in alone) == sorted(
+            (r["index"], r["prediction"]) for r in together if r["config"] == config.name)
+
+
 def test_answers_are_cut_at_the_tasks_stop_strings(monkeypatch):
     """TextVQA's lmms-eval generation stops at "ASSISTANT:" (its "until"), as the lmms-eval plugin cuts: a model
     running on into a new turn is scored on its answer, not on the turn it made up."""
@@ -391,7 +427,8 @@ def test_answers_are_cut_at_the_tasks_stop_strings(monkeypatch):
         def batch_decode(self, tokens, skip_special_tokens):
             return [" Coca Cola\nASSISTANT: The sign says Coca Cola"] * len(tokens)
 
-    monkeypatch.setattr(generation, "generate_tokens", lambda model, processor, questions, *args, **kwargs:
+    monkeypatch.setattr(generation, "batch_inputs", lambda processor, questions, *args, **kwargs: questions)
+    monkeypatch.setattr(generation, "generate_from", lambda model, processor, questions, *args, **kwargs:
                         [[1]] * len(questions))
     textvqa = BenchmarkSample("textvqa", "1", (), "what brand?", {"answers": ["coca cola"] * 10})
     assert benchmark_task(None, Processor(), [textvqa], frames=8).answer([textvqa], None) == ["Coca Cola"]

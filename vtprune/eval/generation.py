@@ -116,6 +116,12 @@ def generate_tokens(model, processor, questions: list[str], images: list, max_ne
     suppress_tokens, ...) say otherwise. Video-LLaVA's and OneVision's processors stack a batch's videos into
     one tensor: give them a batch whose videos have one frame count (`by_frame_count`)."""
     inputs = batch_inputs(processor, questions, images, videos, chat_template)
+    return generate_from(model, processor, inputs, max_new_tokens, **generate_kwargs)
+
+
+def generate_from(model, processor, inputs, max_new_tokens: int, **generate_kwargs) -> list[list[int]]:
+    """`generate_tokens` from a batch's processed inputs (`batch_inputs`; moved to the model's device and dtype in
+    place): a batch processed once may be answered again, e.g. under another pruner."""
     inputs = inputs.to(model.device, dtype=model.dtype)  # dtype: the floating tensors only (pixels)
     pad = processor.tokenizer.pad_token_id
     settings = {"do_sample": False, "pad_token_id": pad if pad is not None else processor.tokenizer.eos_token_id}
@@ -132,6 +138,11 @@ def generate_answers(model, processor, questions: list[str], images: list, max_n
     the batch; its last_stats describe this call."""
     tokens = generate_tokens(model, processor, questions, images, max_new_tokens, videos, chat_template,
                              **generate_kwargs)
+    return decode_answers(processor, tokens, stop)
+
+
+def decode_answers(processor, tokens: list[list[int]], stop=()) -> list[str]:
+    """Generated tokens as answers: decoded without special tokens, cut at the first stop string (`cut_at_stops`)."""
     return [cut_at_stops(text, stop) for text in processor.batch_decode(tokens, skip_special_tokens=True)]
 
 

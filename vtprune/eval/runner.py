@@ -71,31 +71,43 @@ class Task:
     batch_of: Callable[[object], object] = lambda sample: None  # samples batched together share this (a benchmark)
 
 
+class PerBatch:
+    """What a batch's answers under every config share, made once: `make(samples)` for the batch the runner is on
+    (it answers a batch under every config in turn). A batch is known by its samples' identity, so a resume's
+    partial batch is a batch of its own."""
+
+    def __init__(self, make: Callable[[list], object]):
+        self.make = make
+        self._samples: list = []
+        self._value = None
+
+    def __call__(self, samples: list):
+        if len(samples) != len(self._samples) or any(a is not b for a, b in zip(samples, self._samples)):
+            self._samples, self._value = list(samples), self.make(samples)
+        return self._value
+
+
 class SyntheticAnswers:
     """`predict` for config after config on the same batch, doing once what they share: the processor's inputs,
     and (transformers 5.23+) the images encoded by the model's own tower, which the unpruned model and every pruner
     that leaves the tower alone (not `Pruner.reads_vision_tower`) get as mm_encoder_outputs: the same features,
     so the same answers, without running the tower again (on the reference model, ~11 of the ~15 ms a sample that
-    a prefill at budget 64 takes). A batch is known by its samples' identity: a resume's partial batch is its own."""
+    a prefill at budget 64 takes)."""
 
     def __init__(self, model, processor, prompt):
-        self.model, self.processor, self.prompt = model, processor, prompt
+        self.model, self.processor = model, processor
         self.encodes_ahead = model is not None and takes_encoded_features(model)
-        self._samples: list = []
-        self._inputs = self._encoded = None
+        self._inputs = PerBatch(lambda samples: _processed(model, processor, samples, prompt))
+        self._encoded = PerBatch(lambda samples: model.get_image_features(
+            pixel_values=self._inputs(samples)["pixel_values"], return_dict=True))
 
     def __call__(self, samples: list, pruner: Pruner | None) -> list[str]:
-        if len(samples) != len(self._samples) or any(a is not b for a, b in zip(samples, self._samples)):
-            self._samples, self._encoded = samples, None
-            self._inputs = _processed(self.model, self.processor, samples, self.prompt)
-        inputs = self._inputs
+        inputs = self._inputs(samples)
         # (LLaVA-1.5's inputs: pixels alone; other families' encoders need their image sizes or grids too)
         pixels_alone = set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
         if self.encodes_ahead and pixels_alone and not (pruner is not None and pruner.reads_vision_tower):
-            if self._encoded is None:
-                self._encoded = self.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
             inputs = {key: value for key, value in inputs.items() if key != "pixel_values"}
-            inputs["mm_encoder_outputs"] = {"image": self._encoded}
+            inputs["mm_encoder_outputs"] = {"image": self._encoded(samples)}
         return _first_words(self.model, self.processor, inputs)
 
 
