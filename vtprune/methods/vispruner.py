@@ -110,7 +110,7 @@ def survivors(similarity: torch.Tensor, count: int, per_round: int) -> torch.Ten
     jobs, size = similarity.shape[:2]
     frame = position = torch.arange(size, device=similarity.device).expand(jobs, size)  # frame: matrix index -> input
     job = torch.arange(jobs, device=similarity.device)[:, None]
-    matrix = similarity
+    matrix, first_row = similarity, size * job  # first_row: where each residual's rows start in matrix.flatten(0, 1)
     while count > 0:
         drop = min(per_round, position.shape[1] - count)
         if drop <= 0:
@@ -118,9 +118,9 @@ def survivors(similarity: torch.Tensor, count: int, per_round: int) -> torch.Ten
         if 2 * position.shape[1] <= matrix.shape[1]:
             matrix, frame = along_both(matrix, position), frame.gather(1, position)
             position = torch.arange(frame.shape[1], device=frame.device).expand_as(frame)
-        side = matrix.shape[1]
+            first_row = frame.shape[1] * job
         a, b = position[:, 0::2], position[:, 1::2]
-        rows = matrix.flatten(0, 1).index_select(0, (side * job + b).flatten()).view(jobs, b.shape[1], side)
+        rows = matrix.flatten(0, 1).index_select(0, (first_row + b).flatten()).view(jobs, b.shape[1], -1)
         score = rows.amax(dim=1).gather(1, a)
         drop = min(drop, a.shape[1])
         position = torch.cat([a.gather(1, descending(score)[:, drop:]), b], dim=1)
