@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from vtprune import cli
 import vtprune
@@ -404,6 +405,15 @@ def test_a_batch_is_read_and_processed_once_for_every_config_and_answered_as_eac
 
     monkeypatch.setattr(videos, "read_frames", counted("read", videos.read_frames))
     monkeypatch.setattr(generation, "batch_inputs", counted("processed", generation.batch_inputs))
+    generate_from = generation.generate_from
+
+    def leaves_inputs_as_they_were(model, processor, inputs, *args, **kwargs):
+        before = {key: value.clone() for key, value in inputs.items()}
+        tokens = generate_from(model, processor, inputs, *args, **kwargs)
+        assert all(torch.equal(inputs[key], value) for key, value in before.items())  # the next config's inputs
+        return tokens
+
+    monkeypatch.setattr(generation, "generate_from", leaves_inputs_as_they_were)
     configs = [Config("unpruned", None), Config("random", 8), Config("fastv", 12)]
     task = benchmark_task(model, processor, samples, max_new_tokens=3, frames=4)
     together = evaluate(model, task, configs, tmp_path / "together", {}, batch_size=2)

@@ -120,7 +120,7 @@ def survivors(similarity: torch.Tensor, count: int, per_round: int) -> torch.Ten
             position = torch.arange(frame.shape[1], device=frame.device).expand_as(frame)
             first_row = frame.shape[1] * job
         a, b = position[:, 0::2], position[:, 1::2]
-        rows = matrix.flatten(0, 1).index_select(0, (first_row + b).flatten()).view(jobs, b.shape[1], -1)
+        rows = matrix.flatten(0, 1).index_select(0, (first_row + b).flatten()).view(jobs, b.shape[1], matrix.shape[2])
         score = rows.amax(dim=1).gather(1, a)
         drop = min(drop, a.shape[1])
         position = torch.cat([a.gather(1, descending(score)[:, drop:]), b], dim=1)
