@@ -2,12 +2,15 @@
 
 import json
 import re
+from collections.abc import Mapping
 
 import pytest
 import torch
 
 from vtprune import cli
 import vtprune
+from vtprune.engine.compat import takes_encoded_features
+from vtprune.eval import Config, evaluate
 from vtprune.eval.benchmark_eval import (benchmark_markdown, benchmark_table, benchmark_task, check_references,
                                          summarize_benchmarks)
 from vtprune.eval.intervals import bootstrap, headline_interval, normalized_interval, units
@@ -361,7 +364,6 @@ def test_videomme_is_asked_with_its_frames_and_pruned(tmp_path, monkeypatch):
 def test_videos_of_other_frame_counts_are_batched_apart(tmp_path):
     """A video shorter than the frames asked for gives fewer, and Video-LLaVA's processor stacks a batch's videos
     into one tensor: such samples run in batches of their own, each pruned and its equivalent budget counted."""
-    from vtprune.eval import Config, evaluate
     from vtprune.tiny import tiny_video_llava
 
     from .test_loaders import videomme_rows, write_parquet, write_video
@@ -380,21 +382,19 @@ def test_videos_of_other_frame_counts_are_batched_apart(tmp_path):
     assert all(r["equivalent_budget"] is not None for r in records)
 
 
-def test_a_batch_is_read_and_processed_once_for_every_config_and_answered_as_each_alone(tmp_path, monkeypatch):
-    """The runner answers a batch under every config in turn: its videos are read and its inputs processed once
-    for all of them, and each config's answers are those it gives run alone."""
-    from vtprune.eval import Config, evaluate, generation, videos
-    from vtprune.tiny import tiny_video_llava
+def tensors(value):
+    """Every tensor in the inputs of a generate call (nested in mm_encoder_outputs' model outputs too)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    children = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else []
+    return [tensor for child in children for tensor in tensors(child)]
 
-    from .test_loaders import videomme_rows, write_parquet, write_video
 
-    write_parquet(tmp_path / "videomme" / "test-00000-of-00001.parquet", videomme_rows())
-    for name in ("fFjv93ACGo8", "xyz"):
-        write_video(tmp_path / "data" / f"{name}.mp4")
-    samples = load_benchmark("videomme", tmp_path)
-    model = tiny_video_llava("sdpa")
-    processor = tiny_processor(model)
-    processor.chat_template = VIDEO_TEMPLATE
+def counting_calls(monkeypatch) -> dict:
+    """Counts the runner's videos read (`read`) and batches processed (`processed`), and checks that no config's
+    generate changes the inputs the next config is given."""
+    from vtprune.eval import generation, videos
+
     calls = {"read": 0, "processed": 0}
 
     def counted(name, function):
@@ -408,21 +408,67 @@ def test_a_batch_is_read_and_processed_once_for_every_config_and_answered_as_eac
     generate_from = generation.generate_from
 
     def leaves_inputs_as_they_were(model, processor, inputs, *args, **kwargs):
-        before = {key: value.clone() for key, value in inputs.items()}
+        before = [tensor.clone() for tensor in tensors(inputs)]
         tokens = generate_from(model, processor, inputs, *args, **kwargs)
-        assert all(torch.equal(inputs[key], value) for key, value in before.items())  # the next config's inputs
+        assert all(torch.equal(now, then) for now, then in zip(tensors(inputs), before, strict=True))
         return tokens
 
     monkeypatch.setattr(generation, "generate_from", leaves_inputs_as_they_were)
+    return calls
+
+
+def answered_alone(model, processor, samples, configs, together, tmp_path, **task_args):
+    """Each config's answers in `together` are those it gives run on its own."""
+    for config in configs:
+        alone = evaluate(model, benchmark_task(model, processor, samples, **task_args), [config],
+                         tmp_path / config.name, {}, batch_size=2)
+        assert sorted((r["index"], r["prediction"]) for r in alone) == sorted(
+            (r["index"], r["prediction"]) for r in together if r["config"] == config.name), config.name
+
+
+def test_a_batch_is_read_and_processed_once_for_every_config_and_answered_as_each_alone(tmp_path, monkeypatch):
+    """The runner answers a batch under every config in turn: its videos are read and its inputs processed once
+    for all of them, and each config's answers are those it gives run alone."""
+    from vtprune.tiny import tiny_video_llava
+
+    from .test_loaders import videomme_rows, write_parquet, write_video
+
+    write_parquet(tmp_path / "videomme" / "test-00000-of-00001.parquet", videomme_rows())
+    for name in ("fFjv93ACGo8", "xyz"):
+        write_video(tmp_path / "data" / f"{name}.mp4")
+    samples = load_benchmark("videomme", tmp_path)
+    model = tiny_video_llava("sdpa")
+    processor = tiny_processor(model)
+    processor.chat_template = VIDEO_TEMPLATE
+    calls = counting_calls(monkeypatch)
     configs = [Config("unpruned", None), Config("random", 8), Config("fastv", 12)]
     task = benchmark_task(model, processor, samples, max_new_tokens=3, frames=4)
     together = evaluate(model, task, configs, tmp_path / "together", {}, batch_size=2)
     assert calls == {"read": 3, "processed": 2}  # 3 videos in batches of 2 and 1
-    for config in configs:
-        alone = evaluate(model, benchmark_task(model, processor, samples, max_new_tokens=3, frames=4), [config],
-                         tmp_path / config.name, {}, batch_size=2)
-        assert sorted((r["index"], r["prediction"]) for r in alone) == sorted(
-            (r["index"], r["prediction"]) for r in together if r["config"] == config.name)
+    answered_alone(model, processor, samples, configs, together, tmp_path, max_new_tokens=3, frames=4)
+
+
+def test_a_batch_of_images_is_encoded_once_for_the_configs_that_leave_the_tower_alone(data, tmp_path, monkeypatch):
+    """LLaVA-1.5's inputs are pixels alone: on transformers 5.23+ the unpruned model and the pruners that do not
+    read the tower generate from one encoding of the batch's images (mm_encoder_outputs), and answer as each
+    config run alone does (from the pixels)."""
+    samples = load_benchmark("pope", data / "pope")[:5]
+    model = tiny_llava("sdpa")
+    processor = tiny_processor(model)
+    processor.chat_template = LLAVA_TEMPLATE
+    calls = counting_calls(monkeypatch)
+    configs = [Config("unpruned", None), Config("random", 8), Config("fastv", 12), Config("visionzip", 8)]
+    tower_runs = []
+    handle = model.model.vision_tower.register_forward_hook(lambda *_: tower_runs.append(1))
+    try:
+        together = evaluate(model, benchmark_task(model, processor, samples, max_new_tokens=3), configs,
+                            tmp_path / "together", {}, batch_size=2)
+    finally:
+        handle.remove()
+    assert calls["processed"] == 3  # batches of 2, 2 and 1
+    shared = 1 if takes_encoded_features(model) else 3  # unpruned, random, fastv
+    assert len(tower_runs) == 3 * (shared + 1)  # visionzip reads the tower: its own run
+    answered_alone(model, processor, samples, configs, together, tmp_path, max_new_tokens=3)
 
 
 def test_answers_are_cut_at_the_tasks_stop_strings(monkeypatch):
@@ -438,6 +484,7 @@ def test_answers_are_cut_at_the_tasks_stop_strings(monkeypatch):
             return [" Coca Cola\nASSISTANT: The sign says Coca Cola"] * len(tokens)
 
     monkeypatch.setattr(generation, "batch_inputs", lambda processor, questions, *args, **kwargs: questions)
+    monkeypatch.setattr(generation, "on_model", lambda model, inputs: inputs)
     monkeypatch.setattr(generation, "generate_from", lambda model, processor, questions, *args, **kwargs:
                         [[1]] * len(questions))
     textvqa = BenchmarkSample("textvqa", "1", (), "what brand?", {"answers": ["coca cola"] * 10})

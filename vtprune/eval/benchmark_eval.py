@@ -22,7 +22,7 @@ from .intervals import RESAMPLES, SEED, bootstrap, headline_interval, normalized
 from .loaders import TASKS, BenchmarkSample, load_benchmark
 from .metrics import BadReference, normalized_average, sample_outcomes, score, score_outcomes
 from .report import by_config, config_row, in_table_order, markdown, plot_accuracy_vs_budget, rich
-from .runner import UNPRUNED, PerBatch, Task
+from .runner import UNPRUNED, SharedInputs, Task
 
 INTERVAL_NOTE = (f"score [lo, hi]: the 95% interval, a percentile bootstrap ({RESAMPLES} resamples, seed {SEED}) over "
                  "each benchmark's independent units (a sample; an MMBench question with all its rotations; an MME "
@@ -97,7 +97,8 @@ def benchmark_task(model, processor, samples: list[BenchmarkSample], max_new_tok
                    frames: int | None = None) -> Task:
     """Answers generated up to max_new_tokens, or each task's lmms-eval length when None; a video is shown as
     `frames` frames sampled uniformly (`videos.read_frames`; None: `default_frames`)."""
-    from .generation import batch_inputs, check_chat_template, check_takes_videos, decode_answers, generate_from
+    from .generation import (batch_inputs, check_chat_template, check_takes_videos, decode_answers, generate_from,
+                             on_model)
     from .videos import read_frames, shown_frames
 
     frames = frames or default_frames(model)
@@ -106,14 +107,14 @@ def benchmark_task(model, processor, samples: list[BenchmarkSample], max_new_tok
 
     def processed(chunk: list[BenchmarkSample]):
         videos = [[read_frames(path, frames) for path in s.videos] for s in chunk]
-        return batch_inputs(processor, [s.question for s in chunk], [list(s.images) for s in chunk],
-                            videos=videos if any(videos) else None)
+        return on_model(model, batch_inputs(processor, [s.question for s in chunk], [list(s.images) for s in chunk],
+                                            videos=videos if any(videos) else None))
 
-    inputs = PerBatch(processed)  # a batch's videos are read and its images processed once for every config
+    inputs = SharedInputs(model, processed)  # a batch's videos read, its inputs processed (and encoded) once
 
-    def answer(chunk: list[BenchmarkSample], pruner) -> list[str]:  # (generate encodes each batch's images itself)
+    def answer(chunk: list[BenchmarkSample], pruner) -> list[str]:
         spec = TASKS[chunk[0].task]
-        tokens = generate_from(model, processor, inputs(chunk), max_new_tokens or spec.max_new_tokens)
+        tokens = generate_from(model, processor, inputs(chunk, pruner), max_new_tokens or spec.max_new_tokens)
         return decode_answers(processor, tokens, spec.stop)
 
     # A batch's videos have one frame count (a short video gives fewer): some processors stack them.

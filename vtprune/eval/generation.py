@@ -116,13 +116,18 @@ def generate_tokens(model, processor, questions: list[str], images: list, max_ne
     suppress_tokens, ...) say otherwise. Video-LLaVA's and OneVision's processors stack a batch's videos into
     one tensor: give them a batch whose videos have one frame count (`by_frame_count`)."""
     inputs = batch_inputs(processor, questions, images, videos, chat_template)
-    return generate_from(model, processor, inputs, max_new_tokens, **generate_kwargs)
+    return generate_from(model, processor, on_model(model, inputs), max_new_tokens, **generate_kwargs)
+
+
+def on_model(model, inputs):
+    """The processor's inputs moved to the model's device, their floating tensors (pixels) to its dtype."""
+    return inputs.to(model.device, dtype=model.dtype)
 
 
 def generate_from(model, processor, inputs, max_new_tokens: int, **generate_kwargs) -> list[list[int]]:
-    """`generate_tokens` from a batch's processed inputs (`batch_inputs`; moved to the model's device and dtype in
-    place): a batch processed once may be answered again, e.g. under another pruner."""
-    inputs = inputs.to(model.device, dtype=model.dtype)  # dtype: the floating tensors only (pixels)
+    """`generate_tokens` from a batch's inputs on the model (`on_model(model, batch_inputs(...))`, or features the
+    tower encoded ahead as mm_encoder_outputs in place of the pixels), which it leaves as they were: a batch
+    processed once may be answered again, e.g. under another pruner."""
     pad = processor.tokenizer.pad_token_id
     settings = {"do_sample": False, "pad_token_id": pad if pad is not None else processor.tokenizer.eos_token_id}
     with torch.inference_mode():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,28 +87,38 @@ class PerBatch:
         return self._value
 
 
-class SyntheticAnswers:
-    """`predict` for config after config on the same batch, doing once what they share: the processor's inputs,
-    and (transformers 5.23+) the images encoded by the model's own tower, which the unpruned model and every pruner
-    that leaves the tower alone (not `Pruner.reads_vision_tower`) get as mm_encoder_outputs: the same features,
-    so the same answers, without running the tower again (on the reference model, ~11 of the ~15 ms a sample that
-    a prefill at budget 64 takes)."""
+class SharedInputs:
+    """A batch's inputs under each config, made once for all of them: the processed inputs (`processed(samples)`,
+    on the model's device), and on transformers 5.23+, where they are pixels alone (LLaVA-1.5's; other families'
+    encoders need their image sizes or grids too), the images encoded by the model's own tower, which the unpruned
+    model and every pruner that leaves the tower alone (not `Pruner.reads_vision_tower`) get as
+    mm_encoder_outputs: the same features, so the same answers, without running the tower again (on the reference
+    model, ~11 of the ~15 ms a sample that a prefill at budget 64 takes)."""
 
-    def __init__(self, model, processor, prompt):
-        self.model, self.processor = model, processor
+    def __init__(self, model, processed: Callable[[list], Mapping]):
         self.encodes_ahead = model is not None and takes_encoded_features(model)
-        self._inputs = PerBatch(lambda samples: _processed(model, processor, samples, prompt))
+        self.processed = PerBatch(processed)
         self._encoded = PerBatch(lambda samples: model.get_image_features(
-            pixel_values=self._inputs(samples)["pixel_values"], return_dict=True))
+            pixel_values=self.processed(samples)["pixel_values"], return_dict=True))
 
-    def __call__(self, samples: list, pruner: Pruner | None) -> list[str]:
-        inputs = self._inputs(samples)
-        # (LLaVA-1.5's inputs: pixels alone; other families' encoders need their image sizes or grids too)
+    def __call__(self, samples: list, pruner: Pruner | None) -> Mapping:
+        inputs = self.processed(samples)
         pixels_alone = set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
         if self.encodes_ahead and pixels_alone and not (pruner is not None and pruner.reads_vision_tower):
             inputs = {key: value for key, value in inputs.items() if key != "pixel_values"}
             inputs["mm_encoder_outputs"] = {"image": self._encoded(samples)}
-        return _first_words(self.model, self.processor, inputs)
+        return inputs
+
+
+class SyntheticAnswers:
+    """`predict` for config after config on the same batch, its inputs shared (`SharedInputs`)."""
+
+    def __init__(self, model, processor, prompt):
+        self.model, self.processor = model, processor
+        self.inputs = SharedInputs(model, lambda samples: _processed(model, processor, samples, prompt))
+
+    def __call__(self, samples: list, pruner: Pruner | None) -> list[str]:
+        return _first_words(self.model, self.processor, self.inputs(samples, pruner))
 
 
 def synthetic_task(model, processor, samples, prompt) -> Task:
