@@ -492,6 +492,15 @@ def test_a_decision_replayed_on_another_prompt_is_refused(model):
                         model(**other)
 
 
+def test_replaying_no_decision_is_refused_with_what_to_do(model):
+    """Before any pruned prefill last_decision is None; replaying it would run the unhooked tower and fail later
+    with an unrelated message (as `profile_prefill.py --replay --warmup 0` did)."""
+    with vtprune.apply(model, "random", 10) as pruner:
+        with pytest.raises(TypeError, match="run a prefill under the pruner first"):
+            with pruner.replaying(pruner.last_decision):
+                pass
+
+
 def test_a_replay_inside_another_gives_the_outer_one_back(model):
     inputs = tiny_inputs(model, LAYOUTS)
     method = "random" if refusal(model, "visionzip", 10) else "visionzip"  # (its recorder pauses too)

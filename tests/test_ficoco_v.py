@@ -128,6 +128,42 @@ def test_the_upper_quantile_is_torchs_bit_for_bit(seed):
         assert torch.equal(upper_quantile(rows, q), torch.quantile(rows, q, dim=-1, keepdim=True))
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_the_host_bound_holds_every_width_the_data_gives(seed):
+    """The merge takes the top `correlation_bound(n)` logits and weighs those beyond k at nothing, so that k stays on
+    the device; the bound must hold every k, ties included."""
+    from vtprune.methods.ficoco_v import correlation_bound, correlation_width
+
+    generator = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 1200, (), generator=generator))
+    rows = torch.randn(3, 5, n, generator=generator) * 4
+    if seed % 2:
+        rows = rows.round()  # ties
+    assert int(correlation_width(rows).max()) <= correlation_bound(n, rows.dtype)
+    distinct = torch.randperm(n, generator=generator).float()[None, None]  # no ties: k is the bound
+    assert int(correlation_width(distinct)) == correlation_bound(n, torch.float32)
+
+
+def test_the_merge_reads_nothing_from_the_device():
+    """k (how many kept tokens a dropped one merges into) comes from the data; a GPU would stall at every merging
+    block to read it. Only the quantile's rank, a host number, is read."""
+    import inspect
+
+    from vtprune.bench.ops import stage_reads
+    from vtprune.methods.ficoco_v import quantile_rank
+    from vtprune.tiny import SampleLayout, tiny_inputs
+
+    model = tiny_llava()
+    source, first = inspect.getsourcelines(quantile_rank)
+    host_lines = range(first, first + len(source))
+    with vtprune.apply(model, "ficoco_v", 4), torch.no_grad(), stage_reads(methods=True) as reads:
+        model(**tiny_inputs(model, [SampleLayout(), SampleLayout(images=2)]))
+    assert reads, "no merging block ran"
+    for site in reads:
+        path, line = site.split()[0].rsplit(":", 1)
+        assert path == "methods/ficoco_v.py" and int(line) in host_lines, dict(reads)
+
+
 def test_head_mean_logits_are_the_per_head_logits_averaged():
     from vtprune.methods.ficoco_v import HeadMeanLogits
 

@@ -33,6 +33,32 @@ def test_a_selection_does_not_grow_with_the_batch(method):
     assert batch - alone <= 3 * PER_EXTRA_ITEM, f"{method}: {alone} ops for one item, {batch} for four"
 
 
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_a_selection_reads_the_device_no_more_for_more_items_or_tokens(method):
+    """Each read of the device in a selection stalls a GPU until its queue drains; one per item, or per round of a
+    greedy loop (a Python number written through index tensors is such a read: torch copies it over by a blocking
+    copy), stalls it that many times. A method's reads, explicit or inside torch (`stage_reads`), are no more for
+    three samples than for one, nor at budget 16 than at 8 (each counted in a second prefill: what a method
+    computes once and keeps, e.g. pooling's windows for a grid, is not per batch)."""
+    from vtprune.bench.ops import stage_reads
+
+    model = tiny_llava()
+    reads = {}
+    for samples, budget in ((1, 8), (3, 8), (1, 16)):
+        reason = refusal(model, method, budget, **WITHOUT_CHECKPOINT.get(method, {}))
+        if reason:
+            pytest.skip(reason)
+        inputs = tiny_inputs(model, [SampleLayout(images=2, text_before=3)] * samples)
+        with vtprune.apply(model, method, budget, **WITHOUT_CHECKPOINT.get(method, {})), torch.no_grad():
+            model(**inputs, use_cache=True, logits_to_keep=1)  # warm-up: what a method computes once and keeps
+            with stage_reads(methods=True) as counted:
+                model(**inputs, use_cache=True, logits_to_keep=1)
+        reads[samples, budget] = counted
+    one = sum(reads[1, 8].values())
+    assert sum(reads[3, 8].values()) <= one, (dict(reads[1, 8]), dict(reads[3, 8]))
+    assert sum(reads[1, 16].values()) <= one, (dict(reads[1, 8]), dict(reads[1, 16]))
+
+
 PROBING = {"sparsevlm", "pdrop", "dart"}  # methods that probe a decoder layer's queries and keys
 
 

@@ -74,52 +74,101 @@ def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = Fa
 READS = [(torch.Tensor, name) for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__",
                                            "nonzero", "cpu", "numpy")] + [(torch, "equal"), (torch, "nonzero")]
 
+# Ops whose CUDA kernels read the device before they return, though no value reaches Python: their output's size
+# depends on the data (bincount sizes its output by the input's maximum, minlength or not).
+SIZED_BY_DATA = {torch.ops.aten.bincount.default, torch.ops.aten.masked_select.default,
+                 torch.ops.aten._unique2.default, torch.ops.aten.unique_consecutive.default,
+                 torch.ops.aten.unique_dim.default}
+INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default,
+            torch.ops.aten._index_put_impl_.default}
+
+
+def implicit_read(func, args, kwargs) -> str | None:
+    """The name of the implicit device read a dispatched op makes on CUDA, or None."""
+    if func in SIZED_BY_DATA:
+        return func.__name__
+    if func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+        return "repeat_interleave without output_size"
+    if func in INDEXING and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+        return "indexing by a mask"  # a nonzero first
+    return None
+
+
+def scalar_write(tensor, index, value) -> bool:
+    """Whether `tensor[index] = value` writes a Python number through tensor indices, which torch does by making the
+    number a CPU tensor and copying it to a CUDA tensor's device with a blocking copy (a read of its queue)."""
+    indices = index if isinstance(index, tuple) else (index,)
+    return isinstance(value, (bool, int, float)) and any(isinstance(i, torch.Tensor) for i in indices)
+
 
 TOWER_HOOKS = ("engine/vision.py", "engine/block_merge.py")
 
 
 @contextlib.contextmanager
-def stage_reads():
+def stage_reads(methods: bool = False):
     """Counts, by "file:line name", the reads of tensor values (READS) that vtprune makes while a prefill prunes: in
-    its hooks on the vision tower (engine/vision.py, engine/block_merge.py), under prefill.begin (the language
-    model's input) and prefill.at_layer (each in-LLM stage), and while a decode step continues a pruned cache
-    (decode.continue_run, decode.at_layer); the method's own code aside (the innermost vtprune frame in
-    vtprune/methods/). Device-independent: on the CPU every tensor counts, a host copy's too (the engine reads none
-    there)."""
+    its hooks on the vision tower (engine/vision.py, engine/block_merge.py), under prefill.plan_run and
+    prefill.begin (the language model's input) and prefill.at_layer (each in-LLM stage), and while a decode step
+    continues a pruned cache (decode.continue_run, decode.at_layer); the method's own code (the innermost vtprune
+    frame in vtprune/methods/) only with `methods`. Besides explicit reads, the ops that read a CUDA device inside torch: those sized by their
+    data (`SIZED_BY_DATA`, a repeat_interleave without output_size, indexing by a mask) and a Python number written
+    through tensor indices. Device-independent: on the CPU every tensor counts, a host copy's too (the engine reads
+    none there)."""
     from vtprune.engine import decode, prefill
 
-    stage_code = {prefill.begin.__code__, prefill.at_layer.__code__, decode.continue_run.__code__,
-                  decode.at_layer.__code__}
+    stage_code = {prefill.plan_run.__code__, prefill.begin.__code__, prefill.at_layer.__code__,
+                  decode.continue_run.__code__, decode.at_layer.__code__}
     reads = collections.Counter()
 
     def site(frame) -> str | None:
         line = None
         while frame is not None:
             path = frame.f_code.co_filename.replace("\\", "/")
-            if line is None and "/vtprune/" in path:
-                if "/vtprune/methods/" in path:
+            if "/vtprune/" in path:
+                here = f"{path.rsplit('/vtprune/', 1)[-1]}:{frame.f_lineno}"
+                if line is None and here.startswith("methods/") and not methods:
                     return None
-                line = f"{path.rsplit('/vtprune/', 1)[-1]}:{frame.f_lineno}"
-                if line.startswith(TOWER_HOOKS):
+                line = line or here
+                if here.startswith(TOWER_HOOKS):
                     return line
             if frame.f_code in stage_code:
                 return line
             frame = frame.f_back
         return None
 
+    def count(name: str) -> None:
+        where = site(sys._getframe(2))
+        if where is not None:
+            reads[f"{where} {name}"] += 1
+
     def counted(read, name):
         def wrapper(*args, **kwargs):
-            where = site(sys._getframe(1))
-            if where is not None:
-                reads[f"{where} {name}"] += 1
+            count(name)
             return read(*args, **kwargs)
         return wrapper
 
+    def setitem(tensor, index, value):
+        if scalar_write(tensor, index, value):
+            count("a number written through tensor indices")
+        return write(tensor, index, value)
+
+    class ImplicitReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = implicit_read(func, args, kwargs)
+            if name is not None:
+                count(name)
+            return func(*args, **kwargs)
+
     originals = [(owner, name, getattr(owner, name)) for owner, name in READS]
+    write = torch.Tensor.__setitem__
     for owner, name, read in originals:
         setattr(owner, name, counted(read, name))
+    torch.Tensor.__setitem__ = setitem
     try:
-        yield reads
+        with ImplicitReads():
+            yield reads
     finally:
+        torch.Tensor.__setitem__ = write
         for owner, name, read in originals:
             setattr(owner, name, read)

@@ -207,6 +207,9 @@ class Pruner:
         merging method's states come from the decision), so a replay costs the method's schedule without its work.
         """
         self._check_not_removed()
+        if not isinstance(decision, Decision):
+            raise TypeError(f"replaying takes a Decision (e.g. pruner.last_decision after a pruned prefill), not "
+                            f"{type(decision).__name__}: run a prefill under the pruner first")
         outer = self._replay  # (a replay inside another one gives it back when it ends)
         self._replay = decision
         if self._recorder is not None:

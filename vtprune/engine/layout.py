@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..methods.primitives import on_device
+from ..methods.primitives import fill_at, on_device
 
 FILL = -1  # position of a fill slot: samples that keep fewer tokens are left-filled up to the batch's longest
 
@@ -52,7 +52,7 @@ class Layout:
         counts = tuple(k.numel() for k in kept_visual)
         samples = torch.repeat_interleave(torch.arange(batch, device=visual.device),
                                           on_device(torch.tensor(counts), visual.device), output_size=kept.numel())
-        held[samples, kept] = True
+        fill_at(held, (samples, kept), True)
         # Sorting FILL (-1) below every held position leaves each row's positions last, in order: left-filled.
         order = torch.where(held, torch.arange(length, device=visual.device), FILL).sort(dim=1).values
         # every text slot stays, so each sample's new size is known on the host

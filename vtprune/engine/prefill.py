@@ -14,7 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..adapters import Adapter, VisualItem
 from ..methods import LLM_INPUT, BlockMergingMethod, ImageView, LayerProbe, Method, Selection, VisionView
-from ..methods.primitives import on_device, same_shape
+from ..methods.primitives import fill_at, on_device, same_shape
 from . import cache as kv
 from . import vision
 from .budget import keeps_whole, tokens_for_budget
@@ -52,7 +52,7 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
     if tokens:  # written into the batch's tensors at once: a few copies to the device, not a few ops per item
         sample, where, index, part_of, coords_of, unsliced_of = (on_device(torch.cat(column), device)
                                                                  for column in zip(*tokens))
-        visual[sample, where] = True
+        fill_at(visual, (sample, where), True)
         image_of[sample, where], part[sample, where], coords[sample, where] = index, part_of, coords_of
         unsliced[sample, where] = unsliced_of
     full = Layout.full(prompt_mask, tuple(sum(item.length for item in sample) for sample in items))
@@ -72,7 +72,7 @@ def plan_run(adapter: Adapter, method: Method, budget, replay: Decision | None, 
                 and replay.kept:
             kept = torch.zeros_like(visual)
             for b, positions in enumerate(replay.kept[-1]):
-                kept[b, positions.to(device)] = True
+                fill_at(kept[b], (on_device(positions, device),), True)
             run.late_from = replay.prompt_length
             run.late_visible = ~visual | kept | unsliced
     return run
@@ -377,7 +377,8 @@ def _item_slots(run: Run, layout: Layout, layer: int) -> list[list[torch.Tensor]
     held = (layout.positions != FILL) & (owner >= 0)
     rank = torch.arange(batch, device=owner.device)[:, None] * most + owner
     group = torch.where(held, rank, batch * most).flatten()  # slots holding no item's token sort last
-    found = torch.bincount(group, minlength=batch * most + 1)[:-1]
+    found = torch.zeros(batch * most + 1, dtype=torch.long, device=group.device).index_add_(
+        0, group, torch.ones_like(group))[:-1]  # a bincount, which would read the device to size its output
     run.checks.append(((found != on_device(torch.tensor(counts), found.device)).any(), lambda: EngineError(
         f"the layout before stage {layer} holds other numbers of its items' tokens than their stages planned")))
     order = torch.sort(group, stable=True).indices[: sum(counts)]  # sample-major, each item's slots in order
@@ -483,8 +484,9 @@ def _wrong_selection(name: str, returned: int, keep: int, tokens: int) -> Runtim
 def _flawed(indices: list[torch.Tensor], tokens: list[int]) -> torch.Tensor:
     """[V] whether each view's indices (all on one device) repeat or fall outside its `tokens`, on that device."""
     device = indices[0].device
-    counts = torch.tensor([index.numel() for index in indices])
-    owner = torch.repeat_interleave(torch.arange(len(indices)), counts)  # built on the host, then moved at once
+    counts = [index.numel() for index in indices]
+    owner = torch.repeat_interleave(torch.arange(len(indices)), torch.tensor(counts),  # on the host, moved at once
+                                    output_size=sum(counts))
     flat, limit, owner = torch.cat(indices), on_device(torch.tensor(tokens)[owner], device), on_device(owner, device)
     span = max(tokens) + 1
     ranked = (owner * span + flat.clamp(0, span - 1)).sort().values  # a view's indices side by side

@@ -92,10 +92,25 @@ def penalise_window_minima(score: torch.Tensor, columns: torch.Tensor, grid: tup
     return torch.where(penalised, torch.where(score > 0, score / 2, score * 2), score)
 
 
+CORRELATION_QUANTILE = 0.998
+
+
 def correlation_width(dropped_logits: torch.Tensor) -> torch.Tensor:
     """[R] k: the most logits of a dropped token's row [R, r, n] above that row's 0.998 quantile."""
-    top, quantile = largest_and_quantile(dropped_logits, 0.998)
+    top, quantile = largest_and_quantile(dropped_logits, CORRELATION_QUANTILE)
     return (top > quantile).sum(-1).amax(-1)  # the rest of a row lies at or below top[-1] <= quantile
+
+
+def correlation_bound(n: int, dtype: torch.dtype) -> int:
+    """The most k can be on rows of n logits, known on the host: the values above a row's quantile are among its
+    n - floor(rank) largest but for the last of them, which the quantile is at or above."""
+    return max(1, n - quantile_rank(n, CORRELATION_QUANTILE, dtype)[1] - 1)
+
+
+def quantile_rank(n: int, q: float, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """(q (n - 1) as torch.quantile computes it, in the rows' dtype; its floor), on the host."""
+    rank = torch.tensor(q, dtype=dtype) * (n - 1)
+    return rank, int(rank)
 
 
 def upper_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
@@ -108,8 +123,7 @@ def largest_and_quantile(rows: torch.Tensor, q: float) -> tuple[torch.Tensor, to
     quantile from those few values instead of a sort of the whole row: a high quantile needs only them (~35 ms of
     FiCoCo-V's merges a batch of 8 on 2 CPU cores went to sorting)."""
     n = rows.shape[-1]
-    rank = torch.tensor(q, dtype=rows.dtype) * (n - 1)  # as torch.quantile computes it, in the rows' dtype
-    below = int(rank)
+    rank, below = quantile_rank(n, q, rows.dtype)
     top = torch.topk(rows, n - below, dim=-1).values  # descending: the last is the sorted row's [below]
     return top, torch.lerp(top[..., -1:], top[..., max(n - below - 2, 0):][..., :1], rank - below)
 
@@ -147,8 +161,12 @@ class FiCoCoV(BlockMergingMethod):
         # Correlate: each dropped token's most-attended kept tokens
         dropped_logits = logits.rows(dropped).float()  # [R, r, n]; quantiles and softmax in float32
         towards_kept = dropped_logits.gather(2, kept[:, None].expand(-1, r, -1))  # [R, r, n - r]
-        k = int(correlation_width(dropped_logits).max().clamp(min=1, max=kept.shape[1]))
-        top, target = towards_kept.topk(k, dim=-1)
+        # k is read from the data, but not to the host (a GPU would wait at every merging block): the top `bound` are
+        # taken, and those beyond k weigh nothing
+        bound = min(correlation_bound(n, dropped_logits.dtype), kept.shape[1])
+        k = correlation_width(dropped_logits).max().clamp(min=1, max=kept.shape[1])
+        top, target = towards_kept.topk(bound, dim=-1)
+        top = top.masked_fill(torch.arange(bound, device=top.device) >= k, -torch.inf)
         weight = top.softmax(dim=-1).to(block.hidden.dtype)  # P over the k, normalised: the row's sum cancels
         # Compress: (x_u + sum w x_i) / (1 + sum w)
         x = block.hidden

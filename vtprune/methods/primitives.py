@@ -25,6 +25,13 @@ def on_device(tensor: torch.Tensor, device) -> torch.Tensor:
     return tensor.to(target, non_blocking=tensor.device.type == "cpu" and target.type == "cuda")
 
 
+def fill_at(tensor: torch.Tensor, index: tuple, value) -> torch.Tensor:
+    """tensor[index] = value, in place, for an index of tensors, without a host synchronisation: written as
+    `tensor[rows, cols] = value`, torch makes the Python number a CPU tensor and copies it to a CUDA tensor's device
+    with a blocking copy, which waits for every kernel queued so far (once per call: per round in a greedy loop)."""
+    return tensor.index_put_(index, torch.full((), value, dtype=tensor.dtype, device=tensor.device))
+
+
 def same_shape(keys: list) -> list[list[int]]:
     """The indices of equal keys, grouped (groups in order of first appearance, each in order): for a
     select_batch, which views can be stacked and selected together."""
@@ -198,7 +205,7 @@ def greedy_max_min(unit: torch.Tensor, score: torch.Tensor, taken: torch.Tensor,
             score = distance.masked_fill(score == float("-inf"), float("-inf"))
         else:
             score = torch.minimum(score, distance)
-        score[rows, pick] = float("-inf")
+        fill_at(score, (rows, pick), float("-inf"))
     return torch.stack(picks, dim=1) if picks else torch.zeros(unit.shape[0], 0, dtype=torch.long, device=unit.device)
 
 
@@ -231,7 +238,7 @@ def _farthest_points(unit: torch.Tensor, chosen: torch.Tensor, k: int, whole: bo
     else:
         score = 1 - (unit @ torch.nn.functional.normalize(unit.mean(dim=1), dim=-1)[:, :, None])[..., 0]
     taken = torch.zeros(groups, n, dtype=torch.bool, device=unit.device)
-    taken[rows[:, None], chosen] = True
+    fill_at(taken, (rows[:, None], chosen), True)
     return greedy_max_min(unit, score, taken, k, matrix=matrix, fresh=not chosen.shape[1])
 
 

@@ -114,7 +114,7 @@ def contextual_merge(features: torch.Tensor, keys: torch.Tensor, count: int, spa
     slot = (unit @ unit[:, anchors].transpose(1, 2)).argmax(dim=-1)  # [B, M]: the most similar anchor (ties: first)
     slot[:, anchors] = torch.arange(anchors.numel(), device=device)
     others = torch.ones(batch, m, dtype=torch.bool, device=device)
-    others[:, anchors] = False
+    others.index_fill_(1, anchors, False)  # (others[:, anchors] = False would copy False to a GPU, blocking)
     if spare is not None:
         others.scatter_(1, spare[:, None], False)
         slot.scatter_(1, spare[:, None], -1)
@@ -223,7 +223,7 @@ class VisionZip(VisionMethod):
         spare = None
         if cls_slot:  # the best candidate that is not an anchor (ties: the first in row order)
             free = score.gather(1, candidates)
-            free[:, anchors] = -torch.inf
+            free.index_fill_(1, anchors, -torch.inf)
             spare = free.argmax(dim=1)
             picked = torch.cat([picked, candidates.gather(1, spare[:, None])], dim=1)
         at = tokens.gather(1, candidates)
