@@ -59,6 +59,24 @@ def test_a_selection_reads_the_device_no_more_for_more_items_or_tokens(method):
     assert sum(reads[1, 16].values()) <= one, (dict(reads[1, 8]), dict(reads[1, 16]))
 
 
+def test_a_sync_is_named_by_the_line_outside_torch_that_asked_for_it():
+    """host_work.py names each CUDA sync by its line; torch's own Python wrappers (Tensor.item's, say) would name
+    only themselves, so the line is the innermost one outside torch. Checked with a stand-in for torch's warning."""
+    import inspect
+
+    from vtprune.bench.ops import sync_sites
+
+    torch_like = {}
+    exec(compile("import warnings\ndef item(message):\n    warnings.warn(message)\n",
+                 "/lib/site-packages/torch/_tensor.py", "exec"), torch_like)
+    here = inspect.currentframe()
+    with sync_sites() as sites:
+        asked = here.f_lineno + 1
+        torch_like["item"]("called a synchronizing CUDA operation")
+        torch_like["item"]("another warning")
+    assert dict(sites) == {f"{here.f_code.co_filename}:{asked}": 1}
+
+
 PROBING = {"sparsevlm", "pdrop", "dart"}  # methods that probe a decoder layer's queries and keys
 
 

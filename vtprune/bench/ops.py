@@ -53,8 +53,7 @@ def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = Fa
 
     pruner.method.select_batch = counted
     try:
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with torch.no_grad(), sync_sites() as sites:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("warn")
@@ -64,10 +63,36 @@ def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = Fa
                 torch.cuda.set_sync_debug_mode(0)
     finally:
         pruner.remove()
-    sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     return {"select_ops": counter.ops["select"], "engine_ops": counter.ops["engine"],
             "syncs": sum(sites.values()) if cuda else None, "sync_sites": dict(sites.most_common()) if cuda else None}
 
+
+
+@contextlib.contextmanager
+def sync_sites():
+    """Counts the CUDA synchronisations torch warns of (under torch.cuda.set_sync_debug_mode("warn")) by the line
+    that asked for them: the innermost frame outside torch, as torch's own Python wrappers (Tensor.item's, say)
+    would name only themselves."""
+    sites = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            sites[calling_site(sys._getframe(1))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record  # restored by catch_warnings
+        yield sites
+
+
+def calling_site(frame) -> str:
+    """"file:line" of the innermost frame outside torch and the warnings module."""
+    while frame is not None:
+        path = frame.f_code.co_filename.replace("\\", "/")
+        if "/torch/" not in path and not path.endswith(("/warnings.py", "/_py_warnings.py")):
+            return f"{path}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "unknown"
 
 
 # What reads a tensor's values into Python: on a GPU each such read of a device tensor waits for its queue to drain.
