@@ -67,7 +67,6 @@ def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = Fa
             "syncs": sum(sites.values()) if cuda else None, "sync_sites": dict(sites.most_common()) if cuda else None}
 
 
-
 @contextlib.contextmanager
 def sync_sites():
     """Counts the CUDA synchronisations torch warns of (under torch.cuda.set_sync_debug_mode("warn")) by the line
@@ -135,10 +134,10 @@ def stage_reads(methods: bool = False):
     its hooks on the vision tower (engine/vision.py, engine/block_merge.py), under prefill.plan_run and
     prefill.begin (the language model's input) and prefill.at_layer (each in-LLM stage), and while a decode step
     continues a pruned cache (decode.continue_run, decode.at_layer); the method's own code (the innermost vtprune
-    frame in vtprune/methods/) only with `methods`. Besides explicit reads, the ops that read a CUDA device inside torch: those sized by their
-    data (`SIZED_BY_DATA`, a repeat_interleave without output_size, indexing by a mask) and a Python number written
-    through tensor indices. Device-independent: on the CPU every tensor counts, a host copy's too (the engine reads
-    none there)."""
+    frame in vtprune/methods/) only with `methods`. Besides explicit reads, the ops that read a CUDA device inside
+    torch: those sized by their data (`SIZED_BY_DATA`, a repeat_interleave without output_size, indexing by a mask)
+    and a Python number written through tensor indices. Device-independent: on the CPU every tensor counts, a host
+    copy's too (the engine reads none there)."""
     from vtprune.engine import decode, prefill
 
     stage_code = {prefill.plan_run.__code__, prefill.begin.__code__, prefill.at_layer.__code__,
