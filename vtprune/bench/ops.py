@@ -40,7 +40,10 @@ class OpCounter(TorchDispatchMode):
 def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = False) -> dict:
     """One pruned prefill of `inputs`: its ops inside select_batch ("select_ops") and outside ("engine_ops"), and on
     CUDA its host synchronisations ("syncs"; None elsewhere) and the lines that made them ("sync_sites": "file:line"
-    -> count, the Python line that called the synchronising op)."""
+    -> count, the Python line that called the synchronising op); then the same prefill replaying its decision (the
+    schedule oracle: the same kept tokens, no scoring) and its ops ("replay_ops"). What the method launches beyond
+    its replay is its own host work: where a GPU's kernels are short (a vision tower's blocks), the device waits
+    for it."""
     pruner = vtprune.apply(model, method, budget, **WITHOUT_CHECKPOINT.get(method, {}))
     counter, select = OpCounter(cuda), pruner.method.select_batch
 
@@ -61,9 +64,13 @@ def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = Fa
                 model(**inputs, use_cache=True, logits_to_keep=1)
             if cuda:
                 torch.cuda.set_sync_debug_mode(0)
+        replay = OpCounter(cuda)
+        with torch.no_grad(), pruner.replaying(pruner.last_decision), replay:
+            model(**inputs, use_cache=True, logits_to_keep=1)
     finally:
         pruner.remove()
     return {"select_ops": counter.ops["select"], "engine_ops": counter.ops["engine"],
+            "replay_ops": replay.ops["engine"],
             "syncs": sum(sites.values()) if cuda else None, "sync_sites": dict(sites.most_common()) if cuda else None}
 
 
