@@ -5,10 +5,10 @@ hold the block's residual in a local variable, so no hook can shorten the sequen
 tower keeps its length instead: a merged-away token's column is masked out of every later
 attention (an additive bias of the dtype's minimum on its key column; log(size) on the
 survivors' columns when the method uses proportional attention), and the merge is written
-through the block's attention output, so that residual + output is the merged state at each
-survivor whose state changed. Survivors thus compute what the shortened sequence computes, up
-to the rounding of that one addition; merged-away columns go on being computed and are never
-read. The encoder itself runs no faster: these methods are compared for the tokens they leave
+through the block's attention output: what it changed at each survivor is added there, so that
+residual + output is the merged state (exactly the block's own sum where it changed nothing).
+Survivors thus compute what the shortened sequence computes, up to float rounding;
+merged-away columns go on being computed and are never read. The encoder itself runs no faster: these methods are compared for the tokens they leave
 the LLM.
 """
 
@@ -22,41 +22,49 @@ from ..methods import BlockInput, BlockMergingMethod
 from .budget import tokens_for_budget
 
 
-def tower_attention_inputs(attention, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(query [R, H, T, d], key, scaling) of a vision-tower attention module on its input, from its own projections
-    (the same whichever attention implementation the tower runs)."""
+def tower_attention_inputs(attention, hidden: torch.Tensor, queries: bool = True):
+    """(query [R, H, T, d] or None without queries, key, scaling) of a vision-tower attention module on its input,
+    from its own projections (the same whichever attention implementation the tower runs)."""
     split = (*hidden.shape[:2], -1, attention.head_dim)
-    query = attention.q_proj(hidden).view(split).transpose(1, 2)
+    query = attention.q_proj(hidden).view(split).transpose(1, 2) if queries else None
     key = attention.k_proj(hidden).view(split).transpose(1, 2)
     return query, key, float(getattr(attention, "scaling", None) or attention.scale)
 
 
 @dataclass
 class TowerMerge:
-    """The merges so far of one tower run, over its R rows of T tokens."""
+    """The merges so far of one tower run, over its R rows of T tokens.
+
+    Kept in the survivors' terms (n of them), so that a merge updates each field with one op: on a GPU the tower's
+    blocks are short kernels, and each op more in a merging block is host time the device waits for."""
 
     schedule: dict[int, int]  # encoder layer -> tokens merged away per row there
     alive: torch.Tensor  # [R, n] columns of the surviving tokens, in the method's order
-    slot: torch.Tensor  # [R, T] the column of the survivor each column's token is now part of
-    size: torch.Tensor  # [R, T] tokens each survivor stands for (0 at merged-away columns)
+    position: torch.Tensor  # [R, T] the survivor (index into alive) each column's token is now part of
+    size: torch.Tensor  # [R, n] tokens each survivor stands for
     residual: torch.Tensor | None = None  # the merging block's input
-    attention: tuple | None = None  # its (query, key, scaling)
+    attention: tuple | None = None  # its (query or None, key, scaling)
 
     @classmethod
     def start(cls, schedule: dict[int, int], rows: int, tokens: int, device) -> "TowerMerge":
         columns = torch.arange(tokens, device=device).expand(rows, tokens)
-        return cls(schedule, columns.clone(), columns.clone(), torch.ones(rows, tokens, device=device))
+        return cls(schedule, columns, columns, torch.ones(rows, tokens, device=device))
 
     @property
     def merged(self) -> bool:
-        return self.alive.shape[1] < self.slot.shape[1]
+        return self.alive.shape[1] < self.position.shape[1]
+
+    @property
+    def slot(self) -> torch.Tensor:
+        """[R, T] the column of the survivor each column's token is now part of."""
+        return self.alive.gather(1, self.position)
 
     def bias(self, dtype: torch.dtype, proportional: bool) -> torch.Tensor:
         """[R, 1, 1, T] additive attention bias: merged-away keys out, log(size) on survivors if proportional."""
-        bias = torch.full(self.slot.shape, torch.finfo(dtype).min, dtype=dtype, device=self.slot.device)
-        survivors = self.size.gather(1, self.alive).log() if proportional else bias.new_zeros(self.alive.shape)
-        bias.scatter_(1, self.alive, survivors.to(dtype))
-        return bias[:, None, None, :]
+        bias = torch.full(self.position.shape, torch.finfo(dtype).min, dtype=dtype, device=self.alive.device)
+        if proportional:
+            return bias.scatter_(1, self.alive, self.size.log().to(dtype))[:, None, None, :]
+        return bias.scatter_(1, self.alive, 0.0)[:, None, None, :]
 
 
 class BlockMerging:
@@ -110,7 +118,7 @@ class BlockMerging:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             if index in state.schedule:
-                state.attention = tower_attention_inputs(module, hidden)
+                state.attention = tower_attention_inputs(module, hidden, self.method.reads_queries)
             if not state.merged:
                 return None
             bias = state.bias(hidden.dtype, self.method.proportional_attention)
@@ -134,29 +142,20 @@ class BlockMerging:
         """The attention output that makes residual + output each survivor's merged state."""
         residual, (query, key, scaling) = state.residual, state.attention
         state.residual = state.attention = None
-        rows, _, width = attended.shape
-        heads, head_dim = query.shape[1], query.shape[3]
+        width = attended.shape[2]
         alive = state.alive
-        stream = residual + attended
         along = lambda index, size: index[..., None].expand(*index.shape, size)  # noqa: E731
+        heads = lambda index: along(index[:, None].expand(-1, key.shape[1], -1), key.shape[3])  # noqa: E731
         block = BlockInput(
-            hidden=stream.gather(1, along(alive, width)),
-            query=query.gather(2, along(alive[:, None].expand(rows, heads, -1), head_dim)),
-            key=key.gather(2, along(alive[:, None].expand(rows, heads, -1), head_dim)),
-            scaling=scaling, size=state.size.gather(1, alive), cls=self.cls, columns=alive, grid=self.grid,
+            hidden=(residual + attended).gather(1, along(alive, width)),
+            query=None if query is None else query.gather(2, heads(alive)), key=key.gather(2, heads(alive)),
+            scaling=scaling, size=state.size, cls=self.cls, columns=alive, grid=self.grid,
         )
         merge = self.method.merge(block, r)
-        survivors = alive.gather(1, merge.order)
-        column_of_old = survivors.gather(1, merge.into)  # where each old survivor's tokens went
-        remap = torch.arange(state.slot.shape[1], device=alive.device).expand_as(state.slot).clone()
-        remap.scatter_(1, alive, column_of_old)
-        state.slot = remap.gather(1, state.slot)
-        state.size = torch.zeros_like(state.size).scatter_(1, survivors, merge.size.to(state.size.dtype))
-        state.alive = survivors
-        # Only survivors whose state changed are written: the others keep the block's exact sum.
-        before = block.hidden.gather(1, along(merge.order, width))
-        changed = (merge.hidden != before).any(-1, keepdim=True)
-        written = torch.where(changed, merge.hidden.to(attended.dtype) - residual.gather(1, along(survivors, width)),
-                              attended.gather(1, along(survivors, width)))
+        state.alive = alive.gather(1, merge.order)
+        state.position = merge.into.gather(1, state.position)
+        state.size = merge.size.to(state.size.dtype)
+        # What the merge changed, added where the survivors sit: zero (and so exact) at a survivor it left alone.
+        change = merge.hidden - block.hidden.gather(1, along(merge.order, width))
         # Under autocast the residual stream is float32 and the attention output half precision.
-        return attended.scatter(1, along(survivors, width), written.to(attended.dtype))
+        return attended.scatter_add(1, along(state.alive, width), change.to(attended.dtype))

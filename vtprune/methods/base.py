@@ -455,7 +455,7 @@ class BlockInput:
     """
 
     hidden: torch.Tensor  # [R, n, D] the block's residual stream after attention (what the MLP would get)
-    query: torch.Tensor  # [R, H, n, d] the block's attention queries and keys
+    query: torch.Tensor | None  # [R, H, n, d] the block's attention queries (None: the method reads none) and keys
     key: torch.Tensor  # [R, H, n, d]
     scaling: float
     size: torch.Tensor  # [R, n] tokens each survivor stands for
@@ -483,6 +483,7 @@ class BlockMergingMethod(VisionMethod):
     """
 
     proportional_attention: ClassVar[bool] = False  # later blocks add log(size) to the attention logits (ToMe)
+    reads_queries: ClassVar[bool] = True  # `merge` reads the block's queries (False: BlockInput.query is None)
 
     @classmethod
     def kind_refusal(cls, kind: str) -> str | None:

@@ -73,16 +73,17 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, cls: bool) -> tuple[to
     if cls:
         scores[:, 0] = -torch.inf
     best, match = scores.max(dim=-1)
-    ranked = best.argsort(dim=-1, descending=True)
-    unmerged, merged = ranked[:, r:], ranked[:, :r]
+    unmerged = best.argsort(dim=-1, descending=True)[:, r:]  # the r best-matched A tokens merge
     if cls:
         unmerged = unmerged.sort(dim=-1).values
-    kept_a = unmerged.shape[1]
-    order = torch.cat([2 * unmerged, 2 * torch.arange(b.shape[1], device=metric.device).expand(rows, -1) + 1], dim=1)
+    kept_a, kept_b = unmerged.shape[1], b.shape[1]
+    # Every index below is a view of one arange: each op counts, as a GPU's host launches them one by one.
+    count = torch.arange(n, device=metric.device)
+    order = torch.cat([2 * unmerged, count[1::2].expand(rows, -1)], dim=1)
+    into_a = (match + kept_a).scatter_(1, unmerged, count[:kept_a].expand(rows, -1))  # merged: their B match's slot
     into = torch.empty(rows, n, dtype=torch.long, device=metric.device)
-    into[:, 1::2] = kept_a + torch.arange(b.shape[1], device=metric.device)
-    into.scatter_(1, 2 * unmerged, torch.arange(kept_a, device=metric.device).expand(rows, -1))
-    into.scatter_(1, 2 * merged, kept_a + match.gather(1, merged))
+    into[:, 0::2] = into_a
+    into[:, 1::2] = count[kept_a:kept_a + kept_b]
     return order, into
 
 
@@ -101,6 +102,7 @@ class ToMe(BlockMergingMethod):
     summary = "token merging in the vision encoder's blocks: bipartite soft matching, size-weighted, proportional attention"
     where = "vision encoder blocks (between attention and MLP); tokens dropped at the LLM input"
     proportional_attention = True
+    reads_queries = False  # its metric is the keys
 
     def merge_schedule(self, model: ModelInfo, layers: int, patches: int, keep: int) -> dict[int, int]:
         last = layers + feature_layer(model)  # the block whose output the projector reads
