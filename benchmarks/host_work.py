@@ -1,7 +1,7 @@
 """Per-item host work of a pruned prefill (issue 17 item 2): what grows with the batch besides the model's FLOPs.
 
 For each method, one prefill at batch 1 and at batch B (the same prompts), counting the aten ops (views aside)
-dispatched inside the method's `select_batch` and outside it (the engine and the model), and on CUDA the host
+dispatched inside the method's `select_batch` (and ToMe's and FiCoCo-V's merges) and outside it (the engine and the model), and on CUDA the host
 synchronisations (torch.cuda.set_sync_debug_mode). On a GPU each op is a launch of some microseconds and each
 sync stalls the queue, so "per extra sample" should be ~0 for both: a loop over items shows up there.
 

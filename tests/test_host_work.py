@@ -10,6 +10,7 @@ import torch
 
 import vtprune
 
+from vtprune.adapters import adapter_for
 from vtprune.api import refusal
 from vtprune.bench.ops import count_prefill
 from vtprune.engine.cache import cache_keyword, output_cache
@@ -17,6 +18,7 @@ from vtprune.methods import REGISTRY, WITHOUT_CHECKPOINT
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 PER_EXTRA_ITEM = 8  # CLASP's 3 is the most today
+ENGINE_OPS_PER_MERGING_BLOCK = 16  # 12-13 today (26-27 before session 26)
 
 
 @pytest.mark.parametrize("method", sorted(REGISTRY))
@@ -162,3 +164,26 @@ def test_a_finished_prefill_keeps_none_of_its_checks(method):
     with vtprune.apply(model, method, 8, **WITHOUT_CHECKPOINT.get(method, {})), torch.no_grad():
         run = getattr(output_cache(model(**inputs, use_cache=True)), PRUNED_RUN).run
     assert run.checks == [] and run.references == {} and run.encoded is None
+
+
+@pytest.mark.parametrize("method", ["tome", "ficoco_v"])
+def test_a_merging_block_costs_the_engine_few_ops(method):
+    """On a GPU a vision tower's blocks are short kernels, so the host's ops in a merging block are what the device
+    waits for (ToMe and FiCoCo-V were 1.5-1.6x their schedule oracle on an H100). Besides the method's merge, the
+    engine adds the block's keys (and queries), the attention bias, the survivors' gathers and the write: a deeper
+    tower costs the engine at most ENGINE_OPS_PER_MERGING_BLOCK ops more for each merging block more."""
+    def engine_ops_over_replay(tower_layers: int) -> tuple[int, int]:
+        model = tiny_llava()
+        config = model.config
+        config.vision_config.num_hidden_layers = tower_layers
+        model = type(model)(config).eval()
+        inputs = tiny_inputs(model, [SampleLayout()] * 2)
+        count_prefill(model, method, 8, inputs)  # warm-up
+        ops = count_prefill(model, method, 8, inputs)
+        schedule = REGISTRY[method](REGISTRY[method].Options()).merge_schedule(adapter_for(model).model_info, tower_layers, 64, 8)
+        blocks = sum(r > 0 for r in schedule.values())
+        return ops["engine_ops"] - ops["replay_ops"], blocks
+
+    (shallow, shallow_blocks), (deep, deep_blocks) = engine_ops_over_replay(6), engine_ops_over_replay(14)
+    assert deep_blocks >= shallow_blocks + 4
+    assert 0 < (deep - shallow) / (deep_blocks - shallow_blocks) <= ENGINE_OPS_PER_MERGING_BLOCK, (shallow, deep)

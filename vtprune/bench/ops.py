@@ -38,23 +38,29 @@ class OpCounter(TorchDispatchMode):
 
 
 def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = False) -> dict:
-    """One pruned prefill of `inputs`: its ops inside select_batch ("select_ops") and outside ("engine_ops"), and on
+    """One pruned prefill of `inputs`: its ops inside select_batch and a block-merging method's merges ("select_ops")
+    and outside ("engine_ops"), and on
     CUDA its host synchronisations ("syncs"; None elsewhere) and the lines that made them ("sync_sites": "file:line"
     -> count, the Python line that called the synchronising op); then the same prefill replaying its decision (the
     schedule oracle: the same kept tokens, no scoring) and its ops ("replay_ops"). What the method launches beyond
     its replay is its own host work: where a GPU's kernels are short (a vision tower's blocks), the device waits
     for it."""
     pruner = vtprune.apply(model, method, budget, **WITHOUT_CHECKPOINT.get(method, {}))
-    counter, select = OpCounter(cuda), pruner.method.select_batch
+    counter = OpCounter(cuda)
 
-    def counted(views):
-        counter.where = "select"
-        try:
-            return select(views)
-        finally:
-            counter.where = "engine"
+    def counted(work):
+        def run(*args):
+            counter.where = "select"
+            try:
+                return work(*args)
+            finally:
+                counter.where = "engine"
 
-    pruner.method.select_batch = counted
+        return run
+
+    pruner.method.select_batch = counted(pruner.method.select_batch)
+    if hasattr(pruner.method, "merge"):  # a BlockMergingMethod's merges inside the tower are its own work too
+        pruner.method.merge = counted(pruner.method.merge)
     try:
         with torch.no_grad(), sync_sites() as sites:
             if cuda:
