@@ -140,7 +140,8 @@ def cmd_eval(args) -> int:
     import vtprune
     from vtprune.eval import evaluate
     from vtprune.eval.lock import hold
-    from vtprune.eval.report import frontier_table, rich_table, summarize, write_reports
+    from vtprune.eval.published import against_published, published_table
+    from vtprune.eval.report import frontier_table, hits_by_config, rich_table, summarize, write_reports
     from vtprune.eval.runner import synthetic_task
     from vtprune.eval.shards import current_shard
     from vtprune.methods import checkpoint_options
@@ -172,14 +173,19 @@ def cmd_eval(args) -> int:
         if not shard.main:  # the first process reports for all
             return 0
         wanted = {c.name for c in configs}
-        rows = summarize([r for r in records if r["config"] in wanted])
+        kept_records = [r for r in records if r["config"] in wanted]
+        rows = summarize(kept_records)
+        published = against_published(rows, hits_by_config(kept_records))
         title = f"reference model, synthetic VQA (seed {seed}, {count} samples)"
         console.print(rich_table(rows, title))
         console.print(frontier_table(rows, "best at matched compute (eq. budget): no cheaper config answers as well"))
+        if published:
+            console.print(published_table(published))
         command = _command_line()
         # what is refused, like the command, is the report's, not the run's: adding a method some budget refuses
         # (ToMe@64) to a finished run resumes it
-        paths = write_reports(rows, out, title, dict(settings, command=command, **_not_run(refused)), args.report)
+        paths = write_reports(rows, out, title, dict(settings, command=command, **_not_run(refused)), args.report,
+                              published)
     console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {out}/results*.jsonl)")
     return 0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from .intervals import paired_difference, wilson_interval
+from .published import published_markdown
 from .runner import UNPRUNED
 
 
@@ -56,8 +57,13 @@ def summarize(records: list[dict]) -> list[dict]:
         defined = base is not None and all(base["classes"].get(c) for c in row["classes"])
         ratios = [row["classes"][c] / base["classes"][c] for c in row["classes"]] if defined else []
         row["normalized"] = 100 * sum(ratios) / len(ratios) if ratios else None
-    _against_cheaper(rows, {name: {r["index"]: bool(r["correct"]) for r in group} for name, group in groups.items()})
+    _against_cheaper(rows, hits_by_config(records))
     return in_table_order(rows)
+
+
+def hits_by_config(records: list[dict]) -> dict[str, dict[int, bool]]:
+    """config -> sample index -> answered right."""
+    return {name: {r["index"]: bool(r["correct"]) for r in group} for name, group in by_config(records).items()}
 
 
 def _against_cheaper(rows: list[dict], hits: dict[str, dict[int, bool]]) -> None:
@@ -209,14 +215,19 @@ def not_run_lines(settings: dict) -> str:
     return "".join(f"\nNot run: {name}: {reason}\n" for name, reason in settings.get("not_run", {}).items())
 
 
-def write_reports(rows: list[dict], out: Path, title: str, settings: dict, name: str = "results") -> list[Path]:
+def write_reports(rows: list[dict], out: Path, title: str, settings: dict, name: str = "results",
+                  published: list[dict] = ()) -> list[Path]:
+    """results.json, results.md (with `published`, `against_published`'s comparisons, as a last section) and the
+    accuracy-vs-budget picture."""
     out = Path(out)
     paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}_accuracy_vs_budget.png"]
-    paths[0].write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    paths[0].write_text(json.dumps({"settings": settings, "rows": rows, "against_published": list(published)},
+                                   indent=2))
     paths[1].write_text(f"# {title}\n\n" + markdown_table(rows) + not_run_lines(settings) + "\n## At matched compute\n\nEvery pruned config by "
                         "equivalent budget (visual tokens per image averaged over the decoder layers); \"best at this "
                         "cost\": no config that costs as much or less answers as well; the last column: its accuracy "
                         "minus that of the best config as cheap, on the same samples, with the paired 95% interval "
-                        "(an interval holding 0 is no lead).\n\n" + by_cost_markdown(rows))
+                        "(an interval holding 0 is no lead).\n\n" + by_cost_markdown(rows)
+                        + ("\n" + published_markdown(published) if published else ""))
     plot_accuracy_vs_budget(rows, paths[2], title)
     return paths
