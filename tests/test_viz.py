@@ -15,7 +15,7 @@ import vtprune.eval.generation
 import vtprune.viz
 from vtprune.cli import main
 from vtprune.synth.reference import REFERENCE_DIR, load_reference
-from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_llava_next, tiny_qwen2_vl
+from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_llava_next, tiny_qwen2_vl, tiny_video_llava
 from vtprune.viz import cell_index, dropped_at_stage, kept_token_map, merge_groups, seen_image, shade_dropped
 
 from .conftest import FAMILIES
@@ -157,13 +157,13 @@ def test_a_qwen2_vl_picture_lines_up_with_its_kept_tokens(tmp_path):
 def test_show_answers_then_draws_on_what_the_model_saw(tmp_path, monkeypatch, capsys, width, height):
     photo(width, height).save(tmp_path / "photo.png")
     drawn = []
-    draw = vtprune.viz.kept_token_map
+    draw = vtprune.viz.kept_token_maps
 
-    def spy(image, grid, *args):
-        drawn.append((image.size, grid, capsys.readouterr().out))
-        return draw(image, grid, *args)
+    def spy(drawings, *args):
+        drawn.extend((d.image.size, d.grid, capsys.readouterr().out) for d in drawings)
+        return draw(drawings, *args)
 
-    monkeypatch.setattr(vtprune.viz, "kept_token_map", spy)
+    monkeypatch.setattr(vtprune.viz, "kept_token_maps", spy)
     out = tmp_path / "kept.png"
     assert main(["show", str(tmp_path / "photo.png"), "what colour is the tie ?", "--method", "clse_m",
                  "--budget", "64", "--out", str(out)]) == 0
@@ -195,7 +195,8 @@ def test_show_draws_a_qwen_checkpoints_kept_tokens_over_its_resized_image(tmp_pa
     photo(517, 300).save(tmp_path / "photo.png")
     _, rows, cols = processor.image_processor(images=[photo(517, 300)], return_tensors="pt")["image_grid_thw"][0].tolist()
     drawn = []
-    monkeypatch.setattr(vtprune.viz, "kept_token_map", lambda image, grid, kept, *rest: drawn.append((grid, kept)))
+    monkeypatch.setattr(vtprune.viz, "kept_token_maps",
+                        lambda drawings, *rest: drawn.extend((d.grid, d.kept_per_stage) for d in drawings))
     assert main(["show", str(tmp_path / "photo.png"), "what is it ?", "--method", "random", "--budget", "6",
                  "--model", str(tmp_path / "qwen"), "--max-new-tokens", "3", "--out", str(tmp_path / "kept.png")]) == 0
     [(grid, kept)] = drawn
@@ -205,12 +206,59 @@ def test_show_draws_a_qwen_checkpoints_kept_tokens_over_its_resized_image(tmp_pa
 
 
 def test_show_refuses_a_family_it_cannot_draw_before_loading(tmp_path, capsys):
-    tiny_llava_next("sdpa").save_pretrained(tmp_path / "next")
+    tiny_video_llava("sdpa").save_pretrained(tmp_path / "video")
     photo(100, 100).save(tmp_path / "photo.png")
     with pytest.raises(SystemExit):
-        main(["show", str(tmp_path / "photo.png"), "what ?", "--method", "random", "--model", str(tmp_path / "next")])
-    assert "declares model_type 'llava_next', not one of 'llava', 'qwen2_vl', 'qwen2_5_vl': show draws the kept " \
-           "tokens of LLaVA-1.5, Qwen2-VL, Qwen2.5-VL checkpoints" in capsys.readouterr().err
+        main(["show", str(tmp_path / "photo.png"), "what ?", "--method", "random", "--model", str(tmp_path / "video")])
+    assert "declares model_type 'video_llava', not one of 'llava', 'llava_next', 'qwen2_vl', 'qwen2_5_vl': show " \
+           "draws the kept tokens of LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("width,height", [(517, 300), (120, 333), (100, 100)])
+def test_llava_next_shows_its_base_view_and_its_unpadded_tiles(tmp_path, monkeypatch, capsys, width, height):
+    """A white photo: the tiles, padded to the pinpoint's shape with black, are cropped to the rows and columns of
+    patches the model keeps, so the high-resolution view is white where the stitched tiles have black bands."""
+    from vtprune.adapters import adapter_for
+    from vtprune.viz import seen_parts
+
+    model = tiny_llava_next("sdpa")
+    processor = templated(model)
+    model.save_pretrained(tmp_path / "next")
+    monkeypatch.setattr(vtprune.eval.generation, "load_checkpoint", lambda path: (model, processor))
+    white = Image.new("RGB", (width, height), "white")
+    white.save(tmp_path / "photo.png")
+    inputs = processor(images=[white], text=["<image>"], return_tensors="pt")
+    adapter = adapter_for(model)
+    size = inputs["image_sizes"][0]
+    base, tiles = seen_parts(processor, inputs, tiles=adapter.tile_grid(size))
+    assert base.grid == (4, 4) and base.image.size == (56, 56)
+    assert tiles.grid == adapter.high_resolution_grid(size)
+    assert_grid_fits(tiles, 14)
+    assert np.asarray(tiles.image).min() >= 250
+    drawn = []
+    draw = vtprune.viz.kept_token_maps
+    monkeypatch.setattr(vtprune.viz, "kept_token_maps", lambda drawings, *rest: drawn.append(drawings) or
+                        draw(drawings, *rest))
+    assert main(["show", str(tmp_path / "photo.png"), "what is it ?", "--method", "divprune", "--budget", "6",
+                 "--model", str(tmp_path / "next"), "--out", str(tmp_path / "kept.png")]) == 0
+    [(base_drawn, tiles_drawn)] = drawn
+    assert (base_drawn.grid, tiles_drawn.grid) == (base.grid, tiles.grid)
+    kept = [len(d.kept_per_stage[-1]) for d in (base_drawn, tiles_drawn)]
+    assert sum(kept) == 6 and all(0 <= i < d.grid[0] * d.grid[1] for d in (base_drawn, tiles_drawn)
+                                  for i in d.kept_per_stage[-1])
+    assert "over the 56x56 and" in capsys.readouterr().out and (tmp_path / "kept.png").stat().st_size > 0
+
+
+def test_tokens_fall_in_their_grids_and_newlines_in_none():
+    from vtprune.adapters.llava_next import anyres_item
+    from vtprune.viz import groups_per_grid, tokens_per_grid
+
+    item = anyres_item(10, 2, (2, 3))  # base 2x2 at 10-13, then rows 14-16 (newline 17) and 18-20 (newline 21)
+    base, high = tokens_per_grid(item, [[10, 13, 14, 17, 20, 21, 3]])
+    assert base[0].tolist() == [0, 3] and high[0].tolist() == [0, 5]
+    # 20 (the high grid's last cell) merged into 11 (the base's second), then 11 into 10
+    base_groups, high_groups = groups_per_grid(item, [([20], [11]), ([11], [10])])
+    assert base_groups.tolist() == [0, 0, 2, 3] and high_groups.tolist() == [4, 5, 6, 7, 8, 0]
 
 
 def test_bad_input_is_one_line_not_a_traceback(tmp_path):

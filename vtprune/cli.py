@@ -374,15 +374,14 @@ def cmd_show(args) -> int:
     """Answer one question about one image, unpruned and under a method, and save the kept-token picture."""
     from pathlib import Path
 
-    import numpy as np
-    import torch
     from PIL import Image
 
     import vtprune
+    from vtprune.adapters import adapter_for
     from vtprune.eval.generation import batch_inputs, generate_answers, load_checkpoint
     from vtprune.methods import get_method
     from vtprune.synth.reference import CHAT_TEMPLATE, REFERENCE_DIR
-    from vtprune.viz import kept_token_map, merge_groups, seen_image
+    from vtprune.viz import GridDrawing, groups_per_grid, kept_token_maps, seen_parts, tokens_per_grid
 
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_checkpoint(model_path)
@@ -401,16 +400,21 @@ def cmd_show(args) -> int:
         decision = pruner.last_decision
     console.print(f"answer: [bold]{pruned}[/bold] (unpruned: {unpruned})")
     inputs = batch_inputs(processor, [args.question], [[image]], chat_template=template)  # what was answered
-    seen = seen_image(processor, inputs)  # resized and cropped: the grid fits this, not the file
-    ids = inputs["input_ids"][0]
-    start = int(torch.nonzero(ids == model.config.image_token_id)[0])
-    kept = [np.asarray(stage[0].sort().values.cpu()) - start for stage in decision.kept] if decision else []
-    moved = [(np.asarray(s[0][0].cpu()) - start, np.asarray(s[0][1].cpu()) - start) for s in decision.moved] if decision else []
-    groups = merge_groups(seen.grid[0] * seen.grid[1], moved) if any(len(sources) for sources, _ in moved) else None
+    adapter = adapter_for(model)
+    item = adapter.visual_items(inputs["input_ids"][:1], dict(inputs))[0][0]
+    tiles = adapter.tile_grid(inputs["image_sizes"][0]) if adapter.family == "llava_next" else None
+    seen = seen_parts(processor, inputs, tiles=tiles)  # resized and cropped: the grids fit these, not the file
+    kept = tokens_per_grid(item, [stage[0].cpu() for stage in decision.kept] if decision else [])
+    moved = [(s[0][0].cpu(), s[0][1].cpu()) for s in decision.moved] if decision else []
+    groups = groups_per_grid(item, moved) if any(len(sources) for sources, _ in moved) else [None] * len(seen)
     out = Path(args.out)
     title = f"{args.method} @ {args.budget}: \"{args.question}\" -> {pruned} (unpruned: {unpruned})"
-    kept_token_map(seen.image, seen.grid, kept, out, title, decision.stage_layers if decision else None, groups)
-    console.print(f"kept tokens drawn in {out}, over the {seen.image.width}x{seen.image.height} image the model saw")
+    labels = ["base view", "tiles, unpadded"] if len(seen) == 2 else ["image"]
+    kept_token_maps([GridDrawing(view.image, view.grid, k, g, label)
+                     for view, k, g, label in zip(seen, kept, groups, labels, strict=True)],
+                    out, title, decision.stage_layers if decision else None)
+    sizes = " and ".join(f"{view.image.width}x{view.image.height}" for view in seen)
+    console.print(f"kept tokens drawn in {out}, over the {sizes} image{'s' if len(seen) > 1 else ''} the model saw")
     return 0
 
 

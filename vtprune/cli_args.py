@@ -412,13 +412,13 @@ def _check_llava(parser, args) -> None:
         parser.error(f"{error} ({where})")
 
 
-# The families whose images `vtprune show` lays one token grid over (viz.seen_image): LLaVA-NeXT's and OneVision's
-# tiles and Video-LLaVA are not drawn.
-DRAWN_FAMILIES = {"llava": "LLaVA-1.5", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+# The families whose images `vtprune show` draws (viz.seen_parts): LLaVA-OneVision's tiles (pooled past its
+# anyres_max) and Video-LLaVA's frames are not drawn.
+DRAWN_FAMILIES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
 
 
 def _check_drawable(parser, args) -> None:
-    """show draws one grid per image: a checkpoint of another family is refused before it loads."""
+    """A checkpoint of a family show cannot draw is refused before it loads."""
     if args.model is None:
         return
     from vtprune.synth.reference import CheckpointError, read_config
@@ -427,7 +427,7 @@ def _check_drawable(parser, args) -> None:
         read_config(Path(args.model), accept=tuple(DRAWN_FAMILIES))
     except CheckpointError as error:
         families = ", ".join(DRAWN_FAMILIES.values())
-        parser.error(f"{error}: show draws the kept tokens of {families} checkpoints (one grid per image)")
+        parser.error(f"{error}: show draws the kept tokens of {families} checkpoints")
 
 
 def _check_methods_fit(parser, args) -> None:

@@ -59,6 +59,57 @@ def _seen_by_qwen2_vl(image_processor, pixel_values, image_grid_thw, index: int)
     return SeenImage(_denormalise(channels_first, image_processor), (rows // merge, cols // merge))
 
 
+def seen_parts(processor, inputs, index: int = 0, tiles: tuple[int, int] | None = None) -> list[SeenImage]:
+    """What the model saw under each token grid of image `index`, in the order its tokens fill them: one grid for
+    LLaVA-1.5 and Qwen2-VL (`seen_image`); for LLaVA-NeXT (tiles: its (tiles high, tiles wide), the adapter's
+    `tile_grid`) the base view, the whole image squashed into one tile, then the tiles stitched and cropped to the
+    rows and columns of patches the model keeps when it unpads them."""
+    from vtprune.adapters.llava_next import unpadded_grid
+
+    if tiles is None:
+        return [seen_image(processor, inputs, index)]
+    image_processor, patch = processor.image_processor, processor.patch_size
+    views = _numpy(inputs["pixel_values"][index])  # [views, 3, tile, tile]: the base, then the tiles row by row
+    tile = views.shape[-1]
+    side, (high, wide) = tile // patch, tiles
+    stitched = views[1:1 + high * wide].reshape(high, wide, 3, tile, tile).transpose(2, 0, 3, 1, 4)
+    stitched = stitched.reshape(3, high * tile, wide * tile)
+    rows, cols = unpadded_grid(high * side, wide * side, inputs["image_sizes"][index])
+    top, left = (high * side - rows) // 2 * patch, (wide * side - cols) // 2 * patch  # unpadding crops evenly
+    high_resolution = stitched[:, top:top + rows * patch, left:left + cols * patch]
+    return [SeenImage(_denormalise(views[0], image_processor), (side, side)),
+            SeenImage(_denormalise(high_resolution, image_processor), (rows, cols))]
+
+
+def item_tokens(item, positions) -> np.ndarray:
+    """Each sequence position's index among a visual item's tokens (adapters.VisualItem: its grids' tokens in
+    order), -1 for a position that is none of them (LLaVA-NeXT's newline tokens, text)."""
+    order = np.concatenate([np.arange(start, start + length) for start, length in item.runs])  # ascending
+    positions = np.asarray(positions, dtype=np.int64)
+    found = np.minimum(np.searchsorted(order, positions), len(order) - 1)
+    return np.where(order[found] == positions, found, -1)
+
+
+def tokens_per_grid(item, positions_per_stage: list) -> list[list[np.ndarray]]:
+    """For each grid of a visual item, each stage's positions that lie in it, as raster indices within the grid."""
+    offsets = np.cumsum([0] + [grid.size for grid in item.parts])
+    per_grid = [[] for _ in item.parts]
+    for positions in positions_per_stage:
+        token = item_tokens(item, positions)
+        for g in range(len(item.parts)):
+            per_grid[g].append(token[(token >= offsets[g]) & (token < offsets[g + 1])] - offsets[g])
+    return per_grid
+
+
+def groups_per_grid(item, moved_per_stage: list) -> list[np.ndarray]:
+    """For each grid of a visual item, `merge_groups` of its cells over the whole item (a merge may cross grids):
+    moved_per_stage[s] = (positions merged at stage s, the positions they went to)."""
+    moved = [(item_tokens(item, sources), item_tokens(item, targets)) for sources, targets in moved_per_stage]
+    groups = merge_groups(item.length, [(s[s >= 0], t[s >= 0]) for s, t in moved])
+    offsets = np.cumsum([0] + [grid.size for grid in item.parts])
+    return [groups[offsets[g]:offsets[g + 1]] for g in range(len(item.parts))]
+
+
 def _numpy(values) -> np.ndarray:
     """float32 numpy from a tensor of any dtype and device, or from a list."""
     return values.detach().float().cpu().numpy() if hasattr(values, "detach") else np.asarray(values, np.float32)
@@ -134,6 +185,17 @@ def shade_dropped(pixels: np.ndarray, stages: np.ndarray, count: int) -> np.ndar
     return pixels * (1 - cells_to_pixels(shade, *pixels.shape[:2])[..., None])
 
 
+@dataclass(frozen=True)
+class GridDrawing:
+    """One token grid's part of a kept-token picture."""
+
+    image: Image.Image  # what the model saw under the grid
+    grid: tuple[int, int]
+    kept_per_stage: list[np.ndarray]  # raster indices kept after each stage
+    groups: np.ndarray | None = None  # per cell, the kept token (any id, shared across grids) it was merged into
+    label: str = "image"
+
+
 def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray], path: str | Path, title: str,
                    stage_layers: list[int] | None = None, groups: np.ndarray | None = None) -> np.ndarray:
     """Save the image beside a copy whose dropped patches are shaded by stage; returns the stage map.
@@ -141,48 +203,63 @@ def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray
     With `groups` (from `merge_groups`), a third panel colours every patch by the kept token
     it was merged into: which tokens went where.
     """
+    return kept_token_maps([GridDrawing(image, grid, kept_per_stage, groups)], path, title, stage_layers)[0]
+
+
+def kept_token_maps(drawings: list[GridDrawing], path: str | Path, title: str,
+                    stage_layers: list[int] | None = None) -> list[np.ndarray]:
+    """kept_token_map for an image of several grids (LLaVA-NeXT's base view and its tiles), one row of panels each;
+    returns each grid's stage map."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
 
-    stages = dropped_at_stage(grid, kept_per_stage)
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    height, width = pixels.shape[:2]
-    count = len(kept_per_stage)
-    shaded = shade_dropped(pixels, stages, count)
-
-    panels = 2 if groups is None else 3
-    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 5.4))
-    axes[0].imshow(pixels)
-    axes[0].set_title(f"image as the model saw it ({width}x{height})")
-    axes[1].imshow(shaded)
-    cell_h, cell_w = height / grid[0], width / grid[1]
-    for row, col in zip(*np.nonzero(stages == 0)):  # outline what survives every stage
-        axes[1].add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h, fill=False,
-                                    edgecolor="#ff2a6d", linewidth=1.2))
-    kept = int((stages == 0).sum())
-    axes[1].set_title(f"kept {kept} of {stages.size} tokens")
-    if groups is not None:
-        # Each kept token a random hue; every patch painted with the hue of the token it went into.
-        hues = np.random.default_rng(0).random((stages.size, 3)) * 0.8 + 0.2
-        colours = hues[np.asarray(groups)].reshape(*grid, 3)
-        axes[2].imshow(0.35 * pixels + 0.65 * cells_to_pixels(colours, height, width))
-        for row, col in zip(*np.nonzero(stages == 0)):
-            axes[2].add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h, fill=False,
-                                        edgecolor="white", linewidth=1.0))
-        axes[2].set_title("merged into (colour = kept token)")
-    for axis in axes:
-        axis.set_xticks([])
-        axis.set_yticks([])
+    count = len(drawings[0].kept_per_stage)
+    merged = any(d.groups is not None for d in drawings)
+    panels = 3 if merged else 2
+    aspects = [d.image.height / d.image.width for d in drawings]  # rows as tall as their images, at one width
+    figure, axes = plt.subplots(len(drawings), panels, figsize=(5 * panels, 5 * sum(aspects) + 0.4 + 0.6 * len(drawings)),
+                                squeeze=False, gridspec_kw={"height_ratios": aspects})
+    # Each kept token a random hue, the same in every grid (a merge may cross grids)
+    ids = max((int(np.max(d.groups)) + 1 for d in drawings if d.groups is not None and d.groups.size), default=1)
+    hues = np.random.default_rng(0).random((ids, 3)) * 0.8 + 0.2
+    maps = []
+    for drawing, row in zip(drawings, axes):
+        stages = dropped_at_stage(drawing.grid, drawing.kept_per_stage)
+        maps.append(stages)
+        pixels = np.asarray(drawing.image.convert("RGB"), dtype=np.float32) / 255.0
+        height, width = pixels.shape[:2]
+        name = "image" if len(drawings) == 1 else drawing.label
+        row[0].imshow(pixels)
+        row[0].set_title(f"{name} as the model saw it ({width}x{height})")
+        row[1].imshow(shade_dropped(pixels, stages, count))
+        cell_h, cell_w = height / drawing.grid[0], width / drawing.grid[1]
+        survivors = list(zip(*np.nonzero(stages == 0)))
+        for r, c in survivors:  # outline what survives every stage
+            row[1].add_patch(Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, fill=False,
+                                       edgecolor="#ff2a6d", linewidth=1.2))
+        row[1].set_title(f"kept {len(survivors)} of {stages.size} tokens")
+        if merged:
+            if drawing.groups is not None:  # every patch painted with the hue of the token it went into
+                colours = hues[np.asarray(drawing.groups)].reshape(*drawing.grid, 3)
+                row[2].imshow(0.35 * pixels + 0.65 * cells_to_pixels(colours, height, width))
+                for r, c in survivors:
+                    row[2].add_patch(Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, fill=False,
+                                               edgecolor="white", linewidth=1.0))
+            row[2].set_title("merged into (colour = kept token)")
+        for axis in row:
+            axis.set_xticks([])
+            axis.set_yticks([])
     if count > 1 or stage_layers:
         labels = [f"dropped before layer {layer}" for layer in (stage_layers or range(1, count + 1))]
         handles = [Patch(color=str(1 - (0.85 - 0.45 * s / max(count - 1, 1))), label=label) for s, label in enumerate(labels)]
         handles.append(Patch(facecolor="none", edgecolor="#ff2a6d", label="kept to the end"))
-        axes[1].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.16), ncol=count + 1, fontsize=8)
+        axes[-1][1].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.16), ncol=count + 1,
+                           fontsize=8)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout(rect=(0, 0, 1, 0.95))
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    return stages
+    return maps

@@ -35,14 +35,16 @@ class LlavaNextAdapter(Adapter):
     def placeholder_ids(self) -> tuple[int, ...]:
         return (self.image_token_id,)
 
+    def tile_grid(self, image_size) -> tuple[int, int]:
+        """(tiles high, tiles wide) an image of image_size is cut into."""
+        high, wide = get_anyres_image_grid_shape([int(v) for v in image_size], self.model.config.image_grid_pinpoints,
+                                                 self.tile)
+        return int(high), int(wide)
+
     def high_resolution_grid(self, image_size) -> tuple[int, int]:
         """(rows, cols) of an image's stitched, unpadded high-resolution grid, as the model packs it."""
-        tiles_high, tiles_wide = get_anyres_image_grid_shape(
-            [int(v) for v in image_size], self.model.config.image_grid_pinpoints, self.tile
-        )
-        canvas = torch.empty(1, tiles_high * self.side, tiles_wide * self.side)
-        rows, cols = unpad_image(canvas, torch.as_tensor(image_size)).shape[1:]
-        return int(rows), int(cols)
+        tiles_high, tiles_wide = self.tile_grid(image_size)
+        return unpadded_grid(tiles_high * self.side, tiles_wide * self.side, image_size)
 
     def image_item(self, start: int, image_size) -> VisualItem:
         """The item of one image whose placeholders begin at start: its base grid and its tiles' grid, whether
@@ -99,6 +101,12 @@ class LlavaNextAdapter(Adapter):
             raise ValueError("LLaVA-NeXT image tokens came without image_sizes to lay out their anyres grids")
         layouts = [lambda start, source=source: with_span(place(start, source)) for source in sources]
         return place_in_runs(runs, layouts, "image")
+
+
+def unpadded_grid(rows: int, cols: int, image_size) -> tuple[int, int]:
+    """(rows, cols) that the model keeps of a stitched rows x cols grid of patches for an image of image_size."""
+    kept = unpad_image(torch.empty(1, rows, cols), torch.as_tensor(image_size)).shape[1:]
+    return int(kept[0]), int(kept[1])
 
 
 def anyres_item(start: int, side: int, high_resolution: tuple[int, int] | None) -> VisualItem:
