@@ -1,8 +1,8 @@
 """Per-item host work of a pruned prefill (issue 17 item 2): what grows with the batch besides the model's FLOPs.
 
 For each method, one prefill at batch 1 and at batch B (the same prompts), counting the aten ops (views aside)
-dispatched inside the method's `select_batch` (and ToMe's and FiCoCo-V's merges) and outside it (the engine and the model), and on CUDA the host
-synchronisations (torch.cuda.set_sync_debug_mode). On a GPU each op is a launch of some microseconds and each
+dispatched inside the method's `select_batch` (and ToMe's and FiCoCo-V's merges) and outside it (the engine and
+the model), and on CUDA the host synchronisations (torch.cuda.set_sync_debug_mode). On a GPU each op is a launch of some microseconds and each
 sync stalls the queue, so "per extra sample" should be ~0 for both: a loop over items shows up there.
 
     python benchmarks/host_work.py --arch llava-cpu-small --batch 8 --budget 64 --out benchmarks/results
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--narrow", action="store_true",
-                        help="the preset's layers and heads at 64 wide: the ops a 7B prefill launches, counted in seconds")
+                        help="the preset's layers and heads at 64 wide: a 7B prefill's ops, counted in seconds")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")

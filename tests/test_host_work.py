@@ -180,7 +180,8 @@ def test_a_merging_block_costs_the_engine_few_ops(method):
         inputs = tiny_inputs(model, [SampleLayout()] * 2)
         count_prefill(model, method, 8, inputs)  # warm-up
         ops = count_prefill(model, method, 8, inputs)
-        schedule = REGISTRY[method](REGISTRY[method].Options()).merge_schedule(adapter_for(model).model_info, tower_layers, 64, 8)
+        method_class = REGISTRY[method]
+        schedule = method_class(method_class.Options()).merge_schedule(adapter_for(model).model_info, tower_layers, 64, 8)
         blocks = sum(r > 0 for r in schedule.values())
         return ops["engine_ops"] - ops["replay_ops"], blocks
 

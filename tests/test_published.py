@@ -90,7 +90,8 @@ def test_the_report_carries_the_comparison(tmp_path):
 def test_vtprune_eval_reports_the_papers_ranking(tmp_path):
     from vtprune import cli
 
-    assert cli.main(["eval", "--methods", "fastv,dart", "--budgets", "64", "--samples", "6", "--out", str(tmp_path)]) == 0
+    command = ["eval", "--methods", "fastv,dart", "--budgets", "64", "--samples", "6", "--out", str(tmp_path)]
+    assert cli.main(command) == 0
     (comparison,) = json.loads((tmp_path / "results.json").read_text())["against_published"]
     assert comparison["budget"] == 64 and sorted(comparison["published_order"]) == ["dart", "fastv"]
     assert "## Against the papers' ranking" in (tmp_path / "results.md").read_text()

@@ -39,9 +39,8 @@ class OpCounter(TorchDispatchMode):
 
 def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = False) -> dict:
     """One pruned prefill of `inputs`: its ops inside select_batch and a block-merging method's merges ("select_ops")
-    and outside ("engine_ops"), and on
-    CUDA its host synchronisations ("syncs"; None elsewhere) and the lines that made them ("sync_sites": "file:line"
-    -> count, the Python line that called the synchronising op); then the same prefill replaying its decision (the
+    and outside ("engine_ops"), and on CUDA its host synchronisations ("syncs"; None elsewhere) and the lines that
+    made them ("sync_sites": "file:line" -> count, the Python line that called the synchronising op); then the same prefill replaying its decision (the
     schedule oracle: the same kept tokens, no scoring) and its ops ("replay_ops"). What the method launches beyond
     its replay is its own host work: where a GPU's kernels are short (a vision tower's blocks), the device waits
     for it."""

@@ -7,9 +7,9 @@ attention (an additive bias of the dtype's minimum on its key column; log(size) 
 survivors' columns when the method uses proportional attention), and the merge is written
 through the block's attention output: what it changed at each survivor is added there, so that
 residual + output is the merged state (exactly the block's own sum where it changed nothing).
-Survivors thus compute what the shortened sequence computes, up to float rounding;
-merged-away columns go on being computed and are never read. The encoder itself runs no faster: these methods are compared for the tokens they leave
-the LLM.
+Survivors thus compute what the shortened sequence computes, up to float rounding; merged-away
+columns go on being computed and are never read. The encoder itself runs no faster: these
+methods are compared for the tokens they leave the LLM.
 """
 
 from __future__ import annotations

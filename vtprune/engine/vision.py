@@ -259,7 +259,8 @@ def _concatenated(calls: list[EncodedCall]) -> EncodedCall:
     }
     merge = None
     if any(c.merge is not None for c in calls):  # every run of a kind merges alike: the same rows, the same schedule
-        merge = TowerMerge({}, *(torch.cat([getattr(c.merge, name) for c in calls]) for name in ("alive", "position", "size")))
+        merge = TowerMerge({}, *(torch.cat([getattr(c.merge, name) for c in calls])
+                                 for name in ("alive", "position", "size")))
     return EncodedCall(calls[0].kind, layers, torch.cat([c.features for c in calls]),
                        torch.cat([c.projected for c in calls]), merge)
 
