@@ -15,7 +15,7 @@ import vtprune.eval.generation
 import vtprune.viz
 from vtprune.cli import main
 from vtprune.synth.reference import REFERENCE_DIR, load_reference
-from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_llava_next, tiny_qwen2_vl, tiny_video_llava
+from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava, tiny_qwen2_vl, tiny_video_llava
 from vtprune.viz import cell_index, dropped_at_stage, kept_token_map, merge_groups, seen_image, shade_dropped
 
 from .conftest import FAMILIES
@@ -205,42 +205,61 @@ def test_show_draws_a_qwen_checkpoints_kept_tokens_over_its_resized_image(tmp_pa
     assert "answer:" in capsys.readouterr().out
 
 
-def test_show_refuses_a_family_it_cannot_draw_before_loading(tmp_path, capsys):
-    tiny_video_llava("sdpa").save_pretrained(tmp_path / "video")
+def test_show_refuses_a_checkpoint_of_no_supported_family_before_loading(tmp_path, capsys):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "idefics2", "architectures": ["Idefics2Model"]}')
     photo(100, 100).save(tmp_path / "photo.png")
     with pytest.raises(SystemExit):
-        main(["show", str(tmp_path / "photo.png"), "what ?", "--method", "random", "--model", str(tmp_path / "video")])
-    assert "declares model_type 'video_llava', not one of 'llava', 'llava_next', 'qwen2_vl', 'qwen2_5_vl': show " \
-           "draws the kept tokens of LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL checkpoints" in capsys.readouterr().err
+        main(["show", str(tmp_path / "photo.png"), "what ?", "--method", "random", "--model", str(tmp_path / "other")])
+    assert "declares architectures ['Idefics2Model']; vtprune supports LlavaForConditionalGeneration, " \
+           "LlavaNextForConditionalGeneration" in capsys.readouterr().err
 
 
+def test_show_draws_a_video_llava_checkpoints_image(tmp_path, monkeypatch, capsys):
+    model = tiny_video_llava("sdpa")
+    processor = templated(model)
+    model.save_pretrained(tmp_path / "video")
+    monkeypatch.setattr(vtprune.eval.generation, "load_checkpoint", lambda path: (model, processor))
+    photo(300, 200).save(tmp_path / "photo.png")
+    drawn = []
+    monkeypatch.setattr(vtprune.viz, "kept_token_maps",
+                        lambda drawings, *rest: drawn.extend((d.image.size, d.grid, d.kept_per_stage) for d in drawings))
+    assert main(["show", str(tmp_path / "photo.png"), "what is it ?", "--method", "random", "--budget", "5",
+                 "--model", str(tmp_path / "video"), "--out", str(tmp_path / "kept.png")]) == 0
+    [(size, grid, kept)] = drawn
+    assert size == (56, 56) and grid == (4, 4) and len(kept[-1]) == 5
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
 @pytest.mark.parametrize("width,height", [(517, 300), (120, 333), (100, 100)])
-def test_llava_next_shows_its_base_view_and_its_unpadded_tiles(tmp_path, monkeypatch, capsys, width, height):
+def test_an_anyres_image_shows_its_base_view_and_its_unpadded_tiles(tmp_path, monkeypatch, capsys, family, width,
+                                                                     height):
     """A white photo: the tiles, padded to the pinpoint's shape with black, are cropped to the rows and columns of
     patches the model keeps, so the high-resolution view is white where the stitched tiles have black bands."""
     from vtprune.adapters import adapter_for
     from vtprune.viz import seen_parts
 
-    model = tiny_llava_next("sdpa")
+    model = FAMILIES[family]("sdpa")
     processor = templated(model)
-    model.save_pretrained(tmp_path / "next")
+    model.save_pretrained(tmp_path / "model")
     monkeypatch.setattr(vtprune.eval.generation, "load_checkpoint", lambda path: (model, processor))
     white = Image.new("RGB", (width, height), "white")
     white.save(tmp_path / "photo.png")
     inputs = processor(images=[white], text=["<image>"], return_tensors="pt")
     adapter = adapter_for(model)
-    size = inputs["image_sizes"][0]
-    base, tiles = seen_parts(processor, inputs, tiles=adapter.tile_grid(size))
+    [item] = adapter.visual_items(inputs["input_ids"], dict(inputs))[0]
+    grids = [(grid.rows, grid.cols) for grid in item.parts]
+    base, tiles = seen_parts(processor, inputs, grids, tiles=adapter.tile_grid(inputs["image_sizes"][0]))
     assert base.grid == (4, 4) and base.image.size == (56, 56)
-    assert tiles.grid == adapter.high_resolution_grid(size)
-    assert_grid_fits(tiles, 14)
+    assert tiles.grid == grids[1]
+    assert_grid_fits(tiles, 14)  # the tiny models' grids are below OneVision's anyres_max: not shrunk
     assert np.asarray(tiles.image).min() >= 250
     drawn = []
     draw = vtprune.viz.kept_token_maps
     monkeypatch.setattr(vtprune.viz, "kept_token_maps", lambda drawings, *rest: drawn.append(drawings) or
                         draw(drawings, *rest))
     assert main(["show", str(tmp_path / "photo.png"), "what is it ?", "--method", "divprune", "--budget", "6",
-                 "--model", str(tmp_path / "next"), "--out", str(tmp_path / "kept.png")]) == 0
+                 "--model", str(tmp_path / "model"), "--out", str(tmp_path / "kept.png")]) == 0
     [(base_drawn, tiles_drawn)] = drawn
     assert (base_drawn.grid, tiles_drawn.grid) == (base.grid, tiles.grid)
     kept = [len(d.kept_per_stage[-1]) for d in (base_drawn, tiles_drawn)]

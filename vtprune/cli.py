@@ -402,8 +402,9 @@ def cmd_show(args) -> int:
     inputs = batch_inputs(processor, [args.question], [[image]], chat_template=template)  # what was answered
     adapter = adapter_for(model)
     item = adapter.visual_items(inputs["input_ids"][:1], dict(inputs))[0][0]
-    tiles = adapter.tile_grid(inputs["image_sizes"][0]) if adapter.family == "llava_next" else None
-    seen = seen_parts(processor, inputs, tiles=tiles)  # resized and cropped: the grids fit these, not the file
+    tiles = adapter.tile_grid(inputs["image_sizes"][0]) if len(item.parts) == 2 else None  # an anyres image
+    # resized and cropped: the grids fit these, not the file
+    seen = seen_parts(processor, inputs, [(grid.rows, grid.cols) for grid in item.parts], tiles=tiles)
     kept = tokens_per_grid(item, [stage[0].cpu() for stage in decision.kept] if decision else [])
     moved = [(s[0][0].cpu(), s[0][1].cpu()) for s in decision.moved] if decision else []
     groups = groups_per_grid(item, moved) if any(len(sources) for sources, _ in moved) else [None] * len(seen)

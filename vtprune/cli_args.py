@@ -376,8 +376,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                      "synthetic benchmark's words)")
     if args.command == "calibrate" or (args.command == "eval" and not args.tasks):
         _check_llava(parser, args)
-    if args.command == "show":
-        _check_drawable(parser, args)
     if args.command in ("eval", "show", "calibrate") and args.model is None:
         from vtprune.synth.reference import REFERENCE_DIR, CheckpointError, read_config
 
@@ -410,24 +408,6 @@ def _check_llava(parser, args) -> None:
         where = "the synthetic benchmark runs LLaVA checkpoints; real benchmarks: --tasks, --data" \
             if args.command == "eval" else f"{args.command} runs LLaVA checkpoints"
         parser.error(f"{error} ({where})")
-
-
-# The families whose images `vtprune show` draws (viz.seen_parts): LLaVA-OneVision's tiles (pooled past its
-# anyres_max) and Video-LLaVA's frames are not drawn.
-DRAWN_FAMILIES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
-
-
-def _check_drawable(parser, args) -> None:
-    """A checkpoint of a family show cannot draw is refused before it loads."""
-    if args.model is None:
-        return
-    from vtprune.synth.reference import CheckpointError, read_config
-
-    try:
-        read_config(Path(args.model), accept=tuple(DRAWN_FAMILIES))
-    except CheckpointError as error:
-        families = ", ".join(DRAWN_FAMILIES.values())
-        parser.error(f"{error}: show draws the kept tokens of {families} checkpoints")
 
 
 def _check_methods_fit(parser, args) -> None:

@@ -39,7 +39,9 @@ def seen_image(processor, inputs, index: int = 0) -> SeenImage:
     if patch is None:
         raise ValueError("the processor does not say its patch size (LlavaProcessor.patch_size); "
                          "cannot lay the token grid over the image")
-    channels_first = _numpy(inputs["pixel_values"][index])
+    # Video-LLaVA's processor names an image's pixels pixel_values_images (transformers < 5.23's default)
+    pixels = inputs["pixel_values"] if "pixel_values" in inputs else inputs["pixel_values_images"]
+    channels_first = _numpy(pixels[index])
     height, width = channels_first.shape[-2:]
     return SeenImage(_denormalise(channels_first, image_processor), (height // patch, width // patch))
 
@@ -59,26 +61,30 @@ def _seen_by_qwen2_vl(image_processor, pixel_values, image_grid_thw, index: int)
     return SeenImage(_denormalise(channels_first, image_processor), (rows // merge, cols // merge))
 
 
-def seen_parts(processor, inputs, index: int = 0, tiles: tuple[int, int] | None = None) -> list[SeenImage]:
-    """What the model saw under each token grid of image `index`, in the order its tokens fill them: one grid for
-    LLaVA-1.5 and Qwen2-VL (`seen_image`); for LLaVA-NeXT (tiles: its (tiles high, tiles wide), the adapter's
-    `tile_grid`) the base view, the whole image squashed into one tile, then the tiles stitched and cropped to the
-    rows and columns of patches the model keeps when it unpads them."""
+def seen_parts(processor, inputs, grids: list[tuple[int, int]], index: int = 0,
+               tiles: tuple[int, int] | None = None) -> list[SeenImage]:
+    """What the model saw under each token grid of image `index` (grids: their (rows, cols), in the order its
+    tokens fill them, as the model's adapter lays them out). One grid: `seen_image`. An anyres image (LLaVA-NeXT,
+    OneVision; tiles: its (tiles high, tiles wide), the adapter's `tile_grid`): the base view, the whole image
+    squashed into one tile, then the tiles stitched and cropped to the patches the model keeps when it unpads them
+    (OneVision may then shrink that grid: each token covers a few patches)."""
     from vtprune.adapters.llava_next import unpadded_grid
 
     if tiles is None:
-        return [seen_image(processor, inputs, index)]
-    image_processor, patch = processor.image_processor, processor.patch_size
+        seen = seen_image(processor, inputs, index)
+        if [seen.grid] != [tuple(grid) for grid in grids]:
+            raise ValueError(f"the picture's token grid {seen.grid} is not the model's {grids}: cannot draw it")
+        return [seen]
     views = _numpy(inputs["pixel_values"][index])  # [views, 3, tile, tile]: the base, then the tiles row by row
-    tile = views.shape[-1]
-    side, (high, wide) = tile // patch, tiles
+    tile, side, (high, wide) = views.shape[-1], grids[0][0], tiles  # the base grid is one tile's patches
+    patch = tile // side
     stitched = views[1:1 + high * wide].reshape(high, wide, 3, tile, tile).transpose(2, 0, 3, 1, 4)
     stitched = stitched.reshape(3, high * tile, wide * tile)
     rows, cols = unpadded_grid(high * side, wide * side, inputs["image_sizes"][index])
     top, left = (high * side - rows) // 2 * patch, (wide * side - cols) // 2 * patch  # unpadding crops evenly
     high_resolution = stitched[:, top:top + rows * patch, left:left + cols * patch]
-    return [SeenImage(_denormalise(views[0], image_processor), (side, side)),
-            SeenImage(_denormalise(high_resolution, image_processor), (rows, cols))]
+    return [SeenImage(_denormalise(views[0], processor.image_processor), tuple(grids[0])),
+            SeenImage(_denormalise(high_resolution, processor.image_processor), tuple(grids[1]))]
 
 
 def item_tokens(item, positions) -> np.ndarray:
