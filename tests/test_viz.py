@@ -285,3 +285,25 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path):
     with pytest.raises(SystemExit, match=r"^vtprune show: error: cannot identify image file"):
         main(["show", str(tmp_path / "notes.png"), "what colour is it ?", "--method", "random", "--budget", "8",
                   "--out", str(tmp_path / "kept.png")])
+
+
+def test_a_onevision_grid_shrunk_past_anyres_max_is_drawn_over_the_whole_unpadded_image():
+    """OneVision shrinks a high-resolution grid holding more than anyres_max_N tiles' worth: its tokens then cover the
+    unpadded tiles in proportion (here 2 x 5 tokens over 6 x 12 patches' pixels)."""
+    from vtprune.adapters import adapter_for
+    from vtprune.adapters.llava_next import unpadded_grid
+    from vtprune.tiny import tiny_llava_onevision
+    from vtprune.viz import seen_parts
+
+    model = tiny_llava_onevision("sdpa")
+    model.config.vision_aspect_ratio = "anyres_max_1"
+    processor = templated(model)
+    inputs = processor(images=[photo(517, 300)], text=["<image>"], return_tensors="pt")
+    adapter = adapter_for(model)
+    [item] = adapter.visual_items(inputs["input_ids"], dict(inputs))[0]
+    tiles = adapter.tile_grid(inputs["image_sizes"][0])
+    rows, cols = unpadded_grid(tiles[0] * 4, tiles[1] * 4, inputs["image_sizes"][0])
+    shrunk = (item.parts[1].rows, item.parts[1].cols)
+    assert shrunk[0] * shrunk[1] < rows * cols
+    _, high = seen_parts(processor, inputs, [(4, 4), shrunk], tiles=tiles)
+    assert high.grid == shrunk and high.image.size == (cols * 14, rows * 14)
