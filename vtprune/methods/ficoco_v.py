@@ -171,7 +171,7 @@ class FiCoCoV(BlockMergingMethod):
         # Compress: (x_u + sum w x_i) / (1 + sum w)
         x = block.hidden
         width = x.shape[2]
-        total = gather_rows(x, kept).clone()
+        total = gather_rows(x, kept)  # a new tensor: the scatter below may write into it
         mass = torch.ones(rows, kept.shape[1], dtype=x.dtype, device=x.device)
         sources = gather_rows(x, dropped)  # [R, r, D]
         total.scatter_add_(1, target.flatten(1)[..., None].expand(-1, -1, width),
