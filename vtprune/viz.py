@@ -76,8 +76,11 @@ def seen_parts(processor, inputs, grids: list[tuple[int, int]], index: int = 0,
             raise ValueError(f"the picture's token grid {seen.grid} is not the model's {grids}: cannot draw it")
         return [seen]
     views = _numpy(inputs["pixel_values"][index])  # [views, 3, tile, tile]: the base, then the tiles row by row
-    tile, side, (high, wide) = views.shape[-1], grids[0][0], tiles  # the base grid is one tile's patches
-    patch = tile // side
+    side, (high, wide) = grids[0][0], tiles  # the base grid is one tile's patches
+    patch = views.shape[-1] // side
+    # the patches a tile's side holds: SigLIP's 27 of 14 pixels leave the last 6 of a 384-pixel tile unseen
+    tile = side * patch
+    views = views[..., :tile, :tile]
     stitched = views[1:1 + high * wide].reshape(high, wide, 3, tile, tile).transpose(2, 0, 3, 1, 4)
     stitched = stitched.reshape(3, high * tile, wide * tile)
     rows, cols = unpadded_grid(high * side, wide * side, inputs["image_sizes"][index])
@@ -111,7 +114,7 @@ def groups_per_grid(item, moved_per_stage: list) -> list[np.ndarray]:
     """For each grid of a visual item, `merge_groups` of its cells over the whole item (a merge may cross grids):
     moved_per_stage[s] = (positions merged at stage s, the positions they went to)."""
     moved = [(item_tokens(item, sources), item_tokens(item, targets)) for sources, targets in moved_per_stage]
-    groups = merge_groups(item.length, [(s[s >= 0], t[s >= 0]) for s, t in moved])
+    groups = merge_groups(item.length, [(s[(s >= 0) & (t >= 0)], t[(s >= 0) & (t >= 0)]) for s, t in moved])
     offsets = np.cumsum([0] + [grid.size for grid in item.parts])
     return [groups[offsets[g]:offsets[g + 1]] for g in range(len(item.parts))]
 

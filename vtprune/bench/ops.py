@@ -16,13 +16,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtprune
-from vtprune.methods import WITHOUT_CHECKPOINT
+from vtprune.methods import WITHOUT_CHECKPOINT, BlockMergingMethod
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts dispatched aten ops other than views, by where they run: inside select_batch ("select") or not
-    ("engine"); with cuda, only those on a CUDA tensor (the engine's host-side bookkeeping on CPU copies launches
-    nothing; on the CPU it cannot be told apart and is counted)."""
+    """Counts dispatched aten ops other than views, by where they run: inside the method's own work (select_batch,
+    a block-merging method's merges: "select") or not ("engine"); with cuda, only those on a CUDA tensor (the
+    engine's host-side bookkeeping on CPU copies launches nothing; on the CPU it cannot be told apart and is
+    counted)."""
 
     def __init__(self, cuda: bool):
         super().__init__()
@@ -49,16 +50,16 @@ def count_prefill(model, method: str, budget: int, inputs: dict, cuda: bool = Fa
 
     def counted(work):
         def run(*args):
-            counter.where = "select"
+            where, counter.where = counter.where, "select"
             try:
                 return work(*args)
             finally:
-                counter.where = "engine"
+                counter.where = where
 
         return run
 
     pruner.method.select_batch = counted(pruner.method.select_batch)
-    if hasattr(pruner.method, "merge"):  # a BlockMergingMethod's merges inside the tower are its own work too
+    if isinstance(pruner.method, BlockMergingMethod):  # its merges inside the tower are its own work too
         pruner.method.merge = counted(pruner.method.merge)
     try:
         with torch.no_grad(), sync_sites() as sites:

@@ -6,7 +6,8 @@ tower keeps its length instead: a merged-away token's column is masked out of ev
 attention (an additive bias of the dtype's minimum on its key column; log(size) on the
 survivors' columns when the method uses proportional attention), and the merge is written
 through the block's attention output: what it changed at each survivor is added there, so that
-residual + output is the merged state (exactly the block's own sum where it changed nothing).
+residual + output is the merged state (exactly the block's own sum where the method returns a
+survivor's state unchanged).
 Survivors thus compute what the shortened sequence computes, up to float rounding; merged-away
 columns go on being computed and are never read. The encoder itself runs no faster: these
 methods are compared for the tokens they leave the LLM.
@@ -14,6 +15,7 @@ methods are compared for the tokens they leave the LLM.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +56,10 @@ class TowerMerge:
     def merged(self) -> bool:
         return self.alive.shape[1] < self.position.shape[1]
 
-    @property
+    @functools.cached_property
     def slot(self) -> torch.Tensor:
-        """[R, T] the column of the survivor each column's token is now part of."""
+        """[R, T] the column of the survivor each column's token ended up part of: read once the tower has run
+        (each of its items reads its rows; the merges never read it)."""
         return self.alive.gather(1, self.position)
 
     def bias(self, dtype: torch.dtype, proportional: bool) -> torch.Tensor:
@@ -155,7 +158,8 @@ class BlockMerging:
         state.alive = alive.gather(1, merge.order)
         state.position = merge.into.gather(1, state.position)
         state.size = merge.size.to(state.size.dtype)
-        # What the merge changed, added where the survivors sit: zero (and so exact) at a survivor it left alone.
+        # What the merge changed, added where the survivors sit: zero (and so exact) where the method returned a
+        # survivor's state unchanged.
         change = merge.hidden - block.hidden.gather(1, along(merge.order, width))
         # Under autocast the residual stream is float32 and the attention output half precision.
         return attended.scatter_add(1, along(state.alive, width), change.to(attended.dtype))

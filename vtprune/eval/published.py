@@ -5,8 +5,9 @@ reports, for each published table and budget, the methods both rank: the publish
 accuracy), Kendall's tau between them, and each pair the run orders otherwise, with the paired 95% interval of
 the run's difference, so that a reversal can be told from noise.
 
-The numbers are those of ../shared/notes/methods.md (the authors' reports on LLaVA-1.5-7B, 576 visual tokens). A
-table compares only what one source measured one way: tables from different papers are not merged.
+The numbers are those of ../shared/notes/methods.md (reports on LLaVA-1.5-7B, 576 visual tokens), one table per
+list there: CLSE's table, CLASP's, and the six-benchmark scores methods.md compiles (several papers' reports, as
+baselines are usually reproduced by the papers that compare against them). Lists are not merged with each other.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ PUBLISHED = (
         "CLASP (2026)", "normalized average over 8 benchmarks (DART's and VisionZip's read as ~93.0, ~92.8)",
         {64: {"clasp": 94.7, "dart": 93.0, "visionzip": 92.8}}),
     PublishedTable(
-        "each method's authors", "normalized average of GQA, MMBench, MME, POPE, ScienceQA, TextVQA",
+        "six-benchmark scores compiled in methods.md (several papers' reports)",
+        "normalized average of GQA, MMBench, MME, POPE, ScienceQA, TextVQA",
         {budget: {method: normalized_six(scores) for method, scores in methods.items()} for budget, methods in {
             192: {"fastv": (52.7, 61.2, 1612, 64.8, 67.3, 52.5), "sparsevlm": (57.6, 62.5, 1721, 83.6, 69.1, 56.1),
                   "pdrop": (57.1, 63.2, 1766, 82.3, 70.2, 56.1), "visionzip": (59.3, 63.0, 1783, 85.3, 68.9, 57.3)},
@@ -55,8 +57,8 @@ PUBLISHED = (
 )
 
 
-def kendall_tau(first: dict[str, float], second: dict[str, float]) -> float:
-    """Kendall's tau-b of two scorings of the same items (ties allowed)."""
+def kendall_tau(first: dict[str, float], second: dict[str, float]) -> float | None:
+    """Kendall's tau-b of two scorings of the same items (ties allowed); None where one scoring ties them all."""
     concordant = discordant = tied_first = tied_second = 0
     for a, b in combinations(sorted(first), 2):
         x, y = first[a] - first[b], second[a] - second[b]
@@ -71,7 +73,7 @@ def kendall_tau(first: dict[str, float], second: dict[str, float]) -> float:
         else:
             discordant += 1
     pairs = ((concordant + discordant + tied_first) * (concordant + discordant + tied_second)) ** 0.5
-    return (concordant - discordant) / pairs if pairs else float("nan")
+    return (concordant - discordant) / pairs if pairs else None
 
 
 def against_published(rows: list[dict], hits: dict[str, dict[int, bool]]) -> list[dict]:
@@ -125,7 +127,7 @@ def published_markdown(comparisons: list[dict]) -> str:
             f"({100 * p['ci95'][0]:+.1f} to {100 * p['ci95'][1]:+.1f}){'' if p['beyond_noise'] else ', within noise'}"
             for p in c["reversed"]) or "none"
         lines.append(f"| {c['source']}: {c['measure']} | {c['budget']} | {published} | {ours} | "
-                     f"{c['kendall_tau']:+.2f} | {reversed_pairs} |")
+                     f"{_tau(c['kendall_tau'])} | {reversed_pairs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +140,10 @@ def published_table(comparisons: list[dict]):
         table.add_column(column, justify="left" if column in ("source", "reversed beyond noise") else "right")
     for c in comparisons:
         beyond = [f"{p['published_leader']} < {p['other']}" for p in c["reversed"] if p["beyond_noise"]]
-        table.add_row(c["source"], str(c["budget"]), str(len(c["ours"])), f"{c['kendall_tau']:+.2f}",
+        table.add_row(c["source"], str(c["budget"]), str(len(c["ours"])), f"{_tau(c['kendall_tau'])}",
                       ", ".join(beyond) or "none")
     return table
+
+
+def _tau(tau: float | None) -> str:
+    return "n/a" if tau is None else f"{tau:+.2f}"
