@@ -307,3 +307,19 @@ def test_a_onevision_grid_shrunk_past_anyres_max_is_drawn_over_the_whole_unpadde
     assert shrunk[0] * shrunk[1] < rows * cols
     _, high = seen_parts(processor, inputs, [(4, 4), shrunk], tiles=tiles)
     assert high.grid == shrunk and high.image.size == (cols * 14, rows * 14)
+
+
+def test_tiles_are_stitched_from_the_pixels_their_patches_cover():
+    """A tile whose side is no multiple of the patch (SigLIP's 384 px in 27 patches of 14) leaves its last pixels
+    unseen: they are cut before stitching, so the next tile's cells start where its patches do."""
+    from types import SimpleNamespace
+
+    from vtprune.viz import seen_parts
+
+    views = torch.stack([torch.full((3, 30, 30), 10.0 * (view + 1)) for view in range(5)])  # base, then 2 x 2 tiles
+    inputs = {"pixel_values": views[None], "image_sizes": torch.tensor([[100, 100]])}  # square: nothing unpadded
+    plain = SimpleNamespace(image_processor=SimpleNamespace(do_normalize=False, do_rescale=False))
+    base, high = seen_parts(plain, inputs, [(4, 4), (8, 8)], tiles=(2, 2))  # 4 patches of 7 px a tile: 28 of 30
+    assert base.image.size == (28, 28) and high.image.size == (56, 56)
+    pixels = np.asarray(high.image)[..., 0]
+    assert [pixels[0, 27], pixels[0, 28], pixels[28, 0], pixels[55, 55]] == [20, 30, 40, 50]
