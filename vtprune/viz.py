@@ -229,8 +229,8 @@ def kept_token_maps(drawings: list[GridDrawing], path: str | Path, title: str,
     merged = any(d.groups is not None for d in drawings)
     panels = 3 if merged else 2
     aspects = [d.image.height / d.image.width for d in drawings]  # rows as tall as their images, at one width
-    height = 5 * sum(aspects) + 0.4 + 0.6 * len(drawings)  # and room for titles and the legend
-    figure, axes = plt.subplots(len(drawings), panels, figsize=(5 * panels, height), squeeze=False,
+    figure_height = 5 * sum(aspects) + 0.4 + 0.6 * len(drawings)  # and room for titles and the legend
+    figure, axes = plt.subplots(len(drawings), panels, figsize=(5 * panels, figure_height), squeeze=False,
                                 gridspec_kw={"height_ratios": aspects})
     # Each kept token a random hue, the same in every grid (a merge may cross grids)
     ids = max((int(np.max(d.groups)) + 1 for d in drawings if d.groups is not None and d.groups.size), default=1)
