@@ -37,9 +37,7 @@ class LlavaNextAdapter(Adapter):
 
     def tile_grid(self, image_size) -> tuple[int, int]:
         """(tiles high, tiles wide) an image of image_size is cut into."""
-        high, wide = get_anyres_image_grid_shape([int(v) for v in image_size], self.model.config.image_grid_pinpoints,
-                                                 self.tile)
-        return int(high), int(wide)
+        return anyres_tiles(image_size, self.model.config.image_grid_pinpoints, self.tile)
 
     def high_resolution_grid(self, image_size) -> tuple[int, int]:
         """(rows, cols) of an image's stitched, unpadded high-resolution grid, as the model packs it."""
@@ -101,6 +99,12 @@ class LlavaNextAdapter(Adapter):
             raise ValueError("LLaVA-NeXT image tokens came without image_sizes to lay out their anyres grids")
         layouts = [lambda start, source=source: with_span(place(start, source)) for source in sources]
         return place_in_runs(runs, layouts, "image")
+
+
+def anyres_tiles(image_size, grid_pinpoints, tile: int) -> tuple[int, int]:
+    """(tiles high, tiles wide) an anyres model (LLaVA-NeXT, OneVision: the same helper) cuts an image into."""
+    high, wide = get_anyres_image_grid_shape([int(v) for v in image_size], grid_pinpoints, tile)
+    return int(high), int(wide)
 
 
 def unpadded_grid(rows: int, cols: int, image_size) -> tuple[int, int]:

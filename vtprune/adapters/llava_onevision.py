@@ -15,11 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.models.llava_onevision.modeling_llava_onevision import (get_anyres_image_grid_shape,
-                                                                          image_size_to_num_patches)
+from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 from .base import Adapter, VisualItem, place_in_runs, split_runs
-from .llava_next import packed_item, with_span
+from .llava_next import anyres_tiles, packed_item, with_span
 
 
 class LlavaOnevisionAdapter(Adapter):
@@ -40,9 +39,7 @@ class LlavaOnevisionAdapter(Adapter):
 
     def tile_grid(self, image_size) -> tuple[int, int]:
         """(tiles high, tiles wide) a single image of image_size is cut into."""
-        high, wide = get_anyres_image_grid_shape([int(v) for v in image_size], self.model.config.image_grid_pinpoints,
-                                                 self.tile)
-        return int(high), int(wide)
+        return anyres_tiles(image_size, self.model.config.image_grid_pinpoints, self.tile)
 
     def image_newlines(self, sizes: torch.Tensor, batch_num_images, aspect_ratio: str) -> list[torch.Tensor]:
         """Per image, which of its packed features are newline tokens, from the model's own packing."""
