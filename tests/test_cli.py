@@ -63,7 +63,7 @@ def usage_error(argv, capsys) -> str:
     (["eval", "--report", "sub/results"], "--report: 'sub/results' must be a plain file name"),
     (["eval", "--model", "/nonexistent"], "--model: no config.json in /nonexistent"),
     (["show", __file__, "what?", "--method", "bogus"], "--method: unknown method 'bogus'"),
-    (["show", "no-such.png", "what?", "--method", "random"], "image: no file 'no-such.png'"),
+    (["show", "no-such.png", "what?", "--method", "random"], "IMAGE_OR_VIDEO: no file 'no-such.png'"),
     (["calibrate", "--method", "fastv"], "--method: invalid choice: 'fastv'"),
     (["bench", "--new-tokens", "1"], "--new-tokens: 1 is too small; give a whole number >= 2"),
     (["eval", "--report", "run"], "--report: 'run' would write the report over run.json"),

@@ -159,9 +159,9 @@ def test_show_answers_then_draws_on_what_the_model_saw(tmp_path, monkeypatch, ca
     drawn = []
     draw = vtprune.viz.kept_token_maps
 
-    def spy(drawings, *args):
+    def spy(drawings, *args, **options):
         drawn.extend((d.image.size, d.grid, capsys.readouterr().out) for d in drawings)
-        return draw(drawings, *args)
+        return draw(drawings, *args, **options)
 
     monkeypatch.setattr(vtprune.viz, "kept_token_maps", spy)
     out = tmp_path / "kept.png"
@@ -196,7 +196,7 @@ def test_show_draws_a_qwen_checkpoints_kept_tokens_over_its_resized_image(tmp_pa
     _, rows, cols = processor.image_processor(images=[photo(517, 300)], return_tensors="pt")["image_grid_thw"][0].tolist()
     drawn = []
     monkeypatch.setattr(vtprune.viz, "kept_token_maps",
-                        lambda drawings, *rest: drawn.extend((d.grid, d.kept_per_stage) for d in drawings))
+                        lambda drawings, *rest, **options: drawn.extend((d.grid, d.kept_per_stage) for d in drawings))
     assert main(["show", str(tmp_path / "photo.png"), "what is it ?", "--method", "random", "--budget", "6",
                  "--model", str(tmp_path / "qwen"), "--max-new-tokens", "3", "--out", str(tmp_path / "kept.png")]) == 0
     [(grid, kept)] = drawn
@@ -223,7 +223,8 @@ def test_show_draws_a_video_llava_checkpoints_image(tmp_path, monkeypatch, capsy
     photo(300, 200).save(tmp_path / "photo.png")
     drawn = []
     monkeypatch.setattr(vtprune.viz, "kept_token_maps",
-                        lambda drawings, *rest: drawn.extend((d.image.size, d.grid, d.kept_per_stage) for d in drawings))
+                        lambda drawings, *rest, **options: drawn.extend((d.image.size, d.grid, d.kept_per_stage)
+                                                                     for d in drawings))
     assert main(["show", str(tmp_path / "photo.png"), "what is it ?", "--method", "random", "--budget", "5",
                  "--model", str(tmp_path / "video"), "--out", str(tmp_path / "kept.png")]) == 0
     [(size, grid, kept)] = drawn
@@ -256,8 +257,8 @@ def test_an_anyres_image_shows_its_base_view_and_its_unpadded_tiles(tmp_path, mo
     assert np.asarray(tiles.image).min() >= 250
     drawn = []
     draw = vtprune.viz.kept_token_maps
-    monkeypatch.setattr(vtprune.viz, "kept_token_maps", lambda drawings, *rest: drawn.append(drawings) or
-                        draw(drawings, *rest))
+    monkeypatch.setattr(vtprune.viz, "kept_token_maps", lambda drawings, *rest, **options: drawn.append(drawings) or
+                        draw(drawings, *rest, **options))
     assert main(["show", str(tmp_path / "photo.png"), "what is it ?", "--method", "divprune", "--budget", "6",
                  "--model", str(tmp_path / "model"), "--out", str(tmp_path / "kept.png")]) == 0
     [(base_drawn, tiles_drawn)] = drawn
@@ -282,7 +283,8 @@ def test_tokens_fall_in_their_grids_and_newlines_in_none():
 
 def test_bad_input_is_one_line_not_a_traceback(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(SystemExit, match=r"^vtprune show: error: cannot identify image file"):
+    with pytest.raises(SystemExit, match=r"^vtprune show: error: .*notes.png: not an image PIL can read; give a "
+                                         r"picture \(.png, .jpg, ...\) or a video \(.mp4, "):
         main(["show", str(tmp_path / "notes.png"), "what colour is it ?", "--method", "random", "--budget", "8",
                   "--out", str(tmp_path / "kept.png")])
 
@@ -323,3 +325,80 @@ def test_tiles_are_stitched_from_the_pixels_their_patches_cover():
     assert base.image.size == (28, 28) and high.image.size == (56, 56)
     pixels = np.asarray(high.image)[..., 0]
     assert [pixels[0, 27], pixels[0, 28], pixels[28, 0], pixels[55, 55]] == [20, 30, 40, 50]
+
+
+VIDEO_FAMILIES = ["video_llava", "llava_onevision", "qwen2_vl"]
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_a_videos_frames_are_drawn_as_the_model_saw_them(tmp_path, family):
+    """Frame i of the file is uniformly grey 20 * i: each drawn frame is the one its tokens read (a Qwen2-VL token
+    spans two frames, the first drawn), under the adapter's grid of a frame's tokens."""
+    from vtprune.adapters import adapter_for
+    from vtprune.eval.generation import batch_inputs
+    from vtprune.eval.videos import read_frames
+    from vtprune.viz import seen_frames
+
+    from .test_loaders import write_video
+
+    model = FAMILIES[family]("sdpa")
+    processor = templated(model)
+    frames = read_frames(write_video(tmp_path / "clip.mp4", frames=8, size=(64, 48)), 8)
+    inputs = batch_inputs(processor, ["what happens ?"], [[]], [[frames]])
+    [grid] = adapter_for(model).visual_items(inputs["input_ids"], dict(inputs))[0][0].parts
+    seen = seen_frames(processor, inputs, (grid.frames, grid.rows, grid.cols), model.config.vision_config.patch_size)
+    span = 2 if family == "qwen2_vl" else 1
+    assert len(seen) == grid.frames == 8 // span
+    for t, view in enumerate(seen):
+        assert view.grid == (grid.rows, grid.cols)
+        assert abs(np.asarray(view.image, np.float32).mean() - 20 * t * span) < 4
+    patch = model.config.vision_config.patch_size
+    with pytest.raises(ValueError, match=f"are not the model's {grid.frames + 1} frames"):
+        seen_frames(processor, inputs, (grid.frames + 1, grid.rows, grid.cols), patch)
+    with pytest.raises(ValueError, match="cannot draw them"):
+        seen_frames(processor, inputs, (grid.frames, 100, grid.cols), patch)
+
+
+def test_kept_video_tokens_are_split_frame_by_frame():
+    from vtprune.viz import kept_per_frame, per_frame
+
+    # a 2-frame video of 2x3 tokens: raster index = frame * 6 + cell
+    assert [[list(k) for k in frame] for frame in kept_per_frame([np.array([0, 5, 7, 11]), np.array([5, 11])], 2, 6)] \
+        == [[[0, 5], [5]], [[1, 5], [5]]]
+    assert [list(g) for g in per_frame(np.arange(12), 2)] == [list(range(6)), list(range(6, 12))]
+
+
+@pytest.mark.parametrize("family,method", [("video_llava", "divprune"), ("llava_onevision", "clse_m"),
+                                           ("qwen2_vl", "dart")])
+def test_show_draws_each_frame_of_a_video(tmp_path, monkeypatch, capsys, family, method):
+    from .test_loaders import write_video
+
+    model = FAMILIES[family]("sdpa")
+    processor = templated(model)
+    model.save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(vtprune.eval.generation, "load_checkpoint", lambda path: (model, processor))
+    write_video(tmp_path / "clip.mp4", frames=10, size=(64, 48))
+    drawn = []
+    draw = vtprune.viz.kept_token_maps
+    monkeypatch.setattr(vtprune.viz, "kept_token_maps", lambda drawings, *rest, **options: drawn.append(
+        (drawings, options)) or draw(drawings, *rest, **options))
+    assert main(["show", str(tmp_path / "clip.mp4"), "what happens ?", "--method", method, "--budget", "10",
+                 "--model", str(tmp_path / "model"), "--frames", "6", "--out", str(tmp_path / "kept.png")]) == 0
+    [(drawings, options)] = drawn
+    assert options == {"across": 8} and len(drawings) == (3 if family == "qwen2_vl" else 6)
+    assert sum(len(d.kept_per_stage[-1]) for d in drawings) == 10  # the budget, over the frames
+    assert all(0 <= i < d.grid[0] * d.grid[1] for d in drawings for stage in d.kept_per_stage for i in stage)
+    if method == "clse_m":  # each frame's tokens coloured by where they were merged, ids shared over the video
+        assert all(d.groups is not None and d.groups.shape == (d.grid[0] * d.grid[1],) for d in drawings)
+    assert f"over the {len(drawings)} frames of" in capsys.readouterr().out
+    assert Image.open(tmp_path / "kept.png").size[0] > 0
+
+
+def test_a_video_for_a_checkpoint_that_takes_none_is_refused(tmp_path):
+    from .test_loaders import write_video
+
+    write_video(tmp_path / "clip.mp4")
+    with pytest.raises(SystemExit, match=r"clip.mp4 is a video, but this checkpoint's processor \(LlavaProcessor\) "
+                                         r"takes none; give --model a checkpoint of a family that does \(Video-LLaVA"):
+        main(["show", str(tmp_path / "clip.mp4"), "what happens ?", "--method", "random", "--budget", "8",
+              "--out", str(tmp_path / "kept.png")])

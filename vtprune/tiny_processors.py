@@ -85,10 +85,16 @@ class FramesVideoProcessor:
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
     valid_kwargs = None
 
+    # what a stock video processor states of its pixels (`vtprune show` reads them to draw the frames): the frames'
+    PIXEL_SETTINGS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "patch_size")
+
     def __init__(self, frames, qwen: bool = False):
         self.frames, self.qwen = frames, qwen
         if qwen:
             self.merge_size, self.temporal_patch_size = frames.merge_size, frames.temporal_patch_size
+        for name in self.PIXEL_SETTINGS:
+            if hasattr(frames, name):
+                setattr(self, name, getattr(frames, name))
 
     def __call__(self, videos, video_metadata=None, **kwargs) -> dict:
         from transformers.video_utils import VideoMetadata, make_batched_videos

@@ -46,17 +46,18 @@ def seen_image(processor, inputs, index: int = 0) -> SeenImage:
     return SeenImage(_denormalise(channels_first, image_processor), (height // patch, width // patch))
 
 
-def _seen_by_qwen2_vl(image_processor, pixel_values, image_grid_thw, index: int) -> SeenImage:
-    """Undo Qwen2-VL's patch flattening: rows of merge x merge blocks of patches, each repeated over time."""
+def _seen_by_qwen2_vl(image_processor, pixel_values, image_grid_thw, index: int, frame: int = 0) -> SeenImage:
+    """Undo Qwen2-VL's patch flattening: rows of merge x merge blocks of patches, each a temporal patch of frames.
+    Image or video `index`, at its temporal patch `frame`, whose first frame is shown (a still image is its own
+    frame repeated over the temporal patch)."""
     grids = _numpy(image_grid_thw).astype(np.int64)
     frames, rows, cols = (int(n) for n in grids[index])
-    first = int(grids[:index].prod(axis=1).sum())  # images are concatenated patch-wise
+    first = int(grids[:index].prod(axis=1).sum())  # images (videos) are concatenated patch-wise
     patch, merge = image_processor.patch_size, image_processor.merge_size
     temporal = image_processor.temporal_patch_size
     patches = _numpy(pixel_values[first:first + frames * rows * cols])
     blocks = patches.reshape(frames, rows // merge, cols // merge, merge, merge, -1, temporal, patch, patch)
-    # The first frame is the image itself (a still image is repeated over the temporal patch).
-    still = blocks[0, :, :, :, :, :, 0]  # (block row, block col, row in block, col in block, channel, y, x)
+    still = blocks[frame, :, :, :, :, :, 0]  # (block row, block col, row in block, col in block, channel, y, x)
     channels_first = still.transpose(4, 0, 2, 5, 1, 3, 6).reshape(-1, rows * patch, cols * patch)
     return SeenImage(_denormalise(channels_first, image_processor), (rows // merge, cols // merge))
 
@@ -88,6 +89,41 @@ def seen_parts(processor, inputs, grids: list[tuple[int, int]], index: int = 0,
     high_resolution = stitched[:, top:top + rows * patch, left:left + cols * patch]
     return [SeenImage(_denormalise(views[0], processor.image_processor), tuple(grids[0])),
             SeenImage(_denormalise(high_resolution, processor.image_processor), tuple(grids[1]))]
+
+
+def seen_frames(processor, inputs, grid: tuple[int, int, int], patch: int, index: int = 0) -> list[SeenImage]:
+    """What the model saw of each frame of video `index`, under the frame's tokens; grid: the video's (frames, rows,
+    cols) of tokens as its adapter lays them out. A Qwen2-VL token spans a temporal patch of frames (its grid's
+    frames count those): the first frame of each is shown. The LLaVA families' frames are cut to the patches
+    their tower reads (patch: its patch side in pixels; SigLIP's 27 of 14 leave 6 of a 384-pixel frame unread),
+    and the token grid laid over them (OneVision pools each frame's patches into fewer tokens)."""
+    frames, rows, cols = grid
+    video_processor = processor.video_processor
+    if "video_grid_thw" in inputs:
+        seen = [_seen_by_qwen2_vl(video_processor, inputs["pixel_values_videos"], inputs["video_grid_thw"], index, t)
+                for t in range(int(inputs["video_grid_thw"][index][0]))]
+    else:
+        pixels = _numpy(inputs["pixel_values_videos"][index])  # [frames, 3, height, width]
+        height, width = (side // patch * patch for side in pixels.shape[-2:])
+        if rows > height // patch or cols > width // patch:  # pooling shrinks a grid, nothing grows it
+            raise ValueError(f"a video's {rows}x{cols} tokens a frame cannot come from {height // patch}x"
+                             f"{width // patch} patches: cannot draw them")
+        seen = [SeenImage(_denormalise(frame[:, :height, :width], video_processor), (rows, cols)) for frame in pixels]
+    if len(seen) != frames or any(view.grid != (rows, cols) for view in seen):
+        raise ValueError(f"the video's pictures ({len(seen)} frames of {seen[0].grid} tokens) are not the model's "
+                         f"{frames} frames of {(rows, cols)}: cannot draw them")
+    return seen
+
+
+def per_frame(values: np.ndarray, frames: int) -> list[np.ndarray]:
+    """A video grid's per-cell values [frames * cells] (raster order: frame, row, col), frame by frame."""
+    return list(np.asarray(values).reshape(frames, -1))
+
+
+def kept_per_frame(kept_per_stage: list[np.ndarray], frames: int, cells: int) -> list[list[np.ndarray]]:
+    """A video grid's kept raster indices per stage, split into each frame's (indices within the frame)."""
+    return [[np.asarray(kept)[np.asarray(kept) // cells == f] % cells for kept in kept_per_stage]
+            for f in range(frames)]
 
 
 def item_tokens(item, positions) -> np.ndarray:
@@ -216,9 +252,10 @@ def kept_token_map(image, grid: tuple[int, int], kept_per_stage: list[np.ndarray
 
 
 def kept_token_maps(drawings: list[GridDrawing], path: str | Path, title: str,
-                    stage_layers: list[int] | None = None) -> list[np.ndarray]:
+                    stage_layers: list[int] | None = None, across: int = 0) -> list[np.ndarray]:
     """kept_token_map for an image of several grids (LLaVA-NeXT's base view and its tiles), one row of panels each;
-    returns each grid's stage map."""
+    or, with `across`, for a video's frames: side by side, at most `across` to a row, each frame's panels one above
+    the other. Returns each grid's stage map."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,48 +265,65 @@ def kept_token_maps(drawings: list[GridDrawing], path: str | Path, title: str,
     count = len(drawings[0].kept_per_stage)
     merged = any(d.groups is not None for d in drawings)
     panels = 3 if merged else 2
-    aspects = [d.image.height / d.image.width for d in drawings]  # rows as tall as their images, at one width
-    figure_height = 5 * sum(aspects) + 0.4 + 0.6 * len(drawings)  # and room for titles and the legend
-    figure, axes = plt.subplots(len(drawings), panels, figsize=(5 * panels, figure_height), squeeze=False,
-                                gridspec_kw={"height_ratios": aspects})
+    aspects = [d.image.height / d.image.width for d in drawings]
+    if across:
+        blocks = -(-len(drawings) // across)
+        columns = -(-len(drawings) // blocks)  # rows as even as they can be: 10 frames as 5 and 5
+        figure, axes = plt.subplots(blocks * panels, columns, squeeze=False, layout="constrained",
+                                    figsize=(2.4 * columns, 2.4 * max(aspects) * blocks * panels + 1.2))
+        places = [[axes[i // columns * panels + p][i % columns] for p in range(panels)] for i in range(len(drawings))]
+        for i in range(len(drawings), blocks * columns):  # the last row's empty places
+            for p in range(panels):
+                axes[i // columns * panels + p][i % columns].axis("off")
+    else:  # rows as tall as their images, at one width, and room for titles and the legend
+        figure, axes = plt.subplots(len(drawings), panels, squeeze=False, gridspec_kw={"height_ratios": aspects},
+                                    figsize=(5 * panels, 5 * sum(aspects) + 0.4 + 0.6 * len(drawings)))
+        places = list(axes)
     # Each kept token a random hue, the same in every grid (a merge may cross grids)
     ids = max((int(np.max(d.groups)) + 1 for d in drawings if d.groups is not None and d.groups.size), default=1)
     hues = np.random.default_rng(0).random((ids, 3)) * 0.8 + 0.2
     maps = []
-    for drawing, row in zip(drawings, axes):
+    for drawing, place in zip(drawings, places):
         stages = dropped_at_stage(drawing.grid, drawing.kept_per_stage)
         maps.append(stages)
         pixels = np.asarray(drawing.image.convert("RGB"), dtype=np.float32) / 255.0
         height, width = pixels.shape[:2]
         name = "image" if len(drawings) == 1 else drawing.label
-        row[0].imshow(pixels)
-        row[0].set_title(f"{name} as the model saw it ({width}x{height})")
-        row[1].imshow(shade_dropped(pixels, stages, count))
+        place[0].imshow(pixels)
+        place[0].set_title(f"{name} ({width}x{height})" if across else f"{name} as the model saw it ({width}x{height})",
+                           fontsize=8 if across else None)
+        place[1].imshow(shade_dropped(pixels, stages, count))
         cell_h, cell_w = height / drawing.grid[0], width / drawing.grid[1]
         survivors = list(zip(*np.nonzero(stages == 0)))
         for r, c in survivors:  # outline what survives every stage
-            row[1].add_patch(Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, fill=False,
-                                       edgecolor="#ff2a6d", linewidth=1.2))
-        row[1].set_title(f"kept {len(survivors)} of {stages.size} tokens")
+            place[1].add_patch(Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, fill=False,
+                                         edgecolor="#ff2a6d", linewidth=0.8 if across else 1.2))
+        place[1].set_title(f"kept {len(survivors)} of {stages.size}" if across else
+                           f"kept {len(survivors)} of {stages.size} tokens", fontsize=8 if across else None)
         if merged:
             if drawing.groups is not None:  # every patch painted with the hue of the token it went into
                 colours = hues[np.asarray(drawing.groups)].reshape(*drawing.grid, 3)
-                row[2].imshow(0.35 * pixels + 0.65 * cells_to_pixels(colours, height, width))
+                place[2].imshow(0.35 * pixels + 0.65 * cells_to_pixels(colours, height, width))
                 for r, c in survivors:
-                    row[2].add_patch(Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, fill=False,
-                                               edgecolor="white", linewidth=1.0))
-            row[2].set_title("merged into (colour = kept token)")
-        for axis in row:
+                    place[2].add_patch(Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, fill=False,
+                                                 edgecolor="white", linewidth=1.0))
+            place[2].set_title("merged into" if across else "merged into (colour = kept token)",
+                               fontsize=8 if across else None)
+        for axis in place:
             axis.set_xticks([])
             axis.set_yticks([])
     if count > 1 or stage_layers:
         labels = [f"dropped before layer {layer}" for layer in (stage_layers or range(1, count + 1))]
         handles = [Patch(color=str(1 - (0.85 - 0.45 * s / max(count - 1, 1))), label=label) for s, label in enumerate(labels)]
         handles.append(Patch(facecolor="none", edgecolor="#ff2a6d", label="kept to the end"))
-        axes[-1][1].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.16), ncol=count + 1,
-                           fontsize=8)
+        if across:  # below every frame
+            figure.legend(handles=handles, loc="outside lower center", ncol=count + 1, fontsize=8)
+        else:
+            places[-1][1].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.16), ncol=count + 1,
+                                 fontsize=8)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 0.95))
+    if not across:  # (a video's figure lays itself out)
+        figure.tight_layout(rect=(0, 0, 1, 0.95))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return maps

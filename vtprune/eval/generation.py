@@ -151,13 +151,15 @@ def decode_answers(processor, tokens: list[list[int]], stop=()) -> list[str]:
     return [cut_at_stops(text, stop) for text in processor.batch_decode(tokens, skip_special_tokens=True)]
 
 
+VIDEO_FAMILIES = "Video-LLaVA, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision"
+
+
 def check_takes_videos(processor, tasks) -> None:
     """Refuse video questions (of `tasks`, named) for a checkpoint whose processor drops videos: it would answer
     from the question alone, pruned as unpruned."""
     if tasks and getattr(processor, "video_processor", None) is None:
         raise ValueError(f"{', '.join(sorted(tasks))} asks about videos, but this checkpoint's processor "
-                         f"({type(processor).__name__}) takes none; use a family that does (Video-LLaVA, "
-                         "Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)")
+                         f"({type(processor).__name__}) takes none; use a family that does ({VIDEO_FAMILIES})")
 
 
 def by_frame_count(videos: list) -> list[list[int]]:
