@@ -313,7 +313,9 @@ def kept_token_maps(drawings: list[GridDrawing], path: str | Path, title: str,
             axis.set_xticks([])
             axis.set_yticks([])
     if count > 1 or stage_layers:
-        labels = [f"dropped before layer {layer}" for layer in (stage_layers or range(1, count + 1))]
+        # (a stage at layer 0 is the language model's input, where a vision-encoder method's choice takes effect)
+        labels = [f"dropped before LLM layer {layer}" if layer else "dropped before the LLM" for layer in stage_layers] \
+            if stage_layers else [f"dropped at stage {stage}" for stage in range(1, count + 1)]
         handles = [Patch(color=str(1 - (0.85 - 0.45 * s / max(count - 1, 1))), label=label) for s, label in enumerate(labels)]
         handles.append(Patch(facecolor="none", edgecolor="#ff2a6d", label="kept to the end"))
         if across:  # below every frame
