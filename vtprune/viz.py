@@ -277,6 +277,7 @@ def kept_token_maps(drawings: list[GridDrawing], path: str | Path, title: str,
                 axes[i // columns * panels + p][i % columns].axis("off")
     else:  # rows as tall as their images, at one width, and room for titles and the legend
         figure, axes = plt.subplots(len(drawings), panels, squeeze=False, gridspec_kw={"height_ratios": aspects},
+                                    layout="constrained",
                                     figsize=(5 * panels, 5 * sum(aspects) + 0.4 + 0.6 * len(drawings)))
         places = list(axes)
     # Each kept token a random hue, the same in every grid (a merge may cross grids)
@@ -318,14 +319,8 @@ def kept_token_maps(drawings: list[GridDrawing], path: str | Path, title: str,
             if stage_layers else [f"dropped at stage {stage}" for stage in range(1, count + 1)]
         handles = [Patch(color=str(1 - (0.85 - 0.45 * s / max(count - 1, 1))), label=label) for s, label in enumerate(labels)]
         handles.append(Patch(facecolor="none", edgecolor="#ff2a6d", label="kept to the end"))
-        if across:  # below every frame
-            figure.legend(handles=handles, loc="outside lower center", ncol=count + 1, fontsize=8)
-        else:
-            places[-1][1].legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.16), ncol=count + 1,
-                                 fontsize=8)
+        figure.legend(handles=handles, loc="outside lower center", ncol=count + 1, fontsize=8)
     figure.suptitle(title, fontsize=10)
-    if not across:  # (a video's figure lays itself out)
-        figure.tight_layout(rect=(0, 0, 1, 0.95))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return maps
