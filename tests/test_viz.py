@@ -12,6 +12,7 @@ from transformers import Qwen2VLImageProcessorPil
 
 import vtprune
 import vtprune.eval.generation
+import vtprune.show
 import vtprune.viz
 from vtprune.cli import main
 from vtprune.synth.reference import REFERENCE_DIR, load_reference
@@ -385,7 +386,7 @@ def test_show_draws_each_frame_of_a_video(tmp_path, monkeypatch, capsys, family,
     assert main(["show", str(tmp_path / "clip.mp4"), "what happens ?", "--method", method, "--budget", "10",
                  "--model", str(tmp_path / "model"), "--frames", "6", "--out", str(tmp_path / "kept.png")]) == 0
     [(drawings, options)] = drawn
-    assert options == {"across": 8} and len(drawings) == (3 if family == "qwen2_vl" else 6)
+    assert options == {"across": vtprune.show.FRAMES_TO_A_ROW} and len(drawings) == (3 if family == "qwen2_vl" else 6)
     assert sum(len(d.kept_per_stage[-1]) for d in drawings) == 10  # the budget, over the frames
     assert all(0 <= i < d.grid[0] * d.grid[1] for d in drawings for stage in d.kept_per_stage for i in stage)
     if method == "clse_m":  # each frame's tokens coloured by where they were merged, ids shared over the video

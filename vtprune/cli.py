@@ -375,15 +375,15 @@ def cmd_show(args) -> int:
     from pathlib import Path
 
     import vtprune
-    from vtprune.adapters import adapter_for
     from vtprune.eval.generation import batch_inputs, generate_answers, load_checkpoint
     from vtprune.methods import get_method
+    from vtprune.show import drawings_of, sample_of
     from vtprune.synth.reference import CHAT_TEMPLATE, REFERENCE_DIR
     from vtprune.viz import kept_token_maps
 
     model_path = Path(args.model or REFERENCE_DIR)
     model, processor = load_checkpoint(model_path)
-    images, videos = _shown(args.image, model, processor, args.frames)
+    images, videos = sample_of(args.image, model, processor, args.frames)
     # a LLaVA checkpoint saved without a chat template is asked as the reference model was trained (`prompt_for`)
     template = CHAT_TEMPLATE if processor.chat_template is None and model.config.model_type == "llava" else None
 
@@ -398,11 +398,7 @@ def cmd_show(args) -> int:
         decision = pruner.last_decision
     console.print(f"answer: [bold]{pruned}[/bold] (unpruned: {unpruned})")
     inputs = batch_inputs(processor, [args.question], images, videos, chat_template=template)  # what was answered
-    item = adapter_for(model).visual_items(inputs["input_ids"][:1], dict(inputs))[0][0]
-    kept = [stage[0].cpu() for stage in decision.kept] if decision else []
-    moved = [(s[0][0].cpu(), s[0][1].cpu()) for s in decision.moved] if decision else []
-    draw = _video_drawings if videos else _image_drawings
-    drawings, across = draw(model, processor, inputs, item, kept, moved)
+    drawings, across = drawings_of(model, processor, inputs, decision)
     out = Path(args.out)
     title = f"{args.method} @ {args.budget}: \"{args.question}\" -> {pruned} (unpruned: {unpruned})"
     kept_token_maps(drawings, out, title, decision.stage_layers if decision else None, across=across)
@@ -410,59 +406,6 @@ def cmd_show(args) -> int:
     seen = f"{len(drawings)} frames of {sizes}" if videos else f"{sizes} image{'s' if len(drawings) > 1 else ''}"
     console.print(f"kept tokens drawn in {out}, over the {seen} the model saw")
     return 0
-
-
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
-
-
-def _shown(path: str, model, processor, frames: int | None) -> tuple[list, list | None]:
-    """(images, videos) of the one sample `show` asks about: the picture at `path`, or its video's frames."""
-    from PIL import Image, UnidentifiedImageError
-
-    from vtprune.eval.benchmark_eval import default_frames
-    from vtprune.eval.generation import VIDEO_FAMILIES
-    from vtprune.eval.videos import read_frames
-
-    if not path.lower().endswith(VIDEO_SUFFIXES):
-        try:
-            return [[Image.open(path).convert("RGB")]], None
-        except UnidentifiedImageError:
-            raise ValueError(f"{path}: not an image PIL can read; give a picture (.png, .jpg, ...) or a video "
-                             f"({', '.join(VIDEO_SUFFIXES)})") from None
-    if getattr(processor, "video_processor", None) is None:
-        raise ValueError(f"{path} is a video, but this checkpoint's processor ({type(processor).__name__}) takes "
-                         f"none; give --model a checkpoint of a family that does ({VIDEO_FAMILIES})")
-    return [[]], [[read_frames(path, frames or default_frames(model))]]
-
-
-def _image_drawings(model, processor, inputs, item, kept, moved):
-    """An image's grids drawn one under another (LLaVA-NeXT's and OneVision's base view, then their tiles)."""
-    from vtprune.adapters import adapter_for
-    from vtprune.viz import GridDrawing, groups_per_grid, seen_parts, tokens_per_grid
-
-    tiles = adapter_for(model).tile_grid(inputs["image_sizes"][0]) if len(item.parts) == 2 else None  # anyres
-    # resized and cropped: the grids fit these, not the file
-    seen = seen_parts(processor, inputs, [(grid.rows, grid.cols) for grid in item.parts], tiles=tiles)
-    groups = groups_per_grid(item, moved) if any(len(sources) for sources, _ in moved) else [None] * len(seen)
-    labels = ["base view", "tiles, unpadded"] if len(seen) == 2 else ["image"]
-    return [GridDrawing(view.image, view.grid, k, g, label) for view, k, g, label
-            in zip(seen, tokens_per_grid(item, kept), groups, labels, strict=True)], 0
-
-
-def _video_drawings(model, processor, inputs, item, kept, moved):
-    """A video's frames side by side, eight to a row."""
-    from vtprune.viz import GridDrawing, groups_per_grid, kept_per_frame, per_frame, seen_frames, tokens_per_grid
-
-    [grid] = item.parts
-    seen = seen_frames(processor, inputs, (grid.frames, grid.rows, grid.cols), model.config.vision_config.patch_size)
-    [kept] = tokens_per_grid(item, kept)
-    merged = any(len(sources) for sources, _ in moved)
-    groups = per_frame(groups_per_grid(item, moved)[0], grid.frames) if merged else [None] * grid.frames
-    # a Qwen2-VL token spans a temporal patch of frames
-    span = processor.video_processor.temporal_patch_size if "video_grid_thw" in inputs else 1
-    labels = [f"frame {t + 1}" if span == 1 else f"frames {t * span + 1}-{t * span + span}" for t in range(grid.frames)]
-    return [GridDrawing(view.image, view.grid, k, g, label) for view, k, g, label
-            in zip(seen, kept_per_frame(kept, grid.frames, grid.rows * grid.cols), groups, labels, strict=True)], 8
 
 
 def cmd_bench(args) -> int:
@@ -555,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.set_defaults(run=cmd_score)
     show = commands.add_parser("show", help="answer a question under a method and draw the kept tokens")
     show.add_argument("image", type=cli_args.existing_file, metavar="IMAGE_OR_VIDEO",
-                      help=f"a picture, or a video ({', '.join(VIDEO_SUFFIXES)}: its frames sampled as `eval` samples them)")
+                      help="a picture, or a video (.mp4, .mov, ...: its frames sampled as `eval` samples them)")
     show.add_argument("question")
     show.add_argument("--method", type=cli_args.method_name, required=True)
     show.add_argument("--budget", type=cli_args.budget, default="64")
