@@ -283,6 +283,7 @@ def kept_token_maps(drawings: list[GridDrawing], path: str | Path, title: str,
     # Each kept token a random hue, the same in every grid (a merge may cross grids)
     ids = max((int(np.max(d.groups)) + 1 for d in drawings if d.groups is not None and d.groups.size), default=1)
     hues = np.random.default_rng(0).random((ids, 3)) * 0.8 + 0.2
+    small = {"fontsize": 8} if across else {}  # a video's many small panels: short titles, thin outlines
     maps = []
     for drawing, place in zip(drawings, places):
         stages = dropped_at_stage(drawing.grid, drawing.kept_per_stage)
@@ -291,16 +292,14 @@ def kept_token_maps(drawings: list[GridDrawing], path: str | Path, title: str,
         height, width = pixels.shape[:2]
         name = "image" if len(drawings) == 1 else drawing.label
         place[0].imshow(pixels)
-        place[0].set_title(f"{name} ({width}x{height})" if across else f"{name} as the model saw it ({width}x{height})",
-                           fontsize=8 if across else None)
+        place[0].set_title(f"{name}{'' if across else ' as the model saw it'} ({width}x{height})", **small)
         place[1].imshow(shade_dropped(pixels, stages, count))
         cell_h, cell_w = height / drawing.grid[0], width / drawing.grid[1]
         survivors = list(zip(*np.nonzero(stages == 0)))
         for r, c in survivors:  # outline what survives every stage
             place[1].add_patch(Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, fill=False,
                                          edgecolor="#ff2a6d", linewidth=0.8 if across else 1.2))
-        place[1].set_title(f"kept {len(survivors)} of {stages.size}" if across else
-                           f"kept {len(survivors)} of {stages.size} tokens", fontsize=8 if across else None)
+        place[1].set_title(f"kept {len(survivors)} of {stages.size}{'' if across else ' tokens'}", **small)
         if merged:
             if drawing.groups is not None:  # every patch painted with the hue of the token it went into
                 colours = hues[np.asarray(drawing.groups)].reshape(*drawing.grid, 3)
@@ -308,8 +307,7 @@ def kept_token_maps(drawings: list[GridDrawing], path: str | Path, title: str,
                 for r, c in survivors:
                     place[2].add_patch(Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, fill=False,
                                                  edgecolor="white", linewidth=1.0))
-            place[2].set_title("merged into" if across else "merged into (colour = kept token)",
-                               fontsize=8 if across else None)
+            place[2].set_title(f"merged into{'' if across else ' (colour = kept token)'}", **small)
         for axis in place:
             axis.set_xticks([])
             axis.set_yticks([])
