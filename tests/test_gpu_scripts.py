@@ -43,6 +43,24 @@ def test_the_gap_rows_are_ordered_by_the_difference_and_take_ops_missing_on_one_
                                                      ("c", 0, 4, 0.0, 0.5)]
 
 
-def test_replaying_unpruned_is_refused():
+def test_the_input_oracle_is_profiled_beside_the_unpruned_prefill(tmp_path, monkeypatch):
+    """The oracle's profile is of a whole prefill (as many matrix products as the unpruned one's: the same layers)
+    fed its own, shorter prompt (bench.measure.input_oracle's, whose truncation tests/test_bench.py checks)."""
+    from vtprune.bench import measure
+
+    fed = []
+    original = measure.oracle_inputs
+    monkeypatch.setattr(measure, "oracle_inputs", lambda *args: fed.append(args[3]) or original(*args))
+    script("profile_prefill").main(["--arch", "llava-cpu-small", "--method", "unpruned,oracle", "--budget", "64",
+                                    "--warmup", "1", "--prefills", "1", "--out", str(tmp_path)])
+    unpruned, oracle = (json.loads((tmp_path / f"llava-cpu-small-{config}-b1.json").read_text())
+                        for config in ("unpruned", "oracle@64"))
+    assert oracle["summary"]["config"] == "oracle@64" and unpruned["summary"]["config"] == "unpruned"
+    assert fed == [64]
+    assert oracle["ops_per_prefill"]["aten::mm"]["count"] == unpruned["ops_per_prefill"]["aten::mm"]["count"] > 0
+
+
+@pytest.mark.parametrize("method", ["unpruned", "oracle"])
+def test_replaying_what_has_no_decision_is_refused(method):
     with pytest.raises(SystemExit):
-        script("profile_prefill").main(["--method", "unpruned", "--replay"])
+        script("profile_prefill").main(["--method", method, "--replay"])

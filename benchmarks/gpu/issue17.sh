@@ -15,6 +15,8 @@
 #   2. llava-1.5-7b, batch 16, every method at budget 64, then at 192 (targets: every method within 10% of its
 #      schedule oracle, budget 64 at >= 3.5x the unpruned prefill throughput), to compare with session 25's;
 #   3. the gap of random and CLSE to their replay at 192, profiled (profile_prefill.py --replay, profile_gap.py);
+#      then batch 1, unpruned and the input oracle at 192 profiled (eager): the device's busy time against the wall
+#      says whether the batch-1 target is within the GPU's own work;
 #   4. llava-1.5-7b, batch 1, prefill compiled with inductor (--compile; each configuration compiles its segments,
 #      ~45 s at 7B, so three methods at 192; target >= 1.7x at 192 tokens);
 #   5. qwen2-vl-7b, batch 16, every method at 192 (at 64: session 25; those the Qwen families refuse are listed
@@ -54,6 +56,13 @@ for method in random clse; do
   head -n 8 "$work/gap-$method.md"
 done
 rm -f "$work"/gap/*.trace.json.gz  # ~1 MB each: the op tables say what the traces would
+pack
+# batch 1: how much of the unpruned and the input oracle's prefill is the GPU's own work (device busy against wall);
+# the compiled input oracle took 14.1 ms at 192 in session 25 against the unpruned 20.7 (the target needs <= 12.2)
+timeout 45 python3 benchmarks/gpu/profile_prefill.py --arch llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
+  --method unpruned,oracle --budget 192 --warmup 3 --prefills 5 --out "$work/b1-profile" >"$work/b1-profile.log" 2>&1
+echo "step batch-1 profiles: exit $?"; grep '^{' "$work/b1-profile.log"
+rm -f "$work"/b1-profile/*.trace.json.gz
 pack
 bench b1c 130 --arch llava-1.5-7b --methods random,fastv,clse --budgets 192 --batch 1 --compile \
   --repeats 10 --warmup 3 --new-tokens 4

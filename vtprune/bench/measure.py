@@ -231,7 +231,7 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
         scope = oracle_truncation(model, preset, budget)
     elif method != "unpruned":
         pruner = apply()
-        oracle = _input_oracle(model, preset, batch, budget, device, dtype)
+        oracle = input_oracle(model, preset, batch, budget, device, dtype)
     try:
         with torch.no_grad(), scope:
             def prefill():
@@ -310,7 +310,7 @@ def _spread(times: list[float]) -> float | None:
     return p90 / p10
 
 
-def _input_oracle(model, preset: Preset, batch: int, budget: int, device, dtype):
+def input_oracle(model, preset: Preset, batch: int, budget: int, device, dtype):
     """The input oracle's prefill for this config, to run with no pruner on the model."""
     inputs = oracle_inputs(model, preset, batch, budget, device, dtype)
 
@@ -325,7 +325,7 @@ def _oracle_and_unpruned_times(model, preset: Preset, inputs: dict, batch: int, 
                                warmup: int, repeats: int) -> tuple[list[float], list[float]]:
     """(the input oracle's prefill times, the unpruned model's) timed in turn, repeat by repeat: the speedups of the
     oracle's row, and through it of every method's row at its budget, come from runs made seconds apart."""
-    oracle = _input_oracle(model, preset, batch, budget, device, dtype)
+    oracle = input_oracle(model, preset, batch, budget, device, dtype)
 
     def unpruned():
         return model(**inputs, use_cache=True, logits_to_keep=1)
