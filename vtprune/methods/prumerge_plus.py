@@ -51,7 +51,9 @@ Deviations, on purpose:
   separately), with the budget split as above. Their port works on all 576 patches of a tile;
   here a tile's patches are those the LLM receives (its padding patches, removed by LLaVA-NeXT's
   unpadding, are not in the view): percentiles, the stride and the sequence run over them, in
-  their order within the tile. Videos: per frame.
+  their order within the tile. Their port also hands the LLM neither newline tokens nor an unpadded
+  grid; here the model's own packing stays (newlines, never pruned nor counted, and unpadding), as
+  for every method. Videos: per frame.
 - Neighbours: min(32, the row's patches - 1) (the released topk needs at least 32 others).
 - `destination` and `sizes`: the authors' clusters overlap (a patch can be absorbed by several
   kept tokens, a kept token can absorb other kept tokens, and a patch may be absorbed by none:
