@@ -66,8 +66,9 @@ Deviations, on purpose:
   after the image (never the system prompt before it). Here: the prompt's text tokens after the item's last
   token (per item, so each image of a multi-image prompt chooses its own raters); if no text follows the item,
   all the prompt's text tokens; if the relevance is flat (no token above its mean, e.g. one candidate), all
-  candidates rate; with no text at all, the prompt's last token. The authors' code is batch-1 (`mask[0]`) with
-  hard-coded spans (35 pre-prompt tokens, 576 visual); here everything comes from the probe's rows per sample.
+  candidates rate; with no text at all, the prompt's last token. The authors' code is batch-1 (`mask[0]`), its
+  spans read from the first sample (the pre-prompt length and the image's feature count); here everything comes
+  from the probe's rows per sample.
 - Noise: the authors add unseeded uniform noise x 1e-6 to the densities to break ties; in their fp16 it is
   lost to rounding for any density above 2^-8 (half of fp16's spacing there exceeds 1e-6), so ties mostly stay
   ties there. None is added here: a token is denser only when strictly denser. Ties are real: mutual nearest
