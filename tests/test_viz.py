@@ -395,10 +395,13 @@ def test_show_draws_each_frame_of_a_video(tmp_path, monkeypatch, capsys, family,
     assert Image.open(tmp_path / "kept.png").size[0] > 0
 
 
-def test_a_video_for_a_checkpoint_that_takes_none_is_refused(tmp_path):
+def test_a_video_where_none_is_taken_and_frames_of_an_image_are_refused(tmp_path):
     from .test_loaders import write_video
 
     write_video(tmp_path / "clip.mp4")
+    photo(100, 100).save(tmp_path / "photo.png")
+    with pytest.raises(SystemExit, match=r"--frames samples a video's frames, and .*photo.png is no video"):
+        main(["show", str(tmp_path / "photo.png"), "what ?", "--method", "random", "--frames", "4"])
     with pytest.raises(SystemExit, match=r"clip.mp4 is a video, but this checkpoint's processor \(LlavaProcessor\) "
                                          r"takes none; give --model a checkpoint of a family that does \(Video-LLaVA"):
         main(["show", str(tmp_path / "clip.mp4"), "what happens ?", "--method", "random", "--budget", "8",

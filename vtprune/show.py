@@ -20,6 +20,8 @@ def sample_of(path: str, model, processor, frames: int | None) -> tuple[list, li
     """(images, videos) of the one sample `show` asks about, as `generate_answers` takes them: the picture at
     `path`, or `frames` frames of its video (None: as `eval` samples them)."""
     if not path.lower().endswith(VIDEO_SUFFIXES):
+        if frames:
+            raise ValueError(f"--frames samples a video's frames, and {path} is no video ({', '.join(VIDEO_SUFFIXES)})")
         try:
             return [[Image.open(path).convert("RGB")]], None
         except UnidentifiedImageError:
