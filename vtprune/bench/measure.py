@@ -241,11 +241,11 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
                 prefill()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            replayed, input_oracle = [], []
+            replayed, oracle_times = [], []
             if method == "unpruned":
                 times = [_time_ms(prefill, device) for _ in range(repeats)]
             elif pruner is not None:
-                pruner, times, replayed, input_oracle = _alternating_times(pruner, apply, prefill, oracle, device,
+                pruner, times, replayed, oracle_times = _alternating_times(pruner, apply, prefill, oracle, device,
                                                                            repeats)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             output = prefill()
@@ -285,8 +285,8 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
         prefill_tflops=batch * flops["total"] / 1e12,
         equivalent_budget=sum(visual) / len(visual),
         visual_tokens_per_layer=visual,
-        schedule_oracle_ms=_median(replayed), input_oracle_ms=_median(input_oracle), select_ms=select_ms,
-        schedule_oracle_spread=_spread(replayed), input_oracle_spread=_spread(input_oracle),
+        schedule_oracle_ms=_median(replayed), input_oracle_ms=_median(oracle_times), select_ms=select_ms,
+        schedule_oracle_spread=_spread(replayed), input_oracle_spread=_spread(oracle_times),
         unpruned_ms=_median(unpruned_times), unpruned_spread=_spread(unpruned_times),
     )
 
