@@ -36,16 +36,17 @@ def sample_of(path: str, model, processor, frames: int | None) -> tuple[list, li
 def drawings_of(model, processor, inputs, decision) -> tuple[list[GridDrawing], int]:
     """(the drawings of the first sample's first visual item under `decision`, the pruner's last; `across` for
     kept_token_maps): an image's grids one under another, a video's frames side by side."""
-    item = adapter_for(model).visual_items(inputs["input_ids"][:1], dict(inputs))[0][0]
+    adapter = adapter_for(model)
+    item = adapter.visual_items(inputs["input_ids"][:1], dict(inputs))[0][0]
     kept = [stage[0].cpu() for stage in decision.kept] if decision else []
     moved = [(s[0][0].cpu(), s[0][1].cpu()) for s in decision.moved] if decision else []
     draw = _video_drawings if item.kind == "video" else _image_drawings
-    return draw(model, processor, inputs, item, kept, moved)
+    return draw(adapter, processor, inputs, item, kept, moved)
 
 
-def _image_drawings(model, processor, inputs, item, kept, moved):
+def _image_drawings(adapter, processor, inputs, item, kept, moved):
     """An image's grids (LLaVA-NeXT's and OneVision's base view, then their tiles stitched and unpadded)."""
-    tiles = adapter_for(model).tile_grid(inputs["image_sizes"][0]) if len(item.parts) == 2 else None  # anyres
+    tiles = adapter.tile_grid(inputs["image_sizes"][0]) if len(item.parts) == 2 else None  # anyres
     # resized and cropped: the grids fit these, not the file
     seen = seen_parts(processor, inputs, [(grid.rows, grid.cols) for grid in item.parts], tiles=tiles)
     groups = groups_per_grid(item, moved) if any(len(sources) for sources, _ in moved) else [None] * len(seen)
@@ -54,10 +55,11 @@ def _image_drawings(model, processor, inputs, item, kept, moved):
             in zip(seen, tokens_per_grid(item, kept), groups, labels, strict=True)], 0
 
 
-def _video_drawings(model, processor, inputs, item, kept, moved):
+def _video_drawings(adapter, processor, inputs, item, kept, moved):
     """A video's frames, each under its own tokens."""
     [grid] = item.parts
-    seen = seen_frames(processor, inputs, (grid.frames, grid.rows, grid.cols), model.config.vision_config.patch_size)
+    seen = seen_frames(processor, inputs, (grid.frames, grid.rows, grid.cols),
+                       adapter.model.config.vision_config.patch_size)
     [kept] = tokens_per_grid(item, kept)
     merged = any(len(sources) for sources, _ in moved)
     groups = per_frame(groups_per_grid(item, moved)[0], grid.frames) if merged else [None] * grid.frames
