@@ -16,11 +16,11 @@ T = 1 + SIDE * SIDE
 
 
 # ----------------------------------------------------------------------------------------- building views
-def projections(rng, rows, planted=()):
+def projections(rng, rows, planted=(), side=SIDE):
     """Full-width q/k as k_proj / q_proj output them ([R, T, H x d]); planted: (row, patch, strength) whose key
     is pulled towards the row's [CLS] query, so the row has a few clear [CLS]-attention outliers."""
-    q = rng.standard_normal((rows, T, WIDTH))
-    k = rng.standard_normal((rows, T, WIDTH))
+    q = rng.standard_normal((rows, 1 + side * side, WIDTH))
+    k = rng.standard_normal((rows, 1 + side * side, WIDTH))
     for row, patch, strength in planted:
         k[row, 1 + patch] += strength * q[row, 0] / np.linalg.norm(q[row, 0])
     return q, k
@@ -29,18 +29,18 @@ def projections(rng, rows, planted=()):
 def layer_of(q, k, cls=True):
     """The engine's VisionLayer: heads split as the tower's attention views k_proj's output."""
     def split(x):
-        r = x.shape[0]
-        return torch.tensor(x, dtype=torch.float32).view(r, T, HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+        r, t = x.shape[:2]
+        return torch.tensor(x, dtype=torch.float32).view(r, t, HEADS, HEAD_DIM).transpose(1, 2).contiguous()
     return VisionLayer(query=split(q), key=split(k), scaling=HEAD_DIM ** -0.5, cls=cls)
 
 
-def view_of(q, k, features, rows, columns, keep, kind="image", cls=True):
+def view_of(q, k, features, rows, columns, keep, kind="image", cls=True, side=SIDE):
     n = len(rows)
     index = torch.arange(n)
     return VisionView(
         features=torch.tensor(features, dtype=torch.float32),
-        coords=torch.stack([index * 0, index // SIDE, index % SIDE], 1),
-        part=torch.zeros(n, dtype=torch.long), parts=(Grid(n // SIDE, SIDE),), rows=torch.tensor(rows),
+        coords=torch.stack([index * 0, index // side, index % side], 1),
+        part=torch.zeros(n, dtype=torch.long), parts=(Grid(n // side, side),), rows=torch.tensor(rows),
         columns=torch.tensor(columns), layers={-1: layer_of(q, k, cls)}, keep=keep, image_index=0, kind=kind)
 
 
@@ -147,11 +147,11 @@ def check(view, q, k, features, rows, columns, neighbours=32):
 
 
 # ------------------------------------------------------------------------------------------------ tests
-def single_image(seed, planted=((0, 9, 6.0), (0, 40, 5.0), (0, 41, 5.5))):
+def single_image(seed, planted=((0, 9, 6.0), (0, 40, 5.0), (0, 41, 5.5)), side=SIDE):
     rng = np.random.default_rng(seed)
-    q, k = projections(rng, 1, planted)
-    features = rng.standard_normal((SIDE * SIDE, DIM))
-    rows, columns = [0] * (SIDE * SIDE), list(range(1, T))
+    q, k = projections(rng, 1, planted, side)
+    features = rng.standard_normal((side * side, DIM))
+    rows, columns = [0] * (side * side), list(range(1, 1 + side * side))
     return q, k, features, rows, columns
 
 
@@ -169,6 +169,23 @@ def test_at_the_authors_own_count_the_kept_set_is_theirs(seed):
     assert len(idx) >= 3  # the planted outliers at least
     picked = PruMergePlus(PruMergePlus.Options()).select(
         view_of(q, k, features, rows, columns, len(idx) + len(samples)))
+    assert sorted(picked.keep.tolist()) == sorted(int(x) for x in idx + samples)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("keep", [64, 128, 192, 575])
+def test_a_llava_sized_image_matches_the_reference(seed, keep):
+    """LLaVA-1.5's 24 x 24 patches: the released sampling runs over arange(0, 575, ...), the merge over 575 others."""
+    case = single_image(seed, side=24)
+    check(view_of(*case, keep, side=24), *case)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_at_llava_size_and_the_authors_own_count_the_kept_set_is_theirs(seed):
+    q, k, features, rows, columns = single_image(seed, side=24)
+    idx, samples = authors_idx(authors_attention(q[0], k[0], columns))
+    picked = PruMergePlus(PruMergePlus.Options()).select(
+        view_of(q, k, features, rows, columns, len(idx) + len(samples), side=24))
     assert sorted(picked.keep.tolist()) == sorted(int(x) for x in idx + samples)
 
 

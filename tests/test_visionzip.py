@@ -93,6 +93,12 @@ def test_single_image_matches_the_reference(keep):
     check(single(keep))
 
 
+@pytest.mark.parametrize("keep", [64, 128, 192, 575])
+def test_a_llava_sized_image_matches_the_reference(keep):
+    """LLaVA-1.5's 24 x 24 patches, merged features included, at the papers' budgets."""
+    check(single(keep, seed=7, side=24))
+
+
 @pytest.mark.parametrize("keep", [1, 5, 12, 18, 64, 100, 159])
 def test_anyres_matches_the_reference(keep):
     check(anyres(keep))
