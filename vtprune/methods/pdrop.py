@@ -38,6 +38,8 @@ Deliberate deviations:
   on LLaVA-NeXT, counts and may drop the image-newline tokens; vtprune schedules every
   visual item on its own N, and newline tokens are not an item's tokens (never dropped).
 - Ties: torch.topk's order, as the authors'; kept tokens are returned in original order.
+- A stage keeps at least one token: the authors' int(N x ratio) is 0 on an item of fewer than
+  1/ratio tokens (e.g. a 4-token item at 0.125), and their top-0 would empty it.
 - Training-time query (the token before each answer span) is not used: inference only.
 - The KV cache of the layers before each stage keeps every token, as the authors' (their
   earlier layers ran, and cached, at full length): slices_kv_cache is False.
