@@ -26,8 +26,9 @@ def grown(inputs, ids):
 
 
 def drop_images(inputs):
-    for key in ("pixel_values", "pixel_values_images"):  # Video-LLaVA's name before transformers 5.23
-        inputs.pop(key, None)
+    """A later turn's inputs: the images and videos are in the cache."""
+    for key in ("pixel_values", "pixel_values_images", "pixel_values_videos"):  # pixel_values_images: Video-LLaVA's
+        inputs.pop(key, None)  # name before transformers 5.23
 
 
 def recomputed_logits(model, pruner, decision, inputs, ids):
@@ -37,13 +38,16 @@ def recomputed_logits(model, pruner, decision, inputs, ids):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_follow_up_turn_equals_recomputing_the_conversation(model, method):
-    inputs = tiny_inputs(model, LAYOUTS)
+    assert_a_follow_up_turn_equals_recomputing(model, method, tiny_inputs(model, LAYOUTS))
+
+
+def assert_a_follow_up_turn_equals_recomputing(model, method, inputs):
     with vtprune.apply(model, method, 10, **OPTIONS.get(method, {})) as pruner:
         first = greedy(model, inputs, steps=3)
         decision, stats = pruner.last_decision, pruner.last_stats
         follow_up = torch.randint(3, 96, (2, 4), generator=torch.Generator().manual_seed(1))
         conversation = grown(inputs, torch.cat([first.sequences, follow_up], dim=1))
-        drop_images(conversation)  # the images are in the cache
+        drop_images(conversation)
         conversation[cache_keyword(model.model.language_model)] = output_cache(first)
         second = greedy(model, conversation, steps=3)
         assert pruner.last_stats == stats  # the second turn is a continuation, not a new prompt
