@@ -26,7 +26,7 @@ def image_counts(model, inputs) -> list[list[int]]:
         placeholders = visual = [int(h * w) // 4 for _, h, w in inputs["image_grid_thw"].tolist()]
     else:
         encoded = model.model.get_image_features(
-            inputs[key], **({"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}))
+            inputs[key], **{name: inputs[name] for name in ("image_sizes", "batch_num_images") if name in inputs})
         features = list(getattr(encoded, "pooler_output", encoded))
         placeholders = [len(f) for f in features]
         newline = getattr(model.model, "image_newline", None)
@@ -50,7 +50,9 @@ def visual_mask(model, inputs) -> torch.Tensor:
     newline = getattr(model.model, "image_newline", None)
     if newline is None or "pixel_values" not in inputs:
         return placeholders
-    encoded = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    encoded = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], **{name: inputs[name] for name in ("image_sizes", "batch_num_images")
+                                                if name in inputs})
     rows = torch.cat(list(getattr(encoded, "pooler_output", encoded)))
     mask = placeholders.clone()
     mask[placeholders] = ~(rows == newline).all(dim=-1)  # placeholders in batch order take the features in order
@@ -90,6 +92,8 @@ def split_vision(model, inputs, layouts):
             share = {key: inputs[key][start : start + count]} if count else {}
             if count and "image_sizes" in inputs:
                 share["image_sizes"] = inputs["image_sizes"][start : start + count]
+            if count and "batch_num_images" in inputs:
+                share["batch_num_images"] = torch.tensor([count])
         shares.append(share)
         start += count
     return shares
@@ -98,7 +102,10 @@ def split_vision(model, inputs, layouts):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("budget", [10_000, 1.0])
 def test_keeping_every_token_changes_nothing(model, method, budget):
-    inputs = tiny_inputs(model, MIXED[:2])
+    assert_keeping_every_token_changes_nothing(model, method, budget, tiny_inputs(model, MIXED[:2]))
+
+
+def assert_keeping_every_token_changes_nothing(model, method, budget, inputs):
     reference_logits = model(**inputs).logits
     reference = greedy(model, inputs)
     with vtprune.apply(model, method, budget, **OPTIONS.get(method, {})) as pruner:
@@ -112,7 +119,10 @@ def test_keeping_every_token_changes_nothing(model, method, budget):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_cached_generation_equals_recomputing_the_kept_set(model, method):
-    inputs = tiny_inputs(model, MIXED[:2])
+    assert_cached_generation_equals_recomputing(model, method, tiny_inputs(model, MIXED[:2]))
+
+
+def assert_cached_generation_equals_recomputing(model, method, inputs):
     with vtprune.apply(model, method, 10, **OPTIONS.get(method, {})) as pruner:
         out = greedy(model, inputs, steps=4)
         decision = pruner.last_decision
@@ -151,12 +161,17 @@ def test_a_replay_does_none_of_the_methods_work(model, family, method, monkeypat
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_a_batch_equals_its_samples_run_alone(model, method, padding_side):
-    inputs = tiny_inputs(model, MIXED, padding_side=padding_side)
-    shares = split_vision(model, inputs, MIXED)
+    assert_a_batch_equals_its_samples_alone(model, method, tiny_inputs(model, MIXED, padding_side=padding_side),
+                                            MIXED, generate=padding_side == "left")
+
+
+def assert_a_batch_equals_its_samples_alone(model, method, inputs, layouts, generate):
+    """generate: greedy tokens too (generate wants left padding)."""
+    shares = split_vision(model, inputs, layouts)
     with vtprune.apply(model, method, 12, **OPTIONS.get(method, {})) as pruner:
         batch_logits = model(**inputs).logits
         batch_stats = pruner.last_stats
-        for b in range(len(MIXED)):
+        for b in range(len(layouts)):
             alone = dict(sample_alone(inputs, b), **shares[b])
             alone_logits = model(**alone).logits[0]
             real = inputs["attention_mask"][b].bool()
@@ -165,9 +180,9 @@ def test_a_batch_equals_its_samples_run_alone(model, method, padding_side):
             text = ~torch.isin(inputs["input_ids"][b, real], PLACEHOLDERS)
             torch.testing.assert_close(batch_logits[b, real][text], alone_logits[text], atol=1e-5, rtol=0)
             assert pruner.last_stats.visual_tokens_per_layer[0] == batch_stats.visual_tokens_per_layer[b]
-        if padding_side == "left":
+        if generate:
             batch_out = greedy(model, inputs).sequences[:, inputs["input_ids"].shape[1] :]
-            for b in range(len(MIXED)):
+            for b in range(len(layouts)):
                 alone = dict(sample_alone(inputs, b), **shares[b])
                 alone_out = greedy(model, alone).sequences[:, alone["input_ids"].shape[1] :]
                 assert torch.equal(batch_out[b], alone_out[0])
@@ -175,7 +190,8 @@ def test_a_batch_equals_its_samples_run_alone(model, method, padding_side):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_remove_restores_the_model_exactly(model, method):
-    assert_remove_restores(model, tiny_inputs(model, MIXED[:2]), method)
+    assert_remove_restores(model, tiny_inputs(model, MIXED[:2]), method,
+                           while_pruned=lambda model, inputs: greedy(model, inputs, steps=2))
 
 
 def assert_remove_restores(model, inputs, method, while_pruned=lambda model, inputs: None):
@@ -197,7 +213,10 @@ def assert_remove_restores(model, inputs, method, while_pruned=lambda model, inp
 
 @pytest.mark.parametrize("method", METHODS)
 def test_eager_and_sdpa_keep_the_same_tokens(family, method):
-    inputs = tiny_inputs(FAMILIES[family]("eager"), MIXED)
+    assert_eager_and_sdpa_keep_the_same_tokens(family, method, tiny_inputs(FAMILIES[family]("eager"), MIXED))
+
+
+def assert_eager_and_sdpa_keep_the_same_tokens(family, method, inputs):
     decisions = []
     for attn in ("eager", "sdpa"):
         model = FAMILIES[family](attn)

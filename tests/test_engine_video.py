@@ -1,4 +1,5 @@
-"""Videos (Qwen2-VL, Qwen2.5-VL): the engine's invariants on batches that mix images, videos and text."""
+"""Videos (Qwen2-VL, Qwen2.5-VL, Video-LLaVA, LLaVA-OneVision): the engine's invariants on batches that mix images,
+videos (two in a prompt) and text."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from .test_engine_conversation import assert_a_follow_up_turn_equals_recomputing
 from .test_engine_invariants import METHODS, OPTIONS, assert_remove_restores, sample_alone
 
 VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "video_llava", "llava_onevision"]
-MIXED = [SampleLayout(images=1, videos=1), SampleLayout(images=0, videos=1, text_before=6), SampleLayout(images=0)]
+MIXED = [SampleLayout(images=1, videos=1), SampleLayout(images=0, videos=2, text_before=6), SampleLayout(images=0)]
 
 
 @pytest.fixture(params=VIDEO_FAMILIES)
@@ -58,12 +59,13 @@ def rows_held(decision, b, mask, layers):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_keeping_every_video_token_changes_nothing(video_family, attn, method):
+@pytest.mark.parametrize("budget", [10_000, 1.0])
+def test_keeping_every_video_token_changes_nothing(video_family, attn, method, budget):
     model = FAMILIES[video_family](attn)
     inputs = tiny_inputs(model, MIXED)
     reference_logits = model(**inputs).logits
     reference = greedy(model, inputs)
-    with vtprune.apply(model, method, 10_000, **OPTIONS.get(method, {})) as pruner:
+    with vtprune.apply(model, method, budget, **OPTIONS.get(method, {})) as pruner:
         assert torch.equal(model(**inputs).logits, reference_logits)
         stats = pruner.last_stats
         assert stats.visual_tokens_per_sample[1] > 0  # the video-only sample's tokens are counted, and all kept
@@ -82,7 +84,7 @@ def test_video_batch_generation_equals_recompute_and_samples_alone(video_family,
     with vtprune.apply(model, method, 9, **OPTIONS.get(method, {})) as pruner:
         batch_logits = model(**inputs).logits
         batch_decision, batch_stats = pruner.last_decision, pruner.last_stats
-        assert batch_stats.images_per_sample == [2, 1, 0]  # visual items: an image and a video, a video, none
+        assert batch_stats.images_per_sample == [2, 2, 0]  # visual items: an image and a video, two videos, none
         out = greedy(model, inputs, steps=3)
         decision = pruner.last_decision
         prompt = inputs["input_ids"].shape[1]
@@ -192,7 +194,7 @@ def test_video_llava_frame_cls_tokens_are_never_dropped_nor_counted(method):
     with vtprune.apply(model, method, 6, **OPTIONS.get(method, {})) as pruner:
         model(**inputs)
         decision, stats = pruner.last_decision, pruner.last_stats
-    assert stats.visual_tokens_per_sample == [16 + 4 * 16, 4 * 16, 0]  # 4x4 patches; the 4 frames' CLS excluded
+    assert stats.visual_tokens_per_sample == [16 + 4 * 16, 2 * 4 * 16, 0]  # 4x4 patches; each frame's CLS excluded
     for b in range(2):
         video = torch.nonzero(inputs["input_ids"][b] == 104).flatten()
         cls = video[::17].tolist()  # each frame starts with its CLS token

@@ -109,13 +109,14 @@ def test_tower_keeps_and_merges_as_tome_does(make, attn, keep):
     assert_pruner_matches(model, make("eager"), "tome", keep, schedule, merge, proportional=True)
 
 
-def test_tome_refuses_tiled_images_and_videos():
+@pytest.mark.parametrize("method", ["tome", "ficoco_v"])
+def test_block_merging_refuses_tiled_images_and_videos(method):
     from vtprune.tiny import tiny_llava_next
 
     with pytest.raises(ValueError, match="one tower row per image"):
-        vtprune.apply(tiny_llava_next(), "tome", 8)
+        vtprune.apply(tiny_llava_next(), method, 8)
     model = tiny_video_llava()
-    with torch.no_grad(), vtprune.apply(model, "tome", 8), pytest.raises(ValueError, match="does not support videos"):
+    with torch.no_grad(), vtprune.apply(model, method, 8), pytest.raises(ValueError, match="does not support videos"):
         model(**tiny_inputs(model, [SampleLayout(images=0, videos=1)]))
 
 

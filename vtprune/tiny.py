@@ -161,8 +161,12 @@ class SampleLayout:
     frames: int = 4  # of each Video-LLaVA video
 
 
-def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", seed: int = 0) -> dict:
-    """input_ids, attention_mask and vision inputs for a batch of tiny prompts (samples may differ in length)."""
+def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", seed: int = 0,
+                batch_num_images: bool = False) -> dict:
+    """input_ids, attention_mask and vision inputs for a batch of tiny prompts (samples may differ in length).
+
+    batch_num_images (LLaVA-OneVision): pass each sample's image count, as its processor does, so that a sample
+    of several images gets each image's base grid only (the model's multi-image mode)."""
     generator = torch.Generator().manual_seed(seed)
     is_qwen = isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration))
     is_next = isinstance(model, LlavaNextForConditionalGeneration)
@@ -187,7 +191,8 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
                 size = layout.next_sizes[i % len(layout.next_sizes)]
                 # base + up to 2x2 (NeXT) or 3x3 (OneVision) tiles; unused ones are ignored
                 patches = torch.randn(10 if is_onevision else 5, 3, 56, 56, generator=generator)
-                ids += [IMAGE_TOKEN] * _anyres_token_count(model, patches, size)
+                images = layout.images if batch_num_images and is_onevision else None
+                ids += [IMAGE_TOKEN] * _anyres_token_count(model, patches, size, images)
                 pixel_values.append(patches)
                 sizes.append(list(size))
             else:
@@ -230,6 +235,8 @@ def tiny_inputs(model, samples: list[SampleLayout], padding_side: str = "left", 
         inputs[_image_keyword(model)] = torch.stack(pixel_values)
         if is_next or is_onevision:
             inputs["image_sizes"] = torch.tensor(sizes)
+        if batch_num_images and is_onevision:
+            inputs["batch_num_images"] = torch.tensor([layout.images for layout in samples if layout.images])
     if videos and (is_video_llava or is_onevision):
         inputs["pixel_values_videos"] = torch.stack(videos)
     return inputs
@@ -240,8 +247,11 @@ def _image_keyword(model) -> str:
     return "pixel_values" if "pixel_values" in inspect.signature(model.forward).parameters else "pixel_values_images"
 
 
-def _anyres_token_count(model, patches: torch.Tensor, size: tuple[int, int]) -> int:
-    """Placeholders one LLaVA-NeXT image needs: the length of the features the model itself packs for it."""
+def _anyres_token_count(model, patches: torch.Tensor, size: tuple[int, int], images: int | None = None) -> int:
+    """Placeholders one LLaVA-NeXT image needs: the length of the features the model itself packs for it (for a
+    OneVision image in a sample of `images` images, in the multi-image mode batch_num_images asks for)."""
+    counts = {} if images is None else {"batch_num_images": torch.tensor([images])}
     with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=patches[None], image_sizes=torch.tensor([size]))
+        features = model.model.get_image_features(pixel_values=patches[None], image_sizes=torch.tensor([size]),
+                                                  **counts)
     return len(getattr(features, "pooler_output", features)[0])
