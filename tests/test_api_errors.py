@@ -66,6 +66,45 @@ def test_applying_twice_is_an_error_until_removed(model):
     vtprune.apply(model, "fastv", 8).remove()
 
 
+def mistral_llava(sliding_window):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+    from vtprune.tiny import IMAGE_TOKEN, PAD, VOCAB, _clip_tower
+
+    text = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, sliding_window=sliding_window)
+    return LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=_clip_tower(patch_size=7), text_config=text, image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2, vision_feature_select_strategy="default")).eval()
+
+
+def test_a_sliding_window_decoder_is_refused_whichever_way_its_config_says_so():
+    """Mistral has no layer_types (MistralConfig's default window, 4096, makes every layer slide); Qwen2 names its
+    sliding layers. The engine's cache slicing and masks assume full attention (a Mistral window ran into a
+    cache-length EngineError, or a shape error inside sdpa)."""
+    with pytest.raises(ValueError, match="sliding window of 4096 tokens.*sliding_window=None"):
+        vtprune.apply(mistral_llava(4096), "fastv", 16)
+    qwen = tiny_qwen2_vl()
+    text = qwen.model.language_model.config
+    text.sliding_window, text.layer_types = 8, ["full_attention"] + ["sliding_attention"] * (len(text.layer_types) - 1)
+    with pytest.raises(ValueError, match="sliding window of 8 tokens"):
+        vtprune.apply(qwen, "fastv", 16)
+    assert not hasattr(qwen, "_vtprune_pruner")
+
+
+def test_a_mistral_decoder_without_a_window_is_pruned():
+    from vtprune.tiny import SampleLayout, tiny_inputs
+
+    model = mistral_llava(None)
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    before = model(**inputs).logits
+    with vtprune.apply(model, "fastv", 8) as pruner:
+        pruned = model(**inputs).logits
+        assert pruner.last_stats.kept_per_sample == [8]
+    assert not torch.allclose(pruned, before)
+    assert torch.equal(model(**inputs).logits, before)
+
+
 def test_unsupported_attention_implementation():
     model = tiny_llava("eager")
     model.model.language_model.config._attn_implementation = "flex_attention"

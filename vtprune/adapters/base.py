@@ -132,8 +132,11 @@ class Adapter(ABC):
 
     def check_supported(self) -> None:
         """Raise ValueError for configurations of this family that the engine cannot prune correctly."""
-        if getattr(self.language_model, "has_sliding_layers", False):
-            raise ValueError("sliding-window decoder layers are not supported by vtprune")
+        if (window := sliding_window(self.language_model.config)) is not None:
+            raise ValueError(
+                f"{type(self.model).__name__}'s language model attends within a sliding window of {window} tokens, "
+                "which vtprune does not support (it prunes full-attention decoders); a checkpoint trained without "
+                "one has sliding_window=None in its text config")
         strategy = getattr(self.model.config, "vision_feature_select_strategy", None)
         if self.feature_strategy is not None and strategy != self.feature_strategy:
             raise ValueError(
@@ -276,6 +279,17 @@ def place_in_runs(runs: list[list[tuple[int, int]]], layouts, kind: str) -> list
     if next(layouts, None) is not None:
         raise ValueError(f"more {kind}s were passed than input_ids hold {kind} tokens for")
     return items
+
+
+def sliding_window(config) -> int | None:
+    """The window of a decoder config whose layers (some or all) attend within one, else None. Qwen2 names its
+    layers' kinds (layer_types; use_sliding_window off leaves every layer full); Mistral has no layer_types, and a
+    sliding_window that is set makes every layer slide."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    return window if getattr(config, "use_sliding_window", True) else None
 
 
 def split_runs(positions: torch.Tensor) -> list[tuple[int, int]]:
