@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache
 
 import vtprune
@@ -43,7 +44,16 @@ def test_a_cache_under_a_keyword_the_forward_does_not_take_is_caught(model):
     with pytest.raises(EngineError, match="different KV cache") as error, pruner, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # 5.24's deprecation notice, which users often silence
         model(**inputs, use_cache=True)
-    assert "transformers" in str(error.value) and TESTED_TRANSFORMERS in str(error.value)
+    assert f"transformers {transformers.__version__}, a release vtprune is tested with" in str(error.value)
+
+
+@pytest.mark.parametrize("version, tested", [("5.17.0", True), ("5.24.0", True), ("5.16.2", False), ("5.25.0", False)])
+def test_an_engine_error_points_to_a_tested_release_only_from_outside_the_range(monkeypatch, version, tested):
+    monkeypatch.setattr(transformers, "__version__", version)
+    message = str(EngineError("a problem"))
+    assert message.startswith(f"a problem (transformers {version}, ")
+    assert ("install a tested release" in message) is not tested and (TESTED_TRANSFORMERS in message) is not tested
+    assert ("please report it" in message) is tested
 
 
 def test_a_cache_swapped_inside_the_model_is_caught(model):

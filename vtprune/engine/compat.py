@@ -19,10 +19,12 @@ class EngineError(RuntimeError):
     """Something the engine relies on did not hold: vtprune stops rather than run unpruned or wrong."""
 
     def __init__(self, problem: str):
-        super().__init__(
-            f"{problem} (transformers {transformers.__version__}; vtprune is tested with "
-            f"transformers{TESTED_TRANSFORMERS}: outside that range, install a tested release)"
-        )
+        version = transformers.__version__
+        if version in SpecifierSet(TESTED_TRANSFORMERS):
+            advice = "a release vtprune is tested with: a setting of this model it does not handle, please report it"
+        else:
+            advice = f"vtprune is tested with transformers{TESTED_TRANSFORMERS}: install a tested release"
+        super().__init__(f"{problem} (transformers {version}, {advice})")
 
 
 def warn_if_untested() -> None:
