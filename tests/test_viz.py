@@ -165,7 +165,7 @@ def test_show_answers_then_draws_on_what_the_model_saw(tmp_path, monkeypatch, ca
         return draw(drawings, *args, **options)
 
     monkeypatch.setattr(vtprune.viz, "kept_token_maps", spy)
-    out = tmp_path / "kept.png"
+    out = tmp_path / "pictures" / "kept.png"  # a folder that does not exist yet, made as calibrate's --out is
     assert main(["show", str(tmp_path / "photo.png"), "what colour is the tie ?", "--method", "clse_m",
                  "--budget", "64", "--out", str(out)]) == 0
     [(size, grid, printed_before)] = drawn

@@ -319,6 +319,7 @@ def kept_token_maps(drawings: list[GridDrawing], path: str | Path, title: str,
         handles.append(Patch(facecolor="none", edgecolor="#ff2a6d", label="kept to the end"))
         figure.legend(handles=handles, loc="outside lower center", ncol=count + 1, fontsize=8)
     figure.suptitle(title, fontsize=10)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return maps

@@ -5,8 +5,9 @@ through the processor's chat template, answers are generated greedily up to the 
 lmms-eval length, batched with left padding (`generation.py`), and scored by the task's
 official rule (`metrics.score`, lmms-eval's or LLaVA's). The run is the synthetic eval's:
 resumable, sharded under `accelerate launch`, one JSON line per answer. Every score and normalized
-average in the report carries its 95% interval (`intervals.py`: a percentile bootstrap over the
-benchmark's independent units, configs paired on the same resamples).
+average in the report carries its 95% interval (`intervals.py`: Wilson's for scores that count right
+answers, else a percentile bootstrap over the benchmark's independent units, configs paired on the same
+resamples).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from .metrics import BadReference, normalized_average, sample_outcomes, score, s
 from .report import by_config, config_row, in_table_order, markdown, plot_accuracy_vs_budget, rich
 from .runner import UNPRUNED, SharedInputs, Task
 
-INTERVAL_NOTE = (f"score [lo, hi]: the 95% interval, a percentile bootstrap ({RESAMPLES} resamples, seed {SEED}) over "
-                 "each benchmark's independent units (a sample; an MMBench question with all its rotations; an MME "
-                 "image with its two questions); normalized: every config resampled on the same units as the "
-                 "unpruned model.")
+INTERVAL_NOTE = ("score [lo, hi]: the 95% interval; Wilson's where the score counts units each right or wrong (GQA, "
+                 "ScienceQA, MMBench's questions, OCRBench's points), else a percentile bootstrap "
+                 f"({RESAMPLES} resamples, seed {SEED}) over each benchmark's independent units (a sample; an MMBench "
+                 "question with all its rotations; an MME image with its two questions); normalized: a percentile "
+                 "bootstrap, every config resampled on the same units as the unpruned model.")
 
 
 def task_folder(task: str, tasks: list[str], data: Path) -> Path:
