@@ -175,12 +175,12 @@ def test_a_missing_task_copy_and_the_synthetic_only_flags_are_refused(checkpoint
     assert "--tasks and --data go together" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the benchmark-only flags on the synthetic default would be ignored
         cli.main(["eval", "--limit", "5", "--frames", "4", "--out", str(tmp_path)])
-    assert "--limit, --frames go with --tasks (real benchmarks); the synthetic benchmark's size is --samples" in \
-        capsys.readouterr().err
+    assert "--limit, --frames are for real benchmarks (--tasks, --data); the synthetic benchmark's settings are " \
+        "--samples and --seed" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # and the synthetic-only ones on real benchmarks
         cli.main(["eval", "--model", str(checkpoint), "--tasks", "pope", "--data", str(data), "--samples", "50",
                   "--seed", "7", "--out", str(tmp_path)])
-    assert "--samples, --seed go with the synthetic benchmark; with --tasks, --limit takes" in capsys.readouterr().err
+    assert "--samples, --seed are for the synthetic benchmark; with --tasks, --limit takes" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--frames: no sample of pope has a video; leave it out"):
         cli.main(["eval", "--model", str(checkpoint), "--tasks", "pope", "--data", str(data), "--frames", "4",
                   "--out", str(tmp_path)])

@@ -194,7 +194,7 @@ def test_a_second_eval_on_the_same_out_stops_before_loading(tmp_path, held_elsew
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["eval", "--scoring", "llava"], "--scoring go with --tasks"),  # it would score nothing
+    (["eval", "--scoring", "llava"], "--scoring is for real benchmarks (--tasks, --data)"),  # it would score nothing
     (["eval", "--model", str(reference.REFERENCE_DIR), "--out", str(reference.REFERENCE_DIR)],
      "--out is the checkpoint's folder"),  # the run's files would change the model's identity: no resume
     (["eval", "--out", str(reference.REFERENCE_DIR)], "--out is the checkpoint's folder"),  # the default model's

@@ -588,7 +588,7 @@ def test_parquet_row_missing_field_names_file_row_field(tmp_path):
     rows = pope_rows()
     rows[2]["answer"] = None
     write_parquet(tmp_path / "pope.parquet", rows)
-    raises(re.escape("pope.parquet row 2: field 'answer' is missing; expected 'yes' or 'no'"),
+    raises(re.escape("pope.parquet row 2: field 'answer' is null; expected 'yes' or 'no'"),
            load_benchmark, "pope", tmp_path)
 
 
@@ -727,7 +727,7 @@ def test_mmbench_answer_not_an_option(tmp_path):
 
 def test_mmbench_test_split_without_answers(tmp_path):
     write_parquet(tmp_path / "dev.parquet", [mmbench_row(0, "Q?", {"A": "x", "B": "y"}, None)])
-    raises(re.escape("dev.parquet row 0: field 'answer' is missing; expected the gold option letter"),
+    raises(re.escape("dev.parquet row 0: field 'answer' is null; expected the gold option letter"),
            load_benchmark, "mmbench_en", tmp_path)
 
 

@@ -358,13 +358,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         given = [flag for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
                                           ("--frames", args.frames), ("--scoring", args.scoring)) if value is not None]
         if given:
-            parser.error(f"{', '.join(given)} go with --tasks (real benchmarks); the synthetic benchmark's size is "
-                         "--samples")
+            parser.error(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for real benchmarks (--tasks, "
+                         "--data); the synthetic benchmark's settings are --samples and --seed")
     if args.command == "eval" and args.tasks:
         given = [flag for flag, value in (("--samples", args.samples), ("--seed", args.seed)) if value is not None]
         if given:
-            parser.error(f"{', '.join(given)} go with the synthetic benchmark; with --tasks, --limit takes each "
-                         "task's first samples")
+            parser.error(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for the synthetic benchmark; "
+                         "with --tasks, --limit takes each task's first samples")
     if args.command == "eval" and _is_model_folder(args.out, args.model):
         parser.error("--out is the checkpoint's folder: the run's files would change what identifies the model, and "
                      "a resume would be refused as another model's; pass another folder (one inside it will do)")

@@ -47,7 +47,7 @@ def _missing(value) -> bool:
 def _required(doc: Doc, field: str, where: _Where, expected: str):
     if field not in doc or _missing(doc[field]):
         present = ", ".join(where.field(k) for k in doc if k != "image") or "none"
-        state = "is missing" if doc.get(field) is None else "is empty"
+        state = "is missing" if field not in doc else "is null" if doc[field] is None else "is empty"
         raise where.error(field, state, f"expected {expected} (fields present: {present})")
     return doc[field]
 
