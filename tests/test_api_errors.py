@@ -92,6 +92,19 @@ def test_a_sliding_window_decoder_is_refused_whichever_way_its_config_says_so():
     assert not hasattr(qwen, "_vtprune_pruner")
 
 
+@pytest.mark.parametrize("family, strategy, expected", [
+    ("llava", "full", "'default' \\(each image's CLS token dropped\\)"),
+    ("llava_onevision", "default", "'full' \\(every token the tower outputs\\)")])
+def test_a_feature_strategy_the_family_is_not_laid_out_for_is_refused(family, strategy, expected):
+    from .conftest import FAMILIES
+
+    model = FAMILIES[family]("sdpa")
+    model.config.vision_feature_select_strategy = strategy
+    with pytest.raises(ValueError, match=f"vision_feature_select_strategy='{strategy}' is not supported: .*{expected}"):
+        vtprune.apply(model, "random", 4)
+    assert not hasattr(model, "_vtprune_pruner")
+
+
 def test_a_mistral_decoder_without_a_window_is_pruned():
     from vtprune.tiny import SampleLayout, tiny_inputs
 

@@ -13,6 +13,8 @@ from ..methods.base import Grid, ModelInfo
 from ..methods.primitives import apply_rope, last_query_attention, on_device
 
 # Said where a prompt's image placeholders come cut short: generate's chunked prefill is the usual way.
+# What each vision_feature_select_strategy passes to the projector, as a refusal explains it.
+FEATURE_STRATEGIES = {"default": "each image's CLS token dropped", "full": "every token the tower outputs"}
 CHUNKED_PREFILL = "a prompt prefilled in chunks (generate's prefill_chunk_size) must hold every image whole in its first chunk"
 
 
@@ -141,8 +143,8 @@ class Adapter(ABC):
         if self.feature_strategy is not None and strategy != self.feature_strategy:
             raise ValueError(
                 f"{type(self.model).__name__} with vision_feature_select_strategy={strategy!r} is not supported: "
-                f"vtprune expects {self.feature_strategy!r} (each image's CLS token dropped), as the family's "
-                "checkpoints use"
+                f"vtprune lays out the family's grids for {self.feature_strategy!r} "
+                f"({FEATURE_STRATEGIES[self.feature_strategy]}), as its checkpoints use"
             )
 
     @property
