@@ -237,3 +237,17 @@ def test_a_pruners_with_block_ends_it_and_is_not_opened_twice(model):
     with pytest.raises(RuntimeError, match="this pruner was removed"):
         with pruner:
             pass
+
+
+def test_a_pruners_repr_is_one_line_whatever_its_options_hold(model):
+    class LongWinded:
+        def decode(self, ids, **kwargs):
+            return "what colour is it ?"
+
+        def __repr__(self):
+            return "LongWinded(\n" + "vocab ...\n" * 300 + ")"
+
+    with vtprune.apply(model, "clasp", 16, tokenizer=LongWinded()) as pruner:
+        text = repr(pruner)
+    assert text.startswith("Pruner(method='clasp', budget=16, options=Options(tokenizer=<LongWinded>, ")
+    assert "\n" not in text and len(text) < 300

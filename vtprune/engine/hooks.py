@@ -231,7 +231,13 @@ class Pruner:
         return prefill.hidden_access(run) if run.prefill else None
 
     def __repr__(self) -> str:
-        return f"Pruner(method={self.method.name!r}, budget={self.budget!r}, options={self.method.options})"
+        def short(value) -> str:  # a tokenizer or a calibration table would fill the screen
+            text = repr(value)
+            return text if len(text) <= 60 else f"<{type(value).__name__}>"
+
+        options = self.method.options
+        shown = ", ".join(f"{f.name}={short(getattr(options, f.name))}" for f in dataclasses.fields(options))
+        return f"Pruner(method={self.method.name!r}, budget={self.budget!r}, options={type(options).__name__}({shown}))"
 
     def _wrap_generate(self) -> None:
         """generate with use_cache=False feeds the whole sequence again at every step; within one generate call
