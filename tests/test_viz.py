@@ -186,6 +186,20 @@ def test_show_asks_a_llava_checkpoint_without_a_chat_template_as_the_reference_m
     assert answers[0] == answers[1] and answers[0].startswith("answer: ")
 
 
+@needs_reference
+def test_show_takes_a_method_with_options_as_eval_does(tmp_path, monkeypatch):
+    photo(300, 200).save(tmp_path / "photo.png")
+    drawn = []
+    monkeypatch.setattr(vtprune.viz, "kept_token_maps",
+                        lambda drawings, path, title, stage_layers, **_: drawn.append((title, stage_layers)))
+    assert main(["show", str(tmp_path / "photo.png"), "what colour is the circle ?", "--method", "fastv:layer=1",
+                 "--budget", "64", "--out", str(tmp_path / "kept.png")]) == 0
+    [(title, stage_layers)] = drawn
+    assert title.startswith("fastv:layer=1 @ 64: ") and stage_layers == [1]  # the default acts before layer 2
+    with pytest.raises(SystemExit):
+        main(["show", str(tmp_path / "photo.png"), "q ?", "--method", "fastv:depth=1"])
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_show_draws_a_qwen_checkpoints_kept_tokens_over_its_resized_image(tmp_path, monkeypatch, capsys, family):
     model = FAMILIES[family]("sdpa")

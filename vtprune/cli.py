@@ -392,15 +392,16 @@ def cmd_show(args) -> int:
                                 videos=videos, chat_template=template)[0]
 
     unpruned = answer()
-    options = get_method(args.method).checkpoint_options(model_path, processor)
-    with vtprune.apply(model, args.method, args.budget, **options) as pruner:
+    spec = args.method
+    options = {**get_method(spec.method).checkpoint_options(model_path, processor), **spec.options}
+    with vtprune.apply(model, spec.method, args.budget, **options) as pruner:
         pruned = answer()
         decision = pruner.last_decision
     console.print(f"answer: [bold]{pruned}[/bold] (unpruned: {unpruned})")
     inputs = batch_inputs(processor, [args.question], images, videos, chat_template=template)  # what was answered
     drawings, across = drawings_of(model, processor, inputs, decision)
     out = Path(args.out)
-    title = f"{args.method} @ {args.budget}: \"{args.question}\" -> {pruned} (unpruned: {unpruned})"
+    title = f"{spec.label} @ {args.budget}: \"{args.question}\" -> {pruned} (unpruned: {unpruned})"
     kept_token_maps(drawings, out, title, decision.stage_layers if decision else None, across=across)
     sizes = " and ".join(dict.fromkeys(f"{d.image.width}x{d.image.height}" for d in drawings))
     seen = f"{len(drawings)} frames of {sizes}" if videos else f"{sizes} image{'s' if len(drawings) > 1 else ''}"
@@ -500,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("image", type=cli_args.existing_file, metavar="IMAGE_OR_VIDEO",
                       help="a picture, or a video (.mp4, .mov, ...: its frames sampled as `eval` samples them)")
     show.add_argument("question")
-    show.add_argument("--method", type=cli_args.method_name, required=True)
+    show.add_argument("--method", type=cli_args.method_spec, required=True,
+                      help="a method, with options if any (fastv:layer=3), as `eval --methods` takes them")
     show.add_argument("--budget", type=cli_args.budget, default="64")
     show.add_argument("--out", type=cli_args.picture_file, default="kept_tokens.png",
                       help="the kept-token picture (.png, .pdf, .svg, ...)")

@@ -231,8 +231,8 @@ def method_name(text: str) -> str:
     from vtprune.methods import get_method
 
     if ":" in text:
-        raise Invalid(f"{text!r}: this command takes method names without options (name:option=value is "
-                      "`vtprune eval --methods`'s)")
+        raise Invalid(f"{text!r}: this command takes method names without options (name:option=value is for "
+                      "`vtprune eval --methods` and `vtprune show --method`)")
     try:
         get_method(text)
     except ValueError as error:
