@@ -13,9 +13,9 @@ from ..methods.base import Grid, ModelInfo
 from ..methods.primitives import apply_rope, last_query_attention, on_device
 
 # Said where a prompt's image placeholders come cut short: generate's chunked prefill is the usual way.
+CHUNKED_PREFILL = "a prompt prefilled in chunks (generate's prefill_chunk_size) must hold every image whole in its first chunk"
 # What each vision_feature_select_strategy passes to the projector, as a refusal explains it.
 FEATURE_STRATEGIES = {"default": "each image's CLS token dropped", "full": "every token the tower outputs"}
-CHUNKED_PREFILL = "a prompt prefilled in chunks (generate's prefill_chunk_size) must hold every image whole in its first chunk"
 
 
 @dataclass(frozen=True)
