@@ -16,6 +16,11 @@ OPTIONS = WITHOUT_CHECKPOINT  # the tiny models have no tokenizer
 PLACEHOLDERS = torch.tensor([100, 101])  # LLaVA's and Qwen2-VL's image token in the tiny vocabulary
 
 
+def packing(inputs) -> dict:
+    """The inputs by which an anyres model packs its images' features (sizes; OneVision's images per sample)."""
+    return {name: inputs[name] for name in ("image_sizes", "batch_num_images") if name in inputs}
+
+
 def image_counts(model, inputs) -> list[list[int]]:
     """Per sample, each image's visual tokens, from what the model itself encodes (LLaVA-NeXT's
     row-closing newlines are image placeholders but not visual tokens)."""
@@ -25,8 +30,7 @@ def image_counts(model, inputs) -> list[list[int]]:
     if "image_grid_thw" in inputs:
         placeholders = visual = [int(h * w) // 4 for _, h, w in inputs["image_grid_thw"].tolist()]
     else:
-        encoded = model.model.get_image_features(
-            inputs[key], **{name: inputs[name] for name in ("image_sizes", "batch_num_images") if name in inputs})
+        encoded = model.model.get_image_features(inputs[key], **packing(inputs))
         features = list(getattr(encoded, "pooler_output", encoded))
         placeholders = [len(f) for f in features]
         newline = getattr(model.model, "image_newline", None)
@@ -50,9 +54,7 @@ def visual_mask(model, inputs) -> torch.Tensor:
     newline = getattr(model.model, "image_newline", None)
     if newline is None or "pixel_values" not in inputs:
         return placeholders
-    encoded = model.model.get_image_features(
-        pixel_values=inputs["pixel_values"], **{name: inputs[name] for name in ("image_sizes", "batch_num_images")
-                                                if name in inputs})
+    encoded = model.model.get_image_features(pixel_values=inputs["pixel_values"], **packing(inputs))
     rows = torch.cat(list(getattr(encoded, "pooler_output", encoded)))
     mask = placeholders.clone()
     mask[placeholders] = ~(rows == newline).all(dim=-1)  # placeholders in batch order take the features in order
