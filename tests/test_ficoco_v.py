@@ -81,6 +81,25 @@ def test_block_equals_the_reading_on_random_rows(grid, r, tolerance):
         np.testing.assert_array_equal(merge.size[row].numpy(), size)
 
 
+def test_each_image_merges_over_its_own_number_of_targets():
+    """k is read per image: an image whose logits tie (k = 1) merges as it does alone when batched with one of
+    577 distinct tokens (k = 2), not over the other's k."""
+    g = torch.Generator().manual_seed(0)
+    n, r = 577, 42
+    hidden, query, key = (torch.randn(2, *shape, generator=g) for shape in ((n, 16), (4, n, 8), (4, n, 8)))
+    query[0, :, 1:] = 0.0  # every patch's logits are 0: no logit is above its row's quantile
+
+    def merged(rows):
+        block = BlockInput(hidden[rows], query[rows], key[rows], 0.3, torch.ones(len(rows), n), True,
+                           torch.arange(n).expand(len(rows), n), (24, 24))
+        return FiCoCoV(FiCoCoV.Options()).merge(block, r)
+
+    alone, batched = merged([0]), merged([0, 1])
+    assert torch.equal(alone.order[0], batched.order[0])
+    torch.testing.assert_close(alone.hidden[0], batched.hidden[0])
+    torch.testing.assert_close(merged([1]).hidden[0], batched.hidden[1])
+
+
 def test_local_penalty_pushes_down_each_windows_lowest_live_patch():
     # a 2x4 grid: windows {1, 2, 5, 6} and {3, 4, 7, 8} by column (1 + raster index); column 6 is merged away
     columns = torch.tensor([[1, 2, 3, 4, 5, 7, 8]])

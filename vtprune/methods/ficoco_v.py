@@ -33,7 +33,7 @@ is broken, vtprune follows what it evidently means (deviations, also in the READ
   image; this follows the paper's description);
 - on a grid of odd side the last, 1-wide windows count too (the release assumes 24 x 24 and
   its window search covers whole 2x2 windows only, so it never penalises that edge);
-- scores per image, quantiles in float32 (the release averages logits over the batch too and
+- scores and k per image, quantiles in float32 (the release averages logits over the batch too and
   calls torch.quantile on fp16, which raises); only the logits the merge reads are computed
   ([CLS]'s row, the dropped tokens' rows, each patch's mean logit as its query . the mean patch
   key): the release's values up to float rounding.
@@ -164,9 +164,9 @@ class FiCoCoV(BlockMergingMethod):
         # k is read from the data, but not to the host (a GPU would wait at every merging block): the top `bound` are
         # taken, and those beyond k weigh nothing
         bound = min(correlation_bound(n, dropped_logits.dtype), kept.shape[1])
-        k = correlation_width(dropped_logits).max().clamp(min=1, max=kept.shape[1])
+        k = correlation_width(dropped_logits).clamp(min=1, max=kept.shape[1])  # [R]: each image its own
         top, target = towards_kept.topk(bound, dim=-1)
-        top = top.masked_fill(torch.arange(bound, device=top.device) >= k, -torch.inf)
+        top = top.masked_fill(torch.arange(bound, device=top.device) >= k[:, None, None], -torch.inf)
         weight = top.softmax(dim=-1).to(block.hidden.dtype)  # P over the k, normalised: the row's sum cancels
         # Compress: (x_u + sum w x_i) / (1 + sum w)
         x = block.hidden

@@ -13,9 +13,9 @@ the block's attention and its MLP:
 - merges are size-weighted means (each token carries how many patches it stands for),
   and later blocks add log(size) to every attention logit of a merged key (proportional
   attention, on in ToMe's timm patch);
-- r per block: ToMe's `r` clamped to (tokens - 1) // 2 per block; here one r for every block,
-  fitted so that exactly `budget` patches reach the projector: the removal is spread evenly
-  over the blocks (the first ones one more when it does not divide), raised where the
+- r per block: ToMe's one `r` for every block, clamped to (tokens - 1) // 2 per block; here an r
+  per block, fitted so that exactly `budget` patches reach the projector: the removal is spread
+  evenly over the blocks (the first ones one more when it does not divide), raised where the
   halving limit of the later blocks would leave too many.
 
 Deviations (also in the README):
