@@ -3,8 +3,11 @@
 As the authors' released code (pkunlp-icler/FastV): the last token's row of layer K-1's attention, averaged over
 heads; the top `budget` visual tokens kept in their order, at their original positions; layers before K keep every
 token (and their full KV cache). Deviations: the kept set is decided once, at prefill, as in the authors' KV-cache
-variants (llava-hf, lmms-eval); their original code runs without a cache and ranks again at every generated token.
-Scores are float32 (theirs: the model's dtype, fp16, where more scores tie).
+variants (llava-hf, lmms-eval); their attention-mask variant ranks again at every generated token, with or without a
+cache. Scores are float32 (theirs: the model's dtype, fp16, where more scores tie). The image's tokens are found in the
+input ids (the authors hard-code where the image starts: 36 in their evaluation scripts' `--fast-v-sys-length`, 35 in
+their lmms-eval port; on LLaVA-1.5's prompt, whose image starts at 35, the former keeps the first image token
+unranked and ranks the first text token after the image as if it were visual).
 """
 
 from __future__ import annotations
