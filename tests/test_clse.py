@@ -232,6 +232,32 @@ def test_clse_m_merges_as_an_independent_implementation():
     np.testing.assert_allclose(picked.hidden.double().numpy(), merged, rtol=1e-5, atol=1e-6)
 
 
+def test_clse_m_carries_sizes_from_stage_to_stage():
+    """In a model, each stage's merge is the written rule on the states entering its layer, weighted by the sizes
+    the earlier stages' merges left (not by ones)."""
+    from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
+
+    model = tiny_llava("eager", layers=8)
+    inputs = tiny_inputs(model, [SampleLayout()])
+    with torch.no_grad(), vtprune.apply(model, "clse_m", 6, layers=(1, 3, 5), keep=(24, 12, 6)) as pruner:
+        states = model(**inputs, output_hidden_states=True).hidden_states
+    decision = pruner.last_decision
+    image = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
+    sizes = dict.fromkeys(image.tolist(), 1.0)
+    for stage, layer in enumerate(decision.stage_layers):
+        rows = decision.positions_at(layer - 1)[0]
+        visual = torch.isin(rows, image)
+        positions = rows[visual].tolist()
+        kept = sorted(decision.kept[stage][0].tolist())
+        merged, merged_sizes, _ = numpy_merge_into_nearest(states[layer][0][visual].double().numpy(),
+                                                           np.array([sizes[p] for p in positions]),
+                                                           [positions.index(p) for p in kept])
+        written_at, written = decision.merged[stage][0][0]
+        np.testing.assert_allclose(written[written_at.argsort()].double().numpy(), merged, rtol=1e-5, atol=1e-6)
+        sizes = dict(zip(kept, merged_sizes.tolist()))
+    assert max(sizes.values()) > 2  # the later stages had sizes to carry
+
+
 def test_score_variants_use_what_they_say():
     n = 64
     view_args = dict(keep=8, layer=1, stage=0, image_index=0, sizes=torch.ones(n), attention=torch.rand(n),
