@@ -706,9 +706,9 @@ def test_gqa_question_whose_image_is_absent(tmp_path):
 def test_mmbench_lists_the_option_cells_lmms_eval_lists(tmp_path):
     """lmms-eval's create_options_prompt lists a cell that is truthy, not NaN and not the string "nan": a cell of
     spaces or "NaN" is listed, an empty one, "nan" or NaN is not; the scored options are the listed ones."""
-    from vtprune.eval.loaders import _listed_option
+    from vtprune.eval.fields import listed_option
 
-    assert [_listed_option(v) for v in ("x", " ", "NaN", "nan", "", None, float("nan"))] == [
+    assert [listed_option(v) for v in ("x", " ", "NaN", "nan", "", None, float("nan"))] == [
         True, True, True, False, False, False, False]
     rows = mmbench_question(0, "Q?", ["x", " "], "x")
     for row in rows:

@@ -227,6 +227,15 @@ def test_mmbench_option_extraction():
     assert extract_mcq_answer("Option (B) is wrong, so the answer is D", ["A", "B", "C", "D"]) == "D"
 
 
+def test_mmbench_scores_the_options_its_prompt_lists():
+    """The scorer's options are the cells the prompt lists (`listed_option`). A cell reading "nan" is no option,
+    where lmms-eval's scorer would read it as the text "nan" and find "banana" naming two options; a cell of
+    spaces is an option, as in lmms-eval, so "x y" names two and is unreadable."""
+    assert score("mmbench_en", ["banana"], [mmb_row(0, "A", ["banana", "apple", "nan", "nan"])])["accuracy"] == 1.0
+    assert score("mmbench_en", ["x y"], [mmb_row(0, "A", ["x", " "])])["accuracy"] == 0.0
+    assert score("mmbench_en", ["B"], [mmb_row(0, "B", ["x", " "])])["accuracy"] == 1.0  # a gold of spaces is valid
+
+
 def test_mmbench_circular_one_rotation_wrong():
     opts = ["dog", "cat", "bird", "fish"]
     rot = [opts[k:] + opts[:k] for k in range(4)]  # the 4 circular copies: options shifted by k

@@ -44,6 +44,12 @@ def _missing(value) -> bool:
         or (isinstance(value, str) and value.strip().lower() in ("", "nan"))
 
 
+def listed_option(value) -> bool:
+    """Whether lmms-eval's MMBench prompt lists an option cell (`create_options_prompt`: truthy, not NaN, not the
+    string "nan"; a cell of spaces or "NaN" is listed). The scorer's options are the same ones."""
+    return bool(value) and not (isinstance(value, float) and math.isnan(value)) and value != "nan"
+
+
 def _required(doc: Doc, field: str, where: _Where, expected: str):
     if field not in doc or _missing(doc[field]):
         present = ", ".join(where.field(k) for k in doc if k != "image") or "none"

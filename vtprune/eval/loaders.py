@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .fields import Doc, _display, _integer, _missing, _optional_id, _string_list, _text, _Where, _yes_no
+from .fields import Doc, _display, _integer, _missing, _optional_id, _string_list, _text, _Where, _yes_no, listed_option
 from .images import _open_image
 from .metrics import (MME_SUBTASKS, OCRBENCH_CATEGORIES, POPE_SPLITS, TASK_ALIASES, VIDEOMME_DURATIONS,
                       canonical_task, pope_split_problem)
@@ -421,7 +421,7 @@ def _mmbench(doc: Doc, where: _Where, chinese: bool):
     question = _text(doc, "question", where)
     index = _integer(doc, "index", where, "the integer question index")
     # create_options_prompt: the letters present, in order, whose cell is not blank / "nan"
-    options = {k: doc[k] for k in _MMBENCH_LETTERS if _listed_option(doc.get(k))}
+    options = {k: doc[k] for k in _MMBENCH_LETTERS if listed_option(doc.get(k))}
     if not options:
         raise where.error("A", "and the other option columns are all empty", "expected option texts in A-D")
     answer = _text(doc, "answer", where, f"the gold option letter, one of {', '.join(options)} (MMBench's "
@@ -439,16 +439,10 @@ def _mmbench(doc: Doc, where: _Where, chinese: bool):
     # doc_to_text appends "\n" + post_prompt and the post prompt starts with "\n": two newlines, as lmms-eval.
     text = f"{body}\n{_MMBENCH_CN_POST if chinese else _OPTION_LETTER}"
     reference = {"index": index, "answer": answer.strip(),
-                 **{k: (doc.get(k) if _listed_option(doc.get(k)) else None) for k in "ABCD"},
+                 **{k: (doc.get(k) if listed_option(doc.get(k)) else None) for k in "ABCD"},
                  "category": doc.get("category"),
                  "L2-category": doc.get("L2-category", doc.get("l2-category"))}
     return str(index), text, reference
-
-
-def _listed_option(value) -> bool:
-    """Whether lmms-eval's MMBench prompt lists an option cell (`create_options_prompt`: truthy, not NaN, not the
-    string "nan"; a cell of spaces or "NaN" is listed)."""
-    return bool(value) and not (isinstance(value, float) and math.isnan(value)) and value != "nan"
 
 
 def _scienceqa(doc: Doc, where: _Where):

@@ -53,7 +53,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .answer_normalization import extract_mcq_answer, normalize_vqa_answer, vqa_soft_accuracy
-from .fields import NotAString, NotAStringList, _missing, integer, string_list
+from .fields import NotAString, NotAStringList, _missing, integer, listed_option, string_list
 
 __all__ = [
     "BadReference",
@@ -541,7 +541,7 @@ def _can_infer_text(answer: str, choices: Mapping[str, str]):
 
 
 def _mmbench_choices(ref: Mapping) -> dict[str, str]:
-    return {ch: ref[ch] for ch in _MMB_OPTIONS if ch in ref and not _missing(ref[ch])}
+    return {ch: ref[ch] for ch in _MMB_OPTIONS if ch in ref and listed_option(ref[ch])}
 
 
 def extract_mmbench_option(prediction: str, options: Mapping[str, str]) -> str:
@@ -555,7 +555,7 @@ def extract_mmbench_option(prediction: str, options: Mapping[str, str]) -> str:
     simply a wrong answer.
     """
     pred = prediction.strip()
-    choices = {k: v for k, v in options.items() if k in _MMB_OPTIONS and not _missing(v)}
+    choices = {k: v for k, v in options.items() if k in _MMB_OPTIONS and listed_option(v)}
     got = _can_infer_option(pred) or _can_infer_text(pred, choices)
     if got:
         return got
@@ -579,8 +579,11 @@ def _mmbench_samples(preds: list[str], references: list[Mapping], scoring: str, 
     Deliberate deviations: lmms-eval's default MMBench tasks send unreadable answers to a GPT matcher (and
     pick a random letter when it fails) and its CN tasks have no static path; here both languages use the
     static extractor, which needs no network and is deterministic. A question whose original (index < 1e6)
-    row is missing is still scored from its rotations (lmms-eval would drop it). LLaVA only writes the
-    upload sheet for the MMBench server, so there is no ``llava`` rule.
+    row is missing is still scored from its rotations (lmms-eval would drop it). The options are those the
+    prompt lists (`listed_option`): lmms-eval's scorer also takes a cell reading "nan" (how its results spell a
+    missing option) for an option whose text is "nan", so there an answer containing "nan" ("banana") names two
+    options and is unreadable; MMBench's own evaluation, on its TSV's empty cells, has no such option. LLaVA only
+    writes the upload sheet for the MMBench server, so there is no ``llava`` rule.
     """
     questions, hits, rotated, cats = [], [], [], []
     for i, (p, r) in enumerate(zip(preds, references)):
@@ -707,7 +710,8 @@ def _fold_fullwidth(text: str) -> str:
 def ocrbench_match(prediction: str, answers, dataset: str) -> bool:
     """One OCRBench question: does any gold answer occur, as a substring, in the prediction?
 
-    ``lmms_eval/tasks/ocrbench/utils.py::ocrbench_process_results`` (0.7.3, the official OCRBench rule):
+    ``lmms_eval/tasks/ocrbench/utils.py::ocrbench_process_results`` (0.7.3; OCRBench's own example.py is the
+    same rule without the fullwidth folding, which lmms-eval added):
     for the HME100k source (handwritten formulas) every space and newline is removed from both sides and
     case is kept; for every other source both sides have fullwidth ASCII folded to ASCII, are lowercased,
     stripped, and newlines become spaces. An empty gold answer matches anything (`_ocrbench_samples` refuses
