@@ -39,18 +39,53 @@ def table(tmp_path):
     return path
 
 
-def test_identity_fusion_reproduces_the_model_exactly(tmp_path):
+def test_identity_fusion_reproduces_the_model_exactly(tmp_path, monkeypatch):
+    """A table whose every class "mixes" the model's own feature layer alone prunes as no table does, bit for bit,
+    with the mixing run (at a budget that prunes: a kept-whole image is not fused)."""
+    from vtprune.adapters.llava import LlavaAdapter
+
     model = tiny_llava()
     inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(text_before=6)])
     path = tmp_path / "identity.json"
     path.write_text(json.dumps({"classes": {c: {"fusion": {"-2": 1.0}, "split": 0.5} for c in CLASSES}}))
+    mixed = []
+    mix = LlavaAdapter.mixed_features
+    monkeypatch.setattr(LlavaAdapter, "mixed_features", lambda self, *args: mixed.append(1) or mix(self, *args))
     with torch.no_grad():
-        reference = model(**inputs).logits
-        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=SUPPRESS)
-        with vtprune.apply(model, "clasp", 10_000, question_class="ocr", calibration=str(path)) as pruner:
+        with vtprune.apply(model, "clasp", 10, question_class="ocr"):
+            reference = model(**inputs).logits
+            generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=SUPPRESS)
+        assert not mixed
+        with vtprune.apply(model, "clasp", 10, question_class="ocr", calibration=str(path)) as pruner:
             assert pruner.method.fuses_vision_layers
             assert torch.equal(model(**inputs).logits, reference)
             assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=SUPPRESS), generated)
+        assert mixed
+
+
+def test_fusion_on_a_projector_reading_several_layers_is_refused(table):
+    model = tiny_llava()
+    model.config.vision_feature_layer = [-2, -1]
+    with pytest.raises(ValueError, match=r"reads layers \[-2, -1\] side by side; pass fusion=False"):
+        vtprune.apply(model, "clasp", 16, question_class="ocr", calibration=str(table))
+    vtprune.apply(model, "clasp", 16, question_class="ocr", calibration=str(table), fusion=False).remove()
+
+
+def test_the_router_reads_the_question_without_the_template(tmp_path):
+    """CLASP hands its router the prompt's question: the chat template around it is cut (the reference model's
+    "USER: ... ASSISTANT:", whose word-level tokenizer decodes it as "user : ... assistant :")."""
+    from vtprune.eval.generation import batch_inputs
+    from vtprune.synth import generate
+    from vtprune.synth.reference import load_reference
+
+    model, processor = load_reference()
+    samples = generate(4, 6)
+    inputs = batch_inputs(processor, [s.question for s in samples], [s.image for s in samples])
+    seen = []
+    with torch.no_grad(), vtprune.apply(model, "clasp", 64, tokenizer=processor.tokenizer,
+                                        router=lambda text: seen.append(text) or "general"):
+        model(**inputs)
+    assert seen == [s.question for s in samples]
 
 
 @pytest.mark.parametrize("budget", [64, 1.0, 10_000])

@@ -8,9 +8,13 @@ existence, "are there two dogs?" is count, "is the cat white?" is attribute, and
 scene / artwork / celebrity / landmark / activity / reasoning questions are general.
 """
 
+import re
+
 import pytest
 
-from vtprune.router import CLASSES, checked, route
+from vtprune.eval.loaders import (_MMBENCH_CN_POST, _OPTION_LETTER, _SHORT_ANSWER, _VIDEOMME_OPTIONS,
+                                  _VIZWIZ_POST)
+from vtprune.router import CLASSES, checked, instruction, route
 
 TABLE: list[tuple[str, str]] = [
     # --- ocr ---
@@ -148,6 +152,38 @@ def test_routing_accuracy():
 )
 def test_synthetic_templates_exact(question, label):
     assert route(question) == label
+
+
+LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+                "detailed, and polite answers to the human's questions.")
+# Prompts as CLASP decodes them: special tokens skipped (Qwen's <|im_start|> leaves "user" on a line), visual
+# tokens left out
+TEMPLATES = {
+    "llava-1.5": lambda text: f"{LLAVA_SYSTEM} USER: \n{text} ASSISTANT:",
+    "qwen2-vl": lambda text: f"system\nYou are a helpful assistant.\nuser\n{text}\nassistant\n",
+    "none": lambda text: text,
+}
+# What the benchmark loaders put around a question (before it, after it)
+FORMATS = [("", ""), ("", _SHORT_ANSWER), ("", _VIZWIZ_POST), ("", _OPTION_LETTER), ("", _MMBENCH_CN_POST),
+           (_VIDEOMME_OPTIONS + "\n", _OPTION_LETTER), ("", " Please answer yes or no.")]
+
+
+def spaced(text: str) -> str:
+    """As a word-level tokenizer (the reference model's) decodes text: punctuation split off ("option ' s"), every
+    space and newline one space."""
+    return re.sub(r"\s+", " ", re.sub(r"([^\w\s])", r" \1 ", text)).strip()
+
+
+@pytest.mark.parametrize("before, after", FORMATS)
+@pytest.mark.parametrize("template, decode", [(name, str) for name in TEMPLATES] + [
+    ("llava-1.5", spaced), ("none", spaced)])  # (Qwen's tokenizer keeps the newlines that mark its roles)
+def test_a_benchmark_prompt_routes_as_its_bare_question(template, before, after, decode):
+    """The answer-format instructions ("a single word", "the option's letter") and the chat template are not the
+    question: routed with them, every question went to ocr."""
+    for question, _ in TABLE:
+        prompt = decode(TEMPLATES[template](before + question + after))
+        assert instruction(prompt) == instruction(decode(question)), prompt
+        assert route(instruction(prompt)) == route(decode(question))
 
 
 def test_deterministic():

@@ -81,6 +81,37 @@ _RULES: list[tuple[str, list[str]]] = [
 _COMPILED = [(name, [re.compile(p, re.IGNORECASE) for p in patterns]) for name, patterns in _RULES]
 
 
+# What a prompt holds besides its question: the chat template (a system prompt and role markers: "USER:",
+# Qwen's "user" line once its special tokens are skipped) and the answer-format instructions benchmarks append
+# (lmms-eval's post prompts, Video-MME's preamble), whose words ("a single word", "the option's letter") would
+# route every question to ocr.
+_USER_TURN = re.compile(r"\b(?:user|human)\s*:|^\s*user\s*$|\[INST\]", re.IGNORECASE | re.MULTILINE)
+_ASSISTANT_TURN = re.compile(r"\b(?:assistant|gpt)\s*:|^\s*assistant\s*$|\[/INST\]", re.IGNORECASE | re.MULTILINE)
+ANSWER_FORMATS = (
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+    "When the provided information is insufficient, respond with 'Unanswerable'.",
+    "Please answer yes or no.",
+    "Select the best answer to the following multiple-choice question based on the video and the subtitles.",
+    "Select the best answer to the following multiple-choice question based on the video.",
+    "Respond with only the letter (A, B, C, or D) of the correct option.",
+    "请直接使用所提供的选项字母作为答案回答。",
+)
+# word for word, whatever lies between the words: a tokenizer may decode "option's" as "option ' s"
+_ANSWER_FORMAT = re.compile("|".join(r"\W*".join(re.findall(r"\w+", phrase)) + r"\W*" for phrase in ANSWER_FORMATS),
+                            re.IGNORECASE)
+
+
+def instruction(prompt: str) -> str:
+    """The question a prompt's text asks: its last user turn, up to the assistant's turn, without the answer-format
+    instructions benchmarks append. A bare question is returned as it is (stripped)."""
+    users = list(_USER_TURN.finditer(prompt))
+    text = prompt[users[-1].end():] if users else prompt
+    if (assistant := _ASSISTANT_TURN.search(text)) is not None:
+        text = text[:assistant.start()]
+    return _ANSWER_FORMAT.sub(" ", text).strip()
+
+
 def route(question: str) -> str:
     """The class of an instruction; 'general' when no rule matches."""
     for name, patterns in _COMPILED:

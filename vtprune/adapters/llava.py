@@ -39,6 +39,10 @@ class LlavaAdapter(Adapter):
     def vision_state_hooks(self, store: dict) -> list:
         """Hooks that keep every vision hidden state of the last encoded images in store["states"]
         (index 0 the encoder's input, i the output of encoder layer i-1, as `hidden_states`)."""
+        own = self.model.config.vision_feature_layer
+        if not isinstance(own, int):
+            raise ValueError(f"clasp's vision-layer fusion mixes single vision layers, but this model's projector "
+                             f"reads layers {own} side by side; pass fusion=False")
         encoder = self.model.model.vision_tower.encoder
 
         def start(module, args, kwargs):

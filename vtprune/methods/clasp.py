@@ -20,7 +20,9 @@ gives salience, what completion is, the class set or the router. The project's r
   feature layer, and five mixes A-E of a shallow, a middle and the deep (feature) layer,
   from shallow- to deep-weighted; per-class weights (a mix: they sum to 1) and splits come
   from the calibration table (identity fusion and an even split without one);
-- six classes and a rule-based English/Chinese router (vtprune.router), overridable.
+- six classes and a rule-based English/Chinese router (vtprune.router), overridable, which reads the
+  prompt's question: its last user turn without the chat template and the answer-format
+  instructions benchmarks append (`router.instruction`).
 `progressive=True` runs this project's earlier schedule instead: stages at layers 2/6/15 of 32
 (scaled to depth) keeping 2R / 1.5R / R. Those are SparseVLM's layers, not CLASP's (an earlier
 version of our notes attributed them to CLASP by mistake); the schedule spends far more compute
@@ -37,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..router import CLASSES, checked, route
+from ..router import CLASSES, checked, instruction, route
 from .base import ImageView, Method, ModelInfo, Stage, scale_layers
 from .primitives import farthest_point, same_shape, topk_in_order
 
@@ -46,6 +48,7 @@ STEP_LAYER = 2  # K: one step, before decoder layer 2 (layers 0..1 see every vis
 PROGRESSIVE_LAYERS, PROGRESSIVE_DEPTH = (2, 6, 15), 32
 PROGRESSIVE_MULTIPLIERS = (2.0, 1.5, 1.0)
 DEFAULT_SPLIT = 0.5
+CLASS_CACHE_SIZE = 4096  # prompts whose class is remembered (decoding and routing one is host work)
 # Strategies A-E: weights of a shallow, a middle and the deep (the model's feature) layer, shallow- to deep-weighted.
 FUSION_STRATEGIES = ((0.6, 0.3, 0.1), (0.4, 0.4, 0.2), (1 / 3, 1 / 3, 1 / 3), (0.2, 0.4, 0.4), (0.1, 0.3, 0.6))
 
@@ -172,8 +175,10 @@ class CLASP(Method):
             return self.options.question_class
         key = tuple(text_ids.tolist())
         if key not in self._classes:
+            if len(self._classes) >= CLASS_CACHE_SIZE:  # a server sees prompt after prompt
+                self._classes.clear()
             text = self.options.tokenizer.decode(list(key), skip_special_tokens=True)
-            self._classes[key] = self._router(text)
+            self._classes[key] = self._router(instruction(text))
         return self._classes[key]
 
     def settings(self, text_ids: torch.Tensor) -> ClassSettings:
