@@ -17,7 +17,8 @@ multipliers 1.71/1.08/0.294 of the retain ratio otherwise (see qwen_keep_counts)
 
 Deviation: the attention (logits, softmax, mean over heads) is computed in float32; the authors' is the model's
 dtype (fp16 on LLaVA, bf16 on Qwen2-VL), whose rounding ties many scores that topk then orders by its own rule.
-Only tokens at the keep boundary can differ: by simulation ~0.1-0.4 tokens a stage in fp16, ~1-2 in bf16.
+Only tokens at the keep boundary can differ: by simulation ~0.1-0.4 tokens a stage in fp16, ~1-2 in bf16 (up to 3
+seen in an audit of a bf16 Qwen2-VL run against the authors' code).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def high_frequency_magnitude(tokens: torch.Tensor, grid: Grid | tuple[int, int],
     row-wise and a column-wise circulant low-pass (gaussian_low_pass): two small matmuls instead of C complex
     FFTs (about 30x cheaper on a 24 x 24 grid; equal to the FFT's result to float32 rounding). A grid of several
     frames (a video) is filtered frame by frame, as the authors' video branch does (frames as the FFT's batch).
+    A grid of one row or column (a banner image's merged Qwen grid) gives sigma 0, where the authors' Gaussian is
+    0 / 0 and every score NaN (topk then keeps an arbitrary set); here the filter is skipped (deviation).
     """
     grid = grid if isinstance(grid, Grid) else Grid(*grid)
     rows, cols = grid.rows, grid.cols
@@ -111,7 +114,8 @@ def qwen_keep_counts(budget: int, num_tokens: int) -> tuple[int, ...]:
     is rounded by the engine): it is read as a table's r when that r rounds to it on this
     item (round(r x N) == budget, so budget=0.334 and budget=round(0.334 x N) agree; on
     items too small to tell the table's ratios apart, the one nearest budget / N), else as
-    r = budget / N.
+    r = budget / N. So a fraction outside the table is taken as round(r x N) / N: a stage's
+    count can differ by one or two from the authors' int(N x r x multiplier) (deviation).
     """
     ratio = budget / num_tokens
     matches = [r for r in QWEN_RATIOS if max(1, round(r * num_tokens)) == budget]
