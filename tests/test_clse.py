@@ -174,25 +174,29 @@ def test_the_image_score_matches_an_independent_implementation(tau):
     np.testing.assert_allclose(CLSE(CLSE.Options(tau=tau)).score(view).double().numpy(), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_an_image_follows_the_authors_first_stage():
-    """On a tiny LLaVA: the reference states entering layer 0, the current ones entering the first stage layer K,
-    the last query's attention of layer K-1 averaged over heads; the stage keeps the top of gate x attention."""
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_an_image_follows_the_authors_first_stage(family):
+    """On a tiny model: the reference states entering layer 0, the current ones entering the first stage layer K,
+    the last query's attention of layer K-1 averaged over heads; the stage keeps the top of gate x attention (on
+    Qwen2-VL over its merged grid, at the count of the authors' ratios)."""
     from tests.conftest import FAMILIES
     from vtprune.tiny import SampleLayout, tiny_inputs
 
-    model = FAMILIES["llava"]("eager")
+    model = FAMILIES[family]("eager")
     inputs = tiny_inputs(model, [SampleLayout(images=1)])
     layers = model.model.language_model.layers
+    image = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
+    rows, cols = (8, 8) if family == "llava" else (int(side) // 2 for side in inputs["image_grid_thw"][0, 1:])
+    assert rows * cols == len(image)
     method = CLSE(CLSE.Options(tau=1.0))
-    info = ModelInfo("llava", len(layers))
-    first = method.item_stages(info, 8, 64, "image")[0]
+    info = ModelInfo(family, len(layers))
+    first = method.item_stages(info, 8, len(image), "image")[0]
     reference_layer = method.reference_layer(info, "image")
     out, captured = unpruned_run(model, inputs, (reference_layer, first.layer))
-    image = torch.nonzero(inputs["input_ids"][0] == 100).flatten()
     attention = out.attentions[first.layer - 1][0].mean(dim=0)[-1, image].double().numpy()
     before, after = (captured[i][0, image].double().numpy() for i in (reference_layer, first.layer))
-    score = numpy_clse_score(numpy_high_frequency(before, 8, 8, 0.1), numpy_high_frequency(after, 8, 8, 0.1), attention,
-                             tau=1.0)
+    score = numpy_clse_score(numpy_high_frequency(before, rows, cols, 0.1), numpy_high_frequency(after, rows, cols, 0.1),
+                             attention, tau=1.0)
     expected = np.sort(np.argsort(-score, kind="stable")[: first.keep])
     with vtprune.apply(model, "clse", 8, tau=1.0) as pruner:
         model(**inputs)
