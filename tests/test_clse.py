@@ -195,8 +195,8 @@ def test_an_image_follows_the_authors_first_stage(family):
     out, captured = unpruned_run(model, inputs, (reference_layer, first.layer))
     attention = out.attentions[first.layer - 1][0].mean(dim=0)[-1, image].double().numpy()
     before, after = (captured[i][0, image].double().numpy() for i in (reference_layer, first.layer))
-    score = numpy_clse_score(numpy_high_frequency(before, rows, cols, 0.1), numpy_high_frequency(after, rows, cols, 0.1),
-                             attention, tau=1.0)
+    score = numpy_clse_score(numpy_high_frequency(before, rows, cols, 0.1),
+                             numpy_high_frequency(after, rows, cols, 0.1), attention, tau=1.0)
     expected = np.sort(np.argsort(-score, kind="stable")[: first.keep])
     with vtprune.apply(model, "clse", 8, tau=1.0) as pruner:
         model(**inputs)
