@@ -71,7 +71,7 @@ def test_fusion_on_a_projector_reading_several_layers_is_refused(table):
     vtprune.apply(model, "clasp", 16, question_class="ocr", calibration=str(table), fusion=False).remove()
 
 
-def test_the_router_reads_the_question_without_the_template(tmp_path):
+def test_the_router_reads_the_question_without_the_template():
     """CLASP hands its router the prompt's question: the chat template around it is cut (the reference model's
     "USER: ... ASSISTANT:", whose word-level tokenizer decodes it as "user : ... assistant :")."""
     from vtprune.eval.generation import batch_inputs
