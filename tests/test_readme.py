@@ -3,6 +3,7 @@
 import contextlib
 import io
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ README = Path(__file__).parents[1] / "README.md"
 
 
 def complete_example() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    (example,) = [block for block in blocks if "REFERENCE_DIR" in block]
+    blocks = re.findall(r"```(\w*)\n(.*?)```", README.read_text(), flags=re.S)
+    (example,) = [block for language, block in blocks if language == "python" and "REFERENCE_DIR" in block]
     return example
 
 
@@ -32,3 +33,32 @@ def test_the_readme_example_prints_what_it_says():
     with contextlib.redirect_stdout(printed):
         exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
     assert printed.getvalue().splitlines() == promised
+
+
+def readme_commands() -> list[str]:
+    """Every `vtprune SUBCOMMAND ...` the README shows: inline (a span may wrap) and in its shell blocks."""
+    text = README.read_text()
+    commands = [" ".join(span.split()) for span in re.findall(r"`(vtprune [a-z][^`]*)`", text)]
+    for language, block in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S):
+        if language == "python":
+            continue
+        for line in block.splitlines():
+            for command in line.split("#", 1)[0].split("&&"):
+                if command.strip().startswith("vtprune "):
+                    commands.append(command.strip())
+    return commands
+
+
+def test_the_readme_commands_use_flags_the_cli_has():
+    """A flag renamed in the CLI but not in the README would send a reader to an argparse error."""
+    from vtprune.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    commands = readme_commands()
+    assert len(commands) >= 15
+    for command in commands:
+        words = shlex.split(command.replace("[", " ").replace("]", " "))
+        assert words[1] in subcommands, command
+        known = subcommands[words[1]]._option_string_actions
+        unknown = [w for w in words[2:] if w.startswith("-") and w.split("=", 1)[0] not in known]
+        assert not unknown, f"{command}: {unknown}"
