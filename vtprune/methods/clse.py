@@ -82,9 +82,12 @@ def high_frequency_magnitude(tokens: torch.Tensor, grid: Grid | tuple[int, int],
         # The filter removes each plane's mean (it passes nothing at frequency 0); removed first, a constant plane
         # is exactly zero and the subtraction below cancels less.
         planes = planes - planes.mean(dim=(2, 3), keepdim=True)
-        low = torch.einsum("ij,bfjkc->bfikc", gaussian_low_pass(rows, sigma, tokens.device), planes)
-        low = torch.einsum("lk,bfikc->bfilc", gaussian_low_pass(cols, sigma, tokens.device), low)
-        planes = planes - low
+        # Each filter multiplies a contiguous view from the left (rows: [rows, cols x C] a plane; columns:
+        # [cols, C] a row): no operand is permuted into a copy, as an einsum over the middle axes would.
+        batch, frames, _, _, channels = planes.shape
+        low = gaussian_low_pass(rows, sigma, tokens.device) @ planes.reshape(-1, rows, cols * channels)
+        low = gaussian_low_pass(cols, sigma, tokens.device) @ low.reshape(-1, cols, channels)
+        planes = planes - low.reshape(batch, frames, rows, cols, channels)
     return planes.abs().mean(dim=-1).reshape(*lead, grid.size)
 
 
