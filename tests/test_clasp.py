@@ -260,6 +260,9 @@ def test_default_is_one_step_keeping_the_budget_and_progressive_is_an_option(dep
     expected_layers = [2, 6, 15] if depth == 32 else [1, 2, 3]
     assert [s.layer for s in progressive.stages(model, 64, 576)] == expected_layers
     assert [s.keep for s in progressive.stages(model, 64, 576)] == [128, 96, 64]
+    # 65 x 1.5 = 97.5 rounds (half to even) to 98; a stage never keeps more than the image has
+    assert [s.keep for s in progressive.stages(model, 65, 576)] == [130, 98, 65]
+    assert [s.keep for s in progressive.stages(model, 400, 576)] == [576, 576, 400]
 
 
 def test_one_step_keeps_pivots_then_coverage_of_exactly_the_budget():
@@ -330,3 +333,16 @@ def test_fusion_candidates_sweep_shallow_to_deep(tower_layers, own):
     assert on_deep == sorted(on_deep) and on_deep[0] < on_deep[-1]  # A is shallow-weighted, E deep-weighted
     if tower_layers == 24:
         assert sorted(candidates[1]) == [6, 12, 23]  # a quarter, half the depth, and the feature layer
+
+
+def test_items_of_one_shape_and_pivot_count_but_different_keeps_are_selected_apart():
+    """keep 5 and 4 at split 0.5 both give 2 pivots (round(2.5) = 2): grouped together, one would grow the other's
+    number of completion tokens."""
+    g = torch.Generator().manual_seed(8)
+    views = [ImageView.of_grid(torch.randn(48, 16, generator=g), 6, 8, keep=keep, layer=2, stage=0, image_index=0,
+                               sizes=torch.ones(48), attention=torch.rand(48, generator=g), text=torch.tensor([5]))
+             for keep in (5, 4)]
+    method = CLASP(CLASP.Options(question_class="ocr", split=0.5))
+    for view, picked in zip(views, method.select_batch(views), strict=True):
+        assert picked.numel() == view.keep == picked.unique().numel()
+        assert picked.tolist() == method.select(view).tolist()

@@ -75,6 +75,7 @@ def test_the_authors_schedule():
     assert [(s.layer, s.keep) for s in clse.stages(LLAVA_7B, 128, 576)] == [(1, 220), (11, 140), (21, 41)]
     assert [(s.layer, s.keep) for s in clse.stages(LLAVA_7B, 64, 576)] == [(1, 110), (11, 70), (21, 20)]
     assert [s.keep for s in clse.stages(LLAVA_7B, 100, 576)] == [172, 109, 32]
+    assert [s.keep for s in clse.stages(LLAVA_7B, 30, 576)] == [52, 33, 10]  # 51.6, 32.7, 9.6 rounded
     assert [s.layer for s in clse.stages(QWEN_7B, 342, 1024)] == [1, 10, 19]
     assert scaled_layers(ModelInfo("llava", 16)) == (1, 6, 10)
     assert scaled_layers(ModelInfo("llava", 4)) == (1, 2, 3)
@@ -114,6 +115,8 @@ def test_qwen_keep_counts_hand_checked():
     assert counts(250, 1000) == [int(1000 * (0.25 * 1.71)), int(1000 * (0.25 * 1.08)), int(1000 * (0.25 * 0.294))]
     assert counts(250, 1000) == [427, 270, 73]
     assert counts(900, 1000) == [1000, 972, 264]  # a stage never keeps more than the item has
+    # On 4 tokens every table ratio rounds to 1 token; the nearest to 1 / 4 is 0.223: int(4 x 0.38) = 1, not 0.334's 2
+    assert counts(1, 4) == [1, 1, 1]
 
 
 @pytest.mark.parametrize("family, slices", [
@@ -404,3 +407,35 @@ def test_a_video_follows_the_authors_video_branch(family):
     prompt = inputs["input_ids"].shape[1]  # the video branch leaves the early layers' cache whole
     assert [cache.get_seq_length(i) for i in range(len(layers))] == \
         [prompt] * stage_layer + [prompt - 52] * (len(layers) - stage_layer)
+
+
+def test_the_relative_change_is_clipped_at_one():
+    """A few tokens whose magnitude grows twentyfold: their change is clipped at 1 before the z-score, as the
+    authors' (a gentle tau keeps the clipped and unclipped gates apart)."""
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.rand(64, generator=generator, dtype=torch.float64) + 0.5
+    current = reference * (1 + 0.2 * torch.rand(64, generator=generator, dtype=torch.float64))
+    current[[3, 17, 40, 41, 60]] *= 20
+    expected = numpy_clse_score(reference.numpy(), current.numpy(), np.ones(64), tau=5.0)
+    np.testing.assert_allclose(evolution_gate(reference, current, tau=5.0).numpy(), expected, rtol=1e-10)
+
+
+def test_items_of_one_size_on_different_grids_are_filtered_each_on_its_own():
+    """Two images of 64 tokens, one 8 x 8 and one 4 x 16, selected in one batch: each is high-passed on its own
+    grid (the independent numpy reading), not on its neighbour's. A wide cutoff makes the grids' filters differ."""
+    from vtprune.methods import Grid, ImageView
+
+    generator = torch.Generator().manual_seed(4)
+    views, expected = [], []
+    for rows, cols in ((8, 8), (4, 16)):
+        reference, hidden = (torch.randn(64, 6, generator=generator, dtype=torch.float64).cumsum(0) for _ in range(2))
+        attention = torch.rand(64, generator=generator, dtype=torch.float64)
+        views.append(ImageView(hidden=hidden, coords=torch.zeros(64, 3, dtype=torch.long),
+                               part=torch.zeros(64, dtype=torch.long), parts=(Grid(rows, cols),), keep=20, layer=1,
+                               stage=0, image_index=0, sizes=torch.ones(64, dtype=torch.float64), attention=attention,
+                               reference=reference))
+        score = numpy_clse_score(numpy_high_frequency(reference.numpy(), rows, cols, 0.5),
+                                 numpy_high_frequency(hidden.numpy(), rows, cols, 0.5), attention.numpy(), tau=0.1)
+        expected.append(sorted(np.argsort(-score)[:20].tolist()))
+    picks = CLSE(CLSE.Options(cutoff=0.5)).select_batch(views)
+    assert [pick.tolist() for pick in picks] == expected

@@ -239,3 +239,15 @@ def test_through_the_engine_the_probe_is_layer_k_minus_1s_keys_and_the_final_nor
     start = int(probe.visual[0])
     expected = authors_dart(probe.key.double().numpy(), normed.double().numpy(), start, 64, shares(13))
     assert sorted(pruner.last_decision.kept[0][0].tolist()) == expected
+
+
+def test_fewer_text_rows_after_the_image_than_text_pivots():
+    """Two text rows follow the image: they are the only text pivots (no row before the image fills the other two
+    slots), and the picks are the authors' with pivot_text=2, the remaining tokens shared over 6 pivots."""
+    rng = np.random.default_rng(7)
+    view, key, normed = make_view(rng, 8, 8, 5, 2, keep=30)
+    _, text, present = pivots([view.probe], 30, 4, 4)
+    assert present.tolist() == [[True, True, False, False]]
+    assert sorted(text[0, :2].tolist()) == [69, 70]
+    expected = authors_dart(key, normed, 5, 64, shares(30, pivots_total=6), pivot_text=2)
+    assert sorted((DART(DART.Options()).select(view) + 5).tolist()) == expected

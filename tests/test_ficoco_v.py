@@ -195,3 +195,15 @@ def test_head_mean_logits_are_the_per_head_logits_averaged():
     cls = torch.nn.functional.normalize(expected[:, 0, 1:], dim=-1)
     similar = torch.nn.functional.normalize(expected[:, 1:, 1:].mean(dim=-1), dim=-1)
     torch.testing.assert_close(logits.redundancy(0.35), 0.35 * cls - 0.65 * similar, atol=1e-6, rtol=1e-6)
+
+
+def test_the_removal_is_spread_over_the_blocks_by_hand():
+    """LLaVA-1.5's tower (24 layers, the projector reading layer 22) at 64 of 576: blocks 12-22 (the authors'
+    first reducing layer, 12 of 24) remove 512 patches, 46 each and the remainder of 6 one more in the first six
+    blocks; a 7-layer tower starts at round(12 x 7 / 24) = round(3.5) = 4 (half to even)."""
+    from vtprune.methods import ModelInfo
+
+    method = FiCoCoV(FiCoCoV.Options())
+    assert method.merge_schedule(ModelInfo("llava", 32), 24, 576, 64) == {
+        **{layer: 47 for layer in range(12, 18)}, **{layer: 46 for layer in range(18, 23)}}
+    assert min(method.merge_schedule(ModelInfo("llava", 32), 7, 64, 16)) == 4

@@ -189,6 +189,19 @@ def test_alpha_moves_the_budget_between_base_and_tiles(alpha):
     assert {r: s for r, s in got.items() if s} == {r: s for r, s in expected.items() if s}
 
 
+@pytest.mark.parametrize("keep", [33, 64, 100])
+@pytest.mark.parametrize("regions", ["released", "spatial"])
+@pytest.mark.parametrize("alpha", [0.3, 0.7])
+def test_alpha_on_an_item_with_an_empty_tile_is_the_references(alpha, regions, keep):
+    """An item with a tile of no tokens is selected on its own (not batched): alpha moves its budget there too."""
+    layout, content = LAYOUTS["2x2 bottom tiles empty"]
+    view, early, late, present = anyres_case(3, layout, content)
+    view.keep = keep
+    got = as_sets(view, HiRED(HiRED.Options(alpha=alpha, regions=regions)).select(view))
+    expected = reference_anyres(early, late, layout, present, keep, alpha=alpha, regions=regions, content=content)
+    assert {r: s for r, s in got.items() if s} == {r: s for r, s in expected.items() if s}
+
+
 def test_the_base_image_takes_what_the_tiles_cannot_hold():
     """alpha 0 gives every token to the tiles, but they hold 256 of the 310 kept: vtprune's exact budget (a
     documented deviation) has the base image take the rest, 54, so exactly keep tokens are kept."""

@@ -412,6 +412,18 @@ def test_density_peaks_find_separate_blobs():
     assert centres.tolist() == index_down.tolist() and assignment.tolist() == idx_cluster.tolist()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_density_peaks_on_scattered_tokens_are_the_authors(seed):
+    """Tokens with no clear blobs, many clusters: the densities (exp of minus the mean squared distance to the
+    nearest) spread out, so which tokens become centres depends on every step of the rule."""
+    rng = np.random.default_rng(seed)
+    members, clusters = int(rng.integers(60, 121)), int(rng.integers(4, 13))
+    x = rng.standard_normal((members, 16)) * rng.uniform(0.5, 2.0, size=(members, 1))
+    centres, assignment = density_peak_clusters(torch.from_numpy(x), clusters)
+    _, index_down, idx_cluster = authors_cluster_and_merge(x, clusters)
+    assert centres.tolist() == index_down.tolist() and assignment.tolist() == idx_cluster.tolist()
+
+
 def test_density_ties_are_kept_as_the_authors_fp16_keeps_them():
     """With 2 clusters a token's density uses itself and its nearest neighbour, so mutual nearest neighbours tie
     exactly; neither is 'denser', and both can be centres even inside one blob (the authors' 1e-6 noise does

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vtprune.methods import ModelInfo, Stage
+from vtprune.methods import Grid, ModelInfo, Stage
 from vtprune.methods import vispruner
 from vtprune.methods.vispruner import VisPruner, deduplicate, survivors
 
@@ -163,6 +163,19 @@ def test_a_batch_of_views_is_selected_as_each_alone():
     method = VisPruner(VisPruner.Options())
     for view, picked in zip(views, method.select_batch(views), strict=True):
         assert picked.tolist() == method.select(view).tolist() == reference(view)
+
+
+def test_items_of_one_shape_whose_tokens_sit_differently_in_the_rows_are_ranked_apart():
+    """Two anyres items of 64 + 96 tokens over the same tower rows: in the second, the high-res grid's first 4
+    columns sit in one tile and the other 8 in the next (the first: 8 and 4). Ranked as one group, one item's
+    [CLS] attention would be read at the other's places."""
+    first = 1  # [CLS]
+    base = [(0, first + i) for i in range(64)]
+    high = [(1 + (c >= 4), first + r * 8 + (c if c < 4 else c - 4)) for r in range(8) for c in range(12)]
+    other = views.make_view(base + high, 3, first + 64, (Grid(8, 8), Grid(8, 12)), 50, seed=7)
+    items = [views.anyres(50, seed=7), other]
+    for view, picked in zip(items, VisPruner(VisPruner.Options()).select_batch(items), strict=True):
+        assert picked.tolist() == reference(view)
 
 
 def test_residuals_deduplicated_in_chunks_as_each_alone(monkeypatch):
