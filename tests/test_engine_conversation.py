@@ -160,18 +160,23 @@ def test_a_follow_up_turn_without_attention_masks(model, method):
             torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask", "mask"])
 @pytest.mark.parametrize("method", ["random", "fastv", "clse"])
-def test_a_hand_written_decode_loop_without_masks_equals_recomputing(model, method):
-    """model(input_ids=token, cache=cache) with no mask nor positions: Qwen2-VL / 2.5-VL number such a token from the
-    cache's length (plus the prompt's M-RoPE offset), which a pruned cache understates; it goes where the unpruned
-    conversation puts it, on every family."""
+def test_a_hand_written_decode_loop_without_positions_equals_recomputing(model, method, masked):
+    """model(input_ids=token, cache=cache) with no positions, with or without the conversation's 2-D mask: Qwen2-VL /
+    2.5-VL number such a token from the cache's length (plus the prompt's M-RoPE offset), which a pruned cache
+    understates; the engine numbers it from the mask when there is one. It goes where the unpruned conversation
+    puts it, on every family."""
+    if masked and model.config.model_type.startswith("qwen2"):
+        pytest.skip("the stock Qwen2-VL / 2.5-VL fail this call themselves after an image prompt, unpruned")
     inputs = tiny_inputs(model, LAYOUTS[:1])
     keyword = cache_keyword(model.model.language_model)
     with vtprune.apply(model, method, 6, **OPTIONS.get(method, {})) as pruner:
         out = model(**inputs, use_cache=True)
         decision, cache, ids = pruner.last_decision, output_cache(out), inputs["input_ids"]
         for token in (7, 9, 11):
-            step = model(input_ids=torch.tensor([[token]]), **{keyword: cache})
+            mask = {"attention_mask": torch.ones(1, ids.shape[1] + 1, dtype=torch.long)} if masked else {}
+            step = model(input_ids=torch.tensor([[token]]), **mask, **{keyword: cache})
             cache, ids = output_cache(step), torch.cat([ids, torch.tensor([[token]])], dim=1)
             torch.testing.assert_close(step.logits[:, -1], recomputed_logits(model, pruner, decision, inputs, ids),
                                        atol=1e-5, rtol=0)

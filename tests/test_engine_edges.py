@@ -255,3 +255,78 @@ def test_onevision_multi_image_samples_are_base_grids_by_batch_num_images():
             alone = model(input_ids=ids[b:b + 1, real], attention_mask=mask[b:b + 1, real], pixel_values=pixels[share],
                           image_sizes=sizes[share], batch_num_images=counts[b:b + 1]).logits[0]
             torch.testing.assert_close(batch[b, real][-1], alone[-1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("visionzip", {}), ("pool", {}), ("prumerge+", {}),
+    ("clse_m", {"layers": (2,), "keep": (8,)}), ("sparsevlm", {"layers": (2,), "counts": (6,)})])
+def test_merged_states_reach_the_language_model(method, options):
+    """The states a merging method writes over its kept tokens are what the LLM reads: the pruned logits equal the
+    unmodified model's decoder run from the stage's layer on the kept rows, with the merged rows written in by
+    hand. (The invariants compare the engine with itself, which would lose such a write on both sides.) One stage,
+    so that the layers before it run on every token, as in the unmodified model."""
+    from vtprune.tiny import tiny_llava
+
+    model = tiny_llava(layers=4)
+    inputs = tiny_inputs(model, [SampleLayout(text_before=3, text_after=5)])
+    captured = {}
+    layers = model.model.language_model.layers
+
+    def record(layer):
+        def hook(module, args, kwargs):
+            captured.setdefault(layer, kwargs.get("hidden_states", args[0] if args else None).detach().clone())
+        return hook
+
+    with torch.no_grad(), vtprune.apply(model, method, 8, **options) as pruner:
+        pruned = model(**inputs).logits[0, -1]
+        decision = pruner.last_decision
+    (stage_layer,) = decision.stage_layers
+    assert sum(positions.numel() for positions, _ in decision.merged[0][0]) > 0, "the method merged nothing here"
+    handles = [layers[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(len(layers))]
+    with torch.no_grad():
+        model(**inputs)  # the unmodified model (the pruner is off): every layer's input at full length
+    for handle in handles:
+        handle.remove()
+    positions = decision.positions_at(stage_layer)[0]
+    hidden = captured[stage_layer][0, positions].clone()
+    for merged_positions, values in decision.merged[0][0]:
+        rows = torch.searchsorted(positions, merged_positions.to(positions.device))
+        assert not torch.allclose(hidden[rows], values.to(hidden.dtype))  # a merge changes what is there
+        hidden[rows] = values.to(hidden.dtype)
+    lm = model.model.language_model
+    position_ids = positions[None]
+    position_embeddings = lm.rotary_emb(hidden[None], position_ids)
+    mask = torch.full((len(positions), len(positions)), float("-inf")).triu(1)[None, None]
+    states = hidden[None]
+    with torch.no_grad():
+        for layer in layers[stage_layer:]:
+            states = layer(states, attention_mask=mask, position_ids=position_ids,
+                           position_embeddings=position_embeddings)
+            states = states[0] if isinstance(states, tuple) else states
+        expected = model.lm_head(lm.norm(states))[0, -1]
+    torch.testing.assert_close(pruned, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_left_padded_samples_probe_keys_are_its_keys_alone():
+    """RoPE in a method's probe counts from each sample's first real token: DART's key norms (RoPE applied) of a
+    sample left-padded in a batch equal its own, unpadded, at every visual row."""
+    from vtprune.tiny import tiny_llava
+
+    model = tiny_llava(layers=4)
+    layouts = [SampleLayout(text_before=2, text_after=3), SampleLayout(text_before=9, text_after=6)]
+    inputs = tiny_inputs(model, layouts)
+    assert not inputs["attention_mask"][0].all()  # the first sample is the padded one
+    keys = []
+
+    def probed_keys(batch):
+        with vtprune.apply(model, "dart", 8) as pruner:
+            select_batch = pruner.method.select_batch
+            pruner.method.select_batch = lambda views: keys.append(
+                [view.probe.key[:, view.probe.visual] for view in views]) or select_batch(views)
+            model(**batch)
+        return keys.pop()
+
+    batched = probed_keys(inputs)
+    for b in range(len(layouts)):
+        alone = dict(sample_alone(inputs, b), **split_vision(model, inputs, layouts)[b])
+        torch.testing.assert_close(batched[b], probed_keys(alone)[0], rtol=1e-5, atol=1e-6)
