@@ -1,4 +1,5 @@
-"""The README's example that "runs as it is" does, and prints what its comments say it prints."""
+"""The README stays true: its example that "runs as it is" prints what its comments say, and its commands use
+flags the CLI has."""
 
 import contextlib
 import io
@@ -13,9 +14,13 @@ from vtprune.synth.reference import REFERENCE_DIR
 README = Path(__file__).parents[1] / "README.md"
 
 
+def fenced_blocks() -> list[tuple[str, str]]:
+    """(language, text) of each fenced block of the README."""
+    return re.findall(r"```(\w*)\n(.*?)```", README.read_text(), flags=re.S)
+
+
 def complete_example() -> str:
-    blocks = re.findall(r"```(\w*)\n(.*?)```", README.read_text(), flags=re.S)
-    (example,) = [block for language, block in blocks if language == "python" and "REFERENCE_DIR" in block]
+    (example,) = [block for language, block in fenced_blocks() if language == "python" and "REFERENCE_DIR" in block]
     return example
 
 
@@ -37,9 +42,8 @@ def test_the_readme_example_prints_what_it_says():
 
 def readme_commands() -> list[str]:
     """Every `vtprune SUBCOMMAND ...` the README shows: inline (a span may wrap) and in its shell blocks."""
-    text = README.read_text()
-    commands = [" ".join(span.split()) for span in re.findall(r"`(vtprune [a-z][^`]*)`", text)]
-    for language, block in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S):
+    commands = [" ".join(span.split()) for span in re.findall(r"`(vtprune [a-z][^`]*)`", README.read_text())]
+    for language, block in fenced_blocks():
         if language == "python":
             continue
         for line in block.splitlines():
