@@ -269,26 +269,21 @@ def test_merged_states_reach_the_language_model(method, options):
 
     model = tiny_llava(layers=4)
     inputs = tiny_inputs(model, [SampleLayout(text_before=3, text_after=5)])
-    captured = {}
     layers = model.model.language_model.layers
-
-    def record(layer):
-        def hook(module, args, kwargs):
-            captured.setdefault(layer, kwargs.get("hidden_states", args[0] if args else None).detach().clone())
-        return hook
-
     with torch.no_grad(), vtprune.apply(model, method, 8, **options) as pruner:
         pruned = model(**inputs).logits[0, -1]
         decision = pruner.last_decision
     (stage_layer,) = decision.stage_layers
     assert sum(positions.numel() for positions, _ in decision.merged[0][0]) > 0, "the method merged nothing here"
-    handles = [layers[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(len(layers))]
+    captured = []
+    handle = layers[stage_layer].register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append(kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True)
     with torch.no_grad():
-        model(**inputs)  # the unmodified model (the pruner is off): every layer's input at full length
-    for handle in handles:
-        handle.remove()
+        model(**inputs)  # the unmodified model (the pruner is off): the stage layer's input at full length
+    handle.remove()
     positions = decision.positions_at(stage_layer)[0]
-    hidden = captured[stage_layer][0, positions].clone()
+    hidden = captured[0][0, positions].clone()
     for merged_positions, values in decision.merged[0][0]:
         rows = torch.searchsorted(positions, merged_positions.to(positions.device))
         assert not torch.allclose(hidden[rows], values.to(hidden.dtype))  # a merge changes what is there
