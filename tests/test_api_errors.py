@@ -36,13 +36,19 @@ def test_bad_budgets(model, budget, message):
 
 
 def test_unknown_method_lists_the_registered_ones(model):
-    with pytest.raises(ValueError, match="unknown method .fastvv.*fastv, ficoco_v, hired, pdrop, pool, prumerge\\+, random,"):
+    with pytest.raises(ValueError, match="unknown method 'fastvv' \\(did you mean 'fastv'\\?\\); registered methods: "
+                                         ".*fastv, ficoco_v, hired, pdrop, pool, prumerge\\+, random,"):
         vtprune.apply(model, "fastvv", 64)
+    with pytest.raises(ValueError, match="unknown method 'zzz'; registered"):  # nothing near: no guess
+        vtprune.apply(model, "zzz", 64)
 
 
 def test_unknown_option_lists_the_method_options(model):
-    with pytest.raises(TypeError, match="no option 'k'.*layer"):
+    with pytest.raises(TypeError, match="no option 'k'; its options are: layer"):
         vtprune.apply(model, "fastv", 64, k=3)
+    with pytest.raises(TypeError, match="no option 'per_rond' \\(did you mean 'per_round'\\?\\); its options are: "
+                                        "important_ratio, layer, per_round"):
+        vtprune.apply(model, "vispruner", 64, per_rond=4)
 
 
 @pytest.mark.parametrize("layer", [0, 4, 99])

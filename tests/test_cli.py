@@ -53,6 +53,9 @@ def usage_error(argv, capsys) -> str:
                                                   r"but the image tower has 3 layers"),
     (["eval", "--methods", "hired:early_layer=5"], r"method 'hired' reads vision layers \[5\]"),
     (["eval", "--methods", "fastv:k=3"], "fastv has no option 'k'; its options are: layer"),
+    (["eval", "--methods", "fastv:layr=3"], r"fastv has no option 'layr' \(did you mean 'layer'\?\); its options are: "
+                                            "layer"),
+    (["eval", "--methods", "visionzp"], r"--methods: unknown method 'visionzp' \(did you mean 'visionzip'\?\)"),
     (["eval", "--methods", "clasp:tokenizer=x"], "tokenizer cannot be given on the command line"),
     (["eval", "--methods", "clasp:router=x"], r"router cannot be given on the command line \(a Python object: pass "
                                               r"it to vtprune.apply\)"),

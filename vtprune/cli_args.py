@@ -273,7 +273,7 @@ class MethodSpec:
 
 def method_spec(text: str) -> MethodSpec:
     """NAME or NAME:key=value:..., each value converted to the type the method's Options declare."""
-    from vtprune.methods import get_method
+    from vtprune.methods import get_method, did_you_mean
 
     name, *pairs = (part.strip() for part in text.split(":"))
     method = get_method(method_name(name))
@@ -285,7 +285,8 @@ def method_spec(text: str) -> MethodSpec:
         if not sep or not key:
             raise Invalid(f"{text}: option {pair!r} needs the form key=value")
         if key not in hints:
-            raise Invalid(f"{text}: {name} has no option {key!r}; its options are: {', '.join(hints) or 'none'}")
+            raise Invalid(f"{text}: {name} has no option {key!r}{did_you_mean(key, hints)}; its options are: "
+                          f"{', '.join(hints) or 'none'}")
         if key in options:
             raise Invalid(f"{text}: option {key!r} given twice")
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import (LLM_INPUT, BlockInput, BlockMerge, BlockMergingMethod, Grid, ImageView, LayerProbe, Method, ModelInfo, Selection, Stage, VisionLayer,
-                   VisionMethod, VisionView)
+                   VisionMethod, VisionView, did_you_mean)
 from .clasp import CLASP
 from .clse import CLSE
 from .clse_merge import CLSEMerge
@@ -42,8 +42,9 @@ def get_method(name: str) -> type[Method]:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(REGISTRY))}") from None
+        raise ValueError(f"unknown method {name!r}{did_you_mean(name, REGISTRY)}; registered methods: "
+                         f"{', '.join(sorted(REGISTRY))}") from None
 
 
 __all__ = ["LLM_INPUT", "REGISTRY", "BlockInput", "BlockMerge", "BlockMergingMethod", "Grid", "ImageView", "LayerProbe", "Method", "ModelInfo", "Selection", "Stage", "VisionLayer",
-           "VisionMethod", "VisionView", "WITHOUT_CHECKPOINT", "checkpoint_options", "get_method"]
+           "VisionMethod", "VisionView", "WITHOUT_CHECKPOINT", "checkpoint_options", "did_you_mean", "get_method"]

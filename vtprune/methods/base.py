@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import difflib
 import numbers
 import os
 import types
@@ -258,6 +259,12 @@ class Selection:
     destination: torch.Tensor  # [N] the slot in keep each of the view's tokens went to (-1: dropped, merged nowhere)
 
 
+def did_you_mean(word: str, names) -> str:
+    """" (did you mean 'NAME'?)" for the name nearest a misspelt word, or "" where none is near."""
+    near = difflib.get_close_matches(word, sorted(names), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 class Method(ABC):
     """A registered pruning method; subclasses are one file each in vtprune/methods/."""
 
@@ -331,7 +338,8 @@ class Method(ABC):
         unknown = sorted(set(given) - known)
         if unknown:
             hint = ", ".join(sorted(known)) or "none"
-            raise TypeError(f"method {cls.name!r} has no option {', '.join(map(repr, unknown))}; its options are: {hint}")
+            raise TypeError(f"method {cls.name!r} has no option {', '.join(map(repr, unknown))}"
+                            f"{did_you_mean(unknown[0], known)}; its options are: {hint}")
         hints = typing.get_type_hints(cls.Options)
         for key, value in given.items():
             if not _has_type(value, hints[key]):
