@@ -45,6 +45,12 @@ def mme(subtask: str, both_right: int, images: int, start: int = 0):
     return preds, refs
 
 
+def one_rotation_wrong(preds, refs):
+    """The first question's last circular copy answered wrong: the question is wrong, the others unchanged."""
+    assert refs[3]["index"] == 3_000_000 and preds[3] == "C"
+    return preds[:3] + ["A"] + preds[4:], refs
+
+
 SMALL = [  # (task, predictions, references, rule): every task, both rules where they differ
     ("textvqa", ["2", "cat", "go", "stop"], [{"answers": ["two", "2", "2."] + ["x"] * 7},
                                              {"answers": ["A Cat"] * 10}, {"answers": ["stop"] * 10},
@@ -59,6 +65,7 @@ SMALL = [  # (task, predictions, references, rule): every task, both rules where
     ("mme", MME_PREDS, MME_REFS, "llava"),
     ("mmbench_en", *mmbench([True, False, True]), "lmms-eval"),
     ("mmbench_cn", *mmbench([True, True, False], rotations=2), "lmms-eval"),
+    ("mmbench_en", *one_rotation_wrong(*mmbench([True, True])), "lmms-eval"),  # a question right but in one copy
     ("scienceqa_img", ["A", "B.", "(C)"], [{"choices": ["x", "y", "z"], "answer": a} for a in (0, 1, 2)], "llava"),
     ("ocrbench", ["HELLO", "x"], [{"question_type": "Regular Text Recognition", "dataset": "IIIT5K", "answer": ["hello"]},
                                   {"question_type": "Doc-oriented VQA", "dataset": "docVQA", "answer": ["y"]}],
@@ -228,3 +235,38 @@ def test_the_normalized_average_is_paired_on_the_same_units():
     assert normalized_interval(paired_b, paired_b) == (100.0, 100.0)
     zero = {t: np.zeros(1000) for t in base}
     assert normalized_interval(paired_p, zero) is None  # the ratio is undefined
+
+
+def test_a_resample_draws_every_unit_alike_and_each_task_its_own_draws():
+    """Units are drawn uniformly with replacement, as many as there are (each unit 1 time per resample on average,
+    the last one too); a task's draws are its own (seeded by its name), so that the normalized average's interval
+    does not reuse one benchmark's draws for another of the same size."""
+    def counts(task, preds, refs):
+        u = units(sample_outcomes(task, preds, refs))
+        return np.concatenate([chunk[0] for _, chunk in resample_counts(u, 2000)])
+
+    gqa_draws = counts("gqa", *gqa(2, 3))
+    assert gqa_draws.shape == (2000, 3) and (gqa_draws.sum(axis=1) == 3).all()
+    assert gqa_draws.mean(axis=0) == pytest.approx([1, 1, 1], abs=0.1)
+    sqa_draws = counts("scienceqa_img", ["A"] * 3, [{"choices": ["x", "y"], "answer": 0}] * 3)
+    assert not np.array_equal(gqa_draws, sqa_draws)
+    assert np.array_equal(gqa_draws, counts("gqa", *gqa(1, 3)))  # the same task and units: the same draws
+
+
+def test_the_normalized_interval_averages_each_benchmarks_ratio():
+    """The normalized average is the mean of per-benchmark ratios, not a ratio of summed scores: MME's ~1800 points
+    must not outweigh GQA's ~60."""
+    pruned = {"gqa": np.array([30.0, 30.0]), "mme": np.array([1800.0, 1800.0])}
+    unpruned = {"gqa": np.array([60.0, 60.0]), "mme": np.array([1800.0, 1800.0])}
+    assert normalized_interval(pruned, unpruned) == pytest.approx((75.0, 75.0))  # (0.5 + 1.0) / 2
+
+
+def test_a_soft_accuracy_gets_the_percentile_interval():
+    """Wilson's interval is for units each right or wrong; TextVQA's per-answer accuracies (0, 1/3, 2/3, 0.9, 1)
+    take the bootstrap's percentiles."""
+    preds = ["a", "b", "c", "d"] * 5
+    refs = [{"answers": ["a"] * 10}, {"answers": ["b"] * 2 + ["x"] * 8}, {"answers": ["c"] + ["x"] * 9},
+            {"answers": ["x"] * 10}] * 5
+    u = units(sample_outcomes("textvqa", preds, refs))
+    assert not np.isin(u.values, (0, 1)).all()
+    assert score_interval("textvqa", preds, refs) == pytest.approx(percentile_interval(bootstrap(u)))

@@ -8,7 +8,7 @@ import pytest
 
 from vtprune.eval.metrics import (
     BadReference, SCORING_RULES, extract_mcq_answer, extract_mmbench_option, normalize_gqa_answer,
-    normalize_vqa_answer, normalized_average, parse_mme_answer, parse_pope_answer, parse_scienceqa_option,
+    normalize_vqa_answer, normalized_average, ocrbench_match, parse_mme_answer, parse_pope_answer, parse_scienceqa_option,
     relative_scores, score, vqa_soft_accuracy,
 )
 
@@ -61,6 +61,8 @@ def test_textvqa_both_rules_same_number_llava_needs_ten_answers():
     assert score("textvqa", ["cat"], nine, scoring="lmms-eval")["accuracy"] == 1.0
     with pytest.raises(ValueError, match="reference 0 has 9 answers"):
         score("textvqa", ["cat"], nine, scoring="llava")
+    with pytest.raises(ValueError, match="reference 0 has 11 answers"):  # m4c asserts exactly ten
+        score("textvqa", ["cat"], [{"answers": ["cat"] * 11}], scoring="llava")
 
 
 def test_vizwiz_unanswerable_and_answer_dicts():
@@ -76,6 +78,10 @@ def test_vizwiz_unanswerable_and_answer_dicts():
     assert r["unanswerable/accuracy"] == 1.0
     assert r["other/accuracy"] == approx(red / 2)
     assert r["unanswerable_ratio"] == approx(1 / 3)
+    # the official answer_type names the breakdown; a category is read only where it is missing
+    both = score("vizwiz", ["red", "red"], [{"answers": ["red"] * 10, "answer_type": "other", "category": "colour"},
+                                            {"answers": ["blue"] * 10, "category": "colour"}])
+    assert (both["other/accuracy"], both["colour/accuracy"]) == (1.0, 0.0)
 
 
 # --- GQA ---------------------------------------------------------------------------------------------------
@@ -113,6 +119,9 @@ def test_pope_parsers():
     assert parse_pope_answer("NO", "llava") == "yes"
     assert parse_pope_answer("Yes, but not clearly.", "llava") == "no"
     assert parse_pope_answer("Yes, but. No.", "llava") == "yes"  # only the first sentence counts
+    # eval_pope cuts at the first "." and deletes commas before it splits on spaces: "No." and "No," are "No"
+    assert parse_pope_answer("No.", "llava") == "no"
+    assert parse_pope_answer("No, it is a cat", "llava") == "no"
 
 
 def test_pope_lmms_eval_rule():
@@ -178,6 +187,9 @@ MME_PREDS = ["Yes", "N", "Y", "No.", "Yes, it is.", "yes"]
 def test_mme_parsers():
     assert [parse_mme_answer(p, "lmms-eval") for p in ("Y", "N", "n.", "x", "", "Nope", "I don't")] == \
         ["yes", "no", "no", "other", "other", "no", "other"]
+    # both rules look for yes/no in the first 4 characters: "(yes)" is yes, "I no" no, "I say yes" neither
+    for rule in ("lmms-eval", "llava"):
+        assert [parse_mme_answer(p, rule) for p in ("(yes)", "I no", "I say yes")] == ["yes", "no", "other"]
     assert [parse_mme_answer(p, "llava") for p in ("Y", "N", "n.", "x", "", "Nope", "I don't")] == \
         ["other", "other", "other", "other", "other", "no", "other"]
     assert parse_mme_answer("The answer is yes", "lmms-eval") == "other"  # only the first 4 characters
@@ -253,6 +265,11 @@ def test_mmbench_circular_one_rotation_wrong():
         assert r["l2_category/perception"] == approx(0.5)
     fixed = preds[:3] + ["C"] + preds[4:]
     assert score("mmbench_en", fixed, refs)["accuracy"] == 1.0
+    # a question's categories are its original row's, wherever that row comes; l2-category is the lower-case spelling
+    rotated_first = [mmb_row(1_000_003, "A", ["x", "y"], "other"), mmb_row(3, "B", ["y", "x"], "attribute")]
+    rotated_first[1]["l2-category"] = rotated_first[1].pop("L2-category")
+    r = score("mmbench_en", ["A", "B"], rotated_first)
+    assert (r["category/attribute"], r["l2_category/perception"]) == (1.0, 1.0) and "category/other" not in r
     with pytest.raises(ValueError, match="answer 'E' is not one of its options"):
         score("mmbench_en", ["A"], [mmb_row(3, "E", ["x", "y"])])
 
@@ -270,6 +287,10 @@ def test_scienceqa_both_rules_differ_as_documented():
     assert lm["accuracy"] == approx(4 / 7) and ll["accuracy"] == approx(3 / 7)
     assert lm["unparsed_ratio"] == approx(3 / 7) and ll["unparsed_ratio"] == approx(4 / 7)
     assert score("sqa", ["B"], [{"choices": ["x", "y"], "answer": "B"}])["accuracy"] == 1.0  # letter gold, alias
+    # llava: "The answer is X." must occur exactly once; twice is a failed parse
+    assert parse_scienceqa_option("The answer is A. The answer is B.", 3, "llava") == -1
+    # unparsed counts answers with no valid option, not wrong ones: "C" is read, and wrong
+    assert score("scienceqa_img", ["C", "?"], refs[:2])["unparsed_ratio"] == 0.5
 
 
 # --- OCRBench ----------------------------------------------------------------------------------------------
@@ -292,6 +313,8 @@ def test_ocrbench_case_whitespace_and_categories():
     assert r["Handwritten Mathematical Expression Recognition"] == 1.0
     assert r["Scene Text-centric VQA"] == 0.0
     assert r["accuracy"] == approx(4 / 6)
+    assert not ocrbench_match("X", ["x"], "HME100k")  # case is kept on both sides
+    assert ocrbench_match("ＡＢＣ", ["abc"], "docVQA")  # fullwidth folded on the prediction's side too
     with pytest.raises(ValueError, match="question_type 'Poetry' is not an OCRBench category"):
         score("ocrbench", ["x"], [{"question_type": "Poetry", "dataset": "x", "answer": ["x"]}])
 
@@ -329,6 +352,7 @@ def test_normalized_average():
     with pytest.raises(ValueError, match="unpruned score for 'gqa' is 0"):
         normalized_average({"gqa": 1.0}, {"gqa": 0.0})
     assert not math.isnan(normalized_average({"x": 0.0}, {"x": 2.0}))
+    assert normalized_average({"gqa": 30.0}, {"gqa": 60.0}) == 0.5  # one benchmark: its own ratio
 
 
 def test_a_bad_reference_names_its_row():
