@@ -2,7 +2,7 @@
 fails under a bug that every other test let through): a filled sample that starts with its image, a batch with no
 padding but fill slots, an index one past the end, a follow-up turn with holes in its mask, a follow-up after
 prompt-lookup decoding, a reset cache reused, Qwen's non-square grids, rounding of fractional budgets, a method
-pruning at the LLM input and again inside it, OneVision's multi-image samples."""
+pruning at the LLM input and again inside it, OneVision's multi-image samples, a query that may see no key."""
 
 import pytest
 import torch
@@ -62,6 +62,41 @@ def test_an_unpadded_batch_with_different_kept_counts_masks_its_fill_slots(famil
             alone = model(**dict(sample_alone(inputs, b), **shares[b])).logits[0]
             text = ~torch.isin(inputs["input_ids"][b], PLACEHOLDERS)
             torch.testing.assert_close(batch[b, text], alone[text], atol=1e-5, rtol=0)
+
+
+# a query that may see no key
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("late", [False, True])
+def test_a_query_that_may_see_nothing_sees_itself(implementation, late):
+    """Padding and fill queries have no valid key. CPU kernels give such a softmax row zeros, fused CUDA ones may
+    give NaN, which a zero attention weight does not cancel in later layers: so no row of the mask may be empty,
+    and the row that sees nothing sees exactly its own key. Held on the mask itself, since on the CPU the logits
+    cannot tell."""
+    from vtprune.engine.layout import decoder_mask
+
+    kv_valid = torch.tensor([[False, False, True, True, False, True],   # left padding, a fill slot
+                             [True, True, True, False, False, False]])  # right padding
+    queries = 6
+    late_rows = late_visible = None
+    if late:  # query 3 of sample 1 is a late row that may see only key 5, which it cannot see causally
+        late_rows = torch.zeros(2, queries, dtype=torch.bool)
+        late_rows[1, 3] = True
+        late_visible = torch.tensor([[True] * 6, [False, False, False, False, False, True]])
+    mask = decoder_mask(kv_valid, queries, implementation, torch.float32, late_rows, late_visible, all_valid=False)
+    allowed = mask if implementation == "sdpa" else mask == 0
+    assert allowed.shape == (2, 1, queries, 6)
+    assert allowed.any(dim=-1).all()
+    causal = torch.arange(6)[None, :] <= torch.arange(6)[:, None]
+    sees = causal & kv_valid[:, None, :]
+    if late:
+        sees[1, 3] &= late_visible[1]
+    blind = ~sees.any(dim=-1)  # [2, queries]: sample 0's padding queries 0 and 1, and the late row
+    assert blind.sum() == 2 + late
+    own = torch.eye(6, dtype=torch.bool)
+    for b, q in blind.nonzero().tolist():
+        assert torch.equal(allowed[b, 0, q], own[q]), (b, q)
+    for b, q in (~blind).nonzero().tolist():
+        assert torch.equal(allowed[b, 0, q] & ~own[q], sees[b, q] & ~own[q]), (b, q)
 
 
 # an index exactly one past the end
