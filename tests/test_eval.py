@@ -183,6 +183,23 @@ def finished_run(tmp_path_factory):
     return folder
 
 
+def test_a_run_killed_mid_write_resumes_to_every_sample_once(tmp_path, monkeypatch):
+    """Killed while writing its third record: the resume drops the cut line (appending after it would glue the
+    next record to it, a malformed line in the middle of the file), redoes that sample and the rest, and its
+    progress bar starts from the two already done."""
+    task = answered_by_its_answer(generate(5, 5))
+    evaluate(None, task, RUN[:1], tmp_path, SETTINGS)
+    path = tmp_path / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][:25])
+    starts, bar = [], runner.tqdm
+    monkeypatch.setattr(runner, "tqdm", lambda **kwargs: starts.append(kwargs["initial"]) or bar(**kwargs))
+    records = evaluate(None, task, RUN[:1], tmp_path, SETTINGS)
+    assert sorted(r["index"] for r in records) == [0, 1, 2, 3, 4]
+    assert path.read_text().splitlines(keepends=True)[:2] == lines[:2]
+    assert starts == [2]
+
+
 def edit_first_line(folder, edit):
     path = folder / "results.jsonl"
     first, rest = path.read_text().split("\n", 1)
@@ -195,15 +212,18 @@ def edit_first_line(folder, edit):
     # a missing field stopped the report with a bare KeyError
     (lambda r: r.pop("qclass"), "the record has no 'qclass'"),
     (lambda r: r.pop("method"), "the record has no 'method'"),
+    (lambda r: r.pop("equivalent_budget"), "the record has no 'equivalent_budget'"),
     # an index beyond the run's samples, or a copy of a record under another index, was silently scored
     (lambda r: r.update(index=7), "index 7 is not one of this run's samples (0 to 1)"),
     (lambda r: r.update(index="0"), "index '0' is not one of this run's samples (0 to 1)"),
+    (lambda r: r.update(index=True), "index True is not one of this run's samples (0 to 1)"),  # a bool is no index
     (lambda r: r.update(index=1), "field 'qclass' is 'ocr' where this run has 'count' (sample 1)"),
     (lambda r: r.update(correct=False), "field 'correct' is False where this run has True (sample 0)"),
     (lambda r: r.update(prediction=None), "prediction None is not a string"),
     (lambda r: r.update(config=["unpruned"]), "config ['unpruned'] is not a config's name"),
     (lambda r: r.update(budget=32), "field 'budget' is 32 where this run has None (sample 0)"),
     (lambda r: r.update(equivalent_budget="64"), "equivalent_budget '64' is not a number"),
+    (lambda r: r.update(equivalent_budget=True), "equivalent_budget True is not a number"),
 ])
 def test_a_record_the_run_would_not_have_written_is_named_on_resume(finished_run, tmp_path, edit, problem):
     shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
