@@ -144,6 +144,12 @@ def test_a_half_written_last_line_is_redone(tmp_path):
     results = ResultsFile(path)
     results.repair_tail()
     assert results.read() == [whole]
+    assert path.read_text() == json.dumps(whole) + "\n"  # the next record starts a line of its own
+    # a last record whole but for its newline is finished: kept, and its line ended
+    second = dict(whole, index=1)
+    path.write_text(json.dumps(whole) + "\n" + json.dumps(second))
+    results.repair_tail()
+    assert path.read_text() == json.dumps(whole) + "\n" + json.dumps(second) + "\n"
 
 
 def test_another_processs_cut_off_last_line_is_read_past(tmp_path):
