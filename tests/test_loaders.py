@@ -953,6 +953,18 @@ def test_mmbench_index_shared_by_two_questions_is_refused(tmp_path):
     raises(re.escape("mmbench_dev_20230712.tsv row 2 (line 4): its index 1000000 makes it a rotation of question 0 "
                      "(mmbench_dev_20230712.tsv row 0 (line 2)), but its question or options differ"),
            load_benchmark, "mmbench_en", tsv)
+    rows = [list(r) for r in MMBENCH_TSV_ROWS]
+    rows[2][4] = "cow"  # the same question, but not the same options: not a rotation of it
+    write_tsv(tsv, rows)
+    raises(re.escape("mmbench_dev_20230712.tsv row 2 (line 4): its index 1000000 makes it a rotation of question 0 "
+                     "(mmbench_dev_20230712.tsv row 0 (line 2)), but its question or options differ"),
+           load_benchmark, "mmbench_en", tsv)
+    rows = [list(r) for r in MMBENCH_TSV_ROWS] + [["2000000", "What is shown?", "", "cat", "dog", "", "", "A", "c1",
+                                                   "0", "s", "l2", "", "dev"]]
+    write_tsv(tsv, rows)  # a third copy of a two-option question
+    raises(re.escape("MMBench question 0 has 2 options, so circular evaluation needs its 2 rotations (index 0 + k x "
+                     "1,000,000, k = 0..1), but has index 2000000 beyond its 2 rotations"), load_benchmark,
+           "mmbench_en", tsv)
 
 
 def test_mme_rows_given_as_pope_are_refused(tmp_path):
