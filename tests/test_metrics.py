@@ -30,6 +30,7 @@ def approx(x):
     ("dog's", "dog 's"),                   # EvalAI's "'s" split
     ("t-shirt", "t shirt"),                # "-" not next to a space -> space
     ("a - b", "b"),                        # "-" next to a space -> deleted; "a" is an article
+    ("x -y-z", "x yz"),                    # one "-" next to a space: every "-" of the answer deleted
     ("none", "0"),
     ("  Ten\n", "10"),
     ("x." * 40, "x" * 33 + ".x" * 7 + "."),  # at most 32 periods removed (EvalAI's count=re.UNICODE)
@@ -237,6 +238,16 @@ def test_mmbench_option_extraction():
     assert extract_mmbench_option("I don't know", opts) == ""
     assert extract_mmbench_option("答案是C", {"A": "狗", "B": "猫", "C": "鸟"}) == "C"
     assert extract_mcq_answer("Option (B) is wrong, so the answer is D", ["A", "B", "C", "D"]) == "D"
+    # lmms-eval's extractor, form by form (start 10 > end 9 > phrase 7 > (X) 6 > ... > X-space 2; ties: the later)
+    cases = {
+        "(A) or (B)": "B",                            # two of a form: the later
+        "Apple is B": "B",                            # a word's first letter is no start
+        "(B) has DNA": "B",                           # a word's last letter is no end
+        "Is it B or A?": "A",                         # trailing punctuation stripped first: "A" ends the answer
+        "Is A or B? the answer is A, surely": "A",    # a letter after the phrase, not before it
+        "the answer is B, not A": "A",                # the end outranks the phrase
+    }
+    assert {text: extract_mcq_answer(text, ["A", "B"]) for text in cases} == cases
 
 
 def test_mmbench_scores_the_options_its_prompt_lists():
