@@ -245,7 +245,7 @@ def test_mmbench_option_extraction():
         "(B) has DNA": "B",                           # a word's last letter is no end
         "Is it B or A?": "A",                         # trailing punctuation stripped first: "A" ends the answer
         "Is A or B? the answer is A, surely": "A",    # a letter after the phrase, not before it
-        "the answer is B, not A": "A",                # the end outranks the phrase
+        "the answer is B, not A": "A",                # every letter after the phrase is a candidate: the later
     }
     assert {text: extract_mcq_answer(text, ["A", "B"]) for text in cases} == cases
 
