@@ -260,7 +260,8 @@ class Selection:
 
 
 def did_you_mean(word: str, names) -> str:
-    """" (did you mean 'NAME'?)" for the name nearest a misspelt word, or "" where none is near."""
+    """What an error appends for a misspelt name: " (did you mean 'NAME'?)" with the nearest of `names`, or ""
+    where none is near."""
     near = difflib.get_close_matches(word, sorted(names), n=1)
     return f" (did you mean {near[0]!r}?)" if near else ""
 
