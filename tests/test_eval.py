@@ -1,9 +1,11 @@
 """The evaluation harness: resumable per-sample records, clear errors, consistent summaries."""
 
+import contextlib
 import json
 import re
 import shutil
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -208,9 +210,6 @@ def test_a_run_killed_mid_write_resumes_to_every_sample_once(tmp_path, monkeypat
 
 def test_each_record_carries_its_own_samples_equivalent_budget(tmp_path, monkeypatch):
     """The pruner's stats give one equivalent budget per sample of a batch; each record takes its sample's."""
-    import contextlib
-    from types import SimpleNamespace
-
     pruner = SimpleNamespace(last_stats=SimpleNamespace(sample_equivalent_budget=lambda b: 100.0 + b))
     monkeypatch.setattr(runner, "_applied", lambda model, config: contextlib.nullcontext(pruner))
     records = evaluate(None, answered_by_its_answer(generate(5, 5)), RUN[1:], tmp_path, SETTINGS, batch_size=3)

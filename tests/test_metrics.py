@@ -8,8 +8,8 @@ import pytest
 
 from vtprune.eval.metrics import (
     BadReference, SCORING_RULES, extract_mcq_answer, extract_mmbench_option, normalize_gqa_answer,
-    normalize_vqa_answer, normalized_average, ocrbench_match, parse_mme_answer, parse_pope_answer, parse_scienceqa_option,
-    relative_scores, score, vqa_soft_accuracy,
+    normalize_vqa_answer, normalized_average, ocrbench_match, parse_mme_answer, parse_pope_answer,
+    parse_scienceqa_option, relative_scores, score, vqa_soft_accuracy,
 )
 
 
