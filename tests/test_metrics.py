@@ -34,6 +34,12 @@ def approx(x):
     ("none", "0"),
     ("  Ten\n", "10"),
     ("x." * 40, "x" * 33 + ".x" * 7 + "."),  # at most 32 periods removed (EvalAI's count=re.UNICODE)
+    # EvalAI's word_tokenize deletes every "," and "?" before the punctuation pass, which would make a space
+    ("x?y", "xy"),
+    ("x,y", "xy"),
+    # one "-" next to a space (on either side) deletes every "-" of the answer; else each becomes a space
+    ("x -y-z", "x yz"),
+    ("x\t-y-z", "x yz"),                    # a tab is a space by then: same as the line above
 ])
 def test_vqa_normaliser(raw, norm):
     assert normalize_vqa_answer(raw) == norm
@@ -48,6 +54,12 @@ def test_vqa_soft_accuracy_ten_choose_nine():
     assert vqa_soft_accuracy("cat", ["the cat"] * 4 + ["x"] * 6) == 1.0
     assert vqa_soft_accuracy("dog", ["cat"] * 10) == 0.0
     assert vqa_soft_accuracy("anything", []) == 0.0
+
+
+def test_textvqa_counts_its_questions():
+    # "n" is the number of questions scored, not of distinct accuracies (all three score 0 here)
+    r = score("textvqa", ["a", "b", "c"], [{"answers": ["z"] * 10}] * 3)
+    assert r["n"] == 3.0 and r["accuracy"] == 0.0
 
 
 def test_textvqa_both_rules_same_number_llava_needs_ten_answers():
@@ -194,6 +206,15 @@ def test_mme_parsers():
     assert [parse_mme_answer(p, "llava") for p in ("Y", "N", "n.", "x", "", "Nope", "I don't")] == \
         ["other", "other", "other", "other", "other", "no", "other"]
     assert parse_mme_answer("The answer is yes", "lmms-eval") == "other"  # only the first 4 characters
+    # the first 4 characters, not 3: "(yes" holds "yes" (calculation.py and lmms-eval's parse_pred_ans alike)
+    assert parse_mme_answer("(Yes)", "lmms-eval") == "yes" and parse_mme_answer("(Yes)", "llava") == "yes"
+
+
+def test_mme_gold_with_a_period_is_read_as_lmms_eval_reads_it():
+    # lmms-eval: gt_ans = doc["answer"].lower().strip().replace(".", ""), so "Yes." is the gold "yes"
+    refs = [{"question_id": "existence/1.png", "answer": "Yes."}, {"question_id": "existence/1.png", "answer": "No."}]
+    r = score("mme", ["Yes", "No"], refs)
+    assert r["existence/acc"] == 100.0 and r["existence/acc_plus"] == 100.0
 
 
 def test_mme_acc_plus_and_totals_both_rules():
@@ -250,6 +271,34 @@ def test_mmbench_option_extraction():
     assert {text: extract_mcq_answer(text, ["A", "B"]) for text in cases} == cases
 
 
+def test_mmbench_option_extraction_follows_can_infer():
+    """MMBench_Evaluator.can_infer: can_infer_option (letters A-E) first, then can_infer_text, then (static path)
+    extract_mcq_answer over the options; each expected letter traced by hand through those three steps."""
+    opts = {"A": "dog", "B": "cat", "C": "bird", "D": "fish"}
+    # 4 tokens is "more than 3": the bare "A" is taken for the article, and the option text "cat" decides
+    assert extract_mmbench_option("A cat is here", opts) == "B"
+    # two bare letters: can_infer_option and can_infer_text fail; extract_mcq_answer's "start" (10) beats "end" (9)
+    assert extract_mmbench_option("C B", opts) == "C"
+    # a marked letter ("B.") is read before any option text ("dog" is A's)
+    assert extract_mmbench_option("B. dog", opts) == "B"
+    # can_infer_option looks for A-E: the one bare letter "E" is returned (a wrong answer), "B." is never reached
+    assert extract_mmbench_option("E B.", opts) == "E"
+
+
+def test_extract_mcq_answer_ranks_formats_as_lmms_eval_does():
+    """lmms-eval's mcq_extract: priorities start 10 > end 9 > phrase 7 > (X) 6 > X. 5 > X: 4 > X) 3 > "X " 2,
+    a bare occurrence only when nothing else is found; ties go to the later position."""
+    abcd = ["A", "B", "C", "D"]
+    assert extract_mcq_answer("B is better than C", abcd) == "B"                  # start over end
+    assert extract_mcq_answer("Because of this, C", abcd) == "C"                  # "Be..." is no standalone B
+    assert extract_mcq_answer("(B) by SID", abcd) == "B"                          # "...ID" is no standalone D
+    assert extract_mcq_answer("(C) is wrong; the answer is B here", abcd) == "B"  # phrase over parentheses
+    assert extract_mcq_answer("(C) is wrong; I CHOOSE B now", abcd) == "B"        # phrases match in any case
+    assert extract_mcq_answer("(B) then (A) then (B) again", abcd) == "B"         # last (B) is after (A)
+    assert extract_mcq_answer("(B) is wrong, so C.", abcd) == "C"                 # end punctuation stripped first
+    assert extract_mcq_answer("the B-side", abcd) == "B"                          # fallback: any occurrence
+
+
 def test_mmbench_scores_the_options_its_prompt_lists():
     """The scorer's options are the cells the prompt lists (`listed_option`). A cell reading "nan" is no option,
     where lmms-eval's scorer would read it as the text "nan" and find "banana" naming two options; a cell of
@@ -257,6 +306,14 @@ def test_mmbench_scores_the_options_its_prompt_lists():
     assert score("mmbench_en", ["banana"], [mmb_row(0, "A", ["banana", "apple", "nan", "nan"])])["accuracy"] == 1.0
     assert score("mmbench_en", ["x y"], [mmb_row(0, "A", ["x", " "])])["accuracy"] == 0.0
     assert score("mmbench_en", ["B"], [mmb_row(0, "B", ["x", " "])])["accuracy"] == 1.0  # a gold of spaces is valid
+
+
+def test_mmbench_categories_come_from_the_original_row():
+    # lmms-eval's eval_result takes a question's category from its index < 1e6 row (cate_map[idx] of data_main),
+    # whatever order the rows come in
+    refs = [mmb_row(1_000_001, "A", ["cat", "dog"], "from-rotation"), mmb_row(1, "B", ["dog", "cat"], "from-original")]
+    r = score("mmbench_en", ["A", "B"], refs)
+    assert r["category/from-original"] == 1.0 and "category/from-rotation" not in r
 
 
 def test_mmbench_circular_one_rotation_wrong():
@@ -302,6 +359,8 @@ def test_scienceqa_both_rules_differ_as_documented():
     assert parse_scienceqa_option("The answer is A. The answer is B.", 3, "llava") == -1
     # unparsed counts answers with no valid option, not wrong ones: "C" is read, and wrong
     assert score("scienceqa_img", ["C", "?"], refs[:2])["unparsed_ratio"] == 0.5
+    with pytest.raises(BadReference, match="answer 2 is outside its 2 choices"):  # index == len(choices)
+        score("scienceqa_img", ["A"], [{"choices": ["x", "y"], "answer": 2}])
 
 
 # --- OCRBench ----------------------------------------------------------------------------------------------
@@ -330,6 +389,15 @@ def test_ocrbench_case_whitespace_and_categories():
         score("ocrbench", ["x"], [{"question_type": "Poetry", "dataset": "x", "answer": ["x"]}])
 
 
+def test_ocrbench_match_normalises_each_side_as_lmms_eval_does():
+    # HME100k: spaces removed from the prediction too, case kept
+    assert ocrbench_match("x ^{2}", ["x^{2}"], "HME100k")
+    assert not ocrbench_match("X^{2}", ["x^{2}"], "HME100k")
+    # other sources: fullwidth ASCII folded in the prediction too, the gold stripped
+    assert ocrbench_match("ＳＴＯＰ here", ["stop"], "textVQA")
+    assert ocrbench_match("the cat.", [" cat "], "IIIT5K")
+
+
 # --- registry, errors, normalized average ------------------------------------------------------------------
 
 def test_registry_and_rule_errors():
@@ -347,6 +415,8 @@ def test_registry_and_rule_errors():
         score("gqa", ["a", "b"], [{"answer": "a"}])
     with pytest.raises(ValueError, match="no predictions"):
         score("gqa", [], [])
+    with pytest.raises(ValueError, match="not one string"):  # list("a") would pair with the one reference
+        score("gqa", "a", [{"answer": "a"}])
     with pytest.raises(ValueError, match="gqa: reference 1 has no field 'answer'"):
         score("gqa", ["a", "b"], [{"answer": "a"}, {"gold": "b"}])
     # None is an empty answer; generators work
@@ -419,6 +489,8 @@ def test_videomme_is_lmms_evals_option_accuracy():
     assert result["score"] == pytest.approx(50.0) and result["accuracy"] == pytest.approx(0.5)
     assert result["short/accuracy"] == 1.0 and result["medium/accuracy"] == 0.0 and result["long/accuracy"] == 0.0
     assert result["domain/Knowledge"] == 1.0 and result["task/Action Reasoning"] == 0.0
+    # the letters are read over A-D only: "E B" starts with no option letter and ends with B
+    assert score("videomme", ["E B"], [{**refs[2]}])["accuracy"] == 1.0
     with pytest.raises(BadReference, match="reference 0 answer is 'E', expected an option letter A-D"):
         score("videomme", ["A"], [{**refs[0], "answer": "E"}])
     with pytest.raises(ValueError, match="no scoring rule 'llava'"):
