@@ -259,6 +259,7 @@ def test_the_normalized_interval_averages_each_benchmarks_ratio():
     pruned = {"gqa": np.array([30.0, 30.0]), "mme": np.array([1800.0, 1800.0])}
     unpruned = {"gqa": np.array([60.0, 60.0]), "mme": np.array([1800.0, 1800.0])}
     assert normalized_interval(pruned, unpruned) == pytest.approx((75.0, 75.0))  # (0.5 + 1.0) / 2
+    assert normalized_interval({"gqa": pruned["gqa"]}, {"mme": unpruned["mme"]}) is None  # benchmarks differ
 
 
 def test_a_soft_accuracy_gets_the_percentile_interval():

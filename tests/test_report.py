@@ -74,7 +74,30 @@ def test_a_paired_difference_is_narrower_than_two_intervals_side_by_side():
     assert same == 0 and low < -0.005 and high > 0.005
 
 
-def test_the_paired_interval_holds_its_level():
+def test_newcombes_continuity_correction_stops_at_zero_correlation():
+    """Newcombe (1998, method 10) replaces ad - bc by max(ad - bc - n/2, 0) when it is positive. Here a = 6 both
+    right, b = 6 first only, c = 4 second only, d = 5 neither (n = 21): ad - bc = 6 < n/2, so phi = 0 and the
+    limits are the two Wilson intervals combined as if independent: d -+ sqrt(dl1^2 + du2^2), sqrt(du1^2 + dl2^2)."""
+    first = [True] * 12 + [False] * 9
+    second = [True] * 6 + [False] * 6 + [True] * 4 + [False] * 5
+    p1, p2 = 12 / 21, 10 / 21
+    (l1, u1), (l2, u2) = wilson_interval(12, 21), wilson_interval(10, 21)
+    difference, (low, high) = paired_difference(first, second)
+    assert difference == pytest.approx(2 / 21)
+    assert low == pytest.approx(2 / 21 - math.hypot(p1 - l1, u2 - p2))
+    assert high == pytest.approx(2 / 21 + math.hypot(u1 - p1, p2 - l2))
+
+
+def test_a_paired_difference_needs_the_same_samples():
+    with pytest.raises(ValueError, match="same, non-empty samples"):
+        paired_difference([True, False], [True])  # zip would silently drop the third sample's pair
+
+
+def test_a_rate_of_no_samples_is_anything():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+
     """Coverage of the true difference over 2000 simulated pairs of correlated answers (a seeded generator)."""
     rng = np.random.default_rng(0)
     # the last: two configs that disagree on 1% of the samples (the usual case at neighbouring budgets), where the
