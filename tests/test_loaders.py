@@ -772,6 +772,32 @@ def test_llava_invalid_json_line(tmp_path):
     raises(re.escape("coco/coco_pope_popular.json line 3: not valid JSON"), load_benchmark, "pope", tmp_path)
 
 
+def test_a_bad_json_line_after_a_blank_line_is_named_by_its_file_line(tmp_path):
+    pope_llava(tmp_path)
+    with open(tmp_path / "coco" / "coco_pope_popular.json", "a") as f:
+        f.write("\n{not json\n")  # lines 1-2 questions, line 3 blank, line 4 the bad one
+    raises(re.escape("coco/coco_pope_popular.json line 4: not valid JSON"), load_benchmark, "pope", tmp_path)
+
+
+def test_a_scienceqa_test_id_missing_from_problems_is_refused(tmp_path):
+    sqa_llava(tmp_path)
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["1", "99"], "train": ["3"]}))
+    raises("test id '99' is not in problems.json", load_benchmark, "scienceqa_img", tmp_path)
+
+
+def test_scienceqa_files_with_no_test_question_with_an_image_are_refused(tmp_path):
+    sqa_llava(tmp_path)
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["2"], "train": ["1", "3"]}))  # "2" has no image
+    raises("files hold no questions", load_benchmark, "scienceqa_img", tmp_path)
+
+
+def test_an_mme_line_with_three_fields_is_refused(tmp_path):
+    release = mme_release(tmp_path)
+    (release / "code_reasoning" / "0020.txt").write_text("Is the output 3?\tNo\tmaybe\nIs the output 4?\tYes\n")
+    raises(re.escape("MME_Benchmark_release_version/code_reasoning/0020.txt line 1: field 'answer' is not the"),
+           load_benchmark, "mme", tmp_path)
+
+
 def test_llava_missing_image_file(tmp_path):
     pope_llava(tmp_path)
     (tmp_path / "val2014" / "COCO_val2014_random.jpg").unlink()
