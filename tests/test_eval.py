@@ -62,21 +62,6 @@ def test_an_interrupted_eval_resumes_without_redoing_or_losing_samples(tiny_refe
     assert records[:12] == done_before
 
 
-def test_a_resume_after_a_kill_mid_write_drops_the_cut_line_and_redoes_its_sample(tiny_reference, tmp_path):
-    """A run killed while writing a record leaves half a line; the resume must mend it before appending (else the
-    next record lands on the cut line and the file is unreadable) and answer that sample again."""
-    model, processor = tiny_reference
-    task = synthetic_task(model, processor, generate(5, 4), prompt)
-    configs = [Config("unpruned")]
-    settings = {**SETTINGS, "samples": 4}
-    evaluate(model, task, configs, tmp_path, settings, batch_size=4)
-    path = tmp_path / "results.jsonl"
-    data = path.read_bytes()
-    path.write_bytes(data[:data.rstrip(b"\n").rfind(b"\n") + 1 + 20])  # the last record cut after 20 bytes
-    evaluate(model, task, configs, tmp_path, settings, batch_size=4)
-    assert sorted(r["index"] for r in ResultsFile(path).read()) == [0, 1, 2, 3]
-
-
 TOWER_CONFIGS = [Config("unpruned"), Config("random", 64), Config("fastv", 32), Config("visionzip", 64)]
 
 

@@ -97,7 +97,7 @@ def test_a_rate_of_no_samples_is_anything():
     assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
-
+def test_the_paired_interval_holds_its_level():
     """Coverage of the true difference over 2000 simulated pairs of correlated answers (a seeded generator)."""
     rng = np.random.default_rng(0)
     # the last: two configs that disagree on 1% of the samples (the usual case at neighbouring budgets), where the
