@@ -219,6 +219,27 @@ def test_an_interrupted_command_says_what_it_kept_and_exits_130(tmp_path, monkey
                           "command resumes there"
 
 
+def test_a_terminated_command_stops_as_an_interrupted_one_and_exits_143(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's stop, `timeout`) reaches the command as Ctrl-C does: its cleanups run and it says what
+    it kept; the handler is the caller's again afterwards."""
+    import signal
+
+    cleaned = []
+
+    def terminated(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            cleaned.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "cmd_bench", terminated)
+    assert cli.main(["bench", "--out", str(tmp_path)]) == 143
+    assert cleaned and signal.getsignal(signal.SIGTERM) is before
+    assert capsys.readouterr().err.strip() == f"vtprune bench: terminated; the configurations measured so far are " \
+                                              f"saved under {tmp_path}"
+
+
 def test_spaces_inside_a_method_spec_do_not_make_another_config():
     assert cli.parse(["eval", "--methods", "clse : score = attn"]).methods[0].label == "clse:score=attn"
 
@@ -323,3 +344,45 @@ def test_two_method_specs_that_run_alike_are_refused_and_those_that_differ_run()
     specs = [method_spec(s) for s in ("clasp", "clasp:question_class=general")]
     configs, _ = cli.runnable_configs(model, specs, [16], {"clasp": {"tokenizer": tiny_tokenizer()}}, shard)
     assert [c.name for c in configs] == ["unpruned", "clasp@16", "clasp:question_class=general@16"]
+
+
+WIDE_ROW = ("clse_m@192", "2610.2 (2470.3-2805.6)", "1.19x!", "vs schedule oracle")
+
+
+def _wide_table(copies: int):
+    from rich.table import Table
+
+    table = Table(title="bench")
+    for column in ("config", "prefill ms (p10-p90)", "vs input oracle", "vs schedule oracle") * copies:
+        table.add_column(column)
+    table.add_row(*WIDE_ROW * copies)
+    return table
+
+
+def test_a_table_printed_into_a_log_keeps_its_rows_whole(capsys):
+    """Into a pipe (here pytest's capture), a table is as wide as it needs: no cell cut to "…", no row wrapped."""
+    cli.print_table(_wide_table(2))  # 170 characters wide
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if "clse_m@192" in line)
+    assert all(row.count(cell) == 2 for cell in WIDE_ROW) and "…" not in "".join(lines)
+
+
+def test_a_table_in_a_narrow_terminal_folds_its_cells_instead_of_cutting_them(monkeypatch):
+    from io import StringIO
+
+    from rich.console import Console
+
+    terminal = Console(file=StringIO(), width=40, force_terminal=True, color_system=None)
+    monkeypatch.setattr(cli, "console", terminal)
+    cli.print_table(_wide_table(1))
+    out = terminal.file.getvalue()
+    assert "…" not in out and "2805" in out.replace("│", "").replace(" ", "").replace("\n", "")
+
+
+def test_each_options_help_says_its_default_once(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "fractions (default: 192,128,64)" in text and "resumes there (default: out/eval)" in text
+    assert "(default 2; the reference model trained on seed 0)" in text and "(default: 2)" not in text
+    assert "(default: None)" not in text and "(default: False)" not in text

@@ -158,7 +158,7 @@ def test_a_segment_whose_later_layer_gets_other_inputs_stops_the_forward(monkeyp
     inputs = tiny_inputs(model, [SampleLayout(images=1)])
     monkeypatch.setattr(vtprune.Pruner, "hidden_access", lambda self: HiddenAccess())
     with torch.no_grad(), vtprune.apply(model, "fastv", 8), vtprune.compile_prefill(model, backend="eager"):
-        with pytest.raises(vtprune.EngineError, match="layer 2 of LlamaDecoderLayer was called inside a "
+        with pytest.raises(vtprune.UnsupportedUseError, match="layer 2 of LlamaDecoderLayer was called inside a "
                                                       r"compiled segment of layers 0-5 \(layer 2 next\)"):
             model(**inputs)
 

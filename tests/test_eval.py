@@ -39,8 +39,10 @@ CONFIGS = [Config("unpruned"), Config("random", 64), Config("fastv", 32)]
 SETTINGS = {"task": "synthetic", "seed": 5, "samples": 10}
 
 
-def test_an_interrupted_eval_resumes_without_redoing_or_losing_samples(tiny_reference, tmp_path):
+def test_an_interrupted_eval_resumes_without_redoing_or_losing_samples(tiny_reference, tmp_path, monkeypatch):
     model, processor = tiny_reference
+    bars, bar = [], runner.tqdm
+    monkeypatch.setattr(runner, "tqdm", lambda **kwargs: bars.append(bar(**kwargs)) or bars[-1])
     task = synthetic_task(model, processor, generate(5, 10), prompt)
     calls = []
 
@@ -55,6 +57,7 @@ def test_an_interrupted_eval_resumes_without_redoing_or_losing_samples(tiny_refe
     done_before = ResultsFile(tmp_path / "results.jsonl").read()
     assert len(done_before) == 3 * 4  # the first batch finished under every config
     assert not hasattr(model, "_vtprune_pruner")  # the interrupted method's pruner was removed
+    assert bars[0].disable  # its progress bar closed: the line saying so starts on a line of its own
 
     records = evaluate(model, task, CONFIGS, tmp_path, SETTINGS, batch_size=4)
     keys = [(r["config"], r["index"]) for r in ResultsFile(tmp_path / "results.jsonl").read()]

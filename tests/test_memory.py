@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 import vtprune
 from vtprune.engine.cache import cache_keyword
-from vtprune.engine.compat import EngineError, takes_encoded_features
+from vtprune.engine.compat import UnsupportedUseError, takes_encoded_features
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 from .conftest import FAMILIES, greedy
@@ -124,6 +124,6 @@ def test_features_the_caller_encoded_serve_every_forward_and_generate_they_are_g
         for _ in range(2 if method == "clasp" else 1):  # CLASP remixes them again; a tower method's q/k serve once
             torch.testing.assert_close(model(**rest, mm_encoder_outputs=features).logits, expected, atol=1e-5, rtol=0)
         if method != "clasp":
-            with pytest.raises(EngineError, match="features encoded ahead serve the one forward after them"):
+            with pytest.raises(UnsupportedUseError, match="features encoded ahead serve the one forward after them"):
                 model(**rest, mm_encoder_outputs=features)
         assert torch.equal(greedy(model, dict(rest, mm_encoder_outputs=encoded())).sequences, generated)

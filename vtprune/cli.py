@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from rich.console import Console
@@ -11,7 +12,21 @@ from rich.table import Table
 from . import __version__ as vtprune_version
 from . import cli_args
 
-console = Console(width=None if sys.stdout.isatty() else 132)  # logs get whole tables
+PIPED_TABLE_WIDTH = 240  # the widest a table is printed into a pipe or log (the bench table needs ~190)
+
+piped = not sys.stdout.isatty()
+console = Console(soft_wrap=piped, width=PIPED_TABLE_WIDTH if piped else None)  # a log's lines are not broken
+
+
+def print_table(table: Table) -> None:
+    """A table with no cell cut to "…": folded where a terminal is too narrow for it; into a pipe or log, as wide as
+    it needs up to PIPED_TABLE_WIDTH, so that its rows stay whole lines."""
+    for column in table.columns:
+        column.overflow = "fold"
+    width = None
+    if not console.is_terminal:
+        width = console.measure(table, options=console.options.update(max_width=PIPED_TABLE_WIDTH)).maximum
+    console.print(table, width=width)
 
 
 def cmd_methods(args) -> int:
@@ -23,7 +38,7 @@ def cmd_methods(args) -> int:
     for info in vtprune.methods():
         defaults = ", ".join(f"{k}={v}" for k, v in info.defaults.items()) or "-"
         table.add_row(info.name, info.where, info.summary, defaults)
-    console.print(table)
+    print_table(table)
     return 0
 
 
@@ -55,7 +70,7 @@ def cmd_demo(args) -> int:
             stats = pruner.last_stats
         same = int((out == reference).sum())
         table.add_row(info.name, str(stats.kept_per_sample), f"{stats.equivalent_budget:.1f}", f"{same}/{reference.numel()}")
-    console.print(table)
+    print_table(table)
     console.print("Random weights: this shows the engine at work, not accuracy.")
     return 0
 
@@ -128,7 +143,7 @@ def cmd_calibrate(args) -> int:
     table = calibrate_clasp(model, processor, samples, prompt, args.budget,
                             {"model": model_path.name, "seed": args.seed, "samples": args.samples})
     write_table(table, Path(args.out))
-    console.print(table)
+    print_table(table)
     console.print(f"wrote {args.out}; use it with vtprune.apply(model, 'clasp', budget, calibration='{args.out}')")
     return 0
 
@@ -177,10 +192,10 @@ def cmd_eval(args) -> int:
         rows = summarize(kept_records)
         published = against_published(rows, hits_by_config(kept_records))
         title = f"reference model, synthetic VQA (seed {seed}, {count} samples)"
-        console.print(rich_table(rows, title))
-        console.print(frontier_table(rows, "best at matched compute (eq. budget): no cheaper config answers as well"))
+        print_table(rich_table(rows, title))
+        print_table(frontier_table(rows, "best at matched compute (eq. budget): no cheaper config answers as well"))
         if published:
-            console.print(published_table(published))
+            print_table(published_table(published))
         command = _command_line()
         # what is refused, like the command, is the report's, not the run's: adding a method some budget refuses
         # (ToMe@64) to a finished run resumes it
@@ -257,7 +272,7 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
         wanted = {c.name for c in configs}
         rows = summarize_benchmarks([r for r in records if r["config"] in wanted], samples, scoring)
         title = f"{model_path.name} on {', '.join(args.tasks)} ({scoring} scoring)"
-        console.print(benchmark_table(rows, title))
+        print_table(benchmark_table(rows, title))
         command = _command_line()
         report = out / f"{args.report}.json"
         # the scoring rule and what is refused are the report's, not the run's: the answers stand for either rule
@@ -437,9 +452,18 @@ def cmd_bench(args) -> int:
                         measured=lambda so_far: save(so_far, folder, dict(settings, **_not_run(not_run))))
     compiled = f", prefill compiled ({args.compile})" if args.compile else ""
     weights = "the checkpoint's weights" if args.model else "random weights"
-    console.print(bench_table(results, f"{arch} on {name} ({args.dtype}, {weights}{compiled})"))
+    print_table(bench_table(results, f"{arch} on {name} ({args.dtype}, {weights}{compiled})"))
     console.print(f"wrote {save(results, folder, dict(settings, **_not_run(not_run)))}")
     return 0
+
+
+class DefaultsShown(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless it says its default itself or has none."""
+
+    def _get_help_string(self, action):
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -503,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("question")
     show.add_argument("--method", type=cli_args.method_spec, required=True,
                       help="a method, with options if any (fastv:layer=3), as `eval --methods` takes them")
-    show.add_argument("--budget", type=cli_args.budget, default="64")
+    show.add_argument("--budget", type=cli_args.budget, default="64",
+                      help="visual tokens kept per image (an int), or the fraction of them kept (x.y)")
     show.add_argument("--out", type=cli_args.picture_file, default="kept_tokens.png",
                       help="the kept-token picture (.png, .pdf, .svg, ...)")
     show.add_argument("--model", type=cli_args.checkpoint,
@@ -524,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--seed", type=cli_args.non_negative_int, default=4,
                            help="calibration data seed (never an evaluation seed)")
     calibrate.add_argument("--model", type=cli_args.checkpoint, help=model_help)
-    calibrate.add_argument("--out", type=cli_args.writable_file, default="out/clasp_calibration.json")
+    calibrate.add_argument("--out", type=cli_args.writable_file, default="out/clasp_calibration.json",
+                           help="the calibration file written")
     calibrate.set_defaults(run=cmd_calibrate)
     bench = commands.add_parser("bench", help="what pruning saves at real model shapes (a preset's random weights, "
                                               "or a checkpoint)")
@@ -543,8 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", type=cli_args.device, default="cpu", help="cpu, cuda or cuda:N")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="bfloat16 on a GPU")
-    bench.add_argument("--repeats", type=cli_args.positive_int, default=20)
-    bench.add_argument("--warmup", type=cli_args.non_negative_int, default=3)
+    bench.add_argument("--repeats", type=cli_args.positive_int, default=20,
+                       help="timed prefills per configuration (their median and p10-p90 are shown)")
+    bench.add_argument("--warmup", type=cli_args.non_negative_int, default=3, help="untimed prefills before them")
     bench.add_argument("--new-tokens", type=cli_args.at_least(2), default=16,
                        help="decode speed is timed over this many new tokens")
     bench.add_argument("--compile", nargs="?", const="inductor", choices=["inductor", "cudagraphs"],
@@ -569,9 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--init", type=cli_args.checkpoint,
                          help="start from the weights of another run's folder (fresh optimizer); a shallower "
                               "model is depth up-scaled (each layer repeated in place)")
-    trainer.add_argument("--lr", type=cli_args.positive_float, default=1e-3)
-    trainer.add_argument("--eval-every", type=cli_args.positive_int, default=250)
-    trainer.add_argument("--eval-samples", type=cli_args.positive_int, default=240)
+    trainer.add_argument("--lr", type=cli_args.positive_float, default=1e-3, help="peak learning rate")
+    trainer.add_argument("--eval-every", type=cli_args.positive_int, default=250, help="steps between validations")
+    trainer.add_argument("--eval-samples", type=cli_args.positive_int, default=240,
+                         help="samples per validation")
     trainer.add_argument("--device", type=cli_args.device, help="cpu or cuda (default: cuda when there is one)")
     trainer.add_argument("--workers", type=cli_args.non_negative_int,
                          help="processes that build batches (default: one per spare core)")
@@ -580,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.set_defaults(run=cmd_train_reference)
     for command in commands.choices.values():  # check_args' usage errors name the command, as argparse's own do
         command.set_defaults(command_parser=command)
+        command.formatter_class = DefaultsShown
     return parser
 
 
@@ -590,6 +619,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `timeout`'s stop), raised where the command is, so that it stops as on Ctrl-C:
+    progress bars closed, pruners removed, locks freed, what is finished kept, one line said."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     from vtprune.eval.lock import FolderBusy
     from vtprune.synth.reference import CheckpointError
@@ -597,16 +635,19 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import UnidentifiedImageError
 
     args = parse(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args)
     # the user's to fix (vtprune raises ValueError for bad input, naming it and the fix): one line, not a traceback
     except (FolderBusy, CheckpointError, ValueError, UnidentifiedImageError) as error:
         raise SystemExit(f"vtprune {args.command}: error: {error}") from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         kept = INTERRUPTED.get(args.command)
-        print(f"vtprune {args.command}: interrupted" + (f"; {kept.format(out=args.out)}" if kept else ""),
-              file=sys.stderr)
-        return 130  # the shell's status for a run stopped by Ctrl-C
+        print(f"vtprune {args.command}: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}"
+              + (f"; {kept.format(out=args.out)}" if kept else ""), file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)  # as the shell reports it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # What an interrupted command keeps, for the line it ends with.

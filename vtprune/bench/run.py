@@ -58,12 +58,13 @@ def run_bench(arch: str, methods: list[str], budgets: list[int], batches: list[i
     results = []
     # One compiled handle for the run: each configuration reuses the segments an earlier one compiled.
     with compile_prefill(model, **COMPILERS[compiled]) if compiled else contextlib.nullcontext():
-        for method, budget, batch in tqdm(plan, desc=f"bench {arch}"):
-            results.append(measure(model, preset, method, budget, batch, repeats=repeats, warmup=warmup,
-                                   new_tokens=new_tokens, device=device, dtype=dtype,
-                                   options=(options or {}).get(method)))
-            if measured is not None:
-                measured(results)
+        with tqdm(plan, desc=f"bench {arch}") as progress:
+            for method, budget, batch in progress:
+                results.append(measure(model, preset, method, budget, batch, repeats=repeats, warmup=warmup,
+                                       new_tokens=new_tokens, device=device, dtype=dtype,
+                                       options=(options or {}).get(method)))
+                if measured is not None:
+                    measured(results)
     return results
 
 

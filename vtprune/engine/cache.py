@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import Cache, DynamicCache
 
-from .compat import EngineError
+from .compat import EngineError, UnsupportedUseError
 
 
 def _is_cache_annotation(annotation) -> bool:
@@ -93,7 +93,7 @@ class PrunedCache(DynamicCache):
         or repeated would be continued with another sample's (beam search's reorder_cache moves whole rows within a
         sample's beams, which share its decision, and is left alone)."""
         if self.__dict__.get(PRUNED_RUN) is not None and any(layer.get_seq_length() for layer in self.layers):
-            raise EngineError(
+            raise UnsupportedUseError(
                 f"{name} on the KV cache of a pruned prompt: vtprune keeps each sample's kept tokens by its row, "
                 "which this would regroup. Select or repeat the samples before the prefill (in input_ids and the "
                 "images), or continue every row of the cache"
@@ -109,8 +109,8 @@ class PrunedCache(DynamicCache):
         raise continued_without_its_pruner()
 
 
-def continued_without_its_pruner() -> EngineError:
-    return EngineError(
+def continued_without_its_pruner() -> UnsupportedUseError:
+    return UnsupportedUseError(
         "this KV cache holds a prompt that a vtprune pruner pruned (its layers keep only the kept visual tokens), "
         "and that pruner has been removed since (or this is a pickled copy of one, which keeps no pruning "
         "decision): the model would read it as a shorter prompt. Continue the conversation before "

@@ -27,6 +27,15 @@ class EngineError(RuntimeError):
         super().__init__(f"{problem} (transformers {version}, {advice})")
 
 
+class UnsupportedUseError(EngineError):
+    """A call the engine cannot serve as it was made (continuing a pruned cache after `remove()`, regrouping its
+    rows, assisted decoding, ...): the message says what to do instead. The caller's to change, not a bug to report,
+    so it names no transformers release."""
+
+    def __init__(self, problem: str):
+        RuntimeError.__init__(self, problem)
+
+
 def warn_if_untested() -> None:
     """A warning where the installed transformers is outside the tested range (pip lets a later upgrade past the
     cap through): the engine checks what it relies on, but a change it cannot see would give wrong answers."""

@@ -43,7 +43,7 @@ from collections.abc import Callable
 import torch
 
 from ..adapters import adapter_for
-from .compat import EngineError
+from .compat import UnsupportedUseError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +162,7 @@ class _CompiledStack:
             and kwargs.keys() == handed.kwargs.keys() and all(a is b for a, b in zip(args, handed.args)) \
             and all(kwargs[k] is handed.kwargs[k] for k in kwargs)
         if not same:
-            raise EngineError(
+            raise UnsupportedUseError(
                 f"layer {index} of {type(self.layers[index]).__name__} was called inside a compiled segment of layers "
                 f"{handed.segment.start}-{handed.segment.end - 1} (layer {expected} next), with other hidden states or "
                 "inputs than the segment ran it with, or out of turn (a hook between the layers changed them, or a loop "

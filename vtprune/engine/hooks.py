@@ -34,7 +34,7 @@ from ..methods import Method
 from . import cache as kv
 from . import decode, prefill
 from .budget import keeps_whole
-from .compat import EngineError, require_arguments
+from .compat import EngineError, UnsupportedUseError, require_arguments
 from .compiled import HiddenAccess
 from .run import Decision, Origin, Prompt, PromptText, Run
 from .stats import PruneStats, counts_per_layer
@@ -403,14 +403,14 @@ class Pruner:
         if not held.live:
             raise kv.continued_without_its_pruner()
         if run is None:
-            raise EngineError(
+            raise UnsupportedUseError(
                 f"a forward continues a KV cache ({type(cache).__name__} of {past} tokens) that a pruned prompt of "
                 "another vtprune pruner filled (another model's); continue it on that model, or start a new prompt "
                 "with an empty cache"
             )
         cropped = kv.cropped_tokens(cache, [layout.length + run.generated for layout in run.kv_layouts])
         if cropped > run.generated:
-            raise EngineError(
+            raise UnsupportedUseError(
                 f"the KV cache lost its last {cropped} tokens, {cropped - run.generated} of them the pruned prompt's "
                 "(assisted or prompt-lookup decoding whose first forward carried candidate tokens with the prompt: "
                 "they were pruned as part of it); generate without assistant_model / prompt_lookup_num_tokens"

@@ -21,7 +21,7 @@ from ..adapters.base import EncodedPlace
 from ..methods import BlockMergingMethod, Method, VisionLayer, VisionView
 from ..methods.primitives import on_device
 from .block_merge import BlockMerging, TowerMerge, tower_attention_inputs
-from .compat import EngineError
+from .compat import EngineError, UnsupportedUseError
 
 
 @dataclass
@@ -135,9 +135,10 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
         for item in sample:
             call = encoded.get(item.kind)
             if call is None:
-                raise EngineError(f"a {item.kind} reached the language model, but vtprune saw no vision-tower run "
-                                  "encode it since the last forward: features encoded ahead serve the one forward "
-                                  "after them, encoded with the pruner applied (encode them again for another)")
+                raise UnsupportedUseError(
+                    f"a {item.kind} reached the language model, but vtprune saw no vision-tower run encode it since "
+                    "the last forward: features encoded ahead serve the one forward after them, encoded with the "
+                    "pruner applied (encode them again for another)")
             start = next_row[item.kind]
             received = embeds[b, item.positions(embeds.device)]
             place = adapter.encoded_place(item, projected[item.kind][start:], received)
@@ -158,10 +159,11 @@ def place_items(adapter: Adapter, calls: list[EncodedCall], items: list[list[Vis
         placed.append(row)
     for kind, call in encoded.items():
         if next_row[kind] != call.features.shape[0]:
-            raise EngineError(f"the vision tower encoded {call.features.shape[0]} {kind} rows since the last forward, "
-                              f"but the prompt's {kind}s take {next_row[kind]} (vtprune takes every tower run since "
-                              "the last forward for this one's: where the model's get_image_features ran on other "
-                              "images in between, run it just before the forward its features are for)")
+            raise UnsupportedUseError(
+                f"the vision tower encoded {call.features.shape[0]} {kind} rows since the last forward, but the "
+                f"prompt's {kind}s take {next_row[kind]} (vtprune takes every tower run since the last forward for "
+                "this one's: where the model's get_image_features ran on other images in between, run it just "
+                "before the forward its features are for)")
     return placed
 
 

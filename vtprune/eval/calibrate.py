@@ -55,23 +55,22 @@ def calibrate_clasp(model, processor, samples, prompt, budget: int, describe: di
     fusions = fusion_candidates(model.config.vision_feature_layer, num_states)
     by_class = {c: [s for s in samples if s.qclass == c] for c in CLASSES}
     by_class = {c: group for c, group in by_class.items() if group}
-    progress = tqdm(total=sum(len(SPLITS) + len(fusions) - 1 for _ in by_class), desc="calibrate clasp")
     classes, scores = {}, {}
-    for name, group in by_class.items():
-        def score(fusion, split):
-            entry = {"fusion": {str(k): v for k, v in fusion.items()} if fusion else None, "split": split}
-            options = {"question_class": name, "calibration": {"classes": {name: entry}}}
-            progress.update()
-            return hits(model, processor, group, prompt, budget, options)
+    with tqdm(total=sum(len(SPLITS) + len(fusions) - 1 for _ in by_class), desc="calibrate clasp") as progress:
+        for name, group in by_class.items():
+            def score(fusion, split):
+                entry = {"fusion": {str(k): v for k, v in fusion.items()} if fusion else None, "split": split}
+                options = {"question_class": name, "calibration": {"classes": {name: entry}}}
+                progress.update()
+                return hits(model, processor, group, prompt, budget, options)
 
-        by_split = {split: score(None, split) for split in SPLITS}
-        split = choose(list(SPLITS), by_split)
-        by_fusion = {0: by_split[split]} | {i: score(fusions[i], split) for i in range(1, len(fusions))}
-        index = choose(list(by_fusion), by_fusion)
-        fusion, best = fusions[index], by_fusion[index]
-        classes[name] = {"fusion": {str(k): v for k, v in fusion.items()} if fusion else None, "split": split}
-        scores[name] = sum(best) / len(best)
-    progress.close()
+            by_split = {split: score(None, split) for split in SPLITS}
+            split = choose(list(SPLITS), by_split)
+            by_fusion = {0: by_split[split]} | {i: score(fusions[i], split) for i in range(1, len(fusions))}
+            index = choose(list(by_fusion), by_fusion)
+            fusion, best = fusions[index], by_fusion[index]
+            classes[name] = {"fusion": {str(k): v for k, v in fusion.items()} if fusion else None, "split": split}
+            scores[name] = sum(best) / len(best)
     return dict(describe, method="clasp", budget=budget, classes=classes, calibration_accuracy=scores)
 
 

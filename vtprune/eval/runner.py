@@ -256,24 +256,23 @@ def _evaluate(model, task: Task, configs: list[Config], out: Path, batch_size: i
     done = {(r["config"], r["index"]) for r in read_all(out, _record_check(task, configs))}
     mine = shard.mine(list(range(len(task.samples))))
     remaining = sum((c.name, i) not in done for c in configs for i in mine)
-    progress = tqdm(total=len(configs) * len(mine), initial=len(configs) * len(mine) - remaining,
-                    desc="eval" if shard.processes == 1 else f"eval {shard.rank + 1}/{shard.processes}")
-    # Batch by batch, each under every config in turn: what a batch's answers share is made once (Task.answer).
-    for chunk in _batches(mine, task, batch_size):
-        for config in configs:
-            todo = [i for i in chunk if (config.name, i) not in done]
-            if not todo:
-                continue
-            with _applied(model, config) as pruner, torch.no_grad():
-                answers = task.answer([task.samples[i] for i in todo], pruner)
-                stats = None if pruner is None else pruner.last_stats
-                results.append([
-                    {**_config_fields(config), "index": i, **task.fields(task.samples[i], answer),
-                     "equivalent_budget": None if stats is None else stats.sample_equivalent_budget(b)}
-                    for b, (i, answer) in enumerate(zip(todo, answers))
-                ])
-            progress.update(len(todo))
-    progress.close()
+    desc = "eval" if shard.processes == 1 else f"eval {shard.rank + 1}/{shard.processes}"
+    with tqdm(total=len(configs) * len(mine), initial=len(configs) * len(mine) - remaining, desc=desc) as progress:
+        # Batch by batch, each under every config in turn: what a batch's answers share is made once (Task.answer).
+        for chunk in _batches(mine, task, batch_size):
+            for config in configs:
+                todo = [i for i in chunk if (config.name, i) not in done]
+                if not todo:
+                    continue
+                with _applied(model, config) as pruner, torch.no_grad():
+                    answers = task.answer([task.samples[i] for i in todo], pruner)
+                    stats = None if pruner is None else pruner.last_stats
+                    results.append([
+                        {**_config_fields(config), "index": i, **task.fields(task.samples[i], answer),
+                         "equivalent_budget": None if stats is None else stats.sample_equivalent_budget(b)}
+                        for b, (i, answer) in enumerate(zip(todo, answers))
+                    ])
+                progress.update(len(todo))
 
 
 def _applied(model, config: Config) -> contextlib.AbstractContextManager[Pruner | None]:

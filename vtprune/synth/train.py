@@ -440,53 +440,54 @@ def train(
         TrainingBatches(tokenizer, batch_size, questions_per_image, architecture.prompt), batch_size=None,
         sampler=range(start, steps), num_workers=workers, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None)
-    progress = tqdm(batches, initial=start, total=steps, desc="train-reference")
-    for step, batch in enumerate(progress, start):
-        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-        rows, firsts, owners, dense = len(batch["input_ids"]), batch["firsts"], batch["owners"], batch["dense"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values=batch["pixel_values"]).logits
-        losses = {"answer": next_token_loss(logits, batch["answer_targets"]),
-                  "caption": next_token_loss(logits, batch["caption_targets"]),
-                  "dense": head.loss(features["last"][firsts, 1:], dense),
-                  "alignment": word_alignment_loss(features["projected"][firsts], dense, model, tokenizer)}
-        if weights["grounding"]:
-            losses["grounding"] = grounding_loss(layers[-1], *features["grounded"], batch)
-        if weights["reading"]:
-            losses["reading"] = reading_loss(layers[0], *features["reading"], batch)
-        if weights["relevance"]:
-            # Over the tokens of objects and plates only: telling background from objects is easy and
-            # would drown out the question-dependent part, which object is the one asked about.
-            on_object = (dense[:, 0] > 0).flatten(1)[owners]  # [rows, 576]
-            probed = relevance(features["probed"][0][batch["visual"]].view(rows, -1, features["probed"][0].shape[-1]))
-            losses["relevance"] = nn.functional.binary_cross_entropy_with_logits(
-                probed.squeeze(-1)[on_object], batch["relevant"][batch["visual"]].view(rows, -1)[on_object].float())
-        loss_weights = {"answer": 1.0, "caption": caption_weight, "dense": dense_weight, "alignment": alignment_weight,
-                        **weights}
-        loss = sum(loss_weights[name] * value for name, value in losses.items())
-        rate = lr * learning_rate_factor(step, steps, warmup, rewarm_from)
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        record = {"step": step + 1, **{f"{name}_loss": value.item() for name, value in losses.items()}, "lr": rate,
-                  "elapsed_s": round(time.time() - began, 1)}
-        progress.set_postfix({name: f"{value.item():.3f}" for name, value in losses.items()})
-        out_of_time = minutes is not None and time.time() - began > 60 * minutes
-        if (step + 1) % eval_every == 0 or step + 1 == steps or out_of_time:
-            accuracy = answer_accuracy(model, processor, validation, prompt_format=architecture.prompt)
-            record["validation"] = accuracy
-            tqdm.write(f"step {step + 1}: validation {json.dumps(accuracy)}")
-            model.save_pretrained(out)
-            processor.save_pretrained(out)
-            torch.save({"head": head.state_dict(), "relevance": relevance.state_dict()}, out / "auxiliary_heads.pt")
-            save_atomically({"model": model.state_dict(), "head": head.state_dict(),
-                             "relevance": relevance.state_dict(), "optimizer": optimizer.state_dict(),
-                             "step": step + 1, "settings": settings, "rewarm_from": rewarm_from}, state_path)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        if out_of_time:
-            break
+    with log, tqdm(batches, initial=start, total=steps, desc="train-reference") as progress:
+        for step, batch in enumerate(progress, start):
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            rows, firsts, owners, dense = len(batch["input_ids"]), batch["firsts"], batch["owners"], batch["dense"]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"]).logits
+            losses = {"answer": next_token_loss(logits, batch["answer_targets"]),
+                      "caption": next_token_loss(logits, batch["caption_targets"]),
+                      "dense": head.loss(features["last"][firsts, 1:], dense),
+                      "alignment": word_alignment_loss(features["projected"][firsts], dense, model, tokenizer)}
+            if weights["grounding"]:
+                losses["grounding"] = grounding_loss(layers[-1], *features["grounded"], batch)
+            if weights["reading"]:
+                losses["reading"] = reading_loss(layers[0], *features["reading"], batch)
+            if weights["relevance"]:
+                # Over the tokens of objects and plates only: telling background from objects is easy and
+                # would drown out the question-dependent part, which object is the one asked about.
+                on_object = (dense[:, 0] > 0).flatten(1)[owners]  # [rows, 576]
+                probed_states = features["probed"][0]
+                probed = relevance(probed_states[batch["visual"]].view(rows, -1, probed_states.shape[-1]))
+                losses["relevance"] = nn.functional.binary_cross_entropy_with_logits(
+                    probed.squeeze(-1)[on_object], batch["relevant"][batch["visual"]].view(rows, -1)[on_object].float())
+            loss_weights = {"answer": 1.0, "caption": caption_weight, "dense": dense_weight,
+                            "alignment": alignment_weight, **weights}
+            loss = sum(loss_weights[name] * value for name, value in losses.items())
+            rate = lr * learning_rate_factor(step, steps, warmup, rewarm_from)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            record = {"step": step + 1, **{f"{name}_loss": value.item() for name, value in losses.items()}, "lr": rate,
+                      "elapsed_s": round(time.time() - began, 1)}
+            progress.set_postfix({name: f"{value.item():.3f}" for name, value in losses.items()})
+            out_of_time = minutes is not None and time.time() - began > 60 * minutes
+            if (step + 1) % eval_every == 0 or step + 1 == steps or out_of_time:
+                accuracy = answer_accuracy(model, processor, validation, prompt_format=architecture.prompt)
+                record["validation"] = accuracy
+                tqdm.write(f"step {step + 1}: validation {json.dumps(accuracy)}")
+                model.save_pretrained(out)
+                processor.save_pretrained(out)
+                torch.save({"head": head.state_dict(), "relevance": relevance.state_dict()}, out / "auxiliary_heads.pt")
+                save_atomically({"model": model.state_dict(), "head": head.state_dict(),
+                                 "relevance": relevance.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "step": step + 1, "settings": settings, "rewarm_from": rewarm_from}, state_path)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if out_of_time:
+                break
     return accuracy
