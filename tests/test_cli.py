@@ -386,3 +386,28 @@ def test_each_options_help_says_its_default_once(capsys):
     assert "fractions (default: 192,128,64)" in text and "resumes there (default: out/eval)" in text
     assert "(default 2; the reference model trained on seed 0)" in text and "(default: 2)" not in text
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_a_rerun_with_fewer_configs_names_the_answers_its_report_leaves_out(capsys):
+    records = [{"config": name} for name in ("unpruned", "fastv@64", "clse@64", "clse@64", "random@64")]
+    cli._say_left_out(records, {"unpruned", "fastv@64"}, "results")
+    said = " ".join(capsys.readouterr().out.split())
+    assert "also holds the answers of clse@64, random@64, which this report leaves out" in said
+    assert "other than 'results'" in said
+    cli._say_left_out(records, {"unpruned", "fastv@64", "clse@64", "random@64"}, "results")
+    assert capsys.readouterr().out == ""
+
+
+def test_a_value_error_from_another_library_keeps_its_traceback(tmp_path, monkeypatch):
+    """vtprune's own ValueErrors name the bad input and its fix: one line. One raised inside numpy or torch is a
+    bug to trace, not a message for the user: it propagates whole."""
+    import numpy as np
+
+    monkeypatch.setattr(cli, "cmd_bench", lambda args: np.zeros(2).reshape(3))
+    with pytest.raises(ValueError, match="cannot reshape"):
+        cli.main(["bench", "--out", str(tmp_path)])
+    from vtprune.methods import get_method
+
+    monkeypatch.setattr(cli, "cmd_bench", lambda args: get_method("fastvv"))
+    with pytest.raises(SystemExit, match="vtprune bench: error: unknown method 'fastvv'"):
+        cli.main(["bench", "--out", str(tmp_path)])

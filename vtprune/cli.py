@@ -202,7 +202,17 @@ def cmd_eval(args) -> int:
         paths = write_reports(rows, out, title, dict(settings, command=command, **_not_run(refused)), args.report,
                               published)
     console.print(f"wrote {', '.join(str(p) for p in paths)} (per sample: {out}/results*.jsonl)")
+    _say_left_out(records, wanted, args.report)
     return 0
+
+
+def _say_left_out(records: list[dict], wanted: set[str], report: str) -> None:
+    """A rerun with fewer --methods reports only its own configs: say which answers in the folder it left out."""
+    if left_out := sorted({r["config"] for r in records} - wanted):
+        shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+        console.print(f"[yellow]the folder also holds the answers of {shown}, which this report leaves out (it "
+                      f"reports this run's --methods at its --budgets): name them there to report them too, or give "
+                      f"--report a name other than {report!r} to keep each run's report[/yellow]")
 
 
 def _resumed_samples(out) -> int | None:
@@ -288,6 +298,7 @@ def _eval_benchmarks(args, specs, out, shard) -> int:
             console.print("no normalized plot: no config has a normalized average (it needs the unpruned config's "
                           "score, above 0, on every task)")
     console.print(f"wrote {', '.join(map(str, written))} (per answer: {out}/results*.jsonl)")
+    _say_left_out(records, wanted, args.report)
     return 0
 
 
@@ -628,6 +639,16 @@ def _terminate(signum, frame):
     raise Terminated
 
 
+def _raised_by_vtprune(error: BaseException) -> bool:
+    """Whether vtprune's own code raised error (its innermost frame is in this package)."""
+    from pathlib import Path
+
+    innermost = error.__traceback__
+    while innermost is not None and innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    return innermost is not None and Path(innermost.tb_frame.f_code.co_filename).is_relative_to(Path(__file__).parent)
+
+
 def main(argv: list[str] | None = None) -> int:
     from vtprune.eval.lock import FolderBusy
     from vtprune.synth.reference import CheckpointError
@@ -640,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     # the user's to fix (vtprune raises ValueError for bad input, naming it and the fix): one line, not a traceback
     except (FolderBusy, CheckpointError, ValueError, UnidentifiedImageError) as error:
+        if isinstance(error, ValueError) and not _raised_by_vtprune(error):
+            raise  # another library's (numpy's, torch's): where it came from is the story, so the whole traceback
         raise SystemExit(f"vtprune {args.command}: error: {error}") from None
     except KeyboardInterrupt as stop:
         kept = INTERRUPTED.get(args.command)
