@@ -472,7 +472,8 @@ class DefaultsShown(argparse.HelpFormatter):
     """Each option's help ends with its default, unless it says its default itself or has none."""
 
     def _get_help_string(self, action):
-        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
+        nothing_to_add = action.default in (None, False, argparse.SUPPRESS) or "default" in action.help
+        if nothing_to_add or not action.option_strings:
             return action.help
         return f"{action.help} (default: %(default)s)"
 
