@@ -229,6 +229,9 @@ def test_a_fractional_budget_keeps_the_nearest_whole_count():
     with vtprune.apply(model, "random", 0.29) as pruner:
         model(**inputs)
         assert pruner.last_stats.kept_per_sample == [19]
+        # printed, a decision gives its counts, not its tensors of positions
+        assert repr(pruner.last_decision) == \
+            f"Decision(stage_layers=[0], kept_per_sample=[[19]], prompt_length={inputs['input_ids'].shape[1]})"
 
 
 # an LLM-input stage followed by an in-LLM one
@@ -310,6 +313,7 @@ def test_merged_states_reach_the_language_model(method, options):
         decision = pruner.last_decision
     (stage_layer,) = decision.stage_layers
     assert sum(positions.numel() for positions, _ in decision.merged[0][0]) > 0, "the method merged nothing here"
+    assert repr(decision).endswith(", with merges)")
     captured = []
     handle = layers[stage_layer].register_forward_pre_hook(
         lambda module, args, kwargs: captured.append(kwargs.get("hidden_states", args[0] if args else None)),

@@ -29,6 +29,13 @@ class Decision:
     layer_positions: list[torch.Tensor] = field(default_factory=list)  # see positions_at
     made_for: "Origin | None" = field(default=None, repr=False)  # the prompt it was decided on (replaying checks it)
 
+    def __repr__(self) -> str:
+        """Counts, not tensors: printed whole, a decision runs to thousands of positions."""
+        kept = [[int(positions.numel()) for positions in stage] for stage in self.kept]
+        merges = ", with merges" if any(any(stage) for stage in self.merged) else ""
+        return f"Decision(stage_layers={self.stage_layers}, kept_per_sample={kept}, " \
+               f"prompt_length={self.prompt_length}{merges})"
+
     @property
     def moved(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """moved[stage][sample]: (positions, positions they were merged into), for pictures of a merge (filtered
