@@ -83,6 +83,9 @@ def test_timings_and_rates_are_positive_and_ordered(results):
 
 def test_flops_formula():
     assert decoder_layer_flops(10, 4, 8) == 4 * 10 * 16 + 2 * 100 * 4 + 3 * 10 * 4 * 8
+    assert vision_layer_flops(10, 4, 8) == 4 * 10 * 16 + 2 * 100 * 4 + 2 * 10 * 4 * 8  # CLIP's two-matrix MLP
+    # Qwen2.5-VL's windowed block: attention within windows of 4 and 6 tokens, a three-matrix MLP
+    assert vision_layer_flops(10, 4, 8, 3, [4, 6]) == 4 * 10 * 16 + 2 * (16 + 36) * 4 + 3 * 10 * 4 * 8
 
 
 @pytest.mark.parametrize("keep", [64, 128, 192, 100])
