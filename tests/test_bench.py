@@ -327,6 +327,17 @@ def test_qwen2_5_vl_counts_kv_bytes_and_flops(qwen2_5_results):
     assert r["random@8"].prefill_tflops > r["oracle@8"].prefill_tflops
 
 
+def test_qwen_towers_flops_are_read_off_their_configs():
+    """Qwen2-VL-7B's tower: 32 blocks of width embed_dim 1280 (hidden_size, 3584, is the merger's output) and an MLP
+    of mlp_ratio 4, two matrices. Qwen2.5-VL's windowed blocks need each image's grid, one per image."""
+    qwen2 = SimpleNamespace(config=PRESETS["qwen2-vl-7b"].config())
+    assert prefill_flops(qwen2, [100] * 28, [1024])["vision"] == 32 * (
+        4 * 1024 * 1280 ** 2 + 2 * 1024 ** 2 * 1280 + 2 * 1024 * 1280 * 5120)
+    qwen2_5 = SimpleNamespace(config=PRESETS["qwen2.5-vl-7b"].config())
+    with pytest.raises(ValueError, match="each image's"):
+        prefill_flops(qwen2_5, [100] * 28, [1024, 1024], [(32, 32)])
+
+
 def test_the_video_llava_7b_preset():
     """Video-LLaVA-7B's shapes, its 8 x 257 placeholders and its FLOPs, read off the config (no 7B model built)."""
     config = PRESETS["video-llava-7b"].config()
