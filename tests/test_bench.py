@@ -14,7 +14,8 @@ from rich.console import Console
 from transformers.vision_utils import get_vision_window_index
 
 from vtprune.bench.flops import decoder_layer_flops, prefill_flops, vision_layer_flops, window_spans
-from vtprune.bench.measure import Measurement, measure, oracle_grid, oracle_kept_features, video_oracle_kept
+from vtprune.bench.measure import (Measurement, generation_rates, measure, oracle_grid, oracle_kept_features,
+                                   video_oracle_kept)
 from vtprune.bench.run import bench_table, save
 from vtprune.bench.presets import PRESETS, AnyresLayout, Preset, anyres_layout, build_preset, preset_inputs
 from vtprune.engine.compiled import COMPILERS, compile_prefill
@@ -79,6 +80,13 @@ def test_timings_and_rates_are_positive_and_ordered(results):
         assert 0 < run.prefill_ms_p10 <= run.prefill_ms <= run.prefill_ms_p90
         # decode speed is a difference of two timings: NaN (never <= 0) when a busy machine's noise swamps it
         assert not run.decode_tokens_per_s <= 0 and run.throughput_samples_per_s > 0
+
+
+def test_generation_rates_price_decode_as_the_difference_of_two_generates():
+    # batch 4, 16 new tokens in 1600 ms, 1 in 100 ms: 15 decode steps of 4 samples in 1.5 s; 4 answers in 1.6 s
+    assert generation_rates(4, 16, 1600.0, 100.0) == pytest.approx((40.0, 2.5))
+    decode, samples = generation_rates(4, 16, 90.0, 100.0)  # noise ate the decode time
+    assert math.isnan(decode) and samples == pytest.approx(4 / 0.09)
 
 
 def test_flops_formula():
@@ -265,6 +273,7 @@ def test_the_cpu_presets_pack_their_tokens_and_run(name, visual, layers):
     r = {m: measure(model, preset, m, 64, batch=1, repeats=1, warmup=0, new_tokens=2) for m in ("random", "fastv")}
     assert r["random"].visual_tokens_per_layer == [64] * layers
     assert r["fastv"].visual_tokens_per_layer == [visual, visual] + [64] * (layers - 2)
+    assert r["fastv"].equivalent_budget == pytest.approx((2 * visual + 64 * (layers - 2)) / layers)  # layers' mean
     assert r["fastv"].prefill_tflops > r["random"].prefill_tflops > 0
 
 

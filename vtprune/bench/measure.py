@@ -274,13 +274,12 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
     text = sequence - (visual[0] if stats is None else stats.visual_tokens_per_sample[0])
     tokens_per_layer = [text + v for v in visual]
     flops = prefill_flops(model, tokens_per_layer, *_vision_sequences(model, preset, inputs))
-    decode_ms = generate_ms - first_token_ms
+    decode_tokens_per_s, samples_per_s = generation_rates(batch, new_tokens, generate_ms, first_token_ms)
     return Measurement(
         config=method if budget is None else f"{method}@{budget}",
         method=method, budget=budget, batch=batch,
         prefill_ms=statistics.median(times), prefill_ms_p10=p10, prefill_ms_p90=p90,
-        decode_tokens_per_s=batch * (new_tokens - 1) / (decode_ms / 1000) if decode_ms > 0 else float("nan"),
-        throughput_samples_per_s=batch / (generate_ms / 1000),
+        decode_tokens_per_s=decode_tokens_per_s, throughput_samples_per_s=samples_per_s,
         kv_cache_bytes=kv, peak_memory_bytes=peak,
         prefill_tflops=batch * flops["total"] / 1e12,
         equivalent_budget=sum(visual) / len(visual),
@@ -289,6 +288,15 @@ def measure(model, preset: Preset, method: str, budget: int | None, batch: int, 
         schedule_oracle_spread=_spread(replayed), input_oracle_spread=_spread(oracle_times),
         unpruned_ms=_median(unpruned_times), unpruned_spread=_spread(unpruned_times),
     )
+
+
+def generation_rates(batch: int, new_tokens: int, generate_ms: float, first_token_ms: float) -> tuple[float, float]:
+    """(decode tokens/s, samples/s) of a batch: generate(new_tokens) - generate(1) decoded new_tokens - 1 steps of
+    every sample (both paid the same prefill; NaN when noise makes the difference <= 0), and generate(new_tokens)
+    answered the batch's samples whole."""
+    decode_ms = generate_ms - first_token_ms
+    decode = batch * (new_tokens - 1) / (decode_ms / 1000) if decode_ms > 0 else float("nan")
+    return decode, batch / (generate_ms / 1000)
 
 
 def percentiles(times: list[float]) -> tuple[float, float]:
