@@ -38,6 +38,7 @@ def usage_error(argv, capsys) -> str:
     (["eval", "--budgets", "64,64"], "--budgets: 64 given twice"),
     (["eval", "--budgets", "1.5"], r"--budgets: .*\(0, 1\].*1\.5"),
     (["bench", "--budgets", "0.25"], "--budgets: '0.25': bench budgets are visual tokens per image, ints >= 1"),
+    (["bench", "--arch", "llava-1.5-7"], r"unknown arch 'llava-1.5-7' \(did you mean 'llava-1.5-7b'\?\); presets: "),
     (["bench", "--batch", "1,0"], "--batch: 0 is too small"),
     (["bench", "--methods", "clse:score=attn"], r"takes method names without options \(name:option=value is"),
     (["eval", "--methods", "clse:layers=1"], "--methods: clse:layers=1: clse's default keep counts are for 3 stages"),
@@ -290,7 +291,7 @@ def test_score_names_the_line_of_a_malformed_predictions_file(tmp_path, capsys):
     assert cli.main(["score", "--task", "pope", "--predictions", str(path)]) == 0
     with pytest.raises(SystemExit):  # refused before the file is read
         cli.main(["score", "--task", "popee", "--predictions", str(tmp_path / "absent.jsonl")])
-    assert re.search(r"unknown task 'popee'; valid: .*pope", capsys.readouterr().err)
+    assert re.search(r"unknown task 'popee' \(did you mean 'pope'\?\); valid: .*pope", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("spec", ["clse:keep=30/20/10", "sparsevlm:counts=30/20/10", "pdrop:ratios=0.5/0.25/0.125"])

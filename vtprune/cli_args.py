@@ -242,9 +242,10 @@ def method_name(text: str) -> str:
 
 def arch(text: str) -> str:
     from vtprune.bench.presets import PRESETS
+    from vtprune.methods import did_you_mean
 
     if text not in PRESETS:
-        raise Invalid(f"unknown arch {text!r}; presets: {', '.join(sorted(PRESETS))}")
+        raise Invalid(f"unknown arch {text!r}{did_you_mean(text, PRESETS)}; presets: {', '.join(sorted(PRESETS))}")
     return text
 
 

@@ -857,7 +857,10 @@ def canonical_task(task: str) -> str:
     """`task`'s own name (lmms-eval's and other spellings in `TASK_ALIASES` accepted); ValueError if unknown."""
     t = TASK_ALIASES.get(task, task)
     if t not in SCORING_RULES:
-        raise ValueError(f"unknown task {task!r}; valid: {', '.join(SCORING_RULES)}")
+        from ..methods.base import did_you_mean
+
+        raise ValueError(f"unknown task {task!r}{did_you_mean(task, [*SCORING_RULES, *TASK_ALIASES])}; "
+                         f"valid: {', '.join(SCORING_RULES)}")
     return t
 
 
