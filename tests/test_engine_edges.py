@@ -224,6 +224,7 @@ def test_a_fractional_budget_keeps_the_nearest_whole_count():
     assert tokens_for_budget(0.3, 64) == 19  # 19.2
     assert tokens_for_budget(0.29, 64) == 19  # 18.56
     assert tokens_for_budget(0.001, 64) == 1
+    assert tokens_for_budget(100, 64) == 64 and tokens_for_budget(1.0, 64) == 64  # no image keeps more than it has
     model = FAMILIES["llava"]("sdpa")
     inputs = tiny_inputs(model, [SampleLayout(images=1)])
     with vtprune.apply(model, "random", 0.29) as pruner:
