@@ -163,7 +163,7 @@ def test_images_without_input_ids_are_refused(model):
 @pytest.mark.parametrize(
     "budget, expected",
     [(np.int64(8), 8), (np.int32(8), 8), (torch.tensor(8), 8), (np.float64(0.25), 0.25), (torch.tensor(0.25), 0.25),
-     (np.array(8), 8), (np.array(0.25), 0.25)],
+     (np.array(8), 8), (np.array(0.25), 0.25), (np.float32(1.0), 1.0)],  # a fraction of 1: every token
 )
 def test_integral_and_real_budgets_of_any_type(model, budget, expected):
     from vtprune.tiny import SampleLayout, tiny_inputs
