@@ -508,7 +508,7 @@ def _last_query_attention(run: Run, layer: int, hidden, position_embeddings, lay
     """Each sample's last prompt token's attention over `layout` at decoder layer `layer` (which has run: its
     keys are taken from the KV cache where it holds them, not recomputed)."""
     slots = torch.arange(layout.length, device=hidden.device)
-    valid = layout.valid  # (a replay scores nothing: no decoded rows of a longer sequence to leave out here)
+    valid = layout.valid
     query_index = torch.where(valid, slots, -1).amax(dim=1)
     key_mask = valid & (slots[None] <= query_index[:, None])
     keys = kv.layer_keys(run.cache, layer, layout.length)
