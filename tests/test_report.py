@@ -58,6 +58,35 @@ def test_configs_at_matched_compute_mark_who_wins_at_equal_cost():
     assert "+20.0 (" in by_cost_markdown(summarize(records))
 
 
+def test_the_matched_compute_tables_read_as_their_rows():
+    """A config that only ties the best cheaper one is not "best at this cost"; each row reads its equivalent
+    budget, accuracy, interval, normalized score and its difference from the best as cheap, low to high."""
+    from vtprune.eval.report import frontier_table
+
+    def config(name, equivalent, correct):
+        return [{"config": name, "method": name.split("@")[0], "budget": 64 if equivalent else None, "index": i,
+                 "qclass": "count", "correct": i < correct, "equivalent_budget": equivalent} for i in range(10)]
+
+    records = config("unpruned", None, 10) + config("random@64", 64.0, 5) + config("pool@64", 100.4, 5) \
+        + config("clse@64", 144.0, 8)
+    rows = summarize(records)
+    hits = {name: [i < correct for i in range(10)] for name, correct in (("random@64", 5), ("pool@64", 5),
+                                                                        ("clse@64", 8))}
+
+    def cells(name, versus):
+        low, high = wilson_interval(sum(hits[name]), 10)
+        difference, (d_low, d_high) = paired_difference(hits[name], hits[versus])
+        return (f"{100 * low:.1f}-{100 * high:.1f}", f"{100 * sum(hits[name]) / 10:.1f}",
+                f"{100 * difference:+.1f} ({100 * d_low:+.1f} to {100 * d_high:+.1f}) vs {versus}")
+
+    pool, clse = cells("pool@64", "random@64"), cells("clse@64", "random@64")
+    assert f"| 100 | pool@64 | 50.0 | {pool[0]} | {pool[1]} |  | {pool[2]} |" in by_cost_markdown(rows)
+    assert f"| 144 | clse@64 | 80.0 | {clse[0]} | {clse[1]} | yes | {clse[2]} |" in by_cost_markdown(rows)
+    assert "| 64 | random@64 | 50.0 |" in by_cost_markdown(rows) and "| yes | - |" in by_cost_markdown(rows)
+    assert frontier_table(rows, "t").columns[1]._cells == ["random@64", "clse@64"]
+    assert "| pool@64 | 100 | 50.0 |" in markdown_table(rows)  # the accuracy table's eq. budget, whole tokens
+
+
 def test_a_paired_difference_is_narrower_than_two_intervals_side_by_side():
     """Two configs that answer 200 samples alike but for 12 (11 of them won by the first) differ by 5 points:
     their own intervals overlap (a reader would call it noise), the paired one excludes 0."""
