@@ -160,6 +160,20 @@ def test_the_plot_draws_an_interval_that_does_not_hold_its_value(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
+def test_a_run_of_token_and_fraction_budgets_plots_the_tokens_left_and_both_right(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from vtprune.eval.report import plot_accuracy_vs_budget
+
+    drawn, errorbar = [], matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda axis, x, y, **kwargs: drawn.append(list(x)) or errorbar(axis, x, y, **kwargs))
+    rows = [{"method": "random", "budget": budget, "equivalent_budget": equivalent, "overall": 0.5,
+             "overall_ci95": (0.4, 0.6)} for budget, equivalent in ((64, 64.0), (0.25, 144.0))]
+    plot_accuracy_vs_budget(rows, tmp_path / "plot.png", "t")
+    assert drawn == [[64], [64.0, 144.0]]  # the left panel's x is tokens: a share of 0.25 is no count
+
+
 def test_the_normalized_average_is_undefined_where_the_unpruned_model_scores_0_on_a_class():
     def config(name, method, correct_by_class):
         return [{"config": name, "method": method, "budget": None if method == "unpruned" else 64, "index": i,
