@@ -75,6 +75,12 @@ def test_a_reversal_is_told_from_noise():
     assert lead["difference"] == pytest.approx(-0.4) and lead["ci95"][1] < 0
 
 
+def test_a_tie_in_this_run_is_no_reversal():
+    records = _records("fastv@64", [i % 2 == 0 for i in range(40)]) + _records("dart@64", [i < 20 for i in range(40)])
+    (comparison,) = against_published(summarize(records), hits_by_config(records))
+    assert comparison["reversed"] == [] and comparison["kendall_tau"] is None  # this run ties them: no order
+
+
 def test_the_report_carries_the_comparison(tmp_path):
     records = _records("fastv@64", [i % 2 == 0 for i in range(40)]) + _records("dart@64", [True] * 40)
     rows = summarize(records)

@@ -71,6 +71,7 @@ def test_the_matched_compute_tables_read_as_their_rows():
         + config("clse@64", 144.0, 8)
     rows = summarize(records)
     assert (rows[0]["config"], rows[0]["budget"], rows[0]["equivalent_budget"]) == ("unpruned", None, None)
+    assert [row["samples"] for row in rows] == [10] * 4
     hits = {name: [i < correct for i in range(10)] for name, correct in (("random@64", 5), ("pool@64", 5),
                                                                         ("clse@64", 8))}
 
