@@ -3,12 +3,13 @@
 import itertools
 import json
 import math
+import re
 
 import pytest
 from hypothesis import given, strategies as st
 
 from vtprune.eval.published import (PUBLISHED, VANILLA_SIX, against_published, kendall_tau, normalized_six,
-                                     published_markdown)
+                                     published_markdown, published_table)
 from vtprune.eval.report import hits_by_config, summarize, write_reports
 
 
@@ -73,6 +74,9 @@ def test_a_reversal_is_told_from_noise():
     assert verdicts == {("clse", "fastv"): True, ("clse", "sparsevlm"): True, ("sparsevlm", "fastv"): False}
     lead = next(p for p in clse_192["reversed"] if p["other"] == "fastv" and p["published_leader"] == "clse")
     assert lead["difference"] == pytest.approx(-0.4) and lead["ci95"][1] < 0
+    text = published_markdown(comparisons)
+    assert text.count(", within noise") == 1 and re.search(r"sparsevlm vs fastv: -0\.5 \([^)]*\), within noise", text)
+    assert published_table(comparisons).columns[4]._cells == ["clse < fastv, clse < sparsevlm"]  # beyond noise only
 
 
 def test_a_tie_in_this_run_is_no_reversal():
