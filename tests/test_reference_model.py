@@ -106,3 +106,18 @@ def test_a_budget_keeping_every_visual_token_is_the_unpruned_row_and_calibrates_
     assert all("keeps all 576 visual tokens of each image" in reason for reason in refused.values())
     with pytest.raises(SystemExit, match="--budget 576 keeps all 576 visual tokens of each image"):
         cli.main(["calibrate", "--method", "clasp", "--budget", "576", "--out", str(tmp_path / "table.json")])
+
+
+def test_vtprune_calibrate_writes_and_prints_its_table(tmp_path, capsys):
+    """The command end to end, on 6 samples (one a class): it writes its table and prints it."""
+    import json
+
+    from vtprune import cli
+
+    out = tmp_path / "table.json"
+    assert cli.main(["calibrate", "--method", "clasp", "--samples", "6", "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["method"] == "clasp" and table["budget"] == 64 and len(table["classes"]) == 6
+    printed = capsys.readouterr().out
+    assert '"calibration_accuracy"' in printed or "'calibration_accuracy'" in printed
+    assert f"wrote {out}" in " ".join(printed.split())

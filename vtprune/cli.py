@@ -143,7 +143,7 @@ def cmd_calibrate(args) -> int:
     table = calibrate_clasp(model, processor, samples, prompt, args.budget,
                             {"model": model_path.name, "seed": args.seed, "samples": args.samples})
     write_table(table, Path(args.out))
-    print_table(table)
+    console.print(table)
     console.print(f"wrote {args.out}; use it with vtprune.apply(model, 'clasp', budget, calibration='{args.out}')")
     return 0
 
