@@ -607,6 +607,17 @@ def test_unreadable_image_bytes(tmp_path):
     raises(re.escape("pope.parquet row 3: field 'image' is not a readable image"), load_benchmark, "pope", tmp_path)
 
 
+def test_an_image_struct_holding_a_path_is_read_from_it_and_one_holding_nothing_is_refused(tmp_path):
+    (tmp_path / "blue.png").write_bytes(png(BLUE))
+    rows = pope_rows()
+    rows[1]["image"] = {"bytes": None, "path": str(tmp_path / "blue.png")}  # a dataset that stores its images' paths
+    write_parquet(tmp_path / "pope.parquet", rows)
+    assert color_of(load_benchmark("pope", tmp_path)[1].images[0]) == BLUE
+    rows[1]["image"] = {"bytes": None, "path": None}
+    write_parquet(tmp_path / "pope.parquet", rows)
+    raises(re.escape("pope.parquet row 1: field 'image' is missing or empty"), load_benchmark, "pope", tmp_path)
+
+
 def cut_in_half(data: bytes) -> bytes:
     return data[: len(data) // 2]
 

@@ -294,6 +294,8 @@ def test_tokens_fall_in_their_grids_and_newlines_in_none():
     # 20 (the high grid's last cell) merged into 11 (the base's second), then 11 into 10
     base_groups, high_groups = groups_per_grid(item, [([20], [11]), ([11], [10])])
     assert base_groups.tolist() == [0, 0, 2, 3] and high_groups.tolist() == [4, 5, 6, 7, 8, 0]
+    # a move to a position outside the item (3: text) leaves the cell where it is, rather than in no group
+    assert groups_per_grid(item, [([20], [3])])[1].tolist() == [4, 5, 6, 7, 8, 9]
 
 
 def test_bad_input_is_one_line_not_a_traceback(tmp_path):
@@ -334,12 +336,14 @@ def test_tiles_are_stitched_from_the_pixels_their_patches_cover():
     from vtprune.viz import seen_parts
 
     views = torch.stack([torch.full((3, 30, 30), 10.0 * (view + 1)) for view in range(5)])  # base, then 2 x 2 tiles
+    views[..., 28:, :] = views[..., :, 28:] = 255.0  # the pixels no patch covers
     inputs = {"pixel_values": views[None], "image_sizes": torch.tensor([[100, 100]])}  # square: nothing unpadded
     plain = SimpleNamespace(image_processor=SimpleNamespace(do_normalize=False, do_rescale=False))
     base, high = seen_parts(plain, inputs, [(4, 4), (8, 8)], tiles=(2, 2))  # 4 patches of 7 px a tile: 28 of 30
     assert base.image.size == (28, 28) and high.image.size == (56, 56)
     pixels = np.asarray(high.image)[..., 0]
     assert [pixels[0, 27], pixels[0, 28], pixels[28, 0], pixels[55, 55]] == [20, 30, 40, 50]
+    assert np.asarray(base.image).max() == 10 and pixels.max() == 50  # the unseen pixels are cut, not the first ones
 
 
 VIDEO_FAMILIES = ["video_llava", "llava_onevision", "qwen2_vl"]
@@ -370,8 +374,9 @@ def test_a_videos_frames_are_drawn_as_the_model_saw_them(tmp_path, family):
     patch = model.config.vision_config.patch_size
     with pytest.raises(ValueError, match=f"are not the model's {grid.frames + 1} frames"):
         seen_frames(processor, inputs, (grid.frames + 1, grid.rows, grid.cols), patch)
-    with pytest.raises(ValueError, match="cannot draw them"):
-        seen_frames(processor, inputs, (grid.frames, 100, grid.cols), patch)
+    for rows, cols in ((100, grid.cols), (grid.rows, 100)):
+        with pytest.raises(ValueError, match="cannot draw them"):
+            seen_frames(processor, inputs, (grid.frames, rows, cols), patch)
 
 
 def test_kept_video_tokens_are_split_frame_by_frame():
@@ -401,12 +406,22 @@ def test_show_draws_each_frame_of_a_video(tmp_path, monkeypatch, capsys, family,
                  "--model", str(tmp_path / "model"), "--frames", "6", "--out", str(tmp_path / "kept.png")]) == 0
     [(drawings, options)] = drawn
     assert options == {"across": vtprune.show.FRAMES_TO_A_ROW} and len(drawings) == (3 if family == "qwen2_vl" else 6)
+    # a Qwen2-VL token spans a temporal patch of two frames
+    assert [d.label for d in drawings] == (["frames 1-2", "frames 3-4", "frames 5-6"] if family == "qwen2_vl"
+                                           else [f"frame {t}" for t in range(1, 7)])
     assert sum(len(d.kept_per_stage[-1]) for d in drawings) == 10  # the budget, over the frames
     assert all(0 <= i < d.grid[0] * d.grid[1] for d in drawings for stage in d.kept_per_stage for i in stage)
     if method == "clse_m":  # each frame's tokens coloured by where they were merged, ids shared over the video
         assert all(d.groups is not None and d.groups.shape == (d.grid[0] * d.grid[1],) for d in drawings)
     assert f"over the {len(drawings)} frames of" in capsys.readouterr().out
     assert Image.open(tmp_path / "kept.png").size[0] > 0
+
+
+def test_a_video_is_known_by_its_suffix_in_any_case():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=r"CLIP.MP4 is a video, but this checkpoint's processor"):
+        vtprune.show.sample_of("CLIP.MP4", None, SimpleNamespace(video_processor=None), None)
 
 
 def test_a_video_where_none_is_taken_and_frames_of_an_image_are_refused(tmp_path):
@@ -420,3 +435,85 @@ def test_a_video_where_none_is_taken_and_frames_of_an_image_are_refused(tmp_path
                                          r"takes none; give --model a checkpoint of a family that does \(Video-LLaVA"):
         main(["show", str(tmp_path / "clip.mp4"), "what happens ?", "--method", "random", "--budget", "8",
               "--out", str(tmp_path / "kept.png")])
+
+
+def plain_processor(**settings):
+    """An image processor's pixel settings alone (what drawing reads), no normalisation unless given."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"do_normalize": False, "do_rescale": False, **settings})
+
+
+def test_a_non_square_crop_gets_a_grid_of_its_own_shape():
+    from types import SimpleNamespace
+
+    seen = seen_image(SimpleNamespace(patch_size=14, image_processor=plain_processor()),
+                      {"pixel_values": torch.zeros(1, 3, 28, 56)})
+    assert seen.grid == (2, 4) and seen.image.size == (56, 28)
+
+
+def test_denormalising_gives_back_every_8_bit_value():
+    """CLIP's normalisation in float32, undone: each of the 256 values comes back as itself, not one below it."""
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    processor = plain_processor(do_normalize=True, image_mean=mean, image_std=std, do_rescale=True,
+                                rescale_factor=1 / 255)
+    values = np.broadcast_to(np.arange(256, dtype=np.float32).reshape(1, 16, 16), (3, 16, 16))
+    normalised = (values * np.float32(1 / 255) - np.float32(mean)[:, None, None]) / np.float32(std)[:, None, None]
+    again = np.asarray(vtprune.viz._denormalise(normalised.astype(np.float32), processor))
+    assert np.array_equal(again.transpose(2, 0, 1), values.astype(np.uint8))
+
+
+def test_a_qwen_temporal_patch_is_drawn_from_its_first_frame():
+    """Qwen2-VL packs a temporal patch's frames inside each patch (transformers' Qwen2-VL processors lay a row out as
+    channel, frame, y, x, the rows block by merged block): frame 0 is drawn, not the one after it."""
+    frames = np.stack([np.full((3, 28, 28), 10.0), np.full((3, 28, 28), 200.0)])  # one temporal patch, 2x2 patches
+    rows = frames.reshape(1, 2, 3, 1, 2, 14, 1, 2, 14).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(4, -1)
+    video_processor = plain_processor(patch_size=14, merge_size=2, temporal_patch_size=2)
+    seen = vtprune.viz._seen_by_qwen2_vl(video_processor, torch.tensor(rows), torch.tensor([[1, 2, 2]]), 0)
+    assert seen.grid == (1, 1) and np.unique(np.asarray(seen.image)).tolist() == [10]
+
+
+@pytest.fixture
+def drawn_figures(monkeypatch):
+    """The figures kept_token_maps draws, kept open to be read until the test ends."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    yield figures
+    for figure in figures:
+        close(figure)
+
+
+def test_the_picture_outlines_the_survivors_and_its_legend_shades_as_its_panel(tmp_path, drawn_figures):
+    figures = drawn_figures
+    white = Image.new("RGB", (40, 30), "white")  # 3 x 4 cells of 10 px
+    # stage 1 (before layer 2) drops 2, 3, 4, 7, 8, 9, 10; stage 2 (before layer 5) drops 0, 5, 6
+    kept_token_map(white, (3, 4), [np.array([0, 1, 5, 6, 11]), np.array([1, 11])], tmp_path / "k.png", "t", [2, 5])
+    [figure] = figures
+    shaded = figure.axes[1]
+    outlined = {(round((p.get_y() + 0.5) / 10), round((p.get_x() + 0.5) / 10)) for p in shaded.patches}
+    assert outlined == {(0, 1), (2, 3)} and shaded.get_title() == "kept 2 of 12 tokens"
+    pixels = shaded.get_images()[0].get_array()
+    stage_1, stage_2, _ = figure.legends[0].legend_handles
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == [
+        "dropped before LLM layer 2", "dropped before LLM layer 5", "kept to the end"]
+    assert stage_1.get_facecolor()[0] == pytest.approx(pixels[5, 25, 0])  # cell (0, 2): dropped at stage 1
+    assert stage_2.get_facecolor()[0] == pytest.approx(pixels[5, 5, 0])  # cell (0, 0): at stage 2
+    assert pixels[5, 25, 0] < pixels[5, 5, 0] < pixels[5, 15, 0] == 1  # earlier drops darker; survivors untouched
+    # one stage, a vision-encoder method's: its legend says where it acts
+    kept_token_map(white, (3, 4), [np.array([1, 11])], tmp_path / "k.png", "t", [0])
+    assert [t.get_text() for t in figures[-1].legends[0].get_texts()] == ["dropped before the LLM", "kept to the end"]
+
+
+def test_merge_colours_are_the_same_in_every_drawing_and_frames_lie_in_even_rows(tmp_path, drawn_figures):
+    from vtprune.viz import GridDrawing, kept_token_maps
+
+    figures = drawn_figures
+    drawing = GridDrawing(Image.new("RGB", (20, 20), "white"), (2, 2), [np.array([0, 3])], np.array([0, 0, 3, 3]))
+    for _ in range(2):
+        kept_token_maps([drawing], tmp_path / "k.png", "t")
+    first, second = (figure.axes[2].get_images()[0].get_array() for figure in figures)
+    assert np.array_equal(first, second)
+    kept_token_maps([drawing] * 10, tmp_path / "frames.png", "t", across=8)
+    assert figures[-1].axes[0].get_gridspec().ncols == 5  # 10 frames as 5 and 5, not 8 and 2
