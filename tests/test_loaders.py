@@ -940,13 +940,16 @@ def test_videomme_without_its_video_names_the_row(tmp_path):
            load_benchmark, "videomme", tmp_path)
 
 
-def test_frames_are_sampled_uniformly_from_first_to_last(tmp_path):
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])  # an mkv's stream does not say its frame count: they are counted
+def test_frames_are_sampled_uniformly_from_first_to_last(tmp_path, suffix):
     from vtprune.eval.videos import read_frames
 
-    video = write_video(tmp_path / "v.mp4", frames=10)
+    video = write_video(tmp_path / f"v.{suffix}", frames=10)
     frames = read_frames(video, 4)  # lmms-eval's np.linspace(0, 9, 4, dtype=int): frames 0, 3, 6, 9
     assert frames.shape == (4, 24, 32, 3) and frames.dtype.name == "uint8"
     assert [round(float(f.mean()) / 20) for f in frames] == [0, 3, 6, 9]
+    frames[:] = 0  # a caller's changes stay its own: the next question about the video reads it as it is
+    assert [round(float(f.mean()) / 20) for f in read_frames(video, 4)] == [0, 3, 6, 9]
     assert read_frames(video, 16).shape[0] == 10  # never more than the video has
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     raises("bad.mp4: not a readable video", read_frames, tmp_path / "bad.mp4", 4)
