@@ -224,6 +224,20 @@ def test_upscaled_shipped_model_is_the_deep_model_computing_what_the_shipped_one
     assert all(torch.equal(value, deep.state_dict()[key]) for key, value in loaded.state_dict().items())
 
 
+def test_hand_off_parts_fit_through_out_and_read_back_only_whole(tmp_path):
+    """Files come back from $OUT only under 16 MiB; a missing part is refused, not joined into a shorter archive,
+    and a rewrite leaves no part of a longer earlier one to be joined after it."""
+    assert handoff.PART_BYTES < 16 * 2**20
+    data = bytes(range(250))
+    assert [p.name for p in handoff.write_parts(data, tmp_path, "x.tar", part_bytes=100)] == ["x.tar.00", "x.tar.01",
+                                                                                               "x.tar.02"]
+    (tmp_path / "x.tar.01").unlink()
+    with pytest.raises(FileNotFoundError, match="not a whole run"):
+        handoff.read_parts(tmp_path, "x.tar")
+    handoff.write_parts(data[:150], tmp_path, "x.tar", part_bytes=100)
+    assert handoff.read_parts(tmp_path, "x.tar") == data[:150]
+
+
 def test_a_deep_run_resumes_from_its_hand_off_parts(tmp_path):
     """The exact run's code path at a toy batch: train, pack into parts (small ones here, to have several),
     unpack elsewhere, resume with a fresh optimizer whose learning rate ramps up again; other settings refuse."""
