@@ -155,6 +155,55 @@ def test_the_model_id_follows_every_file_but_notes_and_samples_large_ones(tmp_pa
     assert cli._model_id(folder) not in (first, changed)
 
 
+def test_the_data_digest_reads_the_questions_names_the_videos_and_leaves_the_run_out(tmp_path):
+    """A video counts by its name and size (a benchmark's videos run to hundreds of GB, read before any answer
+    otherwise), whatever its suffix's case; every other file by its bytes; the run's own folder not at all, even
+    inside the single task's folder."""
+    from vtprune.eval.benchmark_eval import data_digests
+
+    (tmp_path / "test.parquet").write_bytes(b"questions")
+    (tmp_path / "a.mp4").write_bytes(b"x" * 10)
+    (tmp_path / "b.MP4").write_bytes(b"x" * 10)
+    digest = lambda: data_digests(["videomme"], tmp_path, tmp_path / "out")  # noqa: E731
+    first = digest()
+    (tmp_path / "a.mp4").write_bytes(b"y" * 10)
+    (tmp_path / "b.MP4").write_bytes(b"y" * 10)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.jsonl").write_text("{}\n")
+    assert digest() == first
+    (tmp_path / "a.mp4").rename(tmp_path / "c.mp4")
+    assert digest() != first
+    (tmp_path / "c.mp4").rename(tmp_path / "a.mp4")
+    (tmp_path / "test.parquet").write_bytes(b"questionz")
+    assert digest() != first
+
+
+def test_videos_get_the_frames_the_familys_lmms_eval_model_takes():
+    from types import SimpleNamespace
+
+    from vtprune.eval.benchmark_eval import default_frames
+
+    frames = {family: default_frames(SimpleNamespace(config=SimpleNamespace(model_type=family)))
+              for family in ("video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl")}
+    assert frames == {"video_llava": 8, "llava_onevision": 32, "qwen2_vl": 32, "qwen2_5_vl": 32}
+
+
+def test_the_normalized_plot_draws_the_unpruned_point_without_a_bar_and_no_plot_without_a_point(tmp_path,
+                                                                                                 monkeypatch):
+    import vtprune.eval.benchmark_eval as benchmark_eval
+
+    drawn = {}
+    monkeypatch.setattr(benchmark_eval, "plot_accuracy_vs_budget", lambda rows, path, title, value, interval, ylabel:
+                        drawn.update({row["config"]: (value(row), interval(row)) for row in rows}))
+    rows = [{"config": "unpruned", "normalized": 100.0, "normalized_ci95": None},  # a definition, not an estimate
+            {"config": "random@8", "normalized": 80.0, "normalized_ci95": (70.0, 90.0)}]
+    assert benchmark_eval.plot_normalized(rows, tmp_path / "p.png", "t")
+    assert drawn == {"unpruned": (100.0, (100.0, 100.0)), "random@8": (80.0, (70.0, 90.0))}
+    drawn.clear()
+    undefined = [dict(row, normalized=None, normalized_ci95=None) for row in rows]
+    assert not benchmark_eval.plot_normalized(undefined, tmp_path / "p.png", "t") and not drawn
+
+
 def test_the_source_digest_follows_every_file(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "sub").mkdir()
