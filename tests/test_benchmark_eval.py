@@ -551,4 +551,5 @@ def test_an_answer_is_stripped_before_it_is_cut():
 
     assert cut_at_stops("\n\nA bus.\n\nUSER: more", ["\n\n"]) == "A bus."
     assert cut_at_stops(" yes ASSISTANT: no", "ASSISTANT:") == "yes"
+    assert cut_at_stops("a\nb\n\nc", "\n\n") == "a\nb"  # one stop string, not its characters
     assert cut_at_stops(" yes ", None) == "yes"

@@ -4,11 +4,14 @@ answers what each of its samples answers alone, pruned and unpruned."""
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from tokenizers.processors import TemplateProcessing
 
 import vtprune
 from vtprune.eval.generation import (
-    NoChatTemplate, build_prompt, by_frame_count, generate_answers, generate_tokens, load_checkpoint,
+    NoChatTemplate, batch_inputs, build_prompt, by_frame_count, generate_answers, generate_from, generate_tokens,
+    load_checkpoint,
 )
 from vtprune.tiny import tiny_llava
 from vtprune.tiny_processors import tiny_processor
@@ -97,12 +100,49 @@ def test_the_prompt_comes_from_the_chat_template(family):
     assert prompt.count(mark) == 2
     assert prompt.startswith("USER :") and prompt.endswith("what colour is the cat ? ASSISTANT :")
     assert prompt.index(mark) < prompt.index("what colour")  # the images come before the question
+    # lmms-eval's <image> markers in a question are dropped: the template places the images
+    assert build_prompt(processor, "<image>\nwhat colour is the cat ?", images=2) == prompt
 
 
-def test_a_given_template_overrides_the_processors():
+def test_a_batch_is_padded_on_the_left_with_one_bos_and_visuals_in_lists_or_tuples():
     processor = templated(tiny_llava())
+    processor.tokenizer.padding_side = "right"  # a checkpoint's tokenizer may pad on the right: generation appends
+    pictures = (image(40, 90, 1), image(56, 56, 2))
+    inputs = batch_inputs(processor, ["a", "what colour is the cat ?"], [[], pictures])
+    mask = inputs["attention_mask"]
+    assert mask[:, -1].all() and not mask[0, 0]
+    assert torch.equal(inputs["input_ids"], batch_inputs(processor, ["a", "what colour is the cat ?"],
+                                                         [[], list(pictures)])["input_ids"])
+    # a tokenizer that adds a BOS, as LLaVA-1.5's does: one BOS a prompt, also where the template writes it itself
+    tokenizer = processor.tokenizer
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)])
+    for template in (processor.chat_template, tokenizer.bos_token + processor.chat_template):
+        processor.chat_template = template
+        inputs = batch_inputs(processor, ["a", "what colour is the cat ?"], [[], pictures])
+        assert (inputs["input_ids"] == tokenizer.bos_token_id).sum(dim=1).tolist() == [1, 1]
+
+
+def test_generation_is_greedy_with_the_pad_token_unless_the_caller_says_otherwise(monkeypatch):
+    model = tiny_llava()
+    processor = templated(model)
+    inputs = batch_inputs(processor, ["a"], [[]])
+    asked = []
+    monkeypatch.setattr(model, "generate", lambda **kwargs: asked.append(kwargs) or kwargs["input_ids"])
+    generate_from(model, processor, inputs, 2)
+    generate_from(model, processor, inputs, 2, do_sample=True, num_beams=2)
+    processor.tokenizer.pad_token = None  # a tokenizer without one pads generation with its EOS
+    generate_from(model, processor, inputs, 2)
+    tokenizer = processor.tokenizer
+    assert [(a["do_sample"], a["pad_token_id"], a.get("num_beams")) for a in asked] == [
+        (False, tokenizer.convert_tokens_to_ids("<pad>"), None), (True, tokenizer.convert_tokens_to_ids("<pad>"), 2),
+        (False, tokenizer.eos_token_id, None)]
+
+
+def test_a_given_template_overrides_the_processors_or_serves_one_without():
     given = "{{ messages[0]['content'][-1]['text'] }} ->"
-    assert build_prompt(processor, "is there a dog", chat_template=given) == "is there a dog ->"
+    for processor in (templated(tiny_llava()), tiny_processor(tiny_llava())):
+        assert build_prompt(processor, "is there a dog", chat_template=given) == "is there a dog ->"
 
 
 def test_a_processor_without_a_chat_template_fails_naming_the_fix():
@@ -117,6 +157,8 @@ def test_mismatched_sample_lists_fail():
     model = tiny_llava()
     with pytest.raises(ValueError, match="2 questions but 1 image lists"):
         generate_answers(model, templated(model), ["a", "b"], [[]], max_new_tokens=1)
+    with pytest.raises(ValueError, match="2 questions but 2 image lists and 3 video lists"):
+        generate_answers(model, templated(model), ["a", "b"], [[], []], max_new_tokens=1, videos=[[], [], []])
 
 
 def test_a_saved_checkpoint_loads_with_its_template_and_answers_the_same(tmp_path):
@@ -132,9 +174,13 @@ def test_a_saved_checkpoint_loads_with_its_template_and_answers_the_same(tmp_pat
 
 
 def test_a_checkpoint_of_an_unsupported_family_is_refused_before_its_weights_load(tmp_path):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, PaliGemmaConfig
 
     LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                num_attention_heads=1).save_pretrained(tmp_path)
+                num_attention_heads=1).save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match="'llama' checkpoint.*vtprune supports"):
-        load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path / "llama")
+    PaliGemmaConfig().save_pretrained(tmp_path / "paligemma")  # image-text-to-text, but a family without an adapter
+    with pytest.raises(ValueError, match=r"'paligemma' checkpoint \(PaliGemmaForConditionalGeneration\); vtprune "
+                                         r"supports LlavaForConditionalGeneration"):
+        load_checkpoint(tmp_path / "paligemma")
