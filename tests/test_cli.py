@@ -73,11 +73,27 @@ def usage_error(argv, capsys) -> str:
     (["eval", "--report", "run"], "--report: 'run' would write the report over run.json"),
     (["show", __file__, "what?", "--method", "random", "--out", "kept.txt"],
      r"--out: 'kept.txt': a picture is written as one of .*\.png.*; end the name with one"),
+    (["train-reference", "--out", "x", "--lr", "0"], "--lr: '0' is not allowed; give a finite number > 0"),
+    (["train-reference", "--out", "x", "--minutes", "inf"], "--minutes: 'inf' is not allowed"),
+    (["bench", "--device", "meta"], "--device: 'meta': vtprune runs on cpu or cuda"),
+    (["eval", "--data", __file__], "--data: no folder"),
+    (["show", str(Path(__file__).parent), "what?", "--method", "random"], "IMAGE_OR_VIDEO: no file"),
+    (["calibrate", "--out", str(Path(__file__).parent)], "--out: .* is a folder; give a file path"),
+    (["eval", "--methods", "clse:score"], "--methods: clse:score: option 'score' needs the form key=value"),
+    (["eval", "--methods", "random:seed=1:seed=2"], "--methods: random:seed=1:seed=2: option 'seed' given twice"),
 ])
 def test_a_bad_value_is_a_usage_line_naming_it(argv, message, capsys):
     line = usage_error(argv, capsys)
     assert line.startswith(f"vtprune {argv[0]}: error: argument ")
     assert re.search(message, line), line
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--methods", "clse,clse:score=attn"],  # one method, two configs: only a repeated label is a repeat
+    ["show", __file__, "what?", "--method", "random", "--out", "KEPT.PNG"],  # matplotlib names its formats lower case
+])
+def test_a_good_value_that_resembles_a_bad_one_parses(argv):
+    cli.parse(argv)
 
 
 def test_an_out_that_cannot_be_written_is_refused(tmp_path, capsys):
@@ -109,6 +125,17 @@ def test_method_options_get_the_types_their_method_declares():
     assert clse.options == {"layers": (1, 3, 5), "keep": (300, 200, 60), "slice_kv": False}
     assert random.options == {"seed": 3}
     assert clasp.options == {"question_class": "ocr", "split": 0.5, "progressive": True, "multipliers": (1.5, 1.0, 0.5)}
+    # spelled as Python prints them, too
+    clse, clasp = cli.parse(["eval", "--methods", "clse:slice_kv=None,clasp:progressive=True"]).methods
+    assert clse.options == {"slice_kv": None} and clasp.options == {"progressive": True}
+
+
+def test_cuda_is_refused_on_a_machine_without_it(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = usage_error(["bench", "--device", "cuda:0"], capsys)
+    assert line.endswith("--device: 'cuda:0': this machine has no CUDA device")
 
 
 FLAGS = {
@@ -203,6 +230,8 @@ def test_a_second_eval_on_the_same_out_stops_before_loading(tmp_path, held_elsew
      "--out is the checkpoint's folder"),  # the run's files would change the model's identity: no resume
     (["eval", "--out", str(reference.REFERENCE_DIR)], "--out is the checkpoint's folder"),  # the default model's
     (["bench", "--compile", "cudagraphs"], "--compile cudagraphs records CUDA graphs, which need --device cuda"),
+    (["eval", "--data", str(Path(__file__).parent)], "--tasks and --data go together"),  # the synthetic run, data unread
+    (["eval", "--tasks", "pope", "--data", str(Path(__file__).parent)], "--tasks needs --model"),
 ])
 def test_flags_that_would_do_nothing_or_harm_together_are_refused(argv, message, capsys):
     assert message in usage_error(argv, capsys)

@@ -203,12 +203,12 @@ def test_a_run_killed_mid_write_resumes_to_every_sample_once(tmp_path, monkeypat
     path = tmp_path / "results.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:2]) + lines[2][:25])
-    starts, bar = [], runner.tqdm
-    monkeypatch.setattr(runner, "tqdm", lambda **kwargs: starts.append(kwargs["initial"]) or bar(**kwargs))
+    bars, bar = [], runner.tqdm
+    monkeypatch.setattr(runner, "tqdm", lambda **kwargs: bars.append(bar(**kwargs)) or bars[-1])
     records = evaluate(None, task, RUN[:1], tmp_path, SETTINGS)
     assert sorted(r["index"] for r in records) == [0, 1, 2, 3, 4]
     assert path.read_text().splitlines(keepends=True)[:2] == lines[:2]
-    assert starts == [2]
+    assert [(b.initial, b.n) for b in bars] == [(2, 5)]  # from the two done to all, not past it
 
 
 def test_each_record_carries_its_own_samples_equivalent_budget(tmp_path, monkeypatch):
@@ -236,6 +236,7 @@ def edit_first_line(folder, edit):
     (lambda r: r.update(index=7), "index 7 is not one of this run's samples (0 to 1)"),
     (lambda r: r.update(index="0"), "index '0' is not one of this run's samples (0 to 1)"),
     (lambda r: r.update(index=True), "index True is not one of this run's samples (0 to 1)"),  # a bool is no index
+    (lambda r: r.update(index=-1), "index -1 is not one of this run's samples (0 to 1)"),  # Python's last sample
     (lambda r: r.update(index=1), "field 'qclass' is 'ocr' where this run has 'count' (sample 1)"),
     (lambda r: r.update(correct=False), "field 'correct' is False where this run has True (sample 0)"),
     (lambda r: r.update(prediction=None), "prediction None is not a string"),
@@ -278,6 +279,28 @@ def test_other_settings_in_the_same_folder_are_refused(tiny_reference, tmp_path)
     with pytest.raises(ValueError, match=r"\(versions: it was made by other code.*\): versions.torch: \"2.13\" "
                                          r"there, \"2.99\" now; resume"):  # a dict names its changed entries only
         evaluate(model, task, CONFIGS[:1], tmp_path / "v", dict(SETTINGS, versions=dict(versions, torch="2.99")))
+
+
+@pytest.mark.parametrize("then, now, named", [
+    # a setting a later vtprune records (or an earlier one did) is a change too, named with its value
+    (SETTINGS, dict(SETTINGS, versions={"torch": "2.13"}),
+     r'\(versions\) .*: versions: null there, {"torch": "2.13"} now'),
+    (dict(SETTINGS, limit=3), SETTINGS, r"\(limit\): limit: 3 there, null now"),
+])
+def test_a_resume_that_adds_or_drops_a_setting_is_refused_naming_it(tmp_path, then, now, named):
+    task = answered_by_its_answer(generate(5, 2))
+    evaluate(None, task, RUN[:1], tmp_path, then)
+    with pytest.raises(ValueError, match=rf"other settings {named}; resume"):
+        evaluate(None, task, RUN[:1], tmp_path, now)
+
+
+def test_a_method_given_options_is_recorded_under_its_label(tmp_path, monkeypatch):
+    """The reports draw a curve per record `method`: clse:score=attn recorded as clse would join clse's curve."""
+    monkeypatch.setattr(runner, "_applied", lambda model, config: contextlib.nullcontext(None))
+    configs = [Config("random", 64), Config("random", 64, {"seed": 3}, label="random:seed=3")]
+    records = evaluate(None, answered_by_its_answer(generate(5, 2)), configs, tmp_path, SETTINGS)
+    assert sorted({(r["config"], r["method"]) for r in records}) == [("random:seed=3@64", "random:seed=3"),
+                                                                     ("random@64", "random")]
 
 
 @pytest.mark.parametrize("content, found", [("", "invalid JSON"), ("nope", "invalid JSON"), ("[1]", "a JSON list")])
@@ -354,9 +377,20 @@ def test_a_data_parallel_run_holds_its_folder_against_other_runs(tmp_path, held_
                 pass
         with hold(tmp_path, rank=1):  # the same run's other process
             pass
-    with held_elsewhere(tmp_path), pytest.raises(FolderBusy, match="in use by another run"):
-        with hold(tmp_path, rank=1):
-            pass
+    with held_elsewhere(tmp_path) as second:
+        with pytest.raises(FolderBusy, match=f"another run \\(pid {second.pid}\\); wait"):  # not earlier holders' too
+            with hold(tmp_path, rank=1):
+                pass
+
+
+def test_evaluate_shares_the_folder_with_the_other_processes_of_its_run(tmp_path, held_elsewhere, monkeypatch):
+    """For library callers (the command holds the folder itself, as its shard says, before evaluate does)."""
+    from vtprune.eval.shards import Shard
+
+    monkeypatch.setattr(Shard, "wait_for_everyone", lambda self: None)  # the other process does not evaluate here
+    (tmp_path / runner.SETTINGS_FILE).write_text(json.dumps(SETTINGS))  # as it would have written them first
+    with held_elsewhere(tmp_path, rank=0), pytest.raises(ValueError, match=r"unpruned \(1 of 2\)"):
+        evaluate(None, answered_by_its_answer(generate(5, 2)), RUN[:1], tmp_path, SETTINGS, shard=Shard(1, 2))
 
 
 def test_the_lock_of_a_run_that_died_does_not_block(tmp_path, held_elsewhere):

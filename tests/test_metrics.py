@@ -562,3 +562,26 @@ def test_a_predictions_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
         read_predictions(path)
     path.write_bytes('{"prediction": "café", "answer": "no"}\r\n\r\n{"prediction": "x", "answer": "y"}'.encode())
     assert read_predictions(path) == (["café", "x"], [{"answer": "no"}, {"answer": "y"}], [1, 3])
+
+
+@pytest.mark.parametrize("second, message", [
+    ('[1]', "line 2: not a JSON object"),
+    ('"prediction"', "line 2: not a JSON object"),  # a string holds "prediction" as `in` reads it
+    # the same answer given twice is refused however its writer ordered the fields
+    ('{"answer": "yes", "question_id": 7, "prediction": "yes"}', "line 2: repeats line 1 whole"),
+])
+def test_a_predictions_line_that_cannot_be_scored_once_is_named(tmp_path, second, message):
+    from vtprune.eval.predictions import read_predictions
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prediction": "yes", "answer": "yes", "question_id": 7}\n' + second + "\n")
+    with pytest.raises(ValueError, match=f"p.jsonl {message}"):
+        read_predictions(path)
+
+
+def test_a_prediction_may_be_null(tmp_path):
+    from vtprune.eval.predictions import read_predictions
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prediction": null, "answer": "no"}\n')  # a question left unanswered: score reads it as ""
+    assert read_predictions(path) == ([None], [{"answer": "no"}], [1])
