@@ -855,6 +855,38 @@ def test_a_split_missing_a_shard_is_refused(tmp_path):
            load_benchmark, "pope", tmp_path)
 
 
+def test_hidden_folders_are_not_read_and_shards_are_read_in_order(tmp_path, monkeypatch):
+    import os
+
+    from vtprune.eval import tables
+
+    write_parquet(tmp_path / "data" / "test-00000-of-00002.parquet", pope_rows()[:2])
+    write_parquet(tmp_path / "data" / "test-00001-of-00002.parquet", pope_rows()[2:])
+    # a download cache beside the snapshot (.cache/huggingface) holds copies that are not more of the benchmark
+    write_parquet(tmp_path / ".cache" / "huggingface" / "test-00000-of-00002.parquet", pope_rows()[:2])
+    walk = os.walk  # a file system that lists a folder's files in another order: the rows keep the shards' order
+    monkeypatch.setattr(tables.os, "walk", lambda root: ((here, folders, files[::-1]) for here, folders, files in
+                                                         walk(root)))
+    assert [s.id for s in load_benchmark("pope", tmp_path)] == ["adversarial/1", "adversarial/2", "random/1",
+                                                                "random/2"]
+    raises(re.escape("split 'test' has 1 of its 2 shards (test-00001-of-00002 missing)"),  # one shard given alone
+           load_benchmark, "pope", tmp_path / "data" / "test-00000-of-00002.parquet")
+
+
+def test_split_files_without_shard_numbers_and_another_tools_state_json(tmp_path):
+    write_parquet(tmp_path / "train.parquet", pope_rows()[:1])
+    write_parquet(tmp_path / "test.parquet", pope_rows())
+    (tmp_path / "state.json").write_text('["not", "a datasets state"]')  # no save_to_disk folder: no .arrow beside it
+    assert len(load_benchmark("pope", tmp_path)) == 4
+
+
+def test_a_save_to_disk_state_without_its_file_list_reads_its_data_files(tmp_path):
+    save_to_disk(tmp_path, pope_rows(), split="test")
+    state = json.loads((tmp_path / "state.json").read_text())
+    (tmp_path / "state.json").write_text(json.dumps(dict(state, _data_files=[])))
+    assert len(load_benchmark("pope", tmp_path)) == 4
+
+
 def test_a_shard_copied_twice_is_refused(tmp_path):
     write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", pope_rows())
     write_parquet(tmp_path / "data" / "backup" / "test-00000-of-00001.parquet", pope_rows())
