@@ -185,6 +185,13 @@ def test_mmbench_en_and_cn_from_one_snapshot(tmp_path):
     assert score("mmbench_cn", ["B", "A"], [s.reference for s in cn_samples])["score"] == 0.0
 
 
+def test_mmbench_configs_saved_to_disk_are_told_apart_by_their_folders(tmp_path):
+    save_to_disk(tmp_path / "en", mmbench_question(0, "What is shown?", ["cat", "dog"], "cat"), split="dev")
+    save_to_disk(tmp_path / "cn", mmbench_question(0, "图中是什么？", ["猫", "狗"], "猫", image=GREEN), split="dev")
+    assert [color_of(s.images[0]) for s in load_benchmark("mmbench_cn", tmp_path)] == [GREEN, GREEN]
+    assert [s.question[:14] for s in load_benchmark("mmbench_en", tmp_path)] == ["What is shown?"] * 2
+
+
 def mme_rows():
     return [
         {"question_id": "code_reasoning/0020.png", "question": "Is the output 3? Please answer yes or no.",
