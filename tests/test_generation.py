@@ -131,12 +131,12 @@ def test_generation_is_greedy_with_the_pad_token_unless_the_caller_says_otherwis
     monkeypatch.setattr(model, "generate", lambda **kwargs: asked.append(kwargs) or kwargs["input_ids"])
     generate_from(model, processor, inputs, 2)
     generate_from(model, processor, inputs, 2, do_sample=True, num_beams=2)
-    processor.tokenizer.pad_token = None  # a tokenizer without one pads generation with its EOS
-    generate_from(model, processor, inputs, 2)
     tokenizer = processor.tokenizer
+    pad, tokenizer.pad_token = tokenizer.pad_token_id, None  # a tokenizer without one pads generation with its EOS
+    generate_from(model, processor, inputs, 2)
     assert [(a["do_sample"], a["pad_token_id"], a.get("num_beams")) for a in asked] == [
-        (False, tokenizer.convert_tokens_to_ids("<pad>"), None), (True, tokenizer.convert_tokens_to_ids("<pad>"), 2),
-        (False, tokenizer.eos_token_id, None)]
+        (False, pad, None), (True, pad, 2), (False, tokenizer.eos_token_id, None)]
+    assert pad != tokenizer.eos_token_id
 
 
 def test_a_given_template_overrides_the_processors_or_serves_one_without():
