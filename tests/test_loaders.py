@@ -1165,3 +1165,19 @@ def test_mme_release_missing_a_subtask_is_refused(tmp_path):
         (release / subtask).rmdir()
     raises(re.escape("MME_Benchmark_release_version: has no folder for MME subtasks count, OCR; MME's scores sum "
                      "all 14 subtasks"), load_benchmark, "mme", tmp_path)
+
+
+def test_blank_cells_string_lists_and_yes_no_as_the_files_spell_them():
+    """What pandas-written files and hand-made copies put in a cell, read as the metrics read it."""
+    from vtprune.eval.fields import NotAStringList, _missing, _optional_id, _required, _Where, _yes_no, string_list
+
+    blank, filled = [None, float("nan"), "", "  ", "nan", "NaN"], ["0", 0, "no", 0.0]
+    assert [_missing(v) for v in blank + filled] == [True] * len(blank) + [False] * len(filled)
+    assert [_optional_id({"id": v}, "id") for v in (float("nan"), "nan", 7)] == [None, None, "7"]
+    with pytest.raises(NotAStringList, match="is 'yes'"):  # a string is no list of its characters
+        string_list("yes")
+    where = _Where("pope.jsonl", "line 3", (("question", "text"), ("answer", "label")))
+    assert _yes_no({"answer": " Yes "}, "answer", where, "yes or no", period=False) == " Yes "
+    with pytest.raises(ValueError, match=r"line 3: field 'label' is missing; expected yes or no \(fields present: "
+                                         r"text\)"):  # the names the file has, not lmms-eval's
+        _required({"question": "is it?"}, "answer", where, "yes or no")

@@ -76,7 +76,7 @@ class NotAString(ValueError):
 def string_list(value, empty: bool = False) -> list[str]:
     """value as a list of strings, non-empty unless `empty`: a list or tuple whose VQA-style entries
     ({"answer": ..., "answer_confidence": ...}) count as their answer. The loaders and the metrics read alike."""
-    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not (value or empty):
+    if not isinstance(value, (list, tuple)) or not (value or empty):
         raise NotAStringList(f"is {value!r}")
     out = []
     for a in value:
