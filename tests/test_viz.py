@@ -338,7 +338,7 @@ def test_tiles_are_stitched_from_the_pixels_their_patches_cover():
     views = torch.stack([torch.full((3, 30, 30), 10.0 * (view + 1)) for view in range(5)])  # base, then 2 x 2 tiles
     views[..., 28:, :] = views[..., :, 28:] = 255.0  # the pixels no patch covers
     inputs = {"pixel_values": views[None], "image_sizes": torch.tensor([[100, 100]])}  # square: nothing unpadded
-    plain = SimpleNamespace(image_processor=SimpleNamespace(do_normalize=False, do_rescale=False))
+    plain = SimpleNamespace(image_processor=plain_processor())
     base, high = seen_parts(plain, inputs, [(4, 4), (8, 8)], tiles=(2, 2))  # 4 patches of 7 px a tile: 28 of 30
     assert base.image.size == (28, 28) and high.image.size == (56, 56)
     pixels = np.asarray(high.image)[..., 0]
@@ -474,7 +474,7 @@ def test_a_qwen_temporal_patch_is_drawn_from_its_first_frame():
 
 
 @pytest.fixture
-def drawn_figures(monkeypatch):
+def figures(monkeypatch):
     """The figures kept_token_maps draws, kept open to be read until the test ends."""
     import matplotlib.pyplot as plt
 
@@ -485,8 +485,7 @@ def drawn_figures(monkeypatch):
         close(figure)
 
 
-def test_the_picture_outlines_the_survivors_and_its_legend_shades_as_its_panel(tmp_path, drawn_figures):
-    figures = drawn_figures
+def test_the_picture_outlines_the_survivors_and_its_legend_shades_as_its_panel(tmp_path, figures):
     white = Image.new("RGB", (40, 30), "white")  # 3 x 4 cells of 10 px
     # stage 1 (before layer 2) drops 2, 3, 4, 7, 8, 9, 10; stage 2 (before layer 5) drops 0, 5, 6
     kept_token_map(white, (3, 4), [np.array([0, 1, 5, 6, 11]), np.array([1, 11])], tmp_path / "k.png", "t", [2, 5])
@@ -506,10 +505,9 @@ def test_the_picture_outlines_the_survivors_and_its_legend_shades_as_its_panel(t
     assert [t.get_text() for t in figures[-1].legends[0].get_texts()] == ["dropped before the LLM", "kept to the end"]
 
 
-def test_merge_colours_are_the_same_in_every_drawing_and_frames_lie_in_even_rows(tmp_path, drawn_figures):
+def test_merge_colours_are_the_same_in_every_drawing_and_frames_lie_in_even_rows(tmp_path, figures):
     from vtprune.viz import GridDrawing, kept_token_maps
 
-    figures = drawn_figures
     drawing = GridDrawing(Image.new("RGB", (20, 20), "white"), (2, 2), [np.array([0, 3])], np.array([0, 0, 3, 3]))
     for _ in range(2):
         kept_token_maps([drawing], tmp_path / "k.png", "t")
