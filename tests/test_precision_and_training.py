@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.engine.prefill import HOOKS_INSIDE_CHECKPOINT
+from vtprune.engine.prefill import hooks_inside_checkpoint
 from vtprune.methods import REGISTRY, WITHOUT_CHECKPOINT
 from vtprune.tiny import SampleLayout, tiny_inputs
 
@@ -95,7 +95,7 @@ def test_a_vision_tower_that_checkpointing_would_replay_is_refused(method):
             model(**inputs)
         for layer in model.model.vision_tower.encoder.layers:
             layer.gradient_checkpointing = False
-        if HOOKS_INSIDE_CHECKPOINT:  # 5.17 refuses a checkpointed decoder too (the next test)
+        if hooks_inside_checkpoint():  # 5.17 refuses a checkpointed decoder too (the next test)
             for layer in model.model.language_model.layers:
                 layer.gradient_checkpointing = False
         model(**inputs).logits[:, -1].sum().backward()
@@ -121,7 +121,7 @@ def test_an_in_llm_method_trains_alike_with_and_without_checkpointing(family):
     checkpointed_for_training(model)
     with vtprune.apply(model, "fastv", 10):
         torch.testing.assert_close(model(**inputs).logits, without_gradients)
-    if HOOKS_INSIDE_CHECKPOINT:
+    if hooks_inside_checkpoint():
         with pytest.raises(NotImplementedError, match="gradient checkpointing in transformers"):
             gradients()
         return

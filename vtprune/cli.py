@@ -650,20 +650,27 @@ def _raised_by_vtprune(error: BaseException) -> bool:
     return innermost is not None and Path(innermost.tb_frame.f_code.co_filename).is_relative_to(Path(__file__).parent)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from vtprune.eval.lock import FolderBusy
-    from vtprune.synth.reference import CheckpointError
-
+def _users_to_fix(error: Exception) -> bool:
+    """Whether `error` is the user's to fix, said in one line rather than a traceback: a ValueError vtprune raised
+    (it names the bad input and the fix; CheckpointError is one), a folder another run holds, an image PIL cannot
+    read. Another library's ValueError (numpy's, torch's) is not: where it came from is the story."""
     from PIL import UnidentifiedImageError
 
-    args = parse(argv)
+    from vtprune.eval.lock import FolderBusy
+
+    if isinstance(error, ValueError):
+        return _raised_by_vtprune(error)
+    return isinstance(error, (FolderBusy, UnidentifiedImageError))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)  # first: `--help` and a mistyped option answer without importing torch
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args)
-    # the user's to fix (vtprune raises ValueError for bad input, naming it and the fix): one line, not a traceback
-    except (FolderBusy, CheckpointError, ValueError, UnidentifiedImageError) as error:
-        if isinstance(error, ValueError) and not _raised_by_vtprune(error):
-            raise  # another library's (numpy's, torch's): where it came from is the story, so the whole traceback
+    except Exception as error:
+        if not _users_to_fix(error):
+            raise
         raise SystemExit(f"vtprune {args.command}: error: {error}") from None
     except KeyboardInterrupt as stop:
         kept = INTERRUPTED.get(args.command)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from ..methods.base import Grid
 from .base import CHUNKED_PREFILL, Adapter, EncodedPlace, VisualItem, place_in_runs, single_row_place, split_runs
@@ -103,12 +102,17 @@ class LlavaNextAdapter(Adapter):
 
 def anyres_tiles(image_size, grid_pinpoints, tile: int) -> tuple[int, int]:
     """(tiles high, tiles wide) an anyres model (LLaVA-NeXT, OneVision: the same helper) cuts an image into."""
+    # (transformers' modeling modules take seconds to import: here, not when vtprune is imported)
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
     high, wide = get_anyres_image_grid_shape([int(v) for v in image_size], grid_pinpoints, tile)
     return int(high), int(wide)
 
 
 def unpadded_grid(rows: int, cols: int, image_size) -> tuple[int, int]:
     """(rows, cols) that the model keeps of a stitched rows x cols grid of patches for an image of image_size."""
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
     kept = unpad_image(torch.empty(1, rows, cols), torch.as_tensor(image_size)).shape[1:]
     return int(kept[0]), int(kept[1])
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 from .base import Adapter, VisualItem, place_in_runs, split_runs
 from .llava_next import anyres_tiles, packed_item, with_span
@@ -43,6 +42,9 @@ class LlavaOnevisionAdapter(Adapter):
 
     def image_newlines(self, sizes: torch.Tensor, batch_num_images, aspect_ratio: str) -> list[torch.Tensor]:
         """Per image, which of its packed features are newline tokens, from the model's own packing."""
+        # (transformers' modeling modules take seconds to import: here, not when vtprune is imported)
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
         patches = [
             image_size_to_num_patches(image_size=size, grid_pinpoints=self.model.config.image_grid_pinpoints,
                                       patch_size=self.tile) if alone else 1

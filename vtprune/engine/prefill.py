@@ -8,9 +8,10 @@ last hidden states back to the prompt's length so logits stay aligned with input
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import transformers
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..adapters import Adapter, VisualItem
 from ..methods import LLM_INPUT, BlockMergingMethod, ImageView, LayerProbe, Method, Selection, VisionView
@@ -104,9 +105,14 @@ def wants_cache(language_model, kwargs: dict) -> bool:
     return language_model.config.use_cache if use_cache is None else bool(use_cache)
 
 
-# Older transformers (5.17) checkpoint a layer's __call__, with its hooks inside: the backward pass runs
-# vtprune's layer hooks again, after the prefill's run is gone. Newer ones checkpoint forward, hooks outside.
-HOOKS_INSIDE_CHECKPOINT = "__call__" in vars(GradientCheckpointingLayer)
+@functools.cache
+def hooks_inside_checkpoint() -> bool:
+    """Older transformers (5.17) checkpoint a layer's __call__, with its hooks inside: the backward pass runs
+    vtprune's layer hooks again, after the prefill's run is gone. Newer ones checkpoint forward, hooks outside."""
+    # (transformers' modeling modules take seconds to import: asked here, not when vtprune is imported)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return "__call__" in vars(GradientCheckpointingLayer)
 
 
 def checkpointed(decoder_layers) -> bool:
@@ -117,12 +123,12 @@ def checkpointed(decoder_layers) -> bool:
     if not (getattr(layer, "gradient_checkpointing", False) and layer.training) \
             or getattr(layer, "_can_checkpoint_with_cache", False):
         return False
-    if HOOKS_INSIDE_CHECKPOINT and torch.is_grad_enabled():
+    if hooks_inside_checkpoint() and torch.is_grad_enabled():
         raise NotImplementedError(
             f"gradient checkpointing in transformers {transformers.__version__} runs each decoder layer again in "
             "the backward pass with vtprune's hooks inside, after the pruned forward is gone: turn it off "
             "(model.gradient_checkpointing_disable()) or use a transformers that checkpoints a layer's forward (5.24 does)")
-    return HOOKS_INSIDE_CHECKPOINT or torch.is_grad_enabled()  # (5.17 drops the cache without gradients too)
+    return hooks_inside_checkpoint() or torch.is_grad_enabled()  # (5.17 drops the cache without gradients too)
 
 
 def begin(run: Run, language_model, kwargs: dict, cache_keyword: str, encoded_calls: list) -> None:
