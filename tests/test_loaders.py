@@ -2,10 +2,12 @@
 0.7.3 builds from them, the images, the references, and the official score on hand-written answers."""
 
 import base64
+import csv
 import io
 import json
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -551,6 +553,92 @@ def test_ocrbench_json_and_image_folder(tmp_path):
     assert score("ocrbench", ["CENTRE"], [sample.reference])["score"] == 1.0
 
 
+def test_files_pointed_at_directly_find_their_images_where_the_release_puts_them(tmp_path):
+    """The image folders each reader looks in besides the file's own: GQA's images/ beside data/, OCRBench_Images/
+    beside the OCRBench/ folder, ScienceQA's problems under scienceqa/ (its repository's data/scienceqa)."""
+    (tmp_path / "gqa" / "data").mkdir(parents=True)
+    (tmp_path / "gqa" / "data" / "testdev_balanced_questions.json").write_text(json.dumps(
+        {"201": {"imageId": "n1", "question": "Is it red?", "answer": "yes"}}))
+    write_image(tmp_path / "gqa" / "images" / "n1.jpg", GREEN)
+    assert color_of(load_benchmark("gqa", tmp_path / "gqa")[0].images[0]) == GREEN
+    (tmp_path / "ocr" / "OCRBench").mkdir(parents=True)
+    (tmp_path / "ocr" / "OCRBench" / "OCRBench.json").write_text(json.dumps([
+        {"dataset_name": "IIIT5K", "id": 0, "image_path": "1.jpg", "question": "what is written?",
+         "answers": ["CENTRE"], "type": "Regular Text Recognition"}]))
+    write_image(tmp_path / "ocr" / "OCRBench_Images" / "1.jpg", BLUE)
+    assert color_of(load_benchmark("ocrbench", tmp_path / "ocr" / "OCRBench" / "OCRBench.json")[0].images[0]) == BLUE
+    (tmp_path / "sqa" / "scienceqa").mkdir(parents=True)
+    sqa_llava(tmp_path / "sqa" / "scienceqa")
+    assert [s.id for s in load_benchmark("scienceqa_img", tmp_path / "sqa")] == ["1"]
+
+
+def test_pope_files_holding_a_json_array_after_blank_space(tmp_path):
+    pope_llava(tmp_path)
+    for file in (tmp_path / "coco").iterdir():
+        rows = [json.loads(line) for line in file.read_text().splitlines()]
+        file.write_text("\n  " + json.dumps(rows, indent=1))
+    assert [s.id for s in load_benchmark("pope", tmp_path)] == [
+        "adversarial/1", "popular/1", "popular/2", "random/1", "random/2"]
+
+
+def test_llava_files_missing_their_main_part_are_refused(tmp_path):
+    (tmp_path / "gqa").mkdir()
+    (tmp_path / "gqa" / "testdev_balanced_questions.json").write_text(" \n")
+    raises(re.escape("testdev_balanced_questions.json: is empty; re-download"), load_benchmark, "gqa",
+           tmp_path / "gqa")
+    (tmp_path / "textvqa").mkdir()
+    (tmp_path / "textvqa" / "TextVQA_0.5.1_val.json").write_text(json.dumps({"dataset_name": "textvqa"}))
+    raises(re.escape("TextVQA_0.5.1_val.json: has no 'data' list"), load_benchmark, "textvqa", tmp_path / "textvqa")
+    for splits in ({"train": ["3"]}, {"test": []}, {"test": "1"}):
+        (tmp_path / "sqa").mkdir(exist_ok=True)
+        sqa_llava(tmp_path / "sqa")
+        (tmp_path / "sqa" / "pid_splits.json").write_text(json.dumps(splits))
+        raises(re.escape("pid_splits.json: has no 'test' list of problem ids"), load_benchmark, "scienceqa_img",
+               tmp_path / "sqa")
+
+
+def test_mme_question_files_as_the_release_spells_them(tmp_path):
+    """Files read in name order (a --limit keeps the same questions on every machine), blank lines skipped, an answer's
+    trailing space dropped, an image named .JPG found."""
+    release = mme_release(tmp_path)
+    folder = release / "code_reasoning"
+    for name in ("0030", "0010"):  # written out of order
+        write_image(folder / f"{name}.JPG", RED)
+        (folder / f"{name}.txt").write_text("Is the output 1?\tYes \n\nIs the output 2?\tNo\n\n")
+    samples = [s for s in load_benchmark("mme", tmp_path) if s.reference["category"] == "code_reasoning"]
+    assert [s.id for s in samples] == ["code_reasoning/0010.JPG#1", "code_reasoning/0010.JPG#2",
+                                       "code_reasoning/0020.png#1", "code_reasoning/0020.png#2",
+                                       "code_reasoning/0030.JPG#1", "code_reasoning/0030.JPG#2"]
+    assert [s.reference["answer"] for s in samples] == ["Yes", "No", "No", "Yes", "Yes", "No"]
+
+
+def test_mmbench_tsv_in_a_subfolder_dev_before_test_and_an_image_over_csvs_cell_limit(tmp_path):
+    """A folder holding MMBench's TSVs one level down; its dev file read whichever name sorts first (VLMEvalKit's
+    MMBench_TEST_EN before MMBench's own mmbench_dev); a real photo's base64 cell, over csv's default 128 KiB."""
+    noise = Image.frombytes("RGB", (256, 256), np.random.default_rng(0).bytes(256 * 256 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    large = base64.b64encode(buffer.getvalue()).decode()
+    assert len(large) > 131072
+    rows = [[*MMBENCH_TSV_ROWS[0][:9], large, *MMBENCH_TSV_ROWS[0][10:]], MMBENCH_TSV_ROWS[2]]
+    (tmp_path / "MMBench").mkdir()
+    write_tsv(tmp_path / "MMBench" / "mmbench_dev_20230712.tsv", rows)
+    write_tsv(tmp_path / "MMBench" / "MMBench_TEST_EN.tsv", [[*row[:7], "", *row[8:]] for row in rows])
+    limit = csv.field_size_limit()
+    samples = load_benchmark("mmbench_en", tmp_path)
+    assert csv.field_size_limit() == limit  # (the process's: raised only while the file is read)
+    assert [s.reference["answer"] for s in samples] == ["A", "B"]
+    assert samples[0].images[0].tobytes() == samples[1].images[0].tobytes() == noise.tobytes()
+
+
+def test_a_file_that_is_no_mmbench_tsv_is_not_read_as_one(tmp_path):
+    """MMBench's reader takes a .tsv file; another file named directly gets the list of formats, not a TSV's errors."""
+    file = tmp_path / "mmbench_dev_20230712.json"
+    file.write_text("[]")
+    raises(re.escape("no mmbench_en data in a format this loader reads. Accepted: (a)"), load_benchmark, "mmbench_en",
+           file)
+
+
 # --- task table ------------------------------------------------------------------------------------------
 
 def test_task_table_has_lmms_eval_generation_lengths():
@@ -933,7 +1021,6 @@ def test_ocrbench_blank_answer_is_refused(tmp_path):
 def write_video(path, frames=10, size=(32, 24)):
     """An mp4 whose frame i is uniformly grey 20 * i."""
     import av
-    import numpy as np
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:

@@ -330,8 +330,6 @@ def _mmbench_tsv_docs(tsv: Path, root: Path) -> Iterator[tuple[Doc, _Where]]:
                 where = _Where(name, f"row {i} (line {reader.line_num})")
                 # blank cells are NaN to pandas (how MMBench's own code reads the TSV)
                 doc = {k: (None if v == "" else v) for k, v in raw.items() if k is not None}
-                if "l2-category" in doc:
-                    doc["L2-category"] = doc.pop("l2-category")
                 doc["image"] = _mmbench_image(doc, images_by_index, where)
                 yield doc, where
             if reader.line_num <= 1:
