@@ -163,6 +163,50 @@ def test_a_segment_whose_later_layer_gets_other_inputs_stops_the_forward(monkeyp
             model(**inputs)
 
 
+def test_a_hook_that_only_reads_one_layers_output_sees_that_layers_own_inside_a_segment():
+    """A hook marked as reading a layer's output (CLASP's fusion hooks on the tower) leaves the layers in one segment,
+    which returns that layer's output beside its last."""
+    model = tiny_llava(layers=6).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    seen = []
+
+    def reading(module, args, output):
+        seen.append(output)
+
+    reading.vtprune_reads_output = True
+    handle = model.model.language_model.layers[2].register_forward_hook(reading)
+    try:
+        with torch.no_grad():
+            eager = model(**inputs).logits
+            with vtprune.compile_prefill(model, backend="eager") as compiled:
+                torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
+                # (and its input: hooks that read a layer's output are taken to read its input, as transformers' do)
+                assert [(s.start, s.end, s.exposed) for s in compiled.decoder.last_segments] == [(0, 6, (1, 2))]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[1], seen[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_hook_the_plan_takes_for_the_pruners_that_changes_a_layers_input_stops_the_forward():
+    """The plan trusts the pruner's layer hooks to change nothing inside a segment; one that did would have the
+    segment's layer skip what it was given: the forward stops instead."""
+    model = tiny_llava(layers=6).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+
+    def doubling(module, args):
+        return (args[0] * 2, *args[1:])
+
+    doubling.vtprune_layer_hook = True
+    handle = model.model.language_model.layers[3].register_forward_pre_hook(doubling)
+    try:
+        with torch.no_grad(), vtprune.compile_prefill(model, backend="eager"):
+            with pytest.raises(vtprune.UnsupportedUseError, match="layer 3 of LlamaDecoderLayer was called inside a "
+                                                          r"compiled segment of layers 0-5 \(layer 3 next\)"):
+                model(**inputs)
+    finally:
+        handle.remove()
+
+
 def test_a_follow_up_turn_on_a_pruned_cache_runs_layer_by_layer_and_equals_eager():
     """After a stage the early layers' caches hold more tokens than the later ones': each layer gets a mask of its
     own, so a several-token turn on that cache is no one segment."""

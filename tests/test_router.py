@@ -130,11 +130,20 @@ def test_table_is_balanced():
     assert sum(_is_chinese(q) for q, _ in TABLE) >= 14
 
 
-def test_routing_accuracy():
+def test_every_labelled_question_routes_to_its_label():
+    """Each rule has questions here that only it routes right: one broken rule shows as its questions' misses."""
     misses = [(q, want, route(q)) for q, want in TABLE if route(q) != want]
-    accuracy = 1 - len(misses) / len(TABLE)
     report = "\n".join(f"  {q!r}: want {want}, got {got}" for q, want, got in misses)
-    assert accuracy >= 0.90, f"accuracy {accuracy:.3f} over {len(TABLE)}; misses:\n{report}"
+    assert not misses, f"{len(misses)} of {len(TABLE)} routed elsewhere:\n{report}"
+
+
+def test_a_question_no_rule_matches_is_general():
+    assert [route(q) for q in ("hello", "Describe this.", "这是什么？")] == ["general"] * 3
+
+
+def test_a_conversation_is_routed_by_its_last_question():
+    prompt = TEMPLATES["llava-1.5"]("How many dogs are there?") + " Two. USER: What color is the left dog? ASSISTANT:"
+    assert instruction(prompt) == "What color is the left dog?" and route(instruction(prompt)) == "attribute"
 
 
 @pytest.mark.parametrize(

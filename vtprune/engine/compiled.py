@@ -78,7 +78,7 @@ class _CompiledStack:
     """One stack of layers (each called as layer(hidden, *args, **kwargs) -> hidden) run segment by segment."""
 
     def __init__(self, model, layers, options: dict, access: Callable[[], HiddenAccess | None],
-                 compiles: Callable, owns_outputs: bool = False, starts: set[int] = frozenset()):
+                 compiles: Callable, owns_outputs: bool = False):
         self.layers = list(layers)
         self.owns_outputs = owns_outputs
         if any("forward" in vars(layer) for layer in self.layers):
@@ -97,7 +97,6 @@ class _CompiledStack:
         self._inside = [list(layer.modules())[1:] for layer in self.layers]
         self.segments: dict[Segment, Callable] = {}  # compiled as first run, for this handle's life
         self.last_segments: list[Segment] = []  # the last forward's, in order
-        self.starts = set(starts)  # where a segment must start whatever the forward (e.g. a layer type changes)
         self._plan: dict[int, Segment] | None = None  # this loop's, once its first layer is called
         self._idle: dict[int, list] = {}  # segment start -> its layers' modules whose forward hooks are all idle
         self._handed: _Handed | None = None
@@ -181,7 +180,7 @@ class _CompiledStack:
         access, count = self.access(), len(self.layers)
         if access is None:  # each layer on its own
             access = HiddenAccess(replaced=frozenset(range(count)))
-        starts, read = {0, count} | self.starts | access.replaced, set(access.read)
+        starts, read = {0, count} | access.replaced, set(access.read)
         alone = set(range(count)) if _global_hooks() else set()  # (they would be traced inside the graphs)
         for i, layer in enumerate(self.layers):
             hooks = _hooks(layer, self._inside[i])
@@ -316,13 +315,9 @@ class CompiledPrefill:
             towers = [layers for _, layers in adapter.vision_encoders()]
         except ValueError:  # a family whose towers vtprune does not act in (Qwen2-VL's): they stay eager
             towers = []
-        # transformers gives layers of different types (full or sliding-window attention) masks of their own
-        kinds = getattr(adapter.language_model.config, "layer_types", None) or []
-        type_changes = {i for i in range(1, len(kinds)) if kinds[i] != kinds[i - 1]}
         self.decoder, self.towers = None, []
         try:
-            self.decoder = _CompiledStack(model, adapter.decoder_layers, options, self._decoder_access, _many_tokens,
-                                          starts=type_changes)
+            self.decoder = _CompiledStack(model, adapter.decoder_layers, options, self._decoder_access, _many_tokens)
             for layers in towers:
                 self.towers.append(_CompiledStack(model, layers, options, HiddenAccess, _always, owns_outputs=True))
         except ValueError:
