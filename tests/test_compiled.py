@@ -207,6 +207,22 @@ def test_a_hook_the_plan_takes_for_the_pruners_that_changes_a_layers_input_stops
         handle.remove()
 
 
+def test_single_token_decode_steps_run_eagerly():
+    """Each decode step's cache is one longer (a new shape each step): compiled, every step would compile again."""
+    model = tiny_llava(layers=4).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    with torch.no_grad(), vtprune.compile_prefill(model, backend="eager") as compiled:
+        lengths, run = [], compiled.decoder._run
+
+        def counted(index, hidden, *rest):
+            lengths.append(hidden.shape[1])
+            return run(index, hidden, *rest)
+
+        compiled.decoder._run = counted
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert lengths == [inputs["input_ids"].shape[1]] * 4  # the prefill's four layers, and no step of one token
+
+
 def test_a_follow_up_turn_on_a_pruned_cache_runs_layer_by_layer_and_equals_eager():
     """After a stage the early layers' caches hold more tokens than the later ones': each layer gets a mask of its
     own, so a several-token turn on that cache is no one segment."""
