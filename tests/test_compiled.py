@@ -129,6 +129,21 @@ def test_a_layer_with_a_hook_of_someone_elses_runs_alone_and_its_hook_sees_what_
     torch.testing.assert_close(compiled_output, eager_output, rtol=1e-5, atol=1e-5)
 
 
+def test_a_hook_of_someone_elses_that_changes_a_layers_input_starts_a_segment_there():
+    model = tiny_llava(layers=6).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    handle = model.model.language_model.layers[3].register_forward_pre_hook(lambda module, args: (args[0] * 2,
+                                                                                                  *args[1:]))
+    try:
+        with torch.no_grad():
+            eager = model(**inputs).logits
+            with vtprune.compile_prefill(model, backend="eager") as compiled:
+                torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
+                assert compiled.last_segments == [(0, 3), (3, 6)]
+    finally:
+        handle.remove()
+
+
 def test_hidden_states_asked_for_are_every_layers_own():
     """A segment returns the outputs of its layers that a hook reads (transformers' output_hidden_states, or the
     vision recorder's start hook beside it on the tower's first layer), so they are each layer's own."""
