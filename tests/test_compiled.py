@@ -12,7 +12,7 @@ import torch
 
 import vtprune
 from vtprune.engine.cache import cache_keyword, output_cache
-from vtprune.engine.compiled import COMPILERS, HiddenAccess
+from vtprune.engine.compiled import COMPILERS, HiddenAccess, Segment
 from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 from .conftest import FAMILIES, greedy
@@ -142,6 +142,35 @@ def test_a_hook_of_someone_elses_that_changes_a_layers_input_starts_a_segment_th
                 assert compiled.last_segments == [(0, 3), (3, 6)]
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("register", ["register_module_forward_hook", "register_module_forward_pre_hook"])
+def test_hooks_on_every_module_see_each_layer_run_eagerly(register):
+    """Hooks registered for every module (torch.nn.modules.module's) would be traced inside the graphs, or skipped:
+    each layer runs on its own, eagerly, and they see what it computes."""
+    model = tiny_llava(layers=4).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    layers = list(model.model.language_model.layers)
+    seen = []
+
+    def record(module, args, *output):
+        if module in layers:
+            seen.append((layers.index(module), args[0], *output))
+
+    handle = getattr(torch.nn.modules.module, register)(record)
+    try:
+        with torch.no_grad():
+            eager = model(**inputs).logits
+            heard = len(seen)
+            with vtprune.compile_prefill(model, backend="eager") as compiled:
+                torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
+                assert compiled.decoder.last_segments == [Segment(i, i + 1, eager=True) for i in range(4)]
+    finally:
+        handle.remove()
+    assert [entry[0] for entry in seen] == [0, 1, 2, 3] * 2 and heard == 4
+    for mine, theirs in zip(seen[heard:], seen[:heard]):
+        for a, b in zip(mine[1:], theirs[1:]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_hidden_states_asked_for_are_every_layers_own():
