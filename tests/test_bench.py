@@ -96,10 +96,11 @@ def test_flops_formula():
     assert vision_layer_flops(10, 4, 8, 3, [4, 6]) == 4 * 10 * 16 + 2 * (16 + 36) * 4 + 3 * 10 * 4 * 8
 
 
-@pytest.mark.parametrize("keep", [64, 128, 192, 100])
-def test_qwen_oracle_grid_holds_exactly_the_kept_tokens(keep):
-    h, w = oracle_grid(keep)
-    assert (h // 2) * (w // 2) == keep and h % 2 == 0 and w % 2 == 0
+@pytest.mark.parametrize("keep, merged", [(64, (8, 8)), (128, (8, 16)), (192, (12, 16)), (100, (10, 10)),
+                                          (7, (1, 7))])
+def test_qwen_oracle_grid_holds_exactly_the_kept_tokens_as_square_as_it_can(keep, merged):
+    """The oracle's smaller image: its tower runs as many patches as the kept tokens', in an image shaped like one."""
+    assert oracle_grid(keep) == (2 * merged[0], 2 * merged[1])
 
 
 def measurement(config, p10=10.0, p90=12.0, decode=50.0):
@@ -149,10 +150,12 @@ def test_a_noisy_oracle_marks_the_ratio_it_enters():
 
 
 def test_percentiles_interpolate_between_the_sorted_times():
-    from vtprune.bench.measure import percentiles
+    from vtprune.bench.measure import _spread, percentiles
 
     assert percentiles([5.0, 1.0, 4.0, 2.0, 3.0]) == pytest.approx((1.4, 4.6))  # not the extremes 1 and 5
     assert percentiles([7.0]) == (7.0, 7.0)
+    assert _spread([5.0, 1.0, 4.0, 2.0, 3.0]) == pytest.approx(4.6 / 1.4)  # an oracle's p90 / p10, as the table reads
+    assert _spread([]) is None
 
 
 def test_without_warm_up_the_schedule_oracle_still_replays_a_decision(monkeypatch):

@@ -191,7 +191,24 @@ def test_hidden_states_asked_for_are_every_layers_own():
                 [(0, 4, (0, 1, 2), False), (4, 5, (), True), (5, 6, (), False)]
             model(**inputs)  # transformers' capturing hooks stay on the layers, idle: nothing returned beside
             assert [s.exposed for s in compiled.decoder.last_segments] == [()]
-    for mine, theirs in zip(hidden + hidden_tower, eager + eager_tower, strict=True):
+            again = model(**inputs, output_hidden_states=True).hidden_states  # asked again after a forward that did not
+    for mine, theirs in zip(hidden + hidden_tower + again, eager + eager_tower + eager, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_attentions_asked_for_after_a_compiled_forward_are_recorded_as_eager():
+    """transformers' attention-capturing hooks, idle in a forward that records nothing, are off the attention blocks
+    only for the compiled call: the next forward asking for attentions runs each layer eagerly and records them."""
+    model = tiny_llava("eager", layers=4).eval()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    with torch.no_grad():
+        eager = model(**inputs, output_attentions=True).attentions
+        with vtprune.compile_prefill(model, backend="eager") as compiled:
+            model(**inputs)
+            assert compiled.last_segments == [(0, 4)]
+            again = model(**inputs, output_attentions=True).attentions
+            assert compiled.last_segments == [(i, i + 1) for i in range(4)]
+    for mine, theirs in zip(again, eager, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
