@@ -158,6 +158,30 @@ def test_percentiles_interpolate_between_the_sorted_times():
     assert _spread([]) is None
 
 
+def test_each_timing_times_the_prefill_it_names(monkeypatch):
+    """Timed with a clock that reads the language model's input length instead: the oracle's row times the oracle
+    (40 text + 16 visual tokens) and, alternating with it, the unpruned model (64 visual); FastV's row its input
+    oracle, itself and its replay (both pruning inside the LM, after its input)."""
+    from vtprune.bench import measure as measure_module
+
+    torch.manual_seed(0)
+    model = TINY.build().eval()
+    lengths = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+
+    def input_length(run, device):
+        seen = len(lengths)
+        run()
+        return float(lengths[seen])
+
+    monkeypatch.setattr(measure_module, "_time_ms", input_length)
+    oracle = measure(model, TINY, "oracle", 16, batch=2, repeats=2, warmup=1, new_tokens=2)
+    assert (oracle.prefill_ms, oracle.unpruned_ms) == (56, 104)
+    fastv = measure(model, TINY, "fastv", 16, batch=2, repeats=2, warmup=1, new_tokens=2)
+    assert (fastv.input_oracle_ms, fastv.prefill_ms, fastv.schedule_oracle_ms) == (56, 104, 104)
+
+
 def test_without_warm_up_the_schedule_oracle_still_replays_a_decision(monkeypatch):
     """measure(warmup=0): the decision is made by an untimed prefill, so the schedule oracle asks the method
     nothing (it was the method itself before)."""
