@@ -182,6 +182,18 @@ def test_each_timing_times_the_prefill_it_names(monkeypatch):
     assert (fastv.input_oracle_ms, fastv.prefill_ms, fastv.schedule_oracle_ms) == (56, 104, 104)
 
 
+def test_selection_time_is_per_prefill(monkeypatch):
+    """select ms is what one prefill spends selecting: on a clock that ticks a second per reading, FastV's one
+    selection a prefill (the batch's items at once) reads 1000 ms, however many prefills measured it."""
+    from vtprune.bench import measure as measure_module
+
+    torch.manual_seed(0)
+    model = TINY.build().eval()
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(measure_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    assert measure(model, TINY, "fastv", 16, batch=2, repeats=12, warmup=1, new_tokens=2).select_ms == {"layer 2": 1000.0}
+
+
 def test_without_warm_up_the_schedule_oracle_still_replays_a_decision(monkeypatch):
     """measure(warmup=0): the decision is made by an untimed prefill, so the schedule oracle asks the method
     nothing (it was the method itself before)."""
