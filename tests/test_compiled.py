@@ -114,8 +114,13 @@ def test_a_layer_with_a_hook_of_someone_elses_runs_alone_and_its_hook_sees_what_
     model = tiny_llava(layers=8).eval()
     inputs = tiny_inputs(model, [SampleLayout(images=1)])
     seen = []
+    key = "output"  # (a closure over `key`, as transformers' capturing hooks have: it is still not one of theirs)
+
+    def hook(module, args, output):
+        seen.append({key: output, "input": args[0]}.values())
+
     hooked = model.model.language_model.layers[4]
-    handle = hooked.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+    handle = hooked.register_forward_hook(hook)
     try:
         with torch.no_grad(), vtprune.apply(model, "visionzip", 6):
             eager = model(**inputs).logits
@@ -124,7 +129,7 @@ def test_a_layer_with_a_hook_of_someone_elses_runs_alone_and_its_hook_sees_what_
                 assert compiled.last_segments == [(0, 4), (4, 5), (5, 8)]
     finally:
         handle.remove()
-    (eager_input, eager_output), (compiled_input, compiled_output) = seen
+    (eager_output, eager_input), (compiled_output, compiled_input) = seen
     torch.testing.assert_close(compiled_input, eager_input, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled_output, eager_output, rtol=1e-5, atol=1e-5)
 
@@ -248,17 +253,20 @@ def test_a_hook_that_only_reads_one_layers_output_sees_that_layers_own_inside_a_
     torch.testing.assert_close(seen[1], seen[0], rtol=1e-5, atol=1e-5)
 
 
-def test_a_hook_the_plan_takes_for_the_pruners_that_changes_a_layers_input_stops_the_forward():
+@pytest.mark.parametrize("changed", ["hidden states", "an argument"])
+def test_a_hook_the_plan_takes_for_the_pruners_that_changes_a_layers_input_stops_the_forward(changed):
     """The plan trusts the pruner's layer hooks to change nothing inside a segment; one that did would have the
     segment's layer skip what it was given: the forward stops instead."""
     model = tiny_llava(layers=6).eval()
     inputs = tiny_inputs(model, [SampleLayout(images=1)])
 
-    def doubling(module, args):
-        return (args[0] * 2, *args[1:])
+    def doubling(module, args, kwargs):
+        if changed == "hidden states":
+            return (args[0] * 2, *args[1:]), kwargs
+        return args, dict(kwargs, position_embeddings=tuple(2 * part for part in kwargs["position_embeddings"]))
 
     doubling.vtprune_layer_hook = True
-    handle = model.model.language_model.layers[3].register_forward_pre_hook(doubling)
+    handle = model.model.language_model.layers[3].register_forward_pre_hook(doubling, with_kwargs=True)
     try:
         with torch.no_grad(), vtprune.compile_prefill(model, backend="eager"):
             with pytest.raises(vtprune.UnsupportedUseError, match="layer 3 of LlamaDecoderLayer was called inside a "
