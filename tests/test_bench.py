@@ -144,8 +144,11 @@ def test_the_table_marks_measurements_too_noisy_to_compare():
 def test_a_noisy_oracle_marks_the_ratio_it_enters():
     fastv = dataclasses.replace(measurement("fastv@64"), schedule_oracle_ms=10.0, input_oracle_ms=5.0,
                                 schedule_oracle_spread=1.2, input_oracle_spread=1.8)
-    rows, text = rendered(bench_table([measurement("unpruned"), fastv], "t"))
+    oracle = dataclasses.replace(measurement("oracle@64"), unpruned_ms=33.0)
+    rows, text = rendered(bench_table([measurement("unpruned"), oracle, fastv], "t"))
     assert rows["fastv@64"][2] == "" and rows["fastv@64"][6:8] == ["2.20x!", "1.10x"]
+    # the speedup chains the oracle row's ratio with this row's input oracle: its noise marks it too
+    assert (rows["oracle@64"][5], rows["fastv@64"][5]) == ("3.00x", "1.36x!")
     assert "or an oracle's p90/p10 above the limit" in " ".join(text.split())
 
 

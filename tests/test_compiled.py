@@ -209,8 +209,12 @@ def test_attentions_asked_for_after_a_compiled_forward_are_recorded_as_eager():
     with torch.no_grad():
         eager = model(**inputs, output_attentions=True).attentions
         with vtprune.compile_prefill(model, backend="eager") as compiled:
+            torch._dynamo.utils.counters.clear()
             model(**inputs)
             assert compiled.last_segments == [(0, 4)]
+            # traced, the idle hooks would break the graph (their ContextVar read) and the segment would run eagerly
+            assert not torch._dynamo.utils.counters["graph_break"]
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
             again = model(**inputs, output_attentions=True).attentions
             assert compiled.last_segments == [(i, i + 1) for i in range(4)]
     for mine, theirs in zip(again, eager, strict=True):
