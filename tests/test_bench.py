@@ -463,11 +463,16 @@ def test_the_llava_onevision_7b_preset():
     assert int(kept.sum()) == 64 + 54 and kept[:64].all() and not kept[64:729].any()
 
 
-def test_a_shrunk_onevision_grid_packs_as_the_model_does():
-    model = TINY_ONEVISION.build().eval()
-    layout = anyres_layout(model.config, TINY_ONEVISION.image_size)
-    assert layout == AnyresLayout(base=16, rows=6, cols=9, tiles=7)
-    features, newline, placeholders = packed_features(model, TINY_ONEVISION)
+@pytest.mark.parametrize("aspect_ratio, rows, cols", [
+    ("anyres_max_4", 6, 9),  # 8x12 patches is 1.22^2 x 4 tiles' worth: shrunk by 1.22
+    ("anyres_max_5", 8, 12),  # 1.095^2 x 5 tiles' worth: within the model's 1.1, kept whole
+])
+def test_a_shrunk_onevision_grid_packs_as_the_model_does(aspect_ratio, rows, cols):
+    preset = dataclasses.replace(TINY_ONEVISION, aspect_ratio=aspect_ratio)
+    model = preset.build().eval()
+    layout = anyres_layout(model.config, preset.image_size)
+    assert layout == AnyresLayout(base=16, rows=rows, cols=cols, tiles=7)
+    features, newline, placeholders = packed_features(model, preset)
     assert len(features) == placeholders == layout.placeholders
     assert torch.equal(newline, oracle_kept_features(layout, 0))
 
