@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -144,6 +145,32 @@ def test_answers_stop_at_the_tasks_stop_strings(checkpoint):
     cut = model.generate_until(requests([0, 1], {"max_new_tokens": 4, "until": stops}))
     assert all(not stop_found_in(answer, stops) for answer in cut)
     assert all(answer_full.startswith(answer) for answer, answer_full in zip(cut, full))
+
+
+def test_answers_reach_lmms_evals_response_cache_and_the_bar_counts_batches(checkpoint, monkeypatch):
+    """lmms-eval's --use_cache stores each answer through the model's cache_hook; the progress bar counts batches."""
+    from vtprune.integrations import lmms_eval as plugin_module
+
+    model = plugin(checkpoint, batch_size=2)
+    cached, bars = [], []
+    model.cache_hook = SimpleNamespace(add_partial=lambda kind, request, answer: cached.append((kind, request, answer)))
+
+    class Bar:
+        def __init__(self, total, **options):
+            self.total, self.done = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(plugin_module, "tqdm", Bar)
+    answers = model.generate_until(requests(range(3), {"max_new_tokens": 2}))
+    assert sorted(cached) == sorted(("generate_until", (DOCS[i]["question"], {"max_new_tokens": 2}), answers[i])
+                                    for i in range(3))
+    assert [(bar.total, bar.done) for bar in bars] == [(2, 2)]
 
 
 def stop_found_in(answer, stops):
