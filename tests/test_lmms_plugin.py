@@ -231,6 +231,18 @@ def test_each_process_runs_where_asked_or_on_its_own_device(asked, own, expected
     assert process_device(None if asked is None else torch.device(asked), torch.device(own)) == torch.device(expected)
 
 
+@pytest.mark.parametrize("asked, settings, model_type, expected", [
+    (None, {}, "qwen2_vl", 128), (None, {}, "qwen2_5_vl", 32768), (None, {}, "llava_next", 1024),  # the family's
+    (None, {"max_new_tokens": 7}, "qwen2_vl", 7),  # the task's
+    (5, {"max_new_tokens": 7}, "llava", 5),  # model_args' max_new_tokens
+])
+def test_answer_lengths_are_the_tasks_else_the_familys_lmms_eval_models(asked, settings, model_type, expected):
+    from vtprune.integrations.lmms_eval import Vtprune
+
+    plugin = SimpleNamespace(max_new_tokens=asked, model=SimpleNamespace(config=SimpleNamespace(model_type=model_type)))
+    assert Vtprune.max_new_tokens_for(plugin, settings) == expected
+
+
 @pytest.mark.parametrize("settings, model_type, expected", [
     ({"until": ["\n"]}, "llava", {"do_sample": False, "num_beams": 1}),
     ({"temperature": 0.7, "top_p": 0.9}, "llava", {"do_sample": True, "num_beams": 1, "temperature": 0.7, "top_p": 0.9}),
