@@ -9,6 +9,7 @@ errors, a video file.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,19 @@ def test_method_options_take_vtprune_evals_spelling(checkpoint):
     assert typed_options("clse", {"score": "attn"}) == {"score": "attn"}
     model = plugin(checkpoint, method="pdrop", budget=0.5, layers="1/2")
     assert model.pruner.method.options.layers == (1, 2)
+
+
+def test_model_args_override_the_options_the_checkpoint_supplies(checkpoint, tmp_path):
+    """CLASP reads the calibration table beside a checkpoint unless model_args name another."""
+    from vtprune.methods.clasp import CALIBRATION_FILE
+
+    folder = tmp_path / "calibrated"
+    shutil.copytree(checkpoint, folder)
+    beside, mine = folder / CALIBRATION_FILE, tmp_path / "mine.json"
+    for table, split in ((beside, 0.25), (mine, 0.75)):
+        table.write_text(json.dumps({"classes": {"count": {"fusion": None, "split": split}}}))
+    assert plugin(folder, method="clasp", budget=8).pruner.method.options.calibration == str(beside)
+    assert plugin(folder, method="clasp", budget=8, calibration=str(mine)).pruner.method.options.calibration == str(mine)
 
 
 @pytest.mark.parametrize("model_args, error", [
