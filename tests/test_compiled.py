@@ -114,10 +114,10 @@ def test_a_layer_with_a_hook_of_someone_elses_runs_alone_and_its_hook_sees_what_
     model = tiny_llava(layers=8).eval()
     inputs = tiny_inputs(model, [SampleLayout(images=1)])
     seen = []
-    key = "output"  # (a closure over `key`, as transformers' capturing hooks have: it is still not one of theirs)
+    key = "mine"  # (a closure over `key`, as transformers' capturing hooks have: it is still not one of theirs)
 
     def hook(module, args, output):
-        seen.append({key: output, "input": args[0]}.values())
+        seen.append((args[0], output, key))
 
     hooked = model.model.language_model.layers[4]
     handle = hooked.register_forward_hook(hook)
@@ -129,7 +129,7 @@ def test_a_layer_with_a_hook_of_someone_elses_runs_alone_and_its_hook_sees_what_
                 assert compiled.last_segments == [(0, 4), (4, 5), (5, 8)]
     finally:
         handle.remove()
-    (eager_output, eager_input), (compiled_output, compiled_input) = seen
+    (eager_input, eager_output, _), (compiled_input, compiled_output, _) = seen
     torch.testing.assert_close(compiled_input, eager_input, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled_output, eager_output, rtol=1e-5, atol=1e-5)
 
