@@ -234,6 +234,12 @@ def test_mme_parquet_limit_keeps_question_pairs(tmp_path):
     assert (result["cognition"], result["perception"], result["score"]) == (200.0, 50.0, 250.0)
 
 
+def test_an_mme_row_without_a_category_takes_its_subtask_from_its_question_id(tmp_path):
+    write_parquet(tmp_path / "mme.parquet", [{k: v for k, v in row.items() if k != "category"} for row in mme_rows()])
+    assert [s.reference["category"] for s in load_benchmark("mme", tmp_path)] == [
+        "code_reasoning", "code_reasoning", "color", "color", "color"]
+
+
 def sqa_rows():
     return [
         {"question": "Which animal is a mammal?", "choices": ["frog", "whale"], "answer": 1, "hint": "",
@@ -837,12 +843,22 @@ def test_mmbench_test_split_without_answers(tmp_path):
            load_benchmark, "mmbench_en", tmp_path)
 
 
-def test_scienceqa_answer_out_of_range(tmp_path):
+@pytest.mark.parametrize("answer", [5, 3])  # (3: one past the last of its 3 choices)
+def test_scienceqa_answer_out_of_range(tmp_path, answer):
     rows = sqa_rows()
-    rows[1]["answer"] = 5
+    rows[1]["answer"] = answer
     write_parquet(tmp_path / "sqa.parquet", rows)
-    raises(re.escape("sqa.parquet row 1: field 'answer' is 5; expected an index into its 3 choices"),
+    raises(re.escape(f"sqa.parquet row 1: field 'answer' is {answer}; expected an index into its 3 choices"),
            load_benchmark, "scienceqa_img", tmp_path)
+
+
+def test_an_mmbench_hint_spelled_nan_is_skipped_in_english_and_kept_in_chinese(tmp_path):
+    """lmms-eval's en_utils skips a hint that is NaN or the string "nan"; its cn_utils only NaN (pd.notna)."""
+    for config in ("en", "cn"):
+        write_parquet(tmp_path / config / "dev-00000-of-00001.parquet",
+                      mmbench_question(0, "Which?", ["x", "y"], "x", hint="nan"))
+    assert load_benchmark("mmbench_en", tmp_path)[0].question.startswith("Which? There are several options")
+    assert load_benchmark("mmbench_cn", tmp_path)[0].question.startswith("nan Which? There are several options")
 
 
 def test_textvqa_answers_must_be_a_list(tmp_path):
@@ -1057,6 +1073,22 @@ def test_videomme_parquet_with_its_videos(tmp_path):
     assert samples[0].reference == {"answer": "C", "duration": "short", "domain": "Knowledge",
                                     "task_type": "Counting Problem", "videoID": "fFjv93ACGo8"}
     assert score("videomme", ["C", "B", "B"], [s.reference for s in samples])["score"] == pytest.approx(200 / 3)
+    # the parquet file named directly: the hub snapshot's data/, beside its videomme/ folder
+    direct = load_benchmark("videomme", tmp_path / "videomme" / "test-00000-of-00001.parquet")
+    assert [s.videos for s in direct] == [s.videos for s in samples]
+
+
+def test_a_videomme_answer_letter_with_spaces_is_read_and_an_unknown_duration_refused(tmp_path):
+    rows = videomme_rows()
+    rows[0]["answer"] = " C "
+    write_parquet(tmp_path / "videomme" / "test-00000-of-00001.parquet", rows)
+    write_video(tmp_path / "data" / "fFjv93ACGo8.mp4")
+    write_video(tmp_path / "data" / "xyz.mkv")
+    assert load_benchmark("videomme", tmp_path)[0].reference["answer"] == "C"
+    rows[1]["duration"] = "tiny"  # its score is kept per duration: one outside them would drop out of each
+    write_parquet(tmp_path / "videomme" / "test-00000-of-00001.parquet", rows)
+    raises(re.escape("test-00000-of-00001.parquet row 1: field 'duration' is 'tiny'; expected one of short, medium, "
+                     "long"), load_benchmark, "videomme", tmp_path)
 
 
 def test_videomme_without_its_video_names_the_row(tmp_path):
