@@ -30,6 +30,7 @@ def test_the_sign_test_is_exact():
     candidate, incumbent = [True] * 6 + [False], [False] * 6 + [True]
     assert not calibrate.beats(candidate, incumbent)
     assert calibrate.beats(candidate, incumbent, alpha=0.063)
+    assert not calibrate.beats(candidate, incumbent, alpha=8 / 128)  # significant means p strictly below alpha
 
 
 def test_the_search_keeps_the_simpler_setting_unless_another_is_clearly_better(monkeypatch):
@@ -58,3 +59,21 @@ def test_the_search_keeps_the_simpler_setting_unless_another_is_clearly_better(m
     assert table["classes"]["count"] == {"fusion": {str(k): v for k, v in strategy_d.items()}, "split": 1.0}
     assert table["classes"]["ocr"] == {"fusion": None, "split": 0.5}
     assert table["calibration_accuracy"] == {"count": 0.75, "ocr": 0.90}
+
+
+def test_the_search_tries_every_split_and_then_every_fusion_at_the_chosen_split(monkeypatch):
+    model = SimpleNamespace(config=SimpleNamespace(vision_feature_layer=-2, vision_config=SimpleNamespace(
+        num_hidden_layers=8)))
+    fusions = fusion_candidates(-2, 9)
+    tried = []
+
+    def fake_hits(model, processor, samples, prompt, budget, options):
+        entry = options["calibration"]["classes"][options["question_class"]]
+        fusion = {int(k): v for k, v in entry["fusion"].items()} if entry["fusion"] else None
+        tried.append((entry["split"], fusions.index(fusion)))
+        return answers(90 if entry["split"] == 0.75 else 50)
+
+    monkeypatch.setattr(calibrate, "hits", fake_hits)
+    calibrate.calibrate_clasp(model, None, [SimpleNamespace(qclass="count")] * 100, None, 64, {})
+    # the model's own layer (fusion 0) at each split, then each other fusion once at the split chosen (0.75)
+    assert tried == [(split, 0) for split in calibrate.SPLITS] + [(0.75, i) for i in range(1, len(fusions))]

@@ -188,3 +188,53 @@ def test_a_merging_block_costs_the_engine_few_ops(method):
     (shallow, shallow_blocks), (deep, deep_blocks) = engine_ops_over_replay(6), engine_ops_over_replay(14)
     assert deep_blocks >= shallow_blocks + 4
     assert 0 < (deep - shallow) / (deep_blocks - shallow_blocks) <= ENGINE_OPS_PER_MERGING_BLOCK, (shallow, deep)
+
+
+def test_stage_reads_counts_every_read_it_names_and_puts_torch_back():
+    """The other tests here hold the engine to no reads; this one holds the counter to seeing them: each kind of
+    read, explicit or inside torch, made from a line of the engine's tower hooks is counted once under its name."""
+    from vtprune.bench.ops import READS, stage_reads
+
+    tower_hook = {}  # a stand-in for a line of engine/vision.py
+    exec(compile("def run(work):\n    return work()\n", "/site-packages/vtprune/engine/vision.py", "exec"), tower_hook)
+    x, mask = torch.arange(6), torch.arange(6) > 2
+    reads = {
+        "tolist": lambda: x.tolist(), "item": lambda: x[0].item(), "__bool__": lambda: bool(x[1]),
+        "__int__": lambda: int(x[1]), "__float__": lambda: float(x[1]), "__index__": lambda: [0, 1][x[1]],
+        "nonzero": lambda: x.nonzero(), "cpu": lambda: x.cpu(), "numpy": lambda: x.numpy(),
+        "equal": lambda: torch.equal(x, x), "bincount.default": lambda: torch.bincount(x),
+        "masked_select.default": lambda: x.masked_select(mask), "_unique2.default": lambda: torch.unique(x),
+        "unique_consecutive.default": lambda: torch.unique_consecutive(x), "unique_dim.default": lambda: torch.unique(x, dim=0),
+        "repeat_interleave without output_size": lambda: x.repeat_interleave(x),
+        "indexing by a mask": lambda: x[mask],
+        "a number written through tensor indices": lambda: x.clone().__setitem__(torch.tensor([1]), 5),
+    }
+    before = [getattr(owner, name) for owner, name in READS] + [torch.Tensor.__setitem__]
+    for name, read in reads.items():
+        with stage_reads() as counted:
+            tower_hook["run"](read)
+        assert dict(counted) == {f"engine/vision.py:2 {name}": 1}, name
+    with stage_reads() as counted:
+        tower_hook["run"](lambda: torch.nonzero(x))
+    assert dict(counted) == {"engine/vision.py:2 nonzero": 1}
+    assert [getattr(owner, name) for owner, name in READS] + [torch.Tensor.__setitem__] == before
+
+
+def test_stage_reads_counts_a_read_while_a_decode_step_masks_a_pruned_layer(monkeypatch):
+    from vtprune.bench.ops import stage_reads
+    from vtprune.engine import decode
+
+    def reading_mask(kv_valid, *args, **kwargs):
+        kv_valid.tolist()
+        return mask_of(kv_valid, *args, **kwargs)
+
+    model, mask_of = tiny_llava(), decode.decoder_mask
+    inputs = tiny_inputs(model, [SampleLayout()])
+    with vtprune.apply(model, "fastv", 8), torch.no_grad():
+        output = model(**inputs, use_cache=True, logits_to_keep=1)
+        step = output.logits[:, -1:].argmax(-1)
+        monkeypatch.setattr(decode, "decoder_mask", reading_mask)
+        with stage_reads() as reads:
+            model(input_ids=step, attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(step)], 1),
+                  use_cache=True, **{cache_keyword(model.model.language_model): output_cache(output)})
+    assert reads and all(site.startswith("engine/decode.py:") and site.endswith(" tolist") for site in reads), reads

@@ -114,7 +114,7 @@ def test_vtprune_calibrate_writes_and_prints_its_table(tmp_path, capsys):
 
     from vtprune import cli
 
-    out = tmp_path / "table.json"
+    out = tmp_path / "tables" / "table.json"  # a folder not there yet is made
     assert cli.main(["calibrate", "--method", "clasp", "--samples", "6", "--out", str(out)]) == 0
     table = json.loads(out.read_text())
     assert table["method"] == "clasp" and table["budget"] == 64 and len(table["classes"]) == 6
