@@ -215,6 +215,16 @@ def test_bench_will_not_overwrite_a_committed_result_unless_told(tmp_path, capsy
     assert cli.parse(["bench", "--out", str(tmp_path), "--replace-committed"]).replace_committed
     assert cli.parse(["bench", "--out", str(tmp_path), "--arch", "qwen2-vl-cpu-small"])  # no file there yet
 
+    # a checkpoint's results are its folder's file: the preset's committed one is not in the way, its own is
+    from vtprune.synth.reference import REFERENCE_DIR
+
+    checkpoint = ["bench", "--out", str(tmp_path), "--model", str(REFERENCE_DIR)]
+    assert cli.parse(checkpoint)
+    own = committed.parent / f"bench-model-{REFERENCE_DIR.resolve().name}.json"
+    own.write_text("{}")
+    subprocess.run(["git", "-C", str(tmp_path), "add", str(own.relative_to(tmp_path))], check=True)
+    assert f"--out: {own} is committed to git" in usage_error(checkpoint, capsys)
+
 
 def test_a_second_eval_on_the_same_out_stops_before_loading(tmp_path, held_elsewhere):
     with held_elsewhere(tmp_path), pytest.raises(SystemExit) as exit:

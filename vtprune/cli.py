@@ -447,10 +447,9 @@ def cmd_bench(args) -> int:
 
     dtype = getattr(torch, args.dtype)
     name = device_name(args.device)
-    # A checkpoint is named by its folder, prefixed so that its results file is no preset's (a folder may be
-    # called llava-1.5-7b); prompts are random either way, so CLASP runs as on a preset (one class, no router)
-    # rather than routing noise with the checkpoint's tokenizer.
-    arch = f"model-{Path(args.model).resolve().name}" if args.model else args.arch
+    # Prompts are random on a checkpoint too, so CLASP runs as on a preset (one class, no router) rather than
+    # routing noise with the checkpoint's tokenizer.
+    arch = cli_args.bench_arch(args)
     settings = {"arch": arch, "device_name": name, "dtype": args.dtype, "repeats": args.repeats,
                 "warmup": args.warmup, "new_tokens": args.new_tokens, "compiled": args.compile,
                 "command": _command_line(), **({"model": str(Path(args.model).resolve())} if args.model else {})}

@@ -436,10 +436,16 @@ def _check_methods_fit(parser, args) -> None:
             parser.error(f"argument --methods: {spec.label}: {error}")
 
 
+def bench_arch(args) -> str:
+    """The name `vtprune bench` gives its results: the preset's, or a checkpoint's folder prefixed so that its results
+    file is no preset's (a folder may be called llava-1.5-7b)."""
+    return f"model-{Path(args.model).resolve().name}" if args.model else args.arch
+
+
 def _check_bench_out(parser, args) -> None:
     from vtprune.bench.run import device_name, result_file
 
-    path = result_file(Path(args.out) / device_name(args.device), args.arch)
+    path = result_file(Path(args.out) / device_name(args.device), bench_arch(args))
     if path.exists() and not args.replace_committed and tracked_by_git(path):
         parser.error(f"argument --out: {path} is committed to git; pass --replace-committed to overwrite it, "
                      "or give another --out")

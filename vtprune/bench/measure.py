@@ -14,7 +14,7 @@ runs is reported with its 10th-90th percentile spread. Two oracles bound a metho
   engine's bookkeeping cost.
 Each method's row times the input oracle (`input_oracle_ms`, the pruner off the model), the
 method and its schedule oracle in turn, repeat by repeat, so that drift weighs on all three
-alike; the "oracle@B" row is the input oracle timed on its own.
+alike; the "oracle@B" row times the input oracle in turn with the unpruned model.
 `select_ms` is the time in the method's own selection per stage (Method.select_batch: the batch's items at once),
 and in a BlockMergingMethod's merges inside the tower ("tower merges").
 """

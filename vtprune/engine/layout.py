@@ -1,6 +1,6 @@
 """Which tokens a stretch of decoder layers holds, and the attention masks that follow from it.
 
-Pure tensor code: the hooks in pruner.py call it, nothing here touches a model.
+Pure tensor code: the engine (run.py, prefill.py, decode.py) calls it, nothing here touches a model.
 """
 
 from __future__ import annotations

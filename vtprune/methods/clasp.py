@@ -23,10 +23,14 @@ gives salience, what completion is, the class set or the router. The project's r
 - six classes and a rule-based English/Chinese router (vtprune.router), overridable, which reads the
   prompt's question: its last user turn without the chat template and the answer-format
   instructions benchmarks append (`router.instruction`).
-`progressive=True` runs this project's earlier schedule instead: stages at layers 2/6/15 of 32
-(scaled to depth) keeping 2R / 1.5R / R. Those are SparseVLM's layers, not CLASP's (an earlier
-version of our notes attributed them to CLASP by mistake); the schedule spends far more compute
-(its equivalent budget is well above R) and is never the default.
+`progressive=True` runs this project's earlier schedule instead: stages before layers 2/6/15 of 32
+(scaled to depth) keeping 2R / 1.5R / R. Those are the numbers of SparseVLM's sparse layers (an earlier
+version of our notes attributed them to CLASP by mistake), one layer earlier than SparseVLM prunes (after
+them: before 3/7/16 in vtprune's counting); the schedule spends far more compute (its equivalent budget is
+well above R) and is never the default.
+
+Fusion is implemented for LLaVA-1.5's tower; on the other families a table that fuses is refused (pass
+fusion=False). An image the budget keeps whole is not fused: a keep-all budget leaves the model untouched.
 """
 
 from __future__ import annotations

@@ -13,12 +13,25 @@ is sliced to the kept tokens too; their Qwen2-VL code has that slicing commented
 (`Qwen2VL/clse_qwen2vl_model.py`), so on Qwen2-VL and Qwen2.5-VL the early layers'
 cache stays whole by default (`slice_kv` overrides both). Qwen2-VL's keep counts are
 ratios of the item's visual tokens: a table for the three reported retain ratios, the
-multipliers 1.71/1.08/0.294 of the retain ratio otherwise (see qwen_keep_counts).
+multipliers 1.71/1.08/0.294 of the retain ratio otherwise (see qwen_keep_counts). Qwen2.5-VL takes
+Qwen2-VL's settings (our reading: the authors released none for it).
 
-Deviation: the attention (logits, softmax, mean over heads) is computed in float32; the authors' is the model's
-dtype (fp16 on LLaVA, bf16 on Qwen2-VL), whose rounding ties many scores that topk then orders by its own rule.
-Only tokens at the keep boundary can differ: by simulation ~0.1-0.4 tokens a stage in fp16, ~1-2 in bf16 (up to 3
-seen in an audit of a bf16 Qwen2-VL run against the authors' code).
+Videos follow the authors' video branch (Video-LLaVA's): the reference at the input of layer 2, one stage before
+layer 3 (scaled to depth), the score per frame, the budget over the whole video, the early layers' cache left
+whole. Their video branch prunes only videos and their Qwen2-VL code only images: Video-LLaVA's images take the
+LLaVA schedule, and a Qwen video the video branch (our extension).
+
+Deviations:
+- A grid of one row or column skips the high-pass (theirs: 0 / 0, every score NaN; high_frequency_magnitude).
+- The Gaussian high-pass of the 2-D FFT is computed as the same filter by two circulant matmuls, equal to the FFT
+  to float32 rounding and ~30x cheaper (high_frequency_magnitude).
+- Budgets outside the authors' tables: LLaVA's counts are round(budget x their multipliers) (their code stops on
+  a float count); a Qwen fraction is rounded to a count first, so a stage can keep one or two tokens other than
+  their int(N x r x multiplier) (qwen_keep_counts).
+- The attention (logits, softmax, mean over heads) is computed in float32; the authors' is the model's dtype
+  (fp16 on LLaVA, bf16 on Qwen2-VL), whose rounding ties many scores that topk then orders by its own rule. Only
+  tokens at the keep boundary can differ: by simulation ~0.1-0.4 tokens a stage in fp16, ~1-2 in bf16 (up to 3
+  seen in an audit of a bf16 Qwen2-VL run against the authors' code).
 """
 
 from __future__ import annotations

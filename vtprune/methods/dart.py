@@ -56,6 +56,8 @@ Other deliberate deviations:
   top-k would fail). Without any pivot (no image pivot, no text): top-keep by key norm.
 - Where their budget exceeds what is left (their top-k would fail), vtprune cannot: the
   counts sum to keep <= N.
+- Positions: the kept tokens keep their original positions (the authors pack the shortened
+  sequence and renumber it), as the engine does for every method.
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ is broken, vtprune follows what it evidently means (deviations, also in the READ
   calls torch.quantile on fp16, which raises); only the logits the merge reads are computed
   ([CLS]'s row, the dropped tokens' rows, each patch's mean logit as its query . the mean patch
   key): the release's values up to float rounding.
+- positions: each survivor keeps the position of its own column (the release hands the LLM its
+  survivors packed), as the engine does for every method.
 Towers that cut an image into several rows (LLaVA-NeXT's tiles, video frames) are refused.
 """
 

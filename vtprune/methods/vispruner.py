@@ -38,6 +38,8 @@ Deviations, on purpose:
   has padding patches and no newline tokens); here the candidates are the item's tokens only (the
   padding patches are not in the view), the model's newline tokens stay (outside the budget), and
   every budgeted token reaches the LLM. Videos (no released path) are pruned frame by frame.
+- Positions: the kept tokens keep their original positions (the authors pack them and renumber), as the engine
+  does for every method.
 - Ties: the ranking by attention and each round's ranking by similarity use a stable
   descending sort (ties: the earlier token first; the authors' argsort is unstable).
 - Towers without [CLS] (SigLIP: LLaVA-OneVision; Qwen's ViT): the importance is the attention
