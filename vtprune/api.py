@@ -54,6 +54,9 @@ def refusal(model, method: str, budget: int | float, *, videos: bool = False, **
 
 @dataclass(frozen=True)
 class MethodInfo:
+    """One registered method, as `vtprune.methods()` lists it: its name for `apply`, where it acts (the LLM's
+    input, its layers, the vision encoder), a one-line summary, and its options with their defaults."""
+
     name: str
     where: str
     summary: str

@@ -9,6 +9,9 @@ import torch
 
 @dataclass(frozen=True)
 class PruneStats:
+    """The visual tokens of one prefill, per sample: entering each decoder layer, and before pruning
+    (`pruner.last_stats`; a beam search or num_return_sequences gives one row per repeat)."""
+
     visual_tokens_per_layer: list[list[int]]  # [sample][decoder layer]: visual tokens entering that layer
     images_per_sample: list[int]
     visual_tokens_per_sample: list[int]  # before pruning
