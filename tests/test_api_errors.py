@@ -43,6 +43,21 @@ def test_unknown_method_lists_the_registered_ones(model):
         vtprune.apply(model, "zzz", 64)
 
 
+@pytest.mark.parametrize("method, message", [
+    ("fastv:layer=3", r"a method's options are keyword arguments of apply \(apply\(model, 'fastv', budget, layer=3\)\)"),
+    ("fastv,clse", "one method here"),
+    ("unpruned", "the unpruned model is no method"),
+])
+def test_a_method_named_as_the_command_line_would_is_told_how_apply_takes_it(model, method, message):
+    with pytest.raises(ValueError, match=f"unknown method '{method}': {message}"):
+        vtprune.apply(model, method, 64)
+
+
+def test_a_method_that_is_no_name_is_a_type_error_saying_so(model):
+    with pytest.raises(TypeError, match="a method is given by its name, a string .*; got NoneType"):
+        vtprune.apply(model, None, 64)
+
+
 def test_unknown_option_lists_the_method_options(model):
     with pytest.raises(TypeError, match="no option 'k'; its options are: layer"):
         vtprune.apply(model, "fastv", 64, k=3)

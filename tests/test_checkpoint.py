@@ -123,3 +123,9 @@ def test_demo_lists_a_method_refusing_the_budget_and_runs_the_others(capsys):
     out = capsys.readouterr().out
     assert "not run: tome cannot merge 64 patches down to 1" in out and "unpruned" in out
     assert "random weights" in out and out.count("/12") >= 16  # every other method generated its 12 tokens
+
+
+def test_demo_refuses_a_budget_that_prunes_nothing():
+    with pytest.raises(SystemExit, match="--budget 64 keeps all 64 visual tokens of the demo's images: nothing would "
+                                         "be pruned; give a budget below 64"):
+        cli.main(["demo", "--budget", "64"])

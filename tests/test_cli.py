@@ -65,7 +65,16 @@ def usage_error(argv, capsys) -> str:
     (["eval", "--methods", "random,random"], "--methods: random given twice"),
     (["eval", "--methods", "bogus"], "--methods: unknown method 'bogus'; registered methods: clasp"),
     (["eval", "--report", "sub/results"], "--report: 'sub/results' must be a plain file name"),
-    (["eval", "--model", "/nonexistent"], "--model: no config.json in /nonexistent"),
+    (["eval", "--model", "/nonexistent"], "--model: no folder '/nonexistent'"),
+    (["eval", "--model", __file__], r"--model: .*test_cli.py' is a file; give the checkpoint's folder"),
+    (["eval", "--model", str(Path(__file__).parent)], "--model: no config.json in"),
+    (["eval", "--methods", "unpruned"], r"unknown method 'unpruned': the unpruned model is no method \(`vtprune eval` "
+                                        "runs its unpruned row"),
+    (["show", __file__, "what?", "--method", "fastv,clse"], "unknown method 'fastv,clse': one method here"),
+    (["show", __file__, "  ", "--method", "random"], "question: the question is empty"),
+    (["show", __file__, "what?", "--method", "random", "--out", ".png"], "'.png' is a suffix without a name"),
+    (["eval", "--report", "results.json"], "--report: 'results.json': --report names the reports, which add their own "
+                                           r"suffixes .*; give 'results'"),
     (["show", __file__, "what?", "--method", "bogus"], "--method: unknown method 'bogus'"),
     (["show", "no-such.png", "what?", "--method", "random"], "IMAGE_OR_VIDEO: no file 'no-such.png'"),
     (["calibrate", "--method", "fastv"], "--method: invalid choice: 'fastv'"),
@@ -94,6 +103,14 @@ def test_a_bad_value_is_a_usage_line_naming_it(argv, message, capsys):
 ])
 def test_a_good_value_that_resembles_a_bad_one_parses(argv):
     cli.parse(argv)
+
+
+def test_show_will_not_draw_over_the_picture_it_asks_about(tmp_path, capsys):
+    picture = tmp_path / "photo.png"
+    picture.write_bytes(b"")
+    line = usage_error(["show", str(picture), "what?", "--method", "random", "--out", str(picture)], capsys)
+    assert line.endswith("--out names the picture asked about, which the drawing would replace; pass another --out")
+    cli.parse(["show", str(picture), "what?", "--method", "random", "--out", str(tmp_path / "kept.png")])
 
 
 def test_an_out_that_cannot_be_written_is_refused(tmp_path, capsys):

@@ -121,3 +121,12 @@ def test_vtprune_calibrate_writes_and_prints_its_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert '"calibration_accuracy"' in printed or "'calibration_accuracy'" in printed
     assert f"wrote {out}" in " ".join(printed.split())
+    assert "no calibration sample of class" not in printed
+
+
+def test_vtprune_calibrate_says_which_classes_its_samples_left_out(tmp_path, capsys):
+    from vtprune import cli
+
+    assert cli.main(["calibrate", "--method", "clasp", "--samples", "4", "--out", str(tmp_path / "table.json")]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "no calibration sample of class existence, general among the 4: CLASP runs those with its defaults" in printed

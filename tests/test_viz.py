@@ -304,6 +304,12 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path):
                                          r"picture \(.png, .jpg, ...\) or a video \(.mp4, "):
         main(["show", str(tmp_path / "notes.png"), "what colour is it ?", "--method", "random", "--budget", "8",
                   "--out", str(tmp_path / "kept.png")])
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:2000])  # a download cut short
+    with pytest.raises(SystemExit, match=r"^vtprune show: error: .*cut.png: unreadable \(image file is truncated"):
+        main(["show", str(tmp_path / "cut.png"), "what colour is it ?", "--method", "random", "--budget", "8",
+              "--out", str(tmp_path / "kept.png")])
 
 
 def test_a_onevision_grid_shrunk_past_anyres_max_is_drawn_over_the_whole_unpadded_image():

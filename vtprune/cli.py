@@ -53,13 +53,17 @@ def cmd_demo(args) -> int:
 
     model = tiny_llava(layers=8)
     inputs = tiny_inputs(model, [SampleLayout(images=2), SampleLayout(images=1, text_before=6)])
+    tokens = int((inputs["input_ids"][1] == model.config.image_token_id).sum())  # one image's
+    if args.budget >= tokens:
+        raise ValueError(f"--budget {args.budget} keeps all {tokens} visual tokens of the demo's images: nothing would "
+                         f"be pruned; give a budget below {tokens}")
     steps = 6
     with torch.no_grad():
         reference = model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0)[:, -steps:]
-    table = Table(title=f"tiny LLaVA-1.5 (random weights, 8 layers, 64 tokens/image), budget {args.budget}")
+    table = Table(title=f"tiny LLaVA-1.5 (random weights, 8 layers, {tokens} tokens/image), budget {args.budget}")
     for column in ("method", "kept per sample", "equivalent budget", "tokens equal to unpruned"):
         table.add_column(column)
-    table.add_row("unpruned", "[128, 64]", "64.0", f"{reference.numel()}/{reference.numel()}")
+    table.add_row("unpruned", f"[{2 * tokens}, {tokens}]", f"{tokens:.1f}", f"{reference.numel()}/{reference.numel()}")
     for info in vtprune.methods():
         options = WITHOUT_CHECKPOINT.get(info.name, {})
         if (reason := refusal(model, info.name, args.budget, **options)) is not None:
@@ -130,6 +134,7 @@ def cmd_calibrate(args) -> int:
     from pathlib import Path
 
     from vtprune.eval.calibrate import calibrate_clasp, write_table
+    from vtprune.router import CLASSES
     from vtprune.synth import generate
     from vtprune.synth.reference import REFERENCE_DIR, image_tokens, load_reference, prompt_for
 
@@ -144,6 +149,9 @@ def cmd_calibrate(args) -> int:
                             {"model": model_path.name, "seed": args.seed, "samples": args.samples})
     write_table(table, Path(args.out))
     console.print(table)
+    if missing := [name for name in CLASSES if name not in table["classes"]]:
+        console.print(f"[yellow]no calibration sample of class {', '.join(missing)} among the {args.samples}: CLASP "
+                      "runs those with its defaults (the model's own layer, an even split); raise --samples[/yellow]")
     console.print(f"wrote {args.out}; use it with vtprune.apply(model, 'clasp', budget, calibration='{args.out}')")
     return 0
 
@@ -535,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="answer a question under a method and draw the kept tokens")
     show.add_argument("image", type=cli_args.existing_file, metavar="IMAGE_OR_VIDEO",
                       help="a picture, or a video (.mp4, .mov, ...: its frames sampled as `eval` samples them)")
-    show.add_argument("question")
+    show.add_argument("question", type=cli_args.question)
     show.add_argument("--method", type=cli_args.method_spec, required=True,
                       help="a method, with options if any (fastv:layer=3), as `eval --methods` takes them")
     show.add_argument("--budget", type=cli_args.budget, default="64",

@@ -134,6 +134,9 @@ def report_name(text: str) -> str:
     from vtprune.eval.runner import SETTINGS_FILE
 
     file_name(text)
+    if Path(text).suffix.lower() in (".json", ".jsonl", ".md", ".png", ".csv"):
+        raise Invalid(f"{text!r}: --report names the reports, which add their own suffixes ({Path(text).stem}.json, "
+                      f"{Path(text).stem}.md, ...); give {Path(text).stem!r}")
     if f"{text}.json" == SETTINGS_FILE:
         raise Invalid(f"{text!r} would write the report over {SETTINGS_FILE}, the settings a resume is checked "
                       "against; pick another name")
@@ -146,6 +149,8 @@ def picture_file(text: str) -> str:
     from matplotlib.backend_bases import FigureCanvasBase
 
     formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(text).name.lower().lstrip(".") in formats:  # ".png": a suffix alone, which Path reads as a name
+        raise Invalid(f"{text!r} is a suffix without a name; e.g. kept_tokens{Path(text).name}")
     if Path(text).suffix.lower().lstrip(".") not in formats:
         raise Invalid(f"{text!r}: a picture is written as one of {', '.join('.' + f for f in sorted(formats))}; "
                       "end the name with one")
@@ -185,6 +190,12 @@ def _check_writable(folder: Path, text: str) -> None:
         raise Invalid(f"cannot write {text!r}: {existing} does not take new files ({error.strerror})") from None
 
 
+def question(text: str) -> str:
+    if not text.strip():
+        raise Invalid("the question is empty; ask one, e.g. \"what colour is the triangle ?\"")
+    return text
+
+
 @path_type
 def existing_file(text: str) -> str:
     if not Path(text).is_file():
@@ -202,6 +213,9 @@ def existing_folder(text: str) -> str:
 @path_type
 def checkpoint(text: str) -> str:
     """A checkpoint folder of a supported family (its config only: the weights are checked as they load)."""
+    if not Path(text).is_dir():
+        raise Invalid(f"no folder {text!r}" if not Path(text).exists() else
+                      f"{text!r} is a file; give the checkpoint's folder (the one holding config.json)")
     file = Path(text) / "config.json"
     try:
         config = json.loads(file.read_text())
@@ -386,6 +400,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         except CheckpointError as error:
             parser.error(f"the shipped reference model is missing or broken ({error}); "
                          "reinstall vtprune or pass --model")
+    if args.command == "show" and Path(args.out).resolve() == Path(args.image).resolve():
+        parser.error("--out names the picture asked about, which the drawing would replace; pass another --out")
     if args.command == "eval":
         _check_methods_fit(parser, args)
     if args.command == "bench":

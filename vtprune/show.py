@@ -24,8 +24,9 @@ def sample_of(path: str, model, processor, frames: int | None) -> tuple[list, li
             raise ValueError(f"--frames samples a video's frames, and {path} is no video ({', '.join(VIDEO_SUFFIXES)})")
         try:
             return [[Image.open(path).convert("RGB")]], None
-        except UnidentifiedImageError:
-            raise ValueError(f"{path}: not an image PIL can read; give a picture (.png, .jpg, ...) or a video "
+        except OSError as error:  # not a picture (UnidentifiedImageError), or a truncated or corrupt one
+            problem = "not an image PIL can read" if isinstance(error, UnidentifiedImageError) else f"unreadable ({error})"
+            raise ValueError(f"{path}: {problem}; give a picture (.png, .jpg, ...) or a video "
                              f"({', '.join(VIDEO_SUFFIXES)})") from None
     if getattr(processor, "video_processor", None) is None:
         raise ValueError(f"{path} is a video, but this checkpoint's processor ({type(processor).__name__}) takes "

@@ -39,11 +39,22 @@ def checkpoint_options(folder, processor) -> dict[str, dict]:
 
 
 def get_method(name: str) -> type[Method]:
-    try:
+    if not isinstance(name, str):
+        raise TypeError(f"a method is given by its name, a string (one of {', '.join(sorted(REGISTRY))}); got "
+                        f"{type(name).__name__}")
+    if name in REGISTRY:
         return REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}{did_you_mean(name, REGISTRY)}; registered methods: "
-                         f"{', '.join(sorted(REGISTRY))}") from None
+    if "," in name:
+        hint = ": one method here (`vtprune eval --methods` takes a comma-separated list)"
+    elif ":" in name:
+        hint = (": a method's options are keyword arguments of apply (apply(model, 'fastv', budget, layer=3)); "
+                "name:key=value is the command line's spelling")
+    elif name.strip().lower() in ("unpruned", "none", "baseline"):
+        hint = (": the unpruned model is no method (`vtprune eval` runs its unpruned row in every run; in Python, "
+                "do not apply a pruner, or remove() it)")
+    else:
+        hint = did_you_mean(name, REGISTRY)
+    raise ValueError(f"unknown method {name!r}{hint}; registered methods: {', '.join(sorted(REGISTRY))}")
 
 
 __all__ = ["LLM_INPUT", "REGISTRY", "BlockInput", "BlockMerge", "BlockMergingMethod", "Grid", "ImageView", "LayerProbe", "Method", "ModelInfo", "Selection", "Stage", "VisionLayer",
