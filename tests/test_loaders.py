@@ -557,6 +557,10 @@ def test_ocrbench_json_and_image_folder(tmp_path):
     assert sample.id == "0" and color_of(sample.images[0]) == RED
     assert sample.reference == {"answer": ["CENTRE"], "dataset": "IIIT5K", "question_type": "Regular Text Recognition"}
     assert score("ocrbench", ["CENTRE"], [sample.reference])["score"] == 1.0
+    entries[0]["Question"] = entries[0].pop("question")  # a misnamed field is listed among those the entry has
+    (tmp_path / "OCRBench" / "OCRBench.json").write_text(json.dumps(entries))
+    raises(re.escape("entry 0: field 'question' is missing; expected a non-empty string (fields present: "
+                     "dataset_name, id, image_path, answers, type, Question)"), load_benchmark, "ocrbench", tmp_path)
 
 
 def test_files_pointed_at_directly_find_their_images_where_the_release_puts_them(tmp_path):

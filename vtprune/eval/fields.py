@@ -21,6 +21,7 @@ class _Where:
     row: str   # "row 17" (0-based table row), "line 18" (1-based text line), "problem '42'" ...
     # (lmms-eval name, name in the file) for readers that rename fields, so errors name what the file has
     renamed: tuple[tuple[str, str], ...] = ()
+    read: tuple[str, ...] = ()  # the fields the file's row has, where a renaming reader keeps only some of them
 
     def field(self, name: str) -> str:
         return dict(self.renamed).get(name, name)
@@ -52,7 +53,7 @@ def listed_option(value) -> bool:
 
 def _required(doc: Doc, field: str, where: _Where, expected: str):
     if field not in doc or _missing(doc[field]):
-        present = ", ".join(where.field(k) for k in doc if k != "image") or "none"
+        present = ", ".join(where.read or [where.field(k) for k in doc if k != "image"]) or "none"
         state = "is missing" if field not in doc else "is null" if doc[field] is None else "is empty"
         raise where.error(field, state, f"expected {expected} (fields present: {present})")
     return doc[field]

@@ -110,7 +110,7 @@ def _json_lines(file: Path, root: Path) -> Iterator[tuple[dict, _Where]]:
 def _renamed(obj: dict, where: _Where, names: dict[str, str]) -> tuple[Doc, _Where]:
     """`obj`'s fields under their lmms-eval names (`names`: file name -> lmms-eval name); absent stay absent."""
     doc = {names[k]: v for k, v in obj.items() if k in names}
-    return doc, replace(where, renamed=tuple((v, k) for k, v in names.items()))
+    return doc, replace(where, renamed=tuple((v, k) for k, v in names.items()), read=tuple(map(str, obj)))
 
 
 def _read_pope(root: Path):
