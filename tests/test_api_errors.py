@@ -44,7 +44,8 @@ def test_unknown_method_lists_the_registered_ones(model):
 
 
 @pytest.mark.parametrize("method, message", [
-    ("fastv:layer=3", r"a method's options are keyword arguments of apply \(apply\(model, 'fastv', budget, layer=3\)\)"),
+    ("fastv:layer=3", r"a method's options are keyword arguments of apply "
+                      r"\(apply\(model, 'fastv', budget, layer=3\)\)"),
     ("fastv,clse", "one method here"),
     ("unpruned", "the unpruned model is no method"),
 ])

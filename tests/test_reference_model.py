@@ -129,4 +129,5 @@ def test_vtprune_calibrate_says_which_classes_its_samples_left_out(tmp_path, cap
 
     assert cli.main(["calibrate", "--method", "clasp", "--samples", "4", "--out", str(tmp_path / "table.json")]) == 0
     printed = " ".join(capsys.readouterr().out.split())
-    assert "no calibration sample of class existence, general among the 4: CLASP runs those with its defaults" in printed
+    assert "no calibration sample of class existence, general among the 4: CLASP runs those with its defaults" \
+        in printed

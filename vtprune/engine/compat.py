@@ -29,8 +29,8 @@ class EngineError(RuntimeError):
 
 class UnsupportedUseError(EngineError):
     """A call the engine cannot serve as it was made (continuing a pruned cache after `remove()`, regrouping its
-    rows, assisted decoding that crops the pruned prompt, ...): the message says what to do instead. The caller's to change, not a bug to report,
-    so it names no transformers release."""
+    rows, assisted decoding that crops the pruned prompt, ...): the message says what to do instead. The caller's
+    to change, not a bug to report, so it names no transformers release."""
 
     def __init__(self, problem: str):
         RuntimeError.__init__(self, problem)
