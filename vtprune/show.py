@@ -25,8 +25,8 @@ def sample_of(path: str, model, processor, frames: int | None) -> tuple[list, li
         try:
             return [[Image.open(path).convert("RGB")]], None
         except OSError as error:  # not a picture (UnidentifiedImageError), or a truncated or corrupt one
-            unreadable = isinstance(error, UnidentifiedImageError)
-            problem = "not an image PIL can read" if unreadable else f"unreadable ({error})"
+            not_a_picture = isinstance(error, UnidentifiedImageError)
+            problem = "not an image PIL can read" if not_a_picture else f"unreadable ({error})"
             raise ValueError(f"{path}: {problem}; give a picture (.png, .jpg, ...) or a video "
                              f"({', '.join(VIDEO_SUFFIXES)})") from None
     if getattr(processor, "video_processor", None) is None:
