@@ -923,6 +923,9 @@ def test_llava_missing_image_file(tmp_path):
     msg = raises(re.escape("coco/coco_pope_random.json line 1: field 'image' names image"), load_benchmark,
                  "pope", tmp_path)
     assert "which does not exist; put the images in" in msg and "val2014" in msg
+    (tmp_path / "val2014" / "COCO_val2014_random.jpg").mkdir()  # a folder where the image should be
+    raises(re.escape("field 'image' names image ") + ".*COCO_val2014_random.jpg, a folder, not an image file; put the "
+           "images in", load_benchmark, "pope", tmp_path)
 
 
 def test_gqa_json_not_valid(tmp_path):
@@ -1080,6 +1083,8 @@ def test_videomme_parquet_with_its_videos(tmp_path):
     # the parquet file named directly: the hub snapshot's data/, beside its videomme/ folder
     direct = load_benchmark("videomme", tmp_path / "videomme" / "test-00000-of-00001.parquet")
     assert [s.videos for s in direct] == [s.videos for s in samples]
+    # the snapshot's videomme/ folder (what `--data SNAPSHOT --tasks videomme` reads): its data/ beside it
+    assert [s.videos for s in load_benchmark("videomme", tmp_path / "videomme")] == [s.videos for s in samples]
 
 
 def test_a_videomme_answer_letter_with_spaces_is_read_and_an_unknown_duration_refused(tmp_path):
@@ -1181,6 +1186,12 @@ def test_a_folder_named_after_another_task_is_never_read(tmp_path):
     msg = raises("no pope data in a format this loader reads", load_tasks, ["pope"], tmp_path, None)
     assert "(mme/ under it: named after another task, which pope never reads)" in msg
     raises(re.escape("mme: is named after task mme, not pope"), load_benchmark, "pope", tmp_path / "mme")
+    # MMBench's two languages are one dataset, but a folder named for one is not the other's
+    write_parquet(tmp_path / "mmbench_en" / "dev-00000-of-00001.parquet",
+                  mmbench_question(0, "What is shown?", ["cat", "dog"], "cat"))
+    raises(re.escape("mmbench_en: is named after task mmbench_en, not mmbench_cn"), load_benchmark, "mmbench_cn",
+           tmp_path / "mmbench_en")
+    assert len(load_benchmark("mmbench_en", tmp_path / "mmbench_en")) == 2
     # beside POPE's own files, the other task's folder is left out
     write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", pope_rows())
     assert [s.id for s in load_benchmark("pope", tmp_path)] == ["adversarial/1", "adversarial/2", "random/1",
@@ -1290,6 +1301,15 @@ def test_mme_release_missing_a_subtask_is_refused(tmp_path):
                      "all 14 subtasks"), load_benchmark, "mme", tmp_path)
 
 
+def test_an_mme_subtask_folder_without_questions_is_refused_even_under_a_limit(tmp_path):
+    """An emptied folder would drop its subtask out of the sum (a total out of 2600, not 2800) without a word."""
+    release = mme_release(tmp_path)
+    for f in (release / "existence").glob("*.txt"):  # its images stay: only the questions are lost
+        f.unlink()
+    raises(re.escape("MME_Benchmark_release_version: the folder of MME subtask existence holds no question files "
+                     "(*.txt); MME's scores sum all 14 subtasks"), load_benchmark, "mme", tmp_path, limit=2)
+
+
 def test_blank_cells_string_lists_and_yes_no_as_the_files_spell_them():
     """What pandas-written files and hand-made copies put in a cell, read as the metrics read it."""
     from vtprune.eval.fields import NotAStringList, _missing, _optional_id, _required, _Where, _yes_no, string_list
@@ -1304,3 +1324,23 @@ def test_blank_cells_string_lists_and_yes_no_as_the_files_spell_them():
     with pytest.raises(ValueError, match=r"line 3: field 'label' is missing; expected yes or no \(fields present: "
                                          r"text\)"):  # the names the file has, not lmms-eval's
         _required({"question": "is it?"}, "answer", where, "yes or no")
+
+
+def test_files_saved_with_a_byte_order_mark_read_as_without_one(tmp_path):
+    """Editors on Windows put a UTF-8 byte-order mark first: it is no part of the text (else a TSV's first column,
+    a JSON line, an MME question would carry it)."""
+    def sample_fields(samples):
+        return [(s.id, s.question, s.reference, [color_of(i) for i in s.images]) for s in samples]
+
+    plain, marked = tmp_path / "plain", tmp_path / "marked"
+    for root in (plain, marked):
+        pope_llava(root / "pope")
+        (root / "mmbench").mkdir()
+        write_tsv(root / "mmbench" / "mmbench_dev_20230712.tsv", MMBENCH_TSV_ROWS)
+        mme_release(root / "mme")
+    for file in [*(marked / "pope" / "coco").glob("*.json"), marked / "mmbench" / "mmbench_dev_20230712.tsv",
+                 marked / "mme" / "MME_Benchmark_release_version" / "code_reasoning" / "0020.txt"]:
+        file.write_bytes(b"\xef\xbb\xbf" + file.read_bytes())
+    for task in ("pope", "mmbench_en", "mme"):
+        folder = task.split("_")[0]
+        assert sample_fields(load_benchmark(task, marked / folder)) == sample_fields(load_benchmark(task, plain / folder))

@@ -205,6 +205,8 @@ def existing_file(text: str) -> str:
 
 @path_type
 def existing_folder(text: str) -> str:
+    if Path(text).is_file():
+        raise Invalid(f"{text!r} is a file; give the folder holding it")
     if not Path(text).is_dir():
         raise Invalid(f"no folder {text!r}")
     return text

@@ -63,7 +63,7 @@ def _image_bytes(value, where: _Where) -> bytes:
         return bytes(value)
     if isinstance(value, _ImageFile):
         if not value.path.is_file():
-            raise where.error(value.field, f"names image {value.path}, which does not exist",
-                              f"put the images in {value.hint}")
+            state = "a folder, not an image file" if value.path.is_dir() else "which does not exist"
+            raise where.error(value.field, f"names image {value.path}, {state}", f"put the images in {value.hint}")
         return value.path.read_bytes()
     raise where.error("image", "is missing or empty", "every row needs its image (an HF Image struct with bytes)")

@@ -171,9 +171,12 @@ def _task_spec(task: str) -> TaskSpec:
 
 
 def _other_benchmarks(spec: TaskSpec) -> set[str]:
-    """The names (tasks and aliases) of the other benchmarks; mmbench_en and mmbench_cn are one dataset."""
+    """The names (tasks and aliases) of the other benchmarks; mmbench_en and mmbench_cn are one dataset, told apart
+    by its config folders (en/, cn/), but a folder named for the other language is never this one's."""
     names = {**{t: t for t in TASKS}, **TASK_ALIASES}
-    return {n for n, t in names.items() if TASKS[t].hf_dataset != spec.hf_dataset}
+    others = {n for n, t in names.items() if TASKS[t].hf_dataset != spec.hf_dataset}
+    language = {"mmbench_en": {"mmbench_cn", "mmbench_cn_dev"}, "mmbench_cn": {"mmbench_en", "mmbench_en_dev"}}
+    return others | language.get(spec.name, set())
 
 
 def _no_format_message(spec: TaskSpec, root: Path) -> str:
@@ -367,8 +370,10 @@ def _videomme_video(doc: Doc, where: _Where, root: Path) -> Path:
     # videomme_doc_to_visual: <copy>/data/<videoID>.mp4, else .MP4, else .mkv
     video_id = _text(doc, "videoID", where, "the id of the question's video")
     # the copy's folder; given the parquet file itself, its folder or (hub layout: videomme/test-*.parquet) the
-    # snapshot's, whichever holds data/
-    folders = [root / "data"] if root.is_dir() else [root.parent / "data", root.parent.parent / "data"]
+    # snapshot's, whichever holds data/; given the snapshot's videomme/ folder (what DATA/videomme names when DATA is
+    # the snapshot), the snapshot's
+    folders = [root / "data", root.parent / "data"] if root.is_dir() else [root.parent / "data",
+                                                                            root.parent.parent / "data"]
     folder = next((f for f in folders if f.is_dir()), folders[0])
     for name in (f"{video_id}.mp4", f"{video_id}.MP4", f"{video_id}.mkv"):
         if (folder / name).is_file():

@@ -37,9 +37,10 @@ def _first_dir(candidates: Iterable[Path]) -> Path:
 
 
 def _read_text(file: Path, root: Path) -> str:
-    """The file's text; a file that is not UTF-8 (the benchmarks ship UTF-8) is named with its first bad line."""
+    """The file's text; a file that is not UTF-8 (the benchmarks ship UTF-8) is named with its first bad line. A
+    byte-order mark (what editors on Windows put first) is dropped, as it is no part of the text."""
     try:
-        return file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise _not_utf8(file, root) from None
 
@@ -267,12 +268,16 @@ def _read_mme(root: Path):
         raise ValueError(f"{_display(release, root)}: has no folder for MME subtask{'s' * (len(missing) > 1)} "
                          f"{', '.join(missing)}; MME's scores sum all 14 subtasks, so copy MME's whole release")
 
+    # five subtasks keep images/ and questions_answers_YN/ apart; the others mix them in one folder
+    folders = {c: (release / c / "questions_answers_YN", release / c / "images")
+               if (release / c / "questions_answers_YN").is_dir() else (release / c, release / c) for c in present}
+    if empty := [c for c, (qa_dir, _) in folders.items() if not any(qa_dir.glob("*.txt"))]:
+        raise ValueError(f"{_display(release, root)}: the folder of MME subtask{'s' * (len(empty) > 1)} "
+                         f"{', '.join(empty)} holds no question files (*.txt); MME's scores sum all 14 subtasks, so "
+                         "copy MME's whole release")
+
     def docs():
-        for category in present:
-            folder = release / category
-            # five subtasks keep images/ and questions_answers_YN/ apart; the others mix them in one folder
-            qa_dir, image_dir = (folder / "questions_answers_YN", folder / "images") \
-                if (folder / "questions_answers_YN").is_dir() else (folder, folder)
+        for category, (qa_dir, image_dir) in folders.items():
             for txt in sorted(qa_dir.glob("*.txt")):
                 image = next((image_dir / (txt.stem + s) for s in _MME_IMAGE_SUFFIXES
                               if (image_dir / (txt.stem + s)).is_file()), None)
@@ -319,7 +324,7 @@ def _mmbench_tsv_docs(tsv: Path, root: Path) -> Iterator[tuple[Doc, _Where]]:
     old_limit = csv.field_size_limit()
     csv.field_size_limit(sys.maxsize)  # base64 images exceed csv's default 128 KiB cell limit
     try:
-        with tsv.open(encoding="utf-8", newline="") as f:
+        with tsv.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t")
             if not reader.fieldnames:
                 raise ValueError(f"{name}: is empty; re-download MMBench's TSV")
