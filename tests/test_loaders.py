@@ -914,7 +914,14 @@ def test_a_scienceqa_test_id_missing_from_problems_is_refused(tmp_path):
 def test_scienceqa_files_with_no_test_question_with_an_image_are_refused(tmp_path):
     sqa_llava(tmp_path)
     (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["2"], "train": ["1", "3"]}))  # "2" has no image
-    raises("files hold no questions", load_benchmark, "scienceqa_img", tmp_path)
+    raises(re.escape("problems.json: none of the 1 test problems pid_splits.json lists has an image, and "
+                     "ScienceQA-IMG is those that do"), load_benchmark, "scienceqa_img", tmp_path)
+
+
+def test_scienceqa_test_ids_written_as_numbers_name_their_problems(tmp_path):
+    sqa_llava(tmp_path)
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"test": [1, 2], "train": [3]}))
+    assert [s.id for s in load_benchmark("scienceqa_img", tmp_path)] == ["1"]
 
 
 def test_llava_missing_image_file(tmp_path):
@@ -1344,3 +1351,91 @@ def test_files_saved_with_a_byte_order_mark_read_as_without_one(tmp_path):
     for task in ("pope", "mmbench_en", "mme"):
         folder = task.split("_")[0]
         assert sample_fields(load_benchmark(task, marked / folder)) == sample_fields(load_benchmark(task, plain / folder))
+
+
+# --- rows that would be scored wrongly, and files a tool wrote otherwise ---------------------------------------
+
+def test_a_gqa_image_id_given_two_images_is_refused_and_a_repeated_copy_read(tmp_path):
+    """Which of two images a question is about cannot be told; the same row twice is the same image."""
+    images = [{"id": "img1", "image": hf_image(RED)}, {"id": "img2", "image": hf_image(BLUE)}]
+    gqa_snapshot(tmp_path, images + [{"id": "img1", "image": hf_image(RED)}])
+    assert [color_of(s.images[0]) for s in load_benchmark("gqa", tmp_path)] == [RED, BLUE, RED]
+    gqa_snapshot(tmp_path, images + [{"id": "img1", "image": hf_image(GREEN)}])
+    raises(re.escape("testdev_balanced_images/testdev-00000-of-00001.parquet row 2: field 'id' is 'img1', as "
+                     "testdev_balanced_images/testdev-00000-of-00001.parquet row 0 has, with another image"),
+           load_benchmark, "gqa", tmp_path)
+
+
+@pytest.mark.parametrize("task", ["textvqa", "vizwiz"])
+def test_a_vqa_question_whose_answers_are_all_blank_is_refused(tmp_path, task):
+    """Every prediction would score 0 on it; one blank answer among others is a worker's and is kept."""
+    row = {"question_id": 10, "question": "what is written?", "image": hf_image(RED),
+           "answers": ["stop"] + [""] * 9}
+    write_parquet(tmp_path / "copy.parquet", [row])
+    assert load_benchmark(task, tmp_path)[0].reference["answers"] == ["stop"] + [""] * 9
+    write_parquet(tmp_path / "copy.parquet", [{**row, "answers": ["", " "] * 5}])
+    raises(re.escape("copy.parquet row 0: field 'answers' holds only blank answers"), load_benchmark, task, tmp_path)
+
+
+def test_a_videomme_answer_beyond_its_options_is_refused(tmp_path):
+    rows = videomme_rows()
+    rows[2]["options"] = ["A. 1", "B. 2", "C. 3"]
+    write_parquet(tmp_path / "videomme" / "test-00000-of-00001.parquet", rows)
+    write_video(tmp_path / "data" / "fFjv93ACGo8.mp4")
+    write_video(tmp_path / "data" / "xyz.mp4")
+    assert len(load_benchmark("videomme", tmp_path)) == 3  # its answer B is one of its three
+    rows[2]["answer"] = "D"
+    write_parquet(tmp_path / "videomme" / "test-00000-of-00001.parquet", rows)
+    raises(re.escape("row 2: field 'answer' is 'D', but the row has 3 options; expected one of its option letters "
+                     "A, B, C"), load_benchmark, "videomme", tmp_path)
+
+
+@pytest.mark.parametrize("column, cell, message", [
+    # a tab inside an unquoted cell: each cell after it under the next column's name
+    (1, "What\tis shown?", "row 0 (line 2): has 15 tab-separated fields, but the header has 14; fix the row"),
+    # a quote never closed: the cell runs on over the tabs and lines after it, to the end of the file
+    (1, '"What is shown?', "row 0 (line 2): has 2 tab-separated fields, but the header has 14; a quote (\") in it "
+                           "is not closed, so the 4 lines after it were read as part of it"),
+    (0, "two", "row 0 (line 2): field 'index' is 'two'; expected the integer question index"),
+])
+def test_an_mmbench_tsv_row_with_its_cells_out_of_place_is_named_for_what_is_wrong(tmp_path, column, cell, message):
+    """Not as an image problem: its image cell is then another column's text, or the index a later row's image
+    refers to is unusable."""
+    rows = [list(r) for r in MMBENCH_TSV_ROWS]
+    rows[0][column] = cell
+    write_tsv(tmp_path / "mmbench_dev_20230712.tsv", rows)
+    raises(re.escape("mmbench_dev_20230712.tsv " + message), load_benchmark, "mmbench_en", tmp_path)
+
+
+def test_a_quoted_cell_over_several_lines_is_one_cell_and_its_row_is_named_by_its_first_line(tmp_path):
+    rows = [list(r) for r in MMBENCH_TSV_ROWS]
+    rows[0][2] = '"A hint\nover two lines."'  # how pandas writes a cell holding a newline
+    rows[0][9] = "not base64!"
+    write_tsv(tmp_path / "mmbench_dev_20230712.tsv", rows)
+    raises(re.escape("mmbench_dev_20230712.tsv row 0 (line 2): field 'image' is not"), load_benchmark,
+           "mmbench_en", tmp_path)
+    rows[0][9] = b64(RED)
+    rows[1][9] = "not base64!"
+    write_tsv(tmp_path / "mmbench_dev_20230712.tsv", rows)
+    raises(re.escape("mmbench_dev_20230712.tsv row 1 (line 4): field 'image' is not"), load_benchmark,
+           "mmbench_en", tmp_path)
+    rows[1][9] = b64(BLUE)
+    write_tsv(tmp_path / "mmbench_dev_20230712.tsv", rows)
+    assert load_benchmark("mmbench_en", tmp_path)[0].question.startswith("A hint\nover two lines. What is shown?")
+
+
+def test_a_utf16_file_is_told_to_be_converted_from_utf16(tmp_path):
+    """What Windows PowerShell's `>` and Notepad's "Unicode" write: not latin-1, as the generic advice says."""
+    tsv = tmp_path / "mmbench_dev_20230712.tsv"
+    write_tsv(tsv, MMBENCH_TSV_ROWS)
+    tsv.write_bytes(tsv.read_text(encoding="utf-8").encode("utf-16"))
+    raises(re.escape("mmbench_dev_20230712.tsv: is UTF-16 (it starts with UTF-16's byte-order mark), not UTF-8 as "
+                     "the benchmark's files are; convert it (iconv -f utf-16 -t utf-8)"), load_benchmark,
+           "mmbench_en", tsv)
+
+
+def test_an_image_cell_holding_a_string_is_called_a_string(tmp_path):
+    rows = [{**row, "image": b64(RED)} for row in pope_rows()]  # an image column of base64 text
+    write_parquet(tmp_path / "pope.parquet", rows)
+    raises(re.escape("pope.parquet row 0: field 'image' is a string ('iVBORw0KGgoAAAANSUhE'...), not an image; "
+                     "expected an HF Image struct"), load_benchmark, "pope", tmp_path)

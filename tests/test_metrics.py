@@ -562,6 +562,9 @@ def test_a_predictions_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
         read_predictions(path)
     path.write_bytes('{"prediction": "café", "answer": "no"}\r\n\r\n{"prediction": "x", "answer": "y"}'.encode())
     assert read_predictions(path) == (["café", "x"], [{"answer": "no"}, {"answer": "y"}], [1, 3])
+    path.write_bytes('{"prediction": "yes", "answer": "yes"}\r\n'.encode("utf-16"))  # PowerShell's `>`
+    with pytest.raises(ValueError, match=r"p.jsonl: is UTF-16 \(it starts with UTF-16's byte-order mark"):
+        read_predictions(path)
 
 
 @pytest.mark.parametrize("second, message", [

@@ -99,6 +99,12 @@ def first_non_utf8(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
+def utf16(data: bytes) -> bool:
+    """Whether data starts with UTF-16's byte-order mark: what Windows PowerShell's `>` writes, and Notepad's
+    "Unicode" encoding. Such a file is not UTF-8 from its first byte, and latin-1 is not what it is."""
+    return data[:2] in (b"\xff\xfe", b"\xfe\xff")
+
+
 def integer(value) -> int:
     """value as an integer: an int, an integral float (a pandas column) or a string of digits; neither a bool nor
     a fraction is one (ValueError)."""

@@ -66,4 +66,7 @@ def _image_bytes(value, where: _Where) -> bytes:
             state = "a folder, not an image file" if value.path.is_dir() else "which does not exist"
             raise where.error(value.field, f"names image {value.path}, {state}", f"put the images in {value.hint}")
         return value.path.read_bytes()
+    if isinstance(value, str) and value.strip():  # a base64 string (MMBench's TSV format) or a path, in a table
+        raise where.error("image", f"is a string ({value[:20]!r}...), not an image", "expected an HF Image struct "
+                          "(bytes and path) as lmms-eval's copies store it: save the images as a datasets Image column")
     raise where.error("image", "is missing or empty", "every row needs its image (an HF Image struct with bytes)")

@@ -351,11 +351,16 @@ def _attach_gqa_images(spec: TaskSpec, root: Path, tables: list[_Table],
                          f"testdev_balanced_images' files next to testdev_balanced_instructions' (no table "
                          f"with 'id' and 'image' columns found)")
     wanted = {str(doc.get("imageId")) for doc, _ in docs}
-    images = {}
+    images, found_at = {}, {}
     for table in _select(image_tables, spec, "testdev_balanced_images", root):
-        for row, _ in _rows(table, root):
-            if str(row.get("id")) in wanted:
-                images[str(row["id"])] = row.get("image")
+        for row, where in _rows(table, root):
+            image_id = str(row.get("id"))
+            if image_id not in wanted:
+                continue
+            if image_id in images and row.get("image") != images[image_id]:  # which one the questions are about?
+                raise where.error("id", f"is {image_id!r}, as {found_at[image_id]} has, with another image",
+                                  "give each image its own id (use the testdev_balanced_images files as released)")
+            images[image_id], found_at[image_id] = row.get("image"), f"{where.file} {where.row}"
     out = []
     for doc, where in docs:
         image_id = _text(doc, "imageId", where, "the id of the question's image")
@@ -479,10 +484,19 @@ def _refuse_the_others_copy(doc: Doc, where: _Where, task: str, other: str, colu
                           f"this looks like a copy of {other}: point {task} at its own files")
 
 
+def _answers(doc: Doc, where: _Where, expected: str) -> list[str]:
+    """The human answers of a VQA-accuracy question; all of them blank would score every answer 0 (not refused
+    one by one: a blank answer among others is a worker's, and the official rule counts it)."""
+    answers = _string_list(doc, "answers", where, expected)
+    if not any(a.strip() for a in answers):
+        raise where.error("answers", f"holds only blank answers ({answers!r:.60})", f"expected {expected}")
+    return answers
+
+
 def _textvqa(doc: Doc, where: _Where):
     _refuse_the_others_copy(doc, where, "TextVQA", "VizWiz-VQA", _VIZWIZ_ONLY)
     question = _text(doc, "question", where)
-    answers = _string_list(doc, "answers", where, "the list of human answers (10 in TextVQA)")
+    answers = _answers(doc, where, "the list of human answers (10 in TextVQA)")
     # str.capitalize also lowercases the rest of the question: lmms-eval does exactly this.
     return _optional_id(doc, "question_id"), f"{question.capitalize()}{_SHORT_ANSWER}", {"answers": answers}
 
@@ -490,7 +504,7 @@ def _textvqa(doc: Doc, where: _Where):
 def _vizwiz(doc: Doc, where: _Where):
     _refuse_the_others_copy(doc, where, "VizWiz-VQA", "TextVQA", _TEXTVQA_ONLY)
     question = _text(doc, "question", where)
-    answers = _string_list(doc, "answers", where, "the list of human answers (10 in VizWiz)")
+    answers = _answers(doc, where, "the list of human answers (10 in VizWiz)")
     reference = {"answers": answers}
     category = doc.get("category")
     if isinstance(category, str) and category:
@@ -530,6 +544,9 @@ def _videomme(doc: Doc, where: _Where):
     answer = _text(doc, "answer", where, "the gold option letter A-D")
     if answer.strip() not in ("A", "B", "C", "D"):
         raise where.error("answer", f"is {answer!r}", "expected an option letter A-D")
+    if "ABCD".index(answer.strip()) >= len(options):  # no answer could be right
+        raise where.error("answer", f"is {answer.strip()!r}, but the row has {len(options)} options",
+                          f"expected one of its option letters {', '.join('ABCD'[:len(options)])}")
     duration = _text(doc, "duration", where, "short, medium or long")
     if duration not in VIDEOMME_DURATIONS:
         raise where.error("duration", f"is {duration!r}", f"expected one of {', '.join(VIDEOMME_DURATIONS)}")

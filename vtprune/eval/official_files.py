@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from .fields import Doc, _display, _text, _Where, first_non_utf8
+from .fields import Doc, _display, _integer, _text, _Where, first_non_utf8, utf16
 from .images import _ImageFile
 from .metrics import MME_SUBTASKS, POPE_SPLITS
 
@@ -47,7 +47,11 @@ def _read_text(file: Path, root: Path) -> str:
 
 def _not_utf8(file: Path, root: Path) -> ValueError:
     # found again in the whole file: a streaming decoder's position is within whatever chunk it was given
-    found = first_non_utf8(file.read_bytes())
+    data = file.read_bytes()
+    if utf16(data):
+        return ValueError(f"{_display(file, root)}: is UTF-16 (it starts with UTF-16's byte-order mark), not UTF-8 as "
+                          f"the benchmark's files are; convert it (iconv -f utf-16 -t utf-8) or re-download it")
+    found = first_non_utf8(data)
     if found is None:
         return ValueError(f"{_display(file, root)}: not UTF-8; re-download it, or convert it to UTF-8")
     line, offset, byte = found
@@ -197,7 +201,8 @@ def _read_scienceqa(root: Path):
     image_dir = _first_dir([base / "images" / "test", base / "test"])
 
     def docs():
-        for pid in splits["test"]:
+        with_image = 0
+        for pid in map(str, splits["test"]):  # JSON keys are strings: an id written as a number names the same key
             where = _Where(_display(problems_file, root), f"problem {pid!r}")
             if pid not in problems:
                 raise ValueError(f"{_display(splits_file, root)}: test id {pid!r} is not in problems.json; use the "
@@ -205,12 +210,17 @@ def _read_scienceqa(root: Path):
             p = _json_object(problems[pid], where, "a problem with question, choices, answer and image")
             if not p.get("image"):
                 continue  # ScienceQA-IMG is the test problems that come with an image
+            with_image += 1
             image = _text(p, "image", where, "the image's file name, e.g. 'image.png' (null: no image)")
             doc, where = _renamed(p, where, {"question": "question", "choices": "choices", "answer": "answer",
                                              "hint": "hint"})
             doc["id"] = pid
             doc["image"] = _ImageFile(image_dir / pid / image, "image", f"{image_dir}/<pid>/")
             yield doc, where
+        if not with_image:
+            raise ValueError(f"{_display(problems_file, root)}: none of the {len(splits['test'])} test problems "
+                             f"{_display(splits_file, root)} lists has an image, and ScienceQA-IMG is those that do; "
+                             f"use ScienceQA's full problems.json (its 'image' fields name each problem's image)")
     return docs()
 
 
@@ -331,10 +341,14 @@ def _mmbench_tsv_docs(tsv: Path, root: Path) -> Iterator[tuple[Doc, _Where]]:
             if "image" not in reader.fieldnames:
                 raise ValueError(f"{name} line 1: no 'image' column in the header; expected MMBench's TSV "
                                  f"columns index, question, hint, A-D, answer, category, image, ...")
+            start = reader.line_num + 1  # a row's first line (a quoted cell may span lines)
             for i, raw in enumerate(reader):
-                where = _Where(name, f"row {i} (line {reader.line_num})")
+                where = _Where(name, f"row {i} (line {start})")
+                _check_field_count(raw, len(reader.fieldnames), where, reader.line_num - start)
+                start = reader.line_num + 1
                 # blank cells are NaN to pandas (how MMBench's own code reads the TSV)
-                doc = {k: (None if v == "" else v) for k, v in raw.items() if k is not None}
+                doc = {k: (None if v == "" else v) for k, v in raw.items()}
+                _integer(doc, "index", where, "the integer question index")  # the key later rows' images refer to
                 doc["image"] = _mmbench_image(doc, images_by_index, where)
                 yield doc, where
             if reader.line_num <= 1:
@@ -343,6 +357,19 @@ def _mmbench_tsv_docs(tsv: Path, root: Path) -> Iterator[tuple[Doc, _Where]]:
         raise _not_utf8(tsv, root) from None
     finally:
         csv.field_size_limit(old_limit)
+
+
+def _check_field_count(raw: dict, expected: int, where: _Where, extra_lines: int) -> None:
+    """A row of another number of fields than the header has its cells under the wrong columns (pandas, which
+    MMBench's code reads the TSV with, refuses it); csv.DictReader puts the surplus under None, or None for each
+    cell missing. A quote left open swallows the tabs and lines after it, up to the next quote."""
+    count = expected + len(raw.get(None, ())) - sum(v is None for k, v in raw.items() if k is not None)
+    if count == expected:
+        return
+    cause = (f"; a quote (\") in it is not closed, so the {extra_lines} line{'s' * (extra_lines > 1)} after it were "
+             f"read as part of it" if extra_lines else "")
+    raise ValueError(f"{where.file} {where.row}: has {count} tab-separated fields, but the header has {expected}"
+                     f"{cause}; fix the row (a tab inside a cell must be in a quoted cell), or re-download the TSV")
 
 
 def _mmbench_image(doc: Doc, images_by_index: dict[str, str], where: _Where) -> bytes:

@@ -6,7 +6,7 @@ import io
 import json
 from pathlib import Path
 
-from .fields import first_non_utf8
+from .fields import first_non_utf8, utf16
 
 
 # The fields that name a benchmark's question (or, MME's question_id, its image): two lines alike in them and all
@@ -23,6 +23,10 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[dict], list[int]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
+        if utf16(data):
+            raise ValueError(f"{path}: is UTF-16 (it starts with UTF-16's byte-order mark, as Windows PowerShell's `>` "
+                             "writes), not UTF-8 as JSON Lines is; save it as UTF-8 (iconv -f utf-16 -t utf-8, or "
+                             "PowerShell's Out-File -Encoding utf8)") from None
         line, _, byte = first_non_utf8(data)
         raise ValueError(f"{path} line {line}: byte {byte:#04x} is not UTF-8; save the file as UTF-8 (JSON Lines is "
                          "UTF-8)") from None
