@@ -1,6 +1,7 @@
 """Bad input gets an error that names the problem and the fix."""
 
 import math
+import re
 
 import numpy as np
 
@@ -89,15 +90,7 @@ def test_applying_twice_is_an_error_until_removed(model):
 
 
 def mistral_llava(sliding_window):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
-
-    from vtprune.tiny import IMAGE_TOKEN, PAD, VOCAB, _clip_tower
-
-    text = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, sliding_window=sliding_window)
-    return LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=_clip_tower(patch_size=7), text_config=text, image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2, vision_feature_select_strategy="default")).eval()
+    return tiny_llava(text="mistral", sliding_window=sliding_window)
 
 
 def test_a_sliding_window_decoder_is_refused_whichever_way_its_config_says_so():
@@ -124,6 +117,33 @@ def test_a_feature_strategy_the_family_is_not_laid_out_for_is_refused(family, st
     model.config.vision_feature_select_strategy = strategy
     with pytest.raises(ValueError, match=f"vision_feature_select_strategy='{strategy}' is not supported: .*{expected}"):
         vtprune.apply(model, "random", 4)
+    assert not hasattr(model, "_vtprune_pruner")
+
+
+@pytest.mark.parametrize("key, value", [("vision_feature_select_strategy", "full"), ("vision_feature_layer", -3)])
+def test_a_forward_that_reads_the_tower_otherwise_than_the_config_is_refused(key, value):
+    """LLaVA's forward takes both over its config's: the grids would then be another size (a CLS token more), or the
+    tower methods would read a layer the projector does not."""
+    from vtprune.tiny import SampleLayout, tiny_inputs
+
+    model = tiny_llava()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])  # (refused before its placeholders are counted)
+    with vtprune.apply(model, "random", 8) as pruner:
+        with pytest.raises(ValueError, match=re.escape(f"{key}={value!r} was passed to the forward (or generate), over "
+                                                       f"the model config's {getattr(model.config, key)!r}")):
+            model(**inputs, **{key: value})
+        model(**inputs, **{key: getattr(model.config, key)})  # the config's own: runs
+        assert pruner.last_stats.kept_per_sample == [8]
+
+
+@pytest.mark.parametrize("method", ["tome", "ficoco_v"])
+def test_merging_in_the_tower_is_refused_where_the_projector_reads_several_layers(method):
+    model = tiny_llava()
+    model.config.vision_feature_layer = [-2, -5]
+    with pytest.raises(ValueError, match=re.escape(f"method {method!r} merges in the tower's blocks up to the one whose "
+                                                   "output the projector reads, but this model's projector reads "
+                                                   "layers [-2, -5] side by side")):
+        vtprune.apply(model, method, 16)
     assert not hasattr(model, "_vtprune_pruner")
 
 

@@ -5,11 +5,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import vtprune
 from vtprune.adapters import adapter_for
 from vtprune.engine.cache import output_cache
 from vtprune.methods.primitives import (DISTANCE_MATRIX_ENTRIES, HELD_ON_GPU, distance_matrix_chunks, evenly_spaced,
                                         grid_lattice, held_entries, topk_in_order)
-from vtprune.tiny import SampleLayout, tiny_inputs
+from vtprune.tiny import SampleLayout, tiny_inputs, tiny_llava
 
 from .conftest import FAMILIES
 
@@ -81,6 +82,67 @@ def test_recomputed_last_query_attention_matches_eager_weights(family, padding_s
                                             mask & (slots <= query[:, None]), keys)
     eager = out.attentions[layer].mean(dim=1)[torch.arange(2), query]
     torch.testing.assert_close(ours, eager * mask, atol=1e-6, rtol=0)
+
+
+# LLaVA's decoder as each model_type that REPRODUCED_ATTENTION names (Qwen2-VL's and 2.5-VL's own: FAMILIES above),
+# with options that make what it does differently count: a window switched off, a scaling other than 1/sqrt(d)
+DECODERS = {"llama": {}, "mistral": {"sliding_window": None}, "qwen2": {}, "gemma": {}, "granite": {
+    "attention_multiplier": 0.3}}
+
+
+def test_every_decoder_said_to_be_reproduced_is_tested():
+    from vtprune.adapters.base import REPRODUCED_ATTENTION
+
+    assert set(REPRODUCED_ATTENTION) == set(DECODERS) | {"qwen2_vl_text", "qwen2_5_vl_text"}
+
+
+@pytest.mark.parametrize("text", sorted(DECODERS))
+def test_the_recomputed_attention_is_each_reproduced_decoders_own_at_every_layer(text):
+    model = tiny_llava("eager", text=text, **DECODERS[text])
+    adapter = adapter_for(model)
+    inputs = tiny_inputs(model, [SampleLayout(images=1), SampleLayout(images=1, text_before=9)])
+    captured = {}
+
+    def capture(index):
+        def hook(module, args, kwargs):
+            captured[index] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+        return hook
+
+    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True)
+               for i, layer in enumerate(adapter.decoder_layers)]
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    for handle in handles:
+        handle.remove()
+    mask = inputs["attention_mask"].bool()
+    query = torch.full((2,), mask.shape[1] - 1)  # left-padded: the last slot is each sample's last token
+    for layer, (hidden, position_embeddings) in captured.items():
+        with torch.no_grad():
+            ours = adapter.last_query_attention(layer, hidden, position_embeddings, query, mask)
+        torch.testing.assert_close(ours, out.attentions[layer][:, :, -1].mean(dim=1), atol=1e-6, rtol=0)
+
+
+# decoders whose attention differs from the recomputation: q/k norms, interleaved RoPE, a layer without RoPE (the
+# 4th of 4), a fused q/k/v projection, a post-norm layer
+NOT_REPRODUCED = {"qwen3": {}, "cohere": {}, "smollm3": {"no_rope_layers": [1, 1, 1, 0]}, "phi3": {}, "olmo2": {}}
+
+
+@pytest.mark.parametrize("text", sorted(NOT_REPRODUCED))
+def test_methods_reading_decoder_attention_refuse_a_decoder_it_does_not_reproduce_and_the_others_run(text):
+    from vtprune.methods import REGISTRY
+
+    model = tiny_llava("eager", text=text, **NOT_REPRODUCED[text])
+    reading = sorted(name for name, cls in REGISTRY.items() if cls.reads_decoder_attention())
+    assert {"fastv", "pdrop", "sparsevlm", "dart", "clse", "clse_m", "clasp"} <= set(reading)
+    for name in reading:
+        with pytest.raises(ValueError, match=f"method '{name}' scores tokens with the language model's attention, "
+                                             f"which vtprune recomputes as llama, .* this model's is a '{text}' "
+                                             "decoder"):
+            vtprune.apply(model, name, 8)
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    with torch.no_grad(), vtprune.apply(model, "divprune", 8) as pruner:
+        model(**inputs)
+    assert pruner.last_stats.kept_per_sample == [8]
 
 
 def test_split_budget_is_proportional_and_exact():

@@ -32,6 +32,8 @@ def apply(model, method: str, budget: int | float, **options: Any) -> Pruner:
             f"this model already carries a pruner ({model._vtprune_pruner!r}); call its remove() before applying another"
         )
     check_attention(adapter)
+    if method_cls.reads_decoder_attention():
+        adapter.check_decoder_attention(method_cls.name)
     warn_if_untested()
     instance = method_cls(method_cls.parse_options(options))
     instance.check_model(adapter.model_info)

@@ -10,14 +10,15 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    AutoConfig,
     CLIPVisionConfig,
-    LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    PreTrainedConfig,
     Qwen2Config,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -41,16 +42,20 @@ def _clip_tower(patch_size: int) -> CLIPVisionConfig:
                             image_size=56, patch_size=patch_size, projection_dim=32)
 
 
-def _llama(layers: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD)
+def _llama(layers: int, model_type: str = "llama", **extra) -> PreTrainedConfig:
+    """The tiny decoder's config; another model_type (LLaVA's text_config takes any) at the same sizes."""
+    return AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=512, pad_token_id=PAD, **extra)
 
 
-def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, layers: int = 4) -> LlavaForConditionalGeneration:
-    """LLaVA-1.5 in miniature: a CLIP tower on 56 px with patch 7 (an 8x8 grid, 64 tokens per image)."""
+def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, layers: int = 4, text: str = "llama",
+               **text_options) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5 in miniature: a CLIP tower on 56 px with patch 7 (an 8x8 grid, 64 tokens per image); its decoder a
+    Llama, or another model_type with text_options."""
     torch.manual_seed(seed)
     config = LlavaConfig(
-        vision_config=_clip_tower(patch_size=7), text_config=_llama(layers),
+        vision_config=_clip_tower(patch_size=7), text_config=_llama(layers, text, **text_options),
         image_token_id=IMAGE_TOKEN,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",

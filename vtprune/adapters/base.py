@@ -12,6 +12,13 @@ from torch import nn
 from ..methods.base import Grid, ModelInfo
 from ..methods.primitives import apply_rope, last_query_attention, on_device
 
+# The decoders (their config's model_type) whose attention `queries_and_keys` recomputes as they compute it: a pre-norm
+# layer (input_layernorm), q and k projections, rotate-half RoPE over the whole head, the module's own scaling. Each
+# is checked against its own eager attention (tests/test_primitives.py). Others differ in ways that change which
+# tokens score highest: q/k norms (Qwen3, OLMo-2), interleaved or partial RoPE (Cohere; Phi, StableLM, GLM), layers
+# without RoPE (SmolLM3), clipped projections (OLMo), fused ones (Phi-3).
+REPRODUCED_ATTENTION = ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "gemma", "granite")
+
 # Said where a prompt's image placeholders come cut short: generate's chunked prefill is the usual way.
 CHUNKED_PREFILL = "a prompt prefilled in chunks (generate's prefill_chunk_size) must hold every image whole in its first chunk"
 # What each vision_feature_select_strategy passes to the projector, as a refusal explains it.
@@ -146,6 +153,17 @@ class Adapter(ABC):
                 f"vtprune lays out the family's grids for {self.feature_strategy!r} "
                 f"({FEATURE_STRATEGIES[self.feature_strategy]}), as its checkpoints use"
             )
+
+    def check_decoder_attention(self, method: str) -> None:
+        """Raise ValueError where `method`, which scores with a decoder layer's attention or keys, would read them
+        wrong: the decoder is not one whose attention the adapter recomputes exactly (REPRODUCED_ATTENTION)."""
+        kind = self.language_model.config.model_type
+        if kind not in REPRODUCED_ATTENTION:
+            raise ValueError(
+                f"method {method!r} scores tokens with the language model's attention, which vtprune recomputes as "
+                f"{', '.join(REPRODUCED_ATTENTION)} decoders compute it; this model's is a {kind!r} decoder "
+                f"({type(self.decoder_layers[0].self_attn).__name__}), whose attention it would read wrong. Methods "
+                "that read no decoder attention run on it (e.g. random, divprune, visionzip)")
 
     @property
     @abstractmethod

@@ -76,6 +76,11 @@ class BlockMerging:
     def __init__(self, recorder, towers, method: BlockMergingMethod, model_info, budget: int | float, cls: bool):
         self.recorder, self.method, self.model_info, self.budget, self.cls = recorder, method, model_info, budget, cls
         self.handles = []
+        read = getattr(recorder.adapter.model.config, "vision_feature_layer", None)
+        if isinstance(read, (list, tuple)):
+            raise ValueError(f"method {method.name!r} merges in the tower's blocks up to the one whose output the "
+                             f"projector reads, but this model's projector reads layers {list(read)} side by side: "
+                             "merges between them would reach some of a token's features and not the others")
         vision = recorder.adapter.model.config.vision_config
         self.grid = (vision.image_size // vision.patch_size,) * 2
         patches = self.grid[0] * self.grid[1]

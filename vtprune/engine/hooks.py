@@ -311,6 +311,13 @@ class Pruner:
                 "vtprune cannot prune images added to a prompt that already has a KV cache; pass a follow-up "
                 f"turn without pixel_values (the first turn's images are in the cache); {CHUNKED_PREFILL}"
             )
+        for key in ("vision_feature_select_strategy", "vision_feature_layer"):  # LLaVA's forward takes both
+            given, own = kwargs.get(key), getattr(self.model.config, key, None)
+            if given is not None and given != own:
+                raise ValueError(
+                    f"{key}={given!r} was passed to the forward (or generate), over the model config's {own!r}: "
+                    f"vtprune lays out the visual tokens and reads the vision tower as the config says; remove the "
+                    f"pruner, set model.config.{key} and apply it again (apply() checks it)")
         host_ids = input_ids.cpu()  # the prompt's layout is read on the host, once for the batch
         self._items = self.adapter.visual_items(host_ids, kwargs)
         if self._recorder is not None and self._encoded_here:
