@@ -107,6 +107,11 @@ def test_generate_on_a_prompt_ending_with_a_droppable_image_token_is_refused(fam
     reuse) reads no next token from it and runs, and a keep-all budget runs as before."""
     model = FAMILIES[family]("sdpa")
     inputs = tiny_inputs(model, [SampleLayout(), SampleLayout(text_after=0)], padding_side=padding_side)
+    # a chunk as long as the prompt: the prompt in one piece (transformers 5.17 drops the images from any chunked
+    # prefill, unpruned too: nothing is pruned there)
+    length = inputs["input_ids"].shape[1]
+    chunks = [None] + [length] * torch.allclose(greedy(model, inputs, steps=1, prefill_chunk_size=length).logits[0],
+                                                greedy(model, inputs, steps=1).logits[0])
     with vtprune.apply(model, method, 10_000):
         greedy(model, inputs, steps=1)
     with vtprune.apply(model, method, 4):
@@ -114,11 +119,43 @@ def test_generate_on_a_prompt_ending_with_a_droppable_image_token_is_refused(fam
         if family == "llava_next":
             greedy(model, inputs, steps=1)
             return
-        with pytest.raises(ValueError, match="sample 1's prompt ends with an image or video token: generate would "
-                                             "predict its next token from that token's state"):
-            greedy(model, inputs, steps=1)
+        for chunk in chunks:
+            with pytest.raises(ValueError, match="sample 1's prompt ends with an image or video token: generate would "
+                                                 "predict its next token from that token's state"):
+                greedy(model, inputs, steps=1, prefill_chunk_size=chunk)
         greedy(model, tiny_inputs(model, [SampleLayout(), SampleLayout(text_after=1)], padding_side=padding_side),
                steps=1)
+
+
+def test_classifier_free_guidance_is_refused(model):
+    """Its processor runs the model again at each step on the prompt without the images: the pruner took that for a
+    new prompt (a fresh decision at every step without a cache; stats of a text-only forward with one)."""
+    inputs = tiny_inputs(model, LAYOUTS)
+    with vtprune.apply(model, "fastv", 10) as pruner:
+        for use_cache in (True, False):
+            with pytest.raises(NotImplementedError, match=r"classifier-free guidance \(guidance_scale=1.5\) runs the "
+                                                          "model a second time at each step"):
+                greedy(model, inputs, steps=2, guidance_scale=1.5, use_cache=use_cache)
+        greedy(model, inputs, steps=2, guidance_scale=1.0)  # 1 guides nothing: transformers adds no processor
+        assert pruner.last_stats.kept_per_sample == [20, 10]
+
+
+@pytest.mark.parametrize("setting", [{"num_beams": 2}, {"num_return_sequences": 2, "do_sample": True}])
+def test_a_follow_up_turn_generating_more_rows_than_its_cache_holds_is_refused(model, setting):
+    """generate repeats a follow-up turn's rows for beams or return sequences, not the cache it is given: transformers
+    fails on it unpruned too; pruned, the error was a shape error deep in the engine, or said the tokens differ."""
+    from .test_engine_conversation import drop_images, grown
+
+    inputs = tiny_inputs(model, LAYOUTS)
+    for method in ("fastv", "random"):
+        with vtprune.apply(model, method, 10):
+            first = greedy(model, inputs, steps=2)
+            conversation = grown(inputs, torch.cat([first.sequences, torch.full((2, 3), 7)], dim=1))
+            drop_images(conversation)
+            conversation[cache_keyword(model.model.language_model)] = output_cache(first)
+            with pytest.raises(ValueError, match="a forward on a pruned prompt's cache has 4 rows, but the cache holds "
+                                                 "2 samples: generate repeats a follow-up turn's rows"):
+                model.generate(**conversation, max_new_tokens=2, pad_token_id=0, **setting)
 
 
 def test_decoder_layers_that_bypass_their_hooks_are_caught(model):
@@ -413,6 +450,19 @@ def test_static_caches_are_refused_at_the_first_forward(model, padding):
         cache = StaticCache(config=model.config.get_text_config(), max_cache_len=256)
         with pytest.raises(NotImplementedError, match="StaticCache"):
             model(**inputs, **{cache_keyword(model.model.language_model): cache})
+
+
+def test_a_quantized_cache_is_refused_for_what_it_is(model):
+    from transformers import QuantizedCache
+
+    try:  # (its fp8 backend needs no other package; transformers 5.17 has none such)
+        cache = QuantizedCache(backend="fp8", config=model.config.get_text_config())
+    except ValueError:
+        pytest.skip("this transformers has no fp8 QuantizedCache")
+    with vtprune.apply(model, "fastv", 10), pytest.raises(NotImplementedError, match=(
+            "cannot prune into a QuantizedCache: its pruned prompt's layers hold different numbers of tokens, which "
+            "only a plain DynamicCache keeps .* a quantized one keeps its tokens its own way")):
+        model(**tiny_inputs(model, LAYOUTS), **{cache_keyword(model.model.language_model): cache})
 
 
 def test_qwen2_vl_images_without_mm_token_type_ids_say_to_pass_them():

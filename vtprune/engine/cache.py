@@ -57,8 +57,10 @@ def check_prunable(cache: Cache | None) -> None:
     """A pruned prompt's layers hold different numbers of tokens: only a DynamicCache can."""
     if cache is not None and (not isinstance(cache, DynamicCache) or cache.is_compileable):
         raise NotImplementedError(
-            f"vtprune cannot prune into a {type(cache).__name__}: static and compiled caches hold the same length in "
-            "every layer. Use the default DynamicCache (no cache_implementation, no StaticCache)"
+            f"vtprune cannot prune into a {type(cache).__name__}: its pruned prompt's layers hold different numbers "
+            "of tokens, which only a plain DynamicCache keeps (static and compiled caches hold one length in every "
+            "layer; a quantized one keeps its tokens its own way). Use the default DynamicCache (no "
+            "cache_implementation, no StaticCache)"
         )
 
 

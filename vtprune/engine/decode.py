@@ -29,6 +29,12 @@ def continue_run(run: Run, kwargs: dict, fed_ids: torch.Tensor | None, caller_po
     """
     embeds = kwargs["inputs_embeds"]
     batch, fed, _ = embeds.shape
+    if batch != len(run.items):
+        raise ValueError(
+            f"a forward on a pruned prompt's cache has {batch} rows, but the cache holds {len(run.items)} samples: "
+            "generate repeats a follow-up turn's rows for num_beams or num_return_sequences > 1, not its cache "
+            "(without a pruner transformers fails there too); continue with num_beams=1 and num_return_sequences=1, "
+            "or repeat the samples before the first turn")
     attention_mask = kwargs.get("attention_mask")
     consumed = run.prompt_length + run.generated
     if attention_mask is None:

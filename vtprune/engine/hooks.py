@@ -250,8 +250,16 @@ class Pruner:
         @functools.wraps(inner)
         def generate(*args, **kwargs):
             config = kwargs.get("generation_config") or self.model.generation_config
-            self._generate_chunked = bool(kwargs.get("prefill_chunk_size")
-                                          or getattr(config, "prefill_chunk_size", None))
+            guidance = kwargs.get("guidance_scale", getattr(config, "guidance_scale", None))
+            if guidance is not None and guidance != 1:
+                raise NotImplementedError(
+                    f"generate's classifier-free guidance (guidance_scale={guidance}) runs the model a second time at "
+                    "each step, on the prompt without its images, and a pruner would take that forward for a new "
+                    "prompt; generate without guidance_scale, or remove the pruner")
+            chunk = kwargs.get("prefill_chunk_size") or getattr(config, "prefill_chunk_size", None)
+            prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            # a chunk as long as the prompt is the whole prompt in one forward: its last position is read
+            self._generate_chunked = bool(chunk) and not (isinstance(prompt, torch.Tensor) and chunk >= prompt.shape[-1])
             self._uncached, self._generating = None, True
             self._generate_images = [kwargs.get(key) for key in VISUAL_INPUTS]  # (what its decisions were made for)
             # generate encodes raw images itself (5.23+: before its first forward): tower runs before it are stale;
