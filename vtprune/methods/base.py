@@ -282,11 +282,6 @@ class Method(ABC):
     # position alike does not change: a "previous" probe then takes the keys its layer has just cached, with queries
     # at the same positions, instead of computing both at sample-relative positions (which key norms need, DART's).
     probe_from_cache: ClassVar[bool] = False
-
-    @classmethod
-    def reads_decoder_attention(cls) -> bool:
-        """Whether the method scores with a decoder layer's queries and keys (its attention, or its keys' norms)."""
-        return cls.needs_attention or cls.probe_layer is not None
     slices_kv_cache: bool = False  # drop pruned tokens from the KV cache of the layers before each stage too
     # (the default of slices_kv_cache_of, which the engine asks per item)
     fuses_vision_layers: bool = False  # the projector gets a per-sample mix of vision layers (vision_fusion)
@@ -296,6 +291,11 @@ class Method(ABC):
     # Options in place of what a checkpoint supplies (checkpoint_options) where the model has none: random weights
     # (tests, the demo, the bench), and the command line's checks of a method's options before anything loads.
     without_checkpoint: ClassVar[dict] = {}
+
+    @classmethod
+    def reads_decoder_attention(cls) -> bool:
+        """Whether the method scores with a decoder layer's queries and keys (its attention, or its keys' norms)."""
+        return cls.needs_attention or cls.probe_layer is not None
 
     @classmethod
     def checkpoint_options(cls, folder: Path, processor) -> dict:
