@@ -246,9 +246,33 @@ def test_method_options_of_the_wrong_type_are_refused_at_apply(model, method, op
         vtprune.apply(model, method, 8, **options)
 
 
-def test_method_options_of_numpy_types_are_accepted(model):
-    vtprune.apply(model, "random", 8, seed=np.int64(3)).remove()
-    vtprune.apply(model, "clse", 8, layers=(1, 2, 3), tau=np.float32(0.2)).remove()
+def test_method_options_of_numpy_types_are_accepted_and_read_as_pythons(model):
+    """(random's seed reached torch.Generator.manual_seed, which takes a Python int only: it failed at the first
+    forward.)"""
+    from vtprune.tiny import SampleLayout, tiny_inputs
+
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    kept = []
+    for seed in (3, np.int64(3)):
+        with vtprune.apply(model, "random", 8, seed=seed) as pruner:
+            model(**inputs)
+            kept.append(pruner.last_decision.kept[0][0].tolist())
+            assert type(pruner.method.options.seed) is int
+    assert kept[0] == kept[1]
+    with vtprune.apply(model, "clse", 8, layers=(1, 2, 3), tau=np.float32(0.2)) as pruner:
+        assert type(pruner.method.options.tau) is float and pruner.method.options.layers == (1, 2, 3)
+
+
+def test_a_pruned_model_is_not_pickled_and_a_compiled_one_is_told_to_apply_first(model):
+    import pickle
+
+    with vtprune.apply(model, "fastv", 8):
+        with pytest.raises(TypeError, match=r"a model with a vtprune pruner cannot be pickled \(torch.save of the "
+                                            r"model, multiprocessing\).*remove\(\) the pruner first"):
+            pickle.dumps(model)
+    pickle.dumps(model)  # removed: the model's own again
+    with pytest.raises(ValueError, match="vtprune.apply takes the model itself, not what torch.compile returned"):
+        vtprune.apply(torch.compile(model, backend="eager"), "fastv", 8)
 
 
 def test_a_removed_pruner_refuses_a_with_block_and_a_replay(model):

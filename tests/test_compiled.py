@@ -374,6 +374,29 @@ def test_a_compiled_model_is_not_deep_copied_and_is_freed_with_its_handle_open()
     assert alive() is None
 
 
+@pytest.mark.parametrize("compile_model", [lambda model: model.compile(backend="eager"),
+                                           lambda model: setattr(model, "forward",
+                                                                 torch.compile(model.forward, backend="eager"))],
+                         ids=["Module.compile", "a compiled forward"])
+def test_a_model_compiled_and_run_before_apply_is_pruned_and_after_remove_is_not(compile_model):
+    """torch does not guard compiled graphs on module hooks: a graph traced before apply() ran on without the
+    pruner's (the logits were the unpruned model's, last_stats None, no error), and one traced under it would go on
+    pruning after remove()."""
+    torch._dynamo.reset()
+    model = tiny_llava()
+    inputs = tiny_inputs(model, [SampleLayout(images=1)])
+    with torch.no_grad():
+        unpruned = model(**inputs).logits
+        with vtprune.apply(tiny_llava(), "fastv", 4) as pruner:
+            pruned = pruner.model(**inputs).logits
+        compile_model(model)
+        torch.testing.assert_close(model(**inputs).logits, unpruned, rtol=1e-5, atol=1e-5)  # traced, unpruned
+        with vtprune.apply(model, "fastv", 4) as pruner:
+            torch.testing.assert_close(model(**inputs).logits, pruned, rtol=1e-5, atol=1e-5)
+            assert pruner.last_stats.kept_per_sample == [4]
+        torch.testing.assert_close(model(**inputs).logits, unpruned, rtol=1e-5, atol=1e-5)
+
+
 # every method on LLaVA (each acts at its own layers, with hooks of its own), and on every family one method acting in
 # the LLM at several layers, one at its input and one in the vision tower (dynamo takes ~2 s a case on the CPU)
 CASES = [("llava", method) for method in METHODS] + \

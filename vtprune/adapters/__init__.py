@@ -28,6 +28,9 @@ def adapter_for(model: nn.Module) -> Adapter:
             found = adapter(model)
             found.check_supported()
             return found
+    if name == "OptimizedModule":  # what torch.compile(model) returns
+        raise ValueError("vtprune.apply takes the model itself, not what torch.compile returned: apply the pruner "
+                         "first and compile afterwards (or pass compiled._orig_mod)")
     raise ValueError(f"vtprune does not support {name}; supported model classes: {', '.join(supported_models())}")
 
 

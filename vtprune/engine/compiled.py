@@ -370,3 +370,14 @@ def compile_prefill(model, **compile_options) -> CompiledPrefill:
     (torch.compile's options; default mode="reduce-overhead"); works with or without a vtprune pruner on the
     model. Returns a handle; .remove() undoes it."""
     return CompiledPrefill(model, **compile_options)
+
+
+def forget_compiled_graphs(model: torch.nn.Module) -> None:
+    """Drop torch's compiled code where the model, or a module of it, was compiled (torch.compile of its forward,
+    Module.compile): torch does not guard compiled graphs on module hooks (`skip_nnmodule_hook_guards`), so graphs
+    traced before apply() ran on without the pruner's hooks (silently unpruned), and graphs traced while a pruner was
+    on would keep running its hooks after remove(). torch._dynamo.reset() drops every compiled graph of the process;
+    each is traced again at its next call."""
+    if any(module._compiled_call_impl is not None
+           or hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable") for module in model.modules()):
+        torch._dynamo.reset()

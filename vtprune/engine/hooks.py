@@ -35,7 +35,7 @@ from . import cache as kv
 from . import decode, prefill
 from .budget import keeps_whole
 from .compat import EngineError, UnsupportedUseError, require_arguments
-from .compiled import HiddenAccess
+from .compiled import HiddenAccess, forget_compiled_graphs
 from .run import Decision, Origin, Prompt, PromptText, Run
 from .stats import PruneStats, counts_per_layer
 from .vision import VisionRecorder
@@ -134,6 +134,7 @@ class Pruner:
         for index, layer in enumerate(adapter.decoder_layers):
             self._handles.append(layer.register_forward_pre_hook(self._decoder_layer_hook(index), with_kwargs=True))
         self._wrap_generate()
+        forget_compiled_graphs(model)
 
     # ----------------------------------------------------------------- public
     @property
@@ -171,12 +172,18 @@ class Pruner:
         if getattr(self.model, "_vtprune_pruner", None) is self:
             del self.model._vtprune_pruner
         self.removed = True
+        forget_compiled_graphs(self.model)
 
     def _check_not_removed(self) -> None:
         """A removed pruner has no hooks on the model: a with block or a replay on it would run unpruned."""
         if self.removed:
             raise RuntimeError("this pruner was removed (its remove() ran, or its with block ended), so the model "
                                "runs unpruned; call vtprune.apply(model, ...) again for a new pruner")
+
+    def __reduce__(self):
+        raise TypeError("a model with a vtprune pruner cannot be pickled (torch.save of the model, multiprocessing): "
+                        "the pruner holds hooks on it; remove() the pruner first, or save the weights alone "
+                        "(save_pretrained, state_dict: they are the model's own)")
 
     def __deepcopy__(self, memo):
         # The decoder layers' hooks would still reach this pruner from the copy.
@@ -285,7 +292,8 @@ class Pruner:
             raise RuntimeError(
                 "a pruned model runs one forward at a time, and another thread is running one (threads, or "
                 "torch.nn.DataParallel's replicas, share its pruner): run them one after another, or give each "
-                "worker a model of its own (DistributedDataParallel, accelerate launch)"
+                "worker a model of its own (DistributedDataParallel, accelerate launch). A forward that a "
+                "KeyboardInterrupt stopped holds it until its thread runs another"
             )
         self._busy_thread = me
         input_ids = kwargs.get("input_ids", args[0] if args else None)

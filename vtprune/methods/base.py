@@ -350,7 +350,7 @@ class Method(ABC):
         for key, value in given.items():
             if not _has_type(value, hints[key]):
                 raise TypeError(f"method {cls.name!r} option {key!r} must be {_spell(hints[key])}; got {value!r}")
-        options = cls.Options(**given)
+        options = cls.Options(**{key: _python_numbers(value) for key, value in given.items()})
         cls.validate(options)
         return options
 
@@ -446,6 +446,16 @@ def _has_type(value: Any, hint: Any) -> bool:
     if origin is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
         return isinstance(value, tuple) and all(_has_type(item, typing.get_args(hint)[0]) for item in value)
     return True
+
+
+def _python_numbers(value: Any) -> Any:
+    """numpy's numbers as Python's (in tuples too): options reach torch calls that take Python's only
+    (Generator.manual_seed refused random's seed=np.int64(3))."""
+    if isinstance(value, tuple):
+        return tuple(_python_numbers(item) for item in value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _spell(hint: Any) -> str:
